@@ -1,0 +1,99 @@
+//! Self-attention with RoPE and a KV cache: projections, rotation, cache append, causal
+//! attention (optional window and sinks), output projection.
+
+use ollm_kv::LayerKv;
+use ollm_ops::{AttnParams, Backend, RopeTable, Tensor};
+
+use crate::trace::TraceSink;
+use crate::Result;
+
+/// Head layout of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Weights of one attention layer (nn.Linear layout `[out, in]`).
+#[derive(Debug)]
+pub struct AttnWeights {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub o_bias: Option<Tensor>,
+    /// Per-query-head sink logits (GPT-OSS).
+    pub sinks: Option<Tensor>,
+}
+
+/// Activations of one attention call, sized for T tokens.
+#[derive(Debug)]
+pub struct AttnScratch {
+    /// `[T, n_heads, d]`
+    pub q: Tensor,
+    /// `[T, n_kv, d]`
+    pub k: Tensor,
+    pub v: Tensor,
+    /// `[T, n_heads, d]`
+    pub ctx: Tensor,
+    /// `[T, hidden]`: the layer's output (after o_proj).
+    pub out: Tensor,
+}
+
+impl AttnScratch {
+    pub fn new(backend: &dyn Backend, t: usize, d: &AttnDims) -> Result<Self> {
+        Ok(Self {
+            q: backend.zeros(vec![t, d.n_heads, d.head_dim])?,
+            k: backend.zeros(vec![t, d.n_kv_heads, d.head_dim])?,
+            v: backend.zeros(vec![t, d.n_kv_heads, d.head_dim])?,
+            ctx: backend.zeros(vec![t, d.n_heads, d.head_dim])?,
+            out: backend.zeros(vec![t, d.hidden])?,
+        })
+    }
+}
+
+/// Per-call settings that differ between layers and families.
+#[derive(Debug)]
+pub struct AttnCall<'a> {
+    pub layer: usize,
+    pub pos0: usize,
+    pub rope: &'a RopeTable,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+/// `s.out = Attn(a)`; a `[T, hidden]` (already normed). Appends this call's K/V to `kv`
+/// at positions `pos0..pos0+T`.
+pub fn self_attention(
+    backend: &dyn Backend,
+    w: &AttnWeights,
+    a: &Tensor,
+    kv: &mut LayerKv,
+    call: &AttnCall<'_>,
+    s: &mut AttnScratch,
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
+    // [T, H] -> q [T, nh, d], k/v [T, nkv, d]
+    backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
+    backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
+    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    backend.rope(&mut s.q, call.rope, call.pos0)?;
+    backend.rope(&mut s.k, call.rope, call.pos0)?;
+    if let Some(t) = trace {
+        t.record(Some(call.layer), "q_rope", &s.q);
+        t.record(Some(call.layer), "k_rope", &s.k);
+    }
+    // Post-RoPE keys go to the cache: [T, nkv, d] -> cache [nkv, cap, d].
+    backend.write_kv(&mut kv.k, &s.k, call.pos0)?;
+    backend.write_kv(&mut kv.v, &s.v, call.pos0)?;
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: w.sinks.as_ref() };
+    backend.attention(&s.q, &kv.k, &kv.v, call.pos0, &params, &mut s.ctx)?;
+    // [T, nh, d] -> [T, H]
+    backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! The gated MLP (models.md §1.4): `down(silu(gate(x)) ⊙ up(x))`.
+
+use ollm_ops::{Backend, Tensor};
+
+use crate::Result;
+
+/// Weights of one gated MLP (`[I, H]`, `[I, H]`, `[H, I]`), optional biases.
+#[derive(Debug)]
+pub struct MlpWeights {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+    pub gate_bias: Option<Tensor>,
+    pub up_bias: Option<Tensor>,
+    pub down_bias: Option<Tensor>,
+}
+
+/// Activations of one MLP call for T tokens.
+#[derive(Debug)]
+pub struct MlpScratch {
+    /// `[T, I]` each
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub act: Tensor,
+    /// `[T, H]`
+    pub out: Tensor,
+}
+
+impl MlpScratch {
+    pub fn new(backend: &dyn Backend, t: usize, hidden: usize, inter: usize) -> Result<Self> {
+        Ok(Self {
+            gate: backend.zeros(vec![t, inter])?,
+            up: backend.zeros(vec![t, inter])?,
+            act: backend.zeros(vec![t, inter])?,
+            out: backend.zeros(vec![t, hidden])?,
+        })
+    }
+}
+
+/// `s.out = MLP(x)`, x `[T, H]`.
+pub fn gated_mlp(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpScratch) -> Result<()> {
+    backend.matmul(x, &w.gate, w.gate_bias.as_ref(), &mut s.gate)?;
+    backend.matmul(x, &w.up, w.up_bias.as_ref(), &mut s.up)?;
+    backend.silu_mul(&s.gate, &s.up, &mut s.act)?;
+    backend.matmul(&s.act, &w.down, w.down_bias.as_ref(), &mut s.out)?;
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! Blocks shared by the families, written once: RoPE tables, attention, the gated MLP.
+
+pub mod attention;
+pub mod mlp;
+pub mod rope;
+pub mod weights;

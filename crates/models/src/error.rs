@@ -1,0 +1,29 @@
+//! Errors of the models layer: bad configs, unsupported features, missing or mis-shaped weights.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: field '{field}': {detail}")]
+    Config { path: PathBuf, field: String, detail: String },
+
+    #[error("{path}: {field} '{value}' is not supported (supported: {supported})")]
+    Unsupported { path: PathBuf, field: String, value: String, supported: String },
+
+    #[error(transparent)]
+    Weights(#[from] ollm_weights::WeightsError),
+
+    #[error(transparent)]
+    Ops(#[from] ollm_ops::OpsError),
+
+    #[error("the sequence would need {needed} positions but the model's context is {max} (max_position_embeddings); shorten the prompt or lower --max-new-tokens")]
+    ContextOverflow { needed: usize, max: usize },
+
+    #[error("empty input: give at least one token")]
+    EmptyInput,
+
+    #[error("token id {id} is outside the vocabulary of {vocab} (wrong tokenizer for this model?)")]
+    TokenOutOfRange { id: u32, vocab: usize },
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,59 @@
+//! ollm-models: the model families. Each family is config parsing, a registry of tensor names
+//! and a straight-line forward pass written against the ops [`Backend`](ollm_ops::Backend).
+//! No I/O policy, no device checks, no per-sequence state: the state ([`SeqState`]) is passed in.
+
+pub mod common;
+pub mod config;
+pub mod error;
+pub mod llama3;
+pub mod registry;
+pub mod trace;
+
+pub use error::{ModelError, Result};
+pub use ollm_kv::SeqState;
+pub use registry::load_model;
+pub use trace::TraceSink;
+
+/// Facts about a loaded model that callers above need.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The architecture string from config.json (`LlamaForCausalLM`).
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    /// The context limit (`max_position_embeddings`).
+    pub max_positions: usize,
+    /// Bytes of all weights as stored.
+    pub weight_bytes: u64,
+    /// Token ids that end generation, from config.json (generation_config.json may add more).
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+}
+
+/// Which rows of logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (scoring, perplexity, golden tests).
+    All,
+}
+
+/// A causal language model. `forward` runs `ids` at positions `state.len()..` and appends them
+/// to `state`.
+pub trait CausalLm: Send + Sync + std::fmt::Debug {
+    fn info(&self) -> &ModelInfo;
+
+    /// A fresh, empty per-sequence state.
+    fn new_state(&self) -> Result<SeqState>;
+
+    /// Returns f32 logits, `[rows, vocab]` row-major, rows per `wanted`.
+    fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut SeqState,
+        wanted: LogitsWanted,
+        trace: Option<&dyn TraceSink>,
+    ) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,72 @@
+//! Llama config.json keys (models.md §2.1).
+
+use crate::common::rope::RopeScaling;
+use crate::config::RawConfig;
+use crate::Result;
+
+/// The hyper-parameters of a Llama checkpoint.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub max_positions: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    pub fn from_raw(c: &RawConfig) -> Result<Self> {
+        let hidden_size = c.usize("hidden_size")?;
+        let n_heads = c.usize("num_attention_heads")?;
+        let n_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(c.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}")));
+        }
+        if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str()) {
+            if act != "silu" {
+                return Err(c.err("hidden_act", format!("'{act}' is not supported (only silu)")));
+            }
+        }
+        let head_dim = c.head_dim(hidden_size, n_heads)?;
+        if head_dim % 2 != 0 {
+            return Err(c.err("head_dim", format!("{head_dim} must be even for RoPE")));
+        }
+        let max_positions = c.usize("max_position_embeddings")?;
+        let (rope_theta, rope_scaling) = c.rope(10000.0, max_positions)?;
+        let cfg = Self {
+            vocab_size: c.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: c.usize("intermediate_size")?,
+            n_layers: c.usize("num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            max_positions,
+            rope_theta,
+            rope_scaling,
+            attention_bias: c.bool_or("attention_bias", false)?,
+            mlp_bias: c.bool_or("mlp_bias", false)?,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+            bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: c.token_ids("eos_token_id")?,
+        };
+        for (field, v) in [("vocab_size", cfg.vocab_size), ("hidden_size", hidden_size), ("num_hidden_layers", cfg.n_layers)] {
+            if v == 0 {
+                return Err(c.err(field, "must be positive"));
+            }
+        }
+        Ok(cfg)
+    }
+}

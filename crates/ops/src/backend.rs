@@ -1,0 +1,106 @@
+//! The Backend trait: exactly the ops the model families need, nothing more.
+//!
+//! Every op writes into a caller-provided output so that scratch buffers are allocated once per
+//! forward, not once per op. Activations use the backend's activation dtype (f32 on the CPU);
+//! weights keep the dtype they were stored in.
+
+use std::fmt;
+
+use crate::{HostTensor, Result, Tensor};
+
+/// Which RMSNorm formula (models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
+/// where a bf16 backend rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// `w ⊙ bf16(r(x))` (Llama).
+    Llama,
+    /// `bf16(w ⊙ r(x))` (GPT-OSS).
+    Oss,
+    /// `bf16((1 + w) ⊙ r(x))` (Qwen3-Next zero-centred norms).
+    ZeroCentered,
+}
+
+/// Precomputed RoPE tables `[max_positions, rotary_dims / 2]`, already multiplied by the
+/// attention factor m (models.md §1.2), resident on the backend.
+#[derive(Debug)]
+pub struct RopeTable {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// R: the leading dims of each head that rotate (halves layout); the rest pass through.
+    pub rotary_dims: usize,
+}
+
+impl RopeTable {
+    pub fn max_positions(&self) -> usize {
+        self.cos.shape()[0]
+    }
+}
+
+/// Per-layer attention settings.
+#[derive(Debug)]
+pub struct AttnParams<'a> {
+    /// Multiplies q·k (d^-0.5 in all three families).
+    pub scale: f32,
+    /// Sliding window W: key j is visible from query i iff `i - W < j <= i`. None = full causal.
+    pub window: Option<usize>,
+    /// One logit per query head that joins the softmax normalisation only (GPT-OSS), `[n_heads]`.
+    pub sinks: Option<&'a Tensor>,
+}
+
+/// The math a model forward needs. Implemented by the CPU backend (reference) and device backends.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Short name for messages ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Moves checkpoint bytes onto the backend, keeping their dtype.
+    fn upload(&self, host: &HostTensor) -> Result<Tensor>;
+
+    /// Uploads f32 values (tables, biases that must stay exact).
+    fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor>;
+
+    /// A zeroed activation tensor in the backend's activation dtype.
+    fn zeros(&self, shape: Vec<usize>) -> Result<Tensor>;
+
+    /// Reads any tensor back as f32.
+    fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>>;
+
+    /// `out[t, :] = table[ids[t], :]`; table `[V, H]`, out `[T, H]`.
+    fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()>;
+
+    /// `out = x · wᵀ (+ bias)`; x `[T, in]`, w `[out, in]` (nn.Linear layout), out `[T, out]`.
+    fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()>;
+
+    /// RMSNorm over the last axis of x `[.., n]` with weight `[n]`.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, kind: NormKind, out: &mut Tensor) -> Result<()>;
+
+    /// Rotates x `[T, heads, d]` in place (halves layout) for positions `pos0..pos0+T`.
+    fn rope(&self, x: &mut Tensor, table: &RopeTable, pos0: usize) -> Result<()>;
+
+    /// Writes new keys or values `[T, n_kv, d]` into a cache `[n_kv, capacity, d]` at `pos0..pos0+T`.
+    fn write_kv(&self, cache: &mut Tensor, new: &Tensor, pos0: usize) -> Result<()>;
+
+    /// Causal attention of queries q `[T, n_heads, d]` at positions `pos0..pos0+T` over the
+    /// first `pos0 + T` positions of the caches k, v `[n_kv, capacity, d]`; GQA maps query head
+    /// h to kv head `h / (n_heads / n_kv)`. out `[T, n_heads, d]`.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()>;
+
+    /// `out = silu(gate) ⊙ up`, all `[T, n]`.
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `x += y`, same shape (residual add).
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()>;
+
+    /// Copies rows `src[rows]` of a `[T, n]` tensor into `out` `[rows.len(), n]`.
+    fn copy_rows(&self, src: &Tensor, rows: std::ops::Range<usize>, out: &mut Tensor) -> Result<()>;
+
+    /// Grows a KV cache `[n_kv, cap, d]` to `[n_kv, new_cap, d]`, keeping the first `len` positions.
+    fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor>;
+}

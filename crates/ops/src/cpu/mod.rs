@@ -1,0 +1,234 @@
+//! The CPU backend: f32 math over bf16/f16/f32 storage, multithreaded with rayon.
+//!
+//! It is the reference every device backend is checked against, and what runs in CI and on
+//! machines without a GPU. Each op lives in its own file as a plain function over slices; this
+//! file only unpacks tensors and checks shapes.
+
+mod attention;
+mod elementwise;
+mod matmul;
+mod norm;
+mod rope;
+
+pub use attention::attention;
+pub use matmul::matmul;
+pub use norm::rms_norm;
+pub use rope::rope;
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
+use crate::error::{shape_err, Result};
+use crate::{CpuStorage, HostTensor, Storage, Tensor};
+
+/// The CPU backend. Stateless: threads come from rayon's global pool.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// Widens any CPU storage into f32 (weights such as norms and biases are small).
+pub fn storage_to_f32(s: &CpuStorage) -> Vec<f32> {
+    match s {
+        CpuStorage::F32(v) => v.clone(),
+        CpuStorage::F16(v) => v.iter().map(|x| f16::to_f32(*x)).collect(),
+        CpuStorage::BF16(v) => v.iter().map(|x| bf16::to_f32(*x)).collect(),
+    }
+}
+
+fn last_dim(t: &Tensor) -> usize {
+    t.shape().last().copied().unwrap_or(1)
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".to_string()
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        Tensor::new(host.shape.clone(), Storage::Cpu(host.to_cpu_storage()?))
+    }
+
+    fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
+        Tensor::from_f32(shape, data.to_vec())
+    }
+
+    fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_f32(shape, vec![0.0; n])
+    }
+
+    fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(storage_to_f32(t.cpu("to_host_f32")?))
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()> {
+        let (&[vocab, hidden], &[t, h2]) = (table.shape(), out.shape()) else {
+            return shape_err("embedding", format!("table {:?}, out {:?}", table.shape(), out.shape()));
+        };
+        if hidden != h2 || t != ids.len() {
+            return shape_err("embedding", format!("table {:?}, out {:?}, {} ids", table.shape(), out.shape(), ids.len()));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return shape_err("embedding", format!("token id {bad} is outside the vocabulary of {vocab}"));
+        }
+        elementwise::embedding(table.cpu("embedding")?, hidden, ids, out.cpu_f32_mut("embedding")?);
+        Ok(())
+    }
+
+    fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
+        // x and out may carry any shape whose trailing elements form rows of `in` and `out`
+        // (e.g. attention output [T, heads, d] against o_proj [H, heads·d]).
+        let &[n, k] = w.shape() else {
+            return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
+        };
+        let t = x.numel() / k.max(1);
+        if k == 0 || x.numel() != t * k || out.numel() != t * n {
+            return shape_err("matmul", format!("x {:?} · w{:?}ᵀ -> out {:?}", x.shape(), w.shape(), out.shape()));
+        }
+        let bias = match bias {
+            Some(b) if b.numel() != n => {
+                return shape_err("matmul", format!("bias {:?} for {n} outputs", b.shape()));
+            }
+            Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
+            None => None,
+        };
+        matmul(x.cpu_f32("matmul")?, t, k, w.cpu("matmul")?, n, bias.as_deref(), out.cpu_f32_mut("matmul")?);
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, kind: NormKind, out: &mut Tensor) -> Result<()> {
+        let n = last_dim(x);
+        if w.numel() != n || out.shape() != x.shape() {
+            return shape_err("rms_norm", format!("x {:?}, w {:?}, out {:?}", x.shape(), w.shape(), out.shape()));
+        }
+        let w = storage_to_f32(w.cpu("rms_norm")?);
+        rms_norm(x.cpu_f32("rms_norm")?, &w, eps, kind, out.cpu_f32_mut("rms_norm")?);
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Tensor, table: &RopeTable, pos0: usize) -> Result<()> {
+        let &[t, heads, d] = x.shape() else {
+            return shape_err("rope", format!("x must be [T, heads, d], got {:?}", x.shape()));
+        };
+        let r = table.rotary_dims;
+        if r > d || r % 2 != 0 || table.cos.shape() != [table.max_positions(), r / 2] {
+            return shape_err("rope", format!("rotary dims {r}, head dim {d}, table {:?}", table.cos.shape()));
+        }
+        if pos0 + t > table.max_positions() {
+            return shape_err("rope", format!("positions up to {} exceed the table's {}", pos0 + t, table.max_positions()));
+        }
+        let (cos, sin) = (table.cos.cpu_f32("rope")?, table.sin.cpu_f32("rope")?);
+        rope(x.cpu_f32_mut("rope")?, heads, d, r, cos, sin, pos0);
+        Ok(())
+    }
+
+    fn write_kv(&self, cache: &mut Tensor, new: &Tensor, pos0: usize) -> Result<()> {
+        let (&[n_kv, cap, d], &[t, n_kv2, d2]) = (cache.shape(), new.shape()) else {
+            return shape_err("write_kv", format!("cache {:?}, new {:?}", cache.shape(), new.shape()));
+        };
+        if n_kv != n_kv2 || d != d2 || pos0 + t > cap {
+            return shape_err("write_kv", format!("cache {:?}, new {:?} at position {pos0}", cache.shape(), new.shape()));
+        }
+        let src = new.cpu_f32("write_kv")?;
+        let dst = cache.cpu_f32_mut("write_kv")?;
+        for ti in 0..t {
+            for h in 0..n_kv {
+                let s = &src[(ti * n_kv + h) * d..][..d];
+                dst[(h * cap + pos0 + ti) * d..][..d].copy_from_slice(s);
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let (&[t, n_heads, d], &[n_kv, cap, dk]) = (q.shape(), k.shape()) else {
+            return shape_err("attention", format!("q {:?}, k {:?}", q.shape(), k.shape()));
+        };
+        if dk != d || v.shape() != k.shape() || out.shape() != q.shape() || n_kv == 0 || n_heads % n_kv != 0 {
+            return shape_err(
+                "attention",
+                format!("q {:?}, k {:?}, v {:?}, out {:?}", q.shape(), k.shape(), v.shape(), out.shape()),
+            );
+        }
+        if pos0 + t > cap {
+            return shape_err("attention", format!("{} positions exceed the cache capacity {cap}", pos0 + t));
+        }
+        let sinks = match params.sinks {
+            Some(s) if s.numel() != n_heads => return shape_err("attention", format!("sinks {:?} for {n_heads} heads", s.shape())),
+            Some(s) => Some(storage_to_f32(s.cpu("attention")?)),
+            None => None,
+        };
+        let geo = attention::Geometry { n_heads, n_kv, d, cap, pos0 };
+        attention(
+            q.cpu_f32("attention")?,
+            k.cpu_f32("attention")?,
+            v.cpu_f32("attention")?,
+            &geo,
+            params.scale,
+            params.window,
+            sinks.as_deref(),
+            out.cpu_f32_mut("attention")?,
+        );
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        if gate.shape() != up.shape() || out.shape() != gate.shape() {
+            return shape_err("silu_mul", format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape()));
+        }
+        elementwise::silu_mul(gate.cpu_f32("silu_mul")?, up.cpu_f32("silu_mul")?, out.cpu_f32_mut("silu_mul")?);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        if x.shape() != y.shape() {
+            return shape_err("add_assign", format!("x {:?}, y {:?}", x.shape(), y.shape()));
+        }
+        let y = y.cpu_f32("add_assign")?;
+        for (a, b) in x.cpu_f32_mut("add_assign")?.iter_mut().zip(y) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Tensor, rows: Range<usize>, out: &mut Tensor) -> Result<()> {
+        let n = last_dim(src);
+        let t = src.numel() / n.max(1);
+        if rows.end > t || out.numel() != rows.len() * n {
+            return shape_err("copy_rows", format!("rows {rows:?} of {:?} into {:?}", src.shape(), out.shape()));
+        }
+        let s = &src.cpu_f32("copy_rows")?[rows.start * n..rows.end * n];
+        out.cpu_f32_mut("copy_rows")?.copy_from_slice(s);
+        Ok(())
+    }
+
+    fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor> {
+        let &[n_kv, cap, d] = cache.shape() else {
+            return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
+        };
+        if len > cap || len > new_cap {
+            return shape_err("grow_kv", format!("keep {len} of {cap} positions in {new_cap}"));
+        }
+        let src = cache.cpu_f32("grow_kv")?;
+        let mut dst = vec![0.0f32; n_kv * new_cap * d];
+        for h in 0..n_kv {
+            dst[h * new_cap * d..][..len * d].copy_from_slice(&src[h * cap * d..][..len * d]);
+        }
+        Tensor::from_f32(vec![n_kv, new_cap, d], dst)
+    }
+}

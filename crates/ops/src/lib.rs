@@ -1,0 +1,16 @@
+//! ollm-ops: math on buffers. Knows nothing of models, files or requests.
+//!
+//! A [`Tensor`] is a shape plus [`Storage`] that lives on one backend. Model code calls the
+//! [`Backend`] trait only; the CPU backend ([`cpu::CpuBackend`]) is always present and is the
+//! oracle that every other backend is tested against.
+
+pub mod backend;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod tensor;
+
+pub use backend::{AttnParams, Backend, NormKind, RopeTable};
+pub use dtype::DType;
+pub use error::{OpsError, Result};
+pub use tensor::{CpuStorage, HostTensor, Storage, Tensor};

@@ -1,0 +1,3 @@
+//! Checkpoint file formats.
+
+pub mod safetensors;
