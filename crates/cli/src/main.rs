@@ -1,1 +1,39 @@
-fn main() {}
+//! The `ollm` binary. Parses arguments, wires the crates together, prints errors as one line.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod commands;
+mod loaded;
+mod npy;
+mod prompt;
+mod resources;
+
+use commands::Command;
+
+/// Run large-context LLMs in full precision on little memory.
+#[derive(Debug, Parser)]
+#[command(name = "ollm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("OLLM_LOG"))
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    match commands::run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the outermost context first, then each cause.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

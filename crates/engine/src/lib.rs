@@ -1,1 +1,16 @@
-//! stub
+//! ollm-engine: sequences and the generation loop. Knows nothing of HTTP, terminals or files
+//! other than a model directory's generation_config.json.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod sampling;
+pub mod session;
+pub mod stop;
+
+pub use config::GenerationConfig;
+pub use error::{EngineError, Result};
+pub use generate::{generate, FinishReason, GenerateParams, Generation, GenerationStats, TokenEvent};
+pub use sampling::{Sampler, SamplingParams};
+pub use session::Session;
+pub use stop::StopMatcher;

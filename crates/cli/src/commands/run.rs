@@ -1,0 +1,142 @@
+//! `ollm run`: generate text, streamed to stdout; a stats line goes to stderr.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ollm_engine::{generate, GenerateParams, Session};
+use ollm_tokenizer::ChatMessage;
+
+use super::ModelArgs;
+use crate::loaded::{load, load_text};
+use crate::prompt::read_prompt;
+use crate::resources::{human_bytes, peak_rss_bytes};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, short = 'p')]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy; otherwise sample at this temperature. Default: the model's generation_config.json.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// > 1 discourages repeating tokens already in the text.
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler; the same seed gives the same text. Default: chosen at random and printed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let prompt = read_prompt(a.prompt.clone(), a.prompt_file.clone())?;
+    let loaded = load(&a.model)?;
+    let text = load_text(&loaded.dir)?;
+    let ids = if a.chat {
+        let Some(template) = &text.template else {
+            bail!(
+                "{} has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); run without --chat",
+                loaded.dir.display()
+            );
+        };
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::new("system", s));
+        }
+        messages.push(ChatMessage::new("user", &prompt));
+        let rendered = template.render(&messages, true)?;
+        text.tokenizer.encode(&rendered, false)?
+    } else {
+        text.tokenizer.encode(&prompt, true)?
+    };
+
+    let mut sampling = loaded.generation.default_sampling();
+    if let Some(t) = a.temperature {
+        sampling.temperature = t;
+    }
+    if a.top_k.is_some() {
+        sampling.top_k = a.top_k;
+    }
+    if let Some(p) = a.top_p {
+        sampling.top_p = p;
+    }
+    if let Some(p) = a.min_p {
+        sampling.min_p = p;
+    }
+    if let Some(p) = a.repetition_penalty {
+        sampling.repetition_penalty = p;
+    }
+    sampling.seed = a.seed.unwrap_or_else(random_seed);
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        eos_token_ids: loaded.eos_ids(&text),
+        stop: a.stop.clone(),
+    };
+
+    let mut session = Session::new(loaded.model.clone())?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let generation = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
+        if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
+            write_err = Some(e);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(e) = write_err {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing to standard output");
+        }
+    }
+    writeln!(out).ok();
+    drop(out);
+
+    let s = &generation.stats;
+    let peak = peak_rss_bytes().map_or_else(|| "n/a".into(), human_bytes);
+    let seed = if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
+    eprintln!(
+        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}",
+        s.prompt_tokens,
+        s.prefill_tok_per_s(),
+        s.generated_tokens,
+        s.decode_tok_per_s(),
+        generation.finish.as_str(),
+        loaded.load_time.as_secs_f64(),
+        peak,
+        seed
+    );
+    Ok(())
+}
+
+fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}

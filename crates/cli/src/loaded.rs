@@ -1,0 +1,78 @@
+//! Turning `--model` and `--device` into a loaded model, tokenizer and defaults.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ollm_engine::GenerationConfig;
+use ollm_models::{load_model, CausalLm};
+use ollm_ops::cpu::CpuBackend;
+use ollm_ops::Backend;
+use ollm_tokenizer::{ChatTemplate, Tokenizer};
+
+use crate::commands::{DeviceArg, ModelArgs};
+
+/// Everything a command needs from a model directory.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub model: Arc<dyn CausalLm>,
+    pub generation: GenerationConfig,
+    pub load_time: Duration,
+}
+
+/// A model directory's tokenizer and chat template.
+pub struct Text {
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+/// The directory `--model` names.
+pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(spec);
+    if !dir.exists() {
+        bail!("model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors)");
+    }
+    if !dir.is_dir() {
+        bail!("--model {spec} is a file; give the directory that holds config.json and the weights");
+    }
+    Ok(dir)
+}
+
+/// The compute backend for `--device`. Only the CPU backend is built in so far.
+pub fn backend(device: DeviceArg) -> anyhow::Result<Arc<dyn Backend>> {
+    match device {
+        DeviceArg::Cpu | DeviceArg::Auto => Ok(Arc::new(CpuBackend::new())),
+        DeviceArg::Cuda => bail!("--device cuda: this build of ollm has no CUDA backend yet; use --device cpu"),
+    }
+}
+
+pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let template = ChatTemplate::from_dir(dir)?;
+    Ok(Text { tokenizer, template })
+}
+
+/// Loads the model (config first, so a bad config fails before any weight is read).
+pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    let dir = model_dir(&args.model)?;
+    let backend = backend(args.device)?;
+    let generation = GenerationConfig::from_dir(&dir)?;
+    let t0 = Instant::now();
+    let model = load_model(&dir, backend).with_context(|| format!("loading {}", dir.display()))?;
+    Ok(Loaded { dir, model, generation, load_time: t0.elapsed() })
+}
+
+impl Loaded {
+    /// Eos ids from config.json, generation_config.json and the chat template's eos token.
+    pub fn eos_ids(&self, text: &Text) -> Vec<u32> {
+        let mut ids = self.model.info().eos_token_ids.clone();
+        ids.extend(&self.generation.eos_token_ids);
+        if let Some(id) = text.template.as_ref().and_then(|t| text.tokenizer.token_to_id(&t.eos_token)) {
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}

@@ -1,0 +1,24 @@
+//! Errors of the engine.
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ollm_models::ModelError),
+
+    #[error(transparent)]
+    Tokenizer(#[from] ollm_tokenizer::TokenizerError),
+
+    #[error("the prompt has {prompt} tokens but the model's context is {context} (max_position_embeddings); shorten the prompt")]
+    PromptTooLong { prompt: usize, context: usize },
+
+    #[error("the prompt is empty: give some text with --prompt, --prompt-file or standard input")]
+    EmptyPrompt,
+
+    #[error("{path}: {detail}")]
+    Config { path: std::path::PathBuf, detail: String },
+
+    #[error("invalid sampling parameter {name} = {value}: {expected}")]
+    Sampling { name: &'static str, value: String, expected: &'static str },
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

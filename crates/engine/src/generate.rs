@@ -1,0 +1,159 @@
+//! The generation loop: prefill, then sample → stream → stop checks → decode, one token at a time.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use ollm_tokenizer::{StreamDecoder, Tokenizer};
+
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::{EngineError, Result, Sampler, SamplingParams, Session};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (not emitted).
+    pub eos_token_ids: Vec<u32>,
+    /// Strings that end generation (not emitted).
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// An eos token was sampled.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// The model's context is full.
+    ContextFull,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// OpenAI's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length | FinishReason::ContextFull => "length",
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One streamed event: a sampled token and the text it completed (may be empty while a
+/// character or a possible stop string is incomplete).
+#[derive(Debug)]
+pub struct TokenEvent<'a> {
+    pub id: u32,
+    pub text: &'a str,
+}
+
+/// Timings and counts of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+impl GenerationStats {
+    pub fn prefill_tok_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode rate over the tokens that needed a forward after the first sampled one.
+    pub fn decode_tok_per_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The outcome of [`generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Sampled ids, excluding a final eos.
+    pub ids: Vec<u32>,
+    /// The emitted text (stop strings excluded).
+    pub text: String,
+    pub finish: FinishReason,
+    pub stats: GenerationStats,
+}
+
+/// Runs `prompt` through the session and generates. `on_token` sees every token as it is
+/// produced and may return `ControlFlow::Break` to cancel.
+pub fn generate(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    on_token: &mut dyn FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let context = session.model().info().max_positions;
+    if session.len() + prompt.len() > context {
+        return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
+    }
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+
+    let t0 = Instant::now();
+    let mut logits = session.prefill(prompt)?;
+    stats.prefill = t0.elapsed();
+
+    let t1 = Instant::now();
+    let mut decoder = StreamDecoder::new();
+    let mut stops = StopMatcher::new(params.stop.clone());
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    let finish = loop {
+        if ids.len() >= params.max_new_tokens {
+            break FinishReason::Length;
+        }
+        let id = sampler.sample(&mut logits, session.tokens());
+        if params.eos_token_ids.contains(&id) {
+            break FinishReason::Eos;
+        }
+        ids.push(id);
+        let piece = decoder.push(tokenizer, id)?.unwrap_or_default();
+        let (emit, stopped) = match stops.push(&piece) {
+            StopOutcome::Continue(s) => (s, false),
+            StopOutcome::Stopped(s) => (s, true),
+        };
+        text.push_str(&emit);
+        let flow = on_token(TokenEvent { id, text: &emit });
+        if stopped {
+            break FinishReason::Stop;
+        }
+        if flow.is_break() {
+            break FinishReason::Cancelled;
+        }
+        if ids.len() >= params.max_new_tokens {
+            break FinishReason::Length;
+        }
+        if session.len() >= context {
+            break FinishReason::ContextFull;
+        }
+        logits = session.step(id)?;
+    };
+    // Release text held back by the detokeniser or a partial stop-string match.
+    if finish != FinishReason::Stop {
+        let tail = decoder.flush(tokenizer)?.unwrap_or_default();
+        let mut rest = match stops.push(&tail) {
+            StopOutcome::Continue(s) | StopOutcome::Stopped(s) => s,
+        };
+        rest.push_str(&stops.finish());
+        if !rest.is_empty() {
+            text.push_str(&rest);
+            let _ = on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest });
+        }
+    }
+    stats.decode = t1.elapsed();
+    stats.generated_tokens = ids.len();
+    Ok(Generation { ids, text, finish, stats })
+}

@@ -1,0 +1,200 @@
+//! Choosing the next token: repetition penalty, then temperature, top-k, top-p and min-p (the
+//! order transformers applies them), then a draw from a seeded generator. Temperature 0 is greedy.
+
+mod rng;
+
+pub use rng::SeededRng;
+
+use crate::{EngineError, Result};
+
+/// How to pick tokens. `temperature == 0` means greedy (argmax, ties to the lower id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// Keep the k most likely tokens (None = all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set whose probability reaches p (1 = all).
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p × the most likely one (0 = none).
+    pub min_p: f32,
+    /// > 1 discourages tokens already in the sequence (1 = off).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_k: None, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+    }
+
+    /// Rejects values that make no sense, naming the parameter.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name, value: f32, expected| Err(EngineError::Sampling { name, value: value.to_string(), expected });
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "a number in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "a number in [0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)");
+        }
+        if self.top_k == Some(0) {
+            return Err(EngineError::Sampling { name: "top_k", value: "0".into(), expected: "a positive integer" });
+        }
+        Ok(())
+    }
+}
+
+/// Owns the parameters and the random stream of one generation.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: SeededRng,
+    /// Scratch: (token, probability) candidates.
+    cands: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = SeededRng::new(params.seed);
+        Ok(Self { params, rng, cands: Vec::new() })
+    }
+
+    /// Picks a token from `logits` (modified in place by the penalty); `history` holds the ids
+    /// seen so far (prompt and generated), used by the repetition penalty.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            apply_repetition_penalty(logits, history, p.repetition_penalty);
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        self.cands.clear();
+        self.cands.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())));
+        // Most likely first; ties keep the lower id first.
+        self.cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = p.top_k {
+            self.cands.truncate(k.max(1));
+        }
+        let total: f32 = self.cands.iter().map(|c| c.1).sum();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = self.cands.len();
+            for (i, c) in self.cands.iter().enumerate() {
+                acc += c.1 / total;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.cands.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = self.cands[0].1 * p.min_p;
+            let keep = self.cands.iter().take_while(|c| c.1 >= floor).count().max(1);
+            self.cands.truncate(keep);
+        }
+        let total: f32 = self.cands.iter().map(|c| c.1).sum();
+        let mut r = self.rng.next_f64() as f32 * total;
+        for c in &self.cands {
+            r -= c.1;
+            if r < 0.0 {
+                return c.0;
+            }
+        }
+        self.cands.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Index of the largest logit; the lower index wins ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if
+/// negative (each distinct token once).
+fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    let mut seen = vec![false; logits.len()];
+    for &id in history {
+        let i = id as usize;
+        if i < logits.len() && !seen[i] {
+            seen[i] = true;
+            logits[i] = if logits[i] < 0.0 { logits[i] * penalty } else { logits[i] / penalty };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, ..SamplingParams::greedy() }
+    }
+
+    #[test]
+    fn greedy_takes_argmax_with_low_id_ties() {
+        let mut s = Sampler::new(params(0.0)).expect("valid");
+        assert_eq!(s.sample(&mut [0.1, 2.0, 2.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_frequencies_follow_probabilities() {
+        let logits = [0.0f32, (2.0f32).ln(), (5.0f32).ln()]; // probabilities 1/8, 2/8, 5/8
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) }).expect("valid");
+            (0..4000).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+        };
+        let a = run(7);
+        assert_eq!(a, run(7));
+        assert_ne!(a, run(8));
+        let freq = |id| a.iter().filter(|&&t| t == id).count() as f32 / a.len() as f32;
+        for (id, want) in [(0, 0.125), (1, 0.25), (2, 0.625)] {
+            assert!((freq(id) - want).abs() < 0.03, "token {id}: {} vs {want}", freq(id));
+        }
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_candidates() {
+        let logits = [3.0f32, 2.9, 0.0, -5.0];
+        let draw = |p: SamplingParams| {
+            let mut s = Sampler::new(p).expect("valid");
+            (0..500).map(|_| s.sample(&mut logits.clone(), &[])).collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(draw(SamplingParams { top_k: Some(1), ..params(1.0) }), [0].into());
+        assert_eq!(draw(SamplingParams { top_k: Some(2), ..params(1.0) }), [0, 1].into());
+        assert_eq!(draw(SamplingParams { top_p: 0.5, ..params(1.0) }), [0].into());
+        assert_eq!(draw(SamplingParams { min_p: 0.5, ..params(1.0) }), [0, 1].into());
+        assert!(draw(params(1.0)).is_superset(&[0, 1, 2].into()), "unrestricted sampling reaches the third token");
+    }
+
+    #[test]
+    fn repetition_penalty_follows_transformers() {
+        let mut l = [2.0f32, -2.0, 1.0];
+        apply_repetition_penalty(&mut l, &[0, 1, 1], 2.0);
+        assert_eq!(l, [1.0, -4.0, 1.0]);
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..params(0.0) }).expect("valid");
+        assert_eq!(s.sample(&mut [2.0, 1.0], &[0]), 1);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_by_name() {
+        let e = Sampler::new(SamplingParams { top_p: 1.5, ..params(1.0) }).expect_err("invalid");
+        assert!(e.to_string().contains("top_p"), "{e}");
+        assert!(Sampler::new(params(-1.0)).is_err());
+    }
+}
