@@ -55,11 +55,13 @@ pub fn read_header(file: &ReadFile) -> Result<Vec<HeaderEntry>> {
         return Err(header_err(path, format!("header length {n} does not fit in a file of {} bytes", file.len_bytes())));
     }
     let json = file.read_vec_at(8, n as usize)?;
-    let meta: Metadata =
-        serde_json::from_slice(&json).map_err(|e| header_err(path, format!("header JSON does not parse: {e}")))?;
-
     let data_start = 8 + n;
     let data_len = file.len_bytes() - data_start;
+    let meta: Metadata = serde_json::from_slice(&json).map_err(|e| {
+        // The crate's message does not say which tensor is wrong; find it ourselves if we can.
+        let detail = diagnose(&json, data_len).unwrap_or_else(|| format!("header does not parse: {e}"));
+        header_err(path, detail)
+    })?;
     let mut entries = Vec::new();
     for (name, info) in meta.tensors() {
         let dtype = dtype_of(path, &name, info.dtype)?;
@@ -93,4 +95,39 @@ pub fn read_header(file: &ReadFile) -> Result<Vec<HeaderEntry>> {
         }
     }
     Ok(entries)
+}
+
+/// Names the first tensor whose header entry is inconsistent (size vs shape, gaps or overlaps,
+/// past the end of the data), for a message more useful than "invalid header".
+fn diagnose(json: &[u8], data_len: u64) -> Option<String> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json).ok()?;
+    let mut spans = Vec::new();
+    for (name, v) in map.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let offsets = v.get("data_offsets")?.as_array()?;
+        let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        let shape: Vec<u64> = v.get("shape")?.as_array()?.iter().map(|d| d.as_u64()).collect::<Option<_>>()?;
+        let elem_bytes: u64 = match v.get("dtype")?.as_str()? {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let want = shape.iter().try_fold(elem_bytes, |a, &d| a.checked_mul(d))?;
+        if end < start || end - start != want {
+            return Some(format!("tensor '{name}': offsets {start}..{end} do not hold shape {shape:?} ({want} bytes)"));
+        }
+        if end > data_len {
+            return Some(format!("tensor '{name}' ends at byte {end} of a data section of only {data_len} bytes (truncated file?)"));
+        }
+        spans.push((start, end, name.clone()));
+    }
+    spans.sort();
+    let mut expect = 0;
+    for (start, end, name) in spans {
+        if start != expect {
+            return Some(format!("tensor '{name}' starts at byte {start}, expected {expect} (gap or overlap in the header)"));
+        }
+        expect = end;
+    }
+    None
 }
