@@ -26,6 +26,11 @@ pub struct ModelInfo {
     pub max_positions: usize,
     /// Bytes of all weights as stored.
     pub weight_bytes: u64,
+    /// Weight bytes one decoded token reads (every matrix once; one embedding row is ignored,
+    /// but a tied embedding is read whole as the output head).
+    pub weight_bytes_per_token: u64,
+    /// KV-cache bytes read per cached position by one decode step (all layers, K and V).
+    pub kv_bytes_per_position: u64,
     /// Token ids that end generation, from config.json (generation_config.json may add more).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,

@@ -77,13 +77,18 @@ impl Llama {
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
         let lm_head = ld.tensor_if(catalog.contains(names::LM_HEAD), names::LM_HEAD, &[v, h])?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
+        let embed_bytes = embed.size_bytes() as u64;
+        let weight_bytes = catalog.total_bytes();
+        let kv_elem_bytes = backend.zeros(vec![1])?.dtype().size_bytes() as u64;
         let info = ModelInfo {
             architecture,
             vocab_size: v,
             hidden_size: h,
             n_layers: cfg.n_layers,
             max_positions: cfg.max_positions,
-            weight_bytes: catalog.total_bytes(),
+            weight_bytes,
+            weight_bytes_per_token: if lm_head.is_some() { weight_bytes - embed_bytes } else { weight_bytes },
+            kv_bytes_per_position: (2 * cfg.n_layers * kvd) as u64 * kv_elem_bytes,
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
         };
