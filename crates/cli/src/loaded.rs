@@ -19,6 +19,8 @@ pub struct Loaded {
     pub model: Arc<dyn CausalLm>,
     pub generation: GenerationConfig,
     pub load_time: Duration,
+    /// The backend's name ("cpu").
+    pub model_backend_name: String,
 }
 
 /// A model directory's tokenizer and chat template.
@@ -31,7 +33,12 @@ pub struct Text {
 pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from(spec);
     if !dir.exists() {
-        bail!("model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors)");
+        if crate::demo::is_demo_name(spec) {
+            return crate::demo::ensure_demo();
+        }
+        bail!(
+            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, or smollm2-135m for the demo model)"
+        );
     }
     if !dir.is_dir() {
         bail!("--model {spec} is a file; give the directory that holds config.json and the weights");
@@ -59,8 +66,9 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let backend = backend(args.device)?;
     let generation = GenerationConfig::from_dir(&dir)?;
     let t0 = Instant::now();
+    let model_backend_name = backend.name();
     let model = load_model(&dir, backend).with_context(|| format!("loading {}", dir.display()))?;
-    Ok(Loaded { dir, model, generation, load_time: t0.elapsed() })
+    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name })
 }
 
 impl Loaded {

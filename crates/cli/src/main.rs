@@ -4,13 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod commands;
-mod loaded;
-mod npy;
-mod prompt;
-mod resources;
-
-use commands::Command;
+use ollm_cli::commands::{self, Command};
 
 /// Run large-context LLMs in full precision on little memory.
 #[derive(Debug, Parser)]

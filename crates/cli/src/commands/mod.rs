@@ -1,8 +1,10 @@
 //! Subcommands, one file each.
 
-mod logits;
-mod perplexity;
-mod run;
+pub mod bench;
+pub mod import_gguf;
+pub mod logits;
+pub mod perplexity;
+pub mod run;
 
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -15,6 +17,10 @@ pub enum Command {
     Logits(logits::LogitsArgs),
     /// Perplexity of a text file.
     Perplexity(perplexity::PerplexityArgs),
+    /// Convert a llama-architecture GGUF file into a Hugging Face model directory (bf16).
+    ImportGguf(import_gguf::ImportGgufArgs),
+    /// Measure decode speed against the memory-bandwidth bound of this machine.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -22,6 +28,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::ImportGguf(a) => import_gguf::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
@@ -38,7 +46,8 @@ pub enum DeviceArg {
 /// Arguments every computing command takes.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or
+    /// `smollm2-135m` for the demo model (fetched on first use).
     #[arg(long, short = 'm')]
     pub model: String,
     /// Compute device.

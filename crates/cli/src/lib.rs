@@ -1,0 +1,9 @@
+//! The pieces of the `ollm` binary, as a library so integration tests can reuse them
+//! (demo provisioning in particular).
+
+pub mod commands;
+pub mod demo;
+pub mod loaded;
+pub mod npy;
+pub mod prompt;
+pub mod resources;
