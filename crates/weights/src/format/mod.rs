@@ -1,3 +1,4 @@
 //! Checkpoint file formats.
 
+pub mod gguf;
 pub mod safetensors;
