@@ -2,3 +2,4 @@
 
 pub mod gguf;
 pub mod safetensors;
+pub mod safetensors_writer;
