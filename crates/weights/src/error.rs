@@ -27,6 +27,9 @@ pub enum WeightsError {
 
     #[error("{path}: {detail}")]
     Format { path: PathBuf, detail: String },
+
+    #[error("cannot write {path}: {source} (check free disk space and permissions)")]
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, WeightsError>;

@@ -1,4 +1,5 @@
 //! Checkpoint file formats.
 
-pub mod safetensors;
 pub mod gguf;
+pub mod safetensors;
+pub mod safetensors_writer;
