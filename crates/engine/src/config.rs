@@ -59,3 +59,35 @@ impl GenerationConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ollm-gencfg-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("generation_config.json"), text).expect("write");
+        dir
+    }
+
+    #[test]
+    fn reads_eos_lists_and_sampling_defaults() {
+        let dir = dir_with(r#"{"eos_token_id": [128001, 128009], "bos_token_id": 128000, "do_sample": true,
+            "temperature": 0.6, "top_p": 0.9}"#);
+        let g = GenerationConfig::from_dir(&dir).expect("parses");
+        assert_eq!(g.eos_token_ids, vec![128001, 128009]);
+        assert_eq!(g.bos_token_id, Some(128000));
+        let s = g.default_sampling();
+        assert_eq!((s.temperature, s.top_p, s.top_k), (0.6, 0.9, None));
+        // Without do_sample the default is greedy.
+        let dir2 = dir_with(r#"{"eos_token_id": 2, "temperature": 0.6}"#);
+        assert_eq!(GenerationConfig::from_dir(&dir2).expect("parses").default_sampling().temperature, 0.0);
+        let bad = dir_with(r#"{"eos_token_id": "two"}"#);
+        let e = GenerationConfig::from_dir(&bad).expect_err("bad eos").to_string();
+        assert!(e.contains("generation_config.json") && e.contains("eos_token_id"), "{e}");
+        for d in [dir, dir2, bad] {
+            std::fs::remove_dir_all(d).ok();
+        }
+    }
+}

@@ -174,6 +174,26 @@ mod tests {
     }
 
     #[test]
+    fn template_sources_jinja_file_and_named_list() {
+        let dir = std::env::temp_dir().join(format!("ollm-tmpl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cfg = r#"{"bos_token": {"content": "<s>"}, "eos_token": "</s>",
+            "chat_template": [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "{{ bos_token }}D{{ eos_token }}"}]}"#;
+        std::fs::write(dir.join("tokenizer_config.json"), cfg).expect("write");
+        let t = ChatTemplate::from_dir(&dir).expect("loads").expect("present");
+        assert_eq!(t.render(&[], false).expect("renders"), "<s>D</s>");
+        // chat_template.jinja wins over tokenizer_config.json.
+        std::fs::write(dir.join("chat_template.jinja"), "J{{ messages[0].content }}").expect("write");
+        let t = ChatTemplate::from_dir(&dir).expect("loads").expect("present");
+        assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).expect("renders"), "Jx");
+        std::fs::remove_dir_all(&dir).ok();
+        let none = std::env::temp_dir().join(format!("ollm-tmpl-none-{}", std::process::id()));
+        std::fs::create_dir_all(&none).expect("dir");
+        assert!(ChatTemplate::from_dir(&none).expect("no error").is_none());
+        std::fs::remove_dir_all(&none).ok();
+    }
+
+    #[test]
     fn dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_415), (2025, 11, 23));

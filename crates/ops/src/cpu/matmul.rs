@@ -36,6 +36,20 @@ pub fn matmul(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, bias: Opt
 /// Decode path: out is filled in blocks of weight rows; each block computes every token.
 fn matmul_dot(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mut [f32]) {
     let dot = Dot::detect();
+    let row_dot = |xv: &[f32], r: usize| match w {
+        CpuStorage::BF16(v) => dot.bf16(xv, &v[r * k..][..k]),
+        CpuStorage::F32(v) => dot.f32(xv, &v[r * k..][..k]),
+        CpuStorage::F16(v) => v[r * k..][..k].iter().zip(xv).map(|(a, b)| a.to_f32() * b).sum(),
+    };
+    if t == 1 {
+        // One token (decode): out is one row, so tasks can own slices of it directly.
+        out[..n].par_chunks_mut(DOT_BLOCK_ROWS).enumerate().for_each(|(blk, chunk)| {
+            for (i, o) in chunk.iter_mut().enumerate() {
+                *o = row_dot(x, blk * DOT_BLOCK_ROWS + i);
+            }
+        });
+        return;
+    }
     // Work on a [n, t] transposed result so that each task owns contiguous memory.
     let mut tmp = vec![0.0f32; n * t];
     tmp.par_chunks_mut(DOT_BLOCK_ROWS * t).enumerate().for_each(|(blk, chunk)| {
@@ -43,12 +57,7 @@ fn matmul_dot(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mut
         for (i, outs) in chunk.chunks_exact_mut(t).enumerate() {
             let r = r0 + i;
             for (ti, o) in outs.iter_mut().enumerate() {
-                let xv = &x[ti * k..][..k];
-                *o = match w {
-                    CpuStorage::BF16(v) => dot.bf16(xv, &v[r * k..][..k]),
-                    CpuStorage::F32(v) => dot.f32(xv, &v[r * k..][..k]),
-                    CpuStorage::F16(v) => v[r * k..][..k].iter().zip(xv).map(|(a, b)| a.to_f32() * b).sum(),
-                };
+                *o = row_dot(&x[ti * k..][..k], r);
             }
         }
     });
@@ -219,7 +228,7 @@ mod tests {
     /// Both paths, every weight dtype, odd sizes (tails, partial blocks) against an f64 loop.
     #[test]
     fn matches_naive_for_every_path_and_dtype() {
-        for &(t, k, n) in &[(1, 37, 70), (3, 64, 33), (4, 100, 129), (17, 96, 65)] {
+        for &(t, k, n) in &[(1, 37, 70), (1, 576, 1000), (3, 64, 33), (4, 100, 129), (17, 96, 65)] {
             let x = noise(t * k, 1 + t as u64);
             let wf = noise(n * k, 7 + n as u64);
             let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
