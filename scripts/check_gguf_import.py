@@ -2,7 +2,7 @@
 """Check an `import_gguf` output directory against transformers' own GGUF loader.
 
 Usage:
-    cargo run --release -p ollm-weights --example import_gguf -- MODEL.gguf OUT_DIR
+    ollm import-gguf MODEL.gguf --out OUT_DIR
     /work/pyref/bin/python scripts/check_gguf_import.py MODEL.gguf OUT_DIR
 
 Checks, printing one line each:

@@ -92,7 +92,7 @@ impl RawConfig {
     pub fn head_dim(&self, hidden: usize, n_heads: usize) -> Result<usize> {
         match self.opt_usize("head_dim")? {
             Some(d) => Ok(d),
-            None if n_heads > 0 && hidden % n_heads == 0 => Ok(hidden / n_heads),
+            None if n_heads > 0 && hidden.is_multiple_of(n_heads) => Ok(hidden / n_heads),
             None => Err(self.err("head_dim", format!("missing, and hidden_size {hidden} is not divisible by {n_heads} heads"))),
         }
     }

@@ -110,11 +110,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     })?;
-    if let Some(e) = write_err {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
+    if let Some(e) = write_err
+        && e.kind() != std::io::ErrorKind::BrokenPipe {
             return Err(e).context("writing to standard output");
         }
-    }
     writeln!(out).ok();
     drop(out);
 

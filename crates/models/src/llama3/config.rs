@@ -33,11 +33,10 @@ impl LlamaConfig {
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(c.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}")));
         }
-        if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str()) {
-            if act != "silu" {
+        if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str())
+            && act != "silu" {
                 return Err(c.err("hidden_act", format!("'{act}' is not supported (only silu)")));
             }
-        }
         let head_dim = c.head_dim(hidden_size, n_heads)?;
         if head_dim % 2 != 0 {
             return Err(c.err("head_dim", format!("{head_dim} must be even for RoPE")));

@@ -75,13 +75,19 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` by value makes closures capture the whole (Send) wrapper, not its field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Prefill path: widen a block of rows to f32, then one GEMM per block.
 fn matmul_gemm(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mut [f32]) {
     assert!(out.len() >= t * n && x.len() >= t * k, "matmul_gemm: shapes checked by the caller");
     let out_ptr = OutPtr(out.as_mut_ptr());
     let n_blocks = n.div_ceil(GEMM_BLOCK_ROWS);
     (0..n_blocks).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, blk| {
-        let out_ptr = out_ptr;
         let r0 = blk * GEMM_BLOCK_ROWS;
         let rows = GEMM_BLOCK_ROWS.min(n - r0);
         buf.clear();
@@ -99,7 +105,7 @@ fn matmul_gemm(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mu
                 t,
                 rows,
                 k,
-                out_ptr.0.add(r0),
+                out_ptr.get().add(r0),
                 1,
                 n as isize,
                 false,

@@ -118,7 +118,7 @@ impl Backend for CpuBackend {
             return shape_err("rope", format!("x must be [T, heads, d], got {:?}", x.shape()));
         };
         let r = table.rotary_dims;
-        if r > d || r % 2 != 0 || table.cos.shape() != [table.max_positions(), r / 2] {
+        if r > d || !r.is_multiple_of(2) || table.cos.shape() != [table.max_positions(), r / 2] {
             return shape_err("rope", format!("rotary dims {r}, head dim {d}, table {:?}", table.cos.shape()));
         }
         if pos0 + t > table.max_positions() {

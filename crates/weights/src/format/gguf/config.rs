@@ -90,7 +90,7 @@ fn head_dim(meta: &Metadata, hidden_size: usize, n_heads: usize) -> Result<usize
             ));
         }
         (Some(d), _) | (None, Some(d)) => d,
-        (None, None) if hidden_size % n_heads == 0 => hidden_size / n_heads,
+        (None, None) if hidden_size.is_multiple_of(n_heads) => hidden_size / n_heads,
         (None, None) => {
             return Err(meta.err("llama.attention.head_count", format!("{n_heads} does not divide embedding_length {hidden_size}")));
         }

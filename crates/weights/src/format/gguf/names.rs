@@ -61,11 +61,11 @@ pub fn hf_target(gguf_name: &str) -> Option<HfTarget> {
 /// HF row `h·d + c·(d/2) + i` = GGUF row `h·d + 2i + c` (c ∈ {0, 1}, i < d/2).
 /// `None` when the rows do not split into `n_heads` heads of even size.
 pub fn unpermute_rows<T: Copy>(src: &[T], row_len: usize, n_heads: usize) -> Option<Vec<T>> {
-    if row_len == 0 || n_heads == 0 || src.len() % row_len != 0 {
+    if row_len == 0 || n_heads == 0 || !src.len().is_multiple_of(row_len) {
         return None;
     }
     let n_rows = src.len() / row_len;
-    if n_rows % n_heads != 0 || (n_rows / n_heads) % 2 != 0 {
+    if !n_rows.is_multiple_of(n_heads) || !(n_rows / n_heads).is_multiple_of(2) {
         return None;
     }
     let d = n_rows / n_heads;

@@ -55,7 +55,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Quant
         return Err(QuantError::Unsupported(ty));
     }
     let (block_elems, block_bytes) = (ty.block_elems() as usize, ty.block_bytes() as usize);
-    if dst.len() % block_elems != 0 || src.len() != dst.len() / block_elems * block_bytes {
+    if !dst.len().is_multiple_of(block_elems) || src.len() != dst.len() / block_elems * block_bytes {
         return Err(QuantError::Length { ty, src_bytes: src.len(), n_elems: dst.len() });
     }
     let block_fn: fn(&[u8], &mut [f32]) = match ty {
@@ -143,7 +143,7 @@ fn block_q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 fn check_whole_blocks(ty: GgmlType, src: &[f32]) -> Result<(), QuantError> {
-    if src.len() % 32 != 0 {
+    if !src.len().is_multiple_of(32) {
         return Err(QuantError::Length { ty, src_bytes: 0, n_elems: src.len() });
     }
     Ok(())
