@@ -1,0 +1,35 @@
+// RMSNorm over the last axis (models.md §1.1), f32 activations, bf16 weight, f32 math.
+//   out[r, i] = (offset + w[i]) * x[r, i] * rsqrt(mean_i(x[r, i]^2) + eps)
+// offset = 1 for zero-centred norms (Qwen3-Next), 0 otherwise.
+// Launch: one block per row, blockDim.x a multiple of 32 (<= 1024).
+#include <cuda_bf16.h>
+
+extern "C" __global__ void rmsnorm_f32_bf16w(const float* __restrict__ x,
+                                             const __nv_bfloat16* __restrict__ w,
+                                             float* __restrict__ out,
+                                             int n, float eps, float offset) {
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float* orow = out + (size_t)blockIdx.x * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        ss += v * v;
+    }
+    // Warp reduce, then one partial per warp through shared memory.
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    __shared__ float partial[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) partial[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        int nwarps = blockDim.x / 32;
+        ss = lane < nwarps ? partial[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) partial[0] = ss;
+    }
+    __syncthreads();
+    float r = rsqrtf(partial[0] / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        orow[i] = (offset + __bfloat162float(w[i])) * (xr[i] * r);
+    }
+}

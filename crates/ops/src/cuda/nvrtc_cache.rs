@@ -1,0 +1,122 @@
+//! Compiling `.cu` sources with NVRTC once, keeping the PTX on disk.
+//!
+//! The cache key is the source text, the GPU architecture and the NVRTC version, so an edited
+//! kernel, another GPU or another toolkit compiles afresh. NVRTC ships no headers of its own:
+//! `cuda_bf16.h` comes from the toolkit's include directory (`$CUDA_HOME`, `$CUDA_PATH`, or
+//! `/usr/local/cuda`).
+
+use std::path::{Path, PathBuf};
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+use crate::{OpsError, Result};
+
+/// Owns the include path, the target architecture and the on-disk cache directory.
+#[derive(Debug)]
+pub struct KernelCache {
+    include_dir: PathBuf,
+    /// `sm_90` for compute capability 9.0.
+    arch: String,
+    /// None when no writable cache directory exists (then every run compiles).
+    dir: Option<PathBuf>,
+}
+
+/// The toolkit's include directory holding `cuda_bf16.h`.
+fn find_include_dir() -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|p| PathBuf::from(p).join("include"))
+        .collect();
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    candidates.into_iter().find(|d| d.join("cuda_bf16.h").exists()).ok_or_else(|| {
+        OpsError::Backend(
+            "CUDA headers not found (cuda_bf16.h, needed by NVRTC): set CUDA_HOME to the CUDA toolkit directory, or run with --device cpu"
+                .into(),
+        )
+    })
+}
+
+/// `$OLLM_HOME/kernels`, else `$XDG_CACHE_HOME/ollm/kernels`, else `~/.cache/ollm/kernels`.
+fn cache_dir() -> Option<PathBuf> {
+    let root = std::env::var_os("OLLM_HOME").map(PathBuf::from).or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(|p| PathBuf::from(p).join("ollm"))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("ollm")))
+    })?;
+    let dir = root.join("kernels");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+/// FNV-1a, 64 bits: a stable key for file names (not for security).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in *p {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+    }
+    h
+}
+
+impl KernelCache {
+    pub fn new(compute_capability: (i32, i32)) -> Result<Self> {
+        Ok(Self {
+            include_dir: find_include_dir()?,
+            arch: format!("sm_{}{}", compute_capability.0, compute_capability.1),
+            dir: cache_dir(),
+        })
+    }
+
+    /// PTX for `source` (named `name` in messages), from the disk cache or freshly compiled.
+    pub fn ptx(&self, name: &str, source: &str) -> Result<Ptx> {
+        let version = nvrtc_version();
+        let key = fnv1a(&[source.as_bytes(), self.arch.as_bytes(), version.as_bytes()]);
+        let path = self.dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")));
+        if let Some(text) = path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()) {
+            return Ok(Ptx::from_src(text));
+        }
+        let opts = CompileOptions {
+            include_paths: vec![self.include_dir.display().to_string()],
+            options: vec![format!("--gpu-architecture={}", self.arch), "-std=c++17".into()],
+            name: Some(format!("{name}.cu")),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(source, opts)
+            .map_err(|e| OpsError::Backend(format!("NVRTC could not compile {name}.cu: {e}")))?;
+        if let Some(p) = path {
+            write_atomically(&p, &ptx.to_src());
+        }
+        Ok(ptx)
+    }
+}
+
+/// "major.minor" of the loaded NVRTC (part of the cache key).
+fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: `probe` checked that libnvrtc loads; the call only writes the two integers.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    format!("{major}.{minor}")
+}
+
+/// Best effort: a cache write that fails only costs a recompile next time.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fnv1a;
+
+    #[test]
+    fn key_depends_on_every_part() {
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+        assert_eq!(fnv1a(&[b"x"]), fnv1a(&[b"x"]));
+    }
+}

@@ -1,0 +1,43 @@
+//! Launcher for `kernels/rmsnorm.cu`.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::CudaDevice;
+use crate::{NormKind, OpsError, Result};
+
+const SOURCE: &str = include_str!("../../kernels/rmsnorm.cu");
+
+fn driver_err(e: cudarc::driver::DriverError) -> OpsError {
+    OpsError::Backend(format!("rmsnorm: {e}"))
+}
+
+/// `out = RMSNorm(x)` for `rows` rows of `n`: x, out `[rows, n]` f32 on the device, w `[n]` bf16.
+pub fn rms_norm(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<bf16>,
+    n: usize,
+    eps: f32,
+    kind: NormKind,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if n == 0 || x.len() % n != 0 || out.len() != x.len() || w.len() != n {
+        return Err(OpsError::Shape {
+            op: "cuda rms_norm",
+            detail: format!("x {} elements, w {}, out {}, row length {n}", x.len(), w.len(), out.len()),
+        });
+    }
+    let rows = (x.len() / n) as u32;
+    let module = dev.ctx.load_module(dev.kernels.ptx("rmsnorm", SOURCE)?).map_err(driver_err)?;
+    let func = module.load_function("rmsnorm_f32_bf16w").map_err(driver_err)?;
+    let offset = if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 };
+    let n_i32 = n as i32;
+    let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = dev.stream.launch_builder(&func);
+    launch.arg(x).arg(w).arg(out).arg(&n_i32).arg(&eps).arg(&offset);
+    // SAFETY: the argument list matches the kernel signature; sizes were checked above, and the
+    // kernel reads/writes `rows * n` elements of x/out and `n` of w.
+    unsafe { launch.launch(cfg) }.map_err(driver_err)?;
+    Ok(())
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the GPU test binaries on any machine (no CUDA needed: libraries load at run time) and
+# copies them into .carry/gpu-tests/, a git-ignored folder to carry to the GPU machine.
+# Then, on the GPU machine, from the repository root:  bash scripts/run-gpu-tests.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=.carry/gpu-tests
+rm -rf "$out" && mkdir -p "$out"
+cargo test --release -p ollm-ops --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "parity_cuda_vs_cpu":
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
+ls -la "$out"
