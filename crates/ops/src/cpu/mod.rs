@@ -10,7 +10,8 @@ mod matmul;
 mod norm;
 mod rope;
 
-pub use attention::attention;
+pub use attention::{attention, Geometry as AttnGeometry};
+pub use elementwise::{embedding, silu_mul};
 pub use matmul::matmul;
 pub use norm::rms_norm;
 pub use rope::rope;

@@ -3,10 +3,11 @@
 //! cudarc panics when a library it needs cannot be loaded, so every library is checked for
 //! first, and context creation runs under `catch_unwind` as a last guard.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use super::nvrtc_cache::KernelCache;
 use crate::{OpsError, Result};
@@ -21,13 +22,35 @@ pub struct DeviceInfo {
     pub free_bytes: usize,
 }
 
-/// An open device: its context, the stream work is queued on, and the kernel cache.
+/// An open device: its context, the stream work is queued on, the kernel cache and the modules
+/// loaded from it (one per kernel file, loaded on first use).
 #[derive(Debug)]
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub info: DeviceInfo,
     pub kernels: KernelCache,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl CudaDevice {
+    /// Kernel `func` of the kernel file `file` (its source text `source`), compiling and loading
+    /// the file on first use.
+    pub fn function(&self, file: &'static str, source: &str, func: &str) -> Result<CudaFunction> {
+        let err = |e: cudarc::driver::DriverError| unavailable(format!("{file}.cu: {func}: {e}"));
+        let module = {
+            let mut modules = self.modules.lock().map_err(|_| unavailable("kernel module cache poisoned"))?;
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.ctx.load_module(self.kernels.ptx(file, source)?).map_err(err)?;
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
+        module.load_function(func).map_err(err)
+    }
 }
 
 fn unavailable(detail: impl Into<String>) -> OpsError {
@@ -66,5 +89,5 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
     };
     let kernels = KernelCache::new(info.compute_capability)?;
     let stream = ctx.default_stream();
-    Ok(CudaDevice { ctx, stream, info, kernels })
+    Ok(CudaDevice { ctx, stream, info, kernels, modules: Mutex::new(HashMap::new()) })
 }

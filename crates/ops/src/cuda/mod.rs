@@ -6,9 +6,32 @@
 //! the PTX on disk, and the first kernel (RMSNorm) is checked against its CPU twin in
 //! `tests/parity_cuda_vs_cpu.rs`. The `Backend` implementation comes with the CUDA issue.
 
+pub mod attention;
 mod device;
+pub mod elementwise;
 mod nvrtc_cache;
 pub mod rmsnorm;
+pub mod rope;
+
+use cudarc::driver::LaunchConfig;
 
 pub use device::{probe, CudaDevice, DeviceInfo};
 pub use nvrtc_cache::KernelCache;
+
+use crate::OpsError;
+
+/// A driver error as an ops error naming the op.
+pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> OpsError {
+    move |e| OpsError::Backend(format!("cuda {op}: {e}"))
+}
+
+/// A 1-D launch for grid-stride loops over `n` elements: 256 threads a block, at most 4096 blocks.
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A shape error for a CUDA op.
+pub(crate) fn shape(op: &'static str, detail: String) -> OpsError {
+    OpsError::Shape { op, detail }
+}

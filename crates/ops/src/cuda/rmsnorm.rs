@@ -3,14 +3,10 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::CudaDevice;
-use crate::{NormKind, OpsError, Result};
+use super::{driver_err, shape, CudaDevice};
+use crate::{NormKind, Result};
 
 const SOURCE: &str = include_str!("../../kernels/rmsnorm.cu");
-
-fn driver_err(e: cudarc::driver::DriverError) -> OpsError {
-    OpsError::Backend(format!("rmsnorm: {e}"))
-}
 
 /// `out = RMSNorm(x)` for `rows` rows of `n`: x, out `[rows, n]` f32 on the device, w `[n]` bf16.
 pub fn rms_norm(
@@ -23,14 +19,10 @@ pub fn rms_norm(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     if n == 0 || x.len() % n != 0 || out.len() != x.len() || w.len() != n {
-        return Err(OpsError::Shape {
-            op: "cuda rms_norm",
-            detail: format!("x {} elements, w {}, out {}, row length {n}", x.len(), w.len(), out.len()),
-        });
+        return Err(shape("cuda rms_norm", format!("x {} elements, w {}, out {}, row length {n}", x.len(), w.len(), out.len())));
     }
     let rows = (x.len() / n) as u32;
-    let module = dev.ctx.load_module(dev.kernels.ptx("rmsnorm", SOURCE)?).map_err(driver_err)?;
-    let func = module.load_function("rmsnorm_f32_bf16w").map_err(driver_err)?;
+    let func = dev.function("rmsnorm", SOURCE, "rmsnorm_f32_bf16w")?;
     let offset = if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 };
     let n_i32 = n as i32;
     let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -38,6 +30,6 @@ pub fn rms_norm(
     launch.arg(x).arg(w).arg(out).arg(&n_i32).arg(&eps).arg(&offset);
     // SAFETY: the argument list matches the kernel signature; sizes were checked above, and the
     // kernel reads/writes `rows * n` elements of x/out and `n` of w.
-    unsafe { launch.launch(cfg) }.map_err(driver_err)?;
+    unsafe { launch.launch(cfg) }.map_err(driver_err("rms_norm"))?;
     Ok(())
 }

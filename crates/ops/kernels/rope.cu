@@ -1,0 +1,19 @@
+// RoPE, halves layout (models.md §1.2), in place on x [T, heads, d]; the first r dims rotate.
+// cos/sin [positions, r/2] f32 (already times the attention factor). One thread per pair.
+extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ cos_t,
+                                    const float* __restrict__ sin_t, int t, int heads, int d, int r, int pos0) {
+    int half = r / 2;
+    long long total = (long long)t * heads * half;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        int i = (int)(idx % half);
+        long long th = idx / half;  // token * heads + head
+        int ti = (int)(th / heads);
+        float* head = x + th * d;
+        float c = cos_t[(size_t)(pos0 + ti) * half + i];
+        float s = sin_t[(size_t)(pos0 + ti) * half + i];
+        float a = head[i], b = head[i + half];
+        head[i] = a * c - b * s;
+        head[i + half] = b * c + a * s;
+    }
+}

@@ -1,0 +1,70 @@
+//! Launcher for `kernels/attention.cu` (the reference kernel; flash and split-K come later).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{driver_err, shape, CudaDevice};
+use crate::Result;
+
+const SOURCE: &str = include_str!("../../kernels/attention.cu");
+
+/// Head layout and positions of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnGeometry {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub d: usize,
+    /// Cache capacity in positions.
+    pub cap: usize,
+    /// Position of the first query.
+    pub pos0: usize,
+}
+
+/// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`; `window` 0 = full causal; sinks `[n_heads]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    dev: &CudaDevice,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    g: AttnGeometry,
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let row = g.n_heads * g.d;
+    let t = if row == 0 { 0 } else { q.len() / row };
+    let bad = row == 0
+        || g.d > 256
+        || g.n_kv == 0
+        || g.n_heads % g.n_kv != 0
+        || q.len() != t * row
+        || out.len() != q.len()
+        || k.len() != g.n_kv * g.cap * g.d
+        || v.len() != k.len()
+        || g.pos0 + t > g.cap
+        || sinks.is_some_and(|s| s.len() != g.n_heads);
+    if bad {
+        return Err(shape("cuda attention", format!("q {}, k {}, v {}, out {}, {g:?}", q.len(), k.len(), v.len(), out.len())));
+    }
+    let func = dev.function("attention", SOURCE, "attention_f32")?;
+    let ints = [g.n_heads as i32, g.n_kv as i32, g.d as i32, g.cap as i32, g.pos0 as i32];
+    let window_i32 = window.map_or(0, |w| w as i32);
+    let has_sinks = i32::from(sinks.is_some());
+    // The kernel never reads `sinks` when has_sinks == 0; q stands in as a valid pointer.
+    let cfg = LaunchConfig { grid_dim: ((t * g.n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(q).arg(k).arg(v).arg(out);
+    for i in &ints {
+        l.arg(i);
+    }
+    l.arg(&scale).arg(&window_i32);
+    match sinks {
+        Some(s) => l.arg(s),
+        None => l.arg(q),
+    };
+    l.arg(&has_sinks);
+    // SAFETY: argument order and types match attention_f32; sizes checked above.
+    unsafe { l.launch(cfg) }.map_err(driver_err("attention"))?;
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Launchers for `kernels/elementwise.cu`: embedding gather, SiLU·mul, residual add, KV write.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{driver_err, grid_stride, shape, CudaDevice};
+use crate::Result;
+
+const SOURCE: &str = include_str!("../../kernels/elementwise.cu");
+
+/// `out[t, :] = table[ids[t], :]`; table `[V, hidden]` bf16, ids on the device (checked < V by
+/// the caller), out `[T, hidden]`.
+pub fn embedding(dev: &CudaDevice, table: &CudaSlice<bf16>, ids: &CudaSlice<u32>, hidden: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+    if hidden == 0 || table.len() % hidden != 0 || out.len() != ids.len() * hidden {
+        return Err(shape("cuda embedding", format!("table {}, {} ids, hidden {hidden}, out {}", table.len(), ids.len(), out.len())));
+    }
+    let func = dev.function("elementwise", SOURCE, "embedding_bf16")?;
+    let hidden_i32 = hidden as i32;
+    let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(table).arg(ids).arg(out).arg(&hidden_i32);
+    // SAFETY: matches the kernel signature; out holds ids.len() rows of `hidden`.
+    unsafe { l.launch(cfg) }.map_err(driver_err("embedding"))?;
+    Ok(())
+}
+
+/// `out = silu(gate) ⊙ up`.
+pub fn silu_mul(dev: &CudaDevice, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+    if gate.len() != up.len() || out.len() != gate.len() {
+        return Err(shape("cuda silu_mul", format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len())));
+    }
+    let func = dev.function("elementwise", SOURCE, "silu_mul_f32")?;
+    let n = gate.len() as i64;
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(gate).arg(up).arg(out).arg(&n);
+    // SAFETY: all three buffers hold n elements.
+    unsafe { l.launch(grid_stride(gate.len())) }.map_err(driver_err("silu_mul"))?;
+    Ok(())
+}
+
+/// `x += y`.
+pub fn add_assign(dev: &CudaDevice, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+    if x.len() != y.len() {
+        return Err(shape("cuda add_assign", format!("x {}, y {}", x.len(), y.len())));
+    }
+    let func = dev.function("elementwise", SOURCE, "add_assign_f32")?;
+    let n = x.len() as i64;
+    let cfg = grid_stride(x.len());
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x).arg(y).arg(&n);
+    // SAFETY: both buffers hold n elements.
+    unsafe { l.launch(cfg) }.map_err(driver_err("add_assign"))?;
+    Ok(())
+}
+
+/// Geometry of a KV cache `[n_kv, cap, d]`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvGeometry {
+    pub n_kv: usize,
+    pub cap: usize,
+    pub d: usize,
+}
+
+/// Writes `src` `[T, n_kv, d]` into `cache` `[n_kv, cap, d]` at positions `pos0..pos0+T`.
+pub fn write_kv(dev: &CudaDevice, cache: &mut CudaSlice<f32>, src: &CudaSlice<f32>, g: KvGeometry, pos0: usize) -> Result<()> {
+    let row = g.n_kv * g.d;
+    if row == 0 || src.len() % row != 0 || cache.len() != g.n_kv * g.cap * g.d || pos0 + src.len() / row > g.cap {
+        return Err(shape("cuda write_kv", format!("cache {} ({g:?}), src {}, pos0 {pos0}", cache.len(), src.len())));
+    }
+    let func = dev.function("elementwise", SOURCE, "write_kv_f32")?;
+    let (t, n_kv, cap, d, p) = ((src.len() / row) as i32, g.n_kv as i32, g.cap as i32, g.d as i32, pos0 as i32);
+    let cfg = grid_stride(src.len());
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(cache).arg(src).arg(&t).arg(&n_kv).arg(&cap).arg(&d).arg(&p);
+    // SAFETY: positions pos0..pos0+t fit the cache (checked above).
+    unsafe { l.launch(cfg) }.map_err(driver_err("write_kv"))?;
+    Ok(())
+}
