@@ -113,7 +113,7 @@ fn batch_results_match_a_single_uninterrupted_run() {
     let r = &lines_of(&out)[0];
     let run = ollm().args(["run", "-m", model.to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"]).output().expect("run");
     assert_eq!(r["id"], 1);
-    assert_eq!(r["text"].as_str().expect("text"), String::from_utf8_lossy(&run.stdout).trim_end_matches('\n'));
+    assert_eq!(format!("{}\n", r["text"].as_str().expect("text")), String::from_utf8_lossy(&run.stdout));
     assert_eq!(r["usage"]["prompt_tokens"], 4);
 }
 

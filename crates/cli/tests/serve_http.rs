@@ -58,7 +58,7 @@ fn models_health_chat_and_completions_have_openai_shapes() {
         .args(["run", "-m", fixture(MODEL).to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"])
         .output()
         .expect("ollm run");
-    assert_eq!(String::from_utf8_lossy(&run.stdout).trim_end_matches('\n'), v["choices"][0]["text"].as_str().expect("text"));
+    assert_eq!(String::from_utf8_lossy(&run.stdout), format!("{}\n", v["choices"][0]["text"].as_str().expect("text")));
     assert_eq!(s.health()["status"], "ok");
 }
 
@@ -136,8 +136,11 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_error(st, &b, 400, None, "not valid JSON");
     let (st, b) = post(&chat, &chat_body("hi", r#", "temperature": "hot""#).replace(r#""temperature": 0,"#, ""), None);
     assert_error(st, &b, 400, None, "temperature");
+    assert_eq!(json(&b)["error"]["param"], "temperature");
     let (st, b) = post(&chat, r#"{"model": "llama3_tied"}"#, None);
     assert_error(st, &b, 400, None, "messages");
+    let (st, b) = post(&chat, &chat_body("hi", "").replace("\"user\"", "\"wizard\""), None);
+    assert_error(st, &b, 400, None, "messages[0].role");
     let (st, b) = post(&chat, &chat_body("hi", "").replace(MODEL, "gpt-4"), None);
     assert_error(st, &b, 404, Some("model_not_found"), "gpt-4");
     let long = "word ".repeat(400);

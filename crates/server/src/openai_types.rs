@@ -28,7 +28,8 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Sampling and length fields shared by both endpoints.
+/// Sampling and length fields shared by both endpoints (read from the same body as the
+/// endpoint's own fields).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SamplingFields {
     pub max_tokens: Option<u64>,
@@ -50,8 +51,6 @@ pub struct CompletionRequest {
     pub model: String,
     /// A string, or a list holding exactly one string.
     pub prompt: Value,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
 }
 
 /// One message of POST /v1/chat/completions.
@@ -68,8 +67,6 @@ pub struct ChatMessageIn {
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessageIn>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]

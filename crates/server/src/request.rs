@@ -23,11 +23,27 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
-/// Parses a JSON body, turning serde's message into a 400 that says what was wrong.
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() { "is not valid JSON" } else { "does not match the API" };
-        ApiError::invalid(format!("The request body {what}: {e}; send a JSON object as in OpenAI's API reference"), None)
+/// Parses a JSON body into the endpoint's fields and the shared sampling fields; a 400 names
+/// the field at fault.
+pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, SamplingFields), ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::invalid(format!("The request body is not valid JSON: {e}; send a JSON object as in OpenAI's API reference"), None)
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("The request body must be a JSON object", None));
+    }
+    Ok((typed(&value)?, typed(&value)?))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::invalid(format!("The request body does not match the API: {inner}"), None)
+        } else {
+            ApiError::invalid(format!("'{path}': {inner}"), Some(&path))
+        }
     })
 }
 

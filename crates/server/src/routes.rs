@@ -73,18 +73,18 @@ async fn models(State(s): State<AppState>) -> Json<ModelList> {
 }
 
 async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(&body_bytes(body)?)?;
+    let (req, sampling): (CompletionRequest, _) = parse_body(&body_bytes(body)?)?;
     check_model(&s, &req.model)?;
     let prompt = completion_prompt(&s, &req.prompt)?;
-    let prepared = prepare(&s, prompt, req.sampling)?;
+    let prepared = prepare(&s, prompt, sampling)?;
     respond(&s, prepared, ChunkKind::Text, &req.model).await
 }
 
 async fn chat_completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(&body_bytes(body)?)?;
+    let (req, sampling): (ChatRequest, _) = parse_body(&body_bytes(body)?)?;
     check_model(&s, &req.model)?;
     let prompt = chat_prompt(&s, &req.messages)?;
-    let prepared = prepare(&s, prompt, req.sampling)?;
+    let prepared = prepare(&s, prompt, sampling)?;
     respond(&s, prepared, ChunkKind::Chat, &req.model).await
 }
 
