@@ -84,8 +84,9 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
         return Ok(None);
     }
     let err = |id: Option<Value>, message: String| LineError { line, id, message };
-    let raw: RawRequest = serde_json::from_str(text).map_err(|e| {
-        let id = serde_json::from_str::<Value>(text).ok().and_then(|v| v.get("id").cloned());
+    let value: Value = serde_json::from_str(text).map_err(|e| err(None, format!("line {line}: not valid JSON ({e}); each line must be one JSON object")))?;
+    let id = value.get("id").cloned();
+    let raw: RawRequest = serde_json::from_value(value).map_err(|e| {
         err(id, format!("line {line}: {e} (expected {{\"id\": ..., \"prompt\": \"...\"}} or {{\"id\": ..., \"messages\": [...]}})"))
     })?;
     if id_key(&raw.id).is_none() {
@@ -148,7 +149,7 @@ mod tests {
         assert_eq!(parse_line(2, "   ").expect("blank"), None);
 
         let e = parse_line(4, "{not json").expect_err("bad");
-        assert!(e.message.starts_with("line 4:"), "{}", e.message);
+        assert!(e.message.starts_with("line 4: not valid JSON"), "{}", e.message);
         let e = parse_line(5, r#"{"id": "b", "prompt": "x", "max_token": 3}"#).expect_err("typo");
         assert!(e.message.contains("max_token"), "{}", e.message);
         assert_eq!(e.id, Some(Value::from("b")));

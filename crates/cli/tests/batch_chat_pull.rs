@@ -86,9 +86,11 @@ fn batch_survives_kill_9_and_resumes_without_duplicates_or_losses() {
     assert_eq!(&results[..first.len()], &first[..]);
 
     // Bad lines are reported with their line numbers, not fatal.
-    let errors = lines_of(&dir.path().join("out.errors.jsonl"));
+    let mut errors = lines_of(&dir.path().join("out.errors.jsonl"));
+    errors.sort_by_key(|e| e["line"].as_u64());
     let at: Vec<u64> = errors.iter().map(|e| e["line"].as_u64().expect("line")).collect();
     assert_eq!(at, vec![6, 10, 13], "{errors:?}");
+    assert!(errors[0]["error"].as_str().expect("msg").contains("not valid JSON"), "{errors:?}");
     assert!(errors[1]["error"].as_str().expect("msg").contains("duplicate id r3"), "{errors:?}");
     assert!(errors[2]["error"].as_str().expect("msg").contains("max_token"), "{errors:?}");
 

@@ -56,14 +56,14 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     let summary = run_job(&model, &opts, &mut |p| match p {
         Progress::Planned { pending, already_done, torn_bytes } => {
             if torn_bytes > 0 {
-                bar.println(format!("[ollm] cut a torn last line ({torn_bytes} bytes) from {}", a.out.display()));
+                bar.suspend(|| eprintln!("[ollm] cut a torn last line ({torn_bytes} bytes) from {}", a.out.display()));
             }
             if already_done > 0 {
-                bar.println(format!("[ollm] resuming: {already_done} requests already done, {pending} to go"));
+                bar.suspend(|| eprintln!("[ollm] resuming: {already_done} requests already done, {pending} to go"));
             }
             bar.set_length(pending as u64);
         }
-        Progress::Error(e) => bar.println(format!("[ollm] skipped: {}", e.message)),
+        Progress::Error(e) => bar.suspend(|| eprintln!("[ollm] skipped: {}", e.message)),
         Progress::Finished { completion_tokens, .. } => {
             tokens += completion_tokens;
             bar.set_message(format!("{tokens} tokens"));
