@@ -6,9 +6,11 @@ Exits non-zero with a message naming the failed check.
 """
 
 import concurrent.futures
+import json
 import sys
+import urllib.error
+import urllib.request
 
-import httpx
 import openai
 
 BASE, MODEL, KEY = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -104,11 +106,27 @@ expect_error(openai.BadRequestError, lambda: chat("hi", max_tokens=10**6))
 expect_error(openai.BadRequestError, lambda: chat("hi", top_p=7))
 bad_key = openai.OpenAI(base_url=BASE + "/v1", api_key="wrong", max_retries=0)
 expect_error(openai.AuthenticationError, lambda: bad_key.models.list(), code="invalid_api_key")
-headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-r = httpx.post(BASE + "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers=headers, timeout=30)
-check(r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", f"malformed JSON: {r.status_code} {r.text}")
-r = httpx.post(BASE + "/v1/chat/completions", content=b'{"model": "' + MODEL.encode() + b'", "messages": "' + b"x" * 100_000 + b'"}', headers=headers, timeout=30)
-check(r.status_code == 413 and "error" in r.json(), f"oversized body: {r.status_code} {r.text}")
+
+
+def raw_post(body):
+    """POST raw bytes (the client library cannot send malformed JSON); (status, parsed body)."""
+    req = urllib.request.Request(
+        BASE + "/v1/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+status, body = raw_post(b'{"model": "x", "messages": [')
+check(status == 400 and body["error"]["type"] == "invalid_request_error", f"malformed JSON: {status} {body}")
+status, body = raw_post(b'{"model": "' + MODEL.encode() + b'", "messages": "' + b"x" * 100_000 + b'"}')
+check(status == 413 and "message" in body["error"], f"oversized body: {status} {body}")
 
 # Still serving after all that.
 check(chat("Hello there!", max_tokens=16).choices[0].message.content == text, "the server still answers the same")
