@@ -92,7 +92,7 @@ mod tests {
         let p = dir.path().join("out.jsonl");
         std::fs::write(&p, "{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":2,\"text\":\"y\"}\n{\"id\":\"c\",\"te").expect("write");
         let (mut log, rec) = JsonlLog::resume(&p).expect("resume");
-        assert_eq!(rec.torn_bytes, 14);
+        assert_eq!(rec.torn_bytes, 13);
         assert_eq!(rec.done, ["a".to_string(), "2".to_string()].into_iter().collect());
         log.append(&serde_json::json!({"id": "c", "text": "z"})).expect("append");
         let text = std::fs::read_to_string(&p).expect("read");
