@@ -179,11 +179,11 @@ fn api_key_is_required_when_set() {
 }
 
 #[test]
-fn a_disconnected_stream_cancels_its_generation() {
+fn a_disconnected_stream_cancels_its_generation_and_a_full_queue_gets_503() {
     // The tiny fixture finishes any request in milliseconds, before a disconnect could be
     // seen; the demo model generates slowly enough on the CPU to cut it off mid-stream.
     let Some(model) = common::demo_model() else { return };
-    let s = Server::start(&model, &["--max-tokens-cap", "4000"]);
+    let s = Server::start(&model, &["--max-tokens-cap", "4000", "--queue", "1"]);
     let id = json(&common::get(&s.url("/v1/models")).1)["data"][0]["id"].as_str().expect("id").to_string();
     let body = format!(
         r#"{{"model": "{id}", "messages": [{{"role": "user", "content": "Write a very long story about a dragon."}}], "max_tokens": 4000, "temperature": 0, "stream": true}}"#
@@ -203,6 +203,21 @@ fn a_disconnected_stream_cancels_its_generation() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(seen.contains("chat.completion.chunk"), "{seen}");
+
+    // The engine is busy: one more request waits in the queue, the next is refused with 503.
+    let short = body.replace("\"stream\": true", "\"stream\": false").replace("4000", "4");
+    let chat = s.url("/v1/chat/completions");
+    let queued = std::thread::spawn({
+        let (chat, short) = (chat.clone(), short.clone());
+        move || post(&chat, &short, None)
+    });
+    let t0 = Instant::now();
+    while s.health()["waiting"].as_u64() != Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the second request never queued: {}", s.health());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, b) = post(&chat, &short, None);
+    assert_error(st, &b, 503, Some("server_busy"), "busy");
     drop(conn);
 
     let t0 = Instant::now();
@@ -211,10 +226,12 @@ fn a_disconnected_stream_cancels_its_generation() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(s.log_text().contains("cancelled a generation"), "{}", s.log_text());
-    // The engine is free again: a short request completes promptly.
+    // The engine is free again: the queued request and a new one complete promptly.
     let t0 = Instant::now();
-    let (st, b) = post(&s.url("/v1/chat/completions"), &body.replace("\"stream\": true", "\"stream\": false").replace("4000", "4"), None);
+    let (st, b) = queued.join().expect("queued request");
     assert_eq!(st, 200, "{b}");
-    assert!(t0.elapsed() < Duration::from_secs(30), "the follow-up took {:?}", t0.elapsed());
-    assert_eq!(s.health()["completed"], 1);
+    let (st, b) = post(&chat, &short, None);
+    assert_eq!(st, 200, "{b}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "the follow-ups took {:?}", t0.elapsed());
+    assert_eq!(s.health()["completed"], 2);
 }

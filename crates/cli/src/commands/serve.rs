@@ -67,12 +67,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
 /// the demo name).
 fn served_id(spec: &str) -> String {
     let p = Path::new(spec);
-    if p.exists() {
-        if let Some(name) = p.canonicalize().ok().as_deref().and_then(Path::file_name).and_then(|n| n.to_str()) {
-            return name.to_string();
-        }
-    }
-    spec.to_string()
+    let own_name = p.canonicalize().ok().and_then(|c| c.file_name().and_then(|n| n.to_str()).map(str::to_string));
+    own_name.unwrap_or_else(|| spec.to_string())
 }
 
 fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
