@@ -155,6 +155,8 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_error(st, &b, 400, None, "n = 3");
     let (st, b) = post(&chat, &chat_body(&"x".repeat(100_000), ""), None);
     assert_error(st, &b, 413, None, "too large");
+    let (st, b) = post(&chat, &chat_body(&"x".repeat(2_000_000), ""), None);
+    assert!(st == 413 || st == 0, "a huge body is refused or cut off: {st} {b}");
     let (st, b) = post(&s.url("/v1/nothing"), "{}", None);
     assert_error(st, &b, 404, None, "Unknown path");
     // Still serving.
@@ -234,4 +236,17 @@ fn a_disconnected_stream_cancels_its_generation_and_a_full_queue_gets_503() {
     assert_eq!(st, 200, "{b}");
     assert!(t0.elapsed() < Duration::from_secs(30), "the follow-ups took {:?}", t0.elapsed());
     assert_eq!(s.health()["completed"], 2);
+
+    // A plain (non-streaming) request is cancelled too when its client hangs up.
+    let plain = body.replace("\"stream\": true", "\"stream\": false");
+    let mut conn = TcpStream::connect(&addr).expect("connect");
+    write!(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{plain}", plain.len())
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(conn);
+    let t0 = Instant::now();
+    while s.health()["cancelled"].as_u64() != Some(2) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the plain request was not cancelled; log: {}", s.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -76,7 +76,7 @@ pub fn serve(model: ServedModel, config: ServerConfig) -> Result<(), ServerError
             .map_err(|e| ServerError::Bind { addr: config.addr, detail: e.to_string() })?;
         let local = listener.local_addr().map_err(|e| ServerError::Bind { addr: config.addr, detail: e.to_string() })?;
         let state = state::AppState::start(model, &config)?;
-        let app = routes::router(state, &config);
+        let app = routes::router(state);
         eprintln!("[ollm] listening on http://{local}");
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

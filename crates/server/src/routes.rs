@@ -4,8 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -14,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
 use crate::openai_types::{
@@ -24,10 +24,12 @@ use crate::queue::{Job, JobEvent, JobOutcome};
 use crate::request::{chat_prompt, check_model, completion_prompt, parse_body, prepare, Prepared};
 use crate::sse::{stream_response, ChunkKind, StreamMeta};
 use crate::state::AppState;
-use crate::ServerConfig;
 
-pub fn router(state: AppState, config: &ServerConfig) -> Router {
-    let limit = config.max_body_bytes;
+/// An oversized body is still read (and dropped) up to this many times the limit, so the client
+/// gets its 413 instead of a broken pipe; beyond that the connection is cut.
+const DRAIN_FACTOR: usize = 8;
+
+pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
@@ -38,7 +40,8 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .merge(v1)
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(limit))
+        // Bodies are read by `read_body`, which applies --max-body-bytes itself.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -72,33 +75,44 @@ async fn models(State(s): State<AppState>) -> Json<ModelList> {
     })
 }
 
-async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let (req, sampling): (CompletionRequest, _) = parse_body(&body_bytes(body)?)?;
+async fn completions(State(s): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let (req, sampling): (CompletionRequest, _) = parse_body(&read_body(body, s.max_body_bytes).await?)?;
     check_model(&s, &req.model)?;
     let prompt = completion_prompt(&s, &req.prompt)?;
     let prepared = prepare(&s, prompt, sampling)?;
     respond(&s, prepared, ChunkKind::Text, &req.model).await
 }
 
-async fn chat_completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let (req, sampling): (ChatRequest, _) = parse_body(&body_bytes(body)?)?;
+async fn chat_completions(State(s): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let (req, sampling): (ChatRequest, _) = parse_body(&read_body(body, s.max_body_bytes).await?)?;
     check_model(&s, &req.model)?;
     let prompt = chat_prompt(&s, &req.messages)?;
     let prepared = prepare(&s, prompt, sampling)?;
     respond(&s, prepared, ChunkKind::Chat, &req.model).await
 }
 
-/// The body, or an OpenAI-shaped error when it could not be read (413 when too large).
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rej| {
-        let status = rej.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "The request body is too large; send a smaller request (the server's limit is --max-body-bytes)".to_string()
-        } else {
-            format!("Cannot read the request body: {}", rej.body_text())
-        };
-        ApiError::invalid(message, None).with_status(status)
-    })
+/// Reads the body, at most `limit` bytes of it; a larger body is a 413 with an OpenAI body.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("Cannot read the request body: {e}"), None))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if total > limit.saturating_mul(DRAIN_FACTOR) {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::invalid(
+            format!("The request body is too large: {}{total} bytes, the limit is {limit} (--max-body-bytes)", if total > limit.saturating_mul(DRAIN_FACTOR) { "over " } else { "" }),
+            None,
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE));
+    }
+    Ok(Bytes::from(kept))
 }
 
 /// Queues the job, then answers with one JSON body or an SSE stream.

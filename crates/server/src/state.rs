@@ -21,6 +21,8 @@ pub struct AppState {
     /// The model's context, in tokens (prompt + completion).
     pub context_tokens: usize,
     pub max_tokens_cap: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
     pub api_key: Option<Arc<str>>,
     pub queue: JobQueue,
 }
@@ -39,6 +41,7 @@ impl AppState {
             default_sampling: m.default_sampling,
             context_tokens,
             max_tokens_cap: config.max_tokens_cap.min(context_tokens),
+            max_body_bytes: config.max_body_bytes,
             api_key: config.api_key.as_deref().map(Arc::from),
             queue,
         })
