@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod demo;
+pub mod hub;
 pub mod loaded;
 pub mod npy;
 pub mod prompt;

@@ -1,10 +1,14 @@
 //! Subcommands, one file each.
 
+pub mod batch;
 pub mod bench;
+pub mod chat;
 pub mod import_gguf;
 pub mod logits;
 pub mod perplexity;
+pub mod pull;
 pub mod run;
+pub mod serve;
 
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -21,6 +25,14 @@ pub enum Command {
     ImportGguf(import_gguf::ImportGgufArgs),
     /// Measure decode speed against the memory-bandwidth bound of this machine.
     Bench(bench::BenchArgs),
+    /// Serve an OpenAI-compatible HTTP API (completions, chat completions, streaming).
+    Serve(serve::ServeArgs),
+    /// Chat with the model in the terminal.
+    Chat(chat::ChatArgs),
+    /// Run one request per line of a JSONL file; resumable.
+    Batch(batch::BatchArgs),
+    /// Download a safetensors model from the Hugging Face hub.
+    Pull(pull::PullArgs),
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -30,6 +42,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(a),
         Command::ImportGguf(a) => import_gguf::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Batch(a) => batch::run(a),
+        Command::Pull(a) => pull::run(a),
     }
 }
 
@@ -46,8 +62,8 @@ pub enum DeviceArg {
 /// Arguments every computing command takes.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or
-    /// `smollm2-135m` for the demo model (fetched on first use).
+    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a hub id
+    /// ORG/NAME (downloaded on first use), or `smollm2-135m` for the demo model.
     #[arg(long, short = 'm')]
     pub model: String,
     /// Compute device.

@@ -1,0 +1,154 @@
+//! Running a batch: skip the ids already in the results file, report bad and duplicate lines to
+//! the errors file, then generate each remaining request in input order on one session and
+//! append its result as soon as it is done.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ollm_engine::{generate, GenerateParams, SamplingParams, Session};
+use ollm_models::CausalLm;
+use ollm_tokenizer::{ChatTemplate, Tokenizer};
+use serde_json::{json, Value};
+
+use crate::reader::{id_key, read_requests, BatchRequest, Input, LineError};
+use crate::writer::JsonlLog;
+use crate::BatchError;
+
+/// The model a batch runs on and its defaults.
+#[derive(Debug)]
+pub struct BatchModel {
+    pub model: Arc<dyn CausalLm>,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub eos_token_ids: Vec<u32>,
+    /// Sampling for fields a line leaves out (the model's generation_config.json).
+    pub default_sampling: SamplingParams,
+}
+
+/// Where the job reads and writes, and its defaults.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub errors: PathBuf,
+    /// `max_tokens` of lines that give none.
+    pub default_max_tokens: usize,
+}
+
+/// What the caller hears while the job runs (to draw a progress bar).
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// Work is about to start: `pending` requests to run, `already_done` skipped.
+    Planned { pending: usize, already_done: usize, torn_bytes: u64 },
+    /// A line or request went to the errors file.
+    Error(&'a LineError),
+    /// One request finished and its result is on disk.
+    Finished { id: &'a str, completion_tokens: usize },
+}
+
+/// Totals of one run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    pub already_done: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub invalid_lines: usize,
+    pub duplicate_ids: usize,
+}
+
+/// Runs the job described by `opts`; bad lines and failed requests are reported, not fatal.
+pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_>)) -> Result<JobSummary, BatchError> {
+    let (requests, bad_lines) = read_requests(&opts.input)?;
+    let (mut out, recovered) = JsonlLog::resume(&opts.output)?;
+    let mut errors = JsonlLog::create(&opts.errors)?;
+    let mut summary = JobSummary::default();
+
+    let report = |errors: &mut JsonlLog, e: &LineError, on: &mut dyn FnMut(Progress<'_>)| -> Result<(), BatchError> {
+        errors.append(&json!({"line": e.line, "id": e.id, "error": e.message}))?;
+        on(Progress::Error(e));
+        Ok(())
+    };
+    for e in &bad_lines {
+        report(&mut errors, e, on)?;
+    }
+    summary.invalid_lines = bad_lines.len();
+
+    let mut seen = HashSet::new();
+    let mut pending = Vec::new();
+    for r in requests {
+        let key = id_key(&r.id).unwrap_or_default();
+        if !seen.insert(key.clone()) {
+            summary.duplicate_ids += 1;
+            let e = LineError { line: r.line, id: Some(r.id.clone()), message: format!("line {}: duplicate id {key}; skipped (ids must be unique)", r.line) };
+            report(&mut errors, &e, on)?;
+        } else if recovered.done.contains(&key) {
+            summary.already_done += 1;
+        } else {
+            pending.push((key, r));
+        }
+    }
+    on(Progress::Planned { pending: pending.len(), already_done: summary.already_done, torn_bytes: recovered.torn_bytes });
+
+    let mut session = Session::new(m.model.clone()).map_err(|e| BatchError::Engine(e.to_string()))?;
+    for (key, r) in &pending {
+        match run_one(m, &mut session, r, opts.default_max_tokens) {
+            Ok((line, completion_tokens)) => {
+                out.append(&line)?;
+                summary.completed += 1;
+                on(Progress::Finished { id: key, completion_tokens });
+            }
+            Err(message) => {
+                summary.failed += 1;
+                let e = LineError { line: r.line, id: Some(r.id.clone()), message: format!("line {}: {message}", r.line) };
+                report(&mut errors, &e, on)?;
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// Generates one request; the result line and its completion-token count, or why it failed.
+fn run_one(m: &BatchModel, session: &mut Session, r: &BatchRequest, default_max: usize) -> Result<(Value, usize), String> {
+    let prompt = match &r.input {
+        Input::Prompt(p) => m.tokenizer.encode(p, true).map_err(|e| e.to_string())?,
+        Input::Messages(msgs) => {
+            let template = m.template.as_ref().ok_or("the model has no chat template; give 'prompt' instead of 'messages'")?;
+            let rendered = template.render(msgs, true).map_err(|e| e.to_string())?;
+            m.tokenizer.encode(&rendered, false).map_err(|e| e.to_string())?
+        }
+    };
+    let mut sampling = m.default_sampling.clone();
+    if let Some(t) = r.temperature {
+        sampling.temperature = t;
+    }
+    if let Some(p) = r.top_p {
+        sampling.top_p = p;
+    }
+    if r.top_k.is_some() {
+        sampling.top_k = r.top_k;
+    }
+    // The same id gets the same seed on every run, so a resumed job gives the same text.
+    sampling.seed = r.seed.unwrap_or_else(|| fnv1a(id_key(&r.id).unwrap_or_default().as_bytes()));
+    let params = GenerateParams {
+        max_new_tokens: r.max_tokens.unwrap_or(default_max),
+        sampling,
+        eos_token_ids: m.eos_token_ids.clone(),
+        stop: r.stop.clone(),
+    };
+    session.reset();
+    let g = generate(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(())).map_err(|e| e.to_string())?;
+    let usage = json!({
+        "prompt_tokens": g.stats.prompt_tokens,
+        "completion_tokens": g.stats.generated_tokens,
+        "total_tokens": g.stats.prompt_tokens + g.stats.generated_tokens,
+    });
+    let line = json!({"id": r.id, "text": g.text, "finish_reason": g.finish.as_str(), "usage": usage});
+    Ok((line, g.stats.generated_tokens))
+}
+
+/// 64-bit FNV-1a: a stable seed from an id.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}

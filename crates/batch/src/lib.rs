@@ -1,0 +1,16 @@
+//! ollm-batch: JSONL requests in, JSONL results out, resumable.
+//!
+//! Each input line is one request (`id`, `prompt` or `messages`, sampling parameters). Each
+//! result is appended to the output file with one `write` and an `fsync`, so after a crash —
+//! `kill -9` included — the file holds whole lines plus at most one torn last line, which the
+//! next run cuts off before it skips the ids already done and completes the rest.
+
+mod error;
+pub mod job;
+pub mod reader;
+pub mod writer;
+
+pub use error::BatchError;
+pub use job::{run_job, BatchModel, JobOptions, JobSummary, Progress};
+pub use reader::{read_requests, BatchRequest, Input, LineError};
+pub use writer::JsonlLog;

@@ -1,0 +1,80 @@
+//! `ollm serve`: the OpenAI-compatible HTTP server (ollm-server) over one loaded model.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ollm_server::{serve, ServedModel, ServerConfig};
+
+use super::ModelArgs;
+use crate::loaded::{load, load_text};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on. The default serves this machine only; 0.0.0.0 opens it to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 = any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long, env = "OLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest max_tokens a request may ask for (never above the model's context).
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_cap: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Requests that may wait for the engine; more are refused with 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    if a.max_tokens_cap == 0 {
+        bail!("--max-tokens-cap must be at least 1");
+    }
+    let addr = resolve(&a.host, a.port)?;
+    let loaded = load(&a.model)?;
+    let text = load_text(&loaded.dir)?;
+    let eos_token_ids = loaded.eos_ids(&text);
+    let id = served_id(&a.model.model);
+    eprintln!("[ollm] serving {id} ({}, loaded in {:.2} s)", loaded.dir.display(), loaded.load_time.as_secs_f64());
+    let model = ServedModel {
+        id,
+        model: loaded.model.clone(),
+        tokenizer: text.tokenizer,
+        template: text.template,
+        eos_token_ids,
+        default_sampling: loaded.generation.default_sampling(),
+    };
+    let config = ServerConfig {
+        addr,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        max_body_bytes: a.max_body_bytes,
+        max_tokens_cap: a.max_tokens_cap,
+        queue_capacity: a.queue,
+    };
+    serve(model, config)?;
+    Ok(())
+}
+
+/// The model id clients name: a directory's own name, else the `--model` string (a hub id or
+/// the demo name).
+fn served_id(spec: &str) -> String {
+    let p = Path::new(spec);
+    let own_name = p.canonicalize().ok().and_then(|c| c.file_name().and_then(|n| n.to_str()).map(str::to_string));
+    own_name.unwrap_or_else(|| spec.to_string())
+}
+
+fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("--host {host}: not an address or a resolvable name; use e.g. 127.0.0.1"))?
+        .next()
+        .with_context(|| format!("--host {host}: resolves to no address"))
+}

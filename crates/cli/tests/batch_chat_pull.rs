@@ -1,0 +1,185 @@
+//! `ollm batch` (resumable after kill -9, bad lines reported and skipped), `ollm chat` (piped
+//! multi-turn conversation) and `ollm pull` (fails fast and clearly when the hub is unreachable).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fixture;
+use serde_json::Value;
+
+fn ollm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ollm"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn lines_of(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(text.is_empty() || text.ends_with('\n'), "a torn line was left: {text:?}");
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?} does not parse: {e}"))).collect()
+}
+
+#[test]
+fn batch_survives_kill_9_and_resumes_without_duplicates_or_losses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let out = dir.path().join("out.jsonl");
+    let total = 40;
+    let mut lines: Vec<String> = (0..total)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!(r#"{{"id": "r{i}", "prompt": "Story number {i} begins", "max_tokens": 200}}"#)
+            } else {
+                format!(r#"{{"id": "r{i}", "messages": [{{"role": "user", "content": "Tell me about {i}"}}], "max_tokens": 200, "temperature": 0.8}}"#)
+            }
+        })
+        .collect();
+    lines.insert(5, "{this is not json".into());
+    lines.insert(9, r#"{"id": "r3", "prompt": "a duplicate id"}"#.into());
+    lines.insert(12, r#"{"id": "bad", "prompt": "x", "max_token": 3}"#.into());
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
+    let model = fixture("llama3_tied");
+    let args = ["batch", "--model", model.to_str().expect("utf8"), input.to_str().expect("utf8"), "--out", out.to_str().expect("utf8")];
+
+    // First run: kill -9 once a few results have landed.
+    let mut child = ollm().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn batch");
+    let t0 = Instant::now();
+    loop {
+        let done = std::fs::read_to_string(&out).map_or(0, |t| t.matches('\n').count());
+        if done >= 3 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no results after 120 s");
+        assert!(child.try_wait().expect("poll").is_none(), "the batch ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+    let first = lines_of(&out);
+    assert!(first.len() < total, "the run finished before the kill ({} results); make the requests longer", first.len());
+
+    // Simulate a write torn by a crash: a partial line without its newline.
+    std::fs::OpenOptions::new().append(true).open(&out).expect("open").write_all(br#"{"id": "r39", "te"#).expect("tear");
+
+    let o = ollm().args(args).output().expect("re-run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("torn last line") && err.contains("already done"), "{err}");
+
+    let results = lines_of(&out);
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for r in &results {
+        *count.entry(r["id"].as_str().expect("id").to_string()).or_default() += 1;
+        assert!(r["text"].is_string() && r["usage"]["completion_tokens"].is_u64(), "{r}");
+    }
+    for i in 0..total {
+        assert_eq!(count.get(&format!("r{i}")), Some(&1), "id r{i} must appear exactly once");
+    }
+    assert_eq!(results.len(), total);
+    // The first results survived the crash untouched.
+    assert_eq!(&results[..first.len()], &first[..]);
+
+    // Bad lines are reported with their line numbers, not fatal.
+    let mut errors = lines_of(&dir.path().join("out.errors.jsonl"));
+    errors.sort_by_key(|e| e["line"].as_u64());
+    let at: Vec<u64> = errors.iter().map(|e| e["line"].as_u64().expect("line")).collect();
+    assert_eq!(at, vec![6, 10, 13], "{errors:?}");
+    assert!(errors[0]["error"].as_str().expect("msg").contains("not valid JSON"), "{errors:?}");
+    assert!(errors[1]["error"].as_str().expect("msg").contains("duplicate id r3"), "{errors:?}");
+    assert!(errors[2]["error"].as_str().expect("msg").contains("max_token"), "{errors:?}");
+
+    // A third run has nothing left to do.
+    let o = ollm().args(args).output().expect("third run");
+    assert!(stderr(&o).contains(&format!("0 completed, {total} already done")), "{}", stderr(&o));
+    assert_eq!(lines_of(&out).len(), total);
+}
+
+#[test]
+fn batch_results_match_a_single_uninterrupted_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"id\": 1, \"prompt\": \"Hello world\", \"max_tokens\": 12, \"temperature\": 0}\n").expect("write");
+    let out = dir.path().join("o.jsonl");
+    let model = fixture("llama3_tied");
+    let o = ollm()
+        .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8"), "--out", out.to_str().expect("utf8")])
+        .output()
+        .expect("batch");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = &lines_of(&out)[0];
+    let run = ollm().args(["run", "-m", model.to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"]).output().expect("run");
+    assert_eq!(r["id"], 1);
+    assert_eq!(format!("{}\n", r["text"].as_str().expect("text")), String::from_utf8_lossy(&run.stdout));
+    assert_eq!(r["usage"]["prompt_tokens"], 4);
+}
+
+#[test]
+fn chat_keeps_history_resets_and_exits() {
+    let model = fixture("llama3_tied");
+    let mut child = ollm()
+        .args(["chat", "-m", model.to_str().expect("utf8"), "--temperature", "0", "-n", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"Hello there!\nHow are you?\n/reset\nHello there!\n/exit\nnot read\n")
+        .expect("write");
+    let o = child.wait_with_output().expect("chat ends");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("conversation cleared"), "{}", stderr(&o));
+    // Each reply is printed then a newline. The first reply is what `ollm run --chat` gives for
+    // the same message; after /reset the same question gets it again; /exit stops reading.
+    let run = ollm()
+        .args(["run", "-m", model.to_str().expect("utf8"), "--chat", "-p", "Hello there!", "--temperature", "0", "-n", "10"])
+        .output()
+        .expect("run");
+    let first = String::from_utf8_lossy(&run.stdout).into_owned();
+    let all = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(first.ends_with('\n') && first.len() > 1, "{first:?}");
+    assert!(all.starts_with(&first), "{all:?} vs {first:?}");
+    assert!(all.ends_with(&format!("\n{first}")), "{all:?} vs {first:?}");
+    assert!(all.len() > 2 * first.len(), "a second reply sits between: {all:?}");
+}
+
+#[test]
+fn pull_fails_fast_and_clearly_when_the_hub_is_unreachable() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let offline = |args: &[&str]| {
+        let t0 = Instant::now();
+        let o = ollm()
+            .args(args)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("HF_HOME", home.path().join("hf"))
+            .env("OLLM_HOME", home.path())
+            .output()
+            .expect("ollm runs");
+        (o, t0.elapsed())
+    };
+    let (o, took) = offline(&["pull", "SomeOrg/some-model"]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error: cannot reach the Hugging Face hub at http://127.0.0.1:9 for SomeOrg/some-model"), "{err}");
+    assert!(!err.contains("panicked"));
+    assert!(!home.path().join("models/SomeOrg--some-model").exists(), "no half-pulled model directory");
+
+    let (o, took) = offline(&["run", "--model", "SomeOrg/some-model", "-p", "hi"]);
+    assert!(!o.status.success() && took < Duration::from_secs(10), "{took:?}");
+    assert!(stderr(&o).lines().last().is_some_and(|l| l.starts_with("error: cannot reach the Hugging Face hub")), "{}", stderr(&o));
+
+    let (o, _) = offline(&["pull", "not-a-hub-id"]);
+    assert!(stderr(&o).contains("not a hub id"), "{}", stderr(&o));
+}

@@ -1,0 +1,133 @@
+"""Checks `ollm serve` with the official `openai` Python client.
+
+Usage: python3 openai_client_test.py BASE_URL MODEL_ID API_KEY
+(run by crates/cli/tests/serve_openai_client.rs against the tiny fixture served on 127.0.0.1).
+Exits non-zero with a message naming the failed check.
+"""
+
+import concurrent.futures
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+
+BASE, MODEL, KEY = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+
+
+def chat(content, **kw):
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0, **kw
+    )
+
+
+def expect_error(exc_type, fn, code=None, status=None):
+    try:
+        fn()
+    except exc_type as e:
+        if code is not None:
+            check(getattr(e, "code", None) == code, f"{exc_type.__name__}: code {getattr(e, 'code', None)!r} != {code!r}")
+        if status is not None:
+            check(e.status_code == status, f"{exc_type.__name__}: status {e.status_code} != {status}")
+        return e
+    check(False, f"expected {exc_type.__name__}")
+
+
+# Models.
+ids = [m.id for m in client.models.list().data]
+check(ids == [MODEL], f"models {ids}")
+
+# Plain chat with usage.
+r = chat("Hello there!", max_tokens=16)
+check(r.object == "chat.completion", r.object)
+text = r.choices[0].message.content
+check(isinstance(text, str), "content is a string")
+check(r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens, "usage adds up")
+check(r.choices[0].finish_reason in ("stop", "length"), r.choices[0].finish_reason)
+
+# Streaming gives the same text.
+pieces, finish = [], None
+for chunk in chat("Hello there!", max_tokens=16, stream=True):
+    check(chunk.object == "chat.completion.chunk", chunk.object)
+    if chunk.choices:
+        d = chunk.choices[0].delta
+        if d.content:
+            pieces.append(d.content)
+        finish = chunk.choices[0].finish_reason or finish
+check("".join(pieces) == text, f"stream {''.join(pieces)!r} != plain {text!r}")
+check(finish == r.choices[0].finish_reason, "stream finish reason")
+
+# Completions, plain and streamed, with a seed.
+c = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0)
+full = c.choices[0].text
+check(len(full) > 8, f"completion {full!r}")
+streamed = "".join(
+    ch.choices[0].text
+    for ch in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0, stream=True)
+    if ch.choices
+)
+check(streamed == full, f"streamed completion {streamed!r} != {full!r}")
+s1 = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=1.5, seed=5).choices[0].text
+s2 = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=1.5, seed=5).choices[0].text
+check(s1 == s2, "same seed, same text")
+
+# Stop sequences.
+stop = full[3:5]
+cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0, stop=[stop])
+check(cut.choices[0].text == full[: full.index(stop)], f"stop {stop!r}: {cut.choices[0].text!r}")
+check(cut.choices[0].finish_reason == "stop", cut.choices[0].finish_reason)
+chat_stop = text[2:4] if len(text) > 4 else None
+if chat_stop:
+    rs = chat("Hello there!", max_tokens=16, stop=chat_stop)
+    check(rs.choices[0].message.content == text[: text.index(chat_stop)], "chat stop")
+
+# Concurrency: 12 requests at once, each answered with its own text.
+prompts = [f"Question {i}: what comes next?" for i in range(12)]
+alone = [chat(p, max_tokens=20).choices[0].message.content for p in prompts]
+with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+    together = list(pool.map(lambda p: chat(p, max_tokens=20).choices[0].message.content, prompts))
+check(alone == together, "concurrent replies differ from sequential ones")
+with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+    streams = list(pool.map(lambda p: "".join(c.choices[0].delta.content or "" for c in chat(p, max_tokens=20, stream=True) if c.choices), prompts[:8]))
+check(streams == alone[:8], "concurrent streams differ from sequential replies")
+
+# Bad requests.
+expect_error(openai.NotFoundError, lambda: client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]), code="model_not_found")
+expect_error(openai.BadRequestError, lambda: chat("word " * 400), code="context_length_exceeded")
+expect_error(openai.BadRequestError, lambda: chat("hi", max_tokens=10**6))
+expect_error(openai.BadRequestError, lambda: chat("hi", top_p=7))
+bad_key = openai.OpenAI(base_url=BASE + "/v1", api_key="wrong", max_retries=0)
+expect_error(openai.AuthenticationError, lambda: bad_key.models.list(), code="invalid_api_key")
+
+
+def raw_post(body):
+    """POST raw bytes (the client library cannot send malformed JSON); (status, parsed body)."""
+    req = urllib.request.Request(
+        BASE + "/v1/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+status, body = raw_post(b'{"model": "x", "messages": [')
+check(status == 400 and body["error"]["type"] == "invalid_request_error", f"malformed JSON: {status} {body}")
+status, body = raw_post(b'{"model": "' + MODEL.encode() + b'", "messages": "' + b"x" * 100_000 + b'"}')
+check(status == 413 and "message" in body["error"], f"oversized body: {status} {body}")
+
+# Still serving after all that.
+check(chat("Hello there!", max_tokens=16).choices[0].message.content == text, "the server still answers the same")
+print("openai client checks passed")

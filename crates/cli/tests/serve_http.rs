@@ -1,0 +1,252 @@
+//! `ollm serve` over plain HTTP: the OpenAI shapes, streaming, stop strings, concurrency, the
+//! bearer key, every kind of bad request (an OpenAI error body, never a crash or a hang), and
+//! cancellation when a client disconnects.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{fixture, json, post, Server};
+use serde_json::Value;
+
+const MODEL: &str = "llama3_tied";
+
+fn chat_body(content: &str, extra: &str) -> String {
+    format!(r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": {}}}], "temperature": 0{extra}}}"#, Value::from(content))
+}
+
+fn assert_error(status: u16, body: &str, want_status: u16, want_code: Option<&str>, needle: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let v = json(body);
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| m.contains(needle)), "message lacks {needle:?}: {body}");
+    assert!(e["type"].is_string(), "{body}");
+    if let Some(code) = want_code {
+        assert_eq!(e["code"], code, "{body}");
+    }
+}
+
+#[test]
+fn models_health_chat_and_completions_have_openai_shapes() {
+    let s = Server::start(&fixture(MODEL), &[]);
+    let models = json(&common::get(&s.url("/v1/models")).1);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    let (status, body) = post(&s.url("/v1/chat/completions"), &chat_body("  Hello there!  ", r#", "max_tokens": 8"#), None);
+    assert_eq!(status, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], MODEL);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    // The fixture's chat template renders this conversation to 51 tokens.
+    assert_eq!(v["usage"]["prompt_tokens"], 51, "{body}");
+    let (p, c, t) = (&v["usage"]["prompt_tokens"], &v["usage"]["completion_tokens"], &v["usage"]["total_tokens"]);
+    assert_eq!(p.as_u64().expect("p") + c.as_u64().expect("c"), t.as_u64().expect("t"));
+    assert!(["stop", "length"].contains(&v["choices"][0]["finish_reason"].as_str().expect("finish")), "{body}");
+
+    let (status, body) = post(&s.url("/v1/completions"), &format!(r#"{{"model": "{MODEL}", "prompt": "Hello world", "max_tokens": 12, "temperature": 0}}"#), None);
+    assert_eq!(status, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["prompt_tokens"], 4, "{body}");
+    // The same prompt, greedy, as `ollm run` prints it.
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_ollm"))
+        .args(["run", "-m", fixture(MODEL).to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"])
+        .output()
+        .expect("ollm run");
+    assert_eq!(String::from_utf8_lossy(&run.stdout), format!("{}\n", v["choices"][0]["text"].as_str().expect("text")));
+    assert_eq!(s.health()["status"], "ok");
+}
+
+#[test]
+fn streaming_sends_openai_chunks_then_done_and_matches_the_plain_reply() {
+    let s = Server::start(&fixture(MODEL), &[]);
+    let (_, plain) = post(&s.url("/v1/chat/completions"), &chat_body("Tell me a story", r#", "max_tokens": 20"#), None);
+    let plain = json(&plain);
+    let (status, body) = post(
+        &s.url("/v1/chat/completions"),
+        &chat_body("Tell me a story", r#", "max_tokens": 20, "stream": true, "stream_options": {"include_usage": true}"#),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert_eq!(events.last().copied(), Some("data: [DONE]"), "{body}");
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v = json(e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data line: {e:?}")));
+        assert_eq!(v["object"], "chat.completion.chunk", "{e}");
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(c);
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+        if !v["usage"].is_null() {
+            usage = Some(v["usage"].clone());
+        }
+    }
+    assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().expect("content"));
+    assert_eq!(finish.as_deref(), plain["choices"][0]["finish_reason"].as_str());
+    assert_eq!(usage.expect("a usage chunk"), plain["usage"]);
+}
+
+#[test]
+fn stop_strings_cut_the_reply() {
+    let s = Server::start(&fixture(MODEL), &[]);
+    let body = |extra: &str| format!(r#"{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0{extra}}}"#);
+    let full = json(&post(&s.url("/v1/completions"), &body(""), None).1);
+    let text = full["choices"][0]["text"].as_str().expect("text").to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 8, "{text:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let cut = json(&post(&s.url("/v1/completions"), &body(&format!(r#", "stop": [{}]"#, Value::from(stop.as_str()))), None).1);
+    assert_eq!(cut["choices"][0]["text"].as_str().expect("text"), &text[..text.find(&stop).expect("stop occurs")]);
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn concurrent_requests_all_complete_unmixed() {
+    let s = Server::start(&fixture(MODEL), &[]);
+    let prompts: Vec<String> = (0..10).map(|i| format!("Request number {i} says")).collect();
+    let ask = |p: &str| {
+        let (status, body) = post(&s.url("/v1/completions"), &format!(r#"{{"model": "{MODEL}", "prompt": {}, "max_tokens": 24, "temperature": 0}}"#, Value::from(p)), None);
+        assert_eq!(status, 200, "{body}");
+        json(&body)["choices"][0]["text"].as_str().expect("text").to_string()
+    };
+    let alone: Vec<String> = prompts.iter().map(|p| ask(p)).collect();
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts.iter().map(|p| scope.spawn(move || ask(p))).collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    assert_eq!(alone, together, "a concurrent reply differs from the same request alone");
+    assert!(s.health()["completed"].as_u64().expect("completed") >= 20);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let s = Server::start(&fixture(MODEL), &["--max-body-bytes", "65536", "--max-tokens-cap", "64"]);
+    let chat = s.url("/v1/chat/completions");
+    let (st, b) = post(&chat, "{\"model\": \"llama3_tied\", \"messages\": [", None);
+    assert_error(st, &b, 400, None, "not valid JSON");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "temperature": "hot""#).replace(r#""temperature": 0,"#, ""), None);
+    assert_error(st, &b, 400, None, "temperature");
+    assert_eq!(json(&b)["error"]["param"], "temperature");
+    let (st, b) = post(&chat, r#"{"model": "llama3_tied"}"#, None);
+    assert_error(st, &b, 400, None, "messages");
+    let (st, b) = post(&chat, &chat_body("hi", "").replace("\"user\"", "\"wizard\""), None);
+    assert_error(st, &b, 400, None, "messages[0].role");
+    let (st, b) = post(&chat, &chat_body("hi", "").replace(MODEL, "gpt-4"), None);
+    assert_error(st, &b, 404, Some("model_not_found"), "gpt-4");
+    let long = "word ".repeat(400);
+    let (st, b) = post(&chat, &chat_body(&long, ""), None);
+    assert_error(st, &b, 400, Some("context_length_exceeded"), "maximum context length is 256");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "max_tokens": 100000"#), None);
+    assert_error(st, &b, 400, None, "max_tokens");
+    assert_eq!(json(&b)["error"]["param"], "max_tokens");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "top_p": 1.5"#), None);
+    assert_error(st, &b, 400, None, "top_p");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "n": 3"#), None);
+    assert_error(st, &b, 400, None, "n = 3");
+    let (st, b) = post(&chat, &chat_body(&"x".repeat(100_000), ""), None);
+    assert_error(st, &b, 413, None, "too large");
+    let (st, b) = post(&chat, &chat_body(&"x".repeat(2_000_000), ""), None);
+    assert!(st == 413 || st == 0, "a huge body is refused or cut off: {st} {b}");
+    let (st, b) = post(&s.url("/v1/nothing"), "{}", None);
+    assert_error(st, &b, 404, None, "Unknown path");
+    // Still serving.
+    let (st, b) = post(&chat, &chat_body("hi", r#", "max_tokens": 4"#), None);
+    assert_eq!(st, 200, "{b}");
+    assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let s = Server::start(&fixture(MODEL), &["--api-key", "sekrit"]);
+    let chat = s.url("/v1/chat/completions");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "max_tokens": 4"#), None);
+    assert_error(st, &b, 401, Some("invalid_api_key"), "API key");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "max_tokens": 4"#), Some("wrong"));
+    assert_eq!(st, 401, "{b}");
+    let (st, _) = common::get(&s.url("/v1/models"));
+    assert_eq!(st, 401);
+    let (st, b) = post(&chat, &chat_body("hi", r#", "max_tokens": 4"#), Some("sekrit"));
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(common::get(&s.url("/health")).0, 200, "/health needs no key");
+}
+
+#[test]
+fn a_disconnected_stream_cancels_its_generation_and_a_full_queue_gets_503() {
+    // The tiny fixture finishes any request in milliseconds, before a disconnect could be
+    // seen; the demo model generates slowly enough on the CPU to cut it off mid-stream.
+    let Some(model) = common::demo_model() else { return };
+    let s = Server::start(&model, &["--max-tokens-cap", "4000", "--queue", "1"]);
+    let id = json(&common::get(&s.url("/v1/models")).1)["data"][0]["id"].as_str().expect("id").to_string();
+    let body = format!(
+        r#"{{"model": "{id}", "messages": [{{"role": "user", "content": "Write a very long story about a dragon."}}], "max_tokens": 4000, "temperature": 0, "stream": true}}"#
+    );
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut conn = TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    write!(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .expect("send");
+    // Read until two content chunks have arrived, then hang up.
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    while seen.matches("\"content\"").count() < 3 && t0.elapsed() < Duration::from_secs(120) {
+        let n = conn.read(&mut buf).expect("read the stream");
+        assert!(n > 0, "the server closed the stream early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("chat.completion.chunk"), "{seen}");
+
+    // The engine is busy: one more request waits in the queue, the next is refused with 503.
+    let short = body.replace("\"stream\": true", "\"stream\": false").replace("4000", "4");
+    let chat = s.url("/v1/chat/completions");
+    let queued = std::thread::spawn({
+        let (chat, short) = (chat.clone(), short.clone());
+        move || post(&chat, &short, None)
+    });
+    let t0 = Instant::now();
+    while s.health()["waiting"].as_u64() != Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the second request never queued: {}", s.health());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, b) = post(&chat, &short, None);
+    assert_error(st, &b, 503, Some("server_busy"), "busy");
+    drop(conn);
+
+    let t0 = Instant::now();
+    while s.health()["cancelled"].as_u64() != Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no cancel recorded; log: {}", s.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.log_text().contains("cancelled a generation"), "{}", s.log_text());
+    // The engine is free again: the queued request and a new one complete promptly.
+    let t0 = Instant::now();
+    let (st, b) = queued.join().expect("queued request");
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = post(&chat, &short, None);
+    assert_eq!(st, 200, "{b}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "the follow-ups took {:?}", t0.elapsed());
+    assert_eq!(s.health()["completed"], 2);
+
+    // A plain (non-streaming) request is cancelled too when its client hangs up.
+    let plain = body.replace("\"stream\": true", "\"stream\": false");
+    let mut conn = TcpStream::connect(&addr).expect("connect");
+    write!(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{plain}", plain.len())
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(conn);
+    let t0 = Instant::now();
+    while s.health()["cancelled"].as_u64() != Some(2) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the plain request was not cancelled; log: {}", s.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
