@@ -7,14 +7,14 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ollm_engine::{generate, GenerateParams, SamplingParams, Session};
+use ollm_engine::{GenerateParams, SamplingParams, Session, generate};
 use ollm_models::CausalLm;
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use crate::reader::{id_key, read_requests, BatchRequest, Input, LineError};
-use crate::writer::JsonlLog;
 use crate::BatchError;
+use crate::reader::{BatchRequest, Input, LineError, id_key, read_requests};
+use crate::writer::JsonlLog;
 
 /// The model a batch runs on and its defaults.
 #[derive(Debug)]
@@ -81,7 +81,11 @@ pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_
         let key = id_key(&r.id).unwrap_or_default();
         if !seen.insert(key.clone()) {
             summary.duplicate_ids += 1;
-            let e = LineError { line: r.line, id: Some(r.id.clone()), message: format!("line {}: duplicate id {key}; skipped (ids must be unique)", r.line) };
+            let e = LineError {
+                line: r.line,
+                id: Some(r.id.clone()),
+                message: format!("line {}: duplicate id {key}; skipped (ids must be unique)", r.line),
+            };
             report(&mut errors, &e, on)?;
         } else if recovered.done.contains(&key) {
             summary.already_done += 1;
@@ -89,7 +93,11 @@ pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_
             pending.push((key, r));
         }
     }
-    on(Progress::Planned { pending: pending.len(), already_done: summary.already_done, torn_bytes: recovered.torn_bytes });
+    on(Progress::Planned {
+        pending: pending.len(),
+        already_done: summary.already_done,
+        torn_bytes: recovered.torn_bytes,
+    });
 
     let mut session = Session::new(m.model.clone()).map_err(|e| BatchError::Engine(e.to_string()))?;
     for (key, r) in &pending {
@@ -101,7 +109,8 @@ pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_
             }
             Err(message) => {
                 summary.failed += 1;
-                let e = LineError { line: r.line, id: Some(r.id.clone()), message: format!("line {}: {message}", r.line) };
+                let e =
+                    LineError { line: r.line, id: Some(r.id.clone()), message: format!("line {}: {message}", r.line) };
                 report(&mut errors, &e, on)?;
             }
         }
@@ -110,11 +119,17 @@ pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_
 }
 
 /// Generates one request; the result line and its completion-token count, or why it failed.
-fn run_one(m: &BatchModel, session: &mut Session, r: &BatchRequest, default_max: usize) -> Result<(Value, usize), String> {
+fn run_one(
+    m: &BatchModel,
+    session: &mut Session,
+    r: &BatchRequest,
+    default_max: usize,
+) -> Result<(Value, usize), String> {
     let prompt = match &r.input {
         Input::Prompt(p) => m.tokenizer.encode(p, true).map_err(|e| e.to_string())?,
         Input::Messages(msgs) => {
-            let template = m.template.as_ref().ok_or("the model has no chat template; give 'prompt' instead of 'messages'")?;
+            let template =
+                m.template.as_ref().ok_or("the model has no chat template; give 'prompt' instead of 'messages'")?;
             let rendered = template.render(msgs, true).map_err(|e| e.to_string())?;
             m.tokenizer.encode(&rendered, false).map_err(|e| e.to_string())?
         }
@@ -138,7 +153,8 @@ fn run_one(m: &BatchModel, session: &mut Session, r: &BatchRequest, default_max:
         stop: r.stop.clone(),
     };
     session.reset();
-    let g = generate(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(())).map_err(|e| e.to_string())?;
+    let g = generate(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))
+        .map_err(|e| e.to_string())?;
     let usage = json!({
         "prompt_tokens": g.stats.prompt_tokens,
         "completion_tokens": g.stats.generated_tokens,

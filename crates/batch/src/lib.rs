@@ -11,6 +11,6 @@ pub mod reader;
 pub mod writer;
 
 pub use error::BatchError;
-pub use job::{run_job, BatchModel, JobOptions, JobSummary, Progress};
-pub use reader::{read_requests, BatchRequest, Input, LineError};
+pub use job::{BatchModel, JobOptions, JobSummary, Progress, run_job};
+pub use reader::{BatchRequest, Input, LineError, read_requests};
 pub use writer::JsonlLog;

@@ -84,7 +84,8 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
         return Ok(None);
     }
     let err = |id: Option<Value>, message: String| LineError { line, id, message };
-    let value: Value = serde_json::from_str(text).map_err(|e| err(None, format!("line {line}: not valid JSON ({e}); each line must be one JSON object")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| err(None, format!("line {line}: not valid JSON ({e}); each line must be one JSON object")))?;
     let id = value.get("id").cloned();
     let raw: RawRequest = serde_json::from_value(value).map_err(|e| {
         err(id, format!("line {line}: {e} (expected {{\"id\": ..., \"prompt\": \"...\"}} or {{\"id\": ..., \"messages\": [...]}})"))
@@ -94,9 +95,15 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
     }
     let input = match (raw.prompt, raw.messages) {
         (Some(p), None) => Input::Prompt(p),
-        (None, Some(m)) if !m.is_empty() => Input::Messages(m.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect()),
-        (None, Some(_)) => return Err(err(Some(raw.id), format!("line {line}: 'messages' is empty; give at least one message"))),
-        (Some(_), Some(_)) => return Err(err(Some(raw.id), format!("line {line}: give either 'prompt' or 'messages', not both"))),
+        (None, Some(m)) if !m.is_empty() => {
+            Input::Messages(m.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect())
+        }
+        (None, Some(_)) => {
+            return Err(err(Some(raw.id), format!("line {line}: 'messages' is empty; give at least one message")));
+        }
+        (Some(_), Some(_)) => {
+            return Err(err(Some(raw.id), format!("line {line}: give either 'prompt' or 'messages', not both")));
+        }
         (None, None) => return Err(err(Some(raw.id), format!("line {line}: missing 'prompt' or 'messages'"))),
     };
     if raw.max_tokens == Some(0) {
@@ -144,7 +151,9 @@ mod tests {
         assert_eq!(r.line, 3);
         assert_eq!(id_key(&r.id).as_deref(), Some("7"));
         assert_eq!(r.stop, vec!["x".to_string()]);
-        let m = parse_line(1, r#"{"id": "a", "messages": [{"role": "user", "content": "hi"}]}"#).expect("ok").expect("some");
+        let m = parse_line(1, r#"{"id": "a", "messages": [{"role": "user", "content": "hi"}]}"#)
+            .expect("ok")
+            .expect("some");
         assert!(matches!(m.input, Input::Messages(ref v) if v.len() == 1));
         assert_eq!(parse_line(2, "   ").expect("blank"), None);
 

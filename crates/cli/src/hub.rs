@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
@@ -14,13 +14,16 @@ use crate::demo::cache_root;
 
 /// Files a model directory needs (besides the weights).
 const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
-const OPTIONAL: [&str; 4] = ["generation_config.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
+const OPTIONAL: [&str; 4] =
+    ["generation_config.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
 const SINGLE_WEIGHTS: &str = "model.safetensors";
 const SHARD_INDEX: &str = "model.safetensors.index.json";
 
 /// True for `ORG/NAME` that is not a path on disk.
 pub fn is_hub_id(spec: &str) -> bool {
-    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && s != "." && s != "..";
+    let ok = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && s != "." && s != ".."
+    };
     match spec.split_once('/') {
         Some((org, name)) => ok(org) && ok(name) && !Path::new(spec).exists(),
         None => false,
@@ -38,7 +41,8 @@ pub fn model_dir_for(repo_id: &str, revision: Option<&str>) -> anyhow::Result<Pa
 }
 
 fn is_complete(dir: &Path) -> bool {
-    REQUIRED.iter().all(|f| dir.join(f).exists()) && (dir.join(SINGLE_WEIGHTS).exists() || dir.join(SHARD_INDEX).exists())
+    REQUIRED.iter().all(|f| dir.join(f).exists())
+        && (dir.join(SINGLE_WEIGHTS).exists() || dir.join(SHARD_INDEX).exists())
 }
 
 /// The model's directory, pulled on first use.
@@ -70,13 +74,22 @@ pub fn pull(repo_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
     let has = |f: &str| listed.contains(&f);
     for f in REQUIRED {
         if !has(f) {
-            bail!("{repo_id} has no {f}: ollm needs a Hugging Face transformers model with {} and safetensors weights", REQUIRED.join(", "));
+            bail!(
+                "{repo_id} has no {f}: ollm needs a Hugging Face transformers model with {} and safetensors weights",
+                REQUIRED.join(", ")
+            );
         }
     }
-    let mut files: Vec<String> = REQUIRED.iter().chain(OPTIONAL.iter()).filter(|f| has(f)).map(|f| f.to_string()).collect();
+    let mut files: Vec<String> =
+        REQUIRED.iter().chain(OPTIONAL.iter()).filter(|f| has(f)).map(|f| f.to_string()).collect();
     let staging_root = dir.parent().context("the model directory has no parent")?;
-    std::fs::create_dir_all(staging_root).with_context(|| format!("cannot create {} (set OLLM_HOME to a writable directory)", staging_root.display()))?;
-    let staging = staging_root.join(format!(".{}.partial-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model"), std::process::id()));
+    std::fs::create_dir_all(staging_root)
+        .with_context(|| format!("cannot create {} (set OLLM_HOME to a writable directory)", staging_root.display()))?;
+    let staging = staging_root.join(format!(
+        ".{}.partial-{}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
+        std::process::id()
+    ));
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
     let result = (|| -> anyhow::Result<()> {
         if has(SINGLE_WEIGHTS) {
@@ -86,7 +99,9 @@ pub fn pull(repo_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
             files.push(SHARD_INDEX.into());
             files.extend(shards(&index)?);
         } else {
-            bail!("{repo_id} has no {SINGLE_WEIGHTS} or {SHARD_INDEX}: ollm loads safetensors weights only (for a GGUF use `ollm import-gguf`)");
+            bail!(
+                "{repo_id} has no {SINGLE_WEIGHTS} or {SHARD_INDEX}: ollm loads safetensors weights only (for a GGUF use `ollm import-gguf`)"
+            );
         }
         for f in &files {
             let cached = repo.get(f).with_context(|| format!("downloading {f} of {repo_id}"))?;
@@ -101,15 +116,20 @@ pub fn pull(repo_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot replace the incomplete {}", dir.display()))?;
     }
-    std::fs::rename(&staging, &dir).with_context(|| format!("cannot move {} to {}", staging.display(), dir.display()))?;
+    std::fs::rename(&staging, &dir)
+        .with_context(|| format!("cannot move {} to {}", staging.display(), dir.display()))?;
     Ok(dir)
 }
 
 /// The shard file names listed in a `model.safetensors.index.json`.
 fn shards(index: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{} has no weight_map", index.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no weight_map", index.display()))?;
     let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     names.sort();
     names.dedup();

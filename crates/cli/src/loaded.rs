@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use ollm_engine::GenerationConfig;
-use ollm_models::{load_model, CausalLm};
-use ollm_ops::cpu::CpuBackend;
+use ollm_models::{CausalLm, load_model};
 use ollm_ops::Backend;
+use ollm_ops::cpu::CpuBackend;
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
 
 use crate::commands::{DeviceArg, ModelArgs};

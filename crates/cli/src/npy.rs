@@ -7,7 +7,11 @@ use anyhow::Context;
 
 /// Writes `data` as a C-ordered little-endian float32 array of `shape`.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> anyhow::Result<()> {
-    anyhow::ensure!(shape.iter().product::<usize>() == data.len(), "npy: shape {shape:?} does not match {} values", data.len());
+    anyhow::ensure!(
+        shape.iter().product::<usize>() == data.len(),
+        "npy: shape {shape:?} does not match {} values",
+        data.len()
+    );
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_txt = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");

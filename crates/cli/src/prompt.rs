@@ -3,13 +3,15 @@
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 pub fn read_prompt(prompt: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
     let text = match (prompt, file) {
         (Some(_), Some(_)) => bail!("give either --prompt or --prompt-file, not both"),
         (Some(p), None) => p,
-        (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("cannot read --prompt-file {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read --prompt-file {}", f.display()))?
+        }
         (None, None) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {

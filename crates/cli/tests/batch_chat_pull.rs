@@ -45,7 +45,14 @@ fn batch_survives_kill_9_and_resumes_without_duplicates_or_losses() {
     lines.insert(12, r#"{"id": "bad", "prompt": "x", "max_token": 3}"#.into());
     std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
     let model = fixture("llama3_tied");
-    let args = ["batch", "--model", model.to_str().expect("utf8"), input.to_str().expect("utf8"), "--out", out.to_str().expect("utf8")];
+    let args = [
+        "batch",
+        "--model",
+        model.to_str().expect("utf8"),
+        input.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ];
 
     // First run: kill -9 once a few results have landed.
     let mut child = ollm().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn batch");
@@ -62,10 +69,19 @@ fn batch_survives_kill_9_and_resumes_without_duplicates_or_losses() {
     child.kill().expect("kill -9");
     child.wait().expect("reap");
     let first = lines_of(&out);
-    assert!(first.len() < total, "the run finished before the kill ({} results); make the requests longer", first.len());
+    assert!(
+        first.len() < total,
+        "the run finished before the kill ({} results); make the requests longer",
+        first.len()
+    );
 
     // Simulate a write torn by a crash: a partial line without its newline.
-    std::fs::OpenOptions::new().append(true).open(&out).expect("open").write_all(br#"{"id": "r39", "te"#).expect("tear");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&out)
+        .expect("open")
+        .write_all(br#"{"id": "r39", "te"#)
+        .expect("tear");
 
     let o = ollm().args(args).output().expect("re-run");
     assert!(o.status.success(), "{}", stderr(&o));
@@ -104,16 +120,27 @@ fn batch_survives_kill_9_and_resumes_without_duplicates_or_losses() {
 fn batch_results_match_a_single_uninterrupted_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("in.jsonl");
-    std::fs::write(&input, "{\"id\": 1, \"prompt\": \"Hello world\", \"max_tokens\": 12, \"temperature\": 0}\n").expect("write");
+    std::fs::write(&input, "{\"id\": 1, \"prompt\": \"Hello world\", \"max_tokens\": 12, \"temperature\": 0}\n")
+        .expect("write");
     let out = dir.path().join("o.jsonl");
     let model = fixture("llama3_tied");
     let o = ollm()
-        .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8"), "--out", out.to_str().expect("utf8")])
+        .args([
+            "batch",
+            "-m",
+            model.to_str().expect("utf8"),
+            input.to_str().expect("utf8"),
+            "--out",
+            out.to_str().expect("utf8"),
+        ])
         .output()
         .expect("batch");
     assert!(o.status.success(), "{}", stderr(&o));
     let r = &lines_of(&out)[0];
-    let run = ollm().args(["run", "-m", model.to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"]).output().expect("run");
+    let run = ollm()
+        .args(["run", "-m", model.to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"])
+        .output()
+        .expect("run");
     assert_eq!(r["id"], 1);
     assert_eq!(format!("{}\n", r["text"].as_str().expect("text")), String::from_utf8_lossy(&run.stdout));
     assert_eq!(r["usage"]["prompt_tokens"], 4);
@@ -141,7 +168,18 @@ fn chat_keeps_history_resets_and_exits() {
     // Each reply is printed then a newline. The first reply is what `ollm run --chat` gives for
     // the same message; after /reset the same question gets it again; /exit stops reading.
     let run = ollm()
-        .args(["run", "-m", model.to_str().expect("utf8"), "--chat", "-p", "Hello there!", "--temperature", "0", "-n", "10"])
+        .args([
+            "run",
+            "-m",
+            model.to_str().expect("utf8"),
+            "--chat",
+            "-p",
+            "Hello there!",
+            "--temperature",
+            "0",
+            "-n",
+            "10",
+        ])
         .output()
         .expect("run");
     let first = String::from_utf8_lossy(&run.stdout).into_owned();
@@ -172,13 +210,20 @@ fn pull_fails_fast_and_clearly_when_the_hub_is_unreachable() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].starts_with("error: cannot reach the Hugging Face hub at http://127.0.0.1:9 for SomeOrg/some-model"), "{err}");
+    assert!(
+        lines[0].starts_with("error: cannot reach the Hugging Face hub at http://127.0.0.1:9 for SomeOrg/some-model"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
     assert!(!home.path().join("models/SomeOrg--some-model").exists(), "no half-pulled model directory");
 
     let (o, took) = offline(&["run", "--model", "SomeOrg/some-model", "-p", "hi"]);
     assert!(!o.status.success() && took < Duration::from_secs(10), "{took:?}");
-    assert!(stderr(&o).lines().last().is_some_and(|l| l.starts_with("error: cannot reach the Hugging Face hub")), "{}", stderr(&o));
+    assert!(
+        stderr(&o).lines().last().is_some_and(|l| l.starts_with("error: cannot reach the Hugging Face hub")),
+        "{}",
+        stderr(&o)
+    );
 
     let (o, _) = offline(&["pull", "not-a-hub-id"]);
     assert!(stderr(&o).contains("not a hub id"), "{}", stderr(&o));

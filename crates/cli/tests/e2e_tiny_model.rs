@@ -43,7 +43,8 @@ fn assert_fails_with(o: &Output, needles: &[&str]) {
 }
 
 fn run_greedy(model: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["run", "--model", model.to_str().expect("utf8"), "--temperature", "0", "-n", "12", "--device", "cpu"];
+    let mut args =
+        vec!["run", "--model", model.to_str().expect("utf8"), "--temperature", "0", "-n", "12", "--device", "cpu"];
     args.extend_from_slice(extra);
     ollm(&args)
 }
@@ -65,7 +66,19 @@ fn run_streams_only_text_to_stdout_and_is_deterministic() {
 fn sampling_with_a_seed_is_reproducible_and_seeds_differ() {
     let m = fixture("headdim_untied");
     let go = |seed: &str| {
-        let o = ollm(&["run", "-m", m.to_str().expect("utf8"), "-p", "abc", "-n", "24", "--temperature", "1.5", "--seed", seed]);
+        let o = ollm(&[
+            "run",
+            "-m",
+            m.to_str().expect("utf8"),
+            "-p",
+            "abc",
+            "-n",
+            "24",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         o.stdout
     };
@@ -133,13 +146,24 @@ fn logits_command_writes_npy_matching_the_reference() {
     let tf = dir.path().join("ids.txt");
     std::fs::write(&tf, ids.join(", ")).expect("write");
     let out = dir.path().join("l.npy");
-    let o = ollm(&["logits", "-m", m.to_str().expect("utf8"), "--tokens-file", tf.to_str().expect("utf8"), "--out", out.to_str().expect("utf8"), "--device", "cpu"]);
+    let o = ollm(&[
+        "logits",
+        "-m",
+        m.to_str().expect("utf8"),
+        "--tokens-file",
+        tf.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&out).expect("npy");
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = String::from_utf8_lossy(&bytes[10..10 + hlen]);
     assert!(header.contains(&format!("'shape': ({}, 320)", ids.len())), "{header}");
-    let got: Vec<f32> = bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+    let got: Vec<f32> =
+        bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
     let cat = Catalog::open_files(&[m.join("reference.safetensors")]).expect("reference");
     let want = cat.read(cat.get("logits_f32").expect("logits")).expect("read").to_f32_vec().expect("f32");
     let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -152,7 +176,8 @@ fn perplexity_is_finite_and_bounded_by_vocab() {
     let dir = tempfile::tempdir().expect("tempdir");
     let f = dir.path().join("t.txt");
     std::fs::write(&f, "The quick brown fox jumps over the lazy dog. ".repeat(8)).expect("write");
-    let o = ollm(&["perplexity", "-m", m.to_str().expect("utf8"), "--file", f.to_str().expect("utf8"), "--context", "64"]);
+    let o =
+        ollm(&["perplexity", "-m", m.to_str().expect("utf8"), "--file", f.to_str().expect("utf8"), "--context", "64"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ppl: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().expect("a number on stdout");
     // A random model is near-uniform: perplexity is finite, above 1 and in the vocab's range.
@@ -163,7 +188,10 @@ fn perplexity_is_finite_and_bounded_by_vocab() {
 
 #[test]
 fn missing_model_directory() {
-    assert_fails_with(&run_greedy(Path::new("/nonexistent/model"), &["-p", "hi"]), &["/nonexistent/model", "does not exist"]);
+    assert_fails_with(
+        &run_greedy(Path::new("/nonexistent/model"), &["-p", "hi"]),
+        &["/nonexistent/model", "does not exist"],
+    );
 }
 
 #[test]
@@ -201,7 +229,8 @@ fn corrupt_safetensors_header() {
 fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let bytes = std::fs::read(path).expect("read");
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
-    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("json");
     edit(&mut header);
     let text = serde_json::to_vec(&header).expect("json");
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -287,10 +316,26 @@ fn bad_tokens_file_and_bad_sampling_values() {
     let tf = dir.path().join("ids.txt");
     std::fs::write(&tf, "1 2 banana").expect("write");
     let m = fixture("llama3_tied");
-    let o = ollm(&["logits", "-m", m.to_str().expect("utf8"), "--tokens-file", tf.to_str().expect("utf8"), "--out", "/tmp/x.npy"]);
+    let o = ollm(&[
+        "logits",
+        "-m",
+        m.to_str().expect("utf8"),
+        "--tokens-file",
+        tf.to_str().expect("utf8"),
+        "--out",
+        "/tmp/x.npy",
+    ]);
     assert_fails_with(&o, &["ids.txt", "entry 3", "banana"]);
     std::fs::write(&tf, "1 2 999").expect("write");
-    let o = ollm(&["logits", "-m", m.to_str().expect("utf8"), "--tokens-file", tf.to_str().expect("utf8"), "--out", "/tmp/x.npy"]);
+    let o = ollm(&[
+        "logits",
+        "-m",
+        m.to_str().expect("utf8"),
+        "--tokens-file",
+        tf.to_str().expect("utf8"),
+        "--out",
+        "/tmp/x.npy",
+    ]);
     assert_fails_with(&o, &["999", "vocabulary of 320"]);
     assert_fails_with(&run_greedy(&m, &["-p", "hi", "--top-p", "2"]), &["top_p"]);
 }

@@ -8,13 +8,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{fixture, json, post, Server};
+use common::{Server, fixture, json, post};
 use serde_json::Value;
 
 const MODEL: &str = "llama3_tied";
 
 fn chat_body(content: &str, extra: &str) -> String {
-    format!(r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": {}}}], "temperature": 0{extra}}}"#, Value::from(content))
+    format!(
+        r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": {}}}], "temperature": 0{extra}}}"#,
+        Value::from(content)
+    )
 }
 
 fn assert_error(status: u16, body: &str, want_status: u16, want_code: Option<&str>, needle: &str) {
@@ -35,7 +38,8 @@ fn models_health_chat_and_completions_have_openai_shapes() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
 
-    let (status, body) = post(&s.url("/v1/chat/completions"), &chat_body("  Hello there!  ", r#", "max_tokens": 8"#), None);
+    let (status, body) =
+        post(&s.url("/v1/chat/completions"), &chat_body("  Hello there!  ", r#", "max_tokens": 8"#), None);
     assert_eq!(status, 200, "{body}");
     let v = json(&body);
     assert_eq!(v["object"], "chat.completion");
@@ -48,14 +52,28 @@ fn models_health_chat_and_completions_have_openai_shapes() {
     assert_eq!(p.as_u64().expect("p") + c.as_u64().expect("c"), t.as_u64().expect("t"));
     assert!(["stop", "length"].contains(&v["choices"][0]["finish_reason"].as_str().expect("finish")), "{body}");
 
-    let (status, body) = post(&s.url("/v1/completions"), &format!(r#"{{"model": "{MODEL}", "prompt": "Hello world", "max_tokens": 12, "temperature": 0}}"#), None);
+    let (status, body) = post(
+        &s.url("/v1/completions"),
+        &format!(r#"{{"model": "{MODEL}", "prompt": "Hello world", "max_tokens": 12, "temperature": 0}}"#),
+        None,
+    );
     assert_eq!(status, 200, "{body}");
     let v = json(&body);
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["usage"]["prompt_tokens"], 4, "{body}");
     // The same prompt, greedy, as `ollm run` prints it.
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_ollm"))
-        .args(["run", "-m", fixture(MODEL).to_str().expect("utf8"), "-p", "Hello world", "-n", "12", "--temperature", "0"])
+        .args([
+            "run",
+            "-m",
+            fixture(MODEL).to_str().expect("utf8"),
+            "-p",
+            "Hello world",
+            "-n",
+            "12",
+            "--temperature",
+            "0",
+        ])
         .output()
         .expect("ollm run");
     assert_eq!(String::from_utf8_lossy(&run.stdout), format!("{}\n", v["choices"][0]["text"].as_str().expect("text")));
@@ -69,7 +87,10 @@ fn streaming_sends_openai_chunks_then_done_and_matches_the_plain_reply() {
     let plain = json(&plain);
     let (status, body) = post(
         &s.url("/v1/chat/completions"),
-        &chat_body("Tell me a story", r#", "max_tokens": 20, "stream": true, "stream_options": {"include_usage": true}"#),
+        &chat_body(
+            "Tell me a story",
+            r#", "max_tokens": 20, "stream": true, "stream_options": {"include_usage": true}"#,
+        ),
         None,
     );
     assert_eq!(status, 200, "{body}");
@@ -99,13 +120,17 @@ fn streaming_sends_openai_chunks_then_done_and_matches_the_plain_reply() {
 #[test]
 fn stop_strings_cut_the_reply() {
     let s = Server::start(&fixture(MODEL), &[]);
-    let body = |extra: &str| format!(r#"{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0{extra}}}"#);
+    let body = |extra: &str| {
+        format!(r#"{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0{extra}}}"#)
+    };
     let full = json(&post(&s.url("/v1/completions"), &body(""), None).1);
     let text = full["choices"][0]["text"].as_str().expect("text").to_string();
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() > 8, "{text:?}");
     let stop: String = chars[3..5].iter().collect();
-    let cut = json(&post(&s.url("/v1/completions"), &body(&format!(r#", "stop": [{}]"#, Value::from(stop.as_str()))), None).1);
+    let cut = json(
+        &post(&s.url("/v1/completions"), &body(&format!(r#", "stop": [{}]"#, Value::from(stop.as_str()))), None).1,
+    );
     assert_eq!(cut["choices"][0]["text"].as_str().expect("text"), &text[..text.find(&stop).expect("stop occurs")]);
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 }
@@ -115,7 +140,11 @@ fn concurrent_requests_all_complete_unmixed() {
     let s = Server::start(&fixture(MODEL), &[]);
     let prompts: Vec<String> = (0..10).map(|i| format!("Request number {i} says")).collect();
     let ask = |p: &str| {
-        let (status, body) = post(&s.url("/v1/completions"), &format!(r#"{{"model": "{MODEL}", "prompt": {}, "max_tokens": 24, "temperature": 0}}"#, Value::from(p)), None);
+        let (status, body) = post(
+            &s.url("/v1/completions"),
+            &format!(r#"{{"model": "{MODEL}", "prompt": {}, "max_tokens": 24, "temperature": 0}}"#, Value::from(p)),
+            None,
+        );
         assert_eq!(status, 200, "{body}");
         json(&body)["choices"][0]["text"].as_str().expect("text").to_string()
     };

@@ -6,14 +6,17 @@ mod common;
 
 use std::process::Command;
 
-use common::{fixture, Server};
+use common::{Server, fixture};
 
 #[test]
 fn the_openai_python_client_works_against_the_server() {
     match Command::new("python3").args(["-c", "import openai"]).output() {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            eprintln!("SKIPPED: the openai package is not installed (python3 -m pip install openai): {}", String::from_utf8_lossy(&o.stderr).trim());
+            eprintln!(
+                "SKIPPED: the openai package is not installed (python3 -m pip install openai): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             return;
         }
         Err(e) => {
@@ -21,7 +24,10 @@ fn the_openai_python_client_works_against_the_server() {
             return;
         }
     }
-    let s = Server::start(&fixture("llama3_tied"), &["--api-key", "test-key", "--max-body-bytes", "65536", "--max-tokens-cap", "128"]);
+    let s = Server::start(
+        &fixture("llama3_tied"),
+        &["--api-key", "test-key", "--max-body-bytes", "65536", "--max-tokens-cap", "128"],
+    );
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client_test.py");
     let o = Command::new("python3")
         .arg(&script)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use ollm_models::{load_model, LogitsWanted};
+use ollm_models::{LogitsWanted, load_model};
 use ollm_ops::cpu::CpuBackend;
 use ollm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
@@ -144,7 +144,18 @@ fn first_command_provisions_the_demo_and_answers() {
     let home = test_home();
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_ollm"))
-            .args(["run", "--model", "smollm2-135m", "--chat", "-p", "What is the capital of France?", "--temperature", "0", "-n", "24"])
+            .args([
+                "run",
+                "--model",
+                "smollm2-135m",
+                "--chat",
+                "-p",
+                "What is the capital of France?",
+                "--temperature",
+                "0",
+                "-n",
+                "24",
+            ])
             .env("OLLM_HOME", &home)
             .output()
             .expect("ollm runs")

@@ -73,8 +73,10 @@ mod tests {
 
     #[test]
     fn reads_eos_lists_and_sampling_defaults() {
-        let dir = dir_with(r#"{"eos_token_id": [128001, 128009], "bos_token_id": 128000, "do_sample": true,
-            "temperature": 0.6, "top_p": 0.9}"#);
+        let dir = dir_with(
+            r#"{"eos_token_id": [128001, 128009], "bos_token_id": 128000, "do_sample": true,
+            "temperature": 0.6, "top_p": 0.9}"#,
+        );
         let g = GenerationConfig::from_dir(&dir).expect("parses");
         assert_eq!(g.eos_token_ids, vec![128001, 128009]);
         assert_eq!(g.bos_token_id, Some(128000));

@@ -8,7 +8,9 @@ pub enum EngineError {
     #[error(transparent)]
     Tokenizer(#[from] ollm_tokenizer::TokenizerError),
 
-    #[error("the prompt has {prompt} tokens but the model's context is {context} (max_position_embeddings); shorten the prompt")]
+    #[error(
+        "the prompt has {prompt} tokens but the model's context is {context} (max_position_embeddings); shorten the prompt"
+    )]
     PromptTooLong { prompt: usize, context: usize },
 
     #[error("the prompt is empty: give some text with --prompt, --prompt-file or standard input")]

@@ -10,7 +10,7 @@ pub mod stop;
 
 pub use config::GenerationConfig;
 pub use error::{EngineError, Result};
-pub use generate::{generate, FinishReason, GenerateParams, Generation, GenerationStats, TokenEvent};
+pub use generate::{FinishReason, GenerateParams, Generation, GenerationStats, TokenEvent, generate};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;
 pub use stop::StopMatcher;

@@ -18,7 +18,9 @@ pub enum IoError {
     #[error("{path}: reading {len} bytes at offset {offset} failed: {source}")]
     Read { path: PathBuf, offset: u64, len: usize, source: io::Error },
 
-    #[error("{path}: needs bytes {offset}..{end} but the file has only {file_len} (truncated? re-download or re-convert it)")]
+    #[error(
+        "{path}: needs bytes {offset}..{end} but the file has only {file_len} (truncated? re-download or re-convert it)"
+    )]
     Truncated { path: PathBuf, offset: u64, end: u64, file_len: u64 },
 }
 
@@ -55,8 +57,12 @@ impl ReadFile {
         if end > self.len_bytes {
             return Err(IoError::Truncated { path: self.path.clone(), offset, end, file_len: self.len_bytes });
         }
-        self.pread(offset, buf)
-            .map_err(|source| IoError::Read { path: self.path.clone(), offset, len: buf.len(), source })
+        self.pread(offset, buf).map_err(|source| IoError::Read {
+            path: self.path.clone(),
+            offset,
+            len: buf.len(),
+            source,
+        })
     }
 
     /// Reads `len` bytes at `offset` into a new vector.

@@ -80,7 +80,10 @@ impl RawConfig {
     /// The architecture: `architectures[0]`, else `model_type`.
     pub fn architecture(&self) -> Result<String> {
         if let Some(a) = self.get("architectures").and_then(|v| v.as_array()).and_then(|a| a.first()) {
-            return a.as_str().map(str::to_string).ok_or_else(|| self.err("architectures", "expected a list of strings"));
+            return a
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.err("architectures", "expected a list of strings"));
         }
         match self.get("model_type").and_then(|v| v.as_str()) {
             Some(t) => Ok(t.to_string()),
@@ -93,7 +96,10 @@ impl RawConfig {
         match self.opt_usize("head_dim")? {
             Some(d) => Ok(d),
             None if n_heads > 0 && hidden.is_multiple_of(n_heads) => Ok(hidden / n_heads),
-            None => Err(self.err("head_dim", format!("missing, and hidden_size {hidden} is not divisible by {n_heads} heads"))),
+            None => {
+                Err(self
+                    .err("head_dim", format!("missing, and hidden_size {hidden} is not divisible by {n_heads} heads")))
+            }
         }
     }
 
@@ -113,7 +119,10 @@ impl RawConfig {
         let num = |key: &str| -> Result<Option<f64>> {
             match dict.and_then(|m| m.get(key)).filter(|v| !v.is_null()) {
                 None => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(&format!("{dict_key}.{key}"), format!("expected a number, found {v}"))),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| self.err(&format!("{dict_key}.{key}"), format!("expected a number, found {v}"))),
             }
         };
         let theta = match num("rope_theta")? {
@@ -125,9 +134,11 @@ impl RawConfig {
             .and_then(|v| v.as_str())
             .unwrap_or("default");
         let need = |key: &str| -> Result<f64> {
-            num(key)?.ok_or_else(|| self.err(&format!("{dict_key}.{key}"), format!("required for rope_type '{rope_type}'")))
+            num(key)?
+                .ok_or_else(|| self.err(&format!("{dict_key}.{key}"), format!("required for rope_type '{rope_type}'")))
         };
-        let original = || -> Result<f64> { Ok(num("original_max_position_embeddings")?.unwrap_or(max_positions as f64)) };
+        let original =
+            || -> Result<f64> { Ok(num("original_max_position_embeddings")?.unwrap_or(max_positions as f64)) };
         let scaling = match rope_type {
             "default" => RopeScaling::Default,
             "llama3" => RopeScaling::Llama3 {

@@ -16,7 +16,9 @@ pub enum ModelError {
     #[error(transparent)]
     Ops(#[from] ollm_ops::OpsError),
 
-    #[error("the sequence would need {needed} positions but the model's context is {max} (max_position_embeddings); shorten the prompt or lower --max-new-tokens")]
+    #[error(
+        "the sequence would need {needed} positions but the model's context is {max} (max_position_embeddings); shorten the prompt or lower --max-new-tokens"
+    )]
     ContextOverflow { needed: usize, max: usize },
 
     #[error("empty input: give at least one token")]

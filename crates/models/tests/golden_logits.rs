@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ollm_models::{load_model, CausalLm, LogitsWanted};
+use ollm_models::{CausalLm, LogitsWanted, load_model};
 use ollm_ops::cpu::CpuBackend;
 use ollm_weights::Catalog;
 
@@ -28,13 +28,19 @@ struct Reference {
 fn reference(case: &str) -> Reference {
     let dir = case_dir(case);
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
+            .expect("json");
     let ids = |key: &str| -> Vec<u32> {
         meta[key].as_array().expect(key).iter().map(|v| v.as_u64().expect("id") as u32).collect()
     };
     let cat = Catalog::open_files(&[dir.join("reference.safetensors")]).expect("reference.safetensors");
     let read = |name: &str| cat.read(cat.get(name).expect(name)).expect("read").to_f32_vec().expect("f32");
-    Reference { input_ids: ids("input_ids"), greedy_ids: ids("greedy_ids"), logits: read("logits_f32"), decode_last: read("decode_last_logits_f32") }
+    Reference {
+        input_ids: ids("input_ids"),
+        greedy_ids: ids("greedy_ids"),
+        logits: read("logits_f32"),
+        decode_last: read("decode_last_logits_f32"),
+    }
 }
 
 fn load(case: &str) -> Arc<dyn CausalLm> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use ollm_models::{load_model, LogitsWanted};
+use ollm_models::{LogitsWanted, load_model};
 use ollm_ops::cpu::CpuBackend;
 use ollm_weights::Catalog;
 

@@ -6,8 +6,8 @@
 
 use half::{bf16, f16};
 
-use crate::error::{OpsError, Result};
 use crate::DType;
+use crate::error::{OpsError, Result};
 
 /// Elements of a CPU tensor.
 #[derive(Debug)]
@@ -182,15 +182,15 @@ impl HostTensor {
         self.validate()?;
         let b = &self.bytes;
         Ok(match self.dtype {
-            DType::F32 => CpuStorage::F32(
-                b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            ),
-            DType::F16 => CpuStorage::F16(
-                b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
-            ),
-            DType::BF16 => CpuStorage::BF16(
-                b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
-            ),
+            DType::F32 => {
+                CpuStorage::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            DType::F16 => {
+                CpuStorage::F16(b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect())
+            }
+            DType::BF16 => {
+                CpuStorage::BF16(b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect())
+            }
         })
     }
 

@@ -6,8 +6,8 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use ollm_ops::cuda::{self, probe, CudaDevice};
-use ollm_ops::{cpu, NormKind};
+use ollm_ops::cuda::{self, CudaDevice, probe};
+use ollm_ops::{NormKind, cpu};
 
 /// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
 fn random(n: usize, scale: f32) -> Vec<f32> {
@@ -112,7 +112,9 @@ fn elementwise_ops_match_cpu() {
 #[test]
 fn rope_matches_cpu() {
     let Some(dev) = device() else { return };
-    for &(t, heads, d, r, pos0) in &[(5usize, 4usize, 64usize, 64usize, 0usize), (3, 2, 256, 64, 17), (1, 8, 128, 128, 99)] {
+    for &(t, heads, d, r, pos0) in
+        &[(5usize, 4usize, 64usize, 64usize, 0usize), (3, 2, 256, 64, 17), (1, 8, 128, 128, 99)]
+    {
         let positions = 128;
         let (cos, sin) = (random(positions * r / 2, 1.0), random(positions * r / 2, 1.0));
         let x = random(t * heads * d, 2.0);
@@ -152,7 +154,9 @@ fn attention_matches_cpu() {
             .expect("attention");
         let e = rel_err(&down(&dev, &out), &want);
         assert!(e < 1e-5, "attention t={t} d={d} pos0={pos0} window={window:?}: rel err {e:e}");
-        eprintln!("attention t={t} nh={nh} nkv={nkv} d={d} pos0={pos0} window={window:?} sinks={with_sinks}: rel err {e:.2e}");
+        eprintln!(
+            "attention t={t} nh={nh} nkv={nkv} d={d} pos0={pos0} window={window:?} sinks={with_sinks}: rel err {e:.2e}"
+        );
     }
 }
 

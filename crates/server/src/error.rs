@@ -3,9 +3,9 @@
 
 use std::net::SocketAddr;
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 
 /// Why the server could not start or stopped.
@@ -71,15 +71,21 @@ impl ApiError {
     }
 
     pub fn model_not_found(asked: &str, served: &str) -> Self {
-        Self::invalid(format!("The model '{asked}' does not exist; this server serves '{served}' (see GET /v1/models)"), Some("model"))
-            .with_status(StatusCode::NOT_FOUND)
-            .with_code("model_not_found")
+        Self::invalid(
+            format!("The model '{asked}' does not exist; this server serves '{served}' (see GET /v1/models)"),
+            Some("model"),
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("model_not_found")
     }
 
     pub fn unauthorized() -> Self {
-        Self::invalid("Incorrect or missing API key: send the header 'Authorization: Bearer <key>' with the server's --api-key", None)
-            .with_status(StatusCode::UNAUTHORIZED)
-            .with_code("invalid_api_key")
+        Self::invalid(
+            "Incorrect or missing API key: send the header 'Authorization: Bearer <key>' with the server's --api-key",
+            None,
+        )
+        .with_status(StatusCode::UNAUTHORIZED)
+        .with_code("invalid_api_key")
     }
 
     pub fn busy(waiting: usize) -> Self {
@@ -105,7 +111,12 @@ impl ApiError {
     /// The JSON body alone (also sent as an SSE event when a stream fails midway).
     pub fn body_json(&self) -> String {
         let body = ErrorBody {
-            error: ErrorFields { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+            error: ErrorFields {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
         };
         serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"error\":{\"message\":\"error\"}}"))
     }
@@ -114,7 +125,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: ErrorFields { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+            error: ErrorFields {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
         };
         (self.status, Json(body)).into_response()
     }

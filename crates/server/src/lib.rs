@@ -74,7 +74,8 @@ pub fn serve(model: ServedModel, config: ServerConfig) -> Result<(), ServerError
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
             .map_err(|e| ServerError::Bind { addr: config.addr, detail: e.to_string() })?;
-        let local = listener.local_addr().map_err(|e| ServerError::Bind { addr: config.addr, detail: e.to_string() })?;
+        let local =
+            listener.local_addr().map_err(|e| ServerError::Bind { addr: config.addr, detail: e.to_string() })?;
         let state = state::AppState::start(model, &config)?;
         let app = routes::router(state);
         eprintln!("[ollm] listening on http://{local}");

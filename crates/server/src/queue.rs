@@ -2,11 +2,11 @@
 //! time, first come first served, streaming each job's text back over its own channel.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use ollm_engine::{generate, FinishReason, GenerateParams, Session};
+use ollm_engine::{FinishReason, GenerateParams, Session, generate};
 use ollm_models::CausalLm;
 use ollm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -102,13 +102,20 @@ fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stat
         session.reset();
         let events = &job.events;
         let result = generate(&mut session, tokenizer, &job.prompt, &job.params, &mut |ev| {
-            let gone = if ev.text.is_empty() { events.is_closed() } else { events.send(JobEvent::Text(ev.text.to_string())).is_err() };
+            let gone = if ev.text.is_empty() {
+                events.is_closed()
+            } else {
+                events.send(JobEvent::Text(ev.text.to_string())).is_err()
+            };
             if gone { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         });
         match result {
             Ok(g) if g.finish == FinishReason::Cancelled => {
                 stats.cancelled.fetch_add(1, Ordering::SeqCst);
-                eprintln!("[ollm] cancelled a generation after {} tokens: the client disconnected", g.stats.generated_tokens);
+                eprintln!(
+                    "[ollm] cancelled a generation after {} tokens: the client disconnected",
+                    g.stats.generated_tokens
+                );
             }
             Ok(g) => {
                 stats.completed.fetch_add(1, Ordering::SeqCst);

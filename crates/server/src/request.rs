@@ -27,7 +27,10 @@ pub struct Prepared {
 /// the field at fault.
 pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, SamplingFields), ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::invalid(format!("The request body is not valid JSON: {e}; send a JSON object as in OpenAI's API reference"), None)
+        ApiError::invalid(
+            format!("The request body is not valid JSON: {e}; send a JSON object as in OpenAI's API reference"),
+            None,
+        )
     })?;
     if !value.is_object() {
         return Err(ApiError::invalid("The request body must be a JSON object", None));
@@ -48,11 +51,7 @@ fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
 }
 
 pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == &*state.model_id {
-        Ok(())
-    } else {
-        Err(ApiError::model_not_found(model, &state.model_id))
-    }
+    if model == &*state.model_id { Ok(()) } else { Err(ApiError::model_not_found(model, &state.model_id)) }
 }
 
 /// The chat prompt: messages rendered by the model's chat template, opening the assistant turn.
@@ -111,7 +110,10 @@ pub fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, A
         Value::String(s) => s.as_str(),
         Value::Array(list) if list.len() == 1 && list[0].is_string() => list[0].as_str().unwrap_or_default(),
         Value::Array(list) if list.len() > 1 => {
-            return Err(ApiError::invalid("'prompt' lists several prompts; send one prompt per request", Some("prompt")));
+            return Err(ApiError::invalid(
+                "'prompt' lists several prompts; send one prompt per request",
+                Some("prompt"),
+            ));
         }
         _ => return Err(ApiError::invalid("'prompt' must be a string", Some("prompt"))),
     };
@@ -155,7 +157,10 @@ pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields) -> Result<
         Some(0) => return Err(ApiError::invalid(format!("{max_name} must be at least 1"), Some(max_name))),
         Some(m) if m > cap as u64 => {
             return Err(ApiError::invalid(
-                format!("{max_name} = {m} is above this server's limit of {cap} (--max-tokens-cap; the context is {} tokens)", state.context_tokens),
+                format!(
+                    "{max_name} = {m} is above this server's limit of {cap} (--max-tokens-cap; the context is {} tokens)",
+                    state.context_tokens
+                ),
                 Some(max_name),
             ));
         }
@@ -181,7 +186,10 @@ pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields) -> Result<
 
     let stop = f.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stop.len() > MAX_STOPS {
-        return Err(ApiError::invalid(format!("'stop' has {} strings; give at most {MAX_STOPS}", stop.len()), Some("stop")));
+        return Err(ApiError::invalid(
+            format!("'stop' has {} strings; give at most {MAX_STOPS}", stop.len()),
+            Some("stop"),
+        ));
     }
     let include_usage = f.stream_options.is_some_and(|o| o.include_usage);
     Ok(Prepared {

@@ -6,23 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
 use crate::openai_types::{
-    now_secs, ChatChoice, ChatCompletion, ChatMessageOut, ChatRequest, CompletionRequest, ModelList, ModelObject, TextChoice,
-    TextCompletion, Usage,
+    ChatChoice, ChatCompletion, ChatMessageOut, ChatRequest, CompletionRequest, ModelList, ModelObject, TextChoice,
+    TextCompletion, Usage, now_secs,
 };
 use crate::queue::{Job, JobEvent, JobOutcome};
-use crate::request::{chat_prompt, check_model, completion_prompt, parse_body, prepare, Prepared};
-use crate::sse::{stream_response, ChunkKind, StreamMeta};
+use crate::request::{Prepared, chat_prompt, check_model, completion_prompt, parse_body, prepare};
+use crate::sse::{ChunkKind, StreamMeta, stream_response};
 use crate::state::AppState;
 
 /// An oversized body is still read (and dropped) up to this many times the limit, so the client
@@ -48,7 +48,11 @@ pub fn router(state: AppState) -> Router {
 /// With `--api-key`, every /v1 request needs `Authorization: Bearer <key>`.
 async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         if given.map(str::trim) != Some(&**key) {
             return ApiError::unauthorized().into_response();
         }
@@ -107,7 +111,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
     if total > limit {
         return Err(ApiError::invalid(
-            format!("The request body is too large: {}{total} bytes, the limit is {limit} (--max-body-bytes)", if total > limit.saturating_mul(DRAIN_FACTOR) { "over " } else { "" }),
+            format!(
+                "The request body is too large: {}{total} bytes, the limit is {limit} (--max-body-bytes)",
+                if total > limit.saturating_mul(DRAIN_FACTOR) { "over " } else { "" }
+            ),
             None,
         )
         .with_status(StatusCode::PAYLOAD_TOO_LARGE));
@@ -119,7 +126,13 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Result<Response, ApiError> {
     let (tx, mut rx) = unbounded_channel();
     s.queue.submit(Job { prompt: p.prompt, params: p.params, events: tx })?;
-    let meta = StreamMeta { kind, id: response_id(kind), created: now_secs(), model: model.to_string(), include_usage: p.include_usage };
+    let meta = StreamMeta {
+        kind,
+        id: response_id(kind),
+        created: now_secs(),
+        model: model.to_string(),
+        include_usage: p.include_usage,
+    };
     if p.stream {
         return Ok(stream_response(meta, rx).into_response());
     }

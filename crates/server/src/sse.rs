@@ -7,7 +7,7 @@ use std::convert::Infallible;
 
 use axum::response::sse::{Event, Sse};
 use serde::Serialize;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ApiError;
@@ -40,7 +40,11 @@ pub fn stream_response(meta: StreamMeta, job: UnboundedReceiver<JobEvent>) -> Ev
     Sse::new(UnboundedReceiverStream::new(rx))
 }
 
-async fn relay(meta: StreamMeta, mut job: UnboundedReceiver<JobEvent>, out: UnboundedSender<Result<Event, Infallible>>) {
+async fn relay(
+    meta: StreamMeta,
+    mut job: UnboundedReceiver<JobEvent>,
+    out: UnboundedSender<Result<Event, Infallible>>,
+) {
     if meta.kind == ChunkKind::Chat {
         let first = Delta { role: Some("assistant"), content: Some(String::new()) };
         if !send(&out, &chat_chunk(&meta, first, None, None)) {
@@ -61,7 +65,9 @@ async fn relay(meta: StreamMeta, mut job: UnboundedReceiver<JobEvent>, out: Unbo
         match event {
             JobEvent::Text(text) => {
                 let ok = match meta.kind {
-                    ChunkKind::Chat => send(&out, &chat_chunk(&meta, Delta { role: None, content: Some(text) }, None, None)),
+                    ChunkKind::Chat => {
+                        send(&out, &chat_chunk(&meta, Delta { role: None, content: Some(text) }, None, None))
+                    }
                     ChunkKind::Text => send(&out, &text_chunk(&meta, text, None, None)),
                 };
                 if !ok {
@@ -89,19 +95,33 @@ fn finish(meta: &StreamMeta, out: &UnboundedSender<Result<Event, Infallible>>, o
         ChunkKind::Chat => {
             send(out, &chat_chunk(meta, Delta::default(), reason, None));
             if meta.include_usage {
-                send(out, &ChatCompletionChunk { choices: Vec::new(), ..chat_chunk(meta, Delta::default(), None, Some(usage)) });
+                send(
+                    out,
+                    &ChatCompletionChunk {
+                        choices: Vec::new(),
+                        ..chat_chunk(meta, Delta::default(), None, Some(usage))
+                    },
+                );
             }
         }
         ChunkKind::Text => {
             send(out, &text_chunk(meta, String::new(), reason, None));
             if meta.include_usage {
-                send(out, &TextCompletion { choices: Vec::new(), ..text_chunk(meta, String::new(), None, Some(usage)) });
+                send(
+                    out,
+                    &TextCompletion { choices: Vec::new(), ..text_chunk(meta, String::new(), None, Some(usage)) },
+                );
             }
         }
     }
 }
 
-fn chat_chunk(meta: &StreamMeta, delta: Delta, finish_reason: Option<&'static str>, usage: Option<Usage>) -> ChatCompletionChunk {
+fn chat_chunk(
+    meta: &StreamMeta,
+    delta: Delta,
+    finish_reason: Option<&'static str>,
+    usage: Option<Usage>,
+) -> ChatCompletionChunk {
     ChatCompletionChunk {
         id: meta.id.clone(),
         object: "chat.completion.chunk",
@@ -112,7 +132,12 @@ fn chat_chunk(meta: &StreamMeta, delta: Delta, finish_reason: Option<&'static st
     }
 }
 
-fn text_chunk(meta: &StreamMeta, text: String, finish_reason: Option<&'static str>, usage: Option<Usage>) -> TextCompletion {
+fn text_chunk(
+    meta: &StreamMeta,
+    text: String,
+    finish_reason: Option<&'static str>,
+    usage: Option<Usage>,
+) -> TextCompletion {
     TextCompletion {
         id: meta.id.clone(),
         object: "text_completion",

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -66,9 +66,7 @@ impl ChatTemplate {
             match cfg.get("chat_template") {
                 Some(Value::String(s)) => (s.clone(), cfg_path.display().to_string()),
                 Some(Value::Array(list)) => {
-                    let named = |n: &str| {
-                        list.iter().find(|t| t.get("name").and_then(|v| v.as_str()) == Some(n))
-                    };
+                    let named = |n: &str| list.iter().find(|t| t.get("name").and_then(|v| v.as_str()) == Some(n));
                     match named("default").and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
                         Some(s) => (s.to_string(), format!("{} (default)", cfg_path.display())),
                         None => {
@@ -95,10 +93,8 @@ impl ChatTemplate {
             Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| TokenizerError::Template {
-            source_name: source_name.to_string(),
-            detail: e.to_string(),
-        })?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| TokenizerError::Template { source_name: source_name.to_string(), detail: e.to_string() })?;
         Ok(Self { env, source_name: source_name.to_string(), bos_token, eos_token })
     }
 
@@ -123,8 +119,20 @@ impl ChatTemplate {
 fn strftime_now(fmt: &str) -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let month = MONTHS[(m - 1) as usize];
     fmt.replace("%d", &format!("{d:02}"))
         .replace("%m", &format!("{m:02}"))

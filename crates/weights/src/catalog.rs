@@ -123,10 +123,10 @@ impl Catalog {
 
     /// The entry for `name`, checked against the shape the config implies.
     pub fn require(&self, name: &str, want: &[usize]) -> Result<&TensorEntry> {
-        let entry = self.entries.get(name).ok_or_else(|| WeightsError::Missing {
-            name: name.to_string(),
-            location: self.location(),
-        })?;
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing { name: name.to_string(), location: self.location() })?;
         if entry.shape != want {
             return Err(WeightsError::Shape {
                 path: self.path_of(entry).to_path_buf(),

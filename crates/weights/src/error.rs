@@ -19,10 +19,14 @@ pub enum WeightsError {
     #[error("tensor '{name}' is missing from {location} (is this the right checkpoint for the config?)")]
     Missing { name: String, location: String },
 
-    #[error("{path}: tensor '{name}' has shape {got:?}, but the config implies {want:?} (config.json and weights disagree)")]
+    #[error(
+        "{path}: tensor '{name}' has shape {got:?}, but the config implies {want:?} (config.json and weights disagree)"
+    )]
     Shape { path: PathBuf, name: String, got: Vec<usize>, want: Vec<usize> },
 
-    #[error("{dir}: no model.safetensors or model.safetensors.index.json found (is this a Hugging Face model directory?)")]
+    #[error(
+        "{dir}: no model.safetensors or model.safetensors.index.json found (is this a Hugging Face model directory?)"
+    )]
     NoWeights { dir: PathBuf },
 
     #[error("{path}: {detail}")]

@@ -53,14 +53,25 @@ fn converter_permute(hf: &[f32], row_len: usize, n_heads: usize) -> Vec<f32> {
 }
 
 fn strs(items: &[&str]) -> MetaValue {
-    MetaValue::Array { elem_type: ValueType::String, items: items.iter().map(|s| MetaValue::String(s.to_string())).collect() }
+    MetaValue::Array {
+        elem_type: ValueType::String,
+        items: items.iter().map(|s| MetaValue::String(s.to_string())).collect(),
+    }
 }
 
 /// The tiny llama GGUF; callers may add tensors (rope_freqs, odd types) before writing it.
 fn tiny_llama(arch: &str, rope_theta: f32) -> GgufWriter {
     let mut w = GgufWriter::new();
     let tokens = ["<s>", "</s>", "a", "b", "c", "d", "e", "f", "g", "h", "Ġ", "ab", "Ġa", "1", "2", "<user>"];
-    let types: Vec<MetaValue> = (0..V).map(|i| MetaValue::I32(match i { 0 | 1 => 3, 15 => 4, _ => 1 })).collect();
+    let types: Vec<MetaValue> = (0..V)
+        .map(|i| {
+            MetaValue::I32(match i {
+                0 | 1 => 3,
+                15 => 4,
+                _ => 1,
+            })
+        })
+        .collect();
     w.kv("general.architecture", MetaValue::String(arch.into()))
         .kv("llama.context_length", MetaValue::U32(256))
         .kv("llama.embedding_length", MetaValue::U32(H as u32))
@@ -158,7 +169,10 @@ fn tiny_gguf_imports() {
     assert_eq!(tok["model"]["vocab"]["Ġa"], json!(12));
     assert_eq!(tok["added_tokens"].as_array().map(Vec::len), Some(3));
     let tok_cfg = read_json(&out.join("tokenizer_config.json"));
-    assert_eq!((tok_cfg["chat_template"].clone(), tok_cfg["bos_token"].clone()), (json!("{{ messages }}"), json!("<s>")));
+    assert_eq!(
+        (tok_cfg["chat_template"].clone(), tok_cfg["bos_token"].clone()),
+        (json!("{{ messages }}"), json!("<s>"))
+    );
     assert_eq!(read_json(&out.join("generation_config.json")), json!({"bos_token_id": 0, "eos_token_id": 1}));
 
     let cat = Catalog::open_dir(&out).expect("safetensors");
@@ -166,7 +180,9 @@ fn tiny_gguf_imports() {
     assert!(cat.get("lm_head.weight").is_none());
     assert_eq!(cat.get("model.layers.0.mlp.down_proj.weight").expect("down").shape, vec![H, I]);
     // q and k rows come back in HF order: row r holds the value r everywhere.
-    for (name, n_rows) in [("model.layers.0.self_attn.q_proj.weight", NH * D), ("model.layers.0.self_attn.k_proj.weight", NKV * D)] {
+    for (name, n_rows) in
+        [("model.layers.0.self_attn.q_proj.weight", NH * D), ("model.layers.0.self_attn.k_proj.weight", NKV * D)]
+    {
         assert_eq!(tensor_f32(&cat, name), row_index_matrix(n_rows, H), "{name}");
     }
     assert_eq!(tensor_f32(&cat, "model.layers.0.self_attn.v_proj.weight"), row_index_matrix(NKV * D, H));
@@ -176,14 +192,23 @@ fn tiny_gguf_imports() {
     let norm = tensor_f32(&cat, "model.norm.weight");
     assert_eq!((norm[0], norm[63]), (1.0, bf16::from_f32(1.0 + 63.0 / 128.0).to_f32()));
     // Staging directories are gone.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]
 fn rope_freqs_become_llama3_scaling() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let want = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+    let want = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
     let rho: Vec<f32> = llama3_ratios(500000.0, D, &want).iter().map(|&r| r as f32).collect();
     let mut w = tiny_llama("llama", 500000.0);
     w.tensor("rope_freqs.weight", &[(D / 2) as u64], GgmlType::F32, f32_bytes(&rho));
@@ -231,7 +256,12 @@ fn bad_inputs_fail_before_writing() {
         (
             {
                 let mut w = tiny_llama("llama", 10000.0);
-                w.tensor("output.weight", &[H as u64, (V + 1) as u64], GgmlType::F32, f32_bytes(&vec![0.0; H * (V + 1)]));
+                w.tensor(
+                    "output.weight",
+                    &[H as u64, (V + 1) as u64],
+                    GgmlType::F32,
+                    f32_bytes(&vec![0.0; H * (V + 1)]),
+                );
                 w
             },
             "shape [17, 64]",
@@ -256,7 +286,11 @@ const SMOLLM2_VALUES: &[(&str, usize, &[f32])] = &[
     ("model.embed_tokens.weight", 49151 * 576 + 573, &[0.12890625, -0.1201171875, -0.041748046875]),
     ("model.embed_tokens.weight", 1234 * 576 + 100, &[-0.50390625, -0.015869140625, 0.1865234375]),
     ("model.layers.0.self_attn.q_proj.weight", 576, &[-0.1591796875, 0.3984375, -0.0198974609375, -1.2734375]),
-    ("model.layers.0.self_attn.q_proj.weight", 33 * 576 + 570, &[-0.0264892578125, 0.030517578125, -0.08349609375, 0.14453125, -0.08349609375, 0.030517578125]),
+    (
+        "model.layers.0.self_attn.q_proj.weight",
+        33 * 576 + 570,
+        &[-0.0264892578125, 0.030517578125, -0.08349609375, 0.14453125, -0.08349609375, 0.030517578125],
+    ),
     ("model.layers.29.self_attn.k_proj.weight", 5 * 576, &[0.0322265625, -0.2431640625, 0.0322265625, -0.029052734375]),
     ("model.layers.29.self_attn.k_proj.weight", 100 * 576 + 10, &[-0.07666015625, 0.059814453125, 0.0142822265625]),
     ("model.layers.7.mlp.down_proj.weight", 100 * 1536 + 200, &[0.06689453125, 0.009765625, -0.04736328125]),

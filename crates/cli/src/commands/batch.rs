@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_batch::{run_job, BatchModel, JobOptions, Progress};
+use ollm_batch::{BatchModel, JobOptions, Progress, run_job};
 
 use super::ModelArgs;
 use crate::loaded::{load, load_text};
@@ -45,7 +45,12 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         tokenizer: text.tokenizer,
         template: text.template,
     };
-    let opts = JobOptions { input: a.input.clone(), output: a.out.clone(), errors: errors.clone(), default_max_tokens: a.max_tokens };
+    let opts = JobOptions {
+        input: a.input.clone(),
+        output: a.out.clone(),
+        errors: errors.clone(),
+        default_max_tokens: a.max_tokens,
+    };
 
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -79,7 +84,11 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         summary.invalid_lines,
         summary.duplicate_ids,
         a.out.display(),
-        if summary.failed + summary.invalid_lines + summary.duplicate_ids > 0 { format!(", errors in {}", errors.display()) } else { String::new() }
+        if summary.failed + summary.invalid_lines + summary.duplicate_ids > 0 {
+            format!(", errors in {}", errors.display())
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -8,8 +8,8 @@
 use std::time::Instant;
 
 use clap::Args;
-use ollm_engine::sampling::argmax;
 use ollm_engine::Session;
+use ollm_engine::sampling::argmax;
 use rayon::prelude::*;
 
 use super::ModelArgs;
@@ -92,13 +92,27 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mean_ctx = a.prompt_tokens + 1 + a.tokens * a.repeats / 2;
     let bytes = info.weight_bytes_per_token + info.kv_bytes_per_position * mean_ctx as u64;
     let bound = bandwidth / bytes as f64;
-    println!("model           {} ({} layers, {} weights)", loaded.dir.display(), info.n_layers, human_bytes(info.weight_bytes));
+    println!(
+        "model           {} ({} layers, {} weights)",
+        loaded.dir.display(),
+        info.n_layers,
+        human_bytes(info.weight_bytes)
+    );
     println!("device          {}", loaded.model_backend_name);
     println!("threads         {}", rayon::current_num_threads());
     println!("memory read bw  {:.2} GB/s (measured, best of 5 over {} MiB)", bandwidth / 1e9, a.bandwidth_mib);
-    println!("bytes/token     {} (weights {} + KV at context {mean_ctx})", human_bytes(bytes), human_bytes(info.weight_bytes_per_token));
+    println!(
+        "bytes/token     {} (weights {} + KV at context {mean_ctx})",
+        human_bytes(bytes),
+        human_bytes(info.weight_bytes_per_token)
+    );
     let all: Vec<String> = windows.iter().map(|w| format!("{w:.1}")).collect();
-    println!("decode          {tok_s:.2} tok/s (best of {} windows of {} tokens: {})", a.repeats, a.tokens, all.join(", "));
+    println!(
+        "decode          {tok_s:.2} tok/s (best of {} windows of {} tokens: {})",
+        a.repeats,
+        a.tokens,
+        all.join(", ")
+    );
     println!("bound           {bound:.2} tok/s (bandwidth / bytes per token)");
     println!("ratio           {:.1}% of the bound", 100.0 * tok_s / bound);
     Ok(())

@@ -5,9 +5,9 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{generate, EngineError, GenerateParams, Session};
+use ollm_engine::{EngineError, GenerateParams, Session, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
@@ -50,7 +50,12 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         sampling.top_p = p;
     }
     sampling.validate()?;
-    let mut params = GenerateParams { max_new_tokens: a.max_new_tokens, sampling, eos_token_ids: loaded.eos_ids(&text), stop: Vec::new() };
+    let mut params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        eos_token_ids: loaded.eos_ids(&text),
+        stop: Vec::new(),
+    };
 
     let interactive = std::io::stdin().is_terminal();
     if interactive {
@@ -95,7 +100,9 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
             Ok(g) => history.push(ChatMessage::new("assistant", g.text.trim())),
             Err(EngineError::PromptTooLong { prompt, context }) => {
                 history.pop();
-                eprintln!("[ollm] the conversation is {prompt} tokens, more than the model's context of {context}; type /reset to start over");
+                eprintln!(
+                    "[ollm] the conversation is {prompt} tokens, more than the model's context of {context}; type /reset to start over"
+                );
             }
             Err(e) => return Err(e.into()),
         }

@@ -29,7 +29,8 @@ pub fn run(a: ImportGgufArgs) -> anyhow::Result<()> {
 pub fn import_with_progress(gguf: &Path, out: &Path) -> anyhow::Result<()> {
     let bar = ProgressBar::new(0).with_message("importing");
     bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     import_gguf(gguf, out, &mut |done, total| {
         bar.set_length(total);

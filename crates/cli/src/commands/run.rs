@@ -4,9 +4,9 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{generate, GenerateParams, Session};
+use ollm_engine::{GenerateParams, Session, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
@@ -111,15 +111,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     })?;
     if let Some(e) = write_err
-        && e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("writing to standard output");
-        }
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e).context("writing to standard output");
+    }
     writeln!(out).ok();
     drop(out);
 
     let s = &generation.stats;
     let peak = peak_rss_bytes().map_or_else(|| "n/a".into(), human_bytes);
-    let seed = if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
+    let seed =
+        if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
     eprintln!(
         "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}",
         s.prompt_tokens,

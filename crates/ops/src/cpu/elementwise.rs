@@ -11,7 +11,9 @@ pub fn embedding(table: &CpuStorage, hidden: usize, ids: &[u32], out: &mut [f32]
         match table {
             CpuStorage::F32(v) => row.copy_from_slice(&v[start..start + hidden]),
             CpuStorage::F16(v) => row.iter_mut().zip(&v[start..start + hidden]).for_each(|(o, x)| *o = f16::to_f32(*x)),
-            CpuStorage::BF16(v) => row.iter_mut().zip(&v[start..start + hidden]).for_each(|(o, x)| *o = bf16::to_f32(*x)),
+            CpuStorage::BF16(v) => {
+                row.iter_mut().zip(&v[start..start + hidden]).for_each(|(o, x)| *o = bf16::to_f32(*x))
+            }
         }
     }
 }

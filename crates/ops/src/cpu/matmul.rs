@@ -249,7 +249,11 @@ mod tests {
                 let mut got = vec![f32::NAN; t * n];
                 matmul(&x, t, k, &storage, n, None, &mut got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "t={t} k={k} n={n} {:?} [{i}]: {g} vs {w}", storage.dtype());
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "t={t} k={k} n={n} {:?} [{i}]: {g} vs {w}",
+                        storage.dtype()
+                    );
                 }
             }
         }

@@ -10,7 +10,7 @@ mod matmul;
 mod norm;
 mod rope;
 
-pub use attention::{attention, Geometry as AttnGeometry};
+pub use attention::{Geometry as AttnGeometry, attention};
 pub use elementwise::{embedding, silu_mul};
 pub use matmul::matmul;
 pub use norm::rms_norm;
@@ -21,7 +21,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
-use crate::error::{shape_err, Result};
+use crate::error::{Result, shape_err};
 use crate::{CpuStorage, HostTensor, Storage, Tensor};
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
@@ -74,7 +74,10 @@ impl Backend for CpuBackend {
             return shape_err("embedding", format!("table {:?}, out {:?}", table.shape(), out.shape()));
         };
         if hidden != h2 || t != ids.len() {
-            return shape_err("embedding", format!("table {:?}, out {:?}, {} ids", table.shape(), out.shape(), ids.len()));
+            return shape_err(
+                "embedding",
+                format!("table {:?}, out {:?}, {} ids", table.shape(), out.shape(), ids.len()),
+            );
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return shape_err("embedding", format!("token id {bad} is outside the vocabulary of {vocab}"));
@@ -123,7 +126,10 @@ impl Backend for CpuBackend {
             return shape_err("rope", format!("rotary dims {r}, head dim {d}, table {:?}", table.cos.shape()));
         }
         if pos0 + t > table.max_positions() {
-            return shape_err("rope", format!("positions up to {} exceed the table's {}", pos0 + t, table.max_positions()));
+            return shape_err(
+                "rope",
+                format!("positions up to {} exceed the table's {}", pos0 + t, table.max_positions()),
+            );
         }
         let (cos, sin) = (table.cos.cpu_f32("rope")?, table.sin.cpu_f32("rope")?);
         rope(x.cpu_f32_mut("rope")?, heads, d, r, cos, sin, pos0);
@@ -135,7 +141,10 @@ impl Backend for CpuBackend {
             return shape_err("write_kv", format!("cache {:?}, new {:?}", cache.shape(), new.shape()));
         };
         if n_kv != n_kv2 || d != d2 || pos0 + t > cap {
-            return shape_err("write_kv", format!("cache {:?}, new {:?} at position {pos0}", cache.shape(), new.shape()));
+            return shape_err(
+                "write_kv",
+                format!("cache {:?}, new {:?} at position {pos0}", cache.shape(), new.shape()),
+            );
         }
         let src = new.cpu_f32("write_kv")?;
         let dst = cache.cpu_f32_mut("write_kv")?;
@@ -170,7 +179,9 @@ impl Backend for CpuBackend {
             return shape_err("attention", format!("{} positions exceed the cache capacity {cap}", pos0 + t));
         }
         let sinks = match params.sinks {
-            Some(s) if s.numel() != n_heads => return shape_err("attention", format!("sinks {:?} for {n_heads} heads", s.shape())),
+            Some(s) if s.numel() != n_heads => {
+                return shape_err("attention", format!("sinks {:?} for {n_heads} heads", s.shape()));
+            }
             Some(s) => Some(storage_to_f32(s.cpu("attention")?)),
             None => None,
         };
@@ -190,7 +201,10 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         if gate.shape() != up.shape() || out.shape() != gate.shape() {
-            return shape_err("silu_mul", format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape()));
+            return shape_err(
+                "silu_mul",
+                format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape()),
+            );
         }
         elementwise::silu_mul(gate.cpu_f32("silu_mul")?, up.cpu_f32("silu_mul")?, out.cpu_f32_mut("silu_mul")?);
         Ok(())

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{driver_err, shape, CudaDevice};
+use super::{CudaDevice, driver_err, shape};
 use crate::Result;
 
 const SOURCE: &str = include_str!("../../kernels/attention.cu");
@@ -45,7 +45,10 @@ pub fn attention(
         || g.pos0 + t > g.cap
         || sinks.is_some_and(|s| s.len() != g.n_heads);
     if bad {
-        return Err(shape("cuda attention", format!("q {}, k {}, v {}, out {}, {g:?}", q.len(), k.len(), v.len(), out.len())));
+        return Err(shape(
+            "cuda attention",
+            format!("q {}, k {}, v {}, out {}, {g:?}", q.len(), k.len(), v.len(), out.len()),
+        ));
     }
     let func = dev.function("attention", SOURCE, "attention_f32")?;
     let ints = [g.n_heads as i32, g.n_kv as i32, g.d as i32, g.cap as i32, g.pos0 as i32];

@@ -4,7 +4,7 @@
 //! first, and context creation runs under `catch_unwind` as a last guard.
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
@@ -76,8 +76,14 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
         ));
     }
     let ctx = catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal)))
-        .map_err(|_| unavailable("the CUDA driver could not be initialised (library load failed); run with --device cpu"))?
-        .map_err(|e| unavailable(format!("cannot open CUDA device {ordinal}: {e} (check nvidia-smi; --device cpu runs without a GPU)")))?;
+        .map_err(|_| {
+            unavailable("the CUDA driver could not be initialised (library load failed); run with --device cpu")
+        })?
+        .map_err(|e| {
+            unavailable(format!(
+                "cannot open CUDA device {ordinal}: {e} (check nvidia-smi; --device cpu runs without a GPU)"
+            ))
+        })?;
     let err = |what: &str, e: cudarc::driver::DriverError| unavailable(format!("CUDA device {ordinal}: {what}: {e}"));
     let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| err("memory info", e))?;
     let info = DeviceInfo {

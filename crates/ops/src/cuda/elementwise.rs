@@ -3,16 +3,25 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{driver_err, grid_stride, shape, CudaDevice};
+use super::{CudaDevice, driver_err, grid_stride, shape};
 use crate::Result;
 
 const SOURCE: &str = include_str!("../../kernels/elementwise.cu");
 
 /// `out[t, :] = table[ids[t], :]`; table `[V, hidden]` bf16, ids on the device (checked < V by
 /// the caller), out `[T, hidden]`.
-pub fn embedding(dev: &CudaDevice, table: &CudaSlice<bf16>, ids: &CudaSlice<u32>, hidden: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+pub fn embedding(
+    dev: &CudaDevice,
+    table: &CudaSlice<bf16>,
+    ids: &CudaSlice<u32>,
+    hidden: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
     if hidden == 0 || table.len() % hidden != 0 || out.len() != ids.len() * hidden {
-        return Err(shape("cuda embedding", format!("table {}, {} ids, hidden {hidden}, out {}", table.len(), ids.len(), out.len())));
+        return Err(shape(
+            "cuda embedding",
+            format!("table {}, {} ids, hidden {hidden}, out {}", table.len(), ids.len(), out.len()),
+        ));
     }
     let func = dev.function("elementwise", SOURCE, "embedding_bf16")?;
     let hidden_i32 = hidden as i32;
@@ -62,7 +71,13 @@ pub struct KvGeometry {
 }
 
 /// Writes `src` `[T, n_kv, d]` into `cache` `[n_kv, cap, d]` at positions `pos0..pos0+T`.
-pub fn write_kv(dev: &CudaDevice, cache: &mut CudaSlice<f32>, src: &CudaSlice<f32>, g: KvGeometry, pos0: usize) -> Result<()> {
+pub fn write_kv(
+    dev: &CudaDevice,
+    cache: &mut CudaSlice<f32>,
+    src: &CudaSlice<f32>,
+    g: KvGeometry,
+    pos0: usize,
+) -> Result<()> {
     let row = g.n_kv * g.d;
     if row == 0 || src.len() % row != 0 || cache.len() != g.n_kv * g.cap * g.d || pos0 + src.len() / row > g.cap {
         return Err(shape("cuda write_kv", format!("cache {} ({g:?}), src {}, pos0 {pos0}", cache.len(), src.len())));

@@ -15,7 +15,7 @@ pub mod rope;
 
 use cudarc::driver::LaunchConfig;
 
-pub use device::{probe, CudaDevice, DeviceInfo};
+pub use device::{CudaDevice, DeviceInfo, probe};
 pub use nvrtc_cache::KernelCache;
 
 use crate::OpsError;

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::{OpsError, Result};
 

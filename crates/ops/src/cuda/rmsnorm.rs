@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{driver_err, shape, CudaDevice};
+use super::{CudaDevice, driver_err, shape};
 use crate::{NormKind, Result};
 
 const SOURCE: &str = include_str!("../../kernels/rmsnorm.cu");
@@ -19,7 +19,10 @@ pub fn rms_norm(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     if n == 0 || x.len() % n != 0 || out.len() != x.len() || w.len() != n {
-        return Err(shape("cuda rms_norm", format!("x {} elements, w {}, out {}, row length {n}", x.len(), w.len(), out.len())));
+        return Err(shape(
+            "cuda rms_norm",
+            format!("x {} elements, w {}, out {}, row length {n}", x.len(), w.len(), out.len()),
+        ));
     }
     let rows = (x.len() / n) as u32;
     let func = dev.function("rmsnorm", SOURCE, "rmsnorm_f32_bf16w")?;

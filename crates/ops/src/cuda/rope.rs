@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{driver_err, grid_stride, shape, CudaDevice};
+use super::{CudaDevice, driver_err, grid_stride, shape};
 use crate::Result;
 
 const SOURCE: &str = include_str!("../../kernels/rope.cu");
@@ -23,8 +23,17 @@ pub fn rope(
     let per_token = heads * d;
     let t = if per_token == 0 { 0 } else { x.len() / per_token };
     let half = r / 2;
-    if per_token == 0 || x.len() != t * per_token || r > d || r % 2 != 0 || cos.len() != sin.len() || (pos0 + t) * half > cos.len() {
-        return Err(shape("cuda rope", format!("x {}, heads {heads}, d {d}, r {r}, table {}, pos0 {pos0}", x.len(), cos.len())));
+    if per_token == 0
+        || x.len() != t * per_token
+        || r > d
+        || r % 2 != 0
+        || cos.len() != sin.len()
+        || (pos0 + t) * half > cos.len()
+    {
+        return Err(shape(
+            "cuda rope",
+            format!("x {}, heads {heads}, d {d}, r {r}, table {}, pos0 {pos0}", x.len(), cos.len()),
+        ));
     }
     let func = dev.function("rope", SOURCE, "rope_f32")?;
     let (ti, hi, di, ri, pi) = (t as i32, heads as i32, d as i32, r as i32, pos0 as i32);

@@ -46,13 +46,19 @@ fn dtype_of(path: &Path, name: &str, dtype: Dtype) -> Result<DType> {
 pub fn read_header(file: &ReadFile) -> Result<Vec<HeaderEntry>> {
     let path = file.path();
     if file.len_bytes() < 8 {
-        return Err(header_err(path, format!("file has {} bytes, fewer than the 8-byte header length", file.len_bytes())));
+        return Err(header_err(
+            path,
+            format!("file has {} bytes, fewer than the 8-byte header length", file.len_bytes()),
+        ));
     }
     let mut len_buf = [0u8; 8];
     file.read_exact_at(0, &mut len_buf)?;
     let n = u64::from_le_bytes(len_buf);
     if n > MAX_HEADER_BYTES || 8 + n > file.len_bytes() {
-        return Err(header_err(path, format!("header length {n} does not fit in a file of {} bytes", file.len_bytes())));
+        return Err(header_err(
+            path,
+            format!("header length {n} does not fit in a file of {} bytes", file.len_bytes()),
+        ));
     }
     let json = file.read_vec_at(8, n as usize)?;
     let data_start = 8 + n;
@@ -77,7 +83,9 @@ pub fn read_header(file: &ReadFile) -> Result<Vec<HeaderEntry>> {
         if end > data_len {
             return Err(header_err(
                 path,
-                format!("tensor '{name}' ends at byte {end} of a data section of only {data_len} bytes (truncated file?)"),
+                format!(
+                    "tensor '{name}' ends at byte {end} of a data section of only {data_len} bytes (truncated file?)"
+                ),
             ));
         }
         entries.push(HeaderEntry {
@@ -117,7 +125,9 @@ fn diagnose(json: &[u8], data_len: u64) -> Option<String> {
             return Some(format!("tensor '{name}': offsets {start}..{end} do not hold shape {shape:?} ({want} bytes)"));
         }
         if end > data_len {
-            return Some(format!("tensor '{name}' ends at byte {end} of a data section of only {data_len} bytes (truncated file?)"));
+            return Some(format!(
+                "tensor '{name}' ends at byte {end} of a data section of only {data_len} bytes (truncated file?)"
+            ));
         }
         spans.push((start, end, name.clone()));
     }
@@ -125,7 +135,9 @@ fn diagnose(json: &[u8], data_len: u64) -> Option<String> {
     let mut expect = 0;
     for (start, end, name) in spans {
         if start != expect {
-            return Some(format!("tensor '{name}' starts at byte {start}, expected {expect} (gap or overlap in the header)"));
+            return Some(format!(
+                "tensor '{name}' starts at byte {start}, expected {expect} (gap or overlap in the header)"
+            ));
         }
         expect = end;
     }

@@ -46,12 +46,17 @@ impl SafetensorsWriter {
             let end = offset + t.len_bytes();
             let entry = json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]});
             if header.insert(t.name.clone(), entry).is_some() || t.name == "__metadata__" {
-                return Err(WeightsError::Format { path: path.to_path_buf(), detail: format!("tensor name '{}' is planned twice", t.name) });
+                return Err(WeightsError::Format {
+                    path: path.to_path_buf(),
+                    detail: format!("tensor name '{}' is planned twice", t.name),
+                });
             }
             offset = end;
         }
-        let mut json = serde_json::to_vec(&Value::Object(header))
-            .map_err(|e| WeightsError::Format { path: path.to_path_buf(), detail: format!("header does not serialise: {e}") })?;
+        let mut json = serde_json::to_vec(&Value::Object(header)).map_err(|e| WeightsError::Format {
+            path: path.to_path_buf(),
+            detail: format!("header does not serialise: {e}"),
+        })?;
         json.resize(json.len().next_multiple_of(8), b' ');
 
         let err = |source| WeightsError::Write { path: path.to_path_buf(), source };
@@ -80,7 +85,10 @@ impl SafetensorsWriter {
         if self.written_data_bytes != self.total_data_bytes {
             return Err(WeightsError::Format {
                 path: self.path.clone(),
-                detail: format!("only {} of {} planned data bytes were written", self.written_data_bytes, self.total_data_bytes),
+                detail: format!(
+                    "only {} of {} planned data bytes were written",
+                    self.written_data_bytes, self.total_data_bytes
+                ),
             });
         }
         let path = self.path.clone();

@@ -37,12 +37,16 @@ impl LlamaDims {
         let n_heads = meta.count(&k("attention.head_count"))?;
         let n_kv_heads = meta.opt_count(&k("attention.head_count_kv"))?.unwrap_or(n_heads);
         if n_heads % n_kv_heads != 0 {
-            return Err(meta.err(&k("attention.head_count_kv"), format!("{n_kv_heads} does not divide head_count {n_heads}")));
+            return Err(
+                meta.err(&k("attention.head_count_kv"), format!("{n_kv_heads} does not divide head_count {n_heads}"))
+            );
         }
         let head_dim = head_dim(meta, hidden_size, n_heads)?;
         let vocab_size = meta.opt_count(&k("vocab_size"))?.unwrap_or(n_tokens);
         if n_tokens > vocab_size {
-            return Err(meta.err(&k("vocab_size"), format!("{vocab_size} is smaller than the tokenizer's {n_tokens} tokens")));
+            return Err(
+                meta.err(&k("vocab_size"), format!("{vocab_size} is smaller than the tokenizer's {n_tokens} tokens"))
+            );
         }
         Ok(Self {
             hidden_size,
@@ -86,17 +90,23 @@ fn head_dim(meta: &Metadata, hidden_size: usize, n_heads: usize) -> Result<usize
         (Some(k), Some(r)) if k != r => {
             return Err(meta.err(
                 "llama.rope.dimension_count",
-                format!("{r} differs from attention.key_length {k}; partial rotary embeddings are not llama (unsupported)"),
+                format!(
+                    "{r} differs from attention.key_length {k}; partial rotary embeddings are not llama (unsupported)"
+                ),
             ));
         }
         (Some(d), _) | (None, Some(d)) => d,
         (None, None) if hidden_size.is_multiple_of(n_heads) => hidden_size / n_heads,
         (None, None) => {
-            return Err(meta.err("llama.attention.head_count", format!("{n_heads} does not divide embedding_length {hidden_size}")));
+            return Err(meta.err(
+                "llama.attention.head_count",
+                format!("{n_heads} does not divide embedding_length {hidden_size}"),
+            ));
         }
     };
     if let Some(v) = meta.opt_count("llama.attention.value_length")?.filter(|&v| v != head_dim) {
-        return Err(meta.err("llama.attention.value_length", format!("{v} differs from the head size {head_dim} (unsupported)")));
+        return Err(meta
+            .err("llama.attention.value_length", format!("{v} differs from the head size {head_dim} (unsupported)")));
     }
     if head_dim % 2 != 0 {
         return Err(meta.err("llama.rope.dimension_count", format!("head size {head_dim} is odd; RoPE needs pairs")));
@@ -202,7 +212,13 @@ mod tests {
         assert_eq!((d.head_dim, d.vocab_size, d.rope_theta, d.rms_norm_eps), (32, 128, 500000.0, 1e-5));
         assert_eq!(d.expected_shape("self_attn.k_proj", false), Some(vec![64, 64]));
         let special = SpecialIds { bos: Some(1), eos: Some(2), ..Default::default() };
-        let x = ConfigExtras { special: &special, tie_word_embeddings: true, attention_bias: false, mlp_bias: false, rope_scaling: None };
+        let x = ConfigExtras {
+            special: &special,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+        };
         let c = config_json(&d, &x);
         assert_eq!(c["head_dim"], json!(32));
         assert_eq!(c["rms_norm_eps"], json!(1e-5));
@@ -215,12 +231,18 @@ mod tests {
     fn inconsistent_metadata_is_rejected() {
         let bad_kv = meta(&[("llama.attention.head_count_kv", MetaValue::U32(3))]);
         assert!(LlamaDims::from_metadata(&bad_kv, 10).expect_err("gqa").to_string().contains("does not divide"));
-        let partial = meta(&[("llama.attention.key_length", MetaValue::U32(16)), ("llama.rope.dimension_count", MetaValue::U32(8))]);
+        let partial = meta(&[
+            ("llama.attention.key_length", MetaValue::U32(16)),
+            ("llama.rope.dimension_count", MetaValue::U32(8)),
+        ]);
         assert!(LlamaDims::from_metadata(&partial, 10).expect_err("partial").to_string().contains("partial rotary"));
         let small_vocab = meta(&[("llama.vocab_size", MetaValue::U32(5))]);
         assert!(LlamaDims::from_metadata(&small_vocab, 10).is_err());
         let mut no_ctx = meta(&[]);
-        no_ctx = Metadata::new(Path::new("c.gguf"), no_ctx.iter().filter(|(k, _)| *k != "llama.context_length").map(|(k, v)| (k.clone(), v.clone())).collect());
+        no_ctx = Metadata::new(
+            Path::new("c.gguf"),
+            no_ctx.iter().filter(|(k, _)| *k != "llama.context_length").map(|(k, v)| (k.clone(), v.clone())).collect(),
+        );
         assert!(LlamaDims::from_metadata(&no_ctx, 10).expect_err("ctx").to_string().contains("context_length"));
     }
 }

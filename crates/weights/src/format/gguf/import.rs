@@ -93,7 +93,9 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, progress: &mut dyn FnMut(u64, u6
     write_json(&staging.path.join("tokenizer_config.json"), &tok.tokenizer_config_json)?;
     let weights_path = staging.path.join("model.safetensors");
     let source_bytes = write_weights(&file, &plan, &weights_path, progress)?;
-    let safetensors_bytes = std::fs::metadata(&weights_path).map_err(|source| WeightsError::Write { path: weights_path.clone(), source })?.len();
+    let safetensors_bytes = std::fs::metadata(&weights_path)
+        .map_err(|source| WeightsError::Write { path: weights_path.clone(), source })?
+        .len();
     staging.commit(out_dir)?;
 
     let mut ggml_type_counts = BTreeMap::new();
@@ -121,18 +123,35 @@ fn plan_tensors<'a>(file: &'a GgufFile, dims: &LlamaDims) -> Result<Vec<PlanItem
             continue;
         }
         let target = hf_target(&t.name).ok_or_else(|| {
-            format_err(path, format!("tensor '{}' has no place in a Hugging Face llama model (a llama variant ollm does not import?)", t.name))
+            format_err(
+                path,
+                format!(
+                    "tensor '{}' has no place in a Hugging Face llama model (a llama variant ollm does not import?)",
+                    t.name
+                ),
+            )
         })?;
         if let Some(l) = target.layer.filter(|&l| l >= dims.n_layers) {
-            return Err(format_err(path, format!("tensor '{}' is for layer {l}, but llama.block_count is {}", t.name, dims.n_layers)));
+            return Err(format_err(
+                path,
+                format!("tensor '{}' is for layer {l}, but llama.block_count is {}", t.name, dims.n_layers),
+            ));
         }
         if !quant::is_supported(t.ggml_type) {
-            return Err(format_err(path, format!("tensor '{}': {}", t.name, quant::QuantError::Unsupported(t.ggml_type))));
+            return Err(format_err(
+                path,
+                format!("tensor '{}': {}", t.name, quant::QuantError::Unsupported(t.ggml_type)),
+            ));
         }
         let (module, is_bias) = hf_module(&target.name);
         let want = dims.expected_shape(module, is_bias);
         if want.as_deref() != Some(t.shape().as_slice()) {
-            return Err(WeightsError::Shape { path: path.to_path_buf(), name: t.name.clone(), got: t.shape(), want: want.unwrap_or_default() });
+            return Err(WeightsError::Shape {
+                path: path.to_path_buf(),
+                name: t.name.clone(),
+                got: t.shape(),
+                want: want.unwrap_or_default(),
+            });
         }
         let unpermute_heads = match target.permute {
             Permute::None => None,
@@ -145,8 +164,17 @@ fn plan_tensors<'a>(file: &'a GgufFile, dims: &LlamaDims) -> Result<Vec<PlanItem
     plan.sort_by(|a, b| a.out.name.cmp(&b.out.name));
     let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
     for l in 0..dims.n_layers {
-        for m in ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+        for m in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
             required.push(format!("model.layers.{l}.{m}.weight"));
         }
     }
@@ -173,13 +201,19 @@ fn hf_module(hf_name: &str) -> (&str, bool) {
 fn rope_scaling(file: &GgufFile, dims: &LlamaDims) -> Result<Option<Llama3Scaling>> {
     let Some(t) = file.tensor("rope_freqs.weight") else { return Ok(None) };
     let rho = file.read_f32(t)?;
-    let original = file.metadata().opt_u64("llama.rope.scaling.original_context_length")?.unwrap_or(LLAMA3_ORIGINAL_CONTEXT);
+    let original =
+        file.metadata().opt_u64("llama.rope.scaling.original_context_length")?.unwrap_or(LLAMA3_ORIGINAL_CONTEXT);
     fit_llama3(&rho, dims.rope_theta, dims.head_dim, original)
         .map_err(|detail| format_err(file.path(), format!("tensor 'rope_freqs.weight' {detail}")))
 }
 
 /// Converts every planned tensor to bf16 into `path`, chunk by chunk. Returns GGUF bytes read.
-fn write_weights(file: &GgufFile, plan: &[PlanItem<'_>], path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+fn write_weights(
+    file: &GgufFile,
+    plan: &[PlanItem<'_>],
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
     let planned: Vec<PlannedTensor> = plan.iter().map(|p| p.out.clone()).collect();
     let mut writer = SafetensorsWriter::create(path, &planned)?;
     let total: u64 = plan.iter().map(|p| p.src.len_bytes).sum();
@@ -194,7 +228,10 @@ fn write_weights(file: &GgufFile, plan: &[PlanItem<'_>], path: &Path, progress: 
             Some(n_heads) => {
                 let raw = file.read_rows(t, 0, n_rows)?;
                 let moved = unpermute_rows(&raw, row_bytes as usize, n_heads).ok_or_else(|| {
-                    format_err(file.path(), format!("tensor '{}': {n_rows} rows do not split into {n_heads} heads of even size", t.name))
+                    format_err(
+                        file.path(),
+                        format!("tensor '{}': {n_rows} rows do not split into {n_heads} heads of even size", t.name),
+                    )
                 })?;
                 Some(moved)
             }
@@ -246,7 +283,10 @@ fn check_out_dir(out_dir: &Path) -> Result<()> {
     }
     let empty = std::fs::read_dir(out_dir).map(|mut d| d.next().is_none()).unwrap_or(false);
     if !out_dir.is_dir() || !empty {
-        return Err(format_err(out_dir, "already exists and is not an empty directory; remove it or choose another output directory"));
+        return Err(format_err(
+            out_dir,
+            "already exists and is not an empty directory; remove it or choose another output directory",
+        ));
     }
     Ok(())
 }
@@ -275,9 +315,11 @@ impl Staging {
     fn commit(mut self, out_dir: &Path) -> Result<()> {
         check_out_dir(out_dir)?;
         if out_dir.exists() {
-            std::fs::remove_dir(out_dir).map_err(|source| WeightsError::Write { path: out_dir.to_path_buf(), source })?;
+            std::fs::remove_dir(out_dir)
+                .map_err(|source| WeightsError::Write { path: out_dir.to_path_buf(), source })?;
         }
-        std::fs::rename(&self.path, out_dir).map_err(|source| WeightsError::Write { path: out_dir.to_path_buf(), source })?;
+        std::fs::rename(&self.path, out_dir)
+            .map_err(|source| WeightsError::Write { path: out_dir.to_path_buf(), source })?;
         self.committed = true;
         Ok(())
     }

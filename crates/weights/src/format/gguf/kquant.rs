@@ -277,7 +277,11 @@ mod tests {
         let mut sc = [0u8; 12];
         for s in 0..16usize {
             let stored = (s as u8 + 24) & 63; // (s − 8) + 32
-            if s < 8 { sc[s] |= stored & 0x0F } else { sc[s - 8] |= (stored & 0x0F) << 4 }
+            if s < 8 {
+                sc[s] |= stored & 0x0F
+            } else {
+                sc[s - 8] |= (stored & 0x0F) << 4
+            }
             sc[8 + s % 4] |= (stored >> 4) << (2 * (s / 4));
         }
         let b = [hmask.as_slice(), &qs, &sc, &h(0.25)].concat();

@@ -87,13 +87,26 @@ mod tests {
     #[test]
     fn maps_llama_names() {
         let t = hf_target("blk.12.attn_q.weight").expect("q");
-        assert_eq!((t.name.as_str(), t.layer, t.permute), ("model.layers.12.self_attn.q_proj.weight", Some(12), Permute::Query));
+        assert_eq!(
+            (t.name.as_str(), t.layer, t.permute),
+            ("model.layers.12.self_attn.q_proj.weight", Some(12), Permute::Query)
+        );
         assert_eq!(hf_target("blk.0.attn_k.bias").expect("k bias").permute, Permute::Key);
-        assert_eq!(hf_target("blk.3.ffn_norm.weight").expect("norm").name, "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(
+            hf_target("blk.3.ffn_norm.weight").expect("norm").name,
+            "model.layers.3.post_attention_layernorm.weight"
+        );
         assert_eq!(hf_target("blk.3.ffn_down.weight").expect("down").name, "model.layers.3.mlp.down_proj.weight");
         assert_eq!(hf_target("output.weight").expect("head").name, "lm_head.weight");
         assert_eq!(hf_target("token_embd.weight").expect("embd").name, "model.embed_tokens.weight");
-        for bad in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.01.attn_q.weight", "blk.1.attn_qkv.weight", "blk.1.attn_norm.bias", "blk.1.attn_q.scale"] {
+        for bad in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.01.attn_q.weight",
+            "blk.1.attn_qkv.weight",
+            "blk.1.attn_norm.bias",
+            "blk.1.attn_q.scale",
+        ] {
             assert_eq!(hf_target(bad), None, "{bad}");
         }
     }

@@ -305,7 +305,8 @@ mod tests {
                 assert!((a - b).abs() <= d * 1.01, "{a} vs {b} (d {d})");
             }
             // The extreme value itself is exact up to f16 rounding of d.
-            let (i, _) = blk_x.iter().enumerate().fold((0, 0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
+            let (i, _) =
+                blk_x.iter().enumerate().fold((0, 0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
             assert!((blk_x[i] - blk_y[i]).abs() <= amax * 1e-3);
         }
     }

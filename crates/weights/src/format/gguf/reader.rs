@@ -157,7 +157,10 @@ impl GgufFile {
     /// Reads the raw (still quantised) bytes of rows `first_row..first_row + n_rows`.
     pub fn read_rows(&self, t: &TensorInfo, first_row: u64, n_rows: u64) -> Result<Vec<u8>> {
         let end_row = first_row.checked_add(n_rows).filter(|&e| e <= t.n_rows()).ok_or_else(|| {
-            format_err(self.path(), format!("tensor '{}': rows {first_row}..+{n_rows} are past its {} rows", t.name, t.n_rows()))
+            format_err(
+                self.path(),
+                format!("tensor '{}': rows {first_row}..+{n_rows} are past its {} rows", t.name, t.n_rows()),
+            )
         })?;
         let row_bytes = t.row_bytes();
         let len = usize::try_from((end_row - first_row) * row_bytes)
@@ -185,14 +188,25 @@ fn read_preamble(cur: &mut Cursor<'_>) -> Result<(u32, u64, u64)> {
     let path = cur.file.path();
     let magic = cur.take(4, "the magic")?;
     if magic != GGUF_MAGIC {
-        return Err(format_err(path, format!("does not start with the GGUF magic \"GGUF\" (found {magic:02x?}); is this a GGUF file?")));
+        return Err(format_err(
+            path,
+            format!("does not start with the GGUF magic \"GGUF\" (found {magic:02x?}); is this a GGUF file?"),
+        ));
     }
     let version = cur.u32("the version")?;
     match version {
         2 | 3 => {}
-        1 => return Err(format_err(path, "GGUF version 1 (2023, 32-bit counts) is not supported; re-convert the model with a current llama.cpp")),
+        1 => {
+            return Err(format_err(
+                path,
+                "GGUF version 1 (2023, 32-bit counts) is not supported; re-convert the model with a current llama.cpp",
+            ));
+        }
         v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
-            return Err(format_err(path, "is a big-endian GGUF file, which ollm does not read; use the little-endian file"));
+            return Err(format_err(
+                path,
+                "is a big-endian GGUF file, which ollm does not read; use the little-endian file",
+            ));
         }
         v => return Err(format_err(path, format!("GGUF version {v} is not supported (ollm reads versions 2 and 3)"))),
     }
@@ -200,7 +214,10 @@ fn read_preamble(cur: &mut Cursor<'_>) -> Result<(u32, u64, u64)> {
     let n_kv = cur.u64("the metadata count")?;
     // Each tensor info takes at least 8 (name len) + 4 + 8 + 4 + 8 bytes; each pair at least 8 + 4 + 1.
     if n_tensors > MAX_TENSORS || n_tensors.saturating_mul(32) > cur.remaining() {
-        return Err(format_err(path, format!("tensor count {n_tensors} is impossible for this file (corrupt header?)")));
+        return Err(format_err(
+            path,
+            format!("tensor count {n_tensors} is impossible for this file (corrupt header?)"),
+        ));
     }
     if n_kv > MAX_KV_PAIRS || n_kv.saturating_mul(13) > cur.remaining() {
         return Err(format_err(path, format!("metadata count {n_kv} is impossible for this file (corrupt header?)")));
@@ -232,7 +249,10 @@ fn read_tensor_info(cur: &mut Cursor<'_>, index: u64, alignment_bytes: u64) -> R
     let type_id = cur.u32(&what)?;
     let rel_offset = cur.u64(&what)?;
     let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-        format_err(&path, format!("{what} has ggml type id {type_id}, which ollm does not know (written by a newer llama.cpp?)"))
+        format_err(
+            &path,
+            format!("{what} has ggml type id {type_id}, which ollm does not know (written by a newer llama.cpp?)"),
+        )
     })?;
     if dims.contains(&0) {
         return Err(format_err(&path, format!("{what} has an empty dimension {dims:?}")));
@@ -240,7 +260,12 @@ fn read_tensor_info(cur: &mut Cursor<'_>, index: u64, alignment_bytes: u64) -> R
     if dims[0] % ggml_type.block_elems() != 0 {
         return Err(format_err(
             &path,
-            format!("{what}: rows of {} weights are not whole {} blocks of {}", dims[0], ggml_type.name(), ggml_type.block_elems()),
+            format!(
+                "{what}: rows of {} weights are not whole {} blocks of {}",
+                dims[0],
+                ggml_type.name(),
+                ggml_type.block_elems()
+            ),
         ));
     }
     let n_elems = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
@@ -248,7 +273,10 @@ fn read_tensor_info(cur: &mut Cursor<'_>, index: u64, alignment_bytes: u64) -> R
         format_err(&path, format!("{what}: dims {dims:?} of {} overflow (corrupt file?)", ggml_type.name()))
     })?;
     if rel_offset % alignment_bytes != 0 {
-        return Err(format_err(&path, format!("{what}: offset {rel_offset} is not a multiple of the alignment {alignment_bytes}")));
+        return Err(format_err(
+            &path,
+            format!("{what}: offset {rel_offset} is not a multiple of the alignment {alignment_bytes}"),
+        ));
     }
     // offset_bytes is relative until place_tensors adds the data start.
     Ok(TensorInfo { name, dims, ggml_type, offset_bytes: rel_offset, len_bytes })
@@ -267,7 +295,10 @@ fn place_tensors(path: &Path, tensors: &mut [TensorInfo], data_start: u64, file_
                     path,
                     format!(
                         "tensor '{}' ({} {:?}) needs bytes up to {} past the data start {data_start}, but the file has only {file_len} bytes (truncated download? re-download it)",
-                        t.name, t.ggml_type.name(), t.dims, t.offset_bytes.saturating_add(t.len_bytes)
+                        t.name,
+                        t.ggml_type.name(),
+                        t.dims,
+                        t.offset_bytes.saturating_add(t.len_bytes)
                     ),
                 ));
             }
@@ -277,7 +308,10 @@ fn place_tensors(path: &Path, tensors: &mut [TensorInfo], data_start: u64, file_
     by_offset.sort_by_key(|t| t.offset_bytes);
     for pair in by_offset.windows(2) {
         if pair[0].offset_bytes + pair[0].len_bytes > pair[1].offset_bytes {
-            return Err(format_err(path, format!("tensors '{}' and '{}' overlap (corrupt file)", pair[0].name, pair[1].name)));
+            return Err(format_err(
+                path,
+                format!("tensors '{}' and '{}' overlap (corrupt file)", pair[0].name, pair[1].name),
+            ));
         }
     }
     Ok(())
@@ -308,7 +342,11 @@ impl<'a> Cursor<'a> {
         if n > self.remaining() {
             return Err(format_err(
                 self.file.path(),
-                format!("the file ends at byte {} while reading {what} ({n} bytes at byte {}; truncated file?)", self.file.len_bytes(), self.pos),
+                format!(
+                    "the file ends at byte {} while reading {what} ({n} bytes at byte {}; truncated file?)",
+                    self.file.len_bytes(),
+                    self.pos
+                ),
             ));
         }
         let end = self.pos + n;
@@ -340,16 +378,24 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, max_bytes: u64, what: &str) -> Result<String> {
         let len = self.u64(what)?;
         if len > max_bytes {
-            return Err(format_err(self.file.path(), format!("{what}: string length {len} exceeds the limit of {max_bytes} bytes (corrupt file?)")));
+            return Err(format_err(
+                self.file.path(),
+                format!("{what}: string length {len} exceeds the limit of {max_bytes} bytes (corrupt file?)"),
+            ));
         }
         let bytes = self.take(len, what)?.to_vec();
-        String::from_utf8(bytes).map_err(|e| format_err(self.file.path(), format!("{what}: string is not valid UTF-8 ({e})")))
+        String::from_utf8(bytes)
+            .map_err(|e| format_err(self.file.path(), format!("{what}: string is not valid UTF-8 ({e})")))
     }
 
     fn value_type(&mut self, what: &str) -> Result<ValueType> {
         let id = self.u32(what)?;
-        ValueType::from_id(id)
-            .ok_or_else(|| format_err(self.file.path(), format!("{what}: unknown value type {id} (GGUF defines 0 to 12; corrupt file?)")))
+        ValueType::from_id(id).ok_or_else(|| {
+            format_err(
+                self.file.path(),
+                format!("{what}: unknown value type {id} (GGUF defines 0 to 12; corrupt file?)"),
+            )
+        })
     }
 
     fn value(&mut self, vtype: ValueType, depth: u32, what: &str) -> Result<MetaValue> {
@@ -367,7 +413,12 @@ impl<'a> Cursor<'a> {
             ValueType::Bool => match self.array::<1>(what)?[0] {
                 0 => MetaValue::Bool(false),
                 1 => MetaValue::Bool(true),
-                b => return Err(format_err(self.file.path(), format!("{what}: bool byte is {b}, not 0 or 1 (corrupt file?)"))),
+                b => {
+                    return Err(format_err(
+                        self.file.path(),
+                        format!("{what}: bool byte is {b}, not 0 or 1 (corrupt file?)"),
+                    ));
+                }
             },
             ValueType::String => MetaValue::String(self.string(MAX_STRING_BYTES, what)?),
             ValueType::Array => self.array_value(depth, what)?,
@@ -376,14 +427,20 @@ impl<'a> Cursor<'a> {
 
     fn array_value(&mut self, depth: u32, what: &str) -> Result<MetaValue> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(format_err(self.file.path(), format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH} (corrupt file?)")));
+            return Err(format_err(
+                self.file.path(),
+                format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH} (corrupt file?)"),
+            ));
         }
         let elem_type = self.value_type(what)?;
         let count = self.u64(what)?;
         if count > MAX_ARRAY_ITEMS || count.saturating_mul(elem_type.min_size_bytes()) > self.remaining() {
             return Err(format_err(
                 self.file.path(),
-                format!("{what}: array of {count} {elem_type:?} cannot fit in the {} bytes left (corrupt file?)", self.remaining()),
+                format!(
+                    "{what}: array of {count} {elem_type:?} cannot fit in the {} bytes left (corrupt file?)",
+                    self.remaining()
+                ),
             ));
         }
         let mut items = Vec::with_capacity(count as usize);
@@ -425,14 +482,20 @@ mod tests {
             .kv("u64", MetaValue::U64(1 << 40))
             .kv("i64", MetaValue::I64(-(1 << 40)))
             .kv("f64", MetaValue::F64(-2.5))
-            .kv("strs", MetaValue::Array {
-                elem_type: ValueType::String,
-                items: vec![MetaValue::String("a b".into()), MetaValue::String("ĠĠ".into())],
-            })
-            .kv("nested", MetaValue::Array {
-                elem_type: ValueType::Array,
-                items: vec![MetaValue::Array { elem_type: ValueType::I32, items: vec![MetaValue::I32(1)] }],
-            });
+            .kv(
+                "strs",
+                MetaValue::Array {
+                    elem_type: ValueType::String,
+                    items: vec![MetaValue::String("a b".into()), MetaValue::String("ĠĠ".into())],
+                },
+            )
+            .kv(
+                "nested",
+                MetaValue::Array {
+                    elem_type: ValueType::Array,
+                    items: vec![MetaValue::Array { elem_type: ValueType::I32, items: vec![MetaValue::I32(1)] }],
+                },
+            );
         let f32s: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         w.tensor("a", &[3, 2], GgmlType::F32, f32s);
         // Q8_0 with d = 0.25 and every q = 1.

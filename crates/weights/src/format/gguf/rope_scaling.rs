@@ -64,7 +64,12 @@ fn tidy(v: f64) -> f64 {
 
 /// Fits llama3 scaling to `rho` (length head_dim/2). `Ok(None)`: every ρ is 1, no scaling.
 /// The error says why the values are not llama3 scaling.
-pub fn fit_llama3(rho: &[f32], theta: f64, head_dim: usize, original_ctx: u64) -> Result<Option<Llama3Scaling>, String> {
+pub fn fit_llama3(
+    rho: &[f32],
+    theta: f64,
+    head_dim: usize,
+    original_ctx: u64,
+) -> Result<Option<Llama3Scaling>, String> {
     if rho.len() != head_dim / 2 {
         return Err(format!("has {} values, but head_dim {head_dim} needs {}", rho.len(), head_dim / 2));
     }
@@ -100,7 +105,12 @@ pub fn fit_llama3(rho: &[f32], theta: f64, head_dim: usize, original_ctx: u64) -
         }
     } else {
         // Too few blended pairs to fit a line: try Llama-3's own band factors.
-        Llama3Scaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: original_ctx }
+        Llama3Scaling {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: original_ctx,
+        }
     };
     let tidied = Llama3Scaling {
         factor: tidy(candidate.factor),
@@ -129,7 +139,12 @@ mod tests {
 
     #[test]
     fn recovers_llama_3_1_8b() {
-        let want = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+        let want = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
         let rho = llama3_ratios(500000.0, 128, &want);
         assert!(rho.iter().any(|&r| r > 1.0 && r < 8.0), "the test must cover the mid band");
         assert_eq!(fit_llama3(&as_f32(&rho), 500000.0, 128, 8192), Ok(Some(want)));
@@ -137,14 +152,24 @@ mod tests {
 
     #[test]
     fn recovers_llama_3_2_1b_with_head_dim_64() {
-        let want = Llama3Scaling { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+        let want = Llama3Scaling {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
         let rho = llama3_ratios(500000.0, 64, &want);
         assert_eq!(fit_llama3(&as_f32(&rho), 500000.0, 64, 8192), Ok(Some(want)));
     }
 
     #[test]
     fn recovers_unusual_band_factors() {
-        let want = Llama3Scaling { factor: 16.0, low_freq_factor: 2.0, high_freq_factor: 8.0, original_max_position_embeddings: 8192 };
+        let want = Llama3Scaling {
+            factor: 16.0,
+            low_freq_factor: 2.0,
+            high_freq_factor: 8.0,
+            original_max_position_embeddings: 8192,
+        };
         let rho = llama3_ratios(500000.0, 128, &want);
         assert_eq!(fit_llama3(&as_f32(&rho), 500000.0, 128, 8192), Ok(Some(want)));
     }
@@ -160,7 +185,12 @@ mod tests {
         let err = fit_llama3(&[4.0; 64], 500000.0, 128, 8192).expect_err("linear");
         assert!(err.contains("cannot be expressed"), "{err}");
         // A noisy mid band.
-        let s = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+        let s = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
         let mut rho = as_f32(&llama3_ratios(500000.0, 128, &s));
         let mid = rho.iter().position(|&r| r > 1.5 && r < 7.0).expect("mid");
         rho[mid] *= 1.01;

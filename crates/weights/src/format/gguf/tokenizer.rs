@@ -91,7 +91,9 @@ fn byte_level(use_regex: bool) -> Value {
 
 fn pre_tokenizer(meta: &Metadata) -> Result<PreTokenizer> {
     let key = "tokenizer.ggml.pre";
-    let pre = meta.opt_str(key)?.ok_or_else(|| meta.err(key, format!("missing; ollm needs it to pick the pre-tokenizer (supported: {SUPPORTED_PRE})")))?;
+    let pre = meta.opt_str(key)?.ok_or_else(|| {
+        meta.err(key, format!("missing; ollm needs it to pick the pre-tokenizer (supported: {SUPPORTED_PRE})"))
+    })?;
     Ok(match pre {
         "smollm" => PreTokenizer {
             json: json!({"type": "Sequence", "pretokenizers": [
@@ -110,7 +112,9 @@ fn pre_tokenizer(meta: &Metadata) -> Result<PreTokenizer> {
             default_add_bos: true,
         },
         "gpt2" => PreTokenizer { json: byte_level(true), ignore_merges: false, default_add_bos: false },
-        other => return Err(meta.err(key, format!("pre-tokenizer '{other}' is not supported (supported: {SUPPORTED_PRE})"))),
+        other => {
+            return Err(meta.err(key, format!("pre-tokenizer '{other}' is not supported (supported: {SUPPORTED_PRE})")));
+        }
     })
 }
 
@@ -238,13 +242,15 @@ pub fn tokenizer_files(meta: &Metadata, model_max_length: Option<u64>) -> Result
     let special = special_ids(meta, tokens.len())?;
     let add_bos = meta.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(pre.default_add_bos);
     let add_eos = meta.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let need = |flag: bool, id: Option<u32>, what: &str| -> Result<Option<u32>> {
-        match (flag, id) {
-            (false, _) => Ok(None),
-            (true, Some(id)) => Ok(Some(id)),
-            (true, None) => Err(meta.err(&format!("tokenizer.ggml.{what}_token_id"), format!("missing, but add_{what}_token is true"))),
-        }
-    };
+    let need =
+        |flag: bool, id: Option<u32>, what: &str| -> Result<Option<u32>> {
+            match (flag, id) {
+                (false, _) => Ok(None),
+                (true, Some(id)) => Ok(Some(id)),
+                (true, None) => Err(meta
+                    .err(&format!("tokenizer.ggml.{what}_token_id"), format!("missing, but add_{what}_token is true"))),
+            }
+        };
     let (bos_added, eos_added) = (need(add_bos, special.bos, "bos")?, need(add_eos, special.eos, "eos")?);
 
     let model = bpe_model(meta, &tokens, pre.ignore_merges)?;
@@ -310,7 +316,10 @@ mod tests {
     use super::*;
 
     fn strs(items: &[&str]) -> MetaValue {
-        MetaValue::Array { elem_type: ValueType::String, items: items.iter().map(|s| MetaValue::String(s.to_string())).collect() }
+        MetaValue::Array {
+            elem_type: ValueType::String,
+            items: items.iter().map(|s| MetaValue::String(s.to_string())).collect(),
+        }
     }
 
     fn meta(pre: &str, extra: Vec<(&str, MetaValue)>) -> Metadata {
@@ -321,7 +330,10 @@ mod tests {
         m.insert("tokenizer.ggml.merges".into(), strs(&["a b"]));
         m.insert(
             "tokenizer.ggml.token_type".into(),
-            MetaValue::Array { elem_type: ValueType::I32, items: [3, 3, 1, 1, 1, 1, 4].iter().map(|&t| MetaValue::I32(t)).collect() },
+            MetaValue::Array {
+                elem_type: ValueType::I32,
+                items: [3, 3, 1, 1, 1, 1, 4].iter().map(|&t| MetaValue::I32(t)).collect(),
+            },
         );
         m.insert("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(0));
         m.insert("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(1));
@@ -333,7 +345,11 @@ mod tests {
 
     #[test]
     fn smollm_layout() {
-        let files = tokenizer_files(&meta("smollm", vec![("tokenizer.ggml.add_bos_token", MetaValue::Bool(false))]), Some(8192)).expect("files");
+        let files = tokenizer_files(
+            &meta("smollm", vec![("tokenizer.ggml.add_bos_token", MetaValue::Bool(false))]),
+            Some(8192),
+        )
+        .expect("files");
         let t = &files.tokenizer_json;
         assert_eq!(t["pre_tokenizer"]["pretokenizers"][0], json!({"type": "Digits", "individual_digits": true}));
         assert_eq!(t["pre_tokenizer"]["pretokenizers"][1]["use_regex"], json!(true));
@@ -354,10 +370,13 @@ mod tests {
 
     #[test]
     fn llama_bpe_adds_bos_by_default_and_lists_stop_ids() {
-        let m = meta("llama-bpe", vec![
-            ("tokenizer.ggml.eot_token_id", MetaValue::U32(6)),
-            ("tokenizer.chat_template", MetaValue::String("{{ x }}".into())),
-        ]);
+        let m = meta(
+            "llama-bpe",
+            vec![
+                ("tokenizer.ggml.eot_token_id", MetaValue::U32(6)),
+                ("tokenizer.chat_template", MetaValue::String("{{ x }}".into())),
+            ],
+        );
         let files = tokenizer_files(&m, None).expect("files");
         let t = &files.tokenizer_json;
         assert_eq!(t["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"], json!(LLAMA3_REGEX));
@@ -376,15 +395,22 @@ mod tests {
     fn unsupported_values_are_named_with_the_supported_list() {
         let err = tokenizer_files(&meta("qwen2", vec![]), None).expect_err("qwen2").to_string();
         assert!(err.contains("'qwen2'") && err.contains("smollm"), "{err}");
-        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.model", MetaValue::String("llama".into()))]), None)
-            .expect_err("spm")
-            .to_string();
+        let err =
+            tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.model", MetaValue::String("llama".into()))]), None)
+                .expect_err("spm")
+                .to_string();
         assert!(err.contains("'llama'") && err.contains("gpt2"), "{err}");
-        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.merges", strs(&["abc"]))]), None).expect_err("merge").to_string();
+        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.merges", strs(&["abc"]))]), None)
+            .expect_err("merge")
+            .to_string();
         assert!(err.contains("\"abc\""), "{err}");
-        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.eos_token_id", MetaValue::U32(99))]), None).expect_err("id").to_string();
+        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.eos_token_id", MetaValue::U32(99))]), None)
+            .expect_err("id")
+            .to_string();
         assert!(err.contains("99"), "{err}");
-        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.tokens", strs(&["a", "a"]))]), None).expect_err("dup").to_string();
+        let err = tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.tokens", strs(&["a", "a"]))]), None)
+            .expect_err("dup")
+            .to_string();
         assert!(err.contains("ids 0 and 1"), "{err}");
     }
 }

@@ -56,7 +56,13 @@ impl GgufWriter {
 
     /// Adds a tensor info with any type id and offset and no data (for invalid-file tests).
     pub fn raw_tensor_info(&mut self, name: &str, dims: &[u64], type_id: u32, rel_offset: u64) -> &mut Self {
-        let t = PendingTensor { name: name.to_string(), dims: dims.to_vec(), type_id, rel_offset: Some(rel_offset), data: Vec::new() };
+        let t = PendingTensor {
+            name: name.to_string(),
+            dims: dims.to_vec(),
+            type_id,
+            rel_offset: Some(rel_offset),
+            data: Vec::new(),
+        };
         self.tensors.push(t);
         self
     }
