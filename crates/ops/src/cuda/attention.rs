@@ -37,7 +37,7 @@ pub fn attention(
     let bad = row == 0
         || g.d > 256
         || g.n_kv == 0
-        || g.n_heads % g.n_kv != 0
+        || !g.n_heads.is_multiple_of(g.n_kv)
         || q.len() != t * row
         || out.len() != q.len()
         || k.len() != g.n_kv * g.cap * g.d

@@ -17,7 +17,7 @@ pub fn embedding(
     hidden: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    if hidden == 0 || table.len() % hidden != 0 || out.len() != ids.len() * hidden {
+    if hidden == 0 || !table.len().is_multiple_of(hidden) || out.len() != ids.len() * hidden {
         return Err(shape(
             "cuda embedding",
             format!("table {}, {} ids, hidden {hidden}, out {}", table.len(), ids.len(), out.len()),
@@ -79,7 +79,11 @@ pub fn write_kv(
     pos0: usize,
 ) -> Result<()> {
     let row = g.n_kv * g.d;
-    if row == 0 || src.len() % row != 0 || cache.len() != g.n_kv * g.cap * g.d || pos0 + src.len() / row > g.cap {
+    if row == 0
+        || !src.len().is_multiple_of(row)
+        || cache.len() != g.n_kv * g.cap * g.d
+        || pos0 + src.len() / row > g.cap
+    {
         return Err(shape("cuda write_kv", format!("cache {} ({g:?}), src {}, pos0 {pos0}", cache.len(), src.len())));
     }
     let func = dev.function("elementwise", SOURCE, "write_kv_f32")?;

@@ -18,7 +18,7 @@ pub fn rms_norm(
     kind: NormKind,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    if n == 0 || x.len() % n != 0 || out.len() != x.len() || w.len() != n {
+    if n == 0 || !x.len().is_multiple_of(n) || out.len() != x.len() || w.len() != n {
         return Err(shape(
             "cuda rms_norm",
             format!("x {} elements, w {}, out {}, row length {n}", x.len(), w.len(), out.len()),

@@ -26,7 +26,7 @@ pub fn rope(
     if per_token == 0
         || x.len() != t * per_token
         || r > d
-        || r % 2 != 0
+        || !r.is_multiple_of(2)
         || cos.len() != sin.len()
         || (pos0 + t) * half > cos.len()
     {
