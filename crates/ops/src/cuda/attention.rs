@@ -33,7 +33,7 @@ pub fn attention(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let row = g.n_heads * g.d;
-    let t = if row == 0 { 0 } else { q.len() / row };
+    let t = q.len().checked_div(row).unwrap_or(0);
     let bad = row == 0
         || g.d > 256
         || g.n_kv == 0

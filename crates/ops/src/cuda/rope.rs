@@ -21,7 +21,7 @@ pub fn rope(
     pos0: usize,
 ) -> Result<()> {
     let per_token = heads * d;
-    let t = if per_token == 0 { 0 } else { x.len() / per_token };
+    let t = x.len().checked_div(per_token).unwrap_or(0);
     let half = r / 2;
     if per_token == 0
         || x.len() != t * per_token
