@@ -126,12 +126,11 @@ fn run_one(
     default_max: usize,
 ) -> Result<(Value, usize), String> {
     let prompt = match &r.input {
-        Input::Prompt(p) => m.tokenizer.encode(p, true).map_err(|e| e.to_string())?,
+        Input::Prompt(p) => m.tokenizer.encode_prompt(p).map_err(|e| e.to_string())?,
         Input::Messages(msgs) => {
             let template =
                 m.template.as_ref().ok_or("the model has no chat template; give 'prompt' instead of 'messages'")?;
-            let rendered = template.render(msgs, true).map_err(|e| e.to_string())?;
-            m.tokenizer.encode(&rendered, false).map_err(|e| e.to_string())?
+            m.tokenizer.encode_chat(template, msgs).map_err(|e| e.to_string())?
         }
     };
     let mut sampling = m.default_sampling.clone();

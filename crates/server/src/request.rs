@@ -3,7 +3,7 @@
 //! rejection names the field at fault.
 
 use ollm_engine::{EngineError, GenerateParams};
-use ollm_tokenizer::ChatMessage;
+use ollm_tokenizer::{ChatMessage, TokenizerError};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -75,10 +75,13 @@ pub fn chat_prompt(state: &AppState, messages: &[ChatMessageIn]) -> Result<Vec<u
         }
         turns.push(ChatMessage::new(&m.role, &message_text(&m.content, i)?));
     }
-    let rendered = template
-        .render(&turns, true)
-        .map_err(|e| ApiError::invalid(format!("The chat template rejected the messages: {e}"), Some("messages")))?;
-    encode(state, &rendered, false, "messages")
+    let ids = state.tokenizer.encode_chat(template, &turns).map_err(|e| match e {
+        TokenizerError::Template { .. } => {
+            ApiError::invalid(format!("The chat template rejected the messages: {e}"), Some("messages"))
+        }
+        other => ApiError::invalid(format!("cannot tokenize the messages: {other}"), Some("messages")),
+    })?;
+    check_length(state, ids, "messages")
 }
 
 /// A message's content: a string, a list of text parts, or null.
@@ -117,14 +120,15 @@ pub fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, A
         }
         _ => return Err(ApiError::invalid("'prompt' must be a string", Some("prompt"))),
     };
-    encode(state, text, true, "prompt")
-}
-
-fn encode(state: &AppState, text: &str, add_special: bool, param: &str) -> Result<Vec<u32>, ApiError> {
     let ids = state
         .tokenizer
-        .encode(text, add_special)
-        .map_err(|e| ApiError::invalid(format!("cannot tokenize the {param}: {e}"), Some(param)))?;
+        .encode_prompt(text)
+        .map_err(|e| ApiError::invalid(format!("cannot tokenize the prompt: {e}"), Some("prompt")))?;
+    check_length(state, ids, "prompt")
+}
+
+/// Rejects an empty prompt and one that leaves no room in the context.
+fn check_length(state: &AppState, ids: Vec<u32>, param: &str) -> Result<Vec<u32>, ApiError> {
     if ids.is_empty() {
         return Err(ApiError::invalid(format!("the {param} is empty; give some text"), Some(param)));
     }

@@ -58,6 +58,18 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Ids of a plain prompt: the post-processor adds what the model expects (e.g. BOS).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, true)
+    }
+
+    /// Ids of a conversation rendered by `template` with the assistant's turn opened. The template
+    /// writes every special token itself, so none are added (as transformers'
+    /// `apply_chat_template` does).
+    pub fn encode_chat(&self, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode(&template.render(messages, true)?, false)
+    }
+
     /// Decodes ids to text; `skip_special` drops special tokens such as `<|im_end|>`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Codec(e.to_string()))

@@ -84,7 +84,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         history.push(ChatMessage::new("user", input));
-        let ids = text.tokenizer.encode(&template.render(&history, true)?, false)?;
+        let ids = text.tokenizer.encode_chat(template, &history)?;
         session.reset();
         let mut out = stdout.lock();
         let result = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {

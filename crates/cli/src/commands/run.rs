@@ -69,10 +69,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             messages.push(ChatMessage::new("system", s));
         }
         messages.push(ChatMessage::new("user", &prompt));
-        let rendered = template.render(&messages, true)?;
-        text.tokenizer.encode(&rendered, false)?
+        text.tokenizer.encode_chat(template, &messages)?
     } else {
-        text.tokenizer.encode(&prompt, true)?
+        text.tokenizer.encode_prompt(&prompt)?
     };
 
     let mut sampling = loaded.generation.default_sampling();
