@@ -36,6 +36,18 @@ impl RopeTable {
     }
 }
 
+/// Head layout and positions of one attention call: q `[T, n_heads, d]`, caches `[n_kv, cap, d]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnGeometry {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub d: usize,
+    /// Capacity (positions) of the caches.
+    pub cap: usize,
+    /// Absolute position of the first query.
+    pub pos0: usize,
+}
+
 /// Per-layer attention settings.
 #[derive(Debug)]
 pub struct AttnParams<'a> {

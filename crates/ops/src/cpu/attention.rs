@@ -5,17 +5,7 @@
 
 use rayon::prelude::*;
 
-/// Sizes shared by q, the caches and the output.
-#[derive(Debug)]
-pub struct Geometry {
-    pub n_heads: usize,
-    pub n_kv: usize,
-    pub d: usize,
-    /// Capacity (positions) of the caches `[n_kv, cap, d]`.
-    pub cap: usize,
-    /// Absolute position of the first query.
-    pub pos0: usize,
-}
+pub use crate::backend::AttnGeometry as Geometry;
 
 /// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`. Query t sits at position `pos0 + t` and sees
 /// keys `j` with `j <= pos0 + t` and, with a window W, `j > pos0 + t - W`.

@@ -3,21 +3,10 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CudaDevice, driver_err, shape};
+pub use crate::AttnGeometry;
 use crate::Result;
 
 const SOURCE: &str = include_str!("../../kernels/attention.cu");
-
-/// Head layout and positions of one attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnGeometry {
-    pub n_heads: usize,
-    pub n_kv: usize,
-    pub d: usize,
-    /// Cache capacity in positions.
-    pub cap: usize,
-    /// Position of the first query.
-    pub pos0: usize,
-}
 
 /// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`; `window` 0 = full causal; sinks `[n_heads]`.
 #[allow(clippy::too_many_arguments)]
