@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.carry/gpu-tests
 rm -rf "$out" && mkdir -p "$out"
-cargo test --release -p ollm-ops --no-run --message-format=json 2>/dev/null \
+cargo test --release -p ollm-ops -p ollm-models --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "parity_cuda_vs_cpu":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("parity_cuda_vs_cpu", "golden_logits_cuda"):
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
 ls -la "$out"

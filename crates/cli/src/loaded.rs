@@ -49,11 +49,26 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The compute backend for `--device`. Only the CPU backend is built in so far.
+/// The compute backend for `--device`: `cuda` must find a usable GPU; `auto` takes one when it
+/// can and says in one line on stderr which device it chose.
 pub fn backend(device: DeviceArg) -> anyhow::Result<Arc<dyn Backend>> {
     match device {
-        DeviceArg::Cpu | DeviceArg::Auto => Ok(Arc::new(CpuBackend::new())),
-        DeviceArg::Cuda => bail!("--device cuda: this build of ollm has no CUDA backend yet; use --device cpu"),
+        DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
+        DeviceArg::Cuda => {
+            let dev = ollm_ops::cuda::probe(0).context("--device cuda")?;
+            Ok(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)))
+        }
+        DeviceArg::Auto => match ollm_ops::cuda::probe(0) {
+            Ok(dev) => {
+                let b = ollm_ops::cuda::CudaBackend::new(dev);
+                eprintln!("[ollm] device: {}", b.name());
+                Ok(Arc::new(b))
+            }
+            Err(_) => {
+                eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");
+                Ok(Arc::new(CpuBackend::new()))
+            }
+        },
     }
 }
 

@@ -34,7 +34,8 @@ fn assert_fails_with(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
     assert!(!err.contains("panicked"), "panicked: {err}");
-    let lines: Vec<&str> = err.lines().collect();
+    // `--device auto` names the device it chose on a line of its own; everything else is the error.
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("[ollm] device:")).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
     for n in needles {

@@ -39,16 +39,36 @@ impl CpuStorage {
     }
 }
 
-/// Where a tensor's elements live. Further backends add variants.
+/// Where a tensor's elements live.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaStorage),
 }
 
 impl Storage {
     pub fn backend_name(&self) -> &'static str {
         match self {
             Storage::Cpu(_) => "cpu",
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => "cuda",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.len(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 }
@@ -64,9 +84,7 @@ impl Tensor {
     /// Wraps storage; fails if the element count does not match the shape.
     pub fn new(shape: Vec<usize>, storage: Storage) -> Result<Self> {
         let n: usize = shape.iter().product();
-        let len = match &storage {
-            Storage::Cpu(s) => s.len(),
-        };
+        let len = storage.len();
         if n != len {
             return Err(OpsError::Shape {
                 op: "Tensor::new",
@@ -90,9 +108,7 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> DType {
-        match &self.storage {
-            Storage::Cpu(s) => s.dtype(),
-        }
+        self.storage.dtype()
     }
 
     pub fn storage(&self) -> &Storage {
@@ -122,19 +138,21 @@ impl Tensor {
     }
 
     /// The CPU storage, or an error naming the op if the tensor lives on another backend.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn cpu(&self, op: &'static str) -> Result<&CpuStorage> {
-        // Only the CPU variant exists until a device backend adds its own; `op` then names the
-        // caller in the WrongBackend error.
-        let _ = op;
         match &self.storage {
             Storage::Cpu(s) => Ok(s),
+            #[cfg(feature = "cuda")]
+            other => Err(OpsError::WrongBackend { op, expected: "cpu", found: other.backend_name() }),
         }
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn cpu_mut(&mut self, op: &'static str) -> Result<&mut CpuStorage> {
-        let _ = op;
         match &mut self.storage {
             Storage::Cpu(s) => Ok(s),
+            #[cfg(feature = "cuda")]
+            other => Err(OpsError::WrongBackend { op, expected: "cpu", found: other.backend_name() }),
         }
     }
 

@@ -110,6 +110,21 @@ fn elementwise_ops_match_cpu() {
 }
 
 #[test]
+fn matmul_matches_cpu() {
+    let Some(dev) = device() else { return };
+    for &(t, k, n) in &[(1usize, 576usize, 1536usize), (3, 100, 33), (17, 256, 520)] {
+        let x = random(t * k, 1.0);
+        let w = bf16s(&random(n * k, 0.2));
+        let mut want = vec![0.0; t * n];
+        cpu::matmul(&x, t, k, &ollm_ops::CpuStorage::BF16(w.clone()), n, None, &mut want);
+        let mut out = poisoned(&dev, t * n);
+        cuda::matmul::matmul(&dev, &up(&dev, &x), &up(&dev, &w), n, k, &mut out).expect("matmul");
+        let e = rel_err(&down(&dev, &out), &want);
+        assert!(e < 1e-5, "matmul t={t} k={k} n={n}: rel err {e:e}");
+    }
+}
+
+#[test]
 fn rope_matches_cpu() {
     let Some(dev) = device() else { return };
     for &(t, heads, d, r, pos0) in

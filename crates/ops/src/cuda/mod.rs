@@ -1,20 +1,23 @@
 //! The CUDA backend (feature `cuda`, on by default): cudarc with libraries loaded at run time,
 //! so the project builds and tests on machines with no CUDA at all.
 //!
-//! Only the foundation is here so far: [`probe`] finds a usable device (or says in one line what
-//! is missing, never panicking), [`KernelCache`] compiles `kernels/*.cu` with NVRTC once and keeps
-//! the PTX on disk, and the first kernel (RMSNorm) is checked against its CPU twin in
-//! `tests/parity_cuda_vs_cpu.rs`. The `Backend` implementation comes with the CUDA issue.
+//! [`probe`] finds a usable device (or says in one line what is missing, never panicking),
+//! [`KernelCache`] compiles `kernels/*.cu` with NVRTC once and keeps the PTX on disk, each kernel
+//! file has a launcher here of the same name checked against its CPU twin in
+//! `tests/parity_cuda_vs_cpu.rs`, and [`CudaBackend`] implements the `Backend` trait with them.
 
 pub mod attention;
+mod backend;
 mod device;
 pub mod elementwise;
+pub mod matmul;
 mod nvrtc_cache;
 pub mod rmsnorm;
 pub mod rope;
 
 use cudarc::driver::LaunchConfig;
 
+pub use backend::{CudaBackend, CudaStorage};
 pub use device::{CudaDevice, DeviceInfo, probe};
 pub use nvrtc_cache::KernelCache;
 
