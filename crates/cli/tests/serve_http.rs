@@ -214,7 +214,7 @@ fn a_disconnected_stream_cancels_its_generation_and_a_full_queue_gets_503() {
     // The tiny fixture finishes any request in milliseconds, before a disconnect could be
     // seen; the demo model generates slowly enough on the CPU to cut it off mid-stream.
     let Some(model) = common::demo_model() else { return };
-    let s = Server::start(&model, &["--max-tokens-cap", "4000", "--queue", "1"]);
+    let s = Server::start(model, &["--max-tokens-cap", "4000", "--queue", "1"]);
     let id = json(&common::get(&s.url("/v1/models")).1)["data"][0]["id"].as_str().expect("id").to_string();
     let body = format!(
         r#"{{"model": "{id}", "messages": [{{"role": "user", "content": "Write a very long story about a dragon."}}], "max_tokens": 4000, "temperature": 0, "stream": true}}"#

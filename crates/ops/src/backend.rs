@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{HostTensor, Result, Tensor};
+use crate::{HostTensor, OpsError, Result, Tensor};
 
 /// Which RMSNorm formula (models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
 /// where a bf16 backend rounds.
@@ -46,6 +46,27 @@ pub struct AttnGeometry {
     pub cap: usize,
     /// Absolute position of the first query.
     pub pos0: usize,
+}
+
+impl AttnGeometry {
+    /// Checks the shapes of one attention call (q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`;
+    /// sinks `[n_heads]`) and returns its geometry. Every backend validates through here.
+    pub fn of(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, pos0: usize, sinks: Option<&Tensor>) -> Result<Self> {
+        let err = |detail: String| Err(OpsError::Shape { op: "attention", detail });
+        let (&[t, n_heads, d], &[n_kv, cap, dk]) = (q.shape(), k.shape()) else {
+            return err(format!("q {:?}, k {:?}", q.shape(), k.shape()));
+        };
+        if dk != d || v.shape() != k.shape() || out.shape() != q.shape() || n_kv == 0 || n_heads % n_kv != 0 {
+            return err(format!("q {:?}, k {:?}, v {:?}, out {:?}", q.shape(), k.shape(), v.shape(), out.shape()));
+        }
+        if pos0 + t > cap {
+            return err(format!("{} positions exceed the cache capacity {cap}", pos0 + t));
+        }
+        if let Some(s) = sinks.filter(|s| s.numel() != n_heads) {
+            return err(format!("sinks {:?} for {n_heads} heads", s.shape()));
+        }
+        Ok(Self { n_heads, n_kv, d, cap, pos0 })
+    }
 }
 
 /// Per-layer attention settings.

@@ -166,26 +166,8 @@ impl Backend for CpuBackend {
         params: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()> {
-        let (&[t, n_heads, d], &[n_kv, cap, dk]) = (q.shape(), k.shape()) else {
-            return shape_err("attention", format!("q {:?}, k {:?}", q.shape(), k.shape()));
-        };
-        if dk != d || v.shape() != k.shape() || out.shape() != q.shape() || n_kv == 0 || n_heads % n_kv != 0 {
-            return shape_err(
-                "attention",
-                format!("q {:?}, k {:?}, v {:?}, out {:?}", q.shape(), k.shape(), v.shape(), out.shape()),
-            );
-        }
-        if pos0 + t > cap {
-            return shape_err("attention", format!("{} positions exceed the cache capacity {cap}", pos0 + t));
-        }
-        let sinks = match params.sinks {
-            Some(s) if s.numel() != n_heads => {
-                return shape_err("attention", format!("sinks {:?} for {n_heads} heads", s.shape()));
-            }
-            Some(s) => Some(storage_to_f32(s.cpu("attention")?)),
-            None => None,
-        };
-        let geo = attention::Geometry { n_heads, n_kv, d, cap, pos0 };
+        let geo = AttnGeometry::of(q, k, v, out, pos0, params.sinks)?;
+        let sinks = params.sinks.map(|s| s.cpu("attention").map(storage_to_f32)).transpose()?;
         attention(
             q.cpu_f32("attention")?,
             k.cpu_f32("attention")?,

@@ -13,6 +13,7 @@ use half::{bf16, f16};
 use super::elementwise::KvGeometry;
 use super::{CudaDevice, attention, elementwise, matmul, rmsnorm, rope};
 use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
+use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostTensor, OpsError, Result, Storage, Tensor};
 
 /// Elements of a device tensor.
@@ -90,10 +91,6 @@ fn bf16s<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<bf16>> {
     }
 }
 
-fn shape_err<T>(op: &'static str, detail: String) -> Result<T> {
-    Err(OpsError::Shape { op, detail })
-}
-
 impl CudaBackend {
     pub fn new(dev: CudaDevice) -> Self {
         Self { dev: Arc::new(dev) }
@@ -129,11 +126,11 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
-        let n = shape.iter().product::<usize>().max(1);
-        let s = self.dev.stream.alloc_zeros::<f32>(n).map_err(drv("zeros"))?;
-        if shape.iter().product::<usize>() == 0 {
+        let n = shape.iter().product::<usize>();
+        if n == 0 {
             return shape_err("zeros", format!("empty shape {shape:?}"));
         }
+        let s = self.dev.stream.alloc_zeros::<f32>(n).map_err(drv("zeros"))?;
         self.tensor(shape, CudaStorage::F32(s))
     }
 
@@ -210,11 +207,8 @@ impl Backend for CudaBackend {
         p: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()> {
-        let (&[_, n_heads, d], &[n_kv, cap, _]) = (q.shape(), k.shape()) else {
-            return shape_err("attention", format!("q {:?}, k {:?}", q.shape(), k.shape()));
-        };
+        let g = AttnGeometry::of(q, k, v, out, pos0, p.sinks)?;
         let sinks = p.sinks.map(|s| f32s(s, "attention")).transpose()?;
-        let g = AttnGeometry { n_heads, n_kv, d, cap, pos0 };
         let (qd, kd, vd) = (f32s(q, "attention")?, f32s(k, "attention")?, f32s(v, "attention")?);
         attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, f32s_mut(out, "attention")?)
     }
