@@ -5,27 +5,13 @@
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use ollm_engine::{GenerateParams, SamplingParams, Session, generate};
-use ollm_models::CausalLm;
-use ollm_tokenizer::{ChatTemplate, Tokenizer};
+use ollm_engine::{ChatModel, GenerateParams, Session, generate};
 use serde_json::{Value, json};
 
 use crate::BatchError;
 use crate::reader::{BatchRequest, Input, LineError, id_key, read_requests};
 use crate::writer::JsonlLog;
-
-/// The model a batch runs on and its defaults.
-#[derive(Debug)]
-pub struct BatchModel {
-    pub model: Arc<dyn CausalLm>,
-    pub tokenizer: Tokenizer,
-    pub template: Option<ChatTemplate>,
-    pub eos_token_ids: Vec<u32>,
-    /// Sampling for fields a line leaves out (the model's generation_config.json).
-    pub default_sampling: SamplingParams,
-}
 
 /// Where the job reads and writes, and its defaults.
 #[derive(Debug, Clone)]
@@ -59,7 +45,7 @@ pub struct JobSummary {
 }
 
 /// Runs the job described by `opts`; bad lines and failed requests are reported, not fatal.
-pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_>)) -> Result<JobSummary, BatchError> {
+pub fn run_job(m: &ChatModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_>)) -> Result<JobSummary, BatchError> {
     let (requests, bad_lines) = read_requests(&opts.input)?;
     let (mut out, recovered) = JsonlLog::resume(&opts.output)?;
     let mut errors = JsonlLog::create(&opts.errors)?;
@@ -120,7 +106,7 @@ pub fn run_job(m: &BatchModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_
 
 /// Generates one request; the result line and its completion-token count, or why it failed.
 fn run_one(
-    m: &BatchModel,
+    m: &ChatModel,
     session: &mut Session,
     r: &BatchRequest,
     default_max: usize,

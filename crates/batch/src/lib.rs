@@ -11,6 +11,6 @@ pub mod reader;
 pub mod writer;
 
 pub use error::BatchError;
-pub use job::{BatchModel, JobOptions, JobSummary, Progress, run_job};
+pub use job::{JobOptions, JobSummary, Progress, run_job};
 pub use reader::{BatchRequest, Input, LineError, read_requests};
 pub use writer::JsonlLog;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ollm_engine::GenerationConfig;
+use ollm_engine::{ChatModel, GenerationConfig};
 use ollm_models::{CausalLm, load_model};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
@@ -90,6 +90,17 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
 }
 
 impl Loaded {
+    /// The model with its tokenizer, template, eos ids and default sampling, for the front ends.
+    pub fn chat_model(&self, text: Text) -> ChatModel {
+        ChatModel {
+            model: self.model.clone(),
+            eos_token_ids: self.eos_ids(&text),
+            default_sampling: self.generation.default_sampling(),
+            tokenizer: text.tokenizer,
+            template: text.template,
+        }
+    }
+
     /// Eos ids from config.json, generation_config.json and the chat template's eos token.
     pub fn eos_ids(&self, text: &Text) -> Vec<u32> {
         let mut ids = self.model.info().eos_token_ids.clone();

@@ -1,6 +1,7 @@
 //! ollm-engine: sequences and the generation loop. Knows nothing of HTTP, terminals or files
 //! other than a model directory's generation_config.json.
 
+pub mod chat_model;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -8,6 +9,7 @@ pub mod sampling;
 pub mod session;
 pub mod stop;
 
+pub use chat_model::ChatModel;
 pub use config::GenerationConfig;
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, GenerationStats, TokenEvent, generate};

@@ -14,26 +14,17 @@ mod sse;
 mod state;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use ollm_engine::SamplingParams;
-use ollm_models::CausalLm;
-use ollm_tokenizer::{ChatTemplate, Tokenizer};
+use ollm_engine::ChatModel;
 
 pub use error::ServerError;
 
-/// Everything the server serves: the model and how to talk to it.
+/// Everything the server serves: the model, how to talk to it, and the id clients name.
 #[derive(Debug)]
 pub struct ServedModel {
     /// The id clients name in `model` (the model directory's name or the `--model` string).
     pub id: String,
-    pub model: Arc<dyn CausalLm>,
-    pub tokenizer: Tokenizer,
-    pub template: Option<ChatTemplate>,
-    /// Token ids that end a generation.
-    pub eos_token_ids: Vec<u32>,
-    /// Sampling used for parameters a request leaves out (the model's generation_config.json).
-    pub default_sampling: SamplingParams,
+    pub chat: ChatModel,
 }
 
 /// Where to listen and the limits on requests.

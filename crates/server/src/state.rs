@@ -29,12 +29,13 @@ pub struct AppState {
 
 impl AppState {
     /// Starts the engine worker and gathers the shared state.
-    pub fn start(m: ServedModel, config: &ServerConfig) -> Result<Self, ServerError> {
+    pub fn start(served: ServedModel, config: &ServerConfig) -> Result<Self, ServerError> {
+        let m = served.chat;
         let context_tokens = m.model.info().max_positions;
         let tokenizer = Arc::new(m.tokenizer);
         let queue = JobQueue::start(m.model, tokenizer.clone(), config.queue_capacity)?;
         Ok(Self {
-            model_id: m.id.into(),
+            model_id: served.id.into(),
             tokenizer,
             template: m.template.map(Arc::new),
             eos_token_ids: m.eos_token_ids.into(),

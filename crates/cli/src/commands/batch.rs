@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_batch::{BatchModel, JobOptions, Progress, run_job};
+use ollm_batch::{JobOptions, Progress, run_job};
 
 use super::ModelArgs;
 use crate::loaded::{load, load_text};
@@ -38,13 +38,7 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     });
     let loaded = load(&a.model)?;
     let text = load_text(&loaded.dir)?;
-    let model = BatchModel {
-        model: loaded.model.clone(),
-        eos_token_ids: loaded.eos_ids(&text),
-        default_sampling: loaded.generation.default_sampling(),
-        tokenizer: text.tokenizer,
-        template: text.template,
-    };
+    let model = loaded.chat_model(text);
     let opts = JobOptions {
         input: a.input.clone(),
         output: a.out.clone(),

@@ -41,17 +41,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let addr = resolve(&a.host, a.port)?;
     let loaded = load(&a.model)?;
     let text = load_text(&loaded.dir)?;
-    let eos_token_ids = loaded.eos_ids(&text);
     let id = served_id(&a.model.model);
     eprintln!("[ollm] serving {id} ({}, loaded in {:.2} s)", loaded.dir.display(), loaded.load_time.as_secs_f64());
-    let model = ServedModel {
-        id,
-        model: loaded.model.clone(),
-        tokenizer: text.tokenizer,
-        template: text.template,
-        eos_token_ids,
-        default_sampling: loaded.generation.default_sampling(),
-    };
+    let model = ServedModel { id, chat: loaded.chat_model(text) };
     let config = ServerConfig {
         addr,
         api_key: a.api_key.filter(|k| !k.is_empty()),

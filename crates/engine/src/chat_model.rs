@@ -1,0 +1,21 @@
+//! A loaded model together with what it takes to talk to it.
+
+use std::sync::Arc;
+
+use ollm_models::CausalLm;
+use ollm_tokenizer::{ChatTemplate, Tokenizer};
+
+use crate::SamplingParams;
+
+/// Owns the tokenizer and chat template of a model and shares the model itself: everything a
+/// front end (server, batch, chat) needs to turn requests into generations.
+#[derive(Debug)]
+pub struct ChatModel {
+    pub model: Arc<dyn CausalLm>,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    /// Token ids that end a generation (config.json, generation_config.json, the template's eos).
+    pub eos_token_ids: Vec<u32>,
+    /// Sampling for parameters a request leaves out (the model's generation_config.json).
+    pub default_sampling: SamplingParams,
+}
