@@ -19,8 +19,10 @@ pub struct Loaded {
     pub model: Arc<dyn CausalLm>,
     pub generation: GenerationConfig,
     pub load_time: Duration,
-    /// The backend's name ("cpu").
+    /// The backend's name ("cpu", "cuda:0 (…)").
     pub model_backend_name: String,
+    /// The backend the model lives on.
+    pub backend: Arc<dyn Backend>,
 }
 
 /// A model directory's tokenizer and chat template.
@@ -85,8 +87,8 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let generation = GenerationConfig::from_dir(&dir)?;
     let t0 = Instant::now();
     let model_backend_name = backend.name();
-    let model = load_model(&dir, backend).with_context(|| format!("loading {}", dir.display()))?;
-    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name })
+    let model = load_model(&dir, backend.clone()).with_context(|| format!("loading {}", dir.display()))?;
+    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend })
 }
 
 impl Loaded {

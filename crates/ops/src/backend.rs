@@ -134,6 +134,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Copies rows `src[rows]` of a `[T, n]` tensor into `out` `[rows.len(), n]`.
     fn copy_rows(&self, src: &Tensor, rows: std::ops::Range<usize>, out: &mut Tensor) -> Result<()>;
 
+    /// Best-of-5 memory bandwidth in bytes/s over a buffer of about `bytes`: a multithreaded
+    /// streaming read on the CPU, a device-to-device copy (bytes read + written) on a GPU. The
+    /// bound that decode speed is compared with.
+    fn measure_bandwidth(&self, bytes: usize) -> Result<f64>;
+
     /// Grows a KV cache `[n_kv, cap, d]` to `[n_kv, new_cap, d]`, keeping the first `len` positions.
     fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor>;
 }

@@ -1,8 +1,8 @@
 //! `ollm bench`: decode speed against the memory-bandwidth bound measured in the same run.
 //!
 //! Decoding one token reads every weight the token touches once, so on a CPU the best possible
-//! rate is (memory read bandwidth) / (weight bytes read per token + KV bytes read). The bench
-//! measures the bandwidth with a multithreaded streaming sum, then times greedy decoding, and
+//! rate is (memory bandwidth) / (weight bytes read per token + KV bytes read). The bench asks the
+//! backend for its measured bandwidth (`Backend::measure_bandwidth`), then times greedy decoding, and
 //! prints the achieved rate, the bound and their ratio.
 
 use std::time::Instant;
@@ -10,7 +10,6 @@ use std::time::Instant;
 use clap::Args;
 use ollm_engine::Session;
 use ollm_engine::sampling::argmax;
-use rayon::prelude::*;
 
 use super::ModelArgs;
 use crate::loaded::load;
@@ -35,38 +34,10 @@ pub struct BenchArgs {
     pub bandwidth_mib: usize,
 }
 
-/// Best-of-5 read bandwidth in bytes/s: every thread sums its share of a buffer far larger
-/// than the caches.
-pub fn measure_read_bandwidth(mib: usize) -> f64 {
-    let n = mib * 1024 * 1024 / 4;
-    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let s: f32 = buf.par_chunks(1 << 16).map(lane_sum).sum();
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        best = best.max((n * 4) as f64 / secs);
-    }
-    best
-}
-
-/// Sum with 16 independent accumulators, so the loop vectorises and memory, not the adder
-/// chain, is the limit.
-fn lane_sum(c: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    for w in c.chunks_exact(16) {
-        for i in 0..16 {
-            acc[i] += w[i];
-        }
-    }
-    acc.iter().sum()
-}
-
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.tokens >= 2 && a.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
-    let bandwidth = measure_read_bandwidth(a.bandwidth_mib);
     let loaded = load(&a.model)?;
+    let bandwidth = loaded.backend.measure_bandwidth(a.bandwidth_mib * 1024 * 1024)?;
     let info = loaded.model.info().clone();
     anyhow::ensure!(
         a.repeats >= 1 && a.prompt_tokens + 1 + a.tokens * a.repeats <= info.max_positions,
@@ -100,7 +71,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     println!("device          {}", loaded.model_backend_name);
     println!("threads         {}", rayon::current_num_threads());
-    println!("memory read bw  {:.2} GB/s (measured, best of 5 over {} MiB)", bandwidth / 1e9, a.bandwidth_mib);
+    println!(
+        "memory bw       {:.2} GB/s (measured on the device, best of 5 over {} MiB)",
+        bandwidth / 1e9,
+        a.bandwidth_mib
+    );
     println!(
         "bytes/token     {} (weights {} + KV at context {mean_ctx})",
         human_bytes(bytes),

@@ -5,6 +5,7 @@
 //! file only unpacks tensors and checks shapes.
 
 mod attention;
+mod bandwidth;
 mod elementwise;
 mod matmul;
 mod norm;
@@ -212,6 +213,10 @@ impl Backend for CpuBackend {
         let s = &src.cpu_f32("copy_rows")?[rows.start * n..rows.end * n];
         out.cpu_f32_mut("copy_rows")?.copy_from_slice(s);
         Ok(())
+    }
+
+    fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
+        Ok(bandwidth::measure_read_bandwidth(bytes))
     }
 
     fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor> {

@@ -232,6 +232,25 @@ impl Backend for CudaBackend {
         self.dev.stream.memcpy_dtod(&view, f32s_mut(out, "copy_rows")?).map_err(drv("copy_rows"))
     }
 
+    fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
+        let n = (bytes / 8).max(1 << 20);
+        let st = &self.dev.stream;
+        let src = st.alloc_zeros::<f32>(n).map_err(drv("measure_bandwidth"))?;
+        let mut dst = st.alloc_zeros::<f32>(n).map_err(drv("measure_bandwidth"))?;
+        let mut best = 0.0f64;
+        // One warm-up copy, then five timed ones; each moves n floats in and n out.
+        for i in 0..6 {
+            st.synchronize().map_err(drv("measure_bandwidth"))?;
+            let t = std::time::Instant::now();
+            st.memcpy_dtod(&src, &mut dst).map_err(drv("measure_bandwidth"))?;
+            st.synchronize().map_err(drv("measure_bandwidth"))?;
+            if i > 0 {
+                best = best.max((2 * n * 4) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(best)
+    }
+
     fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor> {
         let &[n_kv, cap, d] = cache.shape() else {
             return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
