@@ -43,6 +43,13 @@ fn assert_fails_with(o: &Output, needles: &[&str]) {
     }
 }
 
+/// `ollm logits` on the CPU.
+fn logits_cmd(model: &Path, tokens_file: &Path, out: &Path) -> Output {
+    let path = |p: &Path| p.to_str().expect("utf8").to_string();
+    let (m, t, o) = (path(model), path(tokens_file), path(out));
+    ollm(&["logits", "-m", &m, "--tokens-file", &t, "--out", &o, "--device", "cpu"])
+}
+
 fn run_greedy(model: &Path, extra: &[&str]) -> Output {
     let mut args =
         vec!["run", "--model", model.to_str().expect("utf8"), "--temperature", "0", "-n", "12", "--device", "cpu"];
@@ -147,17 +154,7 @@ fn logits_command_writes_npy_matching_the_reference() {
     let tf = dir.path().join("ids.txt");
     std::fs::write(&tf, ids.join(", ")).expect("write");
     let out = dir.path().join("l.npy");
-    let o = ollm(&[
-        "logits",
-        "-m",
-        m.to_str().expect("utf8"),
-        "--tokens-file",
-        tf.to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--device",
-        "cpu",
-    ]);
+    let o = logits_cmd(&m, &tf, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&out).expect("npy");
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
@@ -317,26 +314,10 @@ fn bad_tokens_file_and_bad_sampling_values() {
     let tf = dir.path().join("ids.txt");
     std::fs::write(&tf, "1 2 banana").expect("write");
     let m = fixture("llama3_tied");
-    let o = ollm(&[
-        "logits",
-        "-m",
-        m.to_str().expect("utf8"),
-        "--tokens-file",
-        tf.to_str().expect("utf8"),
-        "--out",
-        "/tmp/x.npy",
-    ]);
+    let o = logits_cmd(&m, &tf, &dir.path().join("x.npy"));
     assert_fails_with(&o, &["ids.txt", "entry 3", "banana"]);
     std::fs::write(&tf, "1 2 999").expect("write");
-    let o = ollm(&[
-        "logits",
-        "-m",
-        m.to_str().expect("utf8"),
-        "--tokens-file",
-        tf.to_str().expect("utf8"),
-        "--out",
-        "/tmp/x.npy",
-    ]);
+    let o = logits_cmd(&m, &tf, &dir.path().join("x.npy"));
     assert_fails_with(&o, &["999", "vocabulary of 320"]);
     assert_fails_with(&run_greedy(&m, &["-p", "hi", "--top-p", "2"]), &["top_p"]);
 }

@@ -108,30 +108,26 @@ impl ApiError {
         }
     }
 
-    /// The JSON body alone (also sent as an SSE event when a stream fails midway).
-    pub fn body_json(&self) -> String {
-        let body = ErrorBody {
+    /// OpenAI's error body for this error.
+    fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
             error: ErrorFields {
                 message: &self.message,
                 kind: self.kind,
                 param: self.param.as_deref(),
                 code: self.code,
             },
-        };
-        serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"error\":{\"message\":\"error\"}}"))
+        }
+    }
+
+    /// The JSON body alone (also sent as an SSE event when a stream fails midway).
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&self.body()).unwrap_or_else(|_| String::from("{\"error\":{\"message\":\"error\"}}"))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorFields {
-                message: &self.message,
-                kind: self.kind,
-                param: self.param.as_deref(),
-                code: self.code,
-            },
-        };
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
