@@ -15,8 +15,9 @@ pub struct KvShape {
     pub head_dim: usize,
 }
 
-/// K and V of one attention layer, each `[n_kv_heads, capacity, head_dim]`, valid for the
-/// sequence's first `SeqState::len` positions.
+/// K and V of one attention layer, each `[n_kv_heads, capacity, head_dim]` in the backend's
+/// KV dtype (`Backend::kv_dtype`: f32 on the CPU, bf16 on CUDA), valid for the sequence's first
+/// `SeqState::len` positions.
 #[derive(Debug)]
 pub struct LayerKv {
     pub k: Tensor,
@@ -47,8 +48,8 @@ impl SeqState {
             .iter()
             .map(|s| {
                 Ok(LayerKv {
-                    k: backend.zeros(vec![s.n_kv_heads, capacity, s.head_dim])?,
-                    v: backend.zeros(vec![s.n_kv_heads, capacity, s.head_dim])?,
+                    k: backend.kv_zeros(vec![s.n_kv_heads, capacity, s.head_dim])?,
+                    v: backend.kv_zeros(vec![s.n_kv_heads, capacity, s.head_dim])?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -1,7 +1,13 @@
 //! The golden tests of golden_logits.rs on the CUDA backend: the Llama fixtures' prompt logits
 //! and token-by-token decode against transformers' fp32 reference. Skips, saying why, without a
-//! usable GPU. Tolerance 1e-4 absolute, as on the CPU: activations stay f32 on the GPU and only
-//! the summation order differs.
+//! usable GPU.
+//!
+//! Tolerance 5e-2 absolute (the reference logits have an RMS of about 0.8 and lie within ±4):
+//! the GPU keeps the KV cache in bf16 (the model dtype) and rounds activations to bf16 before
+//! cuBLAS multiplies them (prefills of 16 tokens or more). Applying exactly those roundings on
+//! the CPU backend (same inputs, same round-to-nearest-even) moved the logits by at most
+//! 2.1e-2 (prompt, 24 tokens: bf16 activations and KV) and 1.1e-2 (token-by-token decode: bf16
+//! KV only); the GPU differs from that simulation only in summation order.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +16,7 @@ use ollm_models::{LogitsWanted, load_model};
 use ollm_ops::cuda::{CudaBackend, probe};
 use ollm_weights::Catalog;
 
-const TOL_ABS: f32 = 1e-4;
+const TOL_ABS: f32 = 5e-2;
 
 /// Fixtures next to the sources, or under the current directory when the test binary was
 /// built elsewhere (the GPU machine runs it from the repository root).
@@ -48,6 +54,7 @@ fn llama_fixtures_match_transformers_on_the_gpu() {
         assert!(d <= TOL_ABS, "{case}: prompt logits differ by {d}");
 
         let mut state = model.new_state().expect("state");
+        let mut worst = 0.0f32;
         for (pos, &id) in ids.iter().enumerate() {
             let step = model.forward(&[id], &mut state, LogitsWanted::Last, None).expect("decode");
             let d = step
@@ -56,7 +63,8 @@ fn llama_fixtures_match_transformers_on_the_gpu() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             assert!(d <= TOL_ABS, "{case}: decode position {pos} differs by {d}");
+            worst = worst.max(d);
         }
-        eprintln!("{case}: GPU token-by-token decode matches at all {} positions", ids.len());
+        eprintln!("{case}: GPU token-by-token decode: max |Δ| = {worst:.2e} over {} positions", ids.len());
     }
 }

@@ -1,13 +1,13 @@
-// RMSNorm over the last axis (models.md §1.1), f32 activations, bf16 weight, f32 math.
+// RMSNorm over the last axis (models.md §1.1), f32 activations, weight stored as bf16, f16 or
+// f32, f32 math.
 //   out[r, i] = (offset + w[i]) * x[r, i] * rsqrt(mean_i(x[r, i]^2) + eps)
 // offset = 1 for zero-centred norms (Qwen3-Next), 0 otherwise.
 // Launch: one block per row, blockDim.x a multiple of 32 (<= 1024).
-#include <cuda_bf16.h>
+#include "common.cuh"
 
-extern "C" __global__ void rmsnorm_f32_bf16w(const float* __restrict__ x,
-                                             const __nv_bfloat16* __restrict__ w,
-                                             float* __restrict__ out,
-                                             int n, float eps, float offset) {
+template <typename W>
+__device__ void rmsnorm_row(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ out,
+                            int n, float eps, float offset) {
     const float* xr = x + (size_t)blockIdx.x * n;
     float* orow = out + (size_t)blockIdx.x * n;
     float ss = 0.f;
@@ -30,6 +30,21 @@ extern "C" __global__ void rmsnorm_f32_bf16w(const float* __restrict__ x,
     __syncthreads();
     float r = rsqrtf(partial[0] / (float)n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        orow[i] = (offset + __bfloat162float(w[i])) * (xr[i] * r);
+        orow[i] = (offset + to_f32(w[i])) * (xr[i] * r);
     }
+}
+
+extern "C" __global__ void rmsnorm_f32_bf16w(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                             float* __restrict__ out, int n, float eps, float offset) {
+    rmsnorm_row(x, w, out, n, eps, offset);
+}
+
+extern "C" __global__ void rmsnorm_f32_f16w(const float* __restrict__ x, const __half* __restrict__ w,
+                                            float* __restrict__ out, int n, float eps, float offset) {
+    rmsnorm_row(x, w, out, n, eps, offset);
+}
+
+extern "C" __global__ void rmsnorm_f32_f32w(const float* __restrict__ x, const float* __restrict__ w,
+                                            float* __restrict__ out, int n, float eps, float offset) {
+    rmsnorm_row(x, w, out, n, eps, offset);
 }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{HostTensor, OpsError, Result, Tensor};
+use crate::{DType, HostTensor, OpsError, Result, Tensor};
 
 /// Which RMSNorm formula (models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
 /// where a bf16 backend rounds.
@@ -94,6 +94,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// A zeroed activation tensor in the backend's activation dtype.
     fn zeros(&self, shape: Vec<usize>) -> Result<Tensor>;
 
+    /// A zeroed KV cache `[n_kv, capacity, d]` in [`Backend::kv_dtype`]. Only
+    /// [`Backend::write_kv`], [`Backend::attention`] and [`Backend::grow_kv`] need to read it.
+    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor>;
+
+    /// Element type of the KV cache: f32 on the CPU (the oracle keeps full precision), bf16 on
+    /// GPUs (the model dtype, models.md §2.4).
+    fn kv_dtype(&self) -> DType;
+
     /// Reads any tensor back as f32.
     fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>>;
 
@@ -109,7 +117,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Rotates x `[T, heads, d]` in place (halves layout) for positions `pos0..pos0+T`.
     fn rope(&self, x: &mut Tensor, table: &RopeTable, pos0: usize) -> Result<()>;
 
-    /// Writes new keys or values `[T, n_kv, d]` into a cache `[n_kv, capacity, d]` at `pos0..pos0+T`.
+    /// Writes new keys or values `[T, n_kv, d]` (activations) into a cache `[n_kv, capacity, d]`
+    /// (from [`Backend::kv_zeros`], rounded to its dtype) at `pos0..pos0+T`.
     fn write_kv(&self, cache: &mut Tensor, new: &Tensor, pos0: usize) -> Result<()>;
 
     /// Causal attention of queries q `[T, n_heads, d]` at positions `pos0..pos0+T` over the

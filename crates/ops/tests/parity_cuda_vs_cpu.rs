@@ -1,13 +1,23 @@
 //! Every CUDA kernel against its CPU twin on fresh random inputs, outputs poisoned before each
 //! run. On a machine without a usable GPU the test checks that probing fails with a clear
 //! one-line message (no panic) and skips the kernels.
+//!
+//! Tolerances (‖gpu − cpu‖ / ‖cpu‖ unless said otherwise):
+//! * copies and conversions (embedding, add, write_kv, f32→bf16/f16): exact;
+//! * f32 math on the same inputs (small-T matmul, SGEMM, rmsnorm, rope, silu, attention with
+//!   bf16-valued K/V): 1e-5, only the summation order differs;
+//! * cuBLAS with bf16/f16 weights against the CPU fed the same narrowed activations: 1e-4
+//!   (summation order and tensor-core accumulation only);
+//! * the same against the CPU on the raw f32 activations: 4e-3 for bf16 (x rounded to 8
+//!   mantissa bits: about 2⁻⁹/√3 ≈ 1.1e-3 relative per element) and 1e-3 for f16 (11 bits).
 
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::CudaSlice;
-use half::bf16;
-use ollm_ops::cuda::{self, CudaDevice, probe};
-use ollm_ops::{NormKind, cpu};
+use half::{bf16, f16};
+use ollm_ops::cpu::{self, CpuBackend};
+use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage, probe};
+use ollm_ops::{Backend, CpuStorage, DType, HostTensor, NormKind, Tensor};
 
 /// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
 fn random(n: usize, scale: f32) -> Vec<f32> {
@@ -27,6 +37,7 @@ fn random(n: usize, scale: f32) -> Vec<f32> {
 
 /// ‖a − b‖ / ‖b‖
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
@@ -43,6 +54,10 @@ fn device() -> Option<CudaDevice> {
             None
         }
     }
+}
+
+fn backend() -> Option<CudaBackend> {
+    device().map(CudaBackend::new)
 }
 
 fn up<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, v: &[T]) -> CudaSlice<T> {
@@ -64,18 +79,61 @@ fn bf16s(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|x| bf16::from_f32(*x)).collect()
 }
 
+/// `v` rounded to `dtype` and back (what a tensor of that dtype holds).
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => v.to_vec(),
+        DType::F16 => v.iter().map(|x| f16::from_f32(*x).to_f32()).collect(),
+        DType::BF16 => v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect(),
+    }
+}
+
+/// Host bytes of `v` stored as `dtype`.
+fn host(dtype: DType, shape: Vec<usize>, v: &[f32]) -> HostTensor {
+    let bytes = match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+    };
+    HostTensor { dtype, shape, bytes }
+}
+
+/// Device storage of `v` as `dtype`.
+fn stored(dev: &CudaDevice, dtype: DType, v: &[f32]) -> CudaStorage {
+    match dtype {
+        DType::F32 => CudaStorage::F32(dev.upload(v, "test").expect("upload")),
+        DType::F16 => {
+            CudaStorage::F16(dev.upload(&v.iter().map(|x| f16::from_f32(*x)).collect::<Vec<_>>(), "test").expect("up"))
+        }
+        DType::BF16 => CudaStorage::BF16(dev.upload(&bf16s(v), "test").expect("upload")),
+    }
+}
+
+fn cpu_storage(dtype: DType, v: &[f32]) -> CpuStorage {
+    match dtype {
+        DType::F32 => CpuStorage::F32(v.to_vec()),
+        DType::F16 => CpuStorage::F16(v.iter().map(|x| f16::from_f32(*x)).collect()),
+        DType::BF16 => CpuStorage::BF16(bf16s(v)),
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+
 #[test]
 fn elementwise_ops_match_cpu() {
     let Some(dev) = device() else { return };
-    // embedding
+    // embedding, every table dtype
     let (vocab, hidden) = (300, 96);
-    let table = bf16s(&random(vocab * hidden, 1.0));
     let ids: Vec<u32> = random(11, 1.0).iter().map(|x| ((x.abs() * 1e4) as u32) % vocab as u32).collect();
-    let mut want = vec![0.0; ids.len() * hidden];
-    cpu::embedding(&ollm_ops::CpuStorage::BF16(table.clone()), hidden, &ids, &mut want);
-    let mut out = poisoned(&dev, want.len());
-    cuda::elementwise::embedding(&dev, &up(&dev, &table), &up(&dev, &ids), hidden, &mut out).expect("embedding");
-    assert_eq!(down(&dev, &out), want, "embedding is a copy: exact");
+    for dtype in DTYPES {
+        let table = random(vocab * hidden, 1.0);
+        let mut want = vec![0.0; ids.len() * hidden];
+        cpu::embedding(&cpu_storage(dtype, &table), hidden, &ids, &mut want);
+        let mut out = poisoned(&dev, want.len());
+        cuda::elementwise::embedding(&dev, &stored(&dev, dtype, &table), &up(&dev, &ids), hidden, &mut out)
+            .expect("embedding");
+        assert_eq!(down(&dev, &out), want, "embedding ({dtype}) is a copy: exact");
+    }
     // silu_mul
     let (g, u) = (random(5000, 6.0), random(5000, 2.0));
     let mut want = vec![0.0; 5000];
@@ -90,38 +148,144 @@ fn elementwise_ops_match_cpu() {
     let mut xd = up(&dev, &x);
     cuda::elementwise::add_assign(&dev, &mut xd, &up(&dev, &y)).expect("add");
     assert_eq!(down(&dev, &xd), want, "add is exact");
-    // write_kv: [T=3, n_kv=2, d=4] into [2, 8, 4] at position 5; the rest stays as it was.
+    // add_bias, every bias dtype: out [7, 45] += b [45]
+    for dtype in DTYPES {
+        let (t, n) = (7, 45);
+        let (x, b) = (random(t * n, 1.0), random(n, 1.0));
+        let bq = rounded(&b, dtype);
+        let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + bq[i % n]).collect();
+        let mut xd = up(&dev, &x);
+        cuda::elementwise::add_bias(&dev, &mut xd, &stored(&dev, dtype, &b), n).expect("add_bias");
+        assert_eq!(down(&dev, &xd), want, "add_bias ({dtype}) is exact");
+    }
+    // write_kv: [T=3, n_kv=2, d=4] f32 into a bf16 cache [2, 8, 4] at position 5, rounded to
+    // nearest even; the rest stays as it was.
     let (t, n_kv, cap, d, pos0) = (3, 2, 8, 4, 5);
     let src = random(t * n_kv * d, 1.0);
-    let before = random(n_kv * cap * d, 1.0);
+    let before = bf16s(&random(n_kv * cap * d, 1.0));
     let mut want = before.clone();
     for ti in 0..t {
         for h in 0..n_kv {
             for c in 0..d {
-                want[(h * cap + pos0 + ti) * d + c] = src[(ti * n_kv + h) * d + c];
+                want[(h * cap + pos0 + ti) * d + c] = bf16::from_f32(src[(ti * n_kv + h) * d + c]);
             }
         }
     }
     let mut cache = up(&dev, &before);
     let g = cuda::elementwise::KvGeometry { n_kv, cap, d };
     cuda::elementwise::write_kv(&dev, &mut cache, &up(&dev, &src), g, pos0).expect("write_kv");
-    assert_eq!(down(&dev, &cache), want);
+    let got = dev.stream.clone_dtoh(&cache).expect("download");
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "write_kv: bf16 bits differ");
     assert!(cuda::elementwise::write_kv(&dev, &mut cache, &up(&dev, &src), g, 6).is_err(), "past the capacity");
 }
 
 #[test]
-fn matmul_matches_cpu() {
+fn narrowing_matches_half_bit_for_bit() {
     let Some(dev) = device() else { return };
-    for &(t, k, n) in &[(1usize, 576usize, 1536usize), (3, 100, 33), (17, 256, 520)] {
-        let x = random(t * k, 1.0);
-        let w = bf16s(&random(n * k, 0.2));
-        let mut want = vec![0.0; t * n];
-        cpu::matmul(&x, t, k, &ollm_ops::CpuStorage::BF16(w.clone()), n, None, &mut want);
-        let mut out = poisoned(&dev, t * n);
-        cuda::matmul::matmul(&dev, &up(&dev, &x), &up(&dev, &w), n, k, &mut out).expect("matmul");
-        let e = rel_err(&down(&dev, &out), &want);
-        assert!(e < 1e-5, "matmul t={t} k={k} n={n}: rel err {e:e}");
+    // Random values over a wide range plus the rounding edge cases.
+    let mut x = random(10_000, 300.0);
+    x.extend([0.0, -0.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 65504.0, 1e-8, -7.5e-6]);
+    for dtype in [DType::BF16, DType::F16] {
+        let mut y = up(&dev, &vec![0xffffu16; x.len()]);
+        cuda::convert::f32_to_16bit(&dev, &up(&dev, &x), &mut y, dtype).expect("convert");
+        let got = dev.stream.clone_dtoh(&y).expect("download");
+        let want: Vec<u16> = match dtype {
+            DType::BF16 => x.iter().map(|v| bf16::from_f32(*v).to_bits()).collect(),
+            _ => x.iter().map(|v| f16::from_f32(*v).to_bits()).collect(),
+        };
+        let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(bad.is_none(), "{dtype}: element {bad:?} of {:?} differs", bad.map(|i| x[i]));
     }
+}
+
+/// The CPU twin of `out = x · wᵀ (+ b)` with w stored as `dtype`.
+fn cpu_matmul(x: &[f32], t: usize, k: usize, w: &[f32], n: usize, dtype: DType, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut want = vec![0.0; t * n];
+    cpu::matmul(x, t, k, &cpu_storage(dtype, w), n, bias, &mut want);
+    want
+}
+
+#[test]
+fn small_t_matmul_matches_cpu_for_every_weight_dtype() {
+    let Some(dev) = device() else { return };
+    for dtype in DTYPES {
+        for &(t, k, n) in &[(1usize, 576usize, 1536usize), (3, 100, 33), (15, 256, 520), (17, 64, 9)] {
+            let (x, w) = (random(t * k, 1.0), random(n * k, 0.2));
+            let want = cpu_matmul(&x, t, k, &w, n, dtype, None);
+            let mut out = poisoned(&dev, t * n);
+            cuda::matmul::matmul_small(&dev, &up(&dev, &x), &stored(&dev, dtype, &w), n, k, &mut out).expect("matmul");
+            let e = rel_err(&down(&dev, &out), &want);
+            assert!(e < 1e-5, "small matmul {dtype} t={t} k={k} n={n}: rel err {e:e}");
+        }
+    }
+}
+
+#[test]
+fn cublas_matmul_matches_cpu_for_every_weight_dtype() {
+    let Some(dev) = device() else { return };
+    for dtype in DTYPES {
+        for &(t, k, n) in
+            &[(64usize, 576usize, 1536usize), (17, 100, 33), (16, 4096, 257), (3, 128, 64), (200, 96, 1000)]
+        {
+            let (x, w) = (random(t * k, 1.0), random(n * k, 0.2));
+            let mut out = poisoned(&dev, t * n);
+            cuda::matmul::matmul_cublas(&dev, &up(&dev, &x), &stored(&dev, dtype, &w), n, k, &mut out).expect("matmul");
+            let got = down(&dev, &out);
+            // Against the CPU fed what cuBLAS multiplies: x narrowed to the weight dtype.
+            let same_inputs = rel_err(&got, &cpu_matmul(&rounded(&x, dtype), t, k, &w, n, dtype, None));
+            let raw = rel_err(&got, &cpu_matmul(&x, t, k, &w, n, dtype, None));
+            let (tol_same, tol_raw) = match dtype {
+                DType::BF16 => (1e-4, 4e-3),
+                DType::F16 => (1e-4, 1e-3),
+                DType::F32 => (1e-5, 1e-5),
+            };
+            eprintln!(
+                "cublas {dtype} t={t} k={k} n={n}: rel err {same_inputs:.2e} (same inputs), {raw:.2e} (raw f32 x)"
+            );
+            assert!(same_inputs < tol_same, "cublas {dtype} t={t} k={k} n={n}: rel err {same_inputs:e}");
+            assert!(raw < tol_raw, "cublas {dtype} t={t} k={k} n={n}: rel err {raw:e} against raw f32");
+        }
+    }
+}
+
+/// Backend::matmul dispatches on T (kernel below 16 rows, cuBLAS from 16) and adds biases of
+/// any dtype; checked through both backends' trait with the same stored tensors.
+#[test]
+fn backend_matmul_with_bias_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    for (wt, bt) in
+        [(DType::BF16, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::F32, DType::F32)]
+    {
+        for &t in &[1usize, 15, 16, 40] {
+            let (k, n) = (192, 72);
+            let x = random(t * k, 1.0);
+            let w = host(wt, vec![n, k], &random(n * k, 0.2));
+            let b = host(bt, vec![n], &random(n, 1.0));
+            let mut want = cpu.zeros(vec![t, n]).expect("cpu out");
+            let xc = cpu.upload_f32(vec![t, k], &x).expect("x");
+            let (wc, bc) = (cpu.upload(&w).expect("w"), cpu.upload(&b).expect("b"));
+            cpu.matmul(&xc, &wc, Some(&bc), &mut want).expect("cpu matmul");
+            let want = cpu.to_host_f32(&want).expect("want");
+
+            let mut out = gpu.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("poisoned");
+            let xg = gpu.upload_f32(vec![t, k], &x).expect("x");
+            let (wg, bg) = (gpu.upload(&w).expect("w"), gpu.upload(&b).expect("b"));
+            gpu.matmul(&xg, &wg, Some(&bg), &mut out).expect("gpu matmul");
+            let got = gpu.to_host_f32(&out).expect("got");
+            assert!(got.iter().all(|v| v.is_finite()), "unwritten outputs");
+            let e = rel_err(&got, &want);
+            let tol = if t >= cuda::matmul::CUBLAS_MIN_ROWS && wt != DType::F32 { 4e-3 } else { 1e-5 };
+            eprintln!("backend matmul w {wt} bias {bt} t={t}: rel err {e:.2e}");
+            assert!(e < tol, "backend matmul w {wt} bias {bt} t={t}: rel err {e:e} (tolerance {tol:e})");
+        }
+    }
+    // A bias of the wrong length is a shape error, not a crash.
+    let x = gpu.upload_f32(vec![2, 8], &random(16, 1.0)).expect("x");
+    let w = gpu.upload(&host(DType::BF16, vec![4, 8], &random(32, 1.0))).expect("w");
+    let b = gpu.upload_f32(vec![5], &random(5, 1.0)).expect("b");
+    let mut out = gpu.zeros(vec![2, 4]).expect("out");
+    assert!(gpu.matmul(&x, &w, Some(&b), &mut out).is_err());
 }
 
 #[test]
@@ -154,8 +318,9 @@ fn attention_matches_cpu() {
     ];
     for (t, nh, nkv, d, cap, pos0, window, with_sinks) in cases {
         let q = random(t * nh * d, 1.0);
-        let k = random(nkv * cap * d, 1.0);
-        let v = random(nkv * cap * d, 1.0);
+        // The cache is bf16 on the GPU: the CPU twin gets the same (bf16-valued) numbers.
+        let k = rounded(&random(nkv * cap * d, 1.0), DType::BF16);
+        let v = rounded(&random(nkv * cap * d, 1.0), DType::BF16);
         let sinks = random(nh, 2.0);
         let scale = (d as f32).powf(-0.5);
         let geo = cpu::AttnGeometry { n_heads: nh, n_kv: nkv, d, cap, pos0 };
@@ -165,8 +330,8 @@ fn attention_matches_cpu() {
         let sinks_d = up(&dev, &sinks);
         let mut out = poisoned(&dev, q.len());
         let s = with_sinks.then_some(&sinks_d);
-        cuda::attention::attention(&dev, &up(&dev, &q), &up(&dev, &k), &up(&dev, &v), g, scale, window, s, &mut out)
-            .expect("attention");
+        let (kd, vd) = (up(&dev, &bf16s(&k)), up(&dev, &bf16s(&v)));
+        cuda::attention::attention(&dev, &up(&dev, &q), &kd, &vd, g, scale, window, s, &mut out).expect("attention");
         let e = rel_err(&down(&dev, &out), &want);
         assert!(e < 1e-5, "attention t={t} d={d} pos0={pos0} window={window:?}: rel err {e:e}");
         eprintln!(
@@ -175,28 +340,120 @@ fn attention_matches_cpu() {
     }
 }
 
+/// The KV path through the Backend trait: a bf16 cache from kv_zeros, written, grown and
+/// attended over, against the CPU backend's f32 cache fed bf16-valued keys and values.
 #[test]
-fn rmsnorm_matches_cpu() {
+fn bf16_kv_cache_through_the_backend_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    assert_eq!(gpu.kv_dtype(), DType::BF16);
+    assert_eq!(cpu.kv_dtype(), DType::F32);
+    let (nh, nkv, d) = (8, 2, 64);
+    let (cap0, t1, t2) = (16, 10, 9);
+    let run = |be: &dyn Backend, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32]| -> Vec<f32> {
+        let mut k = be.kv_zeros(vec![nkv, cap0, d]).expect("k");
+        let mut v = be.kv_zeros(vec![nkv, cap0, d]).expect("v");
+        let mut pos = 0;
+        for (kn, vn) in ks.iter().zip(vs) {
+            let t = kn.len() / (nkv * d);
+            if pos + t > cap0 {
+                k = be.grow_kv(&k, pos, 2 * cap0).expect("grow k");
+                v = be.grow_kv(&v, pos, 2 * cap0).expect("grow v");
+            }
+            be.write_kv(&mut k, &be.upload_f32(vec![t, nkv, d], kn).expect("kn"), pos).expect("write k");
+            be.write_kv(&mut v, &be.upload_f32(vec![t, nkv, d], vn).expect("vn"), pos).expect("write v");
+            pos += t;
+        }
+        let tq = q.len() / (nh * d);
+        let qt = be.upload_f32(vec![tq, nh, d], q).expect("q");
+        let mut out = be.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
+        let p = ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+        be.attention(&qt, &k, &v, pos - tq, &p, &mut out).expect("attention");
+        be.to_host_f32(&out).expect("out")
+    };
+    let ks = [random(t1 * nkv * d, 1.0), random(t2 * nkv * d, 1.0)];
+    let vs = [random(t1 * nkv * d, 1.0), random(t2 * nkv * d, 1.0)];
+    let q = random(t2 * nh * d, 1.0);
+    let got = run(&gpu, &ks, &vs, &q);
+    assert!(got.iter().all(|v| v.is_finite()), "unwritten outputs");
+    let round = |x: &[Vec<f32>]| x.iter().map(|v| rounded(v, DType::BF16)).collect::<Vec<_>>();
+    let want = run(&cpu, &round(&ks), &round(&vs), &q);
+    let e = rel_err(&got, &want);
+    eprintln!("bf16 KV cache through the backend (write, grow, attend): rel err {e:.2e}");
+    assert!(e < 1e-5, "bf16 KV cache: rel err {e:e}");
+    // An f32 tensor is not a CUDA KV cache: a dtype error, not a crash.
+    let mut f32_cache = gpu.zeros(vec![nkv, cap0, d]).expect("zeros");
+    let new = gpu.upload_f32(vec![1, nkv, d], &random(nkv * d, 1.0)).expect("new");
+    let err = gpu.write_kv(&mut f32_cache, &new, 0).expect_err("f32 cache");
+    assert!(err.to_string().contains("kv_zeros"), "{err}");
+}
+
+#[test]
+fn rmsnorm_matches_cpu_for_every_weight_dtype() {
     let Some(dev) = device() else { return };
     eprintln!("device: {} (sm_{}{})", dev.info.name, dev.info.compute_capability.0, dev.info.compute_capability.1);
-    for &(rows, n) in &[(1usize, 576usize), (7, 4096), (33, 2880), (5, 100)] {
-        for kind in [NormKind::Llama, NormKind::ZeroCentered] {
-            let x = random(rows * n, 3.0);
-            let w: Vec<bf16> = random(n, 1.0).iter().map(|v| bf16::from_f32(1.0 + v * 0.2)).collect();
-            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-            let mut want = vec![0.0f32; rows * n];
-            cpu::rms_norm(&x, &wf, 1e-5, kind, &mut want);
-
-            let xd = dev.stream.clone_htod(&x).expect("upload x");
-            let wd = dev.stream.clone_htod(&w).expect("upload w");
-            let mut outd = dev.stream.clone_htod(&vec![f32::NAN; rows * n]).expect("poisoned out");
-            ollm_ops::cuda::rmsnorm::rms_norm(&dev, &xd, &wd, n, 1e-5, kind, &mut outd).expect("launch");
-            let got = dev.stream.clone_dtoh(&outd).expect("download");
-            assert!(got.iter().all(|v| v.is_finite()), "rows={rows} n={n}: unwritten or NaN outputs");
-            let e = rel_err(&got, &want);
-            // f32 math on both sides; only the summation order differs.
-            assert!(e < 1e-5, "rows={rows} n={n} {kind:?}: relative error {e:e}");
-            eprintln!("rmsnorm rows={rows} n={n} {kind:?}: rel err {e:.2e}");
+    for dtype in DTYPES {
+        for &(rows, n) in &[(1usize, 576usize), (7, 4096), (33, 2880), (5, 100)] {
+            for kind in [NormKind::Llama, NormKind::ZeroCentered] {
+                let x = random(rows * n, 3.0);
+                let w: Vec<f32> = random(n, 1.0).iter().map(|v| 1.0 + v * 0.2).collect();
+                let mut want = vec![0.0f32; rows * n];
+                cpu::rms_norm(&x, &rounded(&w, dtype), 1e-5, kind, &mut want);
+                let mut outd = poisoned(&dev, rows * n);
+                cuda::rmsnorm::rms_norm(&dev, &up(&dev, &x), &stored(&dev, dtype, &w), n, 1e-5, kind, &mut outd)
+                    .expect("launch");
+                let e = rel_err(&down(&dev, &outd), &want);
+                // f32 math on both sides; only the summation order differs.
+                assert!(e < 1e-5, "{dtype} rows={rows} n={n} {kind:?}: relative error {e:e}");
+            }
         }
+        eprintln!("rmsnorm {dtype} weights: within 1e-5");
+    }
+}
+
+/// Every allocation is counted; going over the budget is a one-line error naming what asked,
+/// and nothing is allocated or counted for it.
+#[test]
+fn vram_budget_is_enforced_and_counted() {
+    let Some(gpu) = backend() else { return };
+    let dev = gpu.device();
+    let base = dev.used_bytes();
+    assert!(base >= 4 << 20, "the cuBLAS workspace is counted ({base} B)");
+    let t = gpu.zeros(vec![1024, 1024]).expect("4 MiB");
+    assert_eq!(dev.used_bytes(), base + (4 << 20));
+    let kv = gpu.kv_zeros(vec![8, 1024, 128]).expect("2 MiB bf16 cache");
+    assert_eq!(dev.used_bytes(), base + (6 << 20));
+    drop(t);
+    drop(kv);
+    assert_eq!(dev.used_bytes(), base, "dropping a tensor returns its bytes");
+    let v = dev.vram();
+    assert!(v.peak_used_bytes() >= v.context_bytes(), "the driver's peak includes the context");
+    assert_eq!(v.budget_bytes(), v.total_bytes(), "default budget: the whole device");
+
+    // A budget 64 MiB above what is in use now: 32 MiB fits, 128 MiB does not.
+    let budget = v.context_bytes() + dev.used_bytes() + (64 << 20);
+    dev.set_vram_budget(budget).expect("set budget");
+    let fits = gpu.zeros(vec![8 << 20]).expect("32 MiB fits");
+    let before = dev.used_bytes();
+    let err = gpu.kv_zeros(vec![8, 32768, 128]).expect_err("128 MiB KV cache over the budget");
+    let msg = err.to_string();
+    eprintln!("over-budget error: {msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    assert!(msg.starts_with("VRAM budget") && msg.contains("KV cache") && msg.contains("--vram-budget"), "{msg}");
+    assert_eq!(dev.used_bytes(), before, "a refused allocation is not counted");
+    drop(fits);
+    assert!(dev.set_vram_budget(v.context_bytes() / 2).is_err(), "a budget below the context is refused");
+    dev.set_vram_budget(v.total_bytes()).expect("reset");
+}
+
+/// Uploads keep their dtype and values (through the accounted allocation path).
+#[test]
+fn uploads_round_trip() {
+    let Some(gpu) = backend() else { return };
+    for dtype in DTYPES {
+        let v = random(1000, 4.0);
+        let t: Tensor = gpu.upload(&host(dtype, vec![10, 100], &v)).expect("upload");
+        assert_eq!(t.dtype(), dtype);
+        assert_eq!(gpu.to_host_f32(&t).expect("down"), rounded(&v, dtype), "{dtype}");
     }
 }

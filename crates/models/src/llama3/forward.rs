@@ -79,7 +79,7 @@ impl Llama {
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
         let embed_bytes = embed.size_bytes() as u64;
         let weight_bytes = catalog.total_bytes();
-        let kv_elem_bytes = backend.zeros(vec![1])?.dtype().size_bytes() as u64;
+        let kv_elem_bytes = backend.kv_dtype().size_bytes() as u64;
         let info = ModelInfo {
             architecture,
             vocab_size: v,

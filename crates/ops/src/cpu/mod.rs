@@ -23,7 +23,7 @@ use half::{bf16, f16};
 
 use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
 use crate::error::{Result, shape_err};
-use crate::{CpuStorage, HostTensor, Storage, Tensor};
+use crate::{CpuStorage, DType, HostTensor, Storage, Tensor};
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Debug, Default, Clone, Copy)]
@@ -64,6 +64,14 @@ impl Backend for CpuBackend {
     fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
         let n = shape.iter().product();
         Tensor::from_f32(shape, vec![0.0; n])
+    }
+
+    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        self.zeros(shape)
+    }
+
+    fn kv_dtype(&self) -> DType {
+        DType::F32
     }
 
     fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {

@@ -1,20 +1,23 @@
 //! Launcher for `kernels/attention.cu` (the reference kernel; flash and split-K come later).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
 
 use super::{CudaDevice, driver_err, shape};
 pub use crate::AttnGeometry;
 use crate::Result;
 
-const SOURCE: &str = include_str!("../../kernels/attention.cu");
+/// The kernel file's source text.
+pub const SOURCE: &str = include_str!("../../kernels/attention.cu");
 
-/// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`; `window` 0 = full causal; sinks `[n_heads]`.
+/// q, out `[T, n_heads, d]` f32; k, v `[n_kv, cap, d]` bf16 (the KV cache); `window` None =
+/// full causal; sinks `[n_heads]` f32.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     dev: &CudaDevice,
     q: &CudaSlice<f32>,
-    k: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
     g: AttnGeometry,
     scale: f32,
     window: Option<usize>,
@@ -39,7 +42,7 @@ pub fn attention(
             format!("q {}, k {}, v {}, out {}, {g:?}", q.len(), k.len(), v.len(), out.len()),
         ));
     }
-    let func = dev.function("attention", SOURCE, "attention_f32")?;
+    let func = dev.function("attention", SOURCE, "attention_bf16kv")?;
     let ints = [g.n_heads as i32, g.n_kv as i32, g.d as i32, g.cap as i32, g.pos0 as i32];
     let window_i32 = window.map_or(0, |w| w as i32);
     let has_sinks = i32::from(sinks.is_some());
@@ -56,7 +59,7 @@ pub fn attention(
         None => l.arg(q),
     };
     l.arg(&has_sinks);
-    // SAFETY: argument order and types match attention_f32; sizes checked above.
+    // SAFETY: argument order and types match attention_bf16kv; sizes checked above.
     unsafe { l.launch(cfg) }.map_err(driver_err("attention"))?;
     Ok(())
 }

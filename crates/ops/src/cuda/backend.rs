@@ -1,59 +1,25 @@
 //! The CUDA implementation of the [`Backend`] trait: f32 activations, weights in their stored
-//! dtype (bf16 kernels so far), every op a kernel from `kernels/` checked against its CPU twin.
+//! dtype (bf16, f16 or f32), a bf16 KV cache, every op a kernel from `kernels/` (or cuBLAS)
+//! checked against its CPU twin. Every allocation goes through the device's VRAM account.
 //!
-//! Not yet here (they come with the CUDA issue): biases and f16/f32 weights in matmul, the tuned
-//! GEMV, cuBLAS for prefill, flash/split-K attention, and the VRAM budget allocator.
+//! Not yet here (they come with the CUDA issue): the tuned GEMV and flash/split-K attention.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use half::{bf16, f16};
+use half::bf16;
 
 use super::elementwise::KvGeometry;
-use super::{CudaDevice, attention, elementwise, matmul, rmsnorm, rope};
+use super::{CudaDevice, CudaStorage, attention, elementwise, matmul, rmsnorm, rope};
 use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostTensor, OpsError, Result, Storage, Tensor};
-
-/// Elements of a device tensor.
-#[derive(Debug)]
-pub enum CudaStorage {
-    F32(CudaSlice<f32>),
-    F16(CudaSlice<f16>),
-    BF16(CudaSlice<bf16>),
-}
-
-impl CudaStorage {
-    pub fn dtype(&self) -> DType {
-        match self {
-            CudaStorage::F32(_) => DType::F32,
-            CudaStorage::F16(_) => DType::F16,
-            CudaStorage::BF16(_) => DType::BF16,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            CudaStorage::F32(s) => s.len(),
-            CudaStorage::F16(s) => s.len(),
-            CudaStorage::BF16(s) => s.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Owns the open device; tensors it creates live on that device.
 #[derive(Debug)]
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
-}
-
-fn drv(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> OpsError {
-    super::driver_err(op)
 }
 
 fn cuda<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
@@ -84,10 +50,19 @@ fn f32s_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice
     }
 }
 
-fn bf16s<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<bf16>> {
+const KV_DETAIL: &str = "the CUDA KV cache is bf16; create it with Backend::kv_zeros";
+
+fn kv<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<bf16>> {
     match cuda(t, op)? {
         CudaStorage::BF16(s) => Ok(s),
-        s => Err(OpsError::DType { op, dtype: s.dtype(), detail: "the CUDA backend takes bf16 weights so far" }),
+        s => Err(OpsError::DType { op, dtype: s.dtype(), detail: KV_DETAIL }),
+    }
+}
+
+fn kv_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<bf16>> {
+    match cuda_mut(t, op)? {
+        CudaStorage::BF16(s) => Ok(s),
+        s => Err(OpsError::DType { op, dtype: s.dtype(), detail: KV_DETAIL }),
     }
 }
 
@@ -111,17 +86,17 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
-        let st = &self.dev.stream;
+        let what = "an uploaded tensor";
         let s = match host.to_cpu_storage()? {
-            CpuStorage::F32(v) => CudaStorage::F32(st.clone_htod(&v).map_err(drv("upload"))?),
-            CpuStorage::F16(v) => CudaStorage::F16(st.clone_htod(&v).map_err(drv("upload"))?),
-            CpuStorage::BF16(v) => CudaStorage::BF16(st.clone_htod(&v).map_err(drv("upload"))?),
+            CpuStorage::F32(v) => CudaStorage::F32(self.dev.upload(&v, what)?),
+            CpuStorage::F16(v) => CudaStorage::F16(self.dev.upload(&v, what)?),
+            CpuStorage::BF16(v) => CudaStorage::BF16(self.dev.upload(&v, what)?),
         };
         self.tensor(host.shape.clone(), s)
     }
 
     fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
-        let s = self.dev.stream.clone_htod(data).map_err(drv("upload_f32"))?;
+        let s = self.dev.upload(data, "an uploaded f32 tensor")?;
         self.tensor(shape, CudaStorage::F32(s))
     }
 
@@ -130,16 +105,30 @@ impl Backend for CudaBackend {
         if n == 0 {
             return shape_err("zeros", format!("empty shape {shape:?}"));
         }
-        let s = self.dev.stream.alloc_zeros::<f32>(n).map_err(drv("zeros"))?;
+        let s = self.dev.alloc_zeros::<f32>(n, &format!("activations {shape:?}"))?;
         self.tensor(shape, CudaStorage::F32(s))
+    }
+
+    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>();
+        if n == 0 {
+            return shape_err("kv_zeros", format!("empty shape {shape:?}"));
+        }
+        let s = self.dev.alloc_zeros::<bf16>(n, &format!("a KV cache {shape:?}"))?;
+        self.tensor(shape, CudaStorage::BF16(s))
+    }
+
+    fn kv_dtype(&self) -> DType {
+        DType::BF16
     }
 
     fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
         let st = &self.dev.stream;
+        let err = super::driver_err("to_host_f32");
         Ok(match cuda(t, "to_host_f32")? {
-            CudaStorage::F32(s) => st.clone_dtoh(s).map_err(drv("to_host_f32"))?,
-            CudaStorage::F16(s) => st.clone_dtoh(s).map_err(drv("to_host_f32"))?.iter().map(|v| v.to_f32()).collect(),
-            CudaStorage::BF16(s) => st.clone_dtoh(s).map_err(drv("to_host_f32"))?.iter().map(|v| v.to_f32()).collect(),
+            CudaStorage::F32(s) => st.clone_dtoh(&**s).map_err(err)?,
+            CudaStorage::F16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
+            CudaStorage::BF16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
         })
     }
 
@@ -150,18 +139,19 @@ impl Backend for CudaBackend {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return shape_err("embedding", format!("token id {bad} is outside the vocabulary of {vocab}"));
         }
-        let ids_d = self.dev.stream.clone_htod(ids).map_err(drv("embedding"))?;
-        elementwise::embedding(&self.dev, bf16s(table, "embedding")?, &ids_d, hidden, f32s_mut(out, "embedding")?)
+        let ids_d = self.dev.upload(ids, "token ids")?;
+        elementwise::embedding(&self.dev, cuda(table, "embedding")?, &ids_d, hidden, f32s_mut(out, "embedding")?)
     }
 
     fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
         let &[n, k] = w.shape() else {
             return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
         };
-        if bias.is_some() {
-            return Err(OpsError::Backend("cuda matmul: biases are not supported yet; use --device cpu".into()));
+        if let Some(b) = bias.filter(|b| b.numel() != n) {
+            return shape_err("matmul", format!("bias {:?} for {n} outputs", b.shape()));
         }
-        matmul::matmul(&self.dev, f32s(x, "matmul")?, bf16s(w, "matmul")?, n, k, f32s_mut(out, "matmul")?)
+        let bias = bias.map(|b| cuda(b, "matmul")).transpose()?;
+        matmul::matmul(&self.dev, f32s(x, "matmul")?, cuda(w, "matmul")?, n, k, bias, f32s_mut(out, "matmul")?)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, kind: NormKind, out: &mut Tensor) -> Result<()> {
@@ -169,7 +159,7 @@ impl Backend for CudaBackend {
         rmsnorm::rms_norm(
             &self.dev,
             f32s(x, "rms_norm")?,
-            bf16s(w, "rms_norm")?,
+            cuda(w, "rms_norm")?,
             n,
             eps,
             kind,
@@ -191,7 +181,7 @@ impl Backend for CudaBackend {
         };
         elementwise::write_kv(
             &self.dev,
-            f32s_mut(cache, "write_kv")?,
+            kv_mut(cache, "write_kv")?,
             f32s(new, "write_kv")?,
             KvGeometry { n_kv, cap, d },
             pos0,
@@ -209,7 +199,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let g = AttnGeometry::of(q, k, v, out, pos0, p.sinks)?;
         let sinks = p.sinks.map(|s| f32s(s, "attention")).transpose()?;
-        let (qd, kd, vd) = (f32s(q, "attention")?, f32s(k, "attention")?, f32s(v, "attention")?);
+        let (qd, kd, vd) = (f32s(q, "attention")?, kv(k, "attention")?, kv(v, "attention")?);
         attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, f32s_mut(out, "attention")?)
     }
 
@@ -229,21 +219,22 @@ impl Backend for CudaBackend {
         }
         let s = f32s(src, "copy_rows")?;
         let view = s.slice(rows.start * n..rows.end * n);
-        self.dev.stream.memcpy_dtod(&view, f32s_mut(out, "copy_rows")?).map_err(drv("copy_rows"))
+        self.dev.stream.memcpy_dtod(&view, f32s_mut(out, "copy_rows")?).map_err(super::driver_err("copy_rows"))
     }
 
     fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
         let n = (bytes / 8).max(1 << 20);
         let st = &self.dev.stream;
-        let src = st.alloc_zeros::<f32>(n).map_err(drv("measure_bandwidth"))?;
-        let mut dst = st.alloc_zeros::<f32>(n).map_err(drv("measure_bandwidth"))?;
+        let drv = super::driver_err("measure_bandwidth");
+        let src = self.dev.alloc_zeros::<f32>(n, "the bandwidth test's source")?;
+        let mut dst = self.dev.alloc_zeros::<f32>(n, "the bandwidth test's destination")?;
         let mut best = 0.0f64;
         // One warm-up copy, then five timed ones; each moves n floats in and n out.
         for i in 0..6 {
-            st.synchronize().map_err(drv("measure_bandwidth"))?;
+            st.synchronize().map_err(&drv)?;
             let t = std::time::Instant::now();
-            st.memcpy_dtod(&src, &mut dst).map_err(drv("measure_bandwidth"))?;
-            st.synchronize().map_err(drv("measure_bandwidth"))?;
+            st.memcpy_dtod(&*src, &mut *dst).map_err(&drv)?;
+            st.synchronize().map_err(&drv)?;
             if i > 0 {
                 best = best.max((2 * n * 4) as f64 / t.elapsed().as_secs_f64());
             }
@@ -258,13 +249,14 @@ impl Backend for CudaBackend {
         if len > cap || len > new_cap {
             return shape_err("grow_kv", format!("keep {len} of {cap} positions in {new_cap}"));
         }
-        let src = f32s(cache, "grow_kv")?;
-        let mut dst = self.dev.stream.alloc_zeros::<f32>(n_kv * new_cap * d).map_err(drv("grow_kv"))?;
+        let src = kv(cache, "grow_kv")?;
+        let shape = vec![n_kv, new_cap, d];
+        let mut dst = self.dev.alloc_zeros::<bf16>(n_kv * new_cap * d, &format!("a KV cache {shape:?}"))?;
         for h in 0..n_kv {
             let from = src.slice(h * cap * d..(h * cap + len) * d);
             let mut to = dst.slice_mut(h * new_cap * d..(h * new_cap + len) * d);
-            self.dev.stream.memcpy_dtod(&from, &mut to).map_err(drv("grow_kv"))?;
+            self.dev.stream.memcpy_dtod(&from, &mut to).map_err(super::driver_err("grow_kv"))?;
         }
-        self.tensor(vec![n_kv, new_cap, d], CudaStorage::F32(dst))
+        self.tensor(shape, CudaStorage::BF16(dst))
     }
 }

@@ -1,15 +1,19 @@
-//! Finding a usable CUDA device without ever panicking.
+//! Finding a usable CUDA device without ever panicking, and allocating on it.
 //!
 //! cudarc panics when a library it needs cannot be loaded, so every library is checked for
-//! first, and context creation runs under `catch_unwind` as a last guard.
+//! first, and context creation runs under `catch_unwind` as a last guard. All device memory is
+//! allocated through [`CudaDevice::alloc_zeros`], [`CudaDevice::upload`] or
+//! [`CudaDevice::alloc_uninit`], which reserve it in the device's [`VramAccount`] first.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
+use super::cublas::{Blas, workspace_bytes};
 use super::nvrtc_cache::KernelCache;
+use super::vram::{DeviceBuf, VramAccount, human};
 use crate::{OpsError, Result};
 
 /// What the driver reports about the chosen device.
@@ -19,21 +23,116 @@ pub struct DeviceInfo {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub total_bytes: usize,
+    /// Free right after the context (and the cuBLAS handle) were created.
     pub free_bytes: usize,
 }
 
-/// An open device: its context, the stream work is queued on, the kernel cache and the modules
-/// loaded from it (one per kernel file, loaded on first use).
+/// An open device: its context, the stream work is queued on, the VRAM account every
+/// allocation goes through, the cuBLAS handle (bound to the stream), a reusable 16-bit scratch
+/// buffer, the kernel cache and the modules loaded from it (one per kernel file, loaded on
+/// first use).
 #[derive(Debug)]
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub info: DeviceInfo,
     pub kernels: KernelCache,
+    vram: Arc<VramAccount>,
+    pub(crate) blas: Mutex<Blas>,
+    /// Narrowed activations for cuBLAS (bf16 or f16 bits), grown on demand, kept for reuse.
+    scratch16: Mutex<Option<DeviceBuf<u16>>>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
 }
 
+/// Reserves `len` elements of `T` for `what` in `account`, then allocates them with `alloc`,
+/// samples the driver's free memory, and wraps the slice so that dropping it releases the bytes.
+fn tracked<T>(
+    ctx: &CudaContext,
+    account: &Arc<VramAccount>,
+    len: usize,
+    what: &str,
+    alloc: impl FnOnce() -> std::result::Result<CudaSlice<T>, cudarc::driver::DriverError>,
+) -> Result<DeviceBuf<T>> {
+    let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| {
+        OpsError::Backend(format!("cuda alloc for {what}: {len} elements overflow the address space"))
+    })?;
+    account.reserve(bytes, what)?;
+    match alloc() {
+        Ok(slice) => {
+            if let Ok((free, _)) = ctx.mem_get_info() {
+                account.note_free(free);
+            }
+            Ok(DeviceBuf::new(slice, bytes, account.clone()))
+        }
+        Err(e) => {
+            account.release(bytes);
+            let free = ctx.mem_get_info().map_or_else(|_| "unknown".to_string(), |(f, _)| human(f));
+            Err(OpsError::Backend(format!(
+                "cuda alloc of {} for {what} failed: {e} ({free} free on the device; another process may hold the rest, or lower --vram-budget to fail earlier)",
+                human(bytes)
+            )))
+        }
+    }
+}
+
 impl CudaDevice {
+    /// `len` zeroed elements for `what` (named in the error if the budget is exceeded).
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize, what: &str) -> Result<DeviceBuf<T>> {
+        tracked(&self.ctx, &self.vram, len, what, || self.stream.alloc_zeros::<T>(len))
+    }
+
+    /// A copy of `host` on the device.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T], what: &str) -> Result<DeviceBuf<T>> {
+        tracked(&self.ctx, &self.vram, host.len(), what, || self.stream.clone_htod(host))
+    }
+
+    /// `len` elements whose contents are undefined until written.
+    ///
+    /// # Safety
+    /// The caller must write every element before any kernel or copy reads it.
+    pub unsafe fn alloc_uninit<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<DeviceBuf<T>> {
+        // SAFETY: forwarded to the caller.
+        tracked(&self.ctx, &self.vram, len, what, || unsafe { self.stream.alloc::<T>(len) })
+    }
+
+    /// The VRAM account: budget, context overhead, tracked and peak bytes.
+    pub fn vram(&self) -> &VramAccount {
+        &self.vram
+    }
+
+    /// Sets the hard VRAM budget (`--vram-budget`), counting the CUDA context.
+    pub fn set_vram_budget(&self, bytes: usize) -> Result<()> {
+        self.vram.set_budget(bytes)
+    }
+
+    /// Bytes held by live allocations made through this device.
+    pub fn used_bytes(&self) -> usize {
+        self.vram.used_bytes()
+    }
+
+    /// Peak device memory in use as the driver reported it (total − lowest free reading, sampled
+    /// after every allocation), the CUDA context included.
+    pub fn peak_used_bytes(&self) -> usize {
+        self.vram.peak_used_bytes()
+    }
+
+    /// Runs `f` with the 16-bit scratch buffer, grown to at least `len` elements first. The
+    /// buffer is kept for the next call (its bytes stay in the account); work is stream-ordered,
+    /// so reusing it across calls is safe.
+    pub(crate) fn with_scratch16<R>(&self, len: usize, f: impl FnOnce(&mut DeviceBuf<u16>) -> Result<R>) -> Result<R> {
+        let mut guard = self.scratch16.lock().map_err(|_| unavailable("scratch buffer lock poisoned"))?;
+        if guard.as_ref().is_none_or(|b| b.len() < len) {
+            // Free the old buffer before reserving the larger one.
+            *guard = None;
+            // SAFETY: the scratch is written (converted activations) before every read.
+            *guard = Some(unsafe { self.alloc_uninit::<u16>(len, "activation scratch for cuBLAS") }?);
+        }
+        match guard.as_mut() {
+            Some(buf) => f(buf),
+            None => Err(unavailable("scratch buffer missing")),
+        }
+    }
+
     /// Kernel `func` of the kernel file `file` (its source text `source`), compiling and loading
     /// the file on first use.
     pub fn function(&self, file: &'static str, source: &str, func: &str) -> Result<CudaFunction> {
@@ -85,15 +184,29 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
             ))
         })?;
     let err = |what: &str, e: cudarc::driver::DriverError| unavailable(format!("CUDA device {ordinal}: {what}: {e}"));
-    let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| err("memory info", e))?;
-    let info = DeviceInfo {
-        ordinal,
-        name: ctx.name().map_err(|e| err("name", e))?,
-        compute_capability: ctx.compute_capability().map_err(|e| err("compute capability", e))?,
-        total_bytes,
-        free_bytes,
-    };
-    let kernels = KernelCache::new(info.compute_capability)?;
+    let name = ctx.name().map_err(|e| err("name", e))?;
+    let compute_capability = ctx.compute_capability().map_err(|e| err("compute capability", e))?;
+    let kernels = KernelCache::new(compute_capability)?;
     let stream = ctx.default_stream();
-    Ok(CudaDevice { ctx, stream, info, kernels, modules: Mutex::new(HashMap::new()) })
+    // The cuBLAS handle first, without its workspace, so that what it takes for itself counts
+    // as context overhead; then the reading every budget check starts from.
+    let mut blas = catch_unwind(AssertUnwindSafe(|| Blas::new(stream.clone()))).map_err(|_| {
+        unavailable("cuBLAS could not be loaded (libcublas.so): install the CUDA toolkit and add its lib64 to LD_LIBRARY_PATH, or run with --device cpu")
+    })??;
+    let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| err("memory info", e))?;
+    let info = DeviceInfo { ordinal, name, compute_capability, total_bytes, free_bytes };
+    let vram = Arc::new(VramAccount::new(total_bytes, free_bytes));
+    let ws_bytes = workspace_bytes(compute_capability);
+    let workspace = tracked(&ctx, &vram, ws_bytes, "the cuBLAS workspace", || stream.alloc_zeros::<u8>(ws_bytes))?;
+    blas.set_workspace(workspace)?;
+    Ok(CudaDevice {
+        ctx,
+        stream,
+        info,
+        kernels,
+        vram,
+        blas: Mutex::new(blas),
+        scratch16: Mutex::new(None),
+        modules: Mutex::new(HashMap::new()),
+    })
 }

@@ -1,18 +1,20 @@
-//! Launchers for `kernels/elementwise.cu`: embedding gather, SiLU·mul, residual add, KV write.
+//! Launchers for `kernels/elementwise.cu`: embedding gather, SiLU·mul, residual add, bias add,
+//! KV write.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{CudaDevice, driver_err, grid_stride, shape};
+use super::{CudaDevice, CudaStorage, driver_err, grid_stride, shape};
 use crate::Result;
 
-const SOURCE: &str = include_str!("../../kernels/elementwise.cu");
+/// The kernel file's source text.
+pub const SOURCE: &str = include_str!("../../kernels/elementwise.cu");
 
-/// `out[t, :] = table[ids[t], :]`; table `[V, hidden]` bf16, ids on the device (checked < V by
-/// the caller), out `[T, hidden]`.
+/// `out[t, :] = table[ids[t], :]`; table `[V, hidden]` (bf16, f16 or f32), ids on the device
+/// (checked < V by the caller), out `[T, hidden]` f32.
 pub fn embedding(
     dev: &CudaDevice,
-    table: &CudaSlice<bf16>,
+    table: &CudaStorage,
     ids: &CudaSlice<u32>,
     hidden: usize,
     out: &mut CudaSlice<f32>,
@@ -23,11 +25,12 @@ pub fn embedding(
             format!("table {}, {} ids, hidden {hidden}, out {}", table.len(), ids.len(), out.len()),
         ));
     }
-    let func = dev.function("elementwise", SOURCE, "embedding_bf16")?;
+    let func = dev.function("elementwise", SOURCE, &format!("embedding_{}", table.kernel_suffix()))?;
     let hidden_i32 = hidden as i32;
     let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut l = dev.stream.launch_builder(&func);
-    l.arg(table).arg(ids).arg(out).arg(&hidden_i32);
+    table.push_arg(&mut l);
+    l.arg(ids).arg(out).arg(&hidden_i32);
     // SAFETY: matches the kernel signature; out holds ids.len() rows of `hidden`.
     unsafe { l.launch(cfg) }.map_err(driver_err("embedding"))?;
     Ok(())
@@ -62,6 +65,23 @@ pub fn add_assign(dev: &CudaDevice, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) 
     Ok(())
 }
 
+/// `out[t, :] += bias` for out `[T, n]` f32 and bias `[n]` (bf16, f16 or f32).
+pub fn add_bias(dev: &CudaDevice, out: &mut CudaSlice<f32>, bias: &CudaStorage, n: usize) -> Result<()> {
+    if n == 0 || bias.len() != n || !out.len().is_multiple_of(n) || i32::try_from(n).is_err() {
+        return Err(shape("cuda add_bias", format!("out {}, bias {}, row length {n}", out.len(), bias.len())));
+    }
+    let func = dev.function("elementwise", SOURCE, &format!("add_bias_{}", bias.kernel_suffix()))?;
+    let (n_i32, total) = (n as i32, out.len() as i64);
+    let cfg = grid_stride(out.len());
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(out);
+    bias.push_arg(&mut l);
+    l.arg(&n_i32).arg(&total);
+    // SAFETY: out holds total elements, bias n (checked above).
+    unsafe { l.launch(cfg) }.map_err(driver_err("add_bias"))?;
+    Ok(())
+}
+
 /// Geometry of a KV cache `[n_kv, cap, d]`.
 #[derive(Debug, Clone, Copy)]
 pub struct KvGeometry {
@@ -70,10 +90,11 @@ pub struct KvGeometry {
     pub d: usize,
 }
 
-/// Writes `src` `[T, n_kv, d]` into `cache` `[n_kv, cap, d]` at positions `pos0..pos0+T`.
+/// Writes `src` `[T, n_kv, d]` f32 into the bf16 `cache` `[n_kv, cap, d]` at positions
+/// `pos0..pos0+T`, rounding to nearest even.
 pub fn write_kv(
     dev: &CudaDevice,
-    cache: &mut CudaSlice<f32>,
+    cache: &mut CudaSlice<bf16>,
     src: &CudaSlice<f32>,
     g: KvGeometry,
     pos0: usize,
@@ -86,7 +107,7 @@ pub fn write_kv(
     {
         return Err(shape("cuda write_kv", format!("cache {} ({g:?}), src {}, pos0 {pos0}", cache.len(), src.len())));
     }
-    let func = dev.function("elementwise", SOURCE, "write_kv_f32")?;
+    let func = dev.function("elementwise", SOURCE, "write_kv_bf16")?;
     let (t, n_kv, cap, d, p) = ((src.len() / row) as i32, g.n_kv as i32, g.cap as i32, g.d as i32, pos0 as i32);
     let cfg = grid_stride(src.len());
     let mut l = dev.stream.launch_builder(&func);

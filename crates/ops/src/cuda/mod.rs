@@ -2,24 +2,31 @@
 //! so the project builds and tests on machines with no CUDA at all.
 //!
 //! [`probe`] finds a usable device (or says in one line what is missing, never panicking),
-//! [`KernelCache`] compiles `kernels/*.cu` with NVRTC once and keeps the PTX on disk, each kernel
-//! file has a launcher here of the same name checked against its CPU twin in
+//! every allocation goes through the device's [`VramAccount`] (hard budget, driver-measured
+//! peak), [`KernelCache`] compiles `kernels/*.cu` with NVRTC once and keeps the PTX on disk,
+//! each kernel file has a launcher here of the same name checked against its CPU twin in
 //! `tests/parity_cuda_vs_cpu.rs`, and [`CudaBackend`] implements the `Backend` trait with them.
 
 pub mod attention;
 mod backend;
+pub mod convert;
+pub mod cublas;
 mod device;
 pub mod elementwise;
 pub mod matmul;
 mod nvrtc_cache;
 pub mod rmsnorm;
 pub mod rope;
+mod storage;
+pub mod vram;
 
 use cudarc::driver::LaunchConfig;
 
-pub use backend::{CudaBackend, CudaStorage};
+pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo, probe};
 pub use nvrtc_cache::KernelCache;
+pub use storage::CudaStorage;
+pub use vram::{DeviceBuf, VramAccount};
 
 use crate::OpsError;
 

@@ -3,8 +3,10 @@
 //! The cache key is the source text, the GPU architecture and the NVRTC version, so an edited
 //! kernel, another GPU or another toolkit compiles afresh. NVRTC ships no headers of its own:
 //! `cuda_bf16.h` comes from the toolkit's include directory (`$CUDA_HOME`, `$CUDA_PATH`, or
-//! `/usr/local/cuda`).
+//! `/usr/local/cuda`). This crate's own headers (`kernels/*.cuh`) are spliced into the source
+//! text where it includes them, so NVRTC sees one file and the cache key covers the headers.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
@@ -49,6 +51,28 @@ fn cache_dir() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The crate's kernel headers, by the name a kernel file includes them with.
+const LOCAL_HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../kernels/common.cuh"))];
+
+/// `source` with each `#include "<local header>"` line replaced by that header's text.
+fn splice_headers(source: &str) -> Cow<'_, str> {
+    if !LOCAL_HEADERS.iter().any(|(name, _)| source.contains(&format!("#include \"{name}\""))) {
+        return Cow::Borrowed(source);
+    }
+    let mut out = String::with_capacity(source.len() + 1024);
+    for line in source.lines() {
+        let header = LOCAL_HEADERS.iter().find(|(name, _)| line.trim() == format!("#include \"{name}\""));
+        match header {
+            Some((_, text)) => out.push_str(text),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// FNV-1a, 64 bits: a stable key for file names (not for security).
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -73,24 +97,32 @@ impl KernelCache {
 
     /// PTX for `source` (named `name` in messages), from the disk cache or freshly compiled.
     pub fn ptx(&self, name: &str, source: &str) -> Result<Ptx> {
+        let spliced = splice_headers(source);
         let version = nvrtc_version();
-        let key = fnv1a(&[source.as_bytes(), self.arch.as_bytes(), version.as_bytes()]);
+        let key = fnv1a(&[spliced.as_bytes(), self.arch.as_bytes(), version.as_bytes()]);
         let path = self.dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")));
         if let Some(text) = path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()) {
             return Ok(Ptx::from_src(text));
         }
+        let ptx = self.compile(name, source)?;
+        if let Some(p) = path {
+            write_atomically(&p, &ptx.to_src());
+        }
+        Ok(ptx)
+    }
+
+    /// Compiles `source` (named `name` in messages) with NVRTC, bypassing the disk cache. Needs
+    /// NVRTC and the CUDA headers, not a GPU.
+    pub fn compile(&self, name: &str, source: &str) -> Result<Ptx> {
+        let source = splice_headers(source);
         let opts = CompileOptions {
             include_paths: vec![self.include_dir.display().to_string()],
             options: vec![format!("--gpu-architecture={}", self.arch), "-std=c++17".into()],
             name: Some(format!("{name}.cu")),
             ..Default::default()
         };
-        let ptx = compile_ptx_with_opts(source, opts)
-            .map_err(|e| OpsError::Backend(format!("NVRTC could not compile {name}.cu: {e}")))?;
-        if let Some(p) = path {
-            write_atomically(&p, &ptx.to_src());
-        }
-        Ok(ptx)
+        compile_ptx_with_opts(source.as_ref(), opts)
+            .map_err(|e| OpsError::Backend(format!("NVRTC could not compile {name}.cu: {e}")))
     }
 }
 
@@ -112,11 +144,21 @@ fn write_atomically(path: &Path, text: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::fnv1a;
+    use super::{fnv1a, splice_headers};
 
     #[test]
     fn key_depends_on_every_part() {
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
         assert_eq!(fnv1a(&[b"x"]), fnv1a(&[b"x"]));
+    }
+
+    #[test]
+    fn local_headers_are_spliced_in() {
+        let src = "// k\n#include \"common.cuh\"\n#include <cuda_bf16.h>\nint x;\n";
+        let out = splice_headers(src);
+        assert!(out.contains("to_f32(__nv_bfloat16 v)"), "{out}");
+        assert!(!out.lines().any(|l| l.trim() == "#include \"common.cuh\""), "{out}");
+        assert!(out.contains("#include <cuda_bf16.h>\nint x;"), "system headers stay");
+        assert!(matches!(splice_headers("int y;"), std::borrow::Cow::Borrowed(_)));
     }
 }

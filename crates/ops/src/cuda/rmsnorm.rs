@@ -1,18 +1,19 @@
 //! Launcher for `kernels/rmsnorm.cu`.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use half::bf16;
 
-use super::{CudaDevice, driver_err, shape};
+use super::{CudaDevice, CudaStorage, driver_err, shape};
 use crate::{NormKind, Result};
 
-const SOURCE: &str = include_str!("../../kernels/rmsnorm.cu");
+/// The kernel file's source text.
+pub const SOURCE: &str = include_str!("../../kernels/rmsnorm.cu");
 
-/// `out = RMSNorm(x)` for `rows` rows of `n`: x, out `[rows, n]` f32 on the device, w `[n]` bf16.
+/// `out = RMSNorm(x)` for `rows` rows of `n`: x, out `[rows, n]` f32 on the device, w `[n]`
+/// stored as bf16, f16 or f32.
 pub fn rms_norm(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,
-    w: &CudaSlice<bf16>,
+    w: &CudaStorage,
     n: usize,
     eps: f32,
     kind: NormKind,
@@ -25,12 +26,14 @@ pub fn rms_norm(
         ));
     }
     let rows = (x.len() / n) as u32;
-    let func = dev.function("rmsnorm", SOURCE, "rmsnorm_f32_bf16w")?;
+    let func = dev.function("rmsnorm", SOURCE, &format!("rmsnorm_f32_{}w", w.kernel_suffix()))?;
     let offset = if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 };
     let n_i32 = n as i32;
     let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = dev.stream.launch_builder(&func);
-    launch.arg(x).arg(w).arg(out).arg(&n_i32).arg(&eps).arg(&offset);
+    launch.arg(x);
+    w.push_arg(&mut launch);
+    launch.arg(out).arg(&n_i32).arg(&eps).arg(&offset);
     // SAFETY: the argument list matches the kernel signature; sizes were checked above, and the
     // kernel reads/writes `rows * n` elements of x/out and `n` of w.
     unsafe { launch.launch(cfg) }.map_err(driver_err("rms_norm"))?;

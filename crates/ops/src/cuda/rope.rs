@@ -5,7 +5,8 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 use super::{CudaDevice, driver_err, grid_stride, shape};
 use crate::Result;
 
-const SOURCE: &str = include_str!("../../kernels/rope.cu");
+/// The kernel file's source text.
+pub const SOURCE: &str = include_str!("../../kernels/rope.cu");
 
 /// Rotates the first `r` dims of every head of x `[T, heads, d]` in place for positions
 /// `pos0..pos0+T`; cos/sin `[positions, r/2]`.

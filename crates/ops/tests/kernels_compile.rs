@@ -1,0 +1,65 @@
+//! Every kernel file compiles with NVRTC and defines each entry point its launcher asks for
+//! (launchers build some names from the dtype, e.g. `matmul_f32_{bf16,f16,f32}w`). Needs NVRTC
+//! and the CUDA headers, not a GPU, so it also runs on a build machine that has them
+//! (`pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt`, then CUDA_HOME and
+//! LD_LIBRARY_PATH pointing into it); skips, saying why, without them.
+
+#![cfg(feature = "cuda")]
+
+use ollm_ops::cuda::{self, KernelCache};
+
+/// (file, source, entry points)
+fn kernel_files() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    vec![
+        ("attention", cuda::attention::SOURCE, vec!["attention_bf16kv"]),
+        ("convert", cuda::convert::SOURCE, vec!["f32_to_bf16", "f32_to_f16"]),
+        (
+            "elementwise",
+            cuda::elementwise::SOURCE,
+            vec![
+                "embedding_bf16",
+                "embedding_f16",
+                "embedding_f32",
+                "silu_mul_f32",
+                "add_assign_f32",
+                "add_bias_f32",
+                "add_bias_bf16",
+                "add_bias_f16",
+                "write_kv_bf16",
+            ],
+        ),
+        ("matmul", cuda::matmul::SOURCE, vec!["matmul_f32_bf16w", "matmul_f32_f16w", "matmul_f32_f32w"]),
+        ("rmsnorm", cuda::rmsnorm::SOURCE, vec!["rmsnorm_f32_bf16w", "rmsnorm_f32_f16w", "rmsnorm_f32_f32w"]),
+        ("rope", cuda::rope::SOURCE, vec!["rope_f32"]),
+    ]
+}
+
+#[test]
+fn every_kernel_file_compiles_with_its_entry_points() {
+    // SAFETY: only tries to dlopen the library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("SKIPPED: NVRTC (libnvrtc.so) not found");
+        return;
+    }
+    for cc in [(8, 0), (9, 0)] {
+        let cache = match KernelCache::new(cc) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        for (file, source, entries) in kernel_files() {
+            let ptx = cache.compile(file, source).unwrap_or_else(|e| panic!("sm_{}{}: {e}", cc.0, cc.1)).to_src();
+            for entry in entries {
+                assert!(
+                    ptx.contains(&format!(".entry {entry}(")),
+                    "{file}.cu (sm_{}{}) has no entry point {entry}",
+                    cc.0,
+                    cc.1
+                );
+            }
+        }
+        eprintln!("all kernel files compile for sm_{}{}", cc.0, cc.1);
+    }
+}
