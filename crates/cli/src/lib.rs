@@ -8,3 +8,4 @@ pub mod loaded;
 pub mod npy;
 pub mod prompt;
 pub mod resources;
+pub mod units;

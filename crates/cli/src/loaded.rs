@@ -1,4 +1,4 @@
-//! Turning `--model` and `--device` into a loaded model, tokenizer and defaults.
+//! Turning `--model`, `--device` and `--vram-budget` into a loaded model, tokenizer and defaults.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use ollm_engine::{ChatModel, GenerationConfig};
 use ollm_models::{CausalLm, load_model};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
+use ollm_ops::cuda::{CudaBackend, CudaDevice, vram};
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
 
 use crate::commands::{DeviceArg, ModelArgs};
@@ -23,6 +24,8 @@ pub struct Loaded {
     pub model_backend_name: String,
     /// The backend the model lives on.
     pub backend: Arc<dyn Backend>,
+    /// The same backend when it is a GPU.
+    pub cuda: Option<Arc<CudaBackend>>,
 }
 
 /// A model directory's tokenizer and chat template.
@@ -51,24 +54,54 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The compute backend for `--device`: `cuda` must find a usable GPU; `auto` takes one when it
-/// can and says in one line on stderr which device it chose.
-pub fn backend(device: DeviceArg) -> anyhow::Result<Arc<dyn Backend>> {
+/// The backend `--device` chose; `cuda` is the same backend, typed, when it is a GPU (for the
+/// VRAM figures).
+pub struct Chosen {
+    pub backend: Arc<dyn Backend>,
+    pub cuda: Option<Arc<CudaBackend>>,
+}
+
+/// Applies `--vram-budget` to an opened device.
+fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<CudaBackend>> {
+    if let Some(budget) = vram_budget {
+        let budget = usize::try_from(budget).unwrap_or(usize::MAX);
+        let total = dev.info.total_bytes;
+        if budget > total {
+            eprintln!(
+                "[ollm] --vram-budget {} exceeds cuda:{}'s {}; the device is the limit",
+                vram::gib(budget),
+                dev.info.ordinal,
+                vram::gib(total)
+            );
+        }
+        dev.set_vram_budget(budget)?;
+    }
+    Ok(Arc::new(CudaBackend::new(dev)))
+}
+
+/// The compute backend for `--device`: `cuda[:N]` must find a usable GPU; `auto` takes GPU 0
+/// when it can and says in one line on stderr which device it chose. `--vram-budget` bounds
+/// the GPU's memory (ignored on the CPU).
+pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Chosen> {
+    let cuda = |b: Arc<CudaBackend>| Chosen { backend: b.clone(), cuda: Some(b) };
     match device {
-        DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
-        DeviceArg::Cuda => {
-            let dev = ollm_ops::cuda::probe(0).context("--device cuda")?;
-            Ok(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)))
+        DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()), cuda: None }),
+        DeviceArg::Cuda(n) => {
+            let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
+            Ok(cuda(with_budget(dev, vram_budget).context("--vram-budget")?))
         }
         DeviceArg::Auto => match ollm_ops::cuda::probe(0) {
             Ok(dev) => {
-                let b = ollm_ops::cuda::CudaBackend::new(dev);
-                eprintln!("[ollm] device: {}", b.name());
-                Ok(Arc::new(b))
+                let b = with_budget(dev, vram_budget).context("--vram-budget")?;
+                let budget = vram_budget.map_or(String::new(), |_| {
+                    format!(", VRAM budget {}", vram::gib(b.device().vram().budget_bytes()))
+                });
+                eprintln!("[ollm] device: {}{budget}", b.name());
+                Ok(cuda(b))
             }
             Err(_) => {
                 eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");
-                Ok(Arc::new(CpuBackend::new()))
+                Ok(Chosen { backend: Arc::new(CpuBackend::new()), cuda: None })
             }
         },
     }
@@ -83,15 +116,20 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
-    let backend = backend(args.device)?;
+    let Chosen { backend, cuda } = backend(args.device, args.vram_budget)?;
     let generation = GenerationConfig::from_dir(&dir)?;
     let t0 = Instant::now();
     let model_backend_name = backend.name();
     let model = load_model(&dir, backend.clone()).with_context(|| format!("loading {}", dir.display()))?;
-    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend })
+    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend, cuda })
 }
 
 impl Loaded {
+    /// Peak GPU memory as the driver reported it (CUDA context included), when on a GPU.
+    pub fn peak_vram_bytes(&self) -> Option<usize> {
+        self.cuda.as_ref().map(|c| c.device().peak_used_bytes())
+    }
+
     /// The model with its tokenizer, template, eos ids and default sampling, for the front ends.
     pub fn chat_model(&self, text: Text) -> ChatModel {
         ChatModel {

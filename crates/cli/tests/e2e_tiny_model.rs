@@ -321,3 +321,33 @@ fn bad_tokens_file_and_bad_sampling_values() {
     assert_fails_with(&o, &["999", "vocabulary of 320"]);
     assert_fails_with(&run_greedy(&m, &["-p", "hi", "--top-p", "2"]), &["top_p"]);
 }
+
+/// A clap usage error: exit 2, the first line names the flag and the value, no panic.
+fn assert_usage_error(o: &Output, flag: &str, value: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.starts_with("error: ") && first.contains(flag) && first.contains(value), "{err}");
+}
+
+#[test]
+fn bad_vram_budget_and_device_values() {
+    let m = fixture("llama3_tied");
+    let m = m.to_str().expect("utf8");
+    for bad in ["8XB", "-1G", "0", "lots"] {
+        let o = ollm(&["run", "-m", m, "-p", "Hi", &format!("--vram-budget={bad}")]);
+        assert_usage_error(&o, "--vram-budget", bad);
+    }
+    for bad in ["gpu", "cuda:x", "cuda:"] {
+        let o = ollm(&["run", "-m", m, "-p", "Hi", "--device", bad]);
+        assert_usage_error(&o, "--device", bad);
+    }
+    // A device that does not exist (or no driver at all): one line naming the flag.
+    let o = ollm(&["run", "-m", m, "-p", "Hi", "--device", "cuda:97", "--vram-budget", "7.5GiB"]);
+    assert_fails_with(&o, &["--device cuda:97"]);
+    // The budget is a GPU setting: on the CPU it is accepted and ignored.
+    let o = run_greedy(&fixture("llama3_tied"), &["--prompt", "Hello", "--vram-budget", "512M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("peak VRAM"), "no VRAM figure on the CPU");
+}

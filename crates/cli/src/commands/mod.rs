@@ -10,7 +10,7 @@ pub mod pull;
 pub mod run;
 pub mod serve;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
@@ -49,14 +49,29 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Where the math runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+/// Where the math runs: `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceArg {
     /// The GPU when one is usable, else the CPU.
     #[default]
     Auto,
     Cpu,
-    Cuda,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+/// `--device` values: `auto`, `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    let hint = "expected auto, cpu, cuda or cuda:N (N the device number, as nvidia-smi lists it)";
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(DeviceArg::Auto),
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+            _ => Err(format!("'{s}': {hint}")),
+        },
+    }
 }
 
 /// Arguments every computing command takes.
@@ -66,7 +81,30 @@ pub struct ModelArgs {
     /// ORG/NAME (downloaded on first use), or `smollm2-135m` for the demo model.
     #[arg(long, short = 'm')]
     pub model: String,
-    /// Compute device.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    /// Compute device: auto (the GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
     pub device: DeviceArg,
+    /// Most GPU memory to use, CUDA context included (e.g. 8GiB, 8G, 7.5GiB, 512MiB; K/M/G/T
+    /// and KiB..TiB are binary, KB..TB decimal). Going over it is an error, not a crash.
+    /// Default: the whole device. Ignored on the CPU.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
+    pub vram_budget: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DeviceArg, parse_device};
+
+    #[test]
+    fn device_spellings() {
+        assert_eq!(parse_device("auto"), Ok(DeviceArg::Auto));
+        assert_eq!(parse_device("cpu"), Ok(DeviceArg::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(DeviceArg::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceArg::Cuda(3)));
+        assert_eq!(parse_device("CUDA:1"), Ok(DeviceArg::Cuda(1)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda1", ""] {
+            let e = parse_device(bad).expect_err(bad);
+            assert!(e.contains("cuda:N") && !e.contains('\n'), "{bad}: {e}");
+        }
+    }
 }

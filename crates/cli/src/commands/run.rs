@@ -12,6 +12,8 @@ use ollm_tokenizer::ChatMessage;
 use super::ModelArgs;
 use crate::loaded::{load, load_text};
 use crate::prompt::read_prompt;
+use ollm_ops::cuda::vram::gib;
+
 use crate::resources::{human_bytes, peak_rss_bytes};
 
 #[derive(Debug, Args)]
@@ -119,10 +121,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 
     let s = &generation.stats;
     let peak = peak_rss_bytes().map_or_else(|| "n/a".into(), human_bytes);
+    let vram = loaded.peak_vram_bytes().map_or(String::new(), |b| format!(" | peak VRAM {} (driver)", gib(b)));
     let seed =
         if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
     eprintln!(
-        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}",
+        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}{}",
         s.prompt_tokens,
         s.prefill_tok_per_s(),
         s.generated_tokens,
@@ -130,6 +133,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         generation.finish.as_str(),
         loaded.load_time.as_secs_f64(),
         peak,
+        vram,
         seed
     );
     Ok(())
