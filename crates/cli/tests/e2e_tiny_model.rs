@@ -351,3 +351,16 @@ fn bad_vram_budget_and_device_values() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("peak VRAM"), "no VRAM figure on the CPU");
 }
+
+/// `ollm bench ops` needs a GPU: without one it fails with one line saying so; with one it
+/// prints the table (small attention sizes and one run, to stay quick).
+#[test]
+fn bench_ops_without_a_gpu_is_one_line() {
+    let o = ollm(&["bench", "ops", "--runs", "1", "--attn-tokens", "256", "--max-row-seconds", "5"]);
+    if o.status.success() {
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("decode matmul") && out.contains("of bound"), "{out}");
+    } else {
+        assert_fails_with(&o, &["ollm bench ops needs a CUDA GPU"]);
+    }
+}

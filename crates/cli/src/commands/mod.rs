@@ -23,7 +23,8 @@ pub enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Convert a llama-architecture GGUF file into a Hugging Face model directory (bf16).
     ImportGguf(import_gguf::ImportGgufArgs),
-    /// Measure decode speed against the memory-bandwidth bound of this machine.
+    /// Measure decode speed against the memory-bandwidth bound of this machine (`--model DIR`),
+    /// or GPU ops against peaks measured in the same run (`ollm bench ops`).
     Bench(bench::BenchArgs),
     /// Serve an OpenAI-compatible HTTP API (completions, chat completions, streaming).
     Serve(serve::ServeArgs),

@@ -9,6 +9,7 @@
 
 pub mod attention;
 mod backend;
+pub mod bench;
 pub mod convert;
 pub mod cublas;
 mod device;

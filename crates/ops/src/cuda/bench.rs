@@ -1,0 +1,537 @@
+//! `ollm bench ops`: the ops that bound LLM speed, each timed on the GPU and set against a bound
+//! measured in the same run on the same device.
+//!
+//! * Bounds: HBM bandwidth from a large device-to-device copy (bytes read + written), and the
+//!   bf16 GEMM rate of cuBLAS on M = N = K = 8192 (2·M·N·K flops).
+//! * Rows go through the [`Backend`] trait of a [`CudaBackend`], so whatever kernel the backend
+//!   uses is what gets measured: decode matmul (1 × 4096 · 14336×4096ᵀ bf16, rotating over
+//!   several weight buffers so that L2 cannot serve it), a prefill matmul (cuBLAS with x
+//!   narrowed to bf16), prefill attention at 32K tokens (causal: 4·T²·d·H/2 flops) and decode
+//!   attention at 32K context (bytes = K + V read).
+//! * Timing: CUDA events around each run; a run is enough back-to-back calls to last about
+//!   1 ms, so launch gaps do not count; the median per call over the runs (≥ 20 unless a row
+//!   would take longer than [`OpsBenchConfig::max_row_seconds`], then fewer, at least 3, and
+//!   the table says how many). Inputs are random, never zeros.
+//!
+//! Entry points: [`run_ops_bench`] returns an [`OpsBenchReport`]; [`OpsBenchReport::table`]
+//! formats it.
+
+use cudarc::driver::sys::CUevent_flags;
+use half::bf16;
+use rayon::prelude::*;
+
+use super::cublas::gemm_xwt;
+use super::{CudaBackend, CudaDevice, driver_err};
+use crate::{AttnParams, Backend, DType, HostTensor, Result, Tensor};
+
+/// Sizes and run counts of the bench; [`Default`] is the issue's configuration.
+#[derive(Debug, Clone)]
+pub struct OpsBenchConfig {
+    /// Timed runs per row (the median is reported).
+    pub runs: usize,
+    /// A row whose runs would take longer than this (seconds, estimated from a warm-up call)
+    /// gets fewer runs, at least 3.
+    pub max_row_seconds: f64,
+    /// Bytes of each of the two buffers of the HBM copy.
+    pub copy_bytes: usize,
+    /// M = N = K of the cuBLAS GEMM bound.
+    pub gemm_size: usize,
+    /// Decode matmul: weight `[n, k]`, x `[1, k]`.
+    pub matmul_n: usize,
+    pub matmul_k: usize,
+    /// Weight buffers the decode matmul rotates over (their total should exceed L2 several times).
+    pub matmul_buffers: usize,
+    /// Rows of x in the prefill matmul row.
+    pub prefill_matmul_t: usize,
+    /// Attention: query heads, KV heads, head dim, and the prefill length / decode context.
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub attn_tokens: usize,
+}
+
+impl Default for OpsBenchConfig {
+    fn default() -> Self {
+        Self {
+            runs: 20,
+            max_row_seconds: 60.0,
+            copy_bytes: 1 << 30,
+            gemm_size: 8192,
+            matmul_n: 14336,
+            matmul_k: 4096,
+            matmul_buffers: 4,
+            prefill_matmul_t: 4096,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            attn_tokens: 32768,
+        }
+    }
+}
+
+/// One measured op.
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub op: String,
+    pub shape: String,
+    /// Timed runs, and back-to-back calls in each.
+    pub runs: usize,
+    pub calls_per_run: usize,
+    /// Median time of one call, ms.
+    pub median_ms: f64,
+    /// Achieved figure in `unit` (GB/s or TFLOP/s), and the bound in the same unit.
+    pub achieved: f64,
+    pub bound: f64,
+    pub unit: &'static str,
+    /// Which bound: "HBM copy" or "cuBLAS GEMM".
+    pub bound_name: &'static str,
+    /// Why the row has no figures, if it failed (the other rows still run).
+    pub error: Option<String>,
+}
+
+impl BenchRow {
+    /// achieved / bound in percent.
+    pub fn percent_of_bound(&self) -> f64 {
+        if self.bound > 0.0 { 100.0 * self.achieved / self.bound } else { 0.0 }
+    }
+}
+
+/// Everything one bench run measured.
+#[derive(Debug, Clone)]
+pub struct OpsBenchReport {
+    pub device: String,
+    /// UTC date of the run, `YYYY-MM-DD`.
+    pub date: String,
+    /// The two bounds, bytes/s and flop/s.
+    pub hbm_bytes_per_s: f64,
+    pub gemm_flops_per_s: f64,
+    pub rows: Vec<BenchRow>,
+    /// Peak device memory the driver reported during the run (CUDA context included).
+    pub peak_vram_bytes: usize,
+}
+
+/// How a row's achieved figure is computed from its time.
+enum Work {
+    /// Bytes moved per call, compared with the HBM bound.
+    Bytes(f64),
+    /// Flops per call, compared with the GEMM bound.
+    Flops(f64),
+}
+
+/// Median time per call (ms) with run counts.
+struct Timing {
+    runs: usize,
+    calls_per_run: usize,
+    median_ms: f64,
+}
+
+/// Runs `call` (given a running call index, for rotating buffers) under CUDA events: two
+/// warm-up calls (the first compiles and loads kernels), then `runs` runs of back-to-back
+/// calls lasting about 1 ms each.
+fn time_op(dev: &CudaDevice, cfg: &OpsBenchConfig, mut call: impl FnMut(usize) -> Result<()>) -> Result<Timing> {
+    let drv = driver_err("bench");
+    let start = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(&drv)?;
+    let end = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(&drv)?;
+    call(0)?;
+    dev.stream.synchronize().map_err(&drv)?;
+    start.record(&dev.stream).map_err(&drv)?;
+    call(1)?;
+    end.record(&dev.stream).map_err(&drv)?;
+    let one_ms = f64::from(start.elapsed_ms(&end).map_err(&drv)?).max(1e-4);
+    let calls_per_run = ((1.0 / one_ms).ceil() as usize).clamp(1, 1000);
+    let run_ms = one_ms * calls_per_run as f64;
+    let affordable = (cfg.max_row_seconds * 1e3 / run_ms).floor() as usize;
+    let runs = cfg.runs.min(affordable).max(3.min(cfg.runs)).max(1);
+    let mut per_call = Vec::with_capacity(runs);
+    let mut i = 2;
+    for _ in 0..runs {
+        start.record(&dev.stream).map_err(&drv)?;
+        for _ in 0..calls_per_run {
+            call(i)?;
+            i += 1;
+        }
+        end.record(&dev.stream).map_err(&drv)?;
+        per_call.push(f64::from(start.elapsed_ms(&end).map_err(&drv)?) / calls_per_run as f64);
+    }
+    Ok(Timing { runs, calls_per_run, median_ms: median(&mut per_call) })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Uniform values in [-scale, scale), different for every (seed, index), generated in parallel.
+pub fn random_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0.0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        // splitmix64 of (seed, chunk) seeds a xorshift64 stream.
+        let mut z = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let mut s = (z ^ (z >> 31)) | 1;
+        for x in chunk {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *x = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+        }
+    });
+    v
+}
+
+/// A random bf16 host tensor.
+fn random_bf16(shape: Vec<usize>, seed: u64, scale: f32) -> HostTensor {
+    let n = shape.iter().product();
+    let bytes = random_f32(n, seed, scale).iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect();
+    HostTensor { dtype: DType::BF16, shape, bytes }
+}
+
+fn mb(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / 1e6)
+}
+
+/// Runs every row. `progress` gets a line before each measurement (they can take a while).
+pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<OpsBenchReport> {
+    let dev = be.device();
+    let mut rows = Vec::new();
+
+    // Bound 1: HBM bandwidth, a device-to-device copy (bytes read + written).
+    progress("HBM bandwidth (device-to-device copy)");
+    let n = (cfg.copy_bytes / 4).max(1 << 20);
+    let copy = {
+        let src = dev.upload(&random_f32(n, 1, 1.0), "bench: copy source")?;
+        let mut dst = dev.alloc_zeros::<f32>(n, "bench: copy destination")?;
+        time_op(dev, cfg, |_| dev.stream.memcpy_dtod(&*src, &mut *dst).map_err(driver_err("bench copy")))?
+    };
+    let copy_bytes = (2 * n * 4) as f64;
+    let hbm = copy_bytes / (copy.median_ms * 1e-3);
+    rows.push(row(
+        "HBM copy (bound)",
+        format!("2 × {} (read + written)", mb((n * 4) as f64)),
+        &copy,
+        hbm / 1e9,
+        hbm / 1e9,
+        "GB/s",
+        "HBM copy",
+    ));
+
+    // Bound 2: cuBLAS bf16 GEMM, C = A · Bᵀ, M = N = K.
+    let s = cfg.gemm_size;
+    progress(&format!("cuBLAS bf16 GEMM {s}×{s}×{s}"));
+    let gemm = {
+        let a = dev.upload(&random_bf16_vec(s * s, 2), "bench: GEMM A")?;
+        let b = dev.upload(&random_bf16_vec(s * s, 3), "bench: GEMM B")?;
+        let mut c = dev.alloc_zeros::<bf16>(s * s, "bench: GEMM C")?;
+        time_op(dev, cfg, |_| gemm_xwt(dev, &*a, &*b, DType::BF16, &mut *c, DType::BF16, s, s, s))?
+    };
+    let gemm_flops = 2.0 * (s as f64).powi(3) / (gemm.median_ms * 1e-3);
+    rows.push(row(
+        "cuBLAS bf16 GEMM (bound)",
+        format!("{s}×{s}×{s}, bf16 in/out, fp32 accumulate"),
+        &gemm,
+        gemm_flops / 1e12,
+        gemm_flops / 1e12,
+        "TFLOP/s",
+        "cuBLAS GEMM",
+    ));
+
+    let bounds = Bounds { hbm, gemm_flops };
+    rows.push(decode_matmul(be, cfg, &bounds, progress));
+    rows.push(prefill_matmul(be, cfg, &bounds, progress));
+    rows.extend(attention_rows(be, cfg, &bounds, progress));
+    Ok(OpsBenchReport {
+        device: be.name(),
+        date: utc_date(),
+        hbm_bytes_per_s: hbm,
+        gemm_flops_per_s: gemm_flops,
+        rows,
+        peak_vram_bytes: dev.peak_used_bytes(),
+    })
+}
+
+fn random_bf16_vec(n: usize, seed: u64) -> Vec<bf16> {
+    random_f32(n, seed, 1.0).iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+struct Bounds {
+    hbm: f64,
+    gemm_flops: f64,
+}
+
+fn row(
+    op: &str,
+    shape: String,
+    t: &Timing,
+    achieved: f64,
+    bound: f64,
+    unit: &'static str,
+    bound_name: &'static str,
+) -> BenchRow {
+    BenchRow {
+        op: op.into(),
+        shape,
+        runs: t.runs,
+        calls_per_run: t.calls_per_run,
+        median_ms: t.median_ms,
+        achieved,
+        bound,
+        unit,
+        bound_name,
+        error: None,
+    }
+}
+
+/// A row from a measurement (or its error), its work per call and the bounds.
+fn measured(op: &str, shape: String, timing: std::result::Result<Timing, String>, work: Work, b: &Bounds) -> BenchRow {
+    let (unit, bound_name, bound, per_call) = match work {
+        Work::Bytes(x) => ("GB/s", "HBM copy", b.hbm / 1e9, x / 1e9),
+        Work::Flops(x) => ("TFLOP/s", "cuBLAS GEMM", b.gemm_flops / 1e12, x / 1e12),
+    };
+    match timing {
+        Ok(t) => row(op, shape, &t, per_call / (t.median_ms * 1e-3), bound, unit, bound_name),
+        Err(e) => BenchRow {
+            op: op.into(),
+            shape,
+            runs: 0,
+            calls_per_run: 0,
+            median_ms: 0.0,
+            achieved: 0.0,
+            bound,
+            unit,
+            bound_name,
+            error: Some(e),
+        },
+    }
+}
+
+/// (a) Decode matmul through `Backend::matmul`: x `[1, k]` f32 against bf16 weights `[n, k]`,
+/// rotating over several weight buffers. Bytes = weight + x + out.
+fn decode_matmul(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &mut dyn FnMut(&str)) -> BenchRow {
+    let (n, k, nbuf) = (cfg.matmul_n, cfg.matmul_k, cfg.matmul_buffers.max(1));
+    let shape = format!("x [1, {k}] f32 · W [{n}, {k}]ᵀ bf16, {nbuf} weight buffers rotated");
+    progress(&format!("decode matmul {shape}"));
+    let timing = (|| {
+        let ws = (0..nbuf)
+            .map(|i| be.upload(&random_bf16(vec![n, k], 10 + i as u64, 0.05)))
+            .collect::<Result<Vec<Tensor>>>()?;
+        let x = be.upload_f32(vec![1, k], &random_f32(k, 20, 1.0))?;
+        let mut out = be.zeros(vec![1, n])?;
+        time_op(be.device(), cfg, |i| be.matmul(&x, &ws[i % nbuf], None, &mut out))
+    })()
+    .map_err(|e| e.to_string());
+    let bytes = (n * k * 2 + k * 4 + n * 4) as f64;
+    measured("decode matmul (backend)", shape, timing, Work::Bytes(bytes), b)
+}
+
+/// Prefill matmul through `Backend::matmul` (the cuBLAS path: x narrowed to bf16, then GEMM).
+fn prefill_matmul(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &mut dyn FnMut(&str)) -> BenchRow {
+    let (t, n, k) = (cfg.prefill_matmul_t, cfg.matmul_n, cfg.matmul_k);
+    let shape = format!("x [{t}, {k}] f32 · W [{n}, {k}]ᵀ bf16");
+    progress(&format!("prefill matmul {shape}"));
+    let timing = (|| {
+        let w = be.upload(&random_bf16(vec![n, k], 30, 0.05))?;
+        let x = be.upload_f32(vec![t, k], &random_f32(t * k, 31, 1.0))?;
+        let mut out = be.zeros(vec![t, n])?;
+        time_op(be.device(), cfg, |_| be.matmul(&x, &w, None, &mut out))
+    })()
+    .map_err(|e| e.to_string());
+    measured("prefill matmul (backend)", shape, timing, Work::Flops(2.0 * (t * n * k) as f64), b)
+}
+
+/// (b) prefill attention over T tokens from position 0 and (c) decode attention of one token at
+/// context T, through `Backend::attention` over bf16 caches from `kv_zeros` + `write_kv`. The
+/// decode row rotates over two cache pairs so that L2 cannot hold them.
+fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &mut dyn FnMut(&str)) -> Vec<BenchRow> {
+    let (t, nh, nkv, d) = (cfg.attn_tokens, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+    let caches = (0..2u64)
+        .map(|p| -> Result<(Tensor, Tensor)> {
+            let mut k = be.kv_zeros(vec![nkv, t, d])?;
+            let mut v = be.kv_zeros(vec![nkv, t, d])?;
+            be.write_kv(&mut k, &be.upload_f32(vec![t, nkv, d], &random_f32(t * nkv * d, 40 + 2 * p, 1.0))?, 0)?;
+            be.write_kv(&mut v, &be.upload_f32(vec![t, nkv, d], &random_f32(t * nkv * d, 41 + 2 * p, 1.0))?, 0)?;
+            Ok((k, v))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| e.to_string());
+    let heads = format!("{nh} q heads / {nkv} kv heads, d {d}");
+    let prefill_shape = format!("T {t}, {heads}, causal");
+    let decode_shape = format!("1 token at context {t}, {heads}, 2 caches rotated");
+    let causal_flops = 4.0 * (t as f64).powi(2) * d as f64 * nh as f64 / 2.0;
+    let kv_bytes = (2 * nkv * t * d * 2) as f64;
+    let caches = match caches {
+        Ok(c) => c,
+        Err(e) => {
+            let failed = |op: &str, shape: String, work| measured(op, shape, Err(e.clone()), work, b);
+            return vec![
+                failed("prefill attention (backend)", prefill_shape, Work::Flops(causal_flops)),
+                failed("decode attention (backend)", decode_shape, Work::Bytes(kv_bytes)),
+            ];
+        }
+    };
+
+    progress(&format!("prefill attention {prefill_shape}"));
+    let prefill = (|| {
+        let q = be.upload_f32(vec![t, nh, d], &random_f32(t * nh * d, 50, 1.0))?;
+        let mut out = be.zeros(vec![t, nh, d])?;
+        let (k, v) = &caches[0];
+        time_op(be.device(), cfg, |_| be.attention(&q, k, v, 0, &params, &mut out))
+    })()
+    .map_err(|e| e.to_string());
+    let prefill = measured("prefill attention (backend)", prefill_shape, prefill, Work::Flops(causal_flops), b);
+
+    progress(&format!("decode attention {decode_shape}"));
+    let decode = (|| {
+        let q = be.upload_f32(vec![1, nh, d], &random_f32(nh * d, 51, 1.0))?;
+        let mut out = be.zeros(vec![1, nh, d])?;
+        time_op(be.device(), cfg, |i| {
+            let (k, v) = &caches[i % caches.len()];
+            be.attention(&q, k, v, t - 1, &params, &mut out)
+        })
+    })()
+    .map_err(|e| e.to_string());
+    let decode = measured("decode attention (backend)", decode_shape, decode, Work::Bytes(kv_bytes), b);
+    vec![prefill, decode]
+}
+
+impl OpsBenchReport {
+    /// The report as a fixed-width table, with the bounds and conventions underneath.
+    pub fn table(&self) -> String {
+        let mut s = format!("device  {}\ndate    {} (UTC)\n\n", self.device, self.date);
+        let head = ["op", "shape", "runs", "median", "achieved", "bound", "of bound"];
+        let mut cells: Vec<[String; 7]> = vec![head.map(String::from)];
+        for r in &self.rows {
+            let bound = format!("{:.1} {} ({})", r.bound, r.unit, r.bound_name);
+            cells.push(match &r.error {
+                Some(e) => {
+                    [r.op.clone(), r.shape.clone(), "-".into(), "-".into(), format!("error: {e}"), bound, "-".into()]
+                }
+                None => [
+                    r.op.clone(),
+                    r.shape.clone(),
+                    format!("{}×{}", r.runs, r.calls_per_run),
+                    format!("{:.3} ms", r.median_ms),
+                    format!("{:.1} {}", r.achieved, r.unit),
+                    bound,
+                    format!("{:.1}%", r.percent_of_bound()),
+                ],
+            });
+        }
+        let widths: Vec<usize> =
+            (0..7).map(|c| cells.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        for r in &cells {
+            let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            s.push_str(line.join("  ").trim_end());
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "\nruns: timed runs × back-to-back calls per run (CUDA events); median: per call.\n\
+             HBM bound: device-to-device copy, bytes read + written; GEMM bound: cuBLAS bf16, 2·M·N·K flops.\n\
+             matmul bytes = weight + x + out; decode attention bytes = K + V read (bf16);\n\
+             prefill attention flops = 4·T²·d·H/2 (QKᵀ and PV over the causal half).\n\
+             peak VRAM {:.2} GiB (driver, CUDA context included)\n",
+            self.peak_vram_bytes as f64 / (1u64 << 30) as f64
+        ));
+        s
+    }
+}
+
+/// Today's UTC date as `YYYY-MM-DD` (days since 1970 to a civil date).
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_513), (2026, 3, 1), "after a non-leap February");
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn random_inputs_are_spread_and_never_all_zero() {
+        let v = random_f32(200_000, 7, 1.0);
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+        let zeros = v.iter().filter(|x| **x == 0.0).count();
+        assert!(mean.abs() < 0.01 && zeros < 10, "mean {mean}, {zeros} zeros");
+        assert_ne!(random_f32(10, 1, 1.0), random_f32(10, 2, 1.0), "seeds differ");
+        assert_eq!(random_f32(10, 1, 1.0), random_f32(10, 1, 1.0), "seeded: reproducible");
+    }
+
+    #[test]
+    fn table_shows_every_row_and_the_conventions() {
+        let rep = OpsBenchReport {
+            device: "cuda:0 (test)".into(),
+            date: "2026-11-24".into(),
+            hbm_bytes_per_s: 3e12,
+            gemm_flops_per_s: 7e14,
+            rows: vec![
+                BenchRow {
+                    op: "decode matmul (backend)".into(),
+                    shape: "x [1, 4096]".into(),
+                    runs: 20,
+                    calls_per_run: 22,
+                    median_ms: 0.05,
+                    achieved: 2400.0,
+                    bound: 3000.0,
+                    unit: "GB/s",
+                    bound_name: "HBM copy",
+                    error: None,
+                },
+                BenchRow {
+                    op: "prefill attention (backend)".into(),
+                    shape: "T 32768".into(),
+                    runs: 0,
+                    calls_per_run: 0,
+                    median_ms: 0.0,
+                    achieved: 0.0,
+                    bound: 700.0,
+                    unit: "TFLOP/s",
+                    bound_name: "cuBLAS GEMM",
+                    error: Some("out of budget".into()),
+                },
+            ],
+            peak_vram_bytes: 3 << 30,
+        };
+        let t = rep.table();
+        assert!(t.contains("20×22") && t.contains("2400.0 GB/s") && t.contains("80.0%"), "{t}");
+        assert!(t.contains("error: out of budget") && t.contains("4·T²·d·H/2") && t.contains("3.00 GiB"), "{t}");
+    }
+}
