@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the GPU test binaries on any machine (no CUDA needed: libraries load at run time) and
-# copies them into .carry/gpu-tests/, a git-ignored folder to carry to the GPU machine.
-# Then, on the GPU machine, from the repository root:  bash scripts/run-gpu-tests.sh
+# Builds the GPU test binaries and the `ollm` release binary (stripped) on any machine (no CUDA
+# needed: libraries load at run time) and copies them into .carry/gpu-tests/, a git-ignored
+# folder to carry to the GPU machine. Then, on the GPU machine, from the repository root:
+#   bash scripts/run-gpu-tests.sh            # the tests
+#   .carry/gpu-tests/ollm bench ops          # GPU ops against measured peaks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.carry/gpu-tests
@@ -11,7 +13,9 @@ cargo test --release -p ollm-ops -p ollm-models --no-run --message-format=json 2
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("parity_cuda_vs_cpu", "golden_logits_cuda"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("parity_cuda_vs_cpu", "golden_logits_cuda", "kernels_compile"):
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
+cargo build --release -p ollm-cli --bin ollm
+strip -o "$out/ollm" target/release/ollm
 ls -la "$out"
