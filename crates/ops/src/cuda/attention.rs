@@ -1,4 +1,5 @@
-//! Launcher for `kernels/attention.cu` (the reference kernel; flash and split-K come later).
+//! Launcher for `kernels/attention.cu`, the reference kernel: any head dim up to 256, one block
+//! per (query, head). The fast paths are in `flash.rs`; [`check_shapes`] is shared by all.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -10,20 +11,16 @@ use crate::Result;
 /// The kernel file's source text.
 pub const SOURCE: &str = include_str!("../../kernels/attention.cu");
 
-/// q, out `[T, n_heads, d]` f32; k, v `[n_kv, cap, d]` bf16 (the KV cache); `window` None =
-/// full causal; sinks `[n_heads]` f32.
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    dev: &CudaDevice,
+/// Checks the buffers of one attention call against its geometry (every attention launcher
+/// goes through here) and returns the number of query tokens T.
+pub fn check_shapes(
     q: &CudaSlice<f32>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
     g: AttnGeometry,
-    scale: f32,
-    window: Option<usize>,
     sinks: Option<&CudaSlice<f32>>,
-    out: &mut CudaSlice<f32>,
-) -> Result<()> {
+    out: &CudaSlice<f32>,
+) -> Result<usize> {
     let row = g.n_heads * g.d;
     let t = q.len().checked_div(row).unwrap_or(0);
     let bad = row == 0
@@ -41,6 +38,27 @@ pub fn attention(
             "cuda attention",
             format!("q {}, k {}, v {}, out {}, {g:?}", q.len(), k.len(), v.len(), out.len()),
         ));
+    }
+    Ok(t)
+}
+
+/// The reference kernel (any head dim ≤ 256): q, out `[T, n_heads, d]` f32; k, v
+/// `[n_kv, cap, d]` bf16 (the KV cache); `window` None = full causal; sinks `[n_heads]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    dev: &CudaDevice,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    g: AttnGeometry,
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let t = check_shapes(q, k, v, g, sinks, out)?;
+    if t > 65_535 * 32 {
+        return Err(shape("cuda attention", format!("{t} query tokens exceed the reference kernel's grid")));
     }
     let func = dev.function("attention", SOURCE, "attention_bf16kv")?;
     let ints = [g.n_heads as i32, g.n_kv as i32, g.d as i32, g.cap as i32, g.pos0 as i32];

@@ -11,7 +11,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::elementwise::KvGeometry;
-use super::{CudaDevice, CudaStorage, attention, elementwise, matmul, rmsnorm, rope};
+use super::{CudaDevice, CudaStorage, attention, elementwise, flash, matmul, rmsnorm, rope};
 use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostTensor, OpsError, Result, Storage, Tensor};
@@ -200,7 +200,18 @@ impl Backend for CudaBackend {
         let g = AttnGeometry::of(q, k, v, out, pos0, p.sinks)?;
         let sinks = p.sinks.map(|s| f32s(s, "attention")).transpose()?;
         let (qd, kd, vd) = (f32s(q, "attention")?, kv(k, "attention")?, kv(v, "attention")?);
-        attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, f32s_mut(out, "attention")?)
+        let od = f32s_mut(out, "attention")?;
+        // Few queries: split over the context; many: flash (tensor cores); other head dims or
+        // shapes: the reference kernel.
+        let fast = if q.shape()[0] <= flash::DECODE_MAX_T {
+            flash::decode_attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)?
+        } else {
+            flash::flash_prefill(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)?
+        };
+        if fast {
+            return Ok(());
+        }
+        attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)
     }
 
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {

@@ -1,8 +1,8 @@
 //! `out = x · wᵀ (+ bias)`: the small-T kernel of `kernels/matmul.cu` for decode-sized inputs,
 //! cuBLAS for prefill.
 //!
-//! * T < [`CUBLAS_MIN_ROWS`]: one warp per output element, weights widened on the fly (a tuned
-//!   GEMV is to replace this for bf16);
+//! * T ≤ 8 with bf16/f16 weights and k % 8 == 0: the tuned GEMV of `gemv.rs`;
+//! * other T < [`CUBLAS_MIN_ROWS`]: one warp per output element, weights widened on the fly;
 //! * T ≥ [`CUBLAS_MIN_ROWS`]: x is narrowed to the weight dtype (bf16 or f16, round to nearest
 //!   even) into the device's scratch buffer, then `cublasGemmEx` with fp32 accumulation and an
 //!   f32 output; f32 weights take SGEMM numerics with x unchanged.
@@ -12,7 +12,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::cublas::gemm_xwt;
-use super::{CudaDevice, CudaStorage, convert, driver_err, elementwise, shape};
+use super::{CudaDevice, CudaStorage, convert, driver_err, elementwise, gemv, shape};
 use crate::{DType, Result};
 
 /// The kernel file's source text.
@@ -42,10 +42,13 @@ pub fn matmul(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let t = rows(x, w, n, k, out)?;
-    if t < CUBLAS_MIN_ROWS {
-        matmul_small(dev, x, w, n, k, out)?;
-    } else {
-        matmul_cublas(dev, x, w, n, k, out)?;
+    // A few rows with 16-bit weights: the tuned GEMV; other small shapes: the simple kernel;
+    // many rows: cuBLAS.
+    match w {
+        CudaStorage::BF16(w16) if gemv::covers(t, k) => gemv::gemv(dev, x, w16, n, k, out)?,
+        CudaStorage::F16(w16) if gemv::covers(t, k) => gemv::gemv(dev, x, w16, n, k, out)?,
+        _ if t < CUBLAS_MIN_ROWS => matmul_small(dev, x, w, n, k, out)?,
+        _ => matmul_cublas(dev, x, w, n, k, out)?,
     }
     match bias {
         Some(b) => elementwise::add_bias(dev, out, b, n),

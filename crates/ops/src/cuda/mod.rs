@@ -14,6 +14,8 @@ pub mod convert;
 pub mod cublas;
 mod device;
 pub mod elementwise;
+pub mod flash;
+pub mod gemv;
 pub mod matmul;
 mod nvrtc_cache;
 pub mod rmsnorm;

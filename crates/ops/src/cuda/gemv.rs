@@ -1,0 +1,56 @@
+//! Launcher for `kernels/gemv.cu`: decode-shaped matmuls (a few rows of x) with bf16 or f16
+//! weights read once from HBM.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{CudaDevice, driver_err, shape};
+use crate::Result;
+
+/// The kernel file's source text.
+pub const SOURCE: &str = include_str!("../../kernels/gemv.cu");
+
+/// Rows of x up to which the GEMV kernel is used (its largest compiled entry).
+pub const GEMV_MAX_T: usize = 8;
+
+/// Weight element types the kernel has entries for.
+pub trait GemvWeight: DeviceRepr {
+    const NAME: &'static str;
+}
+
+impl GemvWeight for half::bf16 {
+    const NAME: &'static str = "bf16";
+}
+
+impl GemvWeight for half::f16 {
+    const NAME: &'static str = "f16";
+}
+
+/// Whether [`gemv`] covers x `[t, k]`: few rows, k a multiple of 8 (16-byte weight loads).
+pub fn covers(t: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_T).contains(&t) && k > 0 && k.is_multiple_of(8)
+}
+
+/// `out = x · wᵀ`; x `[t, k]` f32, w `[n, k]`, out `[t, n]` f32, for shapes [`covers`] accepts.
+pub fn gemv<W: GemvWeight>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<W>,
+    n: usize,
+    k: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let t = x.len().checked_div(k).unwrap_or(0);
+    if !covers(t, k) || x.len() != t * k || w.len() != n * k || out.len() != t * n || n == 0 {
+        return Err(shape("cuda gemv", format!("x {}, w {} ([{n}, {k}]), out {}", x.len(), w.len(), out.len())));
+    }
+    let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MAX_T);
+    let func = dev.function("gemv", SOURCE, &format!("gemv_{}_t{tt}", W::NAME))?;
+    let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x).arg(w).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
+    // SAFETY: sizes checked above (k % 8 == 0 keeps every 16-byte load inside its row); one
+    // block per output row.
+    unsafe { l.launch(cfg) }.map_err(driver_err("gemv"))?;
+    Ok(())
+}
