@@ -150,14 +150,13 @@ def decode_launch(mod, q, k, v, out, pos0, scale, window, sinks, chunk=None, n_s
         chunk = max(256, -(-span // want))
         chunk = -(-chunk // 64) * 64
     n_splits = -(-span // chunk)
-    part_o = torch.empty(T * H * n_splits * D, device=dev)
-    part_ml = torch.empty(T * H * n_splits * 2, device=dev)
+    part = torch.empty(T * H * n_splits * (D + 2), device=dev)
     f = mod.get_function(f"decode_split_d{D}_g{gb}{suffix}")
-    f((n_splits, groups, T), (128,), (ptr(q), ptr(k), ptr(v), ptr(part_o), ptr(part_ml), cupy.int32(H), cupy.int32(n_kv),
+    f((n_splits, groups, T), (128,), (ptr(q), ptr(k), ptr(v), ptr(part), cupy.int32(H), cupy.int32(n_kv),
        cupy.int32(cap), cupy.int32(pos0), cupy.float32(scale), cupy.int32(window or 0), cupy.int32(chunk)))
     c = mod.get_function("decode_combine")
     s = sinks if sinks is not None else q
-    c((T * H,), (D,), (ptr(part_o), ptr(part_ml), ptr(out), cupy.int32(H), cupy.int32(D), cupy.int32(n_splits), ptr(s),
+    c((T * H,), (D,), (ptr(part), ptr(out), cupy.int32(H), cupy.int32(D), cupy.int32(n_splits), ptr(s),
        cupy.int32(sinks is not None)))
     return n_splits
 

@@ -30,8 +30,8 @@ __device__ __forceinline__ void bf16x8(uint4 raw, float* f) {
 
 template <int D, int GB, int U>
 __device__ __forceinline__ void split_body(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                                           const __nv_bfloat16* __restrict__ v, float* __restrict__ part_o,
-                                           float* __restrict__ part_ml, int n_heads, int n_kv, int cap,
+                                           const __nv_bfloat16* __restrict__ v, float* __restrict__ part,
+                                           int n_heads, int n_kv, int cap,
                                            int pos0, float scale, int window, int chunk) {
     constexpr int LPK = D / 8;        // lanes per key
     constexpr int KPW = 32 / LPK;     // keys per warp step
@@ -40,6 +40,9 @@ __device__ __forceinline__ void split_body(const float* __restrict__ q, const __
     __shared__ float sm_o[GROUPS][GB][D];
 
     const int split = blockIdx.x, n_splits = gridDim.x, t = blockIdx.z;
+    // part: o [T·n_heads·n_splits][D], then (m, l) [T·n_heads·n_splits][2].
+    float* part_o = part;
+    float* part_ml = part + (size_t)gridDim.z * n_heads * n_splits * D;
     const int G = n_heads / n_kv, per_kv = G / GB;
     const int kvh = blockIdx.y / per_kv, h0 = kvh * G + (blockIdx.y % per_kv) * GB;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -153,9 +156,9 @@ __device__ __forceinline__ void split_body(const float* __restrict__ q, const __
 
 #define SPLIT_ENTRY_U(D, GB, U, NAME)                                                                       \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32) NAME(                                         \
-        const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, float* part_o, float* part_ml,      \
-        int n_heads, int n_kv, int cap, int pos0, float scale, int window, int chunk) {                     \
-        split_body<D, GB, U>(q, k, v, part_o, part_ml, n_heads, n_kv, cap, pos0, scale, window, chunk);        \
+        const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, float* part, int n_heads, int n_kv, \
+        int cap, int pos0, float scale, int window, int chunk) {                                             \
+        split_body<D, GB, U>(q, k, v, part, n_heads, n_kv, cap, pos0, scale, window, chunk);                 \
     }
 
 // Eight keys' loads in flight per lane where the registers allow it (measured on an H100,
@@ -172,10 +175,11 @@ SPLIT_ENTRIES(128)
 SPLIT_ENTRIES(256)
 
 // Pass 2: one block per (token, head), one thread per dim.
-extern "C" __global__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                          float* __restrict__ out, int n_heads, int d, int n_splits,
-                                          const float* __restrict__ sinks, int has_sinks) {
+extern "C" __global__ void decode_combine(const float* __restrict__ part, float* __restrict__ out, int n_heads,
+                                          int d, int n_splits, const float* __restrict__ sinks, int has_sinks) {
     const int row = blockIdx.x, h = row % n_heads, dim = threadIdx.x;
+    const float* part_o = part;
+    const float* part_ml = part + (size_t)gridDim.x * n_splits * d;
     const float* ml = part_ml + (size_t)row * n_splits * 2;
     float mx = has_sinks ? sinks[h] * LOG2E : NEG_INF;
     for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);

@@ -41,6 +41,8 @@ pub struct CudaDevice {
     pub(crate) blas: Mutex<Blas>,
     /// Narrowed activations for cuBLAS (bf16 or f16 bits), grown on demand, kept for reuse.
     scratch16: Mutex<Option<DeviceBuf<u16>>>,
+    /// f32 partial results (split-context attention), grown on demand, kept for reuse.
+    scratch32: Mutex<Option<DeviceBuf<f32>>>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
 }
 
@@ -72,6 +74,30 @@ fn tracked<T>(
                 human(bytes)
             )))
         }
+    }
+}
+
+/// Grows the scratch buffer in `slot` to at least `len` elements and runs `f` with it.
+///
+/// # Safety
+/// `f` must write every element before reading it (the contents are undefined).
+unsafe fn with_scratch<T: DeviceRepr, R>(
+    dev: &CudaDevice,
+    slot: &Mutex<Option<DeviceBuf<T>>>,
+    len: usize,
+    what: &str,
+    f: impl FnOnce(&mut DeviceBuf<T>) -> Result<R>,
+) -> Result<R> {
+    let mut guard = slot.lock().map_err(|_| unavailable("scratch buffer lock poisoned"))?;
+    if guard.as_ref().is_none_or(|b| b.len() < len) {
+        // Free the old buffer before reserving the larger one.
+        *guard = None;
+        // SAFETY: forwarded to the caller.
+        *guard = Some(unsafe { dev.alloc_uninit::<T>(len, what) }?);
+    }
+    match guard.as_mut() {
+        Some(buf) => f(buf),
+        None => Err(unavailable("scratch buffer missing")),
     }
 }
 
@@ -120,17 +146,23 @@ impl CudaDevice {
     /// buffer is kept for the next call (its bytes stay in the account); work is stream-ordered,
     /// so reusing it across calls is safe.
     pub(crate) fn with_scratch16<R>(&self, len: usize, f: impl FnOnce(&mut DeviceBuf<u16>) -> Result<R>) -> Result<R> {
-        let mut guard = self.scratch16.lock().map_err(|_| unavailable("scratch buffer lock poisoned"))?;
-        if guard.as_ref().is_none_or(|b| b.len() < len) {
-            // Free the old buffer before reserving the larger one.
-            *guard = None;
-            // SAFETY: the scratch is written (converted activations) before every read.
-            *guard = Some(unsafe { self.alloc_uninit::<u16>(len, "activation scratch for cuBLAS") }?);
-        }
-        match guard.as_mut() {
-            Some(buf) => f(buf),
-            None => Err(unavailable("scratch buffer missing")),
-        }
+        // SAFETY: the scratch is written (converted activations) before every read.
+        unsafe { with_scratch(self, &self.scratch16, len, "activation scratch for cuBLAS", f) }
+    }
+
+    /// Runs `f` with the f32 scratch buffer (at least `len` elements), kept like
+    /// [`with_scratch16`](Self::with_scratch16)'s.
+    ///
+    /// # Safety
+    /// `f` must write every element it reads.
+    pub(crate) unsafe fn with_scratch32<R>(
+        &self,
+        len: usize,
+        what: &str,
+        f: impl FnOnce(&mut DeviceBuf<f32>) -> Result<R>,
+    ) -> Result<R> {
+        // SAFETY: forwarded to the caller.
+        unsafe { with_scratch(self, &self.scratch32, len, what, f) }
     }
 
     /// Kernel `func` of the kernel file `file` (its source text `source`), compiling and loading
@@ -207,6 +239,7 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
         vram,
         blas: Mutex::new(blas),
         scratch16: Mutex::new(None),
+        scratch32: Mutex::new(None),
         modules: Mutex::new(HashMap::new()),
     })
 }

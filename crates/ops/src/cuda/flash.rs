@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::attention::check_shapes;
-use super::{CudaDevice, driver_err};
+use super::{CudaDevice, DeviceBuf, driver_err};
 use crate::{AttnGeometry, Result};
 
 /// Source text of `kernels/flash_attn.cu`.
@@ -112,10 +112,6 @@ pub fn decode_attention(
     let plan = split_plan(span, sms * blocks_per_sm, blocks_y * t);
 
     let rows = t * g.n_heads * plan.splits;
-    // SAFETY: pass 1 writes every partial row (blocks with no keys write m = -inf, l = 0)
-    // before pass 2 reads them.
-    let mut part_o = unsafe { dev.alloc_uninit::<f32>(rows * g.d, "decode attention partials") }?;
-    let mut part_ml = unsafe { dev.alloc_uninit::<f32>(rows * 2, "decode attention partials") }?;
     let ints = [g.n_heads as i32, g.n_kv as i32, g.cap as i32, g.pos0 as i32];
     let window_i32 = window.map_or(0, |w| w as i32);
     let chunk_i32 = plan.chunk as i32;
@@ -124,30 +120,35 @@ pub fn decode_attention(
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = dev.stream.launch_builder(&func);
-    l.arg(q).arg(k).arg(v).arg(&mut *part_o).arg(&mut *part_ml);
-    for i in &ints {
-        l.arg(i);
-    }
-    l.arg(&scale).arg(&window_i32).arg(&chunk_i32);
-    // SAFETY: argument order and types match decode_split_*; shapes checked above; the grid
-    // covers exactly `splits` partials per (token, head).
-    unsafe { l.launch(cfg) }.map_err(driver_err("decode attention"))?;
-
     let combine = dev.function("decode_attn", DECODE_SOURCE, "decode_combine")?;
     let (n_heads_i32, d_i32, splits_i32) = (g.n_heads as i32, g.d as i32, plan.splits as i32);
     let has_sinks = i32::from(sinks.is_some());
-    let cfg =
+    let combine_cfg =
         LaunchConfig { grid_dim: ((t * g.n_heads) as u32, 1, 1), block_dim: (g.d as u32, 1, 1), shared_mem_bytes: 0 };
-    let mut l = dev.stream.launch_builder(&combine);
-    l.arg(&*part_o).arg(&*part_ml).arg(out).arg(&n_heads_i32).arg(&d_i32).arg(&splits_i32);
-    match sinks {
-        Some(s) => l.arg(s),
-        None => l.arg(q),
+    let run = |part: &mut DeviceBuf<f32>| -> Result<()> {
+        let mut l = dev.stream.launch_builder(&func);
+        l.arg(q).arg(k).arg(v).arg(&mut **part);
+        for i in &ints {
+            l.arg(i);
+        }
+        l.arg(&scale).arg(&window_i32).arg(&chunk_i32);
+        // SAFETY: argument order and types match decode_split_*; shapes checked above; the
+        // grid covers exactly `splits` partials per (token, head), inside `part`.
+        unsafe { l.launch(cfg) }.map_err(driver_err("decode attention"))?;
+        let mut l = dev.stream.launch_builder(&combine);
+        l.arg(&**part).arg(&mut *out).arg(&n_heads_i32).arg(&d_i32).arg(&splits_i32);
+        match sinks {
+            Some(s) => l.arg(s),
+            None => l.arg(q),
+        };
+        l.arg(&has_sinks);
+        // SAFETY: reads the partials written by the launch above; one thread per output element.
+        unsafe { l.launch(combine_cfg) }.map_err(driver_err("decode attention combine"))?;
+        Ok(())
     };
-    l.arg(&has_sinks);
-    // SAFETY: reads the partials written above; one thread per output element.
-    unsafe { l.launch(cfg) }.map_err(driver_err("decode attention combine"))?;
+    // SAFETY: pass 1 writes every partial (blocks with no keys write m = -inf, l = 0) before
+    // pass 2 reads them; the buffer is reused across calls in stream order.
+    unsafe { dev.with_scratch32(rows * (g.d + 2), "decode attention partials", run) }?;
     Ok(true)
 }
 
