@@ -30,7 +30,7 @@ __device__ __forceinline__ void bf16x8(uint4 raw, float* f) {
 
 template <int D, int GB, int U>
 __device__ __forceinline__ void split_body(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                                           const __nv_bfloat16* __restrict__ v, float* __restrict__ part,
+                                           const __nv_bfloat16* __restrict__ v, float* __restrict__ partials,
                                            int n_heads, int n_kv, int cap,
                                            int pos0, float scale, int window, int chunk) {
     constexpr int LPK = D / 8;        // lanes per key
@@ -40,9 +40,9 @@ __device__ __forceinline__ void split_body(const float* __restrict__ q, const __
     __shared__ float sm_o[GROUPS][GB][D];
 
     const int split = blockIdx.x, n_splits = gridDim.x, t = blockIdx.z;
-    // part: o [T·n_heads·n_splits][D], then (m, l) [T·n_heads·n_splits][2].
-    float* part_o = part;
-    float* part_ml = part + (size_t)gridDim.z * n_heads * n_splits * D;
+    // partials: o [T·n_heads·n_splits][D], then (m, l) [T·n_heads·n_splits][2].
+    float* part_o = partials;
+    float* part_ml = partials + (size_t)gridDim.z * n_heads * n_splits * D;
     const int G = n_heads / n_kv, per_kv = G / GB;
     const int kvh = blockIdx.y / per_kv, h0 = kvh * G + (blockIdx.y % per_kv) * GB;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
