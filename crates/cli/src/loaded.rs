@@ -88,11 +88,11 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()), cuda: None }),
         DeviceArg::Cuda(n) => {
             let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
-            Ok(cuda(with_budget(dev, vram_budget).context("--vram-budget")?))
+            Ok(cuda(with_budget(dev, vram_budget)?))
         }
         DeviceArg::Auto => match ollm_ops::cuda::probe(0) {
             Ok(dev) => {
-                let b = with_budget(dev, vram_budget).context("--vram-budget")?;
+                let b = with_budget(dev, vram_budget)?;
                 let budget = vram_budget.map_or(String::new(), |_| {
                     format!(", VRAM budget {}", vram::gib(b.device().vram().budget_bytes()))
                 });
