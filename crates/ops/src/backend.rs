@@ -20,6 +20,56 @@ pub enum NormKind {
     ZeroCentered,
 }
 
+/// How a MoE router turns one token's logits `[E]` into k expert ids and weights. Both modes
+/// choose the k largest logits, sorted descending, ties broken by the lower expert index (softmax
+/// is monotonic, so these are also the k largest probabilities); they differ in the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterMode {
+    /// GPT-OSS (models.md §3.3): softmax over the k selected logits only.
+    SoftmaxOfTopK,
+    /// Qwen3-Next (models.md §4.6): the selected experts' probabilities from a softmax over all
+    /// E logits, divided by their sum when `norm_topk_prob`.
+    TopKOfSoftmax { norm_topk_prob: bool },
+}
+
+/// Checks a router call (logits `[T, E]`, `1 <= k <= E`) and returns `(T, E)`. Every backend
+/// validates through here.
+pub(crate) fn router_dims(logits: &Tensor, k: usize) -> Result<(usize, usize)> {
+    match *logits.shape() {
+        [t, e] if (1..=e).contains(&k) => Ok((t, e)),
+        _ => Err(OpsError::Shape {
+            op: "router_topk",
+            detail: format!("logits {:?} must be [T, E] with 1 <= k <= E, k = {k}", logits.shape()),
+        }),
+    }
+}
+
+/// Checks a clamped SwiGLU call (gate_up `[.., 2I]`, out `[.., I]`, the same leading dims) and
+/// returns I. Every backend validates through here.
+pub(crate) fn swiglu_dims(gate_up: &Tensor, out: &Tensor) -> Result<usize> {
+    let (gu, o) = (gate_up.shape(), out.shape());
+    match (gu.split_last(), o.split_last()) {
+        (Some((&two_i, lead)), Some((&i, lead_out))) if i > 0 && two_i == 2 * i && lead == lead_out => Ok(i),
+        _ => Err(OpsError::Shape {
+            op: "clamped_swiglu",
+            detail: format!("gate_up {gu:?} must be [.., 2I] for out {o:?} [.., I]"),
+        }),
+    }
+}
+
+/// Checks a gated RMSNorm call (x, z, out `[.., n]`, w `[n]`) and returns n. Every backend
+/// validates through here.
+pub(crate) fn gated_norm_dims(x: &Tensor, z: &Tensor, w: &Tensor, out: &Tensor) -> Result<usize> {
+    let n = x.shape().last().copied().unwrap_or(0);
+    if n == 0 || w.numel() != n || z.shape() != x.shape() || out.shape() != x.shape() {
+        return Err(OpsError::Shape {
+            op: "gated_rms_norm",
+            detail: format!("x {:?}, z {:?}, w {:?}, out {:?}", x.shape(), z.shape(), w.shape(), out.shape()),
+        });
+    }
+    Ok(n)
+}
+
 /// Precomputed RoPE tables `[max_positions, rotary_dims / 2]`, already multiplied by the
 /// attention factor m (models.md §1.2), resident on the backend.
 #[derive(Debug)]
@@ -136,6 +186,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// `out = silu(gate) ⊙ up`, all `[T, n]`.
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// GPT-OSS clamped SwiGLU (models.md §3.3): gate_up `[T, 2I]` holds gate in the even and
+    /// up in the odd columns; `out[T, I] = (clamp(up, ±limit) + 1) ⊙ g ⊙ σ(alpha·g)` with
+    /// `g = min(gate, limit)` (upper clamp only).
+    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()>;
+
+    /// Router top-k of logits `[T, E]` (f32 activations; `1 <= k <= E`): expert ids `[T, k]`
+    /// and their weights `[T, k]`, on the host (the engine decides from them which experts to
+    /// load). See [`RouterMode`] for the order and the weights. The CUDA backend takes
+    /// `E <= 1024`.
+    fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)>;
+
+    /// Qwen3-Next gated RMSNorm (models.md §1.1, Gated-RMS): `out = w ⊙ r(x) ⊙ silu(z)` over the
+    /// last axis, `r(x) = x · rsqrt(mean(x²) + eps)`; x, z, out `[.., n]`, plain weight w `[n]`.
+    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()>;
 
     /// `x += y`, same shape (residual add).
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()>;

@@ -12,7 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod tensor;
 
-pub use backend::{AttnGeometry, AttnParams, Backend, NormKind, RopeTable};
+pub use backend::{AttnGeometry, AttnParams, Backend, NormKind, RopeTable, RouterMode};
 pub use dtype::DType;
 pub use error::{OpsError, Result};
 pub use tensor::{CpuStorage, HostTensor, Storage, Tensor};

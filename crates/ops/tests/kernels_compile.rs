@@ -29,7 +29,19 @@ fn kernel_files() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             ],
         ),
         ("matmul", cuda::matmul::SOURCE, vec!["matmul_f32_bf16w", "matmul_f32_f16w", "matmul_f32_f32w"]),
-        ("rmsnorm", cuda::rmsnorm::SOURCE, vec!["rmsnorm_f32_bf16w", "rmsnorm_f32_f16w", "rmsnorm_f32_f32w"]),
+        (
+            "rmsnorm",
+            cuda::rmsnorm::SOURCE,
+            vec![
+                "rmsnorm_f32_bf16w",
+                "rmsnorm_f32_f16w",
+                "rmsnorm_f32_f32w",
+                "gated_rmsnorm_f32_bf16w",
+                "gated_rmsnorm_f32_f16w",
+                "gated_rmsnorm_f32_f32w",
+            ],
+        ),
+        ("moe", cuda::moe::SOURCE, vec!["clamped_swiglu_f32", "router_topk_f32"]),
         ("rope", cuda::rope::SOURCE, vec!["rope_f32"]),
         (
             "gemv",

@@ -12,15 +12,21 @@
 //!   mantissa bits: about 2⁻⁹/√3 ≈ 1.1e-3 relative per element) and 1e-3 for f16 (11 bits);
 //! * flash prefill attention against the CPU on the same bf16-rounded q: 1e-2 — the kernel
 //!   also rounds the softmax probabilities to bf16 before P·V (measured ≈1.2e-3 on an H100);
-//! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs).
+//! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs);
+//! * clamped SwiGLU: 1e-6 (f32 math, only `expf` against Rust's `exp` differs); gated RMSNorm:
+//!   1e-5 like rmsnorm;
+//! * router top-k: expert ids exact (both backends compare the same f32 logits), weights within
+//!   2e-6 absolute (they are ≤ 1; `expf` and the order of the sum over all E differ, a few ulp).
 
 #![cfg(feature = "cuda")]
+
+use std::cmp::Ordering;
 
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ollm_ops::cpu::{self, CpuBackend};
 use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage, probe};
-use ollm_ops::{Backend, CpuStorage, DType, HostTensor, NormKind, Tensor};
+use ollm_ops::{Backend, CpuStorage, DType, HostTensor, NormKind, RouterMode, Tensor};
 
 /// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
 fn random(n: usize, scale: f32) -> Vec<f32> {
@@ -562,4 +568,158 @@ fn uploads_round_trip() {
         assert_eq!(t.dtype(), dtype);
         assert_eq!(gpu.to_host_f32(&t).expect("down"), rounded(&v, dtype), "{dtype}");
     }
+}
+
+#[test]
+fn clamped_swiglu_matches_cpu() {
+    let Some(dev) = device() else { return };
+    let (limit, alpha) = (7.0, 1.702);
+    for &(t, inter) in &[(1usize, 2880usize), (13, 720), (5, 100)] {
+        // Scale 12: about 40% of the values lie beyond ±7.
+        let gu = random(t * 2 * inter, 12.0);
+        let (gates, ups) = (gu.iter().step_by(2), gu.iter().skip(1).step_by(2));
+        assert!(gates.clone().any(|v| *v > limit) && gates.clone().any(|v| *v < -limit), "gates must pass ±limit");
+        assert!(ups.clone().any(|v| *v > limit) && ups.clone().any(|v| *v < -limit), "ups must hit both clamps");
+        let mut want = vec![0.0; t * inter];
+        cpu::clamped_swiglu(&gu, inter, limit, alpha, &mut want);
+        let mut out = poisoned(&dev, t * inter);
+        cuda::moe::clamped_swiglu(&dev, &up(&dev, &gu), inter, limit, alpha, &mut out).expect("clamped_swiglu");
+        let e = rel_err(&down(&dev, &out), &want);
+        eprintln!("clamped swiglu t={t} I={inter}: rel err {e:.2e}");
+        assert!(e < 1e-6, "clamped swiglu t={t} I={inter}: rel err {e:e}");
+    }
+}
+
+const ROUTER_MODES: [RouterMode; 3] = [
+    RouterMode::SoftmaxOfTopK,
+    RouterMode::TopKOfSoftmax { norm_topk_prob: false },
+    RouterMode::TopKOfSoftmax { norm_topk_prob: true },
+];
+
+/// Runs the router launcher (output poisoned first) against the CPU twin: ids must be equal,
+/// weights within 2e-6. Returns the ids.
+fn router_matches_cpu(dev: &CudaDevice, logits: &[f32], e: usize, k: usize, mode: RouterMode) -> Vec<u32> {
+    let t = logits.len() / e;
+    let (mut want_ids, mut want_w) = (vec![0u32; t * k], vec![0.0f32; t * k]);
+    cpu::router_topk(logits, e, k, mode, &mut want_ids, &mut want_w);
+    let mut out = poisoned(dev, 2 * t * k);
+    cuda::moe::router_topk(dev, &up(dev, logits), e, k, mode, &mut out).expect("router_topk");
+    let (ids, w) = cuda::moe::unpack_router_output(&down(dev, &out), t * k).expect("whole expert ids");
+    assert_eq!(ids, want_ids, "router t={t} E={e} k={k} {mode:?}: expert ids differ");
+    let max_diff = w.iter().zip(&want_w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(max_diff <= 2e-6, "router t={t} E={e} k={k} {mode:?}: weights differ by {max_diff:e}");
+    ids
+}
+
+#[test]
+fn router_topk_matches_cpu() {
+    let Some(dev) = device() else { return };
+    // (T, E, k): the two release shapes (Qwen3-Next 512/10, GPT-OSS 32/4) and odd ones; 33
+    // tokens leave the last block of four warps partly empty.
+    for &(t, e, k) in &[(7usize, 512usize, 10usize), (33, 512, 10), (9, 32, 4), (1, 32, 4), (5, 128, 16), (3, 1000, 3)]
+    {
+        for mode in ROUTER_MODES {
+            let logits = random(t * e, 4.0);
+            router_matches_cpu(&dev, &logits, e, k, mode);
+        }
+        eprintln!("router top-k t={t} E={e} k={k}: ids equal, weights within 2e-6 in every mode");
+    }
+}
+
+#[test]
+fn router_ties_go_to_the_lower_index_on_both_backends() {
+    let Some(dev) = device() else { return };
+    for &(t, e, k) in &[(6usize, 512usize, 10usize), (6, 32, 4)] {
+        // Multiples of 1/2 in [-2, 2]: nine values over E experts, so the top k is full of exact ties.
+        let mut logits: Vec<f32> = random(t * e, 2.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
+        // Token 0: all equal, so the experts are 0..k in order.
+        logits[..e].fill(1.0);
+        for mode in ROUTER_MODES {
+            let ids = router_matches_cpu(&dev, &logits, e, k, mode);
+            assert_eq!(ids[..k], (0..k as u32).collect::<Vec<_>>(), "equal logits: the lowest indices");
+            // Independently: a stable sort by descending logit keeps tied experts in index order.
+            for (row, got) in logits.chunks(e).zip(ids.chunks(k)) {
+                let mut order: Vec<u32> = (0..e as u32).collect();
+                // partial_cmp, not total_cmp: -0.0 and 0.0 are a tie, as in the kernel.
+                order.sort_by(|&a, &b| row[b as usize].partial_cmp(&row[a as usize]).unwrap_or(Ordering::Equal));
+                assert_eq!(got, &order[..k], "{mode:?}: ties must go to the lower index");
+            }
+        }
+        eprintln!("router ties t={t} E={e} k={k}: the lower index wins on both backends");
+    }
+}
+
+#[test]
+fn gated_rmsnorm_matches_cpu_for_every_weight_dtype() {
+    let Some(dev) = device() else { return };
+    for dtype in DTYPES {
+        // Qwen3-Next normalises each value head (dv = 128) of every token.
+        for &(rows, n) in &[(1usize, 128usize), (3 * 32, 128), (7, 4096), (5, 100)] {
+            let (x, z) = (random(rows * n, 3.0), random(rows * n, 6.0));
+            let w: Vec<f32> = random(n, 1.0).iter().map(|v| 1.0 + v * 0.2).collect();
+            let mut want = vec![0.0f32; rows * n];
+            cpu::gated_rms_norm(&x, &z, &rounded(&w, dtype), 1e-6, &mut want);
+            let mut out = poisoned(&dev, rows * n);
+            let wd = stored(&dev, dtype, &w);
+            cuda::rmsnorm::gated_rms_norm(&dev, &up(&dev, &x), &up(&dev, &z), &wd, n, 1e-6, &mut out).expect("launch");
+            let e = rel_err(&down(&dev, &out), &want);
+            assert!(e < 1e-5, "gated rmsnorm {dtype} rows={rows} n={n}: relative error {e:e}");
+        }
+        eprintln!("gated rmsnorm {dtype} weights: within 1e-5");
+    }
+}
+
+/// The three MoE-family ops through the Backend trait (tensors, shape checks, the router's
+/// scratch and read-back), against the CPU backend; bad shapes are errors, not crashes.
+#[test]
+fn moe_ops_through_the_backend_match_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    // Router: [T=6, E=512], k=10, every mode.
+    let (t, e, k) = (6, 512, 10);
+    let logits = random(t * e, 4.0);
+    let (lc, lg) =
+        (cpu.upload_f32(vec![t, e], &logits).expect("logits"), gpu.upload_f32(vec![t, e], &logits).expect("logits"));
+    for mode in ROUTER_MODES {
+        let (want_ids, want_w) = cpu.router_topk(&lc, k, mode).expect("cpu router");
+        let (ids, w) = gpu.router_topk(&lg, k, mode).expect("gpu router");
+        assert_eq!(ids, want_ids, "{mode:?}");
+        let max_diff = w.iter().zip(&want_w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(max_diff <= 2e-6, "{mode:?}: weights differ by {max_diff:e}");
+    }
+    for bad_k in [0, e + 1] {
+        assert!(gpu.router_topk(&lg, bad_k, RouterMode::SoftmaxOfTopK).is_err(), "k = {bad_k}");
+        assert!(cpu.router_topk(&lc, bad_k, RouterMode::SoftmaxOfTopK).is_err(), "k = {bad_k}");
+    }
+    let too_many = gpu.upload_f32(vec![1, 2048], &random(2048, 1.0)).expect("2048 experts");
+    let err = gpu.router_topk(&too_many, 4, RouterMode::SoftmaxOfTopK).expect_err("E = 2048");
+    assert!(err.to_string().contains("1024"), "{err}");
+
+    // Clamped SwiGLU: gate_up [T=4, 2·96] -> [4, 96].
+    let gu = random(4 * 192, 12.0);
+    let run_swiglu = |be: &dyn Backend| {
+        let x = be.upload_f32(vec![4, 192], &gu).expect("gate_up");
+        let mut out = be.upload_f32(vec![4, 96], &[f32::NAN; 4 * 96]).expect("out");
+        be.clamped_swiglu(&x, 7.0, 1.702, &mut out).expect("clamped_swiglu");
+        let mut wrong = be.zeros(vec![4, 95]).expect("wrong out");
+        assert!(be.clamped_swiglu(&x, 7.0, 1.702, &mut wrong).is_err(), "[4, 192] into [4, 95]");
+        be.to_host_f32(&out).expect("out")
+    };
+    let e_swiglu = rel_err(&run_swiglu(&gpu), &run_swiglu(&cpu));
+    assert!(e_swiglu < 1e-6, "clamped swiglu through the backend: rel err {e_swiglu:e}");
+
+    // Gated RMSNorm: x, z [2, 32, 128] with a bf16 weight [128].
+    let (x, z) = (random(2 * 32 * 128, 3.0), random(2 * 32 * 128, 6.0));
+    let w = host(DType::BF16, vec![128], &random(128, 1.0).iter().map(|v| 1.0 + 0.2 * v).collect::<Vec<_>>());
+    let run_norm = |be: &dyn Backend| {
+        let (xt, zt) =
+            (be.upload_f32(vec![2, 32, 128], &x).expect("x"), be.upload_f32(vec![2, 32, 128], &z).expect("z"));
+        let wt = be.upload(&w).expect("w");
+        let mut out = be.upload_f32(vec![2, 32, 128], &vec![f32::NAN; x.len()]).expect("out");
+        be.gated_rms_norm(&xt, &zt, &wt, 1e-6, &mut out).expect("gated_rms_norm");
+        assert!(be.gated_rms_norm(&xt, &xt, &be.zeros(vec![64]).expect("w"), 1e-6, &mut out).is_err(), "w [64]");
+        be.to_host_f32(&out).expect("out")
+    };
+    let e_norm = rel_err(&run_norm(&gpu), &run_norm(&cpu));
+    assert!(e_norm < 1e-5, "gated rmsnorm through the backend: rel err {e_norm:e}");
 }

@@ -8,20 +8,22 @@ mod attention;
 mod bandwidth;
 mod elementwise;
 mod matmul;
+mod moe;
 mod norm;
 mod rope;
 
 pub use attention::{Geometry as AttnGeometry, attention};
 pub use elementwise::{embedding, silu_mul};
 pub use matmul::matmul;
-pub use norm::rms_norm;
+pub use moe::{clamped_swiglu, router_topk};
+pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
 
 use std::ops::Range;
 
 use half::{bf16, f16};
 
-use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
+use crate::backend::{AttnParams, Backend, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims};
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostTensor, Storage, Tensor};
 
@@ -198,6 +200,28 @@ impl Backend for CpuBackend {
             );
         }
         elementwise::silu_mul(gate.cpu_f32("silu_mul")?, up.cpu_f32("silu_mul")?, out.cpu_f32_mut("silu_mul")?);
+        Ok(())
+    }
+
+    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()> {
+        let inter = swiglu_dims(gate_up, out)?;
+        let op = "clamped_swiglu";
+        moe::clamped_swiglu(gate_up.cpu_f32(op)?, inter, limit, alpha, out.cpu_f32_mut(op)?);
+        Ok(())
+    }
+
+    fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (t, e) = router_dims(logits, k)?;
+        let (mut ids, mut weights) = (vec![0u32; t * k], vec![0.0f32; t * k]);
+        moe::router_topk(logits.cpu_f32("router_topk")?, e, k, mode, &mut ids, &mut weights);
+        Ok((ids, weights))
+    }
+
+    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        gated_norm_dims(x, z, w, out)?;
+        let op = "gated_rms_norm";
+        let w = storage_to_f32(w.cpu(op)?);
+        gated_rms_norm(x.cpu_f32(op)?, z.cpu_f32(op)?, &w, eps, out.cpu_f32_mut(op)?);
         Ok(())
     }
 

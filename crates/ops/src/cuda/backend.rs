@@ -11,8 +11,8 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::elementwise::KvGeometry;
-use super::{CudaDevice, CudaStorage, attention, elementwise, flash, matmul, rmsnorm, rope};
-use crate::backend::{AttnParams, Backend, NormKind, RopeTable};
+use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope};
+use crate::backend::{AttnParams, Backend, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims};
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostTensor, OpsError, Result, Storage, Tensor};
 
@@ -216,6 +216,35 @@ impl Backend for CudaBackend {
 
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         elementwise::silu_mul(&self.dev, f32s(gate, "silu_mul")?, f32s(up, "silu_mul")?, f32s_mut(out, "silu_mul")?)
+    }
+
+    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()> {
+        let inter = swiglu_dims(gate_up, out)?;
+        let op = "clamped_swiglu";
+        moe::clamped_swiglu(&self.dev, f32s(gate_up, op)?, inter, limit, alpha, f32s_mut(out, op)?)
+    }
+
+    fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (t, e) = router_dims(logits, k)?;
+        if t == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let logits = f32s(logits, "router_topk")?;
+        let n = t * k;
+        let run = |buf: &mut DeviceBuf<f32>| -> Result<(Vec<u32>, Vec<f32>)> {
+            moe::router_topk(&self.dev, logits, e, k, mode, buf)?;
+            // A D2H copy into pageable memory returns once the data has arrived.
+            let host = self.dev.stream.clone_dtoh(&buf.slice(..2 * n)).map_err(super::driver_err("router_topk"))?;
+            moe::unpack_router_output(&host, n)
+        };
+        // SAFETY: the kernel writes all 2·n elements (weights, then ids) before the copy reads them.
+        unsafe { self.dev.with_scratch32(2 * n, "router top-k output", run) }
+    }
+
+    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        let n = gated_norm_dims(x, z, w, out)?;
+        let op = "gated_rms_norm";
+        rmsnorm::gated_rms_norm(&self.dev, f32s(x, op)?, f32s(z, op)?, cuda(w, op)?, n, eps, f32s_mut(out, op)?)
     }
 
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {

@@ -17,6 +17,7 @@ pub mod elementwise;
 pub mod flash;
 pub mod gemv;
 pub mod matmul;
+pub mod moe;
 mod nvrtc_cache;
 pub mod rmsnorm;
 pub mod rope;
