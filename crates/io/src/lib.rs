@@ -3,6 +3,8 @@
 //! Reads are positioned (`pread`), never memory-mapped: the engine decides what is resident, not
 //! the page cache. Every error names the file, the offset and what to do.
 
+pub mod direct;
+
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod llama3;
 pub mod registry;
+pub mod synth;
 pub mod trace;
 
 pub use error::{ModelError, Result};

@@ -7,6 +7,8 @@
 pub mod catalog;
 pub mod error;
 pub mod format;
+pub mod staging;
+pub mod synth;
 
 pub use catalog::{Catalog, TensorEntry};
 pub use error::{Result, WeightsError};

@@ -9,6 +9,7 @@ pub mod perplexity;
 pub mod pull;
 pub mod run;
 pub mod serve;
+pub mod synth;
 
 use clap::{Args, Subcommand};
 
@@ -34,6 +35,8 @@ pub enum Command {
     Batch(batch::BatchArgs),
     /// Download a safetensors model from the Hugging Face hub.
     Pull(pull::PullArgs),
+    /// Write a random-weight model shaped like a real one (for benchmarks).
+    Synth(synth::SynthArgs),
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Batch(a) => batch::run(a),
         Command::Pull(a) => pull::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod config;
 mod forward;
-mod names;
+pub mod names;
 
 pub use config::LlamaConfig;
 pub use forward::Llama;

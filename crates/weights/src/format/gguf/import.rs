@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use half::bf16;
 use ollm_ops::DType;
 use rayon::prelude::*;
-use serde_json::Value;
 
 use super::config::{ConfigExtras, LlamaDims, config_json};
 use super::names::{Permute, hf_target, unpermute_rows};
@@ -21,6 +20,7 @@ use super::reader::{GgufFile, TensorInfo};
 use super::rope_scaling::{Llama3Scaling, fit_llama3};
 use super::tokenizer::{special_ids, tokenizer_files};
 use crate::format::safetensors_writer::{PlannedTensor, SafetensorsWriter};
+use crate::staging::{Staging, check_out_dir, write_json};
 use crate::{Result, WeightsError};
 
 /// Bytes of GGUF tensor data converted per step (one progress report each).
@@ -86,12 +86,12 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, progress: &mut dyn FnMut(u64, u6
     };
     let config = config_json(&dims, &extras);
 
-    let staging = Staging::create(out_dir)?;
-    write_json(&staging.path.join("config.json"), &config)?;
-    write_json(&staging.path.join("generation_config.json"), &tok.generation_config_json)?;
-    write_json(&staging.path.join("tokenizer.json"), &tok.tokenizer_json)?;
-    write_json(&staging.path.join("tokenizer_config.json"), &tok.tokenizer_config_json)?;
-    let weights_path = staging.path.join("model.safetensors");
+    let staging = Staging::create(out_dir, "import")?;
+    write_json(&staging.path().join("config.json"), &config)?;
+    write_json(&staging.path().join("generation_config.json"), &tok.generation_config_json)?;
+    write_json(&staging.path().join("tokenizer.json"), &tok.tokenizer_json)?;
+    write_json(&staging.path().join("tokenizer_config.json"), &tok.tokenizer_config_json)?;
+    let weights_path = staging.path().join("model.safetensors");
     let source_bytes = write_weights(&file, &plan, &weights_path, progress)?;
     let safetensors_bytes = std::fs::metadata(&weights_path)
         .map_err(|source| WeightsError::Write { path: weights_path.clone(), source })?
@@ -269,69 +269,6 @@ fn rows_to_bf16(file: &GgufFile, t: &TensorInfo, raw: &[u8]) -> Result<Vec<u8>> 
         },
     )?;
     Ok(out)
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| format_err(path, format!("does not serialise: {e}")))?;
-    std::fs::write(path, text + "\n").map_err(|source| WeightsError::Write { path: path.to_path_buf(), source })
-}
-
-/// `out_dir` must not exist, or be an empty directory.
-fn check_out_dir(out_dir: &Path) -> Result<()> {
-    if !out_dir.exists() {
-        return Ok(());
-    }
-    let empty = std::fs::read_dir(out_dir).map(|mut d| d.next().is_none()).unwrap_or(false);
-    if !out_dir.is_dir() || !empty {
-        return Err(format_err(
-            out_dir,
-            "already exists and is not an empty directory; remove it or choose another output directory",
-        ));
-    }
-    Ok(())
-}
-
-/// The staging directory `.<out name>.import-<pid>.tmp` beside `out_dir`. Removed on drop
-/// unless committed.
-struct Staging {
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Staging {
-    fn create(out_dir: &Path) -> Result<Self> {
-        let name = out_dir.file_name().ok_or_else(|| format_err(out_dir, "has no directory name to import into"))?;
-        let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let path = parent.join(format!(".{}.import-{}.tmp", name.to_string_lossy(), std::process::id()));
-        if path.exists() {
-            // Left by an earlier import that died with our pid: ours to remove.
-            std::fs::remove_dir_all(&path).map_err(|source| WeightsError::Write { path: path.clone(), source })?;
-        }
-        std::fs::create_dir_all(&path).map_err(|source| WeightsError::Write { path: path.clone(), source })?;
-        Ok(Self { path, committed: false })
-    }
-
-    /// Renames the staging directory to `out_dir` (replacing it if it is an empty directory).
-    fn commit(mut self, out_dir: &Path) -> Result<()> {
-        check_out_dir(out_dir)?;
-        if out_dir.exists() {
-            std::fs::remove_dir(out_dir)
-                .map_err(|source| WeightsError::Write { path: out_dir.to_path_buf(), source })?;
-        }
-        std::fs::rename(&self.path, out_dir)
-            .map_err(|source| WeightsError::Write { path: out_dir.to_path_buf(), source })?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            // Best effort: a failed cleanup leaves only a hidden .tmp directory behind.
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,291 @@
+//! The placement planner (architecture.md §2): which decoder layers stay resident in VRAM, which
+//! are cached in pinned RAM, which stream from disk every token; how many prefetch slots; and the
+//! time per token that placement predicts from measured tier bandwidths. A plan that cannot fit
+//! fails before anything loads, naming the smallest budget that would.
+
+use std::fmt;
+
+/// Where a decoder layer's weights live between uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Resident on the device for the whole run.
+    Vram,
+    /// Cached in pinned host memory, copied into a device slot each time it is used.
+    Ram,
+    /// Read from the checkpoint (O_DIRECT) into pinned staging, then copied, each time.
+    Disk,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Vram => "vram",
+            Tier::Ram => "ram",
+            Tier::Disk => "disk",
+        })
+    }
+}
+
+/// Bytes per second of each tier, measured (see `calibrate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bandwidths {
+    /// Device memory (a device-to-device copy, bytes read + written).
+    pub device: f64,
+    /// Pinned host to device.
+    pub host_to_device: f64,
+    /// O_DIRECT reads from the checkpoint's disk.
+    pub disk: f64,
+}
+
+/// What the planner needs to know about a model, a run and a machine.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// Bytes of each decoder layer's weights, as stored.
+    pub layer_bytes: Vec<u64>,
+    /// Weights that stay on the device whatever happens (embedding, head, final norm).
+    pub resident_bytes: u64,
+    /// KV-cache bytes per position (all layers).
+    pub kv_bytes_per_position: u64,
+    /// Positions the run must hold (prompt + generated tokens).
+    pub context: usize,
+    /// Peak activation scratch on the device (the prefill chunk decides it).
+    pub activation_bytes: u64,
+    /// The CUDA context and library overhead, measured at start-up (or estimated before it).
+    pub context_overhead_bytes: u64,
+    /// `--vram-budget`: every device byte, the context included.
+    pub vram_budget: u64,
+    /// `--ram-budget`: pinned host bytes for cached layers and staging.
+    pub ram_budget: u64,
+    /// `--offload-layers-to-cpu N`: at most this many layers on the device (oLLM's knob).
+    pub max_resident_layers: Option<usize>,
+    /// Prefetch slots for streamed layers (2 = double buffering).
+    pub slots: usize,
+    pub bandwidth: Bandwidths,
+}
+
+/// The placement and what it predicts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub tiers: Vec<Tier>,
+    /// Device slots streamed layers rotate through (0 when every layer is resident).
+    pub slots: usize,
+    pub slot_bytes: u64,
+    /// Pinned staging buffers for disk reads (0 without disk layers), each `slot_bytes`.
+    pub staging_buffers: usize,
+    pub vram_bytes: u64,
+    pub ram_bytes: u64,
+    pub per_token: TokenTime,
+}
+
+/// Seconds per decoded token, by what bounds it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenTime {
+    /// Reading every weight and the KV cache once from device memory.
+    pub compute_s: f64,
+    /// Host-to-device copies of every streamed layer.
+    pub copy_s: f64,
+    /// Disk reads of the disk-tier layers.
+    pub disk_s: f64,
+}
+
+impl TokenTime {
+    /// The pipeline runs the three concurrently: the slowest sets the pace.
+    pub fn bound_s(&self) -> f64 {
+        self.compute_s.max(self.copy_s).max(self.disk_s)
+    }
+}
+
+/// Why no plan exists, with the smallest budget that would give one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "the model does not fit in --vram-budget {budget}: the device needs at least {need} (CUDA context {context}, resident weights {resident}, KV cache {kv} for {positions} positions, activations {act}, {slots} layer slots of {slot}); raise --vram-budget to {need} or shorten --context"
+    )]
+    Vram {
+        budget: Bytes,
+        need: Bytes,
+        context: Bytes,
+        resident: Bytes,
+        kv: Bytes,
+        positions: usize,
+        act: Bytes,
+        slots: usize,
+        slot: Bytes,
+    },
+    #[error("the model has no decoder layers to place")]
+    NoLayers,
+}
+
+/// A byte count printed in GiB (two decimals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.2} GiB", self.0 as f64 / (1u64 << 30) as f64)
+    }
+}
+
+/// Chooses a placement: every layer on the device if it fits; otherwise `slots` device slots for
+/// streamed layers, as many resident layers as the rest of the VRAM budget holds (spread evenly
+/// through the stack, so copies overlap the resident layers' compute), pinned RAM for as many of
+/// the others as `ram_budget` holds after the staging buffers, and the disk for the rest.
+pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
+    let n = input.layer_bytes.len();
+    if n == 0 {
+        return Err(PlanError::NoLayers);
+    }
+    let kv = input.kv_bytes_per_position * input.context as u64;
+    let fixed = input.context_overhead_bytes + input.resident_bytes + kv + input.activation_bytes;
+    let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
+    let all: u64 = input.layer_bytes.iter().sum();
+    let cap = input.max_resident_layers.unwrap_or(n).min(n);
+
+    let (resident, slots) = if cap == n && fixed + all <= input.vram_budget {
+        (n, 0)
+    } else {
+        let slots = input.slots.max(1);
+        let need = fixed + slots as u64 * slot_bytes;
+        if need > input.vram_budget {
+            return Err(PlanError::Vram {
+                budget: Bytes(input.vram_budget),
+                need: Bytes(need),
+                context: Bytes(input.context_overhead_bytes),
+                resident: Bytes(input.resident_bytes),
+                kv: Bytes(kv),
+                positions: input.context,
+                act: Bytes(input.activation_bytes),
+                slots,
+                slot: Bytes(slot_bytes),
+            });
+        }
+        let room = input.vram_budget - need;
+        // Layers are near-equal in size: count how many of the largest fit.
+        let fit = room.checked_div(slot_bytes).map_or(n, |f| f as usize);
+        (fit.min(cap).min(n - 1), slots)
+    };
+
+    let mut tiers = vec![Tier::Disk; n];
+    for i in spread(resident, n) {
+        tiers[i] = Tier::Vram;
+    }
+    // Disk layers need pinned staging; if every streamed layer fits in RAM none is needed.
+    let streamed_bytes: u64 = (0..n).filter(|&i| tiers[i] != Tier::Vram).map(|i| input.layer_bytes[i]).sum();
+    let staging = if streamed_bytes <= input.ram_budget { 0 } else { slots.max(2) };
+    let mut ram_left = input.ram_budget.saturating_sub(staging as u64 * slot_bytes);
+    for (i, tier) in tiers.iter_mut().enumerate() {
+        if *tier == Tier::Disk && input.layer_bytes[i] <= ram_left {
+            *tier = Tier::Ram;
+            ram_left -= input.layer_bytes[i];
+        }
+    }
+    let disk_count = tiers.iter().filter(|t| **t == Tier::Disk).count();
+    let staging_buffers = if disk_count > 0 { staging.max(2) } else { 0 };
+
+    let bytes_of = |t: Tier| -> u64 { (0..n).filter(|&i| tiers[i] == t).map(|i| input.layer_bytes[i]).sum() };
+    let (vram_layers, ram_layers, disk_layers) = (bytes_of(Tier::Vram), bytes_of(Tier::Ram), bytes_of(Tier::Disk));
+    let bw = input.bandwidth;
+    let per_token = TokenTime {
+        compute_s: (all + input.resident_bytes + kv) as f64 / bw.device,
+        copy_s: (ram_layers + disk_layers) as f64 / bw.host_to_device,
+        disk_s: disk_layers as f64 / bw.disk,
+    };
+    Ok(Plan {
+        tiers,
+        slots,
+        slot_bytes,
+        staging_buffers,
+        vram_bytes: fixed + vram_layers + slots as u64 * slot_bytes,
+        ram_bytes: ram_layers + staging_buffers as u64 * slot_bytes,
+        per_token,
+    })
+}
+
+/// `k` of `n` indices spread evenly (0, n/k, 2n/k, ...).
+fn spread(k: usize, n: usize) -> Vec<usize> {
+    (0..k).map(|j| j * n / k.max(1)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    /// Llama-3.1-8B in bf16: 32 layers of 436 MiB (218,112,000 params), embed + head 2 × 1002 MiB.
+    fn llama8b(vram: u64, ram: u64, context: usize) -> PlanInput {
+        PlanInput {
+            layer_bytes: vec![436_224_000; 32],
+            resident_bytes: 2 * 1_050_673_152 + 8192,
+            kv_bytes_per_position: 128 * 1024,
+            context,
+            activation_bytes: 200 * MIB,
+            context_overhead_bytes: 600 * MIB,
+            vram_budget: vram,
+            ram_budget: ram,
+            max_resident_layers: None,
+            slots: 2,
+            bandwidth: Bandwidths { device: 2.9e12, host_to_device: 55e9, disk: 1.1e9 },
+        }
+    }
+
+    #[test]
+    fn everything_resident_when_it_fits() {
+        let p = plan(&llama8b(80 * GIB, 0, 8192)).expect("plan");
+        assert!(p.tiers.iter().all(|t| *t == Tier::Vram));
+        assert_eq!((p.slots, p.staging_buffers, p.ram_bytes), (0, 0, 0));
+        assert_eq!(p.per_token.copy_s, 0.0);
+    }
+
+    #[test]
+    fn eight_gib_streams_the_rest_from_ram_or_disk() {
+        let with_ram = plan(&llama8b(8 * GIB, 64 * GIB, 8192)).expect("plan");
+        let vram = with_ram.tiers.iter().filter(|t| **t == Tier::Vram).count();
+        // 8 GiB − (0.59 context + 1.96 weights + 1 KV + 0.2 act + 2 slots × 0.41) leaves room for 8 layers.
+        assert_eq!(vram, 8, "{:?}", with_ram.tiers);
+        assert!(with_ram.vram_bytes <= 8 * GIB);
+        assert!(with_ram.tiers.iter().all(|t| *t != Tier::Disk));
+        assert_eq!(with_ram.staging_buffers, 0);
+        // Resident layers are spread through the stack, not bunched at the start.
+        assert_eq!(with_ram.tiers[0], Tier::Vram);
+        assert_eq!(with_ram.tiers[4], Tier::Vram);
+        assert_eq!(with_ram.tiers[28], Tier::Vram);
+        let copy = 24.0 * 436_224_000.0 / 55e9;
+        assert!((with_ram.per_token.copy_s - copy).abs() < 1e-9);
+        assert_eq!(with_ram.per_token.bound_s(), with_ram.per_token.copy_s);
+
+        let no_ram = plan(&llama8b(8 * GIB, 0, 8192)).expect("plan");
+        assert_eq!(no_ram.tiers.iter().filter(|t| **t == Tier::Disk).count(), 24);
+        assert_eq!(no_ram.staging_buffers, 2);
+        assert_eq!(no_ram.per_token.bound_s(), no_ram.per_token.disk_s);
+
+        // Half the streamed layers fit in RAM beside the staging buffers.
+        let some = plan(&llama8b(8 * GIB, 12 * 436_224_000 + 2 * 436_224_000, 8192)).expect("plan");
+        assert_eq!(some.tiers.iter().filter(|t| **t == Tier::Ram).count(), 12);
+        assert_eq!(some.tiers.iter().filter(|t| **t == Tier::Disk).count(), 12);
+        assert!(some.ram_bytes <= 14 * 436_224_000);
+    }
+
+    #[test]
+    fn offload_knob_caps_resident_layers() {
+        let mut input = llama8b(80 * GIB, 64 * GIB, 8192);
+        input.max_resident_layers = Some(20);
+        let p = plan(&input).expect("plan");
+        assert_eq!(p.tiers.iter().filter(|t| **t == Tier::Vram).count(), 20);
+        assert_eq!(p.tiers.iter().filter(|t| **t == Tier::Ram).count(), 12);
+        assert_eq!(p.slots, 2);
+    }
+
+    #[test]
+    fn too_small_a_budget_names_the_smallest_that_fits() {
+        let err = plan(&llama8b(3 * GIB, 0, 8192)).expect_err("3 GiB");
+        let PlanError::Vram { need, .. } = err.clone() else { panic!("{err:?}") };
+        assert!(err.to_string().contains("raise --vram-budget to"), "{err}");
+        // That budget does plan (every layer streamed).
+        let p = plan(&llama8b(need.0, 0, 8192)).expect("the named budget fits");
+        assert!(p.tiers.iter().all(|t| *t == Tier::Disk));
+        assert!(p.vram_bytes <= need.0);
+        assert_eq!(plan(&PlanInput { layer_bytes: vec![], ..llama8b(GIB, 0, 1) }), Err(PlanError::NoLayers));
+    }
+}

@@ -1,0 +1,240 @@
+//! Reads that bypass the page cache (O_DIRECT on Linux) into aligned buffers: the streamer's
+//! disk tier. O_DIRECT needs the file offset, the length and the buffer address aligned to the
+//! device's block size; [`ALIGN`] (4 KiB) covers the usual ones. A read of an unaligned byte
+//! range fetches the aligned span around it and reports where the wanted bytes start.
+//!
+//! Where the filesystem refuses O_DIRECT (tmpfs, some overlay filesystems) the file is opened
+//! normally and [`DirectFile::is_direct`] says so, so measurements can name what they measured.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use crate::{IoError, Result};
+
+/// Alignment of offsets, lengths and buffers for direct reads.
+pub const ALIGN: usize = 4096;
+
+/// A zeroed host buffer aligned to [`ALIGN`], its length a multiple of it.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain owned bytes; access goes through &/&mut self.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access is read-only.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// At least `len` bytes (rounded up to [`ALIGN`]; at least one block).
+    pub fn new(len: usize) -> Self {
+        let len = len.max(1).next_multiple_of(ALIGN);
+        let layout = Layout::from_size_align(len, ALIGN).expect("ALIGN is a power of two and len fits");
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised (zeroed) bytes while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, ALIGN)) }
+    }
+}
+
+/// The aligned span `[start, end)` that covers bytes `offset..offset + len`.
+pub fn aligned_span(offset: u64, len: usize) -> (u64, u64) {
+    let a = ALIGN as u64;
+    let start = offset / a * a;
+    let end = (offset + len as u64).next_multiple_of(a);
+    (start, end)
+}
+
+/// A file opened for direct reads.
+#[derive(Debug)]
+pub struct DirectFile {
+    path: PathBuf,
+    file: File,
+    len_bytes: u64,
+    direct: bool,
+}
+
+impl DirectFile {
+    /// Opens `path` with O_DIRECT where the platform and filesystem allow it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |source| IoError::Open { path: path.to_path_buf(), source };
+        let (file, direct) = match open_direct(path) {
+            Ok(f) => (f, true),
+            Err(_) => (File::open(path).map_err(err)?, false),
+        };
+        let len_bytes = file.metadata().map_err(err)?.len();
+        Ok(Self { path: path.to_path_buf(), file, len_bytes, direct })
+    }
+
+    /// Whether reads bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    /// Reads the aligned span around bytes `offset..offset + len` into the front of `buf` and
+    /// returns where byte `offset` landed in it. `buf` must hold the span ([`aligned_span`]);
+    /// the tail of the last block past the end of the file is left as it was.
+    pub fn read_into(&self, offset: u64, len: usize, buf: &mut AlignedBuf) -> Result<usize> {
+        let end = offset.saturating_add(len as u64);
+        if end > self.len_bytes {
+            return Err(IoError::Truncated { path: self.path.clone(), offset, end, file_len: self.len_bytes });
+        }
+        let (start, span_end) = aligned_span(offset, len);
+        let span = (span_end - start) as usize;
+        if span > buf.len() {
+            return Err(IoError::Read {
+                path: self.path.clone(),
+                offset,
+                len,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("buffer of {} B < span {span} B", buf.len()),
+                ),
+            });
+        }
+        // The file may end inside the last block: read whole blocks, accept a short final read.
+        let want = (self.len_bytes.min(span_end) - start) as usize;
+        let dst = &mut buf.as_mut_slice()[..span];
+        let mut done = 0usize;
+        while done < want {
+            match pread(&self.file, &mut dst[done..], start + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(IoError::Read { path: self.path.clone(), offset, len, source }),
+            }
+        }
+        if done < want {
+            return Err(IoError::Truncated { path: self.path.clone(), offset, end, file_len: start + done as u64 });
+        }
+        Ok((offset - start) as usize)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    // Some filesystems accept the flag at open and refuse the first read: probe one block.
+    let mut probe = AlignedBuf::new(ALIGN);
+    pread(&f, probe.as_mut_slice(), 0)?;
+    Ok(f)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> io::Result<File> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(unix)]
+fn pread(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    f.read_at(buf, offset)
+}
+
+#[cfg(not(unix))]
+fn pread(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::windows::fs::FileExt;
+    f.seek_read(buf, offset)
+}
+
+/// Best-of-3 direct-read bandwidth over up to `max_bytes` of `path` in 16 MiB reads, bytes/s.
+pub fn measure_read_bandwidth(path: &Path, max_bytes: u64) -> Result<(f64, bool)> {
+    let f = DirectFile::open(path)?;
+    let chunk = 16usize << 20;
+    let total = f.len_bytes().min(max_bytes).max(1);
+    let mut buf = AlignedBuf::new(chunk + ALIGN);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let mut off = 0u64;
+        while off < total {
+            let len = chunk.min((total - off) as usize);
+            f.read_into(off, len, &mut buf)?;
+            off += len as u64;
+        }
+        best = best.max(total as f64 / t.elapsed().as_secs_f64().max(1e-9));
+    }
+    Ok((best, f.is_direct()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn unaligned_ranges_come_back_exactly() {
+        let dir = tempfile_dir();
+        let path = dir.join("f.bin");
+        let data: Vec<u8> = (0..3 * ALIGN + 123).map(|i| (i * 7 % 251) as u8).collect();
+        File::create(&path).and_then(|mut f| f.write_all(&data)).expect("write");
+        let f = DirectFile::open(&path).expect("open");
+        let mut buf = AlignedBuf::new(4 * ALIGN);
+        assert_eq!(buf.as_slice().as_ptr() as usize % ALIGN, 0);
+        for (off, len) in
+            [(0usize, 10usize), (5, ALIGN), (ALIGN - 1, 2), (2 * ALIGN + 100, ALIGN + 23), (0, data.len())]
+        {
+            let at = f.read_into(off as u64, len, &mut buf).expect("read");
+            assert_eq!(&buf.as_slice()[at..at + len], &data[off..off + len], "{off}+{len}");
+        }
+        let err = f.read_into((data.len() - 5) as u64, 10, &mut buf).expect_err("past the end");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let mut small = AlignedBuf::new(ALIGN);
+        assert!(f.read_into(ALIGN as u64 - 1, 2, &mut small).is_err(), "span of two blocks in one");
+        let (bw, _) = measure_read_bandwidth(&path, 1 << 20).expect("bandwidth");
+        assert!(bw > 0.0);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn spans_cover_the_range() {
+        assert_eq!(aligned_span(0, 1), (0, 4096));
+        assert_eq!(aligned_span(4095, 2), (0, 8192));
+        assert_eq!(aligned_span(4096, 4096), (4096, 8192));
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ollm-direct-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+}

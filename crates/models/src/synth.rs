@@ -1,0 +1,303 @@
+//! Random-weight models shaped like real ones (`ollm synth --like NAME`): the real config.json,
+//! tensor names and shapes, bf16 values small enough to keep activations finite, and a
+//! byte-level tokenizer with the family's special tokens and chat template, so `run`, `bench` and
+//! `plan` work on them without a 16 GB download.
+
+use std::path::Path;
+
+use ollm_ops::DType;
+use ollm_weights::format::safetensors_writer::PlannedTensor;
+use ollm_weights::staging::{Staging, check_out_dir, write_json};
+use ollm_weights::synth::{Init, SynthTensor, write_shards};
+use serde_json::{Map, Value, json};
+
+use crate::llama3::names;
+use crate::{ModelError, Result};
+
+/// The shapes `--like` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Like {
+    Llama31_8B,
+    Llama32_1B,
+    Llama32_3B,
+}
+
+impl Like {
+    pub const NAMES: [&'static str; 3] = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b"];
+
+    /// Parses a `--like` value; unknown names list the known ones.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        match name.to_ascii_lowercase().as_str() {
+            "llama-3.1-8b" => Ok(Self::Llama31_8B),
+            "llama-3.2-1b" => Ok(Self::Llama32_1B),
+            "llama-3.2-3b" => Ok(Self::Llama32_3B),
+            other => Err(format!("unknown model shape '{other}'; choose one of {}", Self::NAMES.join(", "))),
+        }
+    }
+
+    /// The released model's config.json (meta-llama/Llama-3.x on the hub).
+    pub fn config(self) -> Value {
+        // (hidden, intermediate, layers, heads, head_dim, tied, rope factor)
+        let (h, i, l, nh, hd, tied, factor) = match self {
+            Self::Llama31_8B => (4096, 14336, 32, 32, 128, false, 8.0),
+            Self::Llama32_1B => (2048, 8192, 16, 32, 64, true, 32.0),
+            Self::Llama32_3B => (3072, 8192, 28, 24, 128, true, 32.0),
+        };
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": h,
+            "intermediate_size": i,
+            "num_hidden_layers": l,
+            "num_attention_heads": nh,
+            "num_key_value_heads": 8,
+            "head_dim": hd,
+            "hidden_act": "silu",
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192
+            },
+            "attention_bias": false,
+            "mlp_bias": false,
+            "tie_word_embeddings": tied,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": BOS,
+            "eos_token_id": [END_OF_TEXT, EOM, EOT],
+        })
+    }
+}
+
+const BOS: u32 = 128000;
+const END_OF_TEXT: u32 = 128001;
+const START_HEADER: u32 = 128006;
+const END_HEADER: u32 = 128007;
+const EOM: u32 = 128008;
+const EOT: u32 = 128009;
+
+/// What `synth` will write: the config (with `num_hidden_layers` overridden by `layers`) and the
+/// tensors, grouped into shards of at most ~4 GiB that never split a layer.
+#[derive(Debug)]
+pub struct SynthPlan {
+    pub config: Value,
+    pub shards: Vec<Vec<SynthTensor>>,
+}
+
+impl SynthPlan {
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.iter().flatten().map(|t| t.planned.len_bytes()).sum()
+    }
+}
+
+const SHARD_BYTES: u64 = 4 << 30;
+
+fn field(config: &Value, name: &str) -> Result<usize> {
+    config.get(name).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| ModelError::Config {
+        path: "synth config".into(),
+        field: name.into(),
+        detail: "missing or not a non-negative integer".into(),
+    })
+}
+
+/// Plans a Llama-family model from `config` (a config.json value).
+pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    if let Some(n) = layers {
+        if n == 0 {
+            return Err(ModelError::Config {
+                path: "synth".into(),
+                field: "--layers".into(),
+                detail: "must be at least 1".into(),
+            });
+        }
+        config["num_hidden_layers"] = json!(n);
+    }
+    let (h, i, v) =
+        (field(&config, "hidden_size")?, field(&config, "intermediate_size")?, field(&config, "vocab_size")?);
+    let (l, nh, nkv, hd) = (
+        field(&config, "num_hidden_layers")?,
+        field(&config, "num_attention_heads")?,
+        field(&config, "num_key_value_heads")?,
+        field(&config, "head_dim")?,
+    );
+    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+    // Uniform(a) has standard deviation a/√3; 0.02·√3 gives the usual 0.02 initialisation.
+    let w = Init::Uniform(0.02 * 3f32.sqrt());
+    let t = |name: String, shape: Vec<usize>, init| SynthTensor {
+        planned: PlannedTensor { name, dtype: DType::BF16, shape },
+        init,
+    };
+    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t(names::EMBED.into(), vec![v, h], w)]];
+    for layer in 0..l {
+        let n = |s: &str| names::layer(layer, s);
+        groups.push(vec![
+            t(n("input_layernorm.weight"), vec![h], Init::Const(1.0)),
+            t(n("self_attn.q_proj.weight"), vec![nh * hd, h], w),
+            t(n("self_attn.k_proj.weight"), vec![nkv * hd, h], w),
+            t(n("self_attn.v_proj.weight"), vec![nkv * hd, h], w),
+            t(n("self_attn.o_proj.weight"), vec![h, nh * hd], w),
+            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(1.0)),
+            t(n("mlp.gate_proj.weight"), vec![i, h], w),
+            t(n("mlp.up_proj.weight"), vec![i, h], w),
+            t(n("mlp.down_proj.weight"), vec![h, i], w),
+        ]);
+    }
+    let mut last = vec![t(names::FINAL_NORM.into(), vec![h], Init::Const(1.0))];
+    if !tied {
+        last.push(t(names::LM_HEAD.into(), vec![v, h], w));
+    }
+    groups.push(last);
+
+    let mut shards: Vec<Vec<SynthTensor>> = vec![Vec::new()];
+    let mut bytes = 0u64;
+    for g in groups {
+        let gb: u64 = g.iter().map(|t| t.planned.len_bytes()).sum();
+        if bytes > 0 && bytes + gb > SHARD_BYTES {
+            shards.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += gb;
+        if let Some(s) = shards.last_mut() {
+            s.extend(g);
+        }
+    }
+    Ok(SynthPlan { config, shards })
+}
+
+/// A byte-level BPE tokenizer (no merges: one token per byte, ids 0..255; reserved fillers up to
+/// 127999) with Llama-3's special tokens at their real ids, and its chat template.
+pub fn llama3_tokenizer_files() -> (Value, Value, Value) {
+    // GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to U+0100 onwards.
+    let mut vocab = Map::new();
+    let mut extra = 0u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            char::from_u32(b)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra)
+        };
+        vocab.insert(c.map_or_else(String::new, String::from), json!(b));
+    }
+    for id in 256..BOS {
+        vocab.insert(format!("<|filler_{id}|>"), json!(id));
+    }
+    let specials = [
+        (BOS, "<|begin_of_text|>"),
+        (END_OF_TEXT, "<|end_of_text|>"),
+        (START_HEADER, "<|start_header_id|>"),
+        (END_HEADER, "<|end_header_id|>"),
+        (EOM, "<|eom_id|>"),
+        (EOT, "<|eot_id|>"),
+    ];
+    let mut added = Vec::new();
+    for id in BOS..BOS + 256 {
+        let content = specials
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| format!("<|reserved_special_token_{}|>", id - BOS), |(_, s)| (*s).to_string());
+        vocab.insert(content.clone(), json!(id));
+        added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}));
+    }
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [BOS], "tokens": ["<|begin_of_text|>"]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": Value::Object(vocab), "merges": []},
+    });
+    let template = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n\
+                    {{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}\
+                    <|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+    let tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": true,
+        "model_max_length": 131072,
+        "chat_template": template,
+    });
+    let generation = json!({"bos_token_id": BOS, "eos_token_id": [END_OF_TEXT, EOM, EOT]});
+    (tokenizer, tokenizer_config, generation)
+}
+
+/// Writes a model shaped like `like` (with `layers` layers if given) into the new directory
+/// `out` through a staging directory; `progress(done, total)` gets weight bytes written.
+pub fn synth(
+    like: Like,
+    layers: Option<usize>,
+    out: &Path,
+    seed: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    check_out_dir(out)?;
+    let plan = plan_llama(like.config(), layers)?;
+    write_plan(&plan, out, seed, progress)
+}
+
+/// Writes a planned model (config, tokenizer, weights) into `out`.
+pub fn write_plan(plan: &SynthPlan, out: &Path, seed: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    check_out_dir(out)?;
+    let staging = Staging::create(out, "synth")?;
+    let (tokenizer, tokenizer_config, generation) = llama3_tokenizer_files();
+    write_json(&staging.path().join("config.json"), &plan.config)?;
+    write_json(&staging.path().join("tokenizer.json"), &tokenizer)?;
+    write_json(&staging.path().join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&staging.path().join("generation_config.json"), &generation)?;
+    write_shards(staging.path(), &plan.shards, seed, progress)?;
+    staging.commit(out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(plan: &SynthPlan) -> u64 {
+        plan.total_bytes() / 2
+    }
+
+    #[test]
+    fn plans_have_the_released_parameter_counts() {
+        // Parameter counts of the released checkpoints.
+        assert_eq!(params(&plan_llama(Like::Llama31_8B.config(), None).expect("8b")), 8_030_261_248);
+        assert_eq!(params(&plan_llama(Like::Llama32_1B.config(), None).expect("1b")), 1_235_814_400);
+        assert_eq!(params(&plan_llama(Like::Llama32_3B.config(), None).expect("3b")), 3_212_749_824);
+    }
+
+    #[test]
+    fn shards_hold_whole_layers_and_layers_override() {
+        let plan = plan_llama(Like::Llama31_8B.config(), Some(3)).expect("plan");
+        assert_eq!(plan.config["num_hidden_layers"], 3);
+        let names: Vec<&str> = plan.shards.iter().flatten().map(|t| t.planned.name.as_str()).collect();
+        assert_eq!(names.len(), 1 + 3 * 9 + 2);
+        for shard in &plan.shards {
+            assert!(shard.iter().map(|t| t.planned.len_bytes()).sum::<u64>() <= SHARD_BYTES);
+        }
+        // Every layer's tensors sit in one shard.
+        for l in 0..3 {
+            let prefix = format!("model.layers.{l}.");
+            let holding = plan.shards.iter().filter(|s| s.iter().any(|t| t.planned.name.starts_with(&prefix))).count();
+            assert_eq!(holding, 1, "layer {l}");
+        }
+        assert!(plan_llama(Like::Llama32_1B.config(), Some(0)).is_err());
+        assert!(Like::parse("llama-9").expect_err("unknown").contains("llama-3.1-8b"));
+    }
+}
