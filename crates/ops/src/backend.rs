@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{DType, HostTensor, OpsError, Result, Tensor};
+use crate::{DType, HostBuffer, HostTensor, Marker, OpsError, Result, Tensor};
 
 /// Which RMSNorm formula (models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
 /// where a bf16 backend rounds.
@@ -215,4 +215,52 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Grows a KV cache `[n_kv, cap, d]` to `[n_kv, new_cap, d]`, keeping the first `len` positions.
     fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor>;
+
+    // ---- Streaming: copies on a second queue, ordered against compute by markers ----
+    //
+    // A device backend has two queues: compute (every op above) and copy. Nothing orders one
+    // against the other except these markers, so copies overlap compute. The caller (the weight
+    // streamer) keeps it correct:
+    // * compute reading a tensor that a copy wrote: `compute_wait(&copy_marker()?)` in between;
+    // * a copy overwriting a tensor that compute reads or writes: `copy_wait(&compute_marker()?)`
+    //   first. That includes a tensor just made by `zeros`/`upload`/`kv_zeros`: its allocation
+    //   and fill are queued on the compute queue;
+    // * dropping a tensor a copy may still be writing (its memory is freed on the compute
+    //   queue): `compute_wait(&copy_marker()?)` or `host_wait` first;
+    // * rewriting host bytes a queued copy reads: `host_wait(&copy_marker()?)` first.
+    // These methods may be called from another host thread while compute runs on this one.
+
+    /// `bytes` (rounded up to 4096) of host memory for staging and cached layers: page-locked on
+    /// a device backend, so copies from it are asynchronous DMA. Not counted in the VRAM budget.
+    fn host_alloc(&self, bytes: usize) -> Result<HostBuffer>;
+
+    /// Queues a copy of `src[offset .. offset + dst.size_bytes()]` (dst's raw little-endian
+    /// elements, any dtype) into `dst` on the copy queue; the CPU backend copies immediately.
+    /// Range and size errors are [`OpsError::Shape`]. Ordering: see the notes above.
+    fn copy_to_device_async(&self, src: &HostBuffer, offset: usize, dst: &mut Tensor) -> Result<()>;
+
+    /// A marker after every copy queued so far on the copy queue.
+    fn copy_marker(&self) -> Result<Marker>;
+
+    /// A marker after all compute queued so far (the compute queue).
+    fn compute_marker(&self) -> Result<Marker>;
+
+    /// Compute queued after this call waits (on the device; the host does not block) for `m`.
+    fn compute_wait(&self, m: &Marker) -> Result<()>;
+
+    /// Copies queued after this call wait (on the device) for `m`.
+    fn copy_wait(&self, m: &Marker) -> Result<()>;
+
+    /// Blocks the calling host thread until `m` has passed.
+    fn host_wait(&self, m: &Marker) -> Result<()>;
+
+    /// Best-of-5 host-to-device bandwidth in bytes/s from a [`HostBuffer`] of about `bytes` into
+    /// a device tensor: pinned asynchronous copies on the copy queue timed with events on a
+    /// GPU, a memcpy on the CPU. The bound that streaming from the RAM tier is compared with.
+    fn measure_host_to_device(&self, bytes: usize) -> Result<f64>;
+}
+
+/// The error for a marker made by another backend.
+pub(crate) fn foreign_marker(op: &'static str, expected: &'static str, m: &Marker) -> OpsError {
+    OpsError::WrongBackend { op, expected, found: m.backend_name() }
 }

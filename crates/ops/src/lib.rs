@@ -10,9 +10,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod host;
 pub mod tensor;
 
 pub use backend::{AttnGeometry, AttnParams, Backend, NormKind, RopeTable, RouterMode};
 pub use dtype::DType;
 pub use error::{OpsError, Result};
+pub use host::{HostBuffer, Marker};
 pub use tensor::{CpuStorage, HostTensor, Storage, Tensor};

@@ -11,6 +11,7 @@ mod matmul;
 mod moe;
 mod norm;
 mod rope;
+mod transfer;
 
 pub use attention::{Geometry as AttnGeometry, attention};
 pub use elementwise::{embedding, silu_mul};
@@ -18,14 +19,17 @@ pub use matmul::matmul;
 pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
+pub use transfer::fill_from_le_bytes;
 
 use std::ops::Range;
 
 use half::{bf16, f16};
 
-use crate::backend::{AttnParams, Backend, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims};
+use crate::backend::{
+    AttnParams, Backend, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, router_dims, swiglu_dims,
+};
 use crate::error::{Result, shape_err};
-use crate::{CpuStorage, DType, HostTensor, Storage, Tensor};
+use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, Storage, Tensor};
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Debug, Default, Clone, Copy)]
@@ -265,4 +269,44 @@ impl Backend for CpuBackend {
         }
         Tensor::from_f32(vec![n_kv, new_cap, d], dst)
     }
+
+    fn host_alloc(&self, bytes: usize) -> Result<HostBuffer> {
+        HostBuffer::heap(bytes)
+    }
+
+    fn copy_to_device_async(&self, src: &HostBuffer, offset: usize, dst: &mut Tensor) -> Result<()> {
+        let op = "copy_to_device_async";
+        let range = src.range(offset, dst.size_bytes(), op)?;
+        transfer::fill_from_le_bytes(dst.cpu_mut(op)?, &src.as_slice()[range]);
+        Ok(())
+    }
+
+    fn copy_marker(&self) -> Result<Marker> {
+        Ok(Marker::host())
+    }
+
+    fn compute_marker(&self) -> Result<Marker> {
+        Ok(Marker::host())
+    }
+
+    fn compute_wait(&self, m: &Marker) -> Result<()> {
+        host_marker(m, "compute_wait")
+    }
+
+    fn copy_wait(&self, m: &Marker) -> Result<()> {
+        host_marker(m, "copy_wait")
+    }
+
+    fn host_wait(&self, m: &Marker) -> Result<()> {
+        host_marker(m, "host_wait")
+    }
+
+    fn measure_host_to_device(&self, bytes: usize) -> Result<f64> {
+        transfer::measure_host_copy(bytes)
+    }
+}
+
+/// Every CPU marker has passed when it is made; a device's marker is an error here.
+fn host_marker(m: &Marker, op: &'static str) -> Result<()> {
+    if m.backend_name() == "cpu" { Ok(()) } else { Err(foreign_marker(op, "cpu", m)) }
 }

@@ -11,10 +11,10 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::elementwise::KvGeometry;
-use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope};
+use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope, transfer};
 use crate::backend::{AttnParams, Backend, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims};
 use crate::error::shape_err;
-use crate::{AttnGeometry, CpuStorage, DType, HostTensor, OpsError, Result, Storage, Tensor};
+use crate::{AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor};
 
 /// Owns the open device; tensors it creates live on that device.
 #[derive(Debug)]
@@ -298,5 +298,40 @@ impl Backend for CudaBackend {
             self.dev.stream.memcpy_dtod(&from, &mut to).map_err(super::driver_err("grow_kv"))?;
         }
         self.tensor(shape, CudaStorage::BF16(dst))
+    }
+
+    fn host_alloc(&self, bytes: usize) -> Result<HostBuffer> {
+        transfer::alloc_pinned(&self.dev, bytes)
+    }
+
+    fn copy_to_device_async(&self, src: &HostBuffer, offset: usize, dst: &mut Tensor) -> Result<()> {
+        transfer::copy_to_device(&self.dev, src, offset, cuda_mut(dst, "copy_to_device_async")?)
+    }
+
+    fn copy_marker(&self) -> Result<Marker> {
+        transfer::marker(&self.dev.copy_stream, "copy_marker")
+    }
+
+    fn compute_marker(&self) -> Result<Marker> {
+        transfer::marker(&self.dev.stream, "compute_marker")
+    }
+
+    fn compute_wait(&self, m: &Marker) -> Result<()> {
+        let op = "compute_wait";
+        self.dev.stream.wait(transfer::event(m, op)?).map_err(super::driver_err(op))
+    }
+
+    fn copy_wait(&self, m: &Marker) -> Result<()> {
+        let op = "copy_wait";
+        self.dev.copy_stream.wait(transfer::event(m, op)?).map_err(super::driver_err(op))
+    }
+
+    fn host_wait(&self, m: &Marker) -> Result<()> {
+        let op = "host_wait";
+        transfer::event(m, op)?.synchronize().map_err(super::driver_err(op))
+    }
+
+    fn measure_host_to_device(&self, bytes: usize) -> Result<f64> {
+        transfer::measure_host_to_device(&self.dev, bytes)
     }
 }

@@ -111,6 +111,8 @@ pub fn gemm_xwt<X: DeviceRepr, W: DeviceRepr, O: DeviceRepr>(
     let (ti, ni, ki) = (t as c_int, n as c_int, k as c_int);
     let (alpha, beta) = (1.0f32, 0.0f32);
     let blas = dev.blas.lock().map_err(|_| OpsError::Backend("cuBLAS handle lock poisoned".into()))?;
+    // cuBLAS runs in the calling thread's current context, which cudarc does not set here.
+    dev.ctx.bind_to_thread().map_err(|e| OpsError::Backend(format!("cuBLAS gemm: binding the context: {e}")))?;
     let stream = &dev.stream;
     let (wp, _rw) = w.device_ptr(stream);
     let (xp, _rx) = x.device_ptr(stream);

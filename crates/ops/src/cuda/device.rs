@@ -13,6 +13,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 
 use super::cublas::{Blas, workspace_bytes};
 use super::nvrtc_cache::KernelCache;
+use super::transfer::PinnedAccount;
 use super::vram::{DeviceBuf, VramAccount, human};
 use crate::{OpsError, Result};
 
@@ -27,17 +28,24 @@ pub struct DeviceInfo {
     pub free_bytes: usize,
 }
 
-/// An open device: its context, the stream work is queued on, the VRAM account every
-/// allocation goes through, the cuBLAS handle (bound to the stream), a reusable 16-bit scratch
-/// buffer, the kernel cache and the modules loaded from it (one per kernel file, loaded on
-/// first use).
+/// An open device: its context, the stream compute is queued on, the stream streamed weights
+/// are copied on, the VRAM account every allocation goes through, the account of pinned host
+/// bytes, the cuBLAS handle (bound to the compute stream), reusable scratch buffers, the kernel
+/// cache and the modules loaded from it (one per kernel file, loaded on first use).
+///
+/// Shared by several host threads (a streamer queues copies while the main thread computes):
+/// every driver call binds the context to the calling thread first.
 #[derive(Debug)]
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
+    /// The compute stream: every op, allocation, fill and free, in program order.
     pub stream: Arc<CudaStream>,
+    /// Host-to-device copies of streamed weights; ordered against `stream` only by markers.
+    pub copy_stream: Arc<CudaStream>,
     pub info: DeviceInfo,
     pub kernels: KernelCache,
     vram: Arc<VramAccount>,
+    pub(crate) pinned: Arc<PinnedAccount>,
     pub(crate) blas: Mutex<Blas>,
     /// Narrowed activations for cuBLAS (bf16 or f16 bits), grown on demand, kept for reuse.
     scratch16: Mutex<Option<DeviceBuf<u16>>>,
@@ -142,6 +150,17 @@ impl CudaDevice {
         self.vram.peak_used_bytes()
     }
 
+    /// Page-locked host bytes held by live [`HostBuffer`](crate::HostBuffer)s of this device
+    /// (host RAM, not counted in the VRAM account).
+    pub fn pinned_bytes(&self) -> usize {
+        self.pinned.live_bytes()
+    }
+
+    /// The most page-locked host bytes held at once.
+    pub fn peak_pinned_bytes(&self) -> usize {
+        self.pinned.peak_bytes()
+    }
+
     /// Runs `f` with the 16-bit scratch buffer, grown to at least `len` elements first. The
     /// buffer is kept for the next call (its bytes stay in the account); work is stream-ordered,
     /// so reusing it across calls is safe.
@@ -215,11 +234,30 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
                 "cannot open CUDA device {ordinal}: {e} (check nvidia-smi; --device cpu runs without a GPU)"
             ))
         })?;
+    // Event tracking, off. cudarc 0.19 gives every CudaSlice a read and a write event, used
+    // once a context has a second stream while tracking is on (its default): every kernel
+    // argument, memcpy and memset then makes its stream wait for the buffer's last write (and,
+    // when it writes, its last read) and re-records the event after, and a drop waits for both.
+    // The copy stream would then wait for the compute that last touched a destination, and
+    // compute for the copy that last wrote an input: per-buffer waits, decided by which host
+    // thread happened to enqueue first, on top of the markers the streamer orders with, and two
+    // more driver calls per buffer argument of every launch (thousands per decoded token). It
+    // would not serialise the streams wholesale, but it would hide a missing marker (a test of
+    // the markers could not fail). With tracking off no slice carries events, and ordering is
+    // exactly: program order on each stream (all ops, allocations, fills and frees are queued
+    // on `stream`, which is all the single-stream paths ever relied on; tracking was inactive
+    // for them anyway) and the markers between the two streams (the caller's obligations are
+    // listed with Backend's streaming methods).
+    // SAFETY: called before any slice or stream exists on this context object, so no slice
+    // was created with tracking; cross-stream ordering is the streaming methods' contract.
+    unsafe { ctx.disable_event_tracking() };
     let err = |what: &str, e: cudarc::driver::DriverError| unavailable(format!("CUDA device {ordinal}: {what}: {e}"));
     let name = ctx.name().map_err(|e| err("name", e))?;
     let compute_capability = ctx.compute_capability().map_err(|e| err("compute capability", e))?;
     let kernels = KernelCache::new(compute_capability)?;
     let stream = ctx.default_stream();
+    // A non-blocking stream: it does not synchronise with the legacy default `stream`.
+    let copy_stream = ctx.new_stream().map_err(|e| err("copy stream", e))?;
     // The cuBLAS handle first, without its workspace, so that what it takes for itself counts
     // as context overhead; then the reading every budget check starts from.
     let mut blas = catch_unwind(AssertUnwindSafe(|| Blas::new(stream.clone()))).map_err(|_| {
@@ -234,9 +272,11 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
     Ok(CudaDevice {
         ctx,
         stream,
+        copy_stream,
         info,
         kernels,
         vram,
+        pinned: Arc::new(PinnedAccount::default()),
         blas: Mutex::new(blas),
         scratch16: Mutex::new(None),
         scratch32: Mutex::new(None),

@@ -6,6 +6,8 @@
 //! peak), [`KernelCache`] compiles `kernels/*.cu` with NVRTC once and keeps the PTX on disk,
 //! each kernel file has a launcher here of the same name checked against its CPU twin in
 //! `tests/parity_cuda_vs_cpu.rs`, and [`CudaBackend`] implements the `Backend` trait with them.
+//! Streamed weights are copied from pinned host memory on a second stream (`transfer`),
+//! ordered against compute by event markers only.
 
 pub mod attention;
 mod backend;
@@ -22,6 +24,7 @@ mod nvrtc_cache;
 pub mod rmsnorm;
 pub mod rope;
 mod storage;
+pub(crate) mod transfer;
 pub mod vram;
 
 use cudarc::driver::LaunchConfig;
@@ -30,6 +33,7 @@ pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo, probe};
 pub use nvrtc_cache::KernelCache;
 pub use storage::CudaStorage;
+pub use transfer::PinnedAccount;
 pub use vram::{DeviceBuf, VramAccount};
 
 use crate::OpsError;
