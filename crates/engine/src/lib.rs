@@ -5,7 +5,7 @@ pub mod chat_model;
 pub mod config;
 pub mod error;
 pub mod generate;
-pub mod plan;
+
 pub mod sampling;
 pub mod session;
 pub mod stop;

@@ -109,29 +109,31 @@ impl DirectFile {
     }
 
     /// Reads the aligned span around bytes `offset..offset + len` into the front of `buf` and
-    /// returns where byte `offset` landed in it. `buf` must hold the span ([`aligned_span`]);
-    /// the tail of the last block past the end of the file is left as it was.
-    pub fn read_into(&self, offset: u64, len: usize, buf: &mut AlignedBuf) -> Result<usize> {
+    /// returns where byte `offset` landed in it. `buf` must start on an [`ALIGN`] boundary (an
+    /// [`AlignedBuf`] or a pinned host buffer) and hold the span ([`aligned_span`]); the tail of
+    /// the last block past the end of the file is left as it was.
+    pub fn read_into(&self, offset: u64, len: usize, buf: &mut [u8]) -> Result<usize> {
         let end = offset.saturating_add(len as u64);
         if end > self.len_bytes {
             return Err(IoError::Truncated { path: self.path.clone(), offset, end, file_len: self.len_bytes });
         }
         let (start, span_end) = aligned_span(offset, len);
         let span = (span_end - start) as usize;
+        let bad = |why: String| IoError::Read {
+            path: self.path.clone(),
+            offset,
+            len,
+            source: io::Error::new(io::ErrorKind::InvalidInput, why),
+        };
         if span > buf.len() {
-            return Err(IoError::Read {
-                path: self.path.clone(),
-                offset,
-                len,
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("buffer of {} B < span {span} B", buf.len()),
-                ),
-            });
+            return Err(bad(format!("buffer of {} B < span {span} B", buf.len())));
+        }
+        if !(buf.as_ptr() as usize).is_multiple_of(ALIGN) {
+            return Err(bad(format!("buffer not aligned to {ALIGN} B")));
         }
         // The file may end inside the last block: read whole blocks, accept a short final read.
         let want = (self.len_bytes.min(span_end) - start) as usize;
-        let dst = &mut buf.as_mut_slice()[..span];
+        let dst = &mut buf[..span];
         let mut done = 0usize;
         while done < want {
             match pread(&self.file, &mut dst[done..], start + done as u64) {
@@ -187,7 +189,7 @@ pub fn measure_read_bandwidth(path: &Path, max_bytes: u64) -> Result<(f64, bool)
         let mut off = 0u64;
         while off < total {
             let len = chunk.min((total - off) as usize);
-            f.read_into(off, len, &mut buf)?;
+            f.read_into(off, len, buf.as_mut_slice())?;
             off += len as u64;
         }
         best = best.max(total as f64 / t.elapsed().as_secs_f64().max(1e-9));
@@ -212,13 +214,14 @@ mod tests {
         for (off, len) in
             [(0usize, 10usize), (5, ALIGN), (ALIGN - 1, 2), (2 * ALIGN + 100, ALIGN + 23), (0, data.len())]
         {
-            let at = f.read_into(off as u64, len, &mut buf).expect("read");
+            let at = f.read_into(off as u64, len, buf.as_mut_slice()).expect("read");
             assert_eq!(&buf.as_slice()[at..at + len], &data[off..off + len], "{off}+{len}");
         }
-        let err = f.read_into((data.len() - 5) as u64, 10, &mut buf).expect_err("past the end");
+        let err = f.read_into((data.len() - 5) as u64, 10, buf.as_mut_slice()).expect_err("past the end");
         assert!(err.to_string().contains("truncated"), "{err}");
         let mut small = AlignedBuf::new(ALIGN);
-        assert!(f.read_into(ALIGN as u64 - 1, 2, &mut small).is_err(), "span of two blocks in one");
+        assert!(f.read_into(ALIGN as u64 - 1, 2, small.as_mut_slice()).is_err(), "span of two blocks in one");
+        assert!(f.read_into(0, 10, &mut buf.as_mut_slice()[1..]).is_err(), "misaligned buffer");
         let (bw, _) = measure_read_bandwidth(&path, 1 << 20).expect("bandwidth");
         assert!(bw > 0.0);
         std::fs::remove_dir_all(&dir).ok();

@@ -16,6 +16,12 @@ pub enum ModelError {
     #[error(transparent)]
     Ops(#[from] ollm_ops::OpsError),
 
+    #[error(transparent)]
+    Io(#[from] ollm_io::IoError),
+
+    #[error("weight streaming: {0}")]
+    Stream(String),
+
     #[error(
         "the sequence would need {needed} positions but the model's context is {max} (max_position_embeddings); shorten the prompt or lower --max-new-tokens"
     )]

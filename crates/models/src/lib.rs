@@ -6,13 +6,15 @@ pub mod common;
 pub mod config;
 pub mod error;
 pub mod llama3;
+pub mod plan;
 pub mod registry;
+pub mod stream;
 pub mod synth;
 pub mod trace;
 
 pub use error::{ModelError, Result};
 pub use ollm_kv::SeqState;
-pub use registry::load_model;
+pub use registry::{load_model, load_model_placed};
 pub use trace::TraceSink;
 
 /// Facts about a loaded model that callers above need.
@@ -62,4 +64,9 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>>;
+
+    /// Weight-streaming counters, when some decoder layers are streamed.
+    fn stream_stats(&self) -> Option<stream::StreamStats> {
+        None
+    }
 }

@@ -8,6 +8,7 @@ use ollm_weights::Catalog;
 
 use crate::config::RawConfig;
 use crate::llama3::{Llama, LlamaConfig};
+use crate::plan::Placement;
 use crate::{CausalLm, ModelError, Result};
 
 /// Architectures this build can run.
@@ -16,19 +17,85 @@ pub const SUPPORTED: &[&str] = &["LlamaForCausalLM"];
 /// Loads the model in a Hugging Face directory (config.json + safetensors) onto `backend`.
 /// The config is parsed and checked before any weight is read.
 pub fn load_model(dir: &Path, backend: Arc<dyn Backend>) -> Result<Arc<dyn CausalLm>> {
+    load_model_placed(dir, backend, None)
+}
+
+/// Like [`load_model`], with the decoder layers placed as `placement` says (None: all resident).
+pub fn load_model_placed(
+    dir: &Path,
+    backend: Arc<dyn Backend>,
+    placement: Option<&Placement>,
+) -> Result<Arc<dyn CausalLm>> {
     let raw = RawConfig::read(dir)?;
     let arch = raw.architecture()?;
     match arch.as_str() {
         "LlamaForCausalLM" | "llama" => {
             let cfg = LlamaConfig::from_raw(&raw)?;
             let catalog = Catalog::open_dir(dir)?;
-            Ok(Arc::new(Llama::load(cfg, arch, &catalog, backend)?))
+            let all = Placement::resident(cfg.n_layers);
+            Ok(Arc::new(Llama::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
         }
-        other => Err(ModelError::Unsupported {
-            path: raw.path.clone(),
-            field: "architectures".into(),
-            value: other.to_string(),
-            supported: SUPPORTED.join(", "),
-        }),
+        other => Err(unsupported(&raw, other)),
     }
+}
+
+fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
+    ModelError::Unsupported {
+        path: raw.path.clone(),
+        field: "architectures".into(),
+        value: arch.to_string(),
+        supported: SUPPORTED.join(", "),
+    }
+}
+
+/// What the planner needs to know about a model directory, from config.json and the
+/// safetensors headers alone (no weight is read).
+#[derive(Debug, Clone)]
+pub struct ModelBytes {
+    pub architecture: String,
+    /// Bytes of each decoder layer (`model.layers.{l}.*`).
+    pub layer_bytes: Vec<u64>,
+    /// Every other tensor (embedding, head, final norm).
+    pub resident_bytes: u64,
+    /// KV elements per position, all layers, K and V (multiply by the cache's element size).
+    pub kv_elems_per_position: u64,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+}
+
+/// Reads a model directory's sizes for planning.
+pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
+    let raw = RawConfig::read(dir)?;
+    let arch = raw.architecture()?;
+    let cfg = match arch.as_str() {
+        "LlamaForCausalLM" | "llama" => LlamaConfig::from_raw(&raw)?,
+        other => return Err(unsupported(&raw, other)),
+    };
+    let catalog = Catalog::open_dir(dir)?;
+    let mut layer_bytes = vec![0u64; cfg.n_layers];
+    let mut resident_bytes = 0u64;
+    for e in catalog.entries() {
+        let layer = e
+            .name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&l| l < cfg.n_layers);
+        match layer {
+            Some(l) => layer_bytes[l] += e.len_bytes,
+            None => resident_bytes += e.len_bytes,
+        }
+    }
+    Ok(ModelBytes {
+        architecture: arch,
+        layer_bytes,
+        resident_bytes,
+        kv_elems_per_position: (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim) as u64,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        vocab_size: cfg.vocab_size,
+        max_positions: cfg.max_positions,
+    })
 }

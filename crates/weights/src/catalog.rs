@@ -116,6 +116,11 @@ impl Catalog {
         self.entries.contains_key(name)
     }
 
+    /// The checkpoint's files; [`TensorEntry::file`] indexes this list.
+    pub fn file_paths(&self) -> Vec<std::path::PathBuf> {
+        self.files.iter().map(|f| f.path().to_path_buf()).collect()
+    }
+
     /// The file a tensor lives in.
     pub fn path_of(&self, entry: &TensorEntry) -> &Path {
         self.files[entry.file].path()

@@ -12,16 +12,117 @@ use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, sel
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
+use crate::plan::{Placement, Tier};
+use crate::stream::{Home, LayerStream, LayerTensors, Part, StreamStats, StreamedLayer};
 use crate::trace::TraceSink;
 use crate::{CausalLm, LogitsWanted, ModelError, ModelInfo, Result};
 
 /// One decoder layer's weights.
 #[derive(Debug)]
-struct Layer {
+pub struct Layer {
     input_norm: Tensor,
     attn: AttnWeights,
     post_attn_norm: Tensor,
     mlp: MlpWeights,
+}
+
+impl Layer {
+    /// Reads layer `l` with the shapes `cfg` implies.
+    fn load(ld: &Loader<'_>, cfg: &LlamaConfig, l: usize) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+        let n = |s: &str| names::layer(l, s);
+        Ok(Layer {
+            input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
+            attn: AttnWeights {
+                q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
+                k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
+                v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
+                o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
+                q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
+                k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
+                v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
+                o_bias: ld.tensor_if(ab, &n("self_attn.o_proj.bias"), &[h])?,
+                sinks: None,
+            },
+            post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
+            mlp: MlpWeights {
+                gate: ld.tensor(&n("mlp.gate_proj.weight"), &[i, h])?,
+                up: ld.tensor(&n("mlp.up_proj.weight"), &[i, h])?,
+                down: ld.tensor(&n("mlp.down_proj.weight"), &[h, i])?,
+                gate_bias: ld.tensor_if(mb, &n("mlp.gate_proj.bias"), &[i])?,
+                up_bias: ld.tensor_if(mb, &n("mlp.up_proj.bias"), &[i])?,
+                down_bias: ld.tensor_if(mb, &n("mlp.down_proj.bias"), &[h])?,
+            },
+        })
+    }
+
+    /// The suffixes (after `model.layers.{l}.`) of the tensors this layer holds.
+    fn suffixes(&self) -> Vec<&'static str> {
+        let mut v = vec![
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ];
+        let optional = [
+            ("self_attn.q_proj.bias", self.attn.q_bias.is_some()),
+            ("self_attn.k_proj.bias", self.attn.k_bias.is_some()),
+            ("self_attn.v_proj.bias", self.attn.v_bias.is_some()),
+            ("self_attn.o_proj.bias", self.attn.o_bias.is_some()),
+            ("mlp.gate_proj.bias", self.mlp.gate_bias.is_some()),
+            ("mlp.up_proj.bias", self.mlp.up_bias.is_some()),
+            ("mlp.down_proj.bias", self.mlp.down_bias.is_some()),
+        ];
+        v.extend(optional.into_iter().filter(|(_, present)| *present).map(|(s, _)| s));
+        v
+    }
+}
+
+impl LayerTensors for Layer {
+    fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
+        match suffix {
+            "input_layernorm.weight" => Some(&mut self.input_norm),
+            "self_attn.q_proj.weight" => Some(&mut self.attn.q),
+            "self_attn.k_proj.weight" => Some(&mut self.attn.k),
+            "self_attn.v_proj.weight" => Some(&mut self.attn.v),
+            "self_attn.o_proj.weight" => Some(&mut self.attn.o),
+            "self_attn.q_proj.bias" => self.attn.q_bias.as_mut(),
+            "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
+            "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
+            "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
+            "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
+            "mlp.gate_proj.weight" => Some(&mut self.mlp.gate),
+            "mlp.up_proj.weight" => Some(&mut self.mlp.up),
+            "mlp.down_proj.weight" => Some(&mut self.mlp.down),
+            "mlp.gate_proj.bias" => self.mlp.gate_bias.as_mut(),
+            "mlp.up_proj.bias" => self.mlp.up_bias.as_mut(),
+            "mlp.down_proj.bias" => self.mlp.down_bias.as_mut(),
+            _ => None,
+        }
+    }
+}
+
+/// Where a decoder layer's weights are when it runs.
+#[derive(Debug)]
+enum LayerHome {
+    Resident(Box<Layer>),
+    /// Position among the streamed layers of [`Llama::stream`].
+    Streamed(usize),
+}
+
+/// Activations of one forward, reused by every layer.
+struct Scratch<'a> {
+    x: &'a mut Tensor,
+    normed: &'a mut Tensor,
+    attn: &'a mut AttnScratch,
+    mlp: &'a mut MlpScratch,
 }
 
 /// A loaded Llama model. Owns its weights on the backend; holds no per-sequence state.
@@ -31,7 +132,9 @@ pub struct Llama {
     info: ModelInfo,
     backend: Arc<dyn Backend>,
     embed: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<LayerHome>,
+    /// Device slots and the streamer for layers that are not resident.
+    stream: Option<LayerStream<Layer>>,
     final_norm: Tensor,
     /// None when the embeddings are tied (the head is `embed`).
     lm_head: Option<Tensor>,
@@ -41,38 +144,78 @@ pub struct Llama {
 impl Llama {
     /// Reads every tensor named by the config, checking shapes, onto `backend`.
     pub fn load(cfg: LlamaConfig, architecture: String, catalog: &Catalog, backend: Arc<dyn Backend>) -> Result<Self> {
+        let all = Placement::resident(cfg.n_layers);
+        Self::load_placed(cfg, architecture, catalog, backend, &all)
+    }
+
+    /// Loads with `placement`: resident layers onto `backend`, the others streamed through
+    /// `placement.slots` device slots from pinned RAM or the disk.
+    pub fn load_placed(
+        cfg: LlamaConfig,
+        architecture: String,
+        catalog: &Catalog,
+        backend: Arc<dyn Backend>,
+        placement: &Placement,
+    ) -> Result<Self> {
         let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
-        let embed = ld.tensor(names::EMBED, &[v, h])?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
-            let n = |s: &str| names::layer(l, s);
-            layers.push(Layer {
-                input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
-                attn: AttnWeights {
-                    q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
-                    k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
-                    v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
-                    o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
-                    q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
-                    k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
-                    v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
-                    o_bias: ld.tensor_if(ab, &n("self_attn.o_proj.bias"), &[h])?,
-                    sinks: None,
-                },
-                post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
-                mlp: MlpWeights {
-                    gate: ld.tensor(&n("mlp.gate_proj.weight"), &[i, h])?,
-                    up: ld.tensor(&n("mlp.up_proj.weight"), &[i, h])?,
-                    down: ld.tensor(&n("mlp.down_proj.weight"), &[h, i])?,
-                    gate_bias: ld.tensor_if(mb, &n("mlp.gate_proj.bias"), &[i])?,
-                    up_bias: ld.tensor_if(mb, &n("mlp.up_proj.bias"), &[i])?,
-                    down_bias: ld.tensor_if(mb, &n("mlp.down_proj.bias"), &[h])?,
-                },
-            });
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let kvd = cfg.n_kv_heads * cfg.head_dim;
+        if placement.tiers.len() != cfg.n_layers {
+            return Err(ModelError::Stream(format!(
+                "the placement covers {} layers, the model has {}",
+                placement.tiers.len(),
+                cfg.n_layers
+            )));
         }
+        let embed = ld.tensor(names::EMBED, &[v, h])?;
+        let streamed: Vec<usize> = (0..cfg.n_layers).filter(|&l| placement.tiers[l] != Tier::Vram).collect();
+        // Streaming needs more streamed layers than slots; otherwise they are simply resident.
+        let k = placement.slots.min(streamed.len());
+        let streaming = k > 0 && streamed.len() > k;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        let mut slots = Vec::new();
+        for l in 0..cfg.n_layers {
+            match streamed.iter().position(|&s| s == l) {
+                Some(pos) if streaming => {
+                    if pos < k {
+                        // The slots start out holding the first k streamed layers.
+                        slots.push(Layer::load(&ld, &cfg, l)?);
+                    }
+                    layers.push(LayerHome::Streamed(pos));
+                }
+                _ => layers.push(LayerHome::Resident(Box::new(Layer::load(&ld, &cfg, l)?))),
+            }
+        }
+        let stream = if streaming {
+            let suffixes = slots.first().map(Layer::suffixes).unwrap_or_default();
+            let mut specs = Vec::with_capacity(streamed.len());
+            for &l in &streamed {
+                let mut parts = Vec::with_capacity(suffixes.len());
+                for s in &suffixes {
+                    let name = names::layer(l, s);
+                    let entry =
+                        catalog.get(&name).ok_or_else(|| ModelError::Stream(format!("tensor {name} missing")))?;
+                    let first = catalog.get(&names::layer(streamed[0], s));
+                    if first.map(|f| (&f.shape, f.dtype)) != Some((&entry.shape, entry.dtype)) {
+                        return Err(ModelError::Stream(format!(
+                            "{name} differs in shape or dtype from layer {}'s; streamed layers must match",
+                            streamed[0]
+                        )));
+                    }
+                    parts.push(Part {
+                        suffix: (*s).to_string(),
+                        file: entry.file,
+                        offset: entry.offset_bytes,
+                        len: entry.len_bytes,
+                    });
+                }
+                let home = if placement.tiers[l] == Tier::Ram { Home::Ram } else { Home::Disk };
+                specs.push(StreamedLayer { layer: l, parts, home });
+            }
+            Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
+        } else {
+            None
+        };
         let final_norm = ld.tensor(names::FINAL_NORM, &[h])?;
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
         let lm_head = ld.tensor_if(catalog.contains(names::LM_HEAD), names::LM_HEAD, &[v, h])?;
@@ -92,11 +235,37 @@ impl Llama {
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
         };
-        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope })
+        Ok(Self { cfg, info, backend, embed, layers, stream, final_norm, lm_head, rope })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// `x = x + Attn(RMS(x)); x = x + MLP(RMS(x))` for decoder layer `l`.
+    fn layer_forward(
+        &self,
+        l: usize,
+        layer: &Layer,
+        pos0: usize,
+        state: &mut SeqState,
+        s: &mut Scratch<'_>,
+        trace: Option<&dyn TraceSink>,
+    ) -> Result<()> {
+        let be = self.backend.as_ref();
+        let eps = self.cfg.rms_norm_eps;
+        let scale = (self.cfg.head_dim as f32).powf(-0.5);
+        be.rms_norm(s.x, &layer.input_norm, eps, NormKind::Llama, s.normed)?;
+        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None };
+        self_attention(be, &layer.attn, s.normed, state.layer_mut(l), &call, s.attn, trace)?;
+        be.add_assign(s.x, &s.attn.out)?;
+        be.rms_norm(s.x, &layer.post_attn_norm, eps, NormKind::Llama, s.normed)?;
+        gated_mlp(be, &layer.mlp, s.normed, s.mlp)?;
+        be.add_assign(s.x, &s.mlp.out)?;
+        if let Some(tr) = trace {
+            tr.record(Some(l), "layer_out", s.x);
+        }
+        Ok(())
     }
 
     fn dims(&self) -> AttnDims {
@@ -112,6 +281,10 @@ impl Llama {
 impl CausalLm for Llama {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn stream_stats(&self) -> Option<StreamStats> {
+        self.stream.as_ref().map(LayerStream::stats)
     }
 
     fn new_state(&self) -> Result<SeqState> {
@@ -150,20 +323,16 @@ impl CausalLm for Llama {
         let mut normed = be.zeros(vec![t, h])?;
         let mut attn = AttnScratch::new(be, t, &dims)?;
         let mut mlp = MlpScratch::new(be, t, h, self.cfg.intermediate_size)?;
-        let scale = (self.cfg.head_dim as f32).powf(-0.5);
-
-        for (l, layer) in self.layers.iter().enumerate() {
-            // x = x + Attn(RMS(x))
-            be.rms_norm(&x, &layer.input_norm, eps, NormKind::Llama, &mut normed)?;
-            let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None };
-            self_attention(be, &layer.attn, &normed, state.layer_mut(l), &call, &mut attn, trace)?;
-            be.add_assign(&mut x, &attn.out)?;
-            // x = x + MLP(RMS(x))
-            be.rms_norm(&x, &layer.post_attn_norm, eps, NormKind::Llama, &mut normed)?;
-            gated_mlp(be, &layer.mlp, &normed, &mut mlp)?;
-            be.add_assign(&mut x, &mlp.out)?;
-            if let Some(tr) = trace {
-                tr.record(Some(l), "layer_out", &x);
+        let mut s = Scratch { x: &mut x, normed: &mut normed, attn: &mut attn, mlp: &mut mlp };
+        for (l, home) in self.layers.iter().enumerate() {
+            match (home, &self.stream) {
+                (LayerHome::Resident(layer), _) => self.layer_forward(l, layer, pos0, state, &mut s, trace)?,
+                (LayerHome::Streamed(i), Some(stream)) => {
+                    stream.with_layer(*i, |layer| self.layer_forward(l, layer, pos0, state, &mut s, trace))?
+                }
+                (LayerHome::Streamed(_), None) => {
+                    return Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")));
+                }
             }
         }
         state.advance(t);

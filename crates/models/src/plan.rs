@@ -77,6 +77,28 @@ pub struct Plan {
     pub per_token: TokenTime,
 }
 
+impl Plan {
+    /// What the loader needs from the plan.
+    pub fn placement(&self) -> Placement {
+        Placement { tiers: self.tiers.clone(), slots: self.slots, staging_buffers: self.staging_buffers }
+    }
+}
+
+/// Where each decoder layer goes and how many device slots and staging buffers streaming uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub tiers: Vec<Tier>,
+    pub slots: usize,
+    pub staging_buffers: usize,
+}
+
+impl Placement {
+    /// Every layer resident on the device.
+    pub fn resident(n_layers: usize) -> Self {
+        Self { tiers: vec![Tier::Vram; n_layers], slots: 0, staging_buffers: 0 }
+    }
+}
+
 /// Seconds per decoded token, by what bounds it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenTime {

@@ -1,0 +1,451 @@
+//! Streaming decoder layers through a few device slots (architecture.md §3).
+//!
+//! Layers the planner did not make resident live in pinned RAM (read once at load) or stay on
+//! disk (read every pass with O_DIRECT into pinned staging buffers). A streamer thread walks the
+//! streamed layers in order, endlessly: for job `j` (streamed layer `j mod n`, device slot
+//! `j mod k`) it first gets the bytes (a disk read, overlapping everything else), then makes the
+//! copy stream wait on the device until the compute of job `j − k`, the slot's previous user,
+//! is done, queues the host-to-device copies and hands the compute side a marker. The compute
+//! side waits on that marker on the device only, runs the layer, and returns a marker that frees
+//! the slot. The host never blocks on the GPU except when the disk itself is the bottleneck.
+//!
+//! Slots start out holding the first `k` streamed layers, so the first pass needs no copy for
+//! them, and the thread runs ahead into the next pass while the current one finishes: the reads
+//! for the next token start as soon as a slot frees up.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use ollm_io::direct::{ALIGN, DirectFile, aligned_span};
+use ollm_ops::{Backend, HostBuffer, Marker, OpsError, Tensor};
+
+use crate::{ModelError, Result};
+
+/// A layer whose tensors can be refilled by name (the suffix after `model.layers.{l}.`).
+pub trait LayerTensors: Send + 'static {
+    fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor>;
+}
+
+/// Where one tensor of a streamed layer is in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub suffix: String,
+    /// Index into the stream's file list.
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// How a streamed layer's parts are read: per file, one aligned span read as a whole (the
+/// tensors of a layer are usually adjacent), at a given position of the buffer.
+#[derive(Debug, Clone)]
+struct ReadPlan {
+    /// (file, aligned span start, span end, buffer position)
+    spans: Vec<(usize, u64, u64, usize)>,
+    /// Buffer offset of each part's first byte.
+    part_offsets: Vec<usize>,
+    /// Buffer bytes needed.
+    buf_bytes: usize,
+}
+
+fn read_plan(parts: &[Part]) -> ReadPlan {
+    let mut by_file: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
+    for p in parts {
+        let e = by_file.entry(p.file).or_insert((u64::MAX, 0));
+        e.0 = e.0.min(p.offset);
+        e.1 = e.1.max(p.offset + p.len);
+    }
+    let mut spans = Vec::new();
+    let mut pos = 0usize;
+    for (&file, &(lo, hi)) in &by_file {
+        let (start, end) = aligned_span(lo, (hi - lo) as usize);
+        spans.push((file, start, end, pos));
+        pos += (end - start) as usize;
+    }
+    let part_offsets = parts
+        .iter()
+        .map(|p| {
+            let &(_, start, _, at) = spans.iter().find(|s| s.0 == p.file).unwrap_or(&(0, 0, 0, 0));
+            at + (p.offset - start) as usize
+        })
+        .collect();
+    ReadPlan { spans, part_offsets, buf_bytes: pos.max(ALIGN) }
+}
+
+/// Reads chunk size and the number of reader threads per span (a queue deep enough for NVMe).
+const READ_CHUNK: usize = 8 << 20;
+const READERS: usize = 4;
+
+/// Reads a layer's spans into `buf` (4096-aligned), in parallel chunks.
+fn read_layer(files: &[DirectFile], plan: &ReadPlan, buf: &mut [u8]) -> Result<()> {
+    for &(file, start, end, at) in &plan.spans {
+        let f = &files[file];
+        let span = &mut buf[at..at + (end - start) as usize];
+        let len_in_file = (f.len_bytes().min(end) - start) as usize;
+        let chunks: Vec<&mut [u8]> = span.chunks_mut(READ_CHUNK).collect();
+        let mut jobs: Vec<Vec<(usize, &mut [u8])>> = (0..READERS).map(|_| Vec::new()).collect();
+        for (i, c) in chunks.into_iter().enumerate() {
+            jobs[i % READERS].push((i, c));
+        }
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|job| {
+                    s.spawn(move || -> Result<()> {
+                        for (i, chunk) in job {
+                            let off = i * READ_CHUNK;
+                            let len = chunk.len().min(len_in_file.saturating_sub(off));
+                            if len > 0 {
+                                f.read_into(start + off as u64, len, chunk)?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(ModelError::Stream("a reader thread panicked".into()))))
+                .collect()
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+    }
+    Ok(())
+}
+
+/// Where a streamed layer's bytes wait between uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Home {
+    /// Pinned host memory, read once at load.
+    Ram,
+    /// The checkpoint, read every pass.
+    Disk,
+}
+
+/// One streamed layer as given to [`LayerStream::new`].
+#[derive(Debug, Clone)]
+pub struct StreamedLayer {
+    /// The decoder layer index (for messages).
+    pub layer: usize,
+    pub parts: Vec<Part>,
+    pub home: Home,
+}
+
+struct Streamed {
+    layer: usize,
+    parts: Vec<Part>,
+    plan: ReadPlan,
+    /// Some for layers kept in pinned RAM.
+    ram: Option<HostBuffer>,
+}
+
+/// Counters the streamer and the compute side update (bytes and nanoseconds).
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    pub disk_bytes: AtomicU64,
+    pub disk_nanos: AtomicU64,
+    pub copy_bytes: AtomicU64,
+    /// Time the compute side spent blocked waiting for a layer's bytes.
+    pub wait_nanos: AtomicU64,
+    pub layers_streamed: AtomicU64,
+}
+
+/// A snapshot of [`StreamCounters`], plus the fixed sizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamStats {
+    pub disk_bytes: u64,
+    pub disk_secs: f64,
+    pub copy_bytes: u64,
+    pub wait_secs: f64,
+    pub layers_streamed: u64,
+    /// Pinned host bytes: cached layers plus staging buffers.
+    pub pinned_bytes: u64,
+    pub ram_layers: usize,
+    pub disk_layers: usize,
+    pub slots: usize,
+}
+
+struct MainSide {
+    job: u64,
+    ready_rx: Receiver<Result<(u64, Marker)>>,
+    done_tx: Option<Sender<Marker>>,
+}
+
+/// The device slots and the thread that fills them.
+pub struct LayerStream<L: LayerTensors> {
+    backend: Arc<dyn Backend>,
+    slots: Arc<Vec<Mutex<L>>>,
+    n: usize,
+    main: Mutex<MainSide>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<StreamCounters>,
+    pinned_bytes: u64,
+    ram_layers: usize,
+    disk_layers: usize,
+}
+
+impl<L: LayerTensors> std::fmt::Debug for LayerStream<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerStream").field("streamed", &self.n).field("slots", &self.slots.len()).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| ModelError::Stream("a streaming lock was poisoned by an earlier panic".into()))
+}
+
+impl<L: LayerTensors> LayerStream<L> {
+    /// Starts streaming `layers` (in compute order) through `slots`, which must already hold the
+    /// first `slots.len()` of them. Layers at home in RAM are read into pinned memory now; disk
+    /// layers get `staging` pinned buffers (at least 2 when any layer is on disk).
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        files: Vec<PathBuf>,
+        layers: Vec<StreamedLayer>,
+        slots: Vec<L>,
+        staging: usize,
+    ) -> Result<Self> {
+        let (n, k) = (layers.len(), slots.len());
+        if k == 0 || n <= k {
+            return Err(ModelError::Stream(format!("{n} streamed layers need more than {k} slots' worth")));
+        }
+        let files: Vec<DirectFile> =
+            files.iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
+        let mut pinned = 0u64;
+        let mut streamed = Vec::with_capacity(n);
+        for l in layers {
+            let plan = read_plan(&l.parts);
+            let ram = match l.home {
+                Home::Ram => {
+                    let mut buf = backend.host_alloc(plan.buf_bytes)?;
+                    read_layer(&files, &plan, buf.as_mut_slice())?;
+                    pinned += buf.len() as u64;
+                    Some(buf)
+                }
+                Home::Disk => None,
+            };
+            streamed.push(Streamed { layer: l.layer, parts: l.parts, plan, ram });
+        }
+        let ram_layers = streamed.iter().filter(|s| s.ram.is_some()).count();
+        let disk_layers = n - ram_layers;
+        let staging_bytes = streamed.iter().filter(|s| s.ram.is_none()).map(|s| s.plan.buf_bytes).max().unwrap_or(0);
+        let staging: Vec<HostBuffer> = if disk_layers == 0 {
+            Vec::new()
+        } else {
+            (0..staging.max(2)).map(|_| backend.host_alloc(staging_bytes)).collect::<std::result::Result<_, _>>()?
+        };
+        pinned += staging.iter().map(|b| b.len() as u64).sum::<u64>();
+
+        let slots = Arc::new(slots.into_iter().map(Mutex::new).collect::<Vec<_>>());
+        let counters = Arc::new(StreamCounters::default());
+        let (ready_tx, ready_rx) = channel();
+        let (done_tx, done_rx) = channel();
+        let worker = Worker {
+            backend: backend.clone(),
+            slots: slots.clone(),
+            layers: streamed,
+            files,
+            staging,
+            counters: counters.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("ollm-streamer".into())
+            .spawn(move || worker.run(k as u64, ready_tx, done_rx))
+            .map_err(|e| ModelError::Stream(format!("cannot start the streamer thread: {e}")))?;
+        Ok(Self {
+            backend,
+            slots,
+            n,
+            main: Mutex::new(MainSide { job: 0, ready_rx, done_tx: Some(done_tx) }),
+            thread: Some(thread),
+            counters,
+            pinned_bytes: pinned,
+            ram_layers,
+            disk_layers,
+        })
+    }
+
+    /// Number of streamed layers.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Runs `f` on streamed layer `idx` (its position among the streamed layers) once its
+    /// weights are in a slot. Calls must come in order 0, 1, …, n−1, 0, …; a pass cut short by
+    /// an error is caught up on the next call (the skipped layers are received and released).
+    pub fn with_layer<R>(&self, idx: usize, f: impl FnOnce(&L) -> Result<R>) -> Result<R> {
+        let mut main = lock(&self.main)?;
+        let k = self.slots.len() as u64;
+        let mut f = Some(f);
+        loop {
+            let job = main.job;
+            if job >= k {
+                let started = Instant::now();
+                let got = main.ready_rx.recv().map_err(|_| ModelError::Stream("the streamer thread stopped".into()))?;
+                self.counters.wait_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let (j, marker) = got?;
+                if j != job {
+                    return Err(ModelError::Stream(format!("streamer delivered job {j}, expected {job}")));
+                }
+                self.backend.compute_wait(&marker)?;
+            }
+            let slot = lock(&self.slots[(job % k) as usize])?;
+            let result = if (job % self.n as u64) as usize == idx { f.take().map(|f| f(&slot)) } else { None };
+            drop(slot);
+            let done = self.backend.compute_marker()?;
+            main.job += 1;
+            if let Some(tx) = &main.done_tx {
+                // A closed channel means the thread is gone; the next receive reports it.
+                let _ = tx.send(done);
+            }
+            if let Some(r) = result {
+                return r;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> StreamStats {
+        let c = &self.counters;
+        StreamStats {
+            disk_bytes: c.disk_bytes.load(Ordering::Relaxed),
+            disk_secs: c.disk_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            copy_bytes: c.copy_bytes.load(Ordering::Relaxed),
+            wait_secs: c.wait_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            layers_streamed: c.layers_streamed.load(Ordering::Relaxed),
+            pinned_bytes: self.pinned_bytes,
+            ram_layers: self.ram_layers,
+            disk_layers: self.disk_layers,
+            slots: self.slots.len(),
+        }
+    }
+}
+
+impl<L: LayerTensors> Drop for LayerStream<L> {
+    fn drop(&mut self) {
+        // Closing the done channel ends the thread at its next wait for a slot.
+        if let Ok(mut main) = self.main.lock() {
+            main.done_tx = None;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Copies into the slots may still be in flight; the slots' memory is freed on the
+        // compute stream, so make it wait for them.
+        if let Ok(m) = self.backend.copy_marker() {
+            let _ = self.backend.compute_wait(&m);
+        }
+    }
+}
+
+struct Worker<L: LayerTensors> {
+    backend: Arc<dyn Backend>,
+    slots: Arc<Vec<Mutex<L>>>,
+    layers: Vec<Streamed>,
+    files: Vec<DirectFile>,
+    staging: Vec<HostBuffer>,
+    counters: Arc<StreamCounters>,
+}
+
+impl<L: LayerTensors> Worker<L> {
+    fn run(mut self, first_job: u64, ready: Sender<Result<(u64, Marker)>>, done: Receiver<Marker>) {
+        let mut staging_free: Vec<Option<Marker>> = (0..self.staging.len()).map(|_| None).collect();
+        let mut job = first_job;
+        loop {
+            match self.step(job, &mut staging_free, &done) {
+                Ok(Some(marker)) => {
+                    if ready.send(Ok((job, marker))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return, // the compute side hung up
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            }
+            job += 1;
+        }
+    }
+
+    /// Job `job`: bytes in, wait for the slot, queue the copies. None when the compute side is gone.
+    fn step(
+        &mut self,
+        job: u64,
+        staging_free: &mut [Option<Marker>],
+        done: &Receiver<Marker>,
+    ) -> Result<Option<Marker>> {
+        let (n, k) = (self.layers.len() as u64, self.slots.len() as u64);
+        let li = (job % n) as usize;
+        let be = self.backend.clone();
+        let st = if self.layers[li].ram.is_none() {
+            let st = (job as usize) % self.staging.len();
+            if let Some(m) = staging_free[st].take() {
+                be.host_wait(&m)?;
+            }
+            let started = Instant::now();
+            let layer = &self.layers[li];
+            read_layer(&self.files, &layer.plan, self.staging[st].as_mut_slice())
+                .map_err(|e| ModelError::Stream(format!("reading layer {} for streaming: {e}", layer.layer)))?;
+            let c = &self.counters;
+            c.disk_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            c.disk_bytes.fetch_add(layer.parts.iter().map(|p| p.len).sum(), Ordering::Relaxed);
+            Some(st)
+        } else {
+            None
+        };
+        // The slot's previous user is job − k: wait (on the device) until its compute is done.
+        let Ok(prev) = done.recv() else { return Ok(None) };
+        be.copy_wait(&prev)?;
+        let layer = &self.layers[li];
+        let src = match (&layer.ram, st) {
+            (Some(buf), _) => buf,
+            (None, Some(st)) => &self.staging[st],
+            (None, None) => return Err(ModelError::Stream("internal: no bytes for a streamed layer".into())),
+        };
+        {
+            let mut slot = lock(&self.slots[(job % k) as usize])?;
+            for (p, &off) in layer.parts.iter().zip(&layer.plan.part_offsets) {
+                let dst = slot.tensor_mut(&p.suffix).ok_or_else(|| {
+                    ModelError::Stream(format!("layer {}: the slot has no tensor '{}'", layer.layer, p.suffix))
+                })?;
+                be.copy_to_device_async(src, off, dst).map_err(|e: OpsError| {
+                    ModelError::Stream(format!("layer {} tensor {}: {e}", layer.layer, p.suffix))
+                })?;
+            }
+        }
+        let bytes: u64 = layer.parts.iter().map(|p| p.len).sum();
+        self.counters.copy_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.layers_streamed.fetch_add(1, Ordering::Relaxed);
+        if let Some(st) = st {
+            staging_free[st] = Some(be.copy_marker()?);
+        }
+        Ok(Some(be.copy_marker()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_plans_cover_every_part() {
+        let parts = vec![
+            Part { suffix: "a".into(), file: 0, offset: 5000, len: 100 },
+            Part { suffix: "b".into(), file: 0, offset: 5100, len: 9000 },
+            Part { suffix: "c".into(), file: 1, offset: 10, len: 3 },
+        ];
+        let plan = read_plan(&parts);
+        assert_eq!(plan.spans, vec![(0, 4096, 16384, 0), (1, 0, 4096, 12288)]);
+        assert_eq!(plan.part_offsets, vec![5000 - 4096, 5100 - 4096, 12288 + 10]);
+        assert_eq!(plan.buf_bytes, 16384);
+    }
+}
