@@ -6,6 +6,7 @@ pub mod demo;
 pub mod hub;
 pub mod loaded;
 pub mod npy;
+pub mod planning;
 pub mod prompt;
 pub mod resources;
 pub mod units;

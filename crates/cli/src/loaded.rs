@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig};
-use ollm_models::{CausalLm, load_model};
+use ollm_models::plan::{Plan, Tier};
+use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
 use ollm_ops::cuda::{CudaBackend, CudaDevice, vram};
@@ -26,6 +27,8 @@ pub struct Loaded {
     pub backend: Arc<dyn Backend>,
     /// The same backend when it is a GPU.
     pub cuda: Option<Arc<CudaBackend>>,
+    /// The placement of the decoder layers, when the planner ran (a GPU, or budgets given).
+    pub plan: Option<Plan>,
 }
 
 /// A model directory's tokenizer and chat template.
@@ -116,15 +119,47 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
-    let Chosen { backend, cuda } = backend(args.device, args.vram_budget)?;
+    let chosen = backend(args.device, args.vram_budget)?;
     let generation = GenerationConfig::from_dir(&dir)?;
+    // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
+    // here, before any weight is read, if the model cannot fit.
+    let budgets = args.budgets();
+    let wants_plan = chosen.cuda.is_some()
+        || budgets.vram.is_some()
+        || budgets.ram.is_some()
+        || budgets.offload_layers_to_cpu.is_some();
+    let plan = if wants_plan { Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0) } else { None };
+    let placement = plan.as_ref().filter(|p| p.tiers.iter().any(|t| *t != Tier::Vram)).map(Plan::placement);
+    if let (Some(p), Some(_)) = (&plan, &placement) {
+        eprintln!("[ollm] streaming: {}", crate::planning::describe(p));
+    }
+    let Chosen { backend, cuda } = chosen;
     let t0 = Instant::now();
     let model_backend_name = backend.name();
-    let model = load_model(&dir, backend.clone()).with_context(|| format!("loading {}", dir.display()))?;
-    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend, cuda })
+    let model = load_model_placed(&dir, backend.clone(), placement.as_ref())
+        .with_context(|| format!("loading {}", dir.display()))?;
+    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend, cuda, plan })
 }
 
 impl Loaded {
+    /// One line of weight-streaming figures, when layers are streamed.
+    pub fn stream_line(&self) -> Option<String> {
+        let s = self.model.stream_stats()?;
+        let rate = |bytes: u64, secs: f64| if secs > 0.0 { bytes as f64 / secs / 1e9 } else { 0.0 };
+        Some(format!(
+            "[ollm] streaming: {} layers passed through {} slots | disk {} read at {:.2} GB/s ({} layers) | copies {} | pinned RAM {} ({} layers cached) | compute waited {:.2} s for weights",
+            s.layers_streamed,
+            s.slots,
+            crate::resources::human_bytes(s.disk_bytes),
+            rate(s.disk_bytes, s.disk_secs),
+            s.disk_layers,
+            crate::resources::human_bytes(s.copy_bytes),
+            crate::resources::human_bytes(s.pinned_bytes),
+            s.ram_layers,
+            s.wait_secs,
+        ))
+    }
+
     /// Peak GPU memory as the driver reported it (CUDA context included), when on a GPU.
     pub fn peak_vram_bytes(&self) -> Option<usize> {
         self.cuda.as_ref().map(|c| c.device().peak_used_bytes())

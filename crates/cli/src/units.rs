@@ -1,5 +1,13 @@
 //! Parsing sizes given on the command line (`--vram-budget 7.5GiB`).
 
+/// Like [`parse_size`], but 0 is allowed (`--ram-budget 0`: nothing cached in RAM).
+pub fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    match s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim() {
+        "0" | "0.0" => Ok(0),
+        _ => parse_size(s),
+    }
+}
+
 /// Bytes in `s`: a number (decimal point allowed) and an optional unit, case-insensitive, with
 /// optional space between them. `K`, `M`, `G`, `T` and `KiB` … `TiB` are binary (2¹⁰ …);
 /// `KB` … `TB` are decimal (10³ …); `B` or no unit means bytes. Fractions of a byte round down.
@@ -44,7 +52,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, parse_size_or_zero};
+
+    #[test]
+    fn zero_only_where_allowed() {
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("0GiB"), Ok(0));
+        assert_eq!(parse_size_or_zero("2G"), Ok(2 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size_or_zero("x").is_err());
+    }
 
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;

@@ -14,12 +14,16 @@ fn ollm(args: &[&str]) -> Output {
 
 /// Llama-3.2-1B's config shrunk to 2 layers of width 64 (the vocabulary stays real: 128256).
 fn tiny_plan() -> SynthPlan {
+    tiny_plan_layers(2)
+}
+
+fn tiny_plan_layers(layers: usize) -> SynthPlan {
     let mut config = Like::Llama32_1B.config();
     for (k, v) in [("hidden_size", 64), ("intermediate_size", 96), ("num_attention_heads", 4), ("head_dim", 16)] {
         config[k] = v.into();
     }
     config["num_key_value_heads"] = 2.into();
-    plan_llama(config, Some(2)).expect("plan")
+    plan_llama(config, Some(layers)).expect("plan")
 }
 
 #[test]
@@ -74,4 +78,52 @@ fn bad_synth_arguments_fail_cleanly() {
     assert_eq!(std::fs::read_to_string(&keep).expect("kept"), "mine");
     assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1, "nothing added");
     assert!(!Path::new("/nonexistent/x").exists());
+}
+
+#[test]
+fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("tiny4");
+    write_plan(&tiny_plan_layers(4), &out, 2, &mut |_, _| {}).expect("write");
+    let m = out.to_str().expect("utf8");
+    let home = dir.path().join("home");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", m, "--device", "cpu", "--temperature", "0", "-n", "6", "--prompt", "abc"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_ollm")).args(&args).env("OLLM_HOME", &home).output().expect("runs")
+    };
+    let resident = run(&[]);
+    assert!(resident.status.success(), "{}", String::from_utf8_lossy(&resident.stderr));
+    // All four layers off the "device": two from pinned RAM, two from disk.
+    for extra in [&["--offload-layers-to-cpu", "4", "--ram-budget", "0"][..], &["--offload-layers-to-cpu", "3"][..]] {
+        let streamed = run(extra);
+        let err = String::from_utf8_lossy(&streamed.stderr);
+        assert!(streamed.status.success(), "{extra:?}: {err}");
+        assert_eq!(streamed.stdout, resident.stdout, "{extra:?}: streamed text differs");
+        assert!(err.contains("[ollm] streaming:") && err.contains("layers passed through 2 slots"), "{err}");
+    }
+
+    // An impossible budget fails before loading, naming the budget that would fit.
+    let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+        .args(["plan", "--model", m, "--device", "cpu", "--vram-budget", "1MiB"])
+        .env("OLLM_HOME", &home)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error:") && lines[0].contains("raise --vram-budget to"), "{err}");
+
+    // A plan that fits prints the placement and a prediction from measured bandwidths.
+    let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+        .args(["plan", "--model", m, "--device", "cpu", "--offload-layers-to-cpu", "4", "--ram-budget", "0"])
+        .env("OLLM_HOME", &home)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("0 layers in VRAM, 0 in pinned RAM, 4 read from disk"), "{text}");
+    assert!(text.contains("per token") && text.contains("disk"), "{text}");
+    assert!(home.join("calibration.json").exists(), "calibration is cached");
 }

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod import_gguf;
 pub mod logits;
 pub mod perplexity;
+pub mod plan;
 pub mod pull;
 pub mod run;
 pub mod serve;
@@ -37,6 +38,8 @@ pub enum Command {
     Pull(pull::PullArgs),
     /// Write a random-weight model shaped like a real one (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Show where each layer would live (VRAM, pinned RAM, disk) and the predicted time per token.
+    Plan(plan::PlanArgs),
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -51,6 +54,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Batch(a) => batch::run(a),
         Command::Pull(a) => pull::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }
 
@@ -94,6 +98,30 @@ pub struct ModelArgs {
     /// Default: the whole device. Ignored on the CPU.
     #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
     pub vram_budget: Option<u64>,
+    /// Pinned host memory for decoder layers that do not fit the VRAM budget; the rest are
+    /// read from disk every token (0 = all of them), through two pinned staging buffers of one
+    /// layer each that come on top. Default: half of the available RAM.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size_or_zero)]
+    pub ram_budget: Option<u64>,
+    /// Keep N fewer decoder layers on the device than would fit (oLLM's offload_layers_to_cpu):
+    /// they stream from pinned RAM (or disk, past --ram-budget).
+    #[arg(long, value_name = "N")]
+    pub offload_layers_to_cpu: Option<usize>,
+    /// Positions (prompt + generated) to reserve the KV cache for when planning what fits.
+    /// Default: the model's context, at most 8192.
+    #[arg(long, value_name = "N")]
+    pub max_context: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn budgets(&self) -> crate::planning::Budgets {
+        crate::planning::Budgets {
+            vram: self.vram_budget,
+            ram: self.ram_budget,
+            offload_layers_to_cpu: self.offload_layers_to_cpu,
+            max_context: self.max_context,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -136,6 +136,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         vram,
         seed
     );
+    if let Some(line) = loaded.stream_line() {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

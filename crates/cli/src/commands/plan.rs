@@ -1,0 +1,85 @@
+//! `ollm plan`: where each decoder layer would live under the given budgets, the predicted peak
+//! VRAM and pinned RAM, and the predicted time per token from measured tier bandwidths. Reads
+//! only config.json and the safetensors headers; a plan that cannot fit fails with the smallest
+//! VRAM budget that would.
+
+use clap::Args;
+use ollm_models::plan::Tier;
+
+use crate::commands::ModelArgs;
+use crate::loaded::{backend, model_dir};
+use crate::planning::{Budgets, calibrate, describe, largest_weights_file, make_plan};
+use crate::resources::human_bytes;
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Positions (prompt + generated tokens) the run must hold; overrides --max-context.
+    #[arg(long, value_name = "N")]
+    pub context: Option<usize>,
+    /// Measure the tier bandwidths again instead of using the cached figures.
+    #[arg(long)]
+    pub recalibrate: bool,
+}
+
+pub fn run(a: PlanArgs) -> anyhow::Result<()> {
+    let dir = model_dir(&a.model.model)?;
+    let chosen = backend(a.model.device, a.model.vram_budget)?;
+    let budgets = Budgets { max_context: a.context.or(a.model.max_context), ..a.model.budgets() };
+    // Fail on an impossible plan before spending time on calibration.
+    make_plan(&dir, &chosen, &budgets, None)?;
+    let (bw, cached) = calibrate(chosen.backend.as_ref(), &largest_weights_file(&dir)?, a.recalibrate)?;
+    let (p, input) = make_plan(&dir, &chosen, &budgets, Some(bw))?;
+
+    let n = p.tiers.len();
+    let weights: u64 = input.layer_bytes.iter().sum::<u64>() + input.resident_bytes;
+    println!("model        {} ({n} decoder layers, {} of weights)", dir.display(), human_bytes(weights));
+    println!("device       {}", chosen.backend.name());
+    let vram_budget =
+        if input.vram_budget == u64::MAX { "unlimited".to_string() } else { human_bytes(input.vram_budget) };
+    println!(
+        "budgets      VRAM {vram_budget} (CUDA context {} measured), pinned RAM {}, context {} positions",
+        human_bytes(input.context_overhead_bytes),
+        human_bytes(input.ram_budget),
+        input.context
+    );
+    println!("placement    {}", describe(&p));
+    for tier in [Tier::Vram, Tier::Ram, Tier::Disk] {
+        let layers: Vec<String> =
+            p.tiers.iter().enumerate().filter(|(_, t)| **t == tier).map(|(i, _)| i.to_string()).collect();
+        if !layers.is_empty() {
+            println!("  {:<10} {}", tier.to_string(), layers.join(" "));
+        }
+    }
+    println!(
+        "peak VRAM    {} predicted (context {}, resident weights {}, KV {}, activations {}, slots {})",
+        human_bytes(p.vram_bytes),
+        human_bytes(input.context_overhead_bytes),
+        human_bytes(input.resident_bytes + layer_bytes(&p.tiers, &input.layer_bytes, Tier::Vram)),
+        human_bytes(input.kv_bytes_per_position * input.context as u64),
+        human_bytes(input.activation_bytes),
+        human_bytes(p.slots as u64 * p.slot_bytes)
+    );
+    println!("pinned RAM   {} predicted ({} staging buffers)", human_bytes(p.ram_bytes), p.staging_buffers);
+    println!(
+        "bandwidths   device {:.0} GB/s, host→device {:.1} GB/s, disk {:.2} GB/s ({})",
+        bw.device / 1e9,
+        bw.host_to_device / 1e9,
+        bw.disk / 1e9,
+        if cached { "cached calibration; --recalibrate measures again" } else { "measured now" }
+    );
+    let t = p.per_token;
+    println!(
+        "per token    {:.3} s predicted (bound by the slowest: compute {:.3} s, copies {:.3} s, disk {:.3} s)",
+        t.bound_s(),
+        t.compute_s,
+        t.copy_s,
+        t.disk_s
+    );
+    Ok(())
+}
+
+fn layer_bytes(tiers: &[Tier], bytes: &[u64], tier: Tier) -> u64 {
+    tiers.iter().zip(bytes).filter(|(t, _)| **t == tier).map(|(_, b)| *b).sum()
+}
