@@ -204,23 +204,36 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let disk_count = tiers.iter().filter(|t| **t == Tier::Disk).count();
     let staging_buffers = if disk_count > 0 { slots.max(2) } else { 0 };
 
-    let bytes_of = |t: Tier| -> u64 { (0..n).filter(|&i| tiers[i] == t).map(|i| input.layer_bytes[i]).sum() };
-    let (vram_layers, ram_layers, disk_layers) = (bytes_of(Tier::Vram), bytes_of(Tier::Ram), bytes_of(Tier::Disk));
-    let bw = input.bandwidth;
-    let per_token = TokenTime {
-        compute_s: (all + input.resident_bytes + kv) as f64 / bw.device,
-        copy_s: (ram_layers + disk_layers) as f64 / bw.host_to_device,
-        disk_s: disk_layers as f64 / bw.disk,
-    };
+    let vram_layers = tier_bytes(&tiers, &input.layer_bytes, Tier::Vram);
+    let ram_bytes = tier_bytes(&tiers, &input.layer_bytes, Tier::Ram);
+    let per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv, input.bandwidth);
     Ok(Plan {
         tiers,
         slots,
         slot_bytes,
         staging_buffers,
         vram_bytes: fixed + vram_layers + slots as u64 * slot_bytes,
-        ram_bytes: ram_layers + staging_buffers as u64 * slot_bytes,
+        ram_bytes: ram_bytes + staging_buffers as u64 * slot_bytes,
         per_token,
     })
+}
+
+/// Bytes of the layers placed in `tier`.
+pub fn tier_bytes(tiers: &[Tier], layer_bytes: &[u64], tier: Tier) -> u64 {
+    tiers.iter().zip(layer_bytes).filter(|(t, _)| **t == tier).map(|(_, b)| *b).sum()
+}
+
+/// The time per decoded token a placement predicts: every weight and the KV cache (`other_bytes`
+/// besides the layers) read once from device memory, the streamed layers copied, the disk layers
+/// read.
+pub fn token_time(tiers: &[Tier], layer_bytes: &[u64], other_bytes: u64, bw: Bandwidths) -> TokenTime {
+    let (ram, disk) = (tier_bytes(tiers, layer_bytes, Tier::Ram), tier_bytes(tiers, layer_bytes, Tier::Disk));
+    let all: u64 = layer_bytes.iter().sum();
+    TokenTime {
+        compute_s: (all + other_bytes) as f64 / bw.device,
+        copy_s: (ram + disk) as f64 / bw.host_to_device,
+        disk_s: disk as f64 / bw.disk,
+    }
 }
 
 /// `k` of `n` indices spread evenly (0, n/k, 2n/k, ...).
