@@ -14,7 +14,7 @@ use crate::loaded::Chosen;
 
 /// Device slots streamed layers rotate through.
 pub const SLOTS: usize = 2;
-/// Tokens per prefill forward (the engine's chunk), which sizes the activations.
+/// Tokens per prefill call (the engine's chunk): the residual stream holds this many rows.
 pub const PREFILL_CHUNK: usize = ollm_engine::session::DEFAULT_PREFILL_CHUNK;
 
 /// The knobs, as the commands take them.
@@ -70,9 +70,10 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     };
     let context = b.max_context.unwrap_or(m.max_positions.min(8192)).clamp(1, m.max_positions);
     let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
-    // q, k, v and the attention output: about 2·hidden + 2·kv width per token; the KV width is
-    // not in ModelBytes, so count q-sized rows for all four (an overestimate).
-    let act = activation_bytes(&m, PREFILL_CHUNK.min(context), 4 * m.hidden_size);
+    // One prefill tile's scratch (q, k, v and the attention output counted as four q-sized rows,
+    // an overestimate), plus the residual stream of a whole prefill call.
+    let tile = ollm_models::llama3::PREFILL_TILE.min(context);
+    let act = activation_bytes(&m, tile, 4 * m.hidden_size) + 4 * (m.hidden_size * PREFILL_CHUNK.min(context)) as u64;
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,

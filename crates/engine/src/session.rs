@@ -7,7 +7,7 @@ use ollm_models::{CausalLm, LogitsWanted, SeqState, TraceSink};
 use crate::Result;
 
 /// Prompt tokens per forward during prefill: bounds activation memory for long prompts.
-pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+pub const DEFAULT_PREFILL_CHUNK: usize = 8192;
 
 /// Owns one sequence's state (KV cache) and its tokens; borrows the model through an `Arc`.
 #[derive(Debug)]

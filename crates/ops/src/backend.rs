@@ -208,6 +208,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Copies rows `src[rows]` of a `[T, n]` tensor into `out` `[rows.len(), n]`.
     fn copy_rows(&self, src: &Tensor, rows: std::ops::Range<usize>, out: &mut Tensor) -> Result<()>;
 
+    /// The reverse of `copy_rows`: writes `src` `[r, n]` into rows `row0..row0 + r` of `dst`
+    /// `[T, n]`.
+    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()>;
+
     /// Best-of-5 memory bandwidth in bytes/s over a buffer of about `bytes`: a multithreaded
     /// streaming read on the CPU, a device-to-device copy (bytes read + written) on a GPU. The
     /// bound that decode speed is compared with.

@@ -117,6 +117,30 @@ enum LayerHome {
     Streamed(usize),
 }
 
+/// Rows of one prefill tile: larger prompts run layer by layer in tiles of this many tokens.
+pub const PREFILL_TILE: usize = 1024;
+
+/// Activations for one tile of `n` tokens (x is used only when the input is tiled).
+struct TileScratch {
+    x: Tensor,
+    normed: Tensor,
+    attn: AttnScratch,
+    mlp: MlpScratch,
+}
+
+impl TileScratch {
+    fn new(m: &Llama, n: usize) -> Result<Self> {
+        let be = m.backend.as_ref();
+        let h = m.cfg.hidden_size;
+        Ok(Self {
+            x: be.zeros(vec![n, h])?,
+            normed: be.zeros(vec![n, h])?,
+            attn: AttnScratch::new(be, n, &m.dims())?,
+            mlp: MlpScratch::new(be, n, h, m.cfg.intermediate_size)?,
+        })
+    }
+}
+
 /// Activations of one forward, reused by every layer.
 struct Scratch<'a> {
     x: &'a mut Tensor,
@@ -319,17 +343,40 @@ impl CausalLm for Llama {
         if let Some(tr) = trace {
             tr.record(None, "embed", &x);
         }
-        let dims = self.dims();
-        let mut normed = be.zeros(vec![t, h])?;
-        let mut attn = AttnScratch::new(be, t, &dims)?;
-        let mut mlp = MlpScratch::new(be, t, h, self.cfg.intermediate_size)?;
-        let mut s = Scratch { x: &mut x, normed: &mut normed, attn: &mut attn, mlp: &mut mlp };
+        // Layer-major: every layer sees the whole input (its weights are used once per call),
+        // in token tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
+        // stream x holds all T rows.
+        let tiles: Vec<(usize, usize)> = (0..t).step_by(PREFILL_TILE).map(|a| (a, PREFILL_TILE.min(t - a))).collect();
+        let mut full = TileScratch::new(self, tiles[0].1)?;
+        let mut tail = match tiles.last() {
+            Some(&(_, n)) if n != tiles[0].1 => Some(TileScratch::new(self, n)?),
+            _ => None,
+        };
+        let tiled = tiles.len() > 1;
         for (l, home) in self.layers.iter().enumerate() {
-            match (home, &self.stream) {
-                (LayerHome::Resident(layer), _) => self.layer_forward(l, layer, pos0, state, &mut s, trace)?,
-                (LayerHome::Streamed(i), Some(stream)) => {
-                    stream.with_layer(*i, |layer| self.layer_forward(l, layer, pos0, state, &mut s, trace))?
+            let mut run = |layer: &Layer| -> Result<()> {
+                for &(start, n) in &tiles {
+                    let sc = match &mut tail {
+                        Some(tail_sc) if n != tiles[0].1 => tail_sc,
+                        _ => &mut full,
+                    };
+                    if !tiled {
+                        let mut s = Scratch { x: &mut x, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
+                        return self.layer_forward(l, layer, pos0, state, &mut s, trace);
+                    }
+                    be.copy_rows(&x, start..start + n, &mut sc.x)?;
+                    let mut s = Scratch { x: &mut sc.x, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
+                    self.layer_forward(l, layer, pos0 + start, state, &mut s, None)?;
+                    be.write_rows(&sc.x, &mut x, start)?;
                 }
+                if let (true, Some(tr)) = (tiled, trace) {
+                    tr.record(Some(l), "layer_out", &x);
+                }
+                Ok(())
+            };
+            match (home, &self.stream) {
+                (LayerHome::Resident(layer), _) => run(layer)?,
+                (LayerHome::Streamed(i), Some(stream)) => stream.with_layer(*i, run)?,
                 (LayerHome::Streamed(_), None) => {
                     return Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")));
                 }

@@ -6,4 +6,4 @@ mod forward;
 pub mod names;
 
 pub use config::LlamaConfig;
-pub use forward::Llama;
+pub use forward::{Llama, PREFILL_TILE};

@@ -251,6 +251,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
+        let n = last_dim(dst);
+        let (r, t) = (src.numel() / n.max(1), dst.numel() / n.max(1));
+        if last_dim(src) != n || row0 + r > t {
+            return shape_err("write_rows", format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape()));
+        }
+        let s = src.cpu_f32("write_rows")?;
+        dst.cpu_f32_mut("write_rows")?[row0 * n..(row0 + r) * n].copy_from_slice(s);
+        Ok(())
+    }
+
     fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
         Ok(bandwidth::measure_read_bandwidth(bytes))
     }

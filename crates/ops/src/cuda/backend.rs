@@ -262,6 +262,18 @@ impl Backend for CudaBackend {
         self.dev.stream.memcpy_dtod(&view, f32s_mut(out, "copy_rows")?).map_err(super::driver_err("copy_rows"))
     }
 
+    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
+        let n = dst.shape().last().copied().unwrap_or(1);
+        let (r, t) = (src.numel() / n.max(1), dst.numel() / n.max(1));
+        if src.shape().last() != Some(&n) || row0 + r > t {
+            return shape_err("write_rows", format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape()));
+        }
+        let s = f32s(src, "write_rows")?;
+        let d = f32s_mut(dst, "write_rows")?;
+        let mut view = d.slice_mut(row0 * n..(row0 + r) * n);
+        self.dev.stream.memcpy_dtod(s, &mut view).map_err(super::driver_err("write_rows"))
+    }
+
     fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
         let n = (bytes / 8).max(1 << 20);
         let st = &self.dev.stream;
