@@ -6,8 +6,10 @@ use ollm_models::{CausalLm, LogitsWanted, SeqState, TraceSink};
 
 use crate::Result;
 
-/// Prompt tokens per forward during prefill: bounds activation memory for long prompts.
-pub const DEFAULT_PREFILL_CHUNK: usize = 8192;
+/// Prompt tokens per forward during prefill. The model runs a call layer by layer in small
+/// tiles, so a call bounds only the residual stream (tokens × hidden × 4 bytes); each call reads
+/// every weight once, so fewer calls mean fewer passes over streamed weights.
+pub const DEFAULT_PREFILL_CHUNK: usize = 16384;
 
 /// Owns one sequence's state (KV cache) and its tokens; borrows the model through an `Arc`.
 #[derive(Debug)]
