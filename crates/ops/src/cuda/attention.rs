@@ -1,7 +1,7 @@
 //! Launcher for `kernels/attention.cu`, the reference kernel: any head dim up to 256, one block
 //! per (query, head). The fast paths are in `flash.rs`; [`check_shapes`] is shared by all.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{CudaDevice, driver_err, shape};
@@ -62,13 +62,37 @@ pub fn attention(
     }
     let func = dev.function("attention", SOURCE, "attention_bf16kv")?;
     let ints = [g.n_heads as i32, g.n_kv as i32, g.d as i32, g.cap as i32, g.pos0 as i32];
+    let cfg = LaunchConfig { grid_dim: ((t * g.n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: attention_bf16kv takes (q, k, v, out, n_heads, n_kv, d, cap, pos0, scale, window,
+    // sinks, has_sinks); sizes checked above.
+    unsafe { launch(dev, &func, cfg, q, [k, v], out, &ints, scale, window, sinks, "attention") }
+}
+
+/// Launches an attention kernel whose parameters are `(q, k, v, out, ints…, scale, window,
+/// sinks, has_sinks)` — the layout every attention kernel here shares. `window` None is passed
+/// as 0; without sinks q stands in as a valid pointer (the kernel never reads it then).
+///
+/// # Safety
+/// `func`'s parameter list must be exactly that, and the buffers must match `cfg`'s grid.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    q: &CudaSlice<f32>,
+    [k, v]: [&CudaSlice<bf16>; 2],
+    out: &mut CudaSlice<f32>,
+    ints: &[i32],
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&CudaSlice<f32>>,
+    what: &'static str,
+) -> Result<()> {
     let window_i32 = window.map_or(0, |w| w as i32);
     let has_sinks = i32::from(sinks.is_some());
-    // The kernel never reads `sinks` when has_sinks == 0; q stands in as a valid pointer.
-    let cfg = LaunchConfig { grid_dim: ((t * g.n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    let mut l = dev.stream.launch_builder(&func);
+    let mut l = dev.stream.launch_builder(func);
     l.arg(q).arg(k).arg(v).arg(out);
-    for i in &ints {
+    for i in ints {
         l.arg(i);
     }
     l.arg(&scale).arg(&window_i32);
@@ -77,7 +101,7 @@ pub fn attention(
         None => l.arg(q),
     };
     l.arg(&has_sinks);
-    // SAFETY: argument order and types match attention_bf16kv; sizes checked above.
-    unsafe { l.launch(cfg) }.map_err(driver_err("attention"))?;
+    // SAFETY: forwarded to the caller.
+    unsafe { l.launch(cfg) }.map_err(driver_err(what))?;
     Ok(())
 }

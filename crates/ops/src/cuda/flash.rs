@@ -7,7 +7,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::attention::check_shapes;
+use super::attention::{check_shapes, launch};
 use super::{CudaDevice, DeviceBuf, driver_err};
 use crate::{AttnGeometry, Result};
 
@@ -50,23 +50,10 @@ pub fn flash_prefill(
         shared_mem_bytes: smem as u32,
     };
     let ints = [t as i32, g.n_heads as i32, g.n_kv as i32, g.cap as i32, g.pos0 as i32];
-    let window_i32 = window.map_or(0, |w| w as i32);
-    let has_sinks = i32::from(sinks.is_some());
-    let mut l = dev.stream.launch_builder(&func);
-    l.arg(q).arg(k).arg(v).arg(out);
-    for i in &ints {
-        l.arg(i);
-    }
-    l.arg(&scale).arg(&window_i32);
-    // The kernel never reads `sinks` when has_sinks == 0; q stands in as a valid pointer.
-    match sinks {
-        Some(s) => l.arg(s),
-        None => l.arg(q),
-    };
-    l.arg(&has_sinks);
-    // SAFETY: argument order and types match flash_prefill_*; shapes checked above; the dynamic
-    // shared memory limit was raised to what the launch asks for.
-    unsafe { l.launch(cfg) }.map_err(driver_err("flash attention"))?;
+    // SAFETY: flash_prefill_* takes (q, k, v, out, T, n_heads, n_kv, cap, pos0, scale, window,
+    // sinks, has_sinks); shapes checked above; the dynamic shared memory limit was raised to
+    // what the launch asks for.
+    unsafe { launch(dev, &func, cfg, q, [k, v], out, &ints, scale, window, sinks, "flash attention") }?;
     Ok(true)
 }
 
