@@ -103,6 +103,14 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
         assert!(err.contains("[ollm] streaming:") && err.contains("layers passed through 2 slots"), "{err}");
     }
 
+    // --stats: one line per generated token with the streamed bytes.
+    let o = run(&["--offload-layers-to-cpu", "4", "--ram-budget", "0", "--stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.stdout, resident.stdout);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("[ollm] token ")).collect();
+    assert_eq!(lines.len(), 6, "{err}");
+    assert!(lines.iter().all(|l| l.contains("disk ") && l.contains("waited")), "{err}");
+
     // An impossible budget fails before loading, naming the budget that would fit.
     let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
         .args(["plan", "--model", m, "--device", "cpu", "--vram-budget", "1MiB"])

@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// Stop when this text appears (repeatable); it is not printed.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Print a line per generated token on stderr: time, and for streamed layers the bytes read
+    /// from disk and copied, their rates, and the time compute waited for weights.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -104,7 +108,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
+    let mut per_token = TokenStats::new(a.stats, loaded.model.as_ref());
     let generation = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
+        per_token.token(loaded.model.as_ref());
         if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
             write_err = Some(e);
             return ControlFlow::Break(());
@@ -146,4 +152,45 @@ fn random_seed() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// `--stats`: one stderr line per generated token (the first includes the prefill).
+struct TokenStats {
+    on: bool,
+    n: usize,
+    last: std::time::Instant,
+    prev: Option<ollm_models::stream::StreamStats>,
+}
+
+impl TokenStats {
+    fn new(on: bool, model: &dyn ollm_models::CausalLm) -> Self {
+        Self { on, n: 0, last: std::time::Instant::now(), prev: model.stream_stats() }
+    }
+
+    fn token(&mut self, model: &dyn ollm_models::CausalLm) {
+        if !self.on {
+            return;
+        }
+        let secs = self.last.elapsed().as_secs_f64();
+        self.last = std::time::Instant::now();
+        self.n += 1;
+        let mut line = format!("[ollm] token {}: {:.3} s", self.n, secs);
+        if let (Some(now), Some(prev)) = (model.stream_stats(), self.prev) {
+            let (disk, copy) = (now.disk_bytes - prev.disk_bytes, now.copy_bytes - prev.copy_bytes);
+            let disk_s = now.disk_secs - prev.disk_secs;
+            let wait = now.wait_secs - prev.wait_secs;
+            let rate = |b: u64, s: f64| if s > 0.0 { b as f64 / s / 1e9 } else { 0.0 };
+            line += &format!(
+                " | disk {} ({:.2} GB/s while reading) | copied {} ({:.1} GB/s over the token) | waited {:.3} s for weights, computed {:.3} s",
+                human_bytes(disk),
+                rate(disk, disk_s),
+                human_bytes(copy),
+                rate(copy, secs),
+                wait,
+                (secs - wait).max(0.0)
+            );
+            self.prev = Some(now);
+        }
+        eprintln!("{line}");
+    }
 }
