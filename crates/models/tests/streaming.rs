@@ -135,3 +135,49 @@ fn tiled_prefill_matches_untiled_prefill() {
     let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(max <= 1e-5 * scale.max(1.0), "after prefill: max |Δ| {max:e}");
 }
+
+/// The golden fixtures (2 layers each), streamed from disk and from pinned RAM through one slot,
+/// against transformers' fp32 logits and against the same model all resident.
+fn golden_fixtures_streamed(backend: Arc<dyn Backend>, tol_abs: f32) {
+    use ollm_weights::Catalog;
+    for case in ["llama3_tied", "headdim_untied"] {
+        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden").join(case);
+        let dir = if built.exists() { built } else { Path::new("fixtures/golden").join(case) };
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
+                .expect("json");
+        let ids: Vec<u32> =
+            meta["input_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+        let cat = Catalog::open_files(&[dir.join("reference.safetensors")]).expect("reference");
+        let want = cat.read(cat.get("logits_f32").expect("logits")).expect("read").to_f32_vec().expect("f32");
+        let resident = load_model_placed(&dir, backend.clone(), None).expect("resident");
+        let mut s = resident.new_state().expect("state");
+        let base = resident.forward(&ids, &mut s, LogitsWanted::All, None).expect("resident forward");
+        let placement = Placement { tiers: vec![Tier::Disk, Tier::Ram], slots: 1, staging_buffers: 2 };
+        let streamed = load_model_placed(&dir, backend.clone(), Some(&placement)).expect("streamed");
+        for round in 0..3 {
+            let mut s = streamed.new_state().expect("state");
+            let got = streamed.forward(&ids, &mut s, LogitsWanted::All, None).expect("streamed forward");
+            assert_eq!(got, base, "{case} round {round}: streamed differs from resident");
+            let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d <= tol_abs, "{case}: streamed logits differ from transformers by {d}");
+        }
+        let stats = streamed.stream_stats().expect("streaming");
+        assert_eq!((stats.disk_layers, stats.ram_layers, stats.slots), (1, 1, 1));
+    }
+}
+
+#[test]
+fn golden_fixtures_streamed_on_the_cpu() {
+    // The CPU golden tolerance (f32 math, models.md).
+    golden_fixtures_streamed(Arc::new(CpuBackend::new()), 1e-4);
+}
+
+#[test]
+fn golden_fixtures_streamed_on_the_gpu() {
+    match ollm_ops::cuda::probe(0) {
+        // The GPU golden tolerance (bf16 KV and bf16 activations in cuBLAS; golden_logits_cuda.rs).
+        Ok(dev) => golden_fixtures_streamed(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), 5e-2),
+        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    }
+}
