@@ -133,7 +133,7 @@ pub fn calibrate(backend: &dyn Backend, weights: &Path, fresh: bool) -> anyhow::
     eprintln!("[ollm] calibrating: device memory, host→device copies, O_DIRECT disk reads (a few seconds)");
     let device = backend.measure_bandwidth(1 << 30)?;
     let host_to_device = backend.measure_host_to_device(1 << 30)?;
-    let (disk, direct) = ollm_io::direct::measure_read_bandwidth(weights, 2 << 30, 4)
+    let (disk, direct) = ollm_io::direct::measure_read_bandwidth(weights, 2 << 30, ollm_io::direct::READERS)
         .with_context(|| format!("measuring disk reads on {}", weights.display()))?;
     if !direct {
         eprintln!("[ollm] note: {} refuses O_DIRECT; the disk figure includes the page cache", weights.display());

@@ -110,8 +110,8 @@ impl DirectFile {
 
     /// Reads the aligned span around bytes `offset..offset + len` into the front of `buf` and
     /// returns where byte `offset` landed in it. `buf` must start on an [`ALIGN`] boundary (an
-    /// [`AlignedBuf`] or a pinned host buffer) and hold the span ([`aligned_span`]); the tail of
-    /// the last block past the end of the file is left as it was.
+    /// [`AlignedBuf`] or a pinned host buffer) and hold the span ([`aligned_span`]); bytes of
+    /// the last block past the end of the file are unspecified (a direct read may zero them).
     pub fn read_into(&self, offset: u64, len: usize, buf: &mut [u8]) -> Result<usize> {
         let end = offset.saturating_add(len as u64);
         if end > self.len_bytes {
@@ -177,38 +177,72 @@ fn pread(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     f.seek_read(buf, offset)
 }
 
-/// Best-of-3 direct-read bandwidth over up to `max_bytes` of `path`, bytes/s, reading 8 MiB
-/// chunks with `threads` readers in parallel (the streamer's pattern: NVMe drives need several
-/// requests in flight). Also says whether the reads really bypassed the page cache.
-pub fn measure_read_bandwidth(path: &Path, max_bytes: u64, threads: usize) -> Result<(f64, bool)> {
-    let f = DirectFile::open(path)?;
-    let chunk = 8usize << 20;
-    let total = f.len_bytes().min(max_bytes).max(1);
-    let n_chunks = total.div_ceil(chunk as u64) as usize;
-    let threads = threads.clamp(1, n_chunks);
-    let mut bufs: Vec<AlignedBuf> = (0..threads).map(|_| AlignedBuf::new(chunk + ALIGN)).collect();
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
+/// Bytes per read request of [`DirectFile::read_span_parallel`].
+pub const READ_CHUNK: usize = 8 << 20;
+/// Reader threads the streamer and the calibration use (NVMe drives want several requests in
+/// flight).
+pub const READERS: usize = 4;
+
+impl DirectFile {
+    /// Reads the aligned span `start..end` (`start` a multiple of [`ALIGN`]) into the front of
+    /// `buf` with `readers` threads taking [`READ_CHUNK`]-sized pieces in turn; bytes of the span
+    /// past the end of the file are unspecified.
+    pub fn read_span_parallel(&self, start: u64, end: u64, buf: &mut [u8], readers: usize) -> Result<()> {
+        let span_len = (end - start) as usize;
+        if !start.is_multiple_of(ALIGN as u64) || span_len > buf.len() {
+            return Err(IoError::Read {
+                path: self.path.clone(),
+                offset: start,
+                len: span_len,
+                source: io::Error::new(io::ErrorKind::InvalidInput, "unaligned span or short buffer"),
+            });
+        }
+        let len_in_file = (self.len_bytes.min(end).saturating_sub(start)) as usize;
+        let readers = readers.max(1);
+        let mut jobs: Vec<Vec<(usize, &mut [u8])>> = (0..readers).map(|_| Vec::new()).collect();
+        for (i, c) in buf[..span_len].chunks_mut(READ_CHUNK).enumerate() {
+            jobs[i % readers].push((i, c));
+        }
         let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = bufs
-                .iter_mut()
-                .enumerate()
-                .map(|(r, buf)| {
-                    let f = &f;
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|job| {
                     s.spawn(move || -> Result<()> {
-                        for c in (r..n_chunks).step_by(threads) {
-                            let off = (c * chunk) as u64;
-                            let len = chunk.min((total - off) as usize);
-                            f.read_into(off, len, buf.as_mut_slice())?;
+                        for (i, chunk) in job {
+                            let off = i * READ_CHUNK;
+                            let len = chunk.len().min(len_in_file.saturating_sub(off));
+                            if len > 0 {
+                                self.read_into(start + off as u64, len, chunk)?;
+                            }
                         }
                         Ok(())
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(reader_panicked(&f.path)))).collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(reader_panicked(&self.path)))).collect()
         });
         results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+}
+
+/// Best-of-3 direct-read bandwidth over up to `max_bytes` of `path`, bytes/s, read the way the
+/// streamer reads a layer: 256 MiB spans one after another, each with `threads` readers
+/// ([`DirectFile::read_span_parallel`]). Also says whether the reads bypassed the page cache.
+pub fn measure_read_bandwidth(path: &Path, max_bytes: u64, threads: usize) -> Result<(f64, bool)> {
+    let f = DirectFile::open(path)?;
+    let total = f.len_bytes().min(max_bytes).max(1);
+    let span = (256u64 << 20).min(total.next_multiple_of(ALIGN as u64));
+    let mut buf = AlignedBuf::new(span as usize);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let mut start = 0u64;
+        while start < total {
+            let end = (start + span).min(total.next_multiple_of(ALIGN as u64));
+            f.read_span_parallel(start, end, buf.as_mut_slice(), threads)?;
+            start = end;
+        }
         best = best.max(total as f64 / t.elapsed().as_secs_f64().max(1e-9));
     }
     Ok((best, f.is_direct()))
@@ -244,6 +278,12 @@ mod tests {
         assert!(f.read_into(ALIGN as u64 - 1, 2, small.as_mut_slice()).is_err(), "span of two blocks in one");
         assert!(f.read_into(0, 10, &mut buf.as_mut_slice()[1..]).is_err(), "misaligned buffer");
         let (bw, _) = measure_read_bandwidth(&path, 1 << 20, 4).expect("bandwidth");
+        // A parallel span read lands every byte of the file.
+        let mut big = AlignedBuf::new(5 * ALIGN);
+        big.as_mut_slice().fill(0xAB);
+        f.read_span_parallel(0, 4 * ALIGN as u64, big.as_mut_slice(), 4).expect("span");
+        assert_eq!(&big.as_slice()[..data.len()], &data[..]);
+        assert!(f.read_span_parallel(1, ALIGN as u64, big.as_mut_slice(), 2).is_err(), "unaligned start");
         assert!(bw > 0.0);
         std::fs::remove_dir_all(&dir).ok();
     }

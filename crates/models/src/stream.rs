@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ollm_io::direct::{ALIGN, DirectFile, aligned_span};
+use ollm_io::direct::{ALIGN, DirectFile, READERS, aligned_span};
 use ollm_ops::{Backend, HostBuffer, Marker, OpsError, Tensor};
 
 use crate::{ModelError, Result};
@@ -77,43 +77,10 @@ fn read_plan(parts: &[Part]) -> ReadPlan {
     ReadPlan { spans, part_offsets, buf_bytes: pos.max(ALIGN) }
 }
 
-/// Reads chunk size and the number of reader threads per span (a queue deep enough for NVMe).
-const READ_CHUNK: usize = 8 << 20;
-const READERS: usize = 4;
-
-/// Reads a layer's spans into `buf` (4096-aligned), in parallel chunks.
+/// Reads a layer's spans into `buf` (4096-aligned), each with [`READERS`] parallel readers.
 fn read_layer(files: &[DirectFile], plan: &ReadPlan, buf: &mut [u8]) -> Result<()> {
     for &(file, start, end, at) in &plan.spans {
-        let f = &files[file];
-        let span = &mut buf[at..at + (end - start) as usize];
-        let len_in_file = (f.len_bytes().min(end) - start) as usize;
-        let chunks: Vec<&mut [u8]> = span.chunks_mut(READ_CHUNK).collect();
-        let mut jobs: Vec<Vec<(usize, &mut [u8])>> = (0..READERS).map(|_| Vec::new()).collect();
-        for (i, c) in chunks.into_iter().enumerate() {
-            jobs[i % READERS].push((i, c));
-        }
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = jobs
-                .into_iter()
-                .map(|job| {
-                    s.spawn(move || -> Result<()> {
-                        for (i, chunk) in job {
-                            let off = i * READ_CHUNK;
-                            let len = chunk.len().min(len_in_file.saturating_sub(off));
-                            if len > 0 {
-                                f.read_into(start + off as u64, len, chunk)?;
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(ModelError::Stream("a reader thread panicked".into()))))
-                .collect()
-        });
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        files[file].read_span_parallel(start, end, &mut buf[at..], READERS)?;
     }
     Ok(())
 }
