@@ -20,29 +20,16 @@
 
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::cmp::Ordering;
 
+use common::{device, le_bytes, random, rounded};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ollm_ops::cpu::{self, CpuBackend};
-use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage, probe};
+use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage};
 use ollm_ops::{Backend, CpuStorage, DType, HostTensor, NormKind, RouterMode, Tensor};
-
-/// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
-fn random(n: usize, scale: f32) -> Vec<f32> {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let mut s = (clock ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
 
 /// ‖a − b‖ / ‖b‖
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -50,19 +37,6 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
-}
-
-/// The device, or None after checking that the failure is one clear line (no panic).
-fn device() -> Option<CudaDevice> {
-    match probe(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(!msg.contains('\n') && msg.contains("--device cpu"), "{msg}");
-            eprintln!("SKIPPED: no usable CUDA device ({msg})");
-            None
-        }
-    }
 }
 
 fn backend() -> Option<CudaBackend> {
@@ -88,23 +62,9 @@ fn bf16s(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|x| bf16::from_f32(*x)).collect()
 }
 
-/// `v` rounded to `dtype` and back (what a tensor of that dtype holds).
-fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => v.to_vec(),
-        DType::F16 => v.iter().map(|x| f16::from_f32(*x).to_f32()).collect(),
-        DType::BF16 => v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect(),
-    }
-}
-
 /// Host bytes of `v` stored as `dtype`.
 fn host(dtype: DType, shape: Vec<usize>, v: &[f32]) -> HostTensor {
-    let bytes = match dtype {
-        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
-    };
-    HostTensor { dtype, shape, bytes }
+    HostTensor { dtype, shape, bytes: le_bytes(dtype, v) }
 }
 
 /// Device storage of `v` as `dtype`.

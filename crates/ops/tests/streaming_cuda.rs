@@ -12,61 +12,21 @@
 
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Mutex;
 use std::time::Instant;
 
-use half::{bf16, f16};
+use common::{device, le_bytes, random, rounded};
 use ollm_ops::cpu::CpuBackend;
-use ollm_ops::cuda::{CudaBackend, probe};
+use ollm_ops::cuda::CudaBackend;
 use ollm_ops::{Backend, DType, HostBuffer, HostTensor, OpsError, Tensor};
 
 /// One test at a time: the ordering tests measure and rely on an otherwise idle device.
 static GPU: Mutex<()> = Mutex::new(());
 
 fn backend() -> Option<CudaBackend> {
-    match probe(0) {
-        Ok(d) => Some(CudaBackend::new(d)),
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(!msg.contains('\n') && msg.contains("--device cpu"), "{msg}");
-            eprintln!("SKIPPED: no usable CUDA device ({msg})");
-            None
-        }
-    }
-}
-
-/// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
-fn random(n: usize, scale: f32) -> Vec<f32> {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let mut s = (clock ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-/// Little-endian bytes of `v` stored as `dtype`.
-fn le_bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
-    match dtype {
-        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
-    }
-}
-
-/// `v` rounded to `dtype` and back (what a tensor of that dtype holds).
-fn rounded(dtype: DType, v: &[f32]) -> Vec<f32> {
-    match dtype {
-        DType::F32 => v.to_vec(),
-        DType::F16 => v.iter().map(|x| f16::from_f32(*x).to_f32()).collect(),
-        DType::BF16 => v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect(),
-    }
+    device().map(CudaBackend::new)
 }
 
 /// A device tensor of `dtype` holding `value` everywhere (NaN: poison).
@@ -131,7 +91,7 @@ fn copies_land_exactly_for_every_dtype_and_offset() {
             settle(&be);
             be.copy_to_device_async(&src, offset, &mut t).expect("copy");
             be.compute_wait(&be.copy_marker().expect("marker")).expect("compute_wait");
-            assert_eq!(be.to_host_f32(&t).expect("read"), rounded(dtype, &v), "{dtype} at offset {offset}");
+            assert_eq!(be.to_host_f32(&t).expect("read"), rounded(&v, dtype), "{dtype} at offset {offset}");
         }
     }
     // Errors: a range past the buffer, a host tensor, a CPU backend's marker.
@@ -266,7 +226,7 @@ fn a_streamer_thread_copies_while_the_main_thread_computes() {
     });
     // The copies have passed (host_wait), so compute queued from here on sees them.
     for (i, slot) in slots.iter().enumerate() {
-        let want = rounded(DType::BF16, &v[i * n..(i + 1) * n]);
+        let want = rounded(&v[i * n..(i + 1) * n], DType::BF16);
         assert_eq!(be.to_host_f32(slot).expect("read"), want, "slot {i}");
     }
 }
