@@ -164,9 +164,8 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     let kv = info.kv_bytes_per_position * mean_ctx as u64;
     let t = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes + kv, bw);
     let per_token = 1.0 / tok_s;
-    let (disk, copied) = (tier_bytes(&plan.tiers, &mb.layer_bytes, Tier::Disk), {
-        tier_bytes(&plan.tiers, &mb.layer_bytes, Tier::Disk) + tier_bytes(&plan.tiers, &mb.layer_bytes, Tier::Ram)
-    });
+    let disk = tier_bytes(&plan.tiers, &mb.layer_bytes, Tier::Disk);
+    let copied = disk + tier_bytes(&plan.tiers, &mb.layer_bytes, Tier::Ram);
     println!("placement       {}", describe(plan));
     println!(
         "tiers           disk {:.2} GB/s (O_DIRECT, 4 readers), host→device {:.1} GB/s (pinned), device {:.0} GB/s",

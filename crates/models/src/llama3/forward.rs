@@ -120,20 +120,21 @@ enum LayerHome {
 /// Rows of one prefill tile: larger prompts run layer by layer in tiles of this many tokens.
 pub const PREFILL_TILE: usize = 1024;
 
-/// Activations for one tile of `n` tokens (x is used only when the input is tiled).
+/// Activations for one tile of `n` tokens; `x` (the tile's rows of the residual stream) exists
+/// only when the input is split into tiles, otherwise the layer works on the stream itself.
 struct TileScratch {
-    x: Tensor,
+    x: Option<Tensor>,
     normed: Tensor,
     attn: AttnScratch,
     mlp: MlpScratch,
 }
 
 impl TileScratch {
-    fn new(m: &Llama, n: usize) -> Result<Self> {
+    fn new(m: &Llama, n: usize, tiled: bool) -> Result<Self> {
         let be = m.backend.as_ref();
         let h = m.cfg.hidden_size;
         Ok(Self {
-            x: be.zeros(vec![n, h])?,
+            x: if tiled { Some(be.zeros(vec![n, h])?) } else { None },
             normed: be.zeros(vec![n, h])?,
             attn: AttnScratch::new(be, n, &m.dims())?,
             mlp: MlpScratch::new(be, n, h, m.cfg.intermediate_size)?,
@@ -347,12 +348,12 @@ impl CausalLm for Llama {
         // in token tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
         // stream x holds all T rows.
         let tiles: Vec<(usize, usize)> = (0..t).step_by(PREFILL_TILE).map(|a| (a, PREFILL_TILE.min(t - a))).collect();
-        let mut full = TileScratch::new(self, tiles[0].1)?;
+        let tiled = tiles.len() > 1;
+        let mut full = TileScratch::new(self, tiles[0].1, tiled)?;
         let mut tail = match tiles.last() {
-            Some(&(_, n)) if n != tiles[0].1 => Some(TileScratch::new(self, n)?),
+            Some(&(_, n)) if n != tiles[0].1 => Some(TileScratch::new(self, n, tiled)?),
             _ => None,
         };
-        let tiled = tiles.len() > 1;
         for (l, home) in self.layers.iter().enumerate() {
             let mut run = |layer: &Layer| -> Result<()> {
                 for &(start, n) in &tiles {
@@ -360,16 +361,17 @@ impl CausalLm for Llama {
                         Some(tail_sc) if n != tiles[0].1 => tail_sc,
                         _ => &mut full,
                     };
-                    if !tiled {
+                    let Some(xt) = sc.x.as_mut() else {
+                        // One tile: the layer works on the whole stream in place.
                         let mut s = Scratch { x: &mut x, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
                         return self.layer_forward(l, layer, pos0, state, &mut s, trace);
-                    }
-                    be.copy_rows(&x, start..start + n, &mut sc.x)?;
-                    let mut s = Scratch { x: &mut sc.x, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
+                    };
+                    be.copy_rows(&x, start..start + n, xt)?;
+                    let mut s = Scratch { x: xt, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
                     self.layer_forward(l, layer, pos0 + start, state, &mut s, None)?;
-                    be.write_rows(&sc.x, &mut x, start)?;
+                    be.write_rows(xt, &mut x, start)?;
                 }
-                if let (true, Some(tr)) = (tiled, trace) {
+                if let Some(tr) = trace {
                     tr.record(Some(l), "layer_out", &x);
                 }
                 Ok(())
