@@ -86,12 +86,19 @@ fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<
 /// when it can and says in one line on stderr which device it chose. `--vram-budget` bounds
 /// the GPU's memory (ignored on the CPU).
 pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Chosen> {
-    let cuda = |b: Arc<CudaBackend>| Chosen { backend: b.clone(), cuda: Some(b) };
+    let cuda = |b: Arc<CudaBackend>| -> anyhow::Result<Chosen> {
+        // Every kernel compiled and loaded now: a first run pays it here, not in its prompt.
+        let (compiled, secs) = b.device().warm_kernels()?;
+        if compiled > 0 {
+            eprintln!("[ollm] compiled {compiled} CUDA kernel files in {secs:.1} s (once; cached for later runs)");
+        }
+        Ok(Chosen { backend: b.clone(), cuda: Some(b) })
+    };
     match device {
         DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()), cuda: None }),
         DeviceArg::Cuda(n) => {
             let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
-            Ok(cuda(with_budget(dev, vram_budget)?))
+            cuda(with_budget(dev, vram_budget)?)
         }
         DeviceArg::Auto => match ollm_ops::cuda::probe(0) {
             Ok(dev) => {
@@ -100,7 +107,7 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
                     format!(", VRAM budget {}", vram::gib(b.device().vram().budget_bytes()))
                 });
                 eprintln!("[ollm] device: {}{budget}", b.name());
-                Ok(cuda(b))
+                cuda(b)
             }
             Err(_) => {
                 eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");

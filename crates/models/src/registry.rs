@@ -99,3 +99,32 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         max_positions: cfg.max_positions,
     })
 }
+
+/// The checkpoint files of `dir` and, for each of `layers`, where its tensors are in them
+/// (every `model.layers.{l}.*` tensor, by suffix): what the streamer reads for those layers.
+pub fn layer_parts(dir: &Path, layers: &[usize]) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<crate::stream::Part>>)> {
+    let catalog = Catalog::open_dir(dir)?;
+    let parts = layers
+        .iter()
+        .map(|l| {
+            let prefix = format!("model.layers.{l}.");
+            let mut parts: Vec<crate::stream::Part> = catalog
+                .entries()
+                .filter_map(|e| {
+                    e.name.strip_prefix(&prefix).map(|suffix| crate::stream::Part {
+                        suffix: suffix.to_string(),
+                        file: e.file,
+                        offset: e.offset_bytes,
+                        len: e.len_bytes,
+                    })
+                })
+                .collect();
+            parts.sort_by_key(|p| (p.file, p.offset));
+            if parts.is_empty() {
+                return Err(ModelError::Stream(format!("{}: no tensors of layer {l}", dir.display())));
+            }
+            Ok(parts)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((catalog.file_paths(), parts))
+}

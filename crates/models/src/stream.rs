@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ollm_io::direct::{ALIGN, DirectFile, READERS, aligned_span};
+use ollm_io::direct::{ALIGN, AlignedBuf, DirectFile, READERS, aligned_span};
 use ollm_ops::{Backend, HostBuffer, Marker, OpsError, Tensor};
 
 use crate::{ModelError, Result};
@@ -83,6 +83,76 @@ fn read_layer(files: &[DirectFile], plan: &ReadPlan, buf: &mut [u8]) -> Result<(
         files[file].read_span_parallel(start, end, &mut buf[at..], READERS)?;
     }
     Ok(())
+}
+
+/// Bytes and time of one [`read_pass`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadPass {
+    /// Bytes of the layers' tensors (what the streamer counts).
+    pub bytes: u64,
+    /// Bytes actually read: the aligned spans around them.
+    pub span_bytes: u64,
+    pub secs: f64,
+    /// False where the filesystem refused O_DIRECT (the page cache was involved).
+    pub direct: bool,
+}
+
+impl ReadPass {
+    /// Tensor bytes per second.
+    pub fn bytes_per_s(&self) -> f64 {
+        self.bytes as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// Reads `layers` (each a layer's parts in `files`) once, one after another, exactly as the
+/// streamer reads a disk-tier layer (aligned spans, [`READERS`] readers, O_DIRECT), and times
+/// it: the disk bound of one pass, measured on the bytes the streamer moves.
+pub fn read_pass(files: &[PathBuf], layers: &[Vec<Part>]) -> Result<ReadPass> {
+    let files: Vec<DirectFile> = files.iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
+    let plans: Vec<ReadPlan> = layers.iter().map(|l| read_plan(l)).collect();
+    let mut buf = AlignedBuf::new(plans.iter().map(|p| p.buf_bytes).max().unwrap_or(ALIGN));
+    let started = Instant::now();
+    for plan in &plans {
+        read_layer(&files, plan, buf.as_mut_slice())?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(ReadPass {
+        bytes: layers.iter().flatten().map(|p| p.len).sum(),
+        span_bytes: plans.iter().flat_map(|p| &p.spans).map(|&(_, s, e, _)| e - s).sum(),
+        secs,
+        direct: files.iter().all(DirectFile::is_direct),
+    })
+}
+
+/// Writes `layers` as one packed file at `out`: each layer's aligned spans back to back, each
+/// layer starting on an [`ALIGN`] boundary, then synced to disk. Returns the layers' parts in
+/// the packed file (file index 0), for comparing [`read_pass`] over both layouts.
+pub fn write_packed(files: &[PathBuf], layers: &[Vec<Part>], out: &std::path::Path) -> Result<Vec<Vec<Part>>> {
+    use std::io::Write;
+    let src: Vec<DirectFile> = files.iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
+    let io_err = |e: std::io::Error| ModelError::Stream(format!("writing the packed copy {}: {e}", out.display()));
+    let mut file = std::fs::File::create(out).map_err(io_err)?;
+    let mut buf = AlignedBuf::new(ALIGN);
+    let mut at = 0u64;
+    let mut packed = Vec::with_capacity(layers.len());
+    for parts in layers {
+        let plan = read_plan(parts);
+        if buf.len() < plan.buf_bytes {
+            buf = AlignedBuf::new(plan.buf_bytes);
+        }
+        read_layer(&src, &plan, buf.as_mut_slice())?;
+        file.write_all(&buf.as_slice()[..plan.buf_bytes]).map_err(io_err)?;
+        packed.push(
+            parts
+                .iter()
+                .zip(&plan.part_offsets)
+                .map(|(p, &off)| Part { suffix: p.suffix.clone(), file: 0, offset: at + off as u64, len: p.len })
+                .collect(),
+        );
+        at += plan.buf_bytes as u64;
+    }
+    file.sync_all().map_err(io_err)?;
+    Ok(packed)
 }
 
 /// Where a streamed layer's bytes wait between uses.
@@ -414,5 +484,40 @@ mod tests {
         assert_eq!(plan.spans, vec![(0, 4096, 16384, 0), (1, 0, 4096, 12288)]);
         assert_eq!(plan.part_offsets, vec![5000 - 4096, 5100 - 4096, 12288 + 10]);
         assert_eq!(plan.buf_bytes, 16384);
+    }
+
+    #[test]
+    fn packed_copy_holds_the_same_bytes_and_read_pass_counts_them() {
+        let dir = std::env::temp_dir().join(format!("ollm-pack-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let data: Vec<Vec<u8>> = (0..2).map(|f| (0..40_000u32).map(|i| (i * 31 + f * 7) as u8).collect()).collect();
+        let files: Vec<PathBuf> = (0..2).map(|f| dir.join(format!("s{f}.bin"))).collect();
+        for (p, d) in files.iter().zip(&data) {
+            std::fs::write(p, d).expect("write shard");
+        }
+        let part = |suffix: &str, file, offset, len| Part { suffix: suffix.into(), file, offset, len };
+        let layers = vec![
+            vec![part("a", 0, 123, 5000), part("b", 0, 5123, 9000), part("c", 1, 77, 10)],
+            vec![part("a", 0, 20_000, 5000), part("b", 1, 30_001, 9000)],
+        ];
+        let out = dir.join("packed.bin");
+        let packed = write_packed(&files, &layers, &out).expect("pack");
+        let bytes = std::fs::read(&out).expect("read packed");
+        for (orig, new) in layers.iter().flatten().zip(packed.iter().flatten()) {
+            assert_eq!((new.file, new.len, &new.suffix), (0, orig.len, &orig.suffix));
+            let want = &data[orig.file][orig.offset as usize..(orig.offset + orig.len) as usize];
+            assert_eq!(&bytes[new.offset as usize..(new.offset + new.len) as usize], want, "{}", orig.suffix);
+        }
+        // Each packed layer starts on a block boundary.
+        assert_eq!(packed[1].iter().map(|p| p.offset).min().expect("parts") % ALIGN as u64, 20_000 % ALIGN as u64);
+        let tensor_bytes: u64 = layers.iter().flatten().map(|p| p.len).sum();
+        for pass in [
+            read_pass(&files, &layers).expect("shards"),
+            read_pass(std::slice::from_ref(&out), &packed).expect("packed"),
+        ] {
+            assert_eq!(pass.bytes, tensor_bytes);
+            assert!(pass.span_bytes >= tensor_bytes && pass.span_bytes % ALIGN as u64 == 0 && pass.secs > 0.0);
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

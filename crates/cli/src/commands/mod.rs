@@ -84,7 +84,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 }
 
 /// Arguments every computing command takes.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a hub id
     /// ORG/NAME (downloaded on first use), or `smollm2-135m` for the demo model.

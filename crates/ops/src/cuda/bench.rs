@@ -199,6 +199,23 @@ fn mb(bytes: f64) -> String {
     format!("{:.1} MB", bytes / 1e6)
 }
 
+/// Times cuBLAS's bf16 GEMM C = A · Bᵀ with M = N = K = `s`.
+fn time_gemm(be: &CudaBackend, cfg: &OpsBenchConfig, s: usize) -> Result<Timing> {
+    let dev = be.device();
+    let a = dev.upload(&random_bf16_vec(s * s, 2), "bench: GEMM A")?;
+    let b = dev.upload(&random_bf16_vec(s * s, 3), "bench: GEMM B")?;
+    let mut c = dev.alloc_zeros::<bf16>(s * s, "bench: GEMM C")?;
+    time_op(dev, cfg, |_| gemm_xwt(dev, &*a, &*b, DType::BF16, &mut *c, DType::BF16, s, s, s))
+}
+
+/// cuBLAS's bf16 GEMM rate, FLOP/s (median of `runs`), on square `s`-sized operands: the
+/// compute bound other benches divide by (the operands take 6·s² bytes of VRAM).
+pub fn gemm_rate(be: &CudaBackend, s: usize, runs: usize) -> Result<f64> {
+    let cfg = OpsBenchConfig { runs: runs.max(1), ..OpsBenchConfig::default() };
+    let t = time_gemm(be, &cfg, s)?;
+    Ok(2.0 * (s as f64).powi(3) / (t.median_ms * 1e-3))
+}
+
 /// Runs every row. `progress` gets a line before each measurement (they can take a while).
 pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<OpsBenchReport> {
     let dev = be.device();
@@ -227,12 +244,7 @@ pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn 
     // Bound 2: cuBLAS bf16 GEMM, C = A · Bᵀ, M = N = K.
     let s = cfg.gemm_size;
     progress(&format!("cuBLAS bf16 GEMM {s}×{s}×{s}"));
-    let gemm = {
-        let a = dev.upload(&random_bf16_vec(s * s, 2), "bench: GEMM A")?;
-        let b = dev.upload(&random_bf16_vec(s * s, 3), "bench: GEMM B")?;
-        let mut c = dev.alloc_zeros::<bf16>(s * s, "bench: GEMM C")?;
-        time_op(dev, cfg, |_| gemm_xwt(dev, &*a, &*b, DType::BF16, &mut *c, DType::BF16, s, s, s))?
-    };
+    let gemm = time_gemm(be, cfg, s)?;
     let gemm_flops = 2.0 * (s as f64).powi(3) / (gemm.median_ms * 1e-3);
     rows.push(row(
         "cuBLAS bf16 GEMM (bound)",

@@ -187,19 +187,67 @@ impl CudaDevice {
     /// Kernel `func` of the kernel file `file` (its source text `source`), compiling and loading
     /// the file on first use.
     pub fn function(&self, file: &'static str, source: &str, func: &str) -> Result<CudaFunction> {
-        let err = |e: cudarc::driver::DriverError| unavailable(format!("{file}.cu: {func}: {e}"));
-        let module = {
-            let mut modules = self.modules.lock().map_err(|_| unavailable("kernel module cache poisoned"))?;
-            match modules.get(file) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self.ctx.load_module(self.kernels.ptx(file, source)?).map_err(err)?;
-                    modules.insert(file, m.clone());
-                    m
-                }
-            }
-        };
-        module.load_function(func).map_err(err)
+        let module = self.module(file, source)?;
+        module.load_function(func).map_err(|e| unavailable(format!("{file}.cu: {func}: {e}")))
+    }
+}
+
+/// Every kernel file the backend launches from, by the name [`CudaDevice::function`] knows it.
+pub(crate) const KERNEL_FILES: &[(&str, &str)] = &[
+    ("attention", super::attention::SOURCE),
+    ("convert", super::convert::SOURCE),
+    ("decode_attn", super::flash::DECODE_SOURCE),
+    ("elementwise", super::elementwise::SOURCE),
+    ("flash_attn", super::flash::FLASH_SOURCE),
+    ("gemv", super::gemv::SOURCE),
+    ("matmul", super::matmul::SOURCE),
+    ("moe", super::moe::SOURCE),
+    ("rmsnorm", super::rmsnorm::SOURCE),
+    ("rope", super::rope::SOURCE),
+];
+
+impl CudaDevice {
+    /// Compiles (where the disk cache lacks them) and loads every kernel file now, in parallel,
+    /// so that the first prompt does not pay for it. Returns how many files NVRTC compiled and
+    /// the seconds it all took.
+    pub fn warm_kernels(&self) -> Result<(usize, f64)> {
+        let started = std::time::Instant::now();
+        let results: Vec<Result<bool>> = std::thread::scope(|s| {
+            let handles: Vec<_> = KERNEL_FILES
+                .iter()
+                .map(|&(file, source)| {
+                    s.spawn(move || -> Result<bool> {
+                        let cached = self.kernels.is_cached(file, source);
+                        self.module(file, source)?;
+                        Ok(!cached)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(unavailable("a kernel compile thread panicked"))))
+                .collect()
+        });
+        let mut compiled = 0;
+        for r in results {
+            compiled += usize::from(r?);
+        }
+        Ok((compiled, started.elapsed().as_secs_f64()))
+    }
+
+    /// The loaded module of kernel file `file`, compiling and loading it on first use.
+    fn module(&self, file: &'static str, source: &str) -> Result<Arc<cudarc::driver::CudaModule>> {
+        if let Some(m) = self.modules.lock().map_err(|_| unavailable("kernel module cache poisoned"))?.get(file) {
+            return Ok(m.clone());
+        }
+        // Compiled and loaded outside the lock, so files compile in parallel; a racing twin
+        // loses nothing but the time.
+        let m = self
+            .ctx
+            .load_module(self.kernels.ptx(file, source)?)
+            .map_err(|e| unavailable(format!("{file}.cu: loading the module: {e}")))?;
+        let mut modules = self.modules.lock().map_err(|_| unavailable("kernel module cache poisoned"))?;
+        Ok(modules.entry(file).or_insert(m).clone())
     }
 }
 

@@ -95,12 +95,22 @@ impl KernelCache {
         })
     }
 
-    /// PTX for `source` (named `name` in messages), from the disk cache or freshly compiled.
-    pub fn ptx(&self, name: &str, source: &str) -> Result<Ptx> {
+    /// Where the PTX of `source` is (or would be) kept.
+    fn cached_path(&self, name: &str, source: &str) -> Option<PathBuf> {
         let spliced = splice_headers(source);
         let version = nvrtc_version();
         let key = fnv1a(&[spliced.as_bytes(), self.arch.as_bytes(), version.as_bytes()]);
-        let path = self.dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")));
+        self.dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")))
+    }
+
+    /// Whether the disk cache holds the PTX of `source`.
+    pub fn is_cached(&self, name: &str, source: &str) -> bool {
+        self.cached_path(name, source).is_some_and(|p| p.exists())
+    }
+
+    /// PTX for `source` (named `name` in messages), from the disk cache or freshly compiled.
+    pub fn ptx(&self, name: &str, source: &str) -> Result<Ptx> {
+        let path = self.cached_path(name, source);
         if let Some(text) = path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()) {
             return Ok(Ptx::from_src(text));
         }
