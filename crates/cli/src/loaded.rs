@@ -1,6 +1,6 @@
 //! Turning `--model`, `--device` and `--vram-budget` into a loaded model, tokenizer and defaults.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,8 @@ pub struct Loaded {
     pub cuda: Option<Arc<CudaBackend>>,
     /// The placement of the decoder layers, when the planner ran (a GPU, or budgets given).
     pub plan: Option<Plan>,
+    /// The temporary directory an offloaded KV cache spills into, removed on drop.
+    pub kv_temp_dir: Option<crate::planning::TempKvDir>,
 }
 
 /// A model directory's tokenizer and chat template.
@@ -136,7 +138,14 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
         || budgets.ram.is_some()
         || budgets.offload_layers_to_cpu.is_some();
     let plan = if wants_plan { Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0) } else { None };
-    let placement = plan.as_ref().filter(|p| p.tiers.iter().any(|t| *t != Tier::Vram)).map(Plan::placement);
+    let spill = match plan.as_ref().and_then(|p| p.kv) {
+        Some(_) => Some(crate::planning::kv_spill_dir(args.kv_cache_dir.as_deref())?),
+        None => None,
+    };
+    let placement = plan
+        .as_ref()
+        .filter(|p| p.kv.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram))
+        .map(|p| p.placement(spill.as_ref().map_or(Path::new("."), |(d, _)| d.as_path())));
     if let (Some(p), Some(_)) = (&plan, &placement) {
         eprintln!("[ollm] streaming: {}", crate::planning::describe(p));
     }
@@ -145,7 +154,8 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let model_backend_name = backend.name();
     let model = load_model_placed(&dir, backend.clone(), placement.as_ref())
         .with_context(|| format!("loading {}", dir.display()))?;
-    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend, cuda, plan })
+    let kv_temp_dir = spill.and_then(|(_, guard)| guard);
+    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend, cuda, plan, kv_temp_dir })
 }
 
 impl Loaded {

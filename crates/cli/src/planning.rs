@@ -24,6 +24,8 @@ pub struct Budgets {
     pub ram: Option<u64>,
     pub offload_layers_to_cpu: Option<usize>,
     pub max_context: Option<usize>,
+    /// Some(true): the KV cache off the device whatever fits.
+    pub kv_offload: Option<bool>,
 }
 
 /// Positions the KV cache will be sized for: the cache starts at 256 and doubles (capped at the
@@ -86,6 +88,7 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         max_resident_layers: b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
         slots: SLOTS,
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),
+        kv_offload: b.kv_offload,
     })
 }
 
@@ -101,17 +104,57 @@ pub fn make_plan(
     Ok((p, input))
 }
 
-/// `8 in VRAM, 24 in pinned RAM, 0 from disk (2 slots of 416.0 MiB)`.
+/// `8 in VRAM, 24 in pinned RAM, 0 from disk (2 slots of 416.0 MiB)`, and where the KV goes
+/// when it is off the device.
 pub fn describe(p: &Plan) -> String {
     let count = |t: Tier| p.tiers.iter().filter(|x| **x == t).count();
+    let kv = p.kv.map_or(String::new(), |k| {
+        format!(
+            "; KV cache off the device: blocks of {} positions in up to {} of pinned RAM, then a spill file, 2 windows of {}",
+            k.block,
+            crate::resources::human_bytes(k.ram_bytes),
+            crate::resources::human_bytes(k.window_bytes)
+        )
+    });
     format!(
-        "{} layers in VRAM, {} in pinned RAM, {} read from disk per pass ({} slots of {})",
+        "{} layers in VRAM, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}",
         count(Tier::Vram),
         count(Tier::Ram),
         count(Tier::Disk),
         p.slots,
         crate::resources::human_bytes(p.slot_bytes)
     )
+}
+
+/// The directory an offloaded KV cache spills into: `--kv-cache-dir`, or a fresh temporary
+/// directory that is removed when the returned guard drops and on Ctrl-C.
+pub fn kv_spill_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, Option<TempKvDir>)> {
+    if let Some(d) = given {
+        std::fs::create_dir_all(d).with_context(|| format!("--kv-cache-dir {}: cannot create it", d.display()))?;
+        return Ok((d.to_path_buf(), None));
+    }
+    let dir = std::env::temp_dir().join(format!("ollm-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create the KV spill directory (give --kv-cache-dir)", dir.display()))?;
+    let on_interrupt = dir.clone();
+    // Best effort: another handler (the server's) may own Ctrl-C already; the guard still
+    // removes the directory on every normal exit.
+    let _ = ctrlc::set_handler(move || {
+        let _ = std::fs::remove_dir_all(&on_interrupt);
+        eprintln!();
+        std::process::exit(130);
+    });
+    Ok((dir.clone(), Some(TempKvDir(dir))))
+}
+
+/// Removes a temporary KV spill directory when dropped.
+#[derive(Debug)]
+pub struct TempKvDir(PathBuf);
+
+impl Drop for TempKvDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Measured tier bandwidths for this backend and the disk holding `weights`, from

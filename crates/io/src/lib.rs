@@ -21,6 +21,11 @@ pub enum IoError {
     Read { path: PathBuf, offset: u64, len: usize, source: io::Error },
 
     #[error(
+        "{path}: writing {len} bytes at offset {offset} failed: {source} (is the disk full? free space or point the directory elsewhere)"
+    )]
+    Write { path: PathBuf, offset: u64, len: usize, source: io::Error },
+
+    #[error(
         "{path}: needs bytes {offset}..{end} but the file has only {file_len} (truncated? re-download or re-convert it)"
     )]
     Truncated { path: PathBuf, offset: u64, end: u64, file_len: u64 },

@@ -61,7 +61,13 @@ pub struct PlanInput {
     /// Prefetch slots for streamed layers (2 = double buffering).
     pub slots: usize,
     pub bandwidth: Bandwidths,
+    /// Where the KV cache goes: None decides (on the device when the budget holds it beside the
+    /// smallest streaming setup, else off it), Some(true) off the device, Some(false) on it.
+    pub kv_offload: Option<bool>,
 }
+
+/// Positions per block of an offloaded KV cache.
+pub const KV_BLOCK: usize = 1024;
 
 /// The placement and what it predicts.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,12 +81,32 @@ pub struct Plan {
     pub vram_bytes: u64,
     pub ram_bytes: u64,
     pub per_token: TokenTime,
+    /// Some when the KV cache lives off the device: its pinned RAM (beyond it, blocks spill).
+    pub kv: Option<KvPlan>,
+}
+
+/// An offloaded KV cache: two device windows of `window_bytes` each, blocks of `block`
+/// positions in up to `ram_bytes` of pinned RAM, the rest in a spill file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvPlan {
+    pub block: usize,
+    pub ram_bytes: u64,
+    pub window_bytes: u64,
 }
 
 impl Plan {
-    /// What the loader needs from the plan.
-    pub fn placement(&self) -> Placement {
-        Placement { tiers: self.tiers.clone(), slots: self.slots, staging_buffers: self.staging_buffers }
+    /// What the loader needs from the plan; an offloaded KV cache spills into `spill_dir`.
+    pub fn placement(&self, spill_dir: &std::path::Path) -> Placement {
+        Placement {
+            tiers: self.tiers.clone(),
+            slots: self.slots,
+            staging_buffers: self.staging_buffers,
+            kv: self.kv.map(|k| ollm_kv::KvOffload {
+                block: k.block,
+                ram_bytes: k.ram_bytes,
+                spill_dir: spill_dir.to_path_buf(),
+            }),
+        }
     }
 }
 
@@ -90,12 +116,14 @@ pub struct Placement {
     pub tiers: Vec<Tier>,
     pub slots: usize,
     pub staging_buffers: usize,
+    /// Some: the KV cache of each sequence lives off the device (see `ollm_kv::offload`).
+    pub kv: Option<ollm_kv::KvOffload>,
 }
 
 impl Placement {
     /// Every layer resident on the device.
     pub fn resident(n_layers: usize) -> Self {
-        Self { tiers: vec![Tier::Vram; n_layers], slots: 0, staging_buffers: 0 }
+        Self { tiers: vec![Tier::Vram; n_layers], slots: 0, staging_buffers: 0, kv: None }
     }
 }
 
@@ -158,9 +186,17 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if n == 0 {
         return Err(PlanError::NoLayers);
     }
-    let kv = input.kv_bytes_per_position * input.context as u64;
-    let fixed = input.context_overhead_bytes + input.resident_bytes + kv + input.activation_bytes;
+    let kv_all = input.kv_bytes_per_position * input.context as u64;
+    // Offloaded, the device holds two windows of one layer's cache each.
+    let kv_windows = 2 * kv_all.div_ceil(n as u64);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
+    let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes;
+    let kv_offloaded = match input.kv_offload {
+        Some(off) => off,
+        None => base + kv_all + input.slots.max(1) as u64 * slot_bytes > input.vram_budget && kv_windows < kv_all,
+    };
+    let kv = if kv_offloaded { kv_windows } else { kv_all };
+    let fixed = base + kv;
     let all: u64 = input.layer_bytes.iter().sum();
     let cap = input.max_resident_layers.unwrap_or(n).min(n);
 
@@ -206,15 +242,24 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
 
     let vram_layers = tier_bytes(&tiers, &input.layer_bytes, Tier::Vram);
     let ram_bytes = tier_bytes(&tiers, &input.layer_bytes, Tier::Ram);
-    let per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv, input.bandwidth);
+    let mut per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv_all, input.bandwidth);
+    // An offloaded cache's blocks come over every token too: from RAM what the budget left
+    // after the layers holds, from the spill file the rest.
+    let kv_plan = kv_offloaded.then_some(KvPlan { block: KV_BLOCK, ram_bytes: ram_left, window_bytes: kv_windows / 2 });
+    let kv_ram = kv_plan.map_or(0, |k| k.ram_bytes.min(kv_all));
+    if kv_offloaded {
+        per_token.copy_s += kv_all as f64 / input.bandwidth.host_to_device;
+        per_token.disk_s += (kv_all - kv_ram) as f64 / input.bandwidth.disk;
+    }
     Ok(Plan {
         tiers,
         slots,
         slot_bytes,
         staging_buffers,
         vram_bytes: fixed + vram_layers + slots as u64 * slot_bytes,
-        ram_bytes: ram_bytes + staging_buffers as u64 * slot_bytes,
+        ram_bytes: ram_bytes + staging_buffers as u64 * slot_bytes + kv_ram,
         per_token,
+        kv: kv_plan,
     })
 }
 
@@ -262,6 +307,7 @@ mod tests {
             max_resident_layers: None,
             slots: 2,
             bandwidth: Bandwidths { device: 2.9e12, host_to_device: 55e9, disk: 1.1e9 },
+            kv_offload: None,
         }
     }
 
@@ -301,6 +347,26 @@ mod tests {
         assert_eq!(some.tiers.iter().filter(|t| **t == Tier::Disk).count(), 12);
         assert_eq!(some.staging_buffers, 2);
         assert_eq!(some.ram_bytes, 14 * 436_224_000);
+    }
+
+    #[test]
+    fn a_100k_context_moves_the_kv_cache_off_the_device() {
+        // 100K positions of KV are 12.2 GiB: more than the budget, so the cache goes to pinned
+        // RAM with two one-layer windows on the device, and its bytes count per token.
+        let p = plan(&llama8b(8 * GIB, 64 * GIB, 102_400)).expect("plan");
+        let kv = p.kv.expect("offloaded");
+        assert_eq!(kv.window_bytes, 102_400 * 128 * 1024 / 32);
+        assert!(p.vram_bytes <= 8 * GIB);
+        let weights_ram = tier_bytes(&p.tiers, &[436_224_000; 32], Tier::Ram);
+        assert_eq!(kv.ram_bytes, 64 * GIB - weights_ram);
+        let kv_all = 102_400.0 * 128.0 * 1024.0;
+        let copy = ((32 - p.tiers.iter().filter(|t| **t == Tier::Vram).count()) as f64 * 436_224_000.0 + kv_all) / 55e9;
+        assert!((p.per_token.copy_s - copy).abs() < 1e-9, "{:?}", p.per_token);
+        // 8K fits on the device; forcing it off still plans.
+        assert!(plan(&llama8b(8 * GIB, 64 * GIB, 8192)).expect("plan").kv.is_none());
+        let forced = plan(&PlanInput { kv_offload: Some(true), ..llama8b(8 * GIB, 0, 8192) }).expect("plan");
+        assert_eq!(forced.kv.map(|k| k.ram_bytes), Some(0));
+        assert!(forced.per_token.disk_s > plan(&llama8b(8 * GIB, 0, 8192)).expect("plan").per_token.disk_s);
     }
 
     #[test]

@@ -43,12 +43,15 @@ fn long_prompt() -> Vec<u32> {
 fn placements() -> Vec<(&'static str, Placement)> {
     use Tier::{Disk, Ram, Vram};
     vec![
-        ("mixed, 2 slots", Placement { tiers: vec![Vram, Disk, Ram, Disk, Disk, Ram], slots: 2, staging_buffers: 2 }),
-        ("all disk, 1 slot", Placement { tiers: vec![Disk; 6], slots: 1, staging_buffers: 2 }),
-        ("all ram, 2 slots", Placement { tiers: vec![Ram; 6], slots: 2, staging_buffers: 0 }),
+        (
+            "mixed, 2 slots",
+            Placement { tiers: vec![Vram, Disk, Ram, Disk, Disk, Ram], slots: 2, staging_buffers: 2, kv: None },
+        ),
+        ("all disk, 1 slot", Placement { tiers: vec![Disk; 6], slots: 1, staging_buffers: 2, kv: None }),
+        ("all ram, 2 slots", Placement { tiers: vec![Ram; 6], slots: 2, staging_buffers: 0, kv: None }),
         (
             "disk, 3 slots, 3 staging",
-            Placement { tiers: vec![Vram, Disk, Disk, Disk, Disk, Vram], slots: 3, staging_buffers: 3 },
+            Placement { tiers: vec![Vram, Disk, Disk, Disk, Disk, Vram], slots: 3, staging_buffers: 3, kv: None },
         ),
     ]
 }
@@ -153,7 +156,7 @@ fn golden_fixtures_streamed(backend: Arc<dyn Backend>, tol_abs: f32) {
         let resident = load_model_placed(&dir, backend.clone(), None).expect("resident");
         let mut s = resident.new_state().expect("state");
         let base = resident.forward(&ids, &mut s, LogitsWanted::All, None).expect("resident forward");
-        let placement = Placement { tiers: vec![Tier::Disk, Tier::Ram], slots: 1, staging_buffers: 2 };
+        let placement = Placement { tiers: vec![Tier::Disk, Tier::Ram], slots: 1, staging_buffers: 2, kv: None };
         let streamed = load_model_placed(&dir, backend.clone(), Some(&placement)).expect("streamed");
         for round in 0..3 {
             let mut s = streamed.new_state().expect("state");

@@ -258,10 +258,59 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Blocks the calling host thread until `m` has passed.
     fn host_wait(&self, m: &Marker) -> Result<()>;
 
+    /// Queues on the copy queue a copy of positions `span.pos .. span.pos + span.n` of every
+    /// head of the KV cache `cache` `[n_kv, cap, d]` into the host block at `span` (see
+    /// [`KvBlockSpan`]); the CPU backend copies immediately. The caller orders it after the
+    /// compute that wrote those positions (`copy_wait`) and reads the host bytes only after a
+    /// later `copy_marker` has passed (`host_wait`).
+    fn kv_to_host_async(&self, cache: &Tensor, dst: &mut HostBuffer, span: KvBlockSpan) -> Result<()>;
+
+    /// The reverse of [`kv_to_host_async`](Self::kv_to_host_async): host block rows into cache
+    /// positions, on the copy queue (compute that reads them waits on a later `copy_marker`).
+    fn kv_from_host_async(&self, src: &HostBuffer, cache: &mut Tensor, span: KvBlockSpan) -> Result<()>;
+
     /// Best-of-5 host-to-device bandwidth in bytes/s from a [`HostBuffer`] of about `bytes` into
     /// a device tensor: pinned asynchronous copies on the copy queue timed with events on a
     /// GPU, a memcpy on the CPU. The bound that streaming from the RAM tier is compared with.
     fn measure_host_to_device(&self, bytes: usize) -> Result<f64>;
+}
+
+/// Where some positions of a KV cache `[n_kv, cap, d]` sit in a host block: the block holds
+/// `block` positions of every head, laid out `[n_kv, block, d]` in the cache's dtype
+/// (little-endian) from byte `offset` of a [`HostBuffer`]; cache positions `pos .. pos + n` are
+/// block rows `row .. row + n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBlockSpan {
+    pub offset: usize,
+    pub block: usize,
+    pub row: usize,
+    pub pos: usize,
+    pub n: usize,
+}
+
+impl KvBlockSpan {
+    /// Checks the span against a cache of `shape` with `elem`-byte elements and a host buffer of
+    /// `host_len` bytes; returns `(n_kv, cap, d)`.
+    pub fn check(
+        &self,
+        op: &'static str,
+        shape: &[usize],
+        elem: usize,
+        host_len: usize,
+    ) -> Result<(usize, usize, usize)> {
+        let &[n_kv, cap, d] = shape else {
+            return Err(OpsError::Shape { op, detail: format!("cache {shape:?} is not [n_kv, cap, d]") });
+        };
+        let host_end =
+            n_kv.checked_mul(self.block).and_then(|x| x.checked_mul(d * elem)).and_then(|x| x.checked_add(self.offset));
+        if self.pos + self.n > cap || self.row + self.n > self.block || host_end.is_none_or(|e| e > host_len) {
+            return Err(OpsError::Shape {
+                op,
+                detail: format!("{self:?} against cache {shape:?} and a host buffer of {host_len} B"),
+            });
+        }
+        Ok((n_kv, cap, d))
+    }
 }
 
 /// The error for a marker made by another backend.

@@ -13,7 +13,7 @@ pub mod error;
 pub mod host;
 pub mod tensor;
 
-pub use backend::{AttnGeometry, AttnParams, Backend, NormKind, RopeTable, RouterMode};
+pub use backend::{AttnGeometry, AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode};
 pub use dtype::DType;
 pub use error::{OpsError, Result};
 pub use host::{HostBuffer, Marker};

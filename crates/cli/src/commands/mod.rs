@@ -111,6 +111,15 @@ pub struct ModelArgs {
     /// Default: the model's context, at most 8192.
     #[arg(long, value_name = "N")]
     pub max_context: Option<usize>,
+    /// Keep the KV cache off the GPU (blocks in pinned RAM, past --ram-budget in a spill file),
+    /// with two one-layer windows on the device. Default: only when --max-context does not fit
+    /// the VRAM budget otherwise.
+    #[arg(long)]
+    pub kv_offload: bool,
+    /// Where an offloaded KV cache spills (O_DIRECT files, removed when the run ends). Default:
+    /// a temporary directory, removed at exit and on Ctrl-C.
+    #[arg(long, value_name = "DIR")]
+    pub kv_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -120,6 +129,7 @@ impl ModelArgs {
             ram: self.ram_budget,
             offload_layers_to_cpu: self.offload_layers_to_cpu,
             max_context: self.max_context,
+            kv_offload: self.kv_offload.then_some(true),
         }
     }
 }

@@ -164,6 +164,8 @@ pub struct Llama {
     /// None when the embeddings are tied (the head is `embed`).
     lm_head: Option<Tensor>,
     rope: RopeTable,
+    /// Some: each sequence's KV cache lives off the device.
+    kv_offload: Option<ollm_kv::KvOffload>,
 }
 
 impl Llama {
@@ -260,7 +262,8 @@ impl Llama {
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
         };
-        Ok(Self { cfg, info, backend, embed, layers, stream, final_norm, lm_head, rope })
+        let kv_offload = placement.kv.clone();
+        Ok(Self { cfg, info, backend, embed, layers, stream, final_norm, lm_head, rope, kv_offload })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -314,7 +317,12 @@ impl CausalLm for Llama {
 
     fn new_state(&self) -> Result<SeqState> {
         let shape = KvShape { n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim };
-        Ok(SeqState::new(self.backend.as_ref(), vec![shape; self.cfg.n_layers], self.cfg.max_positions)?)
+        let shapes = vec![shape; self.cfg.n_layers];
+        let be = self.backend.as_ref();
+        Ok(match &self.kv_offload {
+            Some(cfg) => SeqState::offloaded(be, shapes, self.cfg.max_positions, 256, cfg.clone())?,
+            None => SeqState::new(be, shapes, self.cfg.max_positions)?,
+        })
     }
 
     fn forward(
@@ -337,6 +345,7 @@ impl CausalLm for Llama {
             return Err(ModelError::ContextOverflow { needed: pos0 + t, max: self.cfg.max_positions });
         }
         state.reserve(be, pos0 + t)?;
+        state.begin(be, t)?;
 
         // x = E[ids]: [T, H]
         let mut x = be.zeros(vec![t, h])?;
@@ -355,6 +364,7 @@ impl CausalLm for Llama {
             _ => None,
         };
         for (l, home) in self.layers.iter().enumerate() {
+            state.acquire(be, l)?;
             let mut run = |layer: &Layer| -> Result<()> {
                 for &(start, n) in &tiles {
                     let sc = match &mut tail {
@@ -383,6 +393,7 @@ impl CausalLm for Llama {
                     return Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")));
                 }
             }
+            state.release(be, l)?;
         }
         state.advance(t);
 

@@ -26,7 +26,8 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::backend::{
-    AttnParams, Backend, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, router_dims, swiglu_dims,
+    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, router_dims,
+    swiglu_dims,
 };
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, Storage, Tensor};
@@ -289,6 +290,34 @@ impl Backend for CpuBackend {
         let op = "copy_to_device_async";
         let range = src.range(offset, dst.size_bytes(), op)?;
         transfer::fill_from_le_bytes(dst.cpu_mut(op)?, &src.as_slice()[range]);
+        Ok(())
+    }
+
+    fn kv_to_host_async(&self, cache: &Tensor, dst: &mut HostBuffer, span: KvBlockSpan) -> Result<()> {
+        let (n_kv, cap, d) = span.check("kv_to_host_async", cache.shape(), 4, dst.len())?;
+        let src = cache.cpu_f32("kv_to_host_async")?;
+        let bytes = dst.as_mut_slice();
+        for h in 0..n_kv {
+            let from = &src[(h * cap + span.pos) * d..][..span.n * d];
+            let at = span.offset + (h * span.block + span.row) * d * 4;
+            for (chunk, v) in bytes[at..at + span.n * d * 4].chunks_exact_mut(4).zip(from) {
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn kv_from_host_async(&self, src: &HostBuffer, cache: &mut Tensor, span: KvBlockSpan) -> Result<()> {
+        let (n_kv, cap, d) = span.check("kv_from_host_async", cache.shape(), 4, src.len())?;
+        let bytes = src.as_slice();
+        let dst = cache.cpu_f32_mut("kv_from_host_async")?;
+        for h in 0..n_kv {
+            let at = span.offset + (h * span.block + span.row) * d * 4;
+            let to = &mut dst[(h * cap + span.pos) * d..][..span.n * d];
+            for (v, chunk) in to.iter_mut().zip(bytes[at..at + span.n * d * 4].chunks_exact(4)) {
+                *v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+        }
         Ok(())
     }
 

@@ -11,10 +11,14 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::elementwise::KvGeometry;
+use super::transfer::KvDirection;
 use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope, transfer};
-use crate::backend::{AttnParams, Backend, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims};
+use crate::backend::{
+    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims,
+};
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 /// Owns the open device; tensors it creates live on that device.
 #[derive(Debug)]
@@ -318,6 +322,27 @@ impl Backend for CudaBackend {
 
     fn copy_to_device_async(&self, src: &HostBuffer, offset: usize, dst: &mut Tensor) -> Result<()> {
         transfer::copy_to_device(&self.dev, src, offset, cuda_mut(dst, "copy_to_device_async")?)
+    }
+
+    fn kv_to_host_async(&self, cache: &Tensor, dst: &mut HostBuffer, span: KvBlockSpan) -> Result<()> {
+        let op = "kv_to_host_async";
+        let g = span.check(op, cache.shape(), 2, dst.len())?;
+        let ptr = kv(cache, op)?.device_ptr(&self.dev.copy_stream).0;
+        // SAFETY: span checked against both; the cache and the host buffer outlive the copy by
+        // the streaming contract (a pinned buffer's drop waits for the copy stream).
+        unsafe {
+            transfer::queue_kv_copy(&self.dev, ptr, dst.as_mut_slice().as_mut_ptr(), g, span, KvDirection::ToHost)
+        }
+    }
+
+    fn kv_from_host_async(&self, src: &HostBuffer, cache: &mut Tensor, span: KvBlockSpan) -> Result<()> {
+        let op = "kv_from_host_async";
+        let g = span.check(op, cache.shape(), 2, src.len())?;
+        let ptr = kv_mut(cache, op)?.device_ptr_mut(&self.dev.copy_stream).0;
+        // SAFETY: as in kv_to_host_async; the host bytes are only read.
+        unsafe {
+            transfer::queue_kv_copy(&self.dev, ptr, src.as_slice().as_ptr().cast_mut(), g, span, KvDirection::FromHost)
+        }
     }
 
     fn copy_marker(&self) -> Result<Marker> {

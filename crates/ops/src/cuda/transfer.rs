@@ -145,6 +145,68 @@ pub(crate) fn copy_to_device(dev: &CudaDevice, src: &HostBuffer, offset: usize, 
     unsafe { queue_htod(dev, &src.as_slice()[range], ptr, op) }
 }
 
+/// Which way a KV block copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KvDirection {
+    ToHost,
+    FromHost,
+}
+
+/// Queues the KV block copy of `span` between the bf16 cache at `cache` (`[n_kv, cap, d]`) and
+/// the host bytes `host` on the copy stream: one 2-D copy, a row per head.
+///
+/// # Safety
+/// `cache` must address `n_kv * cap * d` bf16 elements and `host` the buffer the span was
+/// checked against, both staying allocated (and the host bytes unchanged, or unread, as the
+/// direction requires) until the copy has passed.
+pub(crate) unsafe fn queue_kv_copy(
+    dev: &CudaDevice,
+    cache: CUdeviceptr,
+    host: *mut u8,
+    geometry: (usize, usize, usize),
+    span: crate::KvBlockSpan,
+    dir: KvDirection,
+) -> Result<()> {
+    use cudarc::driver::sys::{CUDA_MEMCPY2D, CUmemorytype, cuMemcpy2DAsync_v2};
+    let op = "kv block copy";
+    let (n_kv, cap, d) = geometry;
+    if span.n == 0 {
+        return Ok(());
+    }
+    let e = 2usize; // bf16
+    let dev_at = cache + ((span.pos * d * e) as u64);
+    // SAFETY: inside the host buffer (checked by KvBlockSpan::check).
+    let host_at = unsafe { host.add(span.offset + span.row * d * e) };
+    // SAFETY: a plain C struct; every field the copy reads is set below, the rest are zero.
+    let mut c: CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+    let (dev_pitch, host_pitch) = (cap * d * e, span.block * d * e);
+    match dir {
+        KvDirection::ToHost => {
+            c.srcMemoryType = CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            c.srcDevice = dev_at;
+            c.srcPitch = dev_pitch;
+            c.dstMemoryType = CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.dstHost = host_at.cast();
+            c.dstPitch = host_pitch;
+        }
+        KvDirection::FromHost => {
+            c.srcMemoryType = CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.srcHost = host_at.cast();
+            c.srcPitch = host_pitch;
+            c.dstMemoryType = CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            c.dstDevice = dev_at;
+            c.dstPitch = dev_pitch;
+        }
+    }
+    c.WidthInBytes = span.n * d * e;
+    c.Height = n_kv;
+    dev.ctx.bind_to_thread().map_err(driver_err(op))?;
+    // SAFETY: both sides hold n_kv rows of WidthInBytes at their pitches (the caller's
+    // obligations); the stream belongs to the context bound above.
+    let r = unsafe { cuMemcpy2DAsync_v2(&c, dev.copy_stream.cu_stream()) };
+    r.result().map_err(driver_err(op))
+}
+
 /// The raw address of a device buffer (no events: tracking is off on this context).
 fn device_ptr<T>(b: &mut DeviceBuf<T>, stream: &CudaStream) -> CUdeviceptr {
     let (ptr, _no_event) = b.device_ptr_mut(stream);
