@@ -236,6 +236,12 @@ fn streaming_bench(
     let h2d_test = (a.bandwidth_mib * 1024 * 1024).min(256 << 20);
     print_header(loaded, a, device_bw);
     println!("placement       {}", describe(plan));
+    if plan.kv.is_some() {
+        println!(
+            "KV cache        off the device: {} per position copied in every token (counted in the copies below)",
+            human_bytes(info.kv_bytes_per_position)
+        );
+    }
     println!(
         "per token       disk {} over {} layers, copies {}, device reads {} + KV",
         human_bytes(disk),
@@ -271,7 +277,14 @@ fn streaming_bench(
         };
         let ctx = a.prompt_tokens + 1 + a.tokens * (r + 1) - a.tokens / 2;
         let kv = info.kv_bytes_per_position * ctx as u64;
-        let bound = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes + kv, bw);
+        let mut bound = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes + kv, bw);
+        if let Some(k) = plan.kv {
+            // An offloaded cache comes over every token as well: from pinned RAM up to its
+            // budget, from the spill file beyond it.
+            let in_ram = kv.min(k.ram_bytes);
+            bound.copy_s += kv as f64 / bw.host_to_device;
+            bound.disk_s += (kv - in_ram) as f64 / bw.disk;
+        }
         let ratio = per_token / bound.bound_s();
         ratios.push(ratio);
         first_bw.get_or_insert(bw);

@@ -177,23 +177,40 @@ pub(crate) unsafe fn queue_kv_copy(
     let dev_at = cache + ((span.pos * d * e) as u64);
     // SAFETY: inside the host buffer (checked by KvBlockSpan::check).
     let host_at = unsafe { host.add(span.offset + span.row * d * e) };
-    // SAFETY: a plain C struct; every field the copy reads is set below, the rest are zero.
-    let mut c: CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
     let (dev_pitch, host_pitch) = (cap * d * e, span.block * d * e);
+    let (device, host) = (CUmemorytype::CU_MEMORYTYPE_DEVICE, CUmemorytype::CU_MEMORYTYPE_HOST);
+    let null = std::ptr::null_mut();
+    // Every field set: the memory-type enums have no zero value, so the struct cannot be zeroed.
+    let mut c = CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: device,
+        srcHost: std::ptr::null(),
+        srcDevice: 0,
+        srcArray: null,
+        srcPitch: 0,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: device,
+        dstHost: null.cast(),
+        dstDevice: 0,
+        dstArray: null,
+        dstPitch: 0,
+        WidthInBytes: 0,
+        Height: 0,
+    };
     match dir {
         KvDirection::ToHost => {
-            c.srcMemoryType = CUmemorytype::CU_MEMORYTYPE_DEVICE;
             c.srcDevice = dev_at;
             c.srcPitch = dev_pitch;
-            c.dstMemoryType = CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.dstMemoryType = host;
             c.dstHost = host_at.cast();
             c.dstPitch = host_pitch;
         }
         KvDirection::FromHost => {
-            c.srcMemoryType = CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.srcMemoryType = host;
             c.srcHost = host_at.cast();
             c.srcPitch = host_pitch;
-            c.dstMemoryType = CUmemorytype::CU_MEMORYTYPE_DEVICE;
             c.dstDevice = dev_at;
             c.dstPitch = dev_pitch;
         }
