@@ -103,6 +103,16 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
         assert!(err.contains("[ollm] streaming:") && err.contains("layers passed through 2 slots"), "{err}");
     }
 
+    // The KV cache off the device (every full block spilled, here none is full) with streamed
+    // layers: the same text, and nothing left in the spill directory.
+    let kv_dir = dir.path().join("kv");
+    let kv_dir_arg = kv_dir.to_str().expect("utf8");
+    let o = run(&["--kv-offload", "--ram-budget", "0", "--offload-layers-to-cpu", "3", "--kv-cache-dir", kv_dir_arg]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("KV cache off the device"), "{err}");
+    assert_eq!(o.stdout, resident.stdout, "offloaded KV changed the text");
+    assert_eq!(std::fs::read_dir(&kv_dir).expect("kv dir").count(), 0, "spill files are removed");
+
     // --stats: one line per generated token with the streamed bytes.
     let o = run(&["--offload-layers-to-cpu", "4", "--ram-budget", "0", "--stats"]);
     let err = String::from_utf8_lossy(&o.stderr);

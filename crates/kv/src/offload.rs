@@ -31,6 +31,9 @@ pub struct KvOffload {
     pub ram_bytes: u64,
     /// Directory of the spill file (created if missing).
     pub spill_dir: PathBuf,
+    /// Positions the device windows are allocated for up front (the planned context), so they
+    /// never grow mid-run (a grown window briefly coexists with the old one on the device).
+    pub window_positions: usize,
 }
 
 /// What the offloaded cache holds now, for stats.

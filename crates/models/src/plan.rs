@@ -92,6 +92,8 @@ pub struct KvPlan {
     pub block: usize,
     pub ram_bytes: u64,
     pub window_bytes: u64,
+    /// Positions each window holds (the planned context).
+    pub window_positions: usize,
 }
 
 impl Plan {
@@ -105,6 +107,7 @@ impl Plan {
                 block: k.block,
                 ram_bytes: k.ram_bytes,
                 spill_dir: spill_dir.to_path_buf(),
+                window_positions: k.window_positions,
             }),
         }
     }
@@ -245,7 +248,12 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let mut per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv_all, input.bandwidth);
     // An offloaded cache's blocks come over every token too: from RAM what the budget left
     // after the layers holds, from the spill file the rest.
-    let kv_plan = kv_offloaded.then_some(KvPlan { block: KV_BLOCK, ram_bytes: ram_left, window_bytes: kv_windows / 2 });
+    let kv_plan = kv_offloaded.then_some(KvPlan {
+        block: KV_BLOCK,
+        ram_bytes: ram_left,
+        window_bytes: kv_windows / 2,
+        window_positions: input.context,
+    });
     let kv_ram = kv_plan.map_or(0, |k| k.ram_bytes.min(kv_all));
     if kv_offloaded {
         per_token.copy_s += kv_all as f64 / input.bandwidth.host_to_device;

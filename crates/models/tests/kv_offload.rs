@@ -51,7 +51,7 @@ fn check(backend: Arc<dyn Backend>) {
     let (want, _) = run(&resident);
     assert!(want.iter().all(|v| v.is_finite()));
     let spill_dir = dir.path().join("spill");
-    let kv = |ram_bytes| Some(KvOffload { block: 16, ram_bytes, spill_dir: spill_dir.clone() });
+    let kv = |ram_bytes| Some(KvOffload { block: 16, ram_bytes, spill_dir: spill_dir.clone(), window_positions: 0 });
     use Tier::{Disk, Ram, Vram};
     let cases = [
         ("KV spilled, layers resident", Placement { kv: kv(0), ..Placement::resident(6) }),

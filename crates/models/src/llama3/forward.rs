@@ -320,7 +320,9 @@ impl CausalLm for Llama {
         let shapes = vec![shape; self.cfg.n_layers];
         let be = self.backend.as_ref();
         Ok(match &self.kv_offload {
-            Some(cfg) => SeqState::offloaded(be, shapes, self.cfg.max_positions, 256, cfg.clone())?,
+            Some(cfg) => {
+                SeqState::offloaded(be, shapes, self.cfg.max_positions, cfg.window_positions.max(256), cfg.clone())?
+            }
             None => SeqState::new(be, shapes, self.cfg.max_positions)?,
         })
     }
