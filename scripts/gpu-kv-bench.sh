@@ -4,15 +4,7 @@
 # cache, 12.5 GiB, lives off the device), then decode against the bound measured in the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export OLLM_HOME=${OLLM_HOME:-/tmp/ollm-home}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-ollm=.carry/gpu-tests/ollm
-m=${MODEL:-/tmp/m8}
-if [ ! -f "$m/config.json" ]; then
-  /usr/bin/time -f "synth %e s" $ollm synth --like llama-3.1-8b --out "$m" 2>&1 | tail -2
-fi
+. scripts/gpu-env.sh
 echo "== 100K prompt, KV off the device, layers and KV in pinned RAM"
 timeout ${KV_TIMEOUT:-420} $ollm bench --model "$m" --device cuda --vram-budget 8GiB --ram-budget 64GiB \
   --prompt-tokens ${PROMPT:-102400} --tokens ${TOKENS:-4} --repeats 2 2>&1 | tee "$OUT/bench-kv.txt"

@@ -5,15 +5,7 @@
 # against bounds measured in the same run; a packed copy against the shards. Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export OLLM_HOME=${OLLM_HOME:-/tmp/ollm-home}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-ollm=.carry/gpu-tests/ollm
-m=${MODEL:-/tmp/m8}
-if [ ! -f "$m/config.json" ]; then
-  /usr/bin/time -f "synth %e s" $ollm synth --like llama-3.1-8b --out "$m" 2>&1 | tail -2
-fi
+. scripts/gpu-env.sh
 common=(--model "$m" --device cuda --vram-budget 8GiB)
 echo "== RAM tier"
 timeout 240 $ollm bench "${common[@]}" --ram-budget 64GiB --prompt-tokens 8192 --tokens 8 --repeats 3 2>&1 | tee "$OUT/bench-ram.txt"

@@ -4,26 +4,16 @@
 //! tiled 2100-token prefill, a short prefill and decode steps, and a truncation back into a
 //! spilled block. On the CPU always; on the GPU too when one is usable.
 
-use std::path::Path;
+mod common;
+
+use common::tiny_model;
 use std::sync::Arc;
 
 use ollm_kv::KvOffload;
 use ollm_models::plan::{Placement, Tier};
-use ollm_models::synth::{Like, plan_llama, write_plan};
 use ollm_models::{CausalLm, LogitsWanted, SeqState, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
-
-fn tiny_model(dir: &Path) {
-    let mut config = Like::Llama32_1B.config();
-    for (k, v) in [("hidden_size", 64), ("intermediate_size", 160), ("num_attention_heads", 4), ("head_dim", 16)] {
-        config[k] = v.into();
-    }
-    config["num_key_value_heads"] = 2.into();
-    config["vocab_size"] = 300.into();
-    let plan = plan_llama(config, Some(6)).expect("plan");
-    write_plan(&plan, dir, 3, &mut |_, _| {}).expect("write");
-}
 
 /// A 2100-token prefill (tiled), then 40 more tokens (crossing blocks), then 5 decode steps,
 /// then a truncation to position 2090 (inside a spilled block) and 3 steps from there.

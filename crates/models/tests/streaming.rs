@@ -4,25 +4,16 @@
 //! all resident, through a prefill and several decode steps (so the streamer wraps around into
 //! the next pass). On the CPU always; on the GPU too when one is usable.
 
+mod common;
+
+use common::tiny_model;
 use std::path::Path;
 use std::sync::Arc;
 
 use ollm_models::plan::{Placement, Tier};
-use ollm_models::synth::{Like, plan_llama, write_plan};
 use ollm_models::{CausalLm, LogitsWanted, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
-
-fn tiny_model(dir: &Path) {
-    let mut config = Like::Llama32_1B.config();
-    for (k, v) in [("hidden_size", 64), ("intermediate_size", 160), ("num_attention_heads", 4), ("head_dim", 16)] {
-        config[k] = v.into();
-    }
-    config["num_key_value_heads"] = 2.into();
-    config["vocab_size"] = 300.into();
-    let plan = plan_llama(config, Some(6)).expect("plan");
-    write_plan(&plan, dir, 3, &mut |_, _| {}).expect("write");
-}
 
 /// Prefill of 9 tokens, then 7 single-token steps: every step's logits, concatenated.
 fn run(model: &Arc<dyn CausalLm>) -> Vec<f32> {
