@@ -215,10 +215,7 @@ impl Offload {
         while pos < end {
             let bi = pos / b;
             while self.blocks[l].len() <= bi {
-                let buf = match self.free.pop() {
-                    Some(buf) => buf,
-                    None => backend.host_alloc(self.block_bytes)?,
-                };
+                let buf = self.block_buffer(backend)?;
                 self.blocks[l].push(Block::Ram(buf));
             }
             let row = pos - bi * b;
@@ -242,14 +239,18 @@ impl Offload {
     }
 
     fn unspill(&mut self, backend: &dyn Backend, l: usize, bi: usize, off: u64) -> Result<()> {
-        let mut buf = match self.free.pop() {
-            Some(buf) => buf,
-            None => backend.host_alloc(self.block_bytes)?,
-        };
-        let spill = self.spill.as_ref().ok_or_else(|| err("internal: a spilled block with no spill file".into()))?;
-        spill.file.read_into(off, self.block_bytes, buf.as_mut_slice()).map_err(|e| err(e.to_string()))?;
+        let mut buf = self.block_buffer(backend)?;
+        read_spilled(&self.spill, off, self.block_bytes, &mut buf)?;
         self.blocks[l][bi] = Block::Ram(buf);
         Ok(())
+    }
+
+    /// A pinned buffer for a new block: a spilled block's, else a fresh one.
+    fn block_buffer(&mut self, backend: &dyn Backend) -> Result<HostBuffer> {
+        match self.free.pop() {
+            Some(buf) => Ok(buf),
+            None => backend.host_alloc(self.block_bytes),
+        }
     }
 
     fn row_bytes(&self, backend: &dyn Backend) -> usize {
@@ -274,12 +275,8 @@ impl Offload {
                 Some(Block::Disk(off)) => {
                     let off = *off;
                     let s = self.staging_buffer(backend)?;
-                    let spill = self
-                        .spill
-                        .as_ref()
-                        .ok_or_else(|| err("internal: a spilled block with no spill file".into()))?;
                     let (buf, used) = &mut self.staging[s];
-                    spill.file.read_into(off, self.block_bytes, buf.as_mut_slice()).map_err(|e| err(e.to_string()))?;
+                    read_spilled(&self.spill, off, self.block_bytes, buf)?;
                     let win = &mut self.windows[w];
                     backend.kv_from_host_async(buf, &mut win.k, span)?;
                     backend.kv_from_host_async(buf, &mut win.v, v_span)?;
@@ -383,6 +380,13 @@ impl Drop for Offload {
             let _ = std::fs::remove_file(&self.spill_path);
         }
     }
+}
+
+/// Reads the spilled block at `off` into `buf`.
+fn read_spilled(spill: &Option<Spill>, off: u64, len: usize, buf: &mut HostBuffer) -> Result<()> {
+    let spill = spill.as_ref().ok_or_else(|| err("internal: a spilled block with no spill file".into()))?;
+    spill.file.read_into(off, len, buf.as_mut_slice()).map_err(|e| err(e.to_string()))?;
+    Ok(())
 }
 
 /// A number unique within this process, for spill file names.
