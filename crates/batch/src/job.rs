@@ -85,7 +85,7 @@ pub fn run_job(m: &ChatModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_>
         torn_bytes: recovered.torn_bytes,
     });
 
-    let mut session = Session::new(m.model.clone()).map_err(|e| BatchError::Engine(e.to_string()))?;
+    let mut session = m.session().map_err(|e| BatchError::Engine(e.to_string()))?;
     for (key, r) in &pending {
         match run_one(m, &mut session, r, opts.default_max_tokens) {
             Ok((line, completion_tokens)) => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ollm_engine::{ChatModel, GenerationConfig};
+use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
 use ollm_models::plan::{Plan, Tier};
 use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::Backend;
@@ -31,6 +31,8 @@ pub struct Loaded {
     pub plan: Option<Plan>,
     /// The temporary directory an offloaded KV cache spills into, removed on drop.
     pub kv_temp_dir: Option<crate::planning::TempKvDir>,
+    /// The persistent prefix cache (`--prefix-cache`).
+    pub prefix: Option<ollm_kv::PrefixConfig>,
 }
 
 /// A model directory's tokenizer and chat template.
@@ -155,10 +157,61 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let model = load_model_placed(&dir, backend.clone(), placement.as_ref())
         .with_context(|| format!("loading {}", dir.display()))?;
     let kv_temp_dir = spill.and_then(|(_, guard)| guard);
-    Ok(Loaded { dir, model, generation, load_time: t0.elapsed(), model_backend_name, backend, cuda, plan, kv_temp_dir })
+    Ok(Loaded {
+        dir,
+        model,
+        generation,
+        load_time: t0.elapsed(),
+        model_backend_name,
+        backend,
+        cuda,
+        plan,
+        kv_temp_dir,
+        prefix: args.prefix_config(),
+    })
 }
 
 impl Loaded {
+    /// A fresh session over the model, with the prefix cache when one is configured.
+    pub fn session(&self) -> anyhow::Result<Session> {
+        Ok(ollm_engine::session_with_prefix(self.model.clone(), self.prefix.as_ref())?)
+    }
+
+    /// What the prefix cache did in one generation, as lines for standard error: rejected
+    /// entries and a failed store as warnings, then one summary line. `ttft` is the time to
+    /// the first token.
+    pub fn prefix_lines(&self, report: &PrefixReport, prompt_tokens: usize, ttft: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut summary = String::from("[ollm] prefix cache:");
+        if let Some(r) = &report.restored {
+            lines.extend(r.rejected.iter().map(|l| format!("warning: {l}")));
+            let rate = r.bytes as f64 / r.elapsed.as_secs_f64().max(1e-9) / 1e9;
+            summary += &format!(
+                " loaded {} of {prompt_tokens} prompt tokens ({} blocks, {} at {rate:.2} GB/s) in {:.2} s;",
+                r.tokens,
+                r.blocks,
+                crate::resources::human_bytes(r.bytes),
+                r.elapsed.as_secs_f64()
+            );
+        }
+        summary += &format!(" first token after {:.2} s;", ttft.as_secs_f64());
+        if let Some(s) = &report.stored {
+            summary += &format!(
+                " stored {} new blocks ({}) in {:.2} s, {} already there, {} evicted",
+                s.blocks,
+                crate::resources::human_bytes(s.bytes),
+                s.elapsed.as_secs_f64(),
+                s.present,
+                s.evicted
+            );
+        }
+        if let Some(e) = &report.store_error {
+            lines.push(format!("warning: prompt not stored: {e}"));
+        }
+        lines.push(summary);
+        lines
+    }
+
     /// One line of weight-streaming figures, when layers are streamed.
     pub fn stream_line(&self) -> Option<String> {
         let s = self.model.stream_stats()?;
@@ -190,6 +243,7 @@ impl Loaded {
             default_sampling: self.generation.default_sampling(),
             tokenizer: text.tokenizer,
             template: text.template,
+            prefix: self.prefix.clone(),
         }
     }
 

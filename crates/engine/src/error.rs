@@ -6,6 +6,9 @@ pub enum EngineError {
     Model(#[from] ollm_models::ModelError),
 
     #[error(transparent)]
+    Prefix(#[from] ollm_kv::prefix::PrefixError),
+
+    #[error(transparent)]
     Tokenizer(#[from] ollm_tokenizer::TokenizerError),
 
     #[error(

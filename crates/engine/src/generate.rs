@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use ollm_tokenizer::{StreamDecoder, Tokenizer};
 
+use ollm_kv::{Restored, Stored};
+
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{EngineError, Result, Sampler, SamplingParams, Session};
 
@@ -60,6 +62,19 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     pub prefill: Duration,
     pub decode: Duration,
+    /// What the prefix cache did, when the session has one.
+    pub prefix: Option<PrefixReport>,
+}
+
+/// The prefix cache's part in one generation.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixReport {
+    /// Loaded instead of computed (None when the session already held tokens).
+    pub restored: Option<Restored>,
+    /// Written after the first token (None when storing failed).
+    pub stored: Option<Stored>,
+    /// Why storing failed (a full disk, say); the generation itself went on.
+    pub store_error: Option<String>,
 }
 
 impl GenerationStats {
@@ -84,6 +99,21 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
+/// Stores the prompt's blocks in the session's prefix cache, if it has one; a failure (a full
+/// disk) is reported in the stats, not raised. Returns the time it took.
+fn store_prefix(session: &mut Session, stats: &mut GenerationStats) -> Duration {
+    let Some(report) = stats.prefix.as_mut() else { return Duration::ZERO };
+    let t = Instant::now();
+    match session.store_prefix() {
+        Ok(stored) => report.stored = stored,
+        Err(e) => {
+            tracing::warn!("prompt not stored in the prefix cache: {e}");
+            report.store_error = Some(e.to_string());
+        }
+    }
+    t.elapsed()
+}
+
 /// Runs `prompt` through the session and generates. `on_token` sees every token as it is
 /// produced and may return `ControlFlow::Break` to cancel.
 pub fn generate(
@@ -104,8 +134,12 @@ pub fn generate(
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
 
     let t0 = Instant::now();
-    let mut logits = session.prefill(prompt)?;
+    let (mut logits, restored) = session.prefill_cached(prompt)?;
     stats.prefill = t0.elapsed();
+    if session.prefix_cache().is_some() {
+        stats.prefix = Some(PrefixReport { restored, ..PrefixReport::default() });
+    }
+    let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
     let mut decoder = StreamDecoder::new();
@@ -127,6 +161,10 @@ pub fn generate(
         };
         text.push_str(&emit);
         let flow = on_token(TokenEvent { id, text: &emit });
+        if ids.len() == 1 {
+            // The first token is out: now write the prompt's new blocks.
+            store_time = store_prefix(session, &mut stats);
+        }
         if stopped {
             break FinishReason::Stop;
         }
@@ -153,7 +191,10 @@ pub fn generate(
             let _ = on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest });
         }
     }
-    stats.decode = t1.elapsed();
+    if ids.is_empty() {
+        store_time = store_prefix(session, &mut stats);
+    }
+    stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
     Ok(Generation { ids, text, finish, stats })
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use ollm_kv::{PrefixCache, PrefixConfig, Restored, Stored};
 use ollm_models::{CausalLm, LogitsWanted, SeqState, TraceSink};
 
 use crate::Result;
@@ -18,12 +19,37 @@ pub struct Session {
     state: SeqState,
     tokens: Vec<u32>,
     prefill_chunk: usize,
+    prefix: Option<PrefixCache>,
+    /// Fixed-state snapshots taken at block ends during prefill (recurrent models with a prefix
+    /// cache), by position, for the entries stored next.
+    snapshots: Vec<(usize, Vec<u8>)>,
 }
 
 impl Session {
     pub fn new(model: Arc<dyn CausalLm>) -> Result<Self> {
         let state = model.new_state()?;
-        Ok(Self { model, state, tokens: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK })
+        Ok(Self {
+            model,
+            state,
+            tokens: Vec::new(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            prefix: None,
+            snapshots: Vec::new(),
+        })
+    }
+
+    /// Keeps prompt prefixes in the persistent cache `cfg` names: [`prefill`](Self::prefill) of
+    /// a fresh session loads the longest stored prefix, [`store_prefix`](Self::store_prefix)
+    /// adds the prompt's blocks.
+    pub fn with_prefix_cache(mut self, cfg: &PrefixConfig) -> Result<Self> {
+        let layout = self.state.block_layout(self.model.backend()).map_err(ollm_models::ModelError::from)?;
+        self.prefix = Some(PrefixCache::open(cfg, self.model.info().fingerprint, layout)?);
+        Ok(self)
+    }
+
+    /// The prefix cache, when one is attached.
+    pub fn prefix_cache(&self) -> Option<&PrefixCache> {
+        self.prefix.as_ref()
     }
 
     pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
@@ -50,12 +76,50 @@ impl Session {
 
     /// Feeds `ids` in chunks and returns the logits after the last one.
     pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.prefill_cached(ids)?.0)
+    }
+
+    /// Like [`prefill`](Self::prefill); a fresh session with a prefix cache first loads the
+    /// longest stored prefix of `ids` (always leaving one token to compute) and says what it
+    /// loaded.
+    pub fn prefill_cached(&mut self, ids: &[u32]) -> Result<(Vec<f32>, Option<Restored>)> {
+        let mut restored = None;
+        if self.tokens.is_empty()
+            && let Some(cache) = &self.prefix
+        {
+            let r = cache.restore(self.model.backend(), &mut self.state, ids)?;
+            self.tokens.extend_from_slice(&ids[..r.tokens]);
+            restored = Some(r);
+        }
+        let start = restored.as_ref().map_or(0, |r: &Restored| r.tokens);
         let mut logits = Vec::new();
-        for chunk in ids.chunks(self.prefill_chunk) {
+        for chunk in ids[start..].chunks(self.prefill_chunk) {
             logits = self.model.forward(chunk, &mut self.state, LogitsWanted::Last, None)?;
             self.tokens.extend_from_slice(chunk);
+            self.snapshot_if_block_end()?;
         }
-        Ok(logits)
+        Ok((logits, restored))
+    }
+
+    /// A recurrent model's fixed state at a block end, kept for the prefix entry ending there.
+    fn snapshot_if_block_end(&mut self) -> Result<()> {
+        let Some(cache) = &self.prefix else { return Ok(()) };
+        let pos = self.state.len();
+        if self.state.has_fixed() && pos.is_multiple_of(cache.layout().block) {
+            let snap = self.state.snapshot_fixed(self.model.backend()).map_err(ollm_models::ModelError::from)?;
+            self.snapshots.push((pos, snap));
+        }
+        Ok(())
+    }
+
+    /// Stores the full blocks of the tokens fed so far that the prefix cache lacks (None
+    /// without a cache). Call it once the answer has started: writing is not on the path to the
+    /// first token.
+    pub fn store_prefix(&mut self) -> Result<Option<Stored>> {
+        let Some(cache) = &self.prefix else { return Ok(None) };
+        let stored = cache.store(self.model.backend(), &mut self.state, &self.tokens, &self.snapshots)?;
+        self.snapshots.clear();
+        Ok(Some(stored))
     }
 
     /// Feeds `ids` in one forward and returns the logits of every position, `[ids.len(), vocab]`.
@@ -76,5 +140,6 @@ impl Session {
     pub fn reset(&mut self) {
         self.state.truncate(0);
         self.tokens.clear();
+        self.snapshots.clear();
     }
 }

@@ -129,6 +129,11 @@ impl DirectFile {
         Ok(())
     }
 
+    /// Flushes what was written to the device (before a rename makes it visible).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|source| IoError::Write { path: self.path.clone(), offset: 0, len: 0, source })
+    }
+
     /// Whether reads bypass the page cache.
     pub fn is_direct(&self) -> bool {
         self.direct

@@ -99,6 +99,29 @@ impl ReadFile {
     }
 }
 
+/// Bytes an unprivileged user may still write on the filesystem holding `path` (statvfs), or
+/// None where the platform cannot say.
+pub fn available_bytes(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs is plain old data; zeroed is a valid value to be overwritten.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: c is a valid NUL-terminated path and st a valid out-pointer.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        #[allow(clippy::unnecessary_cast)] // the field widths differ between platforms
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +140,12 @@ mod tests {
         let missing = ReadFile::open(&dir.join("nope")).expect_err("missing");
         assert!(missing.to_string().contains("nope"), "{missing}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn available_bytes_of_the_temp_dir_is_positive() {
+        let free = available_bytes(&std::env::temp_dir()).expect("statvfs works on the temp dir");
+        assert!(free > 0);
+        assert!(available_bytes(Path::new("/no/such/dir/at/all")).is_none());
     }
 }

@@ -7,12 +7,52 @@
 //! ([`KvOffload`]): in blocks in pinned RAM and a spill file, with two device windows the layers
 //! take turns in (see [`offload`]). A model brackets each layer's use of its cache with
 //! [`SeqState::acquire`] and [`SeqState::release`]; both are free when the cache is on the device.
+//!
+//! Recurrent layers (Qwen3-Next's Gated DeltaNet) keep fixed-size state instead of a cache
+//! ([`FixedShape`], [`SeqState::with_fixed`]). The persistent prefix store ([`prefix`]) moves a
+//! state in whole blocks of positions ([`SeqState::export_block`], [`SeqState::import_block`])
+//! plus, for recurrent layers, a snapshot of the fixed state at a block's end.
 
 pub mod offload;
+pub mod prefix;
 
-use ollm_ops::{Backend, Result, Tensor};
+use ollm_ops::{Backend, HostBuffer, KvBlockSpan, OpsError, Result, Tensor};
 
 pub use offload::{KvOffload, OffloadStats};
+pub use prefix::{PrefixCache, PrefixConfig, Restored, Stored};
+
+/// Positions per prefix-store block when the cache lives on the device (an offloaded cache uses
+/// its own block, so imported blocks drop straight into it).
+pub const DEVICE_PREFIX_BLOCK: usize = 256;
+
+/// Fixed-size state of one recurrent layer: f32 tensors a forward updates in place (Gated
+/// DeltaNet: the causal conv's last inputs and the delta rule's matrix per head).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedShape {
+    pub tensors: Vec<Vec<usize>>,
+}
+
+impl FixedShape {
+    fn elems(&self) -> usize {
+        self.tensors.iter().map(|d| d.iter().product::<usize>()).sum()
+    }
+}
+
+/// How a state's positions are cut for the prefix store: blocks of `block` positions; per KV
+/// layer a block is `layer_bytes` (K's `[n_kv, block, d]` in the KV dtype, V's at `half_bytes`,
+/// zero padding to a multiple of 4096 so the bytes go to disk with O_DIRECT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLayout {
+    pub block: usize,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub elem_bytes: usize,
+    pub half_bytes: usize,
+    pub layer_bytes: usize,
+    /// Bytes of a snapshot of the fixed state (0 without recurrent layers).
+    pub fixed_bytes: usize,
+}
 
 /// Shape of one attention layer's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +83,9 @@ pub struct SeqState {
     capacity: usize,
     /// The model's context limit; the cache never grows past it.
     max_positions: usize,
+    /// Recurrent layers' fixed state (empty for attention-only models).
+    fixed: Vec<Vec<Tensor>>,
+    fixed_shapes: Vec<FixedShape>,
 }
 
 /// Initial capacity in positions; the cache doubles as needed.
@@ -61,7 +104,7 @@ impl SeqState {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, offload: None, shapes, len: 0, capacity, max_positions })
+        Ok(Self { layers, offload: None, shapes, len: 0, capacity, max_positions, fixed: Vec::new(), fixed_shapes: Vec::new() })
     }
 
     /// An empty state whose cache lives in host blocks and a spill file as `cfg` says, every
@@ -79,7 +122,16 @@ impl SeqState {
         }
         let capacity = capacity.clamp(1, max_positions.max(1));
         let off = offload::Offload::new(backend, shape, shapes.len(), capacity, cfg)?;
-        Ok(Self { layers: Vec::new(), offload: Some(off), shapes, len: 0, capacity, max_positions })
+        Ok(Self {
+            layers: Vec::new(),
+            offload: Some(off),
+            shapes,
+            len: 0,
+            capacity,
+            max_positions,
+            fixed: Vec::new(),
+            fixed_shapes: Vec::new(),
+        })
     }
 
     /// Starts a forward of `t` positions: an offloaded cache queues the loads of the first
@@ -190,5 +242,151 @@ impl SeqState {
 
     pub fn shapes(&self) -> &[KvShape] {
         &self.shapes
+    }
+
+    /// Adds zeroed fixed state for recurrent layers (indexed apart from the attention layers).
+    pub fn with_fixed(mut self, backend: &dyn Backend, shapes: Vec<FixedShape>) -> Result<Self> {
+        self.fixed = shapes
+            .iter()
+            .map(|s| s.tensors.iter().map(|d| backend.upload_f32(d.clone(), &vec![0.0; d.iter().product()])).collect())
+            .collect::<Result<Vec<_>>>()?;
+        self.fixed_shapes = shapes;
+        Ok(self)
+    }
+
+    /// The fixed state of recurrent layer `idx`.
+    pub fn fixed_mut(&mut self, idx: usize) -> &mut [Tensor] {
+        &mut self.fixed[idx]
+    }
+
+    pub fn has_fixed(&self) -> bool {
+        !self.fixed.is_empty()
+    }
+
+    /// The fixed state of every recurrent layer as little-endian f32 bytes, in layer then
+    /// tensor order (empty without recurrent layers).
+    pub fn snapshot_fixed(&self, backend: &dyn Backend) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.fixed_bytes());
+        for t in self.fixed.iter().flatten() {
+            out.extend(backend.to_host_f32(t)?.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the fixed state with a [`snapshot_fixed`](Self::snapshot_fixed).
+    pub fn restore_fixed(&mut self, backend: &dyn Backend, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.fixed_bytes() {
+            return Err(OpsError::Backend(format!(
+                "a fixed-state snapshot of {} B for a state of {} B",
+                bytes.len(),
+                self.fixed_bytes()
+            )));
+        }
+        let mut rest = bytes;
+        for (layer, shape) in self.fixed.iter_mut().zip(&self.fixed_shapes) {
+            for (t, dims) in layer.iter_mut().zip(&shape.tensors) {
+                let n = dims.iter().product::<usize>() * 4;
+                let (mine, tail) = rest.split_at(n);
+                let vals: Vec<f32> =
+                    mine.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                *t = backend.upload_f32(dims.clone(), &vals)?;
+                rest = tail;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of a fixed-state snapshot.
+    pub fn fixed_bytes(&self) -> usize {
+        self.fixed_shapes.iter().map(FixedShape::elems).sum::<usize>() * 4
+    }
+
+    /// How this state's positions are cut into prefix-store blocks.
+    pub fn block_layout(&self, backend: &dyn Backend) -> Result<BlockLayout> {
+        let shape = *self.shapes.first().ok_or_else(|| OpsError::Backend("a KV cache with no layers".into()))?;
+        if self.shapes.iter().any(|s| *s != shape) {
+            return Err(OpsError::Backend("the prefix store needs every attention layer of one shape".into()));
+        }
+        let block = self.offload.as_ref().map_or(DEVICE_PREFIX_BLOCK, offload::Offload::block);
+        let elem_bytes = backend.kv_dtype().size_bytes();
+        let half_bytes = shape.n_kv_heads * block * shape.head_dim * elem_bytes;
+        Ok(BlockLayout {
+            block,
+            n_layers: self.shapes.len(),
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            elem_bytes,
+            half_bytes,
+            layer_bytes: (2 * half_bytes).next_multiple_of(ollm_io::direct::ALIGN),
+            fixed_bytes: self.fixed_bytes(),
+        })
+    }
+
+    /// Calls `f` with every attention layer's copy of block `bi` (positions `bi * block ..`,
+    /// all already written), each [`BlockLayout::layer_bytes`] long and 4096-aligned.
+    pub fn export_block<E: From<OpsError>>(
+        &mut self,
+        backend: &dyn Backend,
+        bi: usize,
+        f: impl FnOnce(&[&[u8]]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let lay = self.block_layout(backend)?;
+        if (bi + 1) * lay.block > self.len {
+            return Err(OpsError::Backend(format!("block {bi} is not complete ({} positions cached)", self.len)).into());
+        }
+        if let Some(o) = &mut self.offload {
+            return o.with_block(backend, bi, f);
+        }
+        // The cache was written by compute; copy the block's rows out once it has run.
+        backend.copy_wait(&backend.compute_marker()?)?;
+        let mut staging = backend.host_alloc(lay.n_layers * lay.layer_bytes)?;
+        for (l, kv) in self.layers.iter().enumerate() {
+            let span = KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos: bi * lay.block, n: lay.block };
+            backend.kv_to_host_async(&kv.k, &mut staging, span)?;
+            backend.kv_to_host_async(&kv.v, &mut staging, KvBlockSpan { offset: span.offset + lay.half_bytes, ..span })?;
+        }
+        backend.host_wait(&backend.copy_marker()?)?;
+        let views: Vec<&[u8]> = staging.as_slice().chunks(lay.layer_bytes).collect();
+        f(&views)
+    }
+
+    /// Appends one block of positions at `len()` (a multiple of the block): `fill` writes every
+    /// attention layer's block as [`export_block`](Self::export_block) gave it. If `fill` fails
+    /// the state is unchanged.
+    pub fn import_block<E: From<OpsError>>(
+        &mut self,
+        backend: &dyn Backend,
+        fill: impl FnOnce(&mut [&mut [u8]]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let lay = self.block_layout(backend)?;
+        if !self.len.is_multiple_of(lay.block) || self.len + lay.block > self.max_positions {
+            return Err(OpsError::Backend(format!(
+                "cannot import a block of {} positions at position {} (context {})",
+                lay.block, self.len, self.max_positions
+            ))
+            .into());
+        }
+        if let Some(o) = &mut self.offload {
+            o.push_block(backend, self.len / lay.block, fill)?;
+            self.len += lay.block;
+            return Ok(());
+        }
+        let mut staging: HostBuffer = backend.host_alloc(lay.n_layers * lay.layer_bytes)?;
+        {
+            let mut views: Vec<&mut [u8]> = staging.as_mut_slice().chunks_mut(lay.layer_bytes).collect();
+            fill(&mut views)?;
+        }
+        self.reserve(backend, self.len + lay.block)?;
+        backend.copy_wait(&backend.compute_marker()?)?;
+        for (l, kv) in self.layers.iter_mut().enumerate() {
+            let span = KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos: self.len, n: lay.block };
+            backend.kv_from_host_async(&staging, &mut kv.k, span)?;
+            backend.kv_from_host_async(&staging, &mut kv.v, KvBlockSpan { offset: span.offset + lay.half_bytes, ..span })?;
+        }
+        let copied = backend.copy_marker()?;
+        backend.compute_wait(&copied)?;
+        backend.host_wait(&copied)?;
+        self.len += lay.block;
+        Ok(())
     }
 }

@@ -147,6 +147,79 @@ impl Offload {
         self.capacity
     }
 
+    pub(crate) fn block(&self) -> usize {
+        self.cfg.block
+    }
+
+    /// Calls `f` with every layer's block `bi` (each `block_bytes`): blocks in RAM as they are,
+    /// spilled ones read into fresh buffers first.
+    pub(crate) fn with_block<E: From<OpsError>>(
+        &mut self,
+        backend: &dyn Backend,
+        bi: usize,
+        f: impl FnOnce(&[&[u8]]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        // The block's last copy out of a window must have landed.
+        backend.host_wait(&backend.copy_marker()?)?;
+        let mut read = Vec::new();
+        for l in 0..self.n_layers {
+            match self.blocks[l].get(bi) {
+                Some(Block::Ram(_)) => {}
+                Some(Block::Disk(off)) => {
+                    let mut buf = backend.host_alloc(self.block_bytes)?;
+                    read_spilled(&self.spill, *off, self.block_bytes, &mut buf)?;
+                    read.push(buf);
+                }
+                None => return Err(err(format!("internal: layer {l} has no block {bi}")).into()),
+            }
+        }
+        let mut read = read.iter();
+        let mut views = Vec::with_capacity(self.n_layers);
+        for l in 0..self.n_layers {
+            let buf = match &self.blocks[l][bi] {
+                Block::Ram(buf) => buf,
+                Block::Disk(_) => read.next().ok_or_else(|| err("internal: spilled block count".into()))?,
+            };
+            views.push(&buf.as_slice()[..self.block_bytes]);
+        }
+        f(&views)
+    }
+
+    /// Makes block `bi` of every layer from what `fill` writes (each `block_bytes`); the state
+    /// is unchanged if `fill` fails.
+    pub(crate) fn push_block<E: From<OpsError>>(
+        &mut self,
+        backend: &dyn Backend,
+        bi: usize,
+        fill: impl FnOnce(&mut [&mut [u8]]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        if self.blocks.iter().any(|b| b.len() < bi) {
+            return Err(err(format!("internal: block {bi} imported before the ones ahead of it")).into());
+        }
+        // A block a forward may still be copying into must not be handed out (free blocks are
+        // not copied to, but a replaced one may be).
+        backend.host_wait(&backend.copy_marker()?)?;
+        let mut bufs = (0..self.n_layers).map(|_| self.block_buffer(backend)).collect::<Result<Vec<_>>>()?;
+        let filled = {
+            let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b.as_mut_slice()[..self.block_bytes]).collect();
+            fill(&mut views)
+        };
+        if let Err(e) = filled {
+            self.free.extend(bufs);
+            return Err(e);
+        }
+        for (l, buf) in bufs.into_iter().enumerate() {
+            if bi < self.blocks[l].len() {
+                if let Block::Ram(old) = std::mem::replace(&mut self.blocks[l][bi], Block::Ram(buf)) {
+                    self.free.push(old);
+                }
+            } else {
+                self.blocks[l].push(Block::Ram(buf));
+            }
+        }
+        Ok(())
+    }
+
     /// Device windows large enough for `needed` positions (their contents are reloaded per
     /// layer anyway).
     pub(crate) fn reserve(&mut self, backend: &dyn Backend, needed: usize, new_cap: usize) -> Result<()> {

@@ -37,6 +37,9 @@ pub struct ModelInfo {
     /// Token ids that end generation, from config.json (generation_config.json may add more).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// Identity of the weights and config ([`ollm_weights::Catalog::fingerprint`]): the prefix
+    /// cache keeps entries under it.
+    pub fingerprint: u128,
 }
 
 /// Which rows of logits a forward returns.
@@ -52,6 +55,9 @@ pub enum LogitsWanted {
 /// to `state`.
 pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn info(&self) -> &ModelInfo;
+
+    /// The backend the model computes on (the one its states live on).
+    fn backend(&self) -> &dyn ollm_ops::Backend;
 
     /// A fresh, empty per-sequence state.
     fn new_state(&self) -> Result<SeqState>;

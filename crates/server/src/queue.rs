@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use ollm_engine::{FinishReason, GenerateParams, Session, generate};
-use ollm_models::CausalLm;
 use ollm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -60,11 +59,10 @@ pub struct JobQueue {
 }
 
 impl JobQueue {
-    /// Starts the worker thread that owns one session over `model`.
-    pub fn start(model: Arc<dyn CausalLm>, tokenizer: Arc<Tokenizer>, capacity: usize) -> Result<Self, ServerError> {
+    /// Starts the worker thread that owns `session` (one sequence at a time).
+    pub fn start(session: Session, tokenizer: Arc<Tokenizer>, capacity: usize) -> Result<Self, ServerError> {
         let (sender, receiver) = sync_channel(capacity.max(1));
         let stats = Arc::new(QueueStats::default());
-        let session = Session::new(model).map_err(|e| ServerError::Worker(e.to_string()))?;
         let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name("ollm-engine".into())

@@ -32,8 +32,9 @@ impl AppState {
     pub fn start(served: ServedModel, config: &ServerConfig) -> Result<Self, ServerError> {
         let m = served.chat;
         let context_tokens = m.model.info().max_positions;
+        let session = m.session().map_err(|e| ServerError::Worker(e.to_string()))?;
         let tokenizer = Arc::new(m.tokenizer);
-        let queue = JobQueue::start(m.model, tokenizer.clone(), config.queue_capacity)?;
+        let queue = JobQueue::start(session, tokenizer.clone(), config.queue_capacity)?;
         Ok(Self {
             model_id: served.id.into(),
             tokenizer,

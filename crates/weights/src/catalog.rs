@@ -149,6 +149,28 @@ impl Catalog {
         Ok(HostTensor { dtype: entry.dtype, shape: entry.shape.clone(), bytes })
     }
 
+    /// A 128-bit fingerprint of the weights: every tensor's name, dtype, shape and length, and
+    /// the first and last 4 KiB of its bytes (a fine-tune changes every tensor; reading it all
+    /// would cost a pass over the checkpoint), after `config` (the model's configuration, which
+    /// changes the numbers too). The prefix cache keys entries by it.
+    pub fn fingerprint(&self, config: &[u8]) -> Result<u128> {
+        const SAMPLE: u64 = 4096;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(config);
+        for e in self.entries.values() {
+            h.update(e.name.as_bytes());
+            h.update(format!("{:?}{:?}{}", e.dtype, e.shape, e.len_bytes).as_bytes());
+            let file = &self.files[e.file];
+            let head = e.len_bytes.min(SAMPLE);
+            h.update(&file.read_vec_at(e.offset_bytes, head as usize)?);
+            if e.len_bytes > SAMPLE {
+                let tail = (e.len_bytes - SAMPLE).max(head);
+                h.update(&file.read_vec_at(e.offset_bytes + tail, (e.len_bytes - tail) as usize)?);
+            }
+        }
+        Ok(h.digest128())
+    }
+
     /// Sum of all tensor sizes in bytes.
     pub fn total_bytes(&self) -> u64 {
         self.entries.values().map(|e| e.len_bytes).sum()

@@ -91,6 +91,13 @@ pub struct DecodeBenchArgs {
     /// the model (removed after) and compare O_DIRECT reads of it with reads from the shards.
     #[arg(long, default_value_t = 0)]
     pub pack_layers: usize,
+    /// Tokens of a question appended to the --prompt-tokens prompt, drawn from
+    /// --question-seed: with --prefix-cache, a second run with another seed shares the prompt
+    /// and asks something new (the prefix-cache benchmark).
+    #[arg(long, default_value_t = 0)]
+    pub question_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub question_seed: u64,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -105,7 +112,7 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.tokens >= 2 && a.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
     // The KV cache is planned for the whole run (prompt, warm-up step and every window).
     let mut model = model.clone();
-    let needed = a.prompt_tokens + 1 + a.tokens * a.repeats;
+    let needed = a.prompt_tokens + a.question_tokens + 1 + a.tokens * a.repeats;
     model.max_context = Some(model.max_context.unwrap_or(0).max(needed));
     let loaded = load(&model)?;
     let streamed = loaded.plan.clone().filter(|p| p.tiers.iter().any(|t| *t != Tier::Vram));
@@ -119,20 +126,33 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     };
     let info = loaded.model.info().clone();
     anyhow::ensure!(
-        a.repeats >= 1 && a.prompt_tokens + 1 + a.tokens * a.repeats <= info.max_positions,
-        "--repeats must be >= 1 and --prompt-tokens + --tokens x --repeats must fit the model's context of {}",
+        a.repeats >= 1 && needed <= info.max_positions,
+        "--repeats must be >= 1 and --prompt-tokens + --question-tokens + --tokens x --repeats must fit the model's context of {}",
         info.max_positions
     );
-    // A fixed, varied prompt (ids spread over the vocabulary).
-    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|i| ((7 * i * i + 3 * i + 1) % info.vocab_size) as u32).collect();
-    let mut session = Session::new(loaded.model.clone())?;
+    // A fixed, varied prompt (ids spread over the vocabulary), then the question.
+    let mut prompt: Vec<u32> =
+        (0..a.prompt_tokens).map(|i| ((7 * i * i + 3 * i + 1) % info.vocab_size) as u32).collect();
+    let mut x = a.question_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..a.question_tokens {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        prompt.push((x % info.vocab_size as u64) as u32);
+    }
+    let mut session = loaded.session()?;
     let t = Instant::now();
-    let mut logits = session.prefill(&prompt)?;
+    let (mut logits, restored) = session.prefill_cached(&prompt)?;
+    let first = argmax(&logits);
     let prefill_s = t.elapsed().as_secs_f64();
-    // One untimed step warms caches and thread pools.
-    logits = session.step(argmax(&logits))?;
+    // One untimed step warms caches and thread pools; then the prompt's blocks are stored.
+    logits = session.step(first)?;
+    if session.prefix_cache().is_some() {
+        prefix_lines(&mut session, restored.as_ref(), prompt.len(), prefill_s)?;
+    }
+    let reused = restored.map_or(0, |r| r.tokens);
     if let Some(plan) = streamed {
-        let bounds = Measured { device: bandwidth, gemm, prefill_s };
+        let bounds = Measured { device: bandwidth, gemm, prefill_s, computed: prompt.len() - reused, reused };
         return streaming_bench(&loaded, &plan, &mut session, logits, &a, bounds);
     }
     let mut windows = Vec::with_capacity(a.repeats);
@@ -145,7 +165,7 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     }
     let tok_s = windows.iter().copied().fold(0.0, f64::max);
     // Bytes read per decoded token at the mean context of the timed steps.
-    let mean_ctx = a.prompt_tokens + 1 + a.tokens * a.repeats / 2;
+    let mean_ctx = prompt.len() + 1 + a.tokens * a.repeats / 2;
     let bytes = info.weight_bytes_per_token + info.kv_bytes_per_position * mean_ctx as u64;
     let bound = bandwidth / bytes as f64;
     print_header(&loaded, &a, bandwidth);
@@ -175,8 +195,53 @@ struct Measured {
     device: f64,
     /// cuBLAS bf16 GEMM rate, FLOP/s (GPU only).
     gemm: Option<f64>,
-    /// Time of the prompt's prefill.
+    /// Time of the prompt's prefill (to the first token's logits).
     prefill_s: f64,
+    /// Prompt tokens the prefill computed, and those it loaded from the prefix cache first.
+    computed: usize,
+    reused: usize,
+}
+
+/// The prefix cache's figures: what the prefill loaded against a direct read of the same
+/// entries measured right after (the load's bound), then the time to store the prompt.
+fn prefix_lines(session: &mut Session, restored: Option<&ollm_kv::Restored>, prompt: usize, ttft: f64) -> anyhow::Result<()> {
+    let cache = session.prefix_cache().context("internal: no prefix cache")?;
+    if let Some(r) = restored.filter(|r| r.blocks > 0) {
+        let first = std::fs::read_dir(cache.dir())?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("000000-")));
+        let disk = match first {
+            Some(p) => ollm_io::direct::measure_read_bandwidth(&p, u64::MAX, ollm_io::direct::READERS)?.0,
+            None => f64::NAN,
+        };
+        let bound = r.bytes as f64 / disk;
+        println!(
+            "prefix cache    loaded {} of {prompt} prompt tokens ({} blocks, {}) in {:.3} s = {:.2} GB/s; bound {bound:.3} s at the entries' direct-read rate {:.2} GB/s → {:.2} × the bound",
+            r.tokens,
+            r.blocks,
+            human_bytes(r.bytes),
+            r.elapsed.as_secs_f64(),
+            r.bytes as f64 / r.elapsed.as_secs_f64() / 1e9,
+            disk / 1e9,
+            r.elapsed.as_secs_f64() / bound
+        );
+        for line in &r.rejected {
+            println!("                {line}");
+        }
+    }
+    println!("time to first   {ttft:.3} s (prefix load + prefill of the rest + first token)");
+    let stored = session.store_prefix()?.context("internal: no prefix cache")?;
+    println!(
+        "prefix store    {} new blocks ({}) in {:.3} s = {:.2} GB/s, {} already there, {} evicted",
+        stored.blocks,
+        human_bytes(stored.bytes),
+        stored.elapsed.as_secs_f64(),
+        stored.bytes as f64 / stored.elapsed.as_secs_f64() / 1e9,
+        stored.present,
+        stored.evicted
+    );
+    Ok(())
 }
 
 fn print_header(loaded: &crate::loaded::Loaded, a: &DecodeBenchArgs, bandwidth: f64) {
@@ -275,7 +340,7 @@ fn streaming_bench(
             host_to_device: h2d,
             disk: pass.map_or(f64::INFINITY, |p| p.bytes_per_s()),
         };
-        let ctx = a.prompt_tokens + 1 + a.tokens * (r + 1) - a.tokens / 2;
+        let ctx = m.computed + m.reused + 1 + a.tokens * (r + 1) - a.tokens / 2;
         let kv = info.kv_bytes_per_position * ctx as u64;
         let mut bound = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes + kv, bw);
         if let Some(k) = plan.kv {
@@ -296,7 +361,7 @@ fn streaming_bench(
             bound.bound_s()
         );
     }
-    prefill_line(a.prompt_tokens, &m, plan, &mb, &info, &first_bw);
+    prefill_line(&m, plan, &mb, &info, &first_bw);
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
@@ -320,10 +385,10 @@ fn streaming_bench(
 
 /// The prompt's prefill against its bound: every layer's weights moved once (disk and copies
 /// at the first window's measured rates) or the matmul and attention FLOPs at cuBLAS's GEMM
-/// rate, whichever is slower. Attention FLOPs count the causal half of QKᵀ and PV with
-/// heads × head dim = hidden size (true of the Llama-3 shapes).
+/// rate, whichever is slower. Attention FLOPs count the causal half of QKᵀ and PV over the
+/// computed tokens, plus all of it over positions loaded from the prefix cache, with heads ×
+/// head dim = hidden size (true of the Llama-3 shapes).
 fn prefill_line(
-    t: usize,
     m: &Measured,
     plan: &ollm_models::plan::Plan,
     mb: &ollm_models::registry::ModelBytes,
@@ -331,10 +396,12 @@ fn prefill_line(
     bw: &Option<Bandwidths>,
 ) {
     let Some(bw) = bw else { return };
+    let t = m.computed;
     let tok_s = t as f64 / m.prefill_s;
     let once = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes, *bw);
     let params: f64 = mb.layer_bytes.iter().sum::<u64>() as f64 / 2.0;
-    let flops = 2.0 * params * t as f64 + 2.0 * (t as f64).powi(2) * (info.hidden_size * info.n_layers) as f64;
+    let (tf, r) = (t as f64, m.reused as f64);
+    let flops = 2.0 * params * tf + 2.0 * tf * (tf + 2.0 * r) * (info.hidden_size * info.n_layers) as f64;
     let compute = m.gemm.map(|g| flops / g);
     let bound = once.disk_s.max(once.copy_s).max(compute.unwrap_or(0.0));
     println!(

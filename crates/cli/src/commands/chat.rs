@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{EngineError, GenerateParams, Session, generate};
+use ollm_engine::{EngineError, GenerateParams, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
@@ -63,7 +63,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     }
     let opening: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let mut history = opening.clone();
-    let mut session = Session::new(loaded.model.clone())?;
+    let mut session = loaded.session()?;
     let stdout = std::io::stdout();
     let mut lines = std::io::stdin().lock().lines();
     loop {
@@ -97,7 +97,13 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         out.flush().ok();
         params.sampling.seed = params.sampling.seed.wrapping_add(1);
         match result {
-            Ok(g) => history.push(ChatMessage::new("assistant", g.text.trim())),
+            Ok(g) => {
+                if let Some(report) = &g.stats.prefix {
+                    let lines = loaded.prefix_lines(report, g.stats.prompt_tokens, g.stats.prefill);
+                    lines.iter().filter(|l| l.starts_with("warning:")).for_each(|l| eprintln!("{l}"));
+                }
+                history.push(ChatMessage::new("assistant", g.text.trim()))
+            }
             Err(EngineError::PromptTooLong { prompt, context }) => {
                 history.pop();
                 eprintln!(

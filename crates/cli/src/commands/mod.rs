@@ -120,6 +120,15 @@ pub struct ModelArgs {
     /// a temporary directory, removed at exit and on Ctrl-C.
     #[arg(long, value_name = "DIR")]
     pub kv_cache_dir: Option<std::path::PathBuf>,
+    /// Keep prompts' KV blocks in DIR across runs: a later prompt that starts the same way (the
+    /// same long document, a new question) loads them instead of recomputing them. Entries are
+    /// keyed by the model's identity and the tokens; a corrupt one is reported and recomputed.
+    #[arg(long, value_name = "DIR")]
+    pub prefix_cache: Option<std::path::PathBuf>,
+    /// Most disk the prefix cache may take (all models in DIR together); the least recently
+    /// used entries go first.
+    #[arg(long, value_name = "SIZE", default_value = "32GiB", value_parser = crate::units::parse_size)]
+    pub prefix_cache_max: u64,
 }
 
 impl ModelArgs {
@@ -131,6 +140,13 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
         }
+    }
+
+    /// The persistent prefix cache, when `--prefix-cache` names one.
+    pub fn prefix_config(&self) -> Option<ollm_kv::PrefixConfig> {
+        self.prefix_cache
+            .as_ref()
+            .map(|dir| ollm_kv::PrefixConfig { dir: dir.clone(), max_bytes: self.prefix_cache_max })
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{GenerateParams, Session, generate};
+use ollm_engine::{GenerateParams, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
@@ -104,7 +104,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
     };
 
-    let mut session = Session::new(loaded.model.clone())?;
+    let mut session = loaded.session()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
@@ -142,6 +142,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         vram,
         seed
     );
+    if let Some(report) = &s.prefix {
+        for line in loaded.prefix_lines(report, s.prompt_tokens, s.prefill) {
+            eprintln!("{line}");
+        }
+    }
     if let Some(line) = loaded.stream_line() {
         eprintln!("{line}");
     }

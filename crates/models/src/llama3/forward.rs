@@ -261,6 +261,7 @@ impl Llama {
             kv_bytes_per_position: (2 * cfg.n_layers * kvd) as u64 * kv_elem_bytes,
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
+            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, stream, final_norm, lm_head, rope, kv_offload })
@@ -309,6 +310,10 @@ impl Llama {
 impl CausalLm for Llama {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
     }
 
     fn stream_stats(&self) -> Option<StreamStats> {
