@@ -126,8 +126,11 @@ pub struct PrefixCache {
     lay: BlockLayout,
     max_bytes: u64,
     header_len: usize,
-    /// Test hook: the disk holds only this many more bytes (writes past it fail with ENOSPC).
-    space_limit: Option<u64>,
+    /// Test hook: the disk fills once this many more bytes have been written (writes past it
+    /// fail with ENOSPC, as a full disk's do).
+    fail_writes_after: Option<u64>,
+    /// Bytes written since the hook was set.
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl PrefixCache {
@@ -148,7 +151,16 @@ impl PrefixCache {
             detail: format!("cannot create the directory: {e} (check permissions or choose another --prefix-cache)"),
         })?;
         let header_len = (HEAD + 4 * lay.block + 8 * lay.n_layers + 8).next_multiple_of(ALIGN);
-        let cache = Self { root: cfg.dir.clone(), dir, model_key, lay, max_bytes: cfg.max_bytes, header_len, space_limit: None };
+        let cache = Self {
+            root: cfg.dir.clone(),
+            dir,
+            model_key,
+            lay,
+            max_bytes: cfg.max_bytes,
+            header_len,
+            fail_writes_after: None,
+            written: 0.into(),
+        };
         cache.remove_stale_parts();
         Ok(cache)
     }
@@ -189,10 +201,11 @@ impl PrefixCache {
             .collect()
     }
 
-    /// Test hook: pretend the disk has only `bytes` more room.
+    /// Test hook: the disk fills once `bytes` more have been written.
     #[doc(hidden)]
-    pub fn set_space_limit(&mut self, bytes: Option<u64>) {
-        self.space_limit = bytes;
+    pub fn set_fail_writes_after(&mut self, bytes: Option<u64>) {
+        self.fail_writes_after = bytes;
+        *self.written.get_mut() = 0;
     }
 
     /// Loads the longest stored prefix of `tokens` into the empty `state`, leaving at least one
@@ -381,11 +394,10 @@ impl PrefixCache {
         path: &Path,
     ) -> Result<u64, PrefixError> {
         let bytes = self.entry_bytes(fixed.is_some());
-        let free = self.space_limit.or_else(|| ollm_io::available_bytes(&self.dir));
-        if free.is_some_and(|f| f < bytes) {
+        if let Some(free) = ollm_io::available_bytes(&self.dir).filter(|&f| f < bytes) {
             return Err(PrefixError::Full {
                 path: self.dir.clone(),
-                detail: format!("{} free, an entry needs {}", size(free.unwrap_or(0)), size(bytes)),
+                detail: format!("{} free, an entry needs {}", size(free), size(bytes)),
             });
         }
         let tmp = self.dir.join(format!(".{depth:06}-{key:032x}.{}-{}.part", std::process::id(), unique()));
@@ -441,23 +453,23 @@ impl PrefixCache {
             };
             let mut head = AlignedBuf::new(self.header_len);
             self.encode(&header, head.as_mut_slice());
-            let mut written = 0u64;
-            self.put(&mut file, 0, &head.as_slice()[..self.header_len], &mut written)?;
+            self.put(&mut file, 0, &head.as_slice()[..self.header_len])?;
             for (l, view) in views.iter().enumerate() {
-                self.put(&mut file, (self.header_len + l * lb) as u64, &view[..lb], &mut written)?;
+                self.put(&mut file, (self.header_len + l * lb) as u64, &view[..lb])?;
             }
             if let Some(buf) = fixed_buf.as_mut() {
                 let off = self.header_len + self.lay.n_layers * lb;
-                self.put(&mut file, off as u64, buf.as_slice(), &mut written)?;
+                self.put(&mut file, off as u64, buf.as_slice())?;
             }
             file.sync().map_err(|e| self.io_error(tmp, e))
         })
     }
 
-    /// One direct write, counted against the test hook's space limit.
-    fn put(&self, file: &mut DirectFile, off: u64, bytes: &[u8], written: &mut u64) -> Result<(), PrefixError> {
-        *written += bytes.len() as u64;
-        if self.space_limit.is_some_and(|limit| *written > limit) {
+    /// One direct write, counted against the test hook's limit.
+    fn put(&self, file: &mut DirectFile, off: u64, bytes: &[u8]) -> Result<(), PrefixError> {
+        let n = bytes.len() as u64;
+        let written = self.written.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        if self.fail_writes_after.is_some_and(|limit| written > limit) {
             let source = std::io::Error::from_raw_os_error(ENOSPC);
             let e = ollm_io::IoError::Write { path: file.path().to_path_buf(), offset: off, len: bytes.len(), source };
             return Err(self.io_error(file.path(), e));
