@@ -161,3 +161,62 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
     assert!(text.contains("prefill         3 tokens") && text.contains("pack vs shard   2 layers"), "{text}");
     assert!(!out.join(".ollm-pack-bench.tmp").exists(), "the packed copy is removed");
 }
+
+#[test]
+fn a_prompt_sharing_a_stored_prefix_loads_it_and_answers_like_a_cold_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("tiny4");
+    write_plan(&tiny_plan_layers(4), &out, 2, &mut |_, _| {}).expect("write");
+    let m = out.to_str().expect("utf8");
+    let home = dir.path().join("home");
+    let cache = dir.path().join("prefix");
+    let cache_arg = cache.to_str().expect("utf8");
+    // A document of a few hundred tokens, then a question.
+    let doc: String = (0..160).map(|i| format!("clause {i} binds party {} to term {}. ", i % 7, i * 13 % 50)).collect();
+    let run = |question: &str, extra: &[&str]| {
+        let prompt = format!("{doc}Question: {question}");
+        let mut args =
+            vec!["run", "--model", m, "--device", "cpu", "--temperature", "0", "-n", "5", "--prompt", &prompt];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_ollm")).args(&args).env("OLLM_HOME", &home).output().expect("runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (_, err) = run("who pays?", &["--prefix-cache", cache_arg]);
+    let summary = err.lines().find(|l| l.starts_with("[ollm] prefix cache:")).unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        summary.contains(" loaded 0 of ") && summary.contains("stored ") && !summary.contains("stored 0 new"),
+        "{err}"
+    );
+
+    let (cold, _) = run("when does it end?", &[]);
+    let (warm, err) = run("when does it end?", &["--prefix-cache", cache_arg]);
+    let summary = err.lines().find(|l| l.starts_with("[ollm] prefix cache:")).unwrap_or_else(|| panic!("{err}"));
+    let loaded: usize = summary
+        .split(" loaded ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(loaded >= 512, "the document's blocks are loaded: {summary}");
+    assert_eq!(warm, cold, "the reused prefix changed the answer");
+
+    // A corrupted entry is reported in one line and recomputed; the answer stays the same.
+    let model_dir = std::fs::read_dir(&cache).expect("cache").flatten().next().expect("model dir").path();
+    let entry = std::fs::read_dir(&model_dir)
+        .expect("entries")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("000001-")))
+        .expect("entry 1");
+    let mut bytes = std::fs::read(&entry).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&entry, bytes).expect("write");
+    let (again, err) = run("when does it end?", &["--prefix-cache", cache_arg]);
+    assert_eq!(again, cold);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: prefix cache:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("000001-") && warnings[0].contains("recomputed"), "{err}");
+    assert!(err.contains(" loaded 256 of "), "block 0 is still used: {err}");
+}

@@ -104,7 +104,16 @@ impl SeqState {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, offload: None, shapes, len: 0, capacity, max_positions, fixed: Vec::new(), fixed_shapes: Vec::new() })
+        Ok(Self {
+            layers,
+            offload: None,
+            shapes,
+            len: 0,
+            capacity,
+            max_positions,
+            fixed: Vec::new(),
+            fixed_shapes: Vec::new(),
+        })
     }
 
     /// An empty state whose cache lives in host blocks and a spill file as `cfg` says, every
@@ -341,9 +350,19 @@ impl SeqState {
         backend.copy_wait(&backend.compute_marker()?)?;
         let mut staging = backend.host_alloc(lay.n_layers * lay.layer_bytes)?;
         for (l, kv) in self.layers.iter().enumerate() {
-            let span = KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos: bi * lay.block, n: lay.block };
+            let span = KvBlockSpan {
+                offset: l * lay.layer_bytes,
+                block: lay.block,
+                row: 0,
+                pos: bi * lay.block,
+                n: lay.block,
+            };
             backend.kv_to_host_async(&kv.k, &mut staging, span)?;
-            backend.kv_to_host_async(&kv.v, &mut staging, KvBlockSpan { offset: span.offset + lay.half_bytes, ..span })?;
+            backend.kv_to_host_async(
+                &kv.v,
+                &mut staging,
+                KvBlockSpan { offset: span.offset + lay.half_bytes, ..span },
+            )?;
         }
         backend.host_wait(&backend.copy_marker()?)?;
         let views: Vec<&[u8]> = staging.as_slice().chunks(lay.layer_bytes).collect();
@@ -379,9 +398,14 @@ impl SeqState {
         self.reserve(backend, self.len + lay.block)?;
         backend.copy_wait(&backend.compute_marker()?)?;
         for (l, kv) in self.layers.iter_mut().enumerate() {
-            let span = KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos: self.len, n: lay.block };
+            let span =
+                KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos: self.len, n: lay.block };
             backend.kv_from_host_async(&staging, &mut kv.k, span)?;
-            backend.kv_from_host_async(&staging, &mut kv.v, KvBlockSpan { offset: span.offset + lay.half_bytes, ..span })?;
+            backend.kv_from_host_async(
+                &staging,
+                &mut kv.v,
+                KvBlockSpan { offset: span.offset + lay.half_bytes, ..span },
+            )?;
         }
         let copied = backend.copy_marker()?;
         backend.compute_wait(&copied)?;

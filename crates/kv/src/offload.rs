@@ -201,7 +201,8 @@ impl Offload {
         backend.host_wait(&backend.copy_marker()?)?;
         let mut bufs = (0..self.n_layers).map(|_| self.block_buffer(backend)).collect::<Result<Vec<_>>>()?;
         let filled = {
-            let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b.as_mut_slice()[..self.block_bytes]).collect();
+            let mut views: Vec<&mut [u8]> =
+                bufs.iter_mut().map(|b| &mut b.as_mut_slice()[..self.block_bytes]).collect();
             fill(&mut views)
         };
         if let Err(e) = filled {

@@ -211,7 +211,12 @@ impl PrefixCache {
     /// Loads the longest stored prefix of `tokens` into the empty `state`, leaving at least one
     /// token to compute (the logits come from it). Entries that fail a check are reported (a
     /// tracing warning and [`Restored::rejected`]) and not used.
-    pub fn restore(&self, backend: &dyn Backend, state: &mut SeqState, tokens: &[u32]) -> Result<Restored, PrefixError> {
+    pub fn restore(
+        &self,
+        backend: &dyn Backend,
+        state: &mut SeqState,
+        tokens: &[u32],
+    ) -> Result<Restored, PrefixError> {
         let t0 = Instant::now();
         let mut out = Restored::default();
         if !state.is_empty() {
@@ -370,7 +375,10 @@ impl PrefixCache {
                 format!("prefix cache: {}: {why}; deleted, that part of the prompt is recomputed", path.display())
             }
             Reject::Unreadable(why) => {
-                format!("prefix cache: {}: cannot read it ({why}); that part of the prompt is recomputed", path.display())
+                format!(
+                    "prefix cache: {}: cannot read it ({why}); that part of the prompt is recomputed",
+                    path.display()
+                )
             }
             Reject::State(e) => return Err(e.into()),
         };
@@ -403,8 +411,10 @@ impl PrefixCache {
         let tmp = self.dir.join(format!(".{depth:06}-{key:032x}.{}-{}.part", std::process::id(), unique()));
         let written = self.write_parts(backend, state, depth, key, parent, tokens, fixed, &tmp);
         let renamed = written.and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .map_err(|e| PrefixError::Io { path: path.to_path_buf(), detail: format!("cannot rename into place: {e}") })
+            std::fs::rename(&tmp, path).map_err(|e| PrefixError::Io {
+                path: path.to_path_buf(),
+                detail: format!("cannot rename into place: {e}"),
+            })
         });
         if let Err(e) = renamed {
             let _ = std::fs::remove_file(&tmp);
@@ -541,7 +551,8 @@ impl PrefixCache {
         let dims = [r.u32(), r.u32(), r.u32(), r.u32(), r.u32()].map(|x| x as usize);
         r.take(4);
         let layer_bytes = r.u64() as usize;
-        if dims != [lay.block, lay.n_layers, lay.n_kv_heads, lay.head_dim, lay.elem_bytes] || layer_bytes != lay.layer_bytes
+        if dims != [lay.block, lay.n_layers, lay.n_kv_heads, lay.head_dim, lay.elem_bytes]
+            || layer_bytes != lay.layer_bytes
         {
             return Err("its block layout does not match this model's".into());
         }
@@ -571,7 +582,8 @@ impl PrefixCache {
         let mut entries = Vec::new();
         let Ok(models) = std::fs::read_dir(&self.root) else { return 0 };
         for m in models.flatten() {
-            let is_model_dir = m.file_name().to_str().is_some_and(|n| n.len() == 32 && n.bytes().all(|c| c.is_ascii_hexdigit()));
+            let is_model_dir =
+                m.file_name().to_str().is_some_and(|n| n.len() == 32 && n.bytes().all(|c| c.is_ascii_hexdigit()));
             let Ok(files) = std::fs::read_dir(m.path()) else { continue };
             if !is_model_dir {
                 continue;

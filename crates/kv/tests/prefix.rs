@@ -82,11 +82,8 @@ fn open(dir: &Path, fingerprint: u128, state: &SeqState, be: &dyn Backend, max_b
 }
 
 fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("dir")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -162,8 +159,10 @@ fn offloaded_blocks_spilled_or_in_ram_come_back_and_keep_working() {
         let mut mine = blocks(&be, &mut b, 8);
         assert_eq!(mine.len(), 8 * LAYERS);
         // Layer 2's K of block 0, as the window holds it: [n_kv, capacity, d] vs [n_kv, 16, d].
-        let k0: Vec<f32> =
-            mine.swap_remove(2)[..16 * 16 * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let k0: Vec<f32> = mine.swap_remove(2)[..16 * 16 * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
         let cap = seen.len() / 16;
         for h in 0..2 {
             assert_eq!(&seen[h * cap * 8..h * cap * 8 + 16 * 8], &k0[h * 16 * 8..(h + 1) * 16 * 8]);

@@ -204,7 +204,12 @@ struct Measured {
 
 /// The prefix cache's figures: what the prefill loaded against a direct read of the same
 /// entries measured right after (the load's bound), then the time to store the prompt.
-fn prefix_lines(session: &mut Session, restored: Option<&ollm_kv::Restored>, prompt: usize, ttft: f64) -> anyhow::Result<()> {
+fn prefix_lines(
+    session: &mut Session,
+    restored: Option<&ollm_kv::Restored>,
+    prompt: usize,
+    ttft: f64,
+) -> anyhow::Result<()> {
     let cache = session.prefix_cache().context("internal: no prefix cache")?;
     if let Some(r) = restored.filter(|r| r.blocks > 0) {
         let first = std::fs::read_dir(cache.dir())?
