@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use ollm_engine::{ChatModel, GenerateParams, Session, generate};
+use ollm_engine::{ChatModel, GenerateParams, Session, generate_reusing};
 use serde_json::{Value, json};
 
 use crate::BatchError;
@@ -137,8 +137,8 @@ fn run_one(
         eos_token_ids: m.eos_token_ids.clone(),
         stop: r.stop.clone(),
     };
-    session.reset();
-    let g = generate(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))
+    // Consecutive requests that share a prefix (a document, a system prompt) compute it once.
+    let g = generate_reusing(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))
         .map_err(|e| e.to_string())?;
     let usage = json!({
         "prompt_tokens": g.stats.prompt_tokens,

@@ -59,6 +59,9 @@ pub struct TokenEvent<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens the session already held from the previous generation
+    /// ([`generate_reusing`]); neither computed nor loaded.
+    pub reused_tokens: usize,
     pub generated_tokens: usize,
     pub prefill: Duration,
     pub decode: Duration,
@@ -78,8 +81,9 @@ pub struct PrefixReport {
 }
 
 impl GenerationStats {
+    /// Prompt tokens fed (not already held) per second of prefill.
     pub fn prefill_tok_per_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+        (self.prompt_tokens - self.reused_tokens) as f64 / self.prefill.as_secs_f64().max(1e-9)
     }
 
     /// Decode rate over the tokens that needed a forward after the first sampled one.
@@ -112,6 +116,27 @@ fn store_prefix(session: &mut Session, stats: &mut GenerationStats) -> Duration 
         }
     }
     t.elapsed()
+}
+
+/// Generates for the whole of `prompt` in a session that may hold an earlier sequence: the
+/// longest common prefix of the two stays (the same document with a new question, the
+/// conversation so far), the rest is dropped, and only the new part is computed
+/// ([`Session::rewind`]). `stats.prompt_tokens` counts the whole prompt.
+pub fn generate_reusing(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    on_token: &mut dyn FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let kept = session.rewind(prompt);
+    let mut g = generate(session, tokenizer, &prompt[kept..], params, on_token)?;
+    g.stats.prompt_tokens = prompt.len();
+    g.stats.reused_tokens = kept;
+    Ok(g)
 }
 
 /// Runs `prompt` through the session and generates. `on_token` sees every token as it is

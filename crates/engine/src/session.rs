@@ -136,6 +136,22 @@ impl Session {
         Ok(logits)
     }
 
+    /// Keeps the longest common prefix of the tokens fed so far and `ids`, leaving at least one
+    /// token of `ids` to feed, and drops the rest; returns how many were kept. Feeding
+    /// `ids[kept..]` next gives what feeding `ids` to a fresh session would. A recurrent model's
+    /// state cannot step back, so it keeps everything or nothing.
+    pub fn rewind(&mut self, ids: &[u32]) -> usize {
+        let common = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len().saturating_sub(1));
+        if common < self.tokens.len() && self.state.has_fixed() {
+            self.reset();
+            return 0;
+        }
+        self.state.truncate(common);
+        self.tokens.truncate(common);
+        self.snapshots.retain(|(pos, _)| *pos <= common);
+        common
+    }
+
     /// Drops every token; the cache memory is kept for reuse.
     pub fn reset(&mut self) {
         self.state.truncate(0);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use ollm_engine::{FinishReason, GenerateParams, Session, generate};
+use ollm_engine::{FinishReason, GenerateParams, Session, generate_reusing};
 use ollm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -97,9 +97,10 @@ fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stat
             tracing::info!("skipped a queued request whose client went away");
             continue;
         }
-        session.reset();
         let events = &job.events;
-        let result = generate(&mut session, tokenizer, &job.prompt, &job.params, &mut |ev| {
+        // The session keeps what this prompt shares with the last one (a document, a system
+        // prompt) and computes the rest.
+        let result = generate_reusing(&mut session, tokenizer, &job.prompt, &job.params, &mut |ev| {
             let gone = if ev.text.is_empty() {
                 events.is_closed()
             } else {

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{EngineError, GenerateParams, generate};
+use ollm_engine::{EngineError, GenerateParams, generate_reusing};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
@@ -85,9 +85,9 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         }
         history.push(ChatMessage::new("user", input));
         let ids = text.tokenizer.encode_chat(template, &history)?;
-        session.reset();
         let mut out = stdout.lock();
-        let result = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
+        // The conversation so far stays in the session; only the new turn is computed.
+        let result = generate_reusing(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
             if out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()).is_err() {
                 return ControlFlow::Break(());
             }
