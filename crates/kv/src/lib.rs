@@ -377,35 +377,63 @@ impl SeqState {
         backend: &dyn Backend,
         fill: impl FnOnce(&mut [&mut [u8]]) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
+        let mut bufs = self.block_buffers(backend)?;
+        let lb = self.block_layout(backend)?.layer_bytes;
+        let filled = {
+            let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b.as_mut_slice()[..lb]).collect();
+            fill(&mut views)
+        };
+        match filled {
+            Ok(()) => Ok(self.push_block(backend, bufs)?),
+            Err(e) => {
+                self.return_buffers(bufs);
+                Err(e)
+            }
+        }
+    }
+
+    /// Host buffers for one block of every attention layer, each at least
+    /// [`BlockLayout::layer_bytes`]: fill them (on any thread) and hand them to
+    /// [`push_block`](Self::push_block), or back with [`return_buffers`](Self::return_buffers).
+    pub fn block_buffers(&mut self, backend: &dyn Backend) -> Result<Vec<HostBuffer>> {
         let lay = self.block_layout(backend)?;
-        if !self.len.is_multiple_of(lay.block) || self.len + lay.block > self.max_positions {
+        match &mut self.offload {
+            Some(o) => o.take_buffers(backend),
+            None => (0..lay.n_layers).map(|_| backend.host_alloc(lay.layer_bytes)).collect(),
+        }
+    }
+
+    /// Buffers from [`block_buffers`](Self::block_buffers) that were not pushed.
+    pub fn return_buffers(&mut self, bufs: Vec<HostBuffer>) {
+        if let Some(o) = &mut self.offload {
+            o.return_buffers(bufs);
+        }
+    }
+
+    /// Appends one block of positions at `len()` (a multiple of the block) from filled
+    /// [`block_buffers`](Self::block_buffers).
+    pub fn push_block(&mut self, backend: &dyn Backend, bufs: Vec<HostBuffer>) -> Result<()> {
+        let lay = self.block_layout(backend)?;
+        if !self.len.is_multiple_of(lay.block)
+            || self.len + lay.block > self.max_positions
+            || bufs.len() != lay.n_layers
+        {
             return Err(OpsError::Backend(format!(
                 "cannot import a block of {} positions at position {} (context {})",
                 lay.block, self.len, self.max_positions
-            ))
-            .into());
+            )));
         }
         if let Some(o) = &mut self.offload {
-            o.push_block(backend, self.len / lay.block, fill)?;
+            o.push_block(backend, self.len / lay.block, bufs)?;
             self.len += lay.block;
             return Ok(());
         }
-        let mut staging: HostBuffer = backend.host_alloc(lay.n_layers * lay.layer_bytes)?;
-        {
-            let mut views: Vec<&mut [u8]> = staging.as_mut_slice().chunks_mut(lay.layer_bytes).collect();
-            fill(&mut views)?;
-        }
         self.reserve(backend, self.len + lay.block)?;
         backend.copy_wait(&backend.compute_marker()?)?;
-        for (l, kv) in self.layers.iter_mut().enumerate() {
-            let span =
-                KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos: self.len, n: lay.block };
-            backend.kv_from_host_async(&staging, &mut kv.k, span)?;
-            backend.kv_from_host_async(
-                &staging,
-                &mut kv.v,
-                KvBlockSpan { offset: span.offset + lay.half_bytes, ..span },
-            )?;
+        for (kv, buf) in self.layers.iter_mut().zip(&bufs) {
+            let span = KvBlockSpan { offset: 0, block: lay.block, row: 0, pos: self.len, n: lay.block };
+            backend.kv_from_host_async(buf, &mut kv.k, span)?;
+            backend.kv_from_host_async(buf, &mut kv.v, KvBlockSpan { offset: lay.half_bytes, ..span })?;
         }
         let copied = backend.copy_marker()?;
         backend.compute_wait(&copied)?;

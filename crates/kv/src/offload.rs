@@ -185,30 +185,23 @@ impl Offload {
         f(&views)
     }
 
-    /// Makes block `bi` of every layer from what `fill` writes (each `block_bytes`); the state
-    /// is unchanged if `fill` fails.
-    pub(crate) fn push_block<E: From<OpsError>>(
-        &mut self,
-        backend: &dyn Backend,
-        bi: usize,
-        fill: impl FnOnce(&mut [&mut [u8]]) -> std::result::Result<(), E>,
-    ) -> std::result::Result<(), E> {
+    /// A block buffer per layer, for [`push_block`](Self::push_block).
+    pub(crate) fn take_buffers(&mut self, backend: &dyn Backend) -> Result<Vec<HostBuffer>> {
+        (0..self.n_layers).map(|_| self.block_buffer(backend)).collect()
+    }
+
+    pub(crate) fn return_buffers(&mut self, bufs: Vec<HostBuffer>) {
+        self.free.extend(bufs);
+    }
+
+    /// Makes block `bi` of every layer from filled buffers of
+    /// [`take_buffers`](Self::take_buffers).
+    pub(crate) fn push_block(&mut self, backend: &dyn Backend, bi: usize, bufs: Vec<HostBuffer>) -> Result<()> {
         if self.blocks.iter().any(|b| b.len() < bi) {
-            return Err(err(format!("internal: block {bi} imported before the ones ahead of it")).into());
+            return Err(err(format!("internal: block {bi} imported before the ones ahead of it")));
         }
-        // A block a forward may still be copying into must not be handed out (free blocks are
-        // not copied to, but a replaced one may be).
+        // A replaced block may still be the source of a queued copy.
         backend.host_wait(&backend.copy_marker()?)?;
-        let mut bufs = (0..self.n_layers).map(|_| self.block_buffer(backend)).collect::<Result<Vec<_>>>()?;
-        let filled = {
-            let mut views: Vec<&mut [u8]> =
-                bufs.iter_mut().map(|b| &mut b.as_mut_slice()[..self.block_bytes]).collect();
-            fill(&mut views)
-        };
-        if let Err(e) = filled {
-            self.free.extend(bufs);
-            return Err(e);
-        }
         for (l, buf) in bufs.into_iter().enumerate() {
             if bi < self.blocks[l].len() {
                 if let Block::Ram(old) = std::mem::replace(&mut self.blocks[l][bi], Block::Ram(buf)) {

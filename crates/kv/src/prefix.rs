@@ -247,24 +247,17 @@ impl PrefixCache {
                 found.pop();
             }
         }
-        let mut fixed = None;
-        for (path, (file, h)) in &found {
-            let loaded = state.import_block(backend, |views| self.read_layers(file, h, views));
-            let snapshot = loaded.and_then(|()| self.read_fixed(file, h));
-            match snapshot {
-                Ok(snap) => {
-                    fixed = snap.or(fixed);
-                    out.blocks += 1;
-                    out.bytes += file.len_bytes();
-                }
-                Err(reject) => {
-                    // Blocks imported ahead of a bad snapshot are dropped with it.
-                    state.truncate(out.blocks * b);
-                    self.reject(path, reject, &mut out)?;
-                    break;
-                }
-            }
-        }
+        let loaded = self.load_blocks(backend, state, &found, &mut out)?;
+        let fixed = if state.has_fixed() {
+            // A recurrent model resumes from the last good block with a snapshot.
+            let last = loaded.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+            state.truncate(last * b);
+            out.blocks = last;
+            loaded.into_iter().take(last).flatten().last()
+        } else {
+            None
+        };
+        out.bytes = found.iter().take(out.blocks).map(|(_, (f, _))| f.len_bytes()).sum();
         if let Some(snap) = fixed {
             state.restore_fixed(backend, &snap)?;
         }
@@ -309,6 +302,71 @@ impl PrefixCache {
         out.evicted = self.evict();
         out.elapsed = t0.elapsed();
         Ok(out)
+    }
+
+    /// Loads the payloads of `found` in order into `state` until one fails its checks (reported),
+    /// with the reads of one block overlapping the host allocations of the next; returns each
+    /// loaded block's fixed-state snapshot, if any.
+    fn load_blocks(
+        &self,
+        backend: &dyn Backend,
+        state: &mut SeqState,
+        found: &[(PathBuf, (DirectFile, Header))],
+        out: &mut Restored,
+    ) -> Result<Vec<Option<Vec<u8>>>, PrefixError> {
+        use std::sync::mpsc::{channel, sync_channel};
+        let lb = self.lay.layer_bytes;
+        let mut snapshots = Vec::new();
+        std::thread::scope(|s| -> Result<(), PrefixError> {
+            let (to_reader, jobs) = sync_channel::<(usize, Vec<ollm_ops::HostBuffer>)>(1);
+            let (to_main, done) = channel();
+            s.spawn(move || {
+                for (i, mut bufs) in jobs {
+                    let (_, (file, h)) = &found[i];
+                    let read = {
+                        let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b.as_mut_slice()[..lb]).collect();
+                        self.read_layers(file, h, &mut views)
+                    };
+                    let r = read.and_then(|()| self.read_fixed(file, h));
+                    if to_main.send((i, bufs, r)).is_err() {
+                        return;
+                    }
+                }
+            });
+            let (mut next, mut in_flight, mut failed) = (0, 0, false);
+            loop {
+                while in_flight < 2 && next < found.len() && !failed {
+                    let bufs = state.block_buffers(backend)?;
+                    if to_reader.send((next, bufs)).is_err() {
+                        break;
+                    }
+                    next += 1;
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    return Ok(());
+                }
+                let Ok((i, bufs, r)) = done.recv() else { return Ok(()) };
+                in_flight -= 1;
+                if failed {
+                    state.return_buffers(bufs);
+                    continue;
+                }
+                match r {
+                    Ok(snap) => {
+                        state.push_block(backend, bufs)?;
+                        snapshots.push(snap);
+                        out.blocks += 1;
+                    }
+                    Err(reject) => {
+                        state.return_buffers(bufs);
+                        self.reject(&found[i].0, reject, out)?;
+                        failed = true;
+                    }
+                }
+            }
+        })?;
+        Ok(snapshots)
     }
 
     /// Reads and checks the header and length of the entry at `path`, expected to hold block

@@ -98,6 +98,10 @@ pub struct DecodeBenchArgs {
     pub question_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub question_seed: u64,
+    /// Questions asked of the prompt one after another in this process (seeds --question-seed,
+    /// +1, ...): each later one keeps the prompt in memory and computes only its question.
+    #[arg(long, default_value_t = 1)]
+    pub questions: usize,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -133,13 +137,8 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     // A fixed, varied prompt (ids spread over the vocabulary), then the question.
     let mut prompt: Vec<u32> =
         (0..a.prompt_tokens).map(|i| ((7 * i * i + 3 * i + 1) % info.vocab_size) as u32).collect();
-    let mut x = a.question_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for _ in 0..a.question_tokens {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        prompt.push((x % info.vocab_size as u64) as u32);
-    }
+    let doc_len = prompt.len();
+    prompt.extend(question(a.question_seed, a.question_tokens, info.vocab_size));
     let mut session = loaded.session()?;
     let t = Instant::now();
     let (mut logits, restored) = session.prefill_cached(&prompt)?;
@@ -149,6 +148,24 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     logits = session.step(first)?;
     if session.prefix_cache().is_some() {
         prefix_lines(&mut session, restored.as_ref(), prompt.len(), prefill_s)?;
+    }
+    for q in 1..a.questions {
+        // Another question of the same prompt, in the same session.
+        let mut next = prompt[..doc_len].to_vec();
+        next.extend(question(a.question_seed + q as u64, a.question_tokens, info.vocab_size));
+        let kept = session.rewind(&next);
+        let t = Instant::now();
+        let l = session.prefill(&next[kept..])?;
+        let first = argmax(&l);
+        let ttft = t.elapsed().as_secs_f64();
+        println!(
+            "question {}      kept {kept} of {} prompt tokens in memory, computed {}; time to first token {ttft:.3} s = {:.1}% of the first question's",
+            q + 1,
+            next.len(),
+            next.len() - kept,
+            100.0 * ttft / prefill_s
+        );
+        logits = session.step(first)?;
     }
     let reused = restored.map_or(0, |r| r.tokens);
     if let Some(plan) = streamed {
@@ -200,6 +217,19 @@ struct Measured {
     /// Prompt tokens the prefill computed, and those it loaded from the prefix cache first.
     computed: usize,
     reused: usize,
+}
+
+/// `n` question tokens drawn from `seed` (xorshift), spread over the vocabulary.
+fn question(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
 }
 
 /// The prefix cache's figures: what the prefill loaded against a direct read of the same
