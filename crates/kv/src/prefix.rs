@@ -106,6 +106,16 @@ impl From<OpsError> for Reject {
     }
 }
 
+/// An entry about to be written: block `depth` of a prompt, its chain key and its parent's, the
+/// block's tokens, and the fixed-state snapshot at its end, if any.
+struct NewEntry<'a> {
+    depth: usize,
+    key: u128,
+    parent: u128,
+    tokens: &'a [u32],
+    fixed: Option<&'a [u8]>,
+}
+
 /// A decoded entry header.
 struct Header {
     key: u128,
@@ -292,7 +302,8 @@ impl PrefixCache {
             } else {
                 let end = (i + 1) * b;
                 let fixed = snapshots.iter().find(|(pos, _)| *pos == end).map(|(_, s)| s.as_slice());
-                out.bytes += self.write_entry(backend, state, i, key, parent, &tokens[i * b..end], fixed, &path)?;
+                let entry = NewEntry { depth: i, key, parent, tokens: &tokens[i * b..end], fixed };
+                out.bytes += self.write_entry(backend, state, &entry, &path)?;
                 out.blocks += 1;
             }
             chain_paths.push(path);
@@ -447,27 +458,22 @@ impl PrefixCache {
 
     /// Writes block `depth` of `state` as an entry at `path` (temporary name, sync, rename) and
     /// returns its bytes.
-    #[allow(clippy::too_many_arguments)]
     fn write_entry(
         &self,
         backend: &dyn Backend,
         state: &mut SeqState,
-        depth: usize,
-        key: u128,
-        parent: u128,
-        tokens: &[u32],
-        fixed: Option<&[u8]>,
+        e: &NewEntry<'_>,
         path: &Path,
     ) -> Result<u64, PrefixError> {
-        let bytes = self.entry_bytes(fixed.is_some());
+        let bytes = self.entry_bytes(e.fixed.is_some());
         if let Some(free) = ollm_io::available_bytes(&self.dir).filter(|&f| f < bytes) {
             return Err(PrefixError::Full {
                 path: self.dir.clone(),
                 detail: format!("{} free, an entry needs {}", size(free), size(bytes)),
             });
         }
-        let tmp = self.dir.join(format!(".{depth:06}-{key:032x}.{}-{}.part", std::process::id(), unique()));
-        let written = self.write_parts(backend, state, depth, key, parent, tokens, fixed, &tmp);
+        let tmp = self.dir.join(format!(".{:06}-{:032x}.{}-{}.part", e.depth, e.key, std::process::id(), unique()));
+        let written = self.write_parts(backend, state, e, &tmp);
         let renamed = written.and_then(|()| {
             std::fs::rename(&tmp, path).map_err(|e| PrefixError::Io {
                 path: path.to_path_buf(),
@@ -481,18 +487,14 @@ impl PrefixCache {
         Ok(bytes)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn write_parts(
         &self,
         backend: &dyn Backend,
         state: &mut SeqState,
-        depth: usize,
-        key: u128,
-        parent: u128,
-        tokens: &[u32],
-        fixed: Option<&[u8]>,
+        e: &NewEntry<'_>,
         tmp: &Path,
     ) -> Result<(), PrefixError> {
+        let fixed = e.fixed;
         let io = |e: ollm_io::IoError| self.io_error(tmp, e);
         let mut file = DirectFile::create(tmp).map_err(io)?;
         let mut fixed_buf = fixed.map(|f| {
@@ -501,7 +503,7 @@ impl PrefixCache {
             buf
         });
         let lb = self.lay.layer_bytes;
-        state.export_block(backend, depth, |views: &[&[u8]]| -> Result<(), PrefixError> {
+        state.export_block(backend, e.depth, |views: &[&[u8]]| -> Result<(), PrefixError> {
             let mut sums = vec![0u64; views.len()];
             let mut slots: Vec<&mut u64> = sums.iter_mut().collect();
             on_threads(&mut slots, |l, slot| {
@@ -511,10 +513,10 @@ impl PrefixCache {
             .into_iter()
             .collect::<Result<(), _>>()?;
             let header = Header {
-                key,
-                parent,
-                depth: depth as u64,
-                tokens: tokens.to_vec(),
+                key: e.key,
+                parent: e.parent,
+                depth: e.depth as u64,
+                tokens: e.tokens.to_vec(),
                 layer_sums: sums,
                 fixed_bytes: fixed.map_or(0, |f| f.len() as u64),
                 fixed_sum: fixed.map_or(0, xxh3_64),
