@@ -456,8 +456,8 @@ fn read_spilled(spill: &Option<Spill>, off: u64, len: usize, buf: &mut HostBuffe
     Ok(())
 }
 
-/// A number unique within this process, for spill file names.
-fn unique() -> u64 {
+/// A number unique within this process, for spill and temporary file names.
+pub(crate) fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)

@@ -31,6 +31,7 @@ use ollm_io::direct::{ALIGN, AlignedBuf, DirectFile};
 use ollm_ops::{Backend, OpsError};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
+use crate::offload::unique;
 use crate::{BlockLayout, SeqState};
 
 /// Version of the entry format; entries of another version are reported and recomputed.
@@ -753,11 +754,4 @@ const ENOSPC: i32 = 112; // ERROR_DISK_FULL
 
 fn size(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
-/// A number unique within this process, for temporary file names.
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
