@@ -100,3 +100,72 @@ extern "C" __global__ void router_topk_f32(const float* __restrict__ logits, flo
         }
     }
 }
+
+// MXFP4 -> bf16 (models.md §3.4), bit-exact with the CPU twin (src/mxfp4.rs). One thread per
+// 32-element group: 16 block bytes (element 2j in the low nibble of byte j, 2j+1 in the high one)
+// and one E8M0 scale, 2^(s-127), with s = 0 the subnormal 2^-127. A zero code stays a signed
+// zero whatever the scale (ldexp semantics). out holds groups * 32 bf16 values. Grid-stride.
+__device__ __forceinline__ unsigned int mxfp4_pair(unsigned int byte, float scale) {
+    const float fp4[16] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+    float lo = fp4[byte & 15u], hi = fp4[byte >> 4];
+    lo = lo == 0.f ? lo : lo * scale;
+    hi = hi == 0.f ? hi : hi * scale;
+    unsigned int l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
+    unsigned int h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
+    return l | (h << 16);
+}
+
+extern "C" __global__ void dequant_mxfp4_bf16(const uint4* __restrict__ blocks, const unsigned char* __restrict__ scales,
+                                              uint4* __restrict__ out, long long groups) {
+    for (long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x; g < groups; g += (long long)gridDim.x * blockDim.x) {
+        unsigned int s = scales[g];
+        float scale = __uint_as_float(s == 0 ? 0x00400000u : s << 23);
+        uint4 b = blocks[g];
+        unsigned int w[4] = {b.x, b.y, b.z, b.w};
+        for (int q = 0; q < 4; ++q) {  // 4 bytes in, 8 bf16 (16 bytes) out
+            unsigned int v = w[q];
+            out[g * 4 + q] = make_uint4(mxfp4_pair(v & 255u, scale), mxfp4_pair((v >> 8) & 255u, scale),
+                                        mxfp4_pair((v >> 16) & 255u, scale), mxfp4_pair(v >> 24, scale));
+        }
+    }
+}
+
+// out [b, a] = src [a, b] transposed, elements of 2 or 4 bytes moved as raw bits. 32x32 tiles
+// through shared memory (one padding column against bank conflicts); block (32, 8), grid
+// (ceil(b/32), ceil(a/32)).
+#define TRANSPOSE_KERNEL(NAME, T)                                                                       \
+    extern "C" __global__ void NAME(const T* __restrict__ src, T* __restrict__ out, int a, int b) {     \
+        __shared__ T tile[32][33];                                                                      \
+        int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;                                                 \
+        for (int i = threadIdx.y; i < 32; i += 8) {                                                     \
+            int r = r0 + i, c = c0 + threadIdx.x;                                                       \
+            if (r < a && c < b) tile[i][threadIdx.x] = src[(size_t)r * b + c];                          \
+        }                                                                                               \
+        __syncthreads();                                                                                \
+        for (int i = threadIdx.y; i < 32; i += 8) {                                                     \
+            int c = c0 + i, r = r0 + threadIdx.x;                                                       \
+            if (c < b && r < a) out[(size_t)c * a + r] = tile[threadIdx.x][i];                          \
+        }                                                                                               \
+    }
+TRANSPOSE_KERNEL(transpose_u8, unsigned char)
+TRANSPOSE_KERNEL(transpose_u16, unsigned short)
+TRANSPOSE_KERNEL(transpose_u32, unsigned int)
+
+// out[i, :] = src[rows[i], :] for i < r, rows of n f32. Grid-stride over r * n.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const unsigned int* __restrict__ rows,
+                                           float* __restrict__ out, long long r, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < r * n; i += (long long)gridDim.x * blockDim.x) {
+        out[i] = src[(long long)rows[i / n] * n + i % n];
+    }
+}
+
+// dst[rows[i], :] += w[i] * src[i, :] for i < r; no row twice, so no two threads add to one
+// element. Grid-stride over r * n.
+extern "C" __global__ void scatter_add_rows_f32(const float* __restrict__ src, const unsigned int* __restrict__ rows,
+                                                const float* __restrict__ w, float* __restrict__ dst, long long r,
+                                                long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < r * n; i += (long long)gridDim.x * blockDim.x) {
+        long long row = i / n;
+        dst[(long long)rows[row] * n + i % n] += w[row] * src[i];
+    }
+}

@@ -70,6 +70,67 @@ pub(crate) fn gated_norm_dims(x: &Tensor, z: &Tensor, w: &Tensor, out: &Tensor) 
     Ok(n)
 }
 
+/// Checks an MXFP4 dequantisation (blocks `rows·cols/2` bytes, scales `rows·cols/32` bytes,
+/// both U8; out `[rows, cols]` BF16) and returns `(rows, cols)`. Every backend validates
+/// through here.
+pub(crate) fn mxfp4_dims(blocks: &Tensor, scales: &Tensor, out: &Tensor) -> Result<(usize, usize)> {
+    let op = "dequant_mxfp4";
+    let (&[rows, cols], DType::BF16) = (out.shape(), out.dtype()) else {
+        return Err(OpsError::Shape {
+            op,
+            detail: format!("out {:?} {} must be [rows, cols] BF16", out.shape(), out.dtype()),
+        });
+    };
+    if blocks.dtype() != DType::U8 || scales.dtype() != DType::U8 {
+        return Err(OpsError::DType { op, dtype: blocks.dtype(), detail: "blocks and scales are U8" });
+    }
+    crate::mxfp4::check(blocks.numel(), scales.numel(), rows, cols)
+        .map_err(|e| OpsError::Shape { op, detail: e.to_string() })?;
+    Ok((rows, cols))
+}
+
+/// Checks a transpose (src `[a, b]`, out `[b, a]`, one dtype) and returns `(a, b)`.
+pub(crate) fn transpose_dims(src: &Tensor, out: &Tensor) -> Result<(usize, usize)> {
+    match (src.shape(), out.shape()) {
+        (&[a, b], &[b2, a2]) if a == a2 && b == b2 && src.dtype() == out.dtype() => Ok((a, b)),
+        _ => Err(OpsError::Shape {
+            op: "transpose",
+            detail: format!("src {:?} {} into out {:?} {}", src.shape(), src.dtype(), out.shape(), out.dtype()),
+        }),
+    }
+}
+
+/// Checks a row gather or scatter: `table` `[T, n]` (the side indexed by `rows`), `packed`
+/// `[rows.len(), n]`, every row index below T, and (scatter) one weight per row, no row twice.
+/// Returns `(T, n)`.
+pub(crate) fn rows_dims(
+    op: &'static str,
+    table: &Tensor,
+    packed: &Tensor,
+    rows: &[u32],
+    weights: Option<&[f32]>,
+) -> Result<(usize, usize)> {
+    let n = table.shape().last().copied().unwrap_or(0);
+    let t = table.numel() / n.max(1);
+    let bad = |detail: String| Err(OpsError::Shape { op, detail });
+    if n == 0 || packed.numel() != rows.len() * n || packed.shape().last() != Some(&n) {
+        return bad(format!("{} rows of {:?} against {:?}", rows.len(), table.shape(), packed.shape()));
+    }
+    if let Some(&r) = rows.iter().find(|&&r| r as usize >= t) {
+        return bad(format!("row {r} of a [{t}, {n}] tensor"));
+    }
+    if let Some(w) = weights {
+        if w.len() != rows.len() {
+            return bad(format!("{} weights for {} rows", w.len(), rows.len()));
+        }
+        let mut seen = vec![false; t];
+        if let Some(&r) = rows.iter().find(|&&r| std::mem::replace(&mut seen[r as usize], true)) {
+            return bad(format!("row {r} appears twice"));
+        }
+    }
+    Ok((t, n))
+}
+
 /// Precomputed RoPE tables `[max_positions, rotary_dims / 2]`, already multiplied by the
 /// attention factor m (models.md §1.2), resident on the backend.
 #[derive(Debug)]
@@ -197,6 +258,26 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// load). See [`RouterMode`] for the order and the weights. The CUDA backend takes
     /// `E <= 1024`.
     fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)>;
+
+    /// A zeroed tensor of any dtype, for weights that are filled on the backend: device slots
+    /// that copies refill ([`Backend::copy_to_device_async`]) and dequantised experts.
+    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor>;
+
+    /// MXFP4 to bf16, bit-exact (models.md §3.4): blocks (U8, `rows·cols/2` bytes: byte j of a
+    /// 32-element group holds element 2j in its low nibble, 2j+1 in its high one) and scales
+    /// (U8, `rows·cols/32`, E8M0) into out `[rows, cols]` BF16 (from [`Backend::alloc`]).
+    fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `out [b, a] = srcᵀ` for src `[a, b]` of any dtype (GPT-OSS dense experts are stored
+    /// `[in, out]`; matmul takes `[out, in]`).
+    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `out[i, :] = src[rows[i], :]`; src `[T, n]`, out `[rows.len(), n]`, f32 activations.
+    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()>;
+
+    /// `dst[rows[i], :] += weights[i] · src[i, :]`; src `[rows.len(), n]`, dst `[T, n]`, f32
+    /// activations; no row may appear twice (one expert sees a token once).
+    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()>;
 
     /// Qwen3-Next gated RMSNorm (models.md §1.1, Gated-RMS): `out = w ⊙ r(x) ⊙ silu(z)` over the
     /// last axis, `r(x) = x · rsqrt(mean(x²) + eps)`; x, z, out `[.., n]`, plain weight w `[n]`.

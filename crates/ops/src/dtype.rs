@@ -8,6 +8,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Raw bytes: packed quantised weights (MXFP4 blocks and scales), never math.
+    U8,
 }
 
 impl DType {
@@ -16,15 +18,17 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::U8 => 1,
         }
     }
 
-    /// The spelling used by safetensors headers ("F32", "F16", "BF16").
+    /// The spelling used by safetensors headers ("F32", "F16", "BF16", "U8").
     pub fn safetensors_name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::U8 => "U8",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod host;
+pub mod mxfp4;
 pub mod tensor;
 
 pub use backend::{AttnGeometry, AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode};

@@ -15,6 +15,7 @@ pub enum CpuStorage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    U8(Vec<u8>),
 }
 
 impl CpuStorage {
@@ -23,6 +24,7 @@ impl CpuStorage {
             CpuStorage::F32(_) => DType::F32,
             CpuStorage::F16(_) => DType::F16,
             CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::U8(_) => DType::U8,
         }
     }
 
@@ -31,6 +33,7 @@ impl CpuStorage {
             CpuStorage::F32(v) => v.len(),
             CpuStorage::F16(v) => v.len(),
             CpuStorage::BF16(v) => v.len(),
+            CpuStorage::U8(v) => v.len(),
         }
     }
 
@@ -209,15 +212,17 @@ impl HostTensor {
             DType::BF16 => {
                 CpuStorage::BF16(b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect())
             }
+            DType::U8 => CpuStorage::U8(b.clone()),
         })
     }
 
-    /// Every element widened to f32 (exact for all three dtypes).
+    /// Every element widened to f32 (exact for every dtype; a U8 byte becomes its value).
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(match self.to_cpu_storage()? {
             CpuStorage::F32(v) => v,
             CpuStorage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::U8(v) => v.iter().map(|&x| f32::from(x)).collect(),
         })
     }
 }

@@ -41,7 +41,20 @@ fn kernel_files() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
                 "gated_rmsnorm_f32_f32w",
             ],
         ),
-        ("moe", cuda::moe::SOURCE, vec!["clamped_swiglu_f32", "router_topk_f32"]),
+        (
+            "moe",
+            cuda::moe::SOURCE,
+            vec![
+                "clamped_swiglu_f32",
+                "router_topk_f32",
+                "dequant_mxfp4_bf16",
+                "transpose_u8",
+                "transpose_u16",
+                "transpose_u32",
+                "gather_rows_f32",
+                "scatter_add_rows_f32",
+            ],
+        ),
         ("rope", cuda::rope::SOURCE, vec!["rope_f32"]),
         (
             "gemv",

@@ -75,6 +75,7 @@ fn stored(dev: &CudaDevice, dtype: DType, v: &[f32]) -> CudaStorage {
             CudaStorage::F16(dev.upload(&v.iter().map(|x| f16::from_f32(*x)).collect::<Vec<_>>(), "test").expect("up"))
         }
         DType::BF16 => CudaStorage::BF16(dev.upload(&bf16s(v), "test").expect("upload")),
+        DType::U8 => panic!("U8 holds packed bytes, not numbers"),
     }
 }
 
@@ -83,6 +84,7 @@ fn cpu_storage(dtype: DType, v: &[f32]) -> CpuStorage {
         DType::F32 => CpuStorage::F32(v.to_vec()),
         DType::F16 => CpuStorage::F16(v.iter().map(|x| f16::from_f32(*x)).collect()),
         DType::BF16 => CpuStorage::BF16(bf16s(v)),
+        DType::U8 => panic!("U8 holds packed bytes, not numbers"),
     }
 }
 
@@ -206,7 +208,7 @@ fn cublas_matmul_matches_cpu_for_every_weight_dtype() {
             let (tol_same, tol_raw) = match dtype {
                 DType::BF16 => (1e-4, 4e-3),
                 DType::F16 => (1e-4, 1e-3),
-                DType::F32 => (1e-5, 1e-5),
+                DType::F32 | DType::U8 => (1e-5, 1e-5),
             };
             eprintln!(
                 "cublas {dtype} t={t} k={k} n={n}: rel err {same_inputs:.2e} (same inputs), {raw:.2e} (raw f32 x)"
@@ -321,7 +323,7 @@ fn gemv_matches_cpu() {
             match stored(&dev, dtype, &w) {
                 CudaStorage::BF16(wd) => cuda::gemv::gemv(&dev, &xd, &wd, n, k, &mut out),
                 CudaStorage::F16(wd) => cuda::gemv::gemv(&dev, &xd, &wd, n, k, &mut out),
-                CudaStorage::F32(_) => panic!("stored() gave f32 for {dtype}"),
+                CudaStorage::F32(_) | CudaStorage::U8(_) => panic!("stored() gave f32 for {dtype}"),
             }
             .expect("gemv");
             let e = rel_err(&down(&dev, &out), &want);
@@ -682,4 +684,107 @@ fn moe_ops_through_the_backend_match_cpu() {
     };
     let e_norm = rel_err(&run_norm(&gpu), &run_norm(&cpu));
     assert!(e_norm < 1e-5, "gated rmsnorm through the backend: rel err {e_norm:e}");
+}
+
+/// The raw bits of a tensor's elements, read back through its backend's `copy`-free path: bf16
+/// tensors as f32 values (exact), so bit equality of bf16 is equality of these.
+fn values(be: &dyn Backend, t: &Tensor) -> Vec<f32> {
+    be.to_host_f32(t).expect("read back")
+}
+
+/// MXFP4 dequantisation is bit-exact with the CPU (every byte value and scale occurs, 0 and 255
+/// included); transposes of every element size match exactly, on shapes that are not multiples
+/// of the 32×32 tile; gathers and weighted scatter-adds of rows match to f32 rounding.
+#[test]
+fn expert_data_movement_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let mut seed = 0x9e37_79b9_u32;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    };
+    // MXFP4: 300 rows of 96 columns (3 groups a row).
+    let (rows, cols) = (300usize, 96usize);
+    let blocks: Vec<u8> = (0..rows * cols / 2).map(|_| next() as u8).collect();
+    let mut scales: Vec<u8> = (0..rows * cols / 32).map(|_| 110 + (next() % 30) as u8).collect();
+    scales[0] = 0;
+    scales[1] = 255;
+    scales[2] = 127;
+    let host = |dtype, shape: Vec<usize>, bytes: Vec<u8>| HostTensor { dtype, shape, bytes };
+    let mut outs = Vec::new();
+    for be in [&cpu as &dyn Backend, &gpu] {
+        let b = be.upload(&host(DType::U8, vec![rows, cols / 32, 16], blocks.clone())).expect("blocks");
+        let s = be.upload(&host(DType::U8, vec![rows, cols / 32], scales.clone())).expect("scales");
+        let mut out = be.alloc(vec![rows, cols], DType::BF16).expect("out");
+        be.dequant_mxfp4(&b, &s, &mut out).expect("dequant");
+        outs.push(values(be, &out));
+    }
+    let same = outs[0].iter().zip(&outs[1]).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+    assert!(same, "MXFP4 dequantisation differs between the CPU and the GPU");
+    // A wrong out dtype is refused in one line.
+    let b = gpu.upload(&host(DType::U8, vec![16], vec![0; 16])).expect("b");
+    let s = gpu.upload(&host(DType::U8, vec![1], vec![127])).expect("s");
+    let mut f = gpu.zeros(vec![1, 32]).expect("f32 out");
+    let err = gpu.dequant_mxfp4(&b, &s, &mut f).expect_err("f32 out refused").to_string();
+    assert!(err.contains("dequant_mxfp4") && !err.contains('\n'), "{err}");
+
+    // Transposes: u8, bf16, f32.
+    for (a, bdim) in [(1usize, 1usize), (33, 70), (64, 32), (129, 5)] {
+        for dtype in [DType::U8, DType::BF16, DType::F32] {
+            let bytes: Vec<u8> = (0..a * bdim * dtype.size_bytes()).map(|_| next() as u8).collect();
+            // Keep f32/bf16 bit patterns finite: clear the top exponent bit of each element.
+            let bytes: Vec<u8> = bytes
+                .chunks(dtype.size_bytes())
+                .flat_map(|c| {
+                    let mut c = c.to_vec();
+                    if dtype != DType::U8 {
+                        *c.last_mut().expect("byte") &= 0x3f;
+                    }
+                    c
+                })
+                .collect();
+            let mut got = Vec::new();
+            for be in [&cpu as &dyn Backend, &gpu] {
+                let src = be.upload(&host(dtype, vec![a, bdim], bytes.clone())).expect("src");
+                let mut out = be.alloc(vec![bdim, a], dtype).expect("out");
+                be.transpose(&src, &mut out).expect("transpose");
+                got.push(values(be, &out));
+            }
+            assert_eq!(got[0], got[1], "transpose {dtype} [{a}, {bdim}]");
+            // And the CPU is a transpose.
+            let src: Vec<f32> =
+                cpu.to_host_f32(&cpu.upload(&host(dtype, vec![a, bdim], bytes.clone())).expect("s")).expect("v");
+            assert!((0..a).all(|r| (0..bdim).all(|c| got[0][c * a + r] == src[r * bdim + c])));
+        }
+    }
+
+    // Gather / scatter-add of rows.
+    let (t, n) = (37usize, 200usize);
+    let table = random(t * n, 1.0);
+    let rows: Vec<u32> = vec![5, 0, 36, 17, 9, 22, 1];
+    let weights: Vec<f32> = (0..rows.len()).map(|i| 0.25 + i as f32 * 0.1).collect();
+    let packed = random(rows.len() * n, 1.0);
+    let mut got = Vec::new();
+    for be in [&cpu as &dyn Backend, &gpu] {
+        let src = be.upload_f32(vec![t, n], &table).expect("table");
+        let mut g = be.zeros(vec![rows.len(), n]).expect("gathered");
+        be.gather_rows(&src, &rows, &mut g).expect("gather");
+        let mut dst = be.upload_f32(vec![t, n], &table).expect("dst");
+        let p = be.upload_f32(vec![rows.len(), n], &packed).expect("packed");
+        be.scatter_add_rows(&p, &rows, &weights, &mut dst).expect("scatter");
+        got.push((values(be, &g), values(be, &dst)));
+    }
+    assert_eq!(got[0].0, got[1].0, "gather_rows");
+    assert!(rel_err(&got[1].1, &got[0].1) < 1e-6, "scatter_add_rows");
+    for (i, &r) in rows.iter().enumerate() {
+        assert_eq!(&got[0].0[i * n..(i + 1) * n], &table[r as usize * n..(r as usize + 1) * n]);
+    }
+    // A repeated row is refused, not raced.
+    let p = gpu.upload_f32(vec![2, n], &packed[..2 * n]).expect("p");
+    let mut dst = gpu.zeros(vec![t, n]).expect("dst");
+    let err = gpu.scatter_add_rows(&p, &[3, 3], &[1.0, 1.0], &mut dst).expect_err("repeat refused").to_string();
+    assert!(err.contains("twice"), "{err}");
 }

@@ -40,6 +40,8 @@ fn matmul_dot(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mut
         CpuStorage::BF16(v) => dot.bf16(xv, &v[r * k..][..k]),
         CpuStorage::F32(v) => dot.f32(xv, &v[r * k..][..k]),
         CpuStorage::F16(v) => v[r * k..][..k].iter().zip(xv).map(|(a, b)| a.to_f32() * b).sum(),
+        // Packed bytes are rejected by the backend before this; a byte reads as its value.
+        CpuStorage::U8(v) => v[r * k..][..k].iter().zip(xv).map(|(a, b)| f32::from(*a) * b).sum(),
     };
     if t == 1 {
         // One token (decode): out is one row, so tasks can own slices of it directly.
@@ -96,6 +98,7 @@ fn matmul_gemm(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mu
             CpuStorage::F32(v) => buf.extend_from_slice(&v[src]),
             CpuStorage::BF16(v) => buf.extend(v[src].iter().map(|e| bf16::to_f32(*e))),
             CpuStorage::F16(v) => buf.extend(v[src].iter().map(|e| f16::to_f32(*e))),
+            CpuStorage::U8(v) => buf.extend(v[src].iter().map(|&e| f32::from(e))),
         }
         // dst[ti, j] = out[ti * n + r0 + j]; lhs = x [t, k] row-major; rhs[kk, j] = buf[j * k + kk].
         // SAFETY: the pointers cover t×k (x), rows×k (buf) and the t×rows window of out that this

@@ -26,11 +26,11 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::backend::{
-    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, router_dims,
-    swiglu_dims,
+    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, mxfp4_dims,
+    router_dims, rows_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::{Result, shape_err};
-use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, Storage, Tensor};
+use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor};
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Debug, Default, Clone, Copy)]
@@ -48,8 +48,12 @@ pub fn storage_to_f32(s: &CpuStorage) -> Vec<f32> {
         CpuStorage::F32(v) => v.clone(),
         CpuStorage::F16(v) => v.iter().map(|x| f16::to_f32(*x)).collect(),
         CpuStorage::BF16(v) => v.iter().map(|x| bf16::to_f32(*x)).collect(),
+        CpuStorage::U8(v) => v.iter().map(|&x| f32::from(x)).collect(),
     }
 }
+
+/// Why packed weights cannot multiply: they are dequantised first.
+const PACKED: &str = "packed weights are dequantised (Backend::dequant_mxfp4) before a matmul";
 
 fn last_dim(t: &Tensor) -> usize {
     t.shape().last().copied().unwrap_or(1)
@@ -108,6 +112,9 @@ impl Backend for CpuBackend {
         let &[n, k] = w.shape() else {
             return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
         };
+        if w.dtype() == DType::U8 {
+            return Err(OpsError::DType { op: "matmul", dtype: DType::U8, detail: PACKED });
+        }
         let t = x.numel() / k.max(1);
         if k == 0 || x.numel() != t * k || out.numel() != t * n {
             return shape_err("matmul", format!("x {:?} · w{:?}ᵀ -> out {:?}", x.shape(), w.shape(), out.shape()));
@@ -220,6 +227,66 @@ impl Backend for CpuBackend {
         let (mut ids, mut weights) = (vec![0u32; t * k], vec![0.0f32; t * k]);
         moe::router_topk(logits.cpu_f32("router_topk")?, e, k, mode, &mut ids, &mut weights);
         Ok((ids, weights))
+    }
+
+    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let s = match dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+            DType::U8 => CpuStorage::U8(vec![0; n]),
+        };
+        Tensor::new(shape, Storage::Cpu(s))
+    }
+
+    fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (rows, cols) = mxfp4_dims(blocks, scales, out)?;
+        let op = "dequant_mxfp4";
+        let (CpuStorage::U8(b), CpuStorage::U8(s)) = (blocks.cpu(op)?, scales.cpu(op)?) else {
+            return Err(OpsError::DType { op, dtype: blocks.dtype(), detail: "blocks and scales are U8" });
+        };
+        let CpuStorage::BF16(o) = out.cpu_mut(op)? else {
+            return Err(OpsError::DType { op, dtype: DType::F32, detail: "out is BF16" });
+        };
+        crate::mxfp4::dequantize_into(b, s, rows, cols, o).map_err(|e| OpsError::Shape { op, detail: e.to_string() })
+    }
+
+    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (a, b) = transpose_dims(src, out)?;
+        fn t<T: Copy + Send + Sync>(src: &[T], a: usize, b: usize, out: &mut [T]) {
+            elementwise::transpose(src, a, b, out)
+        }
+        let op = "transpose";
+        match (src.cpu(op)?, out.cpu_mut(op)?) {
+            (CpuStorage::F32(s), CpuStorage::F32(o)) => t(s, a, b, o),
+            (CpuStorage::F16(s), CpuStorage::F16(o)) => t(s, a, b, o),
+            (CpuStorage::BF16(s), CpuStorage::BF16(o)) => t(s, a, b, o),
+            (CpuStorage::U8(s), CpuStorage::U8(o)) => t(s, a, b, o),
+            _ => return Err(OpsError::DType { op, dtype: src.dtype(), detail: "src and out share a dtype" }),
+        }
+        Ok(())
+    }
+
+    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("gather_rows", src, out, rows, None)?;
+        let s = src.cpu_f32("gather_rows")?;
+        for (o, &r) in out.cpu_f32_mut("gather_rows")?.chunks_exact_mut(n).zip(rows) {
+            o.copy_from_slice(&s[r as usize * n..][..n]);
+        }
+        Ok(())
+    }
+
+    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("scatter_add_rows", dst, src, rows, Some(weights))?;
+        let s = src.cpu_f32("scatter_add_rows")?;
+        let d = dst.cpu_f32_mut("scatter_add_rows")?;
+        for ((row, &r), &w) in s.chunks_exact(n).zip(rows).zip(weights) {
+            for (o, &v) in d[r as usize * n..][..n].iter_mut().zip(row) {
+                *o += w * v;
+            }
+        }
+        Ok(())
     }
 
     fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {

@@ -28,6 +28,7 @@ pub fn fill_from_le_bytes(dst: &mut CpuStorage, bytes: &[u8]) {
         CpuStorage::F32(v) => fill(v, bytes, f32::from_le_bytes),
         CpuStorage::F16(v) => fill(v, bytes, |b| f16::from_bits(u16::from_le_bytes(b))),
         CpuStorage::BF16(v) => fill(v, bytes, |b| bf16::from_bits(u16::from_le_bytes(b))),
+        CpuStorage::U8(v) => v.copy_from_slice(bytes),
     }
 }
 

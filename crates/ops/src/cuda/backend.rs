@@ -14,7 +14,8 @@ use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope, transfer};
 use crate::backend::{
-    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, gated_norm_dims, router_dims, swiglu_dims,
+    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, gated_norm_dims, mxfp4_dims, router_dims,
+    rows_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor};
@@ -95,6 +96,7 @@ impl Backend for CudaBackend {
             CpuStorage::F32(v) => CudaStorage::F32(self.dev.upload(&v, what)?),
             CpuStorage::F16(v) => CudaStorage::F16(self.dev.upload(&v, what)?),
             CpuStorage::BF16(v) => CudaStorage::BF16(self.dev.upload(&v, what)?),
+            CpuStorage::U8(v) => CudaStorage::U8(self.dev.upload(&v, what)?),
         };
         self.tensor(host.shape.clone(), s)
     }
@@ -133,6 +135,7 @@ impl Backend for CudaBackend {
             CudaStorage::F32(s) => st.clone_dtoh(&**s).map_err(err)?,
             CudaStorage::F16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
             CudaStorage::BF16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
+            CudaStorage::U8(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|&v| f32::from(v)).collect(),
         })
     }
 
@@ -243,6 +246,55 @@ impl Backend for CudaBackend {
         };
         // SAFETY: the kernel writes all 2·n elements (weights, then ids) before the copy reads them.
         unsafe { self.dev.with_scratch32(2 * n, "router top-k output", run) }
+    }
+
+    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>();
+        let what = format!("weights {shape:?} {dtype}");
+        let s = match dtype {
+            DType::F32 => CudaStorage::F32(self.dev.alloc_zeros(n, &what)?),
+            DType::F16 => CudaStorage::F16(self.dev.alloc_zeros(n, &what)?),
+            DType::BF16 => CudaStorage::BF16(self.dev.alloc_zeros(n, &what)?),
+            DType::U8 => CudaStorage::U8(self.dev.alloc_zeros(n, &what)?),
+        };
+        self.tensor(shape, s)
+    }
+
+    fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()> {
+        mxfp4_dims(blocks, scales, out)?;
+        let op = "dequant_mxfp4";
+        let (CudaStorage::U8(b), CudaStorage::U8(s)) = (cuda(blocks, op)?, cuda(scales, op)?) else {
+            return Err(OpsError::DType { op, dtype: blocks.dtype(), detail: "blocks and scales are U8" });
+        };
+        let CudaStorage::BF16(o) = cuda_mut(out, op)? else {
+            return Err(OpsError::DType { op, dtype: DType::F32, detail: "out is BF16" });
+        };
+        moe::dequant_mxfp4(&self.dev, b, s, o)
+    }
+
+    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (a, b) = transpose_dims(src, out)?;
+        moe::transpose(&self.dev, cuda(src, "transpose")?, cuda_mut(out, "transpose")?, a, b)
+    }
+
+    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("gather_rows", src, out, rows, None)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows_d = self.dev.upload(rows, "gather rows")?;
+        moe::gather_rows(&self.dev, f32s(src, "gather_rows")?, &rows_d, n, f32s_mut(out, "gather_rows")?)
+    }
+
+    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("scatter_add_rows", dst, src, rows, Some(weights))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows_d = self.dev.upload(rows, "scatter rows")?;
+        let w_d = self.dev.upload(weights, "scatter weights")?;
+        let op = "scatter_add_rows";
+        moe::scatter_add_rows(&self.dev, f32s(src, op)?, &rows_d, &w_d, n, f32s_mut(dst, op)?)
     }
 
     fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {

@@ -14,7 +14,7 @@ pub fn f32_to_16bit(dev: &CudaDevice, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>
     let func = match to {
         DType::BF16 => "f32_to_bf16",
         DType::F16 => "f32_to_f16",
-        DType::F32 => {
+        DType::F32 | DType::U8 => {
             return Err(OpsError::DType { op: "cuda convert", dtype: to, detail: "narrowing targets bf16 or f16" });
         }
     };

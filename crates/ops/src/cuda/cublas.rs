@@ -57,6 +57,7 @@ impl Blas {
 fn cuda_type(d: DType) -> sys::cudaDataType {
     match d {
         DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        DType::U8 => sys::cudaDataType::CUDA_R_8U,
         DType::F16 => sys::cudaDataType::CUDA_R_16F,
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
     }
@@ -88,6 +89,7 @@ pub fn gemm_xwt<X: DeviceRepr, W: DeviceRepr, O: DeviceRepr>(
     let types_ok = match in_dtype {
         DType::F32 => out_dtype == DType::F32,
         DType::F16 | DType::BF16 => out_dtype == DType::F32 || out_dtype == in_dtype,
+        DType::U8 => false,
     };
     if !sizes_ok || !types_ok {
         return Err(OpsError::Backend(format!(

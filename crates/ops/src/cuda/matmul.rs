@@ -13,7 +13,10 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::cublas::gemm_xwt;
 use super::{CudaDevice, CudaStorage, convert, driver_err, elementwise, gemv, shape};
-use crate::{DType, Result};
+use crate::{DType, OpsError, Result};
+
+/// Why packed weights cannot multiply: they are dequantised first.
+const PACKED: &str = "packed weights are dequantised (Backend::dequant_mxfp4) before a matmul";
 
 /// The kernel file's source text.
 pub const SOURCE: &str = include_str!("../../kernels/matmul.cu");
@@ -42,6 +45,9 @@ pub fn matmul(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let t = rows(x, w, n, k, out)?;
+    if w.dtype() == DType::U8 {
+        return Err(OpsError::DType { op: "cuda matmul", dtype: DType::U8, detail: PACKED });
+    }
     // A few rows with 16-bit weights: the tuned GEMV; other small shapes: the simple kernel;
     // many rows: cuBLAS.
     match w {
@@ -103,5 +109,6 @@ pub fn matmul_cublas(
             convert::f32_to_16bit(dev, x, xs, DType::F16)?;
             gemm_xwt(dev, &**xs, &**w, DType::F16, out, DType::F32, t, n, k)
         }),
+        CudaStorage::U8(_) => Err(OpsError::DType { op: "cuda matmul", dtype: DType::U8, detail: PACKED }),
     }
 }

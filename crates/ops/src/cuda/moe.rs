@@ -1,8 +1,11 @@
-//! Launchers for `kernels/moe.cu`: the GPT-OSS clamped SwiGLU and the router top-k.
+//! Launchers for `kernels/moe.cu`: the GPT-OSS clamped SwiGLU, the router top-k, MXFP4
+//! dequantisation, the transpose of dense experts, and the row gather/scatter of grouped experts.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaDevice, driver_err, grid_stride, shape};
+use half::bf16;
+
+use super::{CudaDevice, CudaStorage, driver_err, grid_stride, shape};
 use crate::{Result, RouterMode};
 
 /// The kernel file's source text.
@@ -103,4 +106,116 @@ pub fn unpack_router_output(host: &[f32], n: usize) -> Result<(Vec<u32>, Vec<f32
         })
         .collect::<Result<Vec<u32>>>()?;
     Ok((ids, host[..n].to_vec()))
+}
+
+/// MXFP4 to bf16 on the device, bit-exact with `mxfp4::dequantize`: `groups = rows·cols/32`
+/// groups of 16 block bytes and one scale each, into `out` (`groups · 32` bf16).
+pub fn dequant_mxfp4(
+    dev: &CudaDevice,
+    blocks: &CudaSlice<u8>,
+    scales: &CudaSlice<u8>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let groups = scales.len();
+    if blocks.len() != groups * 16 || out.len() != groups * 32 {
+        return Err(shape(
+            "cuda dequant_mxfp4",
+            format!("{} block bytes, {groups} scales, {} outputs", blocks.len(), out.len()),
+        ));
+    }
+    if groups == 0 {
+        return Ok(());
+    }
+    let func = dev.function("moe", SOURCE, "dequant_mxfp4_bf16")?;
+    let groups_i64 = groups as i64;
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(blocks).arg(scales).arg(out).arg(&groups_i64);
+    // SAFETY: matches dequant_mxfp4_bf16; blocks hold 16 bytes and out 32 bf16 per group (checked
+    // above), and device allocations are 256-byte aligned, so the 16-byte vector accesses are too.
+    unsafe { l.launch(grid_stride(groups)) }.map_err(driver_err("dequant_mxfp4"))?;
+    Ok(())
+}
+
+/// `out [b, a] = srcᵀ` for src `[a, b]`; both of one dtype (moved as raw 1-, 2- or 4-byte
+/// elements).
+pub fn transpose(dev: &CudaDevice, src: &CudaStorage, out: &mut CudaStorage, a: usize, b: usize) -> Result<()> {
+    if src.dtype() != out.dtype() || src.len() != a * b || out.len() != a * b {
+        return Err(shape("cuda transpose", format!("[{a}, {b}] from {} into {} elements", src.len(), out.len())));
+    }
+    if a == 0 || b == 0 {
+        return Ok(());
+    }
+    let (a_i32, b_i32) = match (i32::try_from(a), i32::try_from(b)) {
+        (Ok(x), Ok(y)) if b.div_ceil(32) <= 1 << 31 && a.div_ceil(32) <= 65_535 => (x, y),
+        _ => return Err(shape("cuda transpose", format!("[{a}, {b}] is too large for one launch"))),
+    };
+    let name = match src.dtype().size_bytes() {
+        1 => "transpose_u8",
+        2 => "transpose_u16",
+        _ => "transpose_u32",
+    };
+    let func = dev.function("moe", SOURCE, name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (b.div_ceil(32) as u32, a.div_ceil(32) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream.launch_builder(&func);
+    src.push_arg(&mut l);
+    out.push_arg(&mut l);
+    l.arg(&a_i32).arg(&b_i32);
+    // SAFETY: matches transpose_u*; both buffers hold a·b elements of the kernel's element size.
+    unsafe { l.launch(cfg) }.map_err(driver_err("transpose"))?;
+    Ok(())
+}
+
+/// `out[i, :] = src[rows[i], :]`, rows of n f32; `rows` on the device, each below
+/// `src.len() / n` (checked by the caller).
+pub fn gather_rows(
+    dev: &CudaDevice,
+    src: &CudaSlice<f32>,
+    rows: &CudaSlice<u32>,
+    n: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let r = rows.len();
+    if out.len() != r * n || n == 0 {
+        return Err(shape("cuda gather_rows", format!("{r} rows of {n} into {} elements", out.len())));
+    }
+    if r == 0 {
+        return Ok(());
+    }
+    let func = dev.function("moe", SOURCE, "gather_rows_f32")?;
+    let (r_i64, n_i64) = (r as i64, n as i64);
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(src).arg(rows).arg(out).arg(&r_i64).arg(&n_i64);
+    // SAFETY: matches gather_rows_f32; out holds r·n elements, every row index is in src.
+    unsafe { l.launch(grid_stride(r * n)) }.map_err(driver_err("gather_rows"))?;
+    Ok(())
+}
+
+/// `dst[rows[i], :] += weights[i] · src[i, :]`, rows of n f32; `rows` (distinct, each below
+/// `dst.len() / n`) and `weights` on the device, checked by the caller.
+pub fn scatter_add_rows(
+    dev: &CudaDevice,
+    src: &CudaSlice<f32>,
+    rows: &CudaSlice<u32>,
+    weights: &CudaSlice<f32>,
+    n: usize,
+    dst: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let r = rows.len();
+    if src.len() != r * n || weights.len() != r || n == 0 {
+        return Err(shape("cuda scatter_add_rows", format!("{r} rows of {n} from {} elements", src.len())));
+    }
+    if r == 0 {
+        return Ok(());
+    }
+    let func = dev.function("moe", SOURCE, "scatter_add_rows_f32")?;
+    let (r_i64, n_i64) = (r as i64, n as i64);
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(src).arg(rows).arg(weights).arg(dst).arg(&r_i64).arg(&n_i64);
+    // SAFETY: matches scatter_add_rows_f32; src holds r·n elements, rows are distinct and in dst.
+    unsafe { l.launch(grid_stride(r * n)) }.map_err(driver_err("scatter_add_rows"))?;
+    Ok(())
 }

@@ -13,6 +13,8 @@ pub enum CudaStorage {
     F32(DeviceBuf<f32>),
     F16(DeviceBuf<f16>),
     BF16(DeviceBuf<bf16>),
+    /// Packed quantised weights (MXFP4 blocks and scales).
+    U8(DeviceBuf<u8>),
 }
 
 impl CudaStorage {
@@ -21,6 +23,7 @@ impl CudaStorage {
             CudaStorage::F32(_) => DType::F32,
             CudaStorage::F16(_) => DType::F16,
             CudaStorage::BF16(_) => DType::BF16,
+            CudaStorage::U8(_) => DType::U8,
         }
     }
 
@@ -29,6 +32,7 @@ impl CudaStorage {
             CudaStorage::F32(s) => s.len(),
             CudaStorage::F16(s) => s.len(),
             CudaStorage::BF16(s) => s.len(),
+            CudaStorage::U8(s) => s.len(),
         }
     }
 
@@ -44,6 +48,7 @@ impl CudaStorage {
             CudaStorage::F32(_) => "f32",
             CudaStorage::F16(_) => "f16",
             CudaStorage::BF16(_) => "bf16",
+            CudaStorage::U8(_) => "u8",
         }
     }
 
@@ -53,6 +58,7 @@ impl CudaStorage {
             CudaStorage::F32(b) => l.arg(&**b),
             CudaStorage::F16(b) => l.arg(&**b),
             CudaStorage::BF16(b) => l.arg(&**b),
+            CudaStorage::U8(b) => l.arg(&**b),
         };
     }
 }

@@ -137,6 +137,7 @@ pub(crate) fn copy_to_device(dev: &CudaDevice, src: &HostBuffer, offset: usize, 
         CudaStorage::F32(b) => device_ptr(b, stream),
         CudaStorage::F16(b) => device_ptr(b, stream),
         CudaStorage::BF16(b) => device_ptr(b, stream),
+        CudaStorage::U8(b) => device_ptr(b, stream),
     };
     // SAFETY: ptr is a live device allocation of exactly `bytes` bytes, the source range was
     // checked above. The host bytes stay valid until the copy has passed: a pinned buffer's

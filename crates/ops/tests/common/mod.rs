@@ -27,6 +27,7 @@ pub fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
         DType::F32 => v.to_vec(),
         DType::F16 => v.iter().map(|x| f16::from_f32(*x).to_f32()).collect(),
         DType::BF16 => v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect(),
+        DType::U8 => panic!("U8 holds packed bytes, not numbers"),
     }
 }
 
@@ -36,6 +37,7 @@ pub fn le_bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
         DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
         DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+        DType::U8 => panic!("U8 holds packed bytes, not numbers"),
     }
 }
 

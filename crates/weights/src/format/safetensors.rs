@@ -34,6 +34,7 @@ fn dtype_of(path: &Path, name: &str, dtype: Dtype) -> Result<DType> {
         Dtype::BF16 => Ok(DType::BF16),
         Dtype::F16 => Ok(DType::F16),
         Dtype::F32 => Ok(DType::F32),
+        Dtype::U8 => Ok(DType::U8),
         other => Err(WeightsError::UnsupportedDType {
             path: path.to_path_buf(),
             name: name.to_string(),
