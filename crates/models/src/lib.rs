@@ -5,6 +5,8 @@
 pub mod common;
 pub mod config;
 pub mod error;
+pub mod experts;
+pub mod gpt_oss;
 pub mod llama3;
 pub mod plan;
 pub mod registry;
@@ -73,6 +75,11 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
 
     /// Weight-streaming counters, when some decoder layers are streamed.
     fn stream_stats(&self) -> Option<stream::StreamStats> {
+        None
+    }
+
+    /// Expert-cache counters, for MoE models.
+    fn expert_stats(&self) -> Option<experts::ExpertStats> {
         None
     }
 }

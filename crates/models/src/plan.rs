@@ -109,6 +109,7 @@ impl Plan {
                 spill_dir: spill_dir.to_path_buf(),
                 window_positions: k.window_positions,
             }),
+            experts: None,
         }
     }
 }
@@ -121,12 +122,14 @@ pub struct Placement {
     pub staging_buffers: usize,
     /// Some: the KV cache of each sequence lives off the device (see `ollm_kv::offload`).
     pub kv: Option<ollm_kv::KvOffload>,
+    /// MoE models: device slots for experts and where the others wait (None: all resident).
+    pub experts: Option<crate::experts::ExpertPlacement>,
 }
 
 impl Placement {
     /// Every layer resident on the device.
     pub fn resident(n_layers: usize) -> Self {
-        Self { tiers: vec![Tier::Vram; n_layers], slots: 0, staging_buffers: 0, kv: None }
+        Self { tiers: vec![Tier::Vram; n_layers], slots: 0, staging_buffers: 0, kv: None, experts: None }
     }
 }
 

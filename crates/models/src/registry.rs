@@ -7,12 +7,13 @@ use ollm_ops::Backend;
 use ollm_weights::Catalog;
 
 use crate::config::RawConfig;
+use crate::gpt_oss::{GptOss, GptOssConfig};
 use crate::llama3::{Llama, LlamaConfig};
 use crate::plan::Placement;
 use crate::{CausalLm, ModelError, Result};
 
 /// Architectures this build can run.
-pub const SUPPORTED: &[&str] = &["LlamaForCausalLM"];
+pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "GptOssForCausalLM"];
 
 /// Loads the model in a Hugging Face directory (config.json + safetensors) onto `backend`.
 /// The config is parsed and checked before any weight is read.
@@ -34,6 +35,12 @@ pub fn load_model_placed(
             let catalog = Catalog::open_dir(dir)?;
             let all = Placement::resident(cfg.n_layers);
             Ok(Arc::new(Llama::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
+        }
+        "GptOssForCausalLM" | "gpt_oss" => {
+            let cfg = GptOssConfig::from_raw(&raw)?;
+            let catalog = Catalog::open_dir(dir)?;
+            let all = Placement::resident(cfg.n_layers);
+            Ok(Arc::new(GptOss::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
         }
         other => Err(unsupported(&raw, other)),
     }

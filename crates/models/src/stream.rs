@@ -173,6 +173,38 @@ pub struct StreamedLayer {
     pub home: Home,
 }
 
+/// The streamed layers' specs: for each of `streamed` (decoder layer indices, in compute order),
+/// where its tensors named by `suffixes` are in the catalog, at home in RAM or on disk as
+/// `tiers` says. Streamed layers share one slot layout, so every one must match the first's
+/// shapes and dtypes.
+pub fn streamed_layers(
+    catalog: &ollm_weights::Catalog,
+    streamed: &[usize],
+    suffixes: &[&str],
+    tiers: &[crate::plan::Tier],
+) -> Result<Vec<StreamedLayer>> {
+    let name = |l: usize, s: &str| format!("model.layers.{l}.{s}");
+    let mut specs = Vec::with_capacity(streamed.len());
+    for &l in streamed {
+        let mut parts = Vec::with_capacity(suffixes.len());
+        for s in suffixes {
+            let n = name(l, s);
+            let entry = catalog.get(&n).ok_or_else(|| ModelError::Stream(format!("tensor {n} missing")))?;
+            let first = catalog.get(&name(streamed[0], s));
+            if first.map(|f| (&f.shape, f.dtype)) != Some((&entry.shape, entry.dtype)) {
+                return Err(ModelError::Stream(format!(
+                    "{n} differs in shape or dtype from layer {}'s; streamed layers must match",
+                    streamed[0]
+                )));
+            }
+            parts.push(Part { suffix: (*s).to_string(), file: entry.file, offset: entry.offset_bytes, len: entry.len_bytes });
+        }
+        let home = if tiers.get(l) == Some(&crate::plan::Tier::Ram) { Home::Ram } else { Home::Disk };
+        specs.push(StreamedLayer { layer: l, parts, home });
+    }
+    Ok(specs)
+}
+
 struct Streamed {
     layer: usize,
     parts: Vec<Part>,

@@ -13,7 +13,7 @@ use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::plan::{Placement, Tier};
-use crate::stream::{Home, LayerStream, LayerTensors, Part, StreamStats, StreamedLayer};
+use crate::stream::{LayerStream, LayerTensors, StreamStats, streamed_layers};
 use crate::trace::TraceSink;
 use crate::{CausalLm, LogitsWanted, ModelError, ModelInfo, Result};
 
@@ -215,30 +215,7 @@ impl Llama {
         }
         let stream = if streaming {
             let suffixes = slots.first().map(Layer::suffixes).unwrap_or_default();
-            let mut specs = Vec::with_capacity(streamed.len());
-            for &l in &streamed {
-                let mut parts = Vec::with_capacity(suffixes.len());
-                for s in &suffixes {
-                    let name = names::layer(l, s);
-                    let entry =
-                        catalog.get(&name).ok_or_else(|| ModelError::Stream(format!("tensor {name} missing")))?;
-                    let first = catalog.get(&names::layer(streamed[0], s));
-                    if first.map(|f| (&f.shape, f.dtype)) != Some((&entry.shape, entry.dtype)) {
-                        return Err(ModelError::Stream(format!(
-                            "{name} differs in shape or dtype from layer {}'s; streamed layers must match",
-                            streamed[0]
-                        )));
-                    }
-                    parts.push(Part {
-                        suffix: (*s).to_string(),
-                        file: entry.file,
-                        offset: entry.offset_bytes,
-                        len: entry.len_bytes,
-                    });
-                }
-                let home = if placement.tiers[l] == Tier::Ram { Home::Ram } else { Home::Disk };
-                specs.push(StreamedLayer { layer: l, parts, home });
-            }
+            let specs = streamed_layers(catalog, &streamed, &suffixes, &placement.tiers)?;
             Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
         } else {
             None

@@ -1,0 +1,530 @@
+//! The expert cache (architecture.md §3): a MoE layer's expert weights stay as the checkpoint
+//! stores them — packed MXFP4 or dense — in pinned RAM or on disk, and a forward moves onto the
+//! device only the experts its router picked, into a fixed set of device slots kept by LRU
+//! across tokens. Just before use, an expert is unpacked on the device into one shared pair of
+//! bf16 matrices in nn.Linear layout (dequantised, or transposed for dense checkpoints).
+//!
+//! Copies run on the backend's copy queue: while expert i computes, the copies of the next
+//! few experts are already queued, each into a slot whose previous expert's compute has passed
+//! (`copy_wait`), and compute waits for a slot's copy on the device only (`compute_wait`).
+//! When every expert fits in the slots, they are all loaded once and the cache never misses.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ollm_io::direct::{ALIGN, DirectFile, READERS, aligned_span};
+use ollm_ops::{Backend, DType, HostBuffer, HostTensor, Marker, Tensor};
+use ollm_weights::Catalog;
+
+use crate::{ModelError, Result};
+
+/// How a checkpoint stores its experts (models.md §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertFormat {
+    /// `*_blocks` / `*_scales` U8 (the release checkpoints), dequantised to bf16 before use.
+    Mxfp4,
+    /// `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]` (as transformers saves them), transposed
+    /// to `[out, in]` before use.
+    Dense,
+}
+
+impl ExpertFormat {
+    /// Tensor suffixes after `model.layers.{l}.mlp.experts.`, in slot order: the two matrices'
+    /// parts, then the gate_up and down biases.
+    fn parts(self) -> &'static [&'static str] {
+        match self {
+            ExpertFormat::Mxfp4 => &[
+                "gate_up_proj_blocks",
+                "gate_up_proj_scales",
+                "down_proj_blocks",
+                "down_proj_scales",
+                "gate_up_proj_bias",
+                "down_proj_bias",
+            ],
+            ExpertFormat::Dense => &["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"],
+        }
+    }
+
+    /// One expert's shape of each part, for hidden size H and expert width I.
+    fn part_shapes(self, h: usize, i: usize) -> Vec<Vec<usize>> {
+        match self {
+            ExpertFormat::Mxfp4 => vec![
+                vec![2 * i, h / 32, 16],
+                vec![2 * i, h / 32],
+                vec![h, i / 32, 16],
+                vec![h, i / 32],
+                vec![2 * i],
+                vec![h],
+            ],
+            ExpertFormat::Dense => vec![vec![h, 2 * i], vec![i, h], vec![2 * i], vec![h]],
+        }
+    }
+
+    /// The format of layer 0's experts in `catalog`.
+    pub fn detect(catalog: &Catalog) -> Self {
+        if catalog.contains("model.layers.0.mlp.experts.gate_up_proj_blocks") {
+            ExpertFormat::Mxfp4
+        } else {
+            ExpertFormat::Dense
+        }
+    }
+}
+
+/// Tensor name of an expert part.
+pub fn part_name(l: usize, suffix: &str) -> String {
+    format!("model.layers.{l}.mlp.experts.{suffix}")
+}
+
+/// Where the experts that do not stay on the device wait, and how many device slots they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertPlacement {
+    /// Device slots, each one expert (at least 1).
+    pub slots: usize,
+    /// Per decoder layer: its experts live in pinned RAM (true) or are read from disk (false).
+    pub ram_layers: Vec<bool>,
+}
+
+/// The matrices (nn.Linear layout) and biases one expert computes with.
+#[derive(Debug)]
+pub struct ExpertWeights<'a> {
+    /// `[2I, H]`, gate and up rows interleaved.
+    pub gate_up: &'a Tensor,
+    /// `[H, I]`
+    pub down: &'a Tensor,
+    pub gate_up_bias: &'a Tensor,
+    pub down_bias: &'a Tensor,
+}
+
+/// Counters of the cache (expert loads are per layer per forward).
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    ram_loads: AtomicU64,
+    disk_loads: AtomicU64,
+    copy_bytes: AtomicU64,
+    disk_bytes: AtomicU64,
+    disk_nanos: AtomicU64,
+}
+
+/// A snapshot of the cache's counters and sizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExpertStats {
+    /// Expert uses served by a device slot.
+    pub hits: u64,
+    /// Expert uses that copied the expert from pinned RAM or read it from disk first.
+    pub ram_loads: u64,
+    pub disk_loads: u64,
+    pub copy_bytes: u64,
+    pub disk_bytes: u64,
+    pub disk_secs: f64,
+    pub slots: usize,
+    /// Experts in all (layers × experts per layer).
+    pub experts: usize,
+    /// Bytes of one expert as stored.
+    pub expert_bytes: u64,
+    /// Pinned host bytes: experts kept in RAM plus disk staging.
+    pub pinned_bytes: u64,
+}
+
+impl ExpertStats {
+    /// Uses served from a slot over all uses (1 when nothing was used yet).
+    pub fn hit_rate(&self) -> f64 {
+        let uses = self.hits + self.ram_loads + self.disk_loads;
+        if uses == 0 { 1.0 } else { self.hits as f64 / uses as f64 }
+    }
+}
+
+/// Where one part of one layer's expert 0 is in the checkpoint; expert e is `stride · e` on.
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    file: usize,
+    offset: u64,
+    /// Bytes of one expert's part (also the stride between experts).
+    len: u64,
+}
+
+/// One device slot: an expert's parts, which expert (`layer · E + e`) they hold, and when the
+/// last compute that read them passes.
+#[derive(Debug)]
+struct Slot {
+    parts: Vec<Tensor>,
+    owner: Option<usize>,
+    last_use: u64,
+    free: Option<Marker>,
+}
+
+/// A pinned buffer for disk reads and the marker after the copies that read it.
+#[derive(Debug)]
+struct Staging {
+    buf: HostBuffer,
+    free: Option<Marker>,
+}
+
+#[derive(Debug)]
+struct State {
+    slots: Vec<Slot>,
+    owner_of: HashMap<usize, usize>,
+    tick: u64,
+    staging: Vec<Staging>,
+    next_staging: usize,
+}
+
+/// The unpacked matrices of the expert being computed, shared by all.
+#[derive(Debug)]
+struct Work {
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+/// Copies queued ahead of the expert being computed.
+const LOOKAHEAD: usize = 4;
+
+/// The expert weights of every MoE layer of a model, and the device slots they go through.
+pub struct ExpertCache {
+    backend: Arc<dyn Backend>,
+    format: ExpertFormat,
+    n_experts: usize,
+    /// `[layer][part]`
+    sources: Vec<Vec<Source>>,
+    /// Per layer, when its experts live in pinned RAM: the buffer and where each part's expert 0 is.
+    ram: Vec<Option<(HostBuffer, Vec<usize>)>>,
+    files: Vec<DirectFile>,
+    expert_bytes: u64,
+    pinned_bytes: u64,
+    state: Mutex<State>,
+    work: Mutex<Work>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for ExpertCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertCache").field("format", &self.format).field("layers", &self.sources.len()).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| ModelError::Stream("an expert-cache lock was poisoned by an earlier panic".into()))
+}
+
+impl ExpertCache {
+    /// The experts of `layers` decoder layers (`n_experts` each, hidden size `h`, width `i`) in
+    /// `catalog`. `placement` None: every expert is loaded onto the device now. Otherwise
+    /// `placement.slots` device slots, the layers' experts read into pinned RAM now or left on
+    /// disk as `ram_layers` says.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        catalog: &Catalog,
+        layers: usize,
+        n_experts: usize,
+        (h, i): (usize, usize),
+        placement: Option<&ExpertPlacement>,
+    ) -> Result<Self> {
+        let format = ExpertFormat::detect(catalog);
+        if format == ExpertFormat::Mxfp4 && (h % 32 != 0 || i % 32 != 0) {
+            return Err(ModelError::Stream(format!(
+                "MXFP4 experts need hidden_size ({h}) and intermediate_size ({i}) divisible by 32"
+            )));
+        }
+        let shapes = format.part_shapes(h, i);
+        let mut sources = Vec::with_capacity(layers);
+        let mut dtypes = Vec::new();
+        for l in 0..layers {
+            let mut row = Vec::with_capacity(shapes.len());
+            for (p, (suffix, shape)) in format.parts().iter().zip(&shapes).enumerate() {
+                let name = part_name(l, suffix);
+                let mut want = vec![n_experts];
+                want.extend_from_slice(shape);
+                let entry = catalog.require(&name, &want)?;
+                let packed = p < 4 && format == ExpertFormat::Mxfp4;
+                if packed != (entry.dtype == DType::U8) {
+                    return Err(ModelError::Stream(format!(
+                        "{name}: dtype {} does not fit {format:?} experts",
+                        entry.dtype
+                    )));
+                }
+                if l == 0 {
+                    dtypes.push(entry.dtype);
+                } else if dtypes[p] != entry.dtype {
+                    return Err(ModelError::Stream(format!("{name}: dtype {} differs from layer 0's", entry.dtype)));
+                }
+                let len = entry.len_bytes / n_experts as u64;
+                row.push(Source { file: entry.file, offset: entry.offset_bytes, len });
+            }
+            sources.push(row);
+        }
+        let expert_bytes: u64 = sources.first().map_or(0, |r| r.iter().map(|s| s.len).sum());
+        let total = layers * n_experts;
+        let slot_count = placement.map_or(total, |p| p.slots.clamp(1, total.max(1)));
+        let resident = slot_count >= total;
+
+        let alloc_slot = |owner: Option<usize>| -> Result<Slot> {
+            let parts = shapes
+                .iter()
+                .zip(&dtypes)
+                .map(|(s, &d)| backend.alloc(s.clone(), d))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(Slot { parts, owner, last_use: 0, free: None })
+        };
+        let mut slots = Vec::with_capacity(slot_count);
+        let mut owner_of = HashMap::new();
+        let files: Vec<DirectFile> =
+            catalog.file_paths().iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
+        let mut ram = (0..layers).map(|_| None).collect::<Vec<_>>();
+        let mut staging = Vec::new();
+        let mut pinned_bytes = 0u64;
+        if resident {
+            // Every expert gets its own slot, filled from the checkpoint now.
+            let readers: Vec<ollm_io::ReadFile> =
+                catalog.file_paths().iter().map(|p| ollm_io::ReadFile::open(p)).collect::<std::result::Result<_, _>>()?;
+            for l in 0..layers {
+                for e in 0..n_experts {
+                    let mut slot = alloc_slot(Some(l * n_experts + e))?;
+                    for (p, (src, shape)) in sources[l].iter().zip(&shapes).enumerate() {
+                        let bytes = readers[src.file].read_vec_at(src.offset + e as u64 * src.len, src.len as usize)?;
+                        let host = HostTensor { dtype: dtypes[p], shape: shape.clone(), bytes };
+                        slot.parts[p] = backend.upload(&host)?;
+                    }
+                    owner_of.insert(l * n_experts + e, slots.len());
+                    slots.push(slot);
+                }
+            }
+        } else {
+            let placement = placement.ok_or_else(|| ModelError::Stream("internal: no expert placement".into()))?;
+            for _ in 0..slot_count {
+                slots.push(alloc_slot(None)?);
+            }
+            for (l, row) in sources.iter().enumerate() {
+                if !placement.ram_layers.get(l).copied().unwrap_or(false) {
+                    continue;
+                }
+                // Each part's whole tensor (all experts) at an aligned position of one buffer.
+                let spans: Vec<(u64, u64)> =
+                    row.iter().map(|s| aligned_span(s.offset, (s.len * n_experts as u64) as usize)).collect();
+                let mut buf = backend.host_alloc(spans.iter().map(|(a, b)| (b - a) as usize).sum())?;
+                let mut at = 0usize;
+                let mut positions = Vec::with_capacity(row.len());
+                for (s, &(start, end)) in row.iter().zip(&spans) {
+                    files[s.file].read_span_parallel(start, end, &mut buf.as_mut_slice()[at..], READERS)?;
+                    positions.push(at + (s.offset - start) as usize);
+                    at += (end - start) as usize;
+                }
+                pinned_bytes += buf.len() as u64;
+                ram[l] = Some((buf, positions));
+            }
+            if placement.ram_layers.iter().take(layers).any(|r| !r) || placement.ram_layers.len() < layers {
+                // One expert's parts, each at an aligned position with room for its span.
+                let bytes: usize = sources[0].iter().map(|s| s.len as usize + 2 * ALIGN).sum();
+                for _ in 0..2 {
+                    let buf = backend.host_alloc(bytes)?;
+                    pinned_bytes += buf.len() as u64;
+                    staging.push(Staging { buf, free: None });
+                }
+            }
+        }
+        let work = Work {
+            gate_up: backend.alloc(vec![2 * i, h], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[0] })?,
+            down: backend.alloc(vec![h, i], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[1] })?,
+        };
+        Ok(Self {
+            backend,
+            format,
+            n_experts,
+            sources,
+            ram,
+            files,
+            expert_bytes,
+            pinned_bytes,
+            state: Mutex::new(State { slots, owner_of, tick: 0, staging, next_staging: 0 }),
+            work: Mutex::new(work),
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn format(&self) -> ExpertFormat {
+        self.format
+    }
+
+    /// Runs `f` for each of `experts` (distinct ids of layer `l`, in the given order) with that
+    /// expert's weights on the device, moving in the ones no slot holds.
+    pub fn run_layer(
+        &self,
+        l: usize,
+        experts: &[u32],
+        f: &mut dyn FnMut(u32, &ExpertWeights<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let be = self.backend.as_ref();
+        if l >= self.sources.len() {
+            return Err(ModelError::Stream(format!("expert cache: layer {l} of {}", self.sources.len())));
+        }
+        if let Some(&e) = experts.iter().find(|&&e| e as usize >= self.n_experts) {
+            return Err(ModelError::Stream(format!("expert cache: expert {e} of {}", self.n_experts)));
+        }
+        let mut st = lock(&self.state)?;
+        let mut work = lock(&self.work)?;
+        let keys: Vec<usize> = experts.iter().map(|&e| l * self.n_experts + e as usize).collect();
+        // Slots holding an expert this call still has to compute are not evicted if avoidable.
+        let mut needed = vec![false; st.slots.len()];
+        for k in &keys {
+            if let Some(&s) = st.owner_of.get(k) {
+                needed[s] = true;
+            }
+        }
+        let mut pending: VecDeque<(usize, Option<Marker>)> = VecDeque::new();
+        let mut queued = 0;
+        for &e in experts {
+            while queued < keys.len() && pending.len() < LOOKAHEAD {
+                let force = pending.is_empty();
+                match self.place(&mut st, &mut needed, keys[queued], force)? {
+                    Some(p) => {
+                        pending.push_back(p);
+                        queued += 1;
+                    }
+                    None => break,
+                }
+            }
+            let (slot, ready) =
+                pending.pop_front().ok_or_else(|| ModelError::Stream(format!("expert cache: no slot for expert {e}")))?;
+            if let Some(m) = &ready {
+                be.compute_wait(m)?;
+            }
+            st.tick += 1;
+            let tick = st.tick;
+            let s = &mut st.slots[slot];
+            s.last_use = tick;
+            self.unpack(s, &mut work)?;
+            // The slot's bytes are read only by the unpack: a copy may refill it after that.
+            s.free = Some(be.compute_marker()?);
+            needed[slot] = false;
+            let w = ExpertWeights {
+                gate_up: &work.gate_up,
+                down: &work.down,
+                gate_up_bias: &st.slots[slot].parts[self.format.parts().len() - 2],
+                down_bias: &st.slots[slot].parts[self.format.parts().len() - 1],
+            };
+            f(e, &w)?;
+        }
+        Ok(())
+    }
+
+    /// A slot holding expert `key` and the marker its copy passes (None on a hit). Without a
+    /// free slot, None unless `force`, which then evicts the least recently used slot even if
+    /// this call needs it later.
+    fn place(&self, st: &mut State, needed: &mut [bool], key: usize, force: bool) -> Result<Option<(usize, Option<Marker>)>> {
+        if let Some(&s) = st.owner_of.get(&key) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some((s, None)));
+        }
+        let victim = (0..st.slots.len())
+            .filter(|&s| !needed[s] || force)
+            .min_by_key(|&s| (needed[s], st.slots[s].owner.is_some(), st.slots[s].last_use));
+        let Some(victim) = victim else { return Ok(None) };
+        if let Some(old) = st.slots[victim].owner.take() {
+            st.owner_of.remove(&old);
+        }
+        let be = self.backend.as_ref();
+        if let Some(m) = st.slots[victim].free.take() {
+            be.copy_wait(&m)?;
+        }
+        let (l, e) = (key / self.n_experts, key % self.n_experts);
+        let parts = &self.sources[l];
+        match &self.ram[l] {
+            Some((buf, positions)) => {
+                for ((src, &pos), dst) in parts.iter().zip(positions).zip(st.slots[victim].parts.iter_mut()) {
+                    be.copy_to_device_async(buf, pos + e * src.len as usize, dst)?;
+                }
+                self.counters.ram_loads.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                let n = st.staging.len();
+                if n == 0 {
+                    return Err(ModelError::Stream(format!("expert cache: layer {l} has no home for its experts")));
+                }
+                let which = st.next_staging % n;
+                st.next_staging += 1;
+                let State { staging, slots, .. } = &mut *st;
+                let sb = &mut staging[which];
+                if let Some(m) = sb.free.take() {
+                    be.host_wait(&m)?;
+                }
+                let started = Instant::now();
+                let mut at = 0usize;
+                let mut offsets = Vec::with_capacity(parts.len());
+                for src in parts {
+                    let (start, end) = aligned_span(src.offset + e as u64 * src.len, src.len as usize);
+                    self.files[src.file]
+                        .read_span_parallel(start, end, &mut sb.buf.as_mut_slice()[at..], READERS)
+                        .map_err(|err| ModelError::Stream(format!("reading layer {l} expert {e}: {err}")))?;
+                    offsets.push(at + (src.offset + e as u64 * src.len - start) as usize);
+                    at += (end - start) as usize;
+                }
+                let c = &self.counters;
+                c.disk_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                c.disk_bytes.fetch_add(self.expert_bytes, Ordering::Relaxed);
+                c.disk_loads.fetch_add(1, Ordering::Relaxed);
+                for (&off, dst) in offsets.iter().zip(slots[victim].parts.iter_mut()) {
+                    be.copy_to_device_async(&sb.buf, off, dst)?;
+                }
+                sb.free = Some(be.copy_marker()?);
+            }
+        }
+        self.counters.copy_bytes.fetch_add(self.expert_bytes, Ordering::Relaxed);
+        let ready = be.copy_marker()?;
+        let slot = &mut st.slots[victim];
+        slot.owner = Some(key);
+        st.owner_of.insert(key, victim);
+        needed[victim] = true;
+        Ok(Some((victim, Some(ready))))
+    }
+
+    /// The slot's matrices into `work` in nn.Linear layout.
+    fn unpack(&self, slot: &Slot, work: &mut Work) -> Result<()> {
+        let be = self.backend.as_ref();
+        let p = &slot.parts;
+        match self.format {
+            ExpertFormat::Mxfp4 => {
+                be.dequant_mxfp4(&p[0], &p[1], &mut work.gate_up)?;
+                be.dequant_mxfp4(&p[2], &p[3], &mut work.down)?;
+            }
+            ExpertFormat::Dense => {
+                be.transpose(&p[0], &mut work.gate_up)?;
+                be.transpose(&p[1], &mut work.down)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> ExpertStats {
+        let c = &self.counters;
+        let slots = self.state.lock().map_or(0, |s| s.slots.len());
+        ExpertStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            ram_loads: c.ram_loads.load(Ordering::Relaxed),
+            disk_loads: c.disk_loads.load(Ordering::Relaxed),
+            copy_bytes: c.copy_bytes.load(Ordering::Relaxed),
+            disk_bytes: c.disk_bytes.load(Ordering::Relaxed),
+            disk_secs: c.disk_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            slots,
+            experts: self.sources.len() * self.n_experts,
+            expert_bytes: self.expert_bytes,
+            pinned_bytes: self.pinned_bytes,
+        }
+    }
+
+    /// The checkpoint files the experts are read from (for measuring their disk bound).
+    pub fn file_paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path().to_path_buf()).collect()
+    }
+}
+
+impl Drop for ExpertCache {
+    fn drop(&mut self) {
+        // Copies into the slots may still be in flight; their memory is freed on the compute
+        // queue, so make it wait for them.
+        if let Ok(m) = self.backend.copy_marker() {
+            let _ = self.backend.compute_wait(&m);
+        }
+    }
+}

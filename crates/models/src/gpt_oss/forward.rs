@@ -1,0 +1,473 @@
+//! The GPT-OSS model: weights on a backend and the forward pass of models.md §3.3. Attention
+//! and router weights are per-layer tensors (resident or streamed like Llama's layers); the
+//! experts go through an [`ExpertCache`].
+
+use std::sync::Arc;
+
+use ollm_kv::{KvShape, SeqState};
+use ollm_ops::{Backend, NormKind, RopeTable, RouterMode, Tensor};
+use ollm_weights::Catalog;
+
+use super::config::{GptOssConfig, SWIGLU_ALPHA};
+use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::rope::upload_table;
+use crate::common::weights::Loader;
+use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use crate::plan::{Placement, Tier};
+use crate::stream::{LayerStream, LayerTensors, StreamStats, streamed_layers};
+use crate::trace::TraceSink;
+use crate::{CausalLm, LogitsWanted, ModelError, ModelInfo, Result};
+
+const EMBED: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+fn layer_name(l: usize, suffix: &str) -> String {
+    format!("model.layers.{l}.{suffix}")
+}
+
+/// Rows of one attention tile (as for Llama).
+pub const PREFILL_TILE: usize = 1024;
+/// Rows routed together: each expert is moved at most once per this many prompt tokens.
+pub const MOE_CHUNK: usize = 8192;
+/// Rows one expert multiplies at a time (bounds the expert activations).
+pub const EXPERT_ROWS: usize = 1024;
+
+/// One decoder layer's weights, the experts aside.
+#[derive(Debug)]
+pub struct Layer {
+    input_norm: Tensor,
+    attn: AttnWeights,
+    post_attn_norm: Tensor,
+    router: Tensor,
+    router_bias: Tensor,
+}
+
+/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts.
+const SUFFIXES: [&str; 12] = [
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.sinks",
+    "post_attention_layernorm.weight",
+    "mlp.router.weight",
+    "mlp.router.bias",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+];
+const O_BIAS: &str = "self_attn.o_proj.bias";
+
+impl Layer {
+    fn load(ld: &Loader<'_>, cfg: &GptOssConfig, l: usize) -> Result<Self> {
+        let (h, e) = (cfg.hidden_size, cfg.n_experts);
+        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let ab = cfg.attention_bias;
+        let n = |s: &str| layer_name(l, s);
+        Ok(Layer {
+            input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
+            attn: AttnWeights {
+                q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
+                k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
+                v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
+                o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
+                q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
+                k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
+                v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
+                o_bias: ld.tensor_if(ab, &n(O_BIAS), &[h])?,
+                sinks: Some(ld.tensor(&n("self_attn.sinks"), &[cfg.n_heads])?),
+            },
+            post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
+            router: ld.tensor(&n("mlp.router.weight"), &[e, h])?,
+            router_bias: ld.tensor(&n("mlp.router.bias"), &[e])?,
+        })
+    }
+
+    fn suffixes(&self) -> Vec<&'static str> {
+        let biased = self.attn.q_bias.is_some();
+        let mut v: Vec<&'static str> = SUFFIXES.iter().copied().filter(|s| biased || !s.ends_with("proj.bias")).collect();
+        if self.attn.o_bias.is_some() {
+            v.push(O_BIAS);
+        }
+        v
+    }
+}
+
+impl LayerTensors for Layer {
+    fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
+        match suffix {
+            "input_layernorm.weight" => Some(&mut self.input_norm),
+            "self_attn.q_proj.weight" => Some(&mut self.attn.q),
+            "self_attn.k_proj.weight" => Some(&mut self.attn.k),
+            "self_attn.v_proj.weight" => Some(&mut self.attn.v),
+            "self_attn.o_proj.weight" => Some(&mut self.attn.o),
+            "self_attn.q_proj.bias" => self.attn.q_bias.as_mut(),
+            "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
+            "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
+            "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
+            "self_attn.sinks" => self.attn.sinks.as_mut(),
+            "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
+            "mlp.router.weight" => Some(&mut self.router),
+            "mlp.router.bias" => Some(&mut self.router_bias),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum LayerHome {
+    Resident(Box<Layer>),
+    Streamed(usize),
+}
+
+/// A loaded GPT-OSS model. Owns its weights; holds no per-sequence state.
+#[derive(Debug)]
+pub struct GptOss {
+    cfg: GptOssConfig,
+    info: ModelInfo,
+    backend: Arc<dyn Backend>,
+    embed: Tensor,
+    layers: Vec<LayerHome>,
+    stream: Option<LayerStream<Layer>>,
+    experts: ExpertCache,
+    final_norm: Tensor,
+    lm_head: Option<Tensor>,
+    rope: RopeTable,
+    kv_offload: Option<ollm_kv::KvOffload>,
+}
+
+/// The activations of one expert call of `n` rows.
+struct ExpertScratch {
+    n: usize,
+    x: Tensor,
+    gate_up: Tensor,
+    act: Tensor,
+    y: Tensor,
+}
+
+impl ExpertScratch {
+    fn new(be: &dyn Backend, n: usize, h: usize, i: usize) -> Result<Self> {
+        Ok(Self {
+            n,
+            x: be.zeros(vec![n, h])?,
+            gate_up: be.zeros(vec![n, 2 * i])?,
+            act: be.zeros(vec![n, i])?,
+            y: be.zeros(vec![n, h])?,
+        })
+    }
+}
+
+/// Row ranges `(start, len)` of `t` rows in pieces of at most `size`.
+fn pieces(t: usize, size: usize) -> Vec<(usize, usize)> {
+    (0..t).step_by(size).map(|a| (a, size.min(t - a))).collect()
+}
+
+impl GptOss {
+    /// Loads with `placement` (layers resident or streamed; experts resident unless
+    /// `placement.experts` says otherwise).
+    pub fn load_placed(
+        cfg: GptOssConfig,
+        architecture: String,
+        catalog: &Catalog,
+        backend: Arc<dyn Backend>,
+        placement: &Placement,
+    ) -> Result<Self> {
+        let ld = Loader { catalog, backend: backend.as_ref() };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        if placement.tiers.len() != cfg.n_layers {
+            return Err(ModelError::Stream(format!(
+                "the placement covers {} layers, the model has {}",
+                placement.tiers.len(),
+                cfg.n_layers
+            )));
+        }
+        let embed = ld.tensor(EMBED, &[v, h])?;
+        let streamed: Vec<usize> = (0..cfg.n_layers).filter(|&l| placement.tiers[l] != Tier::Vram).collect();
+        let k = placement.slots.min(streamed.len());
+        let streaming = k > 0 && streamed.len() > k;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        let mut slots = Vec::new();
+        for l in 0..cfg.n_layers {
+            match streamed.iter().position(|&s| s == l) {
+                Some(pos) if streaming => {
+                    if pos < k {
+                        slots.push(Layer::load(&ld, &cfg, l)?);
+                    }
+                    layers.push(LayerHome::Streamed(pos));
+                }
+                _ => layers.push(LayerHome::Resident(Box::new(Layer::load(&ld, &cfg, l)?))),
+            }
+        }
+        let stream = if streaming {
+            let suffixes = slots.first().map(Layer::suffixes).unwrap_or_default();
+            let specs = streamed_layers(catalog, &streamed, &suffixes, &placement.tiers)?;
+            Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
+        } else {
+            None
+        };
+        let experts = ExpertCache::new(
+            backend.clone(),
+            catalog,
+            cfg.n_layers,
+            cfg.n_experts,
+            (h, cfg.intermediate_size),
+            placement.experts.as_ref(),
+        )?;
+        let final_norm = ld.tensor(FINAL_NORM, &[h])?;
+        let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
+        let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
+        let weight_bytes = catalog.total_bytes();
+        let expert_stats = experts.stats();
+        let all_experts = expert_stats.expert_bytes * expert_stats.experts as u64;
+        let routed = expert_stats.expert_bytes * (cfg.n_layers * cfg.experts_per_token) as u64;
+        let embed_bytes = embed.size_bytes() as u64;
+        let dense = weight_bytes - all_experts;
+        let kvd = cfg.n_kv_heads * cfg.head_dim;
+        let info = ModelInfo {
+            architecture,
+            vocab_size: v,
+            hidden_size: h,
+            n_layers: cfg.n_layers,
+            max_positions: cfg.max_positions,
+            weight_bytes,
+            weight_bytes_per_token: routed + if lm_head.is_some() { dense - embed_bytes } else { dense },
+            kv_bytes_per_position: (2 * cfg.n_layers * kvd * backend.kv_dtype().size_bytes()) as u64,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            bos_token_id: cfg.bos_token_id,
+            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
+        };
+        let kv_offload = placement.kv.clone();
+        Ok(Self { cfg, info, backend, embed, layers, stream, experts, final_norm, lm_head, rope, kv_offload })
+    }
+
+    pub fn config(&self) -> &GptOssConfig {
+        &self.cfg
+    }
+
+    fn dims(&self) -> AttnDims {
+        AttnDims {
+            hidden: self.cfg.hidden_size,
+            n_heads: self.cfg.n_heads,
+            n_kv_heads: self.cfg.n_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// `x += Attn(RMS(x))` for the rows of one tile at positions `pos0..`.
+    fn attention_block(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: &mut Tensor,
+        pos0: usize,
+        state: &mut SeqState,
+        (normed, attn): (&mut Tensor, &mut AttnScratch),
+        trace: Option<&dyn TraceSink>,
+    ) -> Result<()> {
+        let be = self.backend.as_ref();
+        be.rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
+        let scale = (self.cfg.head_dim as f32).powf(-0.5);
+        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: self.cfg.window(l) };
+        self_attention(be, &layer.attn, normed, state.layer_mut(l), &call, attn, trace)?;
+        be.add_assign(x, &attn.out)?;
+        Ok(())
+    }
+
+    /// `x += MoE(RMS(x))` for the rows of one chunk (models.md §3.3): route every row, then
+    /// run each chosen expert once over all the rows that chose it, the weighted outputs summed
+    /// in f32.
+    fn moe_block(&self, l: usize, layer: &Layer, x: &mut Tensor, normed: &mut Tensor) -> Result<()> {
+        let be = self.backend.as_ref();
+        let (c, h) = (x.shape()[0], self.cfg.hidden_size);
+        let (n_e, k) = (self.cfg.n_experts, self.cfg.experts_per_token);
+        be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
+        let mut logits = be.zeros(vec![c, n_e])?;
+        be.matmul(normed, &layer.router, Some(&layer.router_bias), &mut logits)?;
+        let (ids, weights) = be.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
+        let mut rows: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_e];
+        for (r, (ids, ws)) in ids.chunks_exact(k).zip(weights.chunks_exact(k)).enumerate() {
+            for (&e, &w) in ids.iter().zip(ws) {
+                let (rs, wv) = &mut rows[e as usize];
+                rs.push(r as u32);
+                wv.push(w);
+            }
+        }
+        let used: Vec<u32> = (0..n_e as u32).filter(|&e| !rows[e as usize].0.is_empty()).collect();
+        let mut acc = be.zeros(vec![c, h])?;
+        let mut scratch: Option<ExpertScratch> = None;
+        let inter = self.cfg.intermediate_size;
+        let limit = self.cfg.swiglu_limit;
+        self.experts.run_layer(l, &used, &mut |e, w: &ExpertWeights<'_>| {
+            let (rs, wv) = &rows[e as usize];
+            for (sub, sub_w) in rs.chunks(EXPERT_ROWS).zip(wv.chunks(EXPERT_ROWS)) {
+                let s = match scratch.take() {
+                    Some(s) if s.n == sub.len() => scratch.insert(s),
+                    _ => scratch.insert(ExpertScratch::new(be, sub.len(), h, inter)?),
+                };
+                be.gather_rows(normed, sub, &mut s.x)?;
+                be.matmul(&s.x, w.gate_up, Some(w.gate_up_bias), &mut s.gate_up)?;
+                be.clamped_swiglu(&s.gate_up, limit, SWIGLU_ALPHA, &mut s.act)?;
+                be.matmul(&s.act, w.down, Some(w.down_bias), &mut s.y)?;
+                be.scatter_add_rows(&s.y, sub, sub_w, &mut acc)?;
+            }
+            Ok(())
+        })?;
+        be.add_assign(x, &acc)?;
+        Ok(())
+    }
+
+    /// Applies `f` to each piece of `x` (rows `pieces`): to x itself when there is one piece,
+    /// else to a copy of the piece's rows that is written back after.
+    fn each_piece(
+        &self,
+        x: &mut Tensor,
+        pieces: &[(usize, usize)],
+        f: &mut dyn FnMut(&mut Tensor, usize) -> Result<()>,
+    ) -> Result<()> {
+        let be = self.backend.as_ref();
+        if pieces.len() == 1 {
+            return f(x, 0);
+        }
+        let h = self.cfg.hidden_size;
+        let mut buf: Option<Tensor> = None;
+        for &(start, n) in pieces {
+            let xt = match buf.take() {
+                Some(b) if b.shape()[0] == n => buf.insert(b),
+                _ => buf.insert(be.zeros(vec![n, h])?),
+            };
+            be.copy_rows(x, start..start + n, xt)?;
+            f(xt, start)?;
+            be.write_rows(xt, x, start)?;
+        }
+        Ok(())
+    }
+
+    /// The experts' counters.
+    pub fn expert_stats(&self) -> ExpertStats {
+        self.experts.stats()
+    }
+}
+
+impl CausalLm for GptOss {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    fn stream_stats(&self) -> Option<StreamStats> {
+        self.stream.as_ref().map(LayerStream::stats)
+    }
+
+    fn expert_stats(&self) -> Option<ExpertStats> {
+        Some(self.experts.stats())
+    }
+
+    fn new_state(&self) -> Result<SeqState> {
+        let shape = KvShape { n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim };
+        let shapes = vec![shape; self.cfg.n_layers];
+        let be = self.backend.as_ref();
+        Ok(match &self.kv_offload {
+            Some(cfg) => {
+                SeqState::offloaded(be, shapes, self.cfg.max_positions, cfg.window_positions.max(256), cfg.clone())?
+            }
+            None => SeqState::new(be, shapes, self.cfg.max_positions)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut SeqState,
+        wanted: LogitsWanted,
+        trace: Option<&dyn TraceSink>,
+    ) -> Result<Vec<f32>> {
+        let be = self.backend.as_ref();
+        let (t, h, eps) = (ids.len(), self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        if t == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
+        }
+        let pos0 = state.len();
+        if pos0 + t > self.cfg.max_positions {
+            return Err(ModelError::ContextOverflow { needed: pos0 + t, max: self.cfg.max_positions });
+        }
+        state.reserve(be, pos0 + t)?;
+        state.begin(be, t)?;
+
+        let mut x = be.zeros(vec![t, h])?;
+        be.embedding(&self.embed, ids, &mut x)?;
+        if let Some(tr) = trace {
+            tr.record(None, "embed", &x);
+        }
+        let tiles = pieces(t, PREFILL_TILE);
+        let chunks = pieces(t, MOE_CHUNK);
+        let dims = self.dims();
+        // Scratch for full-size pieces; a shorter last piece gets its own.
+        let mut attn_bufs: Vec<(Tensor, AttnScratch)> = Vec::new();
+        let mut moe_bufs: Vec<Tensor> = Vec::new();
+        for (l, home) in self.layers.iter().enumerate() {
+            state.acquire(be, l)?;
+            let mut run = |layer: &Layer| -> Result<()> {
+                let one = tiles.len() == 1;
+                self.each_piece(&mut x, &tiles, &mut |xt, start| {
+                    let n = xt.shape()[0];
+                    let i = match attn_bufs.iter().position(|(b, _)| b.shape()[0] == n) {
+                        Some(i) => i,
+                        None => {
+                            attn_bufs.push((be.zeros(vec![n, h])?, AttnScratch::new(be, n, &dims)?));
+                            attn_bufs.len() - 1
+                        }
+                    };
+                    let (normed, attn) = &mut attn_bufs[i];
+                    self.attention_block(l, layer, xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
+                })?;
+                self.each_piece(&mut x, &chunks, &mut |xc, _| {
+                    let n = xc.shape()[0];
+                    let i = match moe_bufs.iter().position(|b| b.shape()[0] == n) {
+                        Some(i) => i,
+                        None => {
+                            moe_bufs.push(be.zeros(vec![n, h])?);
+                            moe_bufs.len() - 1
+                        }
+                    };
+                    self.moe_block(l, layer, xc, &mut moe_bufs[i])
+                })?;
+                if let Some(tr) = trace {
+                    tr.record(Some(l), "layer_out", &x);
+                }
+                Ok(())
+            };
+            match (home, &self.stream) {
+                (LayerHome::Resident(layer), _) => run(layer)?,
+                (LayerHome::Streamed(i), Some(stream)) => stream.with_layer(*i, run)?,
+                (LayerHome::Streamed(_), None) => {
+                    return Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")));
+                }
+            }
+            state.release(be, l)?;
+        }
+        state.advance(t);
+
+        let rows = match wanted {
+            LogitsWanted::Last => t - 1..t,
+            LogitsWanted::All => 0..t,
+        };
+        let mut last = be.zeros(vec![rows.len(), h])?;
+        be.copy_rows(&x, rows.clone(), &mut last)?;
+        let mut last_normed = be.zeros(vec![rows.len(), h])?;
+        be.rms_norm(&last, &self.final_norm, eps, NormKind::Oss, &mut last_normed)?;
+        if let Some(tr) = trace {
+            tr.record(None, "final_norm", &last_normed);
+        }
+        let mut logits = be.zeros(vec![rows.len(), self.cfg.vocab_size])?;
+        be.matmul(&last_normed, self.lm_head.as_ref().unwrap_or(&self.embed), None, &mut logits)?;
+        Ok(be.to_host_f32(&logits)?)
+    }
+}
