@@ -146,7 +146,7 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     };
     let placement = plan
         .as_ref()
-        .filter(|p| p.kv.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram))
+        .filter(|p| p.kv.is_some() || p.experts.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram))
         .map(|p| p.placement(spill.as_ref().map_or(Path::new("."), |(d, _)| d.as_path())));
     if let (Some(p), Some(_)) = (&plan, &placement) {
         eprintln!("[ollm] streaming: {}", crate::planning::describe(p));
@@ -227,6 +227,26 @@ impl Loaded {
             crate::resources::human_bytes(s.pinned_bytes),
             s.ram_layers,
             s.wait_secs,
+        ))
+    }
+
+    /// The expert cache's counters, for MoE models (`--stats`).
+    pub fn expert_line(&self) -> Option<String> {
+        let s = self.model.expert_stats()?;
+        let uses = s.hits + s.ram_loads + s.disk_loads;
+        let hb = crate::resources::human_bytes;
+        Some(format!(
+            "[ollm] experts: {} slots for {} experts of {} | {uses} uses, hit rate {:.1}% ({} hits, {} copied from pinned RAM, {} read from disk) | copies {} | disk {} | pinned RAM {}",
+            s.slots,
+            s.experts,
+            hb(s.expert_bytes),
+            100.0 * s.hit_rate(),
+            s.hits,
+            s.ram_loads,
+            s.disk_loads,
+            hb(s.copy_bytes),
+            hb(s.disk_bytes),
+            hb(s.pinned_bytes),
         ))
     }
 

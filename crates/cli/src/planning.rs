@@ -75,7 +75,16 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     // One prefill tile's scratch (q, k, v and the attention output counted as four q-sized rows,
     // an overestimate), plus the residual stream of a whole prefill call.
     let tile = ollm_models::llama3::PREFILL_TILE.min(context);
-    let act = activation_bytes(&m, tile, 4 * m.hidden_size) + 4 * (m.hidden_size * PREFILL_CHUNK.min(context)) as u64;
+    let mut act = activation_bytes(&m, tile, 4 * m.q_dim.max(m.hidden_size))
+        + 4 * (m.hidden_size * PREFILL_CHUNK.min(context)) as u64;
+    if m.experts.is_some() {
+        // A routed chunk's normed rows, sum and copy, one expert call's rows, and the two
+        // unpacked bf16 matrices.
+        let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+        let chunk = ollm_models::gpt_oss::MOE_CHUNK.min(PREFILL_CHUNK).min(context) as u64;
+        let rows = ollm_models::gpt_oss::EXPERT_ROWS.min(context) as u64;
+        act += 4 * 3 * chunk * h + 4 * rows * (2 * h + 3 * i) + 2 * 3 * h * i;
+    }
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
@@ -89,6 +98,7 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         slots: SLOTS,
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),
         kv_offload: b.kv_offload,
+        experts: m.experts,
     })
 }
 
@@ -116,8 +126,17 @@ pub fn describe(p: &Plan) -> String {
             crate::resources::human_bytes(k.window_bytes)
         )
     });
+    let experts = p.experts.as_ref().map_or(String::new(), |e| {
+        let ram = e.ram_layers.iter().filter(|r| **r).count();
+        format!(
+            "; experts through {} device slots, {} layers' experts in pinned RAM, {} read from disk",
+            e.slots,
+            ram,
+            e.ram_layers.len() - ram
+        )
+    });
     format!(
-        "{} layers in VRAM, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}",
+        "{} layers in VRAM, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}{experts}",
         count(Tier::Vram),
         count(Tier::Ram),
         count(Tier::Disk),

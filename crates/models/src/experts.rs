@@ -277,8 +277,11 @@ impl ExpertCache {
         let mut pinned_bytes = 0u64;
         if resident {
             // Every expert gets its own slot, filled from the checkpoint now.
-            let readers: Vec<ollm_io::ReadFile> =
-                catalog.file_paths().iter().map(|p| ollm_io::ReadFile::open(p)).collect::<std::result::Result<_, _>>()?;
+            let readers: Vec<ollm_io::ReadFile> = catalog
+                .file_paths()
+                .iter()
+                .map(|p| ollm_io::ReadFile::open(p))
+                .collect::<std::result::Result<_, _>>()?;
             for l in 0..layers {
                 for e in 0..n_experts {
                     let mut slot = alloc_slot(Some(l * n_experts + e))?;
@@ -325,7 +328,8 @@ impl ExpertCache {
             }
         }
         let work = Work {
-            gate_up: backend.alloc(vec![2 * i, h], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[0] })?,
+            gate_up: backend
+                .alloc(vec![2 * i, h], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[0] })?,
             down: backend.alloc(vec![h, i], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[1] })?,
         };
         Ok(Self {
@@ -385,8 +389,9 @@ impl ExpertCache {
                     None => break,
                 }
             }
-            let (slot, ready) =
-                pending.pop_front().ok_or_else(|| ModelError::Stream(format!("expert cache: no slot for expert {e}")))?;
+            let (slot, ready) = pending
+                .pop_front()
+                .ok_or_else(|| ModelError::Stream(format!("expert cache: no slot for expert {e}")))?;
             if let Some(m) = &ready {
                 be.compute_wait(m)?;
             }
@@ -412,7 +417,13 @@ impl ExpertCache {
     /// A slot holding expert `key` and the marker its copy passes (None on a hit). Without a
     /// free slot, None unless `force`, which then evicts the least recently used slot even if
     /// this call needs it later.
-    fn place(&self, st: &mut State, needed: &mut [bool], key: usize, force: bool) -> Result<Option<(usize, Option<Marker>)>> {
+    fn place(
+        &self,
+        st: &mut State,
+        needed: &mut [bool],
+        key: usize,
+        force: bool,
+    ) -> Result<Option<(usize, Option<Marker>)>> {
         if let Some(&s) = st.owner_of.get(&key) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some((s, None)));

@@ -64,6 +64,30 @@ pub struct PlanInput {
     /// Where the KV cache goes: None decides (on the device when the budget holds it beside the
     /// smallest streaming setup, else off it), Some(true) off the device, Some(false) on it.
     pub kv_offload: Option<bool>,
+    /// MoE models: the experts, which go through an expert cache instead of the layer tiers
+    /// (`layer_bytes` and `resident_bytes` leave them out).
+    pub experts: Option<ExpertBytes>,
+}
+
+/// The experts of a MoE model, as the planner sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertBytes {
+    /// Experts in all (layers × experts per layer).
+    pub count: usize,
+    /// Experts per layer.
+    pub per_layer: usize,
+    /// Bytes of one expert as stored (packed MXFP4 or dense), biases included.
+    pub unit: u64,
+    /// Experts one decoded token routes to (layers × k).
+    pub per_token: usize,
+}
+
+impl ExpertBytes {
+    /// Device slots a layer's compute needs at the least: its k experts, twice over, so copies
+    /// of the next ones overlap the current one's compute.
+    pub fn min_slots(&self) -> usize {
+        (2 * self.per_token / (self.count / self.per_layer.max(1)).max(1)).clamp(1, self.count.max(1))
+    }
 }
 
 /// Positions per block of an offloaded KV cache.
@@ -83,6 +107,9 @@ pub struct Plan {
     pub per_token: TokenTime,
     /// Some when the KV cache lives off the device: its pinned RAM (beyond it, blocks spill).
     pub kv: Option<KvPlan>,
+    /// MoE models whose experts do not all stay on the device: the expert cache's slots and
+    /// which layers' experts wait in pinned RAM.
+    pub experts: Option<crate::experts::ExpertPlacement>,
 }
 
 /// An offloaded KV cache: two device windows of `window_bytes` each, blocks of `block`
@@ -109,7 +136,7 @@ impl Plan {
                 spill_dir: spill_dir.to_path_buf(),
                 window_positions: k.window_positions,
             }),
-            experts: None,
+            experts: self.experts.clone(),
         }
     }
 }
@@ -196,7 +223,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     // Offloaded, the device holds two windows of one layer's cache each.
     let kv_windows = 2 * kv_all.div_ceil(n as u64);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
-    let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes;
+    let expert_min = input.experts.map_or(0, |e| e.min_slots() as u64 * e.unit);
+    let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes + expert_min;
     let kv_offloaded = match input.kv_offload {
         Some(off) => off,
         None => base + kv_all + input.slots.max(1) as u64 * slot_bytes > input.vram_budget && kv_windows < kv_all,
@@ -247,8 +275,44 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let staging_buffers = if disk_count > 0 { slots.max(2) } else { 0 };
 
     let vram_layers = tier_bytes(&tiers, &input.layer_bytes, Tier::Vram);
-    let ram_bytes = tier_bytes(&tiers, &input.layer_bytes, Tier::Ram);
+    let mut ram_bytes = tier_bytes(&tiers, &input.layer_bytes, Tier::Ram);
+    let mut vram_bytes = fixed + vram_layers + slots as u64 * slot_bytes;
     let mut per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv_all, input.bandwidth);
+    // Experts: the VRAM left over becomes expert slots (all of them: no cache needed); pinned
+    // RAM left after the layers holds whole layers' experts, the disk the rest.
+    let experts = match input.experts {
+        None => None,
+        Some(e) => {
+            let room = input.vram_budget.saturating_sub(vram_bytes);
+            let extra = room.checked_div(e.unit).map_or(0, |x| x as usize);
+            let slots_e = (e.min_slots() + extra).min(e.count);
+            vram_bytes += (slots_e - e.min_slots()) as u64 * e.unit;
+            let layers_e = e.count / e.per_layer.max(1);
+            let layer_experts = e.per_layer as u64 * e.unit;
+            let mut ram_layers = vec![false; layers_e];
+            for r in ram_layers.iter_mut() {
+                if layer_experts <= ram_left {
+                    *r = true;
+                    ram_left -= layer_experts;
+                }
+            }
+            let in_ram = ram_layers.iter().filter(|r| **r).count();
+            ram_bytes += in_ram as u64 * layer_experts;
+            // Per token: the routed experts' packed bytes are read on the device; those no slot
+            // holds (uniform routing: 1 − slots/count of them) are copied, and read from disk
+            // where their layer's experts are not in RAM.
+            let routed = e.per_token as f64 * e.unit as f64;
+            let miss = 1.0 - slots_e as f64 / e.count.max(1) as f64;
+            let disk_share = (layers_e - in_ram) as f64 / layers_e.max(1) as f64;
+            per_token.compute_s += routed / input.bandwidth.device;
+            per_token.copy_s += routed * miss / input.bandwidth.host_to_device;
+            per_token.disk_s += routed * miss * disk_share / input.bandwidth.disk;
+            if in_ram < layers_e {
+                ram_bytes += 2 * e.unit;
+            }
+            (slots_e < e.count).then_some(crate::experts::ExpertPlacement { slots: slots_e, ram_layers })
+        }
+    };
     // An offloaded cache's blocks come over every token too: from RAM what the budget left
     // after the layers holds, from the spill file the rest.
     let kv_plan = kv_offloaded.then_some(KvPlan {
@@ -267,10 +331,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         slots,
         slot_bytes,
         staging_buffers,
-        vram_bytes: fixed + vram_layers + slots as u64 * slot_bytes,
+        vram_bytes,
         ram_bytes: ram_bytes + staging_buffers as u64 * slot_bytes + kv_ram,
         per_token,
         kv: kv_plan,
+        experts,
     })
 }
 
@@ -319,7 +384,42 @@ mod tests {
             slots: 2,
             bandwidth: Bandwidths { device: 2.9e12, host_to_device: 55e9, disk: 1.1e9 },
             kv_offload: None,
+            experts: None,
         }
+    }
+
+    /// GPT-OSS-20B with MXFP4 experts: 24 layers of 53 MiB (attention, router), 768 experts of
+    /// 12.7 MiB, embedding + head 2 × 1.08 GiB.
+    fn gpt_oss_20b(vram: u64, ram: u64) -> PlanInput {
+        let unit = 2 * 2880 * (2880 / 2 + 2880 / 32) + 2880 * (2880 / 2 + 2880 / 32) + 2 * (2 * 2880 + 2880);
+        PlanInput {
+            layer_bytes: vec![55_000_000; 24],
+            resident_bytes: 2 * 201_088 * 2880 * 2,
+            kv_bytes_per_position: 24 * 2048,
+            experts: Some(ExpertBytes { count: 768, per_layer: 32, unit: unit as u64, per_token: 96 }),
+            ..llama8b(vram, ram, 16384)
+        }
+    }
+
+    #[test]
+    fn moe_experts_fill_the_vram_left_and_wait_in_ram() {
+        let p = plan(&gpt_oss_20b(8 * GIB, 64 * GIB)).expect("plan");
+        assert!(p.tiers.iter().all(|t| *t == Tier::Vram), "attention layers first: {:?}", p.tiers);
+        let e = p.experts.clone().expect("experts do not all fit in 8 GiB");
+        let input = gpt_oss_20b(8 * GIB, 64 * GIB);
+        let unit = input.experts.expect("experts").unit;
+        assert!(e.slots > 100 && e.slots < 768, "{}", e.slots);
+        assert!(p.vram_bytes <= 8 * GIB && p.vram_bytes + unit > 8 * GIB, "the budget is used: {}", p.vram_bytes);
+        assert!(e.ram_layers.iter().all(|r| *r));
+        // Copies: the routed experts that miss, 1 − slots/768 of 96 per token.
+        let miss = 1.0 - e.slots as f64 / 768.0;
+        assert!((p.per_token.copy_s - 96.0 * unit as f64 * miss / 55e9).abs() < 1e-9, "{:?}", p.per_token);
+        // No RAM: from disk, through two staging buffers.
+        let d = plan(&gpt_oss_20b(8 * GIB, 0)).expect("plan");
+        assert!(d.experts.expect("cache").ram_layers.iter().all(|r| !r));
+        assert!(d.per_token.disk_s > 0.2, "{:?}", d.per_token);
+        // A big card holds every expert: no cache.
+        assert!(plan(&gpt_oss_20b(80 * GIB, 0)).expect("plan").experts.is_none());
     }
 
     #[test]

@@ -70,40 +70,81 @@ pub struct ModelBytes {
     pub intermediate_size: usize,
     pub vocab_size: usize,
     pub max_positions: usize,
+    /// MoE models: the experts (not in `layer_bytes`).
+    pub experts: Option<crate::plan::ExpertBytes>,
+    /// Query heads × head dim (the attention output width).
+    pub q_dim: usize,
 }
 
 /// Reads a model directory's sizes for planning.
 pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     let raw = RawConfig::read(dir)?;
     let arch = raw.architecture()?;
-    let cfg = match arch.as_str() {
-        "LlamaForCausalLM" | "llama" => LlamaConfig::from_raw(&raw)?,
+    // (layers, hidden, intermediate, vocab, max positions, kv width, q width, experts (E, k))
+    let (n_layers, h, i, v, max_positions, kvd, q_dim, moe) = match arch.as_str() {
+        "LlamaForCausalLM" | "llama" => {
+            let c = LlamaConfig::from_raw(&raw)?;
+            let kvd = c.n_kv_heads * c.head_dim;
+            (
+                c.n_layers,
+                c.hidden_size,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_positions,
+                kvd,
+                c.n_heads * c.head_dim,
+                None,
+            )
+        }
+        "GptOssForCausalLM" | "gpt_oss" => {
+            let c = GptOssConfig::from_raw(&raw)?;
+            let kvd = c.n_kv_heads * c.head_dim;
+            let moe = Some((c.n_experts, c.experts_per_token));
+            (
+                c.n_layers,
+                c.hidden_size,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_positions,
+                kvd,
+                c.n_heads * c.head_dim,
+                moe,
+            )
+        }
         other => return Err(unsupported(&raw, other)),
     };
     let catalog = Catalog::open_dir(dir)?;
-    let mut layer_bytes = vec![0u64; cfg.n_layers];
+    let mut layer_bytes = vec![0u64; n_layers];
     let mut resident_bytes = 0u64;
+    let mut expert_bytes = 0u64;
     for e in catalog.entries() {
         let layer = e
             .name
             .strip_prefix("model.layers.")
             .and_then(|rest| rest.split('.').next())
             .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&l| l < cfg.n_layers);
+            .filter(|&l| l < n_layers);
         match layer {
+            Some(_) if moe.is_some() && e.name.contains(".mlp.experts.") => expert_bytes += e.len_bytes,
             Some(l) => layer_bytes[l] += e.len_bytes,
             None => resident_bytes += e.len_bytes,
         }
     }
+    let experts = moe.map(|(per_layer, k)| {
+        let count = n_layers * per_layer;
+        crate::plan::ExpertBytes { count, per_layer, unit: expert_bytes / count.max(1) as u64, per_token: n_layers * k }
+    });
     Ok(ModelBytes {
         architecture: arch,
         layer_bytes,
         resident_bytes,
-        kv_elems_per_position: (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim) as u64,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        vocab_size: cfg.vocab_size,
-        max_positions: cfg.max_positions,
+        kv_elems_per_position: (2 * n_layers * kvd) as u64,
+        hidden_size: h,
+        intermediate_size: i,
+        vocab_size: v,
+        max_positions,
+        experts,
+        q_dim,
     })
 }
 

@@ -197,7 +197,12 @@ pub fn streamed_layers(
                     streamed[0]
                 )));
             }
-            parts.push(Part { suffix: (*s).to_string(), file: entry.file, offset: entry.offset_bytes, len: entry.len_bytes });
+            parts.push(Part {
+                suffix: (*s).to_string(),
+                file: entry.file,
+                offset: entry.offset_bytes,
+                len: entry.len_bytes,
+            });
         }
         let home = if tiers.get(l) == Some(&crate::plan::Tier::Ram) { Home::Ram } else { Home::Disk };
         specs.push(StreamedLayer { layer: l, parts, home });

@@ -20,10 +20,11 @@ pub enum Like {
     Llama31_8B,
     Llama32_1B,
     Llama32_3B,
+    GptOss20B,
 }
 
 impl Like {
-    pub const NAMES: [&'static str; 3] = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b"];
+    pub const NAMES: [&'static str; 4] = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "gpt-oss-20b"];
 
     /// Parses a `--like` value; unknown names list the known ones.
     pub fn parse(name: &str) -> std::result::Result<Self, String> {
@@ -31,17 +32,19 @@ impl Like {
             "llama-3.1-8b" => Ok(Self::Llama31_8B),
             "llama-3.2-1b" => Ok(Self::Llama32_1B),
             "llama-3.2-3b" => Ok(Self::Llama32_3B),
+            "gpt-oss-20b" => Ok(Self::GptOss20B),
             other => Err(format!("unknown model shape '{other}'; choose one of {}", Self::NAMES.join(", "))),
         }
     }
 
-    /// The released model's config.json (meta-llama/Llama-3.x on the hub).
+    /// The released model's config.json (meta-llama/Llama-3.x, openai/gpt-oss on the hub).
     pub fn config(self) -> Value {
         // (hidden, intermediate, layers, heads, head_dim, tied, rope factor)
         let (h, i, l, nh, hd, tied, factor) = match self {
             Self::Llama31_8B => (4096, 14336, 32, 32, 128, false, 8.0),
             Self::Llama32_1B => (2048, 8192, 16, 32, 64, true, 32.0),
             Self::Llama32_3B => (3072, 8192, 28, 24, 128, true, 32.0),
+            Self::GptOss20B => return gpt_oss_20b_config(),
         };
         json!({
             "architectures": ["LlamaForCausalLM"],
@@ -80,6 +83,78 @@ const START_HEADER: u32 = 128006;
 const END_HEADER: u32 = 128007;
 const EOM: u32 = 128008;
 const EOT: u32 = 128009;
+
+/// openai/gpt-oss-20b's config.json (MXFP4 experts).
+fn gpt_oss_20b_config() -> Value {
+    let layer_types: Vec<&str> =
+        (0..24).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+    json!({
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "attention_bias": true,
+        "attention_dropout": 0.0,
+        "bos_token_id": harmony::START_OF_TEXT,
+        "eos_token_id": harmony::RETURN,
+        "pad_token_id": harmony::END_OF_TEXT,
+        "experts_per_token": 4,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 2880,
+        "layer_types": layer_types,
+        "max_position_embeddings": 131072,
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 8,
+        "num_local_experts": 32,
+        "output_router_logits": false,
+        "quantization_config": {
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+            "quant_method": "mxfp4"
+        },
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {
+            "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16",
+        "use_cache": true,
+        "vocab_size": 201088,
+    })
+}
+
+/// Special tokens of the o200k_harmony encoding (GPT-OSS) at their real ids.
+pub mod harmony {
+    pub const START_OF_TEXT: u32 = 199998;
+    pub const END_OF_TEXT: u32 = 199999;
+    pub const RETURN: u32 = 200002;
+    pub const CONSTRAIN: u32 = 200003;
+    pub const CHANNEL: u32 = 200005;
+    pub const START: u32 = 200006;
+    pub const END: u32 = 200007;
+    pub const MESSAGE: u32 = 200008;
+    pub const CALL: u32 = 200012;
+    /// (id, text) of every special token the synthetic tokenizer defines.
+    pub const SPECIALS: [(u32, &str); 9] = [
+        (START_OF_TEXT, "<|startoftext|>"),
+        (END_OF_TEXT, "<|endoftext|>"),
+        (RETURN, "<|return|>"),
+        (CONSTRAIN, "<|constrain|>"),
+        (CHANNEL, "<|channel|>"),
+        (START, "<|start|>"),
+        (END, "<|end|>"),
+        (MESSAGE, "<|message|>"),
+        (CALL, "<|call|>"),
+    ];
+}
 
 /// What `synth` will write: the config (with `num_hidden_layers` overridden by `layers`) and the
 /// tensors, grouped into shards of at most ~4 GiB that never split a layer.
@@ -153,6 +228,76 @@ pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan>
     }
     groups.push(last);
 
+    Ok(SynthPlan { config, shards: into_shards(groups) })
+}
+
+/// Plans a GPT-OSS model from `config`: bf16 attention, router, norms, sinks and biases; MXFP4
+/// experts (random FP4 codes under one scale, 2^-7, so expert weights have a spread like the
+/// others' 0.02).
+pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    if let Some(n) = layers {
+        if n == 0 {
+            return Err(ModelError::Config {
+                path: "synth".into(),
+                field: "--layers".into(),
+                detail: "must be at least 1".into(),
+            });
+        }
+        config["num_hidden_layers"] = json!(n);
+        if let Some(types) = config.get("layer_types").and_then(Value::as_array).cloned() {
+            config["layer_types"] = json!(types.into_iter().cycle().take(n).collect::<Vec<_>>());
+        }
+    }
+    let f = |n: &str| field(&config, n);
+    let (h, i, v, l) = (f("hidden_size")?, f("intermediate_size")?, f("vocab_size")?, f("num_hidden_layers")?);
+    let (nh, nkv, hd, e) =
+        (f("num_attention_heads")?, f("num_key_value_heads")?, f("head_dim")?, f("num_local_experts")?);
+    if h % 32 != 0 || i % 32 != 0 {
+        return Err(ModelError::Config {
+            path: "synth config".into(),
+            field: "hidden_size".into(),
+            detail: format!("MXFP4 experts need hidden_size ({h}) and intermediate_size ({i}) divisible by 32"),
+        });
+    }
+    let w = Init::Uniform(0.02 * 3f32.sqrt());
+    let t = |name: String, shape: Vec<usize>, init: Init| {
+        let dtype = if matches!(init, Init::Byte(_) | Init::RandomBytes) { DType::U8 } else { DType::BF16 };
+        SynthTensor { planned: PlannedTensor { name, dtype, shape }, init }
+    };
+    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t("model.embed_tokens.weight".into(), vec![v, h], w)]];
+    for layer in 0..l {
+        let n = |s: &str| format!("model.layers.{layer}.{s}");
+        groups.push(vec![
+            t(n("input_layernorm.weight"), vec![h], Init::Const(1.0)),
+            t(n("self_attn.q_proj.weight"), vec![nh * hd, h], w),
+            t(n("self_attn.q_proj.bias"), vec![nh * hd], w),
+            t(n("self_attn.k_proj.weight"), vec![nkv * hd, h], w),
+            t(n("self_attn.k_proj.bias"), vec![nkv * hd], w),
+            t(n("self_attn.v_proj.weight"), vec![nkv * hd, h], w),
+            t(n("self_attn.v_proj.bias"), vec![nkv * hd], w),
+            t(n("self_attn.o_proj.weight"), vec![h, nh * hd], w),
+            t(n("self_attn.o_proj.bias"), vec![h], w),
+            t(n("self_attn.sinks"), vec![nh], w),
+            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(1.0)),
+            t(n("mlp.router.weight"), vec![e, h], w),
+            t(n("mlp.router.bias"), vec![e], w),
+            t(n("mlp.experts.gate_up_proj_blocks"), vec![e, 2 * i, h / 32, 16], Init::RandomBytes),
+            t(n("mlp.experts.gate_up_proj_scales"), vec![e, 2 * i, h / 32], Init::Byte(120)),
+            t(n("mlp.experts.gate_up_proj_bias"), vec![e, 2 * i], w),
+            t(n("mlp.experts.down_proj_blocks"), vec![e, h, i / 32, 16], Init::RandomBytes),
+            t(n("mlp.experts.down_proj_scales"), vec![e, h, i / 32], Init::Byte(120)),
+            t(n("mlp.experts.down_proj_bias"), vec![e, h], w),
+        ]);
+    }
+    groups.push(vec![
+        t("model.norm.weight".into(), vec![h], Init::Const(1.0)),
+        t("lm_head.weight".into(), vec![v, h], w),
+    ]);
+    Ok(SynthPlan { config, shards: into_shards(groups) })
+}
+
+/// Groups of tensors (one layer each) into shards of at most ~4 GiB that never split a group.
+fn into_shards(groups: Vec<Vec<SynthTensor>>) -> Vec<Vec<SynthTensor>> {
     let mut shards: Vec<Vec<SynthTensor>> = vec![Vec::new()];
     let mut bytes = 0u64;
     for g in groups {
@@ -166,12 +311,56 @@ pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan>
             s.extend(g);
         }
     }
-    Ok(SynthPlan { config, shards })
+    shards
 }
 
-/// A byte-level BPE tokenizer (no merges: one token per byte, ids 0..255; reserved fillers up to
-/// 127999) with Llama-3's special tokens at their real ids, and its chat template.
-pub fn llama3_tokenizer_files() -> (Value, Value, Value) {
+/// A byte-level tokenizer for GPT-OSS shapes: bytes 0..255 as for Llama, fillers up to the
+/// o200k_harmony specials at their real ids, the harmony chat format as its template.
+pub fn harmony_tokenizer_files() -> (Value, Value, Value) {
+    let tokenizer = byte_tokenizer(harmony::START_OF_TEXT, 201_088, &harmony::SPECIALS, None);
+    let tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|return|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 131072,
+        "chat_template": HARMONY_TEMPLATE,
+    });
+    let generation = json!({
+        "bos_token_id": harmony::START_OF_TEXT,
+        "eos_token_id": [harmony::RETURN, harmony::END_OF_TEXT, harmony::CALL],
+        "pad_token_id": harmony::END_OF_TEXT,
+    });
+    (tokenizer, tokenizer_config, generation)
+}
+
+/// The harmony chat format (the message layout of openai/gpt-oss's template): a system
+/// message with the reasoning level, a developer message for a `system` role's text, then
+/// `<|start|>{role}<|message|>{content}<|end|>` per message; an assistant message's
+/// `thinking` goes into the analysis channel and its content into the final channel; the
+/// generation prompt is `<|start|>assistant`.
+pub const HARMONY_TEMPLATE: &str = "{%- set reasoning = reasoning_effort | default('medium') -%}\
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n\
+Knowledge cutoff: 2024-06\n\nReasoning: {{ reasoning }}\n\n\
+# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>\
+{%- for m in messages -%}\
+{%- if m['role'] == 'system' or m['role'] == 'developer' -%}\
+<|start|>developer<|message|># Instructions\n\n{{ m['content'] }}<|end|>\
+{%- elif m['role'] == 'assistant' -%}\
+{%- if m['thinking'] is defined and m['thinking'] and loop.last -%}\
+<|start|>assistant<|channel|>analysis<|message|>{{ m['thinking'] }}<|end|>\
+{%- endif -%}\
+<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}<|end|>\
+{%- else -%}\
+<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}";
+
+/// A byte-level BPE tokenizer (no merges: one token per byte, ids 0..255; reserved fillers up
+/// to `first_special`), special tokens from `first_special` to `vocab` (those in `specials` by
+/// name, the others reserved), and, with `bos`, a post-processor that prepends it.
+fn byte_tokenizer(first_special: u32, vocab_size: u32, specials: &[(u32, &str)], bos: Option<(u32, &str)>) -> Value {
     // GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to U+0100 onwards.
     let mut vocab = Map::new();
     let mut extra = 0u32;
@@ -185,9 +374,44 @@ pub fn llama3_tokenizer_files() -> (Value, Value, Value) {
         };
         vocab.insert(c.map_or_else(String::new, String::from), json!(b));
     }
-    for id in 256..BOS {
+    for id in 256..first_special {
         vocab.insert(format!("<|filler_{id}|>"), json!(id));
     }
+    let mut added = Vec::new();
+    for id in first_special..vocab_size {
+        let content = specials
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| format!("<|reserved_special_token_{}|>", id - first_special), |(_, s)| (*s).to_string());
+        vocab.insert(content.clone(), json!(id));
+        added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}));
+    }
+    let post_processor = bos.map_or(Value::Null, |(id, text)| {
+        json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {text: {"id": text, "ids": [id], "tokens": [text]}}})
+    });
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": Value::Object(vocab), "merges": []},
+    })
+}
+
+/// The byte-level tokenizer with Llama-3's special tokens at their real ids, and its chat
+/// template.
+pub fn llama3_tokenizer_files() -> (Value, Value, Value) {
     let specials = [
         (BOS, "<|begin_of_text|>"),
         (END_OF_TEXT, "<|end_of_text|>"),
@@ -196,33 +420,7 @@ pub fn llama3_tokenizer_files() -> (Value, Value, Value) {
         (EOM, "<|eom_id|>"),
         (EOT, "<|eot_id|>"),
     ];
-    let mut added = Vec::new();
-    for id in BOS..BOS + 256 {
-        let content = specials
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map_or_else(|| format!("<|reserved_special_token_{}|>", id - BOS), |(_, s)| (*s).to_string());
-        vocab.insert(content.clone(), json!(id));
-        added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": true}));
-    }
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [BOS], "tokens": ["<|begin_of_text|>"]}}},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": Value::Object(vocab), "merges": []},
-    });
+    let tokenizer = byte_tokenizer(BOS, BOS + 256, &specials, Some((BOS, "<|begin_of_text|>")));
     let template = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n\
                     {{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}\
                     <|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
@@ -248,7 +446,10 @@ pub fn synth(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
     check_out_dir(out)?;
-    let plan = plan_llama(like.config(), layers)?;
+    let plan = match like {
+        Like::GptOss20B => plan_gpt_oss(like.config(), layers)?,
+        _ => plan_llama(like.config(), layers)?,
+    };
     write_plan(&plan, out, seed, progress)
 }
 
@@ -256,7 +457,9 @@ pub fn synth(
 pub fn write_plan(plan: &SynthPlan, out: &Path, seed: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     check_out_dir(out)?;
     let staging = Staging::create(out, "synth")?;
-    let (tokenizer, tokenizer_config, generation) = llama3_tokenizer_files();
+    let gpt_oss = plan.config.get("model_type").and_then(Value::as_str) == Some("gpt_oss");
+    let (tokenizer, tokenizer_config, generation) =
+        if gpt_oss { harmony_tokenizer_files() } else { llama3_tokenizer_files() };
     write_json(&staging.path().join("config.json"), &plan.config)?;
     write_json(&staging.path().join("tokenizer.json"), &tokenizer)?;
     write_json(&staging.path().join("tokenizer_config.json"), &tokenizer_config)?;
@@ -280,6 +483,12 @@ mod tests {
         assert_eq!(params(&plan_llama(Like::Llama31_8B.config(), None).expect("8b")), 8_030_261_248);
         assert_eq!(params(&plan_llama(Like::Llama32_1B.config(), None).expect("1b")), 1_235_814_400);
         assert_eq!(params(&plan_llama(Like::Llama32_3B.config(), None).expect("3b")), 3_212_749_824);
+        // gpt-oss-20b as released: 20.9 B parameters, 12.8 GiB with MXFP4 experts.
+        let oss = plan_gpt_oss(Like::GptOss20B.config(), None).expect("20b");
+        let bytes = oss.total_bytes();
+        assert!((13_700_000_000..13_800_000_000).contains(&bytes), "{bytes}");
+        let cut = plan_gpt_oss(Like::GptOss20B.config(), Some(3)).expect("3 layers");
+        assert_eq!(cut.config["layer_types"].as_array().map(Vec::len), Some(3));
     }
 
     #[test]

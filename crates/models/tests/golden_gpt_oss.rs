@@ -91,7 +91,8 @@ fn prompt_and_decode_logits_match_transformers() {
         assert!(d <= TOL_ABS, "{case}: decode_last differs by {d}");
 
         // Greedy continuation through the cache.
-        let mut logits = model.forward(&r.greedy_ids[..0], &mut model.new_state().expect("s"), LogitsWanted::Last, None);
+        let mut logits =
+            model.forward(&r.greedy_ids[..0], &mut model.new_state().expect("s"), LogitsWanted::Last, None);
         assert!(logits.is_err(), "an empty input is an error");
         let mut state = model.new_state().expect("state");
         logits = Ok(model.forward(&r.input_ids, &mut state, LogitsWanted::Last, None).expect("prefill"));

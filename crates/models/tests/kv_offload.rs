@@ -48,7 +48,13 @@ fn check(backend: Arc<dyn Backend>) {
         ("KV in RAM, layers resident", Placement { kv: kv(u64::MAX), ..Placement::resident(6) }),
         (
             "KV partly spilled, layers streamed",
-            Placement { tiers: vec![Vram, Disk, Ram, Disk, Disk, Ram], slots: 2, staging_buffers: 2, kv: kv(1 << 20), experts: None },
+            Placement {
+                tiers: vec![Vram, Disk, Ram, Disk, Disk, Ram],
+                slots: 2,
+                staging_buffers: 2,
+                kv: kv(1 << 20),
+                experts: None,
+            },
         ),
     ];
     for (name, placement) in cases {

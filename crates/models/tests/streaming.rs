@@ -36,13 +36,25 @@ fn placements() -> Vec<(&'static str, Placement)> {
     vec![
         (
             "mixed, 2 slots",
-            Placement { tiers: vec![Vram, Disk, Ram, Disk, Disk, Ram], slots: 2, staging_buffers: 2, kv: None, experts: None },
+            Placement {
+                tiers: vec![Vram, Disk, Ram, Disk, Disk, Ram],
+                slots: 2,
+                staging_buffers: 2,
+                kv: None,
+                experts: None,
+            },
         ),
         ("all disk, 1 slot", Placement { tiers: vec![Disk; 6], slots: 1, staging_buffers: 2, kv: None, experts: None }),
         ("all ram, 2 slots", Placement { tiers: vec![Ram; 6], slots: 2, staging_buffers: 0, kv: None, experts: None }),
         (
             "disk, 3 slots, 3 staging",
-            Placement { tiers: vec![Vram, Disk, Disk, Disk, Disk, Vram], slots: 3, staging_buffers: 3, kv: None, experts: None },
+            Placement {
+                tiers: vec![Vram, Disk, Disk, Disk, Disk, Vram],
+                slots: 3,
+                staging_buffers: 3,
+                kv: None,
+                experts: None,
+            },
         ),
     ]
 }
@@ -147,7 +159,8 @@ fn golden_fixtures_streamed(backend: Arc<dyn Backend>, tol_abs: f32) {
         let resident = load_model_placed(&dir, backend.clone(), None).expect("resident");
         let mut s = resident.new_state().expect("state");
         let base = resident.forward(&ids, &mut s, LogitsWanted::All, None).expect("resident forward");
-        let placement = Placement { tiers: vec![Tier::Disk, Tier::Ram], slots: 1, staging_buffers: 2, kv: None, experts: None };
+        let placement =
+            Placement { tiers: vec![Tier::Disk, Tier::Ram], slots: 1, staging_buffers: 2, kv: None, experts: None };
         let streamed = load_model_placed(&dir, backend.clone(), Some(&placement)).expect("streamed");
         for round in 0..3 {
             let mut s = streamed.new_state().expect("state");

@@ -20,9 +20,23 @@ pub enum Init {
     Const(f32),
     /// Uniform in [-a, a).
     Uniform(f32),
+    /// U8 tensors (packed MXFP4): every byte equal (scales).
+    Byte(u8),
+    /// U8 tensors: uniformly random bytes (blocks of random FP4 codes).
+    RandomBytes,
 }
 
-/// One tensor to synthesise (bf16 only).
+impl Init {
+    /// The dtype this fill writes.
+    fn dtype(self) -> DType {
+        match self {
+            Init::Const(_) | Init::Uniform(_) => DType::BF16,
+            Init::Byte(_) | Init::RandomBytes => DType::U8,
+        }
+    }
+}
+
+/// One tensor to synthesise (bf16 values or u8 packed bytes, as its [`Init`] says).
 #[derive(Debug, Clone)]
 pub struct SynthTensor {
     pub planned: PlannedTensor,
@@ -43,7 +57,15 @@ fn splitmix(state: &mut u64) -> u64 {
 /// The bytes of elements `start..start + len` of tensor number `tensor` under `init`.
 fn chunk_bytes(seed: u64, tensor: usize, start: usize, len: usize, init: Init) -> Vec<u8> {
     let mut out = Vec::with_capacity(len * 2);
+    let mut state = seed ^ (tensor as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (start as u64).rotate_left(32);
     match init {
+        Init::Byte(b) => out.resize(len, b),
+        Init::RandomBytes => {
+            while out.len() < len {
+                let r = splitmix(&mut state).to_le_bytes();
+                out.extend_from_slice(&r[..(len - out.len()).min(8)]);
+            }
+        }
         Init::Const(v) => {
             let b = bf16::from_f32(v).to_le_bytes();
             for _ in 0..len {
@@ -51,7 +73,6 @@ fn chunk_bytes(seed: u64, tensor: usize, start: usize, len: usize, init: Init) -
             }
         }
         Init::Uniform(a) => {
-            let mut state = seed ^ (tensor as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (start as u64).rotate_left(32);
             let step = 2.0 * a / 65536.0;
             let mut left = len;
             while left > 0 {
@@ -81,10 +102,15 @@ pub fn write_shards(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
     let all = shards.iter().flatten();
-    if let Some(t) = all.clone().find(|t| t.planned.dtype != DType::BF16) {
+    if let Some(t) = all.clone().find(|t| t.planned.dtype != t.init.dtype()) {
         return Err(WeightsError::Format {
             path: dir.to_path_buf(),
-            detail: format!("synthesis writes bf16 only; tensor '{}' is {}", t.planned.name, t.planned.dtype),
+            detail: format!(
+                "synthesis writes bf16 values or u8 bytes; tensor '{}' is {} with a {} fill",
+                t.planned.name,
+                t.planned.dtype,
+                t.init.dtype()
+            ),
         });
     }
     let total: u64 = all.map(|t| t.planned.len_bytes()).sum();
@@ -99,7 +125,7 @@ pub fn write_shards(
         let mut writer = SafetensorsWriter::create(&path, &planned)?;
         for t in shard {
             weight_map.insert(t.planned.name.clone(), json!(name));
-            let n = (t.planned.len_bytes() / 2) as usize;
+            let n = (t.planned.len_bytes() / t.planned.dtype.size_bytes() as u64) as usize;
             let starts: Vec<usize> = (0..n).step_by(CHUNK_ELEMS).collect();
             // A batch of chunks per round: generated in parallel, written in order.
             for batch in starts.chunks(workers) {
@@ -167,11 +193,24 @@ mod tests {
     }
 
     #[test]
-    fn only_bf16_is_synthesised() {
+    fn bf16_values_and_u8_bytes_are_synthesised() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut t = tensor("x", vec![2], Init::Const(0.0));
         t.planned.dtype = DType::F32;
         let err = write_shards(dir.path(), &[vec![t]], 1, &mut |_, _| {}).expect_err("f32");
-        assert!(err.to_string().contains("bf16 only"), "{err}");
+        assert!(err.to_string().contains("bf16 values or u8 bytes"), "{err}");
+        // Packed bytes: constant scales and random blocks read back as written.
+        let u8t = |name: &str, init| SynthTensor {
+            planned: PlannedTensor { name: name.into(), dtype: DType::U8, shape: vec![3, 37] },
+            init,
+        };
+        write_shards(dir.path(), &[vec![u8t("s", Init::Byte(120)), u8t("b", Init::RandomBytes)]], 1, &mut |_, _| {})
+            .expect("u8");
+        let cat = Catalog::open_dir(dir.path()).expect("catalog");
+        let bytes = |n: &str| cat.read(cat.get(n).expect(n)).expect("read").bytes;
+        assert_eq!(bytes("s"), vec![120; 111]);
+        let b = bytes("b");
+        assert_eq!(b.len(), 111);
+        assert!(b.iter().collect::<std::collections::HashSet<_>>().len() > 50, "random bytes");
     }
 }

@@ -150,6 +150,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     if let Some(line) = loaded.stream_line() {
         eprintln!("{line}");
     }
+    if let Some(line) = loaded.expert_line() {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

@@ -86,10 +86,7 @@ impl GptOssConfig {
                     .map(|t| match t.as_str() {
                         Some("sliding_attention") => Ok(LayerKind::Sliding),
                         Some("full_attention" | "attention") => Ok(LayerKind::Full),
-                        _ => Err(c.err(
-                            "layer_types",
-                            format!("{t} is not 'sliding_attention' or 'full_attention'"),
-                        )),
+                        _ => Err(c.err("layer_types", format!("{t} is not 'sliding_attention' or 'full_attention'"))),
                     })
                     .collect::<Result<Vec<_>>>()?
             }

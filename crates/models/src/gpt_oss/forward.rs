@@ -87,7 +87,8 @@ impl Layer {
 
     fn suffixes(&self) -> Vec<&'static str> {
         let biased = self.attn.q_bias.is_some();
-        let mut v: Vec<&'static str> = SUFFIXES.iter().copied().filter(|s| biased || !s.ends_with("proj.bias")).collect();
+        let mut v: Vec<&'static str> =
+            SUFFIXES.iter().copied().filter(|s| biased || !s.ends_with("proj.bias")).collect();
         if self.attn.o_bias.is_some() {
             v.push(O_BIAS);
         }
