@@ -119,7 +119,8 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     let needed = a.prompt_tokens + a.question_tokens + 1 + a.tokens * a.repeats;
     model.max_context = Some(model.max_context.unwrap_or(0).max(needed));
     let loaded = load(&model)?;
-    let streamed = loaded.plan.clone().filter(|p| p.tiers.iter().any(|t| *t != Tier::Vram));
+    let streamed =
+        loaded.plan.clone().filter(|p| p.experts.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram));
     // Measured right after loading, before any activation exists; a streamed model runs in a
     // tight budget, so its tests stay small.
     let mib = if streamed.is_some() { a.bandwidth_mib.min(256) } else { a.bandwidth_mib };
@@ -353,14 +354,33 @@ fn streaming_bench(
         "{:>6} {:>11} {:>12} {:>12} {:>11} {:>7}",
         "window", "s/token", "disk GB/s", "h2d GB/s", "bound s", "ratio"
     );
+    if let Some(e) = &mb.experts {
+        println!(
+            "experts         {} of {} per token ({} each); {} device slots; the bound counts the copies and reads each window made",
+            e.per_token,
+            e.count,
+            human_bytes(e.unit),
+            plan.experts.as_ref().map_or(e.count, |x| x.slots)
+        );
+    }
+    // Experts read from disk are bounded by the disk's direct-read rate, measured once.
+    let expert_disk_bw = match plan.experts.as_ref().filter(|e| e.ram_layers.iter().any(|r| !r)) {
+        Some(_) => {
+            let f = crate::planning::largest_weights_file(&loaded.dir)?;
+            Some(ollm_io::direct::measure_read_bandwidth(&f, 1 << 30, ollm_io::direct::READERS)?.0)
+        }
+        None => None,
+    };
     let mut ratios = Vec::with_capacity(a.repeats);
     let mut first_bw = None;
     for r in 0..a.repeats {
+        let before = loaded.model.expert_stats();
         let t = Instant::now();
         for _ in 0..a.tokens {
             logits = session.step(argmax(&logits))?;
         }
         let per_token = t.elapsed().as_secs_f64() / a.tokens as f64;
+        let after = loaded.model.expert_stats();
         settle(loaded);
         let pass = if parts.is_empty() { None } else { Some(read_pass(&files, &parts)?) };
         if let Some(p) = pass.filter(|p| !p.direct) {
@@ -384,6 +404,25 @@ fn streaming_bench(
             let in_ram = kv.min(k.ram_bytes);
             bound.copy_s += kv as f64 / bw.host_to_device;
             bound.disk_s += (kv - in_ram) as f64 / bw.disk;
+        }
+        if let (Some(b), Some(e), Some(x)) = (before, after, &mb.experts) {
+            // Routed experts read on the device; those a slot did not hold copied (from RAM
+            // or, read from disk first, through staging).
+            let n = a.tokens as f64;
+            bound.compute_s += x.per_token as f64 * x.unit as f64 / bw.device;
+            bound.copy_s += (e.copy_bytes - b.copy_bytes) as f64 / n / bw.host_to_device;
+            if let Some(d) = expert_disk_bw {
+                bound.disk_s += (e.disk_bytes - b.disk_bytes) as f64 / n / d;
+            }
+            let uses = (e.hits + e.ram_loads + e.disk_loads) - (b.hits + b.ram_loads + b.disk_loads);
+            println!(
+                "{:>6} experts: hit rate {:.1}% ({} uses, {} copied from RAM, {} read from disk per token)",
+                "",
+                100.0 * (e.hits - b.hits) as f64 / uses.max(1) as f64,
+                uses,
+                human_bytes((e.copy_bytes - b.copy_bytes) / a.tokens as u64),
+                human_bytes((e.disk_bytes - b.disk_bytes) / a.tokens as u64),
+            );
         }
         let ratio = per_token / bound.bound_s();
         ratios.push(ratio);
@@ -412,6 +451,9 @@ fn streaming_bench(
     if let Some(line) = loaded.stream_line() {
         println!("{line}");
     }
+    if let Some(line) = loaded.expert_line() {
+        println!("{line}");
+    }
     if a.pack_layers > 0 {
         compare_pack(&loaded.dir, &files, &parts, a.pack_layers)?;
     }
@@ -434,9 +476,12 @@ fn prefill_line(
     let t = m.computed;
     let tok_s = t as f64 / m.prefill_s;
     let once = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes, *bw);
-    let params: f64 = mb.layer_bytes.iter().sum::<u64>() as f64 / 2.0;
+    // Parameters a token multiplies: the layers' (bf16) and, for MoE, its k experts per layer
+    // (gate_up and down, 3·H·I each).
+    let expert_params = mb.experts.map_or(0.0, |e| (e.per_token * 3 * mb.hidden_size * mb.intermediate_size) as f64);
+    let params: f64 = mb.layer_bytes.iter().sum::<u64>() as f64 / 2.0 + expert_params;
     let (tf, r) = (t as f64, m.reused as f64);
-    let flops = 2.0 * params * tf + 2.0 * tf * (tf + 2.0 * r) * (info.hidden_size * info.n_layers) as f64;
+    let flops = 2.0 * params * tf + 2.0 * tf * (tf + 2.0 * r) * (mb.q_dim * info.n_layers) as f64;
     let compute = m.gemm.map(|g| flops / g);
     let bound = once.disk_s.max(once.copy_s).max(compute.unwrap_or(0.0));
     println!(
