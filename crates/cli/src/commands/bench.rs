@@ -119,8 +119,7 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     let needed = a.prompt_tokens + a.question_tokens + 1 + a.tokens * a.repeats;
     model.max_context = Some(model.max_context.unwrap_or(0).max(needed));
     let loaded = load(&model)?;
-    let streamed =
-        loaded.plan.clone().filter(|p| p.experts.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram));
+    let streamed = loaded.plan.clone().filter(|p| p.experts.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram));
     // Measured right after loading, before any activation exists; a streamed model runs in a
     // tight budget, so its tests stay small.
     let mib = if streamed.is_some() { a.bandwidth_mib.min(256) } else { a.bandwidth_mib };
