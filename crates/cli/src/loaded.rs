@@ -138,7 +138,8 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let wants_plan = chosen.cuda.is_some()
         || budgets.vram.is_some()
         || budgets.ram.is_some()
-        || budgets.offload_layers_to_cpu.is_some();
+        || budgets.offload_layers_to_cpu.is_some()
+        || budgets.expert_slots.is_some();
     let plan = if wants_plan { Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0) } else { None };
     let spill = match plan.as_ref().and_then(|p| p.kv) {
         Some(_) => Some(crate::planning::kv_spill_dir(args.kv_cache_dir.as_deref())?),

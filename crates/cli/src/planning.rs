@@ -23,6 +23,7 @@ pub struct Budgets {
     pub vram: Option<u64>,
     pub ram: Option<u64>,
     pub offload_layers_to_cpu: Option<usize>,
+    pub expert_slots: Option<usize>,
     pub max_context: Option<usize>,
     /// Some(true): the KV cache off the device whatever fits.
     pub kv_offload: Option<bool>,
@@ -99,6 +100,7 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),
         kv_offload: b.kv_offload,
         experts: m.experts,
+        max_expert_slots: b.expert_slots,
     })
 }
 

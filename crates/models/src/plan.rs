@@ -67,6 +67,8 @@ pub struct PlanInput {
     /// MoE models: the experts, which go through an expert cache instead of the layer tiers
     /// (`layer_bytes` and `resident_bytes` leave them out).
     pub experts: Option<ExpertBytes>,
+    /// `--expert-slots N`: at most this many experts on the device.
+    pub max_expert_slots: Option<usize>,
 }
 
 /// The experts of a MoE model, as the planner sees them.
@@ -289,8 +291,9 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             // A margin for what the estimate above misses (allocator rounding, small buffers).
             let room = input.vram_budget.saturating_sub(vram_bytes).saturating_sub(EXPERT_MARGIN);
             let extra = room.checked_div(e.unit).map_or(0, |x| x as usize);
-            let slots_e = (e.min_slots() + extra).min(e.count);
-            vram_bytes += (slots_e - e.min_slots()) as u64 * e.unit;
+            let cap = input.max_expert_slots.unwrap_or(e.count).clamp(1, e.count);
+            let slots_e = (e.min_slots() + extra).min(cap);
+            vram_bytes = vram_bytes + slots_e as u64 * e.unit - expert_min;
             let layers_e = e.count / e.per_layer.max(1);
             let layer_experts = e.per_layer as u64 * e.unit;
             let mut ram_layers = vec![false; layers_e];
@@ -389,6 +392,7 @@ mod tests {
             bandwidth: Bandwidths { device: 2.9e12, host_to_device: 55e9, disk: 1.1e9 },
             kv_offload: None,
             experts: None,
+            max_expert_slots: None,
         }
     }
 
@@ -423,8 +427,10 @@ mod tests {
         let d = plan(&gpt_oss_20b(8 * GIB, 0)).expect("plan");
         assert!(d.experts.expect("cache").ram_layers.iter().all(|r| !r));
         assert!(d.per_token.disk_s > 0.2, "{:?}", d.per_token);
-        // A big card holds every expert: no cache.
+        // A big card holds every expert: no cache, unless --expert-slots asks for one.
         assert!(plan(&gpt_oss_20b(80 * GIB, 0)).expect("plan").experts.is_none());
+        let capped = plan(&PlanInput { max_expert_slots: Some(5), ..gpt_oss_20b(80 * GIB, 0) }).expect("plan");
+        assert_eq!(capped.experts.map(|e| e.slots), Some(5));
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct ModelArgs {
     /// they stream from pinned RAM (or disk, past --ram-budget).
     #[arg(long, value_name = "N")]
     pub offload_layers_to_cpu: Option<usize>,
+    /// MoE models: at most N experts on the device at once (an LRU cache of slots; the others
+    /// wait in pinned RAM or on disk). Default: as many as the VRAM budget leaves room for.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub expert_slots: Option<u64>,
     /// Positions (prompt + generated) to reserve the KV cache for when planning what fits.
     /// Default: the model's context, at most 8192.
     #[arg(long, value_name = "N")]
@@ -137,6 +141,7 @@ impl ModelArgs {
             vram: self.vram_budget,
             ram: self.ram_budget,
             offload_layers_to_cpu: self.offload_layers_to_cpu,
+            expert_slots: self.expert_slots.map(|n| n as usize),
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
         }

@@ -27,8 +27,6 @@ pub struct AttnWeights {
     pub k_bias: Option<Tensor>,
     pub v_bias: Option<Tensor>,
     pub o_bias: Option<Tensor>,
-    /// Per-query-head sink logits (GPT-OSS).
-    pub sinks: Option<Tensor>,
 }
 
 /// Activations of one attention call, sized for T tokens.
@@ -65,6 +63,8 @@ pub struct AttnCall<'a> {
     pub rope: &'a RopeTable,
     pub scale: f32,
     pub window: Option<usize>,
+    /// Per-query-head sink logits `[n_heads]` f32 (GPT-OSS).
+    pub sinks: Option<&'a Tensor>,
 }
 
 /// `s.out = Attn(a)`; a `[T, hidden]` (already normed). Appends this call's K/V to `kv`
@@ -91,7 +91,7 @@ pub fn self_attention(
     // Post-RoPE keys go to the cache: [T, nkv, d] -> cache [nkv, cap, d].
     backend.write_kv(&mut kv.k, &s.k, call.pos0)?;
     backend.write_kv(&mut kv.v, &s.v, call.pos0)?;
-    let params = AttnParams { scale: call.scale, window: call.window, sinks: w.sinks.as_ref() };
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
     backend.attention(&s.q, &kv.k, &kv.v, call.pos0, &params, &mut s.ctx)?;
     // [T, nh, d] -> [T, H]
     backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;

@@ -43,14 +43,14 @@ pub struct Layer {
     router_bias: Tensor,
 }
 
-/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts.
-const SUFFIXES: [&str; 12] = [
+/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts and the
+/// sinks (which stay on the device in f32: 64 values a layer).
+const SUFFIXES: [&str; 11] = [
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
     "self_attn.v_proj.weight",
     "self_attn.o_proj.weight",
-    "self_attn.sinks",
     "post_attention_layernorm.weight",
     "mlp.router.weight",
     "mlp.router.bias",
@@ -77,7 +77,6 @@ impl Layer {
                 k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
                 v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
                 o_bias: ld.tensor_if(ab, &n(O_BIAS), &[h])?,
-                sinks: Some(ld.tensor(&n("self_attn.sinks"), &[cfg.n_heads])?),
             },
             post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
             router: ld.tensor(&n("mlp.router.weight"), &[e, h])?,
@@ -108,7 +107,6 @@ impl LayerTensors for Layer {
             "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
             "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
             "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
-            "self_attn.sinks" => self.attn.sinks.as_mut(),
             "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
             "mlp.router.weight" => Some(&mut self.router),
             "mlp.router.bias" => Some(&mut self.router_bias),
@@ -133,6 +131,8 @@ pub struct GptOss {
     layers: Vec<LayerHome>,
     stream: Option<LayerStream<Layer>>,
     experts: ExpertCache,
+    /// Per layer: the sink logits `[n_heads]`, f32.
+    sinks: Vec<Tensor>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
     rope: RopeTable,
@@ -216,6 +216,13 @@ impl GptOss {
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),
         )?;
+        let sinks = (0..cfg.n_layers)
+            .map(|l| {
+                let name = layer_name(l, "self_attn.sinks");
+                let values = catalog.read(catalog.require(&name, &[cfg.n_heads])?)?.to_f32_vec()?;
+                Ok(backend.upload_f32(vec![cfg.n_heads], &values)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
         let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
@@ -240,7 +247,7 @@ impl GptOss {
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
         let kv_offload = placement.kv.clone();
-        Ok(Self { cfg, info, backend, embed, layers, stream, experts, final_norm, lm_head, rope, kv_offload })
+        Ok(Self { cfg, info, backend, embed, layers, stream, experts, sinks, final_norm, lm_head, rope, kv_offload })
     }
 
     pub fn config(&self) -> &GptOssConfig {
@@ -270,7 +277,8 @@ impl GptOss {
         let be = self.backend.as_ref();
         be.rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
-        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: self.cfg.window(l) };
+        let call =
+            AttnCall { layer: l, pos0, rope: &self.rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
         self_attention(be, &layer.attn, normed, state.layer_mut(l), &call, attn, trace)?;
         be.add_assign(x, &attn.out)?;
         Ok(())

@@ -44,7 +44,6 @@ impl Layer {
                 k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
                 v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
                 o_bias: ld.tensor_if(ab, &n("self_attn.o_proj.bias"), &[h])?,
-                sinks: None,
             },
             post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
             mlp: MlpWeights {
@@ -262,7 +261,7 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
         be.rms_norm(s.x, &layer.input_norm, eps, NormKind::Llama, s.normed)?;
-        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None };
+        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None, sinks: None };
         self_attention(be, &layer.attn, s.normed, state.layer_mut(l), &call, s.attn, trace)?;
         be.add_assign(s.x, &s.attn.out)?;
         be.rms_norm(s.x, &layer.post_attn_norm, eps, NormKind::Llama, s.normed)?;
