@@ -220,3 +220,66 @@ fn a_prompt_sharing_a_stored_prefix_loads_it_and_answers_like_a_cold_run() {
     assert!(warnings[0].contains("000001-") && warnings[0].contains("recomputed"), "{err}");
     assert!(err.contains(" loaded 256 of "), "block 0 is still used: {err}");
 }
+
+/// GPT-OSS-20B's config shrunk to width 64 (experts 8, top-2; the o200k vocabulary stays).
+fn tiny_gpt_oss() -> SynthPlan {
+    let mut config = Like::GptOss20B.config();
+    for (k, v) in [
+        ("hidden_size", 64),
+        ("intermediate_size", 64),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 16),
+        ("num_local_experts", 8),
+        ("num_experts_per_tok", 2),
+        ("experts_per_token", 2),
+        ("sliding_window", 4),
+    ] {
+        config[k] = v.into();
+    }
+    ollm_models::synth::plan_gpt_oss(config, Some(2)).expect("plan")
+}
+
+/// A GPT-OSS-shaped model runs through `ollm run`: the harmony chat format wraps the prompt,
+/// generation stops at <|return|> or the token limit, `--stats` reports the expert cache, and
+/// experts through 3 device slots (pinned RAM or disk) give the text of all-resident experts.
+#[test]
+fn a_gpt_oss_model_runs_with_the_harmony_format_and_cached_experts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("oss");
+    write_plan(&tiny_gpt_oss(), &out, 3, &mut |_, _| {}).expect("write");
+    let m = out.to_str().expect("utf8");
+    let home = dir.path().join("home");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", m, "--device", "cpu", "--temperature", "0", "-n", "6"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_ollm")).args(&args).env("OLLM_HOME", &home).output().expect("runs")
+    };
+    let chat = run(&["--chat", "--prompt", "Hi"]);
+    let err = String::from_utf8_lossy(&chat.stderr);
+    assert!(chat.status.success(), "{err}");
+    // "Hi" is 2 byte tokens; the harmony system header and the user/assistant framing add more.
+    let prompt_tokens: usize = err
+        .split("prompt ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("stats line names the prompt length");
+    assert!(prompt_tokens > 100, "{err}");
+    assert!(err.contains("[ollm] experts: 16 slots for 16 experts"), "{err}");
+
+    let resident = run(&["--prompt", "abcdef"]);
+    assert!(resident.status.success(), "{}", String::from_utf8_lossy(&resident.stderr));
+    for extra in [&["--expert-slots", "3"][..], &["--expert-slots", "3", "--ram-budget", "0"][..]] {
+        let mut args = vec!["--prompt", "abcdef"];
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{extra:?}: {err}");
+        assert_eq!(o.stdout, resident.stdout, "{extra:?}: cached experts change the text");
+        assert!(err.contains("experts through 3 device slots"), "{err}");
+        let from = if extra.len() > 2 { "read from disk" } else { "copied from pinned RAM" };
+        let line = err.lines().find(|l| l.starts_with("[ollm] experts:")).expect("experts line");
+        assert!(line.contains("3 slots for 16 experts") && !line.contains(&format!(" 0 {from}")), "{line}");
+    }
+}

@@ -39,21 +39,18 @@ pub struct Layer {
     input_norm: Tensor,
     attn: AttnWeights,
     post_attn_norm: Tensor,
-    router: Tensor,
-    router_bias: Tensor,
 }
 
-/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts and the
-/// sinks (which stay on the device in f32: 64 values a layer).
-const SUFFIXES: [&str; 11] = [
+/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts, the sinks
+/// and the router, which stay on the device in f32 (a few hundred KiB a layer): f32 router
+/// logits keep expert choices with an f32 reference where a bf16 product would flip them.
+const SUFFIXES: [&str; 9] = [
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
     "self_attn.v_proj.weight",
     "self_attn.o_proj.weight",
     "post_attention_layernorm.weight",
-    "mlp.router.weight",
-    "mlp.router.bias",
     "self_attn.q_proj.bias",
     "self_attn.k_proj.bias",
     "self_attn.v_proj.bias",
@@ -62,7 +59,7 @@ const O_BIAS: &str = "self_attn.o_proj.bias";
 
 impl Layer {
     fn load(ld: &Loader<'_>, cfg: &GptOssConfig, l: usize) -> Result<Self> {
-        let (h, e) = (cfg.hidden_size, cfg.n_experts);
+        let h = cfg.hidden_size;
         let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
         let ab = cfg.attention_bias;
         let n = |s: &str| layer_name(l, s);
@@ -79,8 +76,6 @@ impl Layer {
                 o_bias: ld.tensor_if(ab, &n(O_BIAS), &[h])?,
             },
             post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
-            router: ld.tensor(&n("mlp.router.weight"), &[e, h])?,
-            router_bias: ld.tensor(&n("mlp.router.bias"), &[e])?,
         })
     }
 
@@ -108,8 +103,6 @@ impl LayerTensors for Layer {
             "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
             "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
             "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
-            "mlp.router.weight" => Some(&mut self.router),
-            "mlp.router.bias" => Some(&mut self.router_bias),
             _ => None,
         }
     }
@@ -133,6 +126,8 @@ pub struct GptOss {
     experts: ExpertCache,
     /// Per layer: the sink logits `[n_heads]`, f32.
     sinks: Vec<Tensor>,
+    /// Per layer: the router `[E, H]` and its bias `[E]`, f32.
+    routers: Vec<(Tensor, Tensor)>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
     rope: RopeTable,
@@ -216,12 +211,15 @@ impl GptOss {
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),
         )?;
-        let sinks = (0..cfg.n_layers)
-            .map(|l| {
-                let name = layer_name(l, "self_attn.sinks");
-                let values = catalog.read(catalog.require(&name, &[cfg.n_heads])?)?.to_f32_vec()?;
-                Ok(backend.upload_f32(vec![cfg.n_heads], &values)?)
-            })
+        let f32_tensor = |l: usize, suffix: &str, shape: Vec<usize>| -> Result<Tensor> {
+            let values = catalog.read(catalog.require(&layer_name(l, suffix), &shape)?)?.to_f32_vec()?;
+            Ok(backend.upload_f32(shape, &values)?)
+        };
+        let (nh, e) = (cfg.n_heads, cfg.n_experts);
+        let sinks =
+            (0..cfg.n_layers).map(|l| f32_tensor(l, "self_attn.sinks", vec![nh])).collect::<Result<Vec<_>>>()?;
+        let routers = (0..cfg.n_layers)
+            .map(|l| Ok((f32_tensor(l, "mlp.router.weight", vec![e, h])?, f32_tensor(l, "mlp.router.bias", vec![e])?)))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
         let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
@@ -247,7 +245,21 @@ impl GptOss {
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
         let kv_offload = placement.kv.clone();
-        Ok(Self { cfg, info, backend, embed, layers, stream, experts, sinks, final_norm, lm_head, rope, kv_offload })
+        Ok(Self {
+            cfg,
+            info,
+            backend,
+            embed,
+            layers,
+            stream,
+            experts,
+            sinks,
+            routers,
+            final_norm,
+            lm_head,
+            rope,
+            kv_offload,
+        })
     }
 
     pub fn config(&self) -> &GptOssConfig {
@@ -293,7 +305,8 @@ impl GptOss {
         let (n_e, k) = (self.cfg.n_experts, self.cfg.experts_per_token);
         be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
         let mut logits = be.zeros(vec![c, n_e])?;
-        be.matmul(normed, &layer.router, Some(&layer.router_bias), &mut logits)?;
+        let (router, router_bias) = &self.routers[l];
+        be.matmul(normed, router, Some(router_bias), &mut logits)?;
         let (ids, weights) = be.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
         let mut rows: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_e];
         for (r, (ids, ws)) in ids.chunks_exact(k).zip(weights.chunks_exact(k)).enumerate() {
