@@ -15,10 +15,12 @@ m=${MOE_MODEL:-/tmp/oss20}
 if [ ! -f "$m/config.json" ]; then
   /usr/bin/time -f "synth %e s" $ollm synth --like gpt-oss-20b --out "$m" 2>&1 | tail -2
 fi
-args=(--model "$m" --device cuda --vram-budget 8GiB --prompt-tokens ${PROMPT:-10240} --tokens ${TOKENS:-16}
-  --repeats ${REPEATS:-3})
-echo "== experts in pinned RAM"
-timeout ${MOE_TIMEOUT:-300} $ollm bench "${args[@]}" --ram-budget 64GiB 2>&1 | tee "$OUT/moe-ram.txt"
+args=(--model "$m" --device cuda --vram-budget 8GiB --prompt-tokens ${PROMPT:-10240})
+if [ -z "${MOE_DISK_ONLY:-}" ]; then
+  echo "== experts in pinned RAM"
+  timeout ${MOE_TIMEOUT:-300} $ollm bench "${args[@]}" --ram-budget 64GiB --tokens ${TOKENS:-16} \
+    --repeats ${REPEATS:-3} 2>&1 | tee "$OUT/moe-ram.txt"
+fi
 if [ -n "${MOE_DISK:-}" ]; then
   echo "== experts read from disk (--ram-budget 0)"
   timeout ${MOE_TIMEOUT:-300} $ollm bench "${args[@]}" --ram-budget 0 --tokens 4 --repeats 1 2>&1 | tee "$OUT/moe-disk.txt"

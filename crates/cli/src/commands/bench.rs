@@ -144,6 +144,7 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     let (mut logits, restored) = session.prefill_cached(&prompt)?;
     let first = argmax(&logits);
     let prefill_s = t.elapsed().as_secs_f64();
+    let prefill_expert_copies = loaded.model.expert_stats().map_or(0, |s| s.copy_bytes);
     // One untimed step warms caches and thread pools; then the prompt's blocks are stored.
     logits = session.step(first)?;
     if session.prefix_cache().is_some() {
@@ -169,7 +170,14 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     }
     let reused = restored.map_or(0, |r| r.tokens);
     if let Some(plan) = streamed {
-        let bounds = Measured { device: bandwidth, gemm, prefill_s, computed: prompt.len() - reused, reused };
+        let bounds = Measured {
+            device: bandwidth,
+            gemm,
+            prefill_s,
+            computed: prompt.len() - reused,
+            reused,
+            expert_copies: prefill_expert_copies,
+        };
         return streaming_bench(&loaded, &plan, &mut session, logits, &a, bounds);
     }
     let mut windows = Vec::with_capacity(a.repeats);
@@ -217,6 +225,8 @@ struct Measured {
     /// Prompt tokens the prefill computed, and those it loaded from the prefix cache first.
     computed: usize,
     reused: usize,
+    /// Bytes of experts the prefill copied to the device (MoE models with an expert cache).
+    expert_copies: u64,
 }
 
 /// `n` question tokens drawn from `seed` (xorshift), spread over the vocabulary.
@@ -415,7 +425,7 @@ fn streaming_bench(
             }
             let uses = (e.hits + e.ram_loads + e.disk_loads) - (b.hits + b.ram_loads + b.disk_loads);
             println!(
-                "{:>6} experts: hit rate {:.1}% ({} uses, {} copied from RAM, {} read from disk per token)",
+                "{:>6} experts: hit rate {:.1}% ({} uses; per token {} copied to the device, {} of it read from disk first)",
                 "",
                 100.0 * (e.hits - b.hits) as f64 / uses.max(1) as f64,
                 uses,
@@ -474,7 +484,8 @@ fn prefill_line(
     let Some(bw) = bw else { return };
     let t = m.computed;
     let tok_s = t as f64 / m.prefill_s;
-    let once = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes, *bw);
+    let mut once = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes, *bw);
+    once.copy_s += m.expert_copies as f64 / bw.host_to_device;
     // Parameters a token multiplies: the layers' (bf16) and, for MoE, its k experts per layer
     // (gate_up and down, 3·H·I each).
     let expert_params = mb.experts.map_or(0.0, |e| (e.per_token * 3 * mb.hidden_size * mb.intermediate_size) as f64);
