@@ -282,10 +282,10 @@ impl ExpertCache {
                 .iter()
                 .map(|p| ollm_io::ReadFile::open(p))
                 .collect::<std::result::Result<_, _>>()?;
-            for l in 0..layers {
+            for (l, row) in sources.iter().enumerate() {
                 for e in 0..n_experts {
                     let mut slot = alloc_slot(Some(l * n_experts + e))?;
-                    for (p, (src, shape)) in sources[l].iter().zip(&shapes).enumerate() {
+                    for (p, (src, shape)) in row.iter().zip(&shapes).enumerate() {
                         let bytes = readers[src.file].read_vec_at(src.offset + e as u64 * src.len, src.len as usize)?;
                         let host = HostTensor { dtype: dtypes[p], shape: shape.clone(), bytes };
                         slot.parts[p] = backend.upload(&host)?;

@@ -275,11 +275,10 @@ impl GptOss {
         }
     }
 
-    /// `x += Attn(RMS(x))` for the rows of one tile at positions `pos0..`.
+    /// `x += Attn(RMS(x))` for the rows of one tile of layer `l` at positions `pos0..`.
     fn attention_block(
         &self,
-        l: usize,
-        layer: &Layer,
+        (l, layer): (usize, &Layer),
         x: &mut Tensor,
         pos0: usize,
         state: &mut SeqState,
@@ -448,7 +447,7 @@ impl CausalLm for GptOss {
                         }
                     };
                     let (normed, attn) = &mut attn_bufs[i];
-                    self.attention_block(l, layer, xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
+                    self.attention_block((l, layer), xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
                 })?;
                 self.each_piece(&mut x, &chunks, &mut |xc, _| {
                     let n = xc.shape()[0];
