@@ -316,26 +316,9 @@ impl CausalLm for Llama {
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>> {
         let be = self.backend.as_ref();
-        let (t, h, eps) = (ids.len(), self.cfg.hidden_size, self.cfg.rms_norm_eps);
-        if t == 0 {
-            return Err(ModelError::EmptyInput);
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
-        }
-        let pos0 = state.len();
-        if pos0 + t > self.cfg.max_positions {
-            return Err(ModelError::ContextOverflow { needed: pos0 + t, max: self.cfg.max_positions });
-        }
-        state.reserve(be, pos0 + t)?;
-        state.begin(be, t)?;
-
-        // x = E[ids]: [T, H]
-        let mut x = be.zeros(vec![t, h])?;
-        be.embedding(&self.embed, ids, &mut x)?;
-        if let Some(tr) = trace {
-            tr.record(None, "embed", &x);
-        }
+        let (t, eps) = (ids.len(), self.cfg.rms_norm_eps);
+        let limits = (self.cfg.vocab_size, self.cfg.max_positions);
+        let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
         // Layer-major: every layer sees the whole input (its weights are used once per call),
         // in token tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
         // stream x holds all T rows.
@@ -381,19 +364,7 @@ impl CausalLm for Llama {
         state.advance(t);
 
         // logits = RMS(x[rows]) · W_lmᵀ: [rows, V]
-        let rows = match wanted {
-            LogitsWanted::Last => t - 1..t,
-            LogitsWanted::All => 0..t,
-        };
-        let mut last = be.zeros(vec![rows.len(), h])?;
-        be.copy_rows(&x, rows.clone(), &mut last)?;
-        let mut last_normed = be.zeros(vec![rows.len(), h])?;
-        be.rms_norm(&last, &self.final_norm, eps, NormKind::Llama, &mut last_normed)?;
-        if let Some(tr) = trace {
-            tr.record(None, "final_norm", &last_normed);
-        }
-        let mut logits = be.zeros(vec![rows.len(), self.cfg.vocab_size])?;
-        be.matmul(&last_normed, self.lm_head.as_ref().unwrap_or(&self.embed), None, &mut logits)?;
-        Ok(be.to_host_f32(&logits)?)
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        crate::common::forward::logits(be, &x, wanted, (&self.final_norm, eps, NormKind::Llama), head, trace)
     }
 }
