@@ -29,6 +29,99 @@ use crate::{ModelError, Result};
 /// A layer whose tensors can be refilled by name (the suffix after `model.layers.{l}.`).
 pub trait LayerTensors: Send + 'static {
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor>;
+
+    /// The suffixes of the tensors this layer holds: what a streamed copy refills.
+    fn suffixes(&self) -> Vec<&'static str>;
+}
+
+/// Where a decoder layer's weights are when it runs.
+enum LayerHome<L> {
+    Resident(Box<L>),
+    /// Position among the streamed layers.
+    Streamed(usize),
+}
+
+/// A model's decoder layers placed as a [`crate::plan::Placement`] says: resident on the
+/// backend, or streamed through device slots from pinned RAM or the disk.
+pub struct PlacedLayers<L: LayerTensors> {
+    homes: Vec<LayerHome<L>>,
+    stream: Option<LayerStream<L>>,
+}
+
+impl<L: LayerTensors> std::fmt::Debug for PlacedLayers<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlacedLayers").field("layers", &self.homes.len()).field("stream", &self.stream).finish()
+    }
+}
+
+impl<L: LayerTensors> PlacedLayers<L> {
+    /// Loads `n_layers` layers with `load(l)`: those `placement` keeps on the device, and the
+    /// first `placement.slots` streamed ones into the slots, which start out holding them.
+    /// Streaming needs more streamed layers than slots; otherwise they are simply resident.
+    pub fn load(
+        backend: &Arc<dyn Backend>,
+        catalog: &ollm_weights::Catalog,
+        placement: &crate::plan::Placement,
+        n_layers: usize,
+        mut load: impl FnMut(usize) -> Result<L>,
+    ) -> Result<Self> {
+        if placement.tiers.len() != n_layers {
+            return Err(ModelError::Stream(format!(
+                "the placement covers {} layers, the model has {n_layers}",
+                placement.tiers.len()
+            )));
+        }
+        let streamed: Vec<usize> = (0..n_layers).filter(|&l| placement.tiers[l] != crate::plan::Tier::Vram).collect();
+        let k = placement.slots.min(streamed.len());
+        let streaming = k > 0 && streamed.len() > k;
+        let mut homes = Vec::with_capacity(n_layers);
+        let mut slots = Vec::new();
+        for l in 0..n_layers {
+            match streamed.iter().position(|&s| s == l) {
+                Some(pos) if streaming => {
+                    if pos < k {
+                        slots.push(load(l)?);
+                    }
+                    homes.push(LayerHome::Streamed(pos));
+                }
+                _ => homes.push(LayerHome::Resident(Box::new(load(l)?))),
+            }
+        }
+        let stream = if streaming {
+            let suffixes = slots.first().map(L::suffixes).unwrap_or_default();
+            let specs = streamed_layers(catalog, &streamed, &suffixes, &placement.tiers)?;
+            Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
+        } else {
+            None
+        };
+        Ok(Self { homes, stream })
+    }
+
+    pub fn len(&self) -> usize {
+        self.homes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.homes.is_empty()
+    }
+
+    /// Runs `f` on layer `l` once its weights are on the device. Layers must be asked for in
+    /// order, as [`LayerStream::with_layer`] says.
+    pub fn with_layer<R>(&self, l: usize, f: impl FnOnce(&L) -> Result<R>) -> Result<R> {
+        match (self.homes.get(l), &self.stream) {
+            (Some(LayerHome::Resident(layer)), _) => f(layer),
+            (Some(LayerHome::Streamed(i)), Some(stream)) => stream.with_layer(*i, f),
+            (Some(LayerHome::Streamed(_)), None) => {
+                Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")))
+            }
+            (None, _) => Err(ModelError::Stream(format!("layer {l} of {}", self.homes.len()))),
+        }
+    }
+
+    /// Weight-streaming counters, when some layers are streamed.
+    pub fn stream_stats(&self) -> Option<StreamStats> {
+        self.stream.as_ref().map(LayerStream::stats)
+    }
 }
 
 /// Where one tensor of a streamed layer is in the checkpoint.

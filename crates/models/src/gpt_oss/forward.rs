@@ -13,10 +13,10 @@ use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, sel
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
-use crate::plan::{Placement, Tier};
-use crate::stream::{LayerStream, LayerTensors, StreamStats, streamed_layers};
+use crate::plan::Placement;
+use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelError, ModelInfo, Result};
+use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
 
 const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
@@ -78,7 +78,9 @@ impl Layer {
             post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
         })
     }
+}
 
+impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
         let biased = self.attn.q_bias.is_some();
         let mut v: Vec<&'static str> =
@@ -88,9 +90,7 @@ impl Layer {
         }
         v
     }
-}
 
-impl LayerTensors for Layer {
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
         match suffix {
             "input_layernorm.weight" => Some(&mut self.input_norm),
@@ -108,12 +108,6 @@ impl LayerTensors for Layer {
     }
 }
 
-#[derive(Debug)]
-enum LayerHome {
-    Resident(Box<Layer>),
-    Streamed(usize),
-}
-
 /// A loaded GPT-OSS model. Owns its weights; holds no per-sequence state.
 #[derive(Debug)]
 pub struct GptOss {
@@ -121,8 +115,8 @@ pub struct GptOss {
     info: ModelInfo,
     backend: Arc<dyn Backend>,
     embed: Tensor,
-    layers: Vec<LayerHome>,
-    stream: Option<LayerStream<Layer>>,
+    /// The decoder layers, resident or streamed.
+    layers: PlacedLayers<Layer>,
     experts: ExpertCache,
     /// Per layer: the sink logits `[n_heads]`, f32.
     sinks: Vec<Tensor>,
@@ -172,37 +166,8 @@ impl GptOss {
     ) -> Result<Self> {
         let ld = Loader { catalog, backend: backend.as_ref() };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        if placement.tiers.len() != cfg.n_layers {
-            return Err(ModelError::Stream(format!(
-                "the placement covers {} layers, the model has {}",
-                placement.tiers.len(),
-                cfg.n_layers
-            )));
-        }
         let embed = ld.tensor(EMBED, &[v, h])?;
-        let streamed: Vec<usize> = (0..cfg.n_layers).filter(|&l| placement.tiers[l] != Tier::Vram).collect();
-        let k = placement.slots.min(streamed.len());
-        let streaming = k > 0 && streamed.len() > k;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        let mut slots = Vec::new();
-        for l in 0..cfg.n_layers {
-            match streamed.iter().position(|&s| s == l) {
-                Some(pos) if streaming => {
-                    if pos < k {
-                        slots.push(Layer::load(&ld, &cfg, l)?);
-                    }
-                    layers.push(LayerHome::Streamed(pos));
-                }
-                _ => layers.push(LayerHome::Resident(Box::new(Layer::load(&ld, &cfg, l)?))),
-            }
-        }
-        let stream = if streaming {
-            let suffixes = slots.first().map(Layer::suffixes).unwrap_or_default();
-            let specs = streamed_layers(catalog, &streamed, &suffixes, &placement.tiers)?;
-            Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
-        } else {
-            None
-        };
+        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
         let experts = ExpertCache::new(
             backend.clone(),
             catalog,
@@ -245,21 +210,7 @@ impl GptOss {
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
         let kv_offload = placement.kv.clone();
-        Ok(Self {
-            cfg,
-            info,
-            backend,
-            embed,
-            layers,
-            stream,
-            experts,
-            sinks,
-            routers,
-            final_norm,
-            lm_head,
-            rope,
-            kv_offload,
-        })
+        Ok(Self { cfg, info, backend, embed, layers, experts, sinks, routers, final_norm, lm_head, rope, kv_offload })
     }
 
     pub fn config(&self) -> &GptOssConfig {
@@ -381,7 +332,7 @@ impl CausalLm for GptOss {
     }
 
     fn stream_stats(&self) -> Option<StreamStats> {
-        self.stream.as_ref().map(LayerStream::stats)
+        self.layers.stream_stats()
     }
 
     fn expert_stats(&self) -> Option<ExpertStats> {
@@ -417,9 +368,9 @@ impl CausalLm for GptOss {
         // Scratch for full-size pieces; a shorter last piece gets its own.
         let mut attn_bufs: Vec<(Tensor, AttnScratch)> = Vec::new();
         let mut moe_bufs: Vec<Tensor> = Vec::new();
-        for (l, home) in self.layers.iter().enumerate() {
+        for l in 0..self.layers.len() {
             state.acquire(be, l)?;
-            let mut run = |layer: &Layer| -> Result<()> {
+            let run = |layer: &Layer| -> Result<()> {
                 let one = tiles.len() == 1;
                 self.each_piece(&mut x, &tiles, &mut |xt, start| {
                     let n = xt.shape()[0];
@@ -449,13 +400,7 @@ impl CausalLm for GptOss {
                 }
                 Ok(())
             };
-            match (home, &self.stream) {
-                (LayerHome::Resident(layer), _) => run(layer)?,
-                (LayerHome::Streamed(i), Some(stream)) => stream.with_layer(*i, run)?,
-                (LayerHome::Streamed(_), None) => {
-                    return Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")));
-                }
-            }
+            self.layers.with_layer(l, run)?;
             state.release(be, l)?;
         }
         state.advance(t);

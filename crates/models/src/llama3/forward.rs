@@ -12,10 +12,10 @@ use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, sel
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
-use crate::plan::{Placement, Tier};
-use crate::stream::{LayerStream, LayerTensors, StreamStats, streamed_layers};
+use crate::plan::Placement;
+use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelError, ModelInfo, Result};
+use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
 
 /// One decoder layer's weights.
 #[derive(Debug)]
@@ -56,8 +56,9 @@ impl Layer {
             },
         })
     }
+}
 
-    /// The suffixes (after `model.layers.{l}.`) of the tensors this layer holds.
+impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
         let mut v = vec![
             "input_layernorm.weight",
@@ -82,9 +83,7 @@ impl Layer {
         v.extend(optional.into_iter().filter(|(_, present)| *present).map(|(s, _)| s));
         v
     }
-}
 
-impl LayerTensors for Layer {
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
         match suffix {
             "input_layernorm.weight" => Some(&mut self.input_norm),
@@ -106,14 +105,6 @@ impl LayerTensors for Layer {
             _ => None,
         }
     }
-}
-
-/// Where a decoder layer's weights are when it runs.
-#[derive(Debug)]
-enum LayerHome {
-    Resident(Box<Layer>),
-    /// Position among the streamed layers of [`Llama::stream`].
-    Streamed(usize),
 }
 
 /// Rows of one prefill tile: larger prompts run layer by layer in tiles of this many tokens.
@@ -156,9 +147,8 @@ pub struct Llama {
     info: ModelInfo,
     backend: Arc<dyn Backend>,
     embed: Tensor,
-    layers: Vec<LayerHome>,
-    /// Device slots and the streamer for layers that are not resident.
-    stream: Option<LayerStream<Layer>>,
+    /// The decoder layers, resident or streamed.
+    layers: PlacedLayers<Layer>,
     final_norm: Tensor,
     /// None when the embeddings are tied (the head is `embed`).
     lm_head: Option<Tensor>,
@@ -186,39 +176,8 @@ impl Llama {
         let ld = Loader { catalog, backend: backend.as_ref() };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let kvd = cfg.n_kv_heads * cfg.head_dim;
-        if placement.tiers.len() != cfg.n_layers {
-            return Err(ModelError::Stream(format!(
-                "the placement covers {} layers, the model has {}",
-                placement.tiers.len(),
-                cfg.n_layers
-            )));
-        }
         let embed = ld.tensor(names::EMBED, &[v, h])?;
-        let streamed: Vec<usize> = (0..cfg.n_layers).filter(|&l| placement.tiers[l] != Tier::Vram).collect();
-        // Streaming needs more streamed layers than slots; otherwise they are simply resident.
-        let k = placement.slots.min(streamed.len());
-        let streaming = k > 0 && streamed.len() > k;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        let mut slots = Vec::new();
-        for l in 0..cfg.n_layers {
-            match streamed.iter().position(|&s| s == l) {
-                Some(pos) if streaming => {
-                    if pos < k {
-                        // The slots start out holding the first k streamed layers.
-                        slots.push(Layer::load(&ld, &cfg, l)?);
-                    }
-                    layers.push(LayerHome::Streamed(pos));
-                }
-                _ => layers.push(LayerHome::Resident(Box::new(Layer::load(&ld, &cfg, l)?))),
-            }
-        }
-        let stream = if streaming {
-            let suffixes = slots.first().map(Layer::suffixes).unwrap_or_default();
-            let specs = streamed_layers(catalog, &streamed, &suffixes, &placement.tiers)?;
-            Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
-        } else {
-            None
-        };
+        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
         let final_norm = ld.tensor(names::FINAL_NORM, &[h])?;
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
         let lm_head = ld.tensor_if(catalog.contains(names::LM_HEAD), names::LM_HEAD, &[v, h])?;
@@ -240,7 +199,7 @@ impl Llama {
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
         let kv_offload = placement.kv.clone();
-        Ok(Self { cfg, info, backend, embed, layers, stream, final_norm, lm_head, rope, kv_offload })
+        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -293,7 +252,7 @@ impl CausalLm for Llama {
     }
 
     fn stream_stats(&self) -> Option<StreamStats> {
-        self.stream.as_ref().map(LayerStream::stats)
+        self.layers.stream_stats()
     }
 
     fn new_state(&self) -> Result<SeqState> {
@@ -329,9 +288,9 @@ impl CausalLm for Llama {
             Some(&(_, n)) if n != tiles[0].1 => Some(TileScratch::new(self, n, tiled)?),
             _ => None,
         };
-        for (l, home) in self.layers.iter().enumerate() {
+        for l in 0..self.layers.len() {
             state.acquire(be, l)?;
-            let mut run = |layer: &Layer| -> Result<()> {
+            let run = |layer: &Layer| -> Result<()> {
                 for &(start, n) in &tiles {
                     let sc = match &mut tail {
                         Some(tail_sc) if n != tiles[0].1 => tail_sc,
@@ -352,13 +311,7 @@ impl CausalLm for Llama {
                 }
                 Ok(())
             };
-            match (home, &self.stream) {
-                (LayerHome::Resident(layer), _) => run(layer)?,
-                (LayerHome::Streamed(i), Some(stream)) => stream.with_layer(*i, run)?,
-                (LayerHome::Streamed(_), None) => {
-                    return Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")));
-                }
-            }
+            self.layers.with_layer(l, run)?;
             state.release(be, l)?;
         }
         state.advance(t);
