@@ -10,7 +10,6 @@
 //! When every expert fits in the slots, they are all loaded once and the cache never misses.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -347,10 +346,6 @@ impl ExpertCache {
         })
     }
 
-    pub fn format(&self) -> ExpertFormat {
-        self.format
-    }
-
     /// Runs `f` for each of `experts` (distinct ids of layer `l`, in the given order) with that
     /// expert's weights on the device, moving in the ones no slot holds.
     pub fn run_layer(
@@ -522,11 +517,6 @@ impl ExpertCache {
             expert_bytes: self.expert_bytes,
             pinned_bytes: self.pinned_bytes,
         }
-    }
-
-    /// The checkpoint files the experts are read from (for measuring their disk bound).
-    pub fn file_paths(&self) -> Vec<PathBuf> {
-        self.files.iter().map(|f| f.path().to_path_buf()).collect()
     }
 }
 

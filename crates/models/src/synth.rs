@@ -180,18 +180,27 @@ fn field(config: &Value, name: &str) -> Result<usize> {
     })
 }
 
+/// `--layers N`: sets `num_hidden_layers` (N ≥ 1) and repeats a `layer_types` list's pattern
+/// to N entries.
+fn set_layers(config: &mut Value, layers: Option<usize>) -> Result<()> {
+    let Some(n) = layers else { return Ok(()) };
+    if n == 0 {
+        return Err(ModelError::Config {
+            path: "synth".into(),
+            field: "--layers".into(),
+            detail: "must be at least 1".into(),
+        });
+    }
+    config["num_hidden_layers"] = json!(n);
+    if let Some(types) = config.get("layer_types").and_then(Value::as_array).cloned() {
+        config["layer_types"] = json!(types.into_iter().cycle().take(n).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
 /// Plans a Llama-family model from `config` (a config.json value).
 pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
-    if let Some(n) = layers {
-        if n == 0 {
-            return Err(ModelError::Config {
-                path: "synth".into(),
-                field: "--layers".into(),
-                detail: "must be at least 1".into(),
-            });
-        }
-        config["num_hidden_layers"] = json!(n);
-    }
+    set_layers(&mut config, layers)?;
     let (h, i, v) =
         (field(&config, "hidden_size")?, field(&config, "intermediate_size")?, field(&config, "vocab_size")?);
     let (l, nh, nkv, hd) = (
@@ -235,19 +244,7 @@ pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan>
 /// experts (random FP4 codes under one scale, 2^-7, so expert weights have a spread like the
 /// others' 0.02).
 pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
-    if let Some(n) = layers {
-        if n == 0 {
-            return Err(ModelError::Config {
-                path: "synth".into(),
-                field: "--layers".into(),
-                detail: "must be at least 1".into(),
-            });
-        }
-        config["num_hidden_layers"] = json!(n);
-        if let Some(types) = config.get("layer_types").and_then(Value::as_array).cloned() {
-            config["layer_types"] = json!(types.into_iter().cycle().take(n).collect::<Vec<_>>());
-        }
-    }
+    set_layers(&mut config, layers)?;
     let f = |n: &str| field(&config, n);
     let (h, i, v, l) = (f("hidden_size")?, f("intermediate_size")?, f("vocab_size")?, f("num_hidden_layers")?);
     let (nh, nkv, hd, e) =
