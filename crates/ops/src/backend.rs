@@ -173,8 +173,8 @@ impl AttnGeometry {
         if pos0 + t > cap {
             return err(format!("{} positions exceed the cache capacity {cap}", pos0 + t));
         }
-        if let Some(s) = sinks.filter(|s| s.numel() != n_heads) {
-            return err(format!("sinks {:?} for {n_heads} heads", s.shape()));
+        if let Some(s) = sinks.filter(|s| s.numel() != n_heads || s.dtype() != DType::F32) {
+            return err(format!("sinks {:?} {} for {n_heads} heads (f32 expected)", s.shape(), s.dtype()));
         }
         Ok(Self { n_heads, n_kv, d, cap, pos0 })
     }
@@ -187,7 +187,8 @@ pub struct AttnParams<'a> {
     pub scale: f32,
     /// Sliding window W: key j is visible from query i iff `i - W < j <= i`. None = full causal.
     pub window: Option<usize>,
-    /// One logit per query head that joins the softmax normalisation only (GPT-OSS), `[n_heads]`.
+    /// One logit per query head that joins the softmax normalisation only (GPT-OSS), `[n_heads]`
+    /// f32 (from [`Backend::upload_f32`]) on every backend.
     pub sinks: Option<&'a Tensor>,
 }
 
