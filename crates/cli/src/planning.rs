@@ -27,6 +27,9 @@ pub struct Budgets {
     pub max_context: Option<usize>,
     /// Some(true): the KV cache off the device whatever fits.
     pub kv_offload: Option<bool>,
+    /// A prefix cache is on: sliding-window layers keep a prompt's positions until it stores
+    /// them, so they are planned like the other layers.
+    pub prefix_cache: bool,
 }
 
 /// Positions the KV cache will be sized for: the cache starts at 256 and doubles (capped at the
@@ -73,6 +76,14 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     };
     let context = b.max_context.unwrap_or(m.max_positions.min(8192)).clamp(1, m.max_positions);
     let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+    // Sliding-window layers hold a window and a prefill tile (unless a prefix cache pins more).
+    let (mut kv_full_elems, mut n_sliding, mut sliding_elems) = (m.kv_elems_per_position, 0, 0);
+    if let Some((per_pos, layers, w)) = m.sliding_kv.filter(|_| !b.prefix_cache) {
+        kv_full_elems -= per_pos;
+        n_sliding = layers;
+        let held = ollm_kv::window_positions(w, ollm_models::gpt_oss::PREFILL_TILE).min(context);
+        sliding_elems = per_pos * held as u64;
+    }
     // One prefill tile's scratch (q, k, v and the attention output counted as four q-sized rows,
     // an overestimate), plus the residual stream of a whole prefill call.
     let tile = ollm_models::llama3::PREFILL_TILE.min(context);
@@ -89,7 +100,9 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
-        kv_bytes_per_position: m.kv_elems_per_position * kv_elem,
+        kv_bytes_per_position: kv_full_elems * kv_elem,
+        kv_full_layers: m.n_layers - n_sliding,
+        kv_sliding_bytes: sliding_elems * kv_elem,
         context: kv_capacity(context, m.max_positions),
         activation_bytes: act,
         context_overhead_bytes: context_overhead,

@@ -44,6 +44,8 @@ impl Session {
     pub fn with_prefix_cache(mut self, cfg: &PrefixConfig) -> Result<Self> {
         let layout = self.state.block_layout(self.model.backend()).map_err(ollm_models::ModelError::from)?;
         self.prefix = Some(PrefixCache::open(cfg, self.model.info().fingerprint, layout)?);
+        // Sliding-window layers keep what the store has yet to take.
+        self.state.retain_from(self.state.len());
         Ok(self)
     }
 
@@ -118,6 +120,8 @@ impl Session {
     pub fn store_prefix(&mut self) -> Result<Option<Stored>> {
         let Some(cache) = &self.prefix else { return Ok(None) };
         let stored = cache.store(self.model.backend(), &mut self.state, &self.tokens, &self.snapshots)?;
+        let block = cache.layout().block;
+        self.state.retain_from(self.tokens.len() / block * block);
         self.snapshots.clear();
         Ok(Some(stored))
     }
@@ -139,10 +143,11 @@ impl Session {
     /// Keeps the longest common prefix of the tokens fed so far and `ids`, leaving at least one
     /// token of `ids` to feed, and drops the rest; returns how many were kept. Feeding
     /// `ids[kept..]` next gives what feeding `ids` to a fresh session would. A recurrent model's
-    /// state cannot step back, so it keeps everything or nothing.
+    /// state cannot step back, so it keeps everything or nothing; sliding-window layers step
+    /// back only as far as what they kept ([`SeqState::min_len`]).
     pub fn rewind(&mut self, ids: &[u32]) -> usize {
         let common = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len().saturating_sub(1));
-        if common < self.tokens.len() && self.state.has_fixed() {
+        if common < self.tokens.len() && (self.state.has_fixed() || common < self.state.min_len()) {
             self.reset();
             return 0;
         }
@@ -155,6 +160,9 @@ impl Session {
     /// Drops every token; the cache memory is kept for reuse.
     pub fn reset(&mut self) {
         self.state.truncate(0);
+        if self.prefix.is_some() {
+            self.state.retain_from(0);
+        }
         self.tokens.clear();
         self.snapshots.clear();
     }

@@ -8,6 +8,12 @@
 //! take turns in (see [`offload`]). A model brackets each layer's use of its cache with
 //! [`SeqState::acquire`] and [`SeqState::release`]; both are free when the cache is on the device.
 //!
+//! A sliding-window layer ([`KvShape::window`]) keeps only the positions its window can still
+//! see, plus [`KEEP_BACK`] for rewinds: its rows start at [`LayerKv::base`], and the model
+//! writes and attends at positions shifted by it (attention over post-RoPE keys does not depend
+//! on where the rows start). Positions the prefix store has not taken yet are kept
+//! ([`SeqState::retain_from`]).
+//!
 //! Recurrent layers (Qwen3-Next's Gated DeltaNet) keep fixed-size state instead of a cache
 //! ([`FixedShape`], [`SeqState::with_fixed`]). The persistent prefix store ([`prefix`]) moves a
 //! state in whole blocks of positions ([`SeqState::export_block`], [`SeqState::import_block`])
@@ -59,15 +65,79 @@ pub struct BlockLayout {
 pub struct KvShape {
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Some(w): a sliding-window layer; a query sees only the last `w` positions (itself
+    /// included), so the cache keeps about that many.
+    pub window: Option<usize>,
+}
+
+impl KvShape {
+    /// A layer that attends over every earlier position.
+    pub fn full(n_kv_heads: usize, head_dim: usize) -> Self {
+        Self { n_kv_heads, head_dim, window: None }
+    }
+
+    /// Whether two layers' rows are alike (same heads and width; windows may differ).
+    fn same_rows(&self, other: &KvShape) -> bool {
+        (self.n_kv_heads, self.head_dim) == (other.n_kv_heads, other.head_dim)
+    }
+}
+
+/// Positions a sliding-window layer keeps beyond its window, so that dropping a short tail
+/// (a chat turn re-rendered, a stop sequence) does not force a recompute. Also the slack it
+/// grows by, so that dropping its front happens once per this many decoded tokens.
+pub const KEEP_BACK: usize = 512;
+
+/// Device positions a sliding-window layer of window `w` holds at most when forwards add up to
+/// `tile` positions per call of [`SeqState::layer_for`] (nothing pinned for the prefix store).
+pub fn window_positions(w: usize, tile: usize) -> usize {
+    w.saturating_sub(1) + 2 * KEEP_BACK + tile
 }
 
 /// K and V of one attention layer, each `[n_kv_heads, capacity, head_dim]` in the backend's
-/// KV dtype (`Backend::kv_dtype`: f32 on the CPU, bf16 on CUDA), valid for the sequence's first
-/// `SeqState::len` positions.
+/// KV dtype (`Backend::kv_dtype`: f32 on the CPU, bf16 on CUDA). Row `r` holds position
+/// `base + r`; rows are valid up to the sequence's `SeqState::len`. `base` is 0 except in
+/// sliding-window layers, so write and attend at `pos - base`.
 #[derive(Debug)]
 pub struct LayerKv {
     pub k: Tensor,
     pub v: Tensor,
+    pub base: usize,
+}
+
+impl LayerKv {
+    fn zeros(backend: &dyn Backend, s: &KvShape, capacity: usize) -> Result<Self> {
+        let dims = vec![s.n_kv_heads, capacity, s.head_dim];
+        Ok(Self { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)?, base: 0 })
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.shape()[1]
+    }
+
+    /// Room for positions `pos .. pos + n` in a sliding-window layer whose rows hold positions
+    /// `base .. pos`: drops the front the window no longer sees (keeping [`KEEP_BACK`] more and
+    /// every position from `retain`), growing when that is not enough.
+    fn slide(&mut self, backend: &dyn Backend, w: usize, (pos, n): (usize, usize), retain: usize) -> Result<()> {
+        let cap = self.capacity();
+        if pos < self.base || pos + n - self.base <= cap {
+            return Ok(());
+        }
+        let seen = pos.saturating_sub(w.saturating_sub(1) + KEEP_BACK);
+        let base = seen.min(retain).max(self.base);
+        let need = pos - base + n;
+        // Pinned positions grow the cache by doubling, as a full layer's; else it stays near a
+        // window's size.
+        let new_cap = match need <= cap {
+            true => cap,
+            false if base < seen => (need + KEEP_BACK).max(2 * cap),
+            false => need + KEEP_BACK,
+        };
+        let keep = base - self.base..pos - self.base;
+        self.k = backend.grow_kv(&self.k, keep.clone(), new_cap)?;
+        self.v = backend.grow_kv(&self.v, keep, new_cap)?;
+        self.base = base;
+        Ok(())
+    }
 }
 
 /// Everything one sequence carries between forwards.
@@ -86,6 +156,9 @@ pub struct SeqState {
     /// Recurrent layers' fixed state (empty for attention-only models).
     fixed: Vec<Vec<Tensor>>,
     fixed_shapes: Vec<FixedShape>,
+    /// Sliding-window layers keep every position from here (those the prefix store still
+    /// wants); `usize::MAX` without a prefix store.
+    retain_from: usize,
 }
 
 /// Initial capacity in positions; the cache doubles as needed.
@@ -95,15 +168,7 @@ impl SeqState {
     /// An empty state for a model with these attention layers.
     pub fn new(backend: &dyn Backend, shapes: Vec<KvShape>, max_positions: usize) -> Result<Self> {
         let capacity = INITIAL_CAPACITY.min(max_positions.max(1));
-        let layers = shapes
-            .iter()
-            .map(|s| {
-                Ok(LayerKv {
-                    k: backend.kv_zeros(vec![s.n_kv_heads, capacity, s.head_dim])?,
-                    v: backend.kv_zeros(vec![s.n_kv_heads, capacity, s.head_dim])?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = shapes.iter().map(|s| LayerKv::zeros(backend, s, capacity)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
             offload: None,
@@ -113,11 +178,13 @@ impl SeqState {
             max_positions,
             fixed: Vec::new(),
             fixed_shapes: Vec::new(),
+            retain_from: usize::MAX,
         })
     }
 
     /// An empty state whose cache lives in host blocks and a spill file as `cfg` says, every
-    /// layer of one shape. The device holds two windows of `capacity` positions.
+    /// layer of one row shape. The device holds two windows of `capacity` positions; a
+    /// sliding-window layer loads only the blocks its window still sees and frees older ones.
     pub fn offloaded(
         backend: &dyn Backend,
         shapes: Vec<KvShape>,
@@ -126,11 +193,12 @@ impl SeqState {
         cfg: KvOffload,
     ) -> Result<Self> {
         let shape = *shapes.first().ok_or_else(|| ollm_ops::OpsError::Backend("a KV cache with no layers".into()))?;
-        if shapes.iter().any(|s| *s != shape) {
+        if shapes.iter().any(|s| !s.same_rows(&shape)) {
             return Err(ollm_ops::OpsError::Backend("an offloaded KV cache needs every layer of one shape".into()));
         }
         let capacity = capacity.clamp(1, max_positions.max(1));
-        let off = offload::Offload::new(backend, shape, shapes.len(), capacity, cfg)?;
+        let windows = shapes.iter().map(|s| s.window).collect();
+        let off = offload::Offload::new(backend, shape, windows, capacity, cfg)?;
         Ok(Self {
             layers: Vec::new(),
             offload: Some(off),
@@ -140,6 +208,7 @@ impl SeqState {
             max_positions,
             fixed: Vec::new(),
             fixed_shapes: Vec::new(),
+            retain_from: usize::MAX,
         })
     }
 
@@ -148,7 +217,7 @@ impl SeqState {
     pub fn begin(&mut self, backend: &dyn Backend, t: usize) -> Result<()> {
         let pos0 = self.len;
         match &mut self.offload {
-            Some(o) => o.begin(backend, pos0, t),
+            Some(o) => o.begin(backend, pos0, t, self.retain_from),
             None => Ok(()),
         }
     }
@@ -216,21 +285,58 @@ impl SeqState {
             self.capacity = o.capacity();
             return Ok(());
         }
-        for layer in &mut self.layers {
-            layer.k = backend.grow_kv(&layer.k, self.len, new_cap)?;
-            layer.v = backend.grow_kv(&layer.v, self.len, new_cap)?;
+        for (layer, shape) in self.layers.iter_mut().zip(&self.shapes) {
+            if shape.window.is_none() {
+                layer.k = backend.grow_kv(&layer.k, 0..self.len, new_cap)?;
+                layer.v = backend.grow_kv(&layer.v, 0..self.len, new_cap)?;
+            }
         }
         self.capacity = new_cap;
         Ok(())
     }
 
-    /// The cache of attention layer `idx`.
-    /// An offloaded cache gives the window layer `idx` was last acquired in.
+    /// The cache of attention layer `idx`, ready to take positions `pos .. pos + n` (a
+    /// sliding-window layer on the device drops its front or grows first). Write and attend at
+    /// positions less [`LayerKv::base`]. An offloaded cache gives the window layer `idx` was
+    /// last acquired in.
+    pub fn layer_for(&mut self, backend: &dyn Backend, idx: usize, pos: usize, n: usize) -> Result<&mut LayerKv> {
+        if let Some(o) = &mut self.offload {
+            return Ok(o.window(idx));
+        }
+        let kv = &mut self.layers[idx];
+        if let Some(w) = self.shapes[idx].window {
+            kv.slide(backend, w, (pos, n), self.retain_from)?;
+        }
+        Ok(kv)
+    }
+
+    /// The cache of attention layer `idx` as it stands (see [`layer_for`](Self::layer_for)).
     pub fn layer_mut(&mut self, idx: usize) -> &mut LayerKv {
         match &mut self.offload {
             Some(o) => o.window(idx),
             None => &mut self.layers[idx],
         }
+    }
+
+    /// Sliding-window layers keep every position from `pos` on, for the prefix store to take
+    /// (`usize::MAX`: keep only what the windows see).
+    pub fn retain_from(&mut self, pos: usize) {
+        self.retain_from = pos;
+    }
+
+    /// The shortest length [`truncate`](Self::truncate) can go back to: a sliding-window layer
+    /// that dropped its front needs a window's worth of positions before the end.
+    pub fn min_len(&self) -> usize {
+        let first_kept: Vec<usize> = match &self.offload {
+            Some(o) => (0..self.shapes.len()).map(|l| o.first_kept(l)).collect(),
+            None => self.layers.iter().map(|l| l.base).collect(),
+        };
+        self.shapes
+            .iter()
+            .zip(first_kept)
+            .filter_map(|(s, first)| s.window.filter(|_| first > 0).map(|w| first + w - 1))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Marks `n` more positions as written (after every layer has appended them).
@@ -239,8 +345,19 @@ impl SeqState {
     }
 
     /// Forgets positions from `len` on (e.g. to drop a generated tail); the bytes stay allocated.
+    /// A `len` below [`min_len`](Self::min_len) forgets everything (the windows lack what it
+    /// would need).
     pub fn truncate(&mut self, len: usize) {
+        let len = if len < self.min_len() { 0 } else { len };
         self.len = self.len.min(len);
+        if self.len == 0 {
+            for kv in &mut self.layers {
+                kv.base = 0;
+            }
+            if let Some(o) = &mut self.offload {
+                o.forget_dropped();
+            }
+        }
     }
 
     /// Device bytes held by the caches.
@@ -313,7 +430,7 @@ impl SeqState {
     /// How this state's positions are cut into prefix-store blocks.
     pub fn block_layout(&self, backend: &dyn Backend) -> Result<BlockLayout> {
         let shape = *self.shapes.first().ok_or_else(|| OpsError::Backend("a KV cache with no layers".into()))?;
-        if self.shapes.iter().any(|s| *s != shape) {
+        if self.shapes.iter().any(|s| !s.same_rows(&shape)) {
             return Err(OpsError::Backend("the prefix store needs every attention layer of one shape".into()));
         }
         let block = self.offload.as_ref().map_or(DEVICE_PREFIX_BLOCK, offload::Offload::block);
@@ -350,13 +467,14 @@ impl SeqState {
         backend.copy_wait(&backend.compute_marker()?)?;
         let mut staging = backend.host_alloc(lay.n_layers * lay.layer_bytes)?;
         for (l, kv) in self.layers.iter().enumerate() {
-            let span = KvBlockSpan {
-                offset: l * lay.layer_bytes,
-                block: lay.block,
-                row: 0,
-                pos: bi * lay.block,
-                n: lay.block,
+            let Some(pos) = (bi * lay.block).checked_sub(kv.base) else {
+                return Err(OpsError::Backend(format!(
+                    "block {bi} of sliding-window layer {l} was dropped (it keeps positions from {})",
+                    kv.base
+                ))
+                .into());
             };
+            let span = KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos, n: lay.block };
             backend.kv_to_host_async(&kv.k, &mut staging, span)?;
             backend.kv_to_host_async(
                 &kv.v,
@@ -426,12 +544,19 @@ impl SeqState {
         if let Some(o) = &mut self.offload {
             o.push_block(backend, self.len / lay.block, bufs)?;
             self.len += lay.block;
+            self.retain_from = self.retain_from.max(self.len);
             return Ok(());
         }
         self.reserve(backend, self.len + lay.block)?;
+        // Imported positions are in the prefix store already.
+        self.retain_from = self.retain_from.max(self.len + lay.block);
+        for l in 0..self.layers.len() {
+            self.layer_for(backend, l, self.len, lay.block)?;
+        }
         backend.copy_wait(&backend.compute_marker()?)?;
         for (kv, buf) in self.layers.iter_mut().zip(&bufs) {
-            let span = KvBlockSpan { offset: 0, block: lay.block, row: 0, pos: self.len, n: lay.block };
+            let pos = self.len - kv.base;
+            let span = KvBlockSpan { offset: 0, block: lay.block, row: 0, pos, n: lay.block };
             backend.kv_from_host_async(buf, &mut kv.k, span)?;
             backend.kv_from_host_async(buf, &mut kv.v, KvBlockSpan { offset: lay.half_bytes, ..span })?;
         }

@@ -10,6 +10,10 @@
 //! loads while the next computes. Nothing already in a block is rewritten: a decode step moves
 //! one position out per layer.
 //!
+//! A sliding-window layer loads only the blocks its window still sees, into its window from row
+//! 0 ([`LayerKv::base`] says which position that is), and frees blocks older than its window
+//! and [`KEEP_BACK`](crate::KEEP_BACK) (but none the prefix store has yet to take).
+//!
 //! A block holds `block` positions of one layer, K then V, each laid out `[n_kv, block, d]` in
 //! the backend's KV dtype. Full blocks beyond the RAM budget move to the spill file (O_DIRECT,
 //! aligned); loading a spilled block reads it into a pinned staging buffer first, on the calling
@@ -54,6 +58,8 @@ enum Block {
     Ram(HostBuffer),
     /// Byte offset in the spill file.
     Disk(u64),
+    /// Freed: older than a sliding-window layer's window.
+    Dropped,
 }
 
 struct Spill {
@@ -65,6 +71,8 @@ struct Spill {
 pub(crate) struct Offload {
     shape: KvShape,
     n_layers: usize,
+    /// Per layer, its sliding window (None: full attention).
+    windows_of: Vec<Option<usize>>,
     cfg: KvOffload,
     /// Bytes of one layer's block (K and V), a multiple of [`ALIGN`].
     block_bytes: usize,
@@ -104,10 +112,11 @@ impl Offload {
     pub(crate) fn new(
         backend: &dyn Backend,
         shape: KvShape,
-        n_layers: usize,
+        windows_of: Vec<Option<usize>>,
         capacity: usize,
         cfg: KvOffload,
     ) -> Result<Self> {
+        let n_layers = windows_of.len();
         if cfg.block == 0 || n_layers == 0 {
             return Err(err("the offloaded KV cache needs a block of at least one position and one layer".into()));
         }
@@ -119,11 +128,12 @@ impl Offload {
         let spill_path = cfg.spill_dir.join(format!("kv-{}-{}.spill", std::process::id(), unique()));
         let window = || -> Result<LayerKv> {
             let dims = vec![shape.n_kv_heads, capacity, shape.head_dim];
-            Ok(LayerKv { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)? })
+            Ok(LayerKv { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)?, base: 0 })
         };
         Ok(Self {
             shape,
             n_layers,
+            windows_of,
             cfg,
             block_bytes,
             half_bytes,
@@ -170,6 +180,9 @@ impl Offload {
                     read_spilled(&self.spill, *off, self.block_bytes, &mut buf)?;
                     read.push(buf);
                 }
+                Some(Block::Dropped) => {
+                    return Err(err(format!("block {bi} of sliding-window layer {l} was dropped")).into());
+                }
                 None => return Err(err(format!("internal: layer {l} has no block {bi}")).into()),
             }
         }
@@ -178,7 +191,9 @@ impl Offload {
         for l in 0..self.n_layers {
             let buf = match &self.blocks[l][bi] {
                 Block::Ram(buf) => buf,
-                Block::Disk(_) => read.next().ok_or_else(|| err("internal: spilled block count".into()))?,
+                Block::Disk(_) | Block::Dropped => {
+                    read.next().ok_or_else(|| err("internal: spilled block count".into()))?
+                }
             };
             views.push(&buf.as_slice()[..self.block_bytes]);
         }
@@ -234,11 +249,14 @@ impl Offload {
         Ok(())
     }
 
-    /// Starts a forward over positions `pos0 .. pos0 + t`: spills what the RAM budget no longer
-    /// holds and queues the loads of layers 0 and 1.
-    pub(crate) fn begin(&mut self, backend: &dyn Backend, pos0: usize, t: usize) -> Result<()> {
+    /// Starts a forward over positions `pos0 .. pos0 + t`: frees sliding-window layers' blocks
+    /// that neither the window, [`KEEP_BACK`](crate::KEEP_BACK) nor the prefix store (`retain`
+    /// on) wants, spills what the RAM budget no longer holds and queues the loads of layers 0
+    /// and 1.
+    pub(crate) fn begin(&mut self, backend: &dyn Backend, pos0: usize, t: usize, retain: usize) -> Result<()> {
         self.pos0 = pos0;
         self.t = t;
+        self.drop_old(backend, retain)?;
         self.spill_over_budget(backend)?;
         // The windows may still be in use by the previous forward's last layers.
         backend.copy_wait(&backend.compute_marker()?)?;
@@ -275,9 +293,58 @@ impl Offload {
         Ok(())
     }
 
+    /// The first block a sliding-window layer's window sees in this forward (0 for the others).
+    fn first_block(&self, l: usize) -> usize {
+        self.windows_of[l].map_or(0, |w| self.pos0.saturating_sub(w.saturating_sub(1)) / self.cfg.block)
+    }
+
+    /// Frees sliding-window layers' blocks before their window less
+    /// [`KEEP_BACK`](crate::KEEP_BACK), and before `retain`.
+    fn drop_old(&mut self, backend: &dyn Backend, retain: usize) -> Result<()> {
+        let b = self.cfg.block;
+        let mut waited = false;
+        for l in 0..self.n_layers {
+            let Some(w) = self.windows_of[l] else { continue };
+            let keep = self.pos0.saturating_sub(w.saturating_sub(1) + crate::KEEP_BACK).min(retain);
+            for bi in 0..(keep / b).min(self.blocks[l].len()) {
+                if matches!(self.blocks[l][bi], Block::Dropped) {
+                    continue;
+                }
+                if !waited {
+                    // A freed buffer may still be the source of a queued copy.
+                    backend.host_wait(&backend.copy_marker()?)?;
+                    waited = true;
+                }
+                if let Block::Ram(buf) = std::mem::replace(&mut self.blocks[l][bi], Block::Dropped) {
+                    self.free.push(buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first position layer `l` still holds (after its dropped blocks).
+    pub(crate) fn first_kept(&self, l: usize) -> usize {
+        self.blocks[l].iter().take_while(|b| matches!(b, Block::Dropped)).count() * self.cfg.block
+    }
+
+    /// The sequence starts over: layers with dropped blocks give up all their blocks.
+    pub(crate) fn forget_dropped(&mut self) {
+        for blocks in &mut self.blocks {
+            if blocks.iter().any(|b| matches!(b, Block::Dropped)) {
+                for b in blocks.drain(..) {
+                    if let Block::Ram(buf) = b {
+                        self.free.push(buf);
+                    }
+                }
+            }
+        }
+    }
+
     /// Queues the copy of positions `pos0 .. pos0 + t` of window `w` into layer `l`'s blocks.
     fn store(&mut self, backend: &dyn Backend, l: usize, w: usize) -> Result<()> {
         let b = self.cfg.block;
+        let base = self.windows[w].base;
         let (mut pos, end) = (self.pos0, self.pos0 + self.t);
         while pos < end {
             let bi = pos / b;
@@ -296,7 +363,7 @@ impl Offload {
                 return Err(err(format!("internal: layer {l} block {bi} is not in RAM")));
             };
             let win = &self.windows[w];
-            let span = KvBlockSpan { offset: 0, block: b, row, pos, n };
+            let span = KvBlockSpan { offset: 0, block: b, row, pos: pos - base, n };
             backend.kv_to_host_async(&win.k, buf, span)?;
             backend.kv_to_host_async(&win.v, buf, KvBlockSpan { offset: self.half_bytes, ..span })?;
             self.stats.stored_bytes += (2 * n * self.row_bytes(backend)) as u64;
@@ -324,14 +391,17 @@ impl Offload {
         self.shape.n_kv_heads * self.shape.head_dim * backend.kv_dtype().size_bytes()
     }
 
-    /// Queues the copy of layer `l`'s positions `0 .. pos0` into its window (`l % 2`).
+    /// Queues the copy of layer `l`'s positions `0 .. pos0` (a sliding-window layer: from its
+    /// first block that its window sees) into its window (`l % 2`).
     fn load(&mut self, backend: &dyn Backend, l: usize) -> Result<()> {
         let w = l % 2;
         let b = self.cfg.block;
         let valid = self.pos0;
-        for bi in 0..valid.div_ceil(b) {
+        let first = self.first_block(l);
+        self.windows[w].base = first * b;
+        for bi in first..valid.div_ceil(b) {
             let n = b.min(valid - bi * b);
-            let span = KvBlockSpan { offset: 0, block: b, row: 0, pos: bi * b, n };
+            let span = KvBlockSpan { offset: 0, block: b, row: 0, pos: (bi - first) * b, n };
             let v_span = KvBlockSpan { offset: self.half_bytes, ..span };
             match self.blocks[l].get(bi) {
                 Some(Block::Ram(buf)) => {
@@ -350,7 +420,9 @@ impl Offload {
                     *used = Some(backend.copy_marker()?);
                     self.stats.unspilled_bytes += self.block_bytes as u64;
                 }
-                None => return Err(err(format!("internal: layer {l} has no block {bi} for position {}", bi * b))),
+                Some(Block::Dropped) | None => {
+                    return Err(err(format!("internal: layer {l} has no block {bi} for position {}", bi * b)));
+                }
             }
             self.stats.loaded_bytes += (2 * n * self.row_bytes(backend)) as u64;
         }
@@ -418,7 +490,7 @@ impl Offload {
     pub(crate) fn stats(&self) -> OffloadStats {
         let mut s = self.stats;
         s.ram_blocks = self.blocks.iter().flatten().filter(|b| matches!(b, Block::Ram(_))).count();
-        s.disk_blocks = self.blocks.iter().flatten().count() - s.ram_blocks;
+        s.disk_blocks = self.blocks.iter().flatten().filter(|b| matches!(b, Block::Disk(_))).count();
         s
     }
 

@@ -11,7 +11,7 @@ use ollm_kv::{FixedShape, KvOffload, KvShape, PrefixCache, PrefixConfig, SeqStat
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
 
-const SHAPE: KvShape = KvShape { n_kv_heads: 2, head_dim: 8 };
+const SHAPE: KvShape = KvShape { n_kv_heads: 2, head_dim: 8, window: None };
 const LAYERS: usize = 3;
 const FINGERPRINT: u128 = 0x1234_5678_9abc_def0;
 

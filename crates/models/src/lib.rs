@@ -34,14 +34,33 @@ pub struct ModelInfo {
     /// Weight bytes one decoded token reads (every matrix once; one embedding row is ignored,
     /// but a tied embedding is read whole as the output head).
     pub weight_bytes_per_token: u64,
-    /// KV-cache bytes read per cached position by one decode step (all layers, K and V).
+    /// KV-cache bytes read per cached position by one decode step (K and V of every layer that
+    /// attends over the whole context).
     pub kv_bytes_per_position: u64,
+    /// Sliding-window layers' K and V (they read at most a window of positions).
+    pub sliding_kv: Option<SlidingKv>,
     /// Token ids that end generation, from config.json (generation_config.json may add more).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     /// Identity of the weights and config ([`ollm_weights::Catalog::fingerprint`]): the prefix
     /// cache keeps entries under it.
     pub fingerprint: u128,
+}
+
+/// The sliding-window layers' share of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlidingKv {
+    /// K and V bytes per position, over all sliding-window layers.
+    pub bytes_per_position: u64,
+    pub window: usize,
+}
+
+impl ModelInfo {
+    /// KV bytes one decode step reads at context `ctx`.
+    pub fn kv_read_bytes(&self, ctx: usize) -> u64 {
+        let sliding = self.sliding_kv.map_or(0, |s| s.bytes_per_position * ctx.min(s.window) as u64);
+        self.kv_bytes_per_position * ctx as u64 + sliding
+    }
 }
 
 /// Which rows of logits a forward returns.

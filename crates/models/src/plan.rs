@@ -44,8 +44,12 @@ pub struct PlanInput {
     pub layer_bytes: Vec<u64>,
     /// Weights that stay on the device whatever happens (embedding, head, final norm).
     pub resident_bytes: u64,
-    /// KV-cache bytes per position (all layers).
+    /// KV-cache bytes per position of the layers that keep every position.
     pub kv_bytes_per_position: u64,
+    /// How many layers those are (each offloaded window holds one of them).
+    pub kv_full_layers: usize,
+    /// Sliding-window layers' caches, whatever the context (they keep about a window).
+    pub kv_sliding_bytes: u64,
     /// Positions the run must hold (prompt + generated tokens).
     pub context: usize,
     /// Peak activation scratch on the device (the prefill chunk decides it).
@@ -224,9 +228,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if n == 0 {
         return Err(PlanError::NoLayers);
     }
-    let kv_all = input.kv_bytes_per_position * input.context as u64;
-    // Offloaded, the device holds two windows of one layer's cache each.
-    let kv_windows = 2 * kv_all.div_ceil(n as u64);
+    let kv_full = input.kv_bytes_per_position * input.context as u64;
+    let kv_all = kv_full + input.kv_sliding_bytes;
+    // Offloaded, the device holds two windows of one full layer's cache each.
+    let kv_windows = 2 * kv_full.div_ceil(input.kv_full_layers.max(1) as u64);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
     let expert_min = input.experts.map_or(0, |e| e.min_slots() as u64 * e.unit);
     let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes + expert_min;
@@ -382,6 +387,8 @@ mod tests {
             layer_bytes: vec![436_224_000; 32],
             resident_bytes: 2 * 1_050_673_152 + 8192,
             kv_bytes_per_position: 128 * 1024,
+            kv_full_layers: 32,
+            kv_sliding_bytes: 0,
             context,
             activation_bytes: 200 * MIB,
             context_overhead_bytes: 600 * MIB,
@@ -403,7 +410,9 @@ mod tests {
         PlanInput {
             layer_bytes: vec![55_000_000; 24],
             resident_bytes: 2 * 201_088 * 2880 * 2,
-            kv_bytes_per_position: 24 * 2048,
+            kv_bytes_per_position: 12 * 2048,
+            kv_full_layers: 12,
+            kv_sliding_bytes: 12 * 2048 * 2175,
             experts: Some(ExpertBytes { count: 768, per_layer: 32, unit: unit as u64, per_token: 96 }),
             ..llama8b(vram, ram, 16384)
         }

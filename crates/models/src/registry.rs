@@ -64,8 +64,12 @@ pub struct ModelBytes {
     pub layer_bytes: Vec<u64>,
     /// Every other tensor (embedding, head, final norm).
     pub resident_bytes: u64,
-    /// KV elements per position, all layers, K and V (multiply by the cache's element size).
+    /// KV elements per position, K and V, of every layer (multiply by the cache's element size).
     pub kv_elems_per_position: u64,
+    /// Of those, the sliding-window layers' (a cache of about a window each): elements per
+    /// position, how many layers, the window.
+    pub sliding_kv: Option<(u64, usize, usize)>,
+    pub n_layers: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
@@ -81,6 +85,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     let raw = RawConfig::read(dir)?;
     let arch = raw.architecture()?;
     // (layers, hidden, intermediate, vocab, max positions, kv width, q width, experts (E, k))
+    let mut sliding = None;
     let (n_layers, h, i, v, max_positions, kvd, q_dim, moe) = match arch.as_str() {
         "LlamaForCausalLM" | "llama" => {
             let c = LlamaConfig::from_raw(&raw)?;
@@ -100,6 +105,8 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
             let c = GptOssConfig::from_raw(&raw)?;
             let kvd = c.n_kv_heads * c.head_dim;
             let moe = Some((c.n_experts, c.experts_per_token));
+            let n_sliding = (0..c.n_layers).filter(|&l| c.window(l).is_some()).count();
+            sliding = (n_sliding > 0).then_some(((2 * n_sliding * kvd) as u64, n_sliding, c.sliding_window));
             (
                 c.n_layers,
                 c.hidden_size,
@@ -139,6 +146,8 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         layer_bytes,
         resident_bytes,
         kv_elems_per_position: (2 * n_layers * kvd) as u64,
+        sliding_kv: sliding,
+        n_layers,
         hidden_size: h,
         intermediate_size: i,
         vocab_size: v,

@@ -299,8 +299,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// bound that decode speed is compared with.
     fn measure_bandwidth(&self, bytes: usize) -> Result<f64>;
 
-    /// Grows a KV cache `[n_kv, cap, d]` to `[n_kv, new_cap, d]`, keeping the first `len` positions.
-    fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor>;
+    /// A KV cache `[n_kv, new_cap, d]` holding rows `keep` of `cache` (`[n_kv, cap, d]`) at rows
+    /// `0 .. keep.len()`: growing keeps `0 .. len`; a sliding-window layer drops its front.
+    fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor>;
 
     // ---- Streaming: copies on a second queue, ordered against compute by markers ----
     //

@@ -412,7 +412,9 @@ fn decode_attention_matches_cpu() {
 }
 
 /// The KV path through the Backend trait: a bf16 cache from kv_zeros, written, grown and
-/// attended over, against the CPU backend's f32 cache fed bf16-valued keys and values.
+/// attended over, against the CPU backend's f32 cache fed bf16-valued keys and values. A
+/// sliding-window run drops the cache's front (`grow_kv` over a later range) and attends at
+/// positions shifted by as much, against the CPU's whole cache.
 #[test]
 fn bf16_kv_cache_through_the_backend_matches_cpu() {
     let Some(gpu) = backend() else { return };
@@ -421,39 +423,46 @@ fn bf16_kv_cache_through_the_backend_matches_cpu() {
     assert_eq!(cpu.kv_dtype(), DType::F32);
     let (nh, nkv, d) = (8, 2, 64);
     let (cap0, t1, t2) = (16, 10, 9);
-    let run = |be: &dyn Backend, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32]| -> Vec<f32> {
+    let run = |be: &dyn Backend, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32], window: Option<usize>, drop: usize| {
         let mut k = be.kv_zeros(vec![nkv, cap0, d]).expect("k");
         let mut v = be.kv_zeros(vec![nkv, cap0, d]).expect("v");
         let mut pos = 0;
         for (kn, vn) in ks.iter().zip(vs) {
             let t = kn.len() / (nkv * d);
             if pos + t > cap0 {
-                k = be.grow_kv(&k, pos, 2 * cap0).expect("grow k");
-                v = be.grow_kv(&v, pos, 2 * cap0).expect("grow v");
+                k = be.grow_kv(&k, 0..pos, 2 * cap0).expect("grow k");
+                v = be.grow_kv(&v, 0..pos, 2 * cap0).expect("grow v");
             }
             be.write_kv(&mut k, &be.upload_f32(vec![t, nkv, d], kn).expect("kn"), pos).expect("write k");
             be.write_kv(&mut v, &be.upload_f32(vec![t, nkv, d], vn).expect("vn"), pos).expect("write v");
             pos += t;
         }
+        if drop > 0 {
+            k = be.grow_kv(&k, drop..pos, pos - drop).expect("drop k");
+            v = be.grow_kv(&v, drop..pos, pos - drop).expect("drop v");
+        }
         let tq = q.len() / (nh * d);
         let qt = be.upload_f32(vec![tq, nh, d], q).expect("q");
         let mut out = be.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
-        let p = ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
-        be.attention(&qt, &k, &v, pos - tq, &p, &mut out).expect("attention");
+        let p = ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window, sinks: None };
+        be.attention(&qt, &k, &v, pos - drop - tq, &p, &mut out).expect("attention");
         be.to_host_f32(&out).expect("out")
     };
     let ks = [random(t1 * nkv * d, 1.0), random(t2 * nkv * d, 1.0)];
     let vs = [random(t1 * nkv * d, 1.0), random(t2 * nkv * d, 1.0)];
     let round = |x: &[Vec<f32>]| x.iter().map(|v| rounded(v, DType::BF16)).collect::<Vec<_>>();
-    // 9 queries take the flash kernel (bf16 q and P), 2 the split-context one (f32 math).
+    // 9 queries take the flash kernel (bf16 q and P), 2 the split-context one (f32 math). With a
+    // window of 6 the first of 9 queries (position 10) sees keys 5.., so 5 rows can go.
     for (tq, tol) in [(t2, 1e-2), (2, 1e-5)] {
-        let q = random(tq * nh * d, 1.0);
-        let got = run(&gpu, &ks, &vs, &q);
-        assert!(got.iter().all(|v| v.is_finite()), "unwritten outputs");
-        let want = run(&cpu, &round(&ks), &round(&vs), &q);
-        let e = rel_err(&got, &want);
-        eprintln!("bf16 KV cache through the backend (write, grow, attend {tq} queries): rel err {e:.2e}");
-        assert!(e < tol, "bf16 KV cache, {tq} queries: rel err {e:e}");
+        for (window, drop) in [(None, 0), (Some(6), 5)] {
+            let q = random(tq * nh * d, 1.0);
+            let got = run(&gpu, &ks, &vs, &q, window, drop);
+            assert!(got.iter().all(|v| v.is_finite()), "unwritten outputs");
+            let want = run(&cpu, &round(&ks), &round(&vs), &q, window, 0);
+            let e = rel_err(&got, &want);
+            eprintln!("bf16 KV cache through the backend (write, grow, drop {drop}, attend {tq} queries): rel err {e:.2e}");
+            assert!(e < tol, "bf16 KV cache, {tq} queries, drop {drop}: rel err {e:e}");
+        }
     }
     // An f32 tensor is not a CUDA KV cache: a dtype error, not a crash.
     let mut f32_cache = gpu.zeros(vec![nkv, cap0, d]).expect("zeros");

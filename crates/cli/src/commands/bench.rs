@@ -191,7 +191,7 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     let tok_s = windows.iter().copied().fold(0.0, f64::max);
     // Bytes read per decoded token at the mean context of the timed steps.
     let mean_ctx = prompt.len() + 1 + a.tokens * a.repeats / 2;
-    let bytes = info.weight_bytes_per_token + info.kv_bytes_per_position * mean_ctx as u64;
+    let bytes = info.weight_bytes_per_token + info.kv_read_bytes(mean_ctx);
     let bound = bandwidth / bytes as f64;
     print_header(&loaded, &a, bandwidth);
     println!(
@@ -405,7 +405,7 @@ fn streaming_bench(
             disk: pass.map_or(f64::INFINITY, |p| p.bytes_per_s()),
         };
         let ctx = m.computed + m.reused + 1 + a.tokens * (r + 1) - a.tokens / 2;
-        let kv = info.kv_bytes_per_position * ctx as u64;
+        let kv = info.kv_read_bytes(ctx);
         let mut bound = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes + kv, bw);
         if let Some(k) = plan.kv {
             // An offloaded cache comes over every token as well: from pinned RAM up to its

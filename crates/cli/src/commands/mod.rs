@@ -144,6 +144,7 @@ impl ModelArgs {
             expert_slots: self.expert_slots.map(|n| n as usize),
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
+            prefix_cache: self.prefix_cache.is_some(),
         }
     }
 

@@ -57,7 +57,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(p.vram_bytes),
         human_bytes(input.context_overhead_bytes),
         human_bytes(input.resident_bytes + layer_bytes(&p.tiers, &input.layer_bytes, Tier::Vram)),
-        human_bytes(input.kv_bytes_per_position * input.context as u64),
+        human_bytes(input.kv_bytes_per_position * input.context as u64 + input.kv_sliding_bytes),
         human_bytes(input.activation_bytes),
         human_bytes(p.slots as u64 * p.slot_bytes)
     );

@@ -68,7 +68,7 @@ pub struct AttnCall<'a> {
 }
 
 /// `s.out = Attn(a)`; a `[T, hidden]` (already normed). Appends this call's K/V to `kv`
-/// at positions `pos0..pos0+T`.
+/// at positions `pos0..pos0+T` (rows from `kv.base`).
 pub fn self_attention(
     backend: &dyn Backend,
     w: &AttnWeights,
@@ -88,11 +88,16 @@ pub fn self_attention(
         t.record(Some(call.layer), "q_rope", &s.q);
         t.record(Some(call.layer), "k_rope", &s.k);
     }
-    // Post-RoPE keys go to the cache: [T, nkv, d] -> cache [nkv, cap, d].
-    backend.write_kv(&mut kv.k, &s.k, call.pos0)?;
-    backend.write_kv(&mut kv.v, &s.v, call.pos0)?;
+    // Post-RoPE keys go to the cache: [T, nkv, d] -> cache [nkv, cap, d], at rows shifted by the
+    // cache's base (a sliding-window layer's dropped front); scores of rotated keys depend only
+    // on the rows' order, so attention runs at the shifted positions too.
+    let row0 = call.pos0.checked_sub(kv.base).ok_or_else(|| {
+        ollm_ops::OpsError::Backend(format!("layer {}: position {} before its cache's base {}", call.layer, call.pos0, kv.base))
+    })?;
+    backend.write_kv(&mut kv.k, &s.k, row0)?;
+    backend.write_kv(&mut kv.v, &s.v, row0)?;
     let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
-    backend.attention(&s.q, &kv.k, &kv.v, call.pos0, &params, &mut s.ctx)?;
+    backend.attention(&s.q, &kv.k, &kv.v, row0, &params, &mut s.ctx)?;
     // [T, nh, d] -> [T, H]
     backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
     Ok(())

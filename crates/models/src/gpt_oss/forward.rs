@@ -16,7 +16,7 @@ use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use crate::plan::Placement;
 use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+use crate::{CausalLm, LogitsWanted, ModelInfo, Result, SlidingKv};
 
 const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
@@ -196,6 +196,8 @@ impl GptOss {
         let embed_bytes = embed.size_bytes() as u64;
         let dense = weight_bytes - all_experts;
         let kvd = cfg.n_kv_heads * cfg.head_dim;
+        let kv_elem = backend.kv_dtype().size_bytes();
+        let n_sliding = (0..cfg.n_layers).filter(|&l| cfg.window(l).is_some()).count();
         let info = ModelInfo {
             architecture,
             vocab_size: v,
@@ -204,7 +206,11 @@ impl GptOss {
             max_positions: cfg.max_positions,
             weight_bytes,
             weight_bytes_per_token: routed + if lm_head.is_some() { dense - embed_bytes } else { dense },
-            kv_bytes_per_position: (2 * cfg.n_layers * kvd * backend.kv_dtype().size_bytes()) as u64,
+            kv_bytes_per_position: (2 * (cfg.n_layers - n_sliding) * kvd * kv_elem) as u64,
+            sliding_kv: (n_sliding > 0).then(|| SlidingKv {
+                bytes_per_position: (2 * n_sliding * kvd * kv_elem) as u64,
+                window: cfg.sliding_window,
+            }),
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
@@ -241,7 +247,8 @@ impl GptOss {
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
         let call =
             AttnCall { layer: l, pos0, rope: &self.rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
-        self_attention(be, &layer.attn, normed, state.layer_mut(l), &call, attn, trace)?;
+        let kv = state.layer_for(be, l, pos0, normed.shape()[0])?;
+        self_attention(be, &layer.attn, normed, kv, &call, attn, trace)?;
         be.add_assign(x, &attn.out)?;
         Ok(())
     }
@@ -340,8 +347,9 @@ impl CausalLm for GptOss {
     }
 
     fn new_state(&self) -> Result<SeqState> {
-        let shape = KvShape { n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim };
-        let shapes = vec![shape; self.cfg.n_layers];
+        let shapes = (0..self.cfg.n_layers)
+            .map(|l| KvShape { window: self.cfg.window(l), ..KvShape::full(self.cfg.n_kv_heads, self.cfg.head_dim) })
+            .collect();
         let be = self.backend.as_ref();
         Ok(match &self.kv_offload {
             Some(cfg) => {

@@ -194,6 +194,7 @@ impl Llama {
             weight_bytes,
             weight_bytes_per_token: if lm_head.is_some() { weight_bytes - embed_bytes } else { weight_bytes },
             kv_bytes_per_position: (2 * cfg.n_layers * kvd) as u64 * kv_elem_bytes,
+            sliding_kv: None,
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
@@ -221,7 +222,8 @@ impl Llama {
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
         be.rms_norm(s.x, &layer.input_norm, eps, NormKind::Llama, s.normed)?;
         let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None, sinks: None };
-        self_attention(be, &layer.attn, s.normed, state.layer_mut(l), &call, s.attn, trace)?;
+        let kv = state.layer_for(be, l, pos0, s.normed.shape()[0])?;
+        self_attention(be, &layer.attn, s.normed, kv, &call, s.attn, trace)?;
         be.add_assign(s.x, &s.attn.out)?;
         be.rms_norm(s.x, &layer.post_attn_norm, eps, NormKind::Llama, s.normed)?;
         gated_mlp(be, &layer.mlp, s.normed, s.mlp)?;
@@ -256,7 +258,7 @@ impl CausalLm for Llama {
     }
 
     fn new_state(&self) -> Result<SeqState> {
-        let shape = KvShape { n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim };
+        let shape = KvShape::full(self.cfg.n_kv_heads, self.cfg.head_dim);
         let shapes = vec![shape; self.cfg.n_layers];
         let be = self.backend.as_ref();
         Ok(match &self.kv_offload {

@@ -6,6 +6,7 @@ use ollm_models::synth::{Like, plan_llama, write_plan};
 
 /// A synthesised Llama (random weights) small enough for CPU tests: 6 layers, hidden 64,
 /// 4 query and 2 KV heads of 16 dims, a 300-token vocabulary.
+#[allow(dead_code)]
 pub fn tiny_model(dir: &Path) {
     let mut config = Like::Llama32_1B.config();
     for (k, v) in [("hidden_size", 64), ("intermediate_size", 160), ("num_attention_heads", 4), ("head_dim", 16)] {
@@ -15,4 +16,28 @@ pub fn tiny_model(dir: &Path) {
     config["vocab_size"] = 300.into();
     let plan = plan_llama(config, Some(6)).expect("plan");
     write_plan(&plan, dir, 3, &mut |_, _| {}).expect("write");
+}
+
+/// A synthesised GPT-OSS (random weights, MXFP4 experts) small enough for CPU tests: 4 layers
+/// alternating sliding (window `window`) and full attention, hidden 64, 8 query and 2 KV heads
+/// of 16 dims, 8 experts (top 2), a 300-token vocabulary, a 4096-position context.
+#[allow(dead_code)]
+pub fn tiny_gpt_oss(dir: &Path, window: usize) {
+    let mut config = Like::GptOss20B.config();
+    for (k, v) in [
+        ("hidden_size", 64),
+        ("intermediate_size", 64),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 2),
+        ("head_dim", 16),
+        ("num_local_experts", 8),
+        ("num_experts_per_tok", 2),
+        ("vocab_size", 300),
+        ("max_position_embeddings", 4096),
+        ("sliding_window", window),
+    ] {
+        config[k] = v.into();
+    }
+    let plan = ollm_models::synth::plan_gpt_oss(config, Some(4)).expect("plan");
+    write_plan(&plan, dir, 5, &mut |_, _| {}).expect("write");
 }

@@ -334,17 +334,18 @@ impl Backend for CpuBackend {
         Ok(bandwidth::measure_read_bandwidth(bytes))
     }
 
-    fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor> {
+    fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor> {
         let &[n_kv, cap, d] = cache.shape() else {
             return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
         };
-        if len > cap || len > new_cap {
-            return shape_err("grow_kv", format!("keep {len} of {cap} positions in {new_cap}"));
+        let len = keep.len();
+        if keep.end > cap || len > new_cap {
+            return shape_err("grow_kv", format!("keep positions {keep:?} of {cap} in {new_cap}"));
         }
         let src = cache.cpu_f32("grow_kv")?;
         let mut dst = vec![0.0f32; n_kv * new_cap * d];
         for h in 0..n_kv {
-            dst[h * new_cap * d..][..len * d].copy_from_slice(&src[h * cap * d..][..len * d]);
+            dst[h * new_cap * d..][..len * d].copy_from_slice(&src[(h * cap + keep.start) * d..][..len * d]);
         }
         Tensor::from_f32(vec![n_kv, new_cap, d], dst)
     }

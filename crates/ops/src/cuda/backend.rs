@@ -350,18 +350,19 @@ impl Backend for CudaBackend {
         Ok(best)
     }
 
-    fn grow_kv(&self, cache: &Tensor, len: usize, new_cap: usize) -> Result<Tensor> {
+    fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor> {
         let &[n_kv, cap, d] = cache.shape() else {
             return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
         };
-        if len > cap || len > new_cap {
-            return shape_err("grow_kv", format!("keep {len} of {cap} positions in {new_cap}"));
+        let len = keep.len();
+        if keep.end > cap || len > new_cap {
+            return shape_err("grow_kv", format!("keep positions {keep:?} of {cap} in {new_cap}"));
         }
         let src = kv(cache, "grow_kv")?;
         let shape = vec![n_kv, new_cap, d];
         let mut dst = self.dev.alloc_zeros::<bf16>(n_kv * new_cap * d, &format!("a KV cache {shape:?}"))?;
         for h in 0..n_kv {
-            let from = src.slice(h * cap * d..(h * cap + len) * d);
+            let from = src.slice((h * cap + keep.start) * d..(h * cap + keep.end) * d);
             let mut to = dst.slice_mut(h * new_cap * d..(h * new_cap + len) * d);
             self.dev.stream.memcpy_dtod(&from, &mut to).map_err(super::driver_err("grow_kv"))?;
         }
