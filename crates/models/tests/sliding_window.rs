@@ -38,12 +38,33 @@ fn run(model: &Arc<dyn CausalLm>, state: &mut SeqState) -> Vec<Vec<f32>> {
     out
 }
 
+/// Logits equal bit for bit (the CPU), or within `tol` with the same top token (the GPU, whose
+/// attention tiles keys from row 0: other rows, other rounding).
+fn same(g: &[f32], w: &[f32], tol: f32) -> bool {
+    let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
+    match tol {
+        0.0 => g == w,
+        _ => argmax(g) == argmax(w) && g.iter().zip(w).all(|(a, b)| (a - b).abs() <= tol),
+    }
+}
+
 #[test]
 fn sliding_layers_keep_their_window_and_the_logits_of_a_whole_cache() {
+    check(Arc::new(CpuBackend::new()), 0.0);
+}
+
+#[test]
+fn sliding_layers_keep_their_window_on_the_gpu() {
+    match ollm_ops::cuda::probe(0) {
+        Ok(dev) => check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), 2e-2),
+        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    }
+}
+
+fn check(backend: Arc<dyn ollm_ops::Backend>, tol: f32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let model_dir = dir.path().join("m");
     tiny_gpt_oss(&model_dir, WINDOW);
-    let backend = Arc::new(CpuBackend::new());
     let spill = dir.path().join("spill");
     let offloaded = Placement {
         kv: Some(KvOffload { block: 64, ram_bytes: 1 << 20, spill_dir: spill, window_positions: 0 }),
@@ -57,7 +78,7 @@ fn sliding_layers_keep_their_window_and_the_logits_of_a_whole_cache() {
         let mut windowed = model.new_state().expect("state");
         let got = run(&model, &mut windowed);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(g == w, "{name}: logits of forward {i} differ from the whole cache's");
+            assert!(same(g, w, tol), "{name}: logits of forward {i} differ from the whole cache's");
         }
         let len = PROMPT + STEPS;
         let floor = windowed.min_len();
@@ -88,7 +109,8 @@ fn sliding_layers_keep_their_window_and_the_logits_of_a_whole_cache() {
                 // Each forward at pos0 loads the full layers' pos0 positions and the sliding
                 // layers' last blocks only (K and V rows of 2 heads × 16 f32).
                 let pos0s = (0..PROMPT).step_by(CHUNK).chain(PROMPT..len);
-                let most: usize = pos0s.map(|p| 2 * p + 2 * (p.min(WINDOW - 1 + 63))).sum::<usize>() * 2 * 128;
+                let row = 2 * 16 * model.backend().kv_dtype().size_bytes();
+                let most: usize = pos0s.map(|p| 2 * p + 2 * (p.min(WINDOW - 1 + 63))).sum::<usize>() * 2 * row;
                 assert!(s.loaded_bytes as usize <= most, "{name}: loaded {} B > {most} B", s.loaded_bytes);
             }
         }
@@ -101,12 +123,13 @@ fn sliding_layers_keep_their_window_and_the_logits_of_a_whole_cache() {
         let next = [5u32, 9, 11];
         let a = model.forward(&next, &mut windowed, LogitsWanted::Last, None).expect("after truncate");
         let b = model.forward(&next, &mut whole, LogitsWanted::Last, None).expect("after truncate");
-        assert!(a == b, "{name}: logits after stepping back differ");
+        assert!(same(&a, &b, tol), "{name}: logits after stepping back differ");
         windowed.truncate(windowed.min_len() - 1);
         assert_eq!(windowed.len(), 0, "{name}: stepping back past the window must forget everything");
         let fresh = model.forward(&next, &mut windowed, LogitsWanted::Last, None).expect("fresh");
         let mut new = model.new_state().expect("state");
-        assert!(fresh == model.forward(&next, &mut new, LogitsWanted::Last, None).expect("new"), "{name}: restart");
+        let again = model.forward(&next, &mut new, LogitsWanted::Last, None).expect("new");
+        assert!(same(&fresh, &again, tol), "{name}: restart");
     }
 }
 
