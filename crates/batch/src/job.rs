@@ -136,6 +136,9 @@ fn run_one(
         sampling,
         eos_token_ids: m.eos_token_ids.clone(),
         stop: r.stop.clone(),
+        harmony: matches!(r.input, Input::Messages(_))
+            .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
+            .flatten(),
     };
     // Consecutive requests that share a prefix (a document, a system prompt) compute it once.
     let g = generate_reusing(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))
@@ -145,7 +148,10 @@ fn run_one(
         "completion_tokens": g.stats.generated_tokens,
         "total_tokens": g.stats.prompt_tokens + g.stats.generated_tokens,
     });
-    let line = json!({"id": r.id, "text": g.text, "finish_reason": g.finish.as_str(), "usage": usage});
+    let mut line = json!({"id": r.id, "text": g.text, "finish_reason": g.finish.as_str(), "usage": usage});
+    if !g.reasoning.is_empty() {
+        line["reasoning"] = json!(g.reasoning);
+    }
     Ok((line, g.stats.generated_tokens))
 }
 

@@ -7,6 +7,7 @@ use ollm_tokenizer::{StreamDecoder, Tokenizer};
 
 use ollm_kv::{Restored, Stored};
 
+use crate::harmony::{Channel, HarmonyMarkers, HarmonySplitter, Routed};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{EngineError, Result, Sampler, SamplingParams, Session};
 
@@ -17,8 +18,11 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Token ids that end generation (not emitted).
     pub eos_token_ids: Vec<u32>,
-    /// Strings that end generation (not emitted).
+    /// Strings that end generation (not emitted; matched in the answer only).
     pub stop: Vec<String>,
+    /// Some: the model writes harmony messages (GPT-OSS, after a chat prompt); the answer
+    /// channel becomes the text and the others the reasoning.
+    pub harmony: Option<HarmonyMarkers>,
 }
 
 /// Why generation ended.
@@ -48,11 +52,13 @@ impl FinishReason {
 }
 
 /// One streamed event: a sampled token and the text it completed (may be empty while a
-/// character or a possible stop string is incomplete).
+/// character or a possible stop string is incomplete, or for a harmony marker), or the
+/// reasoning text it completed.
 #[derive(Debug)]
 pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
+    pub reasoning: &'a str,
 }
 
 /// Timings and counts of one generation.
@@ -97,8 +103,10 @@ impl GenerationStats {
 pub struct Generation {
     /// Sampled ids, excluding a final eos.
     pub ids: Vec<u32>,
-    /// The emitted text (stop strings excluded).
+    /// The emitted text (stop strings excluded): with harmony, the final channel only.
     pub text: String,
+    /// Harmony's other channels (analysis, commentary), empty otherwise.
+    pub reasoning: String,
     pub finish: FinishReason,
     pub stats: GenerationStats,
 }
@@ -168,8 +176,10 @@ pub fn generate(
 
     let t1 = Instant::now();
     let mut decoder = StreamDecoder::new();
+    let mut thoughts = StreamDecoder::new();
+    let mut splitter = params.harmony.map(HarmonySplitter::new);
     let mut stops = StopMatcher::new(params.stop.clone());
-    let (mut ids, mut text) = (Vec::new(), String::new());
+    let (mut ids, mut text, mut reasoning) = (Vec::new(), String::new(), String::new());
     let finish = loop {
         if ids.len() >= params.max_new_tokens {
             break FinishReason::Length;
@@ -179,13 +189,21 @@ pub fn generate(
             break FinishReason::Eos;
         }
         ids.push(id);
-        let piece = decoder.push(tokenizer, id)?.unwrap_or_default();
-        let (emit, stopped) = match stops.push(&piece) {
-            StopOutcome::Continue(s) => (s, false),
-            StopOutcome::Stopped(s) => (s, true),
+        let routed = match &mut splitter {
+            Some(s) => s.push(tokenizer, id)?,
+            None => Routed::Text(Channel::Final),
+        };
+        let (emit, thought, stopped) = match routed {
+            Routed::Header => (String::new(), String::new(), false),
+            Routed::Text(Channel::Reasoning) => (String::new(), thoughts.push(tokenizer, id)?.unwrap_or_default(), false),
+            Routed::Text(Channel::Final) => match stops.push(&decoder.push(tokenizer, id)?.unwrap_or_default()) {
+                StopOutcome::Continue(s) => (s, String::new(), false),
+                StopOutcome::Stopped(s) => (s, String::new(), true),
+            },
         };
         text.push_str(&emit);
-        let flow = on_token(TokenEvent { id, text: &emit });
+        reasoning.push_str(&thought);
+        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought });
         if ids.len() == 1 {
             // The first token is out: now write the prompt's new blocks.
             store_time = store_prefix(session, &mut stats);
@@ -211,9 +229,11 @@ pub fn generate(
             StopOutcome::Continue(s) | StopOutcome::Stopped(s) => s,
         };
         rest.push_str(&stops.finish());
-        if !rest.is_empty() {
+        let thought = thoughts.flush(tokenizer)?.unwrap_or_default();
+        if !rest.is_empty() || !thought.is_empty() {
             text.push_str(&rest);
-            let _ = on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest });
+            reasoning.push_str(&thought);
+            let _ = on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest, reasoning: &thought });
         }
     }
     if ids.is_empty() {
@@ -221,5 +241,5 @@ pub fn generate(
     }
     stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
-    Ok(Generation { ids, text, finish, stats })
+    Ok(Generation { ids, text, reasoning, finish, stats })
 }

@@ -5,6 +5,7 @@ pub mod chat_model;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod harmony;
 
 pub mod sampling;
 pub mod session;
@@ -13,6 +14,7 @@ pub mod stop;
 pub use chat_model::{ChatModel, session_with_prefix};
 pub use config::GenerationConfig;
 pub use error::{EngineError, Result};
+pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use generate::{
     FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport, TokenEvent, generate, generate_reusing,
 };

@@ -32,6 +32,7 @@ fn a_session_keeps_the_shared_prefix_and_answers_like_a_fresh_one() {
         sampling: SamplingParams::greedy(),
         eos_token_ids: Vec::new(),
         stop: Vec::new(),
+        harmony: None,
     };
     let doc: Vec<u32> = (0..700u32).map(|i| (i * 7919 + 13) % 120_000).collect();
     let ask = |q: u32| [doc.clone(), (0..20).map(|i| 500 + q * 40 + i).collect()].concat();

@@ -314,14 +314,19 @@ fn into_shards(groups: Vec<Vec<SynthTensor>>) -> Vec<Vec<SynthTensor>> {
 /// A byte-level tokenizer for GPT-OSS shapes: bytes 0..255 as for Llama, fillers up to the
 /// o200k_harmony specials at their real ids, the harmony chat format as its template.
 pub fn harmony_tokenizer_files() -> (Value, Value, Value) {
-    let tokenizer = byte_tokenizer(harmony::START_OF_TEXT, 201_088, &harmony::SPECIALS, None);
+    let mut tokenizer = byte_tokenizer(harmony::START_OF_TEXT, 201_088, &harmony::SPECIALS, None);
+    // o200k_harmony's pre-tokenizer: its split, then bytes to characters.
+    tokenizer["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": O200K_SPLIT}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+    ]});
+    // The template goes in chat_template.jinja, as in the released checkpoints.
     let tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|startoftext|>",
         "eos_token": "<|return|>",
         "pad_token": "<|endoftext|>",
         "model_max_length": 131072,
-        "chat_template": HARMONY_TEMPLATE,
     });
     let generation = json!({
         "bos_token_id": harmony::START_OF_TEXT,
@@ -331,28 +336,16 @@ pub fn harmony_tokenizer_files() -> (Value, Value, Value) {
     (tokenizer, tokenizer_config, generation)
 }
 
-/// The harmony chat format (the message layout of openai/gpt-oss's template): a system
-/// message with the reasoning level, a developer message for a `system` role's text, then
-/// `<|start|>{role}<|message|>{content}<|end|>` per message; an assistant message's
-/// `thinking` goes into the analysis channel and its content into the final channel; the
-/// generation prompt is `<|start|>assistant`.
-pub const HARMONY_TEMPLATE: &str = "{%- set reasoning = reasoning_effort | default('medium') -%}\
-<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n\
-Knowledge cutoff: 2024-06\n\nReasoning: {{ reasoning }}\n\n\
-# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>\
-{%- for m in messages -%}\
-{%- if m['role'] == 'system' or m['role'] == 'developer' -%}\
-<|start|>developer<|message|># Instructions\n\n{{ m['content'] }}<|end|>\
-{%- elif m['role'] == 'assistant' -%}\
-{%- if m['thinking'] is defined and m['thinking'] and loop.last -%}\
-<|start|>assistant<|channel|>analysis<|message|>{{ m['thinking'] }}<|end|>\
-{%- endif -%}\
-<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}<|end|>\
-{%- else -%}\
-<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>\
-{%- endif -%}\
-{%- endfor -%}\
-{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}";
+/// The chat template published with openai/gpt-oss-20b and -120b (Apache-2.0), as the real
+/// checkpoints ship it in chat_template.jinja: the harmony format.
+pub const HARMONY_TEMPLATE: &str = include_str!("../../../fixtures/harmony/chat_template.jinja");
+
+/// o200k's pre-tokenizer split (tiktoken's o200k_base pattern), which o200k_harmony keeps.
+const O200K_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+);
 
 /// A byte-level BPE tokenizer (no merges: one token per byte, ids 0..255; reserved fillers up
 /// to `first_special`), special tokens from `first_special` to `vocab` (those in `specials` by
@@ -461,6 +454,10 @@ pub fn write_plan(plan: &SynthPlan, out: &Path, seed: u64, progress: &mut dyn Fn
     write_json(&staging.path().join("tokenizer.json"), &tokenizer)?;
     write_json(&staging.path().join("tokenizer_config.json"), &tokenizer_config)?;
     write_json(&staging.path().join("generation_config.json"), &generation)?;
+    if gpt_oss {
+        let path = staging.path().join("chat_template.jinja");
+        std::fs::write(&path, HARMONY_TEMPLATE).map_err(|source| ollm_weights::WeightsError::Write { path, source })?;
+    }
     write_shards(staging.path(), &plan.shards, seed, progress)?;
     staging.commit(out)?;
     Ok(())

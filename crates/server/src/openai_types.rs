@@ -86,6 +86,9 @@ impl Usage {
 pub struct ChatMessageOut {
     pub role: &'static str,
     pub content: String,
+    /// A harmony model's analysis (the name vLLM and llama.cpp use).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +116,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

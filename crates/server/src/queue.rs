@@ -26,6 +26,8 @@ pub struct Job {
 pub enum JobEvent {
     /// More generated text (never empty).
     Text(String),
+    /// More reasoning (a harmony model's analysis or commentary channel; never empty).
+    Reasoning(String),
     /// The job ended.
     Done(JobOutcome),
     /// The engine failed on this job.
@@ -101,11 +103,13 @@ fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stat
         // The session keeps what this prompt shares with the last one (a document, a system
         // prompt) and computes the rest.
         let result = generate_reusing(&mut session, tokenizer, &job.prompt, &job.params, &mut |ev| {
-            let gone = if ev.text.is_empty() {
-                events.is_closed()
-            } else {
-                events.send(JobEvent::Text(ev.text.to_string())).is_err()
-            };
+            let mut gone = events.is_closed();
+            if !ev.reasoning.is_empty() {
+                gone |= events.send(JobEvent::Reasoning(ev.reasoning.to_string())).is_err();
+            }
+            if !ev.text.is_empty() {
+                gone |= events.send(JobEvent::Text(ev.text.to_string())).is_err();
+            }
             if gone { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         });
         match result {

@@ -147,7 +147,9 @@ fn check_length(state: &AppState, ids: Vec<u32>, param: &str) -> Result<Vec<u32>
 }
 
 /// Validates the sampling fields against the server's limits and the room left in the context.
-pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields) -> Result<Prepared, ApiError> {
+/// The generation a request asks for; `chat`: its prompt came through the chat template (a
+/// harmony model's answer is then split into content and reasoning).
+pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields, chat: bool) -> Result<Prepared, ApiError> {
     if let Some(n) = f.n.filter(|&n| n != 1) {
         return Err(ApiError::invalid(format!("n = {n}: only n = 1 is supported; send several requests"), Some("n")));
     }
@@ -198,7 +200,13 @@ pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields) -> Result<
     let include_usage = f.stream_options.is_some_and(|o| o.include_usage);
     Ok(Prepared {
         prompt,
-        params: GenerateParams { max_new_tokens, sampling, eos_token_ids: state.eos_token_ids.to_vec(), stop },
+        params: GenerateParams {
+            max_new_tokens,
+            sampling,
+            eos_token_ids: state.eos_token_ids.to_vec(),
+            stop,
+            harmony: state.harmony.filter(|_| chat),
+        },
         stream: f.stream,
         include_usage,
     })

@@ -83,7 +83,7 @@ async fn completions(State(s): State<AppState>, body: Body) -> Result<Response, 
     let (req, sampling): (CompletionRequest, _) = parse_body(&read_body(body, s.max_body_bytes).await?)?;
     check_model(&s, &req.model)?;
     let prompt = completion_prompt(&s, &req.prompt)?;
-    let prepared = prepare(&s, prompt, sampling)?;
+    let prepared = prepare(&s, prompt, sampling, false)?;
     respond(&s, prepared, ChunkKind::Text, &req.model).await
 }
 
@@ -91,7 +91,7 @@ async fn chat_completions(State(s): State<AppState>, body: Body) -> Result<Respo
     let (req, sampling): (ChatRequest, _) = parse_body(&read_body(body, s.max_body_bytes).await?)?;
     check_model(&s, &req.model)?;
     let prompt = chat_prompt(&s, &req.messages)?;
-    let prepared = prepare(&s, prompt, sampling)?;
+    let prepared = prepare(&s, prompt, sampling, true)?;
     respond(&s, prepared, ChunkKind::Chat, &req.model).await
 }
 
@@ -136,7 +136,7 @@ async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Res
     if p.stream {
         return Ok(stream_response(meta, rx).into_response());
     }
-    let (text, outcome) = collect(&mut rx).await?;
+    let (text, reasoning, outcome) = collect(&mut rx).await?;
     let usage = Usage::new(outcome.prompt_tokens, outcome.completion_tokens);
     let finish_reason = outcome.finish.as_str();
     let response = match kind {
@@ -147,7 +147,11 @@ async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Res
             model: meta.model,
             choices: vec![ChatChoice {
                 index: 0,
-                message: ChatMessageOut { role: "assistant", content: text },
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: text,
+                    reasoning_content: (!reasoning.is_empty()).then_some(reasoning),
+                },
                 finish_reason,
                 logprobs: None,
             }],
@@ -169,12 +173,13 @@ async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Res
 
 /// Waits for the whole generation. If the client disconnects, this future is dropped with `rx`,
 /// which cancels the job.
-async fn collect(rx: &mut UnboundedReceiver<JobEvent>) -> Result<(String, JobOutcome), ApiError> {
-    let mut text = String::new();
+async fn collect(rx: &mut UnboundedReceiver<JobEvent>) -> Result<(String, String, JobOutcome), ApiError> {
+    let (mut text, mut reasoning) = (String::new(), String::new());
     while let Some(event) = rx.recv().await {
         match event {
             JobEvent::Text(t) => text.push_str(&t),
-            JobEvent::Done(outcome) => return Ok((text, outcome)),
+            JobEvent::Reasoning(t) => reasoning.push_str(&t),
+            JobEvent::Done(outcome) => return Ok((text, reasoning, outcome)),
             JobEvent::Failed(message) => return Err(ApiError::internal(message)),
         }
     }

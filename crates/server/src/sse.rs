@@ -46,7 +46,7 @@ async fn relay(
     out: UnboundedSender<Result<Event, Infallible>>,
 ) {
     if meta.kind == ChunkKind::Chat {
-        let first = Delta { role: Some("assistant"), content: Some(String::new()) };
+        let first = Delta { role: Some("assistant"), content: Some(String::new()), reasoning_content: None };
         if !send(&out, &chat_chunk(&meta, first, None, None)) {
             return;
         }
@@ -66,11 +66,18 @@ async fn relay(
             JobEvent::Text(text) => {
                 let ok = match meta.kind {
                     ChunkKind::Chat => {
-                        send(&out, &chat_chunk(&meta, Delta { role: None, content: Some(text) }, None, None))
+                        let delta = Delta { role: None, content: Some(text), reasoning_content: None };
+                        send(&out, &chat_chunk(&meta, delta, None, None))
                     }
                     ChunkKind::Text => send(&out, &text_chunk(&meta, text, None, None)),
                 };
                 if !ok {
+                    return;
+                }
+            }
+            JobEvent::Reasoning(text) => {
+                let delta = Delta { role: None, content: None, reasoning_content: Some(text) };
+                if meta.kind == ChunkKind::Chat && !send(&out, &chat_chunk(&meta, delta, None, None)) {
                     return;
                 }
             }

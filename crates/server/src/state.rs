@@ -17,6 +17,9 @@ pub struct AppState {
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<Arc<ChatTemplate>>,
     pub eos_token_ids: Arc<[u32]>,
+    /// Some for a harmony model (GPT-OSS): chat answers carry the final channel as content and
+    /// the others as `reasoning_content`.
+    pub harmony: Option<ollm_engine::HarmonyMarkers>,
     pub default_sampling: SamplingParams,
     /// The model's context, in tokens (prompt + completion).
     pub context_tokens: usize,
@@ -33,6 +36,7 @@ impl AppState {
         let m = served.chat;
         let context_tokens = m.model.info().max_positions;
         let session = m.session().map_err(|e| ServerError::Worker(e.to_string()))?;
+        let harmony = ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer);
         let tokenizer = Arc::new(m.tokenizer);
         let queue = JobQueue::start(session, tokenizer.clone(), config.queue_capacity)?;
         Ok(Self {
@@ -40,6 +44,7 @@ impl AppState {
             tokenizer,
             template: m.template.map(Arc::new),
             eos_token_ids: m.eos_token_ids.into(),
+            harmony,
             default_sampling: m.default_sampling,
             context_tokens,
             max_tokens_cap: config.max_tokens_cap.min(context_tokens),

@@ -55,6 +55,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         sampling,
         eos_token_ids: loaded.eos_ids(&text),
         stop: Vec::new(),
+        harmony: ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer),
     };
 
     let interactive = std::io::stdin().is_terminal();
@@ -87,7 +88,9 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         let ids = text.tokenizer.encode_chat(template, &history)?;
         let mut out = stdout.lock();
         // The conversation so far stays in the session; only the new turn is computed.
+        let mut thinking = super::run::Reasoning::new();
         let result = generate_reusing(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
+            thinking.show(ev.reasoning, ev.text);
             if out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()).is_err() {
                 return ControlFlow::Break(());
             }

@@ -1,6 +1,6 @@
 //! `ollm run`: generate text, streamed to stdout; a stats line goes to stderr.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
@@ -102,6 +102,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         sampling,
         eos_token_ids: loaded.eos_ids(&text),
         stop: a.stop.clone(),
+        harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
     };
 
     let mut session = loaded.session()?;
@@ -109,8 +110,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut out = stdout.lock();
     let mut write_err = None;
     let mut per_token = TokenStats::new(a.stats, loaded.model.as_ref());
+    let mut thinking = Reasoning::new();
     let generation = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
         per_token.token(loaded.model.as_ref());
+        thinking.show(ev.reasoning, ev.text);
         if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
             write_err = Some(e);
             return ControlFlow::Break(());
@@ -154,6 +157,34 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         eprintln!("{line}");
     }
     Ok(())
+}
+
+/// A harmony model's reasoning, shown on standard error (dimmed on a terminal) as it comes, so
+/// that standard output carries the answer alone.
+pub(crate) struct Reasoning {
+    open: bool,
+    tty: bool,
+}
+
+impl Reasoning {
+    pub fn new() -> Self {
+        Self { open: false, tty: std::io::stderr().is_terminal() }
+    }
+
+    /// Shows one event's reasoning; answer text closes an open reasoning block.
+    pub fn show(&mut self, reasoning: &str, text: &str) {
+        let (dim, plain) = if self.tty { ("\x1b[2m", "\x1b[0m") } else { ("", "") };
+        if !reasoning.is_empty() {
+            if !self.open {
+                eprint!("{dim}[thinking] ");
+                self.open = true;
+            }
+            eprint!("{dim}{reasoning}{plain}");
+        } else if !text.is_empty() && self.open {
+            eprintln!("{plain}");
+            self.open = false;
+        }
+    }
 }
 
 fn random_seed() -> u64 {
