@@ -86,13 +86,36 @@ pub struct ExpertPlacement {
     pub ram_layers: Vec<bool>,
 }
 
-/// The matrices (nn.Linear layout) and biases one expert computes with.
+/// Experts whose call has at most this many rows use their MXFP4 matrices packed
+/// ([`Backend::matmul_mxfp4`]: decode reads 4.25 bits a weight); more rows unpack to bf16
+/// once and take the GEMM path.
+pub const PACKED_MAX_ROWS: usize = 8;
+
+/// One expert matrix in nn.Linear layout: unpacked (bf16) or MXFP4 blocks and scales.
+#[derive(Debug, Clone, Copy)]
+pub enum ExpertMatrix<'a> {
+    Dense(&'a Tensor),
+    Mxfp4 { blocks: &'a Tensor, scales: &'a Tensor },
+}
+
+impl ExpertMatrix<'_> {
+    /// `out = x · Wᵀ + bias`.
+    pub fn matmul(&self, be: &dyn Backend, x: &Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
+        match *self {
+            ExpertMatrix::Dense(w) => be.matmul(x, w, Some(bias), out)?,
+            ExpertMatrix::Mxfp4 { blocks, scales } => be.matmul_mxfp4(x, blocks, scales, Some(bias), out)?,
+        }
+        Ok(())
+    }
+}
+
+/// The matrices and biases one expert computes with.
 #[derive(Debug)]
 pub struct ExpertWeights<'a> {
     /// `[2I, H]`, gate and up rows interleaved.
-    pub gate_up: &'a Tensor,
+    pub gate_up: ExpertMatrix<'a>,
     /// `[H, I]`
-    pub down: &'a Tensor,
+    pub down: ExpertMatrix<'a>,
     pub gate_up_bias: &'a Tensor,
     pub down_bias: &'a Tensor,
 }
@@ -352,6 +375,7 @@ impl ExpertCache {
         &self,
         l: usize,
         experts: &[u32],
+        rows: &dyn Fn(u32) -> usize,
         f: &mut dyn FnMut(u32, &ExpertWeights<'_>) -> Result<()>,
     ) -> Result<()> {
         let be = self.backend.as_ref();
@@ -394,17 +418,30 @@ impl ExpertCache {
             let tick = st.tick;
             let s = &mut st.slots[slot];
             s.last_use = tick;
-            self.unpack(s, &mut work)?;
-            // The slot's bytes are read only by the unpack: a copy may refill it after that.
-            s.free = Some(be.compute_marker()?);
             needed[slot] = false;
-            let w = ExpertWeights {
-                gate_up: &work.gate_up,
-                down: &work.down,
-                gate_up_bias: &st.slots[slot].parts[self.format.parts().len() - 2],
-                down_bias: &st.slots[slot].parts[self.format.parts().len() - 1],
+            let packed = self.format == ExpertFormat::Mxfp4 && rows(e) <= PACKED_MAX_ROWS;
+            if !packed {
+                self.unpack(s, &mut work)?;
+            }
+            let p = &st.slots[slot].parts;
+            let w = match packed {
+                true => ExpertWeights {
+                    gate_up: ExpertMatrix::Mxfp4 { blocks: &p[0], scales: &p[1] },
+                    down: ExpertMatrix::Mxfp4 { blocks: &p[2], scales: &p[3] },
+                    gate_up_bias: &p[4],
+                    down_bias: &p[5],
+                },
+                false => ExpertWeights {
+                    gate_up: ExpertMatrix::Dense(&work.gate_up),
+                    down: ExpertMatrix::Dense(&work.down),
+                    gate_up_bias: &p[p.len() - 2],
+                    down_bias: &p[p.len() - 1],
+                },
             };
             f(e, &w)?;
+            // The slot's bytes have been read (by the unpack or the packed matmuls): a copy
+            // may refill it once the compute queued so far has run.
+            st.slots[slot].free = Some(be.compute_marker()?);
         }
         Ok(())
     }

@@ -101,34 +101,106 @@ extern "C" __global__ void router_topk_f32(const float* __restrict__ logits, flo
     }
 }
 
-// MXFP4 -> bf16 (models.md §3.4), bit-exact with the CPU twin (src/mxfp4.rs). One thread per
-// 32-element group: 16 block bytes (element 2j in the low nibble of byte j, 2j+1 in the high one)
-// and one E8M0 scale, 2^(s-127), with s = 0 the subnormal 2^-127. A zero code stays a signed
-// zero whatever the scale (ldexp semantics). out holds groups * 32 bf16 values. Grid-stride.
-__device__ __forceinline__ unsigned int mxfp4_pair(unsigned int byte, float scale) {
-    const float fp4[16] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-    float lo = fp4[byte & 15u], hi = fp4[byte >> 4];
-    lo = lo == 0.f ? lo : lo * scale;
-    hi = hi == 0.f ? hi : hi * scale;
-    unsigned int l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
-    unsigned int h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
-    return l | (h << 16);
+// MXFP4 (models.md §3.4): a 32-element group is 16 block bytes (element 2j in the low nibble of
+// byte j, 2j+1 in the high one) and one E8M0 scale, 2^(s-127), with s = 0 the subnormal 2^-127.
+// e2m1 gives code c times the scale in f32, exactly (two significant bits times a power of two;
+// bf16 holds it exactly too). A zero code stays a signed zero whatever the scale (ldexp
+// semantics; 0 · 2^128 would be NaN).
+__device__ __forceinline__ float e2m1(unsigned int c, float scale) {
+    unsigned int e = (c >> 1) & 3u, m = c & 1u;
+    unsigned int mag = e ? (((e + 126u) << 23) | (m << 22)) : (m ? (126u << 23) : 0u);
+    float v = __uint_as_float(((c & 8u) << 28) | mag);
+    return mag == 0u ? v : v * scale;
 }
 
-extern "C" __global__ void dequant_mxfp4_bf16(const uint4* __restrict__ blocks, const unsigned char* __restrict__ scales,
-                                              uint4* __restrict__ out, long long groups) {
-    for (long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x; g < groups; g += (long long)gridDim.x * blockDim.x) {
-        unsigned int s = scales[g];
-        float scale = __uint_as_float(s == 0 ? 0x00400000u : s << 23);
-        uint4 b = blocks[g];
-        unsigned int w[4] = {b.x, b.y, b.z, b.w};
-        for (int q = 0; q < 4; ++q) {  // 4 bytes in, 8 bf16 (16 bytes) out
-            unsigned int v = w[q];
-            out[g * 4 + q] = make_uint4(mxfp4_pair(v & 255u, scale), mxfp4_pair((v >> 8) & 255u, scale),
-                                        mxfp4_pair((v >> 16) & 255u, scale), mxfp4_pair(v >> 24, scale));
+__device__ __forceinline__ float e8m0(unsigned int s) {
+    return __uint_as_float(s == 0 ? 0x00400000u : s << 23);
+}
+
+// MXFP4 -> bf16, bit-exact with the CPU twin (src/mxfp4.rs). One thread per 4 block bytes (8
+// outputs, one 16-byte store), so neighbouring threads read and write neighbouring words.
+// out holds groups * 32 bf16 values. Grid-stride over groups * 4 words.
+extern "C" __global__ void dequant_mxfp4_bf16(const unsigned int* __restrict__ blocks,
+                                              const unsigned char* __restrict__ scales, uint4* __restrict__ out,
+                                              long long groups) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < groups * 4;
+         i += (long long)gridDim.x * blockDim.x) {
+        float scale = e8m0(scales[i >> 2]);
+        unsigned int v = blocks[i];
+        unsigned int p[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            unsigned int byte = (v >> (8 * j)) & 255u;
+            unsigned int lo = __bfloat16_as_ushort(__float2bfloat16_rn(e2m1(byte & 15u, scale)));
+            unsigned int hi = __bfloat16_as_ushort(__float2bfloat16_rn(e2m1(byte >> 4, scale)));
+            p[j] = lo | (hi << 16);
         }
+        out[i] = make_uint4(p[0], p[1], p[2], p[3]);
     }
 }
+
+// Decode-shaped matmul straight from MXFP4: out[t, n] = sum_k x[t, k] · W[n, k] for T <= TT rows
+// of x, W as blocks [N, K/32, 16] and scales [N, K/32] (dequant_mxfp4_bf16's layout). Reads the
+// packed bytes once (4.25 bits a weight) instead of writing and reading a bf16 copy. A warp per
+// output row (K/32 · 17 bytes), four rows per 128-thread block; lane i takes groups i, i+32, ...
+// and the warp's sums meet by shuffles. x (f32, small) comes through L1. CPU twin: dequantise,
+// then matmul (src/cpu/mod.rs).
+template <int TT>
+__device__ __forceinline__ void gemv_mxfp4_body(const float* __restrict__ x, const uint4* __restrict__ blocks,
+                                                const unsigned char* __restrict__ scales, float* __restrict__ out,
+                                                int T, int n_out, int groups) {
+    const int lane = threadIdx.x % 32;
+    const int n = blockIdx.x * 4 + threadIdx.x / 32;
+    if (n >= n_out) return;  // the whole warp leaves together
+    const uint4* br = blocks + (size_t)n * groups;
+    const unsigned char* sr = scales + (size_t)n * groups;
+    const size_t k = (size_t)groups * 32;
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = 0.f;
+    for (int g = lane; g < groups; g += 32) {
+        uint4 b = __ldcs(br + g);
+        float scale = e8m0(sr[g]);
+        unsigned int w4[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // block bytes 4q .. 4q+3: elements 8q .. 8q+7 of the group
+            float wf[8];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                unsigned int byte = (w4[q] >> (8 * j)) & 255u;
+                wf[2 * j] = e2m1(byte & 15u, scale);
+                wf[2 * j + 1] = e2m1(byte >> 4, scale);
+            }
+#pragma unroll
+            for (int t = 0; t < TT; ++t) {
+                if (t < T) {
+                    const float4* xr = reinterpret_cast<const float4*>(x + t * k + (size_t)g * 32 + q * 8);
+                    float4 a = __ldg(xr), c = __ldg(xr + 1);
+                    acc[t] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + c.x * wf[4] + c.y * wf[5] +
+                              c.z * wf[6] + c.w * wf[7];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+        float a = acc[t];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+        if (lane == 0 && t < T) out[(size_t)t * n_out + n] = a;
+    }
+}
+
+#define GEMV_MXFP4(TT)                                                                                       \
+    extern "C" __global__ void gemv_mxfp4_t##TT(const float* __restrict__ x, const uint4* __restrict__ blocks, \
+                                                const unsigned char* __restrict__ scales, float* __restrict__ out, \
+                                                int T, int n_out, int groups) {                              \
+        gemv_mxfp4_body<TT>(x, blocks, scales, out, T, n_out, groups);                                       \
+    }
+GEMV_MXFP4(1)
+GEMV_MXFP4(2)
+GEMV_MXFP4(4)
+GEMV_MXFP4(8)
 
 // out [b, a] = src [a, b] transposed, elements of 2 or 4 bytes moved as raw bits. 32x32 tiles
 // through shared memory (one padding column against bank conflicts); block (32, 8), grid

@@ -89,6 +89,39 @@ pub(crate) fn mxfp4_dims(blocks: &Tensor, scales: &Tensor, out: &Tensor) -> Resu
     Ok((rows, cols))
 }
 
+/// Checks an MXFP4 matmul (x `[T, k]`, blocks `[n, ..]` U8 of `n·k/2` bytes, scales `n·k/32`,
+/// bias `[n]`, out `[T, n]`) and returns `(t, n, k)`.
+pub(crate) fn mxfp4_matmul_dims(
+    x: &Tensor,
+    blocks: &Tensor,
+    scales: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    let op = "matmul_mxfp4";
+    if blocks.dtype() != DType::U8 || scales.dtype() != DType::U8 {
+        return Err(OpsError::DType { op, dtype: blocks.dtype(), detail: "blocks and scales are U8" });
+    }
+    let n = blocks.shape().first().copied().unwrap_or(0);
+    let k = scales.numel().checked_div(n).unwrap_or(0) * 32;
+    let t = x.numel().checked_div(k).unwrap_or(0);
+    let bad_bias = bias.is_some_and(|b| b.numel() != n);
+    if n == 0 || k == 0 || blocks.numel() * 2 != n * k || x.numel() != t * k || out.numel() != t * n || bad_bias {
+        let b = bias.map(|b| b.shape().to_vec());
+        return Err(OpsError::Shape {
+            op,
+            detail: format!(
+                "x {:?} · blocks {:?} (scales {:?}, bias {b:?}) -> out {:?}",
+                x.shape(),
+                blocks.shape(),
+                scales.shape(),
+                out.shape()
+            ),
+        });
+    }
+    Ok((t, n, k))
+}
+
 /// Checks a transpose (src `[a, b]`, out `[b, a]`, one dtype) and returns `(a, b)`.
 pub(crate) fn transpose_dims(src: &Tensor, out: &Tensor) -> Result<(usize, usize)> {
     match (src.shape(), out.shape()) {
@@ -268,6 +301,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// 32-element group holds element 2j in its low nibble, 2j+1 in its high one) and scales
     /// (U8, `rows·cols/32`, E8M0) into out `[rows, cols]` BF16 (from [`Backend::alloc`]).
     fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `out = x · Wᵀ (+ bias)` with W `[n, k]` in MXFP4 as [`Backend::dequant_mxfp4`] takes it
+    /// (`n` = blocks' first dimension), read packed: for a few rows of x (decode) this reads
+    /// 4.25 bits a weight instead of unpacking to bf16 first. x `[T, k]`, out `[T, n]`.
+    fn matmul_mxfp4(
+        &self,
+        x: &Tensor,
+        blocks: &Tensor,
+        scales: &Tensor,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> Result<()>;
 
     /// `out [b, a] = srcᵀ` for src `[a, b]` of any dtype (GPT-OSS dense experts are stored
     /// `[in, out]`; matmul takes `[out, in]`).

@@ -797,3 +797,54 @@ fn expert_data_movement_matches_cpu() {
     let err = gpu.scatter_add_rows(&p, &[3, 3], &[1.0, 1.0], &mut dst).expect_err("repeat refused").to_string();
     assert!(err.contains("twice"), "{err}");
 }
+
+/// `matmul_mxfp4` reads MXFP4 weights packed on the GPU (a fused decode kernel for ≤ 8 rows,
+/// unpack + GEMM beyond) and matches the CPU's unpack + matmul on fresh random codes, scales
+/// and inputs, with and without a bias; the GPT-OSS-20B expert shapes (5760 × 2880 gate_up,
+/// 2880 × 2880 down) and an odd row count.
+#[test]
+fn mxfp4_matmul_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let mut seed = 0x51ed_270b_u32;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    };
+    for (n, k) in [(5760usize, 2880usize), (2880, 2880), (77, 64)] {
+        let blocks: Vec<u8> = (0..n * k / 2).map(|_| next() as u8).collect();
+        let scales: Vec<u8> = (0..n * k / 32).map(|_| 118 + (next() % 12) as u8).collect();
+        let bias = random(n, 1.0);
+        let host = |shape: Vec<usize>, bytes: Vec<u8>| HostTensor { dtype: DType::U8, shape, bytes };
+        for t in [1usize, 3, 8, 9] {
+            let x = random(t * k, 1.0);
+            for with_bias in [false, true] {
+                let mut outs = Vec::new();
+                for be in [&cpu as &dyn Backend, &gpu] {
+                    let b = be.upload(&host(vec![n, k / 32, 16], blocks.clone())).expect("blocks");
+                    let s = be.upload(&host(vec![n, k / 32], scales.clone())).expect("scales");
+                    let bt = be.upload_f32(vec![n], &bias).expect("bias");
+                    let xt = be.upload_f32(vec![t, k], &x).expect("x");
+                    let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
+                    be.matmul_mxfp4(&xt, &b, &s, with_bias.then_some(&bt), &mut out).expect("matmul_mxfp4");
+                    outs.push(be.to_host_f32(&out).expect("out"));
+                }
+                assert!(outs[1].iter().all(|v| v.is_finite()), "unwritten outputs");
+                let e = rel_err(&outs[1], &outs[0]);
+                eprintln!("matmul_mxfp4 [{t}, {k}] · [{n}, {k}]ᵀ, bias {with_bias}: rel err {e:.2e}");
+                // The fused kernel sums in f32 like the CPU; 9 rows take cuBLAS (bf16 x).
+                let tol = if t <= 8 { 1e-5 } else { 4e-3 };
+                assert!(e < tol, "matmul_mxfp4 t={t} n={n} k={k}: rel err {e:e} (tolerance {tol:e})");
+            }
+        }
+    }
+    // A row count that does not divide the scales is one clear error.
+    let b = gpu.upload(&HostTensor { dtype: DType::U8, shape: vec![3, 16], bytes: vec![0; 48] }).expect("b");
+    let s = gpu.upload(&HostTensor { dtype: DType::U8, shape: vec![2], bytes: vec![127; 2] }).expect("s");
+    let x = gpu.zeros(vec![1, 32]).expect("x");
+    let mut out = gpu.zeros(vec![1, 3]).expect("out");
+    let err = gpu.matmul_mxfp4(&x, &b, &s, None, &mut out).expect_err("bad shapes").to_string();
+    assert!(err.contains("matmul_mxfp4") && !err.contains('\n'), "{err}");
+}

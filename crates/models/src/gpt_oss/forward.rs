@@ -278,7 +278,8 @@ impl GptOss {
         let mut scratch: Option<ExpertScratch> = None;
         let inter = self.cfg.intermediate_size;
         let limit = self.cfg.swiglu_limit;
-        self.experts.run_layer(l, &used, &mut |e, w: &ExpertWeights<'_>| {
+        let rows_of = |e: u32| rows[e as usize].0.len();
+        self.experts.run_layer(l, &used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, wv) = &rows[e as usize];
             for (sub, sub_w) in rs.chunks(EXPERT_ROWS).zip(wv.chunks(EXPERT_ROWS)) {
                 let s = match scratch.take() {
@@ -286,9 +287,9 @@ impl GptOss {
                     _ => scratch.insert(ExpertScratch::new(be, sub.len(), h, inter)?),
                 };
                 be.gather_rows(normed, sub, &mut s.x)?;
-                be.matmul(&s.x, w.gate_up, Some(w.gate_up_bias), &mut s.gate_up)?;
+                w.gate_up.matmul(be, &s.x, w.gate_up_bias, &mut s.gate_up)?;
                 be.clamped_swiglu(&s.gate_up, limit, SWIGLU_ALPHA, &mut s.act)?;
-                be.matmul(&s.act, w.down, Some(w.down_bias), &mut s.y)?;
+                w.down.matmul(be, &s.act, w.down_bias, &mut s.y)?;
                 be.scatter_add_rows(&s.y, sub, sub_w, &mut acc)?;
             }
             Ok(())

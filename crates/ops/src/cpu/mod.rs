@@ -26,7 +26,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::backend::{
-    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, mxfp4_dims,
+    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims,
     router_dims, rows_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::{Result, shape_err};
@@ -250,6 +250,20 @@ impl Backend for CpuBackend {
             return Err(OpsError::DType { op, dtype: DType::F32, detail: "out is BF16" });
         };
         crate::mxfp4::dequantize_into(b, s, rows, cols, o).map_err(|e| OpsError::Shape { op, detail: e.to_string() })
+    }
+
+    fn matmul_mxfp4(
+        &self,
+        x: &Tensor,
+        blocks: &Tensor,
+        scales: &Tensor,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let (_, n, k) = mxfp4_matmul_dims(x, blocks, scales, bias, out)?;
+        let mut w = self.alloc(vec![n, k], DType::BF16)?;
+        self.dequant_mxfp4(blocks, scales, &mut w)?;
+        self.matmul(x, &w, bias, out)
     }
 
     fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {

@@ -14,7 +14,7 @@ use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope, transfer};
 use crate::backend::{
-    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, gated_norm_dims, mxfp4_dims, router_dims,
+    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims,
     rows_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
@@ -270,6 +270,33 @@ impl Backend for CudaBackend {
             return Err(OpsError::DType { op, dtype: DType::F32, detail: "out is BF16" });
         };
         moe::dequant_mxfp4(&self.dev, b, s, o)
+    }
+
+    fn matmul_mxfp4(
+        &self,
+        x: &Tensor,
+        blocks: &Tensor,
+        scales: &Tensor,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let (t, n, k) = mxfp4_matmul_dims(x, blocks, scales, bias, out)?;
+        let op = "matmul_mxfp4";
+        if t > moe::GEMV_MXFP4_MAX_T {
+            // Many rows: compute-bound, so unpack once and take the GEMM path.
+            let mut w = self.alloc(vec![n, k], DType::BF16)?;
+            self.dequant_mxfp4(blocks, scales, &mut w)?;
+            return self.matmul(x, &w, bias, out);
+        }
+        let (CudaStorage::U8(b), CudaStorage::U8(s)) = (cuda(blocks, op)?, cuda(scales, op)?) else {
+            return Err(OpsError::DType { op, dtype: blocks.dtype(), detail: "blocks and scales are U8" });
+        };
+        let y = f32s_mut(out, op)?;
+        moe::gemv_mxfp4(&self.dev, f32s(x, op)?, b, s, n, y)?;
+        match bias {
+            Some(bias) => elementwise::add_bias(&self.dev, y, cuda(bias, op)?, n),
+            None => Ok(()),
+        }
     }
 
     fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {

@@ -131,8 +131,51 @@ pub fn dequant_mxfp4(
     let mut l = dev.stream.launch_builder(&func);
     l.arg(blocks).arg(scales).arg(out).arg(&groups_i64);
     // SAFETY: matches dequant_mxfp4_bf16; blocks hold 16 bytes and out 32 bf16 per group (checked
-    // above), and device allocations are 256-byte aligned, so the 16-byte vector accesses are too.
-    unsafe { l.launch(grid_stride(groups)) }.map_err(driver_err("dequant_mxfp4"))?;
+    // above), and device allocations are 256-byte aligned, so the 4- and 16-byte accesses are too.
+    unsafe { l.launch(grid_stride(groups * 4)) }.map_err(driver_err("dequant_mxfp4"))?;
+    Ok(())
+}
+
+/// Rows of x up to which [`gemv_mxfp4`] runs (its largest compiled entry).
+pub const GEMV_MXFP4_MAX_T: usize = 8;
+
+/// `out = x · Wᵀ` with W `[n, k]` in MXFP4 (`blocks` `n·k/2` bytes, `scales` `n·k/32`), read
+/// packed: x `[t, k]` f32 with `t ≤ GEMV_MXFP4_MAX_T`, out `[t, n]` f32.
+pub fn gemv_mxfp4(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    blocks: &CudaSlice<u8>,
+    scales: &CudaSlice<u8>,
+    n: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let groups = scales.len().checked_div(n).unwrap_or(0);
+    let k = groups * 32;
+    let t = x.len().checked_div(k).unwrap_or(0);
+    if n == 0
+        || groups == 0
+        || scales.len() != n * groups
+        || blocks.len() != n * groups * 16
+        || x.len() != t * k
+        || !(1..=GEMV_MXFP4_MAX_T).contains(&t)
+        || out.len() != t * n
+        || i32::try_from(n * groups).is_err()
+    {
+        return Err(shape(
+            "cuda gemv_mxfp4",
+            format!("x {}, {} block bytes, {} scales for {n} rows, out {}", x.len(), blocks.len(), scales.len(), out.len()),
+        ));
+    }
+    let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MXFP4_MAX_T);
+    let func = dev.function("moe", SOURCE, &format!("gemv_mxfp4_t{tt}"))?;
+    let (t_i32, n_i32, g_i32) = (t as i32, n as i32, groups as i32);
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x).arg(blocks).arg(scales).arg(out).arg(&t_i32).arg(&n_i32).arg(&g_i32);
+    // SAFETY: sizes checked above; a warp per output row reads that row's groups (16-byte block
+    // loads, aligned: allocations are 256-byte aligned and a row is groups · 16 bytes) and x's rows
+    // of k = 32 · groups floats (16-byte loads at multiples of 8 floats).
+    unsafe { l.launch(cfg) }.map_err(driver_err("gemv_mxfp4"))?;
     Ok(())
 }
 
