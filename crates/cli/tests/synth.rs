@@ -267,6 +267,20 @@ fn a_gpt_oss_model_runs_with_the_harmony_format_and_cached_experts() {
         .expect("stats line names the prompt length");
     assert!(prompt_tokens > 100, "{err}");
     assert!(err.contains("[ollm] experts: 16 slots for 16 experts"), "{err}");
+    // With the real o200k_harmony tokenizer (built from OpenAI's vocabulary when
+    // OLLM_O200K_BASE names it, as in CI) the same chat runs; BPE makes the prompt shorter.
+    if let Some(base) = std::env::var_os("OLLM_O200K_BASE") {
+        let byte_level = std::fs::read(out.join("tokenizer.json")).expect("tokenizer.json");
+        let text = std::fs::read_to_string(&base).expect("o200k_base.tiktoken");
+        let json = ollm_models::synth::harmony_tokenizer_from_tiktoken(&text, "o200k_base").expect("o200k_harmony");
+        std::fs::write(out.join("tokenizer.json"), json.to_string()).expect("write");
+        let real = run(&["--chat", "--prompt", "Hi"]);
+        let err = String::from_utf8_lossy(&real.stderr);
+        assert!(real.status.success(), "{err}");
+        let n: usize = err.split("prompt ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).expect("n");
+        assert!((20..prompt_tokens / 2).contains(&n), "o200k_harmony prompt of {n} tokens (byte-level {prompt_tokens}): {err}");
+        std::fs::write(out.join("tokenizer.json"), byte_level).expect("restore");
+    }
 
     let resident = run(&["--prompt", "abcdef"]);
     assert!(resident.status.success(), "{}", String::from_utf8_lossy(&resident.stderr));

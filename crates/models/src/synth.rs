@@ -9,6 +9,7 @@ use ollm_ops::DType;
 use ollm_weights::format::safetensors_writer::PlannedTensor;
 use ollm_weights::staging::{Staging, check_out_dir, write_json};
 use ollm_weights::synth::{Init, SynthTensor, write_shards};
+use ollm_tokenizer::tiktoken::O200K_PATTERN;
 use serde_json::{Map, Value, json};
 
 use crate::llama3::names;
@@ -142,8 +143,12 @@ pub mod harmony {
     pub const END: u32 = 200007;
     pub const MESSAGE: u32 = 200008;
     pub const CALL: u32 = 200012;
-    /// (id, text) of every special token the synthetic tokenizer defines.
-    pub const SPECIALS: [(u32, &str); 9] = [
+    pub const END_OF_PROMPT: u32 = 200018;
+    /// Ids from here to the vocabulary's end (201,088) are special tokens.
+    pub const FIRST_SPECIAL: u32 = START_OF_TEXT;
+    pub const VOCAB: u32 = 201_088;
+    /// (id, text) of the named special tokens; the others are `<|reserved_{id}|>`.
+    pub const SPECIALS: [(u32, &str); 10] = [
         (START_OF_TEXT, "<|startoftext|>"),
         (END_OF_TEXT, "<|endoftext|>"),
         (RETURN, "<|return|>"),
@@ -153,7 +158,36 @@ pub mod harmony {
         (END, "<|end|>"),
         (MESSAGE, "<|message|>"),
         (CALL, "<|call|>"),
+        (END_OF_PROMPT, "<|endofprompt|>"),
     ];
+
+    /// Every special token of o200k_harmony, (id, text), ids 199,998 .. 201,087.
+    pub fn specials() -> Vec<(u32, String)> {
+        (FIRST_SPECIAL..VOCAB)
+            .map(|id| {
+                let named = SPECIALS.iter().find(|(i, _)| *i == id).map(|(_, s)| (*s).to_string());
+                (id, named.unwrap_or_else(|| format!("<|reserved_{id}|>")))
+            })
+            .collect()
+    }
+}
+
+/// The real GPT-OSS tokenizer, o200k_harmony, from OpenAI's o200k_base vocabulary
+/// (`o200k_base.tiktoken`'s text): its ranks, tiktoken's split and the harmony special tokens.
+pub fn harmony_tokenizer_from_tiktoken(tiktoken_text: &str, source: &str) -> Result<Value> {
+    let ranks = ollm_tokenizer::tiktoken::parse_ranks(tiktoken_text, source).map_err(|e| ModelError::Config {
+        path: source.into(),
+        field: "o200k_base".into(),
+        detail: e.to_string(),
+    })?;
+    if ranks.len() != harmony::FIRST_SPECIAL as usize {
+        return Err(ModelError::Config {
+            path: source.into(),
+            field: "o200k_base".into(),
+            detail: format!("{} ranks, o200k_base has {} (give OpenAI's o200k_base.tiktoken)", ranks.len(), harmony::FIRST_SPECIAL),
+        });
+    }
+    Ok(ollm_tokenizer::tiktoken::tokenizer_json(&ranks, O200K_PATTERN, &harmony::specials()))
 }
 
 /// What `synth` will write: the config (with `num_hidden_layers` overridden by `layers`) and the
@@ -314,10 +348,10 @@ fn into_shards(groups: Vec<Vec<SynthTensor>>) -> Vec<Vec<SynthTensor>> {
 /// A byte-level tokenizer for GPT-OSS shapes: bytes 0..255 as for Llama, fillers up to the
 /// o200k_harmony specials at their real ids, the harmony chat format as its template.
 pub fn harmony_tokenizer_files() -> (Value, Value, Value) {
-    let mut tokenizer = byte_tokenizer(harmony::START_OF_TEXT, 201_088, &harmony::SPECIALS, None);
+    let mut tokenizer = byte_tokenizer(harmony::FIRST_SPECIAL, &harmony::specials(), None);
     // o200k_harmony's pre-tokenizer: its split, then bytes to characters.
     tokenizer["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": O200K_SPLIT}, "behavior": "Isolated", "invert": false},
+        {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": false},
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
     ]});
     // The template goes in chat_template.jinja, as in the released checkpoints.
@@ -340,39 +374,20 @@ pub fn harmony_tokenizer_files() -> (Value, Value, Value) {
 /// checkpoints ship it in chat_template.jinja: the harmony format.
 pub const HARMONY_TEMPLATE: &str = include_str!("../../../fixtures/harmony/chat_template.jinja");
 
-/// o200k's pre-tokenizer split (tiktoken's o200k_base pattern), which o200k_harmony keeps.
-const O200K_SPLIT: &str = concat!(
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-);
-
 /// A byte-level BPE tokenizer (no merges: one token per byte, ids 0..255; reserved fillers up
-/// to `first_special`), special tokens from `first_special` to `vocab` (those in `specials` by
-/// name, the others reserved), and, with `bos`, a post-processor that prepends it.
-fn byte_tokenizer(first_special: u32, vocab_size: u32, specials: &[(u32, &str)], bos: Option<(u32, &str)>) -> Value {
-    // GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to U+0100 onwards.
+/// to `first_special`), the special tokens `specials` (id, text) from `first_special` to the
+/// vocabulary's end, and, with `bos`, a post-processor that prepends it.
+fn byte_tokenizer(first_special: u32, specials: &[(u32, String)], bos: Option<(u32, &str)>) -> Value {
+    let chars = ollm_tokenizer::tiktoken::byte_chars();
     let mut vocab = Map::new();
-    let mut extra = 0u32;
-    for b in 0u32..256 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        let c = if printable {
-            char::from_u32(b)
-        } else {
-            extra += 1;
-            char::from_u32(255 + extra)
-        };
-        vocab.insert(c.map_or_else(String::new, String::from), json!(b));
+    for (b, c) in chars.iter().enumerate() {
+        vocab.insert(c.to_string(), json!(b));
     }
     for id in 256..first_special {
         vocab.insert(format!("<|filler_{id}|>"), json!(id));
     }
     let mut added = Vec::new();
-    for id in first_special..vocab_size {
-        let content = specials
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map_or_else(|| format!("<|reserved_special_token_{}|>", id - first_special), |(_, s)| (*s).to_string());
+    for (id, content) in specials {
         vocab.insert(content.clone(), json!(id));
         added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                           "rstrip": false, "normalized": false, "special": true}));
@@ -410,7 +425,13 @@ pub fn llama3_tokenizer_files() -> (Value, Value, Value) {
         (EOM, "<|eom_id|>"),
         (EOT, "<|eot_id|>"),
     ];
-    let tokenizer = byte_tokenizer(BOS, BOS + 256, &specials, Some((BOS, "<|begin_of_text|>")));
+    let specials: Vec<(u32, String)> = (BOS..BOS + 256)
+        .map(|id| {
+            let named = specials.iter().find(|(i, _)| *i == id).map(|(_, s)| (*s).to_string());
+            (id, named.unwrap_or_else(|| format!("<|reserved_special_token_{}|>", id - BOS)))
+        })
+        .collect();
+    let tokenizer = byte_tokenizer(BOS, &specials, Some((BOS, "<|begin_of_text|>")));
     let template = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n\
                     {{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}\
                     <|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";

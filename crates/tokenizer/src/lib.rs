@@ -3,6 +3,7 @@
 
 mod chat_template;
 mod stream;
+pub mod tiktoken;
 
 use std::path::{Path, PathBuf};
 

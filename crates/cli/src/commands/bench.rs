@@ -144,7 +144,8 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     let (mut logits, restored) = session.prefill_cached(&prompt)?;
     let first = argmax(&logits);
     let prefill_s = t.elapsed().as_secs_f64();
-    let prefill_expert_copies = loaded.model.expert_stats().map_or(0, |s| s.copy_bytes);
+    let (prefill_expert_copies, prefill_expert_disk) =
+        loaded.model.expert_stats().map_or((0, 0), |s| (s.copy_bytes, s.disk_bytes));
     // One untimed step warms caches and thread pools; then the prompt's blocks are stored.
     logits = session.step(first)?;
     if session.prefix_cache().is_some() {
@@ -177,6 +178,7 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
             computed: prompt.len() - reused,
             reused,
             expert_copies: prefill_expert_copies,
+            expert_disk: prefill_expert_disk,
         };
         return streaming_bench(&loaded, &plan, &mut session, logits, &a, bounds);
     }
@@ -225,8 +227,10 @@ struct Measured {
     /// Prompt tokens the prefill computed, and those it loaded from the prefix cache first.
     computed: usize,
     reused: usize,
-    /// Bytes of experts the prefill copied to the device (MoE models with an expert cache).
+    /// Bytes of experts the prefill copied to the device (MoE models with an expert cache),
+    /// and read from disk first.
     expert_copies: u64,
+    expert_disk: u64,
 }
 
 /// `n` question tokens drawn from `seed` (xorshift), spread over the vocabulary.
@@ -472,8 +476,8 @@ fn streaming_bench(
 /// The prompt's prefill against its bound: every layer's weights moved once (disk and copies
 /// at the first window's measured rates) or the matmul and attention FLOPs at cuBLAS's GEMM
 /// rate, whichever is slower. Attention FLOPs count the causal half of QKᵀ and PV over the
-/// computed tokens, plus all of it over positions loaded from the prefix cache, with heads ×
-/// head dim = hidden size (true of the Llama-3 shapes).
+/// computed tokens, plus all of it over positions loaded from the prefix cache (a
+/// sliding-window layer: over its window), with heads × head dim = `q_dim`.
 fn prefill_line(
     m: &Measured,
     plan: &ollm_models::plan::Plan,
@@ -486,12 +490,17 @@ fn prefill_line(
     let tok_s = t as f64 / m.prefill_s;
     let mut once = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes, *bw);
     once.copy_s += m.expert_copies as f64 / bw.host_to_device;
+    once.disk_s += m.expert_disk as f64 / bw.disk;
     // Parameters a token multiplies: the layers' (bf16) and, for MoE, its k experts per layer
     // (gate_up and down, 3·H·I each).
     let expert_params = mb.experts.map_or(0.0, |e| (e.per_token * 3 * mb.hidden_size * mb.intermediate_size) as f64);
     let params: f64 = mb.layer_bytes.iter().sum::<u64>() as f64 / 2.0 + expert_params;
     let (tf, r) = (t as f64, m.reused as f64);
-    let flops = 2.0 * params * tf + 2.0 * tf * (tf + 2.0 * r) * (mb.q_dim * info.n_layers) as f64;
+    let (sliding, window) = mb.sliding_kv.map_or((0, 0), |(_, layers, w)| (layers, w));
+    let q = mb.q_dim as f64;
+    let full_attn = 2.0 * tf * (tf + 2.0 * r) * q * (info.n_layers - sliding) as f64;
+    let sliding_attn = 4.0 * tf * (window as f64).min(tf + r) * q * sliding as f64;
+    let flops = 2.0 * params * tf + full_attn + sliding_attn;
     let compute = m.gemm.map(|g| flops / g);
     let bound = once.disk_s.max(once.copy_s).max(compute.unwrap_or(0.0));
     println!(

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_models::synth::{Like, synth};
+use ollm_models::synth::{Like, harmony_tokenizer_from_tiktoken, synth};
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// The model to imitate: llama-3.1-8b, llama-3.2-1b or llama-3.2-3b.
+    /// The model to imitate: llama-3.1-8b, llama-3.2-1b, llama-3.2-3b or gpt-oss-20b.
     #[arg(long, value_parser = Like::parse)]
     pub like: Like,
     /// The directory to create (must not exist, or be empty).
@@ -22,9 +22,25 @@ pub struct SynthArgs {
     /// Seed of the pseudo-random weights (the same seed writes the same bytes).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// gpt-oss-20b: the real tokenizer (o200k_harmony) built from OpenAI's o200k_base vocabulary
+    /// in FILE (o200k_base.tiktoken) instead of a byte-level stand-in.
+    #[arg(long, value_name = "FILE")]
+    pub tiktoken: Option<PathBuf>,
 }
 
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
+    // Read and convert the vocabulary first: a bad file should not cost a model's worth of writes.
+    let tokenizer = match &a.tiktoken {
+        Some(_) if a.like != Like::GptOss20B => {
+            anyhow::bail!("--tiktoken gives GPT-OSS's o200k_harmony tokenizer; use it with --like gpt-oss-20b")
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {} (OpenAI's o200k_base.tiktoken)", path.display()))?;
+            Some(harmony_tokenizer_from_tiktoken(&text, &path.display().to_string())?)
+        }
+        None => None,
+    };
     let bar = ProgressBar::new(0).with_message("writing weights");
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
@@ -39,6 +55,11 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
     })
     .with_context(|| format!("writing {}", a.out.display()))?;
     bar.finish_and_clear();
+    if let Some(json) = tokenizer {
+        let path = a.out.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("[ollm] tokenizer: o200k_harmony from {}", a.tiktoken.as_deref().unwrap_or(path.as_path()).display());
+    }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "[ollm] wrote {} ({:.2} GB of bf16 weights) in {secs:.1} s ({:.2} GB/s)",
