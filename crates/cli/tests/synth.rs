@@ -277,8 +277,12 @@ fn a_gpt_oss_model_runs_with_the_harmony_format_and_cached_experts() {
         let real = run(&["--chat", "--prompt", "Hi"]);
         let err = String::from_utf8_lossy(&real.stderr);
         assert!(real.status.success(), "{err}");
-        let n: usize = err.split("prompt ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).expect("n");
-        assert!((20..prompt_tokens / 2).contains(&n), "o200k_harmony prompt of {n} tokens (byte-level {prompt_tokens}): {err}");
+        let n: usize =
+            err.split("prompt ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).expect("n");
+        assert!(
+            (20..prompt_tokens / 2).contains(&n),
+            "o200k_harmony prompt of {n} tokens (byte-level {prompt_tokens}): {err}"
+        );
         std::fs::write(out.join("tokenizer.json"), byte_level).expect("restore");
     }
 

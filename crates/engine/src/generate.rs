@@ -195,7 +195,9 @@ pub fn generate(
         };
         let (emit, thought, stopped) = match routed {
             Routed::Header => (String::new(), String::new(), false),
-            Routed::Text(Channel::Reasoning) => (String::new(), thoughts.push(tokenizer, id)?.unwrap_or_default(), false),
+            Routed::Text(Channel::Reasoning) => {
+                (String::new(), thoughts.push(tokenizer, id)?.unwrap_or_default(), false)
+            }
             Routed::Text(Channel::Final) => match stops.push(&decoder.push(tokenizer, id)?.unwrap_or_default()) {
                 StopOutcome::Continue(s) => (s, String::new(), false),
                 StopOutcome::Stopped(s) => (s, String::new(), true),

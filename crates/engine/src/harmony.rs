@@ -60,7 +60,10 @@ const MAX_HEADER: usize = 64;
 enum State {
     /// Inside a header (role, `<|channel|>` name, recipient, constraint); `naming` while the
     /// channel name is being written.
-    Header { naming: bool, len: usize },
+    Header {
+        naming: bool,
+        len: usize,
+    },
     Body(Channel),
 }
 

@@ -14,10 +14,10 @@ pub mod stop;
 pub use chat_model::{ChatModel, session_with_prefix};
 pub use config::GenerationConfig;
 pub use error::{EngineError, Result};
-pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use generate::{
     FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport, TokenEvent, generate, generate_reusing,
 };
+pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;
 pub use stop::StopMatcher;

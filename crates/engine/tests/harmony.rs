@@ -37,7 +37,13 @@ impl CausalLm for Scripted {
         Ok(SeqState::new(&self.backend, vec![KvShape::full(1, 1)], self.info.max_positions)?)
     }
 
-    fn forward(&self, ids: &[u32], state: &mut SeqState, _: LogitsWanted, _: Option<&dyn TraceSink>) -> Result<Vec<f32>> {
+    fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut SeqState,
+        _: LogitsWanted,
+        _: Option<&dyn TraceSink>,
+    ) -> Result<Vec<f32>> {
         state.advance(ids.len());
         let mut next = self.next.lock().expect("lock");
         let mut row = vec![0.0; self.info.vocab_size];

@@ -9,6 +9,7 @@ pub mod experts;
 pub mod gpt_oss;
 pub mod llama3;
 pub mod plan;
+pub mod qwen3_next;
 pub mod registry;
 pub mod stream;
 pub mod synth;

@@ -10,10 +10,11 @@ use crate::config::RawConfig;
 use crate::gpt_oss::{GptOss, GptOssConfig};
 use crate::llama3::{Llama, LlamaConfig};
 use crate::plan::Placement;
+use crate::qwen3_next::{Mixer, Qwen3Next, Qwen3NextConfig};
 use crate::{CausalLm, ModelError, Result};
 
 /// Architectures this build can run.
-pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "GptOssForCausalLM"];
+pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "GptOssForCausalLM", "Qwen3NextForCausalLM"];
 
 /// Loads the model in a Hugging Face directory (config.json + safetensors) onto `backend`.
 /// The config is parsed and checked before any weight is read.
@@ -41,6 +42,17 @@ pub fn load_model_placed(
             let catalog = Catalog::open_dir(dir)?;
             let all = Placement::resident(cfg.n_layers);
             Ok(Arc::new(GptOss::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
+        }
+        "Qwen3NextForCausalLM" | "qwen3_next" => {
+            let cfg = Qwen3NextConfig::from_raw(&raw)?;
+            if let Some(p) = placement.filter(|p| p.slots > 0 || p.kv.is_some() || p.experts.is_some()) {
+                return Err(ModelError::Stream(format!(
+                    "Qwen3-Next loads whole for now (no streamed layers, experts or KV yet; the plan asked for {} slots); raise --vram-budget or run on --device cpu",
+                    p.slots
+                )));
+            }
+            let catalog = Catalog::open_dir(dir)?;
+            Ok(Arc::new(Qwen3Next::load(cfg, arch, &catalog, backend)?))
         }
         other => Err(unsupported(&raw, other)),
     }
@@ -86,6 +98,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     let arch = raw.architecture()?;
     // (layers, hidden, intermediate, vocab, max positions, kv width, q width, experts (E, k))
     let mut sliding = None;
+    let mut kv_layers = 0;
     let (n_layers, h, i, v, max_positions, kvd, q_dim, moe) = match arch.as_str() {
         "LlamaForCausalLM" | "llama" => {
             let c = LlamaConfig::from_raw(&raw)?;
@@ -118,6 +131,22 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
                 moe,
             )
         }
+        "Qwen3NextForCausalLM" | "qwen3_next" => {
+            let c = Qwen3NextConfig::from_raw(&raw)?;
+            let kvd = c.n_kv_heads * c.head_dim;
+            // Only the full-attention layers keep a KV cache: spread their share over all layers.
+            kv_layers = c.mixers.iter().filter(|m| **m == Mixer::Full).count();
+            (
+                c.n_layers,
+                c.hidden_size,
+                c.moe_intermediate_size.max(c.intermediate_size),
+                c.vocab_size,
+                c.max_positions,
+                kvd,
+                c.n_heads * c.head_dim,
+                None,
+            )
+        }
         other => return Err(unsupported(&raw, other)),
     };
     let catalog = Catalog::open_dir(dir)?;
@@ -145,7 +174,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         architecture: arch,
         layer_bytes,
         resident_bytes,
-        kv_elems_per_position: (2 * n_layers * kvd) as u64,
+        kv_elems_per_position: (2 * if kv_layers > 0 { kv_layers } else { n_layers } * kvd) as u64,
         sliding_kv: sliding,
         n_layers,
         hidden_size: h,

@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use ollm_ops::DType;
+use ollm_tokenizer::tiktoken::O200K_PATTERN;
 use ollm_weights::format::safetensors_writer::PlannedTensor;
 use ollm_weights::staging::{Staging, check_out_dir, write_json};
 use ollm_weights::synth::{Init, SynthTensor, write_shards};
-use ollm_tokenizer::tiktoken::O200K_PATTERN;
 use serde_json::{Map, Value, json};
 
 use crate::llama3::names;
@@ -184,7 +184,11 @@ pub fn harmony_tokenizer_from_tiktoken(tiktoken_text: &str, source: &str) -> Res
         return Err(ModelError::Config {
             path: source.into(),
             field: "o200k_base".into(),
-            detail: format!("{} ranks, o200k_base has {} (give OpenAI's o200k_base.tiktoken)", ranks.len(), harmony::FIRST_SPECIAL),
+            detail: format!(
+                "{} ranks, o200k_base has {} (give OpenAI's o200k_base.tiktoken)",
+                ranks.len(),
+                harmony::FIRST_SPECIAL
+            ),
         });
     }
     Ok(ollm_tokenizer::tiktoken::tokenizer_json(&ranks, O200K_PATTERN, &harmony::specials()))

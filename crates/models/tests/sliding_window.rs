@@ -85,7 +85,10 @@ fn check(backend: Arc<dyn ollm_ops::Backend>, tol: f32) {
         eprintln!("{name}: {len} positions, sliding layers can step back to {floor}");
         // Kept: at least the window and KEEP_BACK, at most a window's whole cache (or, offloaded,
         // that plus a block).
-        assert!(floor >= len - window_positions(WINDOW, CHUNK) - 64 && floor <= len - KEEP_BACK, "{name}: min_len {floor}");
+        assert!(
+            floor >= len - window_positions(WINDOW, CHUNK) - 64 && floor <= len - KEEP_BACK,
+            "{name}: min_len {floor}"
+        );
         assert_eq!(whole.min_len(), 0, "{name}: a pinned state keeps everything");
         match windowed.offload_stats() {
             None => {
@@ -156,8 +159,8 @@ fn a_prefix_store_takes_sliding_layers_blocks_and_gives_them_back() {
     s1.retain_from(0);
     feed(&mut s1, doc);
     let cfg = ollm_kv::PrefixConfig { dir: dir.path().join("pc"), max_bytes: u64::MAX };
-    let cache = ollm_kv::PrefixCache::open(&cfg, model.info().fingerprint, s1.block_layout(be).expect("layout"))
-        .expect("open");
+    let cache =
+        ollm_kv::PrefixCache::open(&cfg, model.info().fingerprint, s1.block_layout(be).expect("layout")).expect("open");
     let stored = cache.store(be, &mut s1, doc, &[]).expect("store: the pinned sliding layers kept every block");
     assert_eq!(stored.blocks, doc.len() / 256);
     // Stored: the pin moves on and the sliding layers drop what they no longer need.

@@ -32,6 +32,89 @@ pub enum RouterMode {
     TopKOfSoftmax { norm_topk_prob: bool },
 }
 
+/// Which columns [`Backend::slice_heads`] copies: for each of `heads` groups of `stride`
+/// source columns, `width` columns from `offset` within the group go to out's columns
+/// `out_offset + h·width ..`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadSlice {
+    pub heads: usize,
+    pub stride: usize,
+    pub offset: usize,
+    pub width: usize,
+    pub out_offset: usize,
+}
+
+/// The inputs of one [`Backend::delta_rule`] call.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaRule<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub g: &'a Tensor,
+    pub beta: &'a Tensor,
+}
+
+/// How [`Backend::delta_rule`] walks the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaForm {
+    /// One step after another (the definition; decode).
+    Recurrent,
+    /// Chunks of 64 steps in matrix form (prefill).
+    Chunked,
+}
+
+/// Checks a [`Backend::slice_heads`] call and returns `(T, out_cols)`.
+pub(crate) fn slice_dims(src: &Tensor, s: &HeadSlice, out: &Tensor) -> Result<(usize, usize)> {
+    let n = s.heads * s.stride;
+    let t = src.numel().checked_div(n).unwrap_or(0);
+    let out_cols = out.numel().checked_div(t.max(1)).unwrap_or(0);
+    if n == 0
+        || src.numel() != t * n
+        || s.offset + s.width > s.stride
+        || s.out_offset + s.heads * s.width > out_cols
+        || out.numel() != t * out_cols
+    {
+        return Err(OpsError::Shape {
+            op: "slice_heads",
+            detail: format!("{s:?} from {:?} into {:?}", src.shape(), out.shape()),
+        });
+    }
+    Ok((t, out_cols))
+}
+
+/// Checks a [`Backend::delta_rule`] call and returns its dimensions `(t, nk, dk, nv, dv)`.
+pub(crate) fn delta_dims(
+    x: &DeltaRule<'_>,
+    state: &Tensor,
+    out: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    let bad = || OpsError::Shape {
+        op: "delta_rule",
+        detail: format!(
+            "q {:?}, k {:?}, v {:?}, g {:?}, beta {:?}, state {:?}, out {:?}",
+            x.q.shape(),
+            x.k.shape(),
+            x.v.shape(),
+            x.g.shape(),
+            x.beta.shape(),
+            state.shape(),
+            out.shape()
+        ),
+    };
+    let (&[t, nk, dk], &[t2, nv, dv], &[nv2, dk2, dv2]) = (x.q.shape(), x.v.shape(), state.shape()) else {
+        return Err(bad());
+    };
+    let ok = x.k.shape() == x.q.shape()
+        && t2 == t
+        && (nv2, dk2, dv2) == (nv, dk, dv)
+        && nk > 0
+        && nv % nk == 0
+        && x.g.numel() == t * nv
+        && x.beta.numel() == t * nv
+        && out.shape() == x.v.shape();
+    if ok { Ok((t, nk, dk, nv, dv)) } else { Err(bad()) }
+}
+
 /// Checks a router call (logits `[T, E]`, `1 <= k <= E`) and returns `(T, E)`. Every backend
 /// validates through here.
 pub(crate) fn router_dims(logits: &Tensor, k: usize) -> Result<(usize, usize)> {
@@ -331,6 +414,40 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// `x += y`, same shape (residual add).
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()>;
+
+    /// Head-grouped columns copied out (Qwen3-Next's projection splits, models.md §4.4-4.5):
+    /// see [`HeadSlice`]. src `[T, heads·stride]`, out `[T, out_cols]` (columns it does not
+    /// name are left as they are).
+    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()>;
+
+    /// `x ← x · scale / sqrt(Σx² + eps)` over the last axis (Gated DeltaNet's q and k).
+    fn l2_norm(&self, x: &mut Tensor, eps: f32, scale: f32) -> Result<()>;
+
+    /// `x ← x ⊙ σ(gate)`; gate has x's shape, or `[T, 1]` for one gate per row.
+    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()>;
+
+    /// Gated DeltaNet's gates per value head: `g = −exp(a_log) · softplus(a + dt_bias)` and
+    /// `beta = σ(b)`. a, b, g, beta `[T, nv]`; a_log, dt_bias `[nv]`.
+    fn deltanet_gates(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        a_log: &Tensor,
+        dt_bias: &Tensor,
+        g: &mut Tensor,
+        beta: &mut Tensor,
+    ) -> Result<()>;
+
+    /// Causal depthwise convolution then SiLU over x `[T, C]` with w `[C, 1, K]` (or `[C, K]`):
+    /// `out[t, c] = silu(Σ_j w[c, j] · u[t + j][c])` for `u = [state; x]`; `state` `[K − 1, C]`
+    /// f32 holds the inputs before x and is replaced by the last K − 1.
+    fn causal_conv1d(&self, x: &Tensor, w: &Tensor, state: &mut Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// The gated delta rule (models.md §4.5) over T steps from `state` `[nv, dk, dv]` f32
+    /// (updated): q, k `[T, nk, dk]` (L2-normalised, q scaled), v `[T, nv, dv]`, g and beta
+    /// `[T, nv]`; out `[T, nv, dv]`. Value head n reads key head n / (nv / nk). Both forms give
+    /// the same result up to rounding.
+    fn delta_rule(&self, x: DeltaRule<'_>, state: &mut Tensor, out: &mut Tensor, form: DeltaForm) -> Result<()>;
 
     /// Copies rows `src[rows]` of a `[T, n]` tensor into `out` `[rows.len(), n]`.
     fn copy_rows(&self, src: &Tensor, rows: std::ops::Range<usize>, out: &mut Tensor) -> Result<()>;

@@ -14,7 +14,9 @@ pub mod host;
 pub mod mxfp4;
 pub mod tensor;
 
-pub use backend::{AttnGeometry, AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode};
+pub use backend::{
+    AttnGeometry, AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode,
+};
 pub use dtype::DType;
 pub use error::{OpsError, Result};
 pub use host::{HostBuffer, Marker};

@@ -460,7 +460,9 @@ fn bf16_kv_cache_through_the_backend_matches_cpu() {
             assert!(got.iter().all(|v| v.is_finite()), "unwritten outputs");
             let want = run(&cpu, &round(&ks), &round(&vs), &q, window, 0);
             let e = rel_err(&got, &want);
-            eprintln!("bf16 KV cache through the backend (write, grow, drop {drop}, attend {tq} queries): rel err {e:.2e}");
+            eprintln!(
+                "bf16 KV cache through the backend (write, grow, drop {drop}, attend {tq} queries): rel err {e:.2e}"
+            );
             assert!(e < tol, "bf16 KV cache, {tq} queries, drop {drop}: rel err {e:e}");
         }
     }

@@ -30,7 +30,8 @@ fn the_official_gpt_oss_template_renders_like_transformers() {
     let tmpl = ChatTemplate::new(&source, "chat_template.jinja", "<|startoftext|>".into(), "<|return|>".into())
         .expect("the template compiles");
     let renders: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("renders.json")).expect("renders.json")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(dir().join("renders.json")).expect("renders.json"))
+            .expect("json");
     let cases = renders["cases"].as_array().expect("cases");
     assert_eq!(cases.len(), 3);
     for case in cases {

@@ -17,7 +17,10 @@ use ollm_tokenizer::tiktoken::{O200K_PATTERN, parse_ranks, tokenizer_json};
 #[test]
 fn o200k_harmony_encodes_like_tiktoken() {
     let Some(base) = std::env::var_os("OLLM_O200K_BASE") else {
-        assert!(std::env::var_os("OLLM_REQUIRE_O200K").is_none(), "OLLM_REQUIRE_O200K is set but OLLM_O200K_BASE is not");
+        assert!(
+            std::env::var_os("OLLM_REQUIRE_O200K").is_none(),
+            "OLLM_REQUIRE_O200K is set but OLLM_O200K_BASE is not"
+        );
         eprintln!("SKIPPED: set OLLM_O200K_BASE to o200k_base.tiktoken");
         return;
     };
@@ -25,8 +28,10 @@ fn o200k_harmony_encodes_like_tiktoken() {
     let ranks = parse_ranks(&text, &Path::new(&base).display().to_string()).expect("ranks");
     assert_eq!(ranks.len(), 199_998, "o200k_base has 199,998 ranks");
     let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/harmony/o200k_harmony.json"))
-            .expect("fixture"),
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/harmony/o200k_harmony.json"),
+        )
+        .expect("fixture"),
     )
     .expect("json");
     let named = fixture["specials"].as_object().expect("specials");
@@ -45,7 +50,8 @@ fn o200k_harmony_encodes_like_tiktoken() {
     assert_eq!(cases.len(), 12);
     for case in cases {
         let text = case["text"].as_str().expect("text");
-        let want: Vec<u32> = case["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+        let want: Vec<u32> =
+            case["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
         let got = tok.encode(text, false).expect("encode");
         assert_eq!(got, want, "{text:?}");
         assert_eq!(tok.decode(&got, false).expect("decode"), text, "round trip");

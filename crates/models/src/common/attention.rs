@@ -92,7 +92,10 @@ pub fn self_attention(
     // cache's base (a sliding-window layer's dropped front); scores of rotated keys depend only
     // on the rows' order, so attention runs at the shifted positions too.
     let row0 = call.pos0.checked_sub(kv.base).ok_or_else(|| {
-        ollm_ops::OpsError::Backend(format!("layer {}: position {} before its cache's base {}", call.layer, call.pos0, kv.base))
+        ollm_ops::OpsError::Backend(format!(
+            "layer {}: position {} before its cache's base {}",
+            call.layer, call.pos0, kv.base
+        ))
     })?;
     backend.write_kv(&mut kv.k, &s.k, row0)?;
     backend.write_kv(&mut kv.v, &s.v, row0)?;

@@ -6,6 +6,7 @@
 
 mod attention;
 mod bandwidth;
+pub mod deltanet;
 mod elementwise;
 mod matmul;
 mod moe;
@@ -26,8 +27,9 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::backend::{
-    AttnParams, Backend, KvBlockSpan, NormKind, RopeTable, RouterMode, foreign_marker, gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims,
-    router_dims, rows_dims, swiglu_dims, transpose_dims,
+    AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode, delta_dims,
+    foreign_marker, gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims,
+    transpose_dims,
 };
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor};
@@ -308,6 +310,118 @@ impl Backend for CpuBackend {
         let op = "gated_rms_norm";
         let w = storage_to_f32(w.cpu(op)?);
         gated_rms_norm(x.cpu_f32(op)?, z.cpu_f32(op)?, &w, eps, out.cpu_f32_mut(op)?);
+        Ok(())
+    }
+
+    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()> {
+        let (t, cols) = slice_dims(src, &s, out)?;
+        let x = src.cpu_f32("slice_heads")?;
+        let o = out.cpu_f32_mut("slice_heads")?;
+        let n = s.heads * s.stride;
+        for r in 0..t {
+            for h in 0..s.heads {
+                let from = &x[r * n + h * s.stride + s.offset..][..s.width];
+                o[r * cols + s.out_offset + h * s.width..][..s.width].copy_from_slice(from);
+            }
+        }
+        Ok(())
+    }
+
+    fn l2_norm(&self, x: &mut Tensor, eps: f32, scale: f32) -> Result<()> {
+        let d = last_dim(x);
+        deltanet::l2_norm_rows(x.cpu_f32_mut("l2_norm")?, d.max(1), eps, scale);
+        Ok(())
+    }
+
+    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()> {
+        let (n, per_row) = (x.numel(), gate.numel());
+        let rows = match last_dim(x) {
+            0 => 0,
+            d => n / d,
+        };
+        if per_row != n && per_row != rows {
+            return shape_err("sigmoid_mul", format!("x {:?}, gate {:?}", x.shape(), gate.shape()));
+        }
+        let g = gate.cpu_f32("sigmoid_mul")?;
+        let d = if per_row == n { 1 } else { n / rows.max(1) };
+        for (i, v) in x.cpu_f32_mut("sigmoid_mul")?.iter_mut().enumerate() {
+            let z = if per_row == n { g[i] } else { g[i / d] };
+            *v *= 1.0 / (1.0 + (-z).exp());
+        }
+        Ok(())
+    }
+
+    fn deltanet_gates(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        a_log: &Tensor,
+        dt_bias: &Tensor,
+        g: &mut Tensor,
+        beta: &mut Tensor,
+    ) -> Result<()> {
+        let nv = a_log.numel();
+        let n = a.numel();
+        if nv == 0
+            || dt_bias.numel() != nv
+            || !n.is_multiple_of(nv)
+            || b.numel() != n
+            || g.numel() != n
+            || beta.numel() != n
+        {
+            return shape_err(
+                "deltanet_gates",
+                format!(
+                    "a {:?}, b {:?}, a_log {:?}, dt_bias {:?}",
+                    a.shape(),
+                    b.shape(),
+                    a_log.shape(),
+                    dt_bias.shape()
+                ),
+            );
+        }
+        let op = "deltanet_gates";
+        let (al, db) = (storage_to_f32(a_log.cpu(op)?), storage_to_f32(dt_bias.cpu(op)?));
+        deltanet::gates(a.cpu_f32(op)?, b.cpu_f32(op)?, &al, &db, g.cpu_f32_mut(op)?, beta.cpu_f32_mut(op)?);
+        Ok(())
+    }
+
+    fn causal_conv1d(&self, x: &Tensor, w: &Tensor, state: &mut Tensor, out: &mut Tensor) -> Result<()> {
+        let ch = w.shape().first().copied().unwrap_or(0);
+        let k = w.numel().checked_div(ch).unwrap_or(0);
+        if ch == 0
+            || k == 0
+            || !x.numel().is_multiple_of(ch)
+            || out.numel() != x.numel()
+            || state.numel() != (k - 1) * ch
+        {
+            return shape_err(
+                "causal_conv1d",
+                format!("x {:?}, w {:?}, state {:?}, out {:?}", x.shape(), w.shape(), state.shape(), out.shape()),
+            );
+        }
+        let op = "causal_conv1d";
+        let wf = storage_to_f32(w.cpu(op)?);
+        deltanet::causal_conv1d(x.cpu_f32(op)?, ch, &wf, k, state.cpu_f32_mut(op)?, out.cpu_f32_mut(op)?);
+        Ok(())
+    }
+
+    fn delta_rule(&self, x: DeltaRule<'_>, state: &mut Tensor, out: &mut Tensor, form: DeltaForm) -> Result<()> {
+        let (t, nk, dk, nv, dv) = delta_dims(&x, state, out)?;
+        let op = "delta_rule";
+        let d = deltanet::DeltaDims { t, nk, dk, nv, dv };
+        let inputs = deltanet::DeltaInputs {
+            q: x.q.cpu_f32(op)?,
+            k: x.k.cpu_f32(op)?,
+            v: x.v.cpu_f32(op)?,
+            g: x.g.cpu_f32(op)?,
+            beta: x.beta.cpu_f32(op)?,
+        };
+        let (s, o) = (state.cpu_f32_mut(op)?, out.cpu_f32_mut(op)?);
+        match form {
+            DeltaForm::Recurrent => deltanet::delta_rule_recurrent(d, &inputs, s, o),
+            DeltaForm::Chunked => deltanet::delta_rule_chunked(d, &inputs, s, o),
+        }
         Ok(())
     }
 

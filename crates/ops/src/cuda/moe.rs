@@ -163,7 +163,13 @@ pub fn gemv_mxfp4(
     {
         return Err(shape(
             "cuda gemv_mxfp4",
-            format!("x {}, {} block bytes, {} scales for {n} rows, out {}", x.len(), blocks.len(), scales.len(), out.len()),
+            format!(
+                "x {}, {} block bytes, {} scales for {n} rows, out {}",
+                x.len(),
+                blocks.len(),
+                scales.len(),
+                out.len()
+            ),
         ));
     }
     let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MXFP4_MAX_T);

@@ -1,0 +1,402 @@
+//! Qwen3-Next's forward (models.md §4): zero-centred norms; per layer either Gated DeltaNet
+//! (a fixed-size state per sequence: the convolution's last inputs and the delta rule's matrix
+//! per value head) or gated full attention (q/k norms, partial RoPE, a sigmoid output gate, a KV
+//! cache); then the sparse MoE with a gated shared expert, or a dense MLP.
+//!
+//! Every weight is resident for now; streaming and the expert cache come next (issue 9).
+
+use std::sync::Arc;
+
+use ollm_kv::{FixedShape, KvShape, SeqState};
+use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, RopeTable, RouterMode, Tensor};
+use ollm_weights::Catalog;
+
+use super::config::{Mixer, Qwen3NextConfig};
+use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
+use crate::common::rope::upload_table;
+use crate::common::weights::Loader;
+use crate::trace::TraceSink;
+use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+
+const EMBED: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm.weight";
+const LM_HEAD: &str = "lm_head.weight";
+/// The L2 norm's eps inside the square root (models.md §4.5).
+const L2_EPS: f32 = 1e-6;
+
+fn layer_name(l: usize, suffix: &str) -> String {
+    format!("model.layers.{l}.{suffix}")
+}
+
+/// Gated DeltaNet weights of one layer.
+#[derive(Debug)]
+struct LinearAttn {
+    qkvz: Tensor,
+    ba: Tensor,
+    conv: Tensor,
+    dt_bias: Tensor,
+    a_log: Tensor,
+    norm: Tensor,
+    out: Tensor,
+}
+
+/// Gated full-attention weights of one layer.
+#[derive(Debug)]
+struct FullAttn {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+}
+
+#[derive(Debug)]
+enum MixerWeights {
+    Linear(LinearAttn),
+    Full(FullAttn),
+}
+
+/// The sparse MoE of one layer: router, experts, and the gated shared expert.
+#[derive(Debug)]
+struct Moe {
+    router: Tensor,
+    experts: Vec<MlpWeights>,
+    shared: MlpWeights,
+    shared_gate: Tensor,
+}
+
+#[derive(Debug)]
+enum Mlp {
+    Dense(Box<MlpWeights>),
+    Moe(Box<Moe>),
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    mixer: MixerWeights,
+    mlp: Mlp,
+}
+
+fn mlp_weights(ld: &Loader<'_>, prefix: &str, h: usize, i: usize) -> Result<MlpWeights> {
+    Ok(MlpWeights {
+        gate: ld.tensor(&format!("{prefix}.gate_proj.weight"), &[i, h])?,
+        up: ld.tensor(&format!("{prefix}.up_proj.weight"), &[i, h])?,
+        down: ld.tensor(&format!("{prefix}.down_proj.weight"), &[h, i])?,
+        gate_bias: None,
+        up_bias: None,
+        down_bias: None,
+    })
+}
+
+impl Layer {
+    fn load(ld: &Loader<'_>, c: &Qwen3NextConfig, l: usize) -> Result<Self> {
+        let h = c.hidden_size;
+        let t = |suffix: &str, shape: &[usize]| ld.tensor(&layer_name(l, suffix), shape);
+        let mixer = match c.mixers[l] {
+            Mixer::Linear => {
+                let (nk, dk, nv, dv) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim);
+                MixerWeights::Linear(LinearAttn {
+                    qkvz: t("linear_attn.in_proj_qkvz.weight", &[2 * nk * dk + 2 * nv * dv, h])?,
+                    ba: t("linear_attn.in_proj_ba.weight", &[2 * nv, h])?,
+                    conv: t("linear_attn.conv1d.weight", &[c.conv_channels(), 1, c.conv_kernel])?,
+                    dt_bias: t("linear_attn.dt_bias", &[nv])?,
+                    a_log: t("linear_attn.A_log", &[nv])?,
+                    norm: t("linear_attn.norm.weight", &[dv])?,
+                    out: t("linear_attn.out_proj.weight", &[h, nv * dv])?,
+                })
+            }
+            Mixer::Full => {
+                let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
+                MixerWeights::Full(FullAttn {
+                    q: t("self_attn.q_proj.weight", &[nh * 2 * d, h])?,
+                    k: t("self_attn.k_proj.weight", &[nkv * d, h])?,
+                    v: t("self_attn.v_proj.weight", &[nkv * d, h])?,
+                    o: t("self_attn.o_proj.weight", &[h, nh * d])?,
+                    q_norm: t("self_attn.q_norm.weight", &[d])?,
+                    k_norm: t("self_attn.k_norm.weight", &[d])?,
+                })
+            }
+        };
+        let mlp = if c.is_moe(l) {
+            let (e, ie, is) = (c.n_experts, c.moe_intermediate_size, c.shared_intermediate_size);
+            let experts = (0..e)
+                .map(|x| mlp_weights(ld, &layer_name(l, &format!("mlp.experts.{x}")), h, ie))
+                .collect::<Result<Vec<_>>>()?;
+            Mlp::Moe(Box::new(Moe {
+                router: t("mlp.gate.weight", &[e, h])?,
+                experts,
+                shared: mlp_weights(ld, &layer_name(l, "mlp.shared_expert"), h, is)?,
+                shared_gate: t("mlp.shared_expert_gate.weight", &[1, h])?,
+            }))
+        } else {
+            Mlp::Dense(Box::new(mlp_weights(ld, &layer_name(l, "mlp"), h, c.intermediate_size)?))
+        };
+        Ok(Self {
+            input_norm: t("input_layernorm.weight", &[h])?,
+            post_norm: t("post_attention_layernorm.weight", &[h])?,
+            mixer,
+            mlp,
+        })
+    }
+}
+
+/// A loaded Qwen3-Next model. Owns its weights; holds no per-sequence state.
+#[derive(Debug)]
+pub struct Qwen3Next {
+    cfg: Qwen3NextConfig,
+    info: ModelInfo,
+    backend: Arc<dyn Backend>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    lm_head: Option<Tensor>,
+    rope: RopeTable,
+    /// Per layer: its index among the attention layers (KV cache) or among the DeltaNet layers
+    /// (fixed state).
+    slot: Vec<usize>,
+}
+
+impl Qwen3Next {
+    /// Loads every weight onto `backend`.
+    pub fn load(
+        cfg: Qwen3NextConfig,
+        architecture: String,
+        catalog: &Catalog,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
+        let ld = Loader { catalog, backend: backend.as_ref() };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = ld.tensor(EMBED, &[v, h])?;
+        let layers = (0..cfg.n_layers).map(|l| Layer::load(&ld, &cfg, l)).collect::<Result<Vec<_>>>()?;
+        let final_norm = ld.tensor(FINAL_NORM, &[h])?;
+        let lm_head = ld.tensor_if(!cfg.tie_word_embeddings || catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
+        let rope =
+            upload_table(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
+        let mut counts = [0usize; 2];
+        let slot = cfg
+            .mixers
+            .iter()
+            .map(|m| {
+                let c = &mut counts[usize::from(*m == Mixer::Linear)];
+                *c += 1;
+                *c - 1
+            })
+            .collect();
+        let weight_bytes = catalog.total_bytes();
+        let n_full = cfg.mixers.iter().filter(|m| **m == Mixer::Full).count();
+        let kv_elem = backend.kv_dtype().size_bytes();
+        let info = ModelInfo {
+            architecture,
+            vocab_size: v,
+            hidden_size: h,
+            n_layers: cfg.n_layers,
+            max_positions: cfg.max_positions,
+            weight_bytes,
+            weight_bytes_per_token: weight_bytes - embed.size_bytes() as u64,
+            kv_bytes_per_position: (2 * n_full * cfg.n_kv_heads * cfg.head_dim * kv_elem) as u64,
+            sliding_kv: None,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            bos_token_id: cfg.bos_token_id,
+            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
+        };
+        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, slot })
+    }
+
+    pub fn config(&self) -> &Qwen3NextConfig {
+        &self.cfg
+    }
+
+    /// `y = GatedDeltaNet(a)` for T rows, from and into the layer's fixed state
+    /// (models.md §4.5); the chunked form for more than one row.
+    fn deltanet(&self, w: &LinearAttn, a: &Tensor, state: &mut [Tensor]) -> Result<Tensor> {
+        let be = self.backend.as_ref();
+        let c = &self.cfg;
+        let t = a.shape()[0];
+        let (nk, dk, nv, dv, r) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim, c.v_per_k());
+        let ch = c.conv_channels();
+        let mut p = be.zeros(vec![t, w.qkvz.shape()[0]])?;
+        be.matmul(a, &w.qkvz, None, &mut p)?;
+        let mut ba = be.zeros(vec![t, 2 * nv])?;
+        be.matmul(a, &w.ba, None, &mut ba)?;
+        // Per key head g: [q (dk) | k (dk) | v (r·dv) | z (r·dv)] into the convolution's
+        // channel order [all q | all k | all v], and z apart.
+        let group = 2 * dk + 2 * r * dv;
+        let cut = |offset, width, out_offset| HeadSlice { heads: nk, stride: group, offset, width, out_offset };
+        let mut u = be.zeros(vec![t, ch])?;
+        be.slice_heads(&p, cut(0, dk, 0), &mut u)?;
+        be.slice_heads(&p, cut(dk, dk, nk * dk), &mut u)?;
+        be.slice_heads(&p, cut(2 * dk, r * dv, 2 * nk * dk), &mut u)?;
+        let mut z = be.zeros(vec![t, nv, dv])?;
+        be.slice_heads(&p, cut(2 * dk + r * dv, r * dv, 0), &mut z)?;
+        let ba_cut = |offset| HeadSlice { heads: nk, stride: 2 * r, offset, width: r, out_offset: 0 };
+        let (mut b, mut alpha) = (be.zeros(vec![t, nv])?, be.zeros(vec![t, nv])?);
+        be.slice_heads(&ba, ba_cut(0), &mut b)?;
+        be.slice_heads(&ba, ba_cut(r), &mut alpha)?;
+        let (conv_state, rest) =
+            state.split_first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no conv state".into()))?;
+        let mut conv = be.zeros(vec![t, ch])?;
+        be.causal_conv1d(&u, &w.conv, conv_state, &mut conv)?;
+        let whole = |offset, width| HeadSlice { heads: 1, stride: ch, offset, width, out_offset: 0 };
+        let (mut q, mut k, mut v) =
+            (be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nv, dv])?);
+        be.slice_heads(&conv, whole(0, nk * dk), &mut q)?;
+        be.slice_heads(&conv, whole(nk * dk, nk * dk), &mut k)?;
+        be.slice_heads(&conv, whole(2 * nk * dk, nv * dv), &mut v)?;
+        be.l2_norm(&mut q, L2_EPS, (dk as f32).powf(-0.5))?;
+        be.l2_norm(&mut k, L2_EPS, 1.0)?;
+        let (mut g, mut beta) = (be.zeros(vec![t, nv])?, be.zeros(vec![t, nv])?);
+        be.deltanet_gates(&alpha, &b, &w.a_log, &w.dt_bias, &mut g, &mut beta)?;
+        let form = if t == 1 { DeltaForm::Recurrent } else { DeltaForm::Chunked };
+        let s = rest.first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no recurrent state".into()))?;
+        let mut o = be.zeros(vec![t, nv, dv])?;
+        be.delta_rule(DeltaRule { q: &q, k: &k, v: &v, g: &g, beta: &beta }, s, &mut o, form)?;
+        let mut normed = be.zeros(vec![t, nv, dv])?;
+        be.gated_rms_norm(&o, &z, &w.norm, c.rms_norm_eps, &mut normed)?;
+        let mut y = be.zeros(vec![t, c.hidden_size])?;
+        be.matmul(&normed, &w.out, None, &mut y)?;
+        Ok(y)
+    }
+
+    /// `y = GatedAttention(a)` for T rows at positions `pos0..` (models.md §4.4).
+    fn attention(&self, w: &FullAttn, a: &Tensor, kv: &mut ollm_kv::LayerKv, pos0: usize) -> Result<Tensor> {
+        let be = self.backend.as_ref();
+        let c = &self.cfg;
+        let t = a.shape()[0];
+        let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let mut qg = be.zeros(vec![t, nh * 2 * d])?;
+        be.matmul(a, &w.q, None, &mut qg)?;
+        // Per head [q (d) | gate (d)].
+        let half = |offset| HeadSlice { heads: nh, stride: 2 * d, offset, width: d, out_offset: 0 };
+        let (mut q_raw, mut gate) = (be.zeros(vec![t, nh, d])?, be.zeros(vec![t, nh * d])?);
+        be.slice_heads(&qg, half(0), &mut q_raw)?;
+        be.slice_heads(&qg, half(d), &mut gate)?;
+        let (mut k_raw, mut v) = (be.zeros(vec![t, nkv, d])?, be.zeros(vec![t, nkv, d])?);
+        be.matmul(a, &w.k, None, &mut k_raw)?;
+        be.matmul(a, &w.v, None, &mut v)?;
+        let (mut q, mut k) = (be.zeros(vec![t, nh, d])?, be.zeros(vec![t, nkv, d])?);
+        be.rms_norm(&q_raw, &w.q_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut q)?;
+        be.rms_norm(&k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut k)?;
+        be.rope(&mut q, &self.rope, pos0)?;
+        be.rope(&mut k, &self.rope, pos0)?;
+        let row0 = pos0 - kv.base;
+        be.write_kv(&mut kv.k, &k, row0)?;
+        be.write_kv(&mut kv.v, &v, row0)?;
+        let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+        let mut ctx = be.zeros(vec![t, nh, d])?;
+        be.attention(&q, &kv.k, &kv.v, row0, &params, &mut ctx)?;
+        let mut o = be.zeros(vec![t, nh * d])?;
+        be.slice_heads(&ctx, HeadSlice { heads: 1, stride: nh * d, offset: 0, width: nh * d, out_offset: 0 }, &mut o)?;
+        be.sigmoid_mul(&mut o, &gate)?;
+        let mut y = be.zeros(vec![t, c.hidden_size])?;
+        be.matmul(&o, &w.o, None, &mut y)?;
+        Ok(y)
+    }
+
+    /// `y = MoE(b)`: routed experts (softmax over all, top-k, renormalised) plus the shared
+    /// expert scaled by σ(b·w_sg) (models.md §4.6).
+    fn moe(&self, m: &Moe, b: &Tensor) -> Result<Tensor> {
+        let be = self.backend.as_ref();
+        let c = &self.cfg;
+        let (t, h) = (b.shape()[0], c.hidden_size);
+        let mut logits = be.zeros(vec![t, c.n_experts])?;
+        be.matmul(b, &m.router, None, &mut logits)?;
+        let k = c.experts_per_token;
+        let mode = RouterMode::TopKOfSoftmax { norm_topk_prob: c.norm_topk_prob };
+        let (ids, weights) = be.router_topk(&logits, k, mode)?;
+        let mut rows: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); c.n_experts];
+        for (r, (ids, ws)) in ids.chunks_exact(k).zip(weights.chunks_exact(k)).enumerate() {
+            for (&e, &w) in ids.iter().zip(ws) {
+                rows[e as usize].0.push(r as u32);
+                rows[e as usize].1.push(w);
+            }
+        }
+        let mut acc = be.zeros(vec![t, h])?;
+        for (e, (rs, ws)) in rows.iter().enumerate().filter(|(_, (rs, _))| !rs.is_empty()) {
+            let mut x = be.zeros(vec![rs.len(), h])?;
+            be.gather_rows(b, rs, &mut x)?;
+            let mut s = MlpScratch::new(be, rs.len(), h, c.moe_intermediate_size)?;
+            gated_mlp(be, &m.experts[e], &x, &mut s)?;
+            be.scatter_add_rows(&s.out, rs, ws, &mut acc)?;
+        }
+        let mut s = MlpScratch::new(be, t, h, c.shared_intermediate_size)?;
+        gated_mlp(be, &m.shared, b, &mut s)?;
+        let mut sg = be.zeros(vec![t, 1])?;
+        be.matmul(b, &m.shared_gate, None, &mut sg)?;
+        be.sigmoid_mul(&mut s.out, &sg)?;
+        be.add_assign(&mut acc, &s.out)?;
+        Ok(acc)
+    }
+}
+
+impl CausalLm for Qwen3Next {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    fn new_state(&self) -> Result<SeqState> {
+        let c = &self.cfg;
+        let be = self.backend.as_ref();
+        let full = c.mixers.iter().filter(|m| **m == Mixer::Full).count();
+        let shapes = vec![KvShape::full(c.n_kv_heads, c.head_dim); full];
+        let fixed = FixedShape {
+            tensors: vec![
+                vec![c.conv_kernel - 1, c.conv_channels()],
+                vec![c.linear_v_heads, c.linear_k_dim, c.linear_v_dim],
+            ],
+        };
+        let linear = c.n_layers - full;
+        Ok(SeqState::new(be, shapes, c.max_positions)?.with_fixed(be, vec![fixed; linear])?)
+    }
+
+    fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut SeqState,
+        wanted: LogitsWanted,
+        trace: Option<&dyn TraceSink>,
+    ) -> Result<Vec<f32>> {
+        let be = self.backend.as_ref();
+        let c = &self.cfg;
+        let (t, h, eps) = (ids.len(), c.hidden_size, c.rms_norm_eps);
+        let (pos0, mut x) =
+            crate::common::forward::begin(be, ids, state, &self.embed, (c.vocab_size, c.max_positions), trace)?;
+        let mut normed = be.zeros(vec![t, h])?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            be.rms_norm(&x, &layer.input_norm, eps, NormKind::ZeroCentered, &mut normed)?;
+            let y = match &layer.mixer {
+                MixerWeights::Linear(w) => self.deltanet(w, &normed, state.fixed_mut(self.slot[l]))?,
+                MixerWeights::Full(w) => {
+                    let i = self.slot[l];
+                    state.acquire(be, i)?;
+                    let y = self.attention(w, &normed, state.layer_for(be, i, pos0, t)?, pos0)?;
+                    state.release(be, i)?;
+                    y
+                }
+            };
+            be.add_assign(&mut x, &y)?;
+            be.rms_norm(&x, &layer.post_norm, eps, NormKind::ZeroCentered, &mut normed)?;
+            let y = match &layer.mlp {
+                Mlp::Moe(m) => self.moe(m, &normed)?,
+                Mlp::Dense(w) => {
+                    let mut s = MlpScratch::new(be, t, h, c.intermediate_size)?;
+                    gated_mlp(be, w, &normed, &mut s)?;
+                    s.out
+                }
+            };
+            be.add_assign(&mut x, &y)?;
+            if let Some(tr) = trace {
+                tr.record(Some(l), "layer_out", &x);
+            }
+        }
+        state.advance(t);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        crate::common::forward::logits(be, &x, wanted, (&self.final_norm, eps, NormKind::ZeroCentered), head, trace)
+    }
+}
