@@ -176,10 +176,7 @@ impl GptOss {
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),
         )?;
-        let f32_tensor = |l: usize, suffix: &str, shape: Vec<usize>| -> Result<Tensor> {
-            let values = catalog.read(catalog.require(&layer_name(l, suffix), &shape)?)?.to_f32_vec()?;
-            Ok(backend.upload_f32(shape, &values)?)
-        };
+        let f32_tensor = |l: usize, suffix: &str, shape: Vec<usize>| ld.tensor_f32(&layer_name(l, suffix), &shape);
         let (nh, e) = (cfg.n_heads, cfg.n_experts);
         let sinks =
             (0..cfg.n_layers).map(|l| f32_tensor(l, "self_attn.sinks", vec![nh])).collect::<Result<Vec<_>>>()?;

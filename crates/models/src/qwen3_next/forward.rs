@@ -95,15 +95,16 @@ impl Layer {
     fn load(ld: &Loader<'_>, c: &Qwen3NextConfig, l: usize) -> Result<Self> {
         let h = c.hidden_size;
         let t = |suffix: &str, shape: &[usize]| ld.tensor(&layer_name(l, suffix), shape);
+        let f = |suffix: &str, shape: &[usize]| ld.tensor_f32(&layer_name(l, suffix), shape);
         let mixer = match c.mixers[l] {
             Mixer::Linear => {
                 let (nk, dk, nv, dv) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim);
                 MixerWeights::Linear(LinearAttn {
                     qkvz: t("linear_attn.in_proj_qkvz.weight", &[2 * nk * dk + 2 * nv * dv, h])?,
                     ba: t("linear_attn.in_proj_ba.weight", &[2 * nv, h])?,
-                    conv: t("linear_attn.conv1d.weight", &[c.conv_channels(), 1, c.conv_kernel])?,
-                    dt_bias: t("linear_attn.dt_bias", &[nv])?,
-                    a_log: t("linear_attn.A_log", &[nv])?,
+                    conv: f("linear_attn.conv1d.weight", &[c.conv_channels(), 1, c.conv_kernel])?,
+                    dt_bias: f("linear_attn.dt_bias", &[nv])?,
+                    a_log: f("linear_attn.A_log", &[nv])?,
                     norm: t("linear_attn.norm.weight", &[dv])?,
                     out: t("linear_attn.out_proj.weight", &[h, nv * dv])?,
                 })

@@ -12,10 +12,12 @@ use half::bf16;
 
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
-use super::{CudaDevice, CudaStorage, DeviceBuf, attention, elementwise, flash, matmul, moe, rmsnorm, rope, transfer};
+use super::{
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, rmsnorm, rope, transfer,
+};
 use crate::backend::{
-    AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode,
-    gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, swiglu_dims, transpose_dims,
+    AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode, delta_dims,
+    gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor};
@@ -83,12 +85,6 @@ impl CudaBackend {
     fn tensor(&self, shape: Vec<usize>, s: CudaStorage) -> Result<Tensor> {
         Tensor::new(shape, Storage::Cuda(s))
     }
-}
-
-/// Qwen3-Next's Gated DeltaNet ops have only their CPU twins so far (issue 9 in progress): a
-/// one-line error, not a crash.
-fn not_yet<T>(op: &'static str) -> Result<T> {
-    Err(OpsError::Backend(format!("{op} is not implemented on CUDA yet (Qwen3-Next runs on --device cpu for now)")))
 }
 
 impl Backend for CudaBackend {
@@ -336,36 +332,66 @@ impl Backend for CudaBackend {
         rmsnorm::gated_rms_norm(&self.dev, f32s(x, op)?, f32s(z, op)?, cuda(w, op)?, n, eps, f32s_mut(out, op)?)
     }
 
-    fn slice_heads(&self, _: &Tensor, _: HeadSlice, _: &mut Tensor) -> Result<()> {
-        not_yet("slice_heads")
+    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()> {
+        let (t, cols) = slice_dims(src, &s, out)?;
+        let op = "slice_heads";
+        deltanet::slice_heads(&self.dev, f32s(src, op)?, s, t, cols, f32s_mut(out, op)?)
     }
 
-    fn l2_norm(&self, _: &mut Tensor, _: f32, _: f32) -> Result<()> {
-        not_yet("l2_norm")
+    fn l2_norm(&self, x: &mut Tensor, eps: f32, scale: f32) -> Result<()> {
+        let d = x.shape().last().copied().unwrap_or(0);
+        deltanet::l2_norm(&self.dev, f32s_mut(x, "l2_norm")?, d, eps, scale)
     }
 
-    fn sigmoid_mul(&self, _: &mut Tensor, _: &Tensor) -> Result<()> {
-        not_yet("sigmoid_mul")
+    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()> {
+        let per = x.numel().checked_div(gate.numel()).unwrap_or(0);
+        let d = x.shape().last().copied().unwrap_or(0);
+        if per != 1 && per != d {
+            return shape_err("sigmoid_mul", format!("x {:?}, gate {:?}", x.shape(), gate.shape()));
+        }
+        deltanet::sigmoid_mul(&self.dev, f32s_mut(x, "sigmoid_mul")?, f32s(gate, "sigmoid_mul")?, per)
     }
 
     fn deltanet_gates(
         &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &mut Tensor,
-        _: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        a_log: &Tensor,
+        dt_bias: &Tensor,
+        g: &mut Tensor,
+        beta: &mut Tensor,
     ) -> Result<()> {
-        not_yet("deltanet_gates")
+        let op = "deltanet_gates";
+        let (a_log, dt_bias) = (f32s(a_log, op)?, f32s(dt_bias, op)?);
+        deltanet::gates(
+            &self.dev,
+            (f32s(a, op)?, f32s(b, op)?),
+            (a_log, dt_bias),
+            f32s_mut(g, op)?,
+            f32s_mut(beta, op)?,
+        )
     }
 
-    fn causal_conv1d(&self, _: &Tensor, _: &Tensor, _: &mut Tensor, _: &mut Tensor) -> Result<()> {
-        not_yet("causal_conv1d")
+    fn causal_conv1d(&self, x: &Tensor, w: &Tensor, state: &mut Tensor, out: &mut Tensor) -> Result<()> {
+        let op = "causal_conv1d";
+        let ch = w.shape().first().copied().unwrap_or(0);
+        let k = w.numel().checked_div(ch).unwrap_or(0);
+        deltanet::causal_conv1d(&self.dev, f32s(x, op)?, f32s(w, op)?, k, f32s_mut(state, op)?, f32s_mut(out, op)?)
     }
 
-    fn delta_rule(&self, _: DeltaRule<'_>, _: &mut Tensor, _: &mut Tensor, _: DeltaForm) -> Result<()> {
-        not_yet("delta_rule")
+    /// Both forms walk the steps one by one on CUDA for now (the chunked kernel is to come);
+    /// the results agree with the CPU's chunked form to rounding.
+    fn delta_rule(&self, x: DeltaRule<'_>, state: &mut Tensor, out: &mut Tensor, _form: DeltaForm) -> Result<()> {
+        let dims = delta_dims(&x, state, out)?;
+        let op = "delta_rule";
+        let slices = deltanet::DeltaSlices {
+            q: f32s(x.q, op)?,
+            k: f32s(x.k, op)?,
+            v: f32s(x.v, op)?,
+            g: f32s(x.g, op)?,
+            beta: f32s(x.beta, op)?,
+        };
+        deltanet::delta_rule(&self.dev, slices, dims, f32s_mut(state, op)?, f32s_mut(out, op)?)
     }
 
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {

@@ -197,6 +197,7 @@ pub(crate) const KERNEL_FILES: &[(&str, &str)] = &[
     ("attention", super::attention::SOURCE),
     ("convert", super::convert::SOURCE),
     ("decode_attn", super::flash::DECODE_SOURCE),
+    ("deltanet", super::deltanet::SOURCE),
     ("elementwise", super::elementwise::SOURCE),
     ("flash_attn", super::flash::FLASH_SOURCE),
     ("gemv", super::gemv::SOURCE),

@@ -14,6 +14,7 @@ mod backend;
 pub mod bench;
 pub mod convert;
 pub mod cublas;
+pub mod deltanet;
 mod device;
 pub mod elementwise;
 pub mod flash;
