@@ -301,3 +301,49 @@ fn a_gpt_oss_model_runs_with_the_harmony_format_and_cached_experts() {
         assert!(line.contains("3 slots for 16 experts") && !line.contains(&format!(" 0 {from}")), "{line}");
     }
 }
+
+/// A Qwen3-Next-shaped model (`synth --like qwen3-next-80b`, shrunk: 4 layers = 3 Gated
+/// DeltaNet + 1 gated attention, 8 experts top 2) runs through `ollm run --chat` on the CPU with
+/// the ChatML template: the prompt has the template's length and the generation runs to its
+/// token limit.
+#[test]
+fn a_qwen3_next_model_runs_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("qwen");
+    let mut config = Like::Qwen3Next80B.config();
+    for (k, v) in [
+        ("hidden_size", 64),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 32),
+        ("linear_num_key_heads", 2),
+        ("linear_num_value_heads", 4),
+        ("linear_key_head_dim", 16),
+        ("linear_value_head_dim", 16),
+        ("num_experts", 8),
+        ("num_experts_per_tok", 2),
+        ("moe_intermediate_size", 32),
+        ("shared_expert_intermediate_size", 32),
+        ("max_position_embeddings", 4096),
+    ] {
+        config[k] = v.into();
+    }
+    let plan = ollm_models::synth::plan_qwen3_next(config, Some(4)).expect("plan");
+    write_plan(&plan, &out, 4, &mut |_, _| {}).expect("write");
+    let m = out.to_str().expect("utf8");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", m, "--device", "cpu", "--temperature", "0", "-n", "8"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_ollm"))
+            .args(&args)
+            .env("OLLM_HOME", dir.path().join("home"))
+            .output()
+            .expect("runs")
+    };
+    let chat = run(&["--chat", "--prompt", "Hello"]);
+    let err = String::from_utf8_lossy(&chat.stderr);
+    assert!(chat.status.success(), "{err}");
+    // "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n": 3 specials + 21 bytes.
+    assert!(err.contains("prompt 24 tok"), "{err}");
+    assert!(err.contains("8 tok generated"), "{err}");
+}

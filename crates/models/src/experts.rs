@@ -25,6 +25,9 @@ use crate::{ModelError, Result};
 pub enum ExpertFormat {
     /// `*_blocks` / `*_scales` U8 (the release checkpoints), dequantised to bf16 before use.
     Mxfp4,
+    /// Qwen3-Next's hub layout (models.md §4.2): `experts.{e}.{gate,up,down}_proj.weight`, one
+    /// bf16 tensor per expert and matrix, already in nn.Linear layout; no biases.
+    PerExpert,
     /// `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]` (as transformers saves them), transposed
     /// to `[out, in]` before use.
     Dense,
@@ -44,6 +47,7 @@ impl ExpertFormat {
                 "down_proj_bias",
             ],
             ExpertFormat::Dense => &["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"],
+            ExpertFormat::PerExpert => &["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
         }
     }
 
@@ -59,15 +63,26 @@ impl ExpertFormat {
                 vec![h],
             ],
             ExpertFormat::Dense => vec![vec![h, 2 * i], vec![i, h], vec![2 * i], vec![h]],
+            ExpertFormat::PerExpert => vec![vec![i, h], vec![i, h], vec![h, i]],
         }
     }
 
-    /// The format of layer 0's experts in `catalog`.
-    pub fn detect(catalog: &Catalog) -> Self {
-        if catalog.contains("model.layers.0.mlp.experts.gate_up_proj_blocks") {
+    /// The format of layer `l`'s experts in `catalog`.
+    pub fn detect(catalog: &Catalog, l: usize) -> Self {
+        if catalog.contains(&part_name(l, "gate_up_proj_blocks")) {
             ExpertFormat::Mxfp4
+        } else if catalog.contains(&part_name(l, "0.gate_proj.weight")) {
+            ExpertFormat::PerExpert
         } else {
             ExpertFormat::Dense
+        }
+    }
+
+    /// Tensor name of part `suffix` of expert `e` of layer `l`.
+    fn name(self, l: usize, e: usize, suffix: &str) -> String {
+        match self {
+            ExpertFormat::PerExpert => part_name(l, &format!("{e}.{suffix}")),
+            _ => part_name(l, suffix),
         }
     }
 }
@@ -99,11 +114,11 @@ pub enum ExpertMatrix<'a> {
 }
 
 impl ExpertMatrix<'_> {
-    /// `out = x · Wᵀ + bias`.
-    pub fn matmul(&self, be: &dyn Backend, x: &Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
+    /// `out = x · Wᵀ (+ bias)`.
+    pub fn matmul(&self, be: &dyn Backend, x: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
         match *self {
-            ExpertMatrix::Dense(w) => be.matmul(x, w, Some(bias), out)?,
-            ExpertMatrix::Mxfp4 { blocks, scales } => be.matmul_mxfp4(x, blocks, scales, Some(bias), out)?,
+            ExpertMatrix::Dense(w) => be.matmul(x, w, bias, out)?,
+            ExpertMatrix::Mxfp4 { blocks, scales } => be.matmul_mxfp4(x, blocks, scales, bias, out)?,
         }
         Ok(())
     }
@@ -112,12 +127,14 @@ impl ExpertMatrix<'_> {
 /// The matrices and biases one expert computes with.
 #[derive(Debug)]
 pub struct ExpertWeights<'a> {
-    /// `[2I, H]`, gate and up rows interleaved.
+    /// `[2I, H]`, gate and up rows interleaved (GPT-OSS); or the gate `[I, H]` alone when `up`
+    /// is given (Qwen3-Next).
     pub gate_up: ExpertMatrix<'a>,
+    pub up: Option<ExpertMatrix<'a>>,
     /// `[H, I]`
     pub down: ExpertMatrix<'a>,
-    pub gate_up_bias: &'a Tensor,
-    pub down_bias: &'a Tensor,
+    pub gate_up_bias: Option<&'a Tensor>,
+    pub down_bias: Option<&'a Tensor>,
 }
 
 /// Counters of the cache (expert loads are per layer per forward).
@@ -159,13 +176,13 @@ impl ExpertStats {
     }
 }
 
-/// Where one part of one layer's expert 0 is in the checkpoint; expert e is `stride · e` on.
-#[derive(Debug, Clone, Copy)]
+/// Where one part of each of one layer's experts is in the checkpoint.
+#[derive(Debug, Clone)]
 struct Source {
-    file: usize,
-    offset: u64,
-    /// Bytes of one expert's part (also the stride between experts).
+    /// Bytes of one expert's part.
     len: u64,
+    /// Per expert: (file, byte offset).
+    at: Vec<(usize, u64)>,
 }
 
 /// One device slot: an expert's parts, which expert (`layer · E + e`) they hold, and when the
@@ -194,11 +211,12 @@ struct State {
     next_staging: usize,
 }
 
-/// The unpacked matrices of the expert being computed, shared by all.
+/// The unpacked matrices of the expert being computed, shared by all (None when the format
+/// needs no unpacking).
 #[derive(Debug)]
 struct Work {
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Option<Tensor>,
+    down: Option<Tensor>,
 }
 
 /// Copies queued ahead of the expert being computed.
@@ -212,7 +230,9 @@ pub struct ExpertCache {
     /// `[layer][part]`
     sources: Vec<Vec<Source>>,
     /// Per layer, when its experts live in pinned RAM: the buffer and where each part's expert 0 is.
-    ram: Vec<Option<(HostBuffer, Vec<usize>)>>,
+    ram: Vec<Option<(HostBuffer, Vec<Vec<usize>>)>>,
+    /// The decoder layer of each row of `sources`.
+    layer_ids: Vec<usize>,
     files: Vec<DirectFile>,
     expert_bytes: u64,
     pinned_bytes: u64,
@@ -232,19 +252,20 @@ fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
 }
 
 impl ExpertCache {
-    /// The experts of `layers` decoder layers (`n_experts` each, hidden size `h`, width `i`) in
-    /// `catalog`. `placement` None: every expert is loaded onto the device now. Otherwise
+    /// The experts of the decoder layers `layer_ids` (`n_experts` each, hidden size `h`, width
+    /// `i`) in `catalog`. `placement` None: every expert is loaded onto the device now. Otherwise
     /// `placement.slots` device slots, the layers' experts read into pinned RAM now or left on
-    /// disk as `ram_layers` says.
+    /// disk as `ram_layers` says (indexed like `layer_ids`).
     pub fn new(
         backend: Arc<dyn Backend>,
         catalog: &Catalog,
-        layers: usize,
+        layer_ids: &[usize],
         n_experts: usize,
         (h, i): (usize, usize),
         placement: Option<&ExpertPlacement>,
     ) -> Result<Self> {
-        let format = ExpertFormat::detect(catalog);
+        let layers = layer_ids.len();
+        let format = ExpertFormat::detect(catalog, layer_ids.first().copied().unwrap_or(0));
         if format == ExpertFormat::Mxfp4 && (h % 32 != 0 || i % 32 != 0) {
             return Err(ModelError::Stream(format!(
                 "MXFP4 experts need hidden_size ({h}) and intermediate_size ({i}) divisible by 32"
@@ -253,27 +274,41 @@ impl ExpertCache {
         let shapes = format.part_shapes(h, i);
         let mut sources = Vec::with_capacity(layers);
         let mut dtypes = Vec::new();
-        for l in 0..layers {
+        for (row_i, &l) in layer_ids.iter().enumerate() {
             let mut row = Vec::with_capacity(shapes.len());
             for (p, (suffix, shape)) in format.parts().iter().zip(&shapes).enumerate() {
-                let name = part_name(l, suffix);
-                let mut want = vec![n_experts];
+                let per_expert = format == ExpertFormat::PerExpert;
+                let mut want = if per_expert { Vec::new() } else { vec![n_experts] };
                 want.extend_from_slice(shape);
-                let entry = catalog.require(&name, &want)?;
-                let packed = p < 4 && format == ExpertFormat::Mxfp4;
-                if packed != (entry.dtype == DType::U8) {
-                    return Err(ModelError::Stream(format!(
-                        "{name}: dtype {} does not fit {format:?} experts",
-                        entry.dtype
-                    )));
+                let mut at = Vec::with_capacity(n_experts);
+                let mut len = 0;
+                for e in 0..if per_expert { n_experts } else { 1 } {
+                    let name = format.name(l, e, suffix);
+                    let entry = catalog.require(&name, &want)?;
+                    let packed = p < 4 && format == ExpertFormat::Mxfp4;
+                    if packed != (entry.dtype == DType::U8) {
+                        return Err(ModelError::Stream(format!(
+                            "{name}: dtype {} does not fit {format:?} experts",
+                            entry.dtype
+                        )));
+                    }
+                    if row_i == 0 && e == 0 {
+                        dtypes.push(entry.dtype);
+                    } else if dtypes[p] != entry.dtype {
+                        return Err(ModelError::Stream(format!(
+                            "{name}: dtype {} differs from the first expert's",
+                            entry.dtype
+                        )));
+                    }
+                    if per_expert {
+                        len = entry.len_bytes;
+                        at.push((entry.file, entry.offset_bytes));
+                    } else {
+                        len = entry.len_bytes / n_experts as u64;
+                        at.extend((0..n_experts as u64).map(|x| (entry.file, entry.offset_bytes + x * len)));
+                    }
                 }
-                if l == 0 {
-                    dtypes.push(entry.dtype);
-                } else if dtypes[p] != entry.dtype {
-                    return Err(ModelError::Stream(format!("{name}: dtype {} differs from layer 0's", entry.dtype)));
-                }
-                let len = entry.len_bytes / n_experts as u64;
-                row.push(Source { file: entry.file, offset: entry.offset_bytes, len });
+                row.push(Source { len, at });
             }
             sources.push(row);
         }
@@ -308,7 +343,8 @@ impl ExpertCache {
                 for e in 0..n_experts {
                     let mut slot = alloc_slot(Some(l * n_experts + e))?;
                     for (p, (src, shape)) in row.iter().zip(&shapes).enumerate() {
-                        let bytes = readers[src.file].read_vec_at(src.offset + e as u64 * src.len, src.len as usize)?;
+                        let (file, offset) = src.at[e];
+                        let bytes = readers[file].read_vec_at(offset, src.len as usize)?;
                         let host = HostTensor { dtype: dtypes[p], shape: shape.clone(), bytes };
                         slot.parts[p] = backend.upload(&host)?;
                     }
@@ -325,16 +361,35 @@ impl ExpertCache {
                 if !placement.ram_layers.get(l).copied().unwrap_or(false) {
                     continue;
                 }
-                // Each part's whole tensor (all experts) at an aligned position of one buffer.
-                let spans: Vec<(u64, u64)> =
-                    row.iter().map(|s| aligned_span(s.offset, (s.len * n_experts as u64) as usize)).collect();
-                let mut buf = backend.host_alloc(spans.iter().map(|(a, b)| (b - a) as usize).sum())?;
-                let mut at = 0usize;
+                // Each part of each expert at an aligned position of one buffer; where experts lie
+                // back to back in one file, in one read.
+                let mut reads: Vec<(usize, u64, u64)> = Vec::new();
                 let mut positions = Vec::with_capacity(row.len());
-                for (s, &(start, end)) in row.iter().zip(&spans) {
-                    files[s.file].read_span_parallel(start, end, &mut buf.as_mut_slice()[at..], READERS)?;
-                    positions.push(at + (s.offset - start) as usize);
-                    at += (end - start) as usize;
+                let mut at = 0usize;
+                for s in row {
+                    let mut pos = Vec::with_capacity(n_experts);
+                    let contiguous = s.at.windows(2).all(|w| w[1] == (w[0].0, w[0].1 + s.len));
+                    if contiguous {
+                        let (file, first) = s.at[0];
+                        let (start, end) = aligned_span(first, (s.len * n_experts as u64) as usize);
+                        pos.extend((0..n_experts).map(|e| at + (first - start) as usize + e * s.len as usize));
+                        reads.push((file, start, end));
+                        at += (end - start) as usize;
+                    } else {
+                        for &(file, offset) in &s.at {
+                            let (start, end) = aligned_span(offset, s.len as usize);
+                            pos.push(at + (offset - start) as usize);
+                            reads.push((file, start, end));
+                            at += (end - start) as usize;
+                        }
+                    }
+                    positions.push(pos);
+                }
+                let mut buf = backend.host_alloc(at)?;
+                let mut into = 0usize;
+                for (file, start, end) in reads {
+                    files[file].read_span_parallel(start, end, &mut buf.as_mut_slice()[into..], READERS)?;
+                    into += (end - start) as usize;
                 }
                 pinned_bytes += buf.len() as u64;
                 ram[l] = Some((buf, positions));
@@ -349,10 +404,17 @@ impl ExpertCache {
                 }
             }
         }
-        let work = Work {
-            gate_up: backend
-                .alloc(vec![2 * i, h], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[0] })?,
-            down: backend.alloc(vec![h, i], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[1] })?,
+        let work = match format {
+            ExpertFormat::PerExpert => Work { gate_up: None, down: None },
+            _ => Work {
+                gate_up: Some(
+                    backend
+                        .alloc(vec![2 * i, h], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[0] })?,
+                ),
+                down: Some(
+                    backend.alloc(vec![h, i], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[1] })?,
+                ),
+            },
         };
         Ok(Self {
             backend,
@@ -360,6 +422,7 @@ impl ExpertCache {
             n_experts,
             sources,
             ram,
+            layer_ids: layer_ids.to_vec(),
             files,
             expert_bytes,
             pinned_bytes,
@@ -379,9 +442,9 @@ impl ExpertCache {
         f: &mut dyn FnMut(u32, &ExpertWeights<'_>) -> Result<()>,
     ) -> Result<()> {
         let be = self.backend.as_ref();
-        if l >= self.sources.len() {
-            return Err(ModelError::Stream(format!("expert cache: layer {l} of {}", self.sources.len())));
-        }
+        let Some(l) = self.layer_ids.iter().position(|&x| x == l) else {
+            return Err(ModelError::Stream(format!("expert cache: layer {l} has no experts here")));
+        };
         if let Some(&e) = experts.iter().find(|&&e| e as usize >= self.n_experts) {
             return Err(ModelError::Stream(format!("expert cache: expert {e} of {}", self.n_experts)));
         }
@@ -424,19 +487,29 @@ impl ExpertCache {
                 self.unpack(s, &mut work)?;
             }
             let p = &st.slots[slot].parts;
-            let w = match packed {
-                true => ExpertWeights {
+            let w = match (self.format, packed, &work.gate_up, &work.down) {
+                (ExpertFormat::PerExpert, ..) => ExpertWeights {
+                    gate_up: ExpertMatrix::Dense(&p[0]),
+                    up: Some(ExpertMatrix::Dense(&p[1])),
+                    down: ExpertMatrix::Dense(&p[2]),
+                    gate_up_bias: None,
+                    down_bias: None,
+                },
+                (_, true, ..) => ExpertWeights {
                     gate_up: ExpertMatrix::Mxfp4 { blocks: &p[0], scales: &p[1] },
+                    up: None,
                     down: ExpertMatrix::Mxfp4 { blocks: &p[2], scales: &p[3] },
-                    gate_up_bias: &p[4],
-                    down_bias: &p[5],
+                    gate_up_bias: Some(&p[4]),
+                    down_bias: Some(&p[5]),
                 },
-                false => ExpertWeights {
-                    gate_up: ExpertMatrix::Dense(&work.gate_up),
-                    down: ExpertMatrix::Dense(&work.down),
-                    gate_up_bias: &p[p.len() - 2],
-                    down_bias: &p[p.len() - 1],
+                (_, false, Some(gate_up), Some(down)) => ExpertWeights {
+                    gate_up: ExpertMatrix::Dense(gate_up),
+                    up: None,
+                    down: ExpertMatrix::Dense(down),
+                    gate_up_bias: Some(&p[p.len() - 2]),
+                    down_bias: Some(&p[p.len() - 1]),
                 },
+                _ => return Err(ModelError::Stream("internal: no unpacked expert".into())),
             };
             f(e, &w)?;
             // The slot's bytes have been read (by the unpack or the packed matmuls): a copy
@@ -475,8 +548,8 @@ impl ExpertCache {
         let parts = &self.sources[l];
         match &self.ram[l] {
             Some((buf, positions)) => {
-                for ((src, &pos), dst) in parts.iter().zip(positions).zip(st.slots[victim].parts.iter_mut()) {
-                    be.copy_to_device_async(buf, pos + e * src.len as usize, dst)?;
+                for (pos, dst) in positions.iter().zip(st.slots[victim].parts.iter_mut()) {
+                    be.copy_to_device_async(buf, pos[e], dst)?;
                 }
                 self.counters.ram_loads.fetch_add(1, Ordering::Relaxed);
             }
@@ -496,11 +569,12 @@ impl ExpertCache {
                 let mut at = 0usize;
                 let mut offsets = Vec::with_capacity(parts.len());
                 for src in parts {
-                    let (start, end) = aligned_span(src.offset + e as u64 * src.len, src.len as usize);
-                    self.files[src.file]
+                    let (file, offset) = src.at[e];
+                    let (start, end) = aligned_span(offset, src.len as usize);
+                    self.files[file]
                         .read_span_parallel(start, end, &mut sb.buf.as_mut_slice()[at..], READERS)
                         .map_err(|err| ModelError::Stream(format!("reading layer {l} expert {e}: {err}")))?;
-                    offsets.push(at + (src.offset + e as u64 * src.len - start) as usize);
+                    offsets.push(at + (offset - start) as usize);
                     at += (end - start) as usize;
                 }
                 let c = &self.counters;
@@ -527,14 +601,19 @@ impl ExpertCache {
         let be = self.backend.as_ref();
         let p = &slot.parts;
         match self.format {
-            ExpertFormat::Mxfp4 => {
-                be.dequant_mxfp4(&p[0], &p[1], &mut work.gate_up)?;
-                be.dequant_mxfp4(&p[2], &p[3], &mut work.down)?;
+            ExpertFormat::Mxfp4 | ExpertFormat::Dense => {
+                let (Some(gate_up), Some(down)) = (work.gate_up.as_mut(), work.down.as_mut()) else {
+                    return Err(ModelError::Stream("internal: no unpack buffers".into()));
+                };
+                if self.format == ExpertFormat::Mxfp4 {
+                    be.dequant_mxfp4(&p[0], &p[1], gate_up)?;
+                    be.dequant_mxfp4(&p[2], &p[3], down)?;
+                } else {
+                    be.transpose(&p[0], gate_up)?;
+                    be.transpose(&p[1], down)?;
+                }
             }
-            ExpertFormat::Dense => {
-                be.transpose(&p[0], &mut work.gate_up)?;
-                be.transpose(&p[1], &mut work.down)?;
-            }
+            ExpertFormat::PerExpert => {}
         }
         Ok(())
     }

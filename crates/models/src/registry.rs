@@ -45,14 +45,16 @@ pub fn load_model_placed(
         }
         "Qwen3NextForCausalLM" | "qwen3_next" => {
             let cfg = Qwen3NextConfig::from_raw(&raw)?;
-            if let Some(p) = placement.filter(|p| p.slots > 0 || p.kv.is_some() || p.experts.is_some()) {
+            if let Some(p) = placement.filter(|p| p.slots > 0 || p.kv.is_some()) {
                 return Err(ModelError::Stream(format!(
-                    "Qwen3-Next loads whole for now (no streamed layers, experts or KV yet; the plan asked for {} slots); raise --vram-budget or run on --device cpu",
-                    p.slots
+                    "Qwen3-Next keeps its layers and KV cache on the device for now (only experts stream; the plan asked for {} layer slots{}); raise --vram-budget or shorten --context",
+                    p.slots,
+                    if p.kv.is_some() { " and an offloaded KV cache" } else { "" }
                 )));
             }
             let catalog = Catalog::open_dir(dir)?;
-            Ok(Arc::new(Qwen3Next::load(cfg, arch, &catalog, backend)?))
+            let experts = placement.and_then(|p| p.experts.as_ref());
+            Ok(Arc::new(Qwen3Next::load(cfg, arch, &catalog, backend, experts)?))
         }
         other => Err(unsupported(&raw, other)),
     }
@@ -144,7 +146,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
                 c.max_positions,
                 kvd,
                 c.n_heads * c.head_dim,
-                None,
+                (c.n_experts > 0).then_some((c.n_experts, c.experts_per_token)),
             )
         }
         other => return Err(unsupported(&raw, other)),

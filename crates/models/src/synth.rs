@@ -22,10 +22,12 @@ pub enum Like {
     Llama32_1B,
     Llama32_3B,
     GptOss20B,
+    Qwen3Next80B,
 }
 
 impl Like {
-    pub const NAMES: [&'static str; 4] = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "gpt-oss-20b"];
+    pub const NAMES: [&'static str; 5] =
+        ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "gpt-oss-20b", "qwen3-next-80b"];
 
     /// Parses a `--like` value; unknown names list the known ones.
     pub fn parse(name: &str) -> std::result::Result<Self, String> {
@@ -34,6 +36,7 @@ impl Like {
             "llama-3.2-1b" => Ok(Self::Llama32_1B),
             "llama-3.2-3b" => Ok(Self::Llama32_3B),
             "gpt-oss-20b" => Ok(Self::GptOss20B),
+            "qwen3-next-80b" => Ok(Self::Qwen3Next80B),
             other => Err(format!("unknown model shape '{other}'; choose one of {}", Self::NAMES.join(", "))),
         }
     }
@@ -46,6 +49,7 @@ impl Like {
             Self::Llama32_1B => (2048, 8192, 16, 32, 64, true, 32.0),
             Self::Llama32_3B => (3072, 8192, 28, 24, 128, true, 32.0),
             Self::GptOss20B => return gpt_oss_20b_config(),
+            Self::Qwen3Next80B => return qwen3_next_80b_config(),
         };
         json!({
             "architectures": ["LlamaForCausalLM"],
@@ -130,6 +134,144 @@ fn gpt_oss_20b_config() -> Value {
         "use_cache": true,
         "vocab_size": 201088,
     })
+}
+
+/// Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (models.md §4.1): 48 layers, three Gated
+/// DeltaNet layers to one gated-attention layer, 512 experts (top 10) and a shared expert.
+fn qwen3_next_80b_config() -> Value {
+    let layer_types: Vec<&str> =
+        (0..48).map(|i| if (i + 1) % 4 == 0 { "full_attention" } else { "linear_attention" }).collect();
+    json!({
+        "architectures": ["Qwen3NextForCausalLM"],
+        "model_type": "qwen3_next",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "decoder_sparse_step": 1,
+        "full_attention_interval": 4,
+        "head_dim": 256,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 5120,
+        "layer_types": layer_types,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 512,
+        "norm_topk_prob": true,
+        "num_attention_heads": 16,
+        "num_experts": 512,
+        "num_experts_per_tok": 10,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 2,
+        "partial_rotary_factor": 0.25,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": null,
+        "rope_theta": 10000000,
+        "shared_expert_intermediate_size": 512,
+        "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16",
+        "use_cache": true,
+        "vocab_size": 151936,
+    })
+}
+
+/// Plans a Qwen3-Next model from `config` (models.md §4.2's tensors, per-expert names).
+pub fn plan_qwen3_next(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    set_layers(&mut config, layers)?;
+    let f = |n: &str| field(&config, n);
+    let (h, v, l) = (f("hidden_size")?, f("vocab_size")?, f("num_hidden_layers")?);
+    let (nh, nkv, d) = (f("num_attention_heads")?, f("num_key_value_heads")?, f("head_dim")?);
+    let (nk, dk, nv, dv, kc) = (
+        f("linear_num_key_heads")?,
+        f("linear_key_head_dim")?,
+        f("linear_num_value_heads")?,
+        f("linear_value_head_dim")?,
+        f("linear_conv_kernel_dim")?,
+    );
+    let (e, ie, is) = (f("num_experts")?, f("moe_intermediate_size")?, f("shared_expert_intermediate_size")?);
+    let types: Vec<String> = config
+        .get("layer_types")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let w = Init::Uniform(0.02 * 3f32.sqrt());
+    let t = |name: String, shape: Vec<usize>, init| SynthTensor {
+        planned: PlannedTensor { name, dtype: DType::BF16, shape },
+        init,
+    };
+    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t("model.embed_tokens.weight".into(), vec![v, h], w)]];
+    for layer in 0..l {
+        let n = |s: &str| format!("model.layers.{layer}.{s}");
+        let mut g = vec![
+            t(n("input_layernorm.weight"), vec![h], Init::Const(0.0)),
+            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(0.0)),
+        ];
+        if types.get(layer).map(String::as_str) == Some("full_attention") {
+            g.extend([
+                t(n("self_attn.q_proj.weight"), vec![nh * 2 * d, h], w),
+                t(n("self_attn.k_proj.weight"), vec![nkv * d, h], w),
+                t(n("self_attn.v_proj.weight"), vec![nkv * d, h], w),
+                t(n("self_attn.o_proj.weight"), vec![h, nh * d], w),
+                t(n("self_attn.q_norm.weight"), vec![d], Init::Const(0.0)),
+                t(n("self_attn.k_norm.weight"), vec![d], Init::Const(0.0)),
+            ]);
+        } else {
+            g.extend([
+                t(n("linear_attn.in_proj_qkvz.weight"), vec![2 * nk * dk + 2 * nv * dv, h], w),
+                t(n("linear_attn.in_proj_ba.weight"), vec![2 * nv, h], w),
+                t(n("linear_attn.conv1d.weight"), vec![2 * nk * dk + nv * dv, 1, kc], Init::Uniform(0.5)),
+                t(n("linear_attn.dt_bias"), vec![nv], Init::Const(1.0)),
+                t(n("linear_attn.A_log"), vec![nv], Init::Uniform(1.0)),
+                t(n("linear_attn.norm.weight"), vec![dv], Init::Const(1.0)),
+                t(n("linear_attn.out_proj.weight"), vec![h, nv * dv], w),
+            ]);
+        }
+        g.push(t(n("mlp.gate.weight"), vec![e, h], w));
+        for x in 0..e {
+            for (p, shape) in [("gate_proj", vec![ie, h]), ("up_proj", vec![ie, h]), ("down_proj", vec![h, ie])] {
+                g.push(t(n(&format!("mlp.experts.{x}.{p}.weight")), shape, w));
+            }
+        }
+        for (p, shape) in [("gate_proj", vec![is, h]), ("up_proj", vec![is, h]), ("down_proj", vec![h, is])] {
+            g.push(t(n(&format!("mlp.shared_expert.{p}.weight")), shape, w));
+        }
+        g.push(t(n("mlp.shared_expert_gate.weight"), vec![1, h], w));
+        groups.push(g);
+    }
+    groups.push(vec![
+        t("model.norm.weight".into(), vec![h], Init::Const(0.0)),
+        t("lm_head.weight".into(), vec![v, h], w),
+    ]);
+    Ok(SynthPlan { config, shards: into_shards(groups) })
+}
+
+/// A byte-level tokenizer with Qwen's ChatML special tokens at their real ids (151,643 on), and
+/// the ChatML template.
+pub fn qwen_tokenizer_files() -> (Value, Value, Value) {
+    const FIRST: u32 = 151_643;
+    let named = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let specials: Vec<(u32, String)> = (FIRST..151_936)
+        .map(|id| {
+            (id, named.get((id - FIRST) as usize).map_or_else(|| format!("<|reserved_{id}|>"), |s| (*s).to_string()))
+        })
+        .collect();
+    let tokenizer = byte_tokenizer(FIRST, &specials, None);
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}\
+                    {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let tokenizer_config = json!({
+        "tokenizer_class": "Qwen2TokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 262144,
+        "chat_template": template,
+    });
+    let generation = json!({"bos_token_id": 151643, "eos_token_id": [151645, 151643]});
+    (tokenizer, tokenizer_config, generation)
 }
 
 /// Special tokens of the o200k_harmony encoding (GPT-OSS) at their real ids.
@@ -463,6 +605,7 @@ pub fn synth(
     check_out_dir(out)?;
     let plan = match like {
         Like::GptOss20B => plan_gpt_oss(like.config(), layers)?,
+        Like::Qwen3Next80B => plan_qwen3_next(like.config(), layers)?,
         _ => plan_llama(like.config(), layers)?,
     };
     write_plan(&plan, out, seed, progress)
@@ -472,9 +615,13 @@ pub fn synth(
 pub fn write_plan(plan: &SynthPlan, out: &Path, seed: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     check_out_dir(out)?;
     let staging = Staging::create(out, "synth")?;
-    let gpt_oss = plan.config.get("model_type").and_then(Value::as_str) == Some("gpt_oss");
-    let (tokenizer, tokenizer_config, generation) =
-        if gpt_oss { harmony_tokenizer_files() } else { llama3_tokenizer_files() };
+    let model_type = plan.config.get("model_type").and_then(Value::as_str);
+    let gpt_oss = model_type == Some("gpt_oss");
+    let (tokenizer, tokenizer_config, generation) = match model_type {
+        Some("gpt_oss") => harmony_tokenizer_files(),
+        Some("qwen3_next") => qwen_tokenizer_files(),
+        _ => llama3_tokenizer_files(),
+    };
     write_json(&staging.path().join("config.json"), &plan.config)?;
     write_json(&staging.path().join("tokenizer.json"), &tokenizer)?;
     write_json(&staging.path().join("tokenizer_config.json"), &tokenizer_config)?;

@@ -91,3 +91,37 @@ fn prompt_stepwise_and_continued_logits_match_transformers() {
         assert_eq!(got, greedy, "{case}: greedy continuation");
     }
 }
+
+/// Routed experts through 3 device slots (layers 0 and 2's from pinned RAM, 1 and 3's read from
+/// disk) give the resident model's logits bit for bit, and the counters add up.
+#[test]
+fn experts_through_a_few_slots_give_the_resident_logits() {
+    use ollm_models::experts::ExpertPlacement;
+    use ollm_models::plan::Placement;
+    let dir = case_dir("qwen3_next");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
+            .expect("json");
+    let input: Vec<u32> =
+        meta["input_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+    let run = |placement: Option<&Placement>| {
+        let model = ollm_models::load_model_placed(&dir, Arc::new(CpuBackend::new()), placement).expect("model");
+        let mut state = model.new_state().expect("state");
+        let mut out = model.forward(&input[..100], &mut state, LogitsWanted::All, None).expect("prefill");
+        for &id in &input[100..106] {
+            out.extend(model.forward(&[id], &mut state, LogitsWanted::Last, None).expect("step"));
+        }
+        (out, model.expert_stats().expect("experts"))
+    };
+    let (want, all) = run(None);
+    assert_eq!(all.slots, all.experts, "resident: a slot per expert");
+    let placed = Placement {
+        experts: Some(ExpertPlacement { slots: 3, ram_layers: vec![true, false, true, false] }),
+        ..Placement::resident(4)
+    };
+    let (got, s) = run(Some(&placed));
+    assert!(got == want, "experts through 3 slots change the logits");
+    assert_eq!(s.slots, 3);
+    assert!(s.ram_loads > 0 && s.disk_loads > 0, "{s:?}");
+    assert_eq!(s.hits + s.ram_loads + s.disk_loads, all.hits, "every use counted once: {s:?} vs {all:?}");
+}

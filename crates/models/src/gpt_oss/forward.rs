@@ -171,7 +171,7 @@ impl GptOss {
         let experts = ExpertCache::new(
             backend.clone(),
             catalog,
-            cfg.n_layers,
+            &(0..cfg.n_layers).collect::<Vec<_>>(),
             cfg.n_experts,
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),

@@ -15,6 +15,7 @@ use super::config::{Mixer, Qwen3NextConfig};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
+use crate::experts::{ExpertCache, ExpertPlacement, ExpertStats, ExpertWeights};
 use crate::trace::TraceSink;
 use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
 
@@ -57,11 +58,11 @@ enum MixerWeights {
     Full(FullAttn),
 }
 
-/// The sparse MoE of one layer: router, experts, and the gated shared expert.
+/// The sparse MoE of one layer: router and the gated shared expert (the routed experts live in
+/// the model's expert cache).
 #[derive(Debug)]
 struct Moe {
     router: Tensor,
-    experts: Vec<MlpWeights>,
     shared: MlpWeights,
     shared_gate: Tensor,
 }
@@ -122,13 +123,9 @@ impl Layer {
             }
         };
         let mlp = if c.is_moe(l) {
-            let (e, ie, is) = (c.n_experts, c.moe_intermediate_size, c.shared_intermediate_size);
-            let experts = (0..e)
-                .map(|x| mlp_weights(ld, &layer_name(l, &format!("mlp.experts.{x}")), h, ie))
-                .collect::<Result<Vec<_>>>()?;
+            let (e, is) = (c.n_experts, c.shared_intermediate_size);
             Mlp::Moe(Box::new(Moe {
                 router: t("mlp.gate.weight", &[e, h])?,
-                experts,
                 shared: mlp_weights(ld, &layer_name(l, "mlp.shared_expert"), h, is)?,
                 shared_gate: t("mlp.shared_expert_gate.weight", &[1, h])?,
             }))
@@ -152,6 +149,8 @@ pub struct Qwen3Next {
     backend: Arc<dyn Backend>,
     embed: Tensor,
     layers: Vec<Layer>,
+    /// The routed experts of every MoE layer.
+    experts: Option<ExpertCache>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
     rope: RopeTable,
@@ -167,11 +166,24 @@ impl Qwen3Next {
         architecture: String,
         catalog: &Catalog,
         backend: Arc<dyn Backend>,
+        experts: Option<&ExpertPlacement>,
     ) -> Result<Self> {
         let ld = Loader { catalog, backend: backend.as_ref() };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = ld.tensor(EMBED, &[v, h])?;
         let layers = (0..cfg.n_layers).map(|l| Layer::load(&ld, &cfg, l)).collect::<Result<Vec<_>>>()?;
+        let moe_layers: Vec<usize> = (0..cfg.n_layers).filter(|&l| cfg.is_moe(l)).collect();
+        let experts = match moe_layers.is_empty() {
+            true => None,
+            false => Some(ExpertCache::new(
+                backend.clone(),
+                catalog,
+                &moe_layers,
+                cfg.n_experts,
+                (h, cfg.moe_intermediate_size),
+                experts,
+            )?),
+        };
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
         let lm_head = ld.tensor_if(!cfg.tie_word_embeddings || catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
         let rope =
@@ -187,6 +199,10 @@ impl Qwen3Next {
             })
             .collect();
         let weight_bytes = catalog.total_bytes();
+        let (all_experts, routed) = experts.as_ref().map_or((0, 0), |x| {
+            let s = x.stats();
+            (s.expert_bytes * s.experts as u64, s.expert_bytes * (moe_layers.len() * cfg.experts_per_token) as u64)
+        });
         let n_full = cfg.mixers.iter().filter(|m| **m == Mixer::Full).count();
         let kv_elem = backend.kv_dtype().size_bytes();
         let info = ModelInfo {
@@ -196,14 +212,14 @@ impl Qwen3Next {
             n_layers: cfg.n_layers,
             max_positions: cfg.max_positions,
             weight_bytes,
-            weight_bytes_per_token: weight_bytes - embed.size_bytes() as u64,
+            weight_bytes_per_token: weight_bytes - all_experts + routed - embed.size_bytes() as u64,
             kv_bytes_per_position: (2 * n_full * cfg.n_kv_heads * cfg.head_dim * kv_elem) as u64,
             sliding_kv: None,
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
-        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, slot })
+        Ok(Self { cfg, info, backend, embed, layers, experts, final_norm, lm_head, rope, slot })
     }
 
     pub fn config(&self) -> &Qwen3NextConfig {
@@ -298,7 +314,7 @@ impl Qwen3Next {
 
     /// `y = MoE(b)`: routed experts (softmax over all, top-k, renormalised) plus the shared
     /// expert scaled by σ(b·w_sg) (models.md §4.6).
-    fn moe(&self, m: &Moe, b: &Tensor) -> Result<Tensor> {
+    fn moe(&self, l: usize, m: &Moe, b: &Tensor) -> Result<Tensor> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
         let (t, h) = (b.shape()[0], c.hidden_size);
@@ -315,13 +331,22 @@ impl Qwen3Next {
             }
         }
         let mut acc = be.zeros(vec![t, h])?;
-        for (e, (rs, ws)) in rows.iter().enumerate().filter(|(_, (rs, _))| !rs.is_empty()) {
+        let used: Vec<u32> = (0..c.n_experts as u32).filter(|&e| !rows[e as usize].0.is_empty()).collect();
+        let cache = self.experts.as_ref().ok_or_else(|| ollm_ops::OpsError::Backend("internal: no experts".into()))?;
+        let rows_of = |e: u32| rows[e as usize].0.len();
+        cache.run_layer(l, &used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
+            let (rs, ws) = &rows[e as usize];
             let mut x = be.zeros(vec![rs.len(), h])?;
             be.gather_rows(b, rs, &mut x)?;
             let mut s = MlpScratch::new(be, rs.len(), h, c.moe_intermediate_size)?;
-            gated_mlp(be, &m.experts[e], &x, &mut s)?;
+            let up = w.up.ok_or_else(|| ollm_ops::OpsError::Backend("internal: a fused gate_up expert".into()))?;
+            w.gate_up.matmul(be, &x, None, &mut s.gate)?;
+            up.matmul(be, &x, None, &mut s.up)?;
+            be.silu_mul(&s.gate, &s.up, &mut s.act)?;
+            w.down.matmul(be, &s.act, None, &mut s.out)?;
             be.scatter_add_rows(&s.out, rs, ws, &mut acc)?;
-        }
+            Ok(())
+        })?;
         let mut s = MlpScratch::new(be, t, h, c.shared_intermediate_size)?;
         gated_mlp(be, &m.shared, b, &mut s)?;
         let mut sg = be.zeros(vec![t, 1])?;
@@ -339,6 +364,10 @@ impl CausalLm for Qwen3Next {
 
     fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
+    }
+
+    fn expert_stats(&self) -> Option<ExpertStats> {
+        self.experts.as_ref().map(ExpertCache::stats)
     }
 
     fn new_state(&self) -> Result<SeqState> {
@@ -384,7 +413,7 @@ impl CausalLm for Qwen3Next {
             be.add_assign(&mut x, &y)?;
             be.rms_norm(&x, &layer.post_norm, eps, NormKind::ZeroCentered, &mut normed)?;
             let y = match &layer.mlp {
-                Mlp::Moe(m) => self.moe(m, &normed)?,
+                Mlp::Moe(m) => self.moe(l, m, &normed)?,
                 Mlp::Dense(w) => {
                     let mut s = MlpScratch::new(be, t, h, c.intermediate_size)?;
                     gated_mlp(be, w, &normed, &mut s)?;
