@@ -101,7 +101,7 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
         kv_bytes_per_position: kv_full_elems * kv_elem,
-        kv_full_layers: m.n_layers - n_sliding,
+        kv_full_layers: m.kv_layers - n_sliding,
         kv_sliding_bytes: sliding_elems * kv_elem,
         context: kv_capacity(context, m.max_positions),
         activation_bytes: act,

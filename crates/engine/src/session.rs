@@ -96,7 +96,7 @@ impl Session {
         let start = restored.as_ref().map_or(0, |r: &Restored| r.tokens);
         let mut logits = Vec::new();
         for chunk in ids[start..].chunks(self.prefill_chunk) {
-            logits = self.model.forward(chunk, &mut self.state, LogitsWanted::Last, None)?;
+            logits = self.forward(chunk, LogitsWanted::Last, None)?;
             self.tokens.extend_from_slice(chunk);
             self.snapshot_if_block_end()?;
         }
@@ -119,23 +119,34 @@ impl Session {
     /// first token.
     pub fn store_prefix(&mut self) -> Result<Option<Stored>> {
         let Some(cache) = &self.prefix else { return Ok(None) };
-        let stored = cache.store(self.model.backend(), &mut self.state, &self.tokens, &self.snapshots)?;
+        let stored = cache.store(self.model.backend(), &mut self.state, &self.tokens, &self.snapshots);
+        // Stored or not, sliding-window layers stop keeping these positions for the store.
         let block = cache.layout().block;
         self.state.retain_from(self.tokens.len() / block * block);
         self.snapshots.clear();
-        Ok(Some(stored))
+        Ok(Some(stored?))
+    }
+
+    /// One forward. A recurrent model's state may have taken part of a forward that failed, so
+    /// then the sequence starts over.
+    fn forward(&mut self, ids: &[u32], wanted: LogitsWanted, trace: Option<&dyn TraceSink>) -> Result<Vec<f32>> {
+        let out = self.model.forward(ids, &mut self.state, wanted, trace);
+        if out.is_err() && self.state.has_fixed() {
+            self.reset();
+        }
+        Ok(out?)
     }
 
     /// Feeds `ids` in one forward and returns the logits of every position, `[ids.len(), vocab]`.
     pub fn score(&mut self, ids: &[u32], trace: Option<&dyn TraceSink>) -> Result<Vec<f32>> {
-        let logits = self.model.forward(ids, &mut self.state, LogitsWanted::All, trace)?;
+        let logits = self.forward(ids, LogitsWanted::All, trace)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits)
     }
 
     /// Feeds one token and returns the next-token logits.
     pub fn step(&mut self, id: u32) -> Result<Vec<f32>> {
-        let logits = self.model.forward(&[id], &mut self.state, LogitsWanted::Last, None)?;
+        let logits = self.forward(&[id], LogitsWanted::Last, None)?;
         self.tokens.push(id);
         Ok(logits)
     }
@@ -153,6 +164,11 @@ impl Session {
         }
         self.state.truncate(common);
         self.tokens.truncate(common);
+        if let Some(cache) = &self.prefix {
+            // The blocks from the kept tokens' last full one on are the store's again.
+            let block = cache.layout().block;
+            self.state.retain_from(self.state.retained_from().min(common / block * block));
+        }
         self.snapshots.retain(|(pos, _)| *pos <= common);
         common
     }

@@ -75,3 +75,21 @@ fn a_session_keeps_the_shared_prefix_and_answers_like_a_fresh_one() {
     assert_eq!(p2.stored.expect("stored").present, 2);
     assert_eq!(g2.ids, second.ids);
 }
+
+/// A recurrent model (Qwen3-Next's Gated DeltaNet) cannot step back: a prompt that shares only
+/// part of the last one makes the session start over, and it must start from a zero state (not
+/// from the last sequence's), giving a fresh session's logits exactly.
+#[test]
+fn a_recurrent_model_starts_over_from_a_zero_state() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden/qwen3_next");
+    let model = load_model(&dir, Arc::new(CpuBackend::new())).expect("qwen3-next fixture");
+    let first: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
+    let second: Vec<u32> = [&first[..10], &(0..30).map(|i| (i * 11 + 5) % 300).collect::<Vec<_>>()[..]].concat();
+    let mut session = Session::new(model.clone()).expect("session");
+    session.prefill(&first).expect("first");
+    let kept = session.rewind(&second);
+    assert_eq!(kept, 0, "a recurrent state keeps all or nothing");
+    let got = session.prefill(&second).expect("second");
+    let want = Session::new(model).expect("fresh").prefill(&second).expect("fresh");
+    assert!(got == want, "the second prompt saw the first one's state");
+}

@@ -117,7 +117,13 @@ impl LayerKv {
     /// Room for positions `pos .. pos + n` in a sliding-window layer whose rows hold positions
     /// `base .. pos`: drops the front the window no longer sees (keeping [`KEEP_BACK`] more and
     /// every position from `retain`), growing when that is not enough.
-    fn slide(&mut self, backend: &dyn Backend, w: usize, (pos, n): (usize, usize), retain: usize) -> Result<()> {
+    fn slide(
+        &mut self,
+        backend: &dyn Backend,
+        w: usize,
+        (pos, n): (usize, usize),
+        (retain, max_positions): (usize, usize),
+    ) -> Result<()> {
         let cap = self.capacity();
         if pos < self.base || pos + n - self.base <= cap {
             return Ok(());
@@ -131,7 +137,8 @@ impl LayerKv {
             true => cap,
             false if base < seen => (need + KEEP_BACK).max(2 * cap),
             false => need + KEEP_BACK,
-        };
+        }
+        .min(max_positions.max(need));
         let keep = base - self.base..pos - self.base;
         self.k = backend.grow_kv(&self.k, keep.clone(), new_cap)?;
         self.v = backend.grow_kv(&self.v, keep, new_cap)?;
@@ -159,6 +166,9 @@ pub struct SeqState {
     /// Sliding-window layers keep every position from here (those the prefix store still
     /// wants); `usize::MAX` without a prefix store.
     retain_from: usize,
+    /// The fixed state belongs to a sequence that was dropped ([`truncate`](Self::truncate) to
+    /// 0): the next forward zeroes it first.
+    fixed_stale: bool,
 }
 
 /// Initial capacity in positions; the cache doubles as needed.
@@ -179,6 +189,7 @@ impl SeqState {
             fixed: Vec::new(),
             fixed_shapes: Vec::new(),
             retain_from: usize::MAX,
+            fixed_stale: false,
         })
     }
 
@@ -209,6 +220,7 @@ impl SeqState {
             fixed: Vec::new(),
             fixed_shapes: Vec::new(),
             retain_from: usize::MAX,
+            fixed_stale: false,
         })
     }
 
@@ -216,6 +228,9 @@ impl SeqState {
     /// layers. Call after [`reserve`](Self::reserve).
     pub fn begin(&mut self, backend: &dyn Backend, t: usize) -> Result<()> {
         let pos0 = self.len;
+        if self.fixed_stale {
+            self.restore_fixed(backend, &vec![0; self.fixed_bytes()])?;
+        }
         match &mut self.offload {
             Some(o) => o.begin(backend, pos0, t, self.retain_from),
             None => Ok(()),
@@ -305,7 +320,7 @@ impl SeqState {
         }
         let kv = &mut self.layers[idx];
         if let Some(w) = self.shapes[idx].window {
-            kv.slide(backend, w, (pos, n), self.retain_from)?;
+            kv.slide(backend, w, (pos, n), (self.retain_from, self.max_positions))?;
         }
         Ok(kv)
     }
@@ -322,6 +337,12 @@ impl SeqState {
     /// (`usize::MAX`: keep only what the windows see).
     pub fn retain_from(&mut self, pos: usize) {
         self.retain_from = pos;
+    }
+
+    /// The position sliding-window layers keep everything from (see
+    /// [`retain_from`](Self::retain_from)).
+    pub fn retained_from(&self) -> usize {
+        self.retain_from
     }
 
     /// The shortest length [`truncate`](Self::truncate) can go back to: a sliding-window layer
@@ -351,6 +372,8 @@ impl SeqState {
         let len = if len < self.min_len() { 0 } else { len };
         self.len = self.len.min(len);
         if self.len == 0 {
+            // A recurrent layer's state cannot step back: start the next sequence from zero.
+            self.fixed_stale = self.has_fixed();
             for kv in &mut self.layers {
                 kv.base = 0;
             }
@@ -409,6 +432,7 @@ impl SeqState {
             )));
         }
         let mut rest = bytes;
+        self.fixed_stale = false;
         for (layer, shape) in self.fixed.iter_mut().zip(&self.fixed_shapes) {
             for (t, dims) in layer.iter_mut().zip(&shape.tensors) {
                 let n = dims.iter().product::<usize>() * 4;

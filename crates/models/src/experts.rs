@@ -511,10 +511,11 @@ impl ExpertCache {
                 },
                 _ => return Err(ModelError::Stream("internal: no unpacked expert".into())),
             };
-            f(e, &w)?;
+            let done = f(e, &w);
             // The slot's bytes have been read (by the unpack or the packed matmuls): a copy
-            // may refill it once the compute queued so far has run.
+            // may refill it once the compute queued so far has run (also after an error).
             st.slots[slot].free = Some(be.compute_marker()?);
+            done?;
         }
         Ok(())
     }

@@ -84,6 +84,8 @@ pub struct ModelBytes {
     /// position, how many layers, the window.
     pub sliding_kv: Option<(u64, usize, usize)>,
     pub n_layers: usize,
+    /// Layers that keep a KV cache (Qwen3-Next's DeltaNet layers keep a fixed state instead).
+    pub kv_layers: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
@@ -179,6 +181,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         kv_elems_per_position: (2 * if kv_layers > 0 { kv_layers } else { n_layers } * kvd) as u64,
         sliding_kv: sliding,
         n_layers,
+        kv_layers: if kv_layers > 0 { kv_layers } else { n_layers },
         hidden_size: h,
         intermediate_size: i,
         vocab_size: v,

@@ -72,8 +72,8 @@ impl GptOssConfig {
             ));
         }
         let sliding_window = c.opt_usize("sliding_window")?.unwrap_or(128);
-        if sliding_window == 0 {
-            return Err(c.err("sliding_window", "must be positive"));
+        if sliding_window == 0 || sliding_window > (1 << 30) {
+            return Err(c.err("sliding_window", format!("{sliding_window} must be between 1 and 2^30")));
         }
         let layer_kinds = match c.get("layer_types") {
             None => (0..n_layers).map(|i| if i % 2 == 0 { LayerKind::Sliding } else { LayerKind::Full }).collect(),

@@ -212,7 +212,9 @@ impl Qwen3Next {
             n_layers: cfg.n_layers,
             max_positions: cfg.max_positions,
             weight_bytes,
-            weight_bytes_per_token: weight_bytes - all_experts + routed - embed.size_bytes() as u64,
+            // A separate head is read whole, the embedding one row; a tied one is read whole.
+            weight_bytes_per_token: weight_bytes - all_experts + routed
+                - if lm_head.is_some() { embed.size_bytes() as u64 } else { 0 },
             kv_bytes_per_position: (2 * n_full * cfg.n_kv_heads * cfg.head_dim * kv_elem) as u64,
             sliding_kv: None,
             eos_token_ids: cfg.eos_token_ids.clone(),
