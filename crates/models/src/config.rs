@@ -91,6 +91,19 @@ impl RawConfig {
         }
     }
 
+    /// `(num_attention_heads, num_key_value_heads)`, the second defaulting to the first and
+    /// dividing it (GQA).
+    pub fn attention_heads(&self) -> Result<(usize, usize)> {
+        let n_heads = self.usize("num_attention_heads")?;
+        let n_kv_heads = self.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+            return Err(
+                self.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"))
+            );
+        }
+        Ok((n_heads, n_kv_heads))
+    }
+
     /// `head_dim` if present and non-null, else `hidden / heads`.
     pub fn head_dim(&self, hidden: usize, n_heads: usize) -> Result<usize> {
         match self.opt_usize("head_dim")? {

@@ -46,13 +46,7 @@ impl GptOssConfig {
     pub fn from_raw(c: &RawConfig) -> Result<Self> {
         let hidden_size = c.usize("hidden_size")?;
         let n_layers = c.usize("num_hidden_layers")?;
-        let n_heads = c.usize("num_attention_heads")?;
-        let n_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return Err(
-                c.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"))
-            );
-        }
+        let (n_heads, n_kv_heads) = c.attention_heads()?;
         let head_dim = c.head_dim(hidden_size, n_heads)?;
         if head_dim % 2 != 0 {
             return Err(c.err("head_dim", format!("{head_dim} must be even for RoPE")));

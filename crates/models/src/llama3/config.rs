@@ -28,13 +28,7 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     pub fn from_raw(c: &RawConfig) -> Result<Self> {
         let hidden_size = c.usize("hidden_size")?;
-        let n_heads = c.usize("num_attention_heads")?;
-        let n_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return Err(
-                c.err("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"))
-            );
-        }
+        let (n_heads, n_kv_heads) = c.attention_heads()?;
         if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str())
             && act != "silu"
         {
