@@ -193,8 +193,19 @@ pub fn generate(
             Some(s) => s.push(tokenizer, id)?,
             None => Routed::Text(Channel::Final),
         };
+        let answer = |decoder: &mut StreamDecoder, ids: &[u32]| -> Result<String> {
+            let mut s = String::new();
+            for &id in ids {
+                s.push_str(&decoder.push(tokenizer, id)?.unwrap_or_default());
+            }
+            Ok(s)
+        };
         let (emit, thought, stopped) = match routed {
             Routed::Header => (String::new(), String::new(), false),
+            Routed::Replay(ids) => match stops.push(&answer(&mut decoder, &ids)?) {
+                StopOutcome::Continue(s) => (s, String::new(), false),
+                StopOutcome::Stopped(s) => (s, String::new(), true),
+            },
             Routed::Text(Channel::Reasoning) => {
                 (String::new(), thoughts.push(tokenizer, id)?.unwrap_or_default(), false)
             }

@@ -45,11 +45,14 @@ pub enum Channel {
 }
 
 /// What one generated token is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Routed {
     /// A marker or part of a message header: no text.
     Header,
     Text(Channel),
+    /// The tokens taken as a header so far were answer text after all (the model is not
+    /// writing harmony): these, the current one last.
+    Replay(Vec<u32>),
 }
 
 /// A header this long without `<|message|>` means the model is not writing harmony: what
@@ -74,12 +77,14 @@ pub struct HarmonySplitter {
     state: State,
     /// The current header's channel name tokens (None: no `<|channel|>` yet).
     name: Option<Vec<u32>>,
+    /// Every token of the current header, in case it turns out to be text.
+    header: Vec<u32>,
 }
 
 impl HarmonySplitter {
     /// A splitter for a generation that starts right after `<|start|>assistant`.
     pub fn new(m: HarmonyMarkers) -> Self {
-        Self { m, state: State::Header { naming: false, len: 0 }, name: None }
+        Self { m, state: State::Header { naming: false, len: 0 }, name: None, header: Vec::new() }
     }
 
     /// Routes the next generated token.
@@ -91,6 +96,7 @@ impl HarmonySplitter {
                 if id == m.end || id == m.start {
                     self.state = State::Header { naming: false, len: 0 };
                     self.name = None;
+                    self.header.clear();
                     Ok(Routed::Header)
                 } else if id == m.ret || id == m.call {
                     Ok(Routed::Header)
@@ -100,6 +106,7 @@ impl HarmonySplitter {
             }
             State::Header { naming, len } => {
                 *len += 1;
+                self.header.push(id);
                 if id == m.message {
                     let channel = match &self.name {
                         Some(ids) if !is_final(&tok.decode(ids, false)?) => Channel::Reasoning,
@@ -111,11 +118,11 @@ impl HarmonySplitter {
                     self.name = Some(Vec::new());
                 } else if id == m.constrain || id == m.start {
                     *naming = false;
-                } else if *naming && let Some(name) = &mut self.name {
-                    name.push(id);
                 } else if *len > MAX_HEADER {
                     self.state = State::Body(Channel::Final);
-                    return Ok(Routed::Text(Channel::Final));
+                    return Ok(Routed::Replay(std::mem::take(&mut self.header)));
+                } else if *naming && let Some(name) = &mut self.name {
+                    name.push(id);
                 }
                 Ok(Routed::Header)
             }

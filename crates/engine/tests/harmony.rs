@@ -116,6 +116,20 @@ fn harmony_output_splits_into_answer_and_reasoning() {
     let g = run(Some(markers), vec!["STOP".into(), "hi".into()]);
     assert_eq!(g.text, "Hello — wörld! ");
     assert_eq!(g.reasoning, "User says hi — größer.{\"q\":1}");
+    // A model that never writes a header: after 64 tokens they all turn out to be the answer.
+    let plain: String = (0..80).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let plain_ids = tok.encode(&plain, false).expect("encode");
+    let mut session = Session::new(model(plain_ids.clone(), tok.vocab_size())).expect("session");
+    let params = GenerateParams {
+        max_new_tokens: plain_ids.len(),
+        sampling: SamplingParams::greedy(),
+        eos_token_ids: vec![markers.ret],
+        stop: Vec::new(),
+        harmony: Some(markers),
+    };
+    let prompt = tok.encode("<|start|>assistant", false).expect("prompt");
+    let g = generate(&mut session, &tok, &prompt, &params, &mut |_| ControlFlow::Continue(())).expect("generate");
+    assert_eq!(g.text, plain, "no header: every token is answer text, none lost");
     // Without harmony (a plain completion) every token is text.
     let g = run(None, Vec::new());
     assert!(g.text.starts_with("<|channel|>analysis<|message|>User says hi") && g.reasoning.is_empty(), "{}", g.text);
