@@ -3,5 +3,6 @@
 pub mod attention;
 pub mod forward;
 pub mod mlp;
+pub mod moe;
 pub mod rope;
 pub mod weights;

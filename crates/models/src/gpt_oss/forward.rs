@@ -10,6 +10,7 @@ use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
@@ -262,21 +263,14 @@ impl GptOss {
         let (router, router_bias) = &self.routers[l];
         be.matmul(normed, router, Some(router_bias), &mut logits)?;
         let (ids, weights) = be.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
-        let mut rows: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_e];
-        for (r, (ids, ws)) in ids.chunks_exact(k).zip(weights.chunks_exact(k)).enumerate() {
-            for (&e, &w) in ids.iter().zip(ws) {
-                let (rs, wv) = &mut rows[e as usize];
-                rs.push(r as u32);
-                wv.push(w);
-            }
-        }
-        let used: Vec<u32> = (0..n_e as u32).filter(|&e| !rows[e as usize].0.is_empty()).collect();
+        let routed = Routed::new(&ids, &weights, k, n_e);
+        let rows = &routed.rows;
         let mut acc = be.zeros(vec![c, h])?;
         let mut scratch: Option<ExpertScratch> = None;
         let inter = self.cfg.intermediate_size;
         let limit = self.cfg.swiglu_limit;
-        let rows_of = |e: u32| rows[e as usize].0.len();
-        self.experts.run_layer(l, &used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
+        let rows_of = |e: u32| routed.count(e);
+        self.experts.run_layer(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, wv) = &rows[e as usize];
             for (sub, sub_w) in rs.chunks(EXPERT_ROWS).zip(wv.chunks(EXPERT_ROWS)) {
                 let s = match scratch.take() {

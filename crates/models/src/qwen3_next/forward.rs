@@ -13,6 +13,7 @@ use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
+use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::experts::{ExpertCache, ExpertPlacement, ExpertStats, ExpertWeights};
@@ -325,18 +326,12 @@ impl Qwen3Next {
         let k = c.experts_per_token;
         let mode = RouterMode::TopKOfSoftmax { norm_topk_prob: c.norm_topk_prob };
         let (ids, weights) = be.router_topk(&logits, k, mode)?;
-        let mut rows: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); c.n_experts];
-        for (r, (ids, ws)) in ids.chunks_exact(k).zip(weights.chunks_exact(k)).enumerate() {
-            for (&e, &w) in ids.iter().zip(ws) {
-                rows[e as usize].0.push(r as u32);
-                rows[e as usize].1.push(w);
-            }
-        }
+        let routed = Routed::new(&ids, &weights, k, c.n_experts);
+        let rows = &routed.rows;
         let mut acc = be.zeros(vec![t, h])?;
-        let used: Vec<u32> = (0..c.n_experts as u32).filter(|&e| !rows[e as usize].0.is_empty()).collect();
         let cache = self.experts.as_ref().ok_or_else(|| ollm_ops::OpsError::Backend("internal: no experts".into()))?;
-        let rows_of = |e: u32| rows[e as usize].0.len();
-        cache.run_layer(l, &used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
+        let rows_of = |e: u32| routed.count(e);
+        cache.run_layer(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, ws) = &rows[e as usize];
             let mut x = be.zeros(vec![rs.len(), h])?;
             be.gather_rows(b, rs, &mut x)?;
