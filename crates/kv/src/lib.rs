@@ -224,6 +224,20 @@ impl SeqState {
         })
     }
 
+    /// An empty state on the device, or offloaded as `offload` says (its device windows sized
+    /// for `window_positions`, at least 256).
+    pub fn placed(
+        backend: &dyn Backend,
+        shapes: Vec<KvShape>,
+        max_positions: usize,
+        offload: Option<&KvOffload>,
+    ) -> Result<Self> {
+        match offload {
+            Some(cfg) => Self::offloaded(backend, shapes, max_positions, cfg.window_positions.max(256), cfg.clone()),
+            None => Self::new(backend, shapes, max_positions),
+        }
+    }
+
     /// Starts a forward of `t` positions: an offloaded cache queues the loads of the first
     /// layers. Call after [`reserve`](Self::reserve).
     pub fn begin(&mut self, backend: &dyn Backend, t: usize) -> Result<()> {

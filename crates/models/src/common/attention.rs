@@ -88,20 +88,31 @@ pub fn self_attention(
         t.record(Some(call.layer), "q_rope", &s.q);
         t.record(Some(call.layer), "k_rope", &s.k);
     }
-    // Post-RoPE keys go to the cache: [T, nkv, d] -> cache [nkv, cap, d], at rows shifted by the
-    // cache's base (a sliding-window layer's dropped front); scores of rotated keys depend only
-    // on the rows' order, so attention runs at the shifted positions too.
-    let row0 = call.pos0.checked_sub(kv.base).ok_or_else(|| {
-        ollm_ops::OpsError::Backend(format!(
-            "layer {}: position {} before its cache's base {}",
-            call.layer, call.pos0, kv.base
-        ))
-    })?;
-    backend.write_kv(&mut kv.k, &s.k, row0)?;
-    backend.write_kv(&mut kv.v, &s.v, row0)?;
     let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
-    backend.attention(&s.q, &kv.k, &kv.v, row0, &params, &mut s.ctx)?;
+    append_and_attend(backend, kv, (&s.k, &s.v), &s.q, (call.layer, call.pos0), &params, &mut s.ctx)?;
     // [T, nh, d] -> [T, H]
     backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
+    Ok(())
+}
+
+/// Appends post-RoPE keys and values `[T, nkv, d]` to `kv` at positions `pos0..` and attends q
+/// `[T, nh, d]` over the cache into ctx. Rows are shifted by the cache's base (a sliding-window
+/// layer's dropped front): scores of rotated keys depend only on the rows' order, so attention
+/// runs at the shifted positions too.
+pub fn append_and_attend(
+    backend: &dyn Backend,
+    kv: &mut LayerKv,
+    (k, v): (&Tensor, &Tensor),
+    q: &Tensor,
+    (layer, pos0): (usize, usize),
+    params: &AttnParams<'_>,
+    ctx: &mut Tensor,
+) -> Result<()> {
+    let row0 = pos0.checked_sub(kv.base).ok_or_else(|| {
+        ollm_ops::OpsError::Backend(format!("layer {layer}: position {pos0} before its cache's base {}", kv.base))
+    })?;
+    backend.write_kv(&mut kv.k, k, row0)?;
+    backend.write_kv(&mut kv.v, v, row0)?;
+    backend.attention(q, &kv.k, &kv.v, row0, params, ctx)?;
     Ok(())
 }

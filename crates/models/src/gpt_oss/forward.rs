@@ -342,13 +342,7 @@ impl CausalLm for GptOss {
         let shapes = (0..self.cfg.n_layers)
             .map(|l| KvShape { window: self.cfg.window(l), ..KvShape::full(self.cfg.n_kv_heads, self.cfg.head_dim) })
             .collect();
-        let be = self.backend.as_ref();
-        Ok(match &self.kv_offload {
-            Some(cfg) => {
-                SeqState::offloaded(be, shapes, self.cfg.max_positions, cfg.window_positions.max(256), cfg.clone())?
-            }
-            None => SeqState::new(be, shapes, self.cfg.max_positions)?,
-        })
+        Ok(SeqState::placed(self.backend.as_ref(), shapes, self.cfg.max_positions, self.kv_offload.as_ref())?)
     }
 
     fn forward(

@@ -12,6 +12,7 @@ use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, R
 use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
+use crate::common::attention::append_and_attend;
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
@@ -281,7 +282,7 @@ impl Qwen3Next {
     }
 
     /// `y = GatedAttention(a)` for T rows at positions `pos0..` (models.md §4.4).
-    fn attention(&self, w: &FullAttn, a: &Tensor, kv: &mut ollm_kv::LayerKv, pos0: usize) -> Result<Tensor> {
+    fn attention(&self, l: usize, w: &FullAttn, a: &Tensor, kv: &mut ollm_kv::LayerKv, pos0: usize) -> Result<Tensor> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
         let t = a.shape()[0];
@@ -301,12 +302,9 @@ impl Qwen3Next {
         be.rms_norm(&k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut k)?;
         be.rope(&mut q, &self.rope, pos0)?;
         be.rope(&mut k, &self.rope, pos0)?;
-        let row0 = pos0 - kv.base;
-        be.write_kv(&mut kv.k, &k, row0)?;
-        be.write_kv(&mut kv.v, &v, row0)?;
         let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
         let mut ctx = be.zeros(vec![t, nh, d])?;
-        be.attention(&q, &kv.k, &kv.v, row0, &params, &mut ctx)?;
+        append_and_attend(be, kv, (&k, &v), &q, (l, pos0), &params, &mut ctx)?;
         let mut o = be.zeros(vec![t, nh * d])?;
         be.slice_heads(&ctx, HeadSlice { heads: 1, stride: nh * d, offset: 0, width: nh * d, out_offset: 0 }, &mut o)?;
         be.sigmoid_mul(&mut o, &gate)?;
@@ -402,7 +400,7 @@ impl CausalLm for Qwen3Next {
                 MixerWeights::Full(w) => {
                     let i = self.slot[l];
                     state.acquire(be, i)?;
-                    let y = self.attention(w, &normed, state.layer_for(be, i, pos0, t)?, pos0)?;
+                    let y = self.attention(l, w, &normed, state.layer_for(be, i, pos0, t)?, pos0)?;
                     state.release(be, i)?;
                     y
                 }
