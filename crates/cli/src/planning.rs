@@ -87,7 +87,7 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     // One prefill tile's scratch (q, k, v and the attention output counted as four q-sized rows,
     // an overestimate), plus the residual stream of a whole prefill call.
     let tile = ollm_models::llama3::PREFILL_TILE.min(context);
-    let mut act = activation_bytes(&m, tile, 4 * m.q_dim.max(m.hidden_size))
+    let mut act = activation_bytes(&m, tile, (4 * m.q_dim.max(m.hidden_size)).max(m.mixer_row_floats))
         + 4 * (m.hidden_size * PREFILL_CHUNK.min(context)) as u64;
     if m.experts.is_some() {
         // A routed chunk's normed rows, sum and copy, one expert call's rows, and the two
@@ -110,6 +110,7 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         ram_budget: b.ram.unwrap_or_else(default_ram_budget),
         max_resident_layers: b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
         slots: SLOTS,
+        slot_groups: m.layer_groups,
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),
         kv_offload: b.kv_offload,
         experts: m.experts,

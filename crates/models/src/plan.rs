@@ -64,6 +64,9 @@ pub struct PlanInput {
     pub max_resident_layers: Option<usize>,
     /// Prefetch slots for streamed layers (2 = double buffering).
     pub slots: usize,
+    /// Layer layouts that stream apart, each through its own `slots` (Qwen3-Next: DeltaNet and
+    /// attention layers; 1 elsewhere).
+    pub slot_groups: usize,
     pub bandwidth: Bandwidths,
     /// Where the KV cache goes: None decides (on the device when the budget holds it beside the
     /// smallest streaming setup, else off it), Some(true) off the device, Some(false) on it.
@@ -233,11 +236,15 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     // Offloaded, the device holds two windows of one full layer's cache each.
     let kv_windows = 2 * kv_full.div_ceil(input.kv_full_layers.max(1) as u64);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
+    // Every group streams through its own slots (sized, conservatively, for the largest layer).
+    let groups = input.slot_groups.max(1) as u64;
     let expert_min = input.experts.map_or(0, |e| e.min_slots() as u64 * e.unit);
     let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes + expert_min;
     let kv_offloaded = match input.kv_offload {
         Some(off) => off,
-        None => base + kv_all + input.slots.max(1) as u64 * slot_bytes > input.vram_budget && kv_windows < kv_all,
+        None => {
+            base + kv_all + groups * input.slots.max(1) as u64 * slot_bytes > input.vram_budget && kv_windows < kv_all
+        }
     };
     let kv = if kv_offloaded { kv_windows } else { kv_all };
     let fixed = base + kv;
@@ -248,7 +255,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         (n, 0)
     } else {
         let slots = input.slots.max(1);
-        let need = fixed + slots as u64 * slot_bytes;
+        let need = fixed + groups * slots as u64 * slot_bytes;
         if need > input.vram_budget {
             return Err(PlanError::Vram {
                 budget: Bytes(input.vram_budget),
@@ -283,10 +290,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     }
     let disk_count = tiers.iter().filter(|t| **t == Tier::Disk).count();
     let staging_buffers = if disk_count > 0 { slots.max(2) } else { 0 };
+    let staging_total = groups * staging_buffers as u64;
 
     let vram_layers = tier_bytes(&tiers, &input.layer_bytes, Tier::Vram);
     let mut ram_bytes = tier_bytes(&tiers, &input.layer_bytes, Tier::Ram);
-    let mut vram_bytes = fixed + vram_layers + slots as u64 * slot_bytes;
+    let mut vram_bytes = fixed + vram_layers + groups * slots as u64 * slot_bytes;
     let mut per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv_all, input.bandwidth);
     // Experts: the VRAM left over becomes expert slots (all of them: no cache needed); pinned
     // RAM left after the layers holds whole layers' experts, the disk the rest.
@@ -344,7 +352,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         slot_bytes,
         staging_buffers,
         vram_bytes,
-        ram_bytes: ram_bytes + staging_buffers as u64 * slot_bytes + kv_ram,
+        ram_bytes: ram_bytes + staging_total * slot_bytes + kv_ram,
         per_token,
         kv: kv_plan,
         experts,
@@ -396,6 +404,7 @@ mod tests {
             ram_budget: ram,
             max_resident_layers: None,
             slots: 2,
+            slot_groups: 1,
             bandwidth: Bandwidths { device: 2.9e12, host_to_device: 55e9, disk: 1.1e9 },
             kv_offload: None,
             experts: None,
@@ -520,5 +529,17 @@ mod tests {
         assert!(p.tiers.iter().all(|t| *t == Tier::Disk));
         assert!(p.vram_bytes <= need.0);
         assert_eq!(plan(&PlanInput { layer_bytes: vec![], ..llama8b(GIB, 0, 1) }), Err(PlanError::NoLayers));
+    }
+
+    /// Layer layouts that stream apart each take their own slots: a second group costs the
+    /// device `slots` more slots, that many fewer resident layers.
+    #[test]
+    fn each_streaming_group_has_its_own_slots() {
+        let one = plan(&llama8b(8 * GIB, 64 * GIB, 8192)).expect("plan");
+        let two = plan(&PlanInput { slot_groups: 2, ..llama8b(8 * GIB, 64 * GIB, 8192) }).expect("plan");
+        let resident = |p: &Plan| p.tiers.iter().filter(|t| **t == Tier::Vram).count();
+        assert!(one.slots > 0 && two.slots == one.slots);
+        assert_eq!(resident(&two) + two.slots, resident(&one), "{} vs {}", resident(&two), resident(&one));
+        assert!(two.vram_bytes <= 8 * GIB);
     }
 }

@@ -45,16 +45,9 @@ pub fn load_model_placed(
         }
         "Qwen3NextForCausalLM" | "qwen3_next" => {
             let cfg = Qwen3NextConfig::from_raw(&raw)?;
-            if let Some(p) = placement.filter(|p| p.slots > 0 || p.kv.is_some()) {
-                return Err(ModelError::Stream(format!(
-                    "Qwen3-Next keeps its layers and KV cache on the device for now (only experts stream; the plan asked for {} layer slots{}); raise --vram-budget or shorten --context",
-                    p.slots,
-                    if p.kv.is_some() { " and an offloaded KV cache" } else { "" }
-                )));
-            }
             let catalog = Catalog::open_dir(dir)?;
-            let experts = placement.and_then(|p| p.experts.as_ref());
-            Ok(Arc::new(Qwen3Next::load(cfg, arch, &catalog, backend, experts)?))
+            let all = Placement::resident(cfg.n_layers);
+            Ok(Arc::new(Qwen3Next::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
         }
         other => Err(unsupported(&raw, other)),
     }
@@ -94,6 +87,11 @@ pub struct ModelBytes {
     pub experts: Option<crate::plan::ExpertBytes>,
     /// Query heads × head dim (the attention output width).
     pub q_dim: usize,
+    /// f32 values per prompt row a mixer tile holds beyond attention's (Qwen3-Next's DeltaNet
+    /// projections and their slices; 0 elsewhere).
+    pub mixer_row_floats: usize,
+    /// Layer layouts that stream apart (see `PlanInput::slot_groups`).
+    pub layer_groups: usize,
 }
 
 /// Reads a model directory's sizes for planning.
@@ -103,6 +101,8 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     // (layers, hidden, intermediate, vocab, max positions, kv width, q width, experts (E, k))
     let mut sliding = None;
     let mut kv_layers = 0;
+    let (mut mixer_row_floats, mut layer_groups) = (0, 1);
+    let mut moe_layers = None;
     let (n_layers, h, i, v, max_positions, kvd, q_dim, moe) = match arch.as_str() {
         "LlamaForCausalLM" | "llama" => {
             let c = LlamaConfig::from_raw(&raw)?;
@@ -140,6 +140,15 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
             let kvd = c.n_kv_heads * c.head_dim;
             // Only the full-attention layers keep a KV cache: spread their share over all layers.
             kv_layers = c.mixers.iter().filter(|m| **m == Mixer::Full).count();
+            // The in-projections, the conv input and output, z, q/k/v, the rule's output, its
+            // norm and the out-projection (models.md §4.5).
+            let (nv, dv) = (c.linear_v_heads, c.linear_v_dim);
+            let qkvz = 2 * c.linear_k_heads * c.linear_k_dim + 2 * nv * dv;
+            mixer_row_floats = qkvz + 2 * nv + 3 * c.conv_channels() + 3 * nv * dv + c.hidden_size;
+            let kinds: std::collections::BTreeSet<(bool, bool)> =
+                (0..c.n_layers).map(|l| (c.mixers[l] == Mixer::Full, c.is_moe(l))).collect();
+            layer_groups = kinds.len();
+            moe_layers = Some((0..c.n_layers).filter(|&l| c.is_moe(l)).count());
             (
                 c.n_layers,
                 c.hidden_size,
@@ -171,8 +180,9 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         }
     }
     let experts = moe.map(|(per_layer, k)| {
-        let count = n_layers * per_layer;
-        crate::plan::ExpertBytes { count, per_layer, unit: expert_bytes / count.max(1) as u64, per_token: n_layers * k }
+        let layers = moe_layers.unwrap_or(n_layers);
+        let count = layers * per_layer;
+        crate::plan::ExpertBytes { count, per_layer, unit: expert_bytes / count.max(1) as u64, per_token: layers * k }
     });
     Ok(ModelBytes {
         architecture: arch,
@@ -188,6 +198,8 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         max_positions,
         experts,
         q_dim,
+        mixer_row_floats,
+        layer_groups,
     })
 }
 

@@ -37,32 +37,47 @@ pub trait LayerTensors: Send + 'static {
 /// Where a decoder layer's weights are when it runs.
 enum LayerHome<L> {
     Resident(Box<L>),
-    /// Position among the streamed layers.
-    Streamed(usize),
+    /// Its group's stream and its position among that group's streamed layers.
+    Streamed(usize, usize),
 }
 
 /// A model's decoder layers placed as a [`crate::plan::Placement`] says: resident on the
-/// backend, or streamed through device slots from pinned RAM or the disk.
+/// backend, or streamed through device slots from pinned RAM or the disk. Layers of different
+/// shapes (Qwen3-Next's DeltaNet and attention layers) stream in separate groups, each with
+/// its own `placement.slots` slots and streamer thread.
 pub struct PlacedLayers<L: LayerTensors> {
     homes: Vec<LayerHome<L>>,
-    stream: Option<LayerStream<L>>,
+    streams: Vec<Option<LayerStream<L>>>,
 }
 
 impl<L: LayerTensors> std::fmt::Debug for PlacedLayers<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PlacedLayers").field("layers", &self.homes.len()).field("stream", &self.stream).finish()
+        f.debug_struct("PlacedLayers").field("layers", &self.homes.len()).field("streams", &self.streams).finish()
     }
 }
 
 impl<L: LayerTensors> PlacedLayers<L> {
-    /// Loads `n_layers` layers with `load(l)`: those `placement` keeps on the device, and the
-    /// first `placement.slots` streamed ones into the slots, which start out holding them.
-    /// Streaming needs more streamed layers than slots; otherwise they are simply resident.
+    /// Loads `n_layers` layers of one shape with `load(l)`: see [`PlacedLayers::load_grouped`].
     pub fn load(
         backend: &Arc<dyn Backend>,
         catalog: &ollm_weights::Catalog,
         placement: &crate::plan::Placement,
         n_layers: usize,
+        load: impl FnMut(usize) -> Result<L>,
+    ) -> Result<Self> {
+        Self::load_grouped(backend, catalog, placement, n_layers, |_| 0, load)
+    }
+
+    /// Loads `n_layers` layers with `load(l)`: those `placement` keeps on the device, and per
+    /// group (`group(l)`: layers of one group share a tensor layout) the first `placement.slots`
+    /// streamed ones into that group's slots, which start out holding them. A group streams
+    /// when it has more streamed layers than slots; otherwise its layers are simply resident.
+    pub fn load_grouped(
+        backend: &Arc<dyn Backend>,
+        catalog: &ollm_weights::Catalog,
+        placement: &crate::plan::Placement,
+        n_layers: usize,
+        group: impl Fn(usize) -> usize,
         mut load: impl FnMut(usize) -> Result<L>,
     ) -> Result<Self> {
         if placement.tiers.len() != n_layers {
@@ -71,30 +86,40 @@ impl<L: LayerTensors> PlacedLayers<L> {
                 placement.tiers.len()
             )));
         }
-        let streamed: Vec<usize> = (0..n_layers).filter(|&l| placement.tiers[l] != crate::plan::Tier::Vram).collect();
-        let k = placement.slots.min(streamed.len());
-        let streaming = k > 0 && streamed.len() > k;
+        let n_groups = (0..n_layers).map(|l| group(l) + 1).max().unwrap_or(0);
+        let streamed: Vec<Vec<usize>> = (0..n_groups)
+            .map(|g| {
+                (0..n_layers).filter(|&l| group(l) == g && placement.tiers[l] != crate::plan::Tier::Vram).collect()
+            })
+            .collect();
+        let k = placement.slots;
+        let streaming = |g: usize| k > 0 && streamed[g].len() > k;
         let mut homes = Vec::with_capacity(n_layers);
-        let mut slots = Vec::new();
+        let mut slots: Vec<Vec<L>> = (0..n_groups).map(|_| Vec::new()).collect();
         for l in 0..n_layers {
-            match streamed.iter().position(|&s| s == l) {
-                Some(pos) if streaming => {
+            let g = group(l);
+            match streamed[g].iter().position(|&s| s == l) {
+                Some(pos) if streaming(g) => {
                     if pos < k {
-                        slots.push(load(l)?);
+                        slots[g].push(load(l)?);
                     }
-                    homes.push(LayerHome::Streamed(pos));
+                    homes.push(LayerHome::Streamed(g, pos));
                 }
                 _ => homes.push(LayerHome::Resident(Box::new(load(l)?))),
             }
         }
-        let stream = if streaming {
+        let mut streams = Vec::with_capacity(n_groups);
+        for (g, slots) in slots.into_iter().enumerate() {
+            if !streaming(g) {
+                streams.push(None);
+                continue;
+            }
             let suffixes = slots.first().map(L::suffixes).unwrap_or_default();
-            let specs = streamed_layers(catalog, &streamed, &suffixes, &placement.tiers)?;
-            Some(LayerStream::new(backend.clone(), catalog.file_paths(), specs, slots, placement.staging_buffers)?)
-        } else {
-            None
-        };
-        Ok(Self { homes, stream })
+            let specs = streamed_layers(catalog, &streamed[g], &suffixes, &placement.tiers)?;
+            let files = catalog.file_paths();
+            streams.push(Some(LayerStream::new(backend.clone(), files, specs, slots, placement.staging_buffers)?));
+        }
+        Ok(Self { homes, streams })
     }
 
     pub fn len(&self) -> usize {
@@ -108,19 +133,29 @@ impl<L: LayerTensors> PlacedLayers<L> {
     /// Runs `f` on layer `l` once its weights are on the device. Layers must be asked for in
     /// order, as [`LayerStream::with_layer`] says.
     pub fn with_layer<R>(&self, l: usize, f: impl FnOnce(&L) -> Result<R>) -> Result<R> {
-        match (self.homes.get(l), &self.stream) {
-            (Some(LayerHome::Resident(layer)), _) => f(layer),
-            (Some(LayerHome::Streamed(i)), Some(stream)) => stream.with_layer(*i, f),
-            (Some(LayerHome::Streamed(_)), None) => {
-                Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs")))
-            }
-            (None, _) => Err(ModelError::Stream(format!("layer {l} of {}", self.homes.len()))),
+        match self.homes.get(l) {
+            Some(LayerHome::Resident(layer)) => f(layer),
+            Some(LayerHome::Streamed(g, i)) => match self.streams.get(*g) {
+                Some(Some(stream)) => stream.with_layer(*i, f),
+                _ => Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs"))),
+            },
+            None => Err(ModelError::Stream(format!("layer {l} of {}", self.homes.len()))),
         }
     }
 
-    /// Weight-streaming counters, when some layers are streamed.
+    /// Weight-streaming counters, summed over the groups, when some layers are streamed.
     pub fn stream_stats(&self) -> Option<StreamStats> {
-        self.stream.as_ref().map(LayerStream::stats)
+        self.streams.iter().flatten().map(LayerStream::stats).reduce(|a, b| StreamStats {
+            disk_bytes: a.disk_bytes + b.disk_bytes,
+            disk_secs: a.disk_secs + b.disk_secs,
+            copy_bytes: a.copy_bytes + b.copy_bytes,
+            wait_secs: a.wait_secs + b.wait_secs,
+            layers_streamed: a.layers_streamed + b.layers_streamed,
+            pinned_bytes: a.pinned_bytes + b.pinned_bytes,
+            ram_layers: a.ram_layers + b.ram_layers,
+            disk_layers: a.disk_layers + b.disk_layers,
+            slots: a.slots + b.slots,
+        })
     }
 }
 

@@ -63,3 +63,33 @@ pub fn logits(
     be.matmul(&last_normed, head, None, &mut out)?;
     Ok(be.to_host_f32(&out)?)
 }
+
+/// Row ranges `(start, len)` of `t` rows in pieces of at most `size`.
+pub fn pieces(t: usize, size: usize) -> Vec<(usize, usize)> {
+    (0..t).step_by(size.max(1)).map(|a| (a, size.min(t - a))).collect()
+}
+
+/// Applies `f(piece, start)` to each piece of `x` (rows `pieces`): to x itself when there is
+/// one piece, else to a copy of the piece's rows that is written back after.
+pub fn each_piece(
+    be: &dyn Backend,
+    x: &mut Tensor,
+    pieces: &[(usize, usize)],
+    f: &mut dyn FnMut(&mut Tensor, usize) -> Result<()>,
+) -> Result<()> {
+    if pieces.len() == 1 {
+        return f(x, 0);
+    }
+    let h = x.shape()[1];
+    let mut buf: Option<Tensor> = None;
+    for &(start, n) in pieces {
+        let xt = match buf.take() {
+            Some(b) if b.shape()[0] == n => buf.insert(b),
+            _ => buf.insert(be.zeros(vec![n, h])?),
+        };
+        be.copy_rows(x, start..start + n, xt)?;
+        f(xt, start)?;
+        be.write_rows(xt, x, start)?;
+    }
+    Ok(())
+}

@@ -10,6 +10,7 @@ use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::forward::{each_piece, pieces};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
@@ -150,11 +151,6 @@ impl ExpertScratch {
     }
 }
 
-/// Row ranges `(start, len)` of `t` rows in pieces of at most `size`.
-fn pieces(t: usize, size: usize) -> Vec<(usize, usize)> {
-    (0..t).step_by(size).map(|a| (a, size.min(t - a))).collect()
-}
-
 impl GptOss {
     /// Loads with `placement` (layers resident or streamed; experts resident unless
     /// `placement.experts` says otherwise).
@@ -289,32 +285,6 @@ impl GptOss {
         Ok(())
     }
 
-    /// Applies `f` to each piece of `x` (rows `pieces`): to x itself when there is one piece,
-    /// else to a copy of the piece's rows that is written back after.
-    fn each_piece(
-        &self,
-        x: &mut Tensor,
-        pieces: &[(usize, usize)],
-        f: &mut dyn FnMut(&mut Tensor, usize) -> Result<()>,
-    ) -> Result<()> {
-        let be = self.backend.as_ref();
-        if pieces.len() == 1 {
-            return f(x, 0);
-        }
-        let h = self.cfg.hidden_size;
-        let mut buf: Option<Tensor> = None;
-        for &(start, n) in pieces {
-            let xt = match buf.take() {
-                Some(b) if b.shape()[0] == n => buf.insert(b),
-                _ => buf.insert(be.zeros(vec![n, h])?),
-            };
-            be.copy_rows(x, start..start + n, xt)?;
-            f(xt, start)?;
-            be.write_rows(xt, x, start)?;
-        }
-        Ok(())
-    }
-
     /// The experts' counters.
     pub fn expert_stats(&self) -> ExpertStats {
         self.experts.stats()
@@ -366,7 +336,7 @@ impl CausalLm for GptOss {
             state.acquire(be, l)?;
             let run = |layer: &Layer| -> Result<()> {
                 let one = tiles.len() == 1;
-                self.each_piece(&mut x, &tiles, &mut |xt, start| {
+                each_piece(be, &mut x, &tiles, &mut |xt, start| {
                     let n = xt.shape()[0];
                     let i = match attn_bufs.iter().position(|(b, _)| b.shape()[0] == n) {
                         Some(i) => i,
@@ -378,7 +348,7 @@ impl CausalLm for GptOss {
                     let (normed, attn) = &mut attn_bufs[i];
                     self.attention_block((l, layer), xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
                 })?;
-                self.each_piece(&mut x, &chunks, &mut |xc, _| {
+                each_piece(be, &mut x, &chunks, &mut |xc, _| {
                     let n = xc.shape()[0];
                     let i = match moe_bufs.iter().position(|b| b.shape()[0] == n) {
                         Some(i) => i,

@@ -3,7 +3,11 @@
 //! per value head) or gated full attention (q/k norms, partial RoPE, a sigmoid output gate, a KV
 //! cache); then the sparse MoE with a gated shared expert, or a dense MLP.
 //!
-//! Every weight is resident for now; streaming and the expert cache come next (issue 9).
+//! Decoder layers are resident or streamed ([`PlacedLayers`], DeltaNet and attention layers in
+//! separate groups); the DeltaNet layers' f32 constants stay resident; routed experts go through
+//! the [`ExpertCache`]; the attention layers' KV cache may live off the device. A prompt runs in
+//! tiles of [`PREFILL_TILE`] rows per layer (the DeltaNet state carries across tiles), so its
+//! activations stay bounded whatever its length.
 
 use std::sync::Arc;
 
@@ -13,11 +17,14 @@ use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
 use crate::common::attention::append_and_attend;
+use crate::common::forward::{each_piece, pieces};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
-use crate::experts::{ExpertCache, ExpertPlacement, ExpertStats, ExpertWeights};
+use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use crate::plan::Placement;
+use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
 use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
 
@@ -26,21 +33,30 @@ const FINAL_NORM: &str = "model.norm.weight";
 const LM_HEAD: &str = "lm_head.weight";
 /// The L2 norm's eps inside the square root (models.md §4.5).
 const L2_EPS: f32 = 1e-6;
+/// Rows of one mixer tile of a prompt (DeltaNet or attention).
+pub const PREFILL_TILE: usize = 1024;
+/// Rows routed together: each expert is moved at most once per this many prompt tokens.
+pub const MOE_CHUNK: usize = 4096;
 
 fn layer_name(l: usize, suffix: &str) -> String {
     format!("model.layers.{l}.{suffix}")
 }
 
-/// Gated DeltaNet weights of one layer.
+/// Gated DeltaNet weights of one layer (streamable, bf16).
 #[derive(Debug)]
 struct LinearAttn {
     qkvz: Tensor,
     ba: Tensor,
+    norm: Tensor,
+    out: Tensor,
+}
+
+/// A DeltaNet layer's small f32 constants, resident: the conv kernel, dt_bias and A_log.
+#[derive(Debug)]
+struct DeltaConsts {
     conv: Tensor,
     dt_bias: Tensor,
     a_log: Tensor,
-    norm: Tensor,
-    out: Tensor,
 }
 
 /// Gated full-attention weights of one layer.
@@ -56,8 +72,8 @@ struct FullAttn {
 
 #[derive(Debug)]
 enum MixerWeights {
-    Linear(LinearAttn),
-    Full(FullAttn),
+    Linear(Box<LinearAttn>),
+    Full(Box<FullAttn>),
 }
 
 /// The sparse MoE of one layer: router and the gated shared expert (the routed experts live in
@@ -83,6 +99,24 @@ struct Layer {
     mlp: Mlp,
 }
 
+const INPUT_NORM: &str = "input_layernorm.weight";
+const POST_NORM: &str = "post_attention_layernorm.weight";
+const QKVZ: &str = "linear_attn.in_proj_qkvz.weight";
+const BA: &str = "linear_attn.in_proj_ba.weight";
+const LIN_NORM: &str = "linear_attn.norm.weight";
+const LIN_OUT: &str = "linear_attn.out_proj.weight";
+const Q: &str = "self_attn.q_proj.weight";
+const K: &str = "self_attn.k_proj.weight";
+const V: &str = "self_attn.v_proj.weight";
+const O: &str = "self_attn.o_proj.weight";
+const Q_NORM: &str = "self_attn.q_norm.weight";
+const K_NORM: &str = "self_attn.k_norm.weight";
+const ROUTER: &str = "mlp.gate.weight";
+const SHARED_GATE: &str = "mlp.shared_expert_gate.weight";
+const SHARED_PARTS: [&str; 3] =
+    ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight", "mlp.shared_expert.down_proj.weight"];
+const DENSE_PARTS: [&str; 3] = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"];
+
 fn mlp_weights(ld: &Loader<'_>, prefix: &str, h: usize, i: usize) -> Result<MlpWeights> {
     Ok(MlpWeights {
         gate: ld.tensor(&format!("{prefix}.gate_proj.weight"), &[i, h])?,
@@ -98,48 +132,92 @@ impl Layer {
     fn load(ld: &Loader<'_>, c: &Qwen3NextConfig, l: usize) -> Result<Self> {
         let h = c.hidden_size;
         let t = |suffix: &str, shape: &[usize]| ld.tensor(&layer_name(l, suffix), shape);
-        let f = |suffix: &str, shape: &[usize]| ld.tensor_f32(&layer_name(l, suffix), shape);
         let mixer = match c.mixers[l] {
             Mixer::Linear => {
                 let (nk, dk, nv, dv) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim);
-                MixerWeights::Linear(LinearAttn {
-                    qkvz: t("linear_attn.in_proj_qkvz.weight", &[2 * nk * dk + 2 * nv * dv, h])?,
-                    ba: t("linear_attn.in_proj_ba.weight", &[2 * nv, h])?,
-                    conv: f("linear_attn.conv1d.weight", &[c.conv_channels(), 1, c.conv_kernel])?,
-                    dt_bias: f("linear_attn.dt_bias", &[nv])?,
-                    a_log: f("linear_attn.A_log", &[nv])?,
-                    norm: t("linear_attn.norm.weight", &[dv])?,
-                    out: t("linear_attn.out_proj.weight", &[h, nv * dv])?,
-                })
+                MixerWeights::Linear(Box::new(LinearAttn {
+                    qkvz: t(QKVZ, &[2 * nk * dk + 2 * nv * dv, h])?,
+                    ba: t(BA, &[2 * nv, h])?,
+                    norm: t(LIN_NORM, &[dv])?,
+                    out: t(LIN_OUT, &[h, nv * dv])?,
+                }))
             }
             Mixer::Full => {
                 let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
-                MixerWeights::Full(FullAttn {
-                    q: t("self_attn.q_proj.weight", &[nh * 2 * d, h])?,
-                    k: t("self_attn.k_proj.weight", &[nkv * d, h])?,
-                    v: t("self_attn.v_proj.weight", &[nkv * d, h])?,
-                    o: t("self_attn.o_proj.weight", &[h, nh * d])?,
-                    q_norm: t("self_attn.q_norm.weight", &[d])?,
-                    k_norm: t("self_attn.k_norm.weight", &[d])?,
-                })
+                MixerWeights::Full(Box::new(FullAttn {
+                    q: t(Q, &[nh * 2 * d, h])?,
+                    k: t(K, &[nkv * d, h])?,
+                    v: t(V, &[nkv * d, h])?,
+                    o: t(O, &[h, nh * d])?,
+                    q_norm: t(Q_NORM, &[d])?,
+                    k_norm: t(K_NORM, &[d])?,
+                }))
             }
         };
         let mlp = if c.is_moe(l) {
             let (e, is) = (c.n_experts, c.shared_intermediate_size);
             Mlp::Moe(Box::new(Moe {
-                router: t("mlp.gate.weight", &[e, h])?,
+                router: t(ROUTER, &[e, h])?,
                 shared: mlp_weights(ld, &layer_name(l, "mlp.shared_expert"), h, is)?,
-                shared_gate: t("mlp.shared_expert_gate.weight", &[1, h])?,
+                shared_gate: t(SHARED_GATE, &[1, h])?,
             }))
         } else {
             Mlp::Dense(Box::new(mlp_weights(ld, &layer_name(l, "mlp"), h, c.intermediate_size)?))
         };
-        Ok(Self {
-            input_norm: t("input_layernorm.weight", &[h])?,
-            post_norm: t("post_attention_layernorm.weight", &[h])?,
-            mixer,
-            mlp,
-        })
+        Ok(Self { input_norm: t(INPUT_NORM, &[h])?, post_norm: t(POST_NORM, &[h])?, mixer, mlp })
+    }
+}
+
+impl Layer {
+    /// Which streaming group the layer belongs to: one per tensor layout (mixer × MLP kind).
+    fn group(c: &Qwen3NextConfig, l: usize) -> usize {
+        2 * usize::from(c.mixers[l] == Mixer::Full) + usize::from(c.is_moe(l))
+    }
+}
+
+impl LayerTensors for Layer {
+    fn suffixes(&self) -> Vec<&'static str> {
+        let mut v = vec![INPUT_NORM, POST_NORM];
+        match self.mixer {
+            MixerWeights::Linear(_) => v.extend([QKVZ, BA, LIN_NORM, LIN_OUT]),
+            MixerWeights::Full(_) => v.extend([Q, K, V, O, Q_NORM, K_NORM]),
+        }
+        match self.mlp {
+            Mlp::Moe(_) => v.extend([ROUTER, SHARED_GATE].into_iter().chain(SHARED_PARTS)),
+            Mlp::Dense(_) => v.extend(DENSE_PARTS),
+        }
+        v
+    }
+
+    fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
+        match (suffix, &mut self.mixer, &mut self.mlp) {
+            (INPUT_NORM, ..) => Some(&mut self.input_norm),
+            (POST_NORM, ..) => Some(&mut self.post_norm),
+            (QKVZ, MixerWeights::Linear(w), _) => Some(&mut w.qkvz),
+            (BA, MixerWeights::Linear(w), _) => Some(&mut w.ba),
+            (LIN_NORM, MixerWeights::Linear(w), _) => Some(&mut w.norm),
+            (LIN_OUT, MixerWeights::Linear(w), _) => Some(&mut w.out),
+            (Q, MixerWeights::Full(w), _) => Some(&mut w.q),
+            (K, MixerWeights::Full(w), _) => Some(&mut w.k),
+            (V, MixerWeights::Full(w), _) => Some(&mut w.v),
+            (O, MixerWeights::Full(w), _) => Some(&mut w.o),
+            (Q_NORM, MixerWeights::Full(w), _) => Some(&mut w.q_norm),
+            (K_NORM, MixerWeights::Full(w), _) => Some(&mut w.k_norm),
+            (ROUTER, _, Mlp::Moe(m)) => Some(&mut m.router),
+            (SHARED_GATE, _, Mlp::Moe(m)) => Some(&mut m.shared_gate),
+            (s, _, Mlp::Moe(m)) => s.strip_prefix("mlp.shared_expert.").and_then(|p| mlp_part_mut(&mut m.shared, p)),
+            (s, _, Mlp::Dense(w)) => s.strip_prefix("mlp.").and_then(|p| mlp_part_mut(w, p)),
+        }
+    }
+}
+
+/// `gate_proj.weight` / `up_proj.weight` / `down_proj.weight` of an MLP.
+fn mlp_part_mut<'a>(w: &'a mut MlpWeights, part: &str) -> Option<&'a mut Tensor> {
+    match part {
+        "gate_proj.weight" => Some(&mut w.gate),
+        "up_proj.weight" => Some(&mut w.up),
+        "down_proj.weight" => Some(&mut w.down),
+        _ => None,
     }
 }
 
@@ -150,7 +228,10 @@ pub struct Qwen3Next {
     info: ModelInfo,
     backend: Arc<dyn Backend>,
     embed: Tensor,
-    layers: Vec<Layer>,
+    /// The decoder layers, resident or streamed.
+    layers: PlacedLayers<Layer>,
+    /// Per layer: the DeltaNet constants (None for attention layers).
+    consts: Vec<Option<DeltaConsts>>,
     /// The routed experts of every MoE layer.
     experts: Option<ExpertCache>,
     final_norm: Tensor,
@@ -159,21 +240,45 @@ pub struct Qwen3Next {
     /// Per layer: its index among the attention layers (KV cache) or among the DeltaNet layers
     /// (fixed state).
     slot: Vec<usize>,
+    kv_offload: Option<ollm_kv::KvOffload>,
 }
 
 impl Qwen3Next {
-    /// Loads every weight onto `backend`.
-    pub fn load(
+    /// Loads with `placement` (layers resident or streamed, the KV cache on the device or off
+    /// it, experts resident unless `placement.experts` says otherwise).
+    pub fn load_placed(
         cfg: Qwen3NextConfig,
         architecture: String,
         catalog: &Catalog,
         backend: Arc<dyn Backend>,
-        experts: Option<&ExpertPlacement>,
+        placement: &Placement,
     ) -> Result<Self> {
         let ld = Loader { catalog, backend: backend.as_ref() };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = ld.tensor(EMBED, &[v, h])?;
-        let layers = (0..cfg.n_layers).map(|l| Layer::load(&ld, &cfg, l)).collect::<Result<Vec<_>>>()?;
+        let layers = PlacedLayers::load_grouped(
+            &backend,
+            catalog,
+            placement,
+            cfg.n_layers,
+            |l| Layer::group(&cfg, l),
+            |l| Layer::load(&ld, &cfg, l),
+        )?;
+        let consts = (0..cfg.n_layers)
+            .map(|l| {
+                let f = |suffix: &str, shape: &[usize]| ld.tensor_f32(&layer_name(l, suffix), shape);
+                let nv = cfg.linear_v_heads;
+                Ok(match cfg.mixers[l] {
+                    Mixer::Full => None,
+                    Mixer::Linear => Some(DeltaConsts {
+                        conv: f("linear_attn.conv1d.weight", &[cfg.conv_channels(), 1, cfg.conv_kernel])?,
+                        dt_bias: f("linear_attn.dt_bias", &[nv])?,
+                        a_log: f("linear_attn.A_log", &[nv])?,
+                    }),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let experts = placement.experts.as_ref();
         let moe_layers: Vec<usize> = (0..cfg.n_layers).filter(|&l| cfg.is_moe(l)).collect();
         let experts = match moe_layers.is_empty() {
             true => None,
@@ -223,7 +328,8 @@ impl Qwen3Next {
             bos_token_id: cfg.bos_token_id,
             fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
         };
-        Ok(Self { cfg, info, backend, embed, layers, experts, final_norm, lm_head, rope, slot })
+        let kv_offload = placement.kv.clone();
+        Ok(Self { cfg, info, backend, embed, layers, consts, experts, final_norm, lm_head, rope, slot, kv_offload })
     }
 
     pub fn config(&self) -> &Qwen3NextConfig {
@@ -232,7 +338,7 @@ impl Qwen3Next {
 
     /// `y = GatedDeltaNet(a)` for T rows, from and into the layer's fixed state
     /// (models.md §4.5); the chunked form for more than one row.
-    fn deltanet(&self, w: &LinearAttn, a: &Tensor, state: &mut [Tensor]) -> Result<Tensor> {
+    fn deltanet(&self, (w, dc): (&LinearAttn, &DeltaConsts), a: &Tensor, state: &mut [Tensor]) -> Result<Tensor> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
         let t = a.shape()[0];
@@ -259,7 +365,7 @@ impl Qwen3Next {
         let (conv_state, rest) =
             state.split_first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no conv state".into()))?;
         let mut conv = be.zeros(vec![t, ch])?;
-        be.causal_conv1d(&u, &w.conv, conv_state, &mut conv)?;
+        be.causal_conv1d(&u, &dc.conv, conv_state, &mut conv)?;
         let whole = |offset, width| HeadSlice { heads: 1, stride: ch, offset, width, out_offset: 0 };
         let (mut q, mut k, mut v) =
             (be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nv, dv])?);
@@ -269,7 +375,7 @@ impl Qwen3Next {
         be.l2_norm(&mut q, L2_EPS, (dk as f32).powf(-0.5))?;
         be.l2_norm(&mut k, L2_EPS, 1.0)?;
         let (mut g, mut beta) = (be.zeros(vec![t, nv])?, be.zeros(vec![t, nv])?);
-        be.deltanet_gates(&alpha, &b, &w.a_log, &w.dt_bias, &mut g, &mut beta)?;
+        be.deltanet_gates(&alpha, &b, &dc.a_log, &dc.dt_bias, &mut g, &mut beta)?;
         let form = if t == 1 { DeltaForm::Recurrent } else { DeltaForm::Chunked };
         let s = rest.first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no recurrent state".into()))?;
         let mut o = be.zeros(vec![t, nv, dv])?;
@@ -365,6 +471,10 @@ impl CausalLm for Qwen3Next {
         self.experts.as_ref().map(ExpertCache::stats)
     }
 
+    fn stream_stats(&self) -> Option<StreamStats> {
+        self.layers.stream_stats()
+    }
+
     fn new_state(&self) -> Result<SeqState> {
         let c = &self.cfg;
         let be = self.backend.as_ref();
@@ -377,7 +487,8 @@ impl CausalLm for Qwen3Next {
             ],
         };
         let linear = c.n_layers - full;
-        Ok(SeqState::new(be, shapes, c.max_positions)?.with_fixed(be, vec![fixed; linear])?)
+        let state = SeqState::placed(be, shapes, c.max_positions, self.kv_offload.as_ref())?;
+        Ok(state.with_fixed(be, vec![fixed; linear])?)
     }
 
     fn forward(
@@ -392,30 +503,52 @@ impl CausalLm for Qwen3Next {
         let (t, h, eps) = (ids.len(), c.hidden_size, c.rms_norm_eps);
         let (pos0, mut x) =
             crate::common::forward::begin(be, ids, state, &self.embed, (c.vocab_size, c.max_positions), trace)?;
-        let mut normed = be.zeros(vec![t, h])?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            be.rms_norm(&x, &layer.input_norm, eps, NormKind::ZeroCentered, &mut normed)?;
-            let y = match &layer.mixer {
-                MixerWeights::Linear(w) => self.deltanet(w, &normed, state.fixed_mut(self.slot[l]))?,
-                MixerWeights::Full(w) => {
-                    let i = self.slot[l];
-                    state.acquire(be, i)?;
-                    let y = self.attention(l, w, &normed, state.layer_for(be, i, pos0, t)?, pos0)?;
-                    state.release(be, i)?;
-                    y
-                }
-            };
-            be.add_assign(&mut x, &y)?;
-            be.rms_norm(&x, &layer.post_norm, eps, NormKind::ZeroCentered, &mut normed)?;
-            let y = match &layer.mlp {
-                Mlp::Moe(m) => self.moe(l, m, &normed)?,
-                Mlp::Dense(w) => {
-                    let mut s = MlpScratch::new(be, t, h, c.intermediate_size)?;
-                    gated_mlp(be, w, &normed, &mut s)?;
-                    s.out
-                }
-            };
-            be.add_assign(&mut x, &y)?;
+        let tiles = pieces(t, PREFILL_TILE);
+        let chunks = pieces(t, MOE_CHUNK);
+        for l in 0..self.layers.len() {
+            let full = self.cfg.mixers[l] == Mixer::Full;
+            let i = self.slot[l];
+            if full {
+                state.acquire(be, i)?;
+            }
+            self.layers.with_layer(l, |layer| {
+                each_piece(be, &mut x, &tiles, &mut |xt, start| {
+                    let n = xt.shape()[0];
+                    let mut normed = be.zeros(vec![n, h])?;
+                    be.rms_norm(xt, &layer.input_norm, eps, NormKind::ZeroCentered, &mut normed)?;
+                    let y = match (&layer.mixer, &self.consts[l]) {
+                        (MixerWeights::Linear(w), Some(dc)) => self.deltanet((w, dc), &normed, state.fixed_mut(i))?,
+                        (MixerWeights::Full(w), _) => {
+                            let kv = state.layer_for(be, i, pos0 + start, n)?;
+                            self.attention(l, w, &normed, kv, pos0 + start)?
+                        }
+                        (MixerWeights::Linear(_), None) => {
+                            return Err(ollm_ops::OpsError::Backend(format!(
+                                "internal: layer {l} has no DeltaNet constants"
+                            ))
+                            .into());
+                        }
+                    };
+                    Ok(be.add_assign(xt, &y)?)
+                })?;
+                each_piece(be, &mut x, &chunks, &mut |xc, _| {
+                    let n = xc.shape()[0];
+                    let mut normed = be.zeros(vec![n, h])?;
+                    be.rms_norm(xc, &layer.post_norm, eps, NormKind::ZeroCentered, &mut normed)?;
+                    let y = match &layer.mlp {
+                        Mlp::Moe(m) => self.moe(l, m, &normed)?,
+                        Mlp::Dense(w) => {
+                            let mut s = MlpScratch::new(be, n, h, c.intermediate_size)?;
+                            gated_mlp(be, w, &normed, &mut s)?;
+                            s.out
+                        }
+                    };
+                    Ok(be.add_assign(xc, &y)?)
+                })
+            })?;
+            if full {
+                state.release(be, i)?;
+            }
             if let Some(tr) = trace {
                 tr.record(Some(l), "layer_out", &x);
             }

@@ -41,3 +41,32 @@ pub fn tiny_gpt_oss(dir: &Path, window: usize) {
     let plan = ollm_models::synth::plan_gpt_oss(config, Some(4)).expect("plan");
     write_plan(&plan, dir, 5, &mut |_, _| {}).expect("write");
 }
+
+/// A synthesised Qwen3-Next (random weights) small enough for CPU tests: 8 layers (DeltaNet,
+/// DeltaNet, DeltaNet, attention, twice), hidden 64, DeltaNet 2 key heads and 4 value heads of
+/// 16 dims, attention 4 query and 2 KV heads of 32 dims, 8 experts (top 2) of 32, a 300-token
+/// vocabulary, a 4096-position context.
+#[allow(dead_code)]
+pub fn tiny_qwen3_next(dir: &Path) {
+    let mut config = Like::Qwen3Next80B.config();
+    for (k, v) in [
+        ("hidden_size", 64),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 32),
+        ("linear_num_key_heads", 2),
+        ("linear_num_value_heads", 4),
+        ("linear_key_head_dim", 16),
+        ("linear_value_head_dim", 16),
+        ("num_experts", 8),
+        ("num_experts_per_tok", 2),
+        ("moe_intermediate_size", 32),
+        ("shared_expert_intermediate_size", 32),
+        ("vocab_size", 300),
+        ("max_position_embeddings", 4096),
+    ] {
+        config[k] = v.into();
+    }
+    let plan = ollm_models::synth::plan_qwen3_next(config, Some(8)).expect("plan");
+    write_plan(&plan, dir, 9, &mut |_, _| {}).expect("write");
+}
