@@ -120,3 +120,127 @@ extern "C" __global__ void delta_rule_recurrent_f32(const float* __restrict__ q,
     }
     for (int i = j; i < dk * dv; i += blockDim.x) Sg[i] = S[i];
 }
+
+// The chunked delta rule (models.md §4.5; CPU twin delta_rule_chunked), chunks of C <= 64 steps.
+// The state's columns evolve independently, so block (n, y) owns value head n's columns
+// [y*W, y*W+W) (W = 32) and walks the chunks in order. Per chunk, with γ the inclusive
+// cumulative log-decay and D_ts = e^(γ_t − γ_s):
+//   A_ts = β_t (k_t·k_s) D_ts (s < t); U = (I + A)⁻¹ diag(β) V; Wm = (I + A)⁻¹ diag(β e^γ) K
+//   (forward substitution, one thread per column: a column only needs its own earlier rows);
+//   Vn = U − Wm S; O = diag(e^γ) Q S + (QKᵀ ⊙ D) Vn; S ← e^(γ_last) S + (diag(e^(γ_last−γ)) K)ᵀ Vn.
+// Key-sized rows (Qc, Kc, Wm) are padded to dk+1 floats so a warp reading one column across
+// rows hits distinct banks. Dynamic shared memory: dk*W + 3*C*(dk+1) + C*W + C*C + 2*C floats.
+#define DR_C 64
+#define DR_W 32
+extern "C" __global__ void delta_rule_chunked_f32(const float* __restrict__ q, const float* __restrict__ k,
+                                                  const float* __restrict__ v, const float* __restrict__ g,
+                                                  const float* __restrict__ beta, float* __restrict__ state,
+                                                  float* __restrict__ out, int T, int nk, int dk, int nv, int dv) {
+    extern __shared__ float sm[];
+    const int kp = dk + 1;
+    float* S = sm;                     // [dk][W]
+    float* Qc = S + dk * DR_W;         // [C][kp]
+    float* Kc = Qc + DR_C * kp;        // [C][kp]
+    float* Wm = Kc + DR_C * kp;        // [C][kp]
+    float* U = Wm + DR_C * kp;         // [C][W]: U, then Vn
+    float* A = U + DR_C * DR_W;        // [C][C]: A, then QKᵀ ⊙ D
+    float* gam = A + DR_C * DR_C;      // [C]
+    float* bet = gam + DR_C;           // [C]
+    const int n = blockIdx.x, col0 = blockIdx.y * DR_W, tid = threadIdx.x, nt = blockDim.x;
+    const int kh = n / (nv / nk);
+    const int width = min(DR_W, dv - col0);
+    float* Sg = state + (size_t)n * dk * dv;
+    for (int x = tid; x < dk * DR_W; x += nt) {
+        int i = x / DR_W, j = x % DR_W;
+        S[x] = j < width ? Sg[(size_t)i * dv + col0 + j] : 0.f;
+    }
+    for (int c0 = 0; c0 < T; c0 += DR_C) {
+        const int c = min(DR_C, T - c0);
+        __syncthreads();
+        for (int x = tid; x < c * dk; x += nt) {
+            int t = x / dk, i = x % dk;
+            size_t src = ((size_t)(c0 + t) * nk + kh) * dk + i;
+            Qc[t * kp + i] = q[src];
+            Kc[t * kp + i] = k[src];
+        }
+        for (int x = tid; x < c * DR_W; x += nt) {
+            int t = x / DR_W, j = x % DR_W;
+            U[x] = j < width ? v[((size_t)(c0 + t) * nv + n) * dv + col0 + j] * beta[(size_t)(c0 + t) * nv + n] : 0.f;
+        }
+        if (tid < c) bet[tid] = beta[(size_t)(c0 + tid) * nv + n];
+        if (tid == 0) {
+            float acc = 0.f;
+            for (int t = 0; t < c; ++t) {
+                acc += g[(size_t)(c0 + t) * nv + n];
+                gam[t] = acc;
+            }
+        }
+        __syncthreads();
+        for (int x = tid; x < c * dk; x += nt) {
+            int t = x / dk, i = x % dk;
+            Wm[t * kp + i] = bet[t] * expf(gam[t]) * Kc[t * kp + i];
+        }
+        for (int x = tid; x < c * c; x += nt) {
+            int t = x / c, s = x % c;
+            float a = 0.f;
+            if (s < t) {
+                for (int i = 0; i < dk; ++i) a += Kc[t * kp + i] * Kc[s * kp + i];
+                a *= bet[t] * expf(gam[t] - gam[s]);
+            }
+            A[t * DR_C + s] = a;
+        }
+        __syncthreads();
+        // Forward substitution, a thread per column of [Wm | U].
+        for (int col = tid; col < dk + DR_W; col += nt) {
+            float* base = col < dk ? Wm + col : U + (col - dk);
+            const int stride = col < dk ? kp : DR_W;
+            for (int t = 1; t < c; ++t) {
+                float x = base[t * stride];
+                for (int s = 0; s < t; ++s) x -= A[t * DR_C + s] * base[s * stride];
+                base[t * stride] = x;
+            }
+        }
+        __syncthreads();
+        // Vn = U − Wm S, in place.
+        for (int x = tid; x < c * DR_W; x += nt) {
+            int t = x / DR_W, j = x % DR_W;
+            float acc = U[x];
+            for (int i = 0; i < dk; ++i) acc -= Wm[t * kp + i] * S[i * DR_W + j];
+            U[x] = acc;
+        }
+        // (QKᵀ ⊙ D), lower triangle with the diagonal, into A.
+        for (int x = tid; x < c * c; x += nt) {
+            int t = x / c, s = x % c;
+            float p = 0.f;
+            if (s <= t) {
+                for (int i = 0; i < dk; ++i) p += Qc[t * kp + i] * Kc[s * kp + i];
+                p *= expf(gam[t] - gam[s]);
+            }
+            A[t * DR_C + s] = p;
+        }
+        __syncthreads();
+        for (int x = tid; x < c * DR_W; x += nt) {
+            int t = x / DR_W, j = x % DR_W;
+            if (j >= width) continue;
+            float inter = 0.f;
+            for (int i = 0; i < dk; ++i) inter += Qc[t * kp + i] * S[i * DR_W + j];
+            float acc = expf(gam[t]) * inter;
+            for (int s = 0; s <= t; ++s) acc += A[t * DR_C + s] * U[s * DR_W + j];
+            out[((size_t)(c0 + t) * nv + n) * dv + col0 + j] = acc;
+        }
+        const float last = gam[c - 1], el = expf(last);
+        if (tid < c) bet[tid] = expf(last - gam[tid]);  // β is spent: bet now holds e^(γ_last − γ_s)
+        __syncthreads();
+        for (int x = tid; x < dk * DR_W; x += nt) {
+            int i = x / DR_W, j = x % DR_W;
+            float acc = el * S[x];
+            for (int s = 0; s < c; ++s) acc += bet[s] * Kc[s * kp + i] * U[s * DR_W + j];
+            S[x] = acc;
+        }
+    }
+    __syncthreads();
+    for (int x = tid; x < dk * DR_W; x += nt) {
+        int i = x / DR_W, j = x % DR_W;
+        if (j < width) Sg[(size_t)i * dv + col0 + j] = S[x];
+    }
+}

@@ -936,45 +936,55 @@ fn gated_deltanet_ops_match_cpu() {
         }),
         1e-6,
     );
-    // The delta rule at dk = dv = 128, nk = 2, nv = 4: 150 steps, then 1.
-    let (t, nk, dk, nv, dv) = (150, 2, 128, 4, 128);
-    let (mut q, mut k) = (random(t * nk * dk, 1.0), random(t * nk * dk, 1.0));
-    let norm = |x: &mut [f32], s: f32| {
-        for r in x.chunks_mut(dk) {
-            let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-            r.iter_mut().for_each(|v| *v *= s / n);
+    // The delta rule at dk = dv = 128, nk = 2, nv = 4, and at dk = 48, dv = 40 (state columns
+    // not a multiple of the chunked kernel's 32): 150 steps (two full chunks and a partial
+    // one), then 1; each GPU form against each CPU form.
+    for (t, nk, dk, nv, dv) in [(150, 2, 128, 4, 128), (150, 1, 48, 2, 40)] {
+        let (mut q, mut k) = (random(t * nk * dk, 1.0), random(t * nk * dk, 1.0));
+        let norm = |x: &mut [f32], s: f32| {
+            for r in x.chunks_mut(dk) {
+                let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                r.iter_mut().for_each(|v| *v *= s / n);
+            }
+        };
+        norm(&mut q, (dk as f32).powf(-0.5));
+        norm(&mut k, 1.0);
+        let (v, s0) = (random(t * nv * dv, 1.0), random(nv * dk * dv, 0.3));
+        let (a, b) = (random(t * nv, 3.0), random(t * nv, 3.0));
+        let (a_log, dt) = (random(nv, 1.0), random(nv, 1.0));
+        let run = |be: &dyn Backend, form: DeltaForm| {
+            let (mut g, mut beta) =
+                (up(be, vec![t, nv], &vec![0.0; t * nv]), up(be, vec![t, nv], &vec![0.0; t * nv]));
+            let (at, bt) = (up(be, vec![t, nv], &a), up(be, vec![t, nv], &b));
+            be.deltanet_gates(&at, &bt, &up(be, vec![nv], &a_log), &up(be, vec![nv], &dt), &mut g, &mut beta)
+                .expect("gates");
+            let (g, beta) = (host(be, &g), host(be, &beta));
+            let mut state = up(be, vec![nv, dk, dv], &s0);
+            let mut outs = Vec::new();
+            for (t0, t1, form) in [(0, t - 1, form), (t - 1, t, DeltaForm::Recurrent)] {
+                let n = t1 - t0;
+                let x = DeltaRule {
+                    q: &up(be, vec![n, nk, dk], &q[t0 * nk * dk..t1 * nk * dk]),
+                    k: &up(be, vec![n, nk, dk], &k[t0 * nk * dk..t1 * nk * dk]),
+                    v: &up(be, vec![n, nv, dv], &v[t0 * nv * dv..t1 * nv * dv]),
+                    g: &up(be, vec![n, nv], &g[t0 * nv..t1 * nv]),
+                    beta: &up(be, vec![n, nv], &beta[t0 * nv..t1 * nv]),
+                };
+                let mut out = up(be, vec![n, nv, dv], &vec![f32::NAN; n * nv * dv]);
+                be.delta_rule(x, &mut state, &mut out, form).expect("delta rule");
+                outs.push(host(be, &out));
+            }
+            outs.push(host(be, &state));
+            outs
+        };
+        for cpu_form in [DeltaForm::Recurrent, DeltaForm::Chunked] {
+            for gpu_form in [DeltaForm::Recurrent, DeltaForm::Chunked] {
+                check(
+                    &format!("delta_rule dk {dk} dv {dv} (CPU {cpu_form:?}, GPU {gpu_form:?})"),
+                    (run(&cpu, cpu_form), run(&gpu, gpu_form)),
+                    1e-4,
+                );
+            }
         }
-    };
-    norm(&mut q, (dk as f32).powf(-0.5));
-    norm(&mut k, 1.0);
-    let (v, s0) = (random(t * nv * dv, 1.0), random(nv * dk * dv, 0.3));
-    let (a, b) = (random(t * nv, 3.0), random(t * nv, 3.0));
-    let (a_log, dt) = (random(nv, 1.0), random(nv, 1.0));
-    let run = |be: &dyn Backend, form: DeltaForm| {
-        let (mut g, mut beta) = (up(be, vec![t, nv], &vec![0.0; t * nv]), up(be, vec![t, nv], &vec![0.0; t * nv]));
-        let (at, bt) = (up(be, vec![t, nv], &a), up(be, vec![t, nv], &b));
-        be.deltanet_gates(&at, &bt, &up(be, vec![nv], &a_log), &up(be, vec![nv], &dt), &mut g, &mut beta)
-            .expect("gates");
-        let (g, beta) = (host(be, &g), host(be, &beta));
-        let mut state = up(be, vec![nv, dk, dv], &s0);
-        let mut outs = Vec::new();
-        for (t0, t1, form) in [(0, t - 1, form), (t - 1, t, DeltaForm::Recurrent)] {
-            let n = t1 - t0;
-            let x = DeltaRule {
-                q: &up(be, vec![n, nk, dk], &q[t0 * nk * dk..t1 * nk * dk]),
-                k: &up(be, vec![n, nk, dk], &k[t0 * nk * dk..t1 * nk * dk]),
-                v: &up(be, vec![n, nv, dv], &v[t0 * nv * dv..t1 * nv * dv]),
-                g: &up(be, vec![n, nv], &g[t0 * nv..t1 * nv]),
-                beta: &up(be, vec![n, nv], &beta[t0 * nv..t1 * nv]),
-            };
-            let mut out = up(be, vec![n, nv, dv], &vec![f32::NAN; n * nv * dv]);
-            be.delta_rule(x, &mut state, &mut out, form).expect("delta rule");
-            outs.push(host(be, &out));
-        }
-        outs.push(host(be, &state));
-        outs
-    };
-    for form in [DeltaForm::Recurrent, DeltaForm::Chunked] {
-        check(&format!("delta_rule ({form:?} on the CPU)"), (run(&cpu, form), run(&gpu, DeltaForm::Chunked)), 1e-4);
     }
 }

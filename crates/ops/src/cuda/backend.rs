@@ -379,9 +379,7 @@ impl Backend for CudaBackend {
         deltanet::causal_conv1d(&self.dev, f32s(x, op)?, f32s(w, op)?, k, f32s_mut(state, op)?, f32s_mut(out, op)?)
     }
 
-    /// Both forms walk the steps one by one on CUDA for now (the chunked kernel is to come);
-    /// the results agree with the CPU's chunked form to rounding.
-    fn delta_rule(&self, x: DeltaRule<'_>, state: &mut Tensor, out: &mut Tensor, _form: DeltaForm) -> Result<()> {
+    fn delta_rule(&self, x: DeltaRule<'_>, state: &mut Tensor, out: &mut Tensor, form: DeltaForm) -> Result<()> {
         let dims = delta_dims(&x, state, out)?;
         let op = "delta_rule";
         let slices = deltanet::DeltaSlices {
@@ -391,7 +389,7 @@ impl Backend for CudaBackend {
             g: f32s(x.g, op)?,
             beta: f32s(x.beta, op)?,
         };
-        deltanet::delta_rule(&self.dev, slices, dims, f32s_mut(state, op)?, f32s_mut(out, op)?)
+        deltanet::delta_rule(&self.dev, slices, dims, f32s_mut(state, op)?, f32s_mut(out, op)?, form)
     }
 
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {

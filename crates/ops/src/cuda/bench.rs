@@ -260,6 +260,7 @@ pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn 
     rows.push(decode_matmul(be, cfg, &bounds, progress));
     rows.push(prefill_matmul(be, cfg, &bounds, progress));
     rows.extend(attention_rows(be, cfg, &bounds, progress));
+    rows.extend(delta_rule_rows(be, cfg, &bounds, progress));
     Ok(OpsBenchReport {
         device: be.name(),
         date: utc_date(),
@@ -413,6 +414,46 @@ fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
     .map_err(|e| e.to_string());
     let decode = measured("decode attention (backend)", decode_shape, decode, Work::Bytes(kv_bytes), b);
     vec![prefill, decode]
+}
+
+/// (d) Qwen3-Next-80B's gated delta rule over a prompt of `prefill_matmul_t` steps (16 key and
+/// 32 value heads of 128), chunked and step by step, the state carried between calls. Work: the
+/// recurrence's 6·T·Nv·dk·dv flops, the same for both forms.
+fn delta_rule_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &mut dyn FnMut(&str)) -> Vec<BenchRow> {
+    use crate::{DeltaForm, DeltaRule};
+    let (t, nk, dk, nv, dv) = (cfg.prefill_matmul_t, 16, 128, 32, 128);
+    let flops = 6.0 * (t * nv * dk * dv) as f64;
+    [DeltaForm::Chunked, DeltaForm::Recurrent]
+        .into_iter()
+        .map(|form| {
+            let shape = format!("T {t}, {nk} k heads / {nv} v heads of {dk}, {form:?}");
+            progress(&format!("delta rule {shape}"));
+            let timing = (|| {
+                let unit = |n: usize, seed: u64| -> Result<Tensor> {
+                    let mut x = random_f32(n * dk, seed, 1.0);
+                    for r in x.chunks_mut(dk) {
+                        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+                        r.iter_mut().for_each(|v| *v /= norm);
+                    }
+                    be.upload_f32(vec![t, n / t, dk], &x)
+                };
+                let (q, k) = (unit(t * nk, 60)?, unit(t * nk, 61)?);
+                let v = be.upload_f32(vec![t, nv, dv], &random_f32(t * nv * dv, 62, 1.0))?;
+                // Log-decays in (−0.1, 0] and betas in (0, 1).
+                let g: Vec<f32> = random_f32(t * nv, 63, 0.05).iter().map(|x| x.abs() * -1.0 - 0.05).collect();
+                let beta: Vec<f32> = random_f32(t * nv, 64, 0.4).iter().map(|x| 0.5 + x).collect();
+                let (g, beta) = (be.upload_f32(vec![t, nv], &g)?, be.upload_f32(vec![t, nv], &beta)?);
+                let mut state = be.zeros(vec![nv, dk, dv])?;
+                let mut out = be.zeros(vec![t, nv, dv])?;
+                time_op(be.device(), cfg, |_| {
+                    let x = DeltaRule { q: &q, k: &k, v: &v, g: &g, beta: &beta };
+                    be.delta_rule(x, &mut state, &mut out, form)
+                })
+            })()
+            .map_err(|e| e.to_string());
+            measured(&format!("delta rule, {form:?} (backend)"), shape, timing, Work::Flops(flops), b)
+        })
+        .collect()
 }
 
 impl OpsBenchReport {

@@ -4,7 +4,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CudaDevice, driver_err, grid_stride, shape};
-use crate::{HeadSlice, Result};
+use crate::{DeltaForm, HeadSlice, Result};
 
 /// The kernel file's source text.
 pub const SOURCE: &str = include_str!("../../kernels/deltanet.cu");
@@ -158,34 +158,48 @@ pub struct DeltaSlices<'a> {
     pub beta: &'a CudaSlice<f32>,
 }
 
-/// The delta rule step by step, `(t, nk, dk, nv, dv)` checked by the caller.
+/// Steps per chunk and state columns per block of the chunked kernel (`DR_C`, `DR_W`).
+const CHUNK: usize = 64;
+const CHUNK_COLS: usize = 32;
+/// The shared memory one block may opt into on sm_90 (227 KiB).
+const MAX_SMEM: usize = 227 * 1024;
+
+/// The delta rule, `(t, nk, dk, nv, dv)` checked by the caller: the chunked kernel for
+/// [`DeltaForm::Chunked`] (when a chunk's matrices fit in shared memory), else step by step.
 pub fn delta_rule(
     dev: &CudaDevice,
     x: DeltaSlices<'_>,
     (t, nk, dk, nv, dv): (usize, usize, usize, usize, usize),
     state: &mut CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
+    form: DeltaForm,
 ) -> Result<()> {
     if t == 0 {
         return Ok(());
     }
-    if dv > 1024 {
-        return Err(shape("cuda delta_rule", format!("value head dim {dv} above 1024 threads")));
-    }
-    let smem = (dk * dv + 2 * dk) * 4;
-    let func = dev.function("deltanet", SOURCE, "delta_rule_recurrent_f32")?;
+    let chunked_smem = (dk * CHUNK_COLS + 3 * CHUNK * (dk + 1) + CHUNK * CHUNK_COLS + CHUNK * CHUNK + 2 * CHUNK) * 4;
+    let (name, smem, grid, threads) = if form == DeltaForm::Chunked && chunked_smem <= MAX_SMEM {
+        ("delta_rule_chunked_f32", chunked_smem, (nv as u32, dv.div_ceil(CHUNK_COLS) as u32, 1), 256)
+    } else {
+        if dv > 1024 {
+            return Err(shape("cuda delta_rule", format!("value head dim {dv} above 1024 threads")));
+        }
+        ("delta_rule_recurrent_f32", (dk * dv + 2 * dk) * 4, (nv as u32, 1, 1), dv.next_multiple_of(32) as u32)
+    };
+    let func = dev.function("deltanet", SOURCE, name)?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(driver_err("delta_rule shared memory"))?;
-    let threads = dv.next_multiple_of(32) as u32;
-    let cfg = LaunchConfig { grid_dim: (nv as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let ints = [t, nk, dk, nv, dv].iter().map(|&v| i32_of(v, "a delta-rule size")).collect::<Result<Vec<i32>>>()?;
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x.q).arg(x.k).arg(x.v).arg(x.g).arg(x.beta).arg(state).arg(out);
     for v in &ints {
         l.arg(v);
     }
-    // SAFETY: shapes checked by delta_dims; one block per value head with ≥ dv threads and the
-    // dynamic shared memory the kernel indexes (dk·dv + 2·dk floats), its limit raised above.
+    // SAFETY: shapes checked by delta_dims. Step by step: one block per value head with ≥ dv
+    // threads and dk·dv + 2·dk floats of shared memory. Chunked: one block per value head and
+    // 32 state columns (guarded against dv), with the shared memory its layout comment counts.
+    // Either limit is raised above.
     unsafe { l.launch(cfg) }.map_err(driver_err("delta_rule"))?;
     Ok(())
 }
