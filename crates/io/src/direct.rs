@@ -256,6 +256,76 @@ pub const READ_CHUNK: usize = 8 << 20;
 /// flight).
 pub const READERS: usize = 4;
 
+/// Reads aligned spans `(file, start, end)` of `files`, back to back, into the front of `buf`
+/// with `readers` threads taking `piece`-byte pieces in turn across all of them, so that many
+/// reads are in flight even when each span is small (an expert's few matrices). Bytes past a
+/// file's end are unspecified.
+pub fn read_spans_parallel(
+    files: &[DirectFile],
+    spans: &[(usize, u64, u64)],
+    buf: &mut [u8],
+    piece: usize,
+    readers: usize,
+) -> Result<()> {
+    let piece = piece.max(ALIGN).next_multiple_of(ALIGN);
+    let readers = readers.max(1);
+    type Job<'a> = (&'a DirectFile, u64, usize, &'a mut [u8]);
+    let mut jobs: Vec<Vec<Job<'_>>> = (0..readers).map(|_| Vec::new()).collect();
+    let mut rest = buf;
+    let mut next = 0usize;
+    for &(f, start, end) in spans {
+        let len = end.saturating_sub(start) as usize;
+        let bad = |why: &str| IoError::Read {
+            path: files.get(f).map_or_else(Default::default, |x| x.path.clone()),
+            offset: start,
+            len,
+            source: io::Error::new(io::ErrorKind::InvalidInput, why.to_string()),
+        };
+        let file = files.get(f).ok_or_else(|| bad("no such file"))?;
+        if !start.is_multiple_of(ALIGN as u64) || !(len).is_multiple_of(ALIGN) || len > rest.len() {
+            return Err(bad("unaligned span or short buffer"));
+        }
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        rest = tail;
+        for (k, c) in mine.chunks_mut(piece).enumerate() {
+            let off = start + (k * piece) as u64;
+            let in_file = file.len_bytes.saturating_sub(off).min(c.len() as u64) as usize;
+            jobs[next % readers].push((file, off, in_file, c));
+            next += 1;
+        }
+    }
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .filter(|j| !j.is_empty())
+            .map(|job| {
+                s.spawn(move || -> Result<()> {
+                    for (file, off, n, chunk) in job {
+                        if n > 0 {
+                            file.read_into(off, n, chunk)?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(IoError::Read {
+                        path: Default::default(),
+                        offset: 0,
+                        len: 0,
+                        source: io::Error::other("a reader thread panicked"),
+                    })
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
 impl DirectFile {
     /// Reads the aligned span `start..end` (`start` a multiple of [`ALIGN`]) into the front of
     /// `buf` with `readers` threads taking [`READ_CHUNK`]-sized pieces in turn; bytes of the span
@@ -329,6 +399,34 @@ fn reader_panicked(path: &Path) -> IoError {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Spans of two files (one running past its file's end) land back to back, every byte in
+    /// place, whatever the piece size and reader count; a misaligned span is an error.
+    #[test]
+    fn spans_of_several_files_come_back_in_order() {
+        let dir = tempfile_dir();
+        let a: Vec<u8> = (0..5 * ALIGN).map(|i| (i * 13 % 251) as u8).collect();
+        let b: Vec<u8> = (0..2 * ALIGN + 77).map(|i| (i * 5 % 241) as u8).collect();
+        for (name, data) in [("a.bin", &a), ("b.bin", &b)] {
+            File::create(dir.join(name)).and_then(|mut f| f.write_all(data)).expect("write");
+        }
+        let files =
+            [DirectFile::open(&dir.join("a.bin")).expect("a"), DirectFile::open(&dir.join("b.bin")).expect("b")];
+        let (al, bl) = (ALIGN as u64, ALIGN as u64);
+        let spans = [(0, al, 4 * al), (1, 0, 3 * bl), (0, 0, al)];
+        for (piece, readers) in [(ALIGN, 3), (1 << 20, 8), (ALIGN, 1)] {
+            let mut buf = AlignedBuf::new(7 * ALIGN);
+            read_spans_parallel(&files, &spans, buf.as_mut_slice(), piece, readers).expect("read");
+            let got = buf.as_slice();
+            assert_eq!(&got[..3 * ALIGN], &a[ALIGN..4 * ALIGN]);
+            assert_eq!(&got[3 * ALIGN..3 * ALIGN + b.len()], &b[..]);
+            assert_eq!(&got[6 * ALIGN..7 * ALIGN], &a[..ALIGN]);
+        }
+        let mut buf = AlignedBuf::new(2 * ALIGN);
+        assert!(read_spans_parallel(&files, &[(0, 1, al)], buf.as_mut_slice(), ALIGN, 2).is_err(), "misaligned");
+        assert!(read_spans_parallel(&files, &[(0, 0, 3 * al)], buf.as_mut_slice(), ALIGN, 2).is_err(), "short buffer");
+        assert!(read_spans_parallel(&files, &[(2, 0, al)], buf.as_mut_slice(), ALIGN, 2).is_err(), "no file 2");
+    }
 
     #[test]
     fn unaligned_ranges_come_back_exactly() {

@@ -29,6 +29,14 @@ pub fn load_model_placed(
     placement: Option<&Placement>,
 ) -> Result<Arc<dyn CausalLm>> {
     let raw = RawConfig::read(dir)?;
+    // OLLM_ALLOW_HEADERS_ONLY=1 runs one anyway (every weight zero): to measure the device
+    // memory of a shape larger than the disk, never its speed or its output.
+    if raw.bool_or(crate::synth::HEADERS_ONLY_KEY, false)? && std::env::var_os("OLLM_ALLOW_HEADERS_ONLY").is_none() {
+        return Err(raw.err(
+            crate::synth::HEADERS_ONLY_KEY,
+            "this model was written by `ollm synth --headers-only`: it has no weights; only `ollm plan` reads it (synth without --headers-only writes one that runs)",
+        ));
+    }
     let arch = raw.architecture()?;
     match arch.as_str() {
         "LlamaForCausalLM" | "llama" => {

@@ -9,7 +9,7 @@ use ollm_ops::DType;
 use ollm_tokenizer::tiktoken::O200K_PATTERN;
 use ollm_weights::format::safetensors_writer::PlannedTensor;
 use ollm_weights::staging::{Staging, check_out_dir, write_json};
-use ollm_weights::synth::{Init, SynthTensor, write_shards};
+use ollm_weights::synth::{Init, SynthTensor, write_shards_as};
 use serde_json::{Map, Value, json};
 
 use crate::llama3::names;
@@ -603,16 +603,37 @@ pub fn synth(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
     check_out_dir(out)?;
-    let plan = match like {
-        Like::GptOss20B => plan_gpt_oss(like.config(), layers)?,
-        Like::Qwen3Next80B => plan_qwen3_next(like.config(), layers)?,
-        _ => plan_llama(like.config(), layers)?,
-    };
-    write_plan(&plan, out, seed, progress)
+    write_plan(&plan_like(like, layers)?, out, seed, progress)
+}
+
+/// The plan of a model shaped like `like` (with `layers` layers if given).
+pub fn plan_like(like: Like, layers: Option<usize>) -> Result<SynthPlan> {
+    match like {
+        Like::GptOss20B => plan_gpt_oss(like.config(), layers),
+        Like::Qwen3Next80B => plan_qwen3_next(like.config(), layers),
+        _ => plan_llama(like.config(), layers),
+    }
+}
+
+/// config.json's marker of a model written by [`synth_headers`]: the loader refuses it.
+pub const HEADERS_ONLY_KEY: &str = "ollm_headers_only";
+
+/// Writes a model shaped like `like` whose safetensors files hold headers only (the data are
+/// sparse holes, no disk space): `ollm plan` reads it as it would the real model, the loader
+/// refuses it. For planning models larger than the disk.
+pub fn synth_headers(like: Like, layers: Option<usize>, out: &Path) -> Result<()> {
+    check_out_dir(out)?;
+    let mut plan = plan_like(like, layers)?;
+    plan.config[HEADERS_ONLY_KEY] = json!(true);
+    write_plan_as(&plan, out, None, &mut |_, _| {})
 }
 
 /// Writes a planned model (config, tokenizer, weights) into `out`.
 pub fn write_plan(plan: &SynthPlan, out: &Path, seed: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    write_plan_as(plan, out, Some(seed), progress)
+}
+
+fn write_plan_as(plan: &SynthPlan, out: &Path, seed: Option<u64>, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     check_out_dir(out)?;
     let staging = Staging::create(out, "synth")?;
     let model_type = plan.config.get("model_type").and_then(Value::as_str);
@@ -630,7 +651,7 @@ pub fn write_plan(plan: &SynthPlan, out: &Path, seed: u64, progress: &mut dyn Fn
         let path = staging.path().join("chat_template.jinja");
         std::fs::write(&path, HARMONY_TEMPLATE).map_err(|source| ollm_weights::WeightsError::Write { path, source })?;
     }
-    write_shards(staging.path(), &plan.shards, seed, progress)?;
+    write_shards_as(staging.path(), &plan.shards, seed, progress)?;
     staging.commit(out)?;
     Ok(())
 }

@@ -50,10 +50,13 @@ fn check(backend: Arc<dyn Backend>, exact: bool) {
     let want = run(&resident, 1);
     assert!(want.iter().all(|v| v.is_finite()));
     // The same prompt in three calls: other chunk boundaries of the delta rule, same math.
+    // On the GPU, products over 16 rows or more go through bf16 GEMMs, whose rounding differs
+    // with the row count: a few percent of the largest logit after 8 random-weight layers.
     let split = run(&resident, 3);
     let rel = max_rel(&split, &want);
     eprintln!("prompt in 3 calls vs 1: rel {rel:e}");
-    assert!(rel < 1e-5, "a prompt in 3 calls differs from one call: rel {rel:e}");
+    let tol = if exact { 1e-5 } else { 6e-2 };
+    assert!(rel < tol, "a prompt in 3 calls differs from one call: rel {rel:e}");
     drop(resident);
 
     let spill_dir = dir.path().join("spill");

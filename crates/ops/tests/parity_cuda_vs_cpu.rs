@@ -953,8 +953,7 @@ fn gated_deltanet_ops_match_cpu() {
         let (a, b) = (random(t * nv, 3.0), random(t * nv, 3.0));
         let (a_log, dt) = (random(nv, 1.0), random(nv, 1.0));
         let run = |be: &dyn Backend, form: DeltaForm| {
-            let (mut g, mut beta) =
-                (up(be, vec![t, nv], &vec![0.0; t * nv]), up(be, vec![t, nv], &vec![0.0; t * nv]));
+            let (mut g, mut beta) = (up(be, vec![t, nv], &vec![0.0; t * nv]), up(be, vec![t, nv], &vec![0.0; t * nv]));
             let (at, bt) = (up(be, vec![t, nv], &a), up(be, vec![t, nv], &b));
             be.deltanet_gates(&at, &bt, &up(be, vec![nv], &a_log), &up(be, vec![nv], &dt), &mut g, &mut beta)
                 .expect("gates");

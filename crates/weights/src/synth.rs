@@ -101,6 +101,17 @@ pub fn write_shards(
     seed: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
+    write_shards_as(dir, shards, Some(seed), progress)
+}
+
+/// Like [`write_shards`]; `seed` None writes the headers only, each file's data a sparse hole
+/// (zeros when read): a model to plan with, not to run.
+pub fn write_shards_as(
+    dir: &Path,
+    shards: &[Vec<SynthTensor>],
+    seed: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     let all = shards.iter().flatten();
     if let Some(t) = all.clone().find(|t| t.planned.dtype != t.init.dtype()) {
         return Err(WeightsError::Format {
@@ -123,6 +134,13 @@ pub fn write_shards(
         let path = dir.join(&name);
         let planned: Vec<PlannedTensor> = shard.iter().map(|t| t.planned.clone()).collect();
         let mut writer = SafetensorsWriter::create(&path, &planned)?;
+        let Some(seed) = seed else {
+            for t in shard {
+                weight_map.insert(t.planned.name.clone(), json!(name));
+            }
+            writer.finish_hole()?;
+            continue;
+        };
         for t in shard {
             weight_map.insert(t.planned.name.clone(), json!(name));
             let n = (t.planned.len_bytes() / t.planned.dtype.size_bytes() as u64) as usize;

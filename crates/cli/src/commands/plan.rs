@@ -61,6 +61,19 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(input.activation_bytes),
         human_bytes(p.slots as u64 * p.slot_bytes)
     );
+    if let (Some(e), Some(x)) = (&input.experts, &p.experts) {
+        let in_ram = x.ram_layers.iter().filter(|r| **r).count();
+        println!(
+            "experts      {} device slots of {} experts ({} each; {:.1} per MoE layer), {in_ram} of {} layers' experts in pinned RAM, the rest read from disk",
+            x.slots,
+            e.count,
+            human_bytes(e.unit),
+            x.slots as f64 / x.ram_layers.len().max(1) as f64,
+            x.ram_layers.len()
+        );
+    } else if let Some(e) = &input.experts {
+        println!("experts      all {} on the device ({} each)", e.count, human_bytes(e.unit));
+    }
     println!("pinned RAM   {} predicted ({} staging buffers)", human_bytes(p.ram_bytes), p.staging_buffers);
     println!(
         "bandwidths   device {:.0} GB/s, host→device {:.1} GB/s, disk {:.2} GB/s ({})",

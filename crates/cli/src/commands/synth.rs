@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_models::synth::{Like, harmony_tokenizer_from_tiktoken, synth};
+use ollm_models::synth::{Like, harmony_tokenizer_from_tiktoken, synth, synth_headers};
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// The model to imitate: llama-3.1-8b, llama-3.2-1b, llama-3.2-3b or gpt-oss-20b.
+    /// The model to imitate: llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, gpt-oss-20b or
+    /// qwen3-next-80b.
     #[arg(long, value_parser = Like::parse)]
     pub like: Like,
     /// The directory to create (must not exist, or be empty).
@@ -26,9 +27,19 @@ pub struct SynthArgs {
     /// in FILE (o200k_base.tiktoken) instead of a byte-level stand-in.
     #[arg(long, value_name = "FILE")]
     pub tiktoken: Option<PathBuf>,
+    /// Write the safetensors headers only, their data left as sparse holes (no disk space):
+    /// a model `ollm plan` reads like the real one (e.g. all 48 layers of Qwen3-Next-80B on a
+    /// small disk), which the other commands refuse to run.
+    #[arg(long, conflicts_with = "tiktoken")]
+    pub headers_only: bool,
 }
 
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
+    if a.headers_only {
+        synth_headers(a.like, a.layers, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+        eprintln!("[ollm] wrote {} (headers only: for `ollm plan`, not to run)", a.out.display());
+        return Ok(());
+    }
     // Read and convert the vocabulary first: a bad file should not cost a model's worth of writes.
     let tokenizer = match &a.tiktoken {
         Some(_) if a.like != Like::GptOss20B => {

@@ -419,7 +419,12 @@ fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
 /// (d) Qwen3-Next-80B's gated delta rule over a prompt of `prefill_matmul_t` steps (16 key and
 /// 32 value heads of 128), chunked and step by step, the state carried between calls. Work: the
 /// recurrence's 6·T·Nv·dk·dv flops, the same for both forms.
-fn delta_rule_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &mut dyn FnMut(&str)) -> Vec<BenchRow> {
+fn delta_rule_rows(
+    be: &CudaBackend,
+    cfg: &OpsBenchConfig,
+    b: &Bounds,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<BenchRow> {
     use crate::{DeltaForm, DeltaRule};
     let (t, nk, dk, nv, dv) = (cfg.prefill_matmul_t, 16, 128, 32, 128);
     let flops = 6.0 * (t * nv * dk * dv) as f64;

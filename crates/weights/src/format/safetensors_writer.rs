@@ -98,6 +98,25 @@ impl SafetensorsWriter {
     }
 }
 
+impl SafetensorsWriter {
+    /// Ends the file at its planned length without writing the data: a sparse hole that reads
+    /// back as zeros (a header-only model, for planning). Nothing may have been written.
+    pub fn finish_hole(self) -> Result<()> {
+        if self.written_data_bytes != 0 {
+            return Err(WeightsError::Format {
+                path: self.path.clone(),
+                detail: "a header-only file got data bytes".into(),
+            });
+        }
+        let path = self.path.clone();
+        let err = |source| WeightsError::Write { path: path.clone(), source };
+        let file = self.out.into_inner().map_err(|e| err(e.into_error()))?;
+        let header = file.metadata().map_err(err)?.len();
+        file.set_len(header + self.total_data_bytes).map_err(err)?;
+        file.sync_all().map_err(err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
