@@ -445,7 +445,7 @@ fn delta_rule_rows(
                 let (q, k) = (unit(t * nk, 60)?, unit(t * nk, 61)?);
                 let v = be.upload_f32(vec![t, nv, dv], &random_f32(t * nv * dv, 62, 1.0))?;
                 // Log-decays in (−0.1, 0] and betas in (0, 1).
-                let g: Vec<f32> = random_f32(t * nv, 63, 0.05).iter().map(|x| x.abs() * -1.0 - 0.05).collect();
+                let g: Vec<f32> = random_f32(t * nv, 63, 0.05).iter().map(|x| -x.abs() - 0.05).collect();
                 let beta: Vec<f32> = random_f32(t * nv, 64, 0.4).iter().map(|x| 0.5 + x).collect();
                 let (g, beta) = (be.upload_f32(vec![t, nv], &g)?, be.upload_f32(vec![t, nv], &beta)?);
                 let mut state = be.zeros(vec![nv, dk, dv])?;
