@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::tiny_model;
+use common::{tiny_model, tiny_qwen3_next};
 use std::sync::Arc;
 
 use ollm_kv::{KvOffload, PrefixCache, PrefixConfig};
@@ -95,6 +95,70 @@ fn check(backend: Arc<dyn Backend>) {
         let r = cache.restore(be, &mut warm, &second).expect("restore");
         assert_eq!((r.blocks, r.rejected.len()), (bad, 1), "{name}: {:?}", r.rejected);
         assert_eq!(max_diff(&feed(&model, &mut warm, &second, block), &want), 0.0, "{name}: after a corrupt entry");
+    }
+}
+
+/// Qwen3-Next: a reused prefix needs its DeltaNet state at the prefix's end too. Run 1 takes a
+/// snapshot of the fixed state at every block end (as a session's prefill does) and stores them
+/// with the blocks; run 2 restores the blocks and the last snapshot and computes the rest.
+/// Without the snapshots nothing is reused (a recurrent model cannot resume from KV alone).
+fn check_recurrent(backend: Arc<dyn Backend>, exact: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model_dir = dir.path().join("m");
+    tiny_qwen3_next(&model_dir);
+    let model = load_model_placed(&model_dir, backend, None).expect("model");
+    let be = model.backend();
+    let doc = ids(600, 1);
+    let ask = |q: &[u32]| [doc.as_slice(), q].concat();
+    let (first, second) = (ask(&ids(37, 2)), ask(&ids(45, 3)));
+    let fresh = || model.new_state().expect("state");
+    let block = fresh().block_layout(be).expect("layout").block;
+    let open = |name: &str, state: &SeqState| {
+        let cfg = PrefixConfig { dir: dir.path().join(name), max_bytes: u64::MAX };
+        PrefixCache::open(&cfg, model.info().fingerprint, state.block_layout(be).expect("layout")).expect("open")
+    };
+
+    let mut s1 = fresh();
+    let mut snapshots = Vec::new();
+    for c in first.chunks(block) {
+        model.forward(c, &mut s1, LogitsWanted::Last, None).expect("forward");
+        if s1.len() % block == 0 {
+            snapshots.push((s1.len(), s1.snapshot_fixed(be).expect("snapshot")));
+        }
+    }
+    let bare = open("bare", &s1);
+    bare.store(be, &mut s1, &first, &[]).expect("store without snapshots");
+    assert_eq!(bare.restore(be, &mut fresh(), &second).expect("restore").tokens, 0, "no snapshot, no reuse");
+    let cache = open("snap", &s1);
+    let stored = cache.store(be, &mut s1, &first, &snapshots).expect("store");
+    assert_eq!(stored.blocks, first.len() / block);
+
+    let mut cold = fresh();
+    let want = feed(&model, &mut cold, &second, block);
+    let mut warm = fresh();
+    let r = cache.restore(be, &mut warm, &second).expect("restore");
+    assert_eq!(r.tokens, doc.len() / block * block, "every block inside the document is reused");
+    let got = feed(&model, &mut warm, &second, block);
+    let d = max_diff(&got, &want);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("qwen3-next reused prefix vs cold: max |Δ| {d:e} (largest logit {scale})");
+    if exact {
+        assert!(d == 0.0, "reused logits differ from the cold run's (max |Δ| {d:e})");
+    } else {
+        assert!(d <= 1e-3 * scale, "reused logits differ from the cold run's (max |Δ| {d:e})");
+    }
+}
+
+#[test]
+fn a_recurrent_model_resumes_from_a_stored_prefix_on_the_cpu() {
+    check_recurrent(Arc::new(CpuBackend::new()), true);
+}
+
+#[test]
+fn a_recurrent_model_resumes_from_a_stored_prefix_on_the_gpu() {
+    match ollm_ops::cuda::probe(0) {
+        Ok(dev) => check_recurrent(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false),
+        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
     }
 }
 
