@@ -448,7 +448,7 @@ fn streaming_bench(
             bound.bound_s()
         );
     }
-    prefill_line(&m, plan, &mb, &info, &first_bw);
+    prefill_line(&m, plan, &mb, &info, &first_bw, expert_disk_bw);
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
@@ -484,13 +484,16 @@ fn prefill_line(
     mb: &ollm_models::registry::ModelBytes,
     info: &ollm_models::ModelInfo,
     bw: &Option<Bandwidths>,
+    expert_disk_bw: Option<f64>,
 ) {
     let Some(bw) = bw else { return };
     let t = m.computed;
     let tok_s = t as f64 / m.prefill_s;
     let mut once = token_time(&plan.tiers, &mb.layer_bytes, mb.resident_bytes, *bw);
     once.copy_s += m.expert_copies as f64 / bw.host_to_device;
-    once.disk_s += m.expert_disk as f64 / bw.disk;
+    // Experts read from disk go at the disk's measured direct-read rate (`bw.disk` is the
+    // layers' pass, infinite when no layer is on disk).
+    once.disk_s += m.expert_disk as f64 / expert_disk_bw.unwrap_or(bw.disk);
     // Parameters a token multiplies: the layers' (bf16) and, for MoE, its k experts per layer
     // (gate_up and down, 3·H·I each).
     let expert_params = mb.experts.map_or(0.0, |e| (e.per_token * 3 * mb.hidden_size * mb.intermediate_size) as f64);
