@@ -35,8 +35,9 @@ const LM_HEAD: &str = "lm_head.weight";
 const L2_EPS: f32 = 1e-6;
 /// Rows of one mixer tile of a prompt (DeltaNet or attention).
 pub const PREFILL_TILE: usize = 1024;
-/// Rows routed together: each expert is moved at most once per this many prompt tokens.
-pub const MOE_CHUNK: usize = 4096;
+/// Rows routed together: each expert is moved at most once per this many prompt tokens (the
+/// planner counts GPT-OSS's chunk of the same size).
+pub const MOE_CHUNK: usize = crate::gpt_oss::MOE_CHUNK;
 
 fn layer_name(l: usize, suffix: &str) -> String {
     format!("model.layers.{l}.{suffix}")
