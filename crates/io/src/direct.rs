@@ -269,7 +269,6 @@ pub fn read_spans_parallel(
 ) -> Result<()> {
     let piece = piece.max(ALIGN).next_multiple_of(ALIGN);
     let readers = readers.max(1);
-    type Job<'a> = (&'a DirectFile, u64, usize, &'a mut [u8]);
     let mut jobs: Vec<Vec<Job<'_>>> = (0..readers).map(|_| Vec::new()).collect();
     let mut rest = buf;
     let mut next = 0usize;
@@ -294,34 +293,32 @@ pub fn read_spans_parallel(
             next += 1;
         }
     }
+    run_jobs(jobs)
+}
+
+/// One read of a parallel read: the file, the offset, the bytes of it in the file (0: none,
+/// the piece lies past the end) and the aligned piece of buffer it lands in.
+type Job<'a> = (&'a DirectFile, u64, usize, &'a mut [u8]);
+
+/// Runs each list of reads on a thread of its own, in order within a list.
+fn run_jobs(jobs: Vec<Vec<Job<'_>>>) -> Result<()> {
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .into_iter()
-            .filter(|j| !j.is_empty())
-            .map(|job| {
-                s.spawn(move || -> Result<()> {
+            .filter_map(|job| {
+                let path = job.first()?.0.path.clone();
+                let handle = s.spawn(move || -> Result<()> {
                     for (file, off, n, chunk) in job {
                         if n > 0 {
                             file.read_into(off, n, chunk)?;
                         }
                     }
                     Ok(())
-                })
+                });
+                Some((path, handle))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(IoError::Read {
-                        path: Default::default(),
-                        offset: 0,
-                        len: 0,
-                        source: io::Error::other("a reader thread panicked"),
-                    })
-                })
-            })
-            .collect()
+        handles.into_iter().map(|(path, h)| h.join().unwrap_or_else(|_| Err(reader_panicked(&path)))).collect()
     });
     results.into_iter().collect()
 }
@@ -342,30 +339,13 @@ impl DirectFile {
         }
         let len_in_file = (self.len_bytes.min(end).saturating_sub(start)) as usize;
         let readers = readers.max(1);
-        let mut jobs: Vec<Vec<(usize, &mut [u8])>> = (0..readers).map(|_| Vec::new()).collect();
+        let mut jobs: Vec<Vec<Job<'_>>> = (0..readers).map(|_| Vec::new()).collect();
         for (i, c) in buf[..span_len].chunks_mut(READ_CHUNK).enumerate() {
-            jobs[i % readers].push((i, c));
+            let off = i * READ_CHUNK;
+            let len = c.len().min(len_in_file.saturating_sub(off));
+            jobs[i % readers].push((self, start + off as u64, len, c));
         }
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = jobs
-                .into_iter()
-                .map(|job| {
-                    s.spawn(move || -> Result<()> {
-                        for (i, chunk) in job {
-                            let off = i * READ_CHUNK;
-                            let len = chunk.len().min(len_in_file.saturating_sub(off));
-                            if len > 0 {
-                                self.read_into(start + off as u64, len, chunk)?;
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(reader_panicked(&self.path)))).collect()
-        });
-        results.into_iter().collect::<Result<Vec<()>>>()?;
-        Ok(())
+        run_jobs(jobs)
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use ollm_io::direct::{ALIGN, DirectFile, READERS, aligned_span, read_spans_parallel};
+use ollm_io::direct::{ALIGN, DirectFile, READ_CHUNK, READERS, aligned_span, read_spans_parallel};
 use ollm_ops::{Backend, DType, HostBuffer, HostTensor, Marker, Tensor};
 use ollm_weights::Catalog;
 
@@ -390,11 +390,9 @@ impl ExpertCache {
                     positions.push(pos);
                 }
                 let mut buf = backend.host_alloc(at)?;
-                let mut into = 0usize;
-                for (file, start, end) in reads {
-                    files[file].read_span_parallel(start, end, &mut buf.as_mut_slice()[into..], READERS)?;
-                    into += (end - start) as usize;
-                }
+                // One parallel read over all the spans: per-expert spans of a few MiB each would
+                // otherwise go one request at a time.
+                read_spans_parallel(&files, &reads, buf.as_mut_slice(), READ_CHUNK, READERS)?;
                 pinned_bytes += buf.len() as u64;
                 ram[l] = Some((buf, positions));
             }
