@@ -10,7 +10,7 @@ use crate::config::RawConfig;
 use crate::gpt_oss::{GptOss, GptOssConfig};
 use crate::llama3::{Llama, LlamaConfig};
 use crate::plan::Placement;
-use crate::qwen3_next::{Mixer, Qwen3Next, Qwen3NextConfig};
+use crate::qwen3_next::{Qwen3Next, Qwen3NextConfig};
 use crate::{CausalLm, ModelError, Result};
 
 /// Architectures this build can run.
@@ -147,16 +147,14 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
             let c = Qwen3NextConfig::from_raw(&raw)?;
             let kvd = c.n_kv_heads * c.head_dim;
             // Only the full-attention layers keep a KV cache: spread their share over all layers.
-            kv_layers = c.mixers.iter().filter(|m| **m == Mixer::Full).count();
+            kv_layers = c.attention_layers();
             // The in-projections, the conv input and output, z, q/k/v, the rule's output, its
             // norm and the out-projection (models.md §4.5).
             let (nv, dv) = (c.linear_v_heads, c.linear_v_dim);
             let qkvz = 2 * c.linear_k_heads * c.linear_k_dim + 2 * nv * dv;
             mixer_row_floats = qkvz + 2 * nv + 3 * c.conv_channels() + 3 * nv * dv + c.hidden_size;
-            let kinds: std::collections::BTreeSet<(bool, bool)> =
-                (0..c.n_layers).map(|l| (c.mixers[l] == Mixer::Full, c.is_moe(l))).collect();
-            layer_groups = kinds.len();
-            moe_layers = Some((0..c.n_layers).filter(|&l| c.is_moe(l)).count());
+            layer_groups = (0..c.n_layers).map(|l| c.layout(l)).collect::<std::collections::BTreeSet<_>>().len();
+            moe_layers = Some(c.moe_layers().len());
             (
                 c.n_layers,
                 c.hidden_size,

@@ -179,6 +179,22 @@ impl Qwen3NextConfig {
         !self.mlp_only_layers.contains(&l) && self.n_experts > 0 && (l + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
+    /// The MoE layers, in order.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.n_layers).filter(|&l| self.is_moe(l)).collect()
+    }
+
+    /// How many layers are gated full attention (they keep a KV cache).
+    pub fn attention_layers(&self) -> usize {
+        self.mixers.iter().filter(|m| **m == Mixer::Full).count()
+    }
+
+    /// Layer `l`'s tensor layout (mixer × MLP kind), 0..4: layers of one layout stream through
+    /// the same slots.
+    pub fn layout(&self, l: usize) -> usize {
+        2 * usize::from(self.mixers[l] == Mixer::Full) + usize::from(self.is_moe(l))
+    }
+
     /// Value heads per key head (r).
     pub fn v_per_k(&self) -> usize {
         self.linear_v_heads / self.linear_k_heads

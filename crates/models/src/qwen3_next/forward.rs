@@ -169,13 +169,6 @@ impl Layer {
     }
 }
 
-impl Layer {
-    /// Which streaming group the layer belongs to: one per tensor layout (mixer × MLP kind).
-    fn group(c: &Qwen3NextConfig, l: usize) -> usize {
-        2 * usize::from(c.mixers[l] == Mixer::Full) + usize::from(c.is_moe(l))
-    }
-}
-
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
         let mut v = vec![INPUT_NORM, POST_NORM];
@@ -262,7 +255,7 @@ impl Qwen3Next {
             catalog,
             placement,
             cfg.n_layers,
-            |l| Layer::group(&cfg, l),
+            |l| cfg.layout(l),
             |l| Layer::load(&ld, &cfg, l),
         )?;
         let consts = (0..cfg.n_layers)
@@ -279,8 +272,7 @@ impl Qwen3Next {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let experts = placement.experts.as_ref();
-        let moe_layers: Vec<usize> = (0..cfg.n_layers).filter(|&l| cfg.is_moe(l)).collect();
+        let moe_layers = cfg.moe_layers();
         let experts = match moe_layers.is_empty() {
             true => None,
             false => Some(ExpertCache::new(
@@ -289,7 +281,7 @@ impl Qwen3Next {
                 &moe_layers,
                 cfg.n_experts,
                 (h, cfg.moe_intermediate_size),
-                experts,
+                placement.experts.as_ref(),
             )?),
         };
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
@@ -311,7 +303,7 @@ impl Qwen3Next {
             let s = x.stats();
             (s.expert_bytes * s.experts as u64, s.expert_bytes * (moe_layers.len() * cfg.experts_per_token) as u64)
         });
-        let n_full = cfg.mixers.iter().filter(|m| **m == Mixer::Full).count();
+        let n_full = cfg.attention_layers();
         let kv_elem = backend.kv_dtype().size_bytes();
         let info = ModelInfo {
             architecture,
@@ -479,7 +471,7 @@ impl CausalLm for Qwen3Next {
     fn new_state(&self) -> Result<SeqState> {
         let c = &self.cfg;
         let be = self.backend.as_ref();
-        let full = c.mixers.iter().filter(|m| **m == Mixer::Full).count();
+        let full = c.attention_layers();
         let shapes = vec![KvShape::full(c.n_kv_heads, c.head_dim); full];
         let fixed = FixedShape {
             tensors: vec![
