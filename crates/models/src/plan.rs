@@ -236,15 +236,15 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     // Offloaded, the device holds two windows of one full layer's cache each.
     let kv_windows = 2 * kv_full.div_ceil(input.kv_full_layers.max(1) as u64);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
-    // Every group streams through its own slots (sized, conservatively, for the largest layer).
-    let groups = input.slot_groups.max(1) as u64;
+    // Every group streams through its own slots (sized, conservatively, for the largest layer):
+    // one slot of each group together.
+    let groups = input.slot_groups.max(1);
+    let slot_set = groups as u64 * slot_bytes;
     let expert_min = input.experts.map_or(0, |e| e.min_slots() as u64 * e.unit);
     let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes + expert_min;
     let kv_offloaded = match input.kv_offload {
         Some(off) => off,
-        None => {
-            base + kv_all + groups * input.slots.max(1) as u64 * slot_bytes > input.vram_budget && kv_windows < kv_all
-        }
+        None => base + kv_all + input.slots.max(1) as u64 * slot_set > input.vram_budget && kv_windows < kv_all,
     };
     let kv = if kv_offloaded { kv_windows } else { kv_all };
     let fixed = base + kv;
@@ -255,7 +255,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         (n, 0)
     } else {
         let slots = input.slots.max(1);
-        let need = fixed + groups * slots as u64 * slot_bytes;
+        let need = fixed + slots as u64 * slot_set;
         if need > input.vram_budget {
             return Err(PlanError::Vram {
                 budget: Bytes(input.vram_budget),
@@ -265,7 +265,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                 kv: Bytes(kv),
                 positions: input.context,
                 act: Bytes(input.activation_bytes),
-                slots,
+                slots: groups * slots,
                 slot: Bytes(slot_bytes),
             });
         }
@@ -290,11 +290,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     }
     let disk_count = tiers.iter().filter(|t| **t == Tier::Disk).count();
     let staging_buffers = if disk_count > 0 { slots.max(2) } else { 0 };
-    let staging_total = groups * staging_buffers as u64;
 
     let vram_layers = tier_bytes(&tiers, &input.layer_bytes, Tier::Vram);
     let mut ram_bytes = tier_bytes(&tiers, &input.layer_bytes, Tier::Ram);
-    let mut vram_bytes = fixed + vram_layers + groups * slots as u64 * slot_bytes;
+    let mut vram_bytes = fixed + vram_layers + slots as u64 * slot_set;
     let mut per_token = token_time(&tiers, &input.layer_bytes, input.resident_bytes + kv_all, input.bandwidth);
     // Experts: the VRAM left over becomes expert slots (all of them: no cache needed); pinned
     // RAM left after the layers holds whole layers' experts, the disk the rest.
@@ -352,7 +351,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         slot_bytes,
         staging_buffers,
         vram_bytes,
-        ram_bytes: ram_bytes + staging_total * slot_bytes + kv_ram,
+        ram_bytes: ram_bytes + staging_buffers as u64 * slot_set + kv_ram,
         per_token,
         kv: kv_plan,
         experts,

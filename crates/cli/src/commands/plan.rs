@@ -59,7 +59,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(input.resident_bytes + layer_bytes(&p.tiers, &input.layer_bytes, Tier::Vram)),
         human_bytes(input.kv_bytes_per_position * input.context as u64 + input.kv_sliding_bytes),
         human_bytes(input.activation_bytes),
-        human_bytes(p.slots as u64 * p.slot_bytes)
+        human_bytes(p.slots as u64 * p.slot_bytes * input.slot_groups.max(1) as u64)
     );
     if let (Some(e), Some(x)) = (&input.experts, &p.experts) {
         let in_ram = x.ram_layers.iter().filter(|r| **r).count();
