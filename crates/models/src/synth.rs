@@ -622,7 +622,6 @@ pub const HEADERS_ONLY_KEY: &str = "ollm_headers_only";
 /// sparse holes, no disk space): `ollm plan` reads it as it would the real model, the loader
 /// refuses it. For planning models larger than the disk.
 pub fn synth_headers(like: Like, layers: Option<usize>, out: &Path) -> Result<()> {
-    check_out_dir(out)?;
     let mut plan = plan_like(like, layers)?;
     plan.config[HEADERS_ONLY_KEY] = json!(true);
     write_plan_as(&plan, out, None, &mut |_, _| {})
