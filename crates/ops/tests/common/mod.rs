@@ -1,9 +1,12 @@
-//! Helpers the GPU test binaries share: fresh random data, dtype rounding, and finding the device
-//! (or checking that its absence is one clear line).
+//! Helpers the GPU test binaries share: fresh random data, dtype rounding, and the gate that
+//! finds the device or says why there is none ([`gpu`]). Each binary uses a subset.
+#![allow(dead_code)]
+
+pub mod gpu;
 
 use half::{bf16, f16};
 use ollm_ops::DType;
-use ollm_ops::cuda::{CudaDevice, probe};
+use ollm_ops::cuda::CudaDevice;
 
 /// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
 pub fn random(n: usize, scale: f32) -> Vec<f32> {
@@ -41,15 +44,8 @@ pub fn le_bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
     }
 }
 
-/// The device, or None after checking that the failure is one clear line (no panic).
+/// The device, or None after one SKIPPED line; a panic naming what is missing under
+/// `OLLM_REQUIRE_GPU` ([`gpu::gpu_or_skip`]).
 pub fn device() -> Option<CudaDevice> {
-    match probe(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(!msg.contains('\n') && msg.contains("--device cpu"), "{msg}");
-            eprintln!("SKIPPED: no usable CUDA device ({msg})");
-            None
-        }
-    }
+    gpu::gpu_or_skip()
 }
