@@ -22,8 +22,8 @@ for t in "$dir"/*; do
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$name")
   grep -q 'SKIPPED' "$logs/$name.log" && skipped+=("$name")
 done
-echo "== $ran test binaries; OLLM_TEST_SEED printed by each test that drew random inputs reproduces them"
 [ "$ran" -gt 0 ] || { echo "FAILED: no test binaries in $dir (run scripts/build-gpu-tests.sh first)"; exit 1; }
+echo "== $ran test binaries run (a failing test that drew random inputs printed OLLM_TEST_SEED=<seed>: set it to reproduce)"
 [ ${#failed[@]} -eq 0 ] || echo "FAILED: ${failed[*]}"
 [ ${#skipped[@]} -eq 0 ] || echo "FAILED: printed SKIPPED (a GPU test did not run): ${skipped[*]}"
 [ ${#failed[@]} -eq 0 ] && [ ${#skipped[@]} -eq 0 ]
