@@ -73,8 +73,9 @@ fn gate_skips_without_a_gpu_and_fails_when_one_is_required() {
                 let (ok, out) = child(name, &[(REQUIRE_GPU, value)]);
                 assert!(!ok, "with {REQUIRE_GPU}={value} the gated test fails:\n{out}");
                 assert!(!out.contains("SKIPPED"), "a required GPU is never skipped:\n{out}");
-                let want =
-                    format!("{REQUIRE_GPU} is set, so {name} fails instead of skipping: no usable CUDA device ({reason})");
+                let want = format!(
+                    "{REQUIRE_GPU} is set, so {name} fails instead of skipping: no usable CUDA device ({reason})"
+                );
                 assert!(out.lines().any(|l| l == want), "one line naming what is missing, {want:?}:\n{out}");
             }
             let (ok, out) = child(name, &[(REQUIRE_GPU, "0")]);

@@ -27,7 +27,10 @@ pub fn gpu_or_skip() -> Option<CudaDevice> {
         Ok(d) => Some(d),
         Err(e) => {
             let reason = e.to_string();
-            assert!(!reason.contains('\n') && reason.contains("--device cpu"), "probe's error is not one line: {reason}");
+            assert!(
+                !reason.contains('\n') && reason.contains("--device cpu"),
+                "probe's error is not one line: {reason}"
+            );
             skip_or_fail("no usable CUDA device", &reason);
             None
         }
