@@ -1,6 +1,6 @@
 //! The GPT-OSS golden fixtures (dense and MXFP4 experts) on the CUDA backend against
 //! transformers' fp32 reference, and streamed experts against resident ones on the GPU. Skips,
-//! saying why, without a usable GPU.
+//! saying why, without a usable GPU (fails under `OLLM_REQUIRE_GPU`: tests/common/mod.rs).
 //!
 //! Tolerance 0.1 absolute with the top-1 token equal at every position: the GPU keeps the KV
 //! cache in bf16 and narrows activations to bf16 for cuBLAS (prefills of 16 rows or more), as
@@ -12,6 +12,8 @@
 //! choice on an H100 (|Δ| 1.67 at that token, ≤ 0.057 everywhere else). Such tokens, listed by the
 //! generator, are reported instead of gated.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ use ollm_models::gpt_oss::{GptOss, GptOssConfig};
 use ollm_models::plan::{Placement, Tier};
 use ollm_models::{CausalLm, LogitsWanted};
 use ollm_ops::Backend;
-use ollm_ops::cuda::{CudaBackend, probe};
+use ollm_ops::cuda::CudaBackend;
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 0.1;
@@ -46,13 +48,7 @@ fn argmax(v: &[f32]) -> usize {
 
 #[test]
 fn gpt_oss_fixtures_match_transformers_on_the_gpu() {
-    let dev = match probe(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("SKIPPED: no usable CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let backend: Arc<dyn Backend> = Arc::new(CudaBackend::new(dev));
     for case in ["gpt_oss_dense", "gpt_oss_mxfp4"] {
         let dir = case_dir(case);

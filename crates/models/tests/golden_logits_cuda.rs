@@ -1,6 +1,6 @@
 //! The golden tests of golden_logits.rs on the CUDA backend: the Llama fixtures' prompt logits
 //! and token-by-token decode against transformers' fp32 reference. Skips, saying why, without a
-//! usable GPU.
+//! usable GPU (fails under `OLLM_REQUIRE_GPU`: tests/common/mod.rs).
 //!
 //! Tolerance 5e-2 absolute (the reference logits have an RMS of about 0.8 and lie within ±4):
 //! the GPU keeps the KV cache in bf16 (the model dtype) and rounds activations to bf16 before
@@ -9,11 +9,13 @@
 //! 2.1e-2 (prompt, 24 tokens: bf16 activations and KV) and 1.1e-2 (token-by-token decode: bf16
 //! KV only); the GPU differs from that simulation only in summation order.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ollm_models::{LogitsWanted, load_model};
-use ollm_ops::cuda::{CudaBackend, probe};
+use ollm_ops::cuda::CudaBackend;
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 5e-2;
@@ -27,13 +29,7 @@ fn case_dir(case: &str) -> PathBuf {
 
 #[test]
 fn llama_fixtures_match_transformers_on_the_gpu() {
-    let dev = match probe(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("SKIPPED: no usable CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let backend = Arc::new(CudaBackend::new(dev));
     for case in ["llama3_tied", "headdim_untied"] {
         let dir = case_dir(case);

@@ -4,12 +4,14 @@
 //! one at a time after a 100-token prefill (also in forwards of 8). Tolerance 0.1 absolute on logits and the same top
 //! token, as for GPT-OSS. The prompt in one forward (bf16 GEMM) is reported, not gated.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ollm_models::{LogitsWanted, load_model};
 use ollm_ops::Backend;
-use ollm_ops::cuda::{CudaBackend, probe};
+use ollm_ops::cuda::CudaBackend;
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 0.1;
@@ -32,13 +34,7 @@ fn compare(got: &[f32], want: &[f32], v: usize) -> (f32, Vec<usize>) {
 
 #[test]
 fn qwen3_next_fixtures_match_transformers_on_the_gpu() {
-    let dev = match probe(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("SKIPPED: no usable CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let backend: Arc<dyn Backend> = Arc::new(CudaBackend::new(dev));
     for case in ["qwen3_next", "qwen3_next_mlp_only"] {
         let dir = case_dir(case);

@@ -87,8 +87,7 @@ fn offloaded_kv_equals_device_kv_on_the_cpu() {
 
 #[test]
 fn offloaded_kv_equals_device_kv_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
-        Ok(dev) => check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev))),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    if let Some(dev) = common::gpu::gpu_or_skip() {
+        check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)));
     }
 }

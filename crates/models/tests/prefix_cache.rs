@@ -156,9 +156,8 @@ fn a_recurrent_model_resumes_from_a_stored_prefix_on_the_cpu() {
 
 #[test]
 fn a_recurrent_model_resumes_from_a_stored_prefix_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
-        Ok(dev) => check_recurrent(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    if let Some(dev) = common::gpu::gpu_or_skip() {
+        check_recurrent(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false);
     }
 }
 
@@ -169,8 +168,7 @@ fn reused_prefix_gives_the_cold_logits_on_the_cpu() {
 
 #[test]
 fn reused_prefix_gives_the_cold_logits_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
-        Ok(dev) => check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev))),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    if let Some(dev) = common::gpu::gpu_or_skip() {
+        check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)));
     }
 }

@@ -98,8 +98,7 @@ fn qwen3_next_streamed_and_offloaded_equals_resident_on_the_cpu() {
 
 #[test]
 fn qwen3_next_streamed_and_offloaded_equals_resident_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
-        Ok(dev) => check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    if let Some(dev) = common::gpu::gpu_or_skip() {
+        check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false);
     }
 }

@@ -55,9 +55,8 @@ fn sliding_layers_keep_their_window_and_the_logits_of_a_whole_cache() {
 
 #[test]
 fn sliding_layers_keep_their_window_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
-        Ok(dev) => check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), 2e-2),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    if let Some(dev) = common::gpu::gpu_or_skip() {
+        check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), 2e-2);
     }
 }
 

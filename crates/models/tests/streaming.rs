@@ -109,9 +109,8 @@ fn streamed_logits_equal_resident_logits_on_the_cpu() {
 
 #[test]
 fn streamed_logits_equal_resident_logits_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
-        Ok(dev) => check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+    if let Some(dev) = common::gpu::gpu_or_skip() {
+        check(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), false);
     }
 }
 
@@ -182,9 +181,8 @@ fn golden_fixtures_streamed_on_the_cpu() {
 
 #[test]
 fn golden_fixtures_streamed_on_the_gpu() {
-    match ollm_ops::cuda::probe(0) {
+    if let Some(dev) = common::gpu::gpu_or_skip() {
         // The GPU golden tolerance (bf16 KV and bf16 activations in cuBLAS; golden_logits_cuda.rs).
-        Ok(dev) => golden_fixtures_streamed(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), 5e-2),
-        Err(e) => eprintln!("SKIPPED: no usable CUDA device ({e})"),
+        golden_fixtures_streamed(Arc::new(ollm_ops::cuda::CudaBackend::new(dev)), 5e-2);
     }
 }

@@ -2,10 +2,14 @@
 //! (launchers build some names from the dtype, e.g. `matmul_f32_{bf16,f16,f32}w`). Needs NVRTC
 //! and the CUDA headers, not a GPU, so it also runs on a build machine that has them
 //! (`pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt`, then CUDA_HOME and
-//! LD_LIBRARY_PATH pointing into it); skips, saying why, without them.
+//! LD_LIBRARY_PATH pointing into it). Without them it prints SKIPPED, saying what is missing,
+//! or fails under `OLLM_REQUIRE_GPU` (tests/common/gpu.rs).
 
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpu::skip_or_fail;
 use ollm_ops::cuda::{self, KernelCache};
 
 /// (file, source, entry points)
@@ -125,14 +129,17 @@ fn kernel_files() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
 fn every_kernel_file_compiles_with_its_entry_points() {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("SKIPPED: NVRTC (libnvrtc.so) not found");
+        skip_or_fail(
+            "no NVRTC",
+            "libnvrtc.so not found: install the CUDA toolkit (or pip install nvidia-cuda-nvrtc) and add its lib to LD_LIBRARY_PATH",
+        );
         return;
     }
     for cc in [(8, 0), (9, 0)] {
         let cache = match KernelCache::new(cc) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("SKIPPED: {e}");
+                skip_or_fail("NVRTC cannot compile", &e.to_string());
                 return;
             }
         };

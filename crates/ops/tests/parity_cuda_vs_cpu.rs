@@ -1,6 +1,8 @@
-//! Every CUDA kernel against its CPU twin on fresh random inputs, outputs poisoned before each
-//! run. On a machine without a usable GPU the test checks that probing fails with a clear
-//! one-line message (no panic) and skips the kernels.
+//! Every CUDA kernel against its CPU twin on random inputs, outputs poisoned before each run.
+//! The inputs come from a seed printed by a failing test; `OLLM_TEST_SEED=<seed>` draws them
+//! again (tests/common/seed.rs). On a machine without a usable GPU each test checks that
+//! probing fails with one clear line and prints SKIPPED, or fails under `OLLM_REQUIRE_GPU`
+//! (tests/common/gpu.rs).
 //!
 //! Tolerances (‖gpu − cpu‖ / ‖cpu‖ unless said otherwise):
 //! * copies and conversions (embedding, add, write_kv, f32→bf16/f16): exact;

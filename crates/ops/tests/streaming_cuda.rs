@@ -1,6 +1,8 @@
 //! The streaming primitives of the CUDA backend: pinned host buffers, copies on the copy
 //! stream, and the markers that order them against compute. On a machine without a usable GPU
-//! every test checks that probing fails with one clear line and returns.
+//! every test checks that probing fails with one clear line and prints SKIPPED, or fails under
+//! `OLLM_REQUIRE_GPU` (tests/common/gpu.rs). Random data comes from a seed a failing test
+//! prints (`OLLM_TEST_SEED`, tests/common/seed.rs).
 //!
 //! Copies are exact (raw bytes); every destination is poisoned with NaN first. The ordering
 //! tests run each experiment twice: with the marker wait, where the result must be right, and

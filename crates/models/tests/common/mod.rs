@@ -4,6 +4,12 @@ use std::path::Path;
 
 use ollm_models::synth::{Like, plan_llama, write_plan};
 
+/// The GPU tests' gate, shared with ollm-ops's tests: CUDA device 0, or one SKIPPED line
+/// saying what is missing (a failure under `OLLM_REQUIRE_GPU`).
+#[allow(dead_code)]
+#[path = "../../../ops/tests/common/gpu.rs"]
+pub mod gpu;
+
 /// A synthesised Llama (random weights) small enough for CPU tests: 6 layers, hidden 64,
 /// 4 query and 2 KV heads of 16 dims, a 300-token vocabulary.
 #[allow(dead_code)]

@@ -1,25 +1,16 @@
-//! Helpers the GPU test binaries share: fresh random data, dtype rounding, and finding the device
-//! (or checking that its absence is one clear line).
+//! Helpers the GPU test binaries share: seeded random data ([`seed`]), dtype rounding, and the
+//! gate that finds the device or says why there is none ([`gpu`]). Each binary uses a subset.
+#![allow(dead_code)]
+
+pub mod gpu;
+pub mod seed;
 
 use half::{bf16, f16};
 use ollm_ops::DType;
-use ollm_ops::cuda::{CudaDevice, probe};
+use ollm_ops::cuda::CudaDevice;
 
-/// Fresh pseudo-random values in [-scale, scale), seeded by the clock so every run differs.
-pub fn random(n: usize, scale: f32) -> Vec<f32> {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let mut s = (clock ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+#[allow(unused_imports)] // not every binary draws random data
+pub use seed::random;
 
 /// `v` rounded to `dtype` and back (what a tensor of that dtype holds).
 pub fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
@@ -41,15 +32,8 @@ pub fn le_bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
     }
 }
 
-/// The device, or None after checking that the failure is one clear line (no panic).
+/// The device, or None after one SKIPPED line; a panic naming what is missing under
+/// `OLLM_REQUIRE_GPU` ([`gpu::gpu_or_skip`]).
 pub fn device() -> Option<CudaDevice> {
-    match probe(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(!msg.contains('\n') && msg.contains("--device cpu"), "{msg}");
-            eprintln!("SKIPPED: no usable CUDA device ({msg})");
-            None
-        }
-    }
+    gpu::gpu_or_skip()
 }
