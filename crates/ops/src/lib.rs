@@ -5,6 +5,7 @@
 //! oracle that every other backend is tested against.
 
 pub mod backend;
+pub mod bytes;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -18,6 +19,6 @@ pub use backend::{
     AttnGeometry, AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode,
 };
 pub use dtype::DType;
-pub use error::{OpsError, Result};
+pub use error::{MemoryLimit, OpsError, Result};
 pub use host::{HostBuffer, Marker};
 pub use tensor::{CpuStorage, HostTensor, Storage, Tensor};
