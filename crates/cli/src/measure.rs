@@ -123,8 +123,9 @@ mod tests {
         }
     }
 
-    /// On a GPU: pinned copies are measured, and the test buffer is freed (its pinned bytes
-    /// returned). Skipped, saying so, without a usable GPU.
+    /// On a GPU: the memory figures are the VRAM account's, pinned copies are measured, and the
+    /// test buffer is freed (its pinned bytes returned). Skipped, saying so, without a usable
+    /// GPU (a failure under OLLM_REQUIRE_GPU=1).
     #[test]
     fn host_to_device_bandwidth_is_measured_on_a_gpu() {
         let dev = match ollm_ops::cuda::probe(0) {
@@ -138,7 +139,11 @@ mod tests {
             }
         };
         let be = ollm_ops::cuda::CudaBackend::new(dev);
-        let pinned0 = be.memory_stats().pinned_bytes;
+        let s = be.memory_stats();
+        assert!(s.budget_bytes.is_some() && s.budget_bytes == s.total_bytes, "default budget: the device: {s:?}");
+        assert!(s.in_use_bytes >= 4 << 20, "the cuBLAS workspace is counted: {s:?}");
+        assert!(s.peak_bytes.is_some_and(|p| p >= s.overhead_bytes), "the peak counts the context: {s:?}");
+        let pinned0 = s.pinned_bytes;
         let rate = host_to_device_bandwidth(&be, 256 << 20).expect("measure");
         eprintln!("pinned host-to-device: {:.1} GB/s on {}", rate / 1e9, be.name());
         assert!(rate.is_finite() && rate > 0.0, "{rate}");
