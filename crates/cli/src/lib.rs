@@ -1,10 +1,12 @@
 //! The pieces of the `ollm` binary, as a library so integration tests can reuse them
 //! (demo provisioning in particular).
 
+pub mod bench_ops;
 pub mod commands;
 pub mod demo;
 pub mod hub;
 pub mod loaded;
+pub mod measure;
 pub mod npy;
 pub mod planning;
 pub mod prompt;

@@ -8,9 +8,10 @@ use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
 use ollm_models::plan::{Plan, Tier};
 use ollm_models::{CausalLm, load_model_placed};
-use ollm_ops::Backend;
+use ollm_ops::bytes::gib;
 use ollm_ops::cpu::CpuBackend;
-use ollm_ops::cuda::{CudaBackend, CudaDevice, vram};
+use ollm_ops::cuda::{CudaBackend, CudaDevice};
+use ollm_ops::{Backend, MemoryKind};
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
 
 use crate::commands::{DeviceArg, ModelArgs};
@@ -23,10 +24,8 @@ pub struct Loaded {
     pub load_time: Duration,
     /// The backend's name ("cpu", "cuda:0 (…)").
     pub model_backend_name: String,
-    /// The backend the model lives on.
+    /// The backend the model lives on (its memory figures: `backend.memory_stats()`).
     pub backend: Arc<dyn Backend>,
-    /// The same backend when it is a GPU.
-    pub cuda: Option<Arc<CudaBackend>>,
     /// The placement of the decoder layers, when the planner ran (a GPU, or budgets given).
     pub plan: Option<Plan>,
     /// The temporary directory an offloaded KV cache spills into, removed on drop.
@@ -61,11 +60,17 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The backend `--device` chose; `cuda` is the same backend, typed, when it is a GPU (for the
-/// VRAM figures).
+/// The backend `--device` chose. Its memory figures (budget, context overhead, peak) come from
+/// [`Memory::memory_stats`](ollm_ops::Memory::memory_stats).
 pub struct Chosen {
     pub backend: Arc<dyn Backend>,
-    pub cuda: Option<Arc<CudaBackend>>,
+}
+
+impl Chosen {
+    /// Whether the backend has memory of its own (a GPU), which the planner must fit.
+    pub fn is_device(&self) -> bool {
+        self.backend.memory_kind() == MemoryKind::Device
+    }
 }
 
 /// Applies `--vram-budget` to an opened device.
@@ -76,9 +81,9 @@ fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<
         if budget > total {
             eprintln!(
                 "[ollm] --vram-budget {} exceeds cuda:{}'s {}; the device is the limit",
-                vram::gib(budget),
+                gib(budget),
                 dev.info.ordinal,
-                vram::gib(total)
+                gib(total)
             );
         }
         dev.set_vram_budget(budget)?;
@@ -96,10 +101,10 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         if compiled > 0 {
             eprintln!("[ollm] compiled {compiled} CUDA kernel files in {secs:.1} s (once; cached for later runs)");
         }
-        Ok(Chosen { backend: b.clone(), cuda: Some(b) })
+        Ok(Chosen { backend: b })
     };
     match device {
-        DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()), cuda: None }),
+        DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()) }),
         DeviceArg::Cuda(n) => {
             let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
             cuda(with_budget(dev, vram_budget)?)
@@ -107,15 +112,14 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         DeviceArg::Auto => match ollm_ops::cuda::probe(0) {
             Ok(dev) => {
                 let b = with_budget(dev, vram_budget)?;
-                let budget = vram_budget.map_or(String::new(), |_| {
-                    format!(", VRAM budget {}", vram::gib(b.device().vram().budget_bytes()))
-                });
+                let budget = vram_budget
+                    .map_or(String::new(), |_| format!(", VRAM budget {}", gib(b.device().vram().budget_bytes())));
                 eprintln!("[ollm] device: {}{budget}", b.name());
                 cuda(b)
             }
             Err(_) => {
                 eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");
-                Ok(Chosen { backend: Arc::new(CpuBackend::new()), cuda: None })
+                Ok(Chosen { backend: Arc::new(CpuBackend::new()) })
             }
         },
     }
@@ -135,7 +139,7 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.
     let budgets = args.budgets();
-    let wants_plan = chosen.cuda.is_some()
+    let wants_plan = chosen.is_device()
         || budgets.vram.is_some()
         || budgets.ram.is_some()
         || budgets.offload_layers_to_cpu.is_some()
@@ -152,7 +156,7 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     if let (Some(p), Some(_)) = (&plan, &placement) {
         eprintln!("[ollm] streaming: {}", crate::planning::describe(p));
     }
-    let Chosen { backend, cuda } = chosen;
+    let Chosen { backend } = chosen;
     let t0 = Instant::now();
     let model_backend_name = backend.name();
     let model = load_model_placed(&dir, backend.clone(), placement.as_ref())
@@ -165,7 +169,6 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
         load_time: t0.elapsed(),
         model_backend_name,
         backend,
-        cuda,
         plan,
         kv_temp_dir,
         prefix: args.prefix_config(),
@@ -253,7 +256,7 @@ impl Loaded {
 
     /// Peak GPU memory as the driver reported it (CUDA context included), when on a GPU.
     pub fn peak_vram_bytes(&self) -> Option<usize> {
-        self.cuda.as_ref().map(|c| c.device().peak_used_bytes())
+        self.backend.memory_stats().peak_bytes.map(|b| usize::try_from(b).unwrap_or(usize::MAX))
     }
 
     /// The model with its tokenizer, template, eos ids and default sampling, for the front ends.

@@ -67,11 +67,9 @@ pub fn default_ram_budget() -> u64 {
 pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidths>) -> anyhow::Result<PlanInput> {
     let m = model_bytes(dir)?;
     let n = m.layer_bytes.len();
-    let (vram, context_overhead) = match &chosen.cuda {
-        Some(c) => {
-            let acct = c.device().vram();
-            (acct.budget_bytes() as u64, acct.context_bytes() as u64)
-        }
+    let stats = chosen.backend.memory_stats();
+    let (vram, context_overhead) = match stats.budget_bytes {
+        Some(budget) => (budget, stats.overhead_bytes),
         None => (b.vram.unwrap_or(u64::MAX), 0),
     };
     let context = b.max_context.unwrap_or(m.max_positions.min(8192)).clamp(1, m.max_positions);
@@ -209,8 +207,8 @@ pub fn calibrate(backend: &dyn Backend, weights: &Path, fresh: bool) -> anyhow::
         return Ok((Bandwidths { device: d, host_to_device: h, disk: k }, true));
     }
     eprintln!("[ollm] calibrating: device memory, host→device copies, O_DIRECT disk reads (a few seconds)");
-    let device = backend.measure_bandwidth(1 << 30)?;
-    let host_to_device = backend.measure_host_to_device(1 << 30)?;
+    let device = crate::measure::memory_bandwidth(backend, 1 << 30)?;
+    let host_to_device = crate::measure::host_to_device_bandwidth(backend, 1 << 30)?;
     let (disk, direct) = ollm_io::direct::measure_read_bandwidth(weights, 2 << 30, ollm_io::direct::READERS)
         .with_context(|| format!("measuring disk reads on {}", weights.display()))?;
     if !direct {

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use ollm_kv::prefix::PrefixError;
 use ollm_kv::{FixedShape, KvOffload, KvShape, PrefixCache, PrefixConfig, SeqState};
-use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
+use ollm_ops::{Backend, Memory};
 
 const SHAPE: KvShape = KvShape { n_kv_heads: 2, head_dim: 8, window: None };
 const LAYERS: usize = 3;

@@ -102,7 +102,7 @@ pub struct ExpertPlacement {
 }
 
 /// Experts whose call has at most this many rows use their MXFP4 matrices packed
-/// ([`Backend::matmul_mxfp4`]: decode reads 4.25 bits a weight); more rows unpack to bf16
+/// (`MoeOps::matmul_mxfp4`: decode reads 4.25 bits a weight); more rows unpack to bf16
 /// once and take the GEMM path.
 pub const PACKED_MAX_ROWS: usize = 8;
 
@@ -122,7 +122,7 @@ impl ExpertMatrix<'_> {
     pub fn matmul(&self, be: &dyn Backend, x: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
         match *self {
             ExpertMatrix::Dense(w) => be.matmul(x, w, bias, out)?,
-            ExpertMatrix::Mxfp4 { blocks, scales } => be.matmul_mxfp4(x, blocks, scales, bias, out)?,
+            ExpertMatrix::Mxfp4 { blocks, scales } => be.moe()?.matmul_mxfp4(x, blocks, scales, bias, out)?,
         }
         Ok(())
     }
@@ -612,8 +612,9 @@ impl ExpertCache {
                     return Err(ModelError::Stream("internal: no unpack buffers".into()));
                 };
                 if self.format == ExpertFormat::Mxfp4 {
-                    be.dequant_mxfp4(&p[0], &p[1], gate_up)?;
-                    be.dequant_mxfp4(&p[2], &p[3], down)?;
+                    let moe = be.moe()?;
+                    moe.dequant_mxfp4(&p[0], &p[1], gate_up)?;
+                    moe.dequant_mxfp4(&p[2], &p[3], down)?;
                 } else {
                     be.transpose(&p[0], gate_up)?;
                     be.transpose(&p[1], down)?;

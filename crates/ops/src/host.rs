@@ -2,7 +2,7 @@
 //!
 //! The weight streamer (architecture.md §1) reads layers with O_DIRECT into a [`HostBuffer`],
 //! queues the host-to-device copy on the backend's copy stream, and orders copies against
-//! compute with [`Marker`]s; see the streaming methods of [`Backend`](crate::Backend).
+//! compute with [`Marker`]s; see [`CopyQueue`](crate::CopyQueue).
 
 use std::alloc::{self, Layout};
 use std::fmt;
@@ -37,7 +37,7 @@ enum Owner {
 ///
 /// Owns its memory; dropping it frees the memory (a pinned buffer first waits for the copies
 /// still queued from it). Writing into a range while a copy from it is queued races with the
-/// copy: wait for a [`Backend::copy_marker`](crate::Backend::copy_marker) taken after the copy
+/// copy: wait for a [`CopyQueue::copy_marker`](crate::CopyQueue::copy_marker) taken after the copy
 /// first.
 pub struct HostBuffer {
     ptr: NonNull<u8>,
@@ -55,7 +55,7 @@ unsafe impl Sync for HostBuffer {}
 
 impl HostBuffer {
     /// `bytes` rounded up to 4096 of zeroed, 4096-aligned heap memory (the CPU backend's
-    /// [`Backend::host_alloc`](crate::Backend::host_alloc)).
+    /// [`Memory::host_alloc`](crate::Memory::host_alloc)).
     pub fn heap(bytes: usize) -> Result<Self> {
         let len = rounded(bytes, "host_alloc")?;
         if len == 0 {

@@ -1,10 +1,12 @@
 //! ollm-ops: math on buffers. Knows nothing of models, files or requests.
 //!
 //! A [`Tensor`] is a shape plus [`Storage`] that lives on one backend. Model code calls the
-//! [`Backend`] trait only; the CPU backend ([`cpu::CpuBackend`]) is always present and is the
-//! oracle that every other backend is tested against.
+//! [`Backend`] trait only (its roles: [`Compute`], [`Memory`], [`CopyQueue`], and the extension
+//! traits [`MoeOps`] and [`DeltaNetOps`]); the CPU backend ([`cpu::CpuBackend`]) is always
+//! present and is the oracle that every other backend is tested against.
 
 pub mod backend;
+pub mod bytes;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -15,9 +17,10 @@ pub mod mxfp4;
 pub mod tensor;
 
 pub use backend::{
-    AttnGeometry, AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode,
+    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan,
+    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode,
 };
 pub use dtype::DType;
-pub use error::{OpsError, Result};
+pub use error::{MemoryLimit, OpsError, Result};
 pub use host::{HostBuffer, Marker};
 pub use tensor::{CpuStorage, HostTensor, Storage, Tensor};

@@ -31,7 +31,7 @@ use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ollm_ops::cpu::{self, CpuBackend};
 use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage};
-use ollm_ops::{Backend, CpuStorage, DType, HostTensor, NormKind, RouterMode, Tensor};
+use ollm_ops::{Backend, Compute, CpuStorage, DType, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor};
 
 /// ‖a − b‖ / ‖b‖
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -675,9 +675,12 @@ fn moe_ops_through_the_backend_match_cpu() {
     let run_swiglu = |be: &dyn Backend| {
         let x = be.upload_f32(vec![4, 192], &gu).expect("gate_up");
         let mut out = be.upload_f32(vec![4, 96], &[f32::NAN; 4 * 96]).expect("out");
-        be.clamped_swiglu(&x, 7.0, 1.702, &mut out).expect("clamped_swiglu");
+        be.moe().expect("MoE ops").clamped_swiglu(&x, 7.0, 1.702, &mut out).expect("clamped_swiglu");
         let mut wrong = be.zeros(vec![4, 95]).expect("wrong out");
-        assert!(be.clamped_swiglu(&x, 7.0, 1.702, &mut wrong).is_err(), "[4, 192] into [4, 95]");
+        assert!(
+            be.moe().expect("MoE ops").clamped_swiglu(&x, 7.0, 1.702, &mut wrong).is_err(),
+            "[4, 192] into [4, 95]"
+        );
         be.to_host_f32(&out).expect("out")
     };
     let e_swiglu = rel_err(&run_swiglu(&gpu), &run_swiglu(&cpu));
@@ -691,8 +694,14 @@ fn moe_ops_through_the_backend_match_cpu() {
             (be.upload_f32(vec![2, 32, 128], &x).expect("x"), be.upload_f32(vec![2, 32, 128], &z).expect("z"));
         let wt = be.upload(&w).expect("w");
         let mut out = be.upload_f32(vec![2, 32, 128], &vec![f32::NAN; x.len()]).expect("out");
-        be.gated_rms_norm(&xt, &zt, &wt, 1e-6, &mut out).expect("gated_rms_norm");
-        assert!(be.gated_rms_norm(&xt, &xt, &be.zeros(vec![64]).expect("w"), 1e-6, &mut out).is_err(), "w [64]");
+        be.deltanet().expect("DeltaNet ops").gated_rms_norm(&xt, &zt, &wt, 1e-6, &mut out).expect("gated_rms_norm");
+        assert!(
+            be.deltanet()
+                .expect("DeltaNet ops")
+                .gated_rms_norm(&xt, &xt, &be.zeros(vec![64]).expect("w"), 1e-6, &mut out)
+                .is_err(),
+            "w [64]"
+        );
         be.to_host_f32(&out).expect("out")
     };
     let e_norm = rel_err(&run_norm(&gpu), &run_norm(&cpu));
@@ -732,7 +741,7 @@ fn expert_data_movement_matches_cpu() {
         let b = be.upload(&host(DType::U8, vec![rows, cols / 32, 16], blocks.clone())).expect("blocks");
         let s = be.upload(&host(DType::U8, vec![rows, cols / 32], scales.clone())).expect("scales");
         let mut out = be.alloc(vec![rows, cols], DType::BF16).expect("out");
-        be.dequant_mxfp4(&b, &s, &mut out).expect("dequant");
+        be.moe().expect("MoE ops").dequant_mxfp4(&b, &s, &mut out).expect("dequant");
         outs.push(values(be, &out));
     }
     let same = outs[0].iter().zip(&outs[1]).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
@@ -784,10 +793,10 @@ fn expert_data_movement_matches_cpu() {
     for be in [&cpu as &dyn Backend, &gpu] {
         let src = be.upload_f32(vec![t, n], &table).expect("table");
         let mut g = be.zeros(vec![rows.len(), n]).expect("gathered");
-        be.gather_rows(&src, &rows, &mut g).expect("gather");
+        be.moe().expect("MoE ops").gather_rows(&src, &rows, &mut g).expect("gather");
         let mut dst = be.upload_f32(vec![t, n], &table).expect("dst");
         let p = be.upload_f32(vec![rows.len(), n], &packed).expect("packed");
-        be.scatter_add_rows(&p, &rows, &weights, &mut dst).expect("scatter");
+        be.moe().expect("MoE ops").scatter_add_rows(&p, &rows, &weights, &mut dst).expect("scatter");
         got.push((values(be, &g), values(be, &dst)));
     }
     assert_eq!(got[0].0, got[1].0, "gather_rows");
@@ -832,7 +841,10 @@ fn mxfp4_matmul_matches_cpu() {
                     let bt = be.upload_f32(vec![n], &bias).expect("bias");
                     let xt = be.upload_f32(vec![t, k], &x).expect("x");
                     let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
-                    be.matmul_mxfp4(&xt, &b, &s, with_bias.then_some(&bt), &mut out).expect("matmul_mxfp4");
+                    be.moe()
+                        .expect("MoE ops")
+                        .matmul_mxfp4(&xt, &b, &s, with_bias.then_some(&bt), &mut out)
+                        .expect("matmul_mxfp4");
                     outs.push(be.to_host_f32(&out).expect("out"));
                 }
                 assert!(outs[1].iter().all(|v| v.is_finite()), "unwritten outputs");
@@ -896,7 +908,7 @@ fn gated_deltanet_ops_match_cpu() {
         "l2_norm + sigmoid_mul",
         both(&|be| {
             let mut a = up(be, vec![9, 128], &x);
-            be.l2_norm(&mut a, 1e-6, 0.125).expect("l2");
+            be.deltanet().expect("DeltaNet ops").l2_norm(&mut a, 1e-6, 0.125).expect("l2");
             let mut b = up(be, vec![9, 128], &x);
             be.sigmoid_mul(&mut b, &up(be, vec![9, 128], &gate)).expect("gate");
             let mut c = up(be, vec![9, 128], &x);
@@ -910,7 +922,9 @@ fn gated_deltanet_ops_match_cpu() {
     let gates = |be: &dyn Backend| {
         let (mut g, mut beta) = (up(be, vec![150, 32], &vec![0.0; 4800]), up(be, vec![150, 32], &vec![0.0; 4800]));
         let (at, bt) = (up(be, vec![150, 32], &a), up(be, vec![150, 32], &b));
-        be.deltanet_gates(&at, &bt, &up(be, vec![32], &a_log), &up(be, vec![32], &dt), &mut g, &mut beta)
+        be.deltanet()
+            .expect("DeltaNet ops")
+            .deltanet_gates(&at, &bt, &up(be, vec![32], &a_log), &up(be, vec![32], &dt), &mut g, &mut beta)
             .expect("gates");
         (g, beta)
     };
@@ -931,9 +945,15 @@ fn gated_deltanet_ops_match_cpu() {
             let w = up(be, vec![ch, 1, kc], &cw);
             let mut state = up(be, vec![kc - 1, ch], &cs);
             let mut o1 = up(be, vec![100, ch], &vec![0.0; 100 * ch]);
-            be.causal_conv1d(&up(be, vec![100, ch], &cx[..100 * ch]), &w, &mut state, &mut o1).expect("conv");
+            be.deltanet()
+                .expect("DeltaNet ops")
+                .causal_conv1d(&up(be, vec![100, ch], &cx[..100 * ch]), &w, &mut state, &mut o1)
+                .expect("conv");
             let mut o2 = up(be, vec![1, ch], &vec![0.0; ch]);
-            be.causal_conv1d(&up(be, vec![1, ch], &cx[100 * ch..]), &w, &mut state, &mut o2).expect("conv step");
+            be.deltanet()
+                .expect("DeltaNet ops")
+                .causal_conv1d(&up(be, vec![1, ch], &cx[100 * ch..]), &w, &mut state, &mut o2)
+                .expect("conv step");
             vec![host(be, &o1), host(be, &o2), host(be, &state)]
         }),
         1e-6,
@@ -957,7 +977,9 @@ fn gated_deltanet_ops_match_cpu() {
         let run = |be: &dyn Backend, form: DeltaForm| {
             let (mut g, mut beta) = (up(be, vec![t, nv], &vec![0.0; t * nv]), up(be, vec![t, nv], &vec![0.0; t * nv]));
             let (at, bt) = (up(be, vec![t, nv], &a), up(be, vec![t, nv], &b));
-            be.deltanet_gates(&at, &bt, &up(be, vec![nv], &a_log), &up(be, vec![nv], &dt), &mut g, &mut beta)
+            be.deltanet()
+                .expect("DeltaNet ops")
+                .deltanet_gates(&at, &bt, &up(be, vec![nv], &a_log), &up(be, vec![nv], &dt), &mut g, &mut beta)
                 .expect("gates");
             let (g, beta) = (host(be, &g), host(be, &beta));
             let mut state = up(be, vec![nv, dk, dv], &s0);
@@ -972,7 +994,7 @@ fn gated_deltanet_ops_match_cpu() {
                     beta: &up(be, vec![n, nv], &beta[t0 * nv..t1 * nv]),
                 };
                 let mut out = up(be, vec![n, nv, dv], &vec![f32::NAN; n * nv * dv]);
-                be.delta_rule(x, &mut state, &mut out, form).expect("delta rule");
+                be.deltanet().expect("DeltaNet ops").delta_rule(x, &mut state, &mut out, form).expect("delta rule");
                 outs.push(host(be, &out));
             }
             outs.push(host(be, &state));

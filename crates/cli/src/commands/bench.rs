@@ -1,10 +1,10 @@
 //! `ollm bench`: decode speed against the memory-bandwidth bound measured in the same run, and
 //! `ollm bench ops`: the GPU ops that bound LLM speed against HBM bandwidth and cuBLAS's GEMM
-//! rate measured in the same run (the logic is `ollm_ops::cuda::bench`).
+//! rate measured in the same run (the logic is `crate::bench_ops`).
 //!
 //! Decoding one token reads every weight the token touches once, so on a CPU the best possible
-//! rate is (memory bandwidth) / (weight bytes read per token + KV bytes read). The bench asks the
-//! backend for its measured bandwidth (`Backend::measure_bandwidth`), then times greedy decoding, and
+//! rate is (memory bandwidth) / (weight bytes read per token + KV bytes read). The bench measures
+//! the backend's bandwidth (`crate::measure::memory_bandwidth`), then times greedy decoding, and
 //! prints the achieved rate, the bound and their ratio.
 
 use std::path::PathBuf;
@@ -19,11 +19,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ollm_engine::Session;
 use ollm_engine::sampling::argmax;
-use ollm_ops::cuda::bench::{OpsBenchConfig, OpsBenchReport, run_ops_bench};
-use ollm_ops::cuda::vram::gib;
+use ollm_ops::bytes::gib;
+use ollm_ops::cuda::CudaBackend;
 
 use super::{DeviceArg, ModelArgs, parse_device};
+use crate::bench_ops::{OpsBenchConfig, OpsBenchReport, gemm_rate, run_ops_bench};
 use crate::loaded::{Chosen, backend, load};
+use crate::measure::{host_to_device_bandwidth, memory_bandwidth};
 use crate::resources::human_bytes;
 
 /// `ollm bench --model DIR` (decode speed) or `ollm bench ops` (GPU ops). `--model` is
@@ -123,9 +125,9 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     // Measured right after loading, before any activation exists; a streamed model runs in a
     // tight budget, so its tests stay small.
     let mib = if streamed.is_some() { a.bandwidth_mib.min(256) } else { a.bandwidth_mib };
-    let bandwidth = loaded.backend.measure_bandwidth(mib * 1024 * 1024)?;
-    let gemm = match (&loaded.cuda, &streamed) {
-        (Some(c), Some(_)) => Some(ollm_ops::cuda::bench::gemm_rate(c, 4096, 10)?),
+    let bandwidth = memory_bandwidth(loaded.backend.as_ref(), mib * 1024 * 1024)?;
+    let gemm = match (loaded.backend.as_any().downcast_ref::<CudaBackend>(), &streamed) {
+        (Some(c), Some(_)) => Some(gemm_rate(c, 4096, 10)?),
         _ => None,
     };
     let info = loaded.model.info().clone();
@@ -402,7 +404,7 @@ fn streaming_bench(
                 p.bytes
             );
         }
-        let h2d = loaded.backend.measure_host_to_device(h2d_test)?;
+        let h2d = host_to_device_bandwidth(loaded.backend.as_ref(), h2d_test)?;
         let bw = Bandwidths {
             device: device_bw,
             host_to_device: h2d,
@@ -564,15 +566,15 @@ fn run_ops(a: OpsArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(a.runs >= 1 && a.attn_tokens >= 1, "--runs and --attn-tokens must be >= 1");
     anyhow::ensure!(a.max_row_seconds > 0.0, "--max-row-seconds must be > 0");
-    let Chosen { cuda, .. } = backend(DeviceArg::Cuda(n), a.vram_budget).context("ollm bench ops needs a CUDA GPU")?;
-    let Some(be) = cuda else { bail!("ollm bench ops needs a CUDA GPU") };
+    let Chosen { backend } = backend(DeviceArg::Cuda(n), a.vram_budget).context("ollm bench ops needs a CUDA GPU")?;
+    let Some(be) = backend.as_any().downcast_ref::<CudaBackend>() else { bail!("ollm bench ops needs a CUDA GPU") };
     let cfg = OpsBenchConfig {
         runs: a.runs,
         max_row_seconds: a.max_row_seconds,
         attn_tokens: a.attn_tokens,
         ..OpsBenchConfig::default()
     };
-    let report = run_ops_bench(&be, &cfg, &mut |what| eprintln!("[ollm] measuring {what}"))?;
+    let report = run_ops_bench(be, &cfg, &mut |what| eprintln!("[ollm] measuring {what}"))?;
     print!("{}", report.table());
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report_json(&report))?;
@@ -653,7 +655,7 @@ mod tests {
 
     #[test]
     fn json_report_has_every_row_and_both_bounds() {
-        use ollm_ops::cuda::bench::BenchRow;
+        use crate::bench_ops::BenchRow;
         let row = BenchRow {
             op: "decode attention (backend)".into(),
             shape: "1 token at context 32768".into(),

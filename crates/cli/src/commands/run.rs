@@ -12,7 +12,7 @@ use ollm_tokenizer::ChatMessage;
 use super::ModelArgs;
 use crate::loaded::{load, load_text};
 use crate::prompt::read_prompt;
-use ollm_ops::cuda::vram::gib;
+use ollm_ops::bytes::gib;
 
 use crate::resources::{human_bytes, peak_rss_bytes};
 

@@ -252,13 +252,14 @@ impl GptOss {
     /// in f32.
     fn moe_block(&self, l: usize, layer: &Layer, x: &mut Tensor, normed: &mut Tensor) -> Result<()> {
         let be = self.backend.as_ref();
+        let moe = be.moe()?;
         let (c, h) = (x.shape()[0], self.cfg.hidden_size);
         let (n_e, k) = (self.cfg.n_experts, self.cfg.experts_per_token);
         be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
         let mut logits = be.zeros(vec![c, n_e])?;
         let (router, router_bias) = &self.routers[l];
         be.matmul(normed, router, Some(router_bias), &mut logits)?;
-        let (ids, weights) = be.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
+        let (ids, weights) = moe.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
         let routed = Routed::new(&ids, &weights, k, n_e);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![c, h])?;
@@ -273,11 +274,11 @@ impl GptOss {
                     Some(s) if s.n == sub.len() => scratch.insert(s),
                     _ => scratch.insert(ExpertScratch::new(be, sub.len(), h, inter)?),
                 };
-                be.gather_rows(normed, sub, &mut s.x)?;
+                moe.gather_rows(normed, sub, &mut s.x)?;
                 w.gate_up.matmul(be, &s.x, w.gate_up_bias, &mut s.gate_up)?;
-                be.clamped_swiglu(&s.gate_up, limit, SWIGLU_ALPHA, &mut s.act)?;
+                moe.clamped_swiglu(&s.gate_up, limit, SWIGLU_ALPHA, &mut s.act)?;
                 w.down.matmul(be, &s.act, w.down_bias, &mut s.y)?;
-                be.scatter_add_rows(&s.y, sub, sub_w, &mut acc)?;
+                moe.scatter_add_rows(&s.y, sub, sub_w, &mut acc)?;
             }
             Ok(())
         })?;

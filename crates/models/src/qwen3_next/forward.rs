@@ -333,6 +333,7 @@ impl Qwen3Next {
     /// (models.md §4.5); the chunked form for more than one row.
     fn deltanet(&self, (w, dc): (&LinearAttn, &DeltaConsts), a: &Tensor, state: &mut [Tensor]) -> Result<Tensor> {
         let be = self.backend.as_ref();
+        let dn = be.deltanet()?;
         let c = &self.cfg;
         let t = a.shape()[0];
         let (nk, dk, nv, dv, r) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim, c.v_per_k());
@@ -358,23 +359,23 @@ impl Qwen3Next {
         let (conv_state, rest) =
             state.split_first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no conv state".into()))?;
         let mut conv = be.zeros(vec![t, ch])?;
-        be.causal_conv1d(&u, &dc.conv, conv_state, &mut conv)?;
+        dn.causal_conv1d(&u, &dc.conv, conv_state, &mut conv)?;
         let whole = |offset, width| HeadSlice { heads: 1, stride: ch, offset, width, out_offset: 0 };
         let (mut q, mut k, mut v) =
             (be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nv, dv])?);
         be.slice_heads(&conv, whole(0, nk * dk), &mut q)?;
         be.slice_heads(&conv, whole(nk * dk, nk * dk), &mut k)?;
         be.slice_heads(&conv, whole(2 * nk * dk, nv * dv), &mut v)?;
-        be.l2_norm(&mut q, L2_EPS, (dk as f32).powf(-0.5))?;
-        be.l2_norm(&mut k, L2_EPS, 1.0)?;
+        dn.l2_norm(&mut q, L2_EPS, (dk as f32).powf(-0.5))?;
+        dn.l2_norm(&mut k, L2_EPS, 1.0)?;
         let (mut g, mut beta) = (be.zeros(vec![t, nv])?, be.zeros(vec![t, nv])?);
-        be.deltanet_gates(&alpha, &b, &dc.a_log, &dc.dt_bias, &mut g, &mut beta)?;
+        dn.deltanet_gates(&alpha, &b, &dc.a_log, &dc.dt_bias, &mut g, &mut beta)?;
         let form = if t == 1 { DeltaForm::Recurrent } else { DeltaForm::Chunked };
         let s = rest.first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no recurrent state".into()))?;
         let mut o = be.zeros(vec![t, nv, dv])?;
-        be.delta_rule(DeltaRule { q: &q, k: &k, v: &v, g: &g, beta: &beta }, s, &mut o, form)?;
+        dn.delta_rule(DeltaRule { q: &q, k: &k, v: &v, g: &g, beta: &beta }, s, &mut o, form)?;
         let mut normed = be.zeros(vec![t, nv, dv])?;
-        be.gated_rms_norm(&o, &z, &w.norm, c.rms_norm_eps, &mut normed)?;
+        dn.gated_rms_norm(&o, &z, &w.norm, c.rms_norm_eps, &mut normed)?;
         let mut y = be.zeros(vec![t, c.hidden_size])?;
         be.matmul(&normed, &w.out, None, &mut y)?;
         Ok(y)
@@ -416,13 +417,14 @@ impl Qwen3Next {
     /// expert scaled by σ(b·w_sg) (models.md §4.6).
     fn moe(&self, l: usize, m: &Moe, b: &Tensor) -> Result<Tensor> {
         let be = self.backend.as_ref();
+        let moe = be.moe()?;
         let c = &self.cfg;
         let (t, h) = (b.shape()[0], c.hidden_size);
         let mut logits = be.zeros(vec![t, c.n_experts])?;
         be.matmul(b, &m.router, None, &mut logits)?;
         let k = c.experts_per_token;
         let mode = RouterMode::TopKOfSoftmax { norm_topk_prob: c.norm_topk_prob };
-        let (ids, weights) = be.router_topk(&logits, k, mode)?;
+        let (ids, weights) = moe.router_topk(&logits, k, mode)?;
         let routed = Routed::new(&ids, &weights, k, c.n_experts);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![t, h])?;
@@ -431,14 +433,14 @@ impl Qwen3Next {
         cache.run_layer(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, ws) = &rows[e as usize];
             let mut x = be.zeros(vec![rs.len(), h])?;
-            be.gather_rows(b, rs, &mut x)?;
+            moe.gather_rows(b, rs, &mut x)?;
             let mut s = MlpScratch::new(be, rs.len(), h, c.moe_intermediate_size)?;
             let up = w.up.ok_or_else(|| ollm_ops::OpsError::Backend("internal: a fused gate_up expert".into()))?;
             w.gate_up.matmul(be, &x, None, &mut s.gate)?;
             up.matmul(be, &x, None, &mut s.up)?;
             be.silu_mul(&s.gate, &s.up, &mut s.act)?;
             w.down.matmul(be, &s.act, None, &mut s.out)?;
-            be.scatter_add_rows(&s.out, rs, ws, &mut acc)?;
+            moe.scatter_add_rows(&s.out, rs, ws, &mut acc)?;
             Ok(())
         })?;
         let mut s = MlpScratch::new(be, t, h, c.shared_intermediate_size)?;

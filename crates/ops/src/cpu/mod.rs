@@ -5,7 +5,6 @@
 //! file only unpacks tensors and checks shapes.
 
 mod attention;
-mod bandwidth;
 pub mod deltanet;
 mod elementwise;
 mod matmul;
@@ -27,9 +26,9 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::backend::{
-    AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode, delta_dims,
-    foreign_marker, gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims,
-    transpose_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
+    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, delta_dims, foreign_marker, gated_norm_dims,
+    mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor};
@@ -66,31 +65,20 @@ impl Backend for CpuBackend {
         "cpu".to_string()
     }
 
-    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
-        Tensor::new(host.shape.clone(), Storage::Cpu(host.to_cpu_storage()?))
+    fn moe_ops(&self) -> Option<&dyn MoeOps> {
+        Some(self)
     }
 
-    fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
-        Tensor::from_f32(shape, data.to_vec())
+    fn deltanet_ops(&self) -> Option<&dyn DeltaNetOps> {
+        Some(self)
     }
 
-    fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
-        let n = shape.iter().product();
-        Tensor::from_f32(shape, vec![0.0; n])
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
+}
 
-    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
-        self.zeros(shape)
-    }
-
-    fn kv_dtype(&self) -> DType {
-        DType::F32
-    }
-
-    fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
-        Ok(storage_to_f32(t.cpu("to_host_f32")?))
-    }
-
+impl Compute for CpuBackend {
     fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()> {
         let (&[vocab, hidden], &[t, h2]) = (table.shape(), out.shape()) else {
             return shape_err("embedding", format!("table {:?}, out {:?}", table.shape(), out.shape()));
@@ -217,13 +205,89 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()> {
-        let inter = swiglu_dims(gate_up, out)?;
-        let op = "clamped_swiglu";
-        moe::clamped_swiglu(gate_up.cpu_f32(op)?, inter, limit, alpha, out.cpu_f32_mut(op)?);
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        if x.shape() != y.shape() {
+            return shape_err("add_assign", format!("x {:?}, y {:?}", x.shape(), y.shape()));
+        }
+        let y = y.cpu_f32("add_assign")?;
+        for (a, b) in x.cpu_f32_mut("add_assign")?.iter_mut().zip(y) {
+            *a += b;
+        }
         Ok(())
     }
 
+    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (a, b) = transpose_dims(src, out)?;
+        fn t<T: Copy + Send + Sync>(src: &[T], a: usize, b: usize, out: &mut [T]) {
+            elementwise::transpose(src, a, b, out)
+        }
+        let op = "transpose";
+        match (src.cpu(op)?, out.cpu_mut(op)?) {
+            (CpuStorage::F32(s), CpuStorage::F32(o)) => t(s, a, b, o),
+            (CpuStorage::F16(s), CpuStorage::F16(o)) => t(s, a, b, o),
+            (CpuStorage::BF16(s), CpuStorage::BF16(o)) => t(s, a, b, o),
+            (CpuStorage::U8(s), CpuStorage::U8(o)) => t(s, a, b, o),
+            _ => return Err(OpsError::DType { op, dtype: src.dtype(), detail: "src and out share a dtype" }),
+        }
+        Ok(())
+    }
+
+    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()> {
+        let (t, cols) = slice_dims(src, &s, out)?;
+        let x = src.cpu_f32("slice_heads")?;
+        let o = out.cpu_f32_mut("slice_heads")?;
+        let n = s.heads * s.stride;
+        for r in 0..t {
+            for h in 0..s.heads {
+                let from = &x[r * n + h * s.stride + s.offset..][..s.width];
+                o[r * cols + s.out_offset + h * s.width..][..s.width].copy_from_slice(from);
+            }
+        }
+        Ok(())
+    }
+
+    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()> {
+        let (n, per_row) = (x.numel(), gate.numel());
+        let rows = match last_dim(x) {
+            0 => 0,
+            d => n / d,
+        };
+        if per_row != n && per_row != rows {
+            return shape_err("sigmoid_mul", format!("x {:?}, gate {:?}", x.shape(), gate.shape()));
+        }
+        let g = gate.cpu_f32("sigmoid_mul")?;
+        let d = if per_row == n { 1 } else { n / rows.max(1) };
+        for (i, v) in x.cpu_f32_mut("sigmoid_mul")?.iter_mut().enumerate() {
+            let z = if per_row == n { g[i] } else { g[i / d] };
+            *v *= 1.0 / (1.0 + (-z).exp());
+        }
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Tensor, rows: Range<usize>, out: &mut Tensor) -> Result<()> {
+        let n = last_dim(src);
+        let t = src.numel() / n.max(1);
+        if rows.end > t || out.numel() != rows.len() * n {
+            return shape_err("copy_rows", format!("rows {rows:?} of {:?} into {:?}", src.shape(), out.shape()));
+        }
+        let s = &src.cpu_f32("copy_rows")?[rows.start * n..rows.end * n];
+        out.cpu_f32_mut("copy_rows")?.copy_from_slice(s);
+        Ok(())
+    }
+
+    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
+        let n = last_dim(dst);
+        let (r, t) = (src.numel() / n.max(1), dst.numel() / n.max(1));
+        if last_dim(src) != n || row0 + r > t {
+            return shape_err("write_rows", format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape()));
+        }
+        let s = src.cpu_f32("write_rows")?;
+        dst.cpu_f32_mut("write_rows")?[row0 * n..(row0 + r) * n].copy_from_slice(s);
+        Ok(())
+    }
+}
+
+impl MoeOps for CpuBackend {
     fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
         let (t, e) = router_dims(logits, k)?;
         let (mut ids, mut weights) = (vec![0u32; t * k], vec![0.0f32; t * k]);
@@ -231,15 +295,32 @@ impl Backend for CpuBackend {
         Ok((ids, weights))
     }
 
-    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
-        let n = shape.iter().product();
-        let s = match dtype {
-            DType::F32 => CpuStorage::F32(vec![0.0; n]),
-            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
-            DType::U8 => CpuStorage::U8(vec![0; n]),
-        };
-        Tensor::new(shape, Storage::Cpu(s))
+    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("gather_rows", src, out, rows, None)?;
+        let s = src.cpu_f32("gather_rows")?;
+        for (o, &r) in out.cpu_f32_mut("gather_rows")?.chunks_exact_mut(n).zip(rows) {
+            o.copy_from_slice(&s[r as usize * n..][..n]);
+        }
+        Ok(())
+    }
+
+    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("scatter_add_rows", dst, src, rows, Some(weights))?;
+        let s = src.cpu_f32("scatter_add_rows")?;
+        let d = dst.cpu_f32_mut("scatter_add_rows")?;
+        for ((row, &r), &w) in s.chunks_exact(n).zip(rows).zip(weights) {
+            for (o, &v) in d[r as usize * n..][..n].iter_mut().zip(row) {
+                *o += w * v;
+            }
+        }
+        Ok(())
+    }
+
+    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()> {
+        let inter = swiglu_dims(gate_up, out)?;
+        let op = "clamped_swiglu";
+        moe::clamped_swiglu(gate_up.cpu_f32(op)?, inter, limit, alpha, out.cpu_f32_mut(op)?);
+        Ok(())
     }
 
     fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -267,87 +348,12 @@ impl Backend for CpuBackend {
         self.dequant_mxfp4(blocks, scales, &mut w)?;
         self.matmul(x, &w, bias, out)
     }
+}
 
-    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {
-        let (a, b) = transpose_dims(src, out)?;
-        fn t<T: Copy + Send + Sync>(src: &[T], a: usize, b: usize, out: &mut [T]) {
-            elementwise::transpose(src, a, b, out)
-        }
-        let op = "transpose";
-        match (src.cpu(op)?, out.cpu_mut(op)?) {
-            (CpuStorage::F32(s), CpuStorage::F32(o)) => t(s, a, b, o),
-            (CpuStorage::F16(s), CpuStorage::F16(o)) => t(s, a, b, o),
-            (CpuStorage::BF16(s), CpuStorage::BF16(o)) => t(s, a, b, o),
-            (CpuStorage::U8(s), CpuStorage::U8(o)) => t(s, a, b, o),
-            _ => return Err(OpsError::DType { op, dtype: src.dtype(), detail: "src and out share a dtype" }),
-        }
-        Ok(())
-    }
-
-    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()> {
-        let (_, n) = rows_dims("gather_rows", src, out, rows, None)?;
-        let s = src.cpu_f32("gather_rows")?;
-        for (o, &r) in out.cpu_f32_mut("gather_rows")?.chunks_exact_mut(n).zip(rows) {
-            o.copy_from_slice(&s[r as usize * n..][..n]);
-        }
-        Ok(())
-    }
-
-    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()> {
-        let (_, n) = rows_dims("scatter_add_rows", dst, src, rows, Some(weights))?;
-        let s = src.cpu_f32("scatter_add_rows")?;
-        let d = dst.cpu_f32_mut("scatter_add_rows")?;
-        for ((row, &r), &w) in s.chunks_exact(n).zip(rows).zip(weights) {
-            for (o, &v) in d[r as usize * n..][..n].iter_mut().zip(row) {
-                *o += w * v;
-            }
-        }
-        Ok(())
-    }
-
-    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
-        gated_norm_dims(x, z, w, out)?;
-        let op = "gated_rms_norm";
-        let w = storage_to_f32(w.cpu(op)?);
-        gated_rms_norm(x.cpu_f32(op)?, z.cpu_f32(op)?, &w, eps, out.cpu_f32_mut(op)?);
-        Ok(())
-    }
-
-    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()> {
-        let (t, cols) = slice_dims(src, &s, out)?;
-        let x = src.cpu_f32("slice_heads")?;
-        let o = out.cpu_f32_mut("slice_heads")?;
-        let n = s.heads * s.stride;
-        for r in 0..t {
-            for h in 0..s.heads {
-                let from = &x[r * n + h * s.stride + s.offset..][..s.width];
-                o[r * cols + s.out_offset + h * s.width..][..s.width].copy_from_slice(from);
-            }
-        }
-        Ok(())
-    }
-
+impl DeltaNetOps for CpuBackend {
     fn l2_norm(&self, x: &mut Tensor, eps: f32, scale: f32) -> Result<()> {
         let d = last_dim(x);
         deltanet::l2_norm_rows(x.cpu_f32_mut("l2_norm")?, d.max(1), eps, scale);
-        Ok(())
-    }
-
-    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()> {
-        let (n, per_row) = (x.numel(), gate.numel());
-        let rows = match last_dim(x) {
-            0 => 0,
-            d => n / d,
-        };
-        if per_row != n && per_row != rows {
-            return shape_err("sigmoid_mul", format!("x {:?}, gate {:?}", x.shape(), gate.shape()));
-        }
-        let g = gate.cpu_f32("sigmoid_mul")?;
-        let d = if per_row == n { 1 } else { n / rows.max(1) };
-        for (i, v) in x.cpu_f32_mut("sigmoid_mul")?.iter_mut().enumerate() {
-            let z = if per_row == n { g[i] } else { g[i / d] };
-            *v *= 1.0 / (1.0 + (-z).exp());
-        }
         Ok(())
     }
 
@@ -425,41 +431,50 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
-        if x.shape() != y.shape() {
-            return shape_err("add_assign", format!("x {:?}, y {:?}", x.shape(), y.shape()));
-        }
-        let y = y.cpu_f32("add_assign")?;
-        for (a, b) in x.cpu_f32_mut("add_assign")?.iter_mut().zip(y) {
-            *a += b;
-        }
+    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        gated_norm_dims(x, z, w, out)?;
+        let op = "gated_rms_norm";
+        let w = storage_to_f32(w.cpu(op)?);
+        gated_rms_norm(x.cpu_f32(op)?, z.cpu_f32(op)?, &w, eps, out.cpu_f32_mut(op)?);
         Ok(())
     }
+}
 
-    fn copy_rows(&self, src: &Tensor, rows: Range<usize>, out: &mut Tensor) -> Result<()> {
-        let n = last_dim(src);
-        let t = src.numel() / n.max(1);
-        if rows.end > t || out.numel() != rows.len() * n {
-            return shape_err("copy_rows", format!("rows {rows:?} of {:?} into {:?}", src.shape(), out.shape()));
-        }
-        let s = &src.cpu_f32("copy_rows")?[rows.start * n..rows.end * n];
-        out.cpu_f32_mut("copy_rows")?.copy_from_slice(s);
-        Ok(())
+impl Memory for CpuBackend {
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        Tensor::new(host.shape.clone(), Storage::Cpu(host.to_cpu_storage()?))
     }
 
-    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
-        let n = last_dim(dst);
-        let (r, t) = (src.numel() / n.max(1), dst.numel() / n.max(1));
-        if last_dim(src) != n || row0 + r > t {
-            return shape_err("write_rows", format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape()));
-        }
-        let s = src.cpu_f32("write_rows")?;
-        dst.cpu_f32_mut("write_rows")?[row0 * n..(row0 + r) * n].copy_from_slice(s);
-        Ok(())
+    fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
+        Tensor::from_f32(shape, data.to_vec())
     }
 
-    fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
-        Ok(bandwidth::measure_read_bandwidth(bytes))
+    fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_f32(shape, vec![0.0; n])
+    }
+
+    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        self.zeros(shape)
+    }
+
+    fn kv_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let s = match dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+            DType::U8 => CpuStorage::U8(vec![0; n]),
+        };
+        Tensor::new(shape, Storage::Cpu(s))
+    }
+
+    fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(storage_to_f32(t.cpu("to_host_f32")?))
     }
 
     fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor> {
@@ -482,6 +497,17 @@ impl Backend for CpuBackend {
         HostBuffer::heap(bytes)
     }
 
+    fn memory_kind(&self) -> MemoryKind {
+        MemoryKind::Host
+    }
+
+    /// Untracked: the CPU's tensors are ordinary heap memory, so no budget, no peak, zeros.
+    fn memory_stats(&self) -> MemoryStats {
+        MemoryStats::default()
+    }
+}
+
+impl CopyQueue for CpuBackend {
     fn copy_to_device_async(&self, src: &HostBuffer, offset: usize, dst: &mut Tensor) -> Result<()> {
         let op = "copy_to_device_async";
         let range = src.range(offset, dst.size_bytes(), op)?;
@@ -535,10 +561,6 @@ impl Backend for CpuBackend {
 
     fn host_wait(&self, m: &Marker) -> Result<()> {
         host_marker(m, "host_wait")
-    }
-
-    fn measure_host_to_device(&self, bytes: usize) -> Result<f64> {
-        transfer::measure_host_copy(bytes)
     }
 }
 

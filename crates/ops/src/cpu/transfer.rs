@@ -1,13 +1,10 @@
 //! The CPU backend's side of streaming: host memory is already where its tensors live, so a
 //! "copy to the device" is an immediate decode of little-endian bytes, and markers are no-ops.
 
-use std::time::Instant;
-
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::host::HostBuffer;
-use crate::{CpuStorage, Result};
+use crate::CpuStorage;
 
 /// Elements per parallel task: large enough that rayon's overhead is noise.
 const CHUNK_ELEMS: usize = 1 << 16;
@@ -28,41 +25,18 @@ pub fn fill_from_le_bytes(dst: &mut CpuStorage, bytes: &[u8]) {
         CpuStorage::F32(v) => fill(v, bytes, f32::from_le_bytes),
         CpuStorage::F16(v) => fill(v, bytes, |b| f16::from_bits(u16::from_le_bytes(b))),
         CpuStorage::BF16(v) => fill(v, bytes, |b| bf16::from_bits(u16::from_le_bytes(b))),
-        CpuStorage::U8(v) => v.copy_from_slice(bytes),
-    }
-}
-
-/// Best-of-5 copy rate in bytes/s from one host buffer of about `bytes` into another (a
-/// multithreaded memcpy, one warm-up first).
-pub fn measure_host_copy(bytes: usize) -> Result<f64> {
-    let src = {
-        let mut b = HostBuffer::heap(bytes.max(1 << 20))?;
-        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-            *x = i as u8;
-        }
-        b
-    };
-    let mut dst = HostBuffer::heap(src.len())?;
-    let mut best = 0.0f64;
-    for i in 0..6 {
-        let t = Instant::now();
-        dst.as_mut_slice()
+        // In parallel too: copies of raw bytes are how the host-to-device rate is measured.
+        CpuStorage::U8(v) => v
             .par_chunks_mut(CHUNK_ELEMS * 16)
-            .zip(src.as_slice().par_chunks(CHUNK_ELEMS * 16))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(dst.as_slice());
-        if i > 0 {
-            best = best.max(src.len() as f64 / secs.max(1e-9));
-        }
+            .zip(bytes.par_chunks(CHUNK_ELEMS * 16))
+            .for_each(|(d, s)| d.copy_from_slice(s)),
     }
-    Ok(best)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Backend, OpsError, Tensor, cpu::CpuBackend};
+    use crate::{CopyQueue, Memory, OpsError, Tensor, cpu::CpuBackend};
 
     /// Little-endian bytes of `v` stored as bf16 and f32.
     fn le_bf16(v: &[f32]) -> Vec<u8> {
@@ -134,11 +108,5 @@ mod tests {
             be.host_wait(m).expect("host_wait");
         }
         assert_eq!(c.backend_name(), "cpu");
-    }
-
-    #[test]
-    fn host_copy_rate_is_positive() {
-        let rate = CpuBackend::new().measure_host_to_device(4 << 20).expect("measure");
-        assert!(rate.is_finite() && rate > 0.0, "{rate}");
     }
 }

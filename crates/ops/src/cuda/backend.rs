@@ -1,4 +1,4 @@
-//! The CUDA implementation of the [`Backend`] trait: f32 activations, weights in their stored
+//! The CUDA implementation of the [`Backend`] traits: f32 activations, weights in their stored
 //! dtype (bf16, f16 or f32), a bf16 KV cache, every op a kernel from `kernels/` (or cuBLAS)
 //! checked against its CPU twin. Every allocation goes through the device's VRAM account.
 //!
@@ -16,8 +16,9 @@ use super::{
     CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, rmsnorm, rope, transfer,
 };
 use crate::backend::{
-    AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, KvBlockSpan, NormKind, RopeTable, RouterMode, delta_dims,
-    gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
+    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, delta_dims, gated_norm_dims, mxfp4_dims,
+    mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor};
@@ -92,55 +93,20 @@ impl Backend for CudaBackend {
         format!("cuda:{} ({})", self.dev.info.ordinal, self.dev.info.name)
     }
 
-    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
-        let what = "an uploaded tensor";
-        let s = match host.to_cpu_storage()? {
-            CpuStorage::F32(v) => CudaStorage::F32(self.dev.upload(&v, what)?),
-            CpuStorage::F16(v) => CudaStorage::F16(self.dev.upload(&v, what)?),
-            CpuStorage::BF16(v) => CudaStorage::BF16(self.dev.upload(&v, what)?),
-            CpuStorage::U8(v) => CudaStorage::U8(self.dev.upload(&v, what)?),
-        };
-        self.tensor(host.shape.clone(), s)
+    fn moe_ops(&self) -> Option<&dyn MoeOps> {
+        Some(self)
     }
 
-    fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
-        let s = self.dev.upload(data, "an uploaded f32 tensor")?;
-        self.tensor(shape, CudaStorage::F32(s))
+    fn deltanet_ops(&self) -> Option<&dyn DeltaNetOps> {
+        Some(self)
     }
 
-    fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
-        let n = shape.iter().product::<usize>();
-        if n == 0 {
-            return shape_err("zeros", format!("empty shape {shape:?}"));
-        }
-        let s = self.dev.alloc_zeros::<f32>(n, &format!("activations {shape:?}"))?;
-        self.tensor(shape, CudaStorage::F32(s))
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
+}
 
-    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
-        let n = shape.iter().product::<usize>();
-        if n == 0 {
-            return shape_err("kv_zeros", format!("empty shape {shape:?}"));
-        }
-        let s = self.dev.alloc_zeros::<bf16>(n, &format!("a KV cache {shape:?}"))?;
-        self.tensor(shape, CudaStorage::BF16(s))
-    }
-
-    fn kv_dtype(&self) -> DType {
-        DType::BF16
-    }
-
-    fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
-        let st = &self.dev.stream;
-        let err = super::driver_err("to_host_f32");
-        Ok(match cuda(t, "to_host_f32")? {
-            CudaStorage::F32(s) => st.clone_dtoh(&**s).map_err(err)?,
-            CudaStorage::F16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
-            CudaStorage::BF16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
-            CudaStorage::U8(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|&v| f32::from(v)).collect(),
-        })
-    }
-
+impl Compute for CudaBackend {
     fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()> {
         let &[vocab, hidden] = table.shape() else {
             return shape_err("embedding", format!("table {:?}", table.shape()));
@@ -227,12 +193,55 @@ impl Backend for CudaBackend {
         elementwise::silu_mul(&self.dev, f32s(gate, "silu_mul")?, f32s(up, "silu_mul")?, f32s_mut(out, "silu_mul")?)
     }
 
-    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()> {
-        let inter = swiglu_dims(gate_up, out)?;
-        let op = "clamped_swiglu";
-        moe::clamped_swiglu(&self.dev, f32s(gate_up, op)?, inter, limit, alpha, f32s_mut(out, op)?)
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        elementwise::add_assign(&self.dev, f32s_mut(x, "add_assign")?, f32s(y, "add_assign")?)
     }
 
+    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (a, b) = transpose_dims(src, out)?;
+        moe::transpose(&self.dev, cuda(src, "transpose")?, cuda_mut(out, "transpose")?, a, b)
+    }
+
+    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()> {
+        let (t, cols) = slice_dims(src, &s, out)?;
+        let op = "slice_heads";
+        deltanet::slice_heads(&self.dev, f32s(src, op)?, s, t, cols, f32s_mut(out, op)?)
+    }
+
+    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()> {
+        let per = x.numel().checked_div(gate.numel()).unwrap_or(0);
+        let d = x.shape().last().copied().unwrap_or(0);
+        if per != 1 && per != d {
+            return shape_err("sigmoid_mul", format!("x {:?}, gate {:?}", x.shape(), gate.shape()));
+        }
+        deltanet::sigmoid_mul(&self.dev, f32s_mut(x, "sigmoid_mul")?, f32s(gate, "sigmoid_mul")?, per)
+    }
+
+    fn copy_rows(&self, src: &Tensor, rows: Range<usize>, out: &mut Tensor) -> Result<()> {
+        let n = src.shape().last().copied().unwrap_or(1);
+        let t = src.numel() / n.max(1);
+        if rows.end > t || out.numel() != rows.len() * n {
+            return shape_err("copy_rows", format!("rows {rows:?} of {:?} into {:?}", src.shape(), out.shape()));
+        }
+        let s = f32s(src, "copy_rows")?;
+        let view = s.slice(rows.start * n..rows.end * n);
+        self.dev.stream.memcpy_dtod(&view, f32s_mut(out, "copy_rows")?).map_err(super::driver_err("copy_rows"))
+    }
+
+    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
+        let n = dst.shape().last().copied().unwrap_or(1);
+        let (r, t) = (src.numel() / n.max(1), dst.numel() / n.max(1));
+        if src.shape().last() != Some(&n) || row0 + r > t {
+            return shape_err("write_rows", format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape()));
+        }
+        let s = f32s(src, "write_rows")?;
+        let d = f32s_mut(dst, "write_rows")?;
+        let mut view = d.slice_mut(row0 * n..(row0 + r) * n);
+        self.dev.stream.memcpy_dtod(s, &mut view).map_err(super::driver_err("write_rows"))
+    }
+}
+
+impl MoeOps for CudaBackend {
     fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
         let (t, e) = router_dims(logits, k)?;
         if t == 0 {
@@ -250,16 +259,30 @@ impl Backend for CudaBackend {
         unsafe { self.dev.with_scratch32(2 * n, "router top-k output", run) }
     }
 
-    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
-        let n = shape.iter().product::<usize>();
-        let what = format!("weights {shape:?} {dtype}");
-        let s = match dtype {
-            DType::F32 => CudaStorage::F32(self.dev.alloc_zeros(n, &what)?),
-            DType::F16 => CudaStorage::F16(self.dev.alloc_zeros(n, &what)?),
-            DType::BF16 => CudaStorage::BF16(self.dev.alloc_zeros(n, &what)?),
-            DType::U8 => CudaStorage::U8(self.dev.alloc_zeros(n, &what)?),
-        };
-        self.tensor(shape, s)
+    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("gather_rows", src, out, rows, None)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows_d = self.dev.upload(rows, "gather rows")?;
+        moe::gather_rows(&self.dev, f32s(src, "gather_rows")?, &rows_d, n, f32s_mut(out, "gather_rows")?)
+    }
+
+    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()> {
+        let (_, n) = rows_dims("scatter_add_rows", dst, src, rows, Some(weights))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows_d = self.dev.upload(rows, "scatter rows")?;
+        let w_d = self.dev.upload(weights, "scatter weights")?;
+        let op = "scatter_add_rows";
+        moe::scatter_add_rows(&self.dev, f32s(src, op)?, &rows_d, &w_d, n, f32s_mut(dst, op)?)
+    }
+
+    fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()> {
+        let inter = swiglu_dims(gate_up, out)?;
+        let op = "clamped_swiglu";
+        moe::clamped_swiglu(&self.dev, f32s(gate_up, op)?, inter, limit, alpha, f32s_mut(out, op)?)
     }
 
     fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -300,56 +323,12 @@ impl Backend for CudaBackend {
             None => Ok(()),
         }
     }
+}
 
-    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()> {
-        let (a, b) = transpose_dims(src, out)?;
-        moe::transpose(&self.dev, cuda(src, "transpose")?, cuda_mut(out, "transpose")?, a, b)
-    }
-
-    fn gather_rows(&self, src: &Tensor, rows: &[u32], out: &mut Tensor) -> Result<()> {
-        let (_, n) = rows_dims("gather_rows", src, out, rows, None)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let rows_d = self.dev.upload(rows, "gather rows")?;
-        moe::gather_rows(&self.dev, f32s(src, "gather_rows")?, &rows_d, n, f32s_mut(out, "gather_rows")?)
-    }
-
-    fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()> {
-        let (_, n) = rows_dims("scatter_add_rows", dst, src, rows, Some(weights))?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let rows_d = self.dev.upload(rows, "scatter rows")?;
-        let w_d = self.dev.upload(weights, "scatter weights")?;
-        let op = "scatter_add_rows";
-        moe::scatter_add_rows(&self.dev, f32s(src, op)?, &rows_d, &w_d, n, f32s_mut(dst, op)?)
-    }
-
-    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
-        let n = gated_norm_dims(x, z, w, out)?;
-        let op = "gated_rms_norm";
-        rmsnorm::gated_rms_norm(&self.dev, f32s(x, op)?, f32s(z, op)?, cuda(w, op)?, n, eps, f32s_mut(out, op)?)
-    }
-
-    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()> {
-        let (t, cols) = slice_dims(src, &s, out)?;
-        let op = "slice_heads";
-        deltanet::slice_heads(&self.dev, f32s(src, op)?, s, t, cols, f32s_mut(out, op)?)
-    }
-
+impl DeltaNetOps for CudaBackend {
     fn l2_norm(&self, x: &mut Tensor, eps: f32, scale: f32) -> Result<()> {
         let d = x.shape().last().copied().unwrap_or(0);
         deltanet::l2_norm(&self.dev, f32s_mut(x, "l2_norm")?, d, eps, scale)
-    }
-
-    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()> {
-        let per = x.numel().checked_div(gate.numel()).unwrap_or(0);
-        let d = x.shape().last().copied().unwrap_or(0);
-        if per != 1 && per != d {
-            return shape_err("sigmoid_mul", format!("x {:?}, gate {:?}", x.shape(), gate.shape()));
-        }
-        deltanet::sigmoid_mul(&self.dev, f32s_mut(x, "sigmoid_mul")?, f32s(gate, "sigmoid_mul")?, per)
     }
 
     fn deltanet_gates(
@@ -392,51 +371,73 @@ impl Backend for CudaBackend {
         deltanet::delta_rule(&self.dev, slices, dims, f32s_mut(state, op)?, f32s_mut(out, op)?, form)
     }
 
-    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
-        elementwise::add_assign(&self.dev, f32s_mut(x, "add_assign")?, f32s(y, "add_assign")?)
+    fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        let n = gated_norm_dims(x, z, w, out)?;
+        let op = "gated_rms_norm";
+        rmsnorm::gated_rms_norm(&self.dev, f32s(x, op)?, f32s(z, op)?, cuda(w, op)?, n, eps, f32s_mut(out, op)?)
+    }
+}
+
+impl Memory for CudaBackend {
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        let what = "an uploaded tensor";
+        let s = match host.to_cpu_storage()? {
+            CpuStorage::F32(v) => CudaStorage::F32(self.dev.upload(&v, what)?),
+            CpuStorage::F16(v) => CudaStorage::F16(self.dev.upload(&v, what)?),
+            CpuStorage::BF16(v) => CudaStorage::BF16(self.dev.upload(&v, what)?),
+            CpuStorage::U8(v) => CudaStorage::U8(self.dev.upload(&v, what)?),
+        };
+        self.tensor(host.shape.clone(), s)
     }
 
-    fn copy_rows(&self, src: &Tensor, rows: Range<usize>, out: &mut Tensor) -> Result<()> {
-        let n = src.shape().last().copied().unwrap_or(1);
-        let t = src.numel() / n.max(1);
-        if rows.end > t || out.numel() != rows.len() * n {
-            return shape_err("copy_rows", format!("rows {rows:?} of {:?} into {:?}", src.shape(), out.shape()));
+    fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
+        let s = self.dev.upload(data, "an uploaded f32 tensor")?;
+        self.tensor(shape, CudaStorage::F32(s))
+    }
+
+    fn zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>();
+        if n == 0 {
+            return shape_err("zeros", format!("empty shape {shape:?}"));
         }
-        let s = f32s(src, "copy_rows")?;
-        let view = s.slice(rows.start * n..rows.end * n);
-        self.dev.stream.memcpy_dtod(&view, f32s_mut(out, "copy_rows")?).map_err(super::driver_err("copy_rows"))
+        let s = self.dev.alloc_zeros::<f32>(n, &format!("activations {shape:?}"))?;
+        self.tensor(shape, CudaStorage::F32(s))
     }
 
-    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
-        let n = dst.shape().last().copied().unwrap_or(1);
-        let (r, t) = (src.numel() / n.max(1), dst.numel() / n.max(1));
-        if src.shape().last() != Some(&n) || row0 + r > t {
-            return shape_err("write_rows", format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape()));
+    fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>();
+        if n == 0 {
+            return shape_err("kv_zeros", format!("empty shape {shape:?}"));
         }
-        let s = f32s(src, "write_rows")?;
-        let d = f32s_mut(dst, "write_rows")?;
-        let mut view = d.slice_mut(row0 * n..(row0 + r) * n);
-        self.dev.stream.memcpy_dtod(s, &mut view).map_err(super::driver_err("write_rows"))
+        let s = self.dev.alloc_zeros::<bf16>(n, &format!("a KV cache {shape:?}"))?;
+        self.tensor(shape, CudaStorage::BF16(s))
     }
 
-    fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
-        let n = (bytes / 8).max(1 << 20);
+    fn kv_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>();
+        let what = format!("weights {shape:?} {dtype}");
+        let s = match dtype {
+            DType::F32 => CudaStorage::F32(self.dev.alloc_zeros(n, &what)?),
+            DType::F16 => CudaStorage::F16(self.dev.alloc_zeros(n, &what)?),
+            DType::BF16 => CudaStorage::BF16(self.dev.alloc_zeros(n, &what)?),
+            DType::U8 => CudaStorage::U8(self.dev.alloc_zeros(n, &what)?),
+        };
+        self.tensor(shape, s)
+    }
+
+    fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
         let st = &self.dev.stream;
-        let drv = super::driver_err("measure_bandwidth");
-        let src = self.dev.alloc_zeros::<f32>(n, "the bandwidth test's source")?;
-        let mut dst = self.dev.alloc_zeros::<f32>(n, "the bandwidth test's destination")?;
-        let mut best = 0.0f64;
-        // One warm-up copy, then five timed ones; each moves n floats in and n out.
-        for i in 0..6 {
-            st.synchronize().map_err(&drv)?;
-            let t = std::time::Instant::now();
-            st.memcpy_dtod(&*src, &mut *dst).map_err(&drv)?;
-            st.synchronize().map_err(&drv)?;
-            if i > 0 {
-                best = best.max((2 * n * 4) as f64 / t.elapsed().as_secs_f64());
-            }
-        }
-        Ok(best)
+        let err = super::driver_err("to_host_f32");
+        Ok(match cuda(t, "to_host_f32")? {
+            CudaStorage::F32(s) => st.clone_dtoh(&**s).map_err(err)?,
+            CudaStorage::F16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
+            CudaStorage::BF16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
+            CudaStorage::U8(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|&v| f32::from(v)).collect(),
+        })
     }
 
     fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor> {
@@ -462,6 +463,25 @@ impl Backend for CudaBackend {
         transfer::alloc_pinned(&self.dev, bytes)
     }
 
+    fn memory_kind(&self) -> MemoryKind {
+        MemoryKind::Device
+    }
+
+    fn memory_stats(&self) -> MemoryStats {
+        let (v, b) = (self.dev.vram(), |x: usize| x as u64);
+        MemoryStats {
+            budget_bytes: Some(b(v.budget_bytes())),
+            total_bytes: Some(b(v.total_bytes())),
+            overhead_bytes: b(v.context_bytes()),
+            in_use_bytes: b(v.used_bytes()),
+            peak_bytes: Some(b(v.peak_used_bytes())),
+            pinned_bytes: b(self.dev.pinned_bytes()),
+            peak_pinned_bytes: b(self.dev.peak_pinned_bytes()),
+        }
+    }
+}
+
+impl CopyQueue for CudaBackend {
     fn copy_to_device_async(&self, src: &HostBuffer, offset: usize, dst: &mut Tensor) -> Result<()> {
         transfer::copy_to_device(&self.dev, src, offset, cuda_mut(dst, "copy_to_device_async")?)
     }
@@ -508,9 +528,5 @@ impl Backend for CudaBackend {
     fn host_wait(&self, m: &Marker) -> Result<()> {
         let op = "host_wait";
         transfer::event(m, op)?.synchronize().map_err(super::driver_err(op))
-    }
-
-    fn measure_host_to_device(&self, bytes: usize) -> Result<f64> {
-        transfer::measure_host_to_device(&self.dev, bytes)
     }
 }

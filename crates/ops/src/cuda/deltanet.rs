@@ -16,7 +16,7 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| shape("cuda deltanet", format!("{what} = {v} does not fit the kernels' 32-bit sizes")))
 }
 
-/// See [`crate::Backend::slice_heads`]; sizes checked by the caller (`rows` rows).
+/// See [`crate::Compute::slice_heads`]; sizes checked by the caller (`rows` rows).
 pub fn slice_heads(
     dev: &CudaDevice,
     src: &CudaSlice<f32>,
@@ -83,7 +83,7 @@ pub fn sigmoid_mul(dev: &CudaDevice, x: &mut CudaSlice<f32>, gate: &CudaSlice<f3
     Ok(())
 }
 
-/// The gates (see [`crate::Backend::deltanet_gates`]); a_log and dt_bias f32 `[nv]`.
+/// The gates (see [`crate::DeltaNetOps::deltanet_gates`]); a_log and dt_bias f32 `[nv]`.
 pub fn gates(
     dev: &CudaDevice,
     (a, b): (&CudaSlice<f32>, &CudaSlice<f32>),
@@ -111,7 +111,7 @@ pub fn gates(
     Ok(())
 }
 
-/// The short convolution (see [`crate::Backend::causal_conv1d`]); w f32 `[C, K]`.
+/// The short convolution (see [`crate::DeltaNetOps::causal_conv1d`]); w f32 `[C, K]`.
 pub fn causal_conv1d(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,

@@ -15,6 +15,7 @@ use super::cublas::{Blas, workspace_bytes};
 use super::nvrtc_cache::KernelCache;
 use super::transfer::PinnedAccount;
 use super::vram::{DeviceBuf, VramAccount, human};
+use crate::error::MemoryLimit;
 use crate::{OpsError, Result};
 
 /// What the driver reports about the chosen device.
@@ -76,7 +77,19 @@ fn tracked<T>(
         }
         Err(e) => {
             account.release(bytes);
-            let free = ctx.mem_get_info().map_or_else(|_| "unknown".to_string(), |(f, _)| human(f));
+            let free = ctx.mem_get_info().ok().map(|(f, _)| f);
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                let total = account.total_bytes();
+                return Err(OpsError::OutOfMemory {
+                    what: what.to_string(),
+                    requested_bytes: bytes as u64,
+                    in_use_bytes: total.saturating_sub(free.unwrap_or(0)) as u64,
+                    context_bytes: account.context_bytes() as u64,
+                    budget_bytes: total as u64,
+                    limit: MemoryLimit::Device,
+                });
+            }
+            let free = free.map_or_else(|| "unknown".to_string(), human);
             Err(OpsError::Backend(format!(
                 "cuda alloc of {} for {what} failed: {e} ({free} free on the device; another process may hold the rest, or lower --vram-budget to fail earlier)",
                 human(bytes)

@@ -5,13 +5,14 @@
 //! every allocation goes through the device's [`VramAccount`] (hard budget, driver-measured
 //! peak), [`KernelCache`] compiles `kernels/*.cu` with NVRTC once and keeps the PTX on disk,
 //! each kernel file has a launcher here of the same name checked against its CPU twin in
-//! `tests/parity_cuda_vs_cpu.rs`, and [`CudaBackend`] implements the `Backend` trait with them.
+//! `tests/parity_cuda_vs_cpu.rs`, and [`CudaBackend`] implements the `Backend` traits with them.
+//! [`ComputeTimer`] and [`cublas::gemm_xwt`] are the entry points benches outside the crate
+//! time the device with.
 //! Streamed weights are copied from pinned host memory on a second stream (`transfer`),
 //! ordered against compute by event markers only.
 
 pub mod attention;
 mod backend;
-pub mod bench;
 pub mod convert;
 pub mod cublas;
 pub mod deltanet;
@@ -25,6 +26,7 @@ mod nvrtc_cache;
 pub mod rmsnorm;
 pub mod rope;
 mod storage;
+mod timer;
 pub(crate) mod transfer;
 pub mod vram;
 
@@ -34,6 +36,7 @@ pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo, probe};
 pub use nvrtc_cache::KernelCache;
 pub use storage::CudaStorage;
+pub use timer::ComputeTimer;
 pub use transfer::PinnedAccount;
 pub use vram::{DeviceBuf, VramAccount};
 

@@ -12,7 +12,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaEvent, CudaStream, DevicePtrMut, result};
 use rayon::prelude::*;
 
@@ -254,42 +254,6 @@ pub(crate) fn event<'a>(m: &'a Marker, op: &'static str) -> Result<&'a CudaEvent
         MarkerKind::Cuda(e) => Ok(e),
         MarkerKind::Host => Err(foreign_marker(op, "cuda", m)),
     }
-}
-
-/// Best-of-5 pinned host-to-device copy rate in bytes/s over about `bytes` (at least 1 MiB),
-/// timed with events on the copy stream after one warm-up copy.
-pub(crate) fn measure_host_to_device(dev: &CudaDevice, bytes: usize) -> Result<f64> {
-    let op = "measure_host_to_device";
-    let drv = driver_err(op);
-    let src = alloc_pinned(dev, bytes.max(1 << 20))?;
-    let n = src.len();
-    let mut dst = dev.alloc_zeros::<u8>(n, "the host-to-device bandwidth test's destination")?;
-    let st = &dev.copy_stream;
-    // The destination was allocated and zeroed on the compute stream.
-    st.join(&dev.stream).map_err(&drv)?;
-    let start = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(&drv)?;
-    let end = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(&drv)?;
-    let ptr = device_ptr(&mut dst, st);
-    let timed = || -> Result<f64> {
-        let mut best = 0.0f64;
-        for i in 0..6 {
-            start.record(st).map_err(&drv)?;
-            // SAFETY: dst holds n bytes and src is pinned and unchanged; the copy has passed
-            // before either is dropped (the synchronize below).
-            unsafe { queue_htod(dev, src.as_slice(), ptr, op) }?;
-            end.record(st).map_err(&drv)?;
-            let ms = f64::from(start.elapsed_ms(&end).map_err(&drv)?);
-            if i > 0 && ms > 0.0 {
-                best = best.max(n as f64 / (ms * 1e-3));
-            }
-        }
-        Ok(best)
-    };
-    let best = timed();
-    // After an error a copy may still be queued; dst is freed on the compute stream, so let
-    // the copy finish first.
-    st.synchronize().map_err(&drv)?;
-    best
 }
 
 #[cfg(test)]

@@ -24,30 +24,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::CudaSlice;
 
+use crate::error::MemoryLimit;
 use crate::{OpsError, Result};
 
-const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
-const KIB: f64 = 1024.0;
-
-/// `8.00 GiB`: budgets and totals, always in GiB with two decimals.
-pub fn gib(bytes: usize) -> String {
-    format!("{:.2} GiB", bytes as f64 / GIB)
-}
-
-/// `256.0 MiB`, `1.50 GiB`, `12.0 KiB`, `100 B`: a size in the largest unit that keeps it >= 1.
-pub fn human(bytes: usize) -> String {
-    let b = bytes as f64;
-    if b >= GIB {
-        format!("{:.2} GiB", b / GIB)
-    } else if b >= MIB {
-        format!("{:.1} MiB", b / MIB)
-    } else if b >= KIB {
-        format!("{:.1} KiB", b / KIB)
-    } else {
-        format!("{bytes} B")
-    }
-}
+pub use crate::bytes::{gib, human};
 
 /// The budget rule as a pure function: Ok when `context + in_use + requested <= budget`,
 /// else the one-line error the user sees. `in_use` is the tracked bytes, without the context.
@@ -56,13 +36,14 @@ pub fn check_budget(budget: usize, context: usize, in_use: usize, requested: usi
     if after <= budget {
         return Ok(());
     }
-    Err(OpsError::Backend(format!(
-        "VRAM budget {} exceeded: {} in use (CUDA context {}) + {} requested for {what}; raise --vram-budget, or use a shorter context or a smaller model",
-        gib(budget),
-        gib(context.saturating_add(in_use)),
-        gib(context),
-        human(requested),
-    )))
+    Err(OpsError::OutOfMemory {
+        what: what.to_string(),
+        requested_bytes: requested as u64,
+        in_use_bytes: context.saturating_add(in_use) as u64,
+        context_bytes: context as u64,
+        budget_bytes: budget as u64,
+        limit: MemoryLimit::Budget,
+    })
 }
 
 /// Byte counts of one device: budget, context overhead, tracked allocations and the driver's
@@ -221,6 +202,13 @@ mod tests {
             msg,
             "VRAM budget 8.00 GiB exceeded: 7.89 GiB in use (CUDA context 0.50 GiB) + 256.0 MiB requested for KV cache [8, 4096, 128]; raise --vram-budget, or use a shorter context or a smaller model"
         );
+        let OpsError::OutOfMemory { what, requested_bytes, in_use_bytes, context_bytes, budget_bytes, limit } = e
+        else {
+            panic!("not a typed out-of-memory error: {e:?}");
+        };
+        assert_eq!(what, "KV cache [8, 4096, 128]");
+        assert_eq!((requested_bytes, budget_bytes, context_bytes), (256 * M as u64, 8 * G as u64, G as u64 / 2));
+        assert_eq!((in_use_bytes, limit), ((7 * G + 400 * M + G / 2) as u64, MemoryLimit::Budget));
         // Huge requests do not overflow the arithmetic.
         assert!(check_budget(8 * G, G, G, usize::MAX, "x").is_err());
     }

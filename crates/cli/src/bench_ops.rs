@@ -14,15 +14,14 @@
 //!   the table says how many). Inputs are random, never zeros.
 //!
 //! Entry points: [`run_ops_bench`] returns an [`OpsBenchReport`]; [`OpsBenchReport::table`]
-//! formats it.
+//! formats it. The device is reached through the public API of `ollm_ops::cuda` only: the
+//! backend's traits, [`ComputeTimer`] for event timing and `cublas::gemm_xwt` for the bound.
 
-use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
+use ollm_ops::cuda::cublas::gemm_xwt;
+use ollm_ops::cuda::{ComputeTimer, CudaBackend};
+use ollm_ops::{AttnParams, Backend, Compute, DType, DeltaNetOps, HostTensor, Memory, Result, Tensor};
 use rayon::prelude::*;
-
-use super::cublas::gemm_xwt;
-use super::{CudaBackend, CudaDevice, driver_err};
-use crate::{AttnParams, Backend, DType, HostTensor, Result, Tensor};
 
 /// Sizes and run counts of the bench; [`Default`] is the configuration.
 #[derive(Debug, Clone)]
@@ -128,16 +127,13 @@ struct Timing {
 /// Runs `call` (given a running call index, for rotating buffers) under CUDA events: two
 /// warm-up calls (the first compiles and loads kernels), then `runs` runs of back-to-back
 /// calls lasting about 1 ms each.
-fn time_op(dev: &CudaDevice, cfg: &OpsBenchConfig, mut call: impl FnMut(usize) -> Result<()>) -> Result<Timing> {
-    let drv = driver_err("bench");
-    let start = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(&drv)?;
-    let end = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(&drv)?;
+fn time_op(be: &CudaBackend, cfg: &OpsBenchConfig, mut call: impl FnMut(usize) -> Result<()>) -> Result<Timing> {
+    let timer = ComputeTimer::new(be)?;
     call(0)?;
-    dev.stream.synchronize().map_err(&drv)?;
-    start.record(&dev.stream).map_err(&drv)?;
+    timer.synchronize()?;
+    timer.start()?;
     call(1)?;
-    end.record(&dev.stream).map_err(&drv)?;
-    let one_ms = f64::from(start.elapsed_ms(&end).map_err(&drv)?).max(1e-4);
+    let one_ms = timer.stop_ms()?.max(1e-4);
     let calls_per_run = ((1.0 / one_ms).ceil() as usize).clamp(1, 1000);
     let run_ms = one_ms * calls_per_run as f64;
     let affordable = (cfg.max_row_seconds * 1e3 / run_ms).floor() as usize;
@@ -145,13 +141,12 @@ fn time_op(dev: &CudaDevice, cfg: &OpsBenchConfig, mut call: impl FnMut(usize) -
     let mut per_call = Vec::with_capacity(runs);
     let mut i = 2;
     for _ in 0..runs {
-        start.record(&dev.stream).map_err(&drv)?;
+        timer.start()?;
         for _ in 0..calls_per_run {
             call(i)?;
             i += 1;
         }
-        end.record(&dev.stream).map_err(&drv)?;
-        per_call.push(f64::from(start.elapsed_ms(&end).map_err(&drv)?) / calls_per_run as f64);
+        per_call.push(timer.stop_ms()? / calls_per_run as f64);
     }
     Ok(Timing { runs, calls_per_run, median_ms: median(&mut per_call) })
 }
@@ -205,7 +200,7 @@ fn time_gemm(be: &CudaBackend, cfg: &OpsBenchConfig, s: usize) -> Result<Timing>
     let a = dev.upload(&random_bf16_vec(s * s, 2), "bench: GEMM A")?;
     let b = dev.upload(&random_bf16_vec(s * s, 3), "bench: GEMM B")?;
     let mut c = dev.alloc_zeros::<bf16>(s * s, "bench: GEMM C")?;
-    time_op(dev, cfg, |_| gemm_xwt(dev, &*a, &*b, DType::BF16, &mut *c, DType::BF16, s, s, s))
+    time_op(be, cfg, |_| gemm_xwt(dev, &*a, &*b, DType::BF16, &mut *c, DType::BF16, s, s, s))
 }
 
 /// cuBLAS's bf16 GEMM rate, FLOP/s (median of `runs`), on square `s`-sized operands: the
@@ -218,16 +213,15 @@ pub fn gemm_rate(be: &CudaBackend, s: usize, runs: usize) -> Result<f64> {
 
 /// Runs every row. `progress` gets a line before each measurement (they can take a while).
 pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<OpsBenchReport> {
-    let dev = be.device();
     let mut rows = Vec::new();
 
     // Bound 1: HBM bandwidth, a device-to-device copy (bytes read + written).
     progress("HBM bandwidth (device-to-device copy)");
     let n = (cfg.copy_bytes / 4).max(1 << 20);
     let copy = {
-        let src = dev.upload(&random_f32(n, 1, 1.0), "bench: copy source")?;
-        let mut dst = dev.alloc_zeros::<f32>(n, "bench: copy destination")?;
-        time_op(dev, cfg, |_| dev.stream.memcpy_dtod(&*src, &mut *dst).map_err(driver_err("bench copy")))?
+        let src = be.upload_f32(vec![1, n], &random_f32(n, 1, 1.0))?;
+        let mut dst = be.zeros(vec![1, n])?;
+        time_op(be, cfg, |_| be.copy_rows(&src, 0..1, &mut dst))?
     };
     let copy_bytes = (2 * n * 4) as f64;
     let hbm = copy_bytes / (copy.median_ms * 1e-3);
@@ -267,7 +261,7 @@ pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn 
         hbm_bytes_per_s: hbm,
         gemm_flops_per_s: gemm_flops,
         rows,
-        peak_vram_bytes: dev.peak_used_bytes(),
+        peak_vram_bytes: be.memory_stats().peak_bytes.map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX)),
     })
 }
 
@@ -338,7 +332,7 @@ fn decode_matmul(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &
             .collect::<Result<Vec<Tensor>>>()?;
         let x = be.upload_f32(vec![1, k], &random_f32(k, 20, 1.0))?;
         let mut out = be.zeros(vec![1, n])?;
-        time_op(be.device(), cfg, |i| be.matmul(&x, &ws[i % nbuf], None, &mut out))
+        time_op(be, cfg, |i| be.matmul(&x, &ws[i % nbuf], None, &mut out))
     })()
     .map_err(|e| e.to_string());
     let bytes = (n * k * 2 + k * 4 + n * 4) as f64;
@@ -354,7 +348,7 @@ fn prefill_matmul(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
         let w = be.upload(&random_bf16(vec![n, k], 30, 0.05))?;
         let x = be.upload_f32(vec![t, k], &random_f32(t * k, 31, 1.0))?;
         let mut out = be.zeros(vec![t, n])?;
-        time_op(be.device(), cfg, |_| be.matmul(&x, &w, None, &mut out))
+        time_op(be, cfg, |_| be.matmul(&x, &w, None, &mut out))
     })()
     .map_err(|e| e.to_string());
     measured("prefill matmul (backend)", shape, timing, Work::Flops(2.0 * (t * n * k) as f64), b)
@@ -397,7 +391,7 @@ fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
         let q = be.upload_f32(vec![t, nh, d], &random_f32(t * nh * d, 50, 1.0))?;
         let mut out = be.zeros(vec![t, nh, d])?;
         let (k, v) = &caches[0];
-        time_op(be.device(), cfg, |_| be.attention(&q, k, v, 0, &params, &mut out))
+        time_op(be, cfg, |_| be.attention(&q, k, v, 0, &params, &mut out))
     })()
     .map_err(|e| e.to_string());
     let prefill = measured("prefill attention (backend)", prefill_shape, prefill, Work::Flops(causal_flops), b);
@@ -406,7 +400,7 @@ fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
     let decode = (|| {
         let q = be.upload_f32(vec![1, nh, d], &random_f32(nh * d, 51, 1.0))?;
         let mut out = be.zeros(vec![1, nh, d])?;
-        time_op(be.device(), cfg, |i| {
+        time_op(be, cfg, |i| {
             let (k, v) = &caches[i % caches.len()];
             be.attention(&q, k, v, t - 1, &params, &mut out)
         })
@@ -425,7 +419,7 @@ fn delta_rule_rows(
     b: &Bounds,
     progress: &mut dyn FnMut(&str),
 ) -> Vec<BenchRow> {
-    use crate::{DeltaForm, DeltaRule};
+    use ollm_ops::{DeltaForm, DeltaRule};
     let (t, nk, dk, nv, dv) = (cfg.prefill_matmul_t, 16, 128, 32, 128);
     let flops = 6.0 * (t * nv * dk * dv) as f64;
     [DeltaForm::Chunked, DeltaForm::Recurrent]
@@ -450,7 +444,7 @@ fn delta_rule_rows(
                 let (g, beta) = (be.upload_f32(vec![t, nv], &g)?, be.upload_f32(vec![t, nv], &beta)?);
                 let mut state = be.zeros(vec![nv, dk, dv])?;
                 let mut out = be.zeros(vec![t, nv, dv])?;
-                time_op(be.device(), cfg, |_| {
+                time_op(be, cfg, |_| {
                     let x = DeltaRule { q: &q, k: &k, v: &v, g: &g, beta: &beta };
                     be.delta_rule(x, &mut state, &mut out, form)
                 })

@@ -1,0 +1,152 @@
+//! [`Compute`]: the math every model family's forward needs, and the types its calls take.
+//!
+//! Every op writes into a caller-provided output so that scratch buffers are allocated once per
+//! forward, not once per op. Activations use the backend's activation dtype (f32 on the CPU);
+//! weights keep the dtype they were stored in. Ops are queued on the compute queue in program
+//! order (a device backend returns before the work is done).
+
+use crate::{DType, OpsError, Result, Tensor};
+
+/// Which RMSNorm formula (models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
+/// where a bf16 backend rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// `w ⊙ bf16(r(x))` (Llama).
+    Llama,
+    /// `bf16(w ⊙ r(x))` (GPT-OSS).
+    Oss,
+    /// `bf16((1 + w) ⊙ r(x))` (Qwen3-Next zero-centred norms).
+    ZeroCentered,
+}
+
+/// Which columns [`Compute::slice_heads`] copies: for each of `heads` groups of `stride`
+/// source columns, `width` columns from `offset` within the group go to out's columns
+/// `out_offset + h·width ..`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadSlice {
+    pub heads: usize,
+    pub stride: usize,
+    pub offset: usize,
+    pub width: usize,
+    pub out_offset: usize,
+}
+
+/// Precomputed RoPE tables `[max_positions, rotary_dims / 2]`, already multiplied by the
+/// attention factor m (models.md §1.2), resident on the backend.
+#[derive(Debug)]
+pub struct RopeTable {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// R: the leading dims of each head that rotate (halves layout); the rest pass through.
+    pub rotary_dims: usize,
+}
+
+impl RopeTable {
+    pub fn max_positions(&self) -> usize {
+        self.cos.shape()[0]
+    }
+}
+
+/// Head layout and positions of one attention call: q `[T, n_heads, d]`, caches `[n_kv, cap, d]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnGeometry {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub d: usize,
+    /// Capacity (positions) of the caches.
+    pub cap: usize,
+    /// Absolute position of the first query.
+    pub pos0: usize,
+}
+
+impl AttnGeometry {
+    /// Checks the shapes of one attention call (q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`;
+    /// sinks `[n_heads]`) and returns its geometry. Every backend validates through here.
+    pub fn of(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, pos0: usize, sinks: Option<&Tensor>) -> Result<Self> {
+        let err = |detail: String| Err(OpsError::Shape { op: "attention", detail });
+        let (&[t, n_heads, d], &[n_kv, cap, dk]) = (q.shape(), k.shape()) else {
+            return err(format!("q {:?}, k {:?}", q.shape(), k.shape()));
+        };
+        if dk != d || v.shape() != k.shape() || out.shape() != q.shape() || n_kv == 0 || n_heads % n_kv != 0 {
+            return err(format!("q {:?}, k {:?}, v {:?}, out {:?}", q.shape(), k.shape(), v.shape(), out.shape()));
+        }
+        if pos0 + t > cap {
+            return err(format!("{} positions exceed the cache capacity {cap}", pos0 + t));
+        }
+        if let Some(s) = sinks.filter(|s| s.numel() != n_heads || s.dtype() != DType::F32) {
+            return err(format!("sinks {:?} {} for {n_heads} heads (f32 expected)", s.shape(), s.dtype()));
+        }
+        Ok(Self { n_heads, n_kv, d, cap, pos0 })
+    }
+}
+
+/// Per-layer attention settings.
+#[derive(Debug)]
+pub struct AttnParams<'a> {
+    /// Multiplies q·k (d^-0.5 in all three families).
+    pub scale: f32,
+    /// Sliding window W: key j is visible from query i iff `i - W < j <= i`. None = full causal.
+    pub window: Option<usize>,
+    /// One logit per query head that joins the softmax normalisation only (GPT-OSS), `[n_heads]`
+    /// f32 (from [`Memory::upload_f32`](crate::Memory::upload_f32)) on every backend.
+    pub sinks: Option<&'a Tensor>,
+}
+
+/// The math every family needs: embedding, matmuls, norms, RoPE, KV writes, attention,
+/// activations, residual adds and row copies. Implemented by the CPU backend (the reference)
+/// and every device backend.
+pub trait Compute: Send + Sync {
+    /// `out[t, :] = table[ids[t], :]`; table `[V, H]`, out `[T, H]`.
+    fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()>;
+
+    /// `out = x · wᵀ (+ bias)`; x `[T, in]`, w `[out, in]` (nn.Linear layout), out `[T, out]`.
+    fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()>;
+
+    /// RMSNorm over the last axis of x `[.., n]` with weight `[n]`.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, kind: NormKind, out: &mut Tensor) -> Result<()>;
+
+    /// Rotates x `[T, heads, d]` in place (halves layout) for positions `pos0..pos0+T`.
+    fn rope(&self, x: &mut Tensor, table: &RopeTable, pos0: usize) -> Result<()>;
+
+    /// Writes new keys or values `[T, n_kv, d]` (activations) into a cache `[n_kv, capacity, d]`
+    /// (from [`Memory::kv_zeros`](crate::Memory::kv_zeros), rounded to its dtype) at `pos0..pos0+T`.
+    fn write_kv(&self, cache: &mut Tensor, new: &Tensor, pos0: usize) -> Result<()>;
+
+    /// Causal attention of queries q `[T, n_heads, d]` at positions `pos0..pos0+T` over the
+    /// first `pos0 + T` positions of the caches k, v `[n_kv, capacity, d]`; GQA maps query head
+    /// h to kv head `h / (n_heads / n_kv)`. out `[T, n_heads, d]`.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()>;
+
+    /// `out = silu(gate) ⊙ up`, all `[T, n]`.
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `x += y`, same shape (residual add).
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()>;
+
+    /// `out [b, a] = srcᵀ` for src `[a, b]` of any dtype (GPT-OSS dense experts are stored
+    /// `[in, out]`; matmul takes `[out, in]`).
+    fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// Head-grouped columns copied out (Qwen3-Next's projection splits, models.md §4.4-4.5):
+    /// see [`HeadSlice`]. src `[T, heads·stride]`, out `[T, out_cols]` (columns it does not
+    /// name are left as they are).
+    fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()>;
+
+    /// `x ← x ⊙ σ(gate)`; gate has x's shape, or `[T, 1]` for one gate per row.
+    fn sigmoid_mul(&self, x: &mut Tensor, gate: &Tensor) -> Result<()>;
+
+    /// Copies rows `src[rows]` of a `[T, n]` tensor into `out` `[rows.len(), n]`.
+    fn copy_rows(&self, src: &Tensor, rows: std::ops::Range<usize>, out: &mut Tensor) -> Result<()>;
+
+    /// The reverse of `copy_rows`: writes `src` `[r, n]` into rows `row0..row0 + r` of `dst`
+    /// `[T, n]`.
+    fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()>;
+}
