@@ -139,6 +139,7 @@ fn run_one(
         harmony: matches!(r.input, Input::Messages(_))
             .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
             .flatten(),
+        cancel: None,
     };
     // Consecutive requests that share a prefix (a document, a system prompt) compute it once.
     let g = generate_reusing(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))
