@@ -97,7 +97,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, Sampli
     for (name, default) in UNSUPPORTED {
         if let Some(v) = fields.get(name)
             && !v.is_null()
-            && serde_json::from_str::<Value>(default).ok().as_ref() != Some(v)
+            && !same_value(&serde_json::from_str(default).unwrap_or(Value::Null), v)
         {
             return Err(ApiError::invalid(
                 format!("'{name}' is not supported by this server; leave it out (or send its default, {default})"),
@@ -106,6 +106,14 @@ fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, Sampli
         }
     }
     Ok((typed(&value)?, typed(&value)?))
+}
+
+/// JSON equality where numbers compare by value (`0` and `0.0` are the same penalty).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {

@@ -290,7 +290,10 @@ fn the_hostile_seeds_are_refused_naming_the_field() {
         let e = chat_request(&rules, body.as_bytes()).expect_err(body);
         assert!(!e.message.contains('\n') && !e.message.contains('\r'), "{}", e.message);
     }
-    // Explicit defaults of unsupported fields are accepted.
+    // Explicit defaults of unsupported fields are accepted, numbers in either spelling (the
+    // openai Python client sends 0.0).
+    let zero = r#"{"model": "m", "prompt": "x", "presence_penalty": 0.0, "frequency_penalty": -0.0, "best_of": 1.0}"#;
+    completion_request(&rules, zero.as_bytes()).unwrap_or_else(|e| panic!("{zero}: {}", e.message));
     for i in [0, 3, 4] {
         let parse = if i == 3 { completion_request } else { chat_request };
         parse(&rules, SEEDS[i].as_bytes()).unwrap_or_else(|e| panic!("{}: {}", SEEDS[i], e.message));
