@@ -7,6 +7,11 @@ pub enum BatchError {
     #[error("{path}: {detail}")]
     Io { path: PathBuf, detail: String },
 
+    #[error(
+        "{path} is being written by another ollm batch (pid {holder}); wait for it to finish or give another --out/--errors"
+    )]
+    Locked { path: PathBuf, holder: String },
+
     #[error("cannot start the engine: {0}")]
     Engine(String),
 }

@@ -10,6 +10,7 @@ use ollm_engine::{ChatModel, GenerateParams, Session, generate_reusing};
 use serde_json::{Value, json};
 
 use crate::BatchError;
+use crate::lock::JobLocks;
 use crate::reader::{BatchRequest, Input, LineError, id_key, read_requests};
 use crate::writer::JsonlLog;
 
@@ -44,8 +45,20 @@ pub struct JobSummary {
     pub duplicate_ids: usize,
 }
 
-/// Runs the job described by `opts`; bad lines and failed requests are reported, not fatal.
-pub fn run_job(m: &ChatModel, opts: &JobOptions, on: &mut dyn FnMut(Progress<'_>)) -> Result<JobSummary, BatchError> {
+/// Runs the job described by `opts`, whose files `locks` holds ([`JobLocks::acquire`], so no
+/// other process writes them); bad lines and failed requests are reported, not fatal.
+pub fn run_job(
+    m: &ChatModel,
+    opts: &JobOptions,
+    locks: &JobLocks,
+    on: &mut dyn FnMut(Progress<'_>),
+) -> Result<JobSummary, BatchError> {
+    if !locks.cover(opts) {
+        return Err(BatchError::Io {
+            path: opts.output.clone(),
+            detail: "run_job was given the locks of other files; take JobLocks::acquire(opts)".into(),
+        });
+    }
     let (requests, bad_lines) = read_requests(&opts.input)?;
     let (mut out, recovered) = JsonlLog::resume(&opts.output)?;
     let mut errors = JsonlLog::create(&opts.errors)?;
@@ -139,6 +152,7 @@ fn run_one(
         harmony: matches!(r.input, Input::Messages(_))
             .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
             .flatten(),
+        cancel: None,
     };
     // Consecutive requests that share a prefix (a document, a system prompt) compute it once.
     let g = generate_reusing(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))

@@ -185,35 +185,7 @@ impl Loaded {
     /// entries and a failed store as warnings, then one summary line. `ttft` is the time to
     /// the first token.
     pub fn prefix_lines(&self, report: &PrefixReport, prompt_tokens: usize, ttft: Duration) -> Vec<String> {
-        let mut lines = Vec::new();
-        let mut summary = String::from("[ollm] prefix cache:");
-        if let Some(r) = &report.restored {
-            lines.extend(r.rejected.iter().map(|l| format!("warning: {l}")));
-            let rate = r.bytes as f64 / r.elapsed.as_secs_f64().max(1e-9) / 1e9;
-            summary += &format!(
-                " loaded {} of {prompt_tokens} prompt tokens ({} blocks, {} at {rate:.2} GB/s) in {:.2} s;",
-                r.tokens,
-                r.blocks,
-                crate::resources::human_bytes(r.bytes),
-                r.elapsed.as_secs_f64()
-            );
-        }
-        summary += &format!(" first token after {:.2} s;", ttft.as_secs_f64());
-        if let Some(s) = &report.stored {
-            summary += &format!(
-                " stored {} new blocks ({}) in {:.2} s, {} already there, {} evicted",
-                s.blocks,
-                crate::resources::human_bytes(s.bytes),
-                s.elapsed.as_secs_f64(),
-                s.present,
-                s.evicted
-            );
-        }
-        if let Some(e) = &report.store_error {
-            lines.push(format!("warning: prompt not stored: {e}"));
-        }
-        lines.push(summary);
-        lines
+        prefix_lines(report, prompt_tokens, ttft)
     }
 
     /// One line of weight-streaming figures, when layers are streamed.
@@ -281,5 +253,64 @@ impl Loaded {
         ids.sort_unstable();
         ids.dedup();
         ids
+    }
+}
+
+/// [`Loaded::prefix_lines`]: the warnings, then the summary line, its parts joined by "; ".
+fn prefix_lines(report: &PrefixReport, prompt_tokens: usize, ttft: Duration) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut parts = Vec::new();
+    if let Some(r) = &report.restored {
+        lines.extend(r.rejected.iter().map(|l| format!("warning: {l}")));
+        let rate = r.bytes as f64 / r.elapsed.as_secs_f64().max(1e-9) / 1e9;
+        parts.push(format!(
+            "loaded {} of {prompt_tokens} prompt tokens ({} blocks, {} at {rate:.2} GB/s) in {:.2} s",
+            r.tokens,
+            r.blocks,
+            crate::resources::human_bytes(r.bytes),
+            r.elapsed.as_secs_f64()
+        ));
+    }
+    parts.push(format!("first token after {:.2} s", ttft.as_secs_f64()));
+    if let Some(s) = &report.stored {
+        lines.extend(s.rejected.iter().map(|l| format!("warning: {l}")));
+        parts.push(format!(
+            "stored {} new blocks ({}) in {:.2} s, {} already there, {} evicted",
+            s.blocks,
+            crate::resources::human_bytes(s.bytes),
+            s.elapsed.as_secs_f64(),
+            s.present,
+            s.evicted
+        ));
+    }
+    if let Some(e) = &report.store_error {
+        lines.push(format!("warning: prompt not stored: {e}"));
+    }
+    lines.push(format!("[ollm] prefix cache: {}", parts.join("; ")));
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_summary_has_no_dangling_separator() {
+        let failed = PrefixReport {
+            restored: Some(ollm_kv::Restored::default()),
+            stored: None,
+            store_error: Some("the disk is full".into()),
+        };
+        let lines = prefix_lines(&failed, 10, Duration::from_millis(1500));
+        assert_eq!(lines[0], "warning: prompt not stored: the disk is full");
+        let summary = lines.last().expect("summary");
+        assert!(summary.ends_with("; first token after 1.50 s"), "{summary}");
+        assert!(summary.starts_with("[ollm] prefix cache: loaded 0 of 10 prompt tokens"), "{summary}");
+        let stored = PrefixReport { stored: Some(ollm_kv::Stored::default()), ..PrefixReport::default() };
+        let summary = prefix_lines(&stored, 10, Duration::ZERO).pop().expect("summary");
+        assert_eq!(
+            summary,
+            "[ollm] prefix cache: first token after 0.00 s; stored 0 new blocks (0 B) in 0.00 s, 0 already there, 0 evicted"
+        );
     }
 }

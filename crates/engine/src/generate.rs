@@ -1,6 +1,7 @@
 //! The generation loop: prefill, then sample → stream → stop checks → decode, one token at a time.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ollm_tokenizer::{StreamDecoder, Tokenizer};
@@ -23,6 +24,31 @@ pub struct GenerateParams {
     /// Some: the model writes harmony messages (GPT-OSS, after a chat prompt); the answer
     /// channel becomes the text and the others the reasoning.
     pub harmony: Option<HarmonyMarkers>,
+    /// Asked between prefill chunks whether the answer is still wanted; once it says no the
+    /// generation ends as [`FinishReason::Cancelled`] without a token. (During decode,
+    /// `on_token` returning `Break` cancels.)
+    pub cancel: Option<CancelCheck>,
+}
+
+/// A question the caller answers between prefill chunks: true = stop (a server's client has
+/// disconnected). Cheap to clone; shares the closure.
+#[derive(Clone)]
+pub struct CancelCheck(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl CancelCheck {
+    pub fn new(cancelled: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(cancelled))
+    }
+
+    pub fn cancelled(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for CancelCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CancelCheck")
+    }
 }
 
 /// Why generation ended.
@@ -167,8 +193,13 @@ pub fn generate(
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
 
     let t0 = Instant::now();
-    let (mut logits, restored) = session.prefill_cached(prompt)?;
+    let cancelled = || params.cancel.as_ref().is_some_and(CancelCheck::cancelled);
+    let prefilled = session.prefill_unless(prompt, &cancelled)?;
     stats.prefill = t0.elapsed();
+    let Some((mut logits, restored)) = prefilled else {
+        let finish = FinishReason::Cancelled;
+        return Ok(Generation { ids: Vec::new(), text: String::new(), reasoning: String::new(), finish, stats });
+    };
     if session.prefix_cache().is_some() {
         stats.prefix = Some(PrefixReport { restored, ..PrefixReport::default() });
     }

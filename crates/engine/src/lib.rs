@@ -15,7 +15,8 @@ pub use chat_model::{ChatModel, session_with_prefix};
 pub use config::GenerationConfig;
 pub use error::{EngineError, Result};
 pub use generate::{
-    FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport, TokenEvent, generate, generate_reusing,
+    CancelCheck, FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport, TokenEvent, generate,
+    generate_reusing,
 };
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};

@@ -85,6 +85,19 @@ impl Session {
     /// longest stored prefix of `ids` (always leaving one token to compute) and says what it
     /// loaded.
     pub fn prefill_cached(&mut self, ids: &[u32]) -> Result<(Vec<f32>, Option<Restored>)> {
+        let done = self.prefill_unless(ids, &|| false)?;
+        Ok(done.unwrap_or_default())
+    }
+
+    /// Like [`prefill_cached`](Self::prefill_cached), asking `cancelled` between chunks (a
+    /// server's client may have gone away); `Ok(None)` when it said stop. The chunks fed by
+    /// then stay in the session, so a caller may go on from there or
+    /// [`rewind`](Self::rewind).
+    pub fn prefill_unless(
+        &mut self,
+        ids: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<(Vec<f32>, Option<Restored>)>> {
         let mut restored = None;
         if self.tokens.is_empty()
             && let Some(cache) = &self.prefix
@@ -95,12 +108,15 @@ impl Session {
         }
         let start = restored.as_ref().map_or(0, |r: &Restored| r.tokens);
         let mut logits = Vec::new();
-        for chunk in ids[start..].chunks(self.prefill_chunk) {
+        for (i, chunk) in ids[start..].chunks(self.prefill_chunk).enumerate() {
+            if i > 0 && cancelled() {
+                return Ok(None);
+            }
             logits = self.forward(chunk, LogitsWanted::Last, None)?;
             self.tokens.extend_from_slice(chunk);
             self.snapshot_if_block_end()?;
         }
-        Ok((logits, restored))
+        Ok(Some((logits, restored)))
     }
 
     /// A recurrent model's fixed state at a block end, kept for the prefix entry ending there.

@@ -97,6 +97,7 @@ fn harmony_output_splits_into_answer_and_reasoning() {
             eos_token_ids: vec![markers.ret],
             stop,
             harmony,
+            cancel: None,
         };
         let (mut streamed, mut thought) = (String::new(), String::new());
         let prompt = tok.encode("<|start|>user<|message|>hi<|end|><|start|>assistant", false).expect("prompt");
@@ -126,6 +127,7 @@ fn harmony_output_splits_into_answer_and_reasoning() {
         eos_token_ids: vec![markers.ret],
         stop: Vec::new(),
         harmony: Some(markers),
+        cancel: None,
     };
     let prompt = tok.encode("<|start|>assistant", false).expect("prompt");
     let g = generate(&mut session, &tok, &prompt, &params, &mut |_| ControlFlow::Continue(())).expect("generate");

@@ -33,6 +33,7 @@ fn a_session_keeps_the_shared_prefix_and_answers_like_a_fresh_one() {
         eos_token_ids: Vec::new(),
         stop: Vec::new(),
         harmony: None,
+        cancel: None,
     };
     let doc: Vec<u32> = (0..700u32).map(|i| (i * 7919 + 13) % 120_000).collect();
     let ask = |q: u32| [doc.clone(), (0..20).map(|i| 500 + q * 40 + i).collect()].concat();
@@ -92,4 +93,39 @@ fn a_recurrent_model_starts_over_from_a_zero_state() {
     let got = session.prefill(&second).expect("second");
     let want = Session::new(model).expect("fresh").prefill(&second).expect("fresh");
     assert!(got == want, "the second prompt saw the first one's state");
+}
+
+#[test]
+fn a_cancelled_prefill_stops_between_chunks_without_a_token() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, tok) = tiny(dir.path());
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    // The caller goes away after the second chunk.
+    let cancel = ollm_engine::CancelCheck::new(move || counter.fetch_add(1, Ordering::SeqCst) >= 1);
+    let params = GenerateParams {
+        max_new_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        eos_token_ids: Vec::new(),
+        stop: Vec::new(),
+        harmony: None,
+        cancel: Some(cancel),
+    };
+    let prompt: Vec<u32> = (0..100u32).map(|i| 300 + i).collect();
+    let mut session = Session::new(model.clone()).expect("session").with_prefill_chunk(16);
+    let mut tokens = 0;
+    let g = generate(&mut session, &tok, &prompt, &params, &mut |_| {
+        tokens += 1;
+        ControlFlow::Continue(())
+    })
+    .expect("generate");
+    assert_eq!(g.finish, ollm_engine::FinishReason::Cancelled);
+    assert!(g.ids.is_empty() && tokens == 0, "tokens came after a cancelled prefill");
+    // Chunk 1, a check (go on), chunk 2, a check (stop): 32 of the 100 prompt tokens were fed.
+    assert_eq!((session.len(), asked.load(Ordering::SeqCst)), (32, 2));
+    // The session goes on from there: the same prompt keeps what was fed.
+    let again = GenerateParams { cancel: None, ..params };
+    let g = generate_reusing(&mut session, &tok, &prompt, &again, &mut |_| ControlFlow::Continue(())).expect("again");
+    assert_eq!((g.stats.reused_tokens, g.ids.len()), (32, 4));
 }

@@ -72,6 +72,9 @@ pub struct Stored {
     pub blocks: usize,
     /// Entries already present (touched).
     pub present: usize,
+    /// One line per entry found under a block's name but not holding that block (deleted and
+    /// written again).
+    pub rejected: Vec<String>,
     pub bytes: u64,
     /// Entries removed to stay under the cap.
     pub evicted: usize,
@@ -246,7 +249,7 @@ impl PrefixCache {
             match self.open_entry(&path, i, key, parent, &tokens[i * b..(i + 1) * b]) {
                 Ok(entry) => found.push((path, entry)),
                 Err(reject) => {
-                    self.reject(&path, reject, &mut out)?;
+                    self.reject(&path, reject, &mut out.rejected)?;
                     break;
                 }
             }
@@ -298,7 +301,17 @@ impl PrefixCache {
         let mut parent = 0u128;
         for (i, &key) in keys.iter().enumerate() {
             let path = self.entry_path(i, key);
-            if path.exists() {
+            // A file under this block's name counts only if its header says it is this block; a
+            // wrong one is reported and replaced now, not at the next restore.
+            let present = path.exists()
+                && match self.open_entry(&path, i, key, parent, &tokens[i * b..(i + 1) * b]) {
+                    Ok(_) | Err(Reject::Unreadable(_)) => true,
+                    Err(reject) => {
+                        self.reject(&path, reject, &mut out.rejected)?;
+                        false
+                    }
+                };
+            if present {
                 out.present += 1;
             } else {
                 let end = (i + 1) * b;
@@ -372,7 +385,7 @@ impl PrefixCache {
                     }
                     Err(reject) => {
                         state.return_buffers(bufs);
-                        self.reject(&found[i].0, reject, out)?;
+                        self.reject(&found[i].0, reject, &mut out.rejected)?;
                         failed = true;
                     }
                 }
@@ -438,7 +451,7 @@ impl PrefixCache {
     }
 
     /// Reports an entry not used (one line), deleting it when its bytes are wrong.
-    fn reject(&self, path: &Path, why: Reject, out: &mut Restored) -> Result<(), PrefixError> {
+    fn reject(&self, path: &Path, why: Reject, rejected: &mut Vec<String>) -> Result<(), PrefixError> {
         let line = match why {
             Reject::Corrupt(why) => {
                 let _ = std::fs::remove_file(path);
@@ -453,7 +466,7 @@ impl PrefixCache {
             Reject::State(e) => return Err(e.into()),
         };
         tracing::warn!("{line}");
-        out.rejected.push(line);
+        rejected.push(line);
         Ok(())
     }
 
@@ -752,6 +765,28 @@ const ENOSPC: i32 = 28;
 #[cfg(not(unix))]
 const ENOSPC: i32 = 112; // ERROR_DISK_FULL
 
+/// `bytes` in the largest binary unit that keeps it at least 1 (2 MiB is "2.00 MiB", not
+/// "0.00 GiB").
 fn size(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    #[test]
+    fn sizes_keep_their_digits() {
+        assert_eq!(size(2 << 20), "2.00 MiB");
+        assert_eq!(size(3 << 29), "1.50 GiB");
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(5 << 10), "5.00 KiB");
+    }
 }

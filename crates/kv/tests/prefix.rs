@@ -338,3 +338,34 @@ fn chain_keys_depend_on_the_model_and_every_earlier_token() {
     assert!(k1[0] != ku[0] && k1[1] != ku[1], "block 1's key changes with a token of block 0");
     assert_eq!(one.chain(&t), k1);
 }
+
+#[test]
+fn two_swapped_entries_are_both_caught_in_one_run() {
+    let be = CpuBackend::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng(11);
+    let mut a = device_state(&be);
+    append(&be, &mut a, 800, &mut rng);
+    let toks = tokens(800, 11);
+    let cache = open(dir.path(), FINGERPRINT, &a, &be, u64::MAX);
+    assert_eq!(cache.store(&be, &mut a, &toks, &[]).expect("store").blocks, 3);
+    let keys = cache.chain(&toks[..768]);
+    let (p1, p2) = (cache.entry_path(1, keys[1]), cache.entry_path(2, keys[2]));
+    let swap = dir.path().join("swap");
+    std::fs::rename(&p1, &swap).expect("rename");
+    std::fs::rename(&p2, &p1).expect("rename");
+    std::fs::rename(&swap, &p2).expect("rename");
+    // The restore finds the first misnamed entry and stops there.
+    let mut b = device_state(&be);
+    let r = cache.restore(&be, &mut b, &toks).expect("restore");
+    assert_eq!((r.blocks, r.rejected.len()), (1, 1), "{:?}", r.rejected);
+    // The store that follows checks the other one instead of counting it as present.
+    let s = cache.store(&be, &mut a, &toks, &[]).expect("store");
+    assert_eq!((s.blocks, s.present, s.rejected.len()), (2, 1, 1), "{:?}", s.rejected);
+    assert!(s.rejected[0].contains("do not match") && !s.rejected[0].contains('\n'), "{}", s.rejected[0]);
+    // So the next run is clean.
+    let mut c = device_state(&be);
+    let r = cache.restore(&be, &mut c, &toks).expect("restore");
+    assert_eq!((r.blocks, r.rejected.len()), (3, 0), "{:?}", r.rejected);
+    assert_eq!(blocks(&be, &mut c, 3), blocks(&be, &mut a, 3));
+}

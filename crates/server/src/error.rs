@@ -72,7 +72,10 @@ impl ApiError {
 
     pub fn model_not_found(asked: &str, served: &str) -> Self {
         Self::invalid(
-            format!("The model '{asked}' does not exist; this server serves '{served}' (see GET /v1/models)"),
+            format!(
+                "The model '{}' does not exist; this server serves '{served}' (see GET /v1/models)",
+                asked.escape_debug()
+            ),
             Some("model"),
         )
         .with_status(StatusCode::NOT_FOUND)

@@ -9,6 +9,8 @@ mod error;
 mod openai_types;
 mod queue;
 mod request;
+#[cfg(test)]
+mod request_fuzz;
 mod routes;
 mod sse;
 mod state;
@@ -39,7 +41,17 @@ pub struct ServerConfig {
     pub max_tokens_cap: usize,
     /// Requests waiting for the engine beyond the one running; more get 503.
     pub queue_capacity: usize,
+    /// Most prompt tokens a request may bring; None = the model's context.
+    pub max_prompt_tokens: Option<usize>,
+    /// Prompt tokens per forward during prefill. Between chunks the worker checks that the
+    /// client is still there, so smaller chunks stop an abandoned prompt sooner; larger ones
+    /// pass over streamed weights fewer times.
+    pub prefill_chunk: usize,
 }
+
+/// The server's default prefill chunk: an abandoned prompt is dropped after at most this many
+/// more tokens.
+pub const SERVER_PREFILL_CHUNK: usize = 2048;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -49,6 +61,8 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             max_tokens_cap: 4096,
             queue_capacity: 64,
+            max_prompt_tokens: None,
+            prefill_chunk: SERVER_PREFILL_CHUNK,
         }
     }
 }

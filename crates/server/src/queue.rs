@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use ollm_engine::{FinishReason, GenerateParams, Session, generate_reusing};
+use ollm_engine::{CancelCheck, FinishReason, GenerateParams, Session, generate_reusing};
 use ollm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -100,9 +100,12 @@ fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stat
             continue;
         }
         let events = &job.events;
+        // A client that goes away during prefill stops it at the next chunk.
+        let watched = job.events.clone();
+        let params = GenerateParams { cancel: Some(CancelCheck::new(move || watched.is_closed())), ..job.params };
         // The session keeps what this prompt shares with the last one (a document, a system
         // prompt) and computes the rest.
-        let result = generate_reusing(&mut session, tokenizer, &job.prompt, &job.params, &mut |ev| {
+        let result = generate_reusing(&mut session, tokenizer, &job.prompt, &params, &mut |ev| {
             let mut gone = events.is_closed();
             if !ev.reasoning.is_empty() {
                 gone |= events.send(JobEvent::Reasoning(ev.reasoning.to_string())).is_err();
@@ -115,10 +118,18 @@ fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stat
         match result {
             Ok(g) if g.finish == FinishReason::Cancelled => {
                 stats.cancelled.fetch_add(1, Ordering::SeqCst);
-                eprintln!(
-                    "[ollm] cancelled a generation after {} tokens: the client disconnected",
-                    g.stats.generated_tokens
-                );
+                if g.stats.generated_tokens == 0 {
+                    eprintln!(
+                        "[ollm] cancelled a prompt during prefill ({} of {} tokens fed): the client disconnected",
+                        session.len(),
+                        g.stats.prompt_tokens
+                    );
+                } else {
+                    eprintln!(
+                        "[ollm] cancelled a generation after {} tokens: the client disconnected",
+                        g.stats.generated_tokens
+                    );
+                }
             }
             Ok(g) => {
                 stats.completed.fetch_add(1, Ordering::SeqCst);

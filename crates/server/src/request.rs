@@ -2,17 +2,60 @@
 //! (through the chat template for chat), and validated sampling and length parameters. Every
 //! rejection names the field at fault.
 
-use ollm_engine::{EngineError, GenerateParams};
-use ollm_tokenizer::{ChatMessage, TokenizerError};
+use std::sync::Arc;
+
+use ollm_engine::{EngineError, GenerateParams, HarmonyMarkers, SamplingParams};
+use ollm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerError};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::openai_types::{ChatMessageIn, SamplingFields};
-use crate::state::AppState;
+use crate::openai_types::{ChatMessageIn, ChatRequest, CompletionRequest, SamplingFields};
 
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOPS: usize = 4;
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// OpenAI request fields ollm does not implement, each with the value that asks for nothing
+/// (the API's default), which is accepted: a client may send a default explicitly. Any other
+/// value, a wrong type included, is a 400 naming the field, so nothing a client asks for is
+/// silently ignored. `null` is always accepted.
+const UNSUPPORTED: [(&str, &str); 14] = [
+    ("logprobs", "false"),
+    ("top_logprobs", "0"),
+    ("echo", "false"),
+    ("suffix", "\"\""),
+    ("best_of", "1"),
+    ("presence_penalty", "0"),
+    ("frequency_penalty", "0"),
+    ("logit_bias", "{}"),
+    ("tools", "[]"),
+    ("tool_choice", "\"none\""),
+    ("functions", "[]"),
+    ("function_call", "\"none\""),
+    ("response_format", "{\"type\": \"text\"}"),
+    ("parallel_tool_calls", "false"),
+];
+
+/// Everything a request is checked against: the served model's id, tokenizer and template, and
+/// the server's limits. Needs no engine, so requests can be validated (and fuzzed) without a
+/// model.
+#[derive(Debug)]
+pub struct RequestRules {
+    pub model_id: Arc<str>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    pub eos_token_ids: Vec<u32>,
+    /// Some for a harmony model (GPT-OSS): chat answers carry the final channel as content and
+    /// the others as `reasoning_content`.
+    pub harmony: Option<HarmonyMarkers>,
+    pub default_sampling: SamplingParams,
+    /// The model's context, in tokens (prompt + completion).
+    pub context_tokens: usize,
+    /// Largest `max_tokens` a request may ask for (at most the context).
+    pub max_tokens_cap: usize,
+    /// Most prompt tokens a request may bring (at most the context).
+    pub max_prompt_tokens: usize,
+}
 
 /// A request ready for the queue.
 #[derive(Debug)]
@@ -23,19 +66,54 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
+/// A POST /v1/chat/completions body, checked and tokenized: the model it names and the job.
+pub fn chat_request(rules: &RequestRules, bytes: &[u8]) -> Result<(String, Prepared), ApiError> {
+    let (req, sampling): (ChatRequest, _) = parse_body(bytes)?;
+    check_model(rules, &req.model)?;
+    let prompt = chat_prompt(rules, &req.messages)?;
+    Ok((req.model, prepare(rules, prompt, sampling, true)?))
+}
+
+/// A POST /v1/completions body, checked and tokenized: the model it names and the job.
+pub fn completion_request(rules: &RequestRules, bytes: &[u8]) -> Result<(String, Prepared), ApiError> {
+    let (req, sampling): (CompletionRequest, _) = parse_body(bytes)?;
+    check_model(rules, &req.model)?;
+    let prompt = completion_prompt(rules, &req.prompt)?;
+    Ok((req.model, prepare(rules, prompt, sampling, false)?))
+}
+
 /// Parses a JSON body into the endpoint's fields and the shared sampling fields; a 400 names
 /// the field at fault.
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, SamplingFields), ApiError> {
+fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, SamplingFields), ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid(
             format!("The request body is not valid JSON: {e}; send a JSON object as in OpenAI's API reference"),
             None,
         )
     })?;
-    if !value.is_object() {
+    let Some(fields) = value.as_object() else {
         return Err(ApiError::invalid("The request body must be a JSON object", None));
+    };
+    for (name, default) in UNSUPPORTED {
+        if let Some(v) = fields.get(name)
+            && !v.is_null()
+            && !same_value(&serde_json::from_str(default).unwrap_or(Value::Null), v)
+        {
+            return Err(ApiError::invalid(
+                format!("'{name}' is not supported by this server; leave it out (or send its default, {default})"),
+                Some(name),
+            ));
+        }
     }
     Ok((typed(&value)?, typed(&value)?))
+}
+
+/// JSON equality where numbers compare by value (`0` and `0.0` are the same penalty).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
@@ -50,13 +128,13 @@ fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     })
 }
 
-pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == &*state.model_id { Ok(()) } else { Err(ApiError::model_not_found(model, &state.model_id)) }
+fn check_model(rules: &RequestRules, model: &str) -> Result<(), ApiError> {
+    if model == &*rules.model_id { Ok(()) } else { Err(ApiError::model_not_found(model, &rules.model_id)) }
 }
 
 /// The chat prompt: messages rendered by the model's chat template, opening the assistant turn.
-pub fn chat_prompt(state: &AppState, messages: &[ChatMessageIn]) -> Result<Vec<u32>, ApiError> {
-    let Some(template) = &state.template else {
+fn chat_prompt(rules: &RequestRules, messages: &[ChatMessageIn]) -> Result<Vec<u32>, ApiError> {
+    let Some(template) = &rules.template else {
         return Err(ApiError::invalid(
             "This model has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); use /v1/completions",
             Some("messages"),
@@ -69,19 +147,19 @@ pub fn chat_prompt(state: &AppState, messages: &[ChatMessageIn]) -> Result<Vec<u
     for (i, m) in messages.iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::invalid(
-                format!("messages[{i}].role is '{}'; use one of {}", m.role, ROLES.join(", ")),
+                format!("messages[{i}].role is '{}'; use one of {}", m.role.escape_debug(), ROLES.join(", ")),
                 Some(&format!("messages[{i}].role")),
             ));
         }
         turns.push(ChatMessage::new(&m.role, &message_text(&m.content, i)?));
     }
-    let ids = state.tokenizer.encode_chat(template, &turns).map_err(|e| match e {
+    let ids = rules.tokenizer.encode_chat(template, &turns).map_err(|e| match e {
         TokenizerError::Template { .. } => {
             ApiError::invalid(format!("The chat template rejected the messages: {e}"), Some("messages"))
         }
         other => ApiError::invalid(format!("cannot tokenize the messages: {other}"), Some("messages")),
     })?;
-    check_length(state, ids, "messages")
+    check_length(rules, ids, "messages")
 }
 
 /// A message's content: a string, a list of text parts, or null.
@@ -107,8 +185,9 @@ fn message_text(content: &Value, i: usize) -> Result<String, ApiError> {
 }
 
 /// The completions prompt: a string or a list of exactly one string; BOS is added as the
-/// tokenizer's post-processor says.
-pub fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+/// tokenizer's post-processor says. This is raw text for the model, so special tokens spelled
+/// in it are read as special tokens (as llama.cpp reads a raw prompt); chat messages are not.
+fn completion_prompt(rules: &RequestRules, prompt: &Value) -> Result<Vec<u32>, ApiError> {
     let text = match prompt {
         Value::String(s) => s.as_str(),
         Value::Array(list) if list.len() == 1 && list[0].is_string() => list[0].as_str().unwrap_or_default(),
@@ -120,23 +199,35 @@ pub fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, A
         }
         _ => return Err(ApiError::invalid("'prompt' must be a string", Some("prompt"))),
     };
-    let ids = state
+    let ids = rules
         .tokenizer
         .encode_prompt(text)
         .map_err(|e| ApiError::invalid(format!("cannot tokenize the prompt: {e}"), Some("prompt")))?;
-    check_length(state, ids, "prompt")
+    check_length(rules, ids, "prompt")
 }
 
-/// Rejects an empty prompt and one that leaves no room in the context.
-fn check_length(state: &AppState, ids: Vec<u32>, param: &str) -> Result<Vec<u32>, ApiError> {
+/// Rejects an empty prompt, one that leaves no room in the context and one longer than
+/// --max-prompt-tokens.
+fn check_length(rules: &RequestRules, ids: Vec<u32>, param: &str) -> Result<Vec<u32>, ApiError> {
     if ids.is_empty() {
         return Err(ApiError::invalid(format!("the {param} is empty; give some text"), Some(param)));
     }
-    if ids.len() >= state.context_tokens {
+    if ids.len() >= rules.context_tokens {
         return Err(ApiError::invalid(
             format!(
                 "This model's maximum context length is {} tokens, but the {param} has {} tokens; shorten the {param}",
-                state.context_tokens,
+                rules.context_tokens,
+                ids.len()
+            ),
+            Some(param),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    if ids.len() > rules.max_prompt_tokens {
+        return Err(ApiError::invalid(
+            format!(
+                "This server accepts at most {} prompt tokens (--max-prompt-tokens), but the {param} has {} tokens; shorten the {param}",
+                rules.max_prompt_tokens,
                 ids.len()
             ),
             Some(param),
@@ -149,7 +240,7 @@ fn check_length(state: &AppState, ids: Vec<u32>, param: &str) -> Result<Vec<u32>
 /// Validates the sampling fields against the server's limits and the room left in the context.
 /// The generation a request asks for; `chat`: its prompt came through the chat template (a
 /// harmony model's answer is then split into content and reasoning).
-pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields, chat: bool) -> Result<Prepared, ApiError> {
+fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool) -> Result<Prepared, ApiError> {
     if let Some(n) = f.n.filter(|&n| n != 1) {
         return Err(ApiError::invalid(format!("n = {n}: only n = 1 is supported; send several requests"), Some("n")));
     }
@@ -158,14 +249,14 @@ pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields, chat: bool
         (None, Some(m)) => ("max_completion_tokens", Some(m)),
         (None, None) => ("max_tokens", None),
     };
-    let cap = state.max_tokens_cap;
+    let cap = rules.max_tokens_cap;
     let max_new_tokens = match asked {
         Some(0) => return Err(ApiError::invalid(format!("{max_name} must be at least 1"), Some(max_name))),
         Some(m) if m > cap as u64 => {
             return Err(ApiError::invalid(
                 format!(
                     "{max_name} = {m} is above this server's limit of {cap} (--max-tokens-cap; the context is {} tokens)",
-                    state.context_tokens
+                    rules.context_tokens
                 ),
                 Some(max_name),
             ));
@@ -173,9 +264,9 @@ pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields, chat: bool
         Some(m) => m as usize,
         None => cap,
     };
-    let max_new_tokens = max_new_tokens.min(state.context_tokens.saturating_sub(prompt.len()));
+    let max_new_tokens = max_new_tokens.min(rules.context_tokens.saturating_sub(prompt.len()));
 
-    let mut sampling = state.default_sampling.clone();
+    let mut sampling = rules.default_sampling.clone();
     if let Some(t) = f.temperature {
         sampling.temperature = t;
     }
@@ -203,9 +294,11 @@ pub fn prepare(state: &AppState, prompt: Vec<u32>, f: SamplingFields, chat: bool
         params: GenerateParams {
             max_new_tokens,
             sampling,
-            eos_token_ids: state.eos_token_ids.to_vec(),
+            eos_token_ids: rules.eos_token_ids.clone(),
             stop,
-            harmony: state.harmony.filter(|_| chat),
+            harmony: rules.harmony.filter(|_| chat),
+            // The worker asks the job's channel.
+            cancel: None,
         },
         stream: f.stream,
         include_usage,

@@ -17,11 +17,10 @@ use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
 use crate::openai_types::{
-    ChatChoice, ChatCompletion, ChatMessageOut, ChatRequest, CompletionRequest, ModelList, ModelObject, TextChoice,
-    TextCompletion, Usage, now_secs,
+    ChatChoice, ChatCompletion, ChatMessageOut, ModelList, ModelObject, TextChoice, TextCompletion, Usage, now_secs,
 };
 use crate::queue::{Job, JobEvent, JobOutcome};
-use crate::request::{Prepared, chat_prompt, check_model, completion_prompt, parse_body, prepare};
+use crate::request::{Prepared, chat_request, completion_request};
 use crate::sse::{ChunkKind, StreamMeta, stream_response};
 use crate::state::AppState;
 
@@ -45,26 +44,32 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// With `--api-key`, every /v1 request needs `Authorization: Bearer <key>`.
+/// With `--api-key`, every /v1 request needs `Authorization: Bearer <key>`: exactly that, no
+/// whitespace around the key, compared in constant time.
 async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given.map(str::trim) != Some(&**key) {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !given.is_some_and(|g| same_key(g, key.as_bytes())) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
 }
 
+/// `given == key` in time that depends on the lengths only, not on where they first differ.
+fn same_key(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != key.len());
+    for (i, &k) in key.iter().enumerate() {
+        diff |= k ^ given.get(i).copied().unwrap_or(!k);
+    }
+    std::hint::black_box(diff) == 0
+}
+
 async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
     let st = &s.queue.stats;
     Json(json!({
         "status": "ok",
-        "model": &*s.model_id,
+        "model": &*s.rules.model_id,
         "waiting": st.waiting.load(Ordering::SeqCst),
         "completed": st.completed.load(Ordering::SeqCst),
         "cancelled": st.cancelled.load(Ordering::SeqCst),
@@ -75,24 +80,23 @@ async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
 async fn models(State(s): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![ModelObject { id: s.model_id.to_string(), object: "model", created: now_secs(), owned_by: "ollm" }],
+        data: vec![ModelObject {
+            id: s.rules.model_id.to_string(),
+            object: "model",
+            created: now_secs(),
+            owned_by: "ollm",
+        }],
     })
 }
 
 async fn completions(State(s): State<AppState>, body: Body) -> Result<Response, ApiError> {
-    let (req, sampling): (CompletionRequest, _) = parse_body(&read_body(body, s.max_body_bytes).await?)?;
-    check_model(&s, &req.model)?;
-    let prompt = completion_prompt(&s, &req.prompt)?;
-    let prepared = prepare(&s, prompt, sampling, false)?;
-    respond(&s, prepared, ChunkKind::Text, &req.model).await
+    let (model, prepared) = completion_request(&s.rules, &read_body(body, s.max_body_bytes).await?)?;
+    respond(&s, prepared, ChunkKind::Text, &model).await
 }
 
 async fn chat_completions(State(s): State<AppState>, body: Body) -> Result<Response, ApiError> {
-    let (req, sampling): (ChatRequest, _) = parse_body(&read_body(body, s.max_body_bytes).await?)?;
-    check_model(&s, &req.model)?;
-    let prompt = chat_prompt(&s, &req.messages)?;
-    let prepared = prepare(&s, prompt, sampling, true)?;
-    respond(&s, prepared, ChunkKind::Chat, &req.model).await
+    let (model, prepared) = chat_request(&s.rules, &read_body(body, s.max_body_bytes).await?)?;
+    respond(&s, prepared, ChunkKind::Chat, &model).await
 }
 
 /// Reads the body, at most `limit` bytes of it; a larger body is a 413 with an OpenAI body.
@@ -205,4 +209,17 @@ async fn unknown_path(req: Request) -> ApiError {
 async fn wrong_method(req: Request) -> ApiError {
     ApiError::invalid(format!("{} is not allowed on {}", req.method(), req.uri().path()), None)
         .with_status(StatusCode::METHOD_NOT_ALLOWED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_key;
+
+    #[test]
+    fn keys_match_exactly_without_trimming() {
+        assert!(same_key(b"sekrit", b"sekrit"));
+        for given in [&b"sekrit "[..], b" sekrit", b"sekri", b"sekritt", b"Sekrit", b""] {
+            assert!(!same_key(given, b"sekrit"), "{:?}", String::from_utf8_lossy(given));
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod stream;
 pub mod tiktoken;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use stream::StreamDecoder;
@@ -28,6 +29,10 @@ pub type Result<T> = std::result::Result<T, TokenizerError>;
 #[derive(Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` reading special tokens as plain text; made the first time a chat message spells one.
+    plain: OnceLock<tokenizers::Tokenizer>,
+    /// The text of every special added token (`<|im_end|>`, `</s>` …), longest first.
+    specials: Vec<String>,
     path: PathBuf,
 }
 
@@ -46,7 +51,14 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), detail: format!("cannot parse: {e}") })?;
-        Ok(Self { inner, path: path.to_path_buf() })
+        let mut specials: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
+        specials.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        Ok(Self { inner, plain: OnceLock::new(), specials, path: path.to_path_buf() })
     }
 
     pub fn path(&self) -> &Path {
@@ -66,9 +78,37 @@ impl Tokenizer {
 
     /// Ids of a conversation rendered by `template` with the assistant's turn opened. The template
     /// writes every special token itself, so none are added (as transformers'
-    /// `apply_chat_template` does).
+    /// `apply_chat_template` does). A message's content is text: a special token spelled inside
+    /// it (`<|im_end|>` in a user message) is encoded as the characters it is made of, never as
+    /// the control token, so a message cannot forge a turn of another role. A raw prompt
+    /// ([`encode_prompt`](Self::encode_prompt)) still reads special tokens, as llama.cpp does.
     pub fn encode_chat(&self, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        self.encode(&template.render(messages, true)?, false)
+        if !messages.iter().any(|m| self.specials.iter().any(|s| m.content.contains(s.as_str()))) {
+            return self.encode(&template.render(messages, true)?, false);
+        }
+        let mut masks = ContentSpecials::new();
+        let masked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage { role: m.role.clone(), content: masks.mask(&m.content, &self.specials) })
+            .collect();
+        let (text, spans) = masks.unmask(&template.render(&masked, true)?)?;
+        let enc = self.inner.encode(text.as_str(), false).map_err(|e| TokenizerError::Codec(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len());
+        for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            // A special token matched where a message spelled it: encode its text as text.
+            if spans.iter().any(|&(s, e)| start <= s && e <= end) {
+                let plain = self.plain.get_or_init(|| {
+                    let mut t = self.inner.clone();
+                    t.set_encode_special_tokens(true);
+                    t
+                });
+                let piece = plain.encode(&text[start..end], false).map_err(|e| TokenizerError::Codec(e.to_string()))?;
+                ids.extend_from_slice(piece.get_ids());
+            } else {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 
     /// Decodes ids to text; `skip_special` drops special tokens such as `<|im_end|>`.
@@ -87,5 +127,74 @@ impl Tokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// Special tokens spelled inside message contents, swapped for markers while the template runs
+/// so that afterwards it is known which occurrences the template wrote and which came from a
+/// message. A marker is a private-use character, a per-call nonce and an index; it has no
+/// whitespace, so `strip`/`trim` in a template act on the content as they would on the original.
+struct ContentSpecials {
+    prefix: String,
+    spelled: Vec<String>,
+}
+
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
+
+impl ContentSpecials {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        Self { prefix: format!("{MARK_OPEN}{nonce:016x}:"), spelled: Vec::new() }
+    }
+
+    /// `content` with every special token it spells replaced by a marker (longest match first).
+    fn mask(&mut self, content: &str, specials: &[String]) -> String {
+        let mut out = String::with_capacity(content.len());
+        let mut rest = content;
+        'scan: while !rest.is_empty() {
+            for s in specials {
+                if rest.starts_with(s.as_str()) {
+                    out.push_str(&format!("{}{}{MARK_CLOSE}", self.prefix, self.spelled.len()));
+                    self.spelled.push(s.clone());
+                    rest = &rest[s.len()..];
+                    continue 'scan;
+                }
+            }
+            let mut chars = rest.chars();
+            if let Some(c) = chars.next() {
+                out.push(c);
+            }
+            rest = chars.as_str();
+        }
+        out
+    }
+
+    /// The rendered text with the markers turned back into the special tokens' text, and the
+    /// byte ranges where they now stand.
+    fn unmask(&self, rendered: &str) -> Result<(String, Vec<(usize, usize)>)> {
+        let mut text = String::with_capacity(rendered.len());
+        let mut spans = Vec::new();
+        let mut rest = rendered;
+        while let Some(at) = rest.find(self.prefix.as_str()) {
+            text.push_str(&rest[..at]);
+            let after = &rest[at + self.prefix.len()..];
+            let index = after
+                .find(MARK_CLOSE)
+                .and_then(|end| Some((after[..end].parse::<usize>().ok()?, end)))
+                .and_then(|(i, end)| Some((self.spelled.get(i)?, end)));
+            let Some((special, end)) = index else {
+                return Err(TokenizerError::Codec(
+                    "the chat template cut apart a special token spelled inside a message; remove it from the message"
+                        .into(),
+                ));
+            };
+            spans.push((text.len(), text.len() + special.len()));
+            text.push_str(special);
+            rest = &after[end + MARK_CLOSE.len_utf8()..];
+        }
+        text.push_str(rest);
+        Ok((text, spans))
     }
 }

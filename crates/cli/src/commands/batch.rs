@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_batch::{JobOptions, Progress, run_job};
+use ollm_batch::{JobLocks, JobOptions, Progress, run_job};
 
 use super::ModelArgs;
 use crate::loaded::{load, load_text};
@@ -36,15 +36,17 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
         a.out.with_file_name(format!("{stem}.errors.jsonl"))
     });
-    let loaded = load(&a.model)?;
-    let text = load_text(&loaded.dir)?;
-    let model = loaded.chat_model(text);
     let opts = JobOptions {
         input: a.input.clone(),
         output: a.out.clone(),
         errors: errors.clone(),
         default_max_tokens: a.max_tokens,
     };
+    // Before the model loads: a second batch on the same files refuses at once.
+    let locks = JobLocks::acquire(&opts)?;
+    let loaded = load(&a.model)?;
+    let text = load_text(&loaded.dir)?;
+    let model = loaded.chat_model(text);
 
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -52,7 +54,7 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut tokens = 0usize;
-    let summary = run_job(&model, &opts, &mut |p| match p {
+    let summary = run_job(&model, &opts, &locks, &mut |p| match p {
         Progress::Planned { pending, already_done, torn_bytes } => {
             if torn_bytes > 0 {
                 bar.suspend(|| eprintln!("[ollm] cut a torn last line ({torn_bytes} bytes) from {}", a.out.display()));

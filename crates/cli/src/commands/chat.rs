@@ -56,6 +56,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         eos_token_ids: loaded.eos_ids(&text),
         stop: Vec::new(),
         harmony: ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer),
+        cancel: None,
     };
 
     let interactive = std::io::stdin().is_terminal();

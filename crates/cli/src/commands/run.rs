@@ -103,6 +103,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         eos_token_ids: loaded.eos_ids(&text),
         stop: a.stop.clone(),
         harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
+        cancel: None,
     };
 
     let mut session = loaded.session()?;

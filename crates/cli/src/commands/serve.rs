@@ -32,11 +32,25 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine; more are refused with 503.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Most prompt tokens a request may bring; a longer prompt is a 400. Default: the model's context.
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Prompt tokens per forward during prefill. Between chunks the server checks that the client
+    /// is still there: smaller chunks drop an abandoned prompt sooner, larger ones pass over
+    /// streamed weights fewer times.
+    #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.max_tokens_cap == 0 {
         bail!("--max-tokens-cap must be at least 1");
+    }
+    if a.max_prompt_tokens == Some(0) {
+        bail!("--max-prompt-tokens must be at least 1");
+    }
+    if a.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
     }
     let addr = resolve(&a.host, a.port)?;
     let loaded = load(&a.model)?;
@@ -50,6 +64,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: a.max_body_bytes,
         max_tokens_cap: a.max_tokens_cap,
         queue_capacity: a.queue,
+        max_prompt_tokens: a.max_prompt_tokens,
+        prefill_chunk: a.prefill_chunk,
     };
     serve(model, config)?;
     Ok(())
