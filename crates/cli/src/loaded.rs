@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
-use ollm_models::plan::{Plan, Tier};
 use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
 use ollm_ops::cuda::{CudaBackend, CudaDevice, vram};
+use ollm_residency::plan::{Plan, Tier};
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
 
 use crate::commands::{DeviceArg, ModelArgs};

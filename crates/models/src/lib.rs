@@ -1,17 +1,17 @@
 //! ollm-models: the model families. Each family is config parsing, a registry of tensor names
 //! and a straight-line forward pass written against the ops [`Backend`](ollm_ops::Backend).
-//! No I/O policy, no device checks, no per-sequence state: the state ([`SeqState`]) is passed in.
+//! No I/O policy, no device checks, no per-sequence state: the state ([`SeqState`]) is passed in,
+//! and where weights live and when they move is `ollm_residency`'s (a model takes a
+//! [`Placement`](ollm_residency::plan::Placement) and hands the streamer and the expert cache
+//! its layers and spans).
 
 pub mod common;
 pub mod config;
 pub mod error;
-pub mod experts;
 pub mod gpt_oss;
 pub mod llama3;
-pub mod plan;
 pub mod qwen3_next;
 pub mod registry;
-pub mod stream;
 pub mod synth;
 pub mod trace;
 
@@ -94,12 +94,12 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<f32>>;
 
     /// Weight-streaming counters, when some decoder layers are streamed.
-    fn stream_stats(&self) -> Option<stream::StreamStats> {
+    fn stream_stats(&self) -> Option<ollm_residency::stream::StreamStats> {
         None
     }
 
     /// Expert-cache counters, for MoE models.
-    fn expert_stats(&self) -> Option<experts::ExpertStats> {
+    fn expert_stats(&self) -> Option<ollm_residency::experts::ExpertStats> {
         None
     }
 }

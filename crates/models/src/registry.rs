@@ -9,9 +9,9 @@ use ollm_weights::Catalog;
 use crate::config::RawConfig;
 use crate::gpt_oss::{GptOss, GptOssConfig};
 use crate::llama3::{Llama, LlamaConfig};
-use crate::plan::Placement;
 use crate::qwen3_next::{Qwen3Next, Qwen3NextConfig};
 use crate::{CausalLm, ModelError, Result};
+use ollm_residency::plan::Placement;
 
 /// Architectures this build can run.
 pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "GptOssForCausalLM", "Qwen3NextForCausalLM"];
@@ -92,12 +92,9 @@ pub struct ModelBytes {
     pub vocab_size: usize,
     pub max_positions: usize,
     /// MoE models: the experts (not in `layer_bytes`).
-    pub experts: Option<crate::plan::ExpertBytes>,
+    pub experts: Option<ollm_residency::plan::ExpertBytes>,
     /// Query heads × head dim (the attention output width).
     pub q_dim: usize,
-    /// f32 values per prompt row a mixer tile holds beyond attention's (Qwen3-Next's DeltaNet
-    /// projections and their slices; 0 elsewhere).
-    pub mixer_row_floats: usize,
     /// Layer layouts that stream apart (see `PlanInput::slot_groups`).
     pub layer_groups: usize,
 }
@@ -109,7 +106,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     // (layers, hidden, intermediate, vocab, max positions, kv width, q width, experts (E, k))
     let mut sliding = None;
     let mut kv_layers = 0;
-    let (mut mixer_row_floats, mut layer_groups) = (0, 1);
+    let mut layer_groups = 1;
     let mut moe_layers = None;
     let (n_layers, h, i, v, max_positions, kvd, q_dim, moe) = match arch.as_str() {
         "LlamaForCausalLM" | "llama" => {
@@ -148,11 +145,6 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
             let kvd = c.n_kv_heads * c.head_dim;
             // Only the full-attention layers keep a KV cache: spread their share over all layers.
             kv_layers = c.attention_layers();
-            // The in-projections, the conv input and output, z, q/k/v, the rule's output, its
-            // norm and the out-projection (models.md §4.5).
-            let (nv, dv) = (c.linear_v_heads, c.linear_v_dim);
-            let qkvz = 2 * c.linear_k_heads * c.linear_k_dim + 2 * nv * dv;
-            mixer_row_floats = qkvz + 2 * nv + 3 * c.conv_channels() + 3 * nv * dv + c.hidden_size;
             layer_groups = (0..c.n_layers).map(|l| c.layout(l)).collect::<std::collections::BTreeSet<_>>().len();
             moe_layers = Some(c.moe_layers().len());
             (
@@ -188,7 +180,12 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     let experts = moe.map(|(per_layer, k)| {
         let layers = moe_layers.unwrap_or(n_layers);
         let count = layers * per_layer;
-        crate::plan::ExpertBytes { count, per_layer, unit: expert_bytes / count.max(1) as u64, per_token: layers * k }
+        ollm_residency::plan::ExpertBytes {
+            count,
+            per_layer,
+            unit: expert_bytes / count.max(1) as u64,
+            per_token: layers * k,
+        }
     });
     Ok(ModelBytes {
         architecture: arch,
@@ -204,23 +201,25 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         max_positions,
         experts,
         q_dim,
-        mixer_row_floats,
         layer_groups,
     })
 }
 
 /// The checkpoint files of `dir` and, for each of `layers`, where its tensors are in them
 /// (every `model.layers.{l}.*` tensor, by suffix): what the streamer reads for those layers.
-pub fn layer_parts(dir: &Path, layers: &[usize]) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<crate::stream::Part>>)> {
+pub fn layer_parts(
+    dir: &Path,
+    layers: &[usize],
+) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<ollm_residency::stream::Part>>)> {
     let catalog = Catalog::open_dir(dir)?;
     let parts = layers
         .iter()
         .map(|l| {
             let prefix = format!("model.layers.{l}.");
-            let mut parts: Vec<crate::stream::Part> = catalog
+            let mut parts: Vec<ollm_residency::stream::Part> = catalog
                 .entries()
                 .filter_map(|e| {
-                    e.name.strip_prefix(&prefix).map(|suffix| crate::stream::Part {
+                    e.name.strip_prefix(&prefix).map(|suffix| ollm_residency::stream::Part {
                         suffix: suffix.to_string(),
                         file: e.file,
                         offset: e.offset_bytes,
@@ -236,4 +235,35 @@ pub fn layer_parts(dir: &Path, layers: &[usize]) -> Result<(Vec<std::path::PathB
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((catalog.file_paths(), parts))
+}
+
+/// Device bytes of the activations a forward of `rows` rows of the model in `dir` allocates at
+/// most, as the family's forward counts them (`scratch_bytes` of each family), plus the expert
+/// cache's unpacked matrices for a MoE model.
+pub fn scratch_bytes(dir: &Path, rows: usize) -> Result<u64> {
+    let raw = RawConfig::read(dir)?;
+    let arch = raw.architecture()?;
+    let experts = |layers: &[usize], n_experts: usize, hi: (usize, usize)| -> Result<u64> {
+        if layers.is_empty() {
+            return Ok(0);
+        }
+        let catalog = Catalog::open_dir(dir)?;
+        let sources = crate::common::experts::expert_sources(&catalog, layers, n_experts, hi)?;
+        Ok(ollm_residency::experts::work_bytes(&sources, hi))
+    };
+    match arch.as_str() {
+        "LlamaForCausalLM" | "llama" => Ok(crate::llama3::scratch_bytes(&LlamaConfig::from_raw(&raw)?, rows)),
+        "GptOssForCausalLM" | "gpt_oss" => {
+            let c = GptOssConfig::from_raw(&raw)?;
+            let layers: Vec<usize> = (0..c.n_layers).collect();
+            Ok(crate::gpt_oss::scratch_bytes(&c, rows)
+                + experts(&layers, c.n_experts, (c.hidden_size, c.intermediate_size))?)
+        }
+        "Qwen3NextForCausalLM" | "qwen3_next" => {
+            let c = Qwen3NextConfig::from_raw(&raw)?;
+            let hi = (c.hidden_size, c.moe_intermediate_size);
+            Ok(crate::qwen3_next::scratch_bytes(&c, rows) + experts(&c.moe_layers(), c.n_experts, hi)?)
+        }
+        other => Err(unsupported(&raw, other)),
+    }
 }

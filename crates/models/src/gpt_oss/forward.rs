@@ -10,15 +10,16 @@ use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
-use crate::common::forward::{each_piece, pieces};
+use crate::common::experts::expert_sources;
+use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
-use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
-use crate::plan::Placement;
-use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
 use crate::{CausalLm, LogitsWanted, ModelInfo, Result, SlidingKv};
+use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use ollm_residency::plan::Placement;
+use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
 const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
@@ -28,8 +29,6 @@ fn layer_name(l: usize, suffix: &str) -> String {
     format!("model.layers.{l}.{suffix}")
 }
 
-/// Rows of one attention tile (as for Llama).
-pub const PREFILL_TILE: usize = 1024;
 /// Rows routed together: each expert is moved at most once per this many prompt tokens.
 pub const MOE_CHUNK: usize = 8192;
 /// Rows one expert multiplies at a time (bounds the expert activations).
@@ -140,15 +139,67 @@ struct ExpertScratch {
 }
 
 impl ExpertScratch {
-    fn new(be: &dyn Backend, n: usize, h: usize, i: usize) -> Result<Self> {
-        Ok(Self {
-            n,
-            x: be.zeros(vec![n, h])?,
-            gate_up: be.zeros(vec![n, 2 * i])?,
-            act: be.zeros(vec![n, i])?,
-            y: be.zeros(vec![n, h])?,
-        })
+    /// Shapes of x, gate_up, act and y.
+    fn shapes(n: usize, h: usize, i: usize) -> Vec<Vec<usize>> {
+        vec![vec![n, h], vec![n, 2 * i], vec![n, i], vec![n, h]]
     }
+
+    fn new(be: &dyn Backend, n: usize, h: usize, i: usize) -> Result<Self> {
+        let [x, gate_up, act, y] = crate::common::forward::alloc_all(be, Self::shapes(n, h, i))?
+            .try_into()
+            .map_err(|_| ollm_ops::OpsError::Backend("internal: expert scratch".into()))?;
+        Ok(Self { n, x, gate_up, act, y })
+    }
+}
+
+/// Activations of one attention tile of `n` rows, reused by every layer.
+struct TileScratch {
+    normed: Tensor,
+    attn: AttnScratch,
+}
+
+impl TileScratch {
+    fn shapes(cfg: &GptOssConfig, n: usize) -> Vec<Vec<usize>> {
+        let mut v = vec![vec![n, cfg.hidden_size]];
+        v.extend(AttnScratch::shapes(n, &dims(cfg)));
+        v
+    }
+
+    fn new(be: &dyn Backend, cfg: &GptOssConfig, n: usize) -> Result<Self> {
+        Ok(Self { normed: be.zeros(vec![n, cfg.hidden_size])?, attn: AttnScratch::new(be, n, &dims(cfg))? })
+    }
+}
+
+fn dims(cfg: &GptOssConfig) -> AttnDims {
+    AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
+}
+
+/// Shapes of a MoE chunk of `c` rows: the normed rows (reused by every layer), and what each
+/// layer's MoE allocates for it: the router logits, the weighted sum of the experts' outputs,
+/// and the activations of the largest expert call.
+fn chunk_shapes(cfg: &GptOssConfig, c: usize) -> Vec<Vec<usize>> {
+    let h = cfg.hidden_size;
+    let mut v = vec![vec![c, h], vec![c, cfg.n_experts], vec![c, h]];
+    v.extend(ExpertScratch::shapes(EXPERT_ROWS.min(c), h, cfg.intermediate_size));
+    v
+}
+
+/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
+/// logits wanted): the residual stream, the tiles' and chunks' buffers, a scratch set per tile
+/// length and what a MoE chunk holds at once. The experts' unpacked matrices belong to the
+/// expert cache.
+pub fn scratch_bytes(cfg: &GptOssConfig, t: usize) -> u64 {
+    let h = cfg.hidden_size;
+    let mut shapes = stream_shapes(t, h, cfg.vocab_size);
+    shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
+    shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
+    for n in piece_sizes(t, PREFILL_TILE) {
+        shapes.extend(TileScratch::shapes(cfg, n));
+    }
+    for c in piece_sizes(t, MOE_CHUNK) {
+        shapes.extend(chunk_shapes(cfg, c));
+    }
+    f32_bytes(&shapes)
 }
 
 impl GptOss {
@@ -165,10 +216,12 @@ impl GptOss {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = ld.tensor(EMBED, &[v, h])?;
         let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
+        let moe_layers: Vec<usize> = (0..cfg.n_layers).collect();
+        let sources = expert_sources(catalog, &moe_layers, cfg.n_experts, (h, cfg.intermediate_size))?;
         let experts = ExpertCache::new(
             backend.clone(),
-            catalog,
-            &(0..cfg.n_layers).collect::<Vec<_>>(),
+            sources,
+            &moe_layers,
             cfg.n_experts,
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),
@@ -217,15 +270,6 @@ impl GptOss {
         &self.cfg
     }
 
-    fn dims(&self) -> AttnDims {
-        AttnDims {
-            hidden: self.cfg.hidden_size,
-            n_heads: self.cfg.n_heads,
-            n_kv_heads: self.cfg.n_kv_heads,
-            head_dim: self.cfg.head_dim,
-        }
-    }
-
     /// `x += Attn(RMS(x))` for the rows of one tile of layer `l` at positions `pos0..`.
     fn attention_block(
         &self,
@@ -266,7 +310,7 @@ impl GptOss {
         let inter = self.cfg.intermediate_size;
         let limit = self.cfg.swiglu_limit;
         let rows_of = |e: u32| routed.count(e);
-        self.experts.run_layer(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
+        self.experts.run_layer::<crate::ModelError>(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, wv) = &rows[e as usize];
             for (sub, sub_w) in rs.chunks(EXPERT_ROWS).zip(wv.chunks(EXPERT_ROWS)) {
                 let s = match scratch.take() {
@@ -326,38 +370,21 @@ impl CausalLm for GptOss {
         let (t, h, eps) = (ids.len(), self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);
         let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
-        let tiles = pieces(t, PREFILL_TILE);
-        let chunks = pieces(t, MOE_CHUNK);
-        let dims = self.dims();
-        // Scratch for full-size pieces; a shorter last piece gets its own.
-        let mut attn_bufs: Vec<(Tensor, AttnScratch)> = Vec::new();
-        let mut moe_bufs: Vec<Tensor> = Vec::new();
+        let mut tiles = Pieces::new(be, t, PREFILL_TILE, h)?;
+        let mut chunks = Pieces::new(be, t, MOE_CHUNK, h)?;
+        let mut attn_bufs = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| TileScratch::new(be, &self.cfg, n))?;
+        let mut moe_bufs = PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| Ok(be.zeros(vec![n, h])?))?;
+        let one = tiles.is_single();
         for l in 0..self.layers.len() {
             state.acquire(be, l)?;
             let run = |layer: &Layer| -> Result<()> {
-                let one = tiles.len() == 1;
-                each_piece(be, &mut x, &tiles, &mut |xt, start| {
-                    let n = xt.shape()[0];
-                    let i = match attn_bufs.iter().position(|(b, _)| b.shape()[0] == n) {
-                        Some(i) => i,
-                        None => {
-                            attn_bufs.push((be.zeros(vec![n, h])?, AttnScratch::new(be, n, &dims)?));
-                            attn_bufs.len() - 1
-                        }
-                    };
-                    let (normed, attn) = &mut attn_bufs[i];
+                tiles.each(be, &mut x, &mut |xt, start| {
+                    let TileScratch { normed, attn } = attn_bufs.get(xt.shape()[0])?;
                     self.attention_block((l, layer), xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
                 })?;
-                each_piece(be, &mut x, &chunks, &mut |xc, _| {
-                    let n = xc.shape()[0];
-                    let i = match moe_bufs.iter().position(|b| b.shape()[0] == n) {
-                        Some(i) => i,
-                        None => {
-                            moe_bufs.push(be.zeros(vec![n, h])?);
-                            moe_bufs.len() - 1
-                        }
-                    };
-                    self.moe_block(l, layer, xc, &mut moe_bufs[i])
+                chunks.each(be, &mut x, &mut |xc, _| {
+                    let normed = moe_bufs.get(xc.shape()[0])?;
+                    self.moe_block(l, layer, xc, normed)
                 })?;
                 if let Some(tr) = trace {
                     tr.record(Some(l), "layer_out", &x);

@@ -6,4 +6,4 @@ mod config;
 mod forward;
 
 pub use config::{GptOssConfig, LayerKind, SWIGLU_ALPHA};
-pub use forward::{EXPERT_ROWS, GptOss, MOE_CHUNK, PREFILL_TILE};
+pub use forward::{EXPERT_ROWS, GptOss, MOE_CHUNK, scratch_bytes};

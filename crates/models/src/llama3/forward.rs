@@ -9,13 +9,14 @@ use ollm_weights::Catalog;
 use super::config::LlamaConfig;
 use super::names;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
-use crate::plan::Placement;
-use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
 use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+use ollm_residency::plan::Placement;
+use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
 /// One decoder layer's weights.
 #[derive(Debug)]
@@ -107,37 +108,44 @@ impl LayerTensors for Layer {
     }
 }
 
-/// Rows of one prefill tile: larger prompts run layer by layer in tiles of this many tokens.
-pub const PREFILL_TILE: usize = 1024;
-
-/// Activations for one tile of `n` tokens; `x` (the tile's rows of the residual stream) exists
-/// only when the input is split into tiles, otherwise the layer works on the stream itself.
-struct TileScratch {
-    x: Option<Tensor>,
+/// Activations of one tile of `n` rows, reused by every layer.
+struct Scratch {
     normed: Tensor,
     attn: AttnScratch,
     mlp: MlpScratch,
 }
 
-impl TileScratch {
-    fn new(m: &Llama, n: usize, tiled: bool) -> Result<Self> {
-        let be = m.backend.as_ref();
-        let h = m.cfg.hidden_size;
+impl Scratch {
+    fn new(be: &dyn Backend, cfg: &LlamaConfig, n: usize) -> Result<Self> {
         Ok(Self {
-            x: if tiled { Some(be.zeros(vec![n, h])?) } else { None },
-            normed: be.zeros(vec![n, h])?,
-            attn: AttnScratch::new(be, n, &m.dims())?,
-            mlp: MlpScratch::new(be, n, h, m.cfg.intermediate_size)?,
+            normed: be.zeros(vec![n, cfg.hidden_size])?,
+            attn: AttnScratch::new(be, n, &dims(cfg))?,
+            mlp: MlpScratch::new(be, n, cfg.hidden_size, cfg.intermediate_size)?,
         })
+    }
+
+    /// The shapes [`Scratch::new`] allocates.
+    fn shapes(cfg: &LlamaConfig, n: usize) -> Vec<Vec<usize>> {
+        let mut v = vec![vec![n, cfg.hidden_size]];
+        v.extend(AttnScratch::shapes(n, &dims(cfg)));
+        v.extend(MlpScratch::shapes(n, cfg.hidden_size, cfg.intermediate_size));
+        v
     }
 }
 
-/// Activations of one forward, reused by every layer.
-struct Scratch<'a> {
-    x: &'a mut Tensor,
-    normed: &'a mut Tensor,
-    attn: &'a mut AttnScratch,
-    mlp: &'a mut MlpScratch,
+fn dims(cfg: &LlamaConfig) -> AttnDims {
+    AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
+}
+
+/// Device bytes of the activations a forward of `t` rows allocates (the last row's logits
+/// wanted): the residual stream, the tiles' buffers and one scratch set per tile length.
+pub fn scratch_bytes(cfg: &LlamaConfig, t: usize) -> u64 {
+    let mut shapes = stream_shapes(t, cfg.hidden_size, cfg.vocab_size);
+    shapes.extend(Pieces::shapes(t, PREFILL_TILE, cfg.hidden_size));
+    for n in piece_sizes(t, PREFILL_TILE) {
+        shapes.extend(Scratch::shapes(cfg, n));
+    }
+    f32_bytes(&shapes)
 }
 
 /// A loaded Llama model. Owns its weights on the backend; holds no per-sequence state.
@@ -207,40 +215,32 @@ impl Llama {
         &self.cfg
     }
 
-    /// `x = x + Attn(RMS(x)); x = x + MLP(RMS(x))` for decoder layer `l`.
+    /// `x = x + Attn(RMS(x)); x = x + MLP(RMS(x))` for decoder layer `l`, x the rows of one
+    /// tile at positions `pos0..`.
     fn layer_forward(
         &self,
-        l: usize,
-        layer: &Layer,
+        (l, layer): (usize, &Layer),
+        x: &mut Tensor,
         pos0: usize,
         state: &mut SeqState,
-        s: &mut Scratch<'_>,
+        s: &mut Scratch,
         trace: Option<&dyn TraceSink>,
     ) -> Result<()> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
-        be.rms_norm(s.x, &layer.input_norm, eps, NormKind::Llama, s.normed)?;
+        be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
         let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None, sinks: None };
         let kv = state.layer_for(be, l, pos0, s.normed.shape()[0])?;
-        self_attention(be, &layer.attn, s.normed, kv, &call, s.attn, trace)?;
-        be.add_assign(s.x, &s.attn.out)?;
-        be.rms_norm(s.x, &layer.post_attn_norm, eps, NormKind::Llama, s.normed)?;
-        gated_mlp(be, &layer.mlp, s.normed, s.mlp)?;
-        be.add_assign(s.x, &s.mlp.out)?;
+        self_attention(be, &layer.attn, &s.normed, kv, &call, &mut s.attn, trace)?;
+        be.add_assign(x, &s.attn.out)?;
+        be.rms_norm(x, &layer.post_attn_norm, eps, NormKind::Llama, &mut s.normed)?;
+        gated_mlp(be, &layer.mlp, &s.normed, &mut s.mlp)?;
+        be.add_assign(x, &s.mlp.out)?;
         if let Some(tr) = trace {
-            tr.record(Some(l), "layer_out", s.x);
+            tr.record(Some(l), "layer_out", x);
         }
         Ok(())
-    }
-
-    fn dims(&self) -> AttnDims {
-        AttnDims {
-            hidden: self.cfg.hidden_size,
-            n_heads: self.cfg.n_heads,
-            n_kv_heads: self.cfg.n_kv_heads,
-            head_dim: self.cfg.head_dim,
-        }
     }
 }
 
@@ -275,34 +275,19 @@ impl CausalLm for Llama {
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);
         let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
         // Layer-major: every layer sees the whole input (its weights are used once per call),
-        // in token tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
+        // in tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
         // stream x holds all T rows.
-        let tiles: Vec<(usize, usize)> = (0..t).step_by(PREFILL_TILE).map(|a| (a, PREFILL_TILE.min(t - a))).collect();
-        let tiled = tiles.len() > 1;
-        let mut full = TileScratch::new(self, tiles[0].1, tiled)?;
-        let mut tail = match tiles.last() {
-            Some(&(_, n)) if n != tiles[0].1 => Some(TileScratch::new(self, n, tiled)?),
-            _ => None,
-        };
+        let mut tiles = Pieces::new(be, t, PREFILL_TILE, self.cfg.hidden_size)?;
+        let mut scratch = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| Scratch::new(be, &self.cfg, n))?;
+        let one = tiles.is_single();
         for l in 0..self.layers.len() {
             state.acquire(be, l)?;
             let run = |layer: &Layer| -> Result<()> {
-                for &(start, n) in &tiles {
-                    let sc = match &mut tail {
-                        Some(tail_sc) if n != tiles[0].1 => tail_sc,
-                        _ => &mut full,
-                    };
-                    let Some(xt) = sc.x.as_mut() else {
-                        // One tile: the layer works on the whole stream in place.
-                        let mut s = Scratch { x: &mut x, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
-                        return self.layer_forward(l, layer, pos0, state, &mut s, trace);
-                    };
-                    be.copy_rows(&x, start..start + n, xt)?;
-                    let mut s = Scratch { x: xt, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
-                    self.layer_forward(l, layer, pos0 + start, state, &mut s, None)?;
-                    be.write_rows(xt, &mut x, start)?;
-                }
-                if let Some(tr) = trace {
+                tiles.each(be, &mut x, &mut |xt, start| {
+                    let s = scratch.get(xt.shape()[0])?;
+                    self.layer_forward((l, layer), xt, pos0 + start, state, s, trace.filter(|_| one))
+                })?;
+                if let Some(tr) = trace.filter(|_| !one) {
                     tr.record(Some(l), "layer_out", &x);
                 }
                 Ok(())

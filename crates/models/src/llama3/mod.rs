@@ -6,4 +6,4 @@ mod forward;
 pub mod names;
 
 pub use config::LlamaConfig;
-pub use forward::{Llama, PREFILL_TILE};
+pub use forward::{Llama, scratch_bytes};

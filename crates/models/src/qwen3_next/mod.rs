@@ -5,4 +5,4 @@ pub mod config;
 pub mod forward;
 
 pub use config::{Mixer, Qwen3NextConfig};
-pub use forward::Qwen3Next;
+pub use forward::{Qwen3Next, scratch_bytes};
