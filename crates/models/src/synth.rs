@@ -12,7 +12,8 @@ use ollm_weights::staging::{Staging, check_out_dir, write_json};
 use ollm_weights::synth::{Init, SynthTensor, write_shards_as};
 use serde_json::{Map, Value, json};
 
-use crate::llama3::names;
+use crate::common::tensors::synth_groups;
+use crate::config::RawConfig;
 use crate::{ModelError, Result};
 
 /// The shapes `--like` accepts.
@@ -378,45 +379,13 @@ fn set_layers(config: &mut Value, layers: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Plans a Llama-family model from `config` (a config.json value).
+/// Plans a Llama-family model from `config` (a config.json value): the tensors of its table
+/// (`llama3::tensors`).
 pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::llama3::tensors::{GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
-    let (h, i, v) =
-        (field(&config, "hidden_size")?, field(&config, "intermediate_size")?, field(&config, "vocab_size")?);
-    let (l, nh, nkv, hd) = (
-        field(&config, "num_hidden_layers")?,
-        field(&config, "num_attention_heads")?,
-        field(&config, "num_key_value_heads")?,
-        field(&config, "head_dim")?,
-    );
-    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
-    // Uniform(a) has standard deviation a/√3; 0.02·√3 gives the usual 0.02 initialisation.
-    let w = Init::Uniform(0.02 * 3f32.sqrt());
-    let t = |name: String, shape: Vec<usize>, init| SynthTensor {
-        planned: PlannedTensor { name, dtype: DType::BF16, shape },
-        init,
-    };
-    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t(names::EMBED.into(), vec![v, h], w)]];
-    for layer in 0..l {
-        let n = |s: &str| names::layer(layer, s);
-        groups.push(vec![
-            t(n("input_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("self_attn.q_proj.weight"), vec![nh * hd, h], w),
-            t(n("self_attn.k_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.v_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.o_proj.weight"), vec![h, nh * hd], w),
-            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("mlp.gate_proj.weight"), vec![i, h], w),
-            t(n("mlp.up_proj.weight"), vec![i, h], w),
-            t(n("mlp.down_proj.weight"), vec![h, i], w),
-        ]);
-    }
-    let mut last = vec![t(names::FINAL_NORM.into(), vec![h], Init::Const(1.0))];
-    if !tied {
-        last.push(t(names::LM_HEAD.into(), vec![v, h], w));
-    }
-    groups.push(last);
-
+    let cfg = crate::llama3::LlamaConfig::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]));
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 

@@ -6,4 +6,5 @@ pub mod forward;
 pub mod mlp;
 pub mod moe;
 pub mod rope;
+pub mod tensors;
 pub mod weights;

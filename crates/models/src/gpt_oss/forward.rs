@@ -16,7 +16,7 @@ use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result, SlidingKv};
+use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
 use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
@@ -236,32 +236,22 @@ impl GptOss {
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
         let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
-        let weight_bytes = catalog.total_bytes();
         let expert_stats = experts.stats();
         let all_experts = expert_stats.expert_bytes * expert_stats.experts as u64;
         let routed = expert_stats.expert_bytes * (cfg.n_layers * cfg.experts_per_token) as u64;
-        let embed_bytes = embed.size_bytes() as u64;
-        let dense = weight_bytes - all_experts;
-        let kvd = cfg.n_kv_heads * cfg.head_dim;
-        let kv_elem = backend.kv_dtype().size_bytes();
-        let n_sliding = (0..cfg.n_layers).filter(|&l| cfg.window(l).is_some()).count();
-        let info = ModelInfo {
-            architecture,
-            vocab_size: v,
-            hidden_size: h,
-            n_layers: cfg.n_layers,
-            max_positions: cfg.max_positions,
-            weight_bytes,
-            weight_bytes_per_token: routed + if lm_head.is_some() { dense - embed_bytes } else { dense },
-            kv_bytes_per_position: (2 * (cfg.n_layers - n_sliding) * kvd * kv_elem) as u64,
-            sliding_kv: (n_sliding > 0).then(|| SlidingKv {
-                bytes_per_position: (2 * n_sliding * kvd * kv_elem) as u64,
-                window: cfg.sliding_window,
-            }),
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
-        };
+        let info = ModelInfo::new(
+            &super::dims_of(&cfg),
+            InfoParts {
+                architecture,
+                catalog,
+                kv_elem_bytes: backend.kv_dtype().size_bytes() as u64,
+                untied_embed_bytes: lm_head.as_ref().map(|_| embed.size_bytes() as u64),
+                experts: (all_experts, routed),
+                eos_token_ids: cfg.eos_token_ids.clone(),
+                bos_token_id: cfg.bos_token_id,
+                config_text: format!("{cfg:?}"),
+            },
+        )?;
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, experts, sinks, routers, final_norm, lm_head, rope, kv_offload })
     }

@@ -7,14 +7,15 @@ use ollm_ops::{Backend, NormKind, RopeTable, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
-use super::names;
+use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
 use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
+use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
@@ -25,84 +26,64 @@ pub struct Layer {
     attn: AttnWeights,
     post_attn_norm: Tensor,
     mlp: MlpWeights,
+    /// The names of its tensors (what a streamed copy refills).
+    names: Vec<&'static str>,
 }
 
 impl Layer {
     /// Reads layer `l` with the shapes `cfg` implies.
-    fn load(ld: &Loader<'_>, cfg: &LlamaConfig, l: usize) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
-        let n = |s: &str| names::layer(l, s);
+    fn load(ld: &TableLoader<'_, LlamaConfig>, l: usize) -> Result<Self> {
+        let t = |name| ld.require(&LAYER, name, Some(l));
+        let opt = |name| ld.get(&LAYER, name, Some(l));
         Ok(Layer {
-            input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
+            input_norm: t(INPUT_NORM)?,
             attn: AttnWeights {
-                q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
-                k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
-                v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
-                o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
-                q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
-                k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
-                v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
-                o_bias: ld.tensor_if(ab, &n("self_attn.o_proj.bias"), &[h])?,
+                q: t(Q)?,
+                k: t(K)?,
+                v: t(V)?,
+                o: t(O)?,
+                q_bias: opt(Q_BIAS)?,
+                k_bias: opt(K_BIAS)?,
+                v_bias: opt(V_BIAS)?,
+                o_bias: opt(O_BIAS)?,
             },
-            post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
+            post_attn_norm: t(POST_NORM)?,
             mlp: MlpWeights {
-                gate: ld.tensor(&n("mlp.gate_proj.weight"), &[i, h])?,
-                up: ld.tensor(&n("mlp.up_proj.weight"), &[i, h])?,
-                down: ld.tensor(&n("mlp.down_proj.weight"), &[h, i])?,
-                gate_bias: ld.tensor_if(mb, &n("mlp.gate_proj.bias"), &[i])?,
-                up_bias: ld.tensor_if(mb, &n("mlp.up_proj.bias"), &[i])?,
-                down_bias: ld.tensor_if(mb, &n("mlp.down_proj.bias"), &[h])?,
+                gate: t(GATE)?,
+                up: t(UP)?,
+                down: t(DOWN)?,
+                gate_bias: opt(GATE_BIAS)?,
+                up_bias: opt(UP_BIAS)?,
+                down_bias: opt(DOWN_BIAS)?,
             },
+            names: streamed(&LAYER, ld.cfg, l),
         })
     }
 }
 
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
-        let mut v = vec![
-            "input_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ];
-        let optional = [
-            ("self_attn.q_proj.bias", self.attn.q_bias.is_some()),
-            ("self_attn.k_proj.bias", self.attn.k_bias.is_some()),
-            ("self_attn.v_proj.bias", self.attn.v_bias.is_some()),
-            ("self_attn.o_proj.bias", self.attn.o_bias.is_some()),
-            ("mlp.gate_proj.bias", self.mlp.gate_bias.is_some()),
-            ("mlp.up_proj.bias", self.mlp.up_bias.is_some()),
-            ("mlp.down_proj.bias", self.mlp.down_bias.is_some()),
-        ];
-        v.extend(optional.into_iter().filter(|(_, present)| *present).map(|(s, _)| s));
-        v
+        self.names.clone()
     }
 
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
         match suffix {
-            "input_layernorm.weight" => Some(&mut self.input_norm),
-            "self_attn.q_proj.weight" => Some(&mut self.attn.q),
-            "self_attn.k_proj.weight" => Some(&mut self.attn.k),
-            "self_attn.v_proj.weight" => Some(&mut self.attn.v),
-            "self_attn.o_proj.weight" => Some(&mut self.attn.o),
-            "self_attn.q_proj.bias" => self.attn.q_bias.as_mut(),
-            "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
-            "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
-            "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
-            "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
-            "mlp.gate_proj.weight" => Some(&mut self.mlp.gate),
-            "mlp.up_proj.weight" => Some(&mut self.mlp.up),
-            "mlp.down_proj.weight" => Some(&mut self.mlp.down),
-            "mlp.gate_proj.bias" => self.mlp.gate_bias.as_mut(),
-            "mlp.up_proj.bias" => self.mlp.up_bias.as_mut(),
-            "mlp.down_proj.bias" => self.mlp.down_bias.as_mut(),
+            INPUT_NORM => Some(&mut self.input_norm),
+            Q => Some(&mut self.attn.q),
+            K => Some(&mut self.attn.k),
+            V => Some(&mut self.attn.v),
+            O => Some(&mut self.attn.o),
+            Q_BIAS => self.attn.q_bias.as_mut(),
+            K_BIAS => self.attn.k_bias.as_mut(),
+            V_BIAS => self.attn.v_bias.as_mut(),
+            O_BIAS => self.attn.o_bias.as_mut(),
+            POST_NORM => Some(&mut self.post_attn_norm),
+            GATE => Some(&mut self.mlp.gate),
+            UP => Some(&mut self.mlp.up),
+            DOWN => Some(&mut self.mlp.down),
+            GATE_BIAS => self.mlp.gate_bias.as_mut(),
+            UP_BIAS => self.mlp.up_bias.as_mut(),
+            DOWN_BIAS => self.mlp.down_bias.as_mut(),
             _ => None,
         }
     }
@@ -181,32 +162,26 @@ impl Llama {
         backend: Arc<dyn Backend>,
         placement: &Placement,
     ) -> Result<Self> {
-        let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let kvd = cfg.n_kv_heads * cfg.head_dim;
-        let embed = ld.tensor(names::EMBED, &[v, h])?;
-        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
-        let final_norm = ld.tensor(names::FINAL_NORM, &[h])?;
+        let ld = TableLoader { ld: Loader { catalog, backend: backend.as_ref() }, cfg: &cfg };
+        let embed = ld.require(&GLOBAL, EMBED, None)?;
+        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, l))?;
+        let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
-        let lm_head = ld.tensor_if(catalog.contains(names::LM_HEAD), names::LM_HEAD, &[v, h])?;
+        let lm_head = ld.get(&GLOBAL, LM_HEAD, None)?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
-        let embed_bytes = embed.size_bytes() as u64;
-        let weight_bytes = catalog.total_bytes();
-        let kv_elem_bytes = backend.kv_dtype().size_bytes() as u64;
-        let info = ModelInfo {
-            architecture,
-            vocab_size: v,
-            hidden_size: h,
-            n_layers: cfg.n_layers,
-            max_positions: cfg.max_positions,
-            weight_bytes,
-            weight_bytes_per_token: if lm_head.is_some() { weight_bytes - embed_bytes } else { weight_bytes },
-            kv_bytes_per_position: (2 * cfg.n_layers * kvd) as u64 * kv_elem_bytes,
-            sliding_kv: None,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
-        };
+        let info = ModelInfo::new(
+            &super::dims_of(&cfg),
+            InfoParts {
+                architecture,
+                catalog,
+                kv_elem_bytes: backend.kv_dtype().size_bytes() as u64,
+                untied_embed_bytes: lm_head.as_ref().map(|_| embed.size_bytes() as u64),
+                experts: (0, 0),
+                eos_token_ids: cfg.eos_token_ids.clone(),
+                bos_token_id: cfg.bos_token_id,
+                config_text: format!("{cfg:?}"),
+            },
+        )?;
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload })
     }

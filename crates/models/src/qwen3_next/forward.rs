@@ -24,7 +24,7 @@ use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
 use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
@@ -485,29 +485,24 @@ impl Qwen3Next {
                 *c - 1
             })
             .collect();
-        let weight_bytes = catalog.total_bytes();
         let (all_experts, routed) = experts.as_ref().map_or((0, 0), |x| {
             let s = x.stats();
             (s.expert_bytes * s.experts as u64, s.expert_bytes * (moe_layers.len() * cfg.experts_per_token) as u64)
         });
-        let n_full = cfg.attention_layers();
-        let kv_elem = backend.kv_dtype().size_bytes();
-        let info = ModelInfo {
-            architecture,
-            vocab_size: v,
-            hidden_size: h,
-            n_layers: cfg.n_layers,
-            max_positions: cfg.max_positions,
-            weight_bytes,
-            // A separate head is read whole, the embedding one row; a tied one is read whole.
-            weight_bytes_per_token: weight_bytes - all_experts + routed
-                - if lm_head.is_some() { embed.size_bytes() as u64 } else { 0 },
-            kv_bytes_per_position: (2 * n_full * cfg.n_kv_heads * cfg.head_dim * kv_elem) as u64,
-            sliding_kv: None,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
-        };
+        // A separate head is read whole, the embedding one row; a tied one is read whole.
+        let info = ModelInfo::new(
+            &super::dims_of(&cfg),
+            InfoParts {
+                architecture,
+                catalog,
+                kv_elem_bytes: backend.kv_dtype().size_bytes() as u64,
+                untied_embed_bytes: lm_head.as_ref().map(|_| embed.size_bytes() as u64),
+                experts: (all_experts, routed),
+                eos_token_ids: cfg.eos_token_ids.clone(),
+                bos_token_id: cfg.bos_token_id,
+                config_text: format!("{cfg:?}"),
+            },
+        )?;
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, consts, experts, final_norm, lm_head, rope, slot, kv_offload })
     }
