@@ -30,6 +30,9 @@ pub struct Family {
     /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`,
     /// plus the expert cache's unpack buffers for a MoE family).
     pub scratch_bytes: fn(&RawConfig, &Catalog, usize) -> Result<u64>,
+    /// Whether a layer tensor (its name after `model.layers.{l}.`) is an expert's, which the
+    /// expert cache moves rather than the layer tiers.
+    pub is_expert: fn(&str) -> bool,
 }
 
 /// The families this build can run.
@@ -151,12 +154,12 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         let layer = e
             .name
             .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&l| l < n_layers);
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(n, suffix)| Some((n.parse::<usize>().ok()?, suffix)))
+            .filter(|&(l, _)| l < n_layers);
         match layer {
-            Some(_) if moe.is_some() && e.name.contains(".mlp.experts.") => expert_bytes += e.len_bytes,
-            Some(l) => layer_bytes[l] += e.len_bytes,
+            Some((_, suffix)) if moe.is_some() && (family.is_expert)(suffix) => expert_bytes += e.len_bytes,
+            Some((l, _)) => layer_bytes[l] += e.len_bytes,
             None => resident_bytes += e.len_bytes,
         }
     }
@@ -229,10 +232,16 @@ pub fn scratch_bytes(dir: &Path, rows: usize) -> Result<u64> {
 }
 
 /// The expert cache's unpack buffers for the experts of `layers` in `catalog` (0 without any).
-pub fn expert_work_bytes(catalog: &Catalog, layers: &[usize], n_experts: usize, hi: (usize, usize)) -> Result<u64> {
+pub fn expert_work_bytes(
+    catalog: &Catalog,
+    names: &crate::common::experts::ExpertNames,
+    layers: &[usize],
+    n_experts: usize,
+    hi: (usize, usize),
+) -> Result<u64> {
     if layers.is_empty() {
         return Ok(0);
     }
-    let sources = crate::common::experts::expert_sources(catalog, layers, n_experts, hi)?;
+    let sources = crate::common::experts::expert_sources(catalog, names, layers, n_experts, hi)?;
     Ok(ollm_residency::experts::work_bytes(&sources, hi))
 }

@@ -389,15 +389,13 @@ pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan>
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 
-/// Plans a GPT-OSS model from `config`: bf16 attention, router, norms, sinks and biases; MXFP4
-/// experts (random FP4 codes under one scale, 2^-7, so expert weights have a spread like the
-/// others' 0.02).
+/// Plans a GPT-OSS model from `config`: the tensors of its table (`gpt_oss::tensors`): bf16
+/// attention, router, norms, sinks and biases; MXFP4 experts.
 pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::gpt_oss::tensors::{GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
     let f = |n: &str| field(&config, n);
-    let (h, i, v, l) = (f("hidden_size")?, f("intermediate_size")?, f("vocab_size")?, f("num_hidden_layers")?);
-    let (nh, nkv, hd, e) =
-        (f("num_attention_heads")?, f("num_key_value_heads")?, f("head_dim")?, f("num_local_experts")?);
+    let (h, i) = (f("hidden_size")?, f("intermediate_size")?);
     if h % 32 != 0 || i % 32 != 0 {
         return Err(ModelError::Config {
             path: "synth config".into(),
@@ -405,40 +403,8 @@ pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPla
             detail: format!("MXFP4 experts need hidden_size ({h}) and intermediate_size ({i}) divisible by 32"),
         });
     }
-    let w = Init::Uniform(0.02 * 3f32.sqrt());
-    let t = |name: String, shape: Vec<usize>, init: Init| {
-        let dtype = if matches!(init, Init::Byte(_) | Init::RandomBytes) { DType::U8 } else { DType::BF16 };
-        SynthTensor { planned: PlannedTensor { name, dtype, shape }, init }
-    };
-    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t("model.embed_tokens.weight".into(), vec![v, h], w)]];
-    for layer in 0..l {
-        let n = |s: &str| format!("model.layers.{layer}.{s}");
-        groups.push(vec![
-            t(n("input_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("self_attn.q_proj.weight"), vec![nh * hd, h], w),
-            t(n("self_attn.q_proj.bias"), vec![nh * hd], w),
-            t(n("self_attn.k_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.k_proj.bias"), vec![nkv * hd], w),
-            t(n("self_attn.v_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.v_proj.bias"), vec![nkv * hd], w),
-            t(n("self_attn.o_proj.weight"), vec![h, nh * hd], w),
-            t(n("self_attn.o_proj.bias"), vec![h], w),
-            t(n("self_attn.sinks"), vec![nh], w),
-            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("mlp.router.weight"), vec![e, h], w),
-            t(n("mlp.router.bias"), vec![e], w),
-            t(n("mlp.experts.gate_up_proj_blocks"), vec![e, 2 * i, h / 32, 16], Init::RandomBytes),
-            t(n("mlp.experts.gate_up_proj_scales"), vec![e, 2 * i, h / 32], Init::Byte(120)),
-            t(n("mlp.experts.gate_up_proj_bias"), vec![e, 2 * i], w),
-            t(n("mlp.experts.down_proj_blocks"), vec![e, h, i / 32, 16], Init::RandomBytes),
-            t(n("mlp.experts.down_proj_scales"), vec![e, h, i / 32], Init::Byte(120)),
-            t(n("mlp.experts.down_proj_bias"), vec![e, h], w),
-        ]);
-    }
-    groups.push(vec![
-        t("model.norm.weight".into(), vec![h], Init::Const(1.0)),
-        t("lm_head.weight".into(), vec![v, h], w),
-    ]);
+    let cfg = crate::gpt_oss::GptOssConfig::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]));
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 

@@ -9,11 +9,13 @@ use ollm_ops::{Backend, NormKind, RopeTable, RouterMode, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
+use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
 use crate::common::experts::expert_sources;
 use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
+use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
 use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
@@ -21,89 +23,60 @@ use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
-const EMBED: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm.weight";
-const LM_HEAD: &str = "lm_head.weight";
-
-fn layer_name(l: usize, suffix: &str) -> String {
-    format!("model.layers.{l}.{suffix}")
-}
-
 /// Rows routed together: each expert is moved at most once per this many prompt tokens.
 pub const MOE_CHUNK: usize = 8192;
 /// Rows one expert multiplies at a time (bounds the expert activations).
 pub const EXPERT_ROWS: usize = 1024;
 
-/// One decoder layer's weights, the experts aside.
+/// One decoder layer's weights, the experts, the sinks and the router aside.
 #[derive(Debug)]
 pub struct Layer {
     input_norm: Tensor,
     attn: AttnWeights,
     post_attn_norm: Tensor,
+    /// The names of its tensors (what a streamed copy refills).
+    names: Vec<&'static str>,
 }
 
-/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts, the sinks
-/// and the router, which stay on the device in f32 (a few hundred KiB a layer): f32 router
-/// logits keep expert choices with an f32 reference where a bf16 product would flip them.
-const SUFFIXES: [&str; 9] = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.bias",
-    "self_attn.k_proj.bias",
-    "self_attn.v_proj.bias",
-];
-const O_BIAS: &str = "self_attn.o_proj.bias";
-
 impl Layer {
-    fn load(ld: &Loader<'_>, cfg: &GptOssConfig, l: usize) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let ab = cfg.attention_bias;
-        let n = |s: &str| layer_name(l, s);
+    fn load(ld: &TableLoader<'_, GptOssConfig>, l: usize) -> Result<Self> {
+        let t = |name| ld.require(&LAYER, name, Some(l));
+        let opt = |name| ld.get(&LAYER, name, Some(l));
         Ok(Layer {
-            input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
+            input_norm: t(INPUT_NORM)?,
             attn: AttnWeights {
-                q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
-                k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
-                v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
-                o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
-                q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
-                k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
-                v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
-                o_bias: ld.tensor_if(ab, &n(O_BIAS), &[h])?,
+                q: t(Q)?,
+                k: t(K)?,
+                v: t(V)?,
+                o: t(O)?,
+                q_bias: opt(Q_BIAS)?,
+                k_bias: opt(K_BIAS)?,
+                v_bias: opt(V_BIAS)?,
+                o_bias: opt(O_BIAS)?,
             },
-            post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
+            post_attn_norm: t(POST_NORM)?,
+            names: streamed(&LAYER, ld.cfg, l),
         })
     }
 }
 
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
-        let biased = self.attn.q_bias.is_some();
-        let mut v: Vec<&'static str> =
-            SUFFIXES.iter().copied().filter(|s| biased || !s.ends_with("proj.bias")).collect();
-        if self.attn.o_bias.is_some() {
-            v.push(O_BIAS);
-        }
-        v
+        self.names.clone()
     }
 
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
         match suffix {
-            "input_layernorm.weight" => Some(&mut self.input_norm),
-            "self_attn.q_proj.weight" => Some(&mut self.attn.q),
-            "self_attn.k_proj.weight" => Some(&mut self.attn.k),
-            "self_attn.v_proj.weight" => Some(&mut self.attn.v),
-            "self_attn.o_proj.weight" => Some(&mut self.attn.o),
-            "self_attn.q_proj.bias" => self.attn.q_bias.as_mut(),
-            "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
-            "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
-            "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
-            "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
+            INPUT_NORM => Some(&mut self.input_norm),
+            Q => Some(&mut self.attn.q),
+            K => Some(&mut self.attn.k),
+            V => Some(&mut self.attn.v),
+            O => Some(&mut self.attn.o),
+            Q_BIAS => self.attn.q_bias.as_mut(),
+            K_BIAS => self.attn.k_bias.as_mut(),
+            V_BIAS => self.attn.v_bias.as_mut(),
+            O_BIAS => self.attn.o_bias.as_mut(),
+            POST_NORM => Some(&mut self.post_attn_norm),
             _ => None,
         }
     }
@@ -212,12 +185,12 @@ impl GptOss {
         backend: Arc<dyn Backend>,
         placement: &Placement,
     ) -> Result<Self> {
-        let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = ld.tensor(EMBED, &[v, h])?;
-        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
+        let ld = TableLoader { ld: Loader { catalog, backend: backend.as_ref() }, cfg: &cfg };
+        let h = cfg.hidden_size;
+        let embed = ld.require(&GLOBAL, EMBED, None)?;
+        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, l))?;
         let moe_layers: Vec<usize> = (0..cfg.n_layers).collect();
-        let sources = expert_sources(catalog, &moe_layers, cfg.n_experts, (h, cfg.intermediate_size))?;
+        let sources = expert_sources(catalog, &EXPERTS, &moe_layers, cfg.n_experts, (h, cfg.intermediate_size))?;
         let experts = ExpertCache::new(
             backend.clone(),
             sources,
@@ -226,15 +199,11 @@ impl GptOss {
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),
         )?;
-        let f32_tensor = |l: usize, suffix: &str, shape: Vec<usize>| ld.tensor_f32(&layer_name(l, suffix), &shape);
-        let (nh, e) = (cfg.n_heads, cfg.n_experts);
-        let sinks =
-            (0..cfg.n_layers).map(|l| f32_tensor(l, "self_attn.sinks", vec![nh])).collect::<Result<Vec<_>>>()?;
-        let routers = (0..cfg.n_layers)
-            .map(|l| Ok((f32_tensor(l, "mlp.router.weight", vec![e, h])?, f32_tensor(l, "mlp.router.bias", vec![e])?)))
-            .collect::<Result<Vec<_>>>()?;
-        let final_norm = ld.tensor(FINAL_NORM, &[h])?;
-        let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
+        let t = |name, l| ld.require(&LAYER, name, Some(l));
+        let sinks = (0..cfg.n_layers).map(|l| t(SINKS, l)).collect::<Result<Vec<_>>>()?;
+        let routers = (0..cfg.n_layers).map(|l| Ok((t(ROUTER, l)?, t(ROUTER_BIAS, l)?))).collect::<Result<Vec<_>>>()?;
+        let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
+        let lm_head = ld.get(&GLOBAL, LM_HEAD, None)?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
         let expert_stats = experts.stats();
         let all_experts = expert_stats.expert_bytes * expert_stats.experts as u64;

@@ -4,6 +4,7 @@
 
 mod config;
 mod forward;
+pub mod tensors;
 
 pub use config::{GptOssConfig, LayerKind, SWIGLU_ALPHA};
 pub use forward::{EXPERT_ROWS, GptOss, MOE_CHUNK, scratch_bytes};
@@ -20,8 +21,10 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         let c = GptOssConfig::from_raw(raw)?;
         let layers: Vec<usize> = (0..c.n_layers).collect();
         let hi = (c.hidden_size, c.intermediate_size);
-        Ok(scratch_bytes(&c, rows) + crate::registry::expert_work_bytes(catalog, &layers, c.n_experts, hi)?)
+        Ok(scratch_bytes(&c, rows)
+            + crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &layers, c.n_experts, hi)?)
     },
+    is_expert: |suffix| suffix.starts_with(tensors::EXPERTS.prefix),
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {

@@ -17,6 +17,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
     },
     dims,
     scratch_bytes: |raw, _, rows| Ok(scratch_bytes(&LlamaConfig::from_raw(raw)?, rows)),
+    is_expert: |_| false,
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {

@@ -464,7 +464,13 @@ impl Qwen3Next {
             true => None,
             false => Some(ExpertCache::new(
                 backend.clone(),
-                expert_sources(catalog, &moe_layers, cfg.n_experts, (h, cfg.moe_intermediate_size))?,
+                expert_sources(
+                    catalog,
+                    &super::tensors::EXPERTS,
+                    &moe_layers,
+                    cfg.n_experts,
+                    (h, cfg.moe_intermediate_size),
+                )?,
                 &moe_layers,
                 cfg.n_experts,
                 (h, cfg.moe_intermediate_size),

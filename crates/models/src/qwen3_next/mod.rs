@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod tensors;
 
 pub use config::{Mixer, Qwen3NextConfig};
 pub use forward::{Qwen3Next, scratch_bytes};
@@ -18,8 +19,10 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
     scratch_bytes: |raw, catalog, rows| {
         let c = Qwen3NextConfig::from_raw(raw)?;
         let hi = (c.hidden_size, c.moe_intermediate_size);
-        Ok(scratch_bytes(&c, rows) + crate::registry::expert_work_bytes(catalog, &c.moe_layers(), c.n_experts, hi)?)
+        Ok(scratch_bytes(&c, rows)
+            + crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &c.moe_layers(), c.n_experts, hi)?)
     },
+    is_expert: |suffix| suffix.starts_with(tensors::EXPERTS.prefix),
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {
