@@ -5,11 +5,9 @@
 
 use std::path::Path;
 
-use ollm_ops::DType;
 use ollm_tokenizer::tiktoken::O200K_PATTERN;
-use ollm_weights::format::safetensors_writer::PlannedTensor;
 use ollm_weights::staging::{Staging, check_out_dir, write_json};
-use ollm_weights::synth::{Init, SynthTensor, write_shards_as};
+use ollm_weights::synth::{SynthTensor, write_shards_as};
 use serde_json::{Map, Value, json};
 
 use crate::common::tensors::synth_groups;
@@ -181,73 +179,15 @@ fn qwen3_next_80b_config() -> Value {
     })
 }
 
-/// Plans a Qwen3-Next model from `config` (models.md §4.2's tensors, per-expert names).
+/// Plans a Qwen3-Next model from `config`: the tensors of its table (`qwen3_next::tensors`),
+/// routed experts one tensor per expert and matrix.
 pub fn plan_qwen3_next(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::qwen3_next::tensors::{EXPERTS, GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
-    let f = |n: &str| field(&config, n);
-    let (h, v, l) = (f("hidden_size")?, f("vocab_size")?, f("num_hidden_layers")?);
-    let (nh, nkv, d) = (f("num_attention_heads")?, f("num_key_value_heads")?, f("head_dim")?);
-    let (nk, dk, nv, dv, kc) = (
-        f("linear_num_key_heads")?,
-        f("linear_key_head_dim")?,
-        f("linear_num_value_heads")?,
-        f("linear_value_head_dim")?,
-        f("linear_conv_kernel_dim")?,
-    );
-    let (e, ie, is) = (f("num_experts")?, f("moe_intermediate_size")?, f("shared_expert_intermediate_size")?);
-    let types: Vec<String> = config
-        .get("layer_types")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let w = Init::Uniform(0.02 * 3f32.sqrt());
-    let t = |name: String, shape: Vec<usize>, init| SynthTensor {
-        planned: PlannedTensor { name, dtype: DType::BF16, shape },
-        init,
-    };
-    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t("model.embed_tokens.weight".into(), vec![v, h], w)]];
-    for layer in 0..l {
-        let n = |s: &str| format!("model.layers.{layer}.{s}");
-        let mut g = vec![
-            t(n("input_layernorm.weight"), vec![h], Init::Const(0.0)),
-            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(0.0)),
-        ];
-        if types.get(layer).map(String::as_str) == Some("full_attention") {
-            g.extend([
-                t(n("self_attn.q_proj.weight"), vec![nh * 2 * d, h], w),
-                t(n("self_attn.k_proj.weight"), vec![nkv * d, h], w),
-                t(n("self_attn.v_proj.weight"), vec![nkv * d, h], w),
-                t(n("self_attn.o_proj.weight"), vec![h, nh * d], w),
-                t(n("self_attn.q_norm.weight"), vec![d], Init::Const(0.0)),
-                t(n("self_attn.k_norm.weight"), vec![d], Init::Const(0.0)),
-            ]);
-        } else {
-            g.extend([
-                t(n("linear_attn.in_proj_qkvz.weight"), vec![2 * nk * dk + 2 * nv * dv, h], w),
-                t(n("linear_attn.in_proj_ba.weight"), vec![2 * nv, h], w),
-                t(n("linear_attn.conv1d.weight"), vec![2 * nk * dk + nv * dv, 1, kc], Init::Uniform(0.5)),
-                t(n("linear_attn.dt_bias"), vec![nv], Init::Const(1.0)),
-                t(n("linear_attn.A_log"), vec![nv], Init::Uniform(1.0)),
-                t(n("linear_attn.norm.weight"), vec![dv], Init::Const(1.0)),
-                t(n("linear_attn.out_proj.weight"), vec![h, nv * dv], w),
-            ]);
-        }
-        g.push(t(n("mlp.gate.weight"), vec![e, h], w));
-        for x in 0..e {
-            for (p, shape) in [("gate_proj", vec![ie, h]), ("up_proj", vec![ie, h]), ("down_proj", vec![h, ie])] {
-                g.push(t(n(&format!("mlp.experts.{x}.{p}.weight")), shape, w));
-            }
-        }
-        for (p, shape) in [("gate_proj", vec![is, h]), ("up_proj", vec![is, h]), ("down_proj", vec![h, is])] {
-            g.push(t(n(&format!("mlp.shared_expert.{p}.weight")), shape, w));
-        }
-        g.push(t(n("mlp.shared_expert_gate.weight"), vec![1, h], w));
-        groups.push(g);
-    }
-    groups.push(vec![
-        t("model.norm.weight".into(), vec![h], Init::Const(0.0)),
-        t("lm_head.weight".into(), vec![v, h], w),
-    ]);
+    let raw = RawConfig::parse("synth config".into(), &config.to_string())?;
+    let cfg = crate::qwen3_next::Qwen3NextConfig::from_raw(&raw)?;
+    let experts = Some((EXPERTS.prefix, cfg.n_experts));
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), experts);
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 
@@ -385,7 +325,7 @@ pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan>
     use crate::llama3::tensors::{GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
     let cfg = crate::llama3::LlamaConfig::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
-    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]));
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 
@@ -404,7 +344,7 @@ pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPla
         });
     }
     let cfg = crate::gpt_oss::GptOssConfig::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
-    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]));
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 

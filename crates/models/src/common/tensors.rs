@@ -47,6 +47,8 @@ pub struct TensorSpec<C> {
     pub role: Role,
     /// How `synth` fills it.
     pub init: Init,
+    /// One tensor per expert, named `{experts prefix}{e}.{name}` (an `Expert` row).
+    pub per_expert: bool,
 }
 
 /// `model.layers.{l}.{suffix}`
@@ -84,18 +86,19 @@ impl<C> TableLoader<'_, C> {
         if !present {
             return Ok(None);
         }
-        let shape = (s.shape)(self.cfg);
-        Ok(Some(match s.dtype {
-            Dtype::F32 => self.ld.tensor_f32(&full, &shape)?,
-            Dtype::Stored | Dtype::U8 => self.ld.tensor(&full, &shape)?,
-        }))
+        self.require(table, name, l).map(Some)
     }
 
-    /// Like [`TableLoader::get`], for a tensor the config says is there.
+    /// The tensor of `table` named `name`, which must be in the file (a missing one is the
+    /// catalog's error naming it).
     pub fn require(&self, table: &[TensorSpec<C>], name: &str, l: Option<usize>) -> Result<Tensor> {
-        self.get(table, name, l)?.ok_or_else(|| {
-            ModelError::Stream(format!("internal: '{name}' is not present under this config but is required"))
-        })
+        let s = spec(table, name)?;
+        let full = l.map_or_else(|| name.to_string(), |l| layer_name(l, name));
+        let shape = (s.shape)(self.cfg);
+        match s.dtype {
+            Dtype::F32 => self.ld.tensor_f32(&full, &shape),
+            Dtype::Stored | Dtype::U8 => self.ld.tensor(&full, &shape),
+        }
     }
 }
 
@@ -117,10 +120,13 @@ pub type SynthOrder<'a, C> = (&'a [TensorSpec<C>], &'a [TensorSpec<C>], &'a [Ten
 /// `synth`'s tensors of a family, one group per shard unit: the `first` globals, each decoder
 /// layer's rows present under `cfg`, then the `last` globals present under it (optional rows
 /// only where the config says so).
+/// Per-expert rows are written `n` times, expert by expert, as `{prefix}{e}.{name}` where
+/// `experts` is `Some((prefix, n))`.
 pub fn synth_groups<C>(
     cfg: &C,
     n_layers: usize,
     (first, layer, last): SynthOrder<'_, C>,
+    experts: Option<(&str, usize)>,
 ) -> Vec<Vec<ollm_weights::synth::SynthTensor>> {
     use ollm_weights::format::safetensors_writer::PlannedTensor;
     use ollm_weights::synth::SynthTensor;
@@ -133,7 +139,26 @@ pub fn synth_groups<C>(
     };
     let mut groups = vec![globals(first)];
     for l in 0..n_layers {
-        groups.push(layer.iter().filter(|s| (s.when)(cfg, l)).map(|s| t(layer_name(l, s.name), s)).collect());
+        let rows: Vec<&TensorSpec<C>> = layer.iter().filter(|s| (s.when)(cfg, l)).collect();
+        let mut g = Vec::new();
+        let mut i = 0;
+        while i < rows.len() {
+            match experts.filter(|_| rows[i].per_expert) {
+                Some((prefix, n)) => {
+                    // A run of per-expert rows: every part of expert 0, then of expert 1, ...
+                    let run: Vec<&TensorSpec<C>> = rows[i..].iter().take_while(|s| s.per_expert).copied().collect();
+                    for e in 0..n {
+                        g.extend(run.iter().map(|s| t(layer_name(l, &format!("{prefix}{e}.{}", s.name)), s)));
+                    }
+                    i += run.len();
+                }
+                None => {
+                    g.push(t(layer_name(l, rows[i].name), rows[i]));
+                    i += 1;
+                }
+            }
+        }
+        groups.push(g);
     }
     groups.push(globals(last));
     groups

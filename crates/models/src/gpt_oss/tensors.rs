@@ -57,7 +57,7 @@ const fn row(
     when: fn(&GptOssConfig, usize) -> bool,
     init: Init,
 ) -> TensorSpec<GptOssConfig> {
-    TensorSpec { name, shape, dtype, when, optional: false, role, init }
+    TensorSpec { name, shape, dtype, when, optional: false, role, init, per_expert: false }
 }
 
 const STREAMED: (Dtype, Role) = (Dtype::Stored, Role::Streamed);
@@ -88,6 +88,7 @@ pub const GLOBAL: [TensorSpec<GptOssConfig>; 3] = [
         optional: false,
         role: Role::Resident,
         init: W,
+        per_expert: false,
     },
     TensorSpec {
         name: FINAL_NORM,
@@ -97,6 +98,7 @@ pub const GLOBAL: [TensorSpec<GptOssConfig>; 3] = [
         optional: false,
         role: Role::Resident,
         init: Init::Const(1.0),
+        per_expert: false,
     },
     TensorSpec {
         name: LM_HEAD,
@@ -106,6 +108,7 @@ pub const GLOBAL: [TensorSpec<GptOssConfig>; 3] = [
         optional: true,
         role: Role::Resident,
         init: W,
+        per_expert: false,
     },
 ];
 

@@ -36,7 +36,16 @@ const fn row(
     when: fn(&LlamaConfig, usize) -> bool,
     init: Init,
 ) -> TensorSpec<LlamaConfig> {
-    TensorSpec { name, shape, dtype: Dtype::Stored, when, optional: false, role: Role::Streamed, init }
+    TensorSpec {
+        name,
+        shape,
+        dtype: Dtype::Stored,
+        when,
+        optional: false,
+        role: Role::Streamed,
+        init,
+        per_expert: false,
+    }
 }
 
 fn h(c: &LlamaConfig) -> usize {
@@ -67,6 +76,7 @@ pub const GLOBAL: [TensorSpec<LlamaConfig>; 3] = [
         optional: false,
         role: Role::Resident,
         init: W,
+        per_expert: false,
     },
     TensorSpec {
         name: FINAL_NORM,
@@ -76,6 +86,7 @@ pub const GLOBAL: [TensorSpec<LlamaConfig>; 3] = [
         optional: false,
         role: Role::Resident,
         init: Init::Const(1.0),
+        per_expert: false,
     },
     TensorSpec {
         name: LM_HEAD,
@@ -85,6 +96,7 @@ pub const GLOBAL: [TensorSpec<LlamaConfig>; 3] = [
         optional: true,
         role: Role::Resident,
         init: W,
+        per_expert: false,
     },
 ];
 
@@ -135,14 +147,14 @@ mod tests {
         let names = streamed(&LAYER, &biased, 0);
         assert_eq!(names.len(), 16);
         assert!(names.contains(&O_BIAS) && names.contains(&DOWN_BIAS));
-        let groups = synth_groups(&biased, 2, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]));
+        let groups = synth_groups(&biased, 2, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
         assert_eq!(groups.len(), 4);
         assert_eq!(groups[1].len(), 16);
         let q = &groups[2][1].planned;
         assert_eq!((q.name.as_str(), q.shape.as_slice()), ("model.layers.1.self_attn.q_proj.weight", &[64, 64][..]));
         let last: Vec<&str> = groups[3].iter().map(|t| t.planned.name.as_str()).collect();
         assert_eq!(last, vec![FINAL_NORM, LM_HEAD]);
-        let tied = synth_groups(&plain, 2, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]));
+        let tied = synth_groups(&plain, 2, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
         assert_eq!(tied[3].len(), 1, "a tied head is not written");
     }
 }

@@ -16,12 +16,14 @@ use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, R
 use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
+use super::tensors::*;
 use crate::common::attention::append_and_attend;
 use crate::common::experts::expert_sources;
 use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, alloc_all, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
+use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
 use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
@@ -29,18 +31,11 @@ use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
-const EMBED: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm.weight";
-const LM_HEAD: &str = "lm_head.weight";
 /// The L2 norm's eps inside the square root (models.md §4.5).
 const L2_EPS: f32 = 1e-6;
 /// Rows routed together: each expert is moved at most once per this many prompt tokens (the
 /// planner counts GPT-OSS's chunk of the same size).
 pub const MOE_CHUNK: usize = crate::gpt_oss::MOE_CHUNK;
-
-fn layer_name(l: usize, suffix: &str) -> String {
-    format!("model.layers.{l}.{suffix}")
-}
 
 /// Gated DeltaNet weights of one layer (streamable, bf16).
 #[derive(Debug)]
@@ -97,89 +92,56 @@ struct Layer {
     post_norm: Tensor,
     mixer: MixerWeights,
     mlp: Mlp,
-}
-
-const INPUT_NORM: &str = "input_layernorm.weight";
-const POST_NORM: &str = "post_attention_layernorm.weight";
-const QKVZ: &str = "linear_attn.in_proj_qkvz.weight";
-const BA: &str = "linear_attn.in_proj_ba.weight";
-const LIN_NORM: &str = "linear_attn.norm.weight";
-const LIN_OUT: &str = "linear_attn.out_proj.weight";
-const Q: &str = "self_attn.q_proj.weight";
-const K: &str = "self_attn.k_proj.weight";
-const V: &str = "self_attn.v_proj.weight";
-const O: &str = "self_attn.o_proj.weight";
-const Q_NORM: &str = "self_attn.q_norm.weight";
-const K_NORM: &str = "self_attn.k_norm.weight";
-const ROUTER: &str = "mlp.gate.weight";
-const SHARED_GATE: &str = "mlp.shared_expert_gate.weight";
-const SHARED_PARTS: [&str; 3] =
-    ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight", "mlp.shared_expert.down_proj.weight"];
-const DENSE_PARTS: [&str; 3] = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"];
-
-fn mlp_weights(ld: &Loader<'_>, prefix: &str, h: usize, i: usize) -> Result<MlpWeights> {
-    Ok(MlpWeights {
-        gate: ld.tensor(&format!("{prefix}.gate_proj.weight"), &[i, h])?,
-        up: ld.tensor(&format!("{prefix}.up_proj.weight"), &[i, h])?,
-        down: ld.tensor(&format!("{prefix}.down_proj.weight"), &[h, i])?,
-        gate_bias: None,
-        up_bias: None,
-        down_bias: None,
-    })
+    /// The names of its tensors (what a streamed copy refills).
+    names: Vec<&'static str>,
 }
 
 impl Layer {
-    fn load(ld: &Loader<'_>, c: &Qwen3NextConfig, l: usize) -> Result<Self> {
-        let h = c.hidden_size;
-        let t = |suffix: &str, shape: &[usize]| ld.tensor(&layer_name(l, suffix), shape);
+    fn load(ld: &TableLoader<'_, Qwen3NextConfig>, l: usize) -> Result<Self> {
+        let c = ld.cfg;
+        let t = |name: &str| ld.require(&LAYER, name, Some(l));
         let mixer = match c.mixers[l] {
-            Mixer::Linear => {
-                let (nk, dk, nv, dv) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim);
-                MixerWeights::Linear(Box::new(LinearAttn {
-                    qkvz: t(QKVZ, &[2 * nk * dk + 2 * nv * dv, h])?,
-                    ba: t(BA, &[2 * nv, h])?,
-                    norm: t(LIN_NORM, &[dv])?,
-                    out: t(LIN_OUT, &[h, nv * dv])?,
-                }))
-            }
-            Mixer::Full => {
-                let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
-                MixerWeights::Full(Box::new(FullAttn {
-                    q: t(Q, &[nh * 2 * d, h])?,
-                    k: t(K, &[nkv * d, h])?,
-                    v: t(V, &[nkv * d, h])?,
-                    o: t(O, &[h, nh * d])?,
-                    q_norm: t(Q_NORM, &[d])?,
-                    k_norm: t(K_NORM, &[d])?,
-                }))
-            }
+            Mixer::Linear => MixerWeights::Linear(Box::new(LinearAttn {
+                qkvz: t(QKVZ)?,
+                ba: t(BA)?,
+                norm: t(LIN_NORM)?,
+                out: t(LIN_OUT)?,
+            })),
+            Mixer::Full => MixerWeights::Full(Box::new(FullAttn {
+                q: t(Q)?,
+                k: t(K)?,
+                v: t(V)?,
+                o: t(O)?,
+                q_norm: t(Q_NORM)?,
+                k_norm: t(K_NORM)?,
+            })),
+        };
+        let mlp_weights = |[gate, up, down]: [&'static str; 3]| -> Result<MlpWeights> {
+            Ok(MlpWeights {
+                gate: t(gate)?,
+                up: t(up)?,
+                down: t(down)?,
+                gate_bias: None,
+                up_bias: None,
+                down_bias: None,
+            })
         };
         let mlp = if c.is_moe(l) {
-            let (e, is) = (c.n_experts, c.shared_intermediate_size);
             Mlp::Moe(Box::new(Moe {
-                router: t(ROUTER, &[e, h])?,
-                shared: mlp_weights(ld, &layer_name(l, "mlp.shared_expert"), h, is)?,
-                shared_gate: t(SHARED_GATE, &[1, h])?,
+                router: t(ROUTER)?,
+                shared: mlp_weights([SHARED_GATE_PROJ, SHARED_UP_PROJ, SHARED_DOWN_PROJ])?,
+                shared_gate: t(SHARED_GATE)?,
             }))
         } else {
-            Mlp::Dense(Box::new(mlp_weights(ld, &layer_name(l, "mlp"), h, c.intermediate_size)?))
+            Mlp::Dense(Box::new(mlp_weights([DENSE_GATE, DENSE_UP, DENSE_DOWN])?))
         };
-        Ok(Self { input_norm: t(INPUT_NORM, &[h])?, post_norm: t(POST_NORM, &[h])?, mixer, mlp })
+        Ok(Self { input_norm: t(INPUT_NORM)?, post_norm: t(POST_NORM)?, mixer, mlp, names: streamed(&LAYER, c, l) })
     }
 }
 
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
-        let mut v = vec![INPUT_NORM, POST_NORM];
-        match self.mixer {
-            MixerWeights::Linear(_) => v.extend([QKVZ, BA, LIN_NORM, LIN_OUT]),
-            MixerWeights::Full(_) => v.extend([Q, K, V, O, Q_NORM, K_NORM]),
-        }
-        match self.mlp {
-            Mlp::Moe(_) => v.extend([ROUTER, SHARED_GATE].into_iter().chain(SHARED_PARTS)),
-            Mlp::Dense(_) => v.extend(DENSE_PARTS),
-        }
-        v
+        self.names.clone()
     }
 
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
@@ -198,19 +160,14 @@ impl LayerTensors for Layer {
             (K_NORM, MixerWeights::Full(w), _) => Some(&mut w.k_norm),
             (ROUTER, _, Mlp::Moe(m)) => Some(&mut m.router),
             (SHARED_GATE, _, Mlp::Moe(m)) => Some(&mut m.shared_gate),
-            (s, _, Mlp::Moe(m)) => s.strip_prefix("mlp.shared_expert.").and_then(|p| mlp_part_mut(&mut m.shared, p)),
-            (s, _, Mlp::Dense(w)) => s.strip_prefix("mlp.").and_then(|p| mlp_part_mut(w, p)),
+            (SHARED_GATE_PROJ, _, Mlp::Moe(m)) => Some(&mut m.shared.gate),
+            (SHARED_UP_PROJ, _, Mlp::Moe(m)) => Some(&mut m.shared.up),
+            (SHARED_DOWN_PROJ, _, Mlp::Moe(m)) => Some(&mut m.shared.down),
+            (DENSE_GATE, _, Mlp::Dense(w)) => Some(&mut w.gate),
+            (DENSE_UP, _, Mlp::Dense(w)) => Some(&mut w.up),
+            (DENSE_DOWN, _, Mlp::Dense(w)) => Some(&mut w.down),
+            _ => None,
         }
-    }
-}
-
-/// `gate_proj.weight` / `up_proj.weight` / `down_proj.weight` of an MLP.
-fn mlp_part_mut<'a>(w: &'a mut MlpWeights, part: &str) -> Option<&'a mut Tensor> {
-    match part {
-        "gate_proj.weight" => Some(&mut w.gate),
-        "up_proj.weight" => Some(&mut w.up),
-        "down_proj.weight" => Some(&mut w.down),
-        _ => None,
     }
 }
 
@@ -434,28 +391,23 @@ impl Qwen3Next {
         backend: Arc<dyn Backend>,
         placement: &Placement,
     ) -> Result<Self> {
-        let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = ld.tensor(EMBED, &[v, h])?;
+        let ld = TableLoader { ld: Loader { catalog, backend: backend.as_ref() }, cfg: &cfg };
+        let h = cfg.hidden_size;
+        let embed = ld.require(&GLOBAL, EMBED, None)?;
         let layers = PlacedLayers::load_grouped(
             &backend,
             catalog,
             placement,
             cfg.n_layers,
             |l| cfg.layout(l),
-            |l| Layer::load(&ld, &cfg, l),
+            |l| Layer::load(&ld, l),
         )?;
         let consts = (0..cfg.n_layers)
             .map(|l| {
-                let f = |suffix: &str, shape: &[usize]| ld.tensor_f32(&layer_name(l, suffix), shape);
-                let nv = cfg.linear_v_heads;
+                let f = |name| ld.require(&LAYER, name, Some(l));
                 Ok(match cfg.mixers[l] {
                     Mixer::Full => None,
-                    Mixer::Linear => Some(DeltaConsts {
-                        conv: f("linear_attn.conv1d.weight", &[cfg.conv_channels(), 1, cfg.conv_kernel])?,
-                        dt_bias: f("linear_attn.dt_bias", &[nv])?,
-                        a_log: f("linear_attn.A_log", &[nv])?,
-                    }),
+                    Mixer::Linear => Some(DeltaConsts { conv: f(CONV)?, dt_bias: f(DT_BIAS)?, a_log: f(A_LOG)? }),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -477,8 +429,11 @@ impl Qwen3Next {
                 placement.experts.as_ref(),
             )?),
         };
-        let final_norm = ld.tensor(FINAL_NORM, &[h])?;
-        let lm_head = ld.tensor_if(!cfg.tie_word_embeddings || catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
+        let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
+        let lm_head = match !cfg.tie_word_embeddings || catalog.contains(LM_HEAD) {
+            true => Some(ld.require(&GLOBAL, LM_HEAD, None)?),
+            false => None,
+        };
         let rope =
             upload_table(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
         let mut counts = [0usize; 2];
