@@ -9,6 +9,7 @@ use ollm_weights::Catalog;
 
 use ollm_residency::plan::Placement;
 
+use crate::common::tensors::Role;
 use crate::config::RawConfig;
 use crate::{CausalLm, ModelError, Result};
 
@@ -30,16 +31,18 @@ pub struct Family {
     /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`,
     /// plus the expert cache's unpack buffers for a MoE family).
     pub scratch_bytes: fn(&RawConfig, &Catalog, usize) -> Result<u64>,
-    /// Whether a layer tensor (its name after `model.layers.{l}.`) is an expert's, which the
-    /// expert cache moves rather than the layer tiers.
-    pub is_expert: fn(&str) -> bool,
+    /// The role of a layer tensor (its name after `model.layers.{l}.`) in the family's table:
+    /// whether it streams with its layer, stays resident, or is an expert's.
+    pub role: fn(&str) -> Role,
 }
 
 /// The families this build can run.
 pub const FAMILIES: [&Family; 3] = [&crate::llama3::FAMILY, &crate::gpt_oss::FAMILY, &crate::qwen3_next::FAMILY];
 
-/// Architectures this build can run.
-pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "GptOssForCausalLM", "Qwen3NextForCausalLM"];
+/// Architectures this build can run (each family's first spelling).
+pub fn supported() -> Vec<&'static str> {
+    FAMILIES.iter().filter_map(|f| f.architectures.first().copied()).collect()
+}
 
 /// The family of `raw`'s architecture.
 fn family(raw: &RawConfig) -> Result<(&'static Family, String)> {
@@ -84,7 +87,7 @@ fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
         path: raw.path.clone(),
         field: "architectures".into(),
         value: arch.to_string(),
-        supported: SUPPORTED.join(", "),
+        supported: supported().join(", "),
     }
 }
 
@@ -157,10 +160,10 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
             .and_then(|rest| rest.split_once('.'))
             .and_then(|(n, suffix)| Some((n.parse::<usize>().ok()?, suffix)))
             .filter(|&(l, _)| l < n_layers);
-        match layer {
-            Some((_, suffix)) if moe.is_some() && (family.is_expert)(suffix) => expert_bytes += e.len_bytes,
+        match layer.map(|(l, suffix)| (l, (family.role)(suffix))) {
+            Some((_, Role::Expert)) if moe.is_some() => expert_bytes += e.len_bytes,
+            Some((_, Role::Resident)) | None => resident_bytes += e.len_bytes,
             Some((l, _)) => layer_bytes[l] += e.len_bytes,
-            None => resident_bytes += e.len_bytes,
         }
     }
     let experts = moe.map(|(per_layer, k, layers)| {

@@ -1,5 +1,6 @@
-//! The start and end every family's forward shares: input checks and the embedding, then the
-//! final norm and the output head over the rows asked for.
+//! What every family's forward shares: input checks and the embedding; the tiling of a long
+//! input ([`PREFILL_TILE`], [`Pieces`]) and scratch made once per forward and counted from the
+//! same shapes ([`alloc_all`], [`f32_bytes`]); the final norm and the output head.
 
 use ollm_kv::SeqState;
 use ollm_ops::{Backend, NormKind, Tensor};

@@ -1,4 +1,5 @@
-//! Blocks shared by the families, written once: RoPE tables, attention, the gated MLP.
+//! Blocks shared by the families, written once: RoPE tables, attention, the gated MLP, the
+//! forward's tiling and scratch, the tensor-table machinery and the experts' sources.
 
 pub mod attention;
 pub mod experts;

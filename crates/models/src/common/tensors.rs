@@ -108,6 +108,16 @@ pub fn streamed<C>(table: &[TensorSpec<C>], cfg: &C, l: usize) -> Vec<&'static s
     table.iter().filter(|s| s.role == Role::Streamed && (s.when)(cfg, l)).map(|s| s.name).collect()
 }
 
+/// The role of a decoder layer's tensor named `suffix` (after `model.layers.{l}.`): an expert's
+/// when it is under the family's experts prefix, else its row's, else (a tensor the table does
+/// not know) it goes with its layer.
+pub fn role_of<C>(table: &[TensorSpec<C>], experts_prefix: Option<&str>, suffix: &str) -> Role {
+    if experts_prefix.is_some_and(|p| suffix.starts_with(p)) {
+        return Role::Expert;
+    }
+    table.iter().find(|s| s.name == suffix).map_or(Role::Streamed, |s| s.role)
+}
+
 /// The `synth` dtype of a row: bf16, or bytes for packed tensors.
 pub fn synth_dtype<C>(s: &TensorSpec<C>) -> DType {
     if s.dtype == Dtype::U8 { DType::U8 } else { DType::BF16 }

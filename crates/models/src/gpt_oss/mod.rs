@@ -24,7 +24,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(scratch_bytes(&c, rows)
             + crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &layers, c.n_experts, hi)?)
     },
-    is_expert: |suffix| suffix.starts_with(tensors::EXPERTS.prefix),
+    role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, Some(tensors::EXPERTS.prefix), suffix),
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {

@@ -160,3 +160,22 @@ pub const LAYER: [TensorSpec<GptOssConfig>; 19] = [
     ),
     row(DOWN_BIAS, |c| vec![c.n_experts, h(c)], (Dtype::Stored, Role::Expert), always, W),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::tensors::role_of;
+
+    /// The planner's byte counts follow the table: sinks and router stay resident, experts go to
+    /// the expert cache, the rest (a tensor the table does not know included) streams.
+    #[test]
+    fn layer_tensors_count_where_they_live() {
+        let role = |suffix| role_of(&LAYER, Some(EXPERTS.prefix), suffix);
+        assert_eq!(role(SINKS), Role::Resident);
+        assert_eq!(role(ROUTER_BIAS), Role::Resident);
+        assert_eq!(role(GATE_UP_BLOCKS), Role::Expert);
+        assert_eq!(role("mlp.experts.gate_up_proj"), Role::Expert, "dense experts too");
+        assert_eq!(role(Q), Role::Streamed);
+        assert_eq!(role("self_attn.rotary_emb.inv_freq"), Role::Streamed);
+    }
+}

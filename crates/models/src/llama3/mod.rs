@@ -17,7 +17,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
     },
     dims,
     scratch_bytes: |raw, _, rows| Ok(scratch_bytes(&LlamaConfig::from_raw(raw)?, rows)),
-    is_expert: |_| false,
+    role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, None, suffix),
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {
