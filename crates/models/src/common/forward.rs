@@ -166,3 +166,37 @@ impl<S> PerSize<S> {
 pub fn stream_shapes(t: usize, h: usize, v: usize) -> Vec<Vec<usize>> {
     vec![vec![t, h], vec![1, h], vec![1, h], vec![1, v]]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ollm_ops::cpu::CpuBackend;
+
+    #[test]
+    fn pieces_cover_the_rows_with_one_buffer_per_length() {
+        assert_eq!(piece_sizes(2500, 1024), vec![1024, 452]);
+        assert_eq!(piece_sizes(2048, 1024), vec![1024]);
+        assert_eq!(Pieces::shapes(900, 1024, 8), Vec::<Vec<usize>>::new(), "one piece works in place");
+        assert_eq!(Pieces::shapes(2500, 1024, 8), vec![vec![1024, 8], vec![452, 8]]);
+        assert_eq!(f32_bytes(&Pieces::shapes(2500, 1024, 8)), 4 * 8 * (1024 + 452));
+
+        // Each piece sees its own rows and its start; what it writes lands back in place.
+        let be = CpuBackend::new();
+        let (t, h) = (7, 3);
+        let values: Vec<f32> = (0..t * h).map(|v| v as f32).collect();
+        let mut x = be.upload_f32(vec![t, h], &values).expect("x");
+        let mut p = Pieces::new(&be, t, 3, h).expect("pieces");
+        let mut starts = Vec::new();
+        p.each(&be, &mut x, &mut |xt, start| {
+            starts.push((start, xt.shape()[0]));
+            let first = be.to_host_f32(xt)?[0];
+            assert_eq!(first, (start * h) as f32);
+            let ones = be.upload_f32(xt.shape().to_vec(), &vec![1.0; xt.shape()[0] * h])?;
+            Ok(be.add_assign(xt, &ones)?)
+        })
+        .expect("each");
+        assert_eq!(starts, vec![(0, 3), (3, 3), (6, 1)]);
+        let out = be.to_host_f32(&x).expect("host");
+        assert_eq!(out, values.iter().map(|v| v + 1.0).collect::<Vec<_>>());
+    }
+}
