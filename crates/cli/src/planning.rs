@@ -76,14 +76,14 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     // A prefill call of PREFILL_CHUNK rows at most: the activations its forward allocates (the
     // family counts them from the shapes it allocates) and the backend's narrowing scratch.
     let rows = PREFILL_CHUNK.min(context);
-    let act = ollm_models::registry::scratch_bytes(dir, rows)? + backend_scratch_bytes(&m, PREFILL_TILE.min(context));
+    let act = m.scratch_bytes(rows)? + backend_scratch_bytes(&m, PREFILL_TILE.min(context));
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
         kv_bytes_per_position: kv_full_elems * kv_elem,
         kv_full_layers: m.kv_layers - n_sliding,
         kv_sliding_bytes: sliding_elems * kv_elem,
-        context: ollm_kv::capacity_for(context, m.max_positions),
+        context: ollm_kv::kv_capacity(context, m.max_positions),
         activation_bytes: act,
         context_overhead_bytes: context_overhead,
         vram_budget: vram,

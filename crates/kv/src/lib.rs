@@ -184,7 +184,7 @@ pub fn grown_capacity(capacity: usize, needed: usize, max_positions: usize) -> u
 /// Positions a device KV cache holds once a sequence has grown, a few positions at a time
 /// (decoding), to `context`: the initial capacity doubled by [`grown_capacity`] until it holds
 /// them. What the planner budgets for a context.
-pub fn capacity_for(context: usize, max_positions: usize) -> usize {
+pub fn kv_capacity(context: usize, max_positions: usize) -> usize {
     let mut cap = INITIAL_CAPACITY.min(max_positions.max(1));
     while cap < context {
         cap = grown_capacity(cap, cap + 1, max_positions.max(context));
@@ -629,22 +629,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capacity_for_follows_the_doubling() {
-        assert_eq!(capacity_for(100, 131072), 256);
-        assert_eq!(capacity_for(8192, 131072), 8192);
-        assert_eq!(capacity_for(8193, 131072), 16384);
-        assert_eq!(capacity_for(100_000, 131072), 131072);
-        assert_eq!(capacity_for(300, 300), 300);
+    fn kv_capacity_follows_the_doubling() {
+        assert_eq!(kv_capacity(100, 131072), 256);
+        assert_eq!(kv_capacity(8192, 131072), 8192);
+        assert_eq!(kv_capacity(8193, 131072), 16384);
+        assert_eq!(kv_capacity(100_000, 131072), 131072);
+        assert_eq!(kv_capacity(300, 300), 300);
     }
 
     /// The planner's figure is what the store allocates when a sequence grows a token at a time.
     #[test]
-    fn a_cache_grown_token_by_token_reaches_capacity_for() {
+    fn a_cache_grown_token_by_token_reaches_kv_capacity() {
         let be = ollm_ops::cpu::CpuBackend::new();
         let mut st = SeqState::new(&be, vec![KvShape::full(1, 2)], 3000).expect("state");
         for needed in 1..=2100 {
             st.reserve(&be, needed).expect("reserve");
-            assert_eq!(st.capacity, capacity_for(needed, 3000), "at {needed}");
+            assert_eq!(st.capacity, kv_capacity(needed, 3000), "at {needed}");
         }
     }
 }

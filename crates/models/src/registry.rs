@@ -28,9 +28,10 @@ pub struct Family {
     pub load: LoadFn,
     /// The config's sizes for the planner.
     pub dims: fn(&RawConfig) -> Result<Dims>,
-    /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`,
-    /// plus the expert cache's unpack buffers for a MoE family).
-    pub scratch_bytes: fn(&RawConfig, &Catalog, usize) -> Result<u64>,
+    /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`).
+    pub scratch_bytes: fn(&RawConfig, usize) -> Result<u64>,
+    /// Device bytes of the expert cache's unpack buffers (0 without experts).
+    pub expert_work_bytes: fn(&RawConfig, &Catalog) -> Result<u64>,
     /// The role of a layer tensor (its name after `model.layers.{l}.`) in the family's table:
     /// whether it streams with its layer, stays resident, or is an expert's.
     pub role: fn(&str) -> Role,
@@ -96,6 +97,11 @@ fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
 #[derive(Debug, Clone)]
 pub struct ModelBytes {
     pub architecture: String,
+    /// The config, for [`ModelBytes::scratch_bytes`].
+    raw: RawConfig,
+    family: &'static Family,
+    /// The expert cache's unpack buffers.
+    expert_work_bytes: u64,
     /// Bytes of each decoder layer (`model.layers.{l}.*`).
     pub layer_bytes: Vec<u64>,
     /// Every other tensor (embedding, head, final norm).
@@ -177,6 +183,9 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     });
     Ok(ModelBytes {
         architecture: arch,
+        expert_work_bytes: (family.expert_work_bytes)(&raw, &catalog)?,
+        raw,
+        family,
         layer_bytes,
         resident_bytes,
         kv_elems_per_position: (2 * d.kv_layers * d.kv_dim) as u64,
@@ -225,13 +234,13 @@ pub fn layer_parts(
     Ok((catalog.file_paths(), parts))
 }
 
-/// Device bytes of the activations a forward of `rows` rows of the model in `dir` allocates at
-/// most, as the family's forward counts them (`scratch_bytes` of each family), plus the expert
-/// cache's unpacked matrices for a MoE model.
-pub fn scratch_bytes(dir: &Path, rows: usize) -> Result<u64> {
-    let raw = RawConfig::read(dir)?;
-    let (family, _) = family(&raw)?;
-    (family.scratch_bytes)(&raw, &Catalog::open_dir(dir)?, rows)
+impl ModelBytes {
+    /// Device bytes of the activations a forward of `rows` rows allocates at most, as the
+    /// family's forward counts them from the shapes it allocates, plus the expert cache's
+    /// unpacked matrices for a MoE model.
+    pub fn scratch_bytes(&self, rows: usize) -> Result<u64> {
+        Ok((self.family.scratch_bytes)(&self.raw, rows)? + self.expert_work_bytes)
+    }
 }
 
 /// The expert cache's unpack buffers for the experts of `layers` in `catalog` (0 without any).

@@ -17,12 +17,12 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(GptOss::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, catalog, rows| {
+    scratch_bytes: |raw, rows| Ok(scratch_bytes(&GptOssConfig::from_raw(raw)?, rows)),
+    expert_work_bytes: |raw, catalog| {
         let c = GptOssConfig::from_raw(raw)?;
         let layers: Vec<usize> = (0..c.n_layers).collect();
         let hi = (c.hidden_size, c.intermediate_size);
-        Ok(scratch_bytes(&c, rows)
-            + crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &layers, c.n_experts, hi)?)
+        crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &layers, c.n_experts, hi)
     },
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, Some(tensors::EXPERTS.prefix), suffix),
 };

@@ -16,11 +16,11 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(Qwen3Next::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, catalog, rows| {
+    scratch_bytes: |raw, rows| Ok(scratch_bytes(&Qwen3NextConfig::from_raw(raw)?, rows)),
+    expert_work_bytes: |raw, catalog| {
         let c = Qwen3NextConfig::from_raw(raw)?;
         let hi = (c.hidden_size, c.moe_intermediate_size);
-        Ok(scratch_bytes(&c, rows)
-            + crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &c.moe_layers(), c.n_experts, hi)?)
+        crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &c.moe_layers(), c.n_experts, hi)
     },
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, Some(tensors::EXPERTS.prefix), suffix),
 };
