@@ -147,9 +147,9 @@ fn dims(cfg: &GptOssConfig) -> AttnDims {
     AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
 }
 
-/// Shapes of a MoE chunk of `c` rows: the normed rows (reused by every layer), and what each
-/// layer's MoE allocates for it: the router logits, the weighted sum of the experts' outputs,
-/// and the activations of the largest expert call.
+/// Shapes of a MoE chunk of `c` rows: the normed rows and the router logits (reused by every
+/// layer), and what each layer's MoE allocates for it: the weighted sum of the experts' outputs
+/// (zeroed by its allocation) and the activations of the largest expert call.
 fn chunk_shapes(cfg: &GptOssConfig, c: usize) -> Vec<Vec<usize>> {
     let h = cfg.hidden_size;
     let mut v = vec![vec![c, h], vec![c, cfg.n_experts], vec![c, h]];
@@ -253,15 +253,19 @@ impl GptOss {
     /// `x += MoE(RMS(x))` for the rows of one chunk (models.md §3.3): route every row, then
     /// run each chosen expert once over all the rows that chose it, the weighted outputs summed
     /// in f32.
-    fn moe_block(&self, l: usize, layer: &Layer, x: &mut Tensor, normed: &mut Tensor) -> Result<()> {
+    fn moe_block(
+        &self,
+        (l, layer): (usize, &Layer),
+        x: &mut Tensor,
+        (normed, logits): (&mut Tensor, &mut Tensor),
+    ) -> Result<()> {
         let be = self.backend.as_ref();
         let (c, h) = (x.shape()[0], self.cfg.hidden_size);
         let (n_e, k) = (self.cfg.n_experts, self.cfg.experts_per_token);
         be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
-        let mut logits = be.zeros(vec![c, n_e])?;
         let (router, router_bias) = &self.routers[l];
-        be.matmul(normed, router, Some(router_bias), &mut logits)?;
-        let (ids, weights) = be.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
+        be.matmul(normed, router, Some(router_bias), logits)?;
+        let (ids, weights) = be.router_topk(logits, k, RouterMode::SoftmaxOfTopK)?;
         let routed = Routed::new(&ids, &weights, k, n_e);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![c, h])?;
@@ -332,7 +336,9 @@ impl CausalLm for GptOss {
         let mut tiles = Pieces::new(be, t, PREFILL_TILE, h)?;
         let mut chunks = Pieces::new(be, t, MOE_CHUNK, h)?;
         let mut attn_bufs = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| TileScratch::new(be, &self.cfg, n))?;
-        let mut moe_bufs = PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| Ok(be.zeros(vec![n, h])?))?;
+        let n_e = self.cfg.n_experts;
+        let mut moe_bufs =
+            PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| Ok((be.zeros(vec![n, h])?, be.zeros(vec![n, n_e])?)))?;
         let one = tiles.is_single();
         for l in 0..self.layers.len() {
             state.acquire(be, l)?;
@@ -342,8 +348,8 @@ impl CausalLm for GptOss {
                     self.attention_block((l, layer), xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
                 })?;
                 chunks.each(be, &mut x, &mut |xc, _| {
-                    let normed = moe_bufs.get(xc.shape()[0])?;
-                    self.moe_block(l, layer, xc, normed)
+                    let (normed, logits) = moe_bufs.get(xc.shape()[0])?;
+                    self.moe_block((l, layer), xc, (normed, logits))
                 })?;
                 if let Some(tr) = trace {
                     tr.record(Some(l), "layer_out", &x);
