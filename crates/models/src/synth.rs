@@ -90,6 +90,16 @@ const EOT: u32 = 128009;
 
 /// openai/gpt-oss-20b's config.json (MXFP4 experts).
 fn gpt_oss_20b_config() -> Value {
+    use crate::gpt_oss::tensors::{EMBED, LM_HEAD, Q, ROUTER};
+    // The modules kept in bf16, named from the family's tensors: attention, router, embedding, head.
+    let module = |name: &str| name.trim_end_matches(".weight").to_string();
+    let attention = Q.split('.').next().unwrap_or_default();
+    let not_converted = [
+        format!("model.layers.*.{attention}"),
+        format!("model.layers.*.{}", module(ROUTER)),
+        module(EMBED),
+        module(LM_HEAD),
+    ];
     let layer_types: Vec<&str> =
         (0..24).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
     json!({
@@ -116,7 +126,7 @@ fn gpt_oss_20b_config() -> Value {
         "num_local_experts": 32,
         "output_router_logits": false,
         "quantization_config": {
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+            "modules_to_not_convert": not_converted,
             "quant_method": "mxfp4"
         },
         "rms_norm_eps": 1e-5,

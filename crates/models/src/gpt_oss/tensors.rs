@@ -178,4 +178,19 @@ mod tests {
         assert_eq!(role(Q), Role::Streamed);
         assert_eq!(role("self_attn.rotary_emb.inv_freq"), Role::Streamed);
     }
+
+    /// synth writes the released config's list of modules kept in bf16, named from this table.
+    #[test]
+    fn the_synth_config_keeps_the_released_bf16_module_list() {
+        let config = crate::synth::Like::GptOss20B.config();
+        assert_eq!(
+            config["quantization_config"]["modules_to_not_convert"],
+            serde_json::json!([
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head"
+            ])
+        );
+    }
 }
