@@ -6,7 +6,6 @@ pub mod commands;
 pub mod demo;
 pub mod hub;
 pub mod loaded;
-pub mod measure;
 pub mod npy;
 pub mod planning;
 pub mod prompt;

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
-use ollm_models::plan::{Plan, Tier};
 use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::bytes::gib;
 use ollm_ops::cpu::CpuBackend;
 use ollm_ops::cuda::{CudaBackend, CudaDevice};
 use ollm_ops::{Backend, MemoryKind};
+use ollm_residency::plan::{Plan, Tier};
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
 
 use crate::commands::{DeviceArg, ModelArgs};

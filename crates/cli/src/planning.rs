@@ -1,14 +1,13 @@
 //! From `--vram-budget`, `--ram-budget`, `--offload-layers-to-cpu` and `--max-context` to a
-//! placement of the decoder layers (models::plan), and the tier bandwidths `ollm plan` and
-//! `ollm bench` predict with (measured once per device and disk, cached).
+//! placement of the decoder layers (`ollm_residency::plan`), and the tier bandwidths `ollm plan`
+//! and `ollm bench` predict with (`ollm_residency::calibrate`, cached under the ollm home).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ollm_models::plan::{Bandwidths, Plan, PlanInput, Tier, plan};
 use ollm_models::registry::{ModelBytes, model_bytes};
 use ollm_ops::Backend;
-use serde_json::{Value, json};
+use ollm_residency::plan::{Bandwidths, Plan, PlanInput, Tier, plan};
 
 use crate::loaded::Chosen;
 
@@ -16,6 +15,8 @@ use crate::loaded::Chosen;
 pub const SLOTS: usize = 2;
 /// Tokens per prefill call (the engine's chunk): the residual stream holds this many rows.
 pub const PREFILL_CHUNK: usize = ollm_engine::session::DEFAULT_PREFILL_CHUNK;
+/// Rows of one prefill tile (every family's).
+const PREFILL_TILE: usize = ollm_models::common::forward::PREFILL_TILE;
 
 /// The knobs, as the commands take them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,22 +33,10 @@ pub struct Budgets {
     pub prefix_cache: bool,
 }
 
-/// Positions the KV cache will be sized for: the cache starts at 256 and doubles (capped at the
-/// model's context), so a context of N reserves the next step of that sequence.
-pub fn kv_capacity(context: usize, max_positions: usize) -> usize {
-    let mut cap = 256usize.min(max_positions.max(1));
-    while cap < context {
-        cap = (cap * 2).min(max_positions.max(context));
-    }
-    cap
-}
-
-/// Device bytes of one forward's activations for `t` tokens (f32), the cuBLAS narrowing scratch
-/// and the last row's logits.
-pub fn activation_bytes(m: &ModelBytes, t: usize, n_heads_dims: usize) -> u64 {
-    let (h, i, v) = (m.hidden_size as u64, m.intermediate_size as u64, m.vocab_size as u64);
-    let t = t as u64;
-    4 * t * (4 * h + n_heads_dims as u64 + 3 * i) + 2 * t * i.max(h) + 4 * v
+/// Device bytes of the backend's own scratch in a forward: the cuBLAS path narrows a matmul's
+/// input to bf16, at most a tile of rows as wide as the widest of hidden and intermediate size.
+pub fn backend_scratch_bytes(m: &ModelBytes, tile: usize) -> u64 {
+    2 * tile as u64 * m.intermediate_size.max(m.hidden_size) as u64
 }
 
 /// Half of MemAvailable (Linux), else 0: layers that do not fit stream from disk.
@@ -79,29 +68,20 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     if let Some((per_pos, layers, w)) = m.sliding_kv.filter(|_| !b.prefix_cache) {
         kv_full_elems -= per_pos;
         n_sliding = layers;
-        let held = ollm_kv::window_positions(w, ollm_models::gpt_oss::PREFILL_TILE).min(context);
+        let held = ollm_kv::window_positions(w, PREFILL_TILE).min(context);
         sliding_elems = per_pos * held as u64;
     }
-    // One prefill tile's scratch (q, k, v and the attention output counted as four q-sized rows,
-    // an overestimate), plus the residual stream of a whole prefill call.
-    let tile = ollm_models::llama3::PREFILL_TILE.min(context);
-    let mut act = activation_bytes(&m, tile, (4 * m.q_dim.max(m.hidden_size)).max(m.mixer_row_floats))
-        + 4 * (m.hidden_size * PREFILL_CHUNK.min(context)) as u64;
-    if m.experts.is_some() {
-        // A routed chunk's normed rows, sum and copy, one expert call's rows, and the two
-        // unpacked bf16 matrices.
-        let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
-        let chunk = ollm_models::gpt_oss::MOE_CHUNK.min(PREFILL_CHUNK).min(context) as u64;
-        let rows = ollm_models::gpt_oss::EXPERT_ROWS.min(context) as u64;
-        act += 4 * 3 * chunk * h + 4 * rows * (2 * h + 3 * i) + 2 * 3 * h * i;
-    }
+    // A prefill call of PREFILL_CHUNK rows at most: the activations its forward allocates (the
+    // family counts them from the shapes it allocates) and the backend's narrowing scratch.
+    let rows = PREFILL_CHUNK.min(context);
+    let act = m.scratch_bytes(rows)? + backend_scratch_bytes(&m, PREFILL_TILE.min(context));
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
         kv_bytes_per_position: kv_full_elems * kv_elem,
         kv_full_layers: m.kv_layers - n_sliding,
         kv_sliding_bytes: sliding_elems * kv_elem,
-        context: kv_capacity(context, m.max_positions),
+        context: ollm_kv::kv_capacity(context, m.max_positions),
         activation_bytes: act,
         context_overhead_bytes: context_overhead,
         vram_budget: vram,
@@ -193,37 +173,8 @@ impl Drop for TempKvDir {
 /// Measured tier bandwidths for this backend and the disk holding `weights`, from
 /// `<cache>/calibration.json` when present (unless `fresh`), else measured now and stored.
 pub fn calibrate(backend: &dyn Backend, weights: &Path, fresh: bool) -> anyhow::Result<(Bandwidths, bool)> {
-    let key = format!("{} | disk {}", backend.name(), disk_key(weights));
     let path = crate::demo::cache_root().ok().map(|r| r.join("calibration.json"));
-    let mut all: Value = path
-        .as_deref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| json!({}));
-    if !fresh
-        && let Some(e) = all.get(&key)
-        && let (Some(d), Some(h), Some(k)) = (e["device"].as_f64(), e["host_to_device"].as_f64(), e["disk"].as_f64())
-    {
-        return Ok((Bandwidths { device: d, host_to_device: h, disk: k }, true));
-    }
-    eprintln!("[ollm] calibrating: device memory, host→device copies, O_DIRECT disk reads (a few seconds)");
-    let device = crate::measure::memory_bandwidth(backend, 1 << 30)?;
-    let host_to_device = crate::measure::host_to_device_bandwidth(backend, 1 << 30)?;
-    let (disk, direct) = ollm_io::direct::measure_read_bandwidth(weights, 2 << 30, ollm_io::direct::READERS)
-        .with_context(|| format!("measuring disk reads on {}", weights.display()))?;
-    if !direct {
-        eprintln!("[ollm] note: {} refuses O_DIRECT; the disk figure includes the page cache", weights.display());
-    }
-    let bw = Bandwidths { device, host_to_device, disk };
-    all[key] = json!({"device": device, "host_to_device": host_to_device, "disk": disk, "o_direct": direct});
-    if let Some(p) = path {
-        // Best effort: a cache that cannot be written only costs a re-measurement.
-        if let Some(parent) = p.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let _ = std::fs::write(&p, serde_json::to_string_pretty(&all).unwrap_or_default());
-    }
-    Ok((bw, false))
+    Ok(ollm_residency::calibrate::calibrate(backend, weights, path.as_deref(), fresh)?)
 }
 
 /// The largest safetensors file of a model directory (the disk calibration reads it).
@@ -239,29 +190,4 @@ pub fn largest_weights_file(dir: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     best.map(|(_, p)| p).with_context(|| format!("no .safetensors file in {}", dir.display()))
-}
-
-#[cfg(unix)]
-fn disk_key(p: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    p.metadata().map_or_else(|_| "unknown".into(), |m| format!("dev {}", m.dev()))
-}
-
-#[cfg(not(unix))]
-fn disk_key(p: &Path) -> String {
-    p.parent().map_or_else(|| "unknown".into(), |d| d.display().to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::kv_capacity;
-
-    #[test]
-    fn kv_capacity_follows_the_doubling() {
-        assert_eq!(kv_capacity(100, 131072), 256);
-        assert_eq!(kv_capacity(8192, 131072), 8192);
-        assert_eq!(kv_capacity(8193, 131072), 16384);
-        assert_eq!(kv_capacity(100_000, 131072), 131072);
-        assert_eq!(kv_capacity(300, 300), 300);
-    }
 }

@@ -174,6 +174,24 @@ pub struct SeqState {
 /// Initial capacity in positions; the cache doubles as needed.
 const INITIAL_CAPACITY: usize = 256;
 
+/// The capacity a cache of `capacity` positions grows to when it must hold `needed`: double,
+/// or `needed` if that is more, capped at the model's context (`max_positions`, or `needed`
+/// past it). What [`SeqState::reserve`] allocates.
+pub fn grown_capacity(capacity: usize, needed: usize, max_positions: usize) -> usize {
+    needed.max(capacity * 2).min(max_positions.max(needed))
+}
+
+/// Positions a device KV cache holds once a sequence has grown, a few positions at a time
+/// (decoding), to `context`: the initial capacity doubled by [`grown_capacity`] until it holds
+/// them. What the planner budgets for a context.
+pub fn kv_capacity(context: usize, max_positions: usize) -> usize {
+    let mut cap = INITIAL_CAPACITY.min(max_positions.max(1));
+    while cap < context {
+        cap = grown_capacity(cap, cap + 1, max_positions.max(context));
+    }
+    cap
+}
+
 impl SeqState {
     /// An empty state for a model with these attention layers.
     pub fn new(backend: &dyn Backend, shapes: Vec<KvShape>, max_positions: usize) -> Result<Self> {
@@ -308,7 +326,7 @@ impl SeqState {
         if needed <= self.capacity {
             return Ok(());
         }
-        let new_cap = needed.max(self.capacity * 2).min(self.max_positions.max(needed));
+        let new_cap = grown_capacity(self.capacity, needed, self.max_positions);
         if let Some(o) = &mut self.offload {
             o.reserve(backend, needed, new_cap)?;
             self.capacity = o.capacity();
@@ -603,5 +621,30 @@ impl SeqState {
         backend.host_wait(&copied)?;
         self.len += lay.block;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_capacity_follows_the_doubling() {
+        assert_eq!(kv_capacity(100, 131072), 256);
+        assert_eq!(kv_capacity(8192, 131072), 8192);
+        assert_eq!(kv_capacity(8193, 131072), 16384);
+        assert_eq!(kv_capacity(100_000, 131072), 131072);
+        assert_eq!(kv_capacity(300, 300), 300);
+    }
+
+    /// The planner's figure is what the store allocates when a sequence grows a token at a time.
+    #[test]
+    fn a_cache_grown_token_by_token_reaches_kv_capacity() {
+        let be = ollm_ops::cpu::CpuBackend::new();
+        let mut st = SeqState::new(&be, vec![KvShape::full(1, 2)], 3000).expect("state");
+        for needed in 1..=2100 {
+            st.reserve(&be, needed).expect("reserve");
+            assert_eq!(st.capacity, kv_capacity(needed, 3000), "at {needed}");
+        }
     }
 }

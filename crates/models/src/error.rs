@@ -19,6 +19,9 @@ pub enum ModelError {
     #[error(transparent)]
     Io(#[from] ollm_io::IoError),
 
+    #[error(transparent)]
+    Residency(#[from] ollm_residency::ResidencyError),
+
     #[error("weight streaming: {0}")]
     Stream(String),
 

@@ -1,17 +1,17 @@
 //! ollm-models: the model families. Each family is config parsing, a registry of tensor names
 //! and a straight-line forward pass written against the ops [`Backend`](ollm_ops::Backend).
-//! No I/O policy, no device checks, no per-sequence state: the state ([`SeqState`]) is passed in.
+//! No I/O policy, no device checks, no per-sequence state: the state ([`SeqState`]) is passed in,
+//! and where weights live and when they move is `ollm_residency`'s (a model takes a
+//! [`Placement`](ollm_residency::plan::Placement) and hands the streamer and the expert cache
+//! its layers and spans).
 
 pub mod common;
 pub mod config;
 pub mod error;
-pub mod experts;
 pub mod gpt_oss;
 pub mod llama3;
-pub mod plan;
 pub mod qwen3_next;
 pub mod registry;
-pub mod stream;
 pub mod synth;
 pub mod trace;
 
@@ -56,7 +56,49 @@ pub struct SlidingKv {
     pub window: usize,
 }
 
+/// What a loaded model adds to its config's [`registry::Dims`] to make its [`ModelInfo`].
+#[derive(Debug)]
+pub(crate) struct InfoParts<'a> {
+    pub architecture: String,
+    pub catalog: &'a ollm_weights::Catalog,
+    /// The backend's KV element size.
+    pub kv_elem_bytes: u64,
+    /// With a separate head: the embedding's bytes (a token reads one row of it, the head
+    /// whole); None when the head is the embedding (read whole).
+    pub untied_embed_bytes: Option<u64>,
+    /// Bytes of every expert, and of the experts one token routes to (0, 0 without experts).
+    pub experts: (u64, u64),
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    /// The parsed config, printed: the fingerprint covers it.
+    pub config_text: String,
+}
+
 impl ModelInfo {
+    /// Every family's info, built one way: sizes from `d`, bytes from the catalog.
+    pub(crate) fn new(d: &registry::Dims, p: InfoParts<'_>) -> Result<Self> {
+        let weight_bytes = p.catalog.total_bytes();
+        let (all_experts, routed) = p.experts;
+        let kv_elem = p.kv_elem_bytes;
+        let sliding_layers = d.sliding_kv.map_or(0, |(_, n, _)| n);
+        Ok(Self {
+            architecture: p.architecture,
+            vocab_size: d.vocab_size,
+            hidden_size: d.hidden_size,
+            n_layers: d.n_layers,
+            max_positions: d.max_positions,
+            weight_bytes,
+            weight_bytes_per_token: weight_bytes - all_experts + routed - p.untied_embed_bytes.unwrap_or(0),
+            kv_bytes_per_position: (2 * (d.kv_layers - sliding_layers) * d.kv_dim) as u64 * kv_elem,
+            sliding_kv: d
+                .sliding_kv
+                .map(|(elems, _, window)| SlidingKv { bytes_per_position: elems * kv_elem, window }),
+            eos_token_ids: p.eos_token_ids,
+            bos_token_id: p.bos_token_id,
+            fingerprint: p.catalog.fingerprint(p.config_text.as_bytes())?,
+        })
+    }
+
     /// KV bytes one decode step reads at context `ctx`.
     pub fn kv_read_bytes(&self, ctx: usize) -> u64 {
         let sliding = self.sliding_kv.map_or(0, |s| s.bytes_per_position * ctx.min(s.window) as u64);
@@ -94,12 +136,12 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<f32>>;
 
     /// Weight-streaming counters, when some decoder layers are streamed.
-    fn stream_stats(&self) -> Option<stream::StreamStats> {
+    fn stream_stats(&self) -> Option<ollm_residency::stream::StreamStats> {
         None
     }
 
     /// Expert-cache counters, for MoE models.
-    fn expert_stats(&self) -> Option<experts::ExpertStats> {
+    fn expert_stats(&self) -> Option<ollm_residency::experts::ExpertStats> {
         None
     }
 }

@@ -1,4 +1,5 @@
-//! Architecture string → model constructor.
+//! Architecture string → model family: one table ([`FAMILIES`]) that loading, the planner's
+//! sizes and the activation counts all look up.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -6,15 +7,52 @@ use std::sync::Arc;
 use ollm_ops::Backend;
 use ollm_weights::Catalog;
 
+use ollm_residency::plan::Placement;
+
+use crate::common::tensors::Role;
 use crate::config::RawConfig;
-use crate::gpt_oss::{GptOss, GptOssConfig};
-use crate::llama3::{Llama, LlamaConfig};
-use crate::plan::Placement;
-use crate::qwen3_next::{Qwen3Next, Qwen3NextConfig};
 use crate::{CausalLm, ModelError, Result};
 
-/// Architectures this build can run.
-pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "GptOssForCausalLM", "Qwen3NextForCausalLM"];
+/// A family's loader: its config, the architecture string, the checkpoint, the backend and the
+/// placement of its layers.
+pub type LoadFn = fn(&RawConfig, String, &Catalog, Arc<dyn Backend>, &Placement) -> Result<Arc<dyn CausalLm>>;
+
+/// One model family, as the registry knows it: the architecture names it answers to, how to
+/// load it, and what the planner needs from its config. Adding a family is a folder under
+/// `models/src` with one of these, and a line in [`FAMILIES`].
+#[derive(Debug)]
+pub struct Family {
+    /// `architectures[0]` of config.json (and the `model_type` spelling).
+    pub architectures: &'static [&'static str],
+    /// Loads the model with `placement`.
+    pub load: LoadFn,
+    /// The config's sizes for the planner.
+    pub dims: fn(&RawConfig) -> Result<Dims>,
+    /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`).
+    pub scratch_bytes: fn(&RawConfig, usize) -> Result<u64>,
+    /// Device bytes of the expert cache's unpack buffers (0 without experts).
+    pub expert_work_bytes: fn(&RawConfig, &Catalog) -> Result<u64>,
+    /// The role of a layer tensor (its name after `model.layers.{l}.`) in the family's table:
+    /// whether it streams with its layer, stays resident, or is an expert's.
+    pub role: fn(&str) -> Role,
+}
+
+/// The families this build can run.
+pub const FAMILIES: [&Family; 3] = [&crate::llama3::FAMILY, &crate::gpt_oss::FAMILY, &crate::qwen3_next::FAMILY];
+
+/// Architectures this build can run (each family's first spelling).
+pub fn supported() -> Vec<&'static str> {
+    FAMILIES.iter().filter_map(|f| f.architectures.first().copied()).collect()
+}
+
+/// The family of `raw`'s architecture.
+fn family(raw: &RawConfig) -> Result<(&'static Family, String)> {
+    let arch = raw.architecture()?;
+    match FAMILIES.iter().find(|f| f.architectures.contains(&arch.as_str())) {
+        Some(f) => Ok((f, arch)),
+        None => Err(unsupported(raw, &arch)),
+    }
+}
 
 /// Loads the model in a Hugging Face directory (config.json + safetensors) onto `backend`.
 /// The config is parsed and checked before any weight is read.
@@ -37,28 +75,12 @@ pub fn load_model_placed(
             "this model was written by `ollm synth --headers-only`: it has no weights; only `ollm plan` reads it (synth without --headers-only writes one that runs)",
         ));
     }
-    let arch = raw.architecture()?;
-    match arch.as_str() {
-        "LlamaForCausalLM" | "llama" => {
-            let cfg = LlamaConfig::from_raw(&raw)?;
-            let catalog = Catalog::open_dir(dir)?;
-            let all = Placement::resident(cfg.n_layers);
-            Ok(Arc::new(Llama::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
-        }
-        "GptOssForCausalLM" | "gpt_oss" => {
-            let cfg = GptOssConfig::from_raw(&raw)?;
-            let catalog = Catalog::open_dir(dir)?;
-            let all = Placement::resident(cfg.n_layers);
-            Ok(Arc::new(GptOss::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
-        }
-        "Qwen3NextForCausalLM" | "qwen3_next" => {
-            let cfg = Qwen3NextConfig::from_raw(&raw)?;
-            let catalog = Catalog::open_dir(dir)?;
-            let all = Placement::resident(cfg.n_layers);
-            Ok(Arc::new(Qwen3Next::load_placed(cfg, arch, &catalog, backend, placement.unwrap_or(&all))?))
-        }
-        other => Err(unsupported(&raw, other)),
-    }
+    let (family, arch) = family(&raw)?;
+    // The config is checked before the catalog is opened.
+    let n_layers = (family.dims)(&raw)?.n_layers;
+    let catalog = Catalog::open_dir(dir)?;
+    let all = Placement::resident(n_layers);
+    (family.load)(&raw, arch, &catalog, backend, placement.unwrap_or(&all))
 }
 
 fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
@@ -66,7 +88,7 @@ fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
         path: raw.path.clone(),
         field: "architectures".into(),
         value: arch.to_string(),
-        supported: SUPPORTED.join(", "),
+        supported: supported().join(", "),
     }
 }
 
@@ -75,6 +97,11 @@ fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
 #[derive(Debug, Clone)]
 pub struct ModelBytes {
     pub architecture: String,
+    /// The config, for [`ModelBytes::scratch_bytes`].
+    raw: RawConfig,
+    family: &'static Family,
+    /// The expert cache's unpack buffers.
+    expert_work_bytes: u64,
     /// Bytes of each decoder layer (`model.layers.{l}.*`).
     pub layer_bytes: Vec<u64>,
     /// Every other tensor (embedding, head, final norm).
@@ -92,82 +119,42 @@ pub struct ModelBytes {
     pub vocab_size: usize,
     pub max_positions: usize,
     /// MoE models: the experts (not in `layer_bytes`).
-    pub experts: Option<crate::plan::ExpertBytes>,
+    pub experts: Option<ollm_residency::plan::ExpertBytes>,
     /// Query heads × head dim (the attention output width).
     pub q_dim: usize,
-    /// f32 values per prompt row a mixer tile holds beyond attention's (Qwen3-Next's DeltaNet
-    /// projections and their slices; 0 elsewhere).
-    pub mixer_row_floats: usize,
     /// Layer layouts that stream apart (see `PlanInput::slot_groups`).
+    pub layer_groups: usize,
+}
+
+/// A family's config as the planner sees it (see [`ModelBytes`]).
+#[derive(Debug, Clone)]
+pub struct Dims {
+    pub n_layers: usize,
+    pub hidden_size: usize,
+    /// The widest MLP (a MoE family: the larger of its expert and dense widths).
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    /// KV heads × head dim of an attention layer.
+    pub kv_dim: usize,
+    /// Query heads × head dim.
+    pub q_dim: usize,
+    /// Layers that keep a KV cache.
+    pub kv_layers: usize,
+    /// Sliding-window layers: K and V elements per position over all of them, how many, the window.
+    pub sliding_kv: Option<(u64, usize, usize)>,
+    /// MoE: experts per layer, experts per token, how many layers have experts.
+    pub moe: Option<(usize, usize, usize)>,
+    /// Layer layouts that stream apart.
     pub layer_groups: usize,
 }
 
 /// Reads a model directory's sizes for planning.
 pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     let raw = RawConfig::read(dir)?;
-    let arch = raw.architecture()?;
-    // (layers, hidden, intermediate, vocab, max positions, kv width, q width, experts (E, k))
-    let mut sliding = None;
-    let mut kv_layers = 0;
-    let (mut mixer_row_floats, mut layer_groups) = (0, 1);
-    let mut moe_layers = None;
-    let (n_layers, h, i, v, max_positions, kvd, q_dim, moe) = match arch.as_str() {
-        "LlamaForCausalLM" | "llama" => {
-            let c = LlamaConfig::from_raw(&raw)?;
-            let kvd = c.n_kv_heads * c.head_dim;
-            (
-                c.n_layers,
-                c.hidden_size,
-                c.intermediate_size,
-                c.vocab_size,
-                c.max_positions,
-                kvd,
-                c.n_heads * c.head_dim,
-                None,
-            )
-        }
-        "GptOssForCausalLM" | "gpt_oss" => {
-            let c = GptOssConfig::from_raw(&raw)?;
-            let kvd = c.n_kv_heads * c.head_dim;
-            let moe = Some((c.n_experts, c.experts_per_token));
-            let n_sliding = (0..c.n_layers).filter(|&l| c.window(l).is_some()).count();
-            sliding = (n_sliding > 0).then_some(((2 * n_sliding * kvd) as u64, n_sliding, c.sliding_window));
-            (
-                c.n_layers,
-                c.hidden_size,
-                c.intermediate_size,
-                c.vocab_size,
-                c.max_positions,
-                kvd,
-                c.n_heads * c.head_dim,
-                moe,
-            )
-        }
-        "Qwen3NextForCausalLM" | "qwen3_next" => {
-            let c = Qwen3NextConfig::from_raw(&raw)?;
-            let kvd = c.n_kv_heads * c.head_dim;
-            // Only the full-attention layers keep a KV cache: spread their share over all layers.
-            kv_layers = c.attention_layers();
-            // The in-projections, the conv input and output, z, q/k/v, the rule's output, its
-            // norm and the out-projection (models.md §4.5).
-            let (nv, dv) = (c.linear_v_heads, c.linear_v_dim);
-            let qkvz = 2 * c.linear_k_heads * c.linear_k_dim + 2 * nv * dv;
-            mixer_row_floats = qkvz + 2 * nv + 3 * c.conv_channels() + 3 * nv * dv + c.hidden_size;
-            layer_groups = (0..c.n_layers).map(|l| c.layout(l)).collect::<std::collections::BTreeSet<_>>().len();
-            moe_layers = Some(c.moe_layers().len());
-            (
-                c.n_layers,
-                c.hidden_size,
-                c.moe_intermediate_size.max(c.intermediate_size),
-                c.vocab_size,
-                c.max_positions,
-                kvd,
-                c.n_heads * c.head_dim,
-                (c.n_experts > 0).then_some((c.n_experts, c.experts_per_token)),
-            )
-        }
-        other => return Err(unsupported(&raw, other)),
-    };
+    let (family, arch) = family(&raw)?;
+    let d = (family.dims)(&raw)?;
+    let (n_layers, moe) = (d.n_layers, d.moe);
     let catalog = Catalog::open_dir(dir)?;
     let mut layer_bytes = vec![0u64; n_layers];
     let mut resident_bytes = 0u64;
@@ -176,51 +163,60 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         let layer = e
             .name
             .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&l| l < n_layers);
-        match layer {
-            Some(_) if moe.is_some() && e.name.contains(".mlp.experts.") => expert_bytes += e.len_bytes,
-            Some(l) => layer_bytes[l] += e.len_bytes,
-            None => resident_bytes += e.len_bytes,
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(n, suffix)| Some((n.parse::<usize>().ok()?, suffix)))
+            .filter(|&(l, _)| l < n_layers);
+        match layer.map(|(l, suffix)| (l, (family.role)(suffix))) {
+            Some((_, Role::Expert)) if moe.is_some() => expert_bytes += e.len_bytes,
+            Some((_, Role::Resident)) | None => resident_bytes += e.len_bytes,
+            Some((l, _)) => layer_bytes[l] += e.len_bytes,
         }
     }
-    let experts = moe.map(|(per_layer, k)| {
-        let layers = moe_layers.unwrap_or(n_layers);
+    let experts = moe.map(|(per_layer, k, layers)| {
         let count = layers * per_layer;
-        crate::plan::ExpertBytes { count, per_layer, unit: expert_bytes / count.max(1) as u64, per_token: layers * k }
+        ollm_residency::plan::ExpertBytes {
+            count,
+            per_layer,
+            unit: expert_bytes / count.max(1) as u64,
+            per_token: layers * k,
+        }
     });
     Ok(ModelBytes {
         architecture: arch,
+        expert_work_bytes: (family.expert_work_bytes)(&raw, &catalog)?,
+        raw,
+        family,
         layer_bytes,
         resident_bytes,
-        kv_elems_per_position: (2 * if kv_layers > 0 { kv_layers } else { n_layers } * kvd) as u64,
-        sliding_kv: sliding,
+        kv_elems_per_position: (2 * d.kv_layers * d.kv_dim) as u64,
+        sliding_kv: d.sliding_kv,
         n_layers,
-        kv_layers: if kv_layers > 0 { kv_layers } else { n_layers },
-        hidden_size: h,
-        intermediate_size: i,
-        vocab_size: v,
-        max_positions,
+        kv_layers: d.kv_layers,
+        hidden_size: d.hidden_size,
+        intermediate_size: d.intermediate_size,
+        vocab_size: d.vocab_size,
+        max_positions: d.max_positions,
         experts,
-        q_dim,
-        mixer_row_floats,
-        layer_groups,
+        q_dim: d.q_dim,
+        layer_groups: d.layer_groups,
     })
 }
 
 /// The checkpoint files of `dir` and, for each of `layers`, where its tensors are in them
 /// (every `model.layers.{l}.*` tensor, by suffix): what the streamer reads for those layers.
-pub fn layer_parts(dir: &Path, layers: &[usize]) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<crate::stream::Part>>)> {
+pub fn layer_parts(
+    dir: &Path,
+    layers: &[usize],
+) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<ollm_residency::stream::Part>>)> {
     let catalog = Catalog::open_dir(dir)?;
     let parts = layers
         .iter()
         .map(|l| {
             let prefix = format!("model.layers.{l}.");
-            let mut parts: Vec<crate::stream::Part> = catalog
+            let mut parts: Vec<ollm_residency::stream::Part> = catalog
                 .entries()
                 .filter_map(|e| {
-                    e.name.strip_prefix(&prefix).map(|suffix| crate::stream::Part {
+                    e.name.strip_prefix(&prefix).map(|suffix| ollm_residency::stream::Part {
                         suffix: suffix.to_string(),
                         file: e.file,
                         offset: e.offset_bytes,
@@ -236,4 +232,28 @@ pub fn layer_parts(dir: &Path, layers: &[usize]) -> Result<(Vec<std::path::PathB
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((catalog.file_paths(), parts))
+}
+
+impl ModelBytes {
+    /// Device bytes of the activations a forward of `rows` rows allocates at most, as the
+    /// family's forward counts them from the shapes it allocates, plus the expert cache's
+    /// unpacked matrices for a MoE model.
+    pub fn scratch_bytes(&self, rows: usize) -> Result<u64> {
+        Ok((self.family.scratch_bytes)(&self.raw, rows)? + self.expert_work_bytes)
+    }
+}
+
+/// The expert cache's unpack buffers for the experts of `layers` in `catalog` (0 without any).
+pub fn expert_work_bytes(
+    catalog: &Catalog,
+    names: &crate::common::experts::ExpertNames,
+    layers: &[usize],
+    n_experts: usize,
+    hi: (usize, usize),
+) -> Result<u64> {
+    if layers.is_empty() {
+        return Ok(0);
+    }
+    let sources = crate::common::experts::expert_sources(catalog, names, layers, n_experts, hi)?;
+    Ok(ollm_residency::experts::work_bytes(&sources, hi))
 }

@@ -5,14 +5,13 @@
 
 use std::path::Path;
 
-use ollm_ops::DType;
 use ollm_tokenizer::tiktoken::O200K_PATTERN;
-use ollm_weights::format::safetensors_writer::PlannedTensor;
 use ollm_weights::staging::{Staging, check_out_dir, write_json};
-use ollm_weights::synth::{Init, SynthTensor, write_shards_as};
+use ollm_weights::synth::{SynthTensor, write_shards_as};
 use serde_json::{Map, Value, json};
 
-use crate::llama3::names;
+use crate::common::tensors::synth_groups;
+use crate::config::RawConfig;
 use crate::{ModelError, Result};
 
 /// The shapes `--like` accepts.
@@ -91,6 +90,16 @@ const EOT: u32 = 128009;
 
 /// openai/gpt-oss-20b's config.json (MXFP4 experts).
 fn gpt_oss_20b_config() -> Value {
+    use crate::gpt_oss::tensors::{EMBED, LM_HEAD, Q, ROUTER};
+    // The modules kept in bf16, named from the family's tensors: attention, router, embedding, head.
+    let module = |name: &str| name.trim_end_matches(".weight").to_string();
+    let attention = Q.split('.').next().unwrap_or_default();
+    let not_converted = [
+        format!("model.layers.*.{attention}"),
+        format!("model.layers.*.{}", module(ROUTER)),
+        module(EMBED),
+        module(LM_HEAD),
+    ];
     let layer_types: Vec<&str> =
         (0..24).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
     json!({
@@ -117,7 +126,7 @@ fn gpt_oss_20b_config() -> Value {
         "num_local_experts": 32,
         "output_router_logits": false,
         "quantization_config": {
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+            "modules_to_not_convert": not_converted,
             "quant_method": "mxfp4"
         },
         "rms_norm_eps": 1e-5,
@@ -180,73 +189,15 @@ fn qwen3_next_80b_config() -> Value {
     })
 }
 
-/// Plans a Qwen3-Next model from `config` (models.md §4.2's tensors, per-expert names).
+/// Plans a Qwen3-Next model from `config`: the tensors of its table (`qwen3_next::tensors`),
+/// routed experts one tensor per expert and matrix.
 pub fn plan_qwen3_next(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::qwen3_next::tensors::{EXPERTS, GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
-    let f = |n: &str| field(&config, n);
-    let (h, v, l) = (f("hidden_size")?, f("vocab_size")?, f("num_hidden_layers")?);
-    let (nh, nkv, d) = (f("num_attention_heads")?, f("num_key_value_heads")?, f("head_dim")?);
-    let (nk, dk, nv, dv, kc) = (
-        f("linear_num_key_heads")?,
-        f("linear_key_head_dim")?,
-        f("linear_num_value_heads")?,
-        f("linear_value_head_dim")?,
-        f("linear_conv_kernel_dim")?,
-    );
-    let (e, ie, is) = (f("num_experts")?, f("moe_intermediate_size")?, f("shared_expert_intermediate_size")?);
-    let types: Vec<String> = config
-        .get("layer_types")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let w = Init::Uniform(0.02 * 3f32.sqrt());
-    let t = |name: String, shape: Vec<usize>, init| SynthTensor {
-        planned: PlannedTensor { name, dtype: DType::BF16, shape },
-        init,
-    };
-    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t("model.embed_tokens.weight".into(), vec![v, h], w)]];
-    for layer in 0..l {
-        let n = |s: &str| format!("model.layers.{layer}.{s}");
-        let mut g = vec![
-            t(n("input_layernorm.weight"), vec![h], Init::Const(0.0)),
-            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(0.0)),
-        ];
-        if types.get(layer).map(String::as_str) == Some("full_attention") {
-            g.extend([
-                t(n("self_attn.q_proj.weight"), vec![nh * 2 * d, h], w),
-                t(n("self_attn.k_proj.weight"), vec![nkv * d, h], w),
-                t(n("self_attn.v_proj.weight"), vec![nkv * d, h], w),
-                t(n("self_attn.o_proj.weight"), vec![h, nh * d], w),
-                t(n("self_attn.q_norm.weight"), vec![d], Init::Const(0.0)),
-                t(n("self_attn.k_norm.weight"), vec![d], Init::Const(0.0)),
-            ]);
-        } else {
-            g.extend([
-                t(n("linear_attn.in_proj_qkvz.weight"), vec![2 * nk * dk + 2 * nv * dv, h], w),
-                t(n("linear_attn.in_proj_ba.weight"), vec![2 * nv, h], w),
-                t(n("linear_attn.conv1d.weight"), vec![2 * nk * dk + nv * dv, 1, kc], Init::Uniform(0.5)),
-                t(n("linear_attn.dt_bias"), vec![nv], Init::Const(1.0)),
-                t(n("linear_attn.A_log"), vec![nv], Init::Uniform(1.0)),
-                t(n("linear_attn.norm.weight"), vec![dv], Init::Const(1.0)),
-                t(n("linear_attn.out_proj.weight"), vec![h, nv * dv], w),
-            ]);
-        }
-        g.push(t(n("mlp.gate.weight"), vec![e, h], w));
-        for x in 0..e {
-            for (p, shape) in [("gate_proj", vec![ie, h]), ("up_proj", vec![ie, h]), ("down_proj", vec![h, ie])] {
-                g.push(t(n(&format!("mlp.experts.{x}.{p}.weight")), shape, w));
-            }
-        }
-        for (p, shape) in [("gate_proj", vec![is, h]), ("up_proj", vec![is, h]), ("down_proj", vec![h, is])] {
-            g.push(t(n(&format!("mlp.shared_expert.{p}.weight")), shape, w));
-        }
-        g.push(t(n("mlp.shared_expert_gate.weight"), vec![1, h], w));
-        groups.push(g);
-    }
-    groups.push(vec![
-        t("model.norm.weight".into(), vec![h], Init::Const(0.0)),
-        t("lm_head.weight".into(), vec![v, h], w),
-    ]);
+    let raw = RawConfig::parse("synth config".into(), &config.to_string())?;
+    let cfg = crate::qwen3_next::Qwen3NextConfig::from_raw(&raw)?;
+    let experts = Some((EXPERTS.prefix, cfg.n_experts));
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), experts);
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 
@@ -378,57 +329,23 @@ fn set_layers(config: &mut Value, layers: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Plans a Llama-family model from `config` (a config.json value).
+/// Plans a Llama-family model from `config` (a config.json value): the tensors of its table
+/// (`llama3::tensors`).
 pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::llama3::tensors::{GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
-    let (h, i, v) =
-        (field(&config, "hidden_size")?, field(&config, "intermediate_size")?, field(&config, "vocab_size")?);
-    let (l, nh, nkv, hd) = (
-        field(&config, "num_hidden_layers")?,
-        field(&config, "num_attention_heads")?,
-        field(&config, "num_key_value_heads")?,
-        field(&config, "head_dim")?,
-    );
-    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
-    // Uniform(a) has standard deviation a/√3; 0.02·√3 gives the usual 0.02 initialisation.
-    let w = Init::Uniform(0.02 * 3f32.sqrt());
-    let t = |name: String, shape: Vec<usize>, init| SynthTensor {
-        planned: PlannedTensor { name, dtype: DType::BF16, shape },
-        init,
-    };
-    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t(names::EMBED.into(), vec![v, h], w)]];
-    for layer in 0..l {
-        let n = |s: &str| names::layer(layer, s);
-        groups.push(vec![
-            t(n("input_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("self_attn.q_proj.weight"), vec![nh * hd, h], w),
-            t(n("self_attn.k_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.v_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.o_proj.weight"), vec![h, nh * hd], w),
-            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("mlp.gate_proj.weight"), vec![i, h], w),
-            t(n("mlp.up_proj.weight"), vec![i, h], w),
-            t(n("mlp.down_proj.weight"), vec![h, i], w),
-        ]);
-    }
-    let mut last = vec![t(names::FINAL_NORM.into(), vec![h], Init::Const(1.0))];
-    if !tied {
-        last.push(t(names::LM_HEAD.into(), vec![v, h], w));
-    }
-    groups.push(last);
-
+    let cfg = crate::llama3::LlamaConfig::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 
-/// Plans a GPT-OSS model from `config`: bf16 attention, router, norms, sinks and biases; MXFP4
-/// experts (random FP4 codes under one scale, 2^-7, so expert weights have a spread like the
-/// others' 0.02).
+/// Plans a GPT-OSS model from `config`: the tensors of its table (`gpt_oss::tensors`): bf16
+/// attention, router, norms, sinks and biases; MXFP4 experts.
 pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::gpt_oss::tensors::{GLOBAL, LAYER};
     set_layers(&mut config, layers)?;
     let f = |n: &str| field(&config, n);
-    let (h, i, v, l) = (f("hidden_size")?, f("intermediate_size")?, f("vocab_size")?, f("num_hidden_layers")?);
-    let (nh, nkv, hd, e) =
-        (f("num_attention_heads")?, f("num_key_value_heads")?, f("head_dim")?, f("num_local_experts")?);
+    let (h, i) = (f("hidden_size")?, f("intermediate_size")?);
     if h % 32 != 0 || i % 32 != 0 {
         return Err(ModelError::Config {
             path: "synth config".into(),
@@ -436,40 +353,8 @@ pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPla
             detail: format!("MXFP4 experts need hidden_size ({h}) and intermediate_size ({i}) divisible by 32"),
         });
     }
-    let w = Init::Uniform(0.02 * 3f32.sqrt());
-    let t = |name: String, shape: Vec<usize>, init: Init| {
-        let dtype = if matches!(init, Init::Byte(_) | Init::RandomBytes) { DType::U8 } else { DType::BF16 };
-        SynthTensor { planned: PlannedTensor { name, dtype, shape }, init }
-    };
-    let mut groups: Vec<Vec<SynthTensor>> = vec![vec![t("model.embed_tokens.weight".into(), vec![v, h], w)]];
-    for layer in 0..l {
-        let n = |s: &str| format!("model.layers.{layer}.{s}");
-        groups.push(vec![
-            t(n("input_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("self_attn.q_proj.weight"), vec![nh * hd, h], w),
-            t(n("self_attn.q_proj.bias"), vec![nh * hd], w),
-            t(n("self_attn.k_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.k_proj.bias"), vec![nkv * hd], w),
-            t(n("self_attn.v_proj.weight"), vec![nkv * hd, h], w),
-            t(n("self_attn.v_proj.bias"), vec![nkv * hd], w),
-            t(n("self_attn.o_proj.weight"), vec![h, nh * hd], w),
-            t(n("self_attn.o_proj.bias"), vec![h], w),
-            t(n("self_attn.sinks"), vec![nh], w),
-            t(n("post_attention_layernorm.weight"), vec![h], Init::Const(1.0)),
-            t(n("mlp.router.weight"), vec![e, h], w),
-            t(n("mlp.router.bias"), vec![e], w),
-            t(n("mlp.experts.gate_up_proj_blocks"), vec![e, 2 * i, h / 32, 16], Init::RandomBytes),
-            t(n("mlp.experts.gate_up_proj_scales"), vec![e, 2 * i, h / 32], Init::Byte(120)),
-            t(n("mlp.experts.gate_up_proj_bias"), vec![e, 2 * i], w),
-            t(n("mlp.experts.down_proj_blocks"), vec![e, h, i / 32, 16], Init::RandomBytes),
-            t(n("mlp.experts.down_proj_scales"), vec![e, h, i / 32], Init::Byte(120)),
-            t(n("mlp.experts.down_proj_bias"), vec![e, h], w),
-        ]);
-    }
-    groups.push(vec![
-        t("model.norm.weight".into(), vec![h], Init::Const(1.0)),
-        t("lm_head.weight".into(), vec![v, h], w),
-    ]);
+    let cfg = crate::gpt_oss::GptOssConfig::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 

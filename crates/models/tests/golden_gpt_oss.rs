@@ -10,11 +10,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ollm_models::experts::ExpertPlacement;
 use ollm_models::gpt_oss::{GptOss, GptOssConfig};
-use ollm_models::plan::{Placement, Tier};
 use ollm_models::{CausalLm, LogitsWanted, load_model};
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::experts::ExpertPlacement;
+use ollm_residency::plan::{Placement, Tier};
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 1e-4;
@@ -137,7 +137,7 @@ fn streamed_experts_and_layers_match_resident() {
             model.forward(&[id], &mut state, LogitsWanted::Last, None).expect("decode");
         }
         let after = model.expert_stats();
-        let uses = |s: &ollm_models::experts::ExpertStats| s.hits + s.ram_loads + s.disk_loads;
+        let uses = |s: &ollm_residency::experts::ExpertStats| s.hits + s.ram_loads + s.disk_loads;
         assert_eq!(uses(&after) - uses(&before), 6 * 4 * 2, "{after:?}");
         assert_eq!(
             after.copy_bytes - before.copy_bytes,

@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ollm_models::config::RawConfig;
-use ollm_models::experts::ExpertPlacement;
 use ollm_models::gpt_oss::{GptOss, GptOssConfig};
-use ollm_models::plan::{Placement, Tier};
 use ollm_models::{CausalLm, LogitsWanted};
 use ollm_ops::Backend;
 use ollm_ops::cuda::CudaBackend;
+use ollm_residency::experts::ExpertPlacement;
+use ollm_residency::plan::{Placement, Tier};
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 0.1;

@@ -96,8 +96,8 @@ fn prompt_stepwise_and_continued_logits_match_transformers() {
 /// disk) give the resident model's logits bit for bit, and the counters add up.
 #[test]
 fn experts_through_a_few_slots_give_the_resident_logits() {
-    use ollm_models::experts::ExpertPlacement;
-    use ollm_models::plan::Placement;
+    use ollm_residency::experts::ExpertPlacement;
+    use ollm_residency::plan::Placement;
     let dir = case_dir("qwen3_next");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))

@@ -10,10 +10,10 @@ use common::tiny_model;
 use std::sync::Arc;
 
 use ollm_kv::KvOffload;
-use ollm_models::plan::{Placement, Tier};
 use ollm_models::{CausalLm, LogitsWanted, SeqState, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::plan::{Placement, Tier};
 
 /// A 2100-token prefill (tiled), then 40 more tokens (crossing blocks), then 5 decode steps,
 /// then a truncation to position 2090 (inside a spilled block) and 3 steps from there.

@@ -13,10 +13,10 @@ use common::{tiny_model, tiny_qwen3_next};
 use std::sync::Arc;
 
 use ollm_kv::{KvOffload, PrefixCache, PrefixConfig};
-use ollm_models::plan::Placement;
 use ollm_models::{CausalLm, LogitsWanted, SeqState, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::plan::Placement;
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 37 + seed * 101 + 11) % 300).collect()

@@ -11,11 +11,11 @@ use common::tiny_qwen3_next;
 use std::sync::Arc;
 
 use ollm_kv::KvOffload;
-use ollm_models::experts::ExpertPlacement;
-use ollm_models::plan::{Placement, Tier};
 use ollm_models::{CausalLm, LogitsWanted, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::experts::ExpertPlacement;
+use ollm_residency::plan::{Placement, Tier};
 
 fn prompt() -> Vec<u32> {
     (0..2100u32).map(|i| (i * 37 + 11) % 300).collect()

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use common::tiny_gpt_oss;
 use ollm_kv::{KEEP_BACK, KvOffload, window_positions};
-use ollm_models::plan::Placement;
 use ollm_models::{CausalLm, LogitsWanted, SeqState, load_model_placed};
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::plan::Placement;
 
 const WINDOW: usize = 8;
 const PROMPT: usize = 2600;

@@ -10,10 +10,10 @@ use common::tiny_model;
 use std::path::Path;
 use std::sync::Arc;
 
-use ollm_models::plan::{Placement, Tier};
 use ollm_models::{CausalLm, LogitsWanted, load_model_placed};
 use ollm_ops::Backend;
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::plan::{Placement, Tier};
 
 /// Prefill of 9 tokens, then 7 single-token steps: every step's logits, concatenated.
 fn run(model: &Arc<dyn CausalLm>) -> Vec<f32> {

@@ -4,15 +4,15 @@
 //!
 //! Decoding one token reads every weight the token touches once, so on a CPU the best possible
 //! rate is (memory bandwidth) / (weight bytes read per token + KV bytes read). The bench measures
-//! the backend's bandwidth (`crate::measure::memory_bandwidth`), then times greedy decoding, and
+//! the backend's bandwidth (`ollm_residency::measure::memory_bandwidth`), then times greedy decoding, and
 //! prints the achieved rate, the bound and their ratio.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ollm_models::plan::{Bandwidths, Tier, tier_bytes, token_time};
 use ollm_models::registry::{layer_parts, model_bytes};
-use ollm_models::stream::{Part, read_pass, write_packed};
+use ollm_residency::plan::{Bandwidths, Tier, tier_bytes, token_time};
+use ollm_residency::stream::read_pass;
 
 use crate::planning::describe;
 use anyhow::{Context, bail};
@@ -25,8 +25,8 @@ use ollm_ops::cuda::CudaBackend;
 use super::{DeviceArg, ModelArgs, parse_device};
 use crate::bench_ops::{OpsBenchConfig, OpsBenchReport, gemm_rate, run_ops_bench};
 use crate::loaded::{Chosen, backend, load};
-use crate::measure::{host_to_device_bandwidth, memory_bandwidth};
 use crate::resources::human_bytes;
+use ollm_residency::measure::{host_to_device_bandwidth, memory_bandwidth};
 
 /// `ollm bench --model DIR` (decode speed) or `ollm bench ops` (GPU ops). `--model` is
 /// required unless the `ops` subcommand is given (clap detects an optional flattened group only
@@ -89,10 +89,6 @@ pub struct DecodeBenchArgs {
     /// host-to-device test uses at most 256 of them, to fit beside the model).
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
-    /// Streamed models: also copy this many disk-tier layers into a packed, aligned file next to
-    /// the model (removed after) and compare O_DIRECT reads of it with reads from the shards.
-    #[arg(long, default_value_t = 0)]
-    pub pack_layers: usize,
     /// Tokens of a question appended to the --prompt-tokens prompt, drawn from
     /// --question-seed: with --prefix-cache, a second run with another seed shares the prompt
     /// and asks something new (the prefix-cache benchmark).
@@ -335,7 +331,7 @@ fn settle(loaded: &crate::loaded::Loaded) {
 /// a disk whose speed drifts during the run biases neither side of the ratio.
 fn streaming_bench(
     loaded: &crate::loaded::Loaded,
-    plan: &ollm_models::plan::Plan,
+    plan: &ollm_residency::plan::Plan,
     session: &mut Session,
     mut logits: Vec<f32>,
     a: &DecodeBenchArgs,
@@ -469,9 +465,6 @@ fn streaming_bench(
     if let Some(line) = loaded.expert_line() {
         println!("{line}");
     }
-    if a.pack_layers > 0 {
-        compare_pack(&loaded.dir, &files, &parts, a.pack_layers)?;
-    }
     Ok(())
 }
 
@@ -482,7 +475,7 @@ fn streaming_bench(
 /// sliding-window layer: over its window), with heads × head dim = `q_dim`.
 fn prefill_line(
     m: &Measured,
-    plan: &ollm_models::plan::Plan,
+    plan: &ollm_residency::plan::Plan,
     mb: &ollm_models::registry::ModelBytes,
     info: &ollm_models::ModelInfo,
     bw: &Option<Bandwidths>,
@@ -518,46 +511,6 @@ fn prefill_line(
         m.gemm.map_or_else(|| "no GPU".into(), |g| format!("{:.0} TFLOP/s cuBLAS bf16", g / 1e12)),
         m.prefill_s / bound.max(1e-12)
     );
-}
-
-/// Reads `n` disk-tier layers from the shards and from a packed, aligned copy of them, three
-/// times each, alternating, and prints both rates: whether `ollm pack` would pay.
-fn compare_pack(dir: &std::path::Path, files: &[PathBuf], parts: &[Vec<Part>], n: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(!parts.is_empty(), "--pack-layers needs layers on disk: give a smaller --ram-budget");
-    let parts = &parts[..n.min(parts.len())];
-    let out = dir.join(".ollm-pack-bench.tmp");
-    struct Remove<'a>(&'a std::path::Path);
-    impl Drop for Remove<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(self.0);
-        }
-    }
-    let _remove = Remove(&out);
-    eprintln!("[ollm] writing a packed copy of {} layers to {} (removed after)", parts.len(), out.display());
-    let packed = write_packed(files, parts, &out)?;
-    let (mut shard, mut pack) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        shard.push(read_pass(files, parts)?);
-        pack.push(read_pass(std::slice::from_ref(&out), &packed)?);
-    }
-    let rates = |v: &[ollm_models::stream::ReadPass]| {
-        v.iter().map(|p| format!("{:.2}", p.bytes_per_s() / 1e9)).collect::<Vec<_>>().join(", ")
-    };
-    let best = |v: &[ollm_models::stream::ReadPass]| v.iter().map(|p| p.bytes_per_s()).fold(0.0, f64::max);
-    println!(
-        "pack vs shard   {} layers ({}): shards {} GB/s, packed {} GB/s (alternating); best packed / best shards = {:.3}",
-        parts.len(),
-        human_bytes(shard[0].bytes),
-        rates(&shard),
-        rates(&pack),
-        best(&pack) / best(&shard)
-    );
-    println!(
-        "                aligned bytes read: shards {}, packed {}",
-        human_bytes(shard[0].span_bytes),
-        human_bytes(pack[0].span_bytes)
-    );
-    Ok(())
 }
 
 fn run_ops(a: OpsArgs) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 //! VRAM budget that would.
 
 use clap::Args;
-use ollm_models::plan::Tier;
+use ollm_residency::plan::Tier;
 
 use crate::commands::ModelArgs;
 use crate::loaded::{backend, model_dir};

@@ -199,7 +199,7 @@ struct TokenStats {
     on: bool,
     n: usize,
     last: std::time::Instant,
-    prev: Option<ollm_models::stream::StreamStats>,
+    prev: Option<ollm_residency::stream::StreamStats>,
 }
 
 impl TokenStats {

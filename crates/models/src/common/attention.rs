@@ -44,14 +44,22 @@ pub struct AttnScratch {
 }
 
 impl AttnScratch {
+    /// Shapes of q, k, v, ctx and out.
+    pub fn shapes(t: usize, d: &AttnDims) -> Vec<Vec<usize>> {
+        vec![
+            vec![t, d.n_heads, d.head_dim],
+            vec![t, d.n_kv_heads, d.head_dim],
+            vec![t, d.n_kv_heads, d.head_dim],
+            vec![t, d.n_heads, d.head_dim],
+            vec![t, d.hidden],
+        ]
+    }
+
     pub fn new(backend: &dyn Backend, t: usize, d: &AttnDims) -> Result<Self> {
-        Ok(Self {
-            q: backend.zeros(vec![t, d.n_heads, d.head_dim])?,
-            k: backend.zeros(vec![t, d.n_kv_heads, d.head_dim])?,
-            v: backend.zeros(vec![t, d.n_kv_heads, d.head_dim])?,
-            ctx: backend.zeros(vec![t, d.n_heads, d.head_dim])?,
-            out: backend.zeros(vec![t, d.hidden])?,
-        })
+        let [q, k, v, ctx, out] = crate::common::forward::alloc_all(backend, Self::shapes(t, d))?
+            .try_into()
+            .map_err(|_| ollm_ops::OpsError::Backend("internal: attention scratch".into()))?;
+        Ok(Self { q, k, v, ctx, out })
     }
 }
 

@@ -1,5 +1,6 @@
-//! The start and end every family's forward shares: input checks and the embedding, then the
-//! final norm and the output head over the rows asked for.
+//! What every family's forward shares: input checks and the embedding; the tiling of a long
+//! input ([`PREFILL_TILE`], [`Pieces`]) and scratch made once per forward and counted from the
+//! same shapes ([`alloc_all`], [`f32_bytes`]); the final norm and the output head.
 
 use ollm_kv::SeqState;
 use ollm_ops::{Backend, NormKind, Tensor};
@@ -64,32 +65,139 @@ pub fn logits(
     Ok(be.to_host_f32(&out)?)
 }
 
+/// Rows of one prefill tile, every family: a longer input runs each layer's mixer tile by tile,
+/// so activations stay bounded whatever its length.
+pub const PREFILL_TILE: usize = 1024;
+
 /// Row ranges `(start, len)` of `t` rows in pieces of at most `size`.
 pub fn pieces(t: usize, size: usize) -> Vec<(usize, usize)> {
     (0..t).step_by(size.max(1)).map(|a| (a, size.min(t - a))).collect()
 }
 
-/// Applies `f(piece, start)` to each piece of `x` (rows `pieces`): to x itself when there is
-/// one piece, else to a copy of the piece's rows that is written back after.
-pub fn each_piece(
-    be: &dyn Backend,
-    x: &mut Tensor,
-    pieces: &[(usize, usize)],
-    f: &mut dyn FnMut(&mut Tensor, usize) -> Result<()>,
-) -> Result<()> {
-    if pieces.len() == 1 {
-        return f(x, 0);
+/// The distinct lengths of the pieces of `t` rows in pieces of at most `size`: the full one
+/// and, when it differs, the last.
+pub fn piece_sizes(t: usize, size: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = pieces(t, size).into_iter().map(|(_, n)| n).collect();
+    sizes.dedup();
+    sizes
+}
+
+/// `t` rows of width `h` split in pieces of at most `size` rows, with a buffer per piece length
+/// for a piece's rows (none when one piece covers every row: the caller then works on the rows
+/// themselves). Made once per forward and reused by every layer.
+#[derive(Debug)]
+pub struct Pieces {
+    pieces: Vec<(usize, usize)>,
+    bufs: Vec<Tensor>,
+}
+
+impl Pieces {
+    /// The buffers' shapes: one `[n, h]` per piece length, none for a single piece.
+    pub fn shapes(t: usize, size: usize, h: usize) -> Vec<Vec<usize>> {
+        let sizes = piece_sizes(t, size);
+        if pieces(t, size).len() == 1 { Vec::new() } else { sizes.into_iter().map(|n| vec![n, h]).collect() }
     }
-    let h = x.shape()[1];
-    let mut buf: Option<Tensor> = None;
-    for &(start, n) in pieces {
-        let xt = match buf.take() {
-            Some(b) if b.shape()[0] == n => buf.insert(b),
-            _ => buf.insert(be.zeros(vec![n, h])?),
-        };
-        be.copy_rows(x, start..start + n, xt)?;
-        f(xt, start)?;
-        be.write_rows(xt, x, start)?;
+
+    pub fn new(be: &dyn Backend, t: usize, size: usize, h: usize) -> Result<Self> {
+        Ok(Self { pieces: pieces(t, size), bufs: alloc_all(be, Self::shapes(t, size, h))? })
     }
-    Ok(())
+
+    /// Whether one piece covers every row.
+    pub fn is_single(&self) -> bool {
+        self.pieces.len() == 1
+    }
+
+    /// Applies `f(piece, start)` to each piece of `x`: to x itself when there is one piece,
+    /// else to a copy of the piece's rows that is written back after.
+    pub fn each(
+        &mut self,
+        be: &dyn Backend,
+        x: &mut Tensor,
+        f: &mut dyn FnMut(&mut Tensor, usize) -> Result<()>,
+    ) -> Result<()> {
+        if self.is_single() {
+            return f(x, 0);
+        }
+        for &(start, n) in &self.pieces {
+            let xt =
+                self.bufs.iter_mut().find(|b| b.shape()[0] == n).ok_or_else(|| {
+                    ollm_ops::OpsError::Backend(format!("internal: no buffer for a piece of {n} rows"))
+                })?;
+            be.copy_rows(x, start..start + n, xt)?;
+            f(xt, start)?;
+            be.write_rows(xt, x, start)?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of f32 activations of these shapes (what [`alloc_all`] allocates for them).
+pub fn f32_bytes(shapes: &[Vec<usize>]) -> u64 {
+    shapes.iter().map(|s| 4 * s.iter().product::<usize>() as u64).sum()
+}
+
+/// Zeroed f32 activations of these shapes.
+pub fn alloc_all(be: &dyn Backend, shapes: Vec<Vec<usize>>) -> Result<Vec<Tensor>> {
+    Ok(shapes.into_iter().map(|s| be.zeros(s)).collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// Scratch sets of a forward, one per piece length ([`piece_sizes`]).
+#[derive(Debug)]
+pub struct PerSize<S>(Vec<(usize, S)>);
+
+impl<S> PerSize<S> {
+    pub fn new(sizes: &[usize], mut make: impl FnMut(usize) -> Result<S>) -> Result<Self> {
+        Ok(Self(sizes.iter().map(|&n| Ok((n, make(n)?))).collect::<Result<Vec<_>>>()?))
+    }
+
+    /// The set for pieces of `n` rows.
+    pub fn get(&mut self, n: usize) -> Result<&mut S> {
+        self.0
+            .iter_mut()
+            .find(|(m, _)| *m == n)
+            .map(|(_, s)| s)
+            .ok_or_else(|| ollm_ops::OpsError::Backend(format!("internal: no scratch for a piece of {n} rows")).into())
+    }
+}
+
+/// Shapes of what [`begin`] and [`logits`] allocate for a forward of `t` rows of width `h`
+/// whose last row's logits (vocabulary `v`) are wanted: the residual stream, the last row, its
+/// norm and its logits.
+pub fn stream_shapes(t: usize, h: usize, v: usize) -> Vec<Vec<usize>> {
+    vec![vec![t, h], vec![1, h], vec![1, h], vec![1, v]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ollm_ops::cpu::CpuBackend;
+    use ollm_ops::{Compute, Memory};
+
+    #[test]
+    fn pieces_cover_the_rows_with_one_buffer_per_length() {
+        assert_eq!(piece_sizes(2500, 1024), vec![1024, 452]);
+        assert_eq!(piece_sizes(2048, 1024), vec![1024]);
+        assert_eq!(Pieces::shapes(900, 1024, 8), Vec::<Vec<usize>>::new(), "one piece works in place");
+        assert_eq!(Pieces::shapes(2500, 1024, 8), vec![vec![1024, 8], vec![452, 8]]);
+        assert_eq!(f32_bytes(&Pieces::shapes(2500, 1024, 8)), 4 * 8 * (1024 + 452));
+
+        // Each piece sees its own rows and its start; what it writes lands back in place.
+        let be = CpuBackend::new();
+        let (t, h) = (7, 3);
+        let values: Vec<f32> = (0..t * h).map(|v| v as f32).collect();
+        let mut x = be.upload_f32(vec![t, h], &values).expect("x");
+        let mut p = Pieces::new(&be, t, 3, h).expect("pieces");
+        let mut starts = Vec::new();
+        p.each(&be, &mut x, &mut |xt, start| {
+            starts.push((start, xt.shape()[0]));
+            let first = be.to_host_f32(xt)?[0];
+            assert_eq!(first, (start * h) as f32);
+            let ones = be.upload_f32(xt.shape().to_vec(), &vec![1.0; xt.shape()[0] * h])?;
+            Ok(be.add_assign(xt, &ones)?)
+        })
+        .expect("each");
+        assert_eq!(starts, vec![(0, 3), (3, 3), (6, 1)]);
+        let out = be.to_host_f32(&x).expect("host");
+        assert_eq!(out, values.iter().map(|v| v + 1.0).collect::<Vec<_>>());
+    }
 }

@@ -27,13 +27,16 @@ pub struct MlpScratch {
 }
 
 impl MlpScratch {
+    /// Shapes of gate, up, act and out.
+    pub fn shapes(t: usize, hidden: usize, inter: usize) -> Vec<Vec<usize>> {
+        vec![vec![t, inter], vec![t, inter], vec![t, inter], vec![t, hidden]]
+    }
+
     pub fn new(backend: &dyn Backend, t: usize, hidden: usize, inter: usize) -> Result<Self> {
-        Ok(Self {
-            gate: backend.zeros(vec![t, inter])?,
-            up: backend.zeros(vec![t, inter])?,
-            act: backend.zeros(vec![t, inter])?,
-            out: backend.zeros(vec![t, hidden])?,
-        })
+        let [gate, up, act, out] = crate::common::forward::alloc_all(backend, Self::shapes(t, hidden, inter))?
+            .try_into()
+            .map_err(|_| ollm_ops::OpsError::Backend("internal: MLP scratch".into()))?;
+        Ok(Self { gate, up, act, out })
     }
 }
 

@@ -126,4 +126,9 @@ impl GptOssConfig {
     pub fn window(&self, l: usize) -> Option<usize> {
         (self.layer_kinds.get(l) == Some(&LayerKind::Sliding)).then_some(self.sliding_window)
     }
+
+    /// How many layers attend over a sliding window (the model's info and the planner count them).
+    pub fn sliding_layers(&self) -> usize {
+        (0..self.n_layers).filter(|&l| self.window(l).is_some()).count()
+    }
 }

@@ -9,102 +9,74 @@ use ollm_ops::{Backend, NormKind, RopeTable, RouterMode, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
+use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
-use crate::common::forward::{each_piece, pieces};
+use crate::common::experts::expert_sources;
+use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
+use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
-use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
-use crate::plan::Placement;
-use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result, SlidingKv};
+use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
+use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use ollm_residency::plan::Placement;
+use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
-const EMBED: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm.weight";
-const LM_HEAD: &str = "lm_head.weight";
-
-fn layer_name(l: usize, suffix: &str) -> String {
-    format!("model.layers.{l}.{suffix}")
-}
-
-/// Rows of one attention tile (as for Llama).
-pub const PREFILL_TILE: usize = 1024;
 /// Rows routed together: each expert is moved at most once per this many prompt tokens.
 pub const MOE_CHUNK: usize = 8192;
 /// Rows one expert multiplies at a time (bounds the expert activations).
 pub const EXPERT_ROWS: usize = 1024;
 
-/// One decoder layer's weights, the experts aside.
+/// One decoder layer's weights, the experts, the sinks and the router aside.
 #[derive(Debug)]
 pub struct Layer {
     input_norm: Tensor,
     attn: AttnWeights,
     post_attn_norm: Tensor,
+    /// The names of its tensors (what a streamed copy refills).
+    names: Vec<&'static str>,
 }
 
-/// Suffixes (after `model.layers.{l}.`) of a layer's tensors other than the experts, the sinks
-/// and the router, which stay on the device in f32 (a few hundred KiB a layer): f32 router
-/// logits keep expert choices with an f32 reference where a bf16 product would flip them.
-const SUFFIXES: [&str; 9] = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.bias",
-    "self_attn.k_proj.bias",
-    "self_attn.v_proj.bias",
-];
-const O_BIAS: &str = "self_attn.o_proj.bias";
-
 impl Layer {
-    fn load(ld: &Loader<'_>, cfg: &GptOssConfig, l: usize) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let ab = cfg.attention_bias;
-        let n = |s: &str| layer_name(l, s);
+    fn load(ld: &TableLoader<'_, GptOssConfig>, l: usize) -> Result<Self> {
+        let t = |name| ld.require(&LAYER, name, Some(l));
+        let opt = |name| ld.get(&LAYER, name, Some(l));
         Ok(Layer {
-            input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
+            input_norm: t(INPUT_NORM)?,
             attn: AttnWeights {
-                q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
-                k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
-                v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
-                o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
-                q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
-                k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
-                v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
-                o_bias: ld.tensor_if(ab, &n(O_BIAS), &[h])?,
+                q: t(Q)?,
+                k: t(K)?,
+                v: t(V)?,
+                o: t(O)?,
+                q_bias: opt(Q_BIAS)?,
+                k_bias: opt(K_BIAS)?,
+                v_bias: opt(V_BIAS)?,
+                o_bias: opt(O_BIAS)?,
             },
-            post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
+            post_attn_norm: t(POST_NORM)?,
+            names: streamed(&LAYER, ld.cfg, l),
         })
     }
 }
 
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
-        let biased = self.attn.q_bias.is_some();
-        let mut v: Vec<&'static str> =
-            SUFFIXES.iter().copied().filter(|s| biased || !s.ends_with("proj.bias")).collect();
-        if self.attn.o_bias.is_some() {
-            v.push(O_BIAS);
-        }
-        v
+        self.names.clone()
     }
 
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
         match suffix {
-            "input_layernorm.weight" => Some(&mut self.input_norm),
-            "self_attn.q_proj.weight" => Some(&mut self.attn.q),
-            "self_attn.k_proj.weight" => Some(&mut self.attn.k),
-            "self_attn.v_proj.weight" => Some(&mut self.attn.v),
-            "self_attn.o_proj.weight" => Some(&mut self.attn.o),
-            "self_attn.q_proj.bias" => self.attn.q_bias.as_mut(),
-            "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
-            "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
-            "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
-            "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
+            INPUT_NORM => Some(&mut self.input_norm),
+            Q => Some(&mut self.attn.q),
+            K => Some(&mut self.attn.k),
+            V => Some(&mut self.attn.v),
+            O => Some(&mut self.attn.o),
+            Q_BIAS => self.attn.q_bias.as_mut(),
+            K_BIAS => self.attn.k_bias.as_mut(),
+            V_BIAS => self.attn.v_bias.as_mut(),
+            O_BIAS => self.attn.o_bias.as_mut(),
+            POST_NORM => Some(&mut self.post_attn_norm),
             _ => None,
         }
     }
@@ -140,15 +112,67 @@ struct ExpertScratch {
 }
 
 impl ExpertScratch {
-    fn new(be: &dyn Backend, n: usize, h: usize, i: usize) -> Result<Self> {
-        Ok(Self {
-            n,
-            x: be.zeros(vec![n, h])?,
-            gate_up: be.zeros(vec![n, 2 * i])?,
-            act: be.zeros(vec![n, i])?,
-            y: be.zeros(vec![n, h])?,
-        })
+    /// Shapes of x, gate_up, act and y.
+    fn shapes(n: usize, h: usize, i: usize) -> Vec<Vec<usize>> {
+        vec![vec![n, h], vec![n, 2 * i], vec![n, i], vec![n, h]]
     }
+
+    fn new(be: &dyn Backend, n: usize, h: usize, i: usize) -> Result<Self> {
+        let [x, gate_up, act, y] = crate::common::forward::alloc_all(be, Self::shapes(n, h, i))?
+            .try_into()
+            .map_err(|_| ollm_ops::OpsError::Backend("internal: expert scratch".into()))?;
+        Ok(Self { n, x, gate_up, act, y })
+    }
+}
+
+/// Activations of one attention tile of `n` rows, reused by every layer.
+struct TileScratch {
+    normed: Tensor,
+    attn: AttnScratch,
+}
+
+impl TileScratch {
+    fn shapes(cfg: &GptOssConfig, n: usize) -> Vec<Vec<usize>> {
+        let mut v = vec![vec![n, cfg.hidden_size]];
+        v.extend(AttnScratch::shapes(n, &dims(cfg)));
+        v
+    }
+
+    fn new(be: &dyn Backend, cfg: &GptOssConfig, n: usize) -> Result<Self> {
+        Ok(Self { normed: be.zeros(vec![n, cfg.hidden_size])?, attn: AttnScratch::new(be, n, &dims(cfg))? })
+    }
+}
+
+fn dims(cfg: &GptOssConfig) -> AttnDims {
+    AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
+}
+
+/// Shapes of a MoE chunk of `c` rows: the normed rows and the router logits (reused by every
+/// layer), and what each layer's MoE allocates for it: the weighted sum of the experts' outputs
+/// (zeroed by its allocation) and the activations of the largest expert call.
+fn chunk_shapes(cfg: &GptOssConfig, c: usize) -> Vec<Vec<usize>> {
+    let h = cfg.hidden_size;
+    let mut v = vec![vec![c, h], vec![c, cfg.n_experts], vec![c, h]];
+    v.extend(ExpertScratch::shapes(EXPERT_ROWS.min(c), h, cfg.intermediate_size));
+    v
+}
+
+/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
+/// logits wanted): the residual stream, the tiles' and chunks' buffers, a scratch set per tile
+/// length and what a MoE chunk holds at once. The experts' unpacked matrices belong to the
+/// expert cache.
+pub fn scratch_bytes(cfg: &GptOssConfig, t: usize) -> u64 {
+    let h = cfg.hidden_size;
+    let mut shapes = stream_shapes(t, h, cfg.vocab_size);
+    shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
+    shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
+    for n in piece_sizes(t, PREFILL_TILE) {
+        shapes.extend(TileScratch::shapes(cfg, n));
+    }
+    for c in piece_sizes(t, MOE_CHUNK) {
+        shapes.extend(chunk_shapes(cfg, c));
+    }
+    f32_bytes(&shapes)
 }
 
 impl GptOss {
@@ -161,69 +185,48 @@ impl GptOss {
         backend: Arc<dyn Backend>,
         placement: &Placement,
     ) -> Result<Self> {
-        let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = ld.tensor(EMBED, &[v, h])?;
-        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
+        let ld = TableLoader { ld: Loader { catalog, backend: backend.as_ref() }, cfg: &cfg };
+        let h = cfg.hidden_size;
+        let embed = ld.require(&GLOBAL, EMBED, None)?;
+        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, l))?;
+        let moe_layers: Vec<usize> = (0..cfg.n_layers).collect();
+        let sources = expert_sources(catalog, &EXPERTS, &moe_layers, cfg.n_experts, (h, cfg.intermediate_size))?;
         let experts = ExpertCache::new(
             backend.clone(),
-            catalog,
-            &(0..cfg.n_layers).collect::<Vec<_>>(),
+            sources,
+            &moe_layers,
             cfg.n_experts,
             (h, cfg.intermediate_size),
             placement.experts.as_ref(),
         )?;
-        let f32_tensor = |l: usize, suffix: &str, shape: Vec<usize>| ld.tensor_f32(&layer_name(l, suffix), &shape);
-        let (nh, e) = (cfg.n_heads, cfg.n_experts);
-        let sinks =
-            (0..cfg.n_layers).map(|l| f32_tensor(l, "self_attn.sinks", vec![nh])).collect::<Result<Vec<_>>>()?;
-        let routers = (0..cfg.n_layers)
-            .map(|l| Ok((f32_tensor(l, "mlp.router.weight", vec![e, h])?, f32_tensor(l, "mlp.router.bias", vec![e])?)))
-            .collect::<Result<Vec<_>>>()?;
-        let final_norm = ld.tensor(FINAL_NORM, &[h])?;
-        let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
+        let t = |name, l| ld.require(&LAYER, name, Some(l));
+        let sinks = (0..cfg.n_layers).map(|l| t(SINKS, l)).collect::<Result<Vec<_>>>()?;
+        let routers = (0..cfg.n_layers).map(|l| Ok((t(ROUTER, l)?, t(ROUTER_BIAS, l)?))).collect::<Result<Vec<_>>>()?;
+        let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
+        let lm_head = ld.get(&GLOBAL, LM_HEAD, None)?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
-        let weight_bytes = catalog.total_bytes();
         let expert_stats = experts.stats();
         let all_experts = expert_stats.expert_bytes * expert_stats.experts as u64;
         let routed = expert_stats.expert_bytes * (cfg.n_layers * cfg.experts_per_token) as u64;
-        let embed_bytes = embed.size_bytes() as u64;
-        let dense = weight_bytes - all_experts;
-        let kvd = cfg.n_kv_heads * cfg.head_dim;
-        let kv_elem = backend.kv_dtype().size_bytes();
-        let n_sliding = (0..cfg.n_layers).filter(|&l| cfg.window(l).is_some()).count();
-        let info = ModelInfo {
-            architecture,
-            vocab_size: v,
-            hidden_size: h,
-            n_layers: cfg.n_layers,
-            max_positions: cfg.max_positions,
-            weight_bytes,
-            weight_bytes_per_token: routed + if lm_head.is_some() { dense - embed_bytes } else { dense },
-            kv_bytes_per_position: (2 * (cfg.n_layers - n_sliding) * kvd * kv_elem) as u64,
-            sliding_kv: (n_sliding > 0).then(|| SlidingKv {
-                bytes_per_position: (2 * n_sliding * kvd * kv_elem) as u64,
-                window: cfg.sliding_window,
-            }),
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
-        };
+        let info = ModelInfo::new(
+            &super::dims_of(&cfg),
+            InfoParts {
+                architecture,
+                catalog,
+                kv_elem_bytes: backend.kv_dtype().size_bytes() as u64,
+                untied_embed_bytes: lm_head.as_ref().map(|_| embed.size_bytes() as u64),
+                experts: (all_experts, routed),
+                eos_token_ids: cfg.eos_token_ids.clone(),
+                bos_token_id: cfg.bos_token_id,
+                config_text: format!("{cfg:?}"),
+            },
+        )?;
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, experts, sinks, routers, final_norm, lm_head, rope, kv_offload })
     }
 
     pub fn config(&self) -> &GptOssConfig {
         &self.cfg
-    }
-
-    fn dims(&self) -> AttnDims {
-        AttnDims {
-            hidden: self.cfg.hidden_size,
-            n_heads: self.cfg.n_heads,
-            n_kv_heads: self.cfg.n_kv_heads,
-            head_dim: self.cfg.head_dim,
-        }
     }
 
     /// `x += Attn(RMS(x))` for the rows of one tile of layer `l` at positions `pos0..`.
@@ -250,16 +253,20 @@ impl GptOss {
     /// `x += MoE(RMS(x))` for the rows of one chunk (models.md §3.3): route every row, then
     /// run each chosen expert once over all the rows that chose it, the weighted outputs summed
     /// in f32.
-    fn moe_block(&self, l: usize, layer: &Layer, x: &mut Tensor, normed: &mut Tensor) -> Result<()> {
+    fn moe_block(
+        &self,
+        (l, layer): (usize, &Layer),
+        x: &mut Tensor,
+        (normed, logits): (&mut Tensor, &mut Tensor),
+    ) -> Result<()> {
         let be = self.backend.as_ref();
         let moe = be.moe()?;
         let (c, h) = (x.shape()[0], self.cfg.hidden_size);
         let (n_e, k) = (self.cfg.n_experts, self.cfg.experts_per_token);
         be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
-        let mut logits = be.zeros(vec![c, n_e])?;
         let (router, router_bias) = &self.routers[l];
-        be.matmul(normed, router, Some(router_bias), &mut logits)?;
-        let (ids, weights) = moe.router_topk(&logits, k, RouterMode::SoftmaxOfTopK)?;
+        be.matmul(normed, router, Some(router_bias), logits)?;
+        let (ids, weights) = moe.router_topk(logits, k, RouterMode::SoftmaxOfTopK)?;
         let routed = Routed::new(&ids, &weights, k, n_e);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![c, h])?;
@@ -267,7 +274,7 @@ impl GptOss {
         let inter = self.cfg.intermediate_size;
         let limit = self.cfg.swiglu_limit;
         let rows_of = |e: u32| routed.count(e);
-        self.experts.run_layer(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
+        self.experts.run_layer::<crate::ModelError>(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, wv) = &rows[e as usize];
             for (sub, sub_w) in rs.chunks(EXPERT_ROWS).zip(wv.chunks(EXPERT_ROWS)) {
                 let s = match scratch.take() {
@@ -327,38 +334,23 @@ impl CausalLm for GptOss {
         let (t, h, eps) = (ids.len(), self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);
         let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
-        let tiles = pieces(t, PREFILL_TILE);
-        let chunks = pieces(t, MOE_CHUNK);
-        let dims = self.dims();
-        // Scratch for full-size pieces; a shorter last piece gets its own.
-        let mut attn_bufs: Vec<(Tensor, AttnScratch)> = Vec::new();
-        let mut moe_bufs: Vec<Tensor> = Vec::new();
+        let mut tiles = Pieces::new(be, t, PREFILL_TILE, h)?;
+        let mut chunks = Pieces::new(be, t, MOE_CHUNK, h)?;
+        let mut attn_bufs = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| TileScratch::new(be, &self.cfg, n))?;
+        let n_e = self.cfg.n_experts;
+        let mut moe_bufs =
+            PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| Ok((be.zeros(vec![n, h])?, be.zeros(vec![n, n_e])?)))?;
+        let one = tiles.is_single();
         for l in 0..self.layers.len() {
             state.acquire(be, l)?;
             let run = |layer: &Layer| -> Result<()> {
-                let one = tiles.len() == 1;
-                each_piece(be, &mut x, &tiles, &mut |xt, start| {
-                    let n = xt.shape()[0];
-                    let i = match attn_bufs.iter().position(|(b, _)| b.shape()[0] == n) {
-                        Some(i) => i,
-                        None => {
-                            attn_bufs.push((be.zeros(vec![n, h])?, AttnScratch::new(be, n, &dims)?));
-                            attn_bufs.len() - 1
-                        }
-                    };
-                    let (normed, attn) = &mut attn_bufs[i];
+                tiles.each(be, &mut x, &mut |xt, start| {
+                    let TileScratch { normed, attn } = attn_bufs.get(xt.shape()[0])?;
                     self.attention_block((l, layer), xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
                 })?;
-                each_piece(be, &mut x, &chunks, &mut |xc, _| {
-                    let n = xc.shape()[0];
-                    let i = match moe_bufs.iter().position(|b| b.shape()[0] == n) {
-                        Some(i) => i,
-                        None => {
-                            moe_bufs.push(be.zeros(vec![n, h])?);
-                            moe_bufs.len() - 1
-                        }
-                    };
-                    self.moe_block(l, layer, xc, &mut moe_bufs[i])
+                chunks.each(be, &mut x, &mut |xc, _| {
+                    let (normed, logits) = moe_bufs.get(xc.shape()[0])?;
+                    self.moe_block((l, layer), xc, (normed, logits))
                 })?;
                 if let Some(tr) = trace {
                     tr.record(Some(l), "layer_out", &x);

@@ -7,15 +7,17 @@ use ollm_ops::{Backend, NormKind, RopeTable, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
-use super::names;
+use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::upload_table;
+use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
-use crate::plan::Placement;
-use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
+use ollm_residency::plan::Placement;
+use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
 /// One decoder layer's weights.
 #[derive(Debug)]
@@ -24,120 +26,107 @@ pub struct Layer {
     attn: AttnWeights,
     post_attn_norm: Tensor,
     mlp: MlpWeights,
+    /// The names of its tensors (what a streamed copy refills).
+    names: Vec<&'static str>,
 }
 
 impl Layer {
     /// Reads layer `l` with the shapes `cfg` implies.
-    fn load(ld: &Loader<'_>, cfg: &LlamaConfig, l: usize) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
-        let n = |s: &str| names::layer(l, s);
+    fn load(ld: &TableLoader<'_, LlamaConfig>, l: usize) -> Result<Self> {
+        let t = |name| ld.require(&LAYER, name, Some(l));
+        let opt = |name| ld.get(&LAYER, name, Some(l));
         Ok(Layer {
-            input_norm: ld.tensor(&n("input_layernorm.weight"), &[h])?,
+            input_norm: t(INPUT_NORM)?,
             attn: AttnWeights {
-                q: ld.tensor(&n("self_attn.q_proj.weight"), &[qd, h])?,
-                k: ld.tensor(&n("self_attn.k_proj.weight"), &[kvd, h])?,
-                v: ld.tensor(&n("self_attn.v_proj.weight"), &[kvd, h])?,
-                o: ld.tensor(&n("self_attn.o_proj.weight"), &[h, qd])?,
-                q_bias: ld.tensor_if(ab, &n("self_attn.q_proj.bias"), &[qd])?,
-                k_bias: ld.tensor_if(ab, &n("self_attn.k_proj.bias"), &[kvd])?,
-                v_bias: ld.tensor_if(ab, &n("self_attn.v_proj.bias"), &[kvd])?,
-                o_bias: ld.tensor_if(ab, &n("self_attn.o_proj.bias"), &[h])?,
+                q: t(Q)?,
+                k: t(K)?,
+                v: t(V)?,
+                o: t(O)?,
+                q_bias: opt(Q_BIAS)?,
+                k_bias: opt(K_BIAS)?,
+                v_bias: opt(V_BIAS)?,
+                o_bias: opt(O_BIAS)?,
             },
-            post_attn_norm: ld.tensor(&n("post_attention_layernorm.weight"), &[h])?,
+            post_attn_norm: t(POST_NORM)?,
             mlp: MlpWeights {
-                gate: ld.tensor(&n("mlp.gate_proj.weight"), &[i, h])?,
-                up: ld.tensor(&n("mlp.up_proj.weight"), &[i, h])?,
-                down: ld.tensor(&n("mlp.down_proj.weight"), &[h, i])?,
-                gate_bias: ld.tensor_if(mb, &n("mlp.gate_proj.bias"), &[i])?,
-                up_bias: ld.tensor_if(mb, &n("mlp.up_proj.bias"), &[i])?,
-                down_bias: ld.tensor_if(mb, &n("mlp.down_proj.bias"), &[h])?,
+                gate: t(GATE)?,
+                up: t(UP)?,
+                down: t(DOWN)?,
+                gate_bias: opt(GATE_BIAS)?,
+                up_bias: opt(UP_BIAS)?,
+                down_bias: opt(DOWN_BIAS)?,
             },
+            names: streamed(&LAYER, ld.cfg, l),
         })
     }
 }
 
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
-        let mut v = vec![
-            "input_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ];
-        let optional = [
-            ("self_attn.q_proj.bias", self.attn.q_bias.is_some()),
-            ("self_attn.k_proj.bias", self.attn.k_bias.is_some()),
-            ("self_attn.v_proj.bias", self.attn.v_bias.is_some()),
-            ("self_attn.o_proj.bias", self.attn.o_bias.is_some()),
-            ("mlp.gate_proj.bias", self.mlp.gate_bias.is_some()),
-            ("mlp.up_proj.bias", self.mlp.up_bias.is_some()),
-            ("mlp.down_proj.bias", self.mlp.down_bias.is_some()),
-        ];
-        v.extend(optional.into_iter().filter(|(_, present)| *present).map(|(s, _)| s));
-        v
+        self.names.clone()
     }
 
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
         match suffix {
-            "input_layernorm.weight" => Some(&mut self.input_norm),
-            "self_attn.q_proj.weight" => Some(&mut self.attn.q),
-            "self_attn.k_proj.weight" => Some(&mut self.attn.k),
-            "self_attn.v_proj.weight" => Some(&mut self.attn.v),
-            "self_attn.o_proj.weight" => Some(&mut self.attn.o),
-            "self_attn.q_proj.bias" => self.attn.q_bias.as_mut(),
-            "self_attn.k_proj.bias" => self.attn.k_bias.as_mut(),
-            "self_attn.v_proj.bias" => self.attn.v_bias.as_mut(),
-            "self_attn.o_proj.bias" => self.attn.o_bias.as_mut(),
-            "post_attention_layernorm.weight" => Some(&mut self.post_attn_norm),
-            "mlp.gate_proj.weight" => Some(&mut self.mlp.gate),
-            "mlp.up_proj.weight" => Some(&mut self.mlp.up),
-            "mlp.down_proj.weight" => Some(&mut self.mlp.down),
-            "mlp.gate_proj.bias" => self.mlp.gate_bias.as_mut(),
-            "mlp.up_proj.bias" => self.mlp.up_bias.as_mut(),
-            "mlp.down_proj.bias" => self.mlp.down_bias.as_mut(),
+            INPUT_NORM => Some(&mut self.input_norm),
+            Q => Some(&mut self.attn.q),
+            K => Some(&mut self.attn.k),
+            V => Some(&mut self.attn.v),
+            O => Some(&mut self.attn.o),
+            Q_BIAS => self.attn.q_bias.as_mut(),
+            K_BIAS => self.attn.k_bias.as_mut(),
+            V_BIAS => self.attn.v_bias.as_mut(),
+            O_BIAS => self.attn.o_bias.as_mut(),
+            POST_NORM => Some(&mut self.post_attn_norm),
+            GATE => Some(&mut self.mlp.gate),
+            UP => Some(&mut self.mlp.up),
+            DOWN => Some(&mut self.mlp.down),
+            GATE_BIAS => self.mlp.gate_bias.as_mut(),
+            UP_BIAS => self.mlp.up_bias.as_mut(),
+            DOWN_BIAS => self.mlp.down_bias.as_mut(),
             _ => None,
         }
     }
 }
 
-/// Rows of one prefill tile: larger prompts run layer by layer in tiles of this many tokens.
-pub const PREFILL_TILE: usize = 1024;
-
-/// Activations for one tile of `n` tokens; `x` (the tile's rows of the residual stream) exists
-/// only when the input is split into tiles, otherwise the layer works on the stream itself.
-struct TileScratch {
-    x: Option<Tensor>,
+/// Activations of one tile of `n` rows, reused by every layer.
+struct Scratch {
     normed: Tensor,
     attn: AttnScratch,
     mlp: MlpScratch,
 }
 
-impl TileScratch {
-    fn new(m: &Llama, n: usize, tiled: bool) -> Result<Self> {
-        let be = m.backend.as_ref();
-        let h = m.cfg.hidden_size;
+impl Scratch {
+    fn new(be: &dyn Backend, cfg: &LlamaConfig, n: usize) -> Result<Self> {
         Ok(Self {
-            x: if tiled { Some(be.zeros(vec![n, h])?) } else { None },
-            normed: be.zeros(vec![n, h])?,
-            attn: AttnScratch::new(be, n, &m.dims())?,
-            mlp: MlpScratch::new(be, n, h, m.cfg.intermediate_size)?,
+            normed: be.zeros(vec![n, cfg.hidden_size])?,
+            attn: AttnScratch::new(be, n, &dims(cfg))?,
+            mlp: MlpScratch::new(be, n, cfg.hidden_size, cfg.intermediate_size)?,
         })
+    }
+
+    /// The shapes [`Scratch::new`] allocates.
+    fn shapes(cfg: &LlamaConfig, n: usize) -> Vec<Vec<usize>> {
+        let mut v = vec![vec![n, cfg.hidden_size]];
+        v.extend(AttnScratch::shapes(n, &dims(cfg)));
+        v.extend(MlpScratch::shapes(n, cfg.hidden_size, cfg.intermediate_size));
+        v
     }
 }
 
-/// Activations of one forward, reused by every layer.
-struct Scratch<'a> {
-    x: &'a mut Tensor,
-    normed: &'a mut Tensor,
-    attn: &'a mut AttnScratch,
-    mlp: &'a mut MlpScratch,
+fn dims(cfg: &LlamaConfig) -> AttnDims {
+    AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
+}
+
+/// Device bytes of the activations a forward of `t` rows allocates (the last row's logits
+/// wanted): the residual stream, the tiles' buffers and one scratch set per tile length.
+pub fn scratch_bytes(cfg: &LlamaConfig, t: usize) -> u64 {
+    let mut shapes = stream_shapes(t, cfg.hidden_size, cfg.vocab_size);
+    shapes.extend(Pieces::shapes(t, PREFILL_TILE, cfg.hidden_size));
+    for n in piece_sizes(t, PREFILL_TILE) {
+        shapes.extend(Scratch::shapes(cfg, n));
+    }
+    f32_bytes(&shapes)
 }
 
 /// A loaded Llama model. Owns its weights on the backend; holds no per-sequence state.
@@ -173,32 +162,26 @@ impl Llama {
         backend: Arc<dyn Backend>,
         placement: &Placement,
     ) -> Result<Self> {
-        let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let kvd = cfg.n_kv_heads * cfg.head_dim;
-        let embed = ld.tensor(names::EMBED, &[v, h])?;
-        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, &cfg, l))?;
-        let final_norm = ld.tensor(names::FINAL_NORM, &[h])?;
+        let ld = TableLoader { ld: Loader { catalog, backend: backend.as_ref() }, cfg: &cfg };
+        let embed = ld.require(&GLOBAL, EMBED, None)?;
+        let layers = PlacedLayers::load(&backend, catalog, placement, cfg.n_layers, |l| Layer::load(&ld, l))?;
+        let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
-        let lm_head = ld.tensor_if(catalog.contains(names::LM_HEAD), names::LM_HEAD, &[v, h])?;
+        let lm_head = ld.get(&GLOBAL, LM_HEAD, None)?;
         let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
-        let embed_bytes = embed.size_bytes() as u64;
-        let weight_bytes = catalog.total_bytes();
-        let kv_elem_bytes = backend.kv_dtype().size_bytes() as u64;
-        let info = ModelInfo {
-            architecture,
-            vocab_size: v,
-            hidden_size: h,
-            n_layers: cfg.n_layers,
-            max_positions: cfg.max_positions,
-            weight_bytes,
-            weight_bytes_per_token: if lm_head.is_some() { weight_bytes - embed_bytes } else { weight_bytes },
-            kv_bytes_per_position: (2 * cfg.n_layers * kvd) as u64 * kv_elem_bytes,
-            sliding_kv: None,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
-        };
+        let info = ModelInfo::new(
+            &super::dims_of(&cfg),
+            InfoParts {
+                architecture,
+                catalog,
+                kv_elem_bytes: backend.kv_dtype().size_bytes() as u64,
+                untied_embed_bytes: lm_head.as_ref().map(|_| embed.size_bytes() as u64),
+                experts: (0, 0),
+                eos_token_ids: cfg.eos_token_ids.clone(),
+                bos_token_id: cfg.bos_token_id,
+                config_text: format!("{cfg:?}"),
+            },
+        )?;
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload })
     }
@@ -207,40 +190,32 @@ impl Llama {
         &self.cfg
     }
 
-    /// `x = x + Attn(RMS(x)); x = x + MLP(RMS(x))` for decoder layer `l`.
+    /// `x = x + Attn(RMS(x)); x = x + MLP(RMS(x))` for decoder layer `l`, x the rows of one
+    /// tile at positions `pos0..`.
     fn layer_forward(
         &self,
-        l: usize,
-        layer: &Layer,
+        (l, layer): (usize, &Layer),
+        x: &mut Tensor,
         pos0: usize,
         state: &mut SeqState,
-        s: &mut Scratch<'_>,
+        s: &mut Scratch,
         trace: Option<&dyn TraceSink>,
     ) -> Result<()> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
-        be.rms_norm(s.x, &layer.input_norm, eps, NormKind::Llama, s.normed)?;
+        be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
         let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None, sinks: None };
         let kv = state.layer_for(be, l, pos0, s.normed.shape()[0])?;
-        self_attention(be, &layer.attn, s.normed, kv, &call, s.attn, trace)?;
-        be.add_assign(s.x, &s.attn.out)?;
-        be.rms_norm(s.x, &layer.post_attn_norm, eps, NormKind::Llama, s.normed)?;
-        gated_mlp(be, &layer.mlp, s.normed, s.mlp)?;
-        be.add_assign(s.x, &s.mlp.out)?;
+        self_attention(be, &layer.attn, &s.normed, kv, &call, &mut s.attn, trace)?;
+        be.add_assign(x, &s.attn.out)?;
+        be.rms_norm(x, &layer.post_attn_norm, eps, NormKind::Llama, &mut s.normed)?;
+        gated_mlp(be, &layer.mlp, &s.normed, &mut s.mlp)?;
+        be.add_assign(x, &s.mlp.out)?;
         if let Some(tr) = trace {
-            tr.record(Some(l), "layer_out", s.x);
+            tr.record(Some(l), "layer_out", x);
         }
         Ok(())
-    }
-
-    fn dims(&self) -> AttnDims {
-        AttnDims {
-            hidden: self.cfg.hidden_size,
-            n_heads: self.cfg.n_heads,
-            n_kv_heads: self.cfg.n_kv_heads,
-            head_dim: self.cfg.head_dim,
-        }
     }
 }
 
@@ -275,34 +250,19 @@ impl CausalLm for Llama {
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);
         let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
         // Layer-major: every layer sees the whole input (its weights are used once per call),
-        // in token tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
+        // in tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
         // stream x holds all T rows.
-        let tiles: Vec<(usize, usize)> = (0..t).step_by(PREFILL_TILE).map(|a| (a, PREFILL_TILE.min(t - a))).collect();
-        let tiled = tiles.len() > 1;
-        let mut full = TileScratch::new(self, tiles[0].1, tiled)?;
-        let mut tail = match tiles.last() {
-            Some(&(_, n)) if n != tiles[0].1 => Some(TileScratch::new(self, n, tiled)?),
-            _ => None,
-        };
+        let mut tiles = Pieces::new(be, t, PREFILL_TILE, self.cfg.hidden_size)?;
+        let mut scratch = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| Scratch::new(be, &self.cfg, n))?;
+        let one = tiles.is_single();
         for l in 0..self.layers.len() {
             state.acquire(be, l)?;
             let run = |layer: &Layer| -> Result<()> {
-                for &(start, n) in &tiles {
-                    let sc = match &mut tail {
-                        Some(tail_sc) if n != tiles[0].1 => tail_sc,
-                        _ => &mut full,
-                    };
-                    let Some(xt) = sc.x.as_mut() else {
-                        // One tile: the layer works on the whole stream in place.
-                        let mut s = Scratch { x: &mut x, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
-                        return self.layer_forward(l, layer, pos0, state, &mut s, trace);
-                    };
-                    be.copy_rows(&x, start..start + n, xt)?;
-                    let mut s = Scratch { x: xt, normed: &mut sc.normed, attn: &mut sc.attn, mlp: &mut sc.mlp };
-                    self.layer_forward(l, layer, pos0 + start, state, &mut s, None)?;
-                    be.write_rows(xt, &mut x, start)?;
-                }
-                if let Some(tr) = trace {
+                tiles.each(be, &mut x, &mut |xt, start| {
+                    let s = scratch.get(xt.shape()[0])?;
+                    self.layer_forward((l, layer), xt, pos0 + start, state, s, trace.filter(|_| one))
+                })?;
+                if let Some(tr) = trace.filter(|_| !one) {
                     tr.record(Some(l), "layer_out", &x);
                 }
                 Ok(())

@@ -16,32 +16,26 @@ use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, R
 use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
+use super::tensors::*;
 use crate::common::attention::append_and_attend;
-use crate::common::forward::{each_piece, pieces};
+use crate::common::experts::expert_sources;
+use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, alloc_all, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
 use crate::common::rope::upload_table;
+use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
-use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
-use crate::plan::Placement;
-use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
 use crate::trace::TraceSink;
-use crate::{CausalLm, LogitsWanted, ModelInfo, Result};
+use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
+use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use ollm_residency::plan::Placement;
+use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
-const EMBED: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm.weight";
-const LM_HEAD: &str = "lm_head.weight";
 /// The L2 norm's eps inside the square root (models.md §4.5).
 const L2_EPS: f32 = 1e-6;
-/// Rows of one mixer tile of a prompt (DeltaNet or attention).
-pub const PREFILL_TILE: usize = 1024;
 /// Rows routed together: each expert is moved at most once per this many prompt tokens (the
 /// planner counts GPT-OSS's chunk of the same size).
 pub const MOE_CHUNK: usize = crate::gpt_oss::MOE_CHUNK;
-
-fn layer_name(l: usize, suffix: &str) -> String {
-    format!("model.layers.{l}.{suffix}")
-}
 
 /// Gated DeltaNet weights of one layer (streamable, bf16).
 #[derive(Debug)]
@@ -98,89 +92,56 @@ struct Layer {
     post_norm: Tensor,
     mixer: MixerWeights,
     mlp: Mlp,
-}
-
-const INPUT_NORM: &str = "input_layernorm.weight";
-const POST_NORM: &str = "post_attention_layernorm.weight";
-const QKVZ: &str = "linear_attn.in_proj_qkvz.weight";
-const BA: &str = "linear_attn.in_proj_ba.weight";
-const LIN_NORM: &str = "linear_attn.norm.weight";
-const LIN_OUT: &str = "linear_attn.out_proj.weight";
-const Q: &str = "self_attn.q_proj.weight";
-const K: &str = "self_attn.k_proj.weight";
-const V: &str = "self_attn.v_proj.weight";
-const O: &str = "self_attn.o_proj.weight";
-const Q_NORM: &str = "self_attn.q_norm.weight";
-const K_NORM: &str = "self_attn.k_norm.weight";
-const ROUTER: &str = "mlp.gate.weight";
-const SHARED_GATE: &str = "mlp.shared_expert_gate.weight";
-const SHARED_PARTS: [&str; 3] =
-    ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight", "mlp.shared_expert.down_proj.weight"];
-const DENSE_PARTS: [&str; 3] = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"];
-
-fn mlp_weights(ld: &Loader<'_>, prefix: &str, h: usize, i: usize) -> Result<MlpWeights> {
-    Ok(MlpWeights {
-        gate: ld.tensor(&format!("{prefix}.gate_proj.weight"), &[i, h])?,
-        up: ld.tensor(&format!("{prefix}.up_proj.weight"), &[i, h])?,
-        down: ld.tensor(&format!("{prefix}.down_proj.weight"), &[h, i])?,
-        gate_bias: None,
-        up_bias: None,
-        down_bias: None,
-    })
+    /// The names of its tensors (what a streamed copy refills).
+    names: Vec<&'static str>,
 }
 
 impl Layer {
-    fn load(ld: &Loader<'_>, c: &Qwen3NextConfig, l: usize) -> Result<Self> {
-        let h = c.hidden_size;
-        let t = |suffix: &str, shape: &[usize]| ld.tensor(&layer_name(l, suffix), shape);
+    fn load(ld: &TableLoader<'_, Qwen3NextConfig>, l: usize) -> Result<Self> {
+        let c = ld.cfg;
+        let t = |name: &str| ld.require(&LAYER, name, Some(l));
         let mixer = match c.mixers[l] {
-            Mixer::Linear => {
-                let (nk, dk, nv, dv) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim);
-                MixerWeights::Linear(Box::new(LinearAttn {
-                    qkvz: t(QKVZ, &[2 * nk * dk + 2 * nv * dv, h])?,
-                    ba: t(BA, &[2 * nv, h])?,
-                    norm: t(LIN_NORM, &[dv])?,
-                    out: t(LIN_OUT, &[h, nv * dv])?,
-                }))
-            }
-            Mixer::Full => {
-                let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
-                MixerWeights::Full(Box::new(FullAttn {
-                    q: t(Q, &[nh * 2 * d, h])?,
-                    k: t(K, &[nkv * d, h])?,
-                    v: t(V, &[nkv * d, h])?,
-                    o: t(O, &[h, nh * d])?,
-                    q_norm: t(Q_NORM, &[d])?,
-                    k_norm: t(K_NORM, &[d])?,
-                }))
-            }
+            Mixer::Linear => MixerWeights::Linear(Box::new(LinearAttn {
+                qkvz: t(QKVZ)?,
+                ba: t(BA)?,
+                norm: t(LIN_NORM)?,
+                out: t(LIN_OUT)?,
+            })),
+            Mixer::Full => MixerWeights::Full(Box::new(FullAttn {
+                q: t(Q)?,
+                k: t(K)?,
+                v: t(V)?,
+                o: t(O)?,
+                q_norm: t(Q_NORM)?,
+                k_norm: t(K_NORM)?,
+            })),
+        };
+        let mlp_weights = |[gate, up, down]: [&'static str; 3]| -> Result<MlpWeights> {
+            Ok(MlpWeights {
+                gate: t(gate)?,
+                up: t(up)?,
+                down: t(down)?,
+                gate_bias: None,
+                up_bias: None,
+                down_bias: None,
+            })
         };
         let mlp = if c.is_moe(l) {
-            let (e, is) = (c.n_experts, c.shared_intermediate_size);
             Mlp::Moe(Box::new(Moe {
-                router: t(ROUTER, &[e, h])?,
-                shared: mlp_weights(ld, &layer_name(l, "mlp.shared_expert"), h, is)?,
-                shared_gate: t(SHARED_GATE, &[1, h])?,
+                router: t(ROUTER)?,
+                shared: mlp_weights([SHARED_GATE_PROJ, SHARED_UP_PROJ, SHARED_DOWN_PROJ])?,
+                shared_gate: t(SHARED_GATE)?,
             }))
         } else {
-            Mlp::Dense(Box::new(mlp_weights(ld, &layer_name(l, "mlp"), h, c.intermediate_size)?))
+            Mlp::Dense(Box::new(mlp_weights([DENSE_GATE, DENSE_UP, DENSE_DOWN])?))
         };
-        Ok(Self { input_norm: t(INPUT_NORM, &[h])?, post_norm: t(POST_NORM, &[h])?, mixer, mlp })
+        Ok(Self { input_norm: t(INPUT_NORM)?, post_norm: t(POST_NORM)?, mixer, mlp, names: streamed(&LAYER, c, l) })
     }
 }
 
 impl LayerTensors for Layer {
     fn suffixes(&self) -> Vec<&'static str> {
-        let mut v = vec![INPUT_NORM, POST_NORM];
-        match self.mixer {
-            MixerWeights::Linear(_) => v.extend([QKVZ, BA, LIN_NORM, LIN_OUT]),
-            MixerWeights::Full(_) => v.extend([Q, K, V, O, Q_NORM, K_NORM]),
-        }
-        match self.mlp {
-            Mlp::Moe(_) => v.extend([ROUTER, SHARED_GATE].into_iter().chain(SHARED_PARTS)),
-            Mlp::Dense(_) => v.extend(DENSE_PARTS),
-        }
-        v
+        self.names.clone()
     }
 
     fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
@@ -199,20 +160,203 @@ impl LayerTensors for Layer {
             (K_NORM, MixerWeights::Full(w), _) => Some(&mut w.k_norm),
             (ROUTER, _, Mlp::Moe(m)) => Some(&mut m.router),
             (SHARED_GATE, _, Mlp::Moe(m)) => Some(&mut m.shared_gate),
-            (s, _, Mlp::Moe(m)) => s.strip_prefix("mlp.shared_expert.").and_then(|p| mlp_part_mut(&mut m.shared, p)),
-            (s, _, Mlp::Dense(w)) => s.strip_prefix("mlp.").and_then(|p| mlp_part_mut(w, p)),
+            (SHARED_GATE_PROJ, _, Mlp::Moe(m)) => Some(&mut m.shared.gate),
+            (SHARED_UP_PROJ, _, Mlp::Moe(m)) => Some(&mut m.shared.up),
+            (SHARED_DOWN_PROJ, _, Mlp::Moe(m)) => Some(&mut m.shared.down),
+            (DENSE_GATE, _, Mlp::Dense(w)) => Some(&mut w.gate),
+            (DENSE_UP, _, Mlp::Dense(w)) => Some(&mut w.up),
+            (DENSE_DOWN, _, Mlp::Dense(w)) => Some(&mut w.down),
+            _ => None,
         }
     }
 }
 
-/// `gate_proj.weight` / `up_proj.weight` / `down_proj.weight` of an MLP.
-fn mlp_part_mut<'a>(w: &'a mut MlpWeights, part: &str) -> Option<&'a mut Tensor> {
-    match part {
-        "gate_proj.weight" => Some(&mut w.gate),
-        "up_proj.weight" => Some(&mut w.up),
-        "down_proj.weight" => Some(&mut w.down),
-        _ => None,
+/// Shapes of a DeltaNet tile of `n` rows (models.md §4.5): the projections p and ba, the
+/// convolution's input u and output, z, b, alpha, q, k, v, the gates g and beta, the rule's
+/// output o, its norm and the out-projection y.
+fn delta_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
+    let (nk, dk, nv, dv, ch) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim, c.conv_channels());
+    vec![
+        vec![n, 2 * nk * dk + 2 * nv * dv],
+        vec![n, 2 * nv],
+        vec![n, ch],
+        vec![n, nv, dv],
+        vec![n, nv],
+        vec![n, nv],
+        vec![n, ch],
+        vec![n, nk, dk],
+        vec![n, nk, dk],
+        vec![n, nv, dv],
+        vec![n, nv],
+        vec![n, nv],
+        vec![n, nv, dv],
+        vec![n, nv, dv],
+        vec![n, c.hidden_size],
+    ]
+}
+
+/// Shapes of a gated-attention tile of `n` rows (models.md §4.4): q with its gate, q and the
+/// gate apart, k and v before their norms, q and k after, the attention's output, it gated, y.
+fn attn_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
+    let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
+    vec![
+        vec![n, nh * 2 * d],
+        vec![n, nh, d],
+        vec![n, nh * d],
+        vec![n, nkv, d],
+        vec![n, nkv, d],
+        vec![n, nh, d],
+        vec![n, nkv, d],
+        vec![n, nh, d],
+        vec![n, nh * d],
+        vec![n, c.hidden_size],
+    ]
+}
+
+/// A DeltaNet tile's activations ([`delta_shapes`]).
+struct DeltaScratch {
+    p: Tensor,
+    ba: Tensor,
+    u: Tensor,
+    z: Tensor,
+    b: Tensor,
+    alpha: Tensor,
+    conv: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    o: Tensor,
+    normed: Tensor,
+    y: Tensor,
+}
+
+/// A gated-attention tile's activations ([`attn_shapes`]).
+struct AttnScratch {
+    qg: Tensor,
+    q_raw: Tensor,
+    gate: Tensor,
+    k_raw: Tensor,
+    v: Tensor,
+    q: Tensor,
+    k: Tensor,
+    ctx: Tensor,
+    o: Tensor,
+    y: Tensor,
+}
+
+/// The activations of one mixer tile of `n` rows, reused by every layer: the normed rows and
+/// a set for each mixer kind the model has.
+struct TileScratch {
+    normed: Tensor,
+    delta: Option<DeltaScratch>,
+    attn: Option<AttnScratch>,
+}
+
+fn internal(what: &str) -> crate::ModelError {
+    ollm_ops::OpsError::Backend(format!("internal: {what}")).into()
+}
+
+impl TileScratch {
+    fn shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
+        let mut v = vec![vec![n, c.hidden_size]];
+        if c.mixers.contains(&Mixer::Linear) {
+            v.extend(delta_shapes(c, n));
+        }
+        if c.mixers.contains(&Mixer::Full) {
+            v.extend(attn_shapes(c, n));
+        }
+        v
     }
+
+    fn new(be: &dyn Backend, c: &Qwen3NextConfig, n: usize) -> Result<Self> {
+        let delta = match c.mixers.contains(&Mixer::Linear) {
+            false => None,
+            true => {
+                let [p, ba, u, z, b, alpha, conv, q, k, v, g, beta, o, normed, y] =
+                    alloc_all(be, delta_shapes(c, n))?.try_into().map_err(|_| internal("DeltaNet scratch"))?;
+                Some(DeltaScratch { p, ba, u, z, b, alpha, conv, q, k, v, g, beta, o, normed, y })
+            }
+        };
+        let attn = match c.mixers.contains(&Mixer::Full) {
+            false => None,
+            true => {
+                let [qg, q_raw, gate, k_raw, v, q, k, ctx, o, y] =
+                    alloc_all(be, attn_shapes(c, n))?.try_into().map_err(|_| internal("attention scratch"))?;
+                Some(AttnScratch { qg, q_raw, gate, k_raw, v, q, k, ctx, o, y })
+            }
+        };
+        Ok(Self { normed: be.zeros(vec![n, c.hidden_size])?, delta, attn })
+    }
+}
+
+/// The activations of one MLP chunk of `n` rows reused by every layer: the normed rows, the
+/// router logits, the shared expert's (or a dense MLP's) activations and its gate.
+struct ChunkScratch {
+    normed: Tensor,
+    logits: Option<Tensor>,
+    shared: Option<(MlpScratch, Tensor)>,
+    dense: Option<MlpScratch>,
+}
+
+/// Whether some layer's MLP is the MoE, and whether some layer's is dense.
+fn mlp_kinds(c: &Qwen3NextConfig) -> (bool, bool) {
+    let moe = !c.moe_layers().is_empty();
+    (moe, (0..c.n_layers).any(|l| !c.is_moe(l)))
+}
+
+impl ChunkScratch {
+    /// The shapes [`ChunkScratch::new`] allocates, and what each MoE layer allocates besides:
+    /// the weighted sum of the experts' outputs and the activations of the largest expert call.
+    fn shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
+        let (moe, dense) = mlp_kinds(c);
+        let h = c.hidden_size;
+        let mut v = vec![vec![n, h]];
+        if moe {
+            v.push(vec![n, c.n_experts]);
+            v.extend(MlpScratch::shapes(n, h, c.shared_intermediate_size));
+            v.push(vec![n, 1]);
+            v.push(vec![n, h]);
+            v.push(vec![n, h]);
+            v.extend(MlpScratch::shapes(n, h, c.moe_intermediate_size));
+        }
+        if dense {
+            v.extend(MlpScratch::shapes(n, h, c.intermediate_size));
+        }
+        v
+    }
+
+    fn new(be: &dyn Backend, c: &Qwen3NextConfig, n: usize) -> Result<Self> {
+        let (moe, dense) = mlp_kinds(c);
+        let h = c.hidden_size;
+        Ok(Self {
+            normed: be.zeros(vec![n, h])?,
+            logits: if moe { Some(be.zeros(vec![n, c.n_experts])?) } else { None },
+            shared: match moe {
+                true => Some((MlpScratch::new(be, n, h, c.shared_intermediate_size)?, be.zeros(vec![n, 1])?)),
+                false => None,
+            },
+            dense: if dense { Some(MlpScratch::new(be, n, h, c.intermediate_size)?) } else { None },
+        })
+    }
+}
+
+/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
+/// logits wanted): the residual stream, the tiles' and chunks' buffers, their scratch sets,
+/// and what a MoE layer holds at once besides. The experts' weights belong to the expert cache.
+pub fn scratch_bytes(c: &Qwen3NextConfig, t: usize) -> u64 {
+    let h = c.hidden_size;
+    let mut shapes = stream_shapes(t, h, c.vocab_size);
+    shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
+    shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
+    for n in piece_sizes(t, PREFILL_TILE) {
+        shapes.extend(TileScratch::shapes(c, n));
+    }
+    for n in piece_sizes(t, MOE_CHUNK) {
+        shapes.extend(ChunkScratch::shapes(c, n));
+    }
+    f32_bytes(&shapes)
 }
 
 /// A loaded Qwen3-Next model. Owns its weights; holds no per-sequence state.
@@ -247,28 +391,23 @@ impl Qwen3Next {
         backend: Arc<dyn Backend>,
         placement: &Placement,
     ) -> Result<Self> {
-        let ld = Loader { catalog, backend: backend.as_ref() };
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = ld.tensor(EMBED, &[v, h])?;
+        let ld = TableLoader { ld: Loader { catalog, backend: backend.as_ref() }, cfg: &cfg };
+        let h = cfg.hidden_size;
+        let embed = ld.require(&GLOBAL, EMBED, None)?;
         let layers = PlacedLayers::load_grouped(
             &backend,
             catalog,
             placement,
             cfg.n_layers,
             |l| cfg.layout(l),
-            |l| Layer::load(&ld, &cfg, l),
+            |l| Layer::load(&ld, l),
         )?;
         let consts = (0..cfg.n_layers)
             .map(|l| {
-                let f = |suffix: &str, shape: &[usize]| ld.tensor_f32(&layer_name(l, suffix), shape);
-                let nv = cfg.linear_v_heads;
+                let f = |name| ld.require(&LAYER, name, Some(l));
                 Ok(match cfg.mixers[l] {
                     Mixer::Full => None,
-                    Mixer::Linear => Some(DeltaConsts {
-                        conv: f("linear_attn.conv1d.weight", &[cfg.conv_channels(), 1, cfg.conv_kernel])?,
-                        dt_bias: f("linear_attn.dt_bias", &[nv])?,
-                        a_log: f("linear_attn.A_log", &[nv])?,
-                    }),
+                    Mixer::Linear => Some(DeltaConsts { conv: f(CONV)?, dt_bias: f(DT_BIAS)?, a_log: f(A_LOG)? }),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -277,15 +416,24 @@ impl Qwen3Next {
             true => None,
             false => Some(ExpertCache::new(
                 backend.clone(),
-                catalog,
+                expert_sources(
+                    catalog,
+                    &super::tensors::EXPERTS,
+                    &moe_layers,
+                    cfg.n_experts,
+                    (h, cfg.moe_intermediate_size),
+                )?,
                 &moe_layers,
                 cfg.n_experts,
                 (h, cfg.moe_intermediate_size),
                 placement.experts.as_ref(),
             )?),
         };
-        let final_norm = ld.tensor(FINAL_NORM, &[h])?;
-        let lm_head = ld.tensor_if(!cfg.tie_word_embeddings || catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
+        let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
+        let lm_head = match !cfg.tie_word_embeddings || catalog.contains(LM_HEAD) {
+            true => Some(ld.require(&GLOBAL, LM_HEAD, None)?),
+            false => None,
+        };
         let rope =
             upload_table(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
         let mut counts = [0usize; 2];
@@ -298,29 +446,24 @@ impl Qwen3Next {
                 *c - 1
             })
             .collect();
-        let weight_bytes = catalog.total_bytes();
         let (all_experts, routed) = experts.as_ref().map_or((0, 0), |x| {
             let s = x.stats();
             (s.expert_bytes * s.experts as u64, s.expert_bytes * (moe_layers.len() * cfg.experts_per_token) as u64)
         });
-        let n_full = cfg.attention_layers();
-        let kv_elem = backend.kv_dtype().size_bytes();
-        let info = ModelInfo {
-            architecture,
-            vocab_size: v,
-            hidden_size: h,
-            n_layers: cfg.n_layers,
-            max_positions: cfg.max_positions,
-            weight_bytes,
-            // A separate head is read whole, the embedding one row; a tied one is read whole.
-            weight_bytes_per_token: weight_bytes - all_experts + routed
-                - if lm_head.is_some() { embed.size_bytes() as u64 } else { 0 },
-            kv_bytes_per_position: (2 * n_full * cfg.n_kv_heads * cfg.head_dim * kv_elem) as u64,
-            sliding_kv: None,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            fingerprint: catalog.fingerprint(format!("{cfg:?}").as_bytes())?,
-        };
+        // A separate head is read whole, the embedding one row; a tied one is read whole.
+        let info = ModelInfo::new(
+            &super::dims_of(&cfg),
+            InfoParts {
+                architecture,
+                catalog,
+                kv_elem_bytes: backend.kv_dtype().size_bytes() as u64,
+                untied_embed_bytes: lm_head.as_ref().map(|_| embed.size_bytes() as u64),
+                experts: (all_experts, routed),
+                eos_token_ids: cfg.eos_token_ids.clone(),
+                bos_token_id: cfg.bos_token_id,
+                config_text: format!("{cfg:?}"),
+            },
+        )?;
         let kv_offload = placement.kv.clone();
         Ok(Self { cfg, info, backend, embed, layers, consts, experts, final_norm, lm_head, rope, slot, kv_offload })
     }
@@ -329,126 +472,132 @@ impl Qwen3Next {
         &self.cfg
     }
 
-    /// `y = GatedDeltaNet(a)` for T rows, from and into the layer's fixed state
+    /// `s.y = GatedDeltaNet(a)` for T rows, from and into the layer's fixed state
     /// (models.md §4.5); the chunked form for more than one row.
-    fn deltanet(&self, (w, dc): (&LinearAttn, &DeltaConsts), a: &Tensor, state: &mut [Tensor]) -> Result<Tensor> {
+    fn deltanet(
+        &self,
+        (w, dc): (&LinearAttn, &DeltaConsts),
+        a: &Tensor,
+        state: &mut [Tensor],
+        s: &mut DeltaScratch,
+    ) -> Result<()> {
         let be = self.backend.as_ref();
         let dn = be.deltanet()?;
         let c = &self.cfg;
         let t = a.shape()[0];
-        let (nk, dk, nv, dv, r) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim, c.v_per_k());
+        let (nk, dk, dv, r) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_dim, c.v_per_k());
+        let nv = c.linear_v_heads;
         let ch = c.conv_channels();
-        let mut p = be.zeros(vec![t, w.qkvz.shape()[0]])?;
-        be.matmul(a, &w.qkvz, None, &mut p)?;
-        let mut ba = be.zeros(vec![t, 2 * nv])?;
-        be.matmul(a, &w.ba, None, &mut ba)?;
+        be.matmul(a, &w.qkvz, None, &mut s.p)?;
+        be.matmul(a, &w.ba, None, &mut s.ba)?;
         // Per key head g: [q (dk) | k (dk) | v (r·dv) | z (r·dv)] into the convolution's
         // channel order [all q | all k | all v], and z apart.
         let group = 2 * dk + 2 * r * dv;
         let cut = |offset, width, out_offset| HeadSlice { heads: nk, stride: group, offset, width, out_offset };
-        let mut u = be.zeros(vec![t, ch])?;
-        be.slice_heads(&p, cut(0, dk, 0), &mut u)?;
-        be.slice_heads(&p, cut(dk, dk, nk * dk), &mut u)?;
-        be.slice_heads(&p, cut(2 * dk, r * dv, 2 * nk * dk), &mut u)?;
-        let mut z = be.zeros(vec![t, nv, dv])?;
-        be.slice_heads(&p, cut(2 * dk + r * dv, r * dv, 0), &mut z)?;
+        be.slice_heads(&s.p, cut(0, dk, 0), &mut s.u)?;
+        be.slice_heads(&s.p, cut(dk, dk, nk * dk), &mut s.u)?;
+        be.slice_heads(&s.p, cut(2 * dk, r * dv, 2 * nk * dk), &mut s.u)?;
+        be.slice_heads(&s.p, cut(2 * dk + r * dv, r * dv, 0), &mut s.z)?;
         let ba_cut = |offset| HeadSlice { heads: nk, stride: 2 * r, offset, width: r, out_offset: 0 };
-        let (mut b, mut alpha) = (be.zeros(vec![t, nv])?, be.zeros(vec![t, nv])?);
-        be.slice_heads(&ba, ba_cut(0), &mut b)?;
-        be.slice_heads(&ba, ba_cut(r), &mut alpha)?;
+        be.slice_heads(&s.ba, ba_cut(0), &mut s.b)?;
+        be.slice_heads(&s.ba, ba_cut(r), &mut s.alpha)?;
         let (conv_state, rest) =
             state.split_first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no conv state".into()))?;
-        let mut conv = be.zeros(vec![t, ch])?;
-        dn.causal_conv1d(&u, &dc.conv, conv_state, &mut conv)?;
+        dn.causal_conv1d(&s.u, &dc.conv, conv_state, &mut s.conv)?;
         let whole = |offset, width| HeadSlice { heads: 1, stride: ch, offset, width, out_offset: 0 };
-        let (mut q, mut k, mut v) =
-            (be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nk, dk])?, be.zeros(vec![t, nv, dv])?);
-        be.slice_heads(&conv, whole(0, nk * dk), &mut q)?;
-        be.slice_heads(&conv, whole(nk * dk, nk * dk), &mut k)?;
-        be.slice_heads(&conv, whole(2 * nk * dk, nv * dv), &mut v)?;
-        dn.l2_norm(&mut q, L2_EPS, (dk as f32).powf(-0.5))?;
-        dn.l2_norm(&mut k, L2_EPS, 1.0)?;
-        let (mut g, mut beta) = (be.zeros(vec![t, nv])?, be.zeros(vec![t, nv])?);
-        dn.deltanet_gates(&alpha, &b, &dc.a_log, &dc.dt_bias, &mut g, &mut beta)?;
+        be.slice_heads(&s.conv, whole(0, nk * dk), &mut s.q)?;
+        be.slice_heads(&s.conv, whole(nk * dk, nk * dk), &mut s.k)?;
+        be.slice_heads(&s.conv, whole(2 * nk * dk, nv * dv), &mut s.v)?;
+        dn.l2_norm(&mut s.q, L2_EPS, (dk as f32).powf(-0.5))?;
+        dn.l2_norm(&mut s.k, L2_EPS, 1.0)?;
+        dn.deltanet_gates(&s.alpha, &s.b, &dc.a_log, &dc.dt_bias, &mut s.g, &mut s.beta)?;
         let form = if t == 1 { DeltaForm::Recurrent } else { DeltaForm::Chunked };
-        let s = rest.first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no recurrent state".into()))?;
-        let mut o = be.zeros(vec![t, nv, dv])?;
-        dn.delta_rule(DeltaRule { q: &q, k: &k, v: &v, g: &g, beta: &beta }, s, &mut o, form)?;
-        let mut normed = be.zeros(vec![t, nv, dv])?;
-        dn.gated_rms_norm(&o, &z, &w.norm, c.rms_norm_eps, &mut normed)?;
-        let mut y = be.zeros(vec![t, c.hidden_size])?;
-        be.matmul(&normed, &w.out, None, &mut y)?;
-        Ok(y)
+        let st = rest.first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no recurrent state".into()))?;
+        let rule = DeltaRule { q: &s.q, k: &s.k, v: &s.v, g: &s.g, beta: &s.beta };
+        dn.delta_rule(rule, st, &mut s.o, form)?;
+        dn.gated_rms_norm(&s.o, &s.z, &w.norm, c.rms_norm_eps, &mut s.normed)?;
+        be.matmul(&s.normed, &w.out, None, &mut s.y)?;
+        Ok(())
     }
 
-    /// `y = GatedAttention(a)` for T rows at positions `pos0..` (models.md §4.4).
-    fn attention(&self, l: usize, w: &FullAttn, a: &Tensor, kv: &mut ollm_kv::LayerKv, pos0: usize) -> Result<Tensor> {
+    /// `s.y = GatedAttention(a)` for T rows at positions `pos0..` (models.md §4.4).
+    fn attention(
+        &self,
+        (l, w): (usize, &FullAttn),
+        a: &Tensor,
+        kv: &mut ollm_kv::LayerKv,
+        pos0: usize,
+        s: &mut AttnScratch,
+    ) -> Result<()> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
-        let t = a.shape()[0];
-        let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let mut qg = be.zeros(vec![t, nh * 2 * d])?;
-        be.matmul(a, &w.q, None, &mut qg)?;
+        let (nh, d) = (c.n_heads, c.head_dim);
+        be.matmul(a, &w.q, None, &mut s.qg)?;
         // Per head [q (d) | gate (d)].
         let half = |offset| HeadSlice { heads: nh, stride: 2 * d, offset, width: d, out_offset: 0 };
-        let (mut q_raw, mut gate) = (be.zeros(vec![t, nh, d])?, be.zeros(vec![t, nh * d])?);
-        be.slice_heads(&qg, half(0), &mut q_raw)?;
-        be.slice_heads(&qg, half(d), &mut gate)?;
-        let (mut k_raw, mut v) = (be.zeros(vec![t, nkv, d])?, be.zeros(vec![t, nkv, d])?);
-        be.matmul(a, &w.k, None, &mut k_raw)?;
-        be.matmul(a, &w.v, None, &mut v)?;
-        let (mut q, mut k) = (be.zeros(vec![t, nh, d])?, be.zeros(vec![t, nkv, d])?);
-        be.rms_norm(&q_raw, &w.q_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut q)?;
-        be.rms_norm(&k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut k)?;
-        be.rope(&mut q, &self.rope, pos0)?;
-        be.rope(&mut k, &self.rope, pos0)?;
+        be.slice_heads(&s.qg, half(0), &mut s.q_raw)?;
+        be.slice_heads(&s.qg, half(d), &mut s.gate)?;
+        be.matmul(a, &w.k, None, &mut s.k_raw)?;
+        be.matmul(a, &w.v, None, &mut s.v)?;
+        be.rms_norm(&s.q_raw, &w.q_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.q)?;
+        be.rms_norm(&s.k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.k)?;
+        be.rope(&mut s.q, &self.rope, pos0)?;
+        be.rope(&mut s.k, &self.rope, pos0)?;
         let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
-        let mut ctx = be.zeros(vec![t, nh, d])?;
-        append_and_attend(be, kv, (&k, &v), &q, (l, pos0), &params, &mut ctx)?;
-        let mut o = be.zeros(vec![t, nh * d])?;
-        be.slice_heads(&ctx, HeadSlice { heads: 1, stride: nh * d, offset: 0, width: nh * d, out_offset: 0 }, &mut o)?;
-        be.sigmoid_mul(&mut o, &gate)?;
-        let mut y = be.zeros(vec![t, c.hidden_size])?;
-        be.matmul(&o, &w.o, None, &mut y)?;
-        Ok(y)
+        append_and_attend(be, kv, (&s.k, &s.v), &s.q, (l, pos0), &params, &mut s.ctx)?;
+        let all = HeadSlice { heads: 1, stride: nh * d, offset: 0, width: nh * d, out_offset: 0 };
+        be.slice_heads(&s.ctx, all, &mut s.o)?;
+        be.sigmoid_mul(&mut s.o, &s.gate)?;
+        be.matmul(&s.o, &w.o, None, &mut s.y)?;
+        Ok(())
     }
 
     /// `y = MoE(b)`: routed experts (softmax over all, top-k, renormalised) plus the shared
     /// expert scaled by σ(b·w_sg) (models.md §4.6).
-    fn moe(&self, l: usize, m: &Moe, b: &Tensor) -> Result<Tensor> {
+    /// The sum is a fresh zeroed tensor (the experts' outputs are added into it); the router
+    /// logits and the shared expert's activations are the chunk's scratch.
+    fn moe(
+        &self,
+        (l, m): (usize, &Moe),
+        b: &Tensor,
+        logits: &mut Tensor,
+        (shared, sg): (&mut MlpScratch, &mut Tensor),
+    ) -> Result<Tensor> {
         let be = self.backend.as_ref();
         let moe = be.moe()?;
         let c = &self.cfg;
         let (t, h) = (b.shape()[0], c.hidden_size);
-        let mut logits = be.zeros(vec![t, c.n_experts])?;
-        be.matmul(b, &m.router, None, &mut logits)?;
+        be.matmul(b, &m.router, None, logits)?;
         let k = c.experts_per_token;
         let mode = RouterMode::TopKOfSoftmax { norm_topk_prob: c.norm_topk_prob };
-        let (ids, weights) = moe.router_topk(&logits, k, mode)?;
+        let (ids, weights) = moe.router_topk(logits, k, mode)?;
         let routed = Routed::new(&ids, &weights, k, c.n_experts);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![t, h])?;
-        let cache = self.experts.as_ref().ok_or_else(|| ollm_ops::OpsError::Backend("internal: no experts".into()))?;
+        let cache = self.experts.as_ref().ok_or_else(|| internal("no experts"))?;
         let rows_of = |e: u32| routed.count(e);
-        cache.run_layer(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
+        // One expert call's rows and activations, kept while the next call has as many rows.
+        let mut scratch: Option<(Tensor, MlpScratch)> = None;
+        cache.run_layer::<crate::ModelError>(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, ws) = &rows[e as usize];
-            let mut x = be.zeros(vec![rs.len(), h])?;
-            moe.gather_rows(b, rs, &mut x)?;
-            let mut s = MlpScratch::new(be, rs.len(), h, c.moe_intermediate_size)?;
-            let up = w.up.ok_or_else(|| ollm_ops::OpsError::Backend("internal: a fused gate_up expert".into()))?;
-            w.gate_up.matmul(be, &x, None, &mut s.gate)?;
-            up.matmul(be, &x, None, &mut s.up)?;
+            let (x, s) = match scratch.take() {
+                Some(xs) if xs.0.shape()[0] == rs.len() => scratch.insert(xs),
+                _ => scratch
+                    .insert((be.zeros(vec![rs.len(), h])?, MlpScratch::new(be, rs.len(), h, c.moe_intermediate_size)?)),
+            };
+            moe.gather_rows(b, rs, x)?;
+            let up = w.up.ok_or_else(|| internal("a fused gate_up expert"))?;
+            w.gate_up.matmul(be, x, None, &mut s.gate)?;
+            up.matmul(be, x, None, &mut s.up)?;
             be.silu_mul(&s.gate, &s.up, &mut s.act)?;
             w.down.matmul(be, &s.act, None, &mut s.out)?;
             moe.scatter_add_rows(&s.out, rs, ws, &mut acc)?;
             Ok(())
         })?;
-        let mut s = MlpScratch::new(be, t, h, c.shared_intermediate_size)?;
-        gated_mlp(be, &m.shared, b, &mut s)?;
-        let mut sg = be.zeros(vec![t, 1])?;
-        be.matmul(b, &m.shared_gate, None, &mut sg)?;
-        be.sigmoid_mul(&mut s.out, &sg)?;
-        be.add_assign(&mut acc, &s.out)?;
+        gated_mlp(be, &m.shared, b, shared)?;
+        be.matmul(b, &m.shared_gate, None, sg)?;
+        be.sigmoid_mul(&mut shared.out, sg)?;
+        be.add_assign(&mut acc, &shared.out)?;
         Ok(acc)
     }
 }
@@ -498,8 +647,10 @@ impl CausalLm for Qwen3Next {
         let (t, h, eps) = (ids.len(), c.hidden_size, c.rms_norm_eps);
         let (pos0, mut x) =
             crate::common::forward::begin(be, ids, state, &self.embed, (c.vocab_size, c.max_positions), trace)?;
-        let tiles = pieces(t, PREFILL_TILE);
-        let chunks = pieces(t, MOE_CHUNK);
+        let mut tiles = Pieces::new(be, t, PREFILL_TILE, h)?;
+        let mut chunks = Pieces::new(be, t, MOE_CHUNK, h)?;
+        let mut tile_bufs = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| TileScratch::new(be, c, n))?;
+        let mut chunk_bufs = PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| ChunkScratch::new(be, c, n))?;
         for l in 0..self.layers.len() {
             let full = self.cfg.mixers[l] == Mixer::Full;
             let i = self.slot[l];
@@ -507,38 +658,39 @@ impl CausalLm for Qwen3Next {
                 state.acquire(be, i)?;
             }
             self.layers.with_layer(l, |layer| {
-                each_piece(be, &mut x, &tiles, &mut |xt, start| {
+                tiles.each(be, &mut x, &mut |xt, start| {
                     let n = xt.shape()[0];
-                    let mut normed = be.zeros(vec![n, h])?;
-                    be.rms_norm(xt, &layer.input_norm, eps, NormKind::ZeroCentered, &mut normed)?;
-                    let y = match (&layer.mixer, &self.consts[l]) {
-                        (MixerWeights::Linear(w), Some(dc)) => self.deltanet((w, dc), &normed, state.fixed_mut(i))?,
-                        (MixerWeights::Full(w), _) => {
+                    let s = tile_bufs.get(n)?;
+                    be.rms_norm(xt, &layer.input_norm, eps, NormKind::ZeroCentered, &mut s.normed)?;
+                    let y = match (&layer.mixer, &self.consts[l], &mut s.delta, &mut s.attn) {
+                        (MixerWeights::Linear(w), Some(dc), Some(d), _) => {
+                            self.deltanet((w, dc), &s.normed, state.fixed_mut(i), d)?;
+                            &d.y
+                        }
+                        (MixerWeights::Full(w), _, _, Some(a)) => {
                             let kv = state.layer_for(be, i, pos0 + start, n)?;
-                            self.attention(l, w, &normed, kv, pos0 + start)?
+                            self.attention((l, w), &s.normed, kv, pos0 + start, a)?;
+                            &a.y
                         }
-                        (MixerWeights::Linear(_), None) => {
-                            return Err(ollm_ops::OpsError::Backend(format!(
-                                "internal: layer {l} has no DeltaNet constants"
-                            ))
-                            .into());
-                        }
+                        _ => return Err(internal(&format!("layer {l} has no DeltaNet constants or scratch"))),
                     };
-                    Ok(be.add_assign(xt, &y)?)
+                    Ok(be.add_assign(xt, y)?)
                 })?;
-                each_piece(be, &mut x, &chunks, &mut |xc, _| {
+                chunks.each(be, &mut x, &mut |xc, _| {
                     let n = xc.shape()[0];
-                    let mut normed = be.zeros(vec![n, h])?;
-                    be.rms_norm(xc, &layer.post_norm, eps, NormKind::ZeroCentered, &mut normed)?;
-                    let y = match &layer.mlp {
-                        Mlp::Moe(m) => self.moe(l, m, &normed)?,
-                        Mlp::Dense(w) => {
-                            let mut s = MlpScratch::new(be, n, h, c.intermediate_size)?;
-                            gated_mlp(be, w, &normed, &mut s)?;
-                            s.out
+                    let s = chunk_bufs.get(n)?;
+                    be.rms_norm(xc, &layer.post_norm, eps, NormKind::ZeroCentered, &mut s.normed)?;
+                    match (&layer.mlp, &mut s.logits, &mut s.shared, &mut s.dense) {
+                        (Mlp::Moe(m), Some(logits), Some((shared, sg)), _) => {
+                            let y = self.moe((l, m), &s.normed, logits, (shared, sg))?;
+                            Ok(be.add_assign(xc, &y)?)
                         }
-                    };
-                    Ok(be.add_assign(xc, &y)?)
+                        (Mlp::Dense(w), _, _, Some(d)) => {
+                            gated_mlp(be, w, &s.normed, d)?;
+                            Ok(be.add_assign(xc, &d.out)?)
+                        }
+                        _ => Err(internal(&format!("layer {l} has no MLP scratch"))),
+                    }
                 })
             })?;
             if full {

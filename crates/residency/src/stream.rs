@@ -24,7 +24,7 @@ use std::time::Instant;
 use ollm_io::direct::{ALIGN, AlignedBuf, DirectFile, READERS, aligned_span};
 use ollm_ops::{Backend, HostBuffer, Marker, OpsError, Tensor};
 
-use crate::{ModelError, Result};
+use crate::{ResidencyError, Result};
 
 /// A layer whose tensors can be refilled by name (the suffix after `model.layers.{l}.`).
 pub trait LayerTensors: Send + 'static {
@@ -58,13 +58,13 @@ impl<L: LayerTensors> std::fmt::Debug for PlacedLayers<L> {
 
 impl<L: LayerTensors> PlacedLayers<L> {
     /// Loads `n_layers` layers of one shape with `load(l)`: see [`PlacedLayers::load_grouped`].
-    pub fn load(
+    pub fn load<E: From<ResidencyError>>(
         backend: &Arc<dyn Backend>,
         catalog: &ollm_weights::Catalog,
         placement: &crate::plan::Placement,
         n_layers: usize,
-        load: impl FnMut(usize) -> Result<L>,
-    ) -> Result<Self> {
+        load: impl FnMut(usize) -> std::result::Result<L, E>,
+    ) -> std::result::Result<Self, E> {
         Self::load_grouped(backend, catalog, placement, n_layers, |_| 0, load)
     }
 
@@ -72,19 +72,20 @@ impl<L: LayerTensors> PlacedLayers<L> {
     /// group (`group(l)`: layers of one group share a tensor layout) the first `placement.slots`
     /// streamed ones into that group's slots, which start out holding them. A group streams
     /// when it has more streamed layers than slots; otherwise its layers are simply resident.
-    pub fn load_grouped(
+    pub fn load_grouped<E: From<ResidencyError>>(
         backend: &Arc<dyn Backend>,
         catalog: &ollm_weights::Catalog,
         placement: &crate::plan::Placement,
         n_layers: usize,
         group: impl Fn(usize) -> usize,
-        mut load: impl FnMut(usize) -> Result<L>,
-    ) -> Result<Self> {
+        mut load: impl FnMut(usize) -> std::result::Result<L, E>,
+    ) -> std::result::Result<Self, E> {
         if placement.tiers.len() != n_layers {
-            return Err(ModelError::Stream(format!(
+            return Err(ResidencyError::Stream(format!(
                 "the placement covers {} layers, the model has {n_layers}",
                 placement.tiers.len()
-            )));
+            ))
+            .into());
         }
         let n_groups = (0..n_layers).map(|l| group(l) + 1).max().unwrap_or(0);
         let streamed: Vec<Vec<usize>> = (0..n_groups)
@@ -117,7 +118,8 @@ impl<L: LayerTensors> PlacedLayers<L> {
             let suffixes = slots.first().map(L::suffixes).unwrap_or_default();
             let specs = streamed_layers(catalog, &streamed[g], &suffixes, &placement.tiers)?;
             let files = catalog.file_paths();
-            streams.push(Some(LayerStream::new(backend.clone(), files, specs, slots, placement.staging_buffers)?));
+            let stream = LayerStream::new(backend.clone(), files, specs, slots, placement.staging_buffers)?;
+            streams.push(Some(stream));
         }
         Ok(Self { homes, streams })
     }
@@ -132,14 +134,18 @@ impl<L: LayerTensors> PlacedLayers<L> {
 
     /// Runs `f` on layer `l` once its weights are on the device. Layers must be asked for in
     /// order, as [`LayerStream::with_layer`] says.
-    pub fn with_layer<R>(&self, l: usize, f: impl FnOnce(&L) -> Result<R>) -> Result<R> {
+    pub fn with_layer<R, E: From<ResidencyError>>(
+        &self,
+        l: usize,
+        f: impl FnOnce(&L) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
         match self.homes.get(l) {
             Some(LayerHome::Resident(layer)) => f(layer),
             Some(LayerHome::Streamed(g, i)) => match self.streams.get(*g) {
                 Some(Some(stream)) => stream.with_layer(*i, f),
-                _ => Err(ModelError::Stream(format!("layer {l} is streamed but no streamer runs"))),
+                _ => Err(ResidencyError::Stream(format!("layer {l} is streamed but no streamer runs")).into()),
             },
-            None => Err(ModelError::Stream(format!("layer {l} of {}", self.homes.len()))),
+            None => Err(ResidencyError::Stream(format!("layer {l} of {}", self.homes.len())).into()),
         }
     }
 
@@ -252,37 +258,6 @@ pub fn read_pass(files: &[PathBuf], layers: &[Vec<Part>]) -> Result<ReadPass> {
     })
 }
 
-/// Writes `layers` as one packed file at `out`: each layer's aligned spans back to back, each
-/// layer starting on an [`ALIGN`] boundary, then synced to disk. Returns the layers' parts in
-/// the packed file (file index 0), for comparing [`read_pass`] over both layouts.
-pub fn write_packed(files: &[PathBuf], layers: &[Vec<Part>], out: &std::path::Path) -> Result<Vec<Vec<Part>>> {
-    use std::io::Write;
-    let src: Vec<DirectFile> = files.iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
-    let io_err = |e: std::io::Error| ModelError::Stream(format!("writing the packed copy {}: {e}", out.display()));
-    let mut file = std::fs::File::create(out).map_err(io_err)?;
-    let mut buf = AlignedBuf::new(ALIGN);
-    let mut at = 0u64;
-    let mut packed = Vec::with_capacity(layers.len());
-    for parts in layers {
-        let plan = read_plan(parts);
-        if buf.len() < plan.buf_bytes {
-            buf = AlignedBuf::new(plan.buf_bytes);
-        }
-        read_layer(&src, &plan, buf.as_mut_slice())?;
-        file.write_all(&buf.as_slice()[..plan.buf_bytes]).map_err(io_err)?;
-        packed.push(
-            parts
-                .iter()
-                .zip(&plan.part_offsets)
-                .map(|(p, &off)| Part { suffix: p.suffix.clone(), file: 0, offset: at + off as u64, len: p.len })
-                .collect(),
-        );
-        at += plan.buf_bytes as u64;
-    }
-    file.sync_all().map_err(io_err)?;
-    Ok(packed)
-}
-
 /// Where a streamed layer's bytes wait between uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Home {
@@ -317,10 +292,10 @@ pub fn streamed_layers(
         let mut parts = Vec::with_capacity(suffixes.len());
         for s in suffixes {
             let n = name(l, s);
-            let entry = catalog.get(&n).ok_or_else(|| ModelError::Stream(format!("tensor {n} missing")))?;
+            let entry = catalog.get(&n).ok_or_else(|| ResidencyError::Stream(format!("tensor {n} missing")))?;
             let first = catalog.get(&name(streamed[0], s));
             if first.map(|f| (&f.shape, f.dtype)) != Some((&entry.shape, entry.dtype)) {
-                return Err(ModelError::Stream(format!(
+                return Err(ResidencyError::Stream(format!(
                     "{n} differs in shape or dtype from layer {}'s; streamed layers must match",
                     streamed[0]
                 )));
@@ -398,7 +373,7 @@ impl<L: LayerTensors> std::fmt::Debug for LayerStream<L> {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
-    m.lock().map_err(|_| ModelError::Stream("a streaming lock was poisoned by an earlier panic".into()))
+    m.lock().map_err(|_| ResidencyError::Stream("a streaming lock was poisoned by an earlier panic".into()))
 }
 
 impl<L: LayerTensors> LayerStream<L> {
@@ -414,7 +389,7 @@ impl<L: LayerTensors> LayerStream<L> {
     ) -> Result<Self> {
         let (n, k) = (layers.len(), slots.len());
         if k == 0 || n <= k {
-            return Err(ModelError::Stream(format!("{n} streamed layers need more than {k} slots' worth")));
+            return Err(ResidencyError::Stream(format!("{n} streamed layers need more than {k} slots' worth")));
         }
         let files: Vec<DirectFile> =
             files.iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
@@ -458,7 +433,7 @@ impl<L: LayerTensors> LayerStream<L> {
         let thread = std::thread::Builder::new()
             .name("ollm-streamer".into())
             .spawn(move || worker.run(k as u64, ready_tx, done_rx))
-            .map_err(|e| ModelError::Stream(format!("cannot start the streamer thread: {e}")))?;
+            .map_err(|e| ResidencyError::Stream(format!("cannot start the streamer thread: {e}")))?;
         Ok(Self {
             backend,
             slots,
@@ -484,35 +459,45 @@ impl<L: LayerTensors> LayerStream<L> {
     /// Runs `f` on streamed layer `idx` (its position among the streamed layers) once its
     /// weights are in a slot. Calls must come in order 0, 1, …, n−1, 0, …; a pass cut short by
     /// an error is caught up on the next call (the skipped layers are received and released).
-    pub fn with_layer<R>(&self, idx: usize, f: impl FnOnce(&L) -> Result<R>) -> Result<R> {
+    pub fn with_layer<R, E: From<ResidencyError>>(
+        &self,
+        idx: usize,
+        f: impl FnOnce(&L) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
         let mut main = lock(&self.main)?;
-        let k = self.slots.len() as u64;
         let mut f = Some(f);
         loop {
-            let job = main.job;
-            if job >= k {
-                let started = Instant::now();
-                let got = main.ready_rx.recv().map_err(|_| ModelError::Stream("the streamer thread stopped".into()))?;
-                self.counters.wait_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                let (j, marker) = got?;
-                if j != job {
-                    return Err(ModelError::Stream(format!("streamer delivered job {j}, expected {job}")));
-                }
-                self.backend.compute_wait(&marker)?;
-            }
-            let slot = lock(&self.slots[(job % k) as usize])?;
-            let result = if (job % self.n as u64) as usize == idx { f.take().map(|f| f(&slot)) } else { None };
-            drop(slot);
-            let done = self.backend.compute_marker()?;
-            main.job += 1;
-            if let Some(tx) = &main.done_tx {
-                // A closed channel means the thread is gone; the next receive reports it.
-                let _ = tx.send(done);
-            }
-            if let Some(r) = result {
+            if let Some(r) = self.next_job(&mut main, idx, &mut f)? {
                 return r;
             }
         }
+    }
+
+    /// Runs the next job: waits for its slot's bytes, calls `f` if the job is streamed layer
+    /// `idx` (Some with its result), and releases the slot.
+    fn next_job<T>(&self, main: &mut MainSide, idx: usize, f: &mut Option<impl FnOnce(&L) -> T>) -> Result<Option<T>> {
+        let k = self.slots.len() as u64;
+        let job = main.job;
+        if job >= k {
+            let started = Instant::now();
+            let got = main.ready_rx.recv().map_err(|_| ResidencyError::Stream("the streamer thread stopped".into()))?;
+            self.counters.wait_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let (j, marker) = got?;
+            if j != job {
+                return Err(ResidencyError::Stream(format!("streamer delivered job {j}, expected {job}")));
+            }
+            self.backend.compute_wait(&marker)?;
+        }
+        let slot = lock(&self.slots[(job % k) as usize])?;
+        let result = if (job % self.n as u64) as usize == idx { f.take().map(|f| f(&slot)) } else { None };
+        drop(slot);
+        let done = self.backend.compute_marker()?;
+        main.job += 1;
+        if let Some(tx) = &main.done_tx {
+            // A closed channel means the thread is gone; the next receive reports it.
+            let _ = tx.send(done);
+        }
+        Ok(result)
     }
 
     pub fn stats(&self) -> StreamStats {
@@ -596,7 +581,7 @@ impl<L: LayerTensors> Worker<L> {
             let started = Instant::now();
             let layer = &self.layers[li];
             read_layer(&self.files, &layer.plan, self.staging[st].as_mut_slice())
-                .map_err(|e| ModelError::Stream(format!("reading layer {} for streaming: {e}", layer.layer)))?;
+                .map_err(|e| ResidencyError::Stream(format!("reading layer {} for streaming: {e}", layer.layer)))?;
             let c = &self.counters;
             c.disk_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             c.disk_bytes.fetch_add(layer.parts.iter().map(|p| p.len).sum(), Ordering::Relaxed);
@@ -611,16 +596,16 @@ impl<L: LayerTensors> Worker<L> {
         let src = match (&layer.ram, st) {
             (Some(buf), _) => buf,
             (None, Some(st)) => &self.staging[st],
-            (None, None) => return Err(ModelError::Stream("internal: no bytes for a streamed layer".into())),
+            (None, None) => return Err(ResidencyError::Stream("internal: no bytes for a streamed layer".into())),
         };
         {
             let mut slot = lock(&self.slots[(job % k) as usize])?;
             for (p, &off) in layer.parts.iter().zip(&layer.plan.part_offsets) {
                 let dst = slot.tensor_mut(&p.suffix).ok_or_else(|| {
-                    ModelError::Stream(format!("layer {}: the slot has no tensor '{}'", layer.layer, p.suffix))
+                    ResidencyError::Stream(format!("layer {}: the slot has no tensor '{}'", layer.layer, p.suffix))
                 })?;
                 be.copy_to_device_async(src, off, dst).map_err(|e: OpsError| {
-                    ModelError::Stream(format!("layer {} tensor {}: {e}", layer.layer, p.suffix))
+                    ResidencyError::Stream(format!("layer {} tensor {}: {e}", layer.layer, p.suffix))
                 })?;
             }
         }
@@ -652,37 +637,25 @@ mod tests {
     }
 
     #[test]
-    fn packed_copy_holds_the_same_bytes_and_read_pass_counts_them() {
-        let dir = std::env::temp_dir().join(format!("ollm-pack-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let data: Vec<Vec<u8>> = (0..2).map(|f| (0..40_000u32).map(|i| (i * 31 + f * 7) as u8).collect()).collect();
-        let files: Vec<PathBuf> = (0..2).map(|f| dir.join(format!("s{f}.bin"))).collect();
-        for (p, d) in files.iter().zip(&data) {
-            std::fs::write(p, d).expect("write shard");
+    fn read_pass_counts_the_tensor_bytes_and_the_aligned_spans_around_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files: Vec<PathBuf> = (0..2).map(|f| dir.path().join(format!("s{f}.bin"))).collect();
+        for (f, p) in files.iter().enumerate() {
+            std::fs::write(p, (0..40_000u32).map(|i| (i * 31 + f as u32 * 7) as u8).collect::<Vec<u8>>())
+                .expect("write shard");
         }
         let part = |suffix: &str, file, offset, len| Part { suffix: suffix.into(), file, offset, len };
         let layers = vec![
             vec![part("a", 0, 123, 5000), part("b", 0, 5123, 9000), part("c", 1, 77, 10)],
             vec![part("a", 0, 20_000, 5000), part("b", 1, 30_001, 9000)],
         ];
-        let out = dir.join("packed.bin");
-        let packed = write_packed(&files, &layers, &out).expect("pack");
-        let bytes = std::fs::read(&out).expect("read packed");
-        for (orig, new) in layers.iter().flatten().zip(packed.iter().flatten()) {
-            assert_eq!((new.file, new.len, &new.suffix), (0, orig.len, &orig.suffix));
-            let want = &data[orig.file][orig.offset as usize..(orig.offset + orig.len) as usize];
-            assert_eq!(&bytes[new.offset as usize..(new.offset + new.len) as usize], want, "{}", orig.suffix);
-        }
-        // Each packed layer starts on a block boundary.
-        assert_eq!(packed[1].iter().map(|p| p.offset).min().expect("parts") % ALIGN as u64, 20_000 % ALIGN as u64);
-        let tensor_bytes: u64 = layers.iter().flatten().map(|p| p.len).sum();
-        for pass in [
-            read_pass(&files, &layers).expect("shards"),
-            read_pass(std::slice::from_ref(&out), &packed).expect("packed"),
-        ] {
-            assert_eq!(pass.bytes, tensor_bytes);
-            assert!(pass.span_bytes >= tensor_bytes && pass.span_bytes % ALIGN as u64 == 0 && pass.secs > 0.0);
-        }
-        std::fs::remove_dir_all(&dir).ok();
+        let pass = read_pass(&files, &layers).expect("read pass");
+        assert_eq!(pass.bytes, 5000 + 9000 + 10 + 5000 + 9000);
+        // Layer 0: [0, 16384) of file 0 and [0, 4096) of file 1; layer 1: [16384, 28672) of
+        // file 0 and [28672, 40960) of file 1.
+        assert_eq!(pass.span_bytes, 16384 + 4096 + 12288 + 12288);
+        assert!(pass.secs > 0.0 && pass.bytes_per_s() > 0.0);
+        let missing = [dir.path().join("absent.bin")];
+        assert!(read_pass(&missing, &layers).is_err(), "a missing shard is an error");
     }
 }

@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use ollm_io::direct::{ALIGN, DirectFile, READ_CHUNK, READERS, aligned_span, read_spans_parallel};
-use ollm_ops::{Backend, DType, HostBuffer, HostTensor, Marker, Tensor};
-use ollm_weights::Catalog;
+use std::path::PathBuf;
 
-use crate::{ModelError, Result};
+use ollm_io::direct::{ALIGN, DirectFile, READ_CHUNK, READERS, aligned_span, read_spans_parallel};
+use ollm_ops::{Backend, DType, HostBuffer, HostTensor, Marker, OpsError, Tensor};
+
+use crate::{ResidencyError, Result};
 
 /// How a checkpoint stores its experts (models.md §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,63 +34,18 @@ pub enum ExpertFormat {
     Dense,
 }
 
-impl ExpertFormat {
-    /// Tensor suffixes after `model.layers.{l}.mlp.experts.`, in slot order: the two matrices'
-    /// parts, then the gate_up and down biases.
-    fn parts(self) -> &'static [&'static str] {
-        match self {
-            ExpertFormat::Mxfp4 => &[
-                "gate_up_proj_blocks",
-                "gate_up_proj_scales",
-                "down_proj_blocks",
-                "down_proj_scales",
-                "gate_up_proj_bias",
-                "down_proj_bias",
-            ],
-            ExpertFormat::Dense => &["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"],
-            ExpertFormat::PerExpert => &["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
-        }
-    }
-
-    /// One expert's shape of each part, for hidden size H and expert width I.
-    fn part_shapes(self, h: usize, i: usize) -> Vec<Vec<usize>> {
-        match self {
-            ExpertFormat::Mxfp4 => vec![
-                vec![2 * i, h / 32, 16],
-                vec![2 * i, h / 32],
-                vec![h, i / 32, 16],
-                vec![h, i / 32],
-                vec![2 * i],
-                vec![h],
-            ],
-            ExpertFormat::Dense => vec![vec![h, 2 * i], vec![i, h], vec![2 * i], vec![h]],
-            ExpertFormat::PerExpert => vec![vec![i, h], vec![i, h], vec![h, i]],
-        }
-    }
-
-    /// The format of layer `l`'s experts in `catalog`.
-    pub fn detect(catalog: &Catalog, l: usize) -> Self {
-        if catalog.contains(&part_name(l, "gate_up_proj_blocks")) {
-            ExpertFormat::Mxfp4
-        } else if catalog.contains(&part_name(l, "0.gate_proj.weight")) {
-            ExpertFormat::PerExpert
-        } else {
-            ExpertFormat::Dense
-        }
-    }
-
-    /// Tensor name of part `suffix` of expert `e` of layer `l`.
-    fn name(self, l: usize, e: usize, suffix: &str) -> String {
-        match self {
-            ExpertFormat::PerExpert => part_name(l, &format!("{e}.{suffix}")),
-            _ => part_name(l, suffix),
-        }
-    }
-}
-
-/// Tensor name of an expert part.
-pub fn part_name(l: usize, suffix: &str) -> String {
-    format!("model.layers.{l}.mlp.experts.{suffix}")
+/// Where each expert's parts are in the checkpoint files, and what a slot holds: the family's
+/// tensor names turned into spans (see `ollm_models::common::experts`).
+#[derive(Debug, Clone)]
+pub struct ExpertSources {
+    pub format: ExpertFormat,
+    /// The checkpoint files `Source::at` indexes.
+    pub files: Vec<PathBuf>,
+    /// Per part, in slot order (the two matrices' parts, then the gate_up and down biases):
+    /// one expert's shape and dtype.
+    pub parts: Vec<(Vec<usize>, DType)>,
+    /// `[layer][part]`, layers as the cache's `layer_ids`.
+    pub layers: Vec<Vec<Source>>,
 }
 
 /// Where the experts that do not stay on the device wait, and how many device slots they share.
@@ -119,12 +75,17 @@ pub enum ExpertMatrix<'a> {
 
 impl ExpertMatrix<'_> {
     /// `out = x · Wᵀ (+ bias)`.
-    pub fn matmul(&self, be: &dyn Backend, x: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
+    pub fn matmul(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> std::result::Result<(), OpsError> {
         match *self {
-            ExpertMatrix::Dense(w) => be.matmul(x, w, bias, out)?,
-            ExpertMatrix::Mxfp4 { blocks, scales } => be.moe()?.matmul_mxfp4(x, blocks, scales, bias, out)?,
+            ExpertMatrix::Dense(w) => be.matmul(x, w, bias, out),
+            ExpertMatrix::Mxfp4 { blocks, scales } => be.moe()?.matmul_mxfp4(x, blocks, scales, bias, out),
         }
-        Ok(())
     }
 }
 
@@ -181,12 +142,12 @@ impl ExpertStats {
 }
 
 /// Where one part of each of one layer's experts is in the checkpoint.
-#[derive(Debug, Clone)]
-struct Source {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
     /// Bytes of one expert's part.
-    len: u64,
+    pub len: u64,
     /// Per expert: (file, byte offset).
-    at: Vec<(usize, u64)>,
+    pub at: Vec<(usize, u64)>,
 }
 
 /// One device slot: an expert's parts, which expert (`layer · E + e`) they hold, and when the
@@ -223,6 +184,28 @@ struct Work {
     down: Option<Tensor>,
 }
 
+/// The unpacked matrices one expert computes with, shared by all (`gate_up [2I, H]` and
+/// `down [H, I]` in nn.Linear layout), for experts stored as `format` with parts of `dtypes`:
+/// none when the format needs no unpacking.
+fn work_shapes(format: ExpertFormat, (h, i): (usize, usize), dtypes: &[DType]) -> Vec<(Vec<usize>, DType)> {
+    let dtype = |p: usize| {
+        if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes.get(p).copied().unwrap_or(DType::BF16) }
+    };
+    match format {
+        ExpertFormat::PerExpert => Vec::new(),
+        _ => vec![(vec![2 * i, h], dtype(0)), (vec![h, i], dtype(1))],
+    }
+}
+
+/// Device bytes of the unpacked matrices an [`ExpertCache`] of these experts allocates.
+pub fn work_bytes(sources: &ExpertSources, (h, i): (usize, usize)) -> u64 {
+    let dtypes: Vec<DType> = sources.parts.iter().map(|(_, d)| *d).collect();
+    work_shapes(sources.format, (h, i), &dtypes)
+        .iter()
+        .map(|(s, d)| (s.iter().product::<usize>() * d.size_bytes()) as u64)
+        .sum()
+}
+
 /// Copies queued ahead of the expert being computed.
 const LOOKAHEAD: usize = 4;
 
@@ -252,70 +235,33 @@ impl std::fmt::Debug for ExpertCache {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
-    m.lock().map_err(|_| ModelError::Stream("an expert-cache lock was poisoned by an earlier panic".into()))
+    m.lock().map_err(|_| ResidencyError::Stream("an expert-cache lock was poisoned by an earlier panic".into()))
 }
 
 impl ExpertCache {
     /// The experts of the decoder layers `layer_ids` (`n_experts` each, hidden size `h`, width
-    /// `i`) in `catalog`. `placement` None: every expert is loaded onto the device now. Otherwise
-    /// `placement.slots` device slots, the layers' experts read into pinned RAM now or left on
-    /// disk as `ram_layers` says (indexed like `layer_ids`).
+    /// `i`) at `sources`. `placement` None: every expert is loaded onto the device now.
+    /// Otherwise `placement.slots` device slots, the layers' experts read into pinned RAM now or
+    /// left on disk as `ram_layers` says (indexed like `layer_ids`).
     pub fn new(
         backend: Arc<dyn Backend>,
-        catalog: &Catalog,
+        sources: ExpertSources,
         layer_ids: &[usize],
         n_experts: usize,
         (h, i): (usize, usize),
         placement: Option<&ExpertPlacement>,
     ) -> Result<Self> {
         let layers = layer_ids.len();
-        let format = ExpertFormat::detect(catalog, layer_ids.first().copied().unwrap_or(0));
-        if format == ExpertFormat::Mxfp4 && (h % 32 != 0 || i % 32 != 0) {
-            return Err(ModelError::Stream(format!(
-                "MXFP4 experts need hidden_size ({h}) and intermediate_size ({i}) divisible by 32"
+        let ExpertSources { format, files: paths, parts, layers: sources } = sources;
+        if sources.len() != layers || sources.iter().any(|r| r.len() != parts.len()) {
+            return Err(ResidencyError::Stream(format!(
+                "expert cache: sources for {} layers of {} parts each, expected {layers} of {}",
+                sources.len(),
+                sources.first().map_or(0, Vec::len),
+                parts.len()
             )));
         }
-        let shapes = format.part_shapes(h, i);
-        let mut sources = Vec::with_capacity(layers);
-        let mut dtypes = Vec::new();
-        for (row_i, &l) in layer_ids.iter().enumerate() {
-            let mut row = Vec::with_capacity(shapes.len());
-            for (p, (suffix, shape)) in format.parts().iter().zip(&shapes).enumerate() {
-                let per_expert = format == ExpertFormat::PerExpert;
-                let mut want = if per_expert { Vec::new() } else { vec![n_experts] };
-                want.extend_from_slice(shape);
-                let mut at = Vec::with_capacity(n_experts);
-                let mut len = 0;
-                for e in 0..if per_expert { n_experts } else { 1 } {
-                    let name = format.name(l, e, suffix);
-                    let entry = catalog.require(&name, &want)?;
-                    let packed = p < 4 && format == ExpertFormat::Mxfp4;
-                    if packed != (entry.dtype == DType::U8) {
-                        return Err(ModelError::Stream(format!(
-                            "{name}: dtype {} does not fit {format:?} experts",
-                            entry.dtype
-                        )));
-                    }
-                    if row_i == 0 && e == 0 {
-                        dtypes.push(entry.dtype);
-                    } else if dtypes[p] != entry.dtype {
-                        return Err(ModelError::Stream(format!(
-                            "{name}: dtype {} differs from the first expert's",
-                            entry.dtype
-                        )));
-                    }
-                    if per_expert {
-                        len = entry.len_bytes;
-                        at.push((entry.file, entry.offset_bytes));
-                    } else {
-                        len = entry.len_bytes / n_experts as u64;
-                        at.extend((0..n_experts as u64).map(|x| (entry.file, entry.offset_bytes + x * len)));
-                    }
-                }
-                row.push(Source { len, at });
-            }
-            sources.push(row);
-        }
+        let (shapes, dtypes): (Vec<Vec<usize>>, Vec<DType>) = parts.into_iter().unzip();
         let expert_bytes: u64 = sources.first().map_or(0, |r| r.iter().map(|s| s.len).sum());
         let total = layers * n_experts;
         let slot_count = placement.map_or(total, |p| p.slots.clamp(1, total.max(1)));
@@ -332,17 +278,14 @@ impl ExpertCache {
         let mut slots = Vec::with_capacity(slot_count);
         let mut owner_of = HashMap::new();
         let files: Vec<DirectFile> =
-            catalog.file_paths().iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
+            paths.iter().map(|p| DirectFile::open(p)).collect::<std::result::Result<_, _>>()?;
         let mut ram = (0..layers).map(|_| None).collect::<Vec<_>>();
         let mut staging = Vec::new();
         let mut pinned_bytes = 0u64;
         if resident {
             // Every expert gets its own slot, filled from the checkpoint now.
-            let readers: Vec<ollm_io::ReadFile> = catalog
-                .file_paths()
-                .iter()
-                .map(|p| ollm_io::ReadFile::open(p))
-                .collect::<std::result::Result<_, _>>()?;
+            let readers: Vec<ollm_io::ReadFile> =
+                paths.iter().map(|p| ollm_io::ReadFile::open(p)).collect::<std::result::Result<_, _>>()?;
             for (l, row) in sources.iter().enumerate() {
                 for e in 0..n_experts {
                     let mut slot = alloc_slot(Some(l * n_experts + e))?;
@@ -357,7 +300,7 @@ impl ExpertCache {
                 }
             }
         } else {
-            let placement = placement.ok_or_else(|| ModelError::Stream("internal: no expert placement".into()))?;
+            let placement = placement.ok_or_else(|| ResidencyError::Stream("internal: no expert placement".into()))?;
             for _ in 0..slot_count {
                 slots.push(alloc_slot(None)?);
             }
@@ -406,17 +349,12 @@ impl ExpertCache {
                 }
             }
         }
-        let work = match format {
-            ExpertFormat::PerExpert => Work { gate_up: None, down: None },
-            _ => Work {
-                gate_up: Some(
-                    backend
-                        .alloc(vec![2 * i, h], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[0] })?,
-                ),
-                down: Some(
-                    backend.alloc(vec![h, i], if format == ExpertFormat::Mxfp4 { DType::BF16 } else { dtypes[1] })?,
-                ),
+        let work = match work_shapes(format, (h, i), &dtypes).as_slice() {
+            [(gate_up, g), (down, d)] => Work {
+                gate_up: Some(backend.alloc(gate_up.clone(), *g)?),
+                down: Some(backend.alloc(down.clone(), *d)?),
             },
+            _ => Work { gate_up: None, down: None },
         };
         Ok(Self {
             backend,
@@ -436,19 +374,19 @@ impl ExpertCache {
 
     /// Runs `f` for each of `experts` (distinct ids of layer `l`, in the given order) with that
     /// expert's weights on the device, moving in the ones no slot holds.
-    pub fn run_layer(
+    pub fn run_layer<E: From<ResidencyError> + From<OpsError>>(
         &self,
         l: usize,
         experts: &[u32],
         rows: &dyn Fn(u32) -> usize,
-        f: &mut dyn FnMut(u32, &ExpertWeights<'_>) -> Result<()>,
-    ) -> Result<()> {
+        f: &mut dyn FnMut(u32, &ExpertWeights<'_>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
         let be = self.backend.as_ref();
         let Some(l) = self.layer_ids.iter().position(|&x| x == l) else {
-            return Err(ModelError::Stream(format!("expert cache: layer {l} has no experts here")));
+            return Err(ResidencyError::Stream(format!("expert cache: layer {l} has no experts here")).into());
         };
         if let Some(&e) = experts.iter().find(|&&e| e as usize >= self.n_experts) {
-            return Err(ModelError::Stream(format!("expert cache: expert {e} of {}", self.n_experts)));
+            return Err(ResidencyError::Stream(format!("expert cache: expert {e} of {}", self.n_experts)).into());
         }
         let mut st = lock(&self.state)?;
         let mut work = lock(&self.work)?;
@@ -475,7 +413,7 @@ impl ExpertCache {
             }
             let (slot, ready) = pending
                 .pop_front()
-                .ok_or_else(|| ModelError::Stream(format!("expert cache: no slot for expert {e}")))?;
+                .ok_or_else(|| ResidencyError::Stream(format!("expert cache: no slot for expert {e}")))?;
             if let Some(m) = &ready {
                 be.compute_wait(m)?;
             }
@@ -511,7 +449,7 @@ impl ExpertCache {
                     gate_up_bias: Some(&p[p.len() - 2]),
                     down_bias: Some(&p[p.len() - 1]),
                 },
-                _ => return Err(ModelError::Stream("internal: no unpacked expert".into())),
+                _ => return Err(ResidencyError::Stream("internal: no unpacked expert".into()).into()),
             };
             let done = f(e, &w);
             // The slot's bytes have been read (by the unpack or the packed matmuls): a copy
@@ -559,7 +497,7 @@ impl ExpertCache {
             None => {
                 let n = st.staging.len();
                 if n == 0 {
-                    return Err(ModelError::Stream(format!("expert cache: layer {l} has no home for its experts")));
+                    return Err(ResidencyError::Stream(format!("expert cache: layer {l} has no home for its experts")));
                 }
                 let which = st.next_staging % n;
                 st.next_staging += 1;
@@ -582,7 +520,7 @@ impl ExpertCache {
                 // All parts at once, in pieces over several readers: one part per read kept a
                 // single request in flight and reached about 60% of the disk's rate.
                 read_spans_parallel(&self.files, &spans, sb.buf.as_mut_slice(), EXPERT_READ_PIECE, EXPERT_READERS)
-                    .map_err(|err| ModelError::Stream(format!("reading layer {l} expert {e}: {err}")))?;
+                    .map_err(|err| ResidencyError::Stream(format!("reading layer {l} expert {e}: {err}")))?;
                 let c = &self.counters;
                 c.disk_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 c.disk_bytes.fetch_add(self.expert_bytes, Ordering::Relaxed);
@@ -609,7 +547,7 @@ impl ExpertCache {
         match self.format {
             ExpertFormat::Mxfp4 | ExpertFormat::Dense => {
                 let (Some(gate_up), Some(down)) = (work.gate_up.as_mut(), work.down.as_mut()) else {
-                    return Err(ModelError::Stream("internal: no unpack buffers".into()));
+                    return Err(ResidencyError::Stream("internal: no unpack buffers".into()));
                 };
                 if self.format == ExpertFormat::Mxfp4 {
                     let moe = be.moe()?;
