@@ -5,14 +5,14 @@
 use std::sync::Arc;
 
 use ollm_kv::{KvShape, SeqState};
-use ollm_ops::{Backend, NormKind, RopeTable, RouterMode, Tensor};
+use ollm_ops::{Backend, NormKind, RouterMode, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
 use crate::common::forward::{each_piece, pieces};
 use crate::common::moe::Routed;
-use crate::common::rope::upload_table;
+use crate::common::rope::RopeTables;
 use crate::common::weights::Loader;
 use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use crate::plan::Placement;
@@ -126,7 +126,7 @@ pub struct GptOss {
     routers: Vec<(Tensor, Tensor)>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
-    rope: RopeTable,
+    rope: RopeTables,
     kv_offload: Option<ollm_kv::KvOffload>,
 }
 
@@ -182,7 +182,8 @@ impl GptOss {
             .collect::<Result<Vec<_>>>()?;
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
         let lm_head = ld.tensor_if(catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
-        let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
+        let rope =
+            RopeTables::new(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
         let weight_bytes = catalog.total_bytes();
         let expert_stats = experts.stats();
         let all_experts = expert_stats.expert_bytes * expert_stats.experts as u64;
@@ -239,8 +240,9 @@ impl GptOss {
         let be = self.backend.as_ref();
         be.rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
+        let rope = self.rope.covering(be, pos0 + normed.shape()[0])?;
         let call =
-            AttnCall { layer: l, pos0, rope: &self.rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
+            AttnCall { layer: l, pos0, rope: &rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
         let kv = state.layer_for(be, l, pos0, normed.shape()[0])?;
         self_attention(be, &layer.attn, normed, kv, &call, attn, trace)?;
         be.add_assign(x, &attn.out)?;

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use ollm_kv::{KvShape, SeqState};
-use ollm_ops::{Backend, NormKind, RopeTable, Tensor};
+use ollm_ops::{Backend, NormKind, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
 use super::names;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
-use crate::common::rope::upload_table;
+use crate::common::rope::RopeTables;
 use crate::common::weights::Loader;
 use crate::plan::Placement;
 use crate::stream::{LayerTensors, PlacedLayers, StreamStats};
@@ -152,7 +152,7 @@ pub struct Llama {
     final_norm: Tensor,
     /// None when the embeddings are tied (the head is `embed`).
     lm_head: Option<Tensor>,
-    rope: RopeTable,
+    rope: RopeTables,
     /// Some: each sequence's KV cache lives off the device.
     kv_offload: Option<ollm_kv::KvOffload>,
 }
@@ -181,7 +181,8 @@ impl Llama {
         let final_norm = ld.tensor(names::FINAL_NORM, &[h])?;
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
         let lm_head = ld.tensor_if(catalog.contains(names::LM_HEAD), names::LM_HEAD, &[v, h])?;
-        let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
+        let rope =
+            RopeTables::new(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
         let embed_bytes = embed.size_bytes() as u64;
         let weight_bytes = catalog.total_bytes();
         let kv_elem_bytes = backend.kv_dtype().size_bytes() as u64;
@@ -221,7 +222,8 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
         be.rms_norm(s.x, &layer.input_norm, eps, NormKind::Llama, s.normed)?;
-        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None, sinks: None };
+        let rope = self.rope.covering(be, pos0 + s.normed.shape()[0])?;
+        let call = AttnCall { layer: l, pos0, rope: &rope, scale, window: None, sinks: None };
         let kv = state.layer_for(be, l, pos0, s.normed.shape()[0])?;
         self_attention(be, &layer.attn, s.normed, kv, &call, s.attn, trace)?;
         be.add_assign(s.x, &s.attn.out)?;

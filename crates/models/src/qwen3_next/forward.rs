@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{FixedShape, KvShape, SeqState};
-use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, RopeTable, RouterMode, Tensor};
+use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, RouterMode, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
@@ -20,7 +20,7 @@ use crate::common::attention::append_and_attend;
 use crate::common::forward::{each_piece, pieces};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
-use crate::common::rope::upload_table;
+use crate::common::rope::RopeTables;
 use crate::common::weights::Loader;
 use crate::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use crate::plan::Placement;
@@ -230,7 +230,7 @@ pub struct Qwen3Next {
     experts: Option<ExpertCache>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
-    rope: RopeTable,
+    rope: RopeTables,
     /// Per layer: its index among the attention layers (KV cache) or among the DeltaNet layers
     /// (fixed state).
     slot: Vec<usize>,
@@ -287,7 +287,7 @@ impl Qwen3Next {
         let final_norm = ld.tensor(FINAL_NORM, &[h])?;
         let lm_head = ld.tensor_if(!cfg.tie_word_embeddings || catalog.contains(LM_HEAD), LM_HEAD, &[v, h])?;
         let rope =
-            upload_table(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
+            RopeTables::new(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
         let mut counts = [0usize; 2];
         let slot = cfg
             .mixers
@@ -399,8 +399,9 @@ impl Qwen3Next {
         let (mut q, mut k) = (be.zeros(vec![t, nh, d])?, be.zeros(vec![t, nkv, d])?);
         be.rms_norm(&q_raw, &w.q_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut q)?;
         be.rms_norm(&k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut k)?;
-        be.rope(&mut q, &self.rope, pos0)?;
-        be.rope(&mut k, &self.rope, pos0)?;
+        let rope = self.rope.covering(be, pos0 + t)?;
+        be.rope(&mut q, &rope, pos0)?;
+        be.rope(&mut k, &rope, pos0)?;
         let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
         let mut ctx = be.zeros(vec![t, nh, d])?;
         append_and_attend(be, kv, (&k, &v), &q, (l, pos0), &params, &mut ctx)?;
