@@ -14,6 +14,11 @@ use crate::{ModelError, Result};
 /// or hostile file, and is refused before anything is sized by it.
 pub const MAX_POSITIONS: usize = 1 << 24;
 
+/// Largest integer size or count a config may give (hidden sizes, vocabularies, heads, layers,
+/// experts): 2^20. The largest real ones are a quarter of it (a 262,144-token vocabulary), and
+/// products of three such fields still fit in 64 bits, so shape arithmetic cannot overflow.
+pub const MAX_DIM: usize = 1 << 20;
+
 /// The fix every rejected numeric field suggests.
 const FIX: &str = "the file is corrupt or hand-edited; restore the checkpoint's original config.json";
 
@@ -57,11 +62,15 @@ impl RawConfig {
         self.opt_usize(key)?.ok_or_else(|| self.err(key, "missing (required)"))
     }
 
+    /// A size or count: a non-negative integer of at most [`MAX_DIM`].
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n) => Ok(Some(n as usize)),
+                Some(n) if n <= MAX_DIM as u64 => Ok(Some(n as usize)),
+                Some(n) => {
+                    Err(self.err(key, format!("{n} is larger than 2^20 = {MAX_DIM}, more than any model has ({FIX})")))
+                }
                 None => Err(self.err(key, format!("expected a non-negative integer, found {v}"))),
             },
         }
@@ -77,11 +86,16 @@ impl RawConfig {
     /// `max_position_embeddings`: between 1 and [`MAX_POSITIONS`].
     pub fn max_positions(&self) -> Result<usize> {
         let key = "max_position_embeddings";
-        let n = self.usize(key)?;
-        if n == 0 || n > MAX_POSITIONS {
+        let n = match self.get(key) {
+            None => return Err(self.err(key, "missing (required)")),
+            Some(v) => {
+                v.as_u64().ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))?
+            }
+        };
+        if n == 0 || n > MAX_POSITIONS as u64 {
             return Err(self.err(key, format!("{n} must be between 1 and 2^24 = {MAX_POSITIONS} positions ({FIX})")));
         }
-        Ok(n)
+        Ok(n as usize)
     }
 
     /// `rms_norm_eps`, else `default`: a positive finite number (0 or less gives NaN logits).
@@ -331,6 +345,10 @@ mod tests {
             assert!(msg.contains("'max_position_embeddings'") && msg.contains("2^24"), "{msg}");
         }
         assert_eq!(cfg(r#"{"max_position_embeddings": 131072}"#).max_positions().expect("sane"), 131072);
+        // Sizes whose products overflowed the shape arithmetic.
+        let msg =
+            cfg(r#"{"num_attention_heads": 4611686018427387904}"#).usize("num_attention_heads").expect_err("huge");
+        assert!(msg.to_string().contains("'num_attention_heads'") && msg.to_string().contains("2^20"), "{msg}");
     }
 
     #[test]
