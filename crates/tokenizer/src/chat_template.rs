@@ -8,6 +8,12 @@
 //! A template is a program from the model's author, so it runs under limits: a fuel budget
 //! (minijinja instructions; an endless or exponential loop stops with an error) and a bound on
 //! the rendered prompt's size. Both are far above what real templates use.
+//!
+//! Not bounded: the size of strings a template builds along the way. minijinja has no memory
+//! limit, and one instruction can make a large string (`'s' * n` up to 100 MB, `a ~ a` without
+//! limit, a macro's captured output), so a template that doubles such a string in a loop or a
+//! recursive macro can exhaust memory within its fuel. Closing that needs a renderer with a
+//! memory limit (out of process, or in minijinja itself).
 
 use std::io::Write;
 use std::path::Path;
