@@ -329,6 +329,8 @@ fn config_seeds(base: &Value) -> Vec<Value> {
         c[k] = v;
         c
     };
+    // The largest context accepted: loading it must not build its 2^24-position RoPE tables.
+    seeds.push(with("max_position_embeddings", json!(1u64 << 24)));
     seeds.push(with("max_position_embeddings", json!(1u64 << 62)));
     seeds.push(with("max_position_embeddings", json!(1_000_000_000u64)));
     seeds.push(with("rope_theta", json!(0)));
@@ -534,7 +536,11 @@ fn hostile_model_files_never_panic_overallocate_or_print_several_lines() {
             mutated_json(&mut rng, &seed_config)
         };
         fresh(&[("config.json", &text), ("model.safetensors", &weights)]);
-        check("config.json", case, text.len() + weights.len(), &mut tally, || load(&case_dir));
+        check("config.json", case, text.len() + weights.len(), &mut tally, || {
+            // What `ollm plan` reads first, then the model itself.
+            ollm_models::registry::model_bytes(&case_dir).map_err(|e| e.to_string())?;
+            load(&case_dir)
+        });
     }
     report.push(("config.json", tally));
 
