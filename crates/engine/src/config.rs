@@ -33,16 +33,36 @@ impl GenerationConfig {
             ollm_models::config::token_ids(v.get(key))
                 .ok_or_else(|| err(format!("field '{key}': expected a token id or a list of token ids")))
         };
-        let f = |key: &str| v.get(key).and_then(Value::as_f64).map(|x| x as f32);
+        // A field of the wrong type is an error naming it, not a silent default: a sampling
+        // setting that is ignored changes every answer without a word.
+        let typed = |key: &str, want: &str| err(format!("field '{key}': expected {want}, found {}", v[key]));
+        let present = |key: &str| v.get(key).filter(|x| !x.is_null());
+        let f = |key: &str| -> Result<Option<f32>> {
+            match present(key) {
+                None => Ok(None),
+                Some(x) => match x.as_f64() {
+                    Some(n) if n.is_finite() && n >= 0.0 && (n as f32).is_finite() => Ok(Some(n as f32)),
+                    _ => Err(typed(key, "a finite number of at least 0")),
+                },
+            }
+        };
+        let do_sample = match present("do_sample") {
+            None => None,
+            Some(x) => Some(x.as_bool().ok_or_else(|| typed("do_sample", "true or false"))?),
+        };
+        let top_k = match present("top_k") {
+            None => None,
+            Some(x) => Some(x.as_u64().ok_or_else(|| typed("top_k", "a non-negative integer"))? as usize),
+        };
         Ok(Self {
             eos_token_ids: ids("eos_token_id")?,
             bos_token_id: ids("bos_token_id")?.first().copied(),
-            do_sample: v.get("do_sample").and_then(Value::as_bool),
-            temperature: f("temperature"),
-            top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
-            top_p: f("top_p"),
-            min_p: f("min_p"),
-            repetition_penalty: f("repetition_penalty"),
+            do_sample,
+            temperature: f("temperature")?,
+            top_k,
+            top_p: f("top_p")?,
+            min_p: f("min_p")?,
+            repetition_penalty: f("repetition_penalty")?,
         })
     }
 
@@ -91,5 +111,27 @@ mod tests {
         for d in [dir, dir2, bad] {
             std::fs::remove_dir_all(d).ok();
         }
+    }
+
+    /// Wrong types were once ignored (a string temperature meant greedy decoding).
+    #[test]
+    fn wrong_types_are_errors_naming_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (text, field) in [
+            (r#"{"temperature": "0.7", "do_sample": true}"#, "temperature"),
+            (r#"{"do_sample": "yes"}"#, "do_sample"),
+            (r#"{"top_k": 2.5}"#, "top_k"),
+            (r#"{"top_k": -1}"#, "top_k"),
+            (r#"{"top_p": [0.9]}"#, "top_p"),
+            (r#"{"min_p": -0.5}"#, "min_p"),
+            (r#"{"repetition_penalty": 1e300}"#, "repetition_penalty"),
+        ] {
+            std::fs::write(dir.path().join("generation_config.json"), text).expect("write");
+            let e = GenerationConfig::from_dir(dir.path()).expect_err(text).to_string();
+            assert!(e.contains(&format!("field '{field}'")) && e.contains("expected") && !e.contains('\n'), "{e}");
+        }
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"temperature": null, "top_k": 0}"#).expect("w");
+        let g = GenerationConfig::from_dir(dir.path()).expect("null is absent");
+        assert_eq!((g.temperature, g.top_k), (None, Some(0)));
     }
 }

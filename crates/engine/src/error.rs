@@ -22,6 +22,11 @@ pub enum EngineError {
     #[error("{path}: {detail}")]
     Config { path: std::path::PathBuf, detail: String },
 
+    #[error(
+        "the forward at position {position} gave logit {value} for token {token} (NaN or infinite logits): the model's weights or config.json are broken; re-download the model"
+    )]
+    NonFiniteLogits { position: usize, token: usize, value: f32 },
+
     #[error("invalid sampling parameter {name} = {value}: {expected}")]
     Sampling { name: &'static str, value: String, expected: &'static str },
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use ollm_kv::{PrefixCache, PrefixConfig, Restored, Stored};
 use ollm_models::{CausalLm, LogitsWanted, SeqState, TraceSink};
 
-use crate::Result;
+use crate::{EngineError, Result};
 
 /// Prompt tokens per forward during prefill. The model runs a call layer by layer in small
 /// tiles, so a call bounds only the residual stream (tokens × hidden × 4 bytes); each call reads
@@ -144,13 +144,21 @@ impl Session {
     }
 
     /// One forward. A recurrent model's state may have taken part of a forward that failed, so
-    /// then the sequence starts over.
+    /// then the sequence starts over. Next-token logits that are NaN or infinite are an error
+    /// naming the position: a sampler would turn them into tokens that mean nothing.
     fn forward(&mut self, ids: &[u32], wanted: LogitsWanted, trace: Option<&dyn TraceSink>) -> Result<Vec<f32>> {
+        let position = self.state.len() + ids.len().saturating_sub(1);
         let out = self.model.forward(ids, &mut self.state, wanted, trace);
         if out.is_err() && self.state.has_fixed() {
             self.reset();
         }
-        Ok(out?)
+        let logits = out?;
+        if matches!(wanted, LogitsWanted::Last)
+            && let Some((token, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite())
+        {
+            return Err(EngineError::NonFiniteLogits { position, token, value });
+        }
+        Ok(logits)
     }
 
     /// Feeds `ids` in one forward and returns the logits of every position, `[ids.len(), vocab]`.

@@ -8,6 +8,20 @@ use serde_json::{Map, Value};
 use crate::common::rope::RopeScaling;
 use crate::{ModelError, Result};
 
+/// Most positions a config may declare: 2^24 (16 Mi). RoPE angles are computed from the position
+/// as an f32, which holds every integer only up to 2^24, so positions past it would share
+/// angles; the longest published contexts (10 M tokens) are below it. A larger value is a corrupt
+/// or hostile file, and is refused before anything is sized by it.
+pub const MAX_POSITIONS: usize = 1 << 24;
+
+/// Largest integer size or count a config may give (hidden sizes, vocabularies, heads, layers,
+/// experts): 2^20. The largest real ones are a quarter of it (a 262,144-token vocabulary), and
+/// products of three such fields still fit in 64 bits, so shape arithmetic cannot overflow.
+pub const MAX_DIM: usize = 1 << 20;
+
+/// The fix every rejected numeric field suggests.
+const FIX: &str = "the file is corrupt or hand-edited; restore the checkpoint's original config.json";
+
 /// A parsed config.json with its path, for error messages.
 #[derive(Debug, Clone)]
 pub struct RawConfig {
@@ -48,11 +62,15 @@ impl RawConfig {
         self.opt_usize(key)?.ok_or_else(|| self.err(key, "missing (required)"))
     }
 
+    /// A size or count: a non-negative integer of at most [`MAX_DIM`].
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n) => Ok(Some(n as usize)),
+                Some(n) if n <= MAX_DIM as u64 => Ok(Some(n as usize)),
+                Some(n) => {
+                    Err(self.err(key, format!("{n} is larger than 2^20 = {MAX_DIM}, more than any model has ({FIX})")))
+                }
                 None => Err(self.err(key, format!("expected a non-negative integer, found {v}"))),
             },
         }
@@ -63,6 +81,31 @@ impl RawConfig {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
         }
+    }
+
+    /// `max_position_embeddings`: between 1 and [`MAX_POSITIONS`].
+    pub fn max_positions(&self) -> Result<usize> {
+        let key = "max_position_embeddings";
+        let n = match self.get(key) {
+            None => return Err(self.err(key, "missing (required)")),
+            Some(v) => {
+                v.as_u64().ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))?
+            }
+        };
+        if n == 0 || n > MAX_POSITIONS as u64 {
+            return Err(self.err(key, format!("{n} must be between 1 and 2^24 = {MAX_POSITIONS} positions ({FIX})")));
+        }
+        Ok(n as usize)
+    }
+
+    /// `rms_norm_eps`, else `default`: a positive finite number (0 or less gives NaN logits).
+    pub fn rms_norm_eps(&self, default: f64) -> Result<f32> {
+        let eps = self.opt_f64("rms_norm_eps")?.unwrap_or(default);
+        // Checked as the f32 the kernels use: 1e-50 is positive but becomes 0.
+        positive(f64::from(eps as f32)).map_err(|_| {
+            self.err("rms_norm_eps", format!("{eps} must be a positive finite number in f32 range ({FIX})"))
+        })?;
+        Ok(eps as f32)
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -139,36 +182,68 @@ impl RawConfig {
             }
         };
         let theta = match num("rope_theta")? {
-            Some(t) => t,
-            None => self.opt_f64("rope_theta")?.unwrap_or(default_theta),
+            Some(t) => {
+                positive(t).map_err(|d| self.err(&format!("{dict_key}.rope_theta"), d))?;
+                t
+            }
+            None => {
+                let t = self.opt_f64("rope_theta")?.unwrap_or(default_theta);
+                positive(t).map_err(|d| self.err("rope_theta", d))?;
+                t
+            }
         };
         let rope_type = dict
             .and_then(|m| m.get("rope_type").or_else(|| m.get("type")))
             .and_then(|v| v.as_str())
             .unwrap_or("default");
+        // Every scaling number is a positive finite value: 0 or a negative one gives NaN angles.
+        let pos = |key: &str| -> Result<Option<f64>> {
+            let v = num(key)?;
+            if let Some(v) = v {
+                positive(v).map_err(|d| self.err(&format!("{dict_key}.{key}"), d))?;
+            }
+            Ok(v)
+        };
+        let nonneg = |key: &str| -> Result<Option<f64>> {
+            match num(key)? {
+                Some(v) if !(v >= 0.0 && v.is_finite()) => Err(self
+                    .err(&format!("{dict_key}.{key}"), format!("{v} must be a finite number of at least 0 ({FIX})"))),
+                v => Ok(v),
+            }
+        };
         let need = |key: &str| -> Result<f64> {
-            num(key)?
+            pos(key)?
                 .ok_or_else(|| self.err(&format!("{dict_key}.{key}"), format!("required for rope_type '{rope_type}'")))
         };
         let original =
-            || -> Result<f64> { Ok(num("original_max_position_embeddings")?.unwrap_or(max_positions as f64)) };
+            || -> Result<f64> { Ok(pos("original_max_position_embeddings")?.unwrap_or(max_positions as f64)) };
         let scaling = match rope_type {
             "default" => RopeScaling::Default,
-            "llama3" => RopeScaling::Llama3 {
-                factor: need("factor")?,
-                low_freq_factor: need("low_freq_factor")?,
-                high_freq_factor: need("high_freq_factor")?,
-                original_max_positions: original()?,
-            },
+            "llama3" => {
+                let (low_freq_factor, high_freq_factor) = (need("low_freq_factor")?, need("high_freq_factor")?);
+                if high_freq_factor <= low_freq_factor {
+                    return Err(self.err(
+                        &format!("{dict_key}.high_freq_factor"),
+                        format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor} ({FIX})"),
+                    ));
+                }
+                RopeScaling::Llama3 {
+                    factor: need("factor")?,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_positions: original()?,
+                }
+            }
             "yarn" => RopeScaling::Yarn {
                 factor: need("factor")?,
                 original_max_positions: original()?,
-                beta_fast: num("beta_fast")?.unwrap_or(32.0),
-                beta_slow: num("beta_slow")?.unwrap_or(1.0),
+                beta_fast: pos("beta_fast")?.unwrap_or(32.0),
+                beta_slow: pos("beta_slow")?.unwrap_or(1.0),
                 truncate: dict.and_then(|m| m.get("truncate")).and_then(|v| v.as_bool()).unwrap_or(true),
-                attention_factor: num("attention_factor")?,
-                mscale: num("mscale")?,
-                mscale_all_dim: num("mscale_all_dim")?,
+                attention_factor: pos("attention_factor")?,
+                // DeepSeek-style mscale may be 0 (no correction); only its sign and finiteness matter.
+                mscale: nonneg("mscale")?,
+                mscale_all_dim: nonneg("mscale_all_dim")?,
             },
             other => {
                 return Err(ModelError::Unsupported {
@@ -181,6 +256,11 @@ impl RawConfig {
         };
         Ok((theta, scaling))
     }
+}
+
+/// `Ok` for a positive finite number, else the detail of the error naming it.
+fn positive(v: f64) -> std::result::Result<(), String> {
+    if v > 0.0 && v.is_finite() { Ok(()) } else { Err(format!("{v} must be a positive finite number ({FIX})")) }
 }
 
 /// An id or a list of ids.
@@ -221,6 +301,54 @@ mod tests {
         let e = cfg(r#"{"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}"#).rope(1e4, 10).expect_err("rejects");
         let msg = e.to_string();
         assert!(msg.contains("rope_scaling.rope_type") && msg.contains("dynamic") && msg.contains("llama3"), "{msg}");
+    }
+
+    /// Values that once gave all-NaN logits, or sized tables by a hostile context, are one-line
+    /// errors naming the field.
+    #[test]
+    fn hostile_numbers_are_refused_naming_the_field() {
+        let llama3 = |factor: &str| {
+            format!(
+                r#"{{"rope_scaling": {{"rope_type": "llama3", "factor": {factor}, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+            )
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (r#"{"rope_theta": 0}"#.into(), "rope_theta"),
+            (r#"{"rope_theta": -1}"#.into(), "rope_theta"),
+            (r#"{"rope_parameters": {"rope_theta": 0.0}}"#.into(), "rope_parameters.rope_theta"),
+            (llama3("0"), "rope_scaling.factor"),
+            (llama3("-2"), "rope_scaling.factor"),
+            (
+                r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4}}"#
+                    .into(),
+                "rope_scaling.high_freq_factor",
+            ),
+            (r#"{"rope_scaling": {"rope_type": "yarn", "factor": 0}}"#.into(), "rope_scaling.factor"),
+            (
+                r#"{"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": -1}}"#.into(),
+                "rope_scaling.original_max_position_embeddings",
+            ),
+        ];
+        for (text, field) in cases {
+            let msg = cfg(&text).rope(1e4, 4096).expect_err(&text).to_string();
+            assert!(msg.contains(&format!("'{field}'")) && msg.contains("positive") || msg.contains("exceed"), "{msg}");
+            assert!(msg.contains(&format!("'{field}'")) && !msg.contains('\n'), "{msg}");
+        }
+        for eps in ["-1", "0", "1e-50"] {
+            let msg = cfg(&format!(r#"{{"rms_norm_eps": {eps}}}"#)).rms_norm_eps(1e-6).expect_err(eps).to_string();
+            assert!(msg.contains("'rms_norm_eps'") && msg.contains("positive"), "{msg}");
+        }
+        assert_eq!(cfg("{}").rms_norm_eps(1e-5).expect("default"), 1e-5);
+        for n in ["0", "1000000000", "4611686018427387904"] {
+            let msg = cfg(&format!(r#"{{"max_position_embeddings": {n}}}"#)).max_positions().expect_err(n).to_string();
+            assert!(msg.contains("'max_position_embeddings'") && msg.contains("2^24"), "{msg}");
+        }
+        assert_eq!(cfg(r#"{"max_position_embeddings": 131072}"#).max_positions().expect("sane"), 131072);
+        // Sizes whose products overflowed the shape arithmetic.
+        let msg =
+            cfg(r#"{"num_attention_heads": 4611686018427387904}"#).usize("num_attention_heads").expect_err("huge");
+        assert!(msg.to_string().contains("'num_attention_heads'") && msg.to_string().contains("2^20"), "{msg}");
     }
 
     #[test]

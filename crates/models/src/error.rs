@@ -2,12 +2,19 @@
 
 use std::path::PathBuf;
 
+use ollm_weights::error::escape_controls;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: field '{field}': {detail}")]
+    #[error("{}: field '{}': {}", .path.display(), escape_controls(.field), escape_controls(.detail))]
     Config { path: PathBuf, field: String, detail: String },
 
-    #[error("{path}: {field} '{value}' is not supported (supported: {supported})")]
+    #[error(
+        "{}: {} '{}' is not supported (supported: {supported})",
+        .path.display(),
+        escape_controls(.field),
+        escape_controls(.value)
+    )]
     Unsupported { path: PathBuf, field: String, value: String, supported: String },
 
     #[error(transparent)]

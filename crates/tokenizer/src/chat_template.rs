@@ -4,7 +4,18 @@
 //! templates) or a `chat_template.jinja` file. They are Jinja written for Python, so string
 //! methods (`.strip()`, `.startswith()` …) go through minijinja-contrib's pycompat layer, and the
 //! environment uses HF's settings (trim_blocks, lstrip_blocks, `raise_exception`).
+//!
+//! A template is a program from the model's author, so it runs under limits: a fuel budget
+//! (minijinja instructions; an endless or exponential loop stops with an error) and a bound on
+//! the rendered prompt's size. Both are far above what real templates use.
+//!
+//! Not bounded: the size of strings a template builds along the way. minijinja has no memory
+//! limit, and one instruction can make a large string (`'s' * n` up to 100 MB, `a ~ a` without
+//! limit, a macro's captured output), so a template that doubles such a string in a loop or a
+//! recursive macro can exhaust memory within its fuel. Closing that needs a renderer with a
+//! memory limit (out of process, or in minijinja itself).
 
+use std::io::Write;
 use std::path::Path;
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
@@ -12,6 +23,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{Result, TokenizerError};
+
+/// minijinja instructions one render may run. Real templates spend about a hundred per message
+/// (the harmony template, the longest we ship, renders 40,000 messages within this budget),
+/// while an endless loop stops within about a second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Largest rendered prompt: 64 MiB of text is more tokens than any context ollm accepts (2^24
+/// positions at ~4 bytes a token).
+pub const MAX_RENDER_BYTES: usize = 64 << 20;
 
 /// One chat turn.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -86,6 +105,7 @@ impl ChatTemplate {
     /// Compiles a template source.
     pub fn new(source: &str, source_name: &str, bos_token: String, eos_token: String) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -101,17 +121,68 @@ impl ChatTemplate {
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| self.err(e))?;
-        tmpl.render(context! {
+        let mut out = Bounded { bytes: Vec::new(), limit: MAX_RENDER_BYTES, overflowed: false };
+        let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| self.err(e))
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(self.limit(format!(
+                    "ran more than {TEMPLATE_FUEL} instructions (an endless loop?); the template is broken or hostile: fix or replace chat_template.jinja or tokenizer_config.json's chat_template"
+                )));
+            }
+            Err(_) if out.overflowed => {
+                return Err(self.limit(format!(
+                    "rendered more than {MAX_RENDER_BYTES} bytes; the template is broken or hostile, or the conversation is too long"
+                )));
+            }
+            Err(e) => return Err(self.err(e)),
+        }
+        String::from_utf8(out.bytes).map_err(|e| self.limit(format!("rendered invalid UTF-8 ({e})")))
     }
 
     fn err(&self, e: JinjaError) -> TokenizerError {
-        TokenizerError::Template { source_name: self.source_name.clone(), detail: e.to_string() }
+        self.limit(e.to_string())
+    }
+
+    /// A template error; control characters (a message from `raise_exception`, say) escaped so
+    /// it stays one line.
+    fn limit(&self, detail: String) -> TokenizerError {
+        let mut one_line = String::with_capacity(detail.len());
+        for c in detail.chars() {
+            if c.is_control() {
+                one_line.extend(c.escape_debug());
+            } else {
+                one_line.push(c);
+            }
+        }
+        TokenizerError::Template { source_name: self.source_name.clone(), detail: one_line }
+    }
+}
+
+/// The render's output, refusing to grow past `limit` bytes (and saying it refused).
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -199,6 +270,28 @@ mod tests {
         std::fs::create_dir_all(&none).expect("dir");
         assert!(ChatTemplate::from_dir(&none).expect("no error").is_none());
         std::fs::remove_dir_all(&none).ok();
+    }
+
+    /// Templates that never end or grow exponentially stop with a one-line error: an endless
+    /// loop and exponential recursion run out of fuel; output past the bound stops at the bound.
+    #[test]
+    fn hostile_templates_stop_at_the_limits() {
+        let render = |src: &str| {
+            let t = ChatTemplate::new(src, "hostile", String::new(), String::new()).expect("compiles");
+            t.render(&[ChatMessage::new("user", "hi")], true).expect_err(src).to_string()
+        };
+        // 2^60 calls, each doubling the output of the one above.
+        let doubling = "{% macro d(n) %}{% if n == 0 %}ab{% else %}{{ d(n - 1) }}{{ d(n - 1) }}{% endif %}{% endmacro %}{{ d(60) }}";
+        let e = render(doubling);
+        assert!(e.contains("instructions") && !e.contains('\n'), "{e}");
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        assert!(render(endless).contains("instructions"));
+        // 100,000 × 1,000 bytes: 100 MB of output from few instructions.
+        let wide = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}";
+        let e = render(wide);
+        assert!(e.contains("rendered more than") && !e.contains('\n'), "{e}");
+        let multi_line = render("{{ raise_exception('line one\nline two') }}");
+        assert!(multi_line.contains("line one\\nline two") && !multi_line.contains('\n'), "{multi_line}");
     }
 
     #[test]

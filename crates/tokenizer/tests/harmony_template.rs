@@ -52,3 +52,16 @@ fn the_official_gpt_oss_template_renders_like_transformers() {
     let err = tmpl.render(&bad, true).expect_err("tags in content").to_string();
     assert!(err.contains("thinking"), "{err}");
 }
+
+/// The fuel budget (`TEMPLATE_FUEL`) leaves room for long conversations with the longest
+/// template we ship: 2,000 messages render.
+#[test]
+fn a_long_conversation_renders_within_the_fuel() {
+    let source = std::fs::read_to_string(dir().join("chat_template.jinja")).expect("template");
+    let tmpl = ChatTemplate::new(&source, "chat_template.jinja", String::new(), String::new()).expect("compiles");
+    let messages: Vec<ChatMessage> = (0..2000)
+        .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, &format!("message {i}")))
+        .collect();
+    let text = tmpl.render(&messages, true).expect("2,000 messages fit the fuel");
+    assert!(text.contains("message 1999"));
+}

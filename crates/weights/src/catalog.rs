@@ -62,6 +62,16 @@ impl Catalog {
                 path: index.to_path_buf(),
                 detail: format!("weight_map['{name}'] is not a file name"),
             })?;
+            // Shards sit next to the index: a path elsewhere ("../..", "/etc") is not followed.
+            let plain = Path::new(file).file_name().is_some_and(|f| f == std::ffi::OsStr::new(file));
+            if !plain || file.contains(['/', '\\']) || file.chars().any(char::is_control) {
+                return Err(WeightsError::Index {
+                    path: index.to_path_buf(),
+                    detail: format!(
+                        "weight_map['{name}'] is '{file}', not the name of a file next to the index (re-download the index file)"
+                    ),
+                });
+            }
             shards.insert(file.to_string());
         }
         let paths: Vec<PathBuf> = shards.iter().map(|f| dir.join(f)).collect();
@@ -180,5 +190,23 @@ impl Catalog {
     pub fn location(&self) -> String {
         let names: Vec<String> = self.files.iter().map(|f| f.path().display().to_string()).collect();
         names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shard names are plain file names next to the index; others are refused, printed on one line.
+    #[test]
+    fn index_shards_are_plain_file_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = dir.path().join("model.safetensors.index.json");
+        for file in ["../model.safetensors", "/etc/passwd", "sub/model.safetensors", "x\n\u{1b}[2J", ".."] {
+            let text = serde_json::json!({"weight_map": {"w": file}}).to_string();
+            std::fs::write(&index, text).expect("write");
+            let err = Catalog::open_index(&index).expect_err(file).to_string();
+            assert!(err.contains("not the name of a file next to the index") && !err.contains('\n'), "{err}");
+        }
     }
 }

@@ -1,8 +1,17 @@
 //! RoPE frequency tables (models.md §1.2): default, llama3 and yarn scaling.
+//!
+//! The cos/sin tables are not built for the model's whole context up front (a config may
+//! declare 16 Mi positions, 8 GiB of tables at head_dim 128): [`RopeTables`] starts small and
+//! grows, by doubling, to the positions a sequence actually reaches.
+
+use std::sync::{Arc, PoisonError, RwLock};
 
 use ollm_ops::{Backend, RopeTable};
 
-use crate::Result;
+use crate::{ModelError, Result};
+
+/// Positions the first table covers (2 MiB of tables at head_dim 128).
+const FIRST_TABLE_POSITIONS: usize = 4096;
 
 /// How the base inverse frequencies are rescaled.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,7 +128,63 @@ pub fn upload_table(
     positions: usize,
 ) -> Result<RopeTable> {
     let (inv, m) = inv_freq(theta, rotary_dims, scaling);
-    let (cos, sin) = tables(&inv, m, positions);
+    upload(backend, &inv, m, rotary_dims, positions)
+}
+
+/// The RoPE tables of one model on its backend, grown on demand up to the model's context.
+/// Owns the inverse frequencies and the current table; a table handed out stays valid (it is
+/// shared) after a larger one replaces it.
+#[derive(Debug)]
+pub struct RopeTables {
+    inv: Vec<f32>,
+    m: f32,
+    rotary_dims: usize,
+    max_positions: usize,
+    table: RwLock<Arc<RopeTable>>,
+}
+
+impl RopeTables {
+    /// Tables for `rotary_dims` and up to `max_positions`; the first covers a few thousand positions.
+    pub fn new(
+        backend: &dyn Backend,
+        theta: f64,
+        rotary_dims: usize,
+        scaling: &RopeScaling,
+        max_positions: usize,
+    ) -> Result<Self> {
+        let (inv, m) = inv_freq(theta, rotary_dims, scaling);
+        let first = upload(backend, &inv, m, rotary_dims, FIRST_TABLE_POSITIONS.min(max_positions).max(1))?;
+        Ok(Self { inv, m, rotary_dims, max_positions, table: RwLock::new(Arc::new(first)) })
+    }
+
+    /// A table covering positions `0..positions`, growing the current one (to the next power of
+    /// two, at most the model's context) if it is shorter.
+    pub fn covering(&self, backend: &dyn Backend, positions: usize) -> Result<Arc<RopeTable>> {
+        if positions > self.max_positions {
+            return Err(ModelError::ContextOverflow { needed: positions, max: self.max_positions });
+        }
+        {
+            let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+            if table.max_positions() >= positions {
+                return Ok(table.clone());
+            }
+        }
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        if table.max_positions() < positions {
+            let n = positions.next_power_of_two().min(self.max_positions);
+            *table = Arc::new(upload(backend, &self.inv, self.m, self.rotary_dims, n)?);
+        }
+        Ok(table.clone())
+    }
+
+    /// Positions the current table covers (it grows as sequences reach further).
+    pub fn built_positions(&self) -> usize {
+        self.table.read().unwrap_or_else(PoisonError::into_inner).max_positions()
+    }
+}
+
+fn upload(backend: &dyn Backend, inv: &[f32], m: f32, rotary_dims: usize, positions: usize) -> Result<RopeTable> {
+    let (cos, sin) = tables(inv, m, positions);
     let shape = vec![positions, rotary_dims / 2];
     Ok(RopeTable { cos: backend.upload_f32(shape.clone(), &cos)?, sin: backend.upload_f32(shape, &sin)?, rotary_dims })
 }
@@ -127,6 +192,7 @@ pub fn upload_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ollm_ops::Memory;
 
     /// Llama-3.1-8B (θ=5e5, d=128, f=8, lo=1, hi=4, L0=8192): short wavelengths are kept, long
     /// ones divided by 8, the band between blended.
@@ -176,5 +242,26 @@ mod tests {
         let (base, _) = inv_freq(150000.0, 64, &RopeScaling::Default);
         assert_eq!(inv[0], base[0]); // below lo = 8.09: unscaled
         assert!((inv[31] - base[31] / 32.0).abs() < 1e-12); // above hi = 17.4: fully scaled
+    }
+
+    /// A context of 2^24 positions builds 4096 positions of table; reaching further grows it to
+    /// the next power of two, with the same values as a table built whole.
+    #[test]
+    fn tables_grow_with_the_positions_reached() {
+        let be = ollm_ops::cpu::CpuBackend::new();
+        let scaling = RopeScaling::Default;
+        let t = RopeTables::new(&be, 10000.0, 8, &scaling, 1 << 24).expect("tables");
+        assert_eq!(t.built_positions(), FIRST_TABLE_POSITIONS);
+        assert_eq!(t.covering(&be, 100).expect("small").max_positions(), FIRST_TABLE_POSITIONS);
+        let grown = t.covering(&be, 5000).expect("grows");
+        assert_eq!((grown.max_positions(), t.built_positions()), (8192, 8192));
+        let whole = upload_table(&be, 10000.0, 8, &scaling, 8192).expect("whole");
+        let host = |x: &ollm_ops::Tensor| be.to_host_f32(x).expect("download");
+        assert_eq!(host(&grown.cos), host(&whole.cos));
+        assert_eq!(host(&grown.sin), host(&whole.sin));
+        let err = t.covering(&be, (1 << 24) + 1).expect_err("past the context");
+        assert!(matches!(err, ModelError::ContextOverflow { .. }), "{err}");
+        let small = RopeTables::new(&be, 10000.0, 8, &scaling, 10).expect("tables");
+        assert_eq!(small.built_positions(), 10);
     }
 }

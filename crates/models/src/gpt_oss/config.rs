@@ -85,7 +85,7 @@ impl GptOssConfig {
                     .collect::<Result<Vec<_>>>()?
             }
         };
-        let max_positions = c.usize("max_position_embeddings")?;
+        let max_positions = c.max_positions()?;
         let (rope_theta, rope_scaling) = c.rope(150_000.0, max_positions)?;
         let cfg = Self {
             vocab_size: c.usize("vocab_size")?,
@@ -99,7 +99,7 @@ impl GptOssConfig {
             experts_per_token,
             sliding_window,
             layer_kinds,
-            rms_norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-5) as f32,
+            rms_norm_eps: c.rms_norm_eps(1e-5)?,
             max_positions,
             rope_theta,
             rope_scaling,

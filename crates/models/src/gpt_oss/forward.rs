@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{KvShape, SeqState};
-use ollm_ops::{Backend, NormKind, RopeTable, RouterMode, Tensor};
+use ollm_ops::{Backend, NormKind, RouterMode, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
@@ -14,7 +14,7 @@ use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, sel
 use crate::common::experts::expert_sources;
 use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::moe::Routed;
-use crate::common::rope::upload_table;
+use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
@@ -98,7 +98,7 @@ pub struct GptOss {
     routers: Vec<(Tensor, Tensor)>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
-    rope: RopeTable,
+    rope: RopeTables,
     kv_offload: Option<ollm_kv::KvOffload>,
 }
 
@@ -204,7 +204,8 @@ impl GptOss {
         let routers = (0..cfg.n_layers).map(|l| Ok((t(ROUTER, l)?, t(ROUTER_BIAS, l)?))).collect::<Result<Vec<_>>>()?;
         let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
         let lm_head = ld.get(&GLOBAL, LM_HEAD, None)?;
-        let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
+        let rope =
+            RopeTables::new(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
         let expert_stats = experts.stats();
         let all_experts = expert_stats.expert_bytes * expert_stats.experts as u64;
         let routed = expert_stats.expert_bytes * (cfg.n_layers * cfg.experts_per_token) as u64;
@@ -242,8 +243,9 @@ impl GptOss {
         let be = self.backend.as_ref();
         be.rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
+        let rope = self.rope.covering(be, pos0 + normed.shape()[0])?;
         let call =
-            AttnCall { layer: l, pos0, rope: &self.rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
+            AttnCall { layer: l, pos0, rope: &rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
         let kv = state.layer_for(be, l, pos0, normed.shape()[0])?;
         self_attention(be, &layer.attn, normed, kv, &call, attn, trace)?;
         be.add_assign(x, &attn.out)?;

@@ -38,7 +38,7 @@ impl LlamaConfig {
         if head_dim % 2 != 0 {
             return Err(c.err("head_dim", format!("{head_dim} must be even for RoPE")));
         }
-        let max_positions = c.usize("max_position_embeddings")?;
+        let max_positions = c.max_positions()?;
         let (rope_theta, rope_scaling) = c.rope(10000.0, max_positions)?;
         let cfg = Self {
             vocab_size: c.usize("vocab_size")?,
@@ -48,7 +48,7 @@ impl LlamaConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            rms_norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rms_norm_eps: c.rms_norm_eps(1e-6)?,
             max_positions,
             rope_theta,
             rope_scaling,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{KvShape, SeqState};
-use ollm_ops::{Backend, NormKind, RopeTable, Tensor};
+use ollm_ops::{Backend, NormKind, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
@@ -11,7 +11,7 @@ use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
 use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
-use crate::common::rope::upload_table;
+use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
@@ -141,7 +141,7 @@ pub struct Llama {
     final_norm: Tensor,
     /// None when the embeddings are tied (the head is `embed`).
     lm_head: Option<Tensor>,
-    rope: RopeTable,
+    rope: RopeTables,
     /// Some: each sequence's KV cache lives off the device.
     kv_offload: Option<ollm_kv::KvOffload>,
 }
@@ -168,7 +168,8 @@ impl Llama {
         let final_norm = ld.require(&GLOBAL, FINAL_NORM, None)?;
         // Tied checkpoints have no lm_head; an untied config whose file lacks it is tied too (§0).
         let lm_head = ld.get(&GLOBAL, LM_HEAD, None)?;
-        let rope = upload_table(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
+        let rope =
+            RopeTables::new(backend.as_ref(), cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, cfg.max_positions)?;
         let info = ModelInfo::new(
             &super::dims_of(&cfg),
             InfoParts {
@@ -205,7 +206,8 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
         be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
-        let call = AttnCall { layer: l, pos0, rope: &self.rope, scale, window: None, sinks: None };
+        let rope = self.rope.covering(be, pos0 + s.normed.shape()[0])?;
+        let call = AttnCall { layer: l, pos0, rope: &rope, scale, window: None, sinks: None };
         let kv = state.layer_for(be, l, pos0, s.normed.shape()[0])?;
         self_attention(be, &layer.attn, &s.normed, kv, &call, &mut s.attn, trace)?;
         be.add_assign(x, &s.attn.out)?;

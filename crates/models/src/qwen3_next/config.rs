@@ -79,7 +79,7 @@ impl Qwen3NextConfig {
                 (0..n_layers).map(|i| if (i + 1) % every == 0 { Mixer::Full } else { Mixer::Linear }).collect()
             }
         };
-        let max_positions = c.usize("max_position_embeddings")?;
+        let max_positions = c.max_positions()?;
         let (rope_theta, rope_scaling) = c.rope(10_000.0, max_positions)?;
         let factor = match c.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")) {
             Some(v) => v.as_f64().ok_or_else(|| c.err("rope_parameters.partial_rotary_factor", "expected a number"))?,
@@ -128,7 +128,7 @@ impl Qwen3NextConfig {
             hidden_size,
             n_layers,
             mixers,
-            rms_norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rms_norm_eps: c.rms_norm_eps(1e-6)?,
             max_positions,
             tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
             n_heads,

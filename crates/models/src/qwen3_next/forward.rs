@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{FixedShape, KvShape, SeqState};
-use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, RopeTable, RouterMode, Tensor};
+use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, RouterMode, Tensor};
 use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
@@ -22,7 +22,7 @@ use crate::common::experts::expert_sources;
 use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, alloc_all, f32_bytes, piece_sizes, stream_shapes};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
-use crate::common::rope::upload_table;
+use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
@@ -374,7 +374,7 @@ pub struct Qwen3Next {
     experts: Option<ExpertCache>,
     final_norm: Tensor,
     lm_head: Option<Tensor>,
-    rope: RopeTable,
+    rope: RopeTables,
     /// Per layer: its index among the attention layers (KV cache) or among the DeltaNet layers
     /// (fixed state).
     slot: Vec<usize>,
@@ -435,7 +435,7 @@ impl Qwen3Next {
             false => None,
         };
         let rope =
-            upload_table(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
+            RopeTables::new(backend.as_ref(), cfg.rope_theta, cfg.rotary_dims, &cfg.rope_scaling, cfg.max_positions)?;
         let mut counts = [0usize; 2];
         let slot = cfg
             .mixers
@@ -541,8 +541,9 @@ impl Qwen3Next {
         be.matmul(a, &w.v, None, &mut s.v)?;
         be.rms_norm(&s.q_raw, &w.q_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.q)?;
         be.rms_norm(&s.k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.k)?;
-        be.rope(&mut s.q, &self.rope, pos0)?;
-        be.rope(&mut s.k, &self.rope, pos0)?;
+        let rope = self.rope.covering(be, pos0 + a.shape()[0])?;
+        be.rope(&mut s.q, &rope, pos0)?;
+        be.rope(&mut s.k, &rope, pos0)?;
         let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
         append_and_attend(be, kv, (&s.k, &s.v), &s.q, (l, pos0), &params, &mut s.ctx)?;
         let all = HeadSlice { heads: 1, stride: nh * d, offset: 0, width: nh * d, out_offset: 0 };

@@ -103,6 +103,20 @@ pub fn read_header(file: &ReadFile) -> Result<Vec<HeaderEntry>> {
             return Err(header_err(path, format!("tensors '{}' and '{}' overlap", pair[0].name, pair[1].name)));
         }
     }
+    // The tensors must cover the data section exactly, as the format requires (the parser has
+    // checked they follow each other from offset 0): bytes after them mean the header and the
+    // data disagree, a file edited or spliced by hand whose offsets no longer point at the
+    // right tensors.
+    let covered = entries.last().map_or(data_start, |e| e.offset_bytes + e.len_bytes);
+    if covered != file.len_bytes() {
+        return Err(header_err(
+            path,
+            format!(
+                "{} bytes after the last tensor belong to no tensor; the tensors must cover the data section exactly",
+                file.len_bytes() - covered
+            ),
+        ));
+    }
     Ok(entries)
 }
 
@@ -143,4 +157,40 @@ fn diagnose(json: &[u8], data_len: u64) -> Option<String> {
         expect = end;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of two F32 tensors of 4 values each; `data` follows the header as is.
+    fn file_with(offsets: [(u64, u64); 2], data: &[u8]) -> (tempfile::TempDir, ReadFile) {
+        let header = format!(
+            r#"{{"a":{{"dtype":"F32","shape":[4],"data_offsets":[{},{}]}},"b":{{"dtype":"F32","shape":[4],"data_offsets":[{},{}]}}}}"#,
+            offsets[0].0, offsets[0].1, offsets[1].0, offsets[1].1
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, bytes).expect("write");
+        let file = ReadFile::open(&path).expect("open");
+        (dir, file)
+    }
+
+    #[test]
+    fn tensors_cover_the_data_exactly() {
+        let (_d, ok) = file_with([(0, 16), (16, 32)], &[0u8; 32]);
+        let entries = read_header(&ok).expect("exact cover");
+        assert_eq!(entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        // 64 stray bytes inside the data: the header still adds up, the file is longer.
+        let (_d, trailing) = file_with([(0, 16), (16, 32)], &[0u8; 96]);
+        let err = read_header(&trailing).expect_err("stray bytes").to_string();
+        assert!(err.contains("64 bytes after the last tensor"), "{err}");
+        let (_d, gap) = file_with([(0, 16), (80, 96)], &[0u8; 96]);
+        let err = read_header(&gap).expect_err("gap").to_string();
+        assert!(err.contains("tensor 'b' starts at byte 80, expected 16"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
 }

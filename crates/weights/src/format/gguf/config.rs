@@ -13,6 +13,10 @@ const DEFAULT_ROPE_THETA: f64 = 10000.0;
 /// Llama's RMSNorm epsilon when the file does not say (HF LlamaConfig's default).
 const DEFAULT_RMS_NORM_EPS: f64 = 1e-6;
 
+/// Most context positions accepted: 2^24, the bound ollm-models puts on max_position_embeddings
+/// (RoPE angles come from the position as an f32, exact only up to 2^24).
+const MAX_CONTEXT_LENGTH: usize = 1 << 24;
+
 /// The shapes of a llama model, from metadata. Counts, not bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaDims {
@@ -48,6 +52,22 @@ impl LlamaDims {
                 meta.err(&k("vocab_size"), format!("{vocab_size} is smaller than the tokenizer's {n_tokens} tokens"))
             );
         }
+        let context_length = meta.count(&k("context_length"))?;
+        if context_length > MAX_CONTEXT_LENGTH {
+            return Err(meta.err(
+                &k("context_length"),
+                format!("{context_length} is more than 2^24 = {MAX_CONTEXT_LENGTH} positions (corrupt file?)"),
+            ));
+        }
+        // Zero, negative or non-finite values give NaN logits; refuse them here, naming the key.
+        let positive = |key: String, default: f64| -> Result<f64> {
+            let v = meta.opt_f64(&key)?.unwrap_or(default);
+            if v > 0.0 && v.is_finite() && (v as f32) > 0.0 {
+                Ok(v)
+            } else {
+                Err(meta.err(&key, format!("{v} must be a positive finite number (corrupt file?)")))
+            }
+        };
         Ok(Self {
             hidden_size,
             intermediate_size: meta.count(&k("feed_forward_length"))?,
@@ -56,9 +76,9 @@ impl LlamaDims {
             n_kv_heads,
             head_dim,
             vocab_size,
-            context_length: meta.count(&k("context_length"))?,
-            rms_norm_eps: meta.opt_f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(DEFAULT_RMS_NORM_EPS),
-            rope_theta: meta.opt_f64(&k("rope.freq_base"))?.unwrap_or(DEFAULT_ROPE_THETA),
+            context_length,
+            rms_norm_eps: positive(k("attention.layer_norm_rms_epsilon"), DEFAULT_RMS_NORM_EPS)?,
+            rope_theta: positive(k("rope.freq_base"), DEFAULT_ROPE_THETA)?,
         })
     }
 
@@ -244,5 +264,23 @@ mod tests {
             no_ctx.iter().filter(|(k, _)| *k != "llama.context_length").map(|(k, v)| (k.clone(), v.clone())).collect(),
         );
         assert!(LlamaDims::from_metadata(&no_ctx, 10).expect_err("ctx").to_string().contains("context_length"));
+    }
+
+    /// A freq_base or epsilon of 0 or below once imported into a model with all-NaN logits; a
+    /// context of 2^62 once sized RoPE tables past any memory.
+    #[test]
+    fn hostile_numbers_are_refused_naming_the_key() {
+        for (key, v, needle) in [
+            ("llama.rope.freq_base", MetaValue::F32(0.0), "positive"),
+            ("llama.rope.freq_base", MetaValue::F32(-1.0), "positive"),
+            ("llama.rope.freq_base", MetaValue::F32(f32::NAN), "positive"),
+            ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(-1.0), "positive"),
+            ("llama.attention.layer_norm_rms_epsilon", MetaValue::F64(1e-60), "positive"),
+            ("llama.context_length", MetaValue::U64(1 << 62), "2^24"),
+            ("llama.context_length", MetaValue::U32(1_000_000_000), "2^24"),
+        ] {
+            let err = LlamaDims::from_metadata(&meta(&[(key, v.clone())]), 10).expect_err(key).to_string();
+            assert!(err.contains(&format!("'{key}'")) && err.contains(needle) && !err.contains('\n'), "{err}");
+        }
     }
 }

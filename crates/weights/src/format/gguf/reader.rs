@@ -27,6 +27,12 @@ const MAX_NAME_BYTES: u64 = 64 * 1024;
 const MAX_STRING_BYTES: u64 = 64 * 1024 * 1024;
 /// Most items in one array (vocabularies and merge lists are well under a million).
 const MAX_ARRAY_ITEMS: u64 = 16 * 1024 * 1024;
+/// Most array items in all the metadata together. Each decoded item takes a `MetaValue` (32
+/// bytes) however few bytes it had in the file (a u8 has 1), so this, not the file's length,
+/// bounds the memory of the parsed metadata: 4 Mi items are 128 MiB at most (plus the string
+/// bytes, no more than the file has), and the largest real vocabularies (262,144 tokens, with
+/// their scores and types, and the merges: about 1.3 Mi items) use under a third of it.
+const MAX_METADATA_ITEMS: u64 = 4 * 1024 * 1024;
 /// Arrays of arrays are allowed by the format; deeper nesting than this is corruption.
 const MAX_ARRAY_DEPTH: u32 = 4;
 const MAX_KV_PAIRS: u64 = 1024 * 1024;
@@ -326,11 +332,13 @@ struct Cursor<'a> {
     buf: Vec<u8>,
     /// Absolute position of `buf[0]`.
     buf_start: u64,
+    /// Array items the metadata may still decode (see [`MAX_METADATA_ITEMS`]).
+    items_left: u64,
 }
 
 impl<'a> Cursor<'a> {
     fn new(file: &'a ReadFile) -> Self {
-        Self { file, pos: 0, buf: Vec::new(), buf_start: 0 }
+        Self { file, pos: 0, buf: Vec::new(), buf_start: 0, items_left: MAX_METADATA_ITEMS }
     }
 
     fn remaining(&self) -> u64 {
@@ -443,6 +451,15 @@ impl<'a> Cursor<'a> {
                 ),
             ));
         }
+        if count > self.items_left {
+            return Err(format_err(
+                self.file.path(),
+                format!(
+                    "{what}: array of {count} {elem_type:?} takes the metadata past {MAX_METADATA_ITEMS} array items in all (corrupt file?)"
+                ),
+            ));
+        }
+        self.items_left -= count;
         let mut items = Vec::with_capacity(count as usize);
         for _ in 0..count {
             items.push(self.value(elem_type, depth + 1, what)?);
@@ -638,5 +655,45 @@ mod tests {
         let mut w = GgufWriter::new();
         w.kv("dup", MetaValue::U8(1)).kv("dup", MetaValue::U8(2));
         assert!(open_err(&w.to_bytes()).contains("appears twice"));
+    }
+
+    /// Hand-written header: `n` u8 arrays of `len` items each (the writer would need a
+    /// `MetaValue` per byte to build it).
+    fn byte_arrays(n: usize, len: usize) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24 + n * (len + 32));
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&(n as u64).to_le_bytes());
+        for i in 0..n {
+            let key = format!("junk.{i}");
+            b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+            b.extend_from_slice(key.as_bytes());
+            b.extend_from_slice(&9u32.to_le_bytes()); // array
+            b.extend_from_slice(&0u32.to_le_bytes()); // of u8
+            b.extend_from_slice(&(len as u64).to_le_bytes());
+            b.resize(b.len() + len, 7);
+        }
+        b
+    }
+
+    /// 5 arrays of 1 Mi bytes: once 5 Mi values of 32 bytes (160 MiB for a 5 MiB file, and
+    /// 2.6 GB for 5 × 16 Mi); now an error once the metadata passes 4 Mi items in all.
+    #[test]
+    fn metadata_items_are_bounded_in_all() {
+        let err = open_err(&byte_arrays(5, 1 << 20));
+        assert!(err.contains("'junk.4'") && err.contains("array items in all"), "{err}");
+        let (_dir, path) = write_tmp(&byte_arrays(3, 1 << 20));
+        assert_eq!(GgufFile::open(&path).expect("3 Mi items fit").metadata().len(), 3);
+    }
+
+    /// A key corrupted into control bytes prints escaped, on one line.
+    #[test]
+    fn control_bytes_in_keys_print_escaped() {
+        let mut w = GgufWriter::new();
+        w.kv("a\nb\x1b[2Jc", MetaValue::U8(1)).kv("a\nb\x1b[2Jc", MetaValue::U8(2));
+        let err = open_err(&w.to_bytes());
+        assert!(!err.contains('\n') && !err.contains('\x1b'), "{err:?}");
+        assert!(err.contains("a\\nb\\u{1b}[2Jc") && err.contains("appears twice"), "{err}");
     }
 }
