@@ -13,7 +13,7 @@ Writes OUTDIR/<case>/ for case in {gpt_oss_dense, gpt_oss_mxfp4}:
                                mlp.experts.gate_up_proj [E,H,2I] (y = x·W, gate/up interleaved on the 2I axis),
                                gate_up_proj_bias [E,2I], down_proj [E,I,H], down_proj_bias [E,H]
                              gpt_oss_mxfp4: the same tensors, except gate_up_proj / down_proj are replaced by
-                               *_blocks [E,out,in/32,16] U8 and *_scales [E,out,in/32] U8 (models.md §3.4)
+                               *_blocks [E,out,in/32,16] U8 and *_scales [E,out,in/32] U8 (docs/models.md §3.4)
     reference.safetensors    F32 only: logits_f32 [T,V], decode_last_logits_f32 [V], hidden_f32_{0..L} [T,H],
                              last_layer_out_f32 [T,H], greedy_ids [G] (ids stored as F32 values);
                              gpt_oss_dense also logits_bf16 [T,V] (informational, HF's bf16 run)
@@ -22,7 +22,7 @@ Writes OUTDIR/<case>/ for case in {gpt_oss_dense, gpt_oss_mxfp4}:
 
 No tokenizer is written (the model tests feed ids directly).
 
-Numerical recipe: shared/design/models.md §6.1: norm weights 1+0.2·N, biases 0.1·N, sinks N, matrices 0.1·N,
+Numerical recipe: docs/models.md §6.1: norm weights 1+0.2·N, biases 0.1·N, sinks N, matrices 0.1·N,
 experts.gate_up_proj 0.6·N (so that the SwiGLU clamp at ±7 is actually hit; checked and counted below).
 The model is cast to bf16 and saved with save_pretrained; the f32 reference is then computed on CPU with
 attn_implementation="eager", experts_implementation="eager" from the exact bf16 values:
@@ -35,7 +35,7 @@ MXFP4 quantiser (our own, simple): for the nn.Linear-layout matrix Wlin[e] = [ou
 down: out=H, in=I), each run of 32 consecutive 'in' elements is one group; its E8M0 scale byte is s = 127 + k
 with k the smallest integer such that max|x| / 2^k <= 6; each element's code is the FP4 E2M1 value nearest to
 x / 2^k (ties go to the smaller magnitude; zero is always +0). Byte j of a group holds element 2j in its low
-nibble and 2j+1 in its high nibble. The script checks that dequantising these bytes with the models.md §3.4
+nibble and 2j+1 in its high nibble. The script checks that dequantising these bytes with the docs/models.md §3.4
 rule equals HF's dequantised expert tensors bit for bit.
 
 Router margins: for every token and layer, the gap between the k-th and (k+1)-th largest f32 router logit.
@@ -88,7 +88,7 @@ CFG = dict(
 MODULES_TO_NOT_CONVERT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
                           "lm_head"]
 
-# FP4 E2M1 code -> value (models.md §3.4); codes 8..15 are the negatives of 0..7.
+# FP4 E2M1 code -> value (docs/models.md §3.4); codes 8..15 are the negatives of 0..7.
 FP4_LUT = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                         -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float64)
 
@@ -141,7 +141,7 @@ def tensor_table(path):
 # ----------------------------------------------------------------------------------------------------
 # parameters
 def perturb_(model, gen):
-    """models.md §6.1 (GPT-OSS subset). Every parameter is overwritten; the rule is chosen by name."""
+    """docs/models.md §6.1 (GPT-OSS subset). Every parameter is overwritten; the rule is chosen by name."""
     counts = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -189,7 +189,7 @@ def mxfp4_quantise(w_lin):
 
 
 def mxfp4_dequant_rule(blocks, scales):
-    """models.md §3.4 written out: Wlin[e][o, 32g+i] = LUT[code_i] * 2^(scale-127); returns f64 [E, out, in]."""
+    """docs/models.md §3.4 written out: Wlin[e][o, 32g+i] = LUT[code_i] * 2^(scale-127); returns f64 [E, out, in]."""
     E, O, NG, B = blocks.shape
     assert B == 16 and scales.shape == (E, O, NG)
     b = blocks.to(torch.int64)
@@ -445,7 +445,7 @@ def build_mxfp4(d, dense_dir, ids):
     table = tensor_table(os.path.join(d, "model.safetensors"))
     assert not any(n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj") for n in table)
 
-    # HF's dequantised model (bf16) vs the models.md §3.4 rule applied to our bytes: bit for bit
+    # HF's dequantised model (bf16) vs the docs/models.md §3.4 rule applied to our bytes: bit for bit
     mb = load_mxfp4_bf16(d)
     sd = mb.state_dict()
     exact, max_abs, qerr, bf16_representable = True, 0.0, 0.0, True
@@ -538,7 +538,7 @@ def main():
             "torch_full": torch.__version__,
             "tolerance_abs": 1e-4,
             "param_seed": PARAM_SEED,
-            "param_noise": "models.md §6.1: norm weights 1+0.2N, biases 0.1N, sinks N, matrices 0.1N, "
+            "param_noise": "docs/models.md §6.1: norm weights 1+0.2N, biases 0.1N, sinks N, matrices 0.1N, "
                            "mlp.experts.gate_up_proj 0.6N; torch.manual_seed(0) before construction, "
                            f"torch.Generator().manual_seed({PARAM_SEED}) for the noise in named_parameters() order, "
                            "then cast to bf16",

@@ -16,7 +16,7 @@ Writes OUTDIR/<case>/ for case in {llama3_tied, headdim_untied}:
     reference.safetensors    F32 only: logits_f32 [T,V], decode_last_logits_f32 [V], greedy_ids [16]
     reference.json           input_ids, versions, tolerance, tokenizer/chat examples, notes
 
-Numerical recipe: shared/design/models.md §6.1 (norm weights 1+0.2·N, all matrices 0.1·N, seeded), cast to
+Numerical recipe: docs/models.md §6.1 (norm weights 1+0.2·N, all matrices 0.1·N, seeded), cast to
 bf16, save_pretrained, reload with dtype=float32 + attn_implementation="eager" on CPU -> f32 reference
 computed from the exact bf16 weight values.
 
@@ -207,7 +207,7 @@ def save_tokenizer(tok, d):
 # ----------------------------------------------------------------------------------------------------
 # model
 def perturb_(model, gen):
-    """models.md §6.1 (Llama subset): norm weights 1+0.2·N, everything else (matrices) 0.1·N."""
+    """docs/models.md §6.1 (Llama subset): norm weights 1+0.2·N, everything else (matrices) 0.1·N."""
     with torch.no_grad():
         for name, p in model.named_parameters():      # tied lm_head is deduplicated here
             z = torch.randn(p.shape, generator=gen, dtype=torch.float32)

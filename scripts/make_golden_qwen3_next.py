@@ -49,7 +49,7 @@ head, the [Q|K|V] conv channel order, a prompt of 150 > 2*64 tokens (the chunked
 stepwise positions 100..149 lie on both sides of the chunk boundary at 128), MoE with shared expert (E 8, k 2,
 norm_topk_prob), and (qwen3_next_mlp_only) one dense MLP layer with intermediate_size.
 
-Numerical recipe: shared/design/models.md §6.1, Qwen3-Next variant:
+Numerical recipe: docs/models.md §6.1, Qwen3-Next variant:
     zero-centred norms (input/post-attention/final, q_norm, k_norm; applied as 1+w)   0.2·N
     linear_attn.norm.weight (Gated-RMS, plain w)                                       1+0.2·N
     linear_attn.dt_bias                                                                1+0.5·N
@@ -69,7 +69,7 @@ mlp.experts.gate_up_proj [E,2Ie,H] / down_proj [E,H,Ie]). The model is cast to b
 the f32 reference is then computed on CPU with attn_implementation="eager", experts_implementation="eager" from
 from_pretrained(dtype=float32), i.e. from exactly the bf16 values.
 
-Kernel path: HF uses flash-linear-attention / causal-conv1d when importable (models.md §4.8). The script records
+Kernel path: HF uses flash-linear-attention / causal-conv1d when importable (docs/models.md §4.8). The script records
 whether `fla` / `causal_conv1d` / `kernels` are importable and checks (closure inspection of HF's wrappers) that
 torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule, causal_conv1d_fn and causal_conv1d_update resolve
 to HF's own torch functions; it stops otherwise.
@@ -86,7 +86,7 @@ f32 noise (conditioning): Qwen3-Next's Gated-RMSNorm normalises every (token, va
 output over only dv = 16 values; rows whose rms is ~1e-4 (vs a median ~3e-2; typically a fast-forgetting head where
 q_t·k_t is nearly 0) are amplified up to 1/sqrt(eps) times, and with them the f32 rounding error of o = Sᵀq (which
 cancels there). With the release eps 1e-6 and A up to 4, HF's own f32 logits differ from an f64 run of the same weights
-by 2e-5 .. 3e-4 depending on the seed, and an independent f32 implementation (shared/design/refcheck/spec_impl.py) by
+by 2e-5 .. 3e-4 depending on the seed, and an independent f32 implementation (scripts/refcheck/spec_impl.py) by
 up to 6e-5 even at eps 1e-5, which would make a 1e-4 engine tolerance meaningless. Hence rms_norm_eps = 1e-4
 (amplification <= 100x; an engine that hard-codes 1e-6 instead of reading the config still fails on those rows) and
 A <= 1: over seeds 1234..1240 both HF f32 and spec_impl f32 then stay within 1.1e-5 .. 2.5e-5 of f64. The seed search
@@ -238,7 +238,7 @@ def is_moe_layer(cfg, l):
 
 
 def expected_tensors(cfg):
-    """models.md §4.2 hub naming, name -> [dtype, shape], derived from the config alone."""
+    """docs/models.md §4.2 hub naming, name -> [dtype, shape], derived from the config alone."""
     H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_experts
     nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     Nk, Nv, dk, dv, Kc = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
@@ -276,7 +276,7 @@ def expected_tensors(cfg):
 # ----------------------------------------------------------------------------------------------------
 # parameters
 def perturb_(model, gen):
-    """The Qwen3-Next variant of models.md §6.1 (see the module docstring). Every parameter is overwritten."""
+    """The Qwen3-Next variant of docs/models.md §6.1 (see the module docstring). Every parameter is overwritten."""
     counts = {}
     lo, hi = math.log(A_LADDER[0]), math.log(A_LADDER[1])
     with torch.no_grad():
@@ -387,7 +387,7 @@ def deltanet_stats(m, hidden):
 
 
 def check_split_and_cache(m, hidden, cache):
-    """models.md §4.5 projection split + [Q|K|V] conv order, written out independently, against HF's
+    """docs/models.md §4.5 projection split + [Q|K|V] conv order, written out independently, against HF's
     fix_query_key_value_ordering; and HF's conv cache after the P-token prefill = the last Kc pre-conv inputs.
     hidden: the layer inputs of that same prefill call ([P,H] each)."""
     cfg = m.config
@@ -409,7 +409,7 @@ def check_split_and_cache(m, hidden, cache):
         hq, hk, hv, hz, hb, ha = la.fix_query_key_value_ordering(la.in_proj_qkvz(a_in), la.in_proj_ba(a_in))
         same = all(torch.equal(x, y) for x, y in ((q, hq[0].reshape(P, -1)), (k, hk[0].reshape(P, -1)),
                                                   (v, hv[0].reshape(P, -1)), (z, hz[0]), (b, hb[0]), (a, ha[0])))
-        assert same, f"layer {l}: models.md §4.5 split differs from HF"
+        assert same, f"layer {l}: docs/models.md §4.5 split differs from HF"
         u = torch.cat([q, k, v], -1)                                   # [P, C_conv] pre-conv inputs, [Q|K|V]
         conv = cache.layers[l].conv_states[0][0]                       # [C_conv, Kc]
         rec = cache.layers[l].recurrent_states[0][0]                   # [Nv, dk, dv]
@@ -656,7 +656,7 @@ def build_case(name, d, cfg, ids):
                           "in_proj_qkvz), column Kc-1 newest, zero-padded on the left when fewer than Kc tokens were "
                           "seen. A decode step concatenates [conv_state (Kc cols), u_t], runs the depthwise conv "
                           "without padding and keeps the last output, so only the newest Kc-1 columns matter. "
-                          "Checked here: conv_state == u[P-Kc:P]ᵀ with u rebuilt from models.md §4.5.",
+                          "Checked here: conv_state == u[P-Kc:P]ᵀ with u rebuilt from docs/models.md §4.5.",
             "recurrent_state": "cache.layers[l].recurrent_states[0]: [B, Nv, dk, dv] f32 (S with S[k,v], o = Sᵀq)",
             "full_attention": "DynamicLayer k/v [B, nkv, t, d] after k_norm and RoPE",
         },
@@ -768,7 +768,7 @@ def main():
             "tolerance_abs": TOL_ABS,
             "prefill_len_for_stepwise": P,
             "param_seed": facts.pop("param_seed"),
-            "param_noise": "Qwen3-Next variant of models.md §6.1: zero-centred norms (applied as 1+w) 0.2N, "
+            "param_noise": "Qwen3-Next variant of docs/models.md §6.1: zero-centred norms (applied as 1+w) 0.2N, "
                            "linear_attn.norm.weight 1+0.2N, dt_bias 1+0.5N, router (mlp.gate.weight) 0.3N, A_log = log of a log-spaced ladder "
                            f"{A_LADDER[0]}..{A_LADDER[1]} over the Nv heads (randperm per layer) + 0.1N, conv1d.weight "
                            "0.5N, every other matrix 0.1N; torch.manual_seed(0) before construction, "

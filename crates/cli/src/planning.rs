@@ -66,10 +66,10 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     // Sliding-window layers hold a window and a prefill tile (unless a prefix cache pins more).
     let (mut kv_full_elems, mut n_sliding, mut sliding_elems) = (m.kv_elems_per_position, 0, 0);
     if let Some((per_pos, layers, w)) = m.sliding_kv.filter(|_| !b.prefix_cache) {
-        kv_full_elems -= per_pos;
+        kv_full_elems = kv_full_elems.saturating_sub(per_pos);
         n_sliding = layers;
         let held = ollm_kv::window_positions(w, PREFILL_TILE).min(context);
-        sliding_elems = per_pos * held as u64;
+        sliding_elems = per_pos.saturating_mul(held as u64);
     }
     // A prefill call of PREFILL_CHUNK rows at most: the activations its forward allocates (the
     // family counts them from the shapes it allocates) and the backend's narrowing scratch.
@@ -78,9 +78,9 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
-        kv_bytes_per_position: kv_full_elems * kv_elem,
+        kv_bytes_per_position: kv_full_elems.saturating_mul(kv_elem),
         kv_full_layers: m.kv_layers - n_sliding,
-        kv_sliding_bytes: sliding_elems * kv_elem,
+        kv_sliding_bytes: sliding_elems.saturating_mul(kv_elem),
         context: ollm_kv::kv_capacity(context, m.max_positions),
         activation_bytes: act,
         context_overhead_bytes: context_overhead,

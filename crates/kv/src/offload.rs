@@ -1,4 +1,4 @@
-//! The KV cache off the GPU (architecture.md §4): per layer, append-only blocks of positions in
+//! The KV cache off the GPU (docs/architecture.md §4): per layer, append-only blocks of positions in
 //! pinned host RAM, spilled to a file on disk beyond a RAM budget, and two device windows that
 //! layers take turns in.
 //!

@@ -1,4 +1,4 @@
-//! The persistent prefix cache (architecture.md §4): KV blocks kept on disk under the model's
+//! The persistent prefix cache (docs/architecture.md §5): KV blocks kept on disk under the model's
 //! identity and the hash of the token prefix, so a later run whose prompt starts the same way
 //! loads them instead of recomputing them.
 //!

@@ -1,5 +1,5 @@
 //! Reading config.json: typed accessors that name the file and field in every error, and the
-//! rules shared by all families (models.md §0): both RoPE spellings, head_dim, eos lists.
+//! rules shared by all families (docs/models.md §0): both RoPE spellings, head_dim, eos lists.
 
 use std::path::{Path, PathBuf};
 
@@ -159,7 +159,7 @@ impl RawConfig {
         }
     }
 
-    /// RoPE parameters in either spelling (models.md §0): the rope dict (`rope_parameters`,
+    /// RoPE parameters in either spelling (docs/models.md §0): the rope dict (`rope_parameters`,
     /// else `rope_scaling`), then top-level keys, then the family default θ.
     pub fn rope(&self, default_theta: f64, max_positions: usize) -> Result<(f64, RopeScaling)> {
         let (dict_key, dict) = match (self.get("rope_parameters"), self.get("rope_scaling")) {

@@ -89,7 +89,10 @@ impl ModelInfo {
             max_positions: d.max_positions,
             weight_bytes,
             weight_bytes_per_token: weight_bytes - all_experts + routed - p.untied_embed_bytes.unwrap_or(0),
-            kv_bytes_per_position: (2 * (d.kv_layers - sliding_layers) * d.kv_dim) as u64 * kv_elem,
+            kv_bytes_per_position: 2u64
+                .saturating_mul(d.kv_layers.saturating_sub(sliding_layers) as u64)
+                .saturating_mul(d.kv_dim as u64)
+                .saturating_mul(kv_elem),
             sliding_kv: d
                 .sliding_kv
                 .map(|(elems, _, window)| SlidingKv { bytes_per_position: elems * kv_elem, window }),
@@ -101,8 +104,8 @@ impl ModelInfo {
 
     /// KV bytes one decode step reads at context `ctx`.
     pub fn kv_read_bytes(&self, ctx: usize) -> u64 {
-        let sliding = self.sliding_kv.map_or(0, |s| s.bytes_per_position * ctx.min(s.window) as u64);
-        self.kv_bytes_per_position * ctx as u64 + sliding
+        let sliding = self.sliding_kv.map_or(0, |s| s.bytes_per_position.saturating_mul(ctx.min(s.window) as u64));
+        self.kv_bytes_per_position.saturating_mul(ctx as u64).saturating_add(sliding)
     }
 }
 

@@ -188,7 +188,9 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
         family,
         layer_bytes,
         resident_bytes,
-        kv_elems_per_position: (2 * d.kv_layers * d.kv_dim) as u64,
+        // Saturating: sizes come from the config (each at most 2^20), so a product can pass u64;
+        // a saturated figure makes the plan refuse the budget instead of wrapping.
+        kv_elems_per_position: 2u64.saturating_mul(d.kv_layers as u64).saturating_mul(d.kv_dim as u64),
         sliding_kv: d.sliding_kv,
         n_layers,
         kv_layers: d.kv_layers,

@@ -145,7 +145,7 @@ fn gpt_oss_20b_config() -> Value {
     })
 }
 
-/// Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (models.md §4.1): 48 layers, three Gated
+/// Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (docs/models.md §4.1): 48 layers, three Gated
 /// DeltaNet layers to one gated-attention layer, 512 experts (top 10) and a shared expert.
 fn qwen3_next_80b_config() -> Value {
     let layer_types: Vec<&str> =

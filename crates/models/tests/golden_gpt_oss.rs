@@ -1,4 +1,4 @@
-//! GPT-OSS against transformers 5.17 (f32 math on the same bf16 weights; models.md §6), for a
+//! GPT-OSS against transformers 5.17 (f32 math on the same bf16 weights; docs/models.md §6), for a
 //! checkpoint with dense bf16 experts and one with MXFP4 experts, recorded by
 //! scripts/make_golden_gpt_oss.py into fixtures/golden/gpt_oss_{dense,mxfp4}. The fixtures
 //! exercise sinks, a sliding window of 4 over 24 tokens, YaRN, biases, and the ±7 SwiGLU clamp

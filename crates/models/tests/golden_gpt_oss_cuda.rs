@@ -5,7 +5,7 @@
 //! Tolerance 0.1 absolute with the top-1 token equal at every position: the GPU keeps the KV
 //! cache in bf16 and narrows activations to bf16 for cuBLAS (prefills of 16 rows or more), as
 //! for Llama (5e-2 there); transformers' own bf16 run differs from its f32 one by up to 0.51 on
-//! these fixtures (models.md §6.4: 0.03–0.06 typical, spikes where bf16 flips an expert), while
+//! these fixtures (docs/models.md §6.3: 0.03–0.06 typical, spikes where bf16 flips an expert), while
 //! the engine keeps activations and router logits in f32, which keeps expert choices with it —
 //! except at the MXFP4 fixture's one near-tie (layer 1, token 16: the 2nd and 3rd router logits
 //! 1.5e-3 apart in f32), where the bf16 KV cache alone (decode, no bf16 matmul inputs) flips the
@@ -83,7 +83,7 @@ fn gpt_oss_fixtures_match_transformers_on_the_gpu() {
         eprintln!("{case}: GPU decode |Δ| per position: {}", show(&decode));
         // Tokens whose f32 router margin (k-th minus (k+1)-th logit) is below NEAR_TIE in some
         // layer, as the generator recorded: the GPU's bf16 KV cache may flip their expert choice
-        // there (transformers' own bf16 run does the same, models.md §6.4), so they are reported,
+        // there (transformers' own bf16 run does the same, docs/models.md §6.4), so they are reported,
         // not gated.
         let margins = &meta["router_margin"];
         let near_ties: Vec<usize> = margins["per_layer_prompt_min"]

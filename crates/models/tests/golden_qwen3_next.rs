@@ -1,4 +1,4 @@
-//! Qwen3-Next against transformers 5.17 (f32 math on the same bf16 weights; models.md §4),
+//! Qwen3-Next against transformers 5.17 (f32 math on the same bf16 weights; docs/models.md §4),
 //! recorded by scripts/make_golden_qwen3_next.py into fixtures/golden/qwen3_next{,_mlp_only}:
 //! three Gated DeltaNet layers and one gated-attention layer, a 150-token prompt (the chunked
 //! delta rule over 3 chunks of 64), an 8-expert top-2 MoE with a shared expert (and, in the

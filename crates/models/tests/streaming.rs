@@ -175,7 +175,7 @@ fn golden_fixtures_streamed(backend: Arc<dyn Backend>, tol_abs: f32) {
 
 #[test]
 fn golden_fixtures_streamed_on_the_cpu() {
-    // The CPU golden tolerance (f32 math, models.md).
+    // The CPU golden tolerance (f32 math, docs/models.md).
     golden_fixtures_streamed(Arc::new(CpuBackend::new()), 1e-4);
 }
 

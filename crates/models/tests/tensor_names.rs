@@ -48,7 +48,12 @@ fn each_familys_tensor_names_live_in_its_table() {
         let table = src.join(family).join("tensors.rs");
         assert!(tables.contains(&&table), "{family} has no tensors.rs table");
         let names = tensor_literals(&std::fs::read_to_string(&table).expect("read table"));
-        assert!(names.len() >= 8, "{family}: only {} tensor names found in {}: {names:?}", names.len(), table.display());
+        assert!(
+            names.len() >= 8,
+            "{family}: only {} tensor names found in {}: {names:?}",
+            names.len(),
+            table.display()
+        );
         for file in files.iter().filter(|f| !tables.contains(f)) {
             let text = std::fs::read_to_string(file).expect("read source");
             for name in &names {

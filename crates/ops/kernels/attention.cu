@@ -1,5 +1,5 @@
 // Causal attention, GQA, optional sliding window and per-head sinks (CPU twin:
-// src/cpu/attention.rs). q and out are f32, the KV cache is bf16 (models.md §2.4), all math is
+// src/cpu/attention.rs). q and out are f32, the KV cache is bf16 (docs/models.md §2.4), all math is
 // f32. A correct reference kernel, not the fast one: one block per (query token, head); each
 // warp walks a strided share of the keys with an online softmax, each lane holding d/32
 // elements of q and of the accumulator; the warps' states are merged at the end.

@@ -1,5 +1,5 @@
 // Shared helpers for the kernels: widening any stored element type to f32.
-// Weights may be stored as bf16, f16 or f32 (models.md §0); math is always f32.
+// Weights may be stored as bf16, f16 or f32 (docs/models.md §0); math is always f32.
 // NVRTC sees one file: src/cuda/nvrtc_cache.rs splices this text in place of a kernel file's
 // include line for it.
 #include <cuda_bf16.h>

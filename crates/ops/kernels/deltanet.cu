@@ -1,4 +1,4 @@
-// Qwen3-Next's Gated DeltaNet pieces (models.md §4.5), f32. CPU twins: src/cpu/deltanet.rs and
+// Qwen3-Next's Gated DeltaNet pieces (docs/models.md §4.5), f32. CPU twins: src/cpu/deltanet.rs and
 // the slice/gate ops in src/cpu/mod.rs.
 
 // out[r, out_offset + h*width + j] = src[r, h*stride + offset + j] for rows r < T, heads h,
@@ -74,7 +74,7 @@ extern "C" __global__ void causal_conv1d_f32(const float* __restrict__ x, const 
     for (int j = 0; j < K - 1; ++j) state[(size_t)j * C + c] = win[j];
 }
 
-// The gated delta rule, step by step (models.md §4.5), one block per value head n with dv
+// The gated delta rule, step by step (docs/models.md §4.5), one block per value head n with dv
 // threads: thread j owns column j of the head's state S [dk, dv] (f32, in global memory, read
 // into shared memory for the call). Per step: S <- e^g S; u_j = sum_i S[i][j] k_i;
 // d_j = beta (v_j - u_j); S[i][j] += k_i d_j; o_j = sum_i S[i][j] q_i. q, k [T, nk, dk] (value
@@ -121,7 +121,7 @@ extern "C" __global__ void delta_rule_recurrent_f32(const float* __restrict__ q,
     for (int i = j; i < dk * dv; i += blockDim.x) Sg[i] = S[i];
 }
 
-// The chunked delta rule (models.md §4.5; CPU twin delta_rule_chunked), chunks of C <= 64 steps.
+// The chunked delta rule (docs/models.md §4.5; CPU twin delta_rule_chunked), chunks of C <= 64 steps.
 // The state's columns evolve independently, so block (n, y) owns value head n's columns
 // [y*W, y*W+W) (W = 32) and walks the chunks in order. Per chunk, with γ the inclusive
 // cumulative log-decay and D_ts = e^(γ_t − γ_s):

@@ -63,7 +63,7 @@ extern "C" __global__ void add_bias_f16(float* __restrict__ out, const __half* _
 }
 
 // cache [n_kv, cap, d] bf16 at positions pos0..pos0+T  <-  src [T, n_kv, d] f32, rounded to
-// nearest even (the KV cache is in the model dtype, models.md §2.4).
+// nearest even (the KV cache is in the model dtype, docs/models.md §2.4).
 extern "C" __global__ void write_kv_bf16(__nv_bfloat16* __restrict__ cache, const float* __restrict__ src,
                                          int t, int n_kv, int cap, int d, int pos0) {
     long long total = (long long)t * n_kv * d;

@@ -1,7 +1,7 @@
 // Mixture-of-experts kernels, f32 activations (CPU twins in src/cpu/moe.rs).
 #include "common.cuh"
 
-// GPT-OSS clamped SwiGLU (models.md §3.3). gate_up [rows, 2I]: gate in the even columns, up in
+// GPT-OSS clamped SwiGLU (docs/models.md §3.3). gate_up [rows, 2I]: gate in the even columns, up in
 // the odd ones; out [rows, I]; total = rows * I.
 //   g = min(gate, limit); u = clamp(up, -limit, limit); out = (u + 1) * (g * sigmoid(alpha * g))
 // The clamps are comparisons, so a NaN passes through as in torch.clamp. Grid-stride, any launch.
@@ -101,7 +101,7 @@ extern "C" __global__ void router_topk_f32(const float* __restrict__ logits, flo
     }
 }
 
-// MXFP4 (models.md §3.4): a 32-element group is 16 block bytes (element 2j in the low nibble of
+// MXFP4 (docs/models.md §3.4): a 32-element group is 16 block bytes (element 2j in the low nibble of
 // byte j, 2j+1 in the high one) and one E8M0 scale, 2^(s-127), with s = 0 the subnormal 2^-127.
 // e2m1 gives code c times the scale in f32, exactly (two significant bits times a power of two;
 // bf16 holds it exactly too). A zero code stays a signed zero whatever the scale (ldexp

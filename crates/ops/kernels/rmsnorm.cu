@@ -1,4 +1,4 @@
-// RMSNorm over the last axis (models.md §1.1), f32 activations, weight stored as bf16, f16 or
+// RMSNorm over the last axis (docs/models.md §1.1), f32 activations, weight stored as bf16, f16 or
 // f32, f32 math (CPU twins in src/cpu/norm.rs).
 //   rmsnorm:       out[r, i] = (offset + w[i]) * (x[r, i] * rsqrt(mean_i(x[r, i]^2) + eps))
 //                  offset = 1 for zero-centred norms (Qwen3-Next), 0 otherwise.

@@ -1,4 +1,4 @@
-// RoPE, halves layout (models.md §1.2), in place on x [T, heads, d]; the first r dims rotate.
+// RoPE, halves layout (docs/models.md §1.2), in place on x [T, heads, d]; the first r dims rotate.
 // cos/sin [positions, r/2] f32 (already times the attention factor). One thread per pair.
 extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ cos_t,
                                     const float* __restrict__ sin_t, int t, int heads, int d, int r, int pos0) {

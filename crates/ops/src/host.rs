@@ -1,6 +1,6 @@
 //! Host memory that a backend copies from asynchronously, and markers that order its queues.
 //!
-//! The weight streamer (architecture.md §1) reads layers with O_DIRECT into a [`HostBuffer`],
+//! The weight streamer (docs/architecture.md §1) reads layers with O_DIRECT into a [`HostBuffer`],
 //! queues the host-to-device copy on the backend's copy stream, and orders copies against
 //! compute with [`Marker`]s; see [`CopyQueue`](crate::CopyQueue).
 

@@ -1,4 +1,4 @@
-//! MXFP4 (the GPT-OSS expert format, models.md §3.4): 32-element groups of FP4 E2M1 codes with
+//! MXFP4 (the GPT-OSS expert format, docs/models.md §3.4): 32-element groups of FP4 E2M1 codes with
 //! one E8M0 scale each, dequantised to bf16 bit-exactly as transformers does.
 //!
 //! `blocks [E, out, in/32, 16]` u8 holds, in byte j of a group, element 2j in the low nibble and

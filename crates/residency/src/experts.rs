@@ -1,4 +1,4 @@
-//! The expert cache (architecture.md §3): a MoE layer's expert weights stay as the checkpoint
+//! The expert cache (docs/architecture.md §3): a MoE layer's expert weights stay as the checkpoint
 //! stores them — packed MXFP4 or dense — in pinned RAM or on disk, and a forward moves onto the
 //! device only the experts its router picked, into a fixed set of device slots kept by LRU
 //! across tokens. Just before use, an expert is unpacked on the device into one shared pair of
@@ -21,12 +21,12 @@ use ollm_ops::{Backend, DType, HostBuffer, HostTensor, Marker, OpsError, Tensor}
 
 use crate::{ResidencyError, Result};
 
-/// How a checkpoint stores its experts (models.md §3.2).
+/// How a checkpoint stores its experts (docs/models.md §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertFormat {
     /// `*_blocks` / `*_scales` U8 (the release checkpoints), dequantised to bf16 before use.
     Mxfp4,
-    /// Qwen3-Next's hub layout (models.md §4.2): `experts.{e}.{gate,up,down}_proj.weight`, one
+    /// Qwen3-Next's hub layout (docs/models.md §4.2): `experts.{e}.{gate,up,down}_proj.weight`, one
     /// bf16 tensor per expert and matrix, already in nn.Linear layout; no biases.
     PerExpert,
     /// `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]` (as transformers saves them), transposed

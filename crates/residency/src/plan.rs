@@ -1,4 +1,4 @@
-//! The placement planner (architecture.md §2): which decoder layers stay resident in VRAM, which
+//! The placement planner (docs/architecture.md §2): which decoder layers stay resident in VRAM, which
 //! are cached in pinned RAM, which stream from disk every token; how many prefetch slots; and the
 //! time per token that placement predicts from measured tier bandwidths. A plan that cannot fit
 //! fails before anything loads, naming the smallest budget that would.
@@ -231,10 +231,12 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if n == 0 {
         return Err(PlanError::NoLayers);
     }
-    let kv_full = input.kv_bytes_per_position * input.context as u64;
-    let kv_all = kv_full + input.kv_sliding_bytes;
+    // Saturating here and below: byte counts derive from a config, and a figure too large for
+    // u64 must fail the budget check, not wrap into a small one.
+    let kv_full = input.kv_bytes_per_position.saturating_mul(input.context as u64);
+    let kv_all = kv_full.saturating_add(input.kv_sliding_bytes);
     // Offloaded, the device holds two windows of one full layer's cache each.
-    let kv_windows = 2 * kv_full.div_ceil(input.kv_full_layers.max(1) as u64);
+    let kv_windows = kv_full.div_ceil(input.kv_full_layers.max(1) as u64).saturating_mul(2);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
     // Every group streams through its own slots (sized, conservatively, for the largest layer):
     // one slot of each group together.
@@ -244,18 +246,21 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let base = input.context_overhead_bytes + input.resident_bytes + input.activation_bytes + expert_min;
     let kv_offloaded = match input.kv_offload {
         Some(off) => off,
-        None => base + kv_all + input.slots.max(1) as u64 * slot_set > input.vram_budget && kv_windows < kv_all,
+        None => {
+            base.saturating_add(kv_all).saturating_add(input.slots.max(1) as u64 * slot_set) > input.vram_budget
+                && kv_windows < kv_all
+        }
     };
     let kv = if kv_offloaded { kv_windows } else { kv_all };
-    let fixed = base + kv;
+    let fixed = base.saturating_add(kv);
     let all: u64 = input.layer_bytes.iter().sum();
     let cap = input.max_resident_layers.unwrap_or(n).min(n);
 
-    let (resident, slots) = if cap == n && fixed + all <= input.vram_budget {
+    let (resident, slots) = if cap == n && fixed.saturating_add(all) <= input.vram_budget {
         (n, 0)
     } else {
         let slots = input.slots.max(1);
-        let need = fixed + slots as u64 * slot_set;
+        let need = fixed.saturating_add(slots as u64 * slot_set);
         if need > input.vram_budget {
             return Err(PlanError::Vram {
                 budget: Bytes(input.vram_budget),
@@ -387,6 +392,18 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
+
+    /// A config whose KV figure does not fit u64 (sizes from a hostile file) is refused for the
+    /// budget, not wrapped into a small cache that fits.
+    #[test]
+    fn a_kv_cache_beyond_u64_is_refused_not_wrapped() {
+        let mut input = llama8b(8 * GIB, 0, 1 << 24);
+        input.kv_bytes_per_position = u64::MAX / 3;
+        input.kv_full_layers = 1;
+        assert!(matches!(plan(&input), Err(PlanError::Vram { .. })), "{:?}", plan(&input));
+        input.kv_offload = Some(true);
+        assert!(matches!(plan(&input), Err(PlanError::Vram { .. })), "{:?}", plan(&input));
+    }
 
     /// Llama-3.1-8B in bf16: 32 layers of 436 MiB (218,112,000 params), embed + head 2 × 1002 MiB.
     fn llama8b(vram: u64, ram: u64, context: usize) -> PlanInput {

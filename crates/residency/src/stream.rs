@@ -1,4 +1,4 @@
-//! Streaming decoder layers through a few device slots (architecture.md §3).
+//! Streaming decoder layers through a few device slots (docs/architecture.md §3).
 //!
 //! Layers the planner did not make resident live in pinned RAM (read once at load) or stay on
 //! disk (read every pass with O_DIRECT into pinned staging buffers). A streamer thread walks the

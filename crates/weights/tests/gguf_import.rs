@@ -36,7 +36,7 @@ fn row_index_matrix(n_rows: usize, row_len: usize) -> Vec<f32> {
     (0..n_rows).flat_map(|r| std::iter::repeat_n(r as f32, row_len)).collect()
 }
 
-/// llama.cpp's converter permutation (models.md §7.2): GGUF row h·d + 2i + c = HF row h·d + c·(d/2) + i.
+/// llama.cpp's converter permutation (docs/models.md §7.2): GGUF row h·d + 2i + c = HF row h·d + c·(d/2) + i.
 fn converter_permute(hf: &[f32], row_len: usize, n_heads: usize) -> Vec<f32> {
     let n_rows = hf.len() / row_len;
     let d = n_rows / n_heads;

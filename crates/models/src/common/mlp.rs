@@ -1,4 +1,4 @@
-//! The gated MLP (models.md §1.4): `down(silu(gate(x)) ⊙ up(x))`.
+//! The gated MLP (docs/models.md §1.4): `down(silu(gate(x)) ⊙ up(x))`.
 
 use ollm_ops::{Backend, Tensor};
 

@@ -1,4 +1,4 @@
-//! RoPE frequency tables (models.md §1.2): default, llama3 and yarn scaling.
+//! RoPE frequency tables (docs/models.md §1.2): default, llama3 and yarn scaling.
 //!
 //! The cos/sin tables are not built for the model's whole context up front (a config may
 //! declare 16 Mi positions, 8 GiB of tables at head_dim 128): [`RopeTables`] starts small and

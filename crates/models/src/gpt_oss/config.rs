@@ -1,4 +1,4 @@
-//! GPT-OSS config.json keys (models.md §3.1).
+//! GPT-OSS config.json keys (docs/models.md §3.1).
 
 use crate::Result;
 use crate::common::rope::RopeScaling;
@@ -39,7 +39,7 @@ pub struct GptOssConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-/// The expert activation's sigmoid slope, hard-coded in transformers (models.md §3.3).
+/// The expert activation's sigmoid slope, hard-coded in transformers (docs/models.md §3.3).
 pub const SWIGLU_ALPHA: f32 = 1.702;
 
 impl GptOssConfig {

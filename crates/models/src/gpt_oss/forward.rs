@@ -1,4 +1,4 @@
-//! The GPT-OSS model: weights on a backend and the forward pass of models.md §3.3. Attention
+//! The GPT-OSS model: weights on a backend and the forward pass of docs/models.md §3.3. Attention
 //! and router weights are per-layer tensors (resident or streamed like Llama's layers); the
 //! experts go through an [`ExpertCache`].
 
@@ -252,7 +252,7 @@ impl GptOss {
         Ok(())
     }
 
-    /// `x += MoE(RMS(x))` for the rows of one chunk (models.md §3.3): route every row, then
+    /// `x += MoE(RMS(x))` for the rows of one chunk (docs/models.md §3.3): route every row, then
     /// run each chosen expert once over all the rows that chose it, the weighted outputs summed
     /// in f32.
     fn moe_block(

@@ -1,4 +1,4 @@
-//! GPT-OSS (`GptOssForCausalLM`, models.md §3): attention with per-head sinks, sliding-window
+//! GPT-OSS (`GptOssForCausalLM`, docs/models.md §3): attention with per-head sinks, sliding-window
 //! layers alternating with full ones, q/k/v/o biases, YaRN RoPE; a top-k MoE whose experts
 //! (MXFP4 or dense) go through the expert cache.
 

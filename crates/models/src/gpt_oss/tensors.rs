@@ -1,4 +1,4 @@
-//! The tensors of a GPT-OSS checkpoint (models.md §3.2): every name, shape and role, once.
+//! The tensors of a GPT-OSS checkpoint (docs/models.md §3.2): every name, shape and role, once.
 //! Loading, the streamed parts, the expert cache's sources, `synth` and the byte counts read it.
 
 use ollm_weights::synth::Init;

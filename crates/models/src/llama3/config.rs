@@ -1,4 +1,4 @@
-//! Llama config.json keys (models.md §2.1).
+//! Llama config.json keys (docs/models.md §2.1).
 
 use crate::Result;
 use crate::common::rope::RopeScaling;

@@ -1,4 +1,4 @@
-//! The Llama model: weights on a backend and the forward pass of models.md §2.3.
+//! The Llama model: weights on a backend and the forward pass of docs/models.md §2.3.
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! Llama-3.x (`LlamaForCausalLM`, models.md §2): GQA, explicit head_dim, default and llama3
+//! Llama-3.x (`LlamaForCausalLM`, docs/models.md §2): GQA, explicit head_dim, default and llama3
 //! RoPE, optional attention/MLP biases, tied or untied embeddings.
 
 mod config;

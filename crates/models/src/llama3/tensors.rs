@@ -1,4 +1,4 @@
-//! The tensors of a Llama checkpoint (models.md §2.2): every name, shape and role, once.
+//! The tensors of a Llama checkpoint (docs/models.md §2.2): every name, shape and role, once.
 //! Loading, the streamed parts, `synth` and the byte counts read this table.
 
 use ollm_weights::synth::Init;
@@ -65,7 +65,7 @@ fn mlp_bias(c: &LlamaConfig, _: usize) -> bool {
 }
 
 /// The tensors outside the decoder layers, in file order. The head is read when the file has
-/// it (an untied config whose file lacks it is tied too, models.md §0); `synth` writes it for
+/// it (an untied config whose file lacks it is tied too, docs/models.md §0); `synth` writes it for
 /// untied configs.
 pub const GLOBAL: [TensorSpec<LlamaConfig>; 3] = [
     TensorSpec {

@@ -1,4 +1,4 @@
-//! Qwen3-Next config.json keys (models.md §4.1).
+//! Qwen3-Next config.json keys (docs/models.md §4.1).
 
 use crate::Result;
 use crate::common::rope::RopeScaling;

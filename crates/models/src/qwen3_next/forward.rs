@@ -1,4 +1,4 @@
-//! Qwen3-Next's forward (models.md §4): zero-centred norms; per layer either Gated DeltaNet
+//! Qwen3-Next's forward (docs/models.md §4): zero-centred norms; per layer either Gated DeltaNet
 //! (a fixed-size state per sequence: the convolution's last inputs and the delta rule's matrix
 //! per value head) or gated full attention (q/k norms, partial RoPE, a sigmoid output gate, a KV
 //! cache); then the sparse MoE with a gated shared expert, or a dense MLP.
@@ -31,7 +31,7 @@ use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
-/// The L2 norm's eps inside the square root (models.md §4.5).
+/// The L2 norm's eps inside the square root (docs/models.md §4.5).
 const L2_EPS: f32 = 1e-6;
 /// Rows routed together: each expert is moved at most once per this many prompt tokens (the
 /// planner counts GPT-OSS's chunk of the same size).
@@ -171,7 +171,7 @@ impl LayerTensors for Layer {
     }
 }
 
-/// Shapes of a DeltaNet tile of `n` rows (models.md §4.5): the projections p and ba, the
+/// Shapes of a DeltaNet tile of `n` rows (docs/models.md §4.5): the projections p and ba, the
 /// convolution's input u and output, z, b, alpha, q, k, v, the gates g and beta, the rule's
 /// output o, its norm and the out-projection y.
 fn delta_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
@@ -195,7 +195,7 @@ fn delta_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
     ]
 }
 
-/// Shapes of a gated-attention tile of `n` rows (models.md §4.4): q with its gate, q and the
+/// Shapes of a gated-attention tile of `n` rows (docs/models.md §4.4): q with its gate, q and the
 /// gate apart, k and v before their norms, q and k after, the attention's output, it gated, y.
 fn attn_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
     let (nh, nkv, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
@@ -473,7 +473,7 @@ impl Qwen3Next {
     }
 
     /// `s.y = GatedDeltaNet(a)` for T rows, from and into the layer's fixed state
-    /// (models.md §4.5); the chunked form for more than one row.
+    /// (docs/models.md §4.5); the chunked form for more than one row.
     fn deltanet(
         &self,
         (w, dc): (&LinearAttn, &DeltaConsts),
@@ -520,7 +520,7 @@ impl Qwen3Next {
         Ok(())
     }
 
-    /// `s.y = GatedAttention(a)` for T rows at positions `pos0..` (models.md §4.4).
+    /// `s.y = GatedAttention(a)` for T rows at positions `pos0..` (docs/models.md §4.4).
     fn attention(
         &self,
         (l, w): (usize, &FullAttn),
@@ -554,7 +554,7 @@ impl Qwen3Next {
     }
 
     /// `y = MoE(b)`: routed experts (softmax over all, top-k, renormalised) plus the shared
-    /// expert scaled by σ(b·w_sg) (models.md §4.6).
+    /// expert scaled by σ(b·w_sg) (docs/models.md §4.6).
     /// The sum is a fresh zeroed tensor (the experts' outputs are added into it); the router
     /// logits and the shared expert's activations are the chunk's scratch.
     fn moe(

@@ -1,5 +1,5 @@
 //! Qwen3-Next (`Qwen3NextForCausalLM`): Gated DeltaNet and gated attention layers, a sparse MoE
-//! with a shared expert (models.md §4).
+//! with a shared expert (docs/models.md §4).
 
 pub mod config;
 pub mod forward;

@@ -1,4 +1,4 @@
-//! The tensors of a Qwen3-Next checkpoint (models.md §4.2): every name, shape and role, once.
+//! The tensors of a Qwen3-Next checkpoint (docs/models.md §4.2): every name, shape and role, once.
 //! Loading, the streamed parts, the expert cache's names, `synth` and the byte counts read it.
 
 use ollm_weights::synth::Init;

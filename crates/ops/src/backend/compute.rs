@@ -7,7 +7,7 @@
 
 use crate::{DType, OpsError, Result, Tensor};
 
-/// Which RMSNorm formula (models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
+/// Which RMSNorm formula (docs/models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
 /// where a bf16 backend rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NormKind {
@@ -32,7 +32,7 @@ pub struct HeadSlice {
 }
 
 /// Precomputed RoPE tables `[max_positions, rotary_dims / 2]`, already multiplied by the
-/// attention factor m (models.md §1.2), resident on the backend.
+/// attention factor m (docs/models.md §1.2), resident on the backend.
 #[derive(Debug)]
 pub struct RopeTable {
     pub cos: Tensor,
@@ -135,7 +135,7 @@ pub trait Compute: Send + Sync {
     /// `[in, out]`; matmul takes `[out, in]`).
     fn transpose(&self, src: &Tensor, out: &mut Tensor) -> Result<()>;
 
-    /// Head-grouped columns copied out (Qwen3-Next's projection splits, models.md §4.4-4.5):
+    /// Head-grouped columns copied out (Qwen3-Next's projection splits, docs/models.md §4.4-4.5):
     /// see [`HeadSlice`]. src `[T, heads·stride]`, out `[T, out_cols]` (columns it does not
     /// name are left as they are).
     fn slice_heads(&self, src: &Tensor, s: HeadSlice, out: &mut Tensor) -> Result<()>;

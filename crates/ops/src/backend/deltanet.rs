@@ -46,13 +46,13 @@ pub trait DeltaNetOps: Send + Sync {
     /// f32 holds the inputs before x and is replaced by the last K − 1.
     fn causal_conv1d(&self, x: &Tensor, w: &Tensor, state: &mut Tensor, out: &mut Tensor) -> Result<()>;
 
-    /// The gated delta rule (models.md §4.5) over T steps from `state` `[nv, dk, dv]` f32
+    /// The gated delta rule (docs/models.md §4.5) over T steps from `state` `[nv, dk, dv]` f32
     /// (updated): q, k `[T, nk, dk]` (L2-normalised, q scaled), v `[T, nv, dv]`, g and beta
     /// `[T, nv]`; out `[T, nv, dv]`. Value head n reads key head n / (nv / nk). Both forms give
     /// the same result up to rounding.
     fn delta_rule(&self, x: DeltaRule<'_>, state: &mut Tensor, out: &mut Tensor, form: DeltaForm) -> Result<()>;
 
-    /// Qwen3-Next gated RMSNorm (models.md §1.1, Gated-RMS): `out = w ⊙ r(x) ⊙ silu(z)` over the
+    /// Qwen3-Next gated RMSNorm (docs/models.md §1.1, Gated-RMS): `out = w ⊙ r(x) ⊙ silu(z)` over the
     /// last axis, `r(x) = x · rsqrt(mean(x²) + eps)`; x, z, out `[.., n]`, plain weight w `[n]`.
     fn gated_rms_norm(&self, x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()>;
 }

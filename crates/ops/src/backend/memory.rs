@@ -56,7 +56,7 @@ pub trait Memory: Send + Sync {
     fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor>;
 
     /// Element type of the KV cache: f32 on the CPU (the oracle keeps full precision), bf16 on
-    /// GPUs (the model dtype, models.md §2.4).
+    /// GPUs (the model dtype, docs/models.md §2.4).
     fn kv_dtype(&self) -> DType;
 
     /// A zeroed tensor of any dtype, for weights that are filled on the backend: device slots

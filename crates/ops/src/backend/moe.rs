@@ -8,9 +8,9 @@ use crate::{Result, Tensor};
 /// is monotonic, so these are also the k largest probabilities); they differ in the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouterMode {
-    /// GPT-OSS (models.md §3.3): softmax over the k selected logits only.
+    /// GPT-OSS (docs/models.md §3.3): softmax over the k selected logits only.
     SoftmaxOfTopK,
-    /// Qwen3-Next (models.md §4.6): the selected experts' probabilities from a softmax over all
+    /// Qwen3-Next (docs/models.md §4.6): the selected experts' probabilities from a softmax over all
     /// E logits, divided by their sum when `norm_topk_prob`.
     TopKOfSoftmax { norm_topk_prob: bool },
 }
@@ -32,12 +32,12 @@ pub trait MoeOps: Send + Sync {
     /// activations; no row may appear twice (one expert sees a token once).
     fn scatter_add_rows(&self, src: &Tensor, rows: &[u32], weights: &[f32], dst: &mut Tensor) -> Result<()>;
 
-    /// GPT-OSS clamped SwiGLU (models.md §3.3): gate_up `[T, 2I]` holds gate in the even and
+    /// GPT-OSS clamped SwiGLU (docs/models.md §3.3): gate_up `[T, 2I]` holds gate in the even and
     /// up in the odd columns; `out[T, I] = (clamp(up, ±limit) + 1) ⊙ g ⊙ σ(alpha·g)` with
     /// `g = min(gate, limit)` (upper clamp only).
     fn clamped_swiglu(&self, gate_up: &Tensor, limit: f32, alpha: f32, out: &mut Tensor) -> Result<()>;
 
-    /// MXFP4 to bf16, bit-exact (models.md §3.4): blocks (U8, `rows·cols/2` bytes: byte j of a
+    /// MXFP4 to bf16, bit-exact (docs/models.md §3.4): blocks (U8, `rows·cols/2` bytes: byte j of a
     /// 32-element group holds element 2j in its low nibble, 2j+1 in its high one) and scales
     /// (U8, `rows·cols/32`, E8M0) into out `[rows, cols]` BF16 (from [`Memory::alloc`](crate::Memory::alloc)).
     fn dequant_mxfp4(&self, blocks: &Tensor, scales: &Tensor, out: &mut Tensor) -> Result<()>;

@@ -1,4 +1,4 @@
-//! Gated DeltaNet on the CPU (models.md §4.5), f32 throughout: the short causal convolution with
+//! Gated DeltaNet on the CPU (docs/models.md §4.5), f32 throughout: the short causal convolution with
 //! its carried inputs, the gates, and the delta rule in its recurrent form (the definition; decode)
 //! and its chunked form (prefill: chunks of [`CHUNK`] steps, the same math reassociated).
 
@@ -117,7 +117,7 @@ pub fn delta_rule_recurrent(d: DeltaDims, x: &DeltaInputs<'_>, state: &mut [f32]
     scatter_heads(d, &heads, out);
 }
 
-/// The chunked form (models.md §4.5): per chunk of up to [`CHUNK`] steps, with γ the inclusive
+/// The chunked form (docs/models.md §4.5): per chunk of up to [`CHUNK`] steps, with γ the inclusive
 /// cumulative log-decay, `D_ts = e^(γ_t − γ_s)` (s ≤ t) and `A_ts = β_t (k_t·k_s) D_ts` (s < t):
 /// `U = (I + A)⁻¹ diag(β) V`, `W = (I + A)⁻¹ diag(β e^γ) K` (forward substitution), then with the
 /// incoming state S: `Vn = U − W S`, `O = diag(e^γ) Q S + (QKᵀ ⊙ D) Vn`, and

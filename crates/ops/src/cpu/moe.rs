@@ -1,5 +1,5 @@
 //! Mixture-of-experts helpers: the GPT-OSS clamped SwiGLU and the router top-k of both MoE
-//! families (models.md §3.3, §4.6), computed in f32.
+//! families (docs/models.md §3.3, §4.6), computed in f32.
 
 use rayon::prelude::*;
 
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn router_ties_go_to_the_lower_index() {
-        // torch.topk([1, 2, 2, 2], 2) may return [1, 3]; the engine returns [1, 2] (models.md §6.4).
+        // torch.topk([1, 2, 2, 2], 2) may return [1, 3]; the engine returns [1, 2] (docs/models.md §6.4).
         let (ids, w) = route(&[1.0, 2.0, 2.0, 2.0], 4, 2, RouterMode::SoftmaxOfTopK);
         assert_eq!(ids, [1, 2]);
         assert_eq!(w, [0.5, 0.5]);

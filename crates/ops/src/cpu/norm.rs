@@ -1,4 +1,4 @@
-//! RMSNorm (models.md §1.1), plain and gated, computed in f32.
+//! RMSNorm (docs/models.md §1.1), plain and gated, computed in f32.
 
 use rayon::prelude::*;
 

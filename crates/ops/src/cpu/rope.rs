@@ -1,4 +1,4 @@
-//! Rotary position embedding, halves ("NeoX") layout (models.md §1.2).
+//! Rotary position embedding, halves ("NeoX") layout (docs/models.md §1.2).
 
 /// Rotates the first `r` dims of every head of x `[T, heads, d]` in place for positions
 /// `pos0 + t`: for i < r/2, `x'[i] = x[i]·cos − x[i+r/2]·sin`, `x'[i+r/2] = x[i+r/2]·cos + x[i]·sin`.

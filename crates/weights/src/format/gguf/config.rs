@@ -1,5 +1,5 @@
 //! The llama hyper-parameters of a GGUF file, checked, and the HF config.json they become
-//! (models.md §2.1 keys; §7.1 GGUF keys, all under the `llama.` prefix).
+//! (docs/models.md §2.1 keys; §7.1 GGUF keys, all under the `llama.` prefix).
 
 use serde_json::{Map, Value, json};
 

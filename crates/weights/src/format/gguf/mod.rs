@@ -1,6 +1,6 @@
 //! GGUF: reading llama.cpp's single-file format, dequantising its blocks, and importing a llama
 //! GGUF into a Hugging Face model directory (config.json, tokenizer files, model.safetensors).
-//! File facts: models.md §7.
+//! File facts: docs/models.md §7.
 
 pub mod config;
 pub mod ggml_type;

@@ -1,4 +1,4 @@
-//! GGUF llama tensor names → Hugging Face names (models.md §7.1), and the q/k row un-permutation
+//! GGUF llama tensor names → Hugging Face names (docs/models.md §7.1), and the q/k row un-permutation
 //! (§7.2).
 
 /// Which output-row permutation llama.cpp's converter applied to a tensor.
@@ -111,7 +111,7 @@ mod tests {
         }
     }
 
-    /// The converter's permutation (models.md §7.2), to check the inverse against.
+    /// The converter's permutation (docs/models.md §7.2), to check the inverse against.
     fn permute(hf: &[u32], row_len: usize, n_heads: usize) -> Vec<u32> {
         let n_rows = hf.len() / row_len;
         let (d, half) = (n_rows / n_heads, n_rows / n_heads / 2);

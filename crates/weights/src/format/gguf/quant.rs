@@ -1,6 +1,6 @@
 //! Dequantisation of ggml blocks to f32, and the reference quantisers for Q8_0, Q4_0 and Q4_1.
 //!
-//! Formulas: models.md §7.3-7.4 and ggml's reference `dequantize_row_*` (ggml-quants.c). The
+//! Formulas: docs/models.md §7.3-7.4 and ggml's reference `dequantize_row_*` (ggml-quants.c). The
 //! K-quants (256-weight super-blocks) live in [`super::kquant`]. All multi-byte fields are little
 //! endian; `d`/`m` scales are f16 unless said otherwise.
 
@@ -95,7 +95,7 @@ fn block_q4_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Q4_1, 20 bytes: `[d f16][m f16][qs 16 B]`, nibbles as Q4_0: `x = d·q + m` (models.md §7.4).
+/// Q4_1, 20 bytes: `[d f16][m f16][qs 16 B]`, nibbles as Q4_0: `x = d·q + m` (docs/models.md §7.4).
 fn block_q4_1(b: &[u8], y: &mut [f32]) {
     let (d, m) = (f16_at(b, 0), f16_at(b, 2));
     for (j, &q) in b[4..20].iter().enumerate() {
@@ -134,7 +134,7 @@ fn block_q5_1(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Q8_0, 34 bytes: `[d f16][q 32 × i8]`: `x = d·q` (models.md §7.3).
+/// Q8_0, 34 bytes: `[d f16][q 32 × i8]`: `x = d·q` (docs/models.md §7.3).
 fn block_q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for (out, &q) in y.iter_mut().zip(&b[2..34]) {
@@ -185,7 +185,7 @@ pub fn quantize_q4_0(src: &[f32]) -> Result<Vec<u8>, QuantError> {
     Ok(out)
 }
 
-/// Reference Q4_1 quantiser (models.md §7.4): `m = min`, `d = (max − min)/15`,
+/// Reference Q4_1 quantiser (docs/models.md §7.4): `m = min`, `d = (max − min)/15`,
 /// `q = min(15, trunc((x − m)/d + 0.5))`.
 pub fn quantize_q4_1(src: &[f32]) -> Result<Vec<u8>, QuantError> {
     check_whole_blocks(GgmlType::Q4_1, src)?;

@@ -1,4 +1,4 @@
-//! GGUF v2/v3 reader with positioned reads (models.md §7.1).
+//! GGUF v2/v3 reader with positioned reads (docs/models.md §7.1).
 //!
 //! Layout: `"GGUF"`, version u32, n_tensors u64, n_kv u64; the key/value pairs; the tensor infos
 //! (name, n_dims u32, dims u64 fastest-first, ggml type u32, offset u64 relative to the data

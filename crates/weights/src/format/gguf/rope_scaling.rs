@@ -1,4 +1,4 @@
-//! Recovering HF's `llama3` rope scaling from a GGUF `rope_freqs.weight` (models.md §7.1, §1.2).
+//! Recovering HF's `llama3` rope scaling from a GGUF `rope_freqs.weight` (docs/models.md §7.1, §1.2).
 //!
 //! The converter stores `ρ_i = inv_i / inv'_i` per rotary pair: 1 in the high-frequency band,
 //! `factor` in the low band, and `1/((1−s)/factor + s)` between, with
