@@ -156,6 +156,11 @@ impl Session {
         if matches!(wanted, LogitsWanted::Last)
             && let Some((token, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite())
         {
+            // The state took these ids but the tokens will not record them: a recurrent state
+            // cannot be rewound, so it starts over.
+            if self.state.has_fixed() {
+                self.reset();
+            }
             return Err(EngineError::NonFiniteLogits { position, token, value });
         }
         Ok(logits)

@@ -19,7 +19,7 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 /// (the API's default), which is accepted: a client may send a default explicitly. Any other
 /// value, a wrong type included, is a 400 naming the field, so nothing a client asks for is
 /// silently ignored. `null` is always accepted.
-const UNSUPPORTED: [(&str, &str); 14] = [
+const UNSUPPORTED: [(&str, &str); 13] = [
     ("logprobs", "false"),
     ("top_logprobs", "0"),
     ("echo", "false"),
@@ -33,7 +33,6 @@ const UNSUPPORTED: [(&str, &str); 14] = [
     ("functions", "[]"),
     ("function_call", "\"none\""),
     ("response_format", "{\"type\": \"text\"}"),
-    ("parallel_tool_calls", "false"),
 ];
 
 /// Everything a request is checked against: the served model's id, tokenizer and template, and

@@ -49,8 +49,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.max_prompt_tokens == Some(0) {
         bail!("--max-prompt-tokens must be at least 1");
     }
-    if a.prefill_chunk == 0 {
-        bail!("--prefill-chunk must be at least 1");
+    if a.prefill_chunk == 0 || a.prefill_chunk > ollm_engine::session::DEFAULT_PREFILL_CHUNK {
+        bail!(
+            "--prefill-chunk must be between 1 and {} (the planner sizes activations for a chunk of at most that)",
+            ollm_engine::session::DEFAULT_PREFILL_CHUNK
+        );
     }
     let addr = resolve(&a.host, a.port)?;
     let loaded = load(&a.model)?;
