@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::BatchError;
 use crate::lock::JobLocks;
 use crate::reader::{BatchRequest, Input, LineError, id_key, read_requests};
+use crate::shard::{Shard, fnv1a};
 use crate::writer::JsonlLog;
 
 /// Where the job reads and writes, and its defaults.
@@ -22,6 +23,9 @@ pub struct JobOptions {
     pub errors: PathBuf,
     /// `max_tokens` of lines that give none.
     pub default_max_tokens: usize,
+    /// Run only this shard's ids ([`Shard::owns`]); `output` and `errors` are then the shard's
+    /// own files.
+    pub shard: Option<Shard>,
 }
 
 /// What the caller hears while the job runs (to draw a progress bar).
@@ -43,6 +47,8 @@ pub struct JobSummary {
     pub failed: usize,
     pub invalid_lines: usize,
     pub duplicate_ids: usize,
+    /// Requests left to the other shards.
+    pub other_shards: usize,
 }
 
 /// Runs the job described by `opts`, whose files `locks` holds ([`JobLocks::acquire`], so no
@@ -69,16 +75,24 @@ pub fn run_job(
         on(Progress::Error(e));
         Ok(())
     };
-    for e in &bad_lines {
+    // A bad line goes to the shard of its id, or to shard 0 when it has none.
+    let ours = |e: &LineError| match (opts.shard, e.id.as_ref().and_then(id_key)) {
+        (None, _) => true,
+        (Some(s), Some(key)) => s.owns(&key),
+        (Some(s), None) => s.index == 0,
+    };
+    for e in bad_lines.iter().filter(|e| ours(e)) {
         report(&mut errors, e, on)?;
+        summary.invalid_lines += 1;
     }
-    summary.invalid_lines = bad_lines.len();
 
     let mut seen = HashSet::new();
     let mut pending = Vec::new();
     for r in requests {
         let key = id_key(&r.id).unwrap_or_default();
-        if !seen.insert(key.clone()) {
+        if opts.shard.is_some_and(|s| !s.owns(&key)) {
+            summary.other_shards += 1;
+        } else if !seen.insert(key.clone()) {
             summary.duplicate_ids += 1;
             let e = LineError {
                 line: r.line,
@@ -167,9 +181,4 @@ fn run_one(
         line["reasoning"] = json!(g.reasoning);
     }
     Ok((line, g.stats.generated_tokens))
-}
-
-/// 64-bit FNV-1a: a stable seed from an id.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }

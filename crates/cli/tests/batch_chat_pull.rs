@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fixture;
+use common::{fixture, workspace};
 use serde_json::Value;
 
 fn ollm() -> Command {
@@ -273,6 +273,7 @@ fn a_second_batch_on_the_same_output_refuses_naming_the_first() {
         output: dir.path().join("out.jsonl"),
         errors: dir.path().join("errors.jsonl"),
         default_max_tokens: 1,
+        shard: None,
     };
     ollm_batch::JobLocks::acquire(&opts).expect("free once the first batch is gone");
 }
@@ -299,4 +300,124 @@ fn a_batch_message_cannot_forge_special_tokens() {
     let as_text = tok.encode_chat(&template, &messages).expect("encodes");
     assert_ne!(as_controls.len(), as_text.len());
     assert_eq!(lines_of(&out)[0]["usage"]["prompt_tokens"], as_text.len(), "the message's specials became controls");
+}
+
+/// One job split over 3 shards on one machine, each run twice (the second resumes with nothing
+/// left), then merged:
+/// every id exactly once, and each result equals the unsharded run's (greedy).
+#[test]
+fn three_shards_cover_every_id_exactly_once_and_merge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let ids: Vec<String> = (0..12).map(|i| format!("doc-{i}")).collect();
+    let text: String = ids
+        .iter()
+        .map(|id| format!("{{\"id\": \"{id}\", \"prompt\": \"Hello {id}\", \"max_tokens\": 3, \"temperature\": 0}}\n"))
+        .collect();
+    std::fs::write(&input, text).expect("write input");
+    let model = fixture("llama3_tied");
+    let batch = |out: &std::path::Path, shard: Option<&str>| {
+        let mut args = vec!["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8")];
+        args.extend(["--out", out.to_str().expect("utf8")]);
+        if let Some(s) = shard {
+            args.extend(["--shard", s]);
+        }
+        let o = ollm().args(&args).output().expect("batch");
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let whole = dir.path().join("whole.jsonl");
+    batch(&whole, None);
+    let out = dir.path().join("results.jsonl");
+    let mut parts = Vec::new();
+    for i in 0..3 {
+        let shard = format!("{i}/3");
+        let log = batch(&out, Some(&shard));
+        assert!(log.contains(&format!("shard {i} of 3")), "{log}");
+        // A second run of the same shard resumes: nothing left to do.
+        let again = batch(&out, Some(&shard));
+        assert!(again.contains("0 completed"), "{again}");
+        parts.push(dir.path().join(format!("results.shard-{i}-of-3.jsonl")));
+    }
+    let per_part: Vec<usize> = parts.iter().map(|p| lines_of(p).len()).collect();
+    assert_eq!(per_part.iter().sum::<usize>(), ids.len(), "{per_part:?}");
+    assert!(per_part.iter().all(|&n| n < ids.len()), "every shard took a share: {per_part:?}");
+
+    let merged = dir.path().join("merged.jsonl");
+    let mut args: Vec<String> = vec!["merge-batch".into(), merged.to_str().expect("utf8").into()];
+    args.extend(parts.iter().map(|p| p.to_str().expect("utf8").to_string()));
+    args.extend(["--input".into(), input.to_str().expect("utf8").into()]);
+    let o = ollm().args(&args).output().expect("merge");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged_lines = lines_of(&merged);
+    let got: Vec<&str> = merged_lines.iter().map(|l| l["id"].as_str().expect("id")).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "every id once, in input order");
+    let whole_lines = lines_of(&whole);
+    for (m, w) in merged_lines.iter().zip(&whole_lines) {
+        assert_eq!(m["text"], w["text"], "{}: sharded text differs from the unsharded run", m["id"]);
+    }
+
+    // A part left out is reported: its ids are missing, and merge-batch fails saying so.
+    let partial = dir.path().join("partial.jsonl");
+    let o = ollm()
+        .args(["merge-batch", partial.to_str().expect("utf8"), parts[0].to_str().expect("utf8")])
+        .args(["--input", input.to_str().expect("utf8")])
+        .output()
+        .expect("merge");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("missing") && err.contains("doc-"), "{err}");
+}
+
+/// docs/batch-shards.md's Slurm and Kubernetes recipes: each one's `ollm batch` line runs for
+/// every index with the variables its scheduler sets, and the parts merge to every id once.
+#[test]
+fn the_documented_shard_recipes_run() {
+    let doc = std::fs::read_to_string(workspace().join("docs/batch-shards.md")).expect("read docs/batch-shards.md");
+    let lines: Vec<&str> =
+        doc.lines().map(|l| l.trim().trim_start_matches("- ")).filter(|l| l.starts_with("ollm batch ")).collect();
+    assert_eq!(lines.len(), 2, "one `ollm batch` line per recipe (Slurm, Kubernetes): {lines:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("requests.jsonl");
+    let ids: Vec<String> = (0..7).map(|i| format!("r{i}")).collect();
+    let text: String =
+        ids.iter().map(|id| format!("{{\"id\": \"{id}\", \"prompt\": \"Hi {id}\", \"max_tokens\": 2}}\n")).collect();
+    std::fs::write(&input, text).expect("write input");
+    let model = fixture("llama3_tied");
+    let (shards, bin) = (3, env!("CARGO_BIN_EXE_ollm"));
+    for (recipe, (line, index_var, count_var)) in lines
+        .iter()
+        .zip([("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("JOB_COMPLETION_INDEX", "SHARDS")])
+        .map(|(l, (i, n))| (l, i, n))
+        .enumerate()
+    {
+        let out = dir.path().join(format!("results-{recipe}.jsonl"));
+        let command = format!("\"{bin}\"{}", line.strip_prefix("ollm").expect("starts with ollm"));
+        for index in 0..shards {
+            let o = Command::new("sh")
+                .args(["-c", &command])
+                .env("MODEL", &model)
+                .env("IN", &input)
+                .env("OUT", &out)
+                .env(index_var, index.to_string())
+                .env(count_var, shards.to_string())
+                .output()
+                .expect("run the recipe");
+            assert!(o.status.success(), "recipe {recipe}, index {index}: {}", stderr(&o));
+        }
+        let merged = dir.path().join(format!("merged-{recipe}.jsonl"));
+        let parts: Vec<String> = (0..shards)
+            .map(|i| dir.path().join(format!("results-{recipe}.shard-{i}-of-{shards}.jsonl")).display().to_string())
+            .collect();
+        let o = ollm()
+            .arg("merge-batch")
+            .arg(&merged)
+            .args(&parts)
+            .args(["--input", input.to_str().expect("utf8")])
+            .output()
+            .expect("merge");
+        assert!(o.status.success(), "recipe {recipe}: {}", stderr(&o));
+        let got: Vec<String> = lines_of(&merged).iter().map(|l| l["id"].as_str().expect("id").to_string()).collect();
+        assert_eq!(got, ids, "recipe {recipe}");
+    }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_batch::{JobLocks, JobOptions, Progress, run_job};
+use ollm_batch::{JobLocks, JobOptions, Progress, Shard, merge, run_job};
 
 use super::ModelArgs;
 use crate::loaded::{load, load_text};
@@ -26,6 +26,52 @@ pub struct BatchArgs {
     /// max_tokens of lines that give none.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// Run shard I of N (0 <= I < N): the requests whose id hashes to I, so N machines split one
+    /// job; results go to OUT with `.shard-I-of-N` before its extension (errors likewise).
+    /// Join the parts with `ollm merge-batch`.
+    #[arg(long, value_name = "I/N", value_parser = Shard::parse)]
+    pub shard: Option<Shard>,
+}
+
+/// `ollm merge-batch OUT PART...`: join the results of a sharded batch.
+#[derive(Debug, Args)]
+pub struct MergeBatchArgs {
+    /// The merged results (a new file).
+    pub out: PathBuf,
+    /// The shards' results files.
+    #[arg(required = true)]
+    pub parts: Vec<PathBuf>,
+    /// The job's input: results follow its order, and its ids that no part holds are reported.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+}
+
+/// Joins the parts; fails (after writing OUT) when ids are missing or held by several parts.
+pub fn merge_run(a: MergeBatchArgs) -> anyhow::Result<()> {
+    let r = merge(&a.out, &a.parts, a.input.as_deref())?;
+    let list = |ids: &[String]| {
+        let shown: Vec<&str> = ids.iter().take(10).map(String::as_str).collect();
+        format!("{}{}", shown.join(", "), if ids.len() > 10 { ", …" } else { "" })
+    };
+    for (file, line) in &r.unreadable {
+        eprintln!("[ollm] {}: line {line} is not a result with an id; skipped", file.display());
+    }
+    let dup: Vec<String> = r.duplicated.iter().map(|(k, n)| format!("{k} ({n}×)")).collect();
+    eprintln!(
+        "[ollm] merge-batch: {} results in {}; {} missing, {} duplicated",
+        r.written,
+        a.out.display(),
+        r.missing.len(),
+        r.duplicated.len()
+    );
+    if !r.missing.is_empty() || !r.duplicated.is_empty() {
+        anyhow::bail!(
+            "the parts do not hold every id exactly once (missing: {}; duplicated, first kept: {}); re-run the shards that own the missing ids",
+            if r.missing.is_empty() { "none".into() } else { list(&r.missing) },
+            if dup.is_empty() { "none".into() } else { list(&dup) }
+        );
+    }
+    Ok(())
 }
 
 pub fn run(a: BatchArgs) -> anyhow::Result<()> {
@@ -36,11 +82,17 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
         a.out.with_file_name(format!("{stem}.errors.jsonl"))
     });
+    // A shard writes its own files, so shards never share one.
+    let (out, errors) = match a.shard {
+        Some(s) => (s.path_for(&a.out), s.path_for(&errors)),
+        None => (a.out.clone(), errors),
+    };
     let opts = JobOptions {
         input: a.input.clone(),
-        output: a.out.clone(),
+        output: out.clone(),
         errors: errors.clone(),
         default_max_tokens: a.max_tokens,
+        shard: a.shard,
     };
     // Before the model loads: a second batch on the same files refuses at once.
     let locks = JobLocks::acquire(&opts)?;
@@ -57,7 +109,7 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     let summary = run_job(&model, &opts, &locks, &mut |p| match p {
         Progress::Planned { pending, already_done, torn_bytes } => {
             if torn_bytes > 0 {
-                bar.suspend(|| eprintln!("[ollm] cut a torn last line ({torn_bytes} bytes) from {}", a.out.display()));
+                bar.suspend(|| eprintln!("[ollm] cut a torn last line ({torn_bytes} bytes) from {}", out.display()));
             }
             if already_done > 0 {
                 bar.suspend(|| eprintln!("[ollm] resuming: {already_done} requests already done, {pending} to go"));
@@ -73,13 +125,17 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     eprintln!(
-        "[ollm] batch: {} completed, {} already done, {} failed, {} invalid lines, {} duplicate ids; results in {}{}",
+        "[ollm] batch: {} completed, {} already done, {} failed, {} invalid lines, {} duplicate ids{}; results in {}{}",
         summary.completed,
         summary.already_done,
         summary.failed,
         summary.invalid_lines,
         summary.duplicate_ids,
-        a.out.display(),
+        a.shard.map_or_else(String::new, |s| format!(
+            " (shard {} of {}; {} requests left to the other shards)",
+            s.index, s.count, summary.other_shards
+        )),
+        out.display(),
         if summary.failed + summary.invalid_lines + summary.duplicate_ids > 0 {
             format!(", errors in {}", errors.display())
         } else {

@@ -32,8 +32,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Chat with the model in the terminal.
     Chat(chat::ChatArgs),
-    /// Run one request per line of a JSONL file; resumable.
+    /// Run one request per line of a JSONL file; resumable; `--shard I/N` runs one shard of it.
     Batch(batch::BatchArgs),
+    /// Join the results of a sharded batch, reporting missing and duplicated ids.
+    MergeBatch(batch::MergeBatchArgs),
     /// Download a safetensors model from the Hugging Face hub.
     Pull(pull::PullArgs),
     /// Write a random-weight model shaped like a real one (for benchmarks).
@@ -52,6 +54,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Batch(a) => batch::run(a),
+        Command::MergeBatch(a) => batch::merge_run(a),
         Command::Pull(a) => pull::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Plan(a) => plan::run(a),
