@@ -119,18 +119,6 @@ pub fn tables(inv: &[f32], m: f32, positions: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// Builds the tables for `positions` and puts them on the backend.
-pub fn upload_table(
-    backend: &dyn Backend,
-    theta: f64,
-    rotary_dims: usize,
-    scaling: &RopeScaling,
-    positions: usize,
-) -> Result<RopeTable> {
-    let (inv, m) = inv_freq(theta, rotary_dims, scaling);
-    upload(backend, &inv, m, rotary_dims, positions)
-}
-
 /// The RoPE tables of one model on its backend, grown on demand up to the model's context.
 /// Owns the inverse frequencies and the current table; a table handed out stays valid (it is
 /// shared) after a larger one replaces it.
@@ -255,7 +243,8 @@ mod tests {
         assert_eq!(t.covering(&be, 100).expect("small").max_positions(), FIRST_TABLE_POSITIONS);
         let grown = t.covering(&be, 5000).expect("grows");
         assert_eq!((grown.max_positions(), t.built_positions()), (8192, 8192));
-        let whole = upload_table(&be, 10000.0, 8, &scaling, 8192).expect("whole");
+        let (inv, m) = inv_freq(10000.0, 8, &scaling);
+        let whole = upload(&be, &inv, m, 8, 8192).expect("whole");
         let host = |x: &ollm_ops::Tensor| be.to_host_f32(x).expect("download");
         assert_eq!(host(&grown.cos), host(&whole.cos));
         assert_eq!(host(&grown.sin), host(&whole.sin));
