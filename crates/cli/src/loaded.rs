@@ -50,9 +50,7 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
         if crate::hub::is_hub_id(spec) {
             return crate::hub::ensure_model(spec, None);
         }
-        bail!(
-            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m for the demo model)"
-        );
+        return Err(crate::errors::ModelNotFound { spec: spec.to_string() }.into());
     }
     if !dir.is_dir() {
         bail!("--model {spec} is a file; give the directory that holds config.json and the weights");

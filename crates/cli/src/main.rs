@@ -25,8 +25,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context first, then each cause.
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", ollm_cli::errors::one_line(&e));
             ExitCode::FAILURE
         }
     }
