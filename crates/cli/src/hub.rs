@@ -51,7 +51,7 @@ pub fn ensure_model(repo_id: &str, revision: Option<&str>) -> anyhow::Result<Pat
     if is_complete(&dir) {
         return Ok(dir);
     }
-    eprintln!("[ollm] first use of {repo_id}: downloading it from the Hugging Face hub");
+    crate::progress::note(&format!("[ollm] first use of {repo_id}: downloading it from the Hugging Face hub"));
     pull(repo_id, revision)
 }
 

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod loaded;
 pub mod npy;
 pub mod planning;
+pub mod progress;
 pub mod prompt;
 pub mod resources;
 pub mod units;

@@ -15,6 +15,7 @@ use ollm_residency::plan::{Plan, Tier};
 use ollm_tokenizer::{ChatTemplate, Tokenizer};
 
 use crate::commands::{DeviceArg, ModelArgs};
+use crate::progress::note;
 
 /// Everything a command needs from a model directory.
 pub struct Loaded {
@@ -97,7 +98,7 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         // Every kernel compiled and loaded now: a first run pays it here, not in its prompt.
         let (compiled, secs) = b.device().warm_kernels()?;
         if compiled > 0 {
-            eprintln!("[ollm] compiled {compiled} CUDA kernel files in {secs:.1} s (once; cached for later runs)");
+            note(&format!("[ollm] compiled {compiled} CUDA kernel files in {secs:.1} s (once; cached for later runs)"));
         }
         Ok(Chosen { backend: b })
     };
@@ -112,11 +113,11 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
                 let b = with_budget(dev, vram_budget)?;
                 let budget = vram_budget
                     .map_or(String::new(), |_| format!(", VRAM budget {}", gib(b.device().vram().budget_bytes())));
-                eprintln!("[ollm] device: {}{budget}", b.name());
+                note(&format!("[ollm] device: {}{budget}", b.name()));
                 cuda(b)
             }
             Err(_) => {
-                eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");
+                note("[ollm] device: cpu (no usable GPU; --device cuda says why)");
                 Ok(Chosen { backend: Arc::new(CpuBackend::new()) })
             }
         },
@@ -152,7 +153,7 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
         .filter(|p| p.kv.is_some() || p.experts.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram))
         .map(|p| p.placement(spill.as_ref().map_or(Path::new("."), |(d, _)| d.as_path())));
     if let (Some(p), Some(_)) = (&plan, &placement) {
-        eprintln!("[ollm] streaming: {}", crate::planning::describe(p));
+        note(&format!("[ollm] streaming: {}", crate::planning::describe(p)));
     }
     let Chosen { backend } = chosen;
     let t0 = Instant::now();

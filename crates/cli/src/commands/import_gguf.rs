@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use ollm_weights::format::gguf::import_gguf;
 
 #[derive(Debug, Args)]
@@ -25,18 +24,15 @@ pub fn run(a: ImportGgufArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Imports with a progress bar on stderr (hidden when stderr is not a terminal).
+/// Imports with a progress bar on stderr (hidden when stderr is not a terminal), or through the
+/// progress sink a host installed ([`crate::progress`]).
 pub fn import_with_progress(gguf: &Path, out: &Path) -> anyhow::Result<()> {
-    let bar = ProgressBar::new(0).with_message("importing");
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress::Bar::bytes(0, "importing", "{msg} {bar:30} {bytes}/{total_bytes} {eta}");
     import_gguf(gguf, out, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })
     .with_context(|| format!("importing {}", gguf.display()))?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(())
 }
