@@ -130,8 +130,19 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
     Ok(Text { tokenizer, template })
 }
 
-/// Loads the model (config first, so a bad config fails before any weight is read).
+/// Loads the model (config first, so a bad config fails before any weight is read). A temporary
+/// KV spill directory is also removed on Ctrl-C, which then ends the process.
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    load_with(args, true)
+}
+
+/// [`load`] for a host process that owns Ctrl-C (the Python package): no signal handler is
+/// installed; a temporary KV spill directory is removed when the [`Loaded`] drops.
+pub fn load_embedded(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    load_with(args, false)
+}
+
+fn load_with(args: &ModelArgs, cleanup_on_interrupt: bool) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
     let chosen = backend(args.device, args.vram_budget)?;
     let generation = GenerationConfig::from_dir(&dir)?;
@@ -145,7 +156,7 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
         || budgets.expert_slots.is_some();
     let plan = if wants_plan { Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0) } else { None };
     let spill = match plan.as_ref().and_then(|p| p.kv) {
-        Some(_) => Some(crate::planning::kv_spill_dir(args.kv_cache_dir.as_deref())?),
+        Some(_) => Some(crate::planning::kv_spill_dir(args.kv_cache_dir.as_deref(), cleanup_on_interrupt)?),
         None => None,
     };
     let placement = plan

@@ -140,15 +140,22 @@ pub fn describe(p: &Plan) -> String {
 }
 
 /// The directory an offloaded KV cache spills into: `--kv-cache-dir`, or a fresh temporary
-/// directory that is removed when the returned guard drops and on Ctrl-C.
-pub fn kv_spill_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, Option<TempKvDir>)> {
+/// directory that is removed when the returned guard drops and, with `cleanup_on_interrupt`,
+/// on Ctrl-C (a handler that then exits the process).
+pub fn kv_spill_dir(given: Option<&Path>, cleanup_on_interrupt: bool) -> anyhow::Result<(PathBuf, Option<TempKvDir>)> {
     if let Some(d) = given {
         std::fs::create_dir_all(d).with_context(|| format!("--kv-cache-dir {}: cannot create it", d.display()))?;
         return Ok((d.to_path_buf(), None));
     }
-    let dir = std::env::temp_dir().join(format!("ollm-kv-{}", std::process::id()));
+    // One directory per loaded model: a process (the Python package) may load several.
+    static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ollm-kv-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create the KV spill directory (give --kv-cache-dir)", dir.display()))?;
+    if !cleanup_on_interrupt {
+        return Ok((dir.clone(), Some(TempKvDir(dir))));
+    }
     let on_interrupt = dir.clone();
     // Best effort: another handler (the server's) may own Ctrl-C already; the guard still
     // removes the directory on every normal exit.
