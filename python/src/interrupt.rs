@@ -45,10 +45,23 @@ impl Interrupt {
 pub fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(&CancelCheck) -> PyResult<T> + Send) -> PyResult<T> {
     let interrupt = Arc::new(Interrupt::default());
     let seen = interrupt.clone();
-    let cancel = CancelCheck::new(move || seen.check());
+    // Signal handlers run on the main thread only: elsewhere there is nothing to ask, and not
+    // taking the GIL per token leaves it to the threads that run Python.
+    let cancel = if on_main_thread(py) { CancelCheck::new(move || seen.check()) } else { CancelCheck::new(|| false) };
     let out = py.detach(|| work(&cancel));
     match interrupt.take() {
         Some(e) => Err(e),
         None => out,
     }
+}
+
+/// Whether the calling thread is Python's main thread (where signal handlers run).
+fn on_main_thread(py: Python<'_>) -> bool {
+    let check = || -> PyResult<bool> {
+        let threading = py.import("threading")?;
+        let main = threading.call_method0("main_thread")?;
+        Ok(threading.call_method0("current_thread")?.is(&main))
+    };
+    // When in doubt, ask: a check that finds nothing costs a moment with the GIL.
+    check().unwrap_or(true)
 }

@@ -340,7 +340,7 @@ impl Llm {
         d.set_item("vocab_size", i.vocab_size)?;
         d.set_item("eos_token_ids", &s.chat.eos_token_ids)?;
         d.set_item("device", &s.loaded.model_backend_name)?;
-        d.set_item("model_dir", &s.loaded.dir)?;
+        d.set_item("model_dir", s.loaded.dir.display().to_string())?;
         d.set_item("load_s", s.loaded.load_time.as_secs_f64())?;
         Ok(d)
     }

@@ -85,6 +85,7 @@ def test_info_plan_and_tokenizer(llm):
     assert info["context"] == 8192 and info["n_layers"] == 30
     assert 250e6 < info["weight_bytes"] < 300e6
     assert info["device"] == "cpu"
+    assert isinstance(info["model_dir"], str) and info["model_dir"].endswith("smollm2-135m-instruct")
     plan = llm.plan()
     assert plan["tiers"] == ["vram"] * 30 and plan["layers"]["vram"] == list(range(30))
     assert plan["layers"]["disk"] == [] and plan["kv_offload"] is None and not plan["streamed"]
