@@ -4,8 +4,9 @@
 use ollm_kv::LayerKv;
 use ollm_ops::{AttnParams, Backend, RopeTable, Tensor};
 
-use crate::Result;
+use crate::common::forward::Segment;
 use crate::trace::TraceSink;
+use crate::{BatchSeq, Result};
 
 /// Head layout of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +65,7 @@ impl AttnScratch {
 }
 
 /// Per-call settings that differ between layers and families.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct AttnCall<'a> {
     pub layer: usize,
     pub pos0: usize,
@@ -122,5 +123,88 @@ pub fn append_and_attend(
     backend.write_kv(&mut kv.k, k, row0)?;
     backend.write_kv(&mut kv.v, v, row0)?;
     backend.attention(q, &kv.k, &kv.v, row0, params, ctx)?;
+    Ok(())
+}
+
+/// Copies rows `row..row + n` (the first dimension) of `src` into `out`, whatever the trailing
+/// dimensions (the backend's row ops count rows of the last dimension).
+pub fn copy_outer_rows(backend: &dyn Backend, src: &Tensor, row: usize, n: usize, out: &mut Tensor) -> Result<()> {
+    let f = per_outer_row(src);
+    backend.copy_rows(src, row * f..(row + n) * f, out)?;
+    Ok(())
+}
+
+/// Writes `src` into rows `row..` (the first dimension) of `dst`.
+pub fn write_outer_rows(backend: &dyn Backend, src: &Tensor, dst: &mut Tensor, row: usize) -> Result<()> {
+    backend.write_rows(src, dst, row * per_outer_row(dst))?;
+    Ok(())
+}
+
+/// Last-dimension rows per first-dimension row.
+fn per_outer_row(t: &Tensor) -> usize {
+    let s = t.shape();
+    match (s.first(), s.last()) {
+        (Some(&outer), Some(&last)) if outer > 0 && last > 0 => t.numel() / outer / last,
+        _ => 1,
+    }
+}
+
+/// Buffers of one sequence's rows inside a tile that holds several: q, k, v and ctx of `n`
+/// rows, one set per row count, made when first needed and kept for the forward.
+#[derive(Debug, Default)]
+pub struct SegBufs(Vec<(usize, [Tensor; 4])>);
+
+impl SegBufs {
+    /// The set for `n` rows of these dims.
+    pub fn get(&mut self, backend: &dyn Backend, n: usize, d: &AttnDims) -> Result<&mut [Tensor; 4]> {
+        let i = match self.0.iter().position(|(m, _)| *m == n) {
+            Some(i) => i,
+            None => {
+                let [q, k, v, ctx, _] = crate::common::forward::alloc_all(backend, AttnScratch::shapes(n, d))?
+                    .try_into()
+                    .map_err(|_| ollm_ops::OpsError::Backend("internal: segment scratch".into()))?;
+                self.0.push((n, [q, k, v, ctx]));
+                self.0.len() - 1
+            }
+        };
+        Ok(&mut self.0[i].1)
+    }
+}
+
+/// [`self_attention`] over a tile that holds the rows of several sequences (`segs`, against
+/// `items`' caches of layer slot `kv_idx`): one matmul per projection over all rows; rotation,
+/// cache append and attention per segment, each at its own positions against its own cache.
+/// With one segment it is [`self_attention`] itself. `call.pos0` is ignored (each segment has its
+/// own); `call.rope` must cover every segment's positions.
+pub fn batched_self_attention(
+    backend: &dyn Backend,
+    w: &AttnWeights,
+    a: &Tensor,
+    (segs, items, kv_idx): (&[Segment], &mut [BatchSeq<'_>], usize),
+    call: &AttnCall<'_>,
+    (s, bufs, dims): (&mut AttnScratch, &mut SegBufs, &AttnDims),
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
+    if let [seg] = segs {
+        let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
+        let call = AttnCall { pos0: seg.pos0, ..*call };
+        return self_attention(backend, w, a, kv, &call, s, trace);
+    }
+    backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
+    backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
+    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
+    for seg in segs {
+        let [q, k, v, ctx] = bufs.get(backend, seg.n, dims)?;
+        copy_outer_rows(backend, &s.q, seg.row, seg.n, q)?;
+        copy_outer_rows(backend, &s.k, seg.row, seg.n, k)?;
+        copy_outer_rows(backend, &s.v, seg.row, seg.n, v)?;
+        backend.rope(q, call.rope, seg.pos0)?;
+        backend.rope(k, call.rope, seg.pos0)?;
+        let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
+        append_and_attend(backend, kv, (k, v), q, (call.layer, seg.pos0), &params, ctx)?;
+        write_outer_rows(backend, ctx, &mut s.ctx, seg.row)?;
+    }
+    backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
     Ok(())
 }
