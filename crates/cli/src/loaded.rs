@@ -175,7 +175,20 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     })
 }
 
+/// The most sequences `--max-batch` takes.
+pub const MAX_BATCH: usize = 64;
+
 impl Loaded {
+    /// Sequences generated together when `--max-batch` is not given: 16 where nothing plans
+    /// device memory (the CPU without budgets: each sequence's KV grows as it is used), else
+    /// what the plan sized.
+    pub fn default_max_batch(&self) -> usize {
+        match &self.plan {
+            None => 16,
+            Some(_) => 1,
+        }
+    }
+
     /// A fresh session over the model, with the prefix cache when one is configured.
     pub fn session(&self) -> anyhow::Result<Session> {
         Ok(ollm_engine::session_with_prefix(self.model.clone(), self.prefix.as_ref())?)

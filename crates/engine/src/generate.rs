@@ -95,6 +95,9 @@ pub struct GenerationStats {
     /// ([`generate_reusing`]); neither computed nor loaded.
     pub reused_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens in the session when generation ended: all of them, unless it was cancelled
+    /// while the prompt was being read.
+    pub prompt_fed: usize,
     pub prefill: Duration,
     pub decode: Duration,
     /// What the prefix cache did, when the session has one.
@@ -170,6 +173,7 @@ pub fn generate_reusing(
     let mut g = generate(session, tokenizer, &prompt[kept..], params, on_token)?;
     g.stats.prompt_tokens = prompt.len();
     g.stats.reused_tokens = kept;
+    g.stats.prompt_fed += kept;
     Ok(g)
 }
 
@@ -197,11 +201,13 @@ pub fn generate(
     stats.prefill = t0.elapsed();
     let Some((mut logits, restored)) = prefilled else {
         let finish = FinishReason::Cancelled;
+        stats.prompt_fed = session.len();
         return Ok(Generation { ids: Vec::new(), text: String::new(), reasoning: String::new(), finish, stats });
     };
     if session.prefix_cache().is_some() {
         stats.prefix = Some(PrefixReport { restored, ..PrefixReport::default() });
     }
+    stats.prompt_fed = prompt.len();
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();

@@ -61,6 +61,11 @@ pub struct SchedulerStats {
     pub decode_tokens: u64,
     /// The most sequences one step held.
     pub max_seqs_in_step: usize,
+    /// Steps in which every sequence was decoding (no prompt rows), their tokens and the time
+    /// their forwards took: the decode rate at the batch size, free of prefill.
+    pub decode_steps: u64,
+    pub decode_step_tokens: u64,
+    pub decode_step_time: Duration,
     pub completed: u64,
     pub cancelled: u64,
     pub failed: u64,
@@ -221,7 +226,14 @@ impl Scheduler {
             return false;
         }
         plan.sort_by_key(|(i, _)| *i);
+        let decode_only = plan.iter().all(|(i, _)| self.running[*i].feed.is_some());
+        let t = Instant::now();
         let results = self.forward(&plan);
+        if decode_only {
+            self.stats.decode_steps += 1;
+            self.stats.decode_step_tokens += plan.len() as u64;
+            self.stats.decode_step_time += t.elapsed();
+        }
         self.stats.steps += 1;
         self.stats.max_seqs_in_step = self.stats.max_seqs_in_step.max(plan.len());
         // Move each sequence on; those that end leave (indices from the back stay valid).
@@ -417,7 +429,8 @@ impl Scheduler {
 
     /// Finishes a sequence: flushes its text, tells its sink, keeps its session for reuse.
     fn end(&mut self, r: Running, how: Result<FinishReason>) {
-        let Running { mut session, sink, dec, mut stats, decode_start, store_time, stored, .. } = r;
+        let Running { mut session, sink, dec, mut stats, decode_start, store_time, stored, fed, .. } = r;
+        stats.prompt_fed = fed;
         let mut sink = sink;
         let result = how.and_then(|finish| {
             let (ids, text, reasoning) = dec.finish(&self.tokenizer, finish, &mut |ev| sink.token(ev))?;

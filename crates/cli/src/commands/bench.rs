@@ -100,11 +100,29 @@ pub struct DecodeBenchArgs {
     /// +1, ...): each later one keeps the prompt in memory and computes only its question.
     #[arg(long, default_value_t = 1)]
     pub questions: usize,
+    /// Batch sizes (e.g. 1,4,16,64): generate --requests requests through the batching scheduler
+    /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub batch: Vec<usize>,
+    /// Requests of the --batch bench.
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match (a.what, a.model) {
         (Some(BenchWhat::Ops(o)), _) => run_ops(o),
+        (None, Some(m)) if !a.decode.batch.is_empty() => {
+            let d = a.decode;
+            let b = super::bench_batch::BatchBench {
+                sizes: d.batch,
+                requests: d.requests,
+                prompt_tokens: d.prompt_tokens,
+                tokens: d.tokens,
+                bandwidth_mib: d.bandwidth_mib,
+            };
+            super::bench_batch::run(&m, &b)
+        }
         (None, Some(m)) => run_decode(&m, a.decode),
         (None, None) => bail!("give --model DIR for the decode bench, or run `ollm bench ops` for the GPU ops"),
     }

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_batch;
 pub mod chat;
 pub mod import_gguf;
 pub mod logits;

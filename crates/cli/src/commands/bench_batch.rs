@@ -1,0 +1,153 @@
+//! `ollm bench --model DIR --batch 1,4,16,64`: generation through the continuous-batching
+//! scheduler at several batch sizes, each against the bounds measured in the same run.
+//!
+//! A step feeds one token to each of B sequences and reads every weight once, plus each
+//! sequence's KV: the memory bound is B × bandwidth / (weight bytes + B × KV bytes) tokens/s.
+//! Each token costs about two FLOPs per weight (the matmuls; attention's share is left out, it
+//! is small at these contexts): the compute bound is the backend's measured matmul rate over
+//! that. A batch can beat batch 1 by up to the ratio of the two.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ollm_engine::{GenerateParams, Generation, Request, SamplingParams, Scheduler, SchedulerConfig, Sink, TokenEvent};
+use ollm_ops::{Backend, DType, HostTensor};
+use ollm_residency::measure::memory_bandwidth;
+
+use super::ModelArgs;
+use crate::loaded::load;
+use crate::resources::human_bytes;
+
+/// What the batch bench runs.
+#[derive(Debug, Clone)]
+pub struct BatchBench {
+    pub sizes: Vec<usize>,
+    pub requests: usize,
+    pub prompt_tokens: usize,
+    pub tokens: usize,
+    pub bandwidth_mib: usize,
+}
+
+/// Counts a request's generated tokens.
+struct Count(Arc<AtomicU64>);
+
+impl Sink for Count {
+    fn token(&mut self, _: TokenEvent<'_>) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn done(&mut self, result: ollm_engine::Result<Generation>) {
+        match result {
+            Ok(g) => {
+                self.0.fetch_add(g.stats.generated_tokens as u64, Ordering::SeqCst);
+            }
+            Err(e) => eprintln!("[ollm] bench request failed: {e}"),
+        }
+    }
+}
+
+/// The backend's matmul rate (FLOP/s): `[m, k] × [n, k]ᵀ` over random bf16 weights, best of 3.
+fn matmul_rate(be: &dyn Backend, m: usize, k: usize, n: usize) -> anyhow::Result<f64> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let w_bytes: Vec<u8> = (0..n * k).flat_map(|_| ((next().to_bits() >> 16) as u16).to_le_bytes()).collect();
+    let w = be.upload(&HostTensor { dtype: DType::BF16, shape: vec![n, k], bytes: w_bytes })?;
+    let xs: Vec<f32> = (0..m * k).map(|_| next()).collect();
+    let a = be.upload_f32(vec![m, k], &xs)?;
+    let mut out = be.zeros(vec![m, n])?;
+    be.matmul(&a, &w, None, &mut out)?;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        be.matmul(&a, &w, None, &mut out)?;
+        be.to_host_f32(&out)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best)
+}
+
+pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !b.sizes.is_empty() && b.sizes.iter().all(|&s| (1..=crate::loaded::MAX_BATCH).contains(&s)),
+        "--batch takes sizes between 1 and {}",
+        crate::loaded::MAX_BATCH
+    );
+    anyhow::ensure!(
+        b.requests >= 1 && b.tokens >= 2 && b.prompt_tokens >= 1,
+        "--requests >= 1, --tokens >= 2 and --prompt-tokens >= 1"
+    );
+    let mut model = model.clone();
+    let ctx = b.prompt_tokens + b.tokens + 1;
+    model.max_context = Some(model.max_context.unwrap_or(0).max(ctx));
+    let loaded = load(&model)?;
+    let be = loaded.backend.as_ref();
+    let info = loaded.model.info().clone();
+    let bandwidth = memory_bandwidth(be, b.bandwidth_mib * 1024 * 1024)?;
+    let h = info.hidden_size;
+    let flops = matmul_rate(be, 256, h.max(256), (4 * h).max(1024))?;
+    println!(
+        "model           {} ({} layers, {} weights)",
+        loaded.dir.display(),
+        info.n_layers,
+        human_bytes(info.weight_bytes)
+    );
+    println!("device          {}", loaded.model_backend_name);
+    println!("threads         {}", rayon::current_num_threads());
+    println!("memory bw       {:.2} GB/s (measured, best of 5 over {} MiB)", bandwidth / 1e9, b.bandwidth_mib);
+    println!("matmul rate     {:.1} GFLOP/s (measured: [256, {h}] x [{}, {h}] bf16)", flops / 1e9, (4 * h).max(1024));
+    println!(
+        "requests        {} of {} prompt tokens, {} generated tokens each (greedy, eos ignored)",
+        b.requests, b.prompt_tokens, b.tokens
+    );
+    println!();
+    println!("batch  decode tok/s  end-to-end tok/s  memory bound  compute bound  decode / min bound  vs batch 1");
+    let mut first = None;
+    for &size in &b.sizes {
+        let m = loaded.model.clone();
+        let prefix = loaded.prefix.clone();
+        let new_session = move || ollm_engine::session_with_prefix(m.clone(), prefix.as_ref());
+        let cfg = SchedulerConfig { max_batch: size, step_tokens: 2048 };
+        let tok = Arc::new(crate::loaded::load_text(&loaded.dir)?.tokenizer);
+        let mut sched = Scheduler::new(loaded.model.clone(), tok, cfg, Box::new(new_session));
+        let generated = Arc::new(AtomicU64::new(0));
+        for r in 0..b.requests {
+            let prompt: Vec<u32> =
+                (0..b.prompt_tokens).map(|i| ((7 * i * i + 3 * i + 1 + 9973 * r) % info.vocab_size) as u32).collect();
+            let params = GenerateParams {
+                max_new_tokens: b.tokens,
+                sampling: SamplingParams::greedy(),
+                eos_token_ids: Vec::new(),
+                stop: Vec::new(),
+                harmony: None,
+                cancel: None,
+            };
+            sched.submit(Request { prompt, params, sink: Box::new(Count(generated.clone())) });
+        }
+        let t = Instant::now();
+        sched.run_until_idle();
+        let wall = t.elapsed().as_secs_f64();
+        let st = sched.stats();
+        let decode = st.decode_step_tokens as f64 / st.decode_step_time.as_secs_f64().max(1e-9);
+        let e2e = generated.load(Ordering::SeqCst) as f64 / wall;
+        // Bounds at the mean context of the decode steps.
+        let mean_ctx = b.prompt_tokens + b.tokens / 2;
+        let step_bytes = info.weight_bytes_per_token as f64 + size as f64 * info.kv_read_bytes(mean_ctx) as f64;
+        let mem_bound = size as f64 * bandwidth / step_bytes;
+        let compute_bound = flops / info.weight_bytes_per_token as f64;
+        let bound = mem_bound.min(compute_bound);
+        let base = *first.get_or_insert(decode);
+        println!(
+            "{size:>5}  {decode:>12.1}  {e2e:>16.1}  {mem_bound:>12.1}  {compute_bound:>13.1}  {:>17.1}%  {:>9.2}x",
+            100.0 * decode / bound,
+            decode / base
+        );
+    }
+    Ok(())
+}
