@@ -133,3 +133,25 @@ fn gpt_oss_moves_each_expert_once_per_batched_decode_step() {
 fn qwen3_next_moves_each_expert_once_per_batched_decode_step() {
     experts_move_once_per_step("qwen3-next", common::tiny_qwen3_next, 8, 2);
 }
+
+/// The planner's activation count of a batched forward: one sequence's is the plain forward's;
+/// 16 sequences of one row each add 15 logits rows and the segments' q, k, v and ctx buffers.
+#[test]
+fn batched_scratch_counts_a_logits_row_and_segment_buffers_per_sequence() {
+    let writers: [(&str, &dyn Fn(&std::path::Path)); 3] = [
+        ("llama", &common::tiny_model),
+        ("gpt-oss", &|d| common::tiny_gpt_oss(d, 32)),
+        ("qwen3-next", &common::tiny_qwen3_next),
+    ];
+    for (name, write) in writers {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path());
+        let m = ollm_models::registry::model_bytes(dir.path()).expect("sizes");
+        let bytes = |rows, seqs| m.batch_scratch_bytes(rows, seqs).expect("scratch");
+        assert_eq!(bytes(1100, 1), m.scratch_bytes(1100).expect("scratch"), "{name}");
+        let extra = bytes(16, 16) - bytes(16, 1);
+        let least = 4 * (15 * m.vocab_size + 16 * 2 * m.q_dim) as u64;
+        assert!(extra >= least, "{name}: 16 sequences add {extra} bytes, fewer than {least}");
+        assert!(bytes(64, 64) > bytes(16, 16), "{name}");
+    }
+}

@@ -12,7 +12,9 @@ use super::config::{GptOssConfig, SWIGLU_ALPHA};
 use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, SegBufs, batched_self_attention};
 use crate::common::experts::expert_sources;
-use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, Segment, f32_bytes, piece_sizes, segments, stream_shapes};
+use crate::common::forward::{
+    PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
+};
 use crate::common::moe::Routed;
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
@@ -157,13 +159,14 @@ fn chunk_shapes(cfg: &GptOssConfig, c: usize) -> Vec<Vec<usize>> {
     v
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
-/// logits wanted): the residual stream, the tiles' and chunks' buffers, a scratch set per tile
-/// length and what a MoE chunk holds at once. The experts' unpacked matrices belong to the
-/// expert cache.
-pub fn scratch_bytes(cfg: &GptOssConfig, t: usize) -> u64 {
+/// Device bytes of the activations a forward of `t` rows in `seqs` sequences allocates at most
+/// (each sequence's last row's logits wanted): the residual stream, the tiles' and chunks'
+/// buffers, a scratch set per tile length, what a MoE chunk holds at once, and for several
+/// sequences their segments' buffers. The experts' unpacked matrices belong to the expert cache.
+pub fn scratch_bytes(cfg: &GptOssConfig, t: usize, seqs: usize) -> u64 {
     let h = cfg.hidden_size;
-    let mut shapes = stream_shapes(t, h, cfg.vocab_size);
+    let mut shapes = batch_stream_shapes(t, seqs, h, cfg.vocab_size);
+    shapes.extend(SegBufs::shapes(seg_set_rows(t, seqs), &dims(cfg)));
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
     shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
     for n in piece_sizes(t, PREFILL_TILE) {

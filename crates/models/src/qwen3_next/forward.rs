@@ -20,7 +20,8 @@ use super::tensors::*;
 use crate::common::attention::{AttnDims, SegBufs, append_and_attend, copy_outer_rows, write_outer_rows};
 use crate::common::experts::expert_sources;
 use crate::common::forward::{
-    PREFILL_TILE, PerSize, Pieces, SegSets, Segment, alloc_all, f32_bytes, piece_sizes, segments, stream_shapes,
+    PREFILL_TILE, PerSize, Pieces, SegSets, Segment, alloc_all, batch_stream_shapes, f32_bytes, piece_sizes,
+    seg_set_rows, segments,
 };
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
@@ -366,12 +367,21 @@ impl ChunkScratch {
     }
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
-/// logits wanted): the residual stream, the tiles' and chunks' buffers, their scratch sets,
-/// and what a MoE layer holds at once besides. The experts' weights belong to the expert cache.
-pub fn scratch_bytes(c: &Qwen3NextConfig, t: usize) -> u64 {
+/// Device bytes of the activations a forward of `t` rows in `seqs` sequences allocates at most
+/// (each sequence's last row's logits wanted): the residual stream, the tiles' and chunks'
+/// buffers, their scratch sets, what a MoE layer holds at once besides, and for several
+/// sequences their segments' buffers (DeltaNet's and attention's). The experts' weights belong
+/// to the expert cache.
+pub fn scratch_bytes(c: &Qwen3NextConfig, t: usize, seqs: usize) -> u64 {
     let h = c.hidden_size;
-    let mut shapes = stream_shapes(t, h, c.vocab_size);
+    let mut shapes = batch_stream_shapes(t, seqs, h, c.vocab_size);
+    let seg = seg_set_rows(t, seqs);
+    if c.mixers.contains(&Mixer::Linear) {
+        shapes.extend(delta_seg_shapes(c, seg));
+    }
+    if c.mixers.contains(&Mixer::Full) {
+        shapes.extend(SegBufs::shapes(seg, &attn_dims(c)));
+    }
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
     shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
     for n in piece_sizes(t, PREFILL_TILE) {
