@@ -138,7 +138,8 @@ fn qwen3_next_moves_each_expert_once_per_batched_decode_step() {
 /// 16 sequences of one row each add 15 logits rows and the segments' q, k, v and ctx buffers.
 #[test]
 fn batched_scratch_counts_a_logits_row_and_segment_buffers_per_sequence() {
-    let writers: [(&str, &dyn Fn(&std::path::Path)); 3] = [
+    type Write<'a> = &'a dyn Fn(&std::path::Path);
+    let writers: [(&str, Write<'_>); 3] = [
         ("llama", &common::tiny_model),
         ("gpt-oss", &|d| common::tiny_gpt_oss(d, 32)),
         ("qwen3-next", &common::tiny_qwen3_next),
