@@ -221,7 +221,7 @@ impl TokenTime {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "the model does not fit in --vram-budget {budget}: the device needs at least {need} (CUDA context {context}, resident weights {resident}, KV cache {kv} for {batch} sequence(s) of {positions} positions, activations {act}, {slots} layer slots of {slot}); raise --vram-budget to {need}, shorten --context or lower --max-batch"
+        "the model does not fit in --vram-budget {budget}: the device needs at least {need} (CUDA context {context}, resident weights {resident}, KV cache {kv} for {batch}{positions} positions, activations {act}, {slots} layer slots of {slot}); raise --vram-budget to {need}{batch:#}"
     )]
     Vram {
         budget: Bytes,
@@ -229,7 +229,7 @@ pub enum PlanError {
         context: Bytes,
         resident: Bytes,
         kv: Bytes,
-        batch: usize,
+        batch: Batch,
         positions: usize,
         act: Bytes,
         slots: usize,
@@ -237,6 +237,22 @@ pub enum PlanError {
     },
     #[error("the model has no decoder layers to place")]
     NoLayers,
+}
+
+/// The sequences a failed plan held: `16 sequences of ` before the positions (nothing for one),
+/// and with `{:#}` the advice that goes with them (`, shorten --context or lower --max-batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch(pub usize);
+
+impl fmt::Display for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (f.alternate(), self.0 > 1) {
+            (false, true) => write!(f, "{} sequences of ", self.0),
+            (false, false) => Ok(()),
+            (true, true) => f.write_str(", shorten --context or lower --max-batch"),
+            (true, false) => f.write_str(" or shorten --context"),
+        }
+    }
 }
 
 /// A byte count printed in GiB (two decimals).
@@ -297,7 +313,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                 context: Bytes(input.context_overhead_bytes),
                 resident: Bytes(input.resident_bytes),
                 kv: Bytes(kv),
-                batch,
+                batch: Batch(batch),
                 positions: input.context,
                 act: Bytes(input.activation_bytes),
                 slots: groups * slots,
@@ -598,6 +614,8 @@ mod tests {
         let err = plan(&llama8b(3 * GIB, 0, 8192)).expect_err("3 GiB");
         let PlanError::Vram { need, .. } = err.clone() else { panic!("{err:?}") };
         assert!(err.to_string().contains("raise --vram-budget to"), "{err}");
+        assert!(err.to_string().contains(" GiB for 8192 positions, activations"), "{err}");
+        assert!(err.to_string().ends_with(" or shorten --context") && !err.to_string().contains("batch"), "{err}");
         // That budget does plan (every layer streamed).
         let p = plan(&llama8b(need.0, 0, 8192)).expect("the named budget fits");
         assert!(p.tiers.iter().all(|t| *t == Tier::Disk));
@@ -634,7 +652,11 @@ mod tests {
         // The error names the batch.
         let err = plan(&PlanInput { max_batch: 64, kv_offload: Some(false), ..llama8b(8 * GIB, 0, 8192) })
             .expect_err("64 caches of 1 GiB on an 8 GiB device");
-        assert!(err.to_string().contains("for 64 sequence(s) of") && err.to_string().contains("--max-batch"), "{err}");
+        assert!(
+            err.to_string().contains("for 64 sequences of 8192 positions")
+                && err.to_string().contains("lower --max-batch"),
+            "{err}"
+        );
     }
 
     /// The largest batch whose caches stay on the device or in pinned RAM: one more would
