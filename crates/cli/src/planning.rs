@@ -33,6 +33,9 @@ pub struct Budgets {
     pub prefix_cache: bool,
     /// `--max-batch N`: sequences decoded together (None: one).
     pub max_batch: Option<usize>,
+    /// Tokens one batched step feeds at most (the scheduler's step budget). None: a prefill
+    /// chunk beside a decode token of each other sequence.
+    pub step_tokens: Option<usize>,
 }
 
 /// Device bytes of the backend's own scratch in a forward: the cuBLAS path narrows a matmul's
@@ -55,13 +58,19 @@ pub fn default_ram_budget() -> u64 {
 }
 
 /// Device bytes of the activations of the largest step of a batch of `batch` sequences of
-/// `context` positions: a prefill chunk (PREFILL_CHUNK rows at most) beside one decode row of
-/// each other sequence, each sequence's last logits wanted (the activations its forward
-/// allocates, as the family counts them from the shapes it allocates), and the backend's
-/// narrowing scratch. One sequence: a prefill call alone.
-pub fn activation_bytes(m: &ModelBytes, context: usize, batch: usize) -> anyhow::Result<u64> {
+/// `context` positions: `step_tokens` rows when given (the scheduler's budget), else a prefill
+/// chunk (PREFILL_CHUNK rows at most) beside one decode row of each other sequence; each
+/// sequence's last logits wanted (the activations its forward allocates, as the family counts
+/// them from the shapes it allocates), and the backend's narrowing scratch. One sequence
+/// without `step_tokens`: a prefill call alone.
+pub fn activation_bytes(
+    m: &ModelBytes,
+    context: usize,
+    batch: usize,
+    step_tokens: Option<usize>,
+) -> anyhow::Result<u64> {
     let batch = batch.max(1);
-    let rows = PREFILL_CHUNK.min(context) + batch - 1;
+    let rows = step_tokens.unwrap_or(PREFILL_CHUNK.min(context) + batch - 1).max(batch);
     Ok(m.batch_scratch_bytes(rows, batch)? + backend_scratch_bytes(m, PREFILL_TILE.min(rows)))
 }
 
@@ -95,7 +104,7 @@ fn plan_input_of(m: &ModelBytes, chosen: &Chosen, b: &Budgets, bw: Option<Bandwi
         sliding_elems = per_pos.saturating_mul(held as u64);
     }
     let max_batch = b.max_batch.unwrap_or(1).max(1);
-    let act = activation_bytes(m, context, max_batch)?;
+    let act = activation_bytes(m, context, max_batch, b.step_tokens)?;
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
@@ -143,7 +152,8 @@ pub fn choose_batch(
     let limit = b.max_batch.unwrap_or(MAX_BATCH).max(1);
     let input = plan_input_of(&m, chosen, &Budgets { max_batch: Some(1), ..*b }, bw)?;
     let context = planned_context(&m, b);
-    let acts = (1..=limit).map(|n| activation_bytes(&m, context, n)).collect::<anyhow::Result<Vec<u64>>>()?;
+    let acts =
+        (1..=limit).map(|n| activation_bytes(&m, context, n, b.step_tokens)).collect::<anyhow::Result<Vec<u64>>>()?;
     let act = |n: usize| acts.get(n.saturating_sub(1)).copied().unwrap_or(u64::MAX);
     let (n, p) = ollm_residency::plan::choose_batch(&input, limit, &act)
         .with_context(|| format!("planning {}", dir.display()))?;
