@@ -149,6 +149,8 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
+            max_batch: None,
+            step_tokens: None,
         }
     }
 
