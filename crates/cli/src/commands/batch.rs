@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ollm_batch::{JobLocks, JobOptions, Progress, Shard, merge, run_job};
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::{BatchWanted, load_for_batch, load_text};
 
 #[derive(Debug, Args)]
 pub struct BatchArgs {
@@ -107,7 +107,8 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     check_batch_flags(a.max_batch, a.step_tokens)?;
     // Before the model loads: a second batch on the same files refuses at once.
     let locks = JobLocks::acquire(&opts)?;
-    let loaded = load(&a.model)?;
+    let wanted = BatchWanted { max_batch: a.max_batch, step_tokens: a.step_tokens };
+    let loaded = load_for_batch(&a.model, Some(wanted))?;
     let text = load_text(&loaded.dir)?;
     let max_batch = a.max_batch.unwrap_or_else(|| loaded.default_max_batch());
     let opts = JobOptions { max_batch, ..opts };

@@ -104,14 +104,21 @@ pub struct DecodeBenchArgs {
     /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub batch: Vec<usize>,
-    /// Requests of the --batch bench.
+    /// Requests of the --batch bench at each batch size (0: as many as the batch size).
     #[arg(long, default_value_t = 64)]
     pub requests: usize,
+    /// Verification pass cost: time one forward of k new tokens (k = 1,4,16,64,256 ...) after a
+    /// --prompt-tokens context, each against k = 1 (the cost of a speculative target pass).
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub pass_cost: Vec<usize>,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match (a.what, a.model) {
         (Some(BenchWhat::Ops(o)), _) => run_ops(o),
+        (None, Some(m)) if !a.decode.pass_cost.is_empty() => {
+            super::bench_batch::pass_cost(&m, &a.decode.pass_cost, a.decode.prompt_tokens, a.decode.repeats)
+        }
         (None, Some(m)) if !a.decode.batch.is_empty() => {
             let d = a.decode;
             let b = super::bench_batch::BatchBench {

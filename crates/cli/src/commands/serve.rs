@@ -8,7 +8,7 @@ use clap::Args;
 use ollm_server::{ServedModel, ServerConfig, serve};
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::{BatchWanted, load_for_batch, load_text};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -62,7 +62,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     super::batch::check_batch_flags(a.max_batch, a.prefill_chunk)?;
     let addr = resolve(&a.host, a.port)?;
-    let loaded = load(&a.model)?;
+    let wanted = BatchWanted { max_batch: a.max_batch, step_tokens: a.prefill_chunk };
+    let loaded = load_for_batch(&a.model, Some(wanted))?;
     let text = load_text(&loaded.dir)?;
     let id = served_id(&a.model.model);
     eprintln!("[ollm] serving {id} ({}, loaded in {:.2} s)", loaded.dir.display(), loaded.load_time.as_secs_f64());
