@@ -1,5 +1,5 @@
-//! One sequence's generation after its prompt: the sampler, eos, stop strings, harmony routing
-//! and the streamed text, fed one row of logits at a time. The one-sequence loop
+//! One sequence's generation after its prompt: the grammar mask, the sampler, eos, stop
+//! strings, harmony routing and the streamed text, fed one row of logits at a time. The one-sequence loop
 //! ([`generate`](crate::generate)) and the batch scheduler ([`scheduler`](crate::scheduler))
 //! both drive it, so a sequence produces the same tokens and text whichever runs it.
 
@@ -7,6 +7,7 @@ use std::ops::ControlFlow;
 
 use ollm_tokenizer::{StreamDecoder, Tokenizer};
 
+use crate::grammar::Grammar;
 use crate::harmony::{Channel, HarmonySplitter, Routed};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{FinishReason, GenerateParams, Result, Sampler, TokenEvent};
@@ -24,6 +25,8 @@ pub enum Next {
 #[derive(Debug)]
 pub struct Decoding {
     sampler: Sampler,
+    /// Some: each step's logits are masked to the tokens this grammar allows.
+    grammar: Option<Grammar>,
     decoder: StreamDecoder,
     thoughts: StreamDecoder,
     splitter: Option<HarmonySplitter>,
@@ -39,6 +42,7 @@ impl Decoding {
     pub fn new(params: &GenerateParams) -> Result<Self> {
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone())?,
+            grammar: params.grammar.clone(),
             decoder: StreamDecoder::new(),
             thoughts: StreamDecoder::new(),
             splitter: params.harmony.map(HarmonySplitter::new),
@@ -56,6 +60,30 @@ impl Decoding {
         &self.ids
     }
 
+    /// Whether the next token may be `token`: false only when a grammar forbids it.
+    pub fn allows(&mut self, token: u32) -> Result<bool> {
+        match &mut self.grammar {
+            Some(g) => Ok(g.allows(token)?),
+            None => Ok(true),
+        }
+    }
+
+    /// How many leading tokens of `drafted` the grammar allows in a row (all of them without a
+    /// grammar), the grammar itself left where it is. Speculative decoding cuts its draft to
+    /// this length before verification, so a token the grammar forbids is never verified;
+    /// [`advance`](Self::advance) then masks and accepts each verified token as usual.
+    pub fn allowed_prefix(&mut self, drafted: &[u32]) -> Result<usize> {
+        match &mut self.grammar {
+            Some(g) => Ok(g.allowed_prefix(drafted)?),
+            None => Ok(drafted.len()),
+        }
+    }
+
+    /// The grammar, when the output is constrained (its mask statistics, say).
+    pub fn grammar(&self) -> Option<&Grammar> {
+        self.grammar.as_ref()
+    }
+
     /// Samples the next token from `logits` (`history`: every token the sequence holds), streams
     /// what it completes to `on_token`, and says whether to feed it. `context_full`: the
     /// sequence holds as many positions as the model has, so nothing more can be fed.
@@ -70,9 +98,15 @@ impl Decoding {
         if self.ids.len() >= self.max_new_tokens {
             return Ok(Next::Finished(FinishReason::Length));
         }
+        if let Some(g) = &mut self.grammar {
+            g.apply(logits)?;
+        }
         let id = self.sampler.sample(logits, history);
         if self.eos.contains(&id) {
             return Ok(Next::Finished(FinishReason::Eos));
+        }
+        if let Some(g) = &mut self.grammar {
+            g.accept(id)?;
         }
         self.ids.push(id);
         let routed = match &mut self.splitter {
@@ -103,6 +137,8 @@ impl Decoding {
             Next::Finished(FinishReason::Stop)
         } else if flow.is_break() {
             Next::Finished(FinishReason::Cancelled)
+        } else if self.grammar.as_ref().is_some_and(Grammar::is_finished) {
+            Next::Finished(FinishReason::GrammarComplete)
         } else if self.ids.len() >= self.max_new_tokens {
             Next::Finished(FinishReason::Length)
         } else if context_full {

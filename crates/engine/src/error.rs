@@ -31,6 +31,9 @@ pub enum EngineError {
     #[error("{0}")]
     Step(String),
 
+    #[error(transparent)]
+    Grammar(#[from] crate::grammar::GrammarError),
+
     #[error("invalid sampling parameter {name} = {value}: {expected}")]
     Sampling { name: &'static str, value: String, expected: &'static str },
 }

@@ -9,6 +9,7 @@ use ollm_tokenizer::Tokenizer;
 use ollm_kv::{Restored, Stored};
 
 use crate::decoding::{Decoding, Next};
+use crate::grammar::Grammar;
 use crate::harmony::HarmonyMarkers;
 use crate::{EngineError, Result, SamplingParams, Session};
 
@@ -28,6 +29,10 @@ pub struct GenerateParams {
     /// generation ends as [`FinishReason::Cancelled`] without a token. (During decode,
     /// `on_token` returning `Break` cancels.)
     pub cancel: Option<CancelCheck>,
+    /// Some: the output is constrained to this grammar (a JSON schema, say): each step's logits
+    /// are masked to the tokens it allows and the sequence ends when it is complete. Cloned
+    /// fresh for each sequence.
+    pub grammar: Option<Grammar>,
 }
 
 /// A question the caller answers between prefill chunks: true = stop (a server's client has
@@ -64,6 +69,8 @@ pub enum FinishReason {
     ContextFull,
     /// The caller asked to stop.
     Cancelled,
+    /// The grammar of [`GenerateParams::grammar`] is complete and allows nothing more.
+    GrammarComplete,
 }
 
 impl FinishReason {
@@ -71,7 +78,7 @@ impl FinishReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Length | FinishReason::ContextFull => "length",
-            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Eos | FinishReason::Stop | FinishReason::GrammarComplete => "stop",
             FinishReason::Cancelled => "cancelled",
         }
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod decoding;
 pub mod error;
 pub mod generate;
+pub mod grammar;
 pub mod harmony;
 
 pub mod sampling;
@@ -20,6 +21,7 @@ pub use generate::{
     CancelCheck, FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport, TokenEvent, generate,
     generate_reusing,
 };
+pub use grammar::{Grammar, GrammarCompiler, GrammarError, GrammarSpec};
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats, Sink};

@@ -48,6 +48,7 @@ fn requests() -> Vec<(Vec<u32>, GenerateParams)> {
                 stop: Vec::new(),
                 harmony: None,
                 cancel: None,
+                grammar: None,
             };
             (prompt, params)
         })

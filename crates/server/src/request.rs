@@ -298,6 +298,7 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
             harmony: rules.harmony.filter(|_| chat),
             // The worker asks the job's channel.
             cancel: None,
+            grammar: None,
         },
         stream: f.stream,
         include_usage,

@@ -57,6 +57,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
         harmony: ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer),
         cancel: None,
+        grammar: None,
     };
 
     let interactive = std::io::stdin().is_terminal();

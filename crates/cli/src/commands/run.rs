@@ -104,6 +104,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
         cancel: None,
+        grammar: None,
     };
 
     let mut session = loaded.session()?;
