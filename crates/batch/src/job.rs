@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use std::sync::mpsc;
 
-use ollm_engine::{ChatModel, GenerateParams, Generation, Request, Scheduler, SchedulerConfig, Sink};
+use ollm_engine::{ChatModel, GenerateParams, Generation, GrammarCompiler, Request, Scheduler, SchedulerConfig, Sink};
 use serde_json::{Value, json};
 
 use crate::BatchError;
@@ -123,9 +123,10 @@ pub fn run_job(
     // max_batch run together, and each result is appended (with an fsync) as soon as it ends.
     let (tx, rx) = mpsc::channel::<(usize, Result<Generation, String>)>();
     let mut sched = scheduler(m, opts)?;
+    let grammars = std::sync::OnceLock::new();
     for (index, (_, r)) in pending.iter().enumerate() {
         let tx = tx.clone();
-        match prepare(m, r, opts.default_max_tokens) {
+        match prepare(m, r, opts.default_max_tokens, &grammars) {
             Ok((prompt, params)) => sched.submit(Request { prompt, params, sink: Box::new(Ended { index, tx }) }),
             Err(message) => {
                 let _ = tx.send((index, Err(message)));
@@ -188,7 +189,14 @@ impl Sink for Ended {
 }
 
 /// A request's prompt ids and parameters, or why it cannot run.
-fn prepare(m: &ChatModel, r: &BatchRequest, default_max: usize) -> Result<(Vec<u32>, GenerateParams), String> {
+/// `grammars`: the vocabulary made ready for constrained decoding, built by the first request
+/// with a `response_format`.
+fn prepare(
+    m: &ChatModel,
+    r: &BatchRequest,
+    default_max: usize,
+    grammars: &std::sync::OnceLock<Result<GrammarCompiler, String>>,
+) -> Result<(Vec<u32>, GenerateParams), String> {
     let prompt = match &r.input {
         Input::Prompt(p) => m.tokenizer.encode_prompt(p).map_err(|e| e.to_string())?,
         Input::Messages(msgs) => {
@@ -207,6 +215,19 @@ fn prepare(m: &ChatModel, r: &BatchRequest, default_max: usize) -> Result<(Vec<u
     if r.top_k.is_some() {
         sampling.top_k = r.top_k;
     }
+    let grammar = match &r.response_format {
+        None => None,
+        Some(spec) => {
+            let compiler = grammars
+                .get_or_init(|| {
+                    GrammarCompiler::new(&m.tokenizer, &m.eos_token_ids, m.model.info().vocab_size)
+                        .map_err(|e| e.to_string())
+                })
+                .as_ref()
+                .map_err(|e| format!("line {}: 'response_format': {e}", r.line))?;
+            Some(compiler.compile(spec).map_err(|e| format!("line {}: 'response_format': {e}", r.line))?)
+        }
+    };
     // The same id gets the same seed on every run, so a resumed job gives the same text.
     sampling.seed = r.seed.unwrap_or_else(|| fnv1a(id_key(&r.id).unwrap_or_default().as_bytes()));
     let params = GenerateParams {
@@ -218,7 +239,7 @@ fn prepare(m: &ChatModel, r: &BatchRequest, default_max: usize) -> Result<(Vec<u
             .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
             .flatten(),
         cancel: None,
-        grammar: None,
+        grammar,
     };
     Ok((prompt, params))
 }

@@ -109,6 +109,8 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// What the prefix cache did, when the session has one.
     pub prefix: Option<PrefixReport>,
+    /// With a grammar: the time spent computing token masks (part of `decode`) and how many.
+    pub grammar_masks: Option<(Duration, usize)>,
 }
 
 /// The prefix cache's part in one generation.
@@ -233,6 +235,7 @@ pub fn generate(
             Next::Feed(id) => logits = session.step(id)?,
         }
     };
+    stats.grammar_masks = dec.grammar().map(crate::grammar::Grammar::mask_stats);
     let (ids, text, reasoning) = dec.finish(tokenizer, finish, on_token)?;
     if ids.is_empty() {
         store_time = store_prefix(session, &mut stats);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{GenerateParams, generate};
+use ollm_engine::{GenerateParams, GrammarCompiler, GrammarSpec, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
@@ -57,6 +57,38 @@ pub struct RunArgs {
     /// from disk and copied, their rates, and the time compute waited for weights.
     #[arg(long)]
     pub stats: bool,
+    /// Constrain the output to JSON valid against the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the output to the grammar in FILE, in llguidance's Lark syntax
+    /// (`start: ...`; a JSON schema inside with `%json { ... }`).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+/// The grammar --json-schema or --grammar asks for, compiled for this tokenizer.
+fn grammar_arg(
+    a: &RunArgs,
+    tokenizer: &ollm_tokenizer::Tokenizer,
+    eos: &[u32],
+    vocab: usize,
+) -> anyhow::Result<Option<ollm_engine::Grammar>> {
+    let (path, flag) = match (&a.json_schema, &a.grammar) {
+        (Some(p), _) => (p, "--json-schema"),
+        (None, Some(p)) => (p, "--grammar"),
+        (None, None) => return Ok(None),
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("{flag} {}: cannot read", path.display()))?;
+    let spec = if a.json_schema.is_some() {
+        let schema = serde_json::from_str(&text)
+            .with_context(|| format!("{flag} {}: not JSON; give a JSON schema", path.display()))?;
+        GrammarSpec::JsonSchema(schema)
+    } else {
+        GrammarSpec::Lark(text)
+    };
+    let compiler = GrammarCompiler::new(tokenizer, eos, vocab)?;
+    let grammar = compiler.compile(&spec).with_context(|| format!("{flag} {}", path.display()))?;
+    Ok(Some(grammar))
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -97,14 +129,16 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         sampling.repetition_penalty = p;
     }
     sampling.seed = a.seed.unwrap_or_else(random_seed);
+    let eos = loaded.eos_ids(&text);
+    let grammar = grammar_arg(&a, &text.tokenizer, &eos, loaded.model.info().vocab_size)?;
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling,
-        eos_token_ids: loaded.eos_ids(&text),
+        eos_token_ids: eos,
         stop: a.stop.clone(),
         harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
         cancel: None,
-        grammar: None,
+        grammar,
     };
 
     let mut session = loaded.session()?;
@@ -147,6 +181,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         vram,
         seed
     );
+    if let Some((time, masks)) = s.grammar_masks {
+        eprintln!(
+            "[ollm] grammar: {masks} token masks, {:.3} ms each ({:.1}% of decode)",
+            time.as_secs_f64() * 1e3 / masks.max(1) as f64,
+            100.0 * time.as_secs_f64() / s.decode.as_secs_f64().max(1e-9)
+        );
+    }
     if let Some(report) = &s.prefix {
         for line in loaded.prefix_lines(report, s.prompt_tokens, s.prefill) {
             eprintln!("{line}");
