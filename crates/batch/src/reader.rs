@@ -190,4 +190,28 @@ mod tests {
         let e = parse_line(7, r#"{"id": 1.5, "prompt": "x"}"#).expect_err("bad id");
         assert!(e.message.contains("'id'"), "{}", e.message);
     }
+
+    #[test]
+    fn response_format_is_read_per_line_and_a_wrong_form_names_it() {
+        let r = parse_line(1, r#"{"id": 1, "prompt": "x", "response_format": {"type": "json_object"}}"#)
+            .expect("valid")
+            .expect("a request");
+        assert_eq!(r.response_format, Some(ollm_engine::GrammarSpec::JsonObject));
+        let schema = serde_json::json!({"type": "integer"});
+        let line = serde_json::json!({"id": 2, "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}});
+        let r = parse_line(2, &line.to_string()).expect("valid").expect("a request");
+        assert_eq!(r.response_format, Some(ollm_engine::GrammarSpec::JsonSchema(schema)));
+        let r = parse_line(3, r#"{"id": 3, "prompt": "x", "response_format": {"type": "text"}}"#).expect("valid");
+        assert_eq!(r.expect("a request").response_format, None);
+        for (bad, names) in [
+            (r#"{"id": 4, "prompt": "x", "response_format": {"type": "yaml"}}"#, "response_format.type"),
+            (
+                r#"{"id": 4, "prompt": "x", "response_format": {"type": "json_schema"}}"#,
+                "response_format.json_schema.schema",
+            ),
+        ] {
+            let e = parse_line(4, bad).expect_err(bad);
+            assert!(e.message.starts_with("line 4: ") && e.message.contains(names), "{}", e.message);
+        }
+    }
 }

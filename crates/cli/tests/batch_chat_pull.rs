@@ -466,3 +466,61 @@ fn the_documented_shard_recipes_run() {
         assert_eq!(got, ids, "recipe {recipe}");
     }
 }
+
+#[test]
+fn batch_honours_response_format_per_line() {
+    // Lines with a JSON schema give JSON valid against it (the fixture's weights are random, so
+    // only the grammar makes it so), batched 4 at a time beside a plain line; a schema that
+    // cannot be compiled fails its line only, naming response_format.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "verdict": {"enum": ["ok", "bad"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3}
+        },
+        "required": ["verdict", "n", "tags"],
+        "additionalProperties": false
+    });
+    let fmt = serde_json::json!({"type": "json_schema", "json_schema": {"name": "v", "schema": schema}});
+    let mut lines = String::new();
+    for i in 0..6 {
+        let line = serde_json::json!({"id": i, "prompt": format!("Log file {i}: verdict?"), "max_tokens": 64,
+            "temperature": if i % 2 == 0 { 0.0 } else { 1.0 }, "response_format": fmt});
+        lines.push_str(&format!("{line}\n"));
+    }
+    lines.push_str("{\"id\": \"plain\", \"prompt\": \"Hello\", \"max_tokens\": 4}\n");
+    lines.push_str(
+        "{\"id\": \"bad\", \"prompt\": \"x\", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {\"$ref\": \"#/nope\"}}}}\n",
+    );
+    std::fs::write(&input, lines).expect("write");
+    let out = dir.path().join("out.jsonl");
+    let errors = dir.path().join("err.jsonl");
+    let model = fixture("llama3_tied");
+    let o = ollm()
+        .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8")])
+        .args(["--out", out.to_str().expect("utf8"), "--errors", errors.to_str().expect("utf8"), "--max-batch", "4"])
+        .output()
+        .expect("batch");
+    let results = lines_of(&out);
+    assert_eq!(results.len(), 7, "{}", stderr(&o));
+    for r in &results {
+        if r["id"] == "plain" {
+            continue;
+        }
+        let text = r["text"].as_str().expect("text");
+        assert_eq!(r["finish_reason"], "stop", "{r}");
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(["ok", "bad"].contains(&v["verdict"].as_str().expect("verdict")), "{v}");
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
+        let tags = v["tags"].as_array().expect("tags");
+        assert!(tags.len() <= 3 && tags.iter().all(|t| t == "x" || t == "y"), "{v}");
+        assert_eq!(v.as_object().expect("object").len(), 3, "{v}");
+    }
+    let errs = lines_of(&errors);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0]["id"], "bad");
+    assert!(errs[0]["error"].as_str().expect("error").contains("response_format"), "{}", errs[0]);
+}

@@ -31,8 +31,10 @@ pub enum GrammarSpec {
 impl GrammarSpec {
     fn to_top_level(&self) -> TopLevelGrammar {
         match self {
-            GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
-            GrammarSpec::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            GrammarSpec::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
+            }
+            GrammarSpec::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s.clone())),
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
         }
@@ -47,6 +49,18 @@ impl GrammarSpec {
             GrammarSpec::Regex(_) => "regex",
         }
     }
+}
+
+/// JSON is written compactly (no whitespace between tokens: `{"a":1,"b":[2]}`), so a model
+/// cannot spend its tokens on blanks; a schema that carries its own llguidance options
+/// (`"x-guidance": {...}`) keeps them.
+fn compact(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = schema.as_object_mut()
+        && !o.contains_key("x-guidance")
+    {
+        o.insert("x-guidance".into(), serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
 }
 
 /// Why a grammar cannot be used.
