@@ -72,6 +72,9 @@ pub enum GrammarError {
     #[error("the {kind} cannot be compiled: {detail}")]
     Compile { kind: &'static str, detail: String },
 
+    #[error("the grammar cannot compute the next token mask: {detail}")]
+    Mask { detail: String },
+
     #[error("the grammar rejected token {token}: {detail}")]
     Advance { token: u32, detail: String },
 }
@@ -148,15 +151,12 @@ impl Grammar {
     fn mask(&mut self) -> Result<&SimpleVob, GrammarError> {
         if self.mask.is_none() {
             let t = std::time::Instant::now();
-            let m = self
-                .matcher
-                .compute_mask()
-                .map_err(|e| GrammarError::Compile { kind: "grammar", detail: e.to_string() })?;
+            let m = self.matcher.compute_mask().map_err(|e| GrammarError::Mask { detail: e.to_string() })?;
             self.mask_time += t.elapsed();
             self.steps += 1;
             self.mask = Some(m);
         }
-        self.mask.as_ref().ok_or(GrammarError::Compile { kind: "grammar", detail: "no mask".into() })
+        self.mask.as_ref().ok_or(GrammarError::Mask { detail: "no mask".into() })
     }
 
     fn eos_allowed(mask: &SimpleVob, eos: &[u32]) -> bool {
@@ -193,10 +193,8 @@ impl Grammar {
     /// How many leading tokens of `tokens` the grammar accepts in a row, without advancing.
     pub fn allowed_prefix(&mut self, tokens: &[u32]) -> Result<usize, GrammarError> {
         let end = tokens.iter().position(|t| self.eos.contains(t)).unwrap_or(tokens.len());
-        let n = self
-            .matcher
-            .validate_tokens(&tokens[..end])
-            .map_err(|e| GrammarError::Compile { kind: "grammar", detail: e.to_string() })?;
+        let n =
+            self.matcher.validate_tokens(&tokens[..end]).map_err(|e| GrammarError::Mask { detail: e.to_string() })?;
         // An eos right after the allowed tokens counts when the grammar may end there.
         if n == end && end < tokens.len() {
             let mut probe = self.matcher.clone();
