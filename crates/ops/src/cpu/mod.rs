@@ -7,6 +7,7 @@
 mod attention;
 pub mod deltanet;
 mod elementwise;
+pub mod kernels;
 mod matmul;
 mod moe;
 mod norm;
@@ -15,7 +16,8 @@ mod transfer;
 
 pub use attention::{Geometry as AttnGeometry, attention};
 pub use elementwise::{embedding, silu_mul};
-pub use matmul::matmul;
+pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
+pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
 pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
