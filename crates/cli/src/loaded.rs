@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
 use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::bytes::gib;
-use ollm_ops::cpu::CpuBackend;
+use ollm_ops::cpu::{CpuBackend, Precision};
 use ollm_ops::cuda::{CudaBackend, CudaDevice};
 use ollm_ops::{Backend, MemoryKind};
 use ollm_residency::plan::{Plan, Tier};
@@ -94,7 +94,7 @@ fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<
 /// The compute backend for `--device`: `cuda[:N]` must find a usable GPU; `auto` takes GPU 0
 /// when it can and says in one line on stderr which device it chose. `--vram-budget` bounds
 /// the GPU's memory (ignored on the CPU).
-pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Chosen> {
+pub fn backend(device: DeviceArg, vram_budget: Option<u64>, cpu: Precision) -> anyhow::Result<Chosen> {
     let cuda = |b: Arc<CudaBackend>| -> anyhow::Result<Chosen> {
         // Every kernel compiled and loaded now: a first run pays it here, not in its prompt.
         let (compiled, secs) = b.device().warm_kernels()?;
@@ -104,7 +104,7 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         Ok(Chosen { backend: b })
     };
     match device {
-        DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()) }),
+        DeviceArg::Cpu => Ok(Chosen { backend: cpu_backend(cpu)? }),
         DeviceArg::Cuda(n) => {
             let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
             cuda(with_budget(dev, vram_budget)?)
@@ -119,10 +119,18 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
             }
             Err(_) => {
                 eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");
-                Ok(Chosen { backend: Arc::new(CpuBackend::new()) })
+                Ok(Chosen { backend: cpu_backend(cpu)? })
             }
         },
     }
+}
+
+/// The CPU backend `ollm` runs: the best kernels the CPU has (or the tier `OLLM_CPU_KERNELS`
+/// names; an unknown name is an error here) at the precision `--cpu-activations` chose (bf16
+/// activations are like the GPU's bf16 math and llama.cpp's BF16 path).
+fn cpu_backend(precision: Precision) -> anyhow::Result<Arc<CpuBackend>> {
+    ollm_ops::cpu::tier_from_env()?;
+    Ok(Arc::new(CpuBackend::with_precision(precision)))
 }
 
 pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
@@ -134,7 +142,7 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
-    let chosen = backend(args.device, args.vram_budget)?;
+    let chosen = backend(args.device, args.vram_budget, args.cpu_activations.unwrap_or(Precision::Bf16Activations))?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.

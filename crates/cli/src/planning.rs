@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ollm_models::registry::{ModelBytes, model_bytes};
-use ollm_ops::Backend;
+use ollm_ops::{Backend, MemoryKind};
 use ollm_residency::plan::{Bandwidths, Plan, PlanInput, Tier, plan};
 
 use crate::loaded::Chosen;
@@ -61,6 +61,25 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         Some(budget) => (budget, stats.overhead_bytes),
         None => (b.vram.unwrap_or(u64::MAX), 0),
     };
+    // On the CPU the "device" is RAM, so a pinned tier would only copy RAM into RAM. A dense
+    // model given only --ram-budget keeps the decoder layers that fit in it (in order) and reads
+    // the rest from disk every pass through the streamer's slots (which come on top, like the
+    // GPU's staging buffers); --offload-layers-to-cpu and --vram-budget keep their meaning.
+    let host = chosen.backend.memory_kind() == MemoryKind::Host;
+    let cpu_layer_budget = match (host, b.ram) {
+        (true, Some(ram)) if b.vram.is_none() && b.offload_layers_to_cpu.is_none() && m.experts.is_none() => Some(ram),
+        _ => None,
+    };
+    let fitting = |budget: u64| {
+        let mut sum = 0u64;
+        m.layer_bytes
+            .iter()
+            .take_while(|&&bytes| {
+                sum = sum.saturating_add(bytes);
+                sum <= budget
+            })
+            .count()
+    };
     let context = b.max_context.unwrap_or(m.max_positions.min(8192)).clamp(1, m.max_positions);
     let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
     // Sliding-window layers hold a window and a prefill tile (unless a prefix cache pins more).
@@ -85,8 +104,11 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         activation_bytes: act,
         context_overhead_bytes: context_overhead,
         vram_budget: vram,
-        ram_budget: b.ram.unwrap_or_else(default_ram_budget),
-        max_resident_layers: b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
+        ram_budget: if cpu_layer_budget.is_some() { 0 } else { b.ram.unwrap_or_else(default_ram_budget) },
+        max_resident_layers: match cpu_layer_budget {
+            Some(ram) => Some(fitting(ram)),
+            None => b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
+        },
         slots: SLOTS,
         slot_groups: m.layer_groups,
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),

@@ -20,6 +20,7 @@ use clap::{Args, Subcommand};
 use ollm_engine::Session;
 use ollm_engine::sampling::argmax;
 use ollm_ops::bytes::gib;
+use ollm_ops::cpu::CpuBackend;
 use ollm_ops::cuda::CudaBackend;
 
 use super::{DeviceArg, ModelArgs, parse_device};
@@ -189,11 +190,14 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
         windows.push(a.tokens as f64 / t.elapsed().as_secs_f64());
     }
     let tok_s = windows.iter().copied().fold(0.0, f64::max);
+    print_header(&loaded, &a, bandwidth);
+    if let Some(cpu) = loaded.backend.as_any().downcast_ref::<CpuBackend>() {
+        prefill_line_cpu(cpu, &info, prompt.len() - reused, prefill_s)?;
+    }
     // Bytes read per decoded token at the mean context of the timed steps.
     let mean_ctx = prompt.len() + 1 + a.tokens * a.repeats / 2;
     let bytes = info.weight_bytes_per_token + info.kv_read_bytes(mean_ctx);
     let bound = bandwidth / bytes as f64;
-    print_header(&loaded, &a, bandwidth);
     println!(
         "bytes/token     {} (weights {} + KV at context {mean_ctx})",
         human_bytes(bytes),
@@ -211,6 +215,37 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     if let Some(peak) = loaded.peak_vram_bytes() {
         println!("peak VRAM       {} (driver, CUDA context included)", gib(peak));
     }
+    Ok(())
+}
+
+/// The CPU's prefill against its matmul bound: the prompt's matmul FLOPs (2 per weight per
+/// token, the output head for one token; attention left out) at the rate this backend's matmul
+/// reaches on a Llama-shaped [512, 2048] · [2048, 2048]ᵀ bf16 problem, measured now.
+fn prefill_line_cpu(cpu: &CpuBackend, info: &ollm_models::ModelInfo, tokens: usize, secs: f64) -> anyhow::Result<()> {
+    use ollm_ops::{Compute, DType, Memory};
+    let (t, k, n) = (512usize, 2048usize, 2048usize);
+    let x = cpu.upload_f32(vec![t, k], &vec![0.01f32; t * k])?;
+    let w = cpu.alloc(vec![n, k], DType::BF16)?;
+    let mut out = cpu.zeros(vec![t, n])?;
+    cpu.matmul(&x, &w, None, &mut out)?;
+    let reps = 5;
+    let start = Instant::now();
+    for _ in 0..reps {
+        cpu.matmul(&x, &w, None, &mut out)?;
+    }
+    let rate = 2.0 * (t * k * n * reps) as f64 / start.elapsed().as_secs_f64();
+    // bf16 weights: 2 bytes each; the output head (vocab × hidden) runs for the last token only.
+    let head = (info.vocab_size * info.hidden_size) as f64;
+    let params = info.weight_bytes_per_token as f64 / 2.0;
+    let flops = 2.0 * ((params - head).max(0.0) * tokens as f64 + head);
+    let bound = flops / rate;
+    println!("cpu kernels     {}", cpu.describe());
+    println!("matmul rate     {:.1} GFLOP/s (bf16 weights, [512, 2048] · [2048, 2048]ᵀ, measured now)", rate / 1e9);
+    println!(
+        "prefill         {tokens} tokens in {secs:.3} s = {:.1} tok/s; bound {bound:.3} s at the matmul rate ({:.1}% of it; attention not counted)",
+        tokens as f64 / secs,
+        100.0 * bound / secs
+    );
     Ok(())
 }
 
@@ -519,7 +554,8 @@ fn run_ops(a: OpsArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(a.runs >= 1 && a.attn_tokens >= 1, "--runs and --attn-tokens must be >= 1");
     anyhow::ensure!(a.max_row_seconds > 0.0, "--max-row-seconds must be > 0");
-    let Chosen { backend } = backend(DeviceArg::Cuda(n), a.vram_budget).context("ollm bench ops needs a CUDA GPU")?;
+    let Chosen { backend } =
+        backend(DeviceArg::Cuda(n), a.vram_budget, Default::default()).context("ollm bench ops needs a CUDA GPU")?;
     let Some(be) = backend.as_any().downcast_ref::<CudaBackend>() else { bail!("ollm bench ops needs a CUDA GPU") };
     let cfg = OpsBenchConfig {
         runs: a.runs,

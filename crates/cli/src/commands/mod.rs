@@ -101,6 +101,11 @@ pub struct ModelArgs {
     /// Default: the whole device. Ignored on the CPU.
     #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
     pub vram_budget: Option<u64>,
+    /// CPU only: the activations bf16 weights meet in a matmul. bf16 (rounded once per matmul,
+    /// bf16 dot products where the CPU has AVX512-BF16) or f32 (exact). Default: bf16, except for
+    /// `ollm logits` and `ollm perplexity` (f32).
+    #[arg(long, value_name = "f32|bf16", value_parser = parse_cpu_activations)]
+    pub cpu_activations: Option<ollm_ops::cpu::Precision>,
     /// Pinned host memory for decoder layers that do not fit the VRAM budget; the rest are
     /// read from disk every token (0 = all of them), through two pinned staging buffers of one
     /// layer each that come on top. Default: half of the available RAM.
@@ -174,5 +179,14 @@ mod tests {
             let e = parse_device(bad).expect_err(bad);
             assert!(e.contains("cuda:N") && !e.contains('\n'), "{bad}: {e}");
         }
+    }
+}
+
+/// `--cpu-activations`: f32 or bf16.
+fn parse_cpu_activations(s: &str) -> Result<ollm_ops::cpu::Precision, String> {
+    match s {
+        "f32" => Ok(ollm_ops::cpu::Precision::Exact),
+        "bf16" => Ok(ollm_ops::cpu::Precision::Bf16Activations),
+        _ => Err(format!("--cpu-activations {s}: give f32 or bf16")),
     }
 }

@@ -25,7 +25,7 @@ pub struct PlanArgs {
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let dir = model_dir(&a.model.model)?;
-    let chosen = backend(a.model.device, a.model.vram_budget)?;
+    let chosen = backend(a.model.device, a.model.vram_budget, a.model.cpu_activations.unwrap_or_default())?;
     let budgets = Budgets { max_context: a.context.or(a.model.max_context), ..a.model.budgets() };
     // Fail on an impossible plan before spending time on calibration.
     make_plan(&dir, &chosen, &budgets, None)?;

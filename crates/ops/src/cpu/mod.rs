@@ -35,13 +35,33 @@ use crate::backend::{
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor};
 
-/// The CPU backend. Stateless: threads come from rayon's global pool.
+/// The CPU backend. Threads come from rayon's global pool; kernels from [`Kernels::active`].
+/// Its only setting is the matmul [`Precision`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    precision: Precision,
+}
 
 impl CpuBackend {
+    /// f32 activations everywhere ([`Precision::Exact`]): the oracle every backend is checked against.
     pub fn new() -> Self {
-        Self
+        Self { precision: Precision::Exact }
+    }
+
+    /// With the given matmul precision ([`Precision::Bf16Activations`] is what `ollm` runs with).
+    pub fn with_precision(precision: Precision) -> Self {
+        Self { precision }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The kernel tier and, where it changes anything, the precision (for logs and `ollm bench`).
+    pub fn describe(&self) -> String {
+        let kern = Kernels::active();
+        let bf16 = kern.has_bf16_dot() && self.precision == Precision::Bf16Activations;
+        format!("{} kernels{}", kern.tier(), if bf16 { ", bf16 activations" } else { ", f32 activations" })
     }
 }
 
@@ -118,7 +138,8 @@ impl Compute for CpuBackend {
             Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
             None => None,
         };
-        matmul(x.cpu_f32("matmul")?, t, k, w.cpu("matmul")?, n, bias.as_deref(), out.cpu_f32_mut("matmul")?);
+        let (x, w, out) = (x.cpu_f32("matmul")?, w.cpu("matmul")?, out.cpu_f32_mut("matmul")?);
+        matmul_with(Kernels::active(), self.precision, x, MatmulDims { t, k, n }, w, bias.as_deref(), out);
         Ok(())
     }
 
