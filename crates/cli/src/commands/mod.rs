@@ -164,9 +164,27 @@ impl ModelArgs {
     }
 }
 
+/// `--cpu-activations`: f32 or bf16.
+fn parse_cpu_activations(s: &str) -> Result<ollm_ops::cpu::Precision, String> {
+    match s {
+        "f32" => Ok(ollm_ops::cpu::Precision::Exact),
+        "bf16" => Ok(ollm_ops::cpu::Precision::Bf16Activations),
+        _ => Err(format!("--cpu-activations {s}: give f32 or bf16")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{DeviceArg, parse_device};
+    use super::{DeviceArg, parse_cpu_activations, parse_device};
+    use ollm_ops::cpu::Precision;
+
+    #[test]
+    fn cpu_activation_spellings() {
+        assert_eq!(parse_cpu_activations("f32"), Ok(Precision::Exact));
+        assert_eq!(parse_cpu_activations("bf16"), Ok(Precision::Bf16Activations));
+        let e = parse_cpu_activations("fp8").expect_err("fp8");
+        assert!(e.contains("--cpu-activations fp8") && e.contains("f32 or bf16"), "{e}");
+    }
 
     #[test]
     fn device_spellings() {
@@ -179,14 +197,5 @@ mod tests {
             let e = parse_device(bad).expect_err(bad);
             assert!(e.contains("cuda:N") && !e.contains('\n'), "{bad}: {e}");
         }
-    }
-}
-
-/// `--cpu-activations`: f32 or bf16.
-fn parse_cpu_activations(s: &str) -> Result<ollm_ops::cpu::Precision, String> {
-    match s {
-        "f32" => Ok(ollm_ops::cpu::Precision::Exact),
-        "bf16" => Ok(ollm_ops::cpu::Precision::Bf16Activations),
-        _ => Err(format!("--cpu-activations {s}: give f32 or bf16")),
     }
 }
