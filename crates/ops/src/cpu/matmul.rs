@@ -90,7 +90,12 @@ fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], d: Dims, w: &Cp
     // x rounded to bf16 once per matmul, when bf16 dot products will use it.
     let xb: Option<Vec<bf16>> = match (w, kern.bf16_bf16, precision) {
         (CpuStorage::BF16(_), Some(_), Precision::Bf16Activations) => {
-            Some(x[..t * k].iter().map(|v| bf16::from_f32(*v)).collect())
+            // Rounded to nearest even, 16 tokens per task (a prefill's input is MBs).
+            let mut xb = vec![bf16::ZERO; t * k];
+            xb.par_chunks_mut(16 * k).zip(x[..t * k].par_chunks(16 * k)).for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, i)| *o = bf16::from_f32(*i));
+            });
+            Some(xb)
         }
         _ => None,
     };
