@@ -104,6 +104,10 @@ pub struct DecodeBenchArgs {
     /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub batch: Vec<usize>,
+    /// Tokens one step of the --batch bench feeds at most (a decode token per sequence, then
+    /// prompt chunks).
+    #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
+    pub step_tokens: usize,
     /// Requests of the --batch bench at each batch size (0: as many as the batch size).
     #[arg(long, default_value_t = 64)]
     pub requests: usize,
@@ -127,6 +131,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 prompt_tokens: d.prompt_tokens,
                 tokens: d.tokens,
                 bandwidth_mib: d.bandwidth_mib,
+                step_tokens: d.step_tokens,
             };
             super::bench_batch::run(&m, &b)
         }
