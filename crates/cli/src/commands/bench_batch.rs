@@ -86,8 +86,8 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
         crate::loaded::MAX_BATCH
     );
     anyhow::ensure!(
-        b.requests >= 1 && b.tokens >= 2 && b.prompt_tokens >= 1,
-        "--requests >= 1, --tokens >= 2 and --prompt-tokens >= 1"
+        b.tokens >= 2 && b.prompt_tokens >= 1,
+        "--tokens must be >= 2 and --prompt-tokens >= 1"
     );
     let mut model = model.clone();
     let ctx = b.prompt_tokens + b.tokens + 1;
