@@ -38,12 +38,13 @@ pub struct Family {
 }
 
 /// The families this build can run.
-pub const FAMILIES: [&Family; 5] = [
+pub const FAMILIES: [&Family; 6] = [
     &crate::llama3::FAMILY,
     &crate::gpt_oss::FAMILY,
     &crate::qwen3_next::FAMILY,
     &crate::llama3::QWEN2_FAMILY,
     &crate::llama3::QWEN3_FAMILY,
+    &crate::gemma3::FAMILY,
 ];
 
 /// Architectures this build can run (each family's first spelling).

@@ -135,3 +135,14 @@ fn batched_logits_equal_alone_for_gpt_oss() {
 fn batched_logits_equal_alone_for_qwen3_next() {
     check_family("qwen3-next", common::tiny_qwen3_next, Arc::new(CpuBackend::new()));
 }
+
+#[test]
+fn batched_logits_equal_alone_for_qwen2_and_qwen3() {
+    check_family("qwen2", |d| common::tiny_qwen(d, "Qwen2ForCausalLM"), Arc::new(CpuBackend::new()));
+    check_family("qwen3", |d| common::tiny_qwen(d, "Qwen3ForCausalLM"), Arc::new(CpuBackend::new()));
+}
+
+#[test]
+fn batched_logits_equal_alone_for_gemma3() {
+    check_family("gemma3", |d| common::tiny_gemma3(d, 32), Arc::new(CpuBackend::new()));
+}
