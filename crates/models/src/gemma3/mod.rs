@@ -21,6 +21,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
     scratch_bytes: |raw, rows| Ok(scratch_bytes(&Gemma3Config::from_raw(raw)?, rows)),
     expert_work_bytes: |_, _| Ok(0),
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, None, suffix),
+    uses: |name| crate::common::tensors::is_used(&tensors::GLOBAL, &tensors::LAYER, None, name),
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {
