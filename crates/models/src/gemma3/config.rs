@@ -4,9 +4,9 @@
 
 use serde_json::Value;
 
-use crate::{ModelError, Result};
 use crate::common::rope::RopeScaling;
 use crate::config::RawConfig;
+use crate::{ModelError, Result};
 
 /// The attention of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,9 +158,10 @@ fn layer_kinds(c: &RawConfig, n_layers: usize) -> Result<Vec<LayerKind>> {
 /// sliding_attention: {..}}`; hub configs have `rope_theta` + `rope_scaling` (the global layers')
 /// and `rope_local_base_freq` (the local layers', unscaled).
 fn ropes(c: &RawConfig, max_positions: usize) -> Result<((f64, RopeScaling), (f64, RopeScaling))> {
-    let per_type = c.get("rope_parameters").and_then(Value::as_object).filter(|m| {
-        m.contains_key("full_attention") || m.contains_key("sliding_attention")
-    });
+    let per_type = c
+        .get("rope_parameters")
+        .and_then(Value::as_object)
+        .filter(|m| m.contains_key("full_attention") || m.contains_key("sliding_attention"));
     match per_type {
         Some(m) => {
             // Each layer type's dict read as a one-dict config, so the shared rules apply to it.
@@ -172,7 +173,9 @@ fn ropes(c: &RawConfig, max_positions: usize) -> Result<((f64, RopeScaling), (f6
                 let one = RawConfig { path: c.path.clone(), json };
                 let named = |field: String| field.replace("rope_parameters", &format!("rope_parameters.{key}"));
                 one.rope(theta, max_positions).map_err(|e| match e {
-                    ModelError::Config { path, field, detail } => ModelError::Config { path, field: named(field), detail },
+                    ModelError::Config { path, field, detail } => {
+                        ModelError::Config { path, field: named(field), detail }
+                    }
                     ModelError::Unsupported { path, field, value, supported } => {
                         ModelError::Unsupported { path, field: named(field), value, supported }
                     }

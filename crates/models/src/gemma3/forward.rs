@@ -60,7 +60,14 @@ impl Layer {
             post_attn_norm: t(POST_ATTN_NORM)?,
             pre_mlp_norm: t(PRE_MLP_NORM)?,
             post_mlp_norm: t(POST_MLP_NORM)?,
-            mlp: MlpWeights { gate: t(GATE)?, up: t(UP)?, down: t(DOWN)?, gate_bias: None, up_bias: None, down_bias: None },
+            mlp: MlpWeights {
+                gate: t(GATE)?,
+                up: t(UP)?,
+                down: t(DOWN)?,
+                gate_bias: None,
+                up_bias: None,
+                down_bias: None,
+            },
             names: streamed(&LAYER, ld.cfg, l),
         })
     }

@@ -39,7 +39,16 @@ const fn row(
     when: fn(&Gemma3Config, usize) -> bool,
     init: Init,
 ) -> TensorSpec<Gemma3Config> {
-    TensorSpec { name, shape, dtype: Dtype::Stored, when, optional: false, role: Role::Streamed, init, per_expert: false }
+    TensorSpec {
+        name,
+        shape,
+        dtype: Dtype::Stored,
+        when,
+        optional: false,
+        role: Role::Streamed,
+        init,
+        per_expert: false,
+    }
 }
 
 const fn global(
