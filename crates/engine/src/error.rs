@@ -27,6 +27,10 @@ pub enum EngineError {
     )]
     NonFiniteLogits { position: usize, token: usize, value: f32 },
 
+    /// A batched step failed for every sequence in it (the message of the model's error).
+    #[error("{0}")]
+    Step(String),
+
     #[error("invalid sampling parameter {name} = {value}: {expected}")]
     Sampling { name: &'static str, value: String, expected: &'static str },
 }

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_batch;
 pub mod chat;
 pub mod import_gguf;
 pub mod logits;
@@ -148,6 +149,8 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
+            max_batch: None,
+            step_tokens: None,
         }
     }
 

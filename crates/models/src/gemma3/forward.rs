@@ -11,7 +11,9 @@ use super::tensors::*;
 use crate::common::attention::{
     AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
 };
-use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, Segment, f32_bytes, piece_sizes, segments, stream_shapes};
+use crate::common::forward::{
+    PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
+};
 use crate::common::mlp::{MlpScratch, MlpWeights};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
@@ -134,13 +136,15 @@ fn dims(cfg: &Gemma3Config) -> AttnDims {
     AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates (the last row's logits wanted).
-pub fn scratch_bytes(cfg: &Gemma3Config, t: usize) -> u64 {
-    let mut shapes = stream_shapes(t, cfg.hidden_size, cfg.vocab_size);
+/// Device bytes of the activations a forward of `t` rows of `seqs` sequences allocates (each
+/// sequence's last row's logits wanted).
+pub fn scratch_bytes(cfg: &Gemma3Config, t: usize, seqs: usize) -> u64 {
+    let mut shapes = batch_stream_shapes(t, seqs, cfg.hidden_size, cfg.vocab_size);
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, cfg.hidden_size));
     for n in piece_sizes(t, PREFILL_TILE) {
         shapes.extend(Scratch::shapes(cfg, n));
     }
+    shapes.extend(SegBufs::shapes(seg_set_rows(t, seqs), &dims(cfg)));
     f32_bytes(&shapes)
 }
 
