@@ -4,6 +4,7 @@
 pub mod bench_ops;
 pub mod commands;
 pub mod demo;
+pub mod gemma3_demo;
 pub mod hub;
 pub mod loaded;
 pub mod npy;

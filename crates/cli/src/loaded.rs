@@ -47,11 +47,14 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
         if crate::demo::is_demo_name(spec) {
             return crate::demo::ensure_demo();
         }
+        if crate::gemma3_demo::is_name(spec) {
+            return crate::gemma3_demo::ensure();
+        }
         if crate::hub::is_hub_id(spec) {
             return crate::hub::ensure_model(spec, None);
         }
         bail!(
-            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m for the demo model)"
+            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m or gemma3-270m for a demo model)"
         );
     }
     if !dir.is_dir() {

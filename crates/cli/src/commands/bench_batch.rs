@@ -85,10 +85,7 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
         "--batch takes sizes between 1 and {}",
         crate::loaded::MAX_BATCH
     );
-    anyhow::ensure!(
-        b.tokens >= 2 && b.prompt_tokens >= 1,
-        "--tokens must be >= 2 and --prompt-tokens >= 1"
-    );
+    anyhow::ensure!(b.tokens >= 2 && b.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
     let mut model = model.clone();
     let ctx = b.prompt_tokens + b.tokens + 1;
     model.max_context = Some(model.max_context.unwrap_or(0).max(ctx));

@@ -91,7 +91,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a hub id
-    /// ORG/NAME (downloaded on first use), or `smollm2-135m` for the demo model.
+    /// ORG/NAME (downloaded on first use), or `smollm2-135m` or `gemma3-270m` for a demo model.
     #[arg(long, short = 'm')]
     pub model: String,
     /// Compute device: auto (the GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
