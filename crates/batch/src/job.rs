@@ -167,6 +167,7 @@ fn run_one(
             .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
             .flatten(),
         cancel: None,
+        speculate: m.speculate.clone(),
     };
     // Consecutive requests that share a prefix (a document, a system prompt) compute it once.
     let g = generate_reusing(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))

@@ -9,6 +9,7 @@ use ollm_tokenizer::{StreamDecoder, Tokenizer};
 use ollm_kv::{Restored, Stored};
 
 use crate::harmony::{Channel, HarmonyMarkers, HarmonySplitter, Routed};
+use crate::speculative::{SpecStats, SpeculateParams, Speculator};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{EngineError, Result, Sampler, SamplingParams, Session};
 
@@ -28,6 +29,9 @@ pub struct GenerateParams {
     /// generation ends as [`FinishReason::Cancelled`] without a token. (During decode,
     /// `on_token` returning `Break` cancels.)
     pub cancel: Option<CancelCheck>,
+    /// Some: speculative decoding (drafts verified several per target forward); the output is
+    /// plain greedy decoding's under greedy sampling, and has its distribution otherwise.
+    pub speculate: Option<SpeculateParams>,
 }
 
 /// A question the caller answers between prefill chunks: true = stop (a server's client has
@@ -99,6 +103,8 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// What the prefix cache did, when the session has one.
     pub prefix: Option<PrefixReport>,
+    /// Target passes and acceptance, with speculative decoding.
+    pub speculation: Option<SpecStats>,
 }
 
 /// The prefix cache's part in one generation.
@@ -190,6 +196,9 @@ pub fn generate(
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
     let mut sampler = Sampler::new(params.sampling.clone())?;
+    let mut speculator = params.speculate.as_ref().map(|s| Speculator::new(s, &params.sampling)).transpose()?;
+    // Tokens a speculative round verified, to emit before the next round.
+    let mut verified = std::collections::VecDeque::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
 
     let t0 = Instant::now();
@@ -206,6 +215,8 @@ pub fn generate(
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
+    // Positions before the first generated token: a plain decode has fed `fed + ids.len() - 1`.
+    let fed = session.len();
     let mut decoder = StreamDecoder::new();
     let mut thoughts = StreamDecoder::new();
     let mut splitter = params.harmony.map(HarmonySplitter::new);
@@ -215,7 +226,10 @@ pub fn generate(
         if ids.len() >= params.max_new_tokens {
             break FinishReason::Length;
         }
-        let id = sampler.sample(&mut logits, session.tokens());
+        let id = match verified.pop_front() {
+            Some(id) => id,
+            None => sampler.sample(&mut logits, session.tokens()),
+        };
         if params.eos_token_ids.contains(&id) {
             break FinishReason::Eos;
         }
@@ -261,10 +275,18 @@ pub fn generate(
         if ids.len() >= params.max_new_tokens {
             break FinishReason::Length;
         }
-        if session.len() >= context {
+        if fed + ids.len() - 1 >= context {
             break FinishReason::ContextFull;
         }
-        logits = session.step(id)?;
+        match &mut speculator {
+            None => logits = session.step(id)?,
+            Some(s) if verified.is_empty() => {
+                // Drafts beyond the tokens left would be wasted rows.
+                let limit = params.max_new_tokens - ids.len() - 1;
+                verified.extend(s.step(session, id, limit, &mut sampler)?);
+            }
+            Some(_) => {} // `id` was verified with the tokens after it
+        }
     };
     // Release text held back by the detokeniser or a partial stop-string match.
     if finish != FinishReason::Stop {
@@ -285,5 +307,6 @@ pub fn generate(
     }
     stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
+    stats.speculation = speculator.as_ref().map(|s| *s.stats());
     Ok(Generation { ids, text, reasoning, finish, stats })
 }

@@ -9,6 +9,7 @@ pub mod harmony;
 
 pub mod sampling;
 pub mod session;
+pub mod speculative;
 pub mod stop;
 
 pub use chat_model::{ChatModel, session_with_prefix};
@@ -20,5 +21,6 @@ pub use generate::{
 };
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};
-pub use session::Session;
+pub use session::{Checkpoint, Session};
+pub use speculative::{DraftModel, DraftTokens, SpecStats, Speculate, SpeculateParams, Speculator};
 pub use stop::StopMatcher;
