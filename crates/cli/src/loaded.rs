@@ -133,12 +133,19 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    load_with_draft(args, None)
+}
+
+/// Loads the model leaving room on the device for a draft model of `draft` bytes
+/// (`--speculate draft:MODEL`, which [`SpecArgs::params`](crate::speculation::SpecArgs::params)
+/// loads next).
+pub fn load_with_draft(args: &ModelArgs, draft: Option<crate::planning::DraftBytes>) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
     let chosen = backend(args.device, args.vram_budget)?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.
-    let budgets = args.budgets();
+    let budgets = crate::planning::Budgets { draft, ..args.budgets() };
     let wants_plan = chosen.is_device()
         || budgets.vram.is_some()
         || budgets.ram.is_some()
@@ -240,6 +247,7 @@ impl Loaded {
             tokenizer: text.tokenizer,
             template: text.template,
             prefix: self.prefix.clone(),
+            speculate: None,
         }
     }
 

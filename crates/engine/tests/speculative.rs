@@ -10,8 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ollm_engine::{
-    DraftModel, DraftTokens, GenerateParams, Generation, SamplingParams, Session, Speculate, SpeculateParams,
-    generate,
+    DraftModel, DraftTokens, GenerateParams, Generation, SamplingParams, Session, Speculate, SpeculateParams, generate,
 };
 use ollm_kv::{KvOffload, PrefixConfig};
 use ollm_models::synth::{Like, plan_gpt_oss, plan_llama, plan_qwen3_next, write_plan};
@@ -135,7 +134,8 @@ fn same_as_plain(
 #[test]
 fn greedy_speculation_equals_plain_greedy_on_every_family() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let families: [(&str, fn(&Path, usize, u64)); 3] = [("llama", llama), ("gpt-oss", gpt_oss), ("qwen3-next", qwen3_next)];
+    let families: [(&str, fn(&Path, usize, u64)); 3] =
+        [("llama", llama), ("gpt-oss", gpt_oss), ("qwen3-next", qwen3_next)];
     for (name, write) in families {
         let (target_dir, draft_dir) = (dir.path().join(name), dir.path().join(format!("{name}-draft")));
         write(&target_dir, 4, 3);
@@ -280,7 +280,8 @@ fn the_prefix_cache_stores_no_drafted_token() {
     llama(&md, 4, 3);
     let (model, tok) = load(&md);
     let cfg = |name: &str| PrefixConfig { dir: dir.path().join(name), max_bytes: u64::MAX };
-    let cached = |name: &str| Session::new(model.clone()).expect("session").with_prefix_cache(&cfg(name)).expect("cache");
+    let cached =
+        |name: &str| Session::new(model.clone()).expect("session").with_prefix_cache(&cfg(name)).expect("cache");
     // 520 tokens: two full blocks of 256, and 8 positions into the third, which the drafts fill.
     let p = prompt(520);
     let spec = params(40, drafted_by(&model, &tok, DraftTokens::Fixed(8)));
@@ -357,10 +358,12 @@ fn speculative_sampling_keeps_the_targets_token_frequencies() {
     let p: Vec<u32> = (0..12u32).map(|i| (i * 31 + 7) % VOCAB).collect();
     let sampled = |seed: u64, spec: Option<SpeculateParams>| {
         let sampling = SamplingParams { temperature: 1.0, top_k: Some(5), seed, ..SamplingParams::greedy() };
-        let g = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &GenerateParams {
-            sampling,
-            ..params(3, spec)
-        });
+        let g = run(
+            &mut Session::new(model.clone()).expect("session"),
+            &tok,
+            &p,
+            &GenerateParams { sampling, ..params(3, spec) },
+        );
         g.ids
     };
     let n = 1500u64;
@@ -373,18 +376,25 @@ fn speculative_sampling_keeps_the_targets_token_frequencies() {
     for seed in 0..n {
         let a = sampled(seed, None);
         let sampling = SamplingParams { temperature: 1.0, top_k: Some(5), seed, ..SamplingParams::greedy() };
-        let g = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &GenerateParams {
-            sampling: SamplingParams { seed: 1_000_000 + seed, ..sampling.clone() },
-            ..params(3, spec())
-        });
+        let g = run(
+            &mut Session::new(model.clone()).expect("session"),
+            &tok,
+            &p,
+            &GenerateParams {
+                sampling: SamplingParams { seed: 1_000_000 + seed, ..sampling.clone() },
+                ..params(3, spec())
+            },
+        );
         let st = g.stats.speculation.expect("stats");
         accepted += st.accepted;
         drafted += st.drafted;
         // What the draft model alone samples (the distribution a broken scheme would give).
-        let c = run(&mut Session::new(draft.clone()).expect("session"), &tok, &p, &GenerateParams {
-            sampling,
-            ..params(3, None)
-        });
+        let c = run(
+            &mut Session::new(draft.clone()).expect("session"),
+            &tok,
+            &p,
+            &GenerateParams { sampling, ..params(3, None) },
+        );
         for pos in 0..2 {
             plain[pos][a[pos + 1] as usize] += 1;
             fast[pos][g.ids[pos + 1] as usize] += 1;

@@ -8,12 +8,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ollm_batch::{JobLocks, JobOptions, Progress, Shard, merge, run_job};
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::load_text;
 
 #[derive(Debug, Args)]
 pub struct BatchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Input: one JSON object per line, {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]},
     /// with optional max_tokens, temperature, top_p, top_k, seed, stop.
     pub input: PathBuf,
@@ -96,9 +98,10 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     };
     // Before the model loads: a second batch on the same files refuses at once.
     let locks = JobLocks::acquire(&opts)?;
-    let loaded = load(&a.model)?;
+    let loaded = a.spec.load(&a.model)?;
     let text = load_text(&loaded.dir)?;
-    let model = loaded.chat_model(text);
+    let speculate = a.spec.params(&loaded, &text.tokenizer)?;
+    let model = ollm_engine::ChatModel { speculate, ..loaded.chat_model(text) };
 
     let bar = ProgressBar::new(0);
     bar.set_style(

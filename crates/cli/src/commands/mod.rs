@@ -148,6 +148,7 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
+            draft: None,
         }
     }
 

@@ -15,6 +15,8 @@ use crate::resources::human_bytes;
 pub struct PlanArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Positions (prompt + generated tokens) the run must hold; overrides --max-context.
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
@@ -26,7 +28,8 @@ pub struct PlanArgs {
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let dir = model_dir(&a.model.model)?;
     let chosen = backend(a.model.device, a.model.vram_budget)?;
-    let budgets = Budgets { max_context: a.context.or(a.model.max_context), ..a.model.budgets() };
+    let draft = a.spec.draft_bytes()?;
+    let budgets = Budgets { max_context: a.context.or(a.model.max_context), draft, ..a.model.budgets() };
     // Fail on an impossible plan before spending time on calibration.
     make_plan(&dir, &chosen, &budgets, None)?;
     let (bw, cached) = calibrate(chosen.backend.as_ref(), &largest_weights_file(&dir)?, a.recalibrate)?;
@@ -44,6 +47,14 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(input.ram_budget),
         input.context
     );
+    if let Some(d) = draft {
+        let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+        println!(
+            "draft        {} resident for speculative decoding ({} of weights + KV), taken off the VRAM budget",
+            human_bytes(d.device_bytes(input.context, kv_elem)),
+            human_bytes(d.weight_bytes)
+        );
+    }
     println!("placement    {}", describe(&p));
     for tier in [Tier::Vram, Tier::Ram, Tier::Disk] {
         let layers: Vec<String> =

@@ -10,7 +10,7 @@ use ollm_engine::{GenerateParams, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::load_text;
 use crate::prompt::read_prompt;
 use ollm_ops::bytes::gib;
 
@@ -20,6 +20,8 @@ use crate::resources::{human_bytes, peak_rss_bytes};
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// The prompt text.
     #[arg(long, short = 'p')]
     pub prompt: Option<String>,
@@ -61,7 +63,7 @@ pub struct RunArgs {
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let prompt = read_prompt(a.prompt.clone(), a.prompt_file.clone())?;
-    let loaded = load(&a.model)?;
+    let loaded = a.spec.load(&a.model)?;
     let text = load_text(&loaded.dir)?;
     let ids = if a.chat {
         let Some(template) = &text.template else {
@@ -104,6 +106,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
         cancel: None,
+        speculate: a.spec.params(&loaded, &text.tokenizer)?,
     };
 
     let mut session = loaded.session()?;
@@ -134,8 +137,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let vram = loaded.peak_vram_bytes().map_or(String::new(), |b| format!(" | peak VRAM {} (driver)", gib(b)));
     let seed =
         if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
+    let spec = s.speculation.as_ref().map_or(String::new(), crate::speculation::describe);
     eprintln!(
-        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}{}",
+        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s{spec} | finish {} | load {:.2} s | peak RSS {}{}{}",
         s.prompt_tokens,
         s.prefill_tok_per_s(),
         s.generated_tokens,

@@ -8,12 +8,14 @@ use clap::Args;
 use ollm_server::{ServedModel, ServerConfig, serve};
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::load_text;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Address to listen on. The default serves this machine only; 0.0.0.0 opens it to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -56,11 +58,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let addr = resolve(&a.host, a.port)?;
-    let loaded = load(&a.model)?;
+    let loaded = a.spec.load(&a.model)?;
     let text = load_text(&loaded.dir)?;
+    let speculate = a.spec.params(&loaded, &text.tokenizer)?;
     let id = served_id(&a.model.model);
     eprintln!("[ollm] serving {id} ({}, loaded in {:.2} s)", loaded.dir.display(), loaded.load_time.as_secs_f64());
-    let model = ServedModel { id, chat: loaded.chat_model(text) };
+    let model = ServedModel { id, chat: ollm_engine::ChatModel { speculate, ..loaded.chat_model(text) } };
     let config = ServerConfig {
         addr,
         api_key: a.api_key.filter(|k| !k.is_empty()),

@@ -240,7 +240,13 @@ impl Speculator {
     }
 
     /// One round for one sequence: propose, one target forward, accept.
-    pub fn step(&mut self, session: &mut Session, pending: u32, limit: usize, sampler: &mut Sampler) -> Result<Vec<u32>> {
+    pub fn step(
+        &mut self,
+        session: &mut Session,
+        pending: u32,
+        limit: usize,
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>> {
         let proposal = self.propose(session, pending, limit)?;
         let mut logits = session.score(&proposal.feed, None)?;
         self.accept(session, proposal, &mut logits, sampler)

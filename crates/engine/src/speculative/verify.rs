@@ -98,7 +98,9 @@ mod tests {
         let rows: Vec<f32> = [logits.clone(), logits.clone()].concat();
         let n = 20_000;
         let q_unlike = vec![0.6f32, 0.05, 0.05, 0.1, 0.2];
-        for (name, q) in [("point mass", None), ("unlike", Some(q_unlike)), ("equal", Some(p.map(|x| x as f32).to_vec()))] {
+        for (name, q) in
+            [("point mass", None), ("unlike", Some(q_unlike)), ("equal", Some(p.map(|x| x as f32).to_vec()))]
+        {
             let mut counts = [0usize; 5];
             let mut draws = sampler(99, 1.0);
             for seed in 0..n as u64 {
