@@ -89,6 +89,9 @@ pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
     pub reasoning: &'a str,
+    /// With speculative decoding, the counts so far (the token may come from a pass that
+    /// verified several).
+    pub speculation: Option<SpecStats>,
 }
 
 /// Timings and counts of one generation.
@@ -261,7 +264,8 @@ pub fn generate(
         };
         text.push_str(&emit);
         reasoning.push_str(&thought);
-        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought });
+        let speculation = speculator.as_ref().map(|s| *s.stats());
+        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought, speculation });
         if ids.len() == 1 {
             // The first token is out: now write the prompt's new blocks.
             store_time = store_prefix(session, &mut stats);
@@ -299,7 +303,9 @@ pub fn generate(
         if !rest.is_empty() || !thought.is_empty() {
             text.push_str(&rest);
             reasoning.push_str(&thought);
-            let _ = on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest, reasoning: &thought });
+            let speculation = speculator.as_ref().map(|s| *s.stats());
+            let _ =
+                on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest, reasoning: &thought, speculation });
         }
     }
     if ids.is_empty() {

@@ -56,7 +56,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Print a line per generated token on stderr: time, and for streamed layers the bytes read
-    /// from disk and copied, their rates, and the time compute waited for weights.
+    /// from disk and copied, their rates, and the time compute waited for weights; with
+    /// --speculate, the target passes so far, tokens per pass and drafts kept.
     #[arg(long)]
     pub stats: bool,
 }
@@ -116,7 +117,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut per_token = TokenStats::new(a.stats, loaded.model.as_ref());
     let mut thinking = Reasoning::new();
     let generation = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
-        per_token.token(loaded.model.as_ref());
+        per_token.token(loaded.model.as_ref(), ev.speculation.as_ref());
         thinking.show(ev.reasoning, ev.text);
         if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
             write_err = Some(e);
@@ -211,7 +212,7 @@ impl TokenStats {
         Self { on, n: 0, last: std::time::Instant::now(), prev: model.stream_stats() }
     }
 
-    fn token(&mut self, model: &dyn ollm_models::CausalLm) {
+    fn token(&mut self, model: &dyn ollm_models::CausalLm, spec: Option<&ollm_engine::SpecStats>) {
         if !self.on {
             return;
         }
@@ -219,6 +220,9 @@ impl TokenStats {
         self.last = std::time::Instant::now();
         self.n += 1;
         let mut line = format!("[ollm] token {}: {:.3} s", self.n, secs);
+        if let Some(s) = spec {
+            line += &format!(" | after {} target passes{}", s.passes, crate::speculation::describe(s));
+        }
         if let (Some(now), Some(prev)) = (model.stream_stats(), self.prev) {
             let (disk, copy) = (now.disk_bytes - prev.disk_bytes, now.copy_bytes - prev.copy_bytes);
             let disk_s = now.disk_secs - prev.disk_secs;
