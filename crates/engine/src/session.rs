@@ -221,6 +221,11 @@ impl Session {
         Ok(Checkpoint { len: self.tokens.len(), fixed })
     }
 
+    /// A checkpoint for a forward whose every token will be kept (no drafts): no state copy.
+    pub fn checkpoint_keeping_all(&self) -> Checkpoint {
+        Checkpoint { len: self.tokens.len(), fixed: None }
+    }
+
     /// Keeps the first `keep` tokens fed since `cp` and forgets the rest (rejected draft
     /// tokens). Returns how many of the kept tokens the state still holds: all of them when the
     /// state is KV only (a truncation, wherever the KV lives). A recurrent state cannot step

@@ -31,7 +31,7 @@ pub use ngram::NgramDrafter;
 pub use verify::{Verdict, verify};
 
 use crate::session::Checkpoint;
-use crate::{Result, Sampler, SamplingParams, Session};
+use crate::{EngineError, Result, Sampler, SamplingParams, Session};
 
 /// Drafted tokens and, when they were drawn from a distribution, that distribution.
 #[derive(Debug, Clone, Default)]
@@ -207,7 +207,12 @@ impl Speculator {
         feed.push(pending);
         feed.extend_from_slice(&draft.tokens);
         self.stats.draft_tokens = k;
-        Ok(Proposal { feed, draft, backlog, checkpoint: session.checkpoint()?, started })
+        // Without drafts every fed token is kept: a recurrent state needs no copy.
+        let checkpoint = match draft.tokens.is_empty() {
+            true => session.checkpoint_keeping_all(),
+            false => session.checkpoint()?,
+        };
+        Ok(Proposal { feed, draft, backlog, checkpoint, started })
     }
 
     /// Verifies the proposal against `logits`, `[proposal.feed.len(), vocab]` from the forward
@@ -225,6 +230,14 @@ impl Speculator {
         let vocab = logits.len() / feed.len().max(1);
         let k = draft.tokens.len();
         let history = session.tokens()[..session.len().saturating_sub(k)].to_vec();
+        // As a plain step does: NaN or infinite logits are an error naming the position, and
+        // the sequence goes back to where the forward started.
+        let rows = &logits[backlog * vocab..];
+        if let Some((i, &value)) = rows.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let position = session.len() - feed.len() + backlog + i / vocab;
+            session.roll_back(&checkpoint, 0)?;
+            return Err(EngineError::NonFiniteLogits { position, token: i % vocab, value });
+        }
         let verdict = verify(&mut logits[backlog * vocab..], vocab, &draft, &history, sampler);
         let keep = backlog + 1 + verdict.accepted;
         let held = session.roll_back(&checkpoint, keep)?;
