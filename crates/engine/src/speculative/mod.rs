@@ -269,7 +269,9 @@ impl Speculator {
 /// `--draft-tokens auto`: running estimates (decayed by [`AutoDraft::DECAY`] per round) of the
 /// acceptance rate `a` and of a round's cost as `c0 + c1 * k` seconds; each round drafts the `k`
 /// that maximises expected tokens per second, `(1 - a^(k+1)) / (1 - a) / (c0 + c1 k)` (a
-/// token kept with probability `a`, independently, until the first rejection).
+/// token kept with probability `a`, independently, until the first rejection). That may be 0
+/// (drafts cost more than they save, as on a compute-bound CPU with a weak drafter); then every
+/// [`AutoDraft::PROBE`]th round drafts one token, so that a drafter that improves is noticed.
 #[derive(Debug, Clone, Default)]
 struct AutoDraft {
     drafted: f64,
@@ -281,11 +283,14 @@ struct AutoDraft {
     st: f64,
     skt: f64,
     last: usize,
+    /// Rounds in a row chosen without drafts.
+    idle: usize,
 }
 
 impl AutoDraft {
     const DECAY: f64 = 0.9;
     const START: usize = 4;
+    const PROBE: usize = 16;
 
     fn record(&mut self, k: usize, accepted: usize, secs: f64) {
         let d = Self::DECAY;
@@ -313,8 +318,13 @@ impl AutoDraft {
             let c1 = ((self.skt - self.sk * self.st / self.n) / (self.skk - self.sk * self.sk / self.n)).max(0.0);
             let c0 = ((self.st - c1 * self.sk) / self.n).max(1e-6);
             let rate = |k: usize| (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / (c0 + c1 * k as f64);
-            (1..=AUTO_MAX_DRAFT).max_by(|&x, &y| rate(x).total_cmp(&rate(y))).unwrap_or(Self::START)
+            (0..=AUTO_MAX_DRAFT).max_by(|&x, &y| rate(x).total_cmp(&rate(y))).unwrap_or(Self::START)
         };
+        self.idle = if k == 0 { self.idle + 1 } else { 0 };
+        let k = if self.idle >= Self::PROBE { 1 } else { k };
+        if k > 0 {
+            self.idle = 0;
+        }
         self.last = k;
         k
     }
@@ -334,10 +344,11 @@ mod tests {
     }
 
     #[test]
-    fn auto_drafts_more_when_a_pass_costs_the_same_and_less_when_tokens_cost() {
+    fn auto_drafts_more_when_a_pass_costs_the_same_and_none_when_drafts_cost_more() {
         // Offload regime: 1 s a round whatever k, 90 % kept: draft the most.
         let mut flat = AutoDraft::default();
-        // Compute bound: each drafted token costs as much as the pass, 30 % kept: draft one.
+        // Compute bound: each drafted token costs as much as the pass, 30 % kept: drafting
+        // loses, so none (but a probe of one every PROBE rounds).
         let mut linear = AutoDraft::default();
         for round in 0..40 {
             let k = flat.choose();
@@ -346,6 +357,8 @@ mod tests {
             linear.record(k, (k as f64 * 0.3) as usize, 0.1 * (1 + k) as f64);
         }
         assert!(flat.choose() >= 32, "flat cost: {}", flat.choose());
-        assert_eq!(linear.choose(), 1);
+        let picks: Vec<usize> = (0..AutoDraft::PROBE).map(|_| linear.choose()).collect();
+        assert_eq!(picks.iter().filter(|&&k| k == 0).count(), AutoDraft::PROBE - 1, "{picks:?}");
+        assert_eq!(picks.last(), Some(&1), "{picks:?}");
     }
 }

@@ -5,9 +5,10 @@
 use super::{Draft, Drafter};
 use crate::Result;
 
-/// Longest suffix matched first; a shorter one when it does not occur earlier.
+/// Longest suffix matched first; a shorter one when it does not occur earlier. A single token
+/// recurs too often in a long document to predict what follows it.
 pub const MAX_NGRAM: usize = 3;
-pub const MIN_NGRAM: usize = 1;
+pub const MIN_NGRAM: usize = 2;
 
 /// Holds nothing between calls: every draft is a search over the context.
 #[derive(Debug, Default, Clone, Copy)]
