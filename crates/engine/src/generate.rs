@@ -218,7 +218,8 @@ pub fn generate(
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
-    // Positions before the first generated token: a plain decode has fed `fed + ids.len() - 1`.
+    // Positions before the first generated token: a plain decode has fed `fed + ids.len() - 1`
+    // when it is about to feed the last token (the context is full once that reaches it).
     let fed = session.len();
     let mut decoder = StreamDecoder::new();
     let mut thoughts = StreamDecoder::new();
@@ -279,7 +280,7 @@ pub fn generate(
         if ids.len() >= params.max_new_tokens {
             break FinishReason::Length;
         }
-        if fed + ids.len() - 1 >= context {
+        if fed + ids.len() > context {
             break FinishReason::ContextFull;
         }
         match &mut speculator {

@@ -21,6 +21,9 @@ use ollm_tokenizer::Tokenizer;
 
 const VOCAB: u32 = 300;
 
+/// Writes a synthesised model of a family: directory, layers, seed.
+type Write = fn(&Path, usize, u64);
+
 fn llama(dir: &Path, layers: usize, seed: u64) {
     let mut config = Like::Llama32_1B.config();
     for (k, v) in [("hidden_size", 64), ("intermediate_size", 96), ("num_attention_heads", 4), ("head_dim", 16)] {
@@ -134,8 +137,7 @@ fn same_as_plain(
 #[test]
 fn greedy_speculation_equals_plain_greedy_on_every_family() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let families: [(&str, fn(&Path, usize, u64)); 3] =
-        [("llama", llama), ("gpt-oss", gpt_oss), ("qwen3-next", qwen3_next)];
+    let families: [(&str, Write); 3] = [("llama", llama), ("gpt-oss", gpt_oss), ("qwen3-next", qwen3_next)];
     let mut ngram_accepted = 0;
     for (name, write) in families {
         let (target_dir, draft_dir) = (dir.path().join(name), dir.path().join(format!("{name}-draft")));
