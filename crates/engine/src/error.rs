@@ -33,6 +33,11 @@ pub enum EngineError {
     RollBack { to: usize, min: usize },
 
     #[error(
+        "a batched verification needs one feed per session and one model for all: got {sessions} sessions and {feeds} feeds"
+    )]
+    Batch { sessions: usize, feeds: usize },
+
+    #[error(
         "the draft model's vocabulary differs from the target's ({detail}); choose a draft with the target's tokenizer (the same family, e.g. Llama-3.2-1B for Llama-3.1-8B)"
     )]
     DraftVocabulary { detail: String },

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{PrefixCache, PrefixConfig, Restored, Stored};
-use ollm_models::{CausalLm, LogitsWanted, SeqState, TraceSink};
+use ollm_models::{BatchSeq, CausalLm, LogitsWanted, SeqState, TraceSink};
 
 use crate::{EngineError, Result};
 
@@ -180,6 +180,38 @@ impl Session {
         let logits = self.forward(ids, LogitsWanted::All, trace)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits)
+    }
+
+    /// Feeds each session its `feeds` ids in one batched forward of their shared model
+    /// ([`CausalLm::forward_batch`]) and returns every position's logits per session, as
+    /// [`score`](Self::score) would: a scheduler's speculative verification of many sequences
+    /// in one pass over the weights. On an error, recurrent states start over.
+    pub fn score_batch(sessions: &mut [&mut Session], feeds: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let Some(model) = sessions.first().map(|s| s.model.clone()) else { return Ok(Vec::new()) };
+        if sessions.len() != feeds.len() || sessions.iter().any(|s| !Arc::ptr_eq(&s.model, &model)) {
+            return Err(EngineError::Batch { sessions: sessions.len(), feeds: feeds.len() });
+        }
+        let mut items: Vec<BatchSeq<'_>> = sessions
+            .iter_mut()
+            .zip(feeds)
+            .map(|(s, ids)| BatchSeq { ids, state: &mut s.state, wanted: LogitsWanted::All })
+            .collect();
+        let out = model.forward_batch(&mut items);
+        drop(items);
+        match out {
+            Ok(logits) => {
+                for (s, ids) in sessions.iter_mut().zip(feeds) {
+                    s.tokens.extend_from_slice(ids);
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                for s in sessions.iter_mut().filter(|s| s.state.has_fixed()) {
+                    s.reset();
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Feeds one token and returns the next-token logits.

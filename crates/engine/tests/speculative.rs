@@ -416,3 +416,58 @@ fn speculative_sampling_keeps_the_targets_token_frequencies() {
         assert!(stat > critical(df), "token {}: the draft's own frequencies pass too ({stat:.1}, {df} df)", pos + 2);
     }
 }
+
+/// A scheduler's round for two sequences: each proposes, one batched forward verifies both
+/// (`Session::score_batch`), each accepts; the tokens equal each sequence's own rounds.
+#[test]
+fn a_batched_verification_of_two_sequences_gives_their_own_rounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    llama(dir.path(), 3, 3);
+    let (model, _) = load(dir.path());
+    let spec = SpeculateParams { method: Speculate::Ngram, draft_tokens: DraftTokens::Fixed(4) };
+    let prompts = [prompt(60), prompt(90)[7..].to_vec()];
+    let start = |p: &[u32]| {
+        let mut s = Session::new(model.clone()).expect("session");
+        let logits = s.prefill(p).expect("prefill");
+        (s, ollm_engine::sampling::argmax(&logits))
+    };
+    let sampler = || ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
+    // Alone: twelve rounds each.
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let (mut s, mut pending) = start(p);
+            let (mut sp, mut sm) =
+                (ollm_engine::Speculator::new(&spec, &SamplingParams::greedy()).expect("spec"), sampler());
+            let mut out = Vec::new();
+            for _ in 0..12 {
+                let got = sp.step(&mut s, pending, 8, &mut sm).expect("round");
+                pending = *got.last().expect("a token");
+                out.extend(got);
+            }
+            out
+        })
+        .collect();
+    // Together: twelve batched rounds.
+    let (mut a, pa) = start(&prompts[0]);
+    let (mut b, pb) = start(&prompts[1]);
+    let mut pending = [pa, pb];
+    let mut specs: Vec<_> =
+        (0..2).map(|_| ollm_engine::Speculator::new(&spec, &SamplingParams::greedy()).expect("spec")).collect();
+    let mut samplers = [sampler(), sampler()];
+    let mut together = vec![Vec::new(), Vec::new()];
+    for _ in 0..12 {
+        let proposals =
+            [specs[0].propose(&a, pending[0], 8).expect("a"), specs[1].propose(&b, pending[1], 8).expect("b")];
+        let feeds: Vec<Vec<u32>> = proposals.iter().map(|p| p.feed.clone()).collect();
+        let mut logits = Session::score_batch(&mut [&mut a, &mut b], &feeds).expect("batched verification");
+        let [pa, pb] = proposals;
+        let ga = specs[0].accept(&mut a, pa, &mut logits[0], &mut samplers[0]).expect("accept a");
+        let gb = specs[1].accept(&mut b, pb, &mut logits[1], &mut samplers[1]).expect("accept b");
+        pending = [*ga.last().expect("a token"), *gb.last().expect("a token")];
+        together[0].extend(ga);
+        together[1].extend(gb);
+    }
+    assert_eq!(together, alone);
+    assert!(specs.iter().any(|s| s.stats().accepted > 0), "no draft was kept: the rounds did not speculate");
+}

@@ -10,6 +10,9 @@
 //! 3. [`Speculator::accept`]: [`verify`] keeps a prefix of the drafts and adds the target's
 //!    own next token; the session rolls back to the last kept position ([`Session::roll_back`]).
 //!
+//! A scheduler serving many sequences calls `propose` for each, verifies them all in one pass
+//! over the weights with [`Session::score_batch`], then `accept` for each.
+//!
 //! Rollback: attention layers' KV is truncated wherever it lives (device, pinned RAM blocks,
 //! spill file, sliding windows, which keep [`ollm_kv::KEEP_BACK`] positions for this). A
 //! recurrent state (Qwen3-Next's DeltaNet) cannot step back: it is copied before the forward
