@@ -41,6 +41,9 @@ pub enum EngineError {
         "the draft model's vocabulary differs from the target's ({detail}); choose a draft with the target's tokenizer (the same family, e.g. Llama-3.2-1B for Llama-3.1-8B)"
     )]
     DraftVocabulary { detail: String },
+    /// A batched step failed for every sequence in it (the message of the model's error).
+    #[error("{0}")]
+    Step(String),
 
     #[error("invalid sampling parameter {name} = {value}: {expected}")]
     Sampling { name: &'static str, value: String, expected: &'static str },

@@ -4,14 +4,14 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ollm_tokenizer::{StreamDecoder, Tokenizer};
+use ollm_tokenizer::Tokenizer;
 
 use ollm_kv::{Restored, Stored};
 
-use crate::harmony::{Channel, HarmonyMarkers, HarmonySplitter, Routed};
+use crate::decoding::{Decoding, Next};
+use crate::harmony::HarmonyMarkers;
 use crate::speculative::{SpecStats, SpeculateParams, Speculator};
-use crate::stop::{StopMatcher, StopOutcome};
-use crate::{EngineError, Result, Sampler, SamplingParams, Session};
+use crate::{EngineError, Result, SamplingParams, Session};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -102,6 +102,9 @@ pub struct GenerationStats {
     /// ([`generate_reusing`]); neither computed nor loaded.
     pub reused_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens in the session when generation ended: all of them, unless it was cancelled
+    /// while the prompt was being read.
+    pub prompt_fed: usize,
     pub prefill: Duration,
     pub decode: Duration,
     /// What the prefix cache did, when the session has one.
@@ -148,7 +151,7 @@ pub struct Generation {
 
 /// Stores the prompt's blocks in the session's prefix cache, if it has one; a failure (a full
 /// disk) is reported in the stats, not raised. Returns the time it took.
-fn store_prefix(session: &mut Session, stats: &mut GenerationStats) -> Duration {
+pub(crate) fn store_prefix(session: &mut Session, stats: &mut GenerationStats) -> Duration {
     let Some(report) = stats.prefix.as_mut() else { return Duration::ZERO };
     let t = Instant::now();
     match session.store_prefix() {
@@ -179,6 +182,7 @@ pub fn generate_reusing(
     let mut g = generate(session, tokenizer, &prompt[kept..], params, on_token)?;
     g.stats.prompt_tokens = prompt.len();
     g.stats.reused_tokens = kept;
+    g.stats.prompt_fed += kept;
     Ok(g)
 }
 
@@ -198,7 +202,6 @@ pub fn generate(
     if session.len() + prompt.len() > context {
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
-    let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut speculator = params.speculate.as_ref().map(|s| Speculator::new(s, &params.sampling)).transpose()?;
     // Tokens a speculative round verified, to emit before the next round.
     let mut verified = std::collections::VecDeque::new();
@@ -210,105 +213,46 @@ pub fn generate(
     stats.prefill = t0.elapsed();
     let Some((mut logits, restored)) = prefilled else {
         let finish = FinishReason::Cancelled;
+        stats.prompt_fed = session.len();
         return Ok(Generation { ids: Vec::new(), text: String::new(), reasoning: String::new(), finish, stats });
     };
     if session.prefix_cache().is_some() {
         stats.prefix = Some(PrefixReport { restored, ..PrefixReport::default() });
     }
+    stats.prompt_fed = prompt.len();
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
-    // Positions before the first generated token: a plain decode has fed `fed + ids.len() - 1`
-    // when it is about to feed the last token (the context is full once that reaches it).
+    // Positions before the first generated token: the context is full once `fed` and the
+    // tokens generated reach it (with speculation the session may hold drafts beyond them).
     let fed = session.len();
-    let mut decoder = StreamDecoder::new();
-    let mut thoughts = StreamDecoder::new();
-    let mut splitter = params.harmony.map(HarmonySplitter::new);
-    let mut stops = StopMatcher::new(params.stop.clone());
-    let (mut ids, mut text, mut reasoning) = (Vec::new(), String::new(), String::new());
+    let mut dec = Decoding::new(params)?;
+    let mut stored = false;
     let finish = loop {
-        if ids.len() >= params.max_new_tokens {
-            break FinishReason::Length;
-        }
-        let id = match verified.pop_front() {
-            Some(id) => id,
-            None => sampler.sample(&mut logits, session.tokens()),
+        dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
+        let full = fed + dec.ids().len() + 1 > context;
+        let next = match verified.pop_front() {
+            Some(id) => dec.accept(tokenizer, id, full, on_token)?,
+            None => dec.advance(tokenizer, &mut logits, session.tokens(), full, on_token)?,
         };
-        if params.eos_token_ids.contains(&id) {
-            break FinishReason::Eos;
-        }
-        ids.push(id);
-        let routed = match &mut splitter {
-            Some(s) => s.push(tokenizer, id)?,
-            None => Routed::Text(Channel::Final),
-        };
-        let answer = |decoder: &mut StreamDecoder, ids: &[u32]| -> Result<String> {
-            let mut s = String::new();
-            for &id in ids {
-                s.push_str(&decoder.push(tokenizer, id)?.unwrap_or_default());
-            }
-            Ok(s)
-        };
-        let (emit, thought, stopped) = match routed {
-            Routed::Header => (String::new(), String::new(), false),
-            Routed::Replay(ids) => match stops.push(&answer(&mut decoder, &ids)?) {
-                StopOutcome::Continue(s) => (s, String::new(), false),
-                StopOutcome::Stopped(s) => (s, String::new(), true),
-            },
-            Routed::Text(Channel::Reasoning) => {
-                (String::new(), thoughts.push(tokenizer, id)?.unwrap_or_default(), false)
-            }
-            Routed::Text(Channel::Final) => match stops.push(&decoder.push(tokenizer, id)?.unwrap_or_default()) {
-                StopOutcome::Continue(s) => (s, String::new(), false),
-                StopOutcome::Stopped(s) => (s, String::new(), true),
-            },
-        };
-        text.push_str(&emit);
-        reasoning.push_str(&thought);
-        let speculation = speculator.as_ref().map(|s| *s.stats());
-        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought, speculation });
-        if ids.len() == 1 {
+        if !stored && !dec.ids().is_empty() {
             // The first token is out: now write the prompt's new blocks.
             store_time = store_prefix(session, &mut stats);
+            stored = true;
         }
-        if stopped {
-            break FinishReason::Stop;
-        }
-        if flow.is_break() {
-            break FinishReason::Cancelled;
-        }
-        if ids.len() >= params.max_new_tokens {
-            break FinishReason::Length;
-        }
-        if fed + ids.len() > context {
-            break FinishReason::ContextFull;
-        }
-        match &mut speculator {
-            None => logits = session.step(id)?,
-            Some(s) if verified.is_empty() => {
+        match (next, &mut speculator) {
+            (Next::Finished(f), _) => break f,
+            (Next::Feed(id), None) => logits = session.step(id)?,
+            (Next::Feed(id), Some(s)) if verified.is_empty() => {
                 // Drafts beyond the tokens left would be wasted rows.
-                let limit = params.max_new_tokens - ids.len() - 1;
-                verified.extend(s.step(session, id, limit, &mut sampler)?);
+                let limit = params.max_new_tokens.saturating_sub(dec.ids().len() + 1);
+                verified.extend(s.step(session, id, limit, dec.sampler_mut())?);
             }
-            Some(_) => {} // `id` was verified with the tokens after it
+            (Next::Feed(_), Some(_)) => {} // verified with the tokens after it
         }
     };
-    // Release text held back by the detokeniser or a partial stop-string match.
-    if finish != FinishReason::Stop {
-        let tail = decoder.flush(tokenizer)?.unwrap_or_default();
-        let mut rest = match stops.push(&tail) {
-            StopOutcome::Continue(s) | StopOutcome::Stopped(s) => s,
-        };
-        rest.push_str(&stops.finish());
-        let thought = thoughts.flush(tokenizer)?.unwrap_or_default();
-        if !rest.is_empty() || !thought.is_empty() {
-            text.push_str(&rest);
-            reasoning.push_str(&thought);
-            let speculation = speculator.as_ref().map(|s| *s.stats());
-            let _ =
-                on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest, reasoning: &thought, speculation });
-        }
-    }
+    dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
+    let (ids, text, reasoning) = dec.finish(tokenizer, finish, on_token)?;
     if ids.is_empty() {
         store_time = store_prefix(session, &mut stats);
     }

@@ -3,11 +3,13 @@
 
 pub mod chat_model;
 pub mod config;
+pub mod decoding;
 pub mod error;
 pub mod generate;
 pub mod harmony;
 
 pub mod sampling;
+pub mod scheduler;
 pub mod session;
 pub mod speculative;
 pub mod stop;
@@ -21,6 +23,7 @@ pub use generate::{
 };
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats, Sink};
 pub use session::{Checkpoint, Session};
 pub use speculative::{DraftModel, DraftTokens, SpecStats, Speculate, SpeculateParams, Speculator};
 pub use stop::StopMatcher;

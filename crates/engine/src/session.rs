@@ -107,14 +107,7 @@ impl Session {
         ids: &[u32],
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Option<(Vec<f32>, Option<Restored>)>> {
-        let mut restored = None;
-        if self.tokens.is_empty()
-            && let Some(cache) = &self.prefix
-        {
-            let r = cache.restore(self.model.backend(), &mut self.state, ids)?;
-            self.tokens.extend_from_slice(&ids[..r.tokens]);
-            restored = Some(r);
-        }
+        let restored = self.restore_prefix(ids)?;
         let start = restored.as_ref().map_or(0, |r: &Restored| r.tokens);
         let mut logits = Vec::new();
         for (i, chunk) in ids[start..].chunks(self.prefill_chunk).enumerate() {
@@ -122,10 +115,66 @@ impl Session {
                 return Ok(None);
             }
             logits = self.forward(chunk, LogitsWanted::Last, None)?;
-            self.tokens.extend_from_slice(chunk);
-            self.snapshot_if_block_end()?;
+            self.commit(chunk)?;
         }
         Ok(Some((logits, restored)))
+    }
+
+    /// A fresh session with a prefix cache loads the longest stored prefix of `ids` (always
+    /// leaving one token to compute) and says what it loaded; otherwise None.
+    pub fn restore_prefix(&mut self, ids: &[u32]) -> Result<Option<Restored>> {
+        if !self.tokens.is_empty() {
+            return Ok(None);
+        }
+        let Some(cache) = &self.prefix else { return Ok(None) };
+        let r = cache.restore(self.model.backend(), &mut self.state, ids)?;
+        self.tokens.extend_from_slice(&ids[..r.tokens]);
+        Ok(Some(r))
+    }
+
+    /// Prompt tokens per forward during prefill.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// This sequence's share of a batched forward ([`CausalLm::forward_batch`]); after the
+    /// forward, [`commit`](Self::commit) the same ids and [`check_logits`](Self::check_logits)
+    /// what came back, or [`forward_failed`](Self::forward_failed) when it failed.
+    pub fn batch_item<'a>(&'a mut self, ids: &'a [u32], wanted: LogitsWanted) -> BatchSeq<'a> {
+        BatchSeq { ids, state: &mut self.state, wanted }
+    }
+
+    /// Records `ids` as fed (the state took them in a forward).
+    pub fn commit(&mut self, ids: &[u32]) -> Result<()> {
+        self.tokens.extend_from_slice(ids);
+        self.snapshot_if_block_end()
+    }
+
+    /// Whether the model keeps a recurrent state (which cannot step back).
+    pub fn has_recurrent_state(&self) -> bool {
+        self.state.has_fixed()
+    }
+
+    /// After a failed forward: a recurrent state may have taken part of it, so the sequence
+    /// starts over.
+    pub fn forward_failed(&mut self) {
+        if self.state.has_fixed() {
+            self.reset();
+        }
+    }
+
+    /// Next-token logits that are NaN or infinite are an error naming the position (the last
+    /// fed): a sampler would turn them into tokens that mean nothing. The sequence keeps its
+    /// tokens, but a recurrent state starts over.
+    pub fn check_logits(&mut self, logits: &[f32]) -> Result<()> {
+        if let Some((token, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let position = self.tokens.len().saturating_sub(1);
+            if self.state.has_fixed() {
+                self.reset();
+            }
+            return Err(EngineError::NonFiniteLogits { position, token, value });
+        }
+        Ok(())
     }
 
     /// A recurrent model's fixed state at a block end, kept for the prefix entry ending there.

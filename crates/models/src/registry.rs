@@ -28,8 +28,9 @@ pub struct Family {
     pub load: LoadFn,
     /// The config's sizes for the planner.
     pub dims: fn(&RawConfig) -> Result<Dims>,
-    /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`).
-    pub scratch_bytes: fn(&RawConfig, usize) -> Result<u64>,
+    /// Device bytes of the activations of a forward of `rows` rows in `seqs` sequences (the
+    /// family's `scratch_bytes`; one sequence: a plain forward).
+    pub scratch_bytes: fn(&RawConfig, usize, usize) -> Result<u64>,
     /// Device bytes of the expert cache's unpack buffers (0 without experts).
     pub expert_work_bytes: fn(&RawConfig, &Catalog) -> Result<u64>,
     /// The role of a layer tensor (its name after `model.layers.{l}.`) in the family's table:
@@ -241,7 +242,14 @@ impl ModelBytes {
     /// family's forward counts them from the shapes it allocates, plus the expert cache's
     /// unpacked matrices for a MoE model.
     pub fn scratch_bytes(&self, rows: usize) -> Result<u64> {
-        Ok((self.family.scratch_bytes)(&self.raw, rows)? + self.expert_work_bytes)
+        self.batch_scratch_bytes(rows, 1)
+    }
+
+    /// [`scratch_bytes`](Self::scratch_bytes) of a batched forward of `rows` rows in `seqs`
+    /// sequences (each wanting its last row's logits): the segments' buffers and a logits row
+    /// per sequence besides.
+    pub fn batch_scratch_bytes(&self, rows: usize, seqs: usize) -> Result<u64> {
+        Ok((self.family.scratch_bytes)(&self.raw, rows, seqs)? + self.expert_work_bytes)
     }
 }
 

@@ -111,11 +111,41 @@ pub struct DecodeBenchArgs {
     /// With --prompt-file: wrap the text as a user message in the model's chat template.
     #[arg(long, requires = "prompt_file")]
     pub chat: bool,
+    /// Batch sizes (e.g. 1,4,16,64): generate --requests requests through the batching scheduler
+    /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub batch: Vec<usize>,
+    /// Tokens one step of the --batch bench feeds at most (a decode token per sequence, then
+    /// prompt chunks).
+    #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
+    pub step_tokens: usize,
+    /// Requests of the --batch bench at each batch size (0: as many as the batch size).
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Verification pass cost: time one forward of k new tokens (k = 1,4,16,64,256 ...) after a
+    /// --prompt-tokens context, each against k = 1 (the cost of a speculative target pass).
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub pass_cost: Vec<usize>,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match (a.what, a.model) {
         (Some(BenchWhat::Ops(o)), _) => run_ops(o),
+        (None, Some(m)) if !a.decode.pass_cost.is_empty() => {
+            super::bench_batch::pass_cost(&m, &a.decode.pass_cost, a.decode.prompt_tokens, a.decode.repeats)
+        }
+        (None, Some(m)) if !a.decode.batch.is_empty() => {
+            let d = a.decode;
+            let b = super::bench_batch::BatchBench {
+                sizes: d.batch,
+                requests: d.requests,
+                prompt_tokens: d.prompt_tokens,
+                tokens: d.tokens,
+                bandwidth_mib: d.bandwidth_mib,
+                step_tokens: d.step_tokens,
+            };
+            super::bench_batch::run(&m, &b)
+        }
         (None, Some(m)) => run_decode(&m, a.decode),
         (None, None) => bail!("give --model DIR for the decode bench, or run `ollm bench ops` for the GPU ops"),
     }

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_batch;
 pub mod chat;
 pub mod import_gguf;
 pub mod logits;
@@ -149,6 +150,8 @@ impl ModelArgs {
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
             draft: None,
+            max_batch: None,
+            step_tokens: None,
         }
     }
 

@@ -4,7 +4,7 @@
 use ollm_kv::LayerKv;
 use ollm_ops::{AttnParams, Backend, RopeTable, Tensor};
 
-use crate::common::forward::Segment;
+use crate::common::forward::{SegSets, Segment};
 use crate::trace::TraceSink;
 use crate::{BatchSeq, Result};
 
@@ -150,24 +150,22 @@ fn per_outer_row(t: &Tensor) -> usize {
 }
 
 /// Buffers of one sequence's rows inside a tile that holds several: q, k, v and ctx of `n`
-/// rows, one set per row count, made when first needed and kept for the forward.
+/// rows, one set per row count, made when first needed and kept for the forward (see
+/// [`SegSets`] for the bound on what they hold).
 #[derive(Debug, Default)]
-pub struct SegBufs(Vec<(usize, [Tensor; 4])>);
+pub struct SegBufs(SegSets);
 
 impl SegBufs {
     /// The set for `n` rows of these dims.
     pub fn get(&mut self, backend: &dyn Backend, n: usize, d: &AttnDims) -> Result<&mut [Tensor; 4]> {
-        let i = match self.0.iter().position(|(m, _)| *m == n) {
-            Some(i) => i,
-            None => {
-                let [q, k, v, ctx, _] = crate::common::forward::alloc_all(backend, AttnScratch::shapes(n, d))?
-                    .try_into()
-                    .map_err(|_| ollm_ops::OpsError::Backend("internal: segment scratch".into()))?;
-                self.0.push((n, [q, k, v, ctx]));
-                self.0.len() - 1
-            }
-        };
-        Ok(&mut self.0[i].1)
+        let set = self.0.get(backend, n, |n| AttnScratch::shapes(n, d)[..4].to_vec())?;
+        <&mut [Tensor; 4]>::try_from(set)
+            .map_err(|_| ollm_ops::OpsError::Backend("internal: segment scratch".into()).into())
+    }
+
+    /// Shapes of the set for `n` rows (what the planner counts).
+    pub fn shapes(n: usize, d: &AttnDims) -> Vec<Vec<usize>> {
+        AttnScratch::shapes(n, d)[..4].to_vec()
     }
 }
 

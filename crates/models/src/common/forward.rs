@@ -278,6 +278,56 @@ impl<S> PerSize<S> {
     }
 }
 
+/// Buffers of one sequence's rows inside a tile that holds several (a batched forward copies a
+/// segment's rows out, runs what is per sequence on them, and writes them back): one set of
+/// shapes per row count, made when first needed and kept for the forward while the sets held
+/// total at most [`PREFILL_TILE`] rows (beyond, the others are dropped first), so they never
+/// hold more than [`seg_set_rows`] rows.
+#[derive(Debug, Default)]
+pub struct SegSets(Vec<(usize, Vec<Tensor>)>);
+
+impl SegSets {
+    /// The set for `n` rows, of the shapes `shapes(n)` gives (the same function every call).
+    pub fn get(
+        &mut self,
+        be: &dyn Backend,
+        n: usize,
+        shapes: impl FnOnce(usize) -> Vec<Vec<usize>>,
+    ) -> Result<&mut [Tensor]> {
+        let i = match self.0.iter().position(|(m, _)| *m == n) {
+            Some(i) => i,
+            None => {
+                let held: usize = self.0.iter().map(|(m, _)| m).sum();
+                if held + n > PREFILL_TILE {
+                    self.0.clear();
+                }
+                self.0.push((n, alloc_all(be, shapes(n))?));
+                self.0.len() - 1
+            }
+        };
+        Ok(&mut self.0[i].1)
+    }
+}
+
+/// Rows of segment sets ([`SegSets`]) a batched forward of `rows` rows in `seqs` sequences holds
+/// at most: none for one sequence (its tiles are worked on in place), else up to a tile's.
+pub fn seg_set_rows(rows: usize, seqs: usize) -> usize {
+    if seqs <= 1 { 0 } else { rows.min(PREFILL_TILE) }
+}
+
+/// Shapes of what [`begin_batch`] and [`logits_batch`] allocate for a forward of `rows` rows in
+/// `seqs` sequences, each wanting its last row's logits (vocabulary `v`): the residual stream,
+/// the picked rows (and a one-row buffer per sequence), their norm and their logits. For one
+/// sequence, [`stream_shapes`].
+pub fn batch_stream_shapes(rows: usize, seqs: usize, h: usize, v: usize) -> Vec<Vec<usize>> {
+    let seqs = seqs.clamp(1, rows.max(1));
+    let mut shapes = vec![vec![rows, h], vec![seqs, h], vec![seqs, h], vec![seqs, v]];
+    if seqs > 1 {
+        shapes.extend(std::iter::repeat_n(vec![1, h], seqs));
+    }
+    shapes
+}
+
 /// Shapes of what [`begin`] and [`logits`] allocate for a forward of `t` rows of width `h`
 /// whose last row's logits (vocabulary `v`) are wanted: the residual stream, the last row, its
 /// norm and its logits.

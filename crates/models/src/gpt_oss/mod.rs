@@ -17,7 +17,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(GptOss::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, rows| Ok(scratch_bytes(&GptOssConfig::from_raw(raw)?, rows)),
+    scratch_bytes: |raw, rows, seqs| Ok(scratch_bytes(&GptOssConfig::from_raw(raw)?, rows, seqs)),
     expert_work_bytes: |raw, catalog| {
         let c = GptOssConfig::from_raw(raw)?;
         let layers: Vec<usize> = (0..c.n_layers).collect();

@@ -9,7 +9,9 @@ use ollm_weights::Catalog;
 use super::config::LlamaConfig;
 use super::tensors::*;
 use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, SegBufs, batched_self_attention};
-use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, Segment, f32_bytes, piece_sizes, segments, stream_shapes};
+use crate::common::forward::{
+    PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
+};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
@@ -118,14 +120,16 @@ fn dims(cfg: &LlamaConfig) -> AttnDims {
     AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates (the last row's logits
-/// wanted): the residual stream, the tiles' buffers and one scratch set per tile length.
-pub fn scratch_bytes(cfg: &LlamaConfig, t: usize) -> u64 {
-    let mut shapes = stream_shapes(t, cfg.hidden_size, cfg.vocab_size);
+/// Device bytes of the activations a forward of `t` rows in `seqs` sequences allocates (each
+/// sequence's last row's logits wanted): the residual stream, the tiles' buffers, one scratch
+/// set per tile length, and for several sequences their segments' buffers.
+pub fn scratch_bytes(cfg: &LlamaConfig, t: usize, seqs: usize) -> u64 {
+    let mut shapes = batch_stream_shapes(t, seqs, cfg.hidden_size, cfg.vocab_size);
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, cfg.hidden_size));
     for n in piece_sizes(t, PREFILL_TILE) {
         shapes.extend(Scratch::shapes(cfg, n));
     }
+    shapes.extend(SegBufs::shapes(seg_set_rows(t, seqs), &dims(cfg)));
     f32_bytes(&shapes)
 }
 

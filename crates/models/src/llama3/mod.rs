@@ -16,7 +16,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(Llama::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, rows| Ok(scratch_bytes(&LlamaConfig::from_raw(raw)?, rows)),
+    scratch_bytes: |raw, rows, seqs| Ok(scratch_bytes(&LlamaConfig::from_raw(raw)?, rows, seqs)),
     expert_work_bytes: |_, _| Ok(0),
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, None, suffix),
 };

@@ -16,7 +16,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(Qwen3Next::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, rows| Ok(scratch_bytes(&Qwen3NextConfig::from_raw(raw)?, rows)),
+    scratch_bytes: |raw, rows, seqs| Ok(scratch_bytes(&Qwen3NextConfig::from_raw(raw)?, rows, seqs)),
     expert_work_bytes: |raw, catalog| {
         let c = Qwen3NextConfig::from_raw(raw)?;
         let hi = (c.hidden_size, c.moe_intermediate_size);

@@ -10,6 +10,10 @@ use ollm_models::synth::{Like, plan_llama, write_plan};
 #[path = "../../../ops/tests/common/gpu.rs"]
 pub mod gpu;
 
+/// The batched-forward script (batched.rs, batched_cuda.rs).
+#[allow(dead_code)]
+pub mod batch;
+
 /// A synthesised Llama (random weights) small enough for CPU tests: 6 layers, hidden 64,
 /// 4 query and 2 KV heads of 16 dims, a 300-token vocabulary.
 #[allow(dead_code)]
