@@ -218,6 +218,7 @@ fn prepare(m: &ChatModel, r: &BatchRequest, default_max: usize) -> Result<(Vec<u
             .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
             .flatten(),
         cancel: None,
+        speculate: m.speculate.clone(),
     };
     Ok((prompt, params))
 }

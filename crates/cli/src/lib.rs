@@ -2,6 +2,7 @@
 //! (demo provisioning in particular).
 
 pub mod bench_ops;
+pub mod bench_spec;
 pub mod commands;
 pub mod demo;
 pub mod gemma3_demo;
@@ -11,4 +12,5 @@ pub mod npy;
 pub mod planning;
 pub mod prompt;
 pub mod resources;
+pub mod speculation;
 pub mod units;

@@ -136,7 +136,7 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
-    load_for_batch(args, None)
+    load_with(args, None, None)
 }
 
 /// How a command that runs many sequences together (`batch`, `serve`, `bench --batch`) wants
@@ -151,12 +151,29 @@ pub struct BatchWanted {
 /// [`load`] planned for a batch: the plan reserves the KV of every sequence and the
 /// activations of a step ([`Loaded::default_max_batch`] then says how many).
 pub fn load_for_batch(args: &ModelArgs, batch: Option<BatchWanted>) -> anyhow::Result<Loaded> {
+    load_with(args, batch, None)
+}
+
+/// Loads the model leaving room on the device for a draft model of `draft` bytes
+/// (`--speculate draft:MODEL`, which [`SpecArgs::params`](crate::speculation::SpecArgs::params)
+/// loads next).
+pub fn load_with_draft(args: &ModelArgs, draft: Option<crate::planning::DraftBytes>) -> anyhow::Result<Loaded> {
+    load_with(args, None, draft)
+}
+
+/// [`load`] with a batch plan ([`load_for_batch`]) and room for a draft model
+/// ([`load_with_draft`]).
+pub fn load_with(
+    args: &ModelArgs,
+    batch: Option<BatchWanted>,
+    draft: Option<crate::planning::DraftBytes>,
+) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
     let chosen = backend(args.device, args.vram_budget)?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.
-    let mut budgets = args.budgets();
+    let mut budgets = crate::planning::Budgets { draft, ..args.budgets() };
     if let Some(b) = batch {
         budgets.max_batch = b.max_batch;
         budgets.step_tokens = Some(b.step_tokens);
@@ -281,6 +298,7 @@ impl Loaded {
             tokenizer: text.tokenizer,
             template: text.template,
             prefix: self.prefix.clone(),
+            speculate: None,
         }
     }
 

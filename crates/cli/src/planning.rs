@@ -31,11 +31,41 @@ pub struct Budgets {
     /// A prefix cache is on: sliding-window layers keep a prompt's positions until it stores
     /// them, so they are planned like the other layers.
     pub prefix_cache: bool,
+    /// A draft model for speculative decoding (`--speculate draft:MODEL`): resident beside the
+    /// target, so its weights and KV cache come off the VRAM budget.
+    pub draft: Option<DraftBytes>,
     /// `--max-batch N`: sequences decoded together (None: one).
     pub max_batch: Option<usize>,
     /// Tokens one batched step feeds at most (the scheduler's step budget). None: a prefill
     /// chunk beside a decode token of each other sequence.
     pub step_tokens: Option<usize>,
+}
+
+/// A draft model's device memory: every weight, and a KV cache for the planned context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftBytes {
+    pub weight_bytes: u64,
+    pub kv_elems_per_position: u64,
+    pub max_positions: usize,
+}
+
+impl DraftBytes {
+    /// From the draft's config.json and safetensors headers.
+    pub fn of(dir: &Path) -> anyhow::Result<Self> {
+        let m = model_bytes(dir)?;
+        let experts = m.experts.as_ref().map_or(0, |e| e.unit * e.count as u64);
+        Ok(Self {
+            weight_bytes: m.layer_bytes.iter().sum::<u64>() + m.resident_bytes + experts,
+            kv_elems_per_position: m.kv_elems_per_position,
+            max_positions: m.max_positions,
+        })
+    }
+
+    /// Device bytes for a context of `context` positions and KV elements of `kv_elem` bytes.
+    pub fn device_bytes(&self, context: usize, kv_elem: u64) -> u64 {
+        let positions = ollm_kv::kv_capacity(context.min(self.max_positions), self.max_positions) as u64;
+        self.weight_bytes + self.kv_elems_per_position.saturating_mul(kv_elem).saturating_mul(positions)
+    }
 }
 
 /// Device bytes of the backend's own scratch in a forward: the cuBLAS path narrows a matmul's
@@ -95,6 +125,7 @@ fn plan_input_of(m: &ModelBytes, chosen: &Chosen, b: &Budgets, bw: Option<Bandwi
     };
     let context = planned_context(m, b);
     let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+    let vram = vram.saturating_sub(b.draft.map_or(0, |d| d.device_bytes(context, kv_elem)));
     // Sliding-window layers hold a window and a prefill tile (unless a prefix cache pins more).
     let (mut kv_full_elems, mut n_sliding, mut sliding_elems) = (m.kv_elems_per_position, 0, 0);
     if let Some((per_pos, layers, w)) = m.sliding_kv.filter(|_| !b.prefix_cache) {

@@ -10,6 +10,7 @@ use ollm_kv::{Restored, Stored};
 
 use crate::decoding::{Decoding, Next};
 use crate::harmony::HarmonyMarkers;
+use crate::speculative::{SpecStats, SpeculateParams, Speculator};
 use crate::{EngineError, Result, SamplingParams, Session};
 
 /// What to generate.
@@ -28,6 +29,9 @@ pub struct GenerateParams {
     /// generation ends as [`FinishReason::Cancelled`] without a token. (During decode,
     /// `on_token` returning `Break` cancels.)
     pub cancel: Option<CancelCheck>,
+    /// Some: speculative decoding (drafts verified several per target forward); the output is
+    /// plain greedy decoding's under greedy sampling, and has its distribution otherwise.
+    pub speculate: Option<SpeculateParams>,
 }
 
 /// A question the caller answers between prefill chunks: true = stop (a server's client has
@@ -85,6 +89,9 @@ pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
     pub reasoning: &'a str,
+    /// With speculative decoding, the counts so far (the token may come from a pass that
+    /// verified several).
+    pub speculation: Option<SpecStats>,
 }
 
 /// Timings and counts of one generation.
@@ -102,6 +109,8 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// What the prefix cache did, when the session has one.
     pub prefix: Option<PrefixReport>,
+    /// Target passes and acceptance, with speculative decoding.
+    pub speculation: Option<SpecStats>,
 }
 
 /// The prefix cache's part in one generation.
@@ -193,6 +202,9 @@ pub fn generate(
     if session.len() + prompt.len() > context {
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
+    let mut speculator = params.speculate.as_ref().map(|s| Speculator::new(s, &params.sampling)).transpose()?;
+    // Tokens a speculative round verified, to emit before the next round.
+    let mut verified = std::collections::VecDeque::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
 
     let t0 = Instant::now();
@@ -211,26 +223,41 @@ pub fn generate(
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
+    // Positions before the first generated token: the context is full once `fed` and the
+    // tokens generated reach it (with speculation the session may hold drafts beyond them).
+    let fed = session.len();
     let mut dec = Decoding::new(params)?;
     let mut stored = false;
     let finish = loop {
-        let full = session.len() >= context;
-        let next = dec.advance(tokenizer, &mut logits, session.tokens(), full, on_token)?;
+        dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
+        let full = fed + dec.ids().len() + 1 > context;
+        let next = match verified.pop_front() {
+            Some(id) => dec.accept(tokenizer, id, full, on_token)?,
+            None => dec.advance(tokenizer, &mut logits, session.tokens(), full, on_token)?,
+        };
         if !stored && !dec.ids().is_empty() {
             // The first token is out: now write the prompt's new blocks.
             store_time = store_prefix(session, &mut stats);
             stored = true;
         }
-        match next {
-            Next::Finished(f) => break f,
-            Next::Feed(id) => logits = session.step(id)?,
+        match (next, &mut speculator) {
+            (Next::Finished(f), _) => break f,
+            (Next::Feed(id), None) => logits = session.step(id)?,
+            (Next::Feed(id), Some(s)) if verified.is_empty() => {
+                // Drafts beyond the tokens left would be wasted rows.
+                let limit = params.max_new_tokens.saturating_sub(dec.ids().len() + 1);
+                verified.extend(s.step(session, id, limit, dec.sampler_mut())?);
+            }
+            (Next::Feed(_), Some(_)) => {} // verified with the tokens after it
         }
     };
+    dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
     let (ids, text, reasoning) = dec.finish(tokenizer, finish, on_token)?;
     if ids.is_empty() {
         store_time = store_prefix(session, &mut stats);
     }
     stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
+    stats.speculation = speculator.as_ref().map(|s| *s.stats());
     Ok(Generation { ids, text, reasoning, finish, stats })
 }

@@ -43,6 +43,7 @@ impl AppState {
             context_tokens,
             max_tokens_cap: config.max_tokens_cap.min(context_tokens),
             max_prompt_tokens: config.max_prompt_tokens.map_or(context_tokens, |n| n.min(context_tokens)),
+            speculate: m.speculate,
         };
         Ok(Self {
             rules: Arc::new(rules),

@@ -100,6 +100,17 @@ pub struct DecodeBenchArgs {
     /// +1, ...): each later one keeps the prompt in memory and computes only its question.
     #[arg(long, default_value_t = 1)]
     pub questions: usize,
+    /// Speculative decoding against plain decoding, window by window in the same run
+    /// (`crate::bench_spec`): each window answers the prompt twice, greedy.
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
+    /// With --speculate: the prompt is this file's text (a document and a question about it)
+    /// instead of --prompt-tokens synthetic tokens.
+    #[arg(long, value_name = "PATH", requires = "speculate")]
+    pub prompt_file: Option<PathBuf>,
+    /// With --prompt-file: wrap the text as a user message in the model's chat template.
+    #[arg(long, requires = "prompt_file")]
+    pub chat: bool,
     /// Batch sizes (e.g. 1,4,16,64): generate --requests requests through the batching scheduler
     /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
@@ -141,6 +152,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
+    if a.spec.speculate.is_some() {
+        return crate::bench_spec::run(model, &a);
+    }
     anyhow::ensure!(a.tokens >= 2 && a.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
     // The KV cache is planned for the whole run (prompt, warm-up step and every window).
     let mut model = model.clone();
@@ -634,6 +648,13 @@ mod tests {
         assert!(e.to_string().contains("--model"), "{e}");
         assert!(parse(&["--model", "m", "ops"]).is_err(), "decode options and ops do not mix");
         assert!(parse(&["ops", "--model", "m"]).is_err());
+        let b = parse(&["--model", "m", "--speculate", "ngram", "--draft-tokens", "8", "--prompt-file", "d.txt"])
+            .expect("speculative bench");
+        let spec = &b.decode.spec;
+        assert_eq!(spec.speculate, Some(crate::speculation::Method::Ngram));
+        assert_eq!(spec.draft_tokens, Some(ollm_engine::DraftTokens::Fixed(8)));
+        assert!(parse(&["--model", "m", "--draft-tokens", "8"]).is_err(), "--draft-tokens needs --speculate");
+        assert!(parse(&["--model", "m", "--prompt-file", "d.txt"]).is_err(), "--prompt-file needs --speculate");
     }
 
     #[test]

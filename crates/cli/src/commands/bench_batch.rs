@@ -144,6 +144,7 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
                 stop: Vec::new(),
                 harmony: None,
                 cancel: None,
+                speculate: None,
             };
             sched.submit(Request { prompt, params, sink: Box::new(Count(generated.clone())) });
         }

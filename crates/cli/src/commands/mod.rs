@@ -149,6 +149,7 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
+            draft: None,
             max_batch: None,
             step_tokens: None,
         }
