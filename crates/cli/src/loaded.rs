@@ -47,11 +47,14 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
         if crate::demo::is_demo_name(spec) {
             return crate::demo::ensure_demo();
         }
+        if crate::gemma3_demo::is_name(spec) {
+            return crate::gemma3_demo::ensure();
+        }
         if crate::hub::is_hub_id(spec) {
             return crate::hub::ensure_model(spec, None);
         }
         bail!(
-            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m for the demo model)"
+            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m or gemma3-270m for a demo model)"
         );
     }
     if !dir.is_dir() {
@@ -141,18 +144,63 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    load_with(args, None, None)
+}
+
+/// How a command that runs many sequences together (`batch`, `serve`, `bench --batch`) wants
+/// its plan: `max_batch` sequences (None: the largest that fits the budgets, at most
+/// [`MAX_BATCH`]) and steps of at most `step_tokens` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchWanted {
+    pub max_batch: Option<usize>,
+    pub step_tokens: usize,
+}
+
+/// [`load`] planned for a batch: the plan reserves the KV of every sequence and the
+/// activations of a step ([`Loaded::default_max_batch`] then says how many).
+pub fn load_for_batch(args: &ModelArgs, batch: Option<BatchWanted>) -> anyhow::Result<Loaded> {
+    load_with(args, batch, None)
+}
+
+/// Loads the model leaving room on the device for a draft model of `draft` bytes
+/// (`--speculate draft:MODEL`, which [`SpecArgs::params`](crate::speculation::SpecArgs::params)
+/// loads next).
+pub fn load_with_draft(args: &ModelArgs, draft: Option<crate::planning::DraftBytes>) -> anyhow::Result<Loaded> {
+    load_with(args, None, draft)
+}
+
+/// [`load`] with a batch plan ([`load_for_batch`]) and room for a draft model
+/// ([`load_with_draft`]).
+pub fn load_with(
+    args: &ModelArgs,
+    batch: Option<BatchWanted>,
+    draft: Option<crate::planning::DraftBytes>,
+) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
     let chosen = backend(args.device, args.vram_budget, args.cpu_activations.unwrap_or(Precision::Bf16Activations))?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.
-    let budgets = args.budgets();
+    let mut budgets = crate::planning::Budgets { draft, ..args.budgets() };
+    if let Some(b) = batch {
+        budgets.max_batch = b.max_batch;
+        budgets.step_tokens = Some(b.step_tokens);
+    }
     let wants_plan = chosen.is_device()
         || budgets.vram.is_some()
         || budgets.ram.is_some()
         || budgets.offload_layers_to_cpu.is_some()
         || budgets.expert_slots.is_some();
-    let plan = if wants_plan { Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0) } else { None };
+    let plan = match (wants_plan, batch) {
+        (false, _) => None,
+        // A batch of a size the user chose must fit (the planner says so, naming --max-batch).
+        (true, None) | (true, Some(BatchWanted { max_batch: Some(_), .. })) => {
+            Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0)
+        }
+        (true, Some(BatchWanted { max_batch: None, .. })) => {
+            Some(crate::planning::choose_batch(&dir, &chosen, &budgets, None)?.1)
+        }
+    };
     let spill = match plan.as_ref().and_then(|p| p.kv) {
         Some(_) => Some(crate::planning::kv_spill_dir(args.kv_cache_dir.as_deref())?),
         None => None,
@@ -183,7 +231,17 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
     })
 }
 
+/// The most sequences `--max-batch` takes.
+pub const MAX_BATCH: usize = 64;
+
 impl Loaded {
+    /// Sequences generated together when `--max-batch` is not given: what the plan sized
+    /// ([`load_for_batch`]), or 16 where nothing plans memory (the CPU without budgets: each
+    /// sequence's KV grows as it is used).
+    pub fn default_max_batch(&self) -> usize {
+        self.plan.as_ref().map_or(16, |p| p.batch.max(1))
+    }
+
     /// A fresh session over the model, with the prefix cache when one is configured.
     pub fn session(&self) -> anyhow::Result<Session> {
         Ok(ollm_engine::session_with_prefix(self.model.clone(), self.prefix.as_ref())?)
@@ -248,6 +306,7 @@ impl Loaded {
             tokenizer: text.tokenizer,
             template: text.template,
             prefix: self.prefix.clone(),
+            speculate: None,
         }
     }
 

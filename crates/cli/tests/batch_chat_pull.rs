@@ -147,6 +147,46 @@ fn batch_results_match_a_single_uninterrupted_run() {
 }
 
 #[test]
+fn batch_texts_do_not_depend_on_max_batch() {
+    // Greedy requests of mixed prompt lengths give the same text run one at a time and 8 at a
+    // time (continuous batching: steps hold several sequences, prompts are read in chunks of
+    // --step-tokens beside the others' decode tokens).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..12)
+        .map(|i| {
+            let prompt = format!("Question {i}: {}", "tell me more. ".repeat(i));
+            format!(
+                "{{\"id\": {i}, \"prompt\": {}, \"max_tokens\": {}, \"temperature\": 0}}\n",
+                Value::from(prompt),
+                4 + i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).expect("write");
+    let model = fixture("llama3_tied");
+    let run = |max_batch: &str| {
+        let out = dir.path().join(format!("out-{max_batch}.jsonl"));
+        let o = ollm()
+            .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8")])
+            .args(["--out", out.to_str().expect("utf8"), "--max-batch", max_batch, "--step-tokens", "16"])
+            .output()
+            .expect("batch");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("up to {max_batch} requests at a time")), "{}", stderr(&o));
+        let mut v: Vec<(u64, String)> = lines_of(&out)
+            .iter()
+            .map(|l| (l["id"].as_u64().expect("id"), l["text"].as_str().expect("text").to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let one = run("1");
+    assert_eq!(one.len(), 12);
+    assert_eq!(run("8"), one, "texts differ between --max-batch 1 and 8");
+}
+
+#[test]
 fn chat_keeps_history_resets_and_exits() {
     let model = fixture("llama3_tied");
     let mut child = ollm()
@@ -274,6 +314,8 @@ fn a_second_batch_on_the_same_output_refuses_naming_the_first() {
         errors: dir.path().join("errors.jsonl"),
         default_max_tokens: 1,
         shard: None,
+        max_batch: 4,
+        step_tokens: 2048,
     };
     ollm_batch::JobLocks::acquire(&opts).expect("free once the first batch is gone");
 }
@@ -352,8 +394,11 @@ fn three_shards_cover_every_id_exactly_once_and_merge() {
     let merged_lines = lines_of(&merged);
     let got: Vec<&str> = merged_lines.iter().map(|l| l["id"].as_str().expect("id")).collect();
     assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "every id once, in input order");
+    // Results are appended as requests finish (several run together), so match them by id.
     let whole_lines = lines_of(&whole);
-    for (m, w) in merged_lines.iter().zip(&whole_lines) {
+    assert_eq!(whole_lines.len(), ids.len());
+    for m in &merged_lines {
+        let w = whole_lines.iter().find(|w| w["id"] == m["id"]).expect("the unsharded run has every id");
         assert_eq!(m["text"], w["text"], "{}: sharded text differs from the unsharded run", m["id"]);
     }
 

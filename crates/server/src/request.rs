@@ -54,6 +54,8 @@ pub struct RequestRules {
     pub max_tokens_cap: usize,
     /// Most prompt tokens a request may bring (at most the context).
     pub max_prompt_tokens: usize,
+    /// Speculative decoding for every request (`--speculate`), if any.
+    pub speculate: Option<ollm_engine::SpeculateParams>,
 }
 
 /// A request ready for the queue.
@@ -298,6 +300,7 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
             harmony: rules.harmony.filter(|_| chat),
             // The worker asks the job's channel.
             cancel: None,
+            speculate: rules.speculate.clone(),
         },
         stream: f.stream,
         include_usage,

@@ -68,6 +68,7 @@ fn rules() -> RequestRules {
         context_tokens: 256,
         max_tokens_cap: 64,
         max_prompt_tokens: 200,
+        speculate: None,
     }
 }
 

@@ -101,17 +101,61 @@ pub struct DecodeBenchArgs {
     /// +1, ...): each later one keeps the prompt in memory and computes only its question.
     #[arg(long, default_value_t = 1)]
     pub questions: usize,
+    /// Speculative decoding against plain decoding, window by window in the same run
+    /// (`crate::bench_spec`): each window answers the prompt twice, greedy.
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
+    /// With --speculate: the prompt is this file's text (a document and a question about it)
+    /// instead of --prompt-tokens synthetic tokens.
+    #[arg(long, value_name = "PATH", requires = "speculate")]
+    pub prompt_file: Option<PathBuf>,
+    /// With --prompt-file: wrap the text as a user message in the model's chat template.
+    #[arg(long, requires = "prompt_file")]
+    pub chat: bool,
+    /// Batch sizes (e.g. 1,4,16,64): generate --requests requests through the batching scheduler
+    /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub batch: Vec<usize>,
+    /// Tokens one step of the --batch bench feeds at most (a decode token per sequence, then
+    /// prompt chunks).
+    #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
+    pub step_tokens: usize,
+    /// Requests of the --batch bench at each batch size (0: as many as the batch size).
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Verification pass cost: time one forward of k new tokens (k = 1,4,16,64,256 ...) after a
+    /// --prompt-tokens context, each against k = 1 (the cost of a speculative target pass).
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub pass_cost: Vec<usize>,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match (a.what, a.model) {
         (Some(BenchWhat::Ops(o)), _) => run_ops(o),
+        (None, Some(m)) if !a.decode.pass_cost.is_empty() => {
+            super::bench_batch::pass_cost(&m, &a.decode.pass_cost, a.decode.prompt_tokens, a.decode.repeats)
+        }
+        (None, Some(m)) if !a.decode.batch.is_empty() => {
+            let d = a.decode;
+            let b = super::bench_batch::BatchBench {
+                sizes: d.batch,
+                requests: d.requests,
+                prompt_tokens: d.prompt_tokens,
+                tokens: d.tokens,
+                bandwidth_mib: d.bandwidth_mib,
+                step_tokens: d.step_tokens,
+            };
+            super::bench_batch::run(&m, &b)
+        }
         (None, Some(m)) => run_decode(&m, a.decode),
         (None, None) => bail!("give --model DIR for the decode bench, or run `ollm bench ops` for the GPU ops"),
     }
 }
 
 fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
+    if a.spec.speculate.is_some() {
+        return crate::bench_spec::run(model, &a);
+    }
     anyhow::ensure!(a.tokens >= 2 && a.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
     // The KV cache is planned for the whole run (prompt, warm-up step and every window).
     let mut model = model.clone();
@@ -640,6 +684,13 @@ mod tests {
         assert!(e.to_string().contains("--model"), "{e}");
         assert!(parse(&["--model", "m", "ops"]).is_err(), "decode options and ops do not mix");
         assert!(parse(&["ops", "--model", "m"]).is_err());
+        let b = parse(&["--model", "m", "--speculate", "ngram", "--draft-tokens", "8", "--prompt-file", "d.txt"])
+            .expect("speculative bench");
+        let spec = &b.decode.spec;
+        assert_eq!(spec.speculate, Some(crate::speculation::Method::Ngram));
+        assert_eq!(spec.draft_tokens, Some(ollm_engine::DraftTokens::Fixed(8)));
+        assert!(parse(&["--model", "m", "--draft-tokens", "8"]).is_err(), "--draft-tokens needs --speculate");
+        assert!(parse(&["--model", "m", "--prompt-file", "d.txt"]).is_err(), "--prompt-file needs --speculate");
     }
 
     #[test]

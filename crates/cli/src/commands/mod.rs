@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_batch;
 pub mod chat;
 pub mod import_gguf;
 pub mod logits;
@@ -90,7 +91,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a hub id
-    /// ORG/NAME (downloaded on first use), or `smollm2-135m` for the demo model.
+    /// ORG/NAME (downloaded on first use), or `smollm2-135m` or `gemma3-270m` for a demo model.
     #[arg(long, short = 'm')]
     pub model: String,
     /// Compute device: auto (the GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
@@ -153,6 +154,9 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
+            draft: None,
+            max_batch: None,
+            step_tokens: None,
         }
     }
 

@@ -15,7 +15,7 @@ mod rope;
 mod transfer;
 
 pub use attention::{Geometry as AttnGeometry, attention};
-pub use elementwise::{embedding, silu_mul};
+pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
 pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
 pub use moe::{clamped_swiglu, router_topk};
@@ -306,6 +306,31 @@ impl Compute for CpuBackend {
         }
         let s = src.cpu_f32("write_rows")?;
         dst.cpu_f32_mut("write_rows")?[row0 * n..(row0 + r) * n].copy_from_slice(s);
+        Ok(())
+    }
+
+    fn gelu_tanh_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        if gate.shape() != up.shape() || out.shape() != gate.shape() {
+            return shape_err(
+                "gelu_tanh_mul",
+                format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape()),
+            );
+        }
+        let op = "gelu_tanh_mul";
+        elementwise::gelu_tanh_mul(gate.cpu_f32(op)?, up.cpu_f32(op)?, out.cpu_f32_mut(op)?);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        elementwise::scale(x.cpu_f32_mut("scale")?, s);
+        Ok(())
+    }
+
+    fn softcap(&self, x: &mut Tensor, cap: f32) -> Result<()> {
+        if !(cap > 0.0 && cap.is_finite()) {
+            return shape_err("softcap", format!("cap {cap} must be a positive finite number"));
+        }
+        elementwise::softcap(x.cpu_f32_mut("softcap")?, cap);
         Ok(())
     }
 }
