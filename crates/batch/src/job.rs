@@ -240,6 +240,7 @@ fn prepare(
             .flatten(),
         cancel: None,
         grammar,
+        speculate: m.speculate.clone(),
     };
     Ok((prompt, params))
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
 use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::bytes::gib;
-use ollm_ops::cpu::CpuBackend;
+use ollm_ops::cpu::{CpuBackend, Precision};
 use ollm_ops::cuda::{CudaBackend, CudaDevice};
 use ollm_ops::{Backend, MemoryKind};
 use ollm_residency::plan::{Plan, Tier};
@@ -47,11 +47,14 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
         if crate::demo::is_demo_name(spec) {
             return crate::demo::ensure_demo();
         }
+        if crate::gemma3_demo::is_name(spec) {
+            return crate::gemma3_demo::ensure();
+        }
         if crate::hub::is_hub_id(spec) {
             return crate::hub::ensure_model(spec, None);
         }
         bail!(
-            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m for the demo model)"
+            "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m or gemma3-270m for a demo model)"
         );
     }
     if !dir.is_dir() {
@@ -94,7 +97,7 @@ fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<
 /// The compute backend for `--device`: `cuda[:N]` must find a usable GPU; `auto` takes GPU 0
 /// when it can and says in one line on stderr which device it chose. `--vram-budget` bounds
 /// the GPU's memory (ignored on the CPU).
-pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Chosen> {
+pub fn backend(device: DeviceArg, vram_budget: Option<u64>, cpu: Precision) -> anyhow::Result<Chosen> {
     let cuda = |b: Arc<CudaBackend>| -> anyhow::Result<Chosen> {
         // Every kernel compiled and loaded now: a first run pays it here, not in its prompt.
         let (compiled, secs) = b.device().warm_kernels()?;
@@ -104,7 +107,7 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         Ok(Chosen { backend: b })
     };
     match device {
-        DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()) }),
+        DeviceArg::Cpu => Ok(Chosen { backend: cpu_backend(cpu)? }),
         DeviceArg::Cuda(n) => {
             let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
             cuda(with_budget(dev, vram_budget)?)
@@ -119,10 +122,18 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
             }
             Err(_) => {
                 eprintln!("[ollm] device: cpu (no usable GPU; --device cuda says why)");
-                Ok(Chosen { backend: Arc::new(CpuBackend::new()) })
+                Ok(Chosen { backend: cpu_backend(cpu)? })
             }
         },
     }
+}
+
+/// The CPU backend `ollm` runs: the best kernels the CPU has (or the tier `OLLM_CPU_KERNELS`
+/// names; an unknown name is an error here) at the precision `--cpu-activations` chose (bf16
+/// activations are like the GPU's bf16 math and llama.cpp's BF16 path).
+fn cpu_backend(precision: Precision) -> anyhow::Result<Arc<CpuBackend>> {
+    ollm_ops::cpu::tier_from_env()?;
+    Ok(Arc::new(CpuBackend::with_precision(precision)))
 }
 
 pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
@@ -133,7 +144,7 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 
 /// Loads the model (config first, so a bad config fails before any weight is read).
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
-    load_for_batch(args, None)
+    load_with(args, None, None)
 }
 
 /// How a command that runs many sequences together (`batch`, `serve`, `bench --batch`) wants
@@ -148,12 +159,29 @@ pub struct BatchWanted {
 /// [`load`] planned for a batch: the plan reserves the KV of every sequence and the
 /// activations of a step ([`Loaded::default_max_batch`] then says how many).
 pub fn load_for_batch(args: &ModelArgs, batch: Option<BatchWanted>) -> anyhow::Result<Loaded> {
+    load_with(args, batch, None)
+}
+
+/// Loads the model leaving room on the device for a draft model of `draft` bytes
+/// (`--speculate draft:MODEL`, which [`SpecArgs::params`](crate::speculation::SpecArgs::params)
+/// loads next).
+pub fn load_with_draft(args: &ModelArgs, draft: Option<crate::planning::DraftBytes>) -> anyhow::Result<Loaded> {
+    load_with(args, None, draft)
+}
+
+/// [`load`] with a batch plan ([`load_for_batch`]) and room for a draft model
+/// ([`load_with_draft`]).
+pub fn load_with(
+    args: &ModelArgs,
+    batch: Option<BatchWanted>,
+    draft: Option<crate::planning::DraftBytes>,
+) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
-    let chosen = backend(args.device, args.vram_budget)?;
+    let chosen = backend(args.device, args.vram_budget, args.cpu_activations.unwrap_or(Precision::Bf16Activations))?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.
-    let mut budgets = args.budgets();
+    let mut budgets = crate::planning::Budgets { draft, ..args.budgets() };
     if let Some(b) = batch {
         budgets.max_batch = b.max_batch;
         budgets.step_tokens = Some(b.step_tokens);
@@ -278,6 +306,7 @@ impl Loaded {
             tokenizer: text.tokenizer,
             template: text.template,
             prefix: self.prefix.clone(),
+            speculate: None,
         }
     }
 

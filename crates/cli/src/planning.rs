@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ollm_models::registry::{ModelBytes, model_bytes};
-use ollm_ops::Backend;
+use ollm_ops::{Backend, MemoryKind};
 use ollm_residency::plan::{Bandwidths, MAX_BATCH, Plan, PlanInput, Tier, plan};
 
 use crate::loaded::Chosen;
@@ -31,11 +31,41 @@ pub struct Budgets {
     /// A prefix cache is on: sliding-window layers keep a prompt's positions until it stores
     /// them, so they are planned like the other layers.
     pub prefix_cache: bool,
+    /// A draft model for speculative decoding (`--speculate draft:MODEL`): resident beside the
+    /// target, so its weights and KV cache come off the VRAM budget.
+    pub draft: Option<DraftBytes>,
     /// `--max-batch N`: sequences decoded together (None: one).
     pub max_batch: Option<usize>,
     /// Tokens one batched step feeds at most (the scheduler's step budget). None: a prefill
     /// chunk beside a decode token of each other sequence.
     pub step_tokens: Option<usize>,
+}
+
+/// A draft model's device memory: every weight, and a KV cache for the planned context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftBytes {
+    pub weight_bytes: u64,
+    pub kv_elems_per_position: u64,
+    pub max_positions: usize,
+}
+
+impl DraftBytes {
+    /// From the draft's config.json and safetensors headers.
+    pub fn of(dir: &Path) -> anyhow::Result<Self> {
+        let m = model_bytes(dir)?;
+        let experts = m.experts.as_ref().map_or(0, |e| e.unit * e.count as u64);
+        Ok(Self {
+            weight_bytes: m.layer_bytes.iter().sum::<u64>() + m.resident_bytes + experts,
+            kv_elems_per_position: m.kv_elems_per_position,
+            max_positions: m.max_positions,
+        })
+    }
+
+    /// Device bytes for a context of `context` positions and KV elements of `kv_elem` bytes.
+    pub fn device_bytes(&self, context: usize, kv_elem: u64) -> u64 {
+        let positions = ollm_kv::kv_capacity(context.min(self.max_positions), self.max_positions) as u64;
+        self.weight_bytes + self.kv_elems_per_position.saturating_mul(kv_elem).saturating_mul(positions)
+    }
 }
 
 /// Device bytes of the backend's own scratch in a forward: the cuBLAS path narrows a matmul's
@@ -93,8 +123,28 @@ fn plan_input_of(m: &ModelBytes, chosen: &Chosen, b: &Budgets, bw: Option<Bandwi
         Some(budget) => (budget, stats.overhead_bytes),
         None => (b.vram.unwrap_or(u64::MAX), 0),
     };
+    // On the CPU the "device" is RAM, so a pinned tier would only copy RAM into RAM. A dense
+    // model given only --ram-budget keeps the decoder layers that fit in it (in order) and reads
+    // the rest from disk every pass through the streamer's slots (which come on top, like the
+    // GPU's staging buffers); --offload-layers-to-cpu and --vram-budget keep their meaning.
+    let host = chosen.backend.memory_kind() == MemoryKind::Host;
+    let cpu_layer_budget = match (host, b.ram) {
+        (true, Some(ram)) if b.vram.is_none() && b.offload_layers_to_cpu.is_none() && m.experts.is_none() => Some(ram),
+        _ => None,
+    };
+    let fitting = |budget: u64| {
+        let mut sum = 0u64;
+        m.layer_bytes
+            .iter()
+            .take_while(|&&bytes| {
+                sum = sum.saturating_add(bytes);
+                sum <= budget
+            })
+            .count()
+    };
     let context = planned_context(m, b);
     let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+    let vram = vram.saturating_sub(b.draft.map_or(0, |d| d.device_bytes(context, kv_elem)));
     // Sliding-window layers hold a window and a prefill tile (unless a prefix cache pins more).
     let (mut kv_full_elems, mut n_sliding, mut sliding_elems) = (m.kv_elems_per_position, 0, 0);
     if let Some((per_pos, layers, w)) = m.sliding_kv.filter(|_| !b.prefix_cache) {
@@ -116,8 +166,11 @@ fn plan_input_of(m: &ModelBytes, chosen: &Chosen, b: &Budgets, bw: Option<Bandwi
         activation_bytes: act,
         context_overhead_bytes: context_overhead,
         vram_budget: vram,
-        ram_budget: b.ram.unwrap_or_else(default_ram_budget),
-        max_resident_layers: b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
+        ram_budget: if cpu_layer_budget.is_some() { 0 } else { b.ram.unwrap_or_else(default_ram_budget) },
+        max_resident_layers: match cpu_layer_budget {
+            Some(ram) => Some(fitting(ram)),
+            None => b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
+        },
         slots: SLOTS,
         slot_groups: m.layer_groups,
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),

@@ -145,6 +145,22 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
     assert!(text.contains("per token") && text.contains("disk"), "{text}");
     assert!(home.join("calibration.json").exists(), "calibration is cached");
 
+    // On the CPU, --ram-budget alone bounds the decoder layers kept in RAM: none fit in 0 bytes,
+    // so all four are read from disk every pass, with the resident text.
+    let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+        .args(["plan", "--model", m, "--device", "cpu", "--ram-budget", "0"])
+        .env("OLLM_HOME", &home)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("0 layers in VRAM, 0 in pinned RAM, 4 read from disk"), "{text}");
+    let o = run(&["--ram-budget", "0", "--stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(o.stdout, resident.stdout, "layers streamed on the CPU changed the text");
+    assert!(err.lines().any(|l| l.starts_with("[ollm] token ") && l.contains("disk ")), "{err}");
+
     // The streaming bench: a row per window against the bound measured after it.
     let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
         .args(["bench", "--model", m, "--device", "cpu", "--offload-layers-to-cpu", "4", "--ram-budget", "0"])

@@ -9,6 +9,7 @@ use ollm_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::grammar::Grammar;
 use crate::harmony::{Channel, HarmonySplitter, Routed};
+use crate::speculative::SpecStats;
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{FinishReason, GenerateParams, Result, Sampler, TokenEvent};
 
@@ -36,6 +37,8 @@ pub struct Decoding {
     ids: Vec<u32>,
     text: String,
     reasoning: String,
+    /// Speculative decoding's counts so far, passed on with each token.
+    speculation: Option<SpecStats>,
 }
 
 impl Decoding {
@@ -52,7 +55,18 @@ impl Decoding {
             ids: Vec::new(),
             text: String::new(),
             reasoning: String::new(),
+            speculation: None,
         })
+    }
+
+    /// The sampler (a speculative round samples with it too).
+    pub fn sampler_mut(&mut self) -> &mut Sampler {
+        &mut self.sampler
+    }
+
+    /// Speculative decoding's counts, carried by the tokens streamed from now on.
+    pub fn set_speculation(&mut self, s: Option<SpecStats>) {
+        self.speculation = s;
     }
 
     /// Tokens sampled so far (a final eos excluded).
@@ -102,6 +116,31 @@ impl Decoding {
             g.apply(logits)?;
         }
         let id = self.sampler.sample(logits, history);
+        self.take(tok, id, context_full, on_token)
+    }
+
+    /// Takes `id` as the next token without sampling (a speculative round verified it): the
+    /// same checks and streaming as [`advance`](Self::advance).
+    pub fn accept(
+        &mut self,
+        tok: &Tokenizer,
+        id: u32,
+        context_full: bool,
+        on_token: &mut dyn FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Next> {
+        if self.ids.len() >= self.max_new_tokens {
+            return Ok(Next::Finished(FinishReason::Length));
+        }
+        self.take(tok, id, context_full, on_token)
+    }
+
+    fn take(
+        &mut self,
+        tok: &Tokenizer,
+        id: u32,
+        context_full: bool,
+        on_token: &mut dyn FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Next> {
         if self.eos.contains(&id) {
             return Ok(Next::Finished(FinishReason::Eos));
         }
@@ -132,7 +171,7 @@ impl Decoding {
         };
         self.text.push_str(&emit);
         self.reasoning.push_str(&thought);
-        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought });
+        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought, speculation: self.speculation });
         Ok(if stopped {
             Next::Finished(FinishReason::Stop)
         } else if flow.is_break() {
@@ -173,7 +212,13 @@ impl Decoding {
             if !rest.is_empty() || !thought.is_empty() {
                 self.text.push_str(&rest);
                 self.reasoning.push_str(&thought);
-                let _ = on_token(TokenEvent { id: *self.ids.last().unwrap_or(&0), text: &rest, reasoning: &thought });
+                let speculation = self.speculation;
+                let _ = on_token(TokenEvent {
+                    id: *self.ids.last().unwrap_or(&0),
+                    text: &rest,
+                    reasoning: &thought,
+                    speculation,
+                });
             }
         }
         Ok((self.ids, self.text, self.reasoning))

@@ -11,6 +11,7 @@ use ollm_kv::{Restored, Stored};
 use crate::decoding::{Decoding, Next};
 use crate::grammar::Grammar;
 use crate::harmony::HarmonyMarkers;
+use crate::speculative::{SpecStats, SpeculateParams, Speculator};
 use crate::{EngineError, Result, SamplingParams, Session};
 
 /// What to generate.
@@ -33,6 +34,9 @@ pub struct GenerateParams {
     /// are masked to the tokens it allows and the sequence ends when it is complete. Cloned
     /// fresh for each sequence.
     pub grammar: Option<Grammar>,
+    /// Some: speculative decoding (drafts verified several per target forward); the output is
+    /// plain greedy decoding's under greedy sampling, and has its distribution otherwise.
+    pub speculate: Option<SpeculateParams>,
 }
 
 /// A question the caller answers between prefill chunks: true = stop (a server's client has
@@ -92,6 +96,9 @@ pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
     pub reasoning: &'a str,
+    /// With speculative decoding, the counts so far (the token may come from a pass that
+    /// verified several).
+    pub speculation: Option<SpecStats>,
 }
 
 /// Timings and counts of one generation.
@@ -111,6 +118,8 @@ pub struct GenerationStats {
     pub prefix: Option<PrefixReport>,
     /// With a grammar: the time spent computing token masks (part of `decode`) and how many.
     pub grammar_masks: Option<(Duration, usize)>,
+    /// Target passes and acceptance, with speculative decoding.
+    pub speculation: Option<SpecStats>,
 }
 
 /// The prefix cache's part in one generation.
@@ -202,6 +211,12 @@ pub fn generate(
     if session.len() + prompt.len() > context {
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
+    // A grammar masks each sampled token; a speculative round samples outside it, so the two
+    // do not combine yet: with a grammar, decoding is plain.
+    let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none());
+    let mut speculator = speculate.map(|s| Speculator::new(s, &params.sampling)).transpose()?;
+    // Tokens a speculative round verified, to emit before the next round.
+    let mut verified = std::collections::VecDeque::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
 
     let t0 = Instant::now();
@@ -220,27 +235,42 @@ pub fn generate(
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
+    // Positions before the first generated token: the context is full once `fed` and the
+    // tokens generated reach it (with speculation the session may hold drafts beyond them).
+    let fed = session.len();
     let mut dec = Decoding::new(params)?;
     let mut stored = false;
     let finish = loop {
-        let full = session.len() >= context;
-        let next = dec.advance(tokenizer, &mut logits, session.tokens(), full, on_token)?;
+        dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
+        let full = fed + dec.ids().len() + 1 > context;
+        let next = match verified.pop_front() {
+            Some(id) => dec.accept(tokenizer, id, full, on_token)?,
+            None => dec.advance(tokenizer, &mut logits, session.tokens(), full, on_token)?,
+        };
         if !stored && !dec.ids().is_empty() {
             // The first token is out: now write the prompt's new blocks.
             store_time = store_prefix(session, &mut stats);
             stored = true;
         }
-        match next {
-            Next::Finished(f) => break f,
-            Next::Feed(id) => logits = session.step(id)?,
+        match (next, &mut speculator) {
+            (Next::Finished(f), _) => break f,
+            (Next::Feed(id), None) => logits = session.step(id)?,
+            (Next::Feed(id), Some(s)) if verified.is_empty() => {
+                // Drafts beyond the tokens left would be wasted rows.
+                let limit = params.max_new_tokens.saturating_sub(dec.ids().len() + 1);
+                verified.extend(s.step(session, id, limit, dec.sampler_mut())?);
+            }
+            (Next::Feed(_), Some(_)) => {} // verified with the tokens after it
         }
     };
     stats.grammar_masks = dec.grammar().map(crate::grammar::Grammar::mask_stats);
+    dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
     let (ids, text, reasoning) = dec.finish(tokenizer, finish, on_token)?;
     if ids.is_empty() {
         store_time = store_prefix(session, &mut stats);
     }
     stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
+    stats.speculation = speculator.as_ref().map(|s| *s.stats());
     Ok(Generation { ids, text, reasoning, finish, stats })
 }

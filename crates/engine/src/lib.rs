@@ -12,6 +12,7 @@ pub mod harmony;
 pub mod sampling;
 pub mod scheduler;
 pub mod session;
+pub mod speculative;
 pub mod stop;
 
 pub use chat_model::{ChatModel, session_with_prefix};
@@ -25,5 +26,6 @@ pub use grammar::{Grammar, GrammarCompiler, GrammarError, GrammarSpec};
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats, Sink};
-pub use session::Session;
+pub use session::{Checkpoint, Session};
+pub use speculative::{DraftModel, DraftTokens, SpecStats, Speculate, SpeculateParams, Speculator};
 pub use stop::StopMatcher;

@@ -17,6 +17,7 @@ use ollm_tokenizer::Tokenizer;
 
 use crate::decoding::{Decoding, Next};
 use crate::generate::{CancelCheck, FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport};
+use crate::speculative::Speculator;
 use crate::{EngineError, Result, Session, TokenEvent};
 
 /// Where a request's tokens and end go. Called on the scheduler's thread.
@@ -87,9 +88,16 @@ struct Running {
     decode_start: Option<Instant>,
     store_time: Duration,
     stored: bool,
+    /// Speculative decoding for this sequence (its verification forwards run alone).
+    speculator: Option<Speculator>,
 }
 
 impl Running {
+    /// Whether its next token goes through a speculative round rather than the batch.
+    fn speculates(&self) -> bool {
+        self.speculator.is_some() && self.feed.is_some()
+    }
+
     fn cancelled(&self) -> bool {
         self.params.cancel.as_ref().is_some_and(CancelCheck::cancelled)
     }
@@ -208,7 +216,7 @@ impl Scheduler {
         let mut budget = self.cfg.step_tokens;
         let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
-            if r.feed.is_some() {
+            if r.feed.is_some() && !r.speculates() {
                 plan.push((i, 0..1));
                 budget = budget.saturating_sub(1);
             }
@@ -222,8 +230,10 @@ impl Scheduler {
                 }
             }
         }
+        let mut ended = self.speculative_rounds();
         if plan.is_empty() {
-            return false;
+            self.end_all(ended);
+            return true;
         }
         plan.sort_by_key(|(i, _)| *i);
         let decode_only = plan.iter().all(|(i, _)| self.running[*i].feed.is_some());
@@ -237,7 +247,6 @@ impl Scheduler {
         self.stats.steps += 1;
         self.stats.max_seqs_in_step = self.stats.max_seqs_in_step.max(plan.len());
         // Move each sequence on; those that end leave (indices from the back stay valid).
-        let mut ended = Vec::new();
         for ((i, range), result) in plan.into_iter().zip(results) {
             let r = &mut self.running[i];
             let decoding = r.feed.is_some();
@@ -269,17 +278,67 @@ impl Scheduler {
                 Err(e) => ended.push((i, Err(e))),
             }
         }
+        self.end_all(ended);
+        true
+    }
+
+    /// Ends the sequences at these indices (each once, any order).
+    fn end_all(&mut self, mut ended: Vec<(usize, Result<FinishReason>)>) {
+        ended.sort_by_key(|(i, _)| *i);
         for (i, end) in ended.into_iter().rev() {
             let r = self.running.remove(i);
             self.end(r, end);
         }
-        true
+    }
+
+    /// One speculative round for each decoding sequence that speculates: drafts verified in one
+    /// forward of its own, every verified token taken in turn. Returns those that ended.
+    fn speculative_rounds(&mut self) -> Vec<(usize, Result<FinishReason>)> {
+        let context = self.model.info().max_positions;
+        let mut ended = Vec::new();
+        for (i, r) in self.running.iter_mut().enumerate() {
+            if !r.speculates() {
+                continue;
+            }
+            let (Some(pending), Some(spec)) = (r.feed.take(), r.speculator.as_mut()) else { continue };
+            let limit = r.params.max_new_tokens.saturating_sub(r.dec.ids().len() + 1);
+            let tokens = match spec.step(&mut r.session, pending, limit, r.dec.sampler_mut()) {
+                Ok(t) => t,
+                Err(e) => {
+                    ended.push((i, Err(e)));
+                    continue;
+                }
+            };
+            self.stats.steps += 1;
+            let last = tokens.len().saturating_sub(1);
+            for (j, id) in tokens.into_iter().enumerate() {
+                r.dec.set_speculation(r.speculator.as_ref().map(|s| *s.stats()));
+                let full = r.prompt.len() + r.dec.ids().len() + 1 > context;
+                let sink = &mut r.sink;
+                match r.dec.accept(&self.tokenizer, id, full, &mut |ev| sink.token(ev)) {
+                    Ok(Next::Feed(id)) if j == last => r.feed = Some(id),
+                    Ok(Next::Feed(_)) => {}
+                    Ok(Next::Finished(f)) => {
+                        ended.push((i, Ok(f)));
+                        break;
+                    }
+                    Err(e) => {
+                        ended.push((i, Err(e)));
+                        break;
+                    }
+                }
+            }
+        }
+        ended
     }
 
     /// Samples a sequence's next token from `logits`; stores its prompt's prefix blocks once
     /// the first token is out.
     fn advance(r: &mut Running, tok: &Tokenizer, logits: &mut [f32], context: usize) -> Result<Option<Next>> {
-        let full = r.session.len() >= context;
+        // Full once the prompt and the tokens generated reach the context (a speculating
+        // session may hold drafts beyond them).
+        let full = r.prompt.len() + r.dec.ids().len() + 1 > context;
+        r.dec.set_speculation(r.speculator.as_ref().map(|s| *s.stats()));
         let sink = &mut r.sink;
         let next = r.dec.advance(tok, logits, r.session.tokens(), full, &mut |ev| sink.token(ev))?;
         if !r.stored && !r.dec.ids().is_empty() {
@@ -386,6 +445,15 @@ impl Scheduler {
                 return Err((sink, e));
             }
         };
+        // With a grammar, decoding is plain (see `generate`).
+        let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none());
+        let speculator = match speculate.map(|p| Speculator::new(p, &params.sampling)).transpose() {
+            Ok(s) => s,
+            Err(e) => {
+                self.idle.push(session);
+                return Err((sink, e));
+            }
+        };
         let dec = match Decoding::new(&params) {
             Ok(d) => d,
             Err(e) => {
@@ -411,6 +479,7 @@ impl Scheduler {
             decode_start: None,
             store_time: Duration::ZERO,
             stored: false,
+            speculator,
         })
     }
 
@@ -429,7 +498,11 @@ impl Scheduler {
 
     /// Finishes a sequence: flushes its text, tells its sink, keeps its session for reuse.
     fn end(&mut self, r: Running, how: Result<FinishReason>) {
-        let Running { mut session, sink, dec, mut stats, decode_start, store_time, stored, fed, .. } = r;
+        let Running {
+            mut session, sink, mut dec, mut stats, decode_start, store_time, stored, fed, speculator, ..
+        } = r;
+        stats.speculation = speculator.as_ref().map(|s| *s.stats());
+        dec.set_speculation(stats.speculation);
         stats.prompt_fed = fed;
         let mut sink = sink;
         let result = how.and_then(|finish| {

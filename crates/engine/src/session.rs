@@ -12,6 +12,15 @@ use crate::{EngineError, Result};
 /// every weight once, so fewer calls mean fewer passes over streamed weights.
 pub const DEFAULT_PREFILL_CHUNK: usize = 16384;
 
+/// A point a session can return to after a speculative verification forward
+/// ([`Session::checkpoint`], [`Session::roll_back`]).
+#[derive(Debug)]
+pub struct Checkpoint {
+    len: usize,
+    /// A recurrent model's fixed state at `len` ([`SeqState::snapshot_fixed`]).
+    fixed: Option<Vec<u8>>,
+}
+
 /// Owns one sequence's state (KV cache) and its tokens; borrows the model through an `Arc`.
 #[derive(Debug)]
 pub struct Session {
@@ -222,6 +231,38 @@ impl Session {
         Ok(logits)
     }
 
+    /// Feeds each session its `feeds` ids in one batched forward of their shared model
+    /// ([`CausalLm::forward_batch`]) and returns every position's logits per session, as
+    /// [`score`](Self::score) would: a scheduler's speculative verification of many sequences
+    /// in one pass over the weights. On an error, recurrent states start over.
+    pub fn score_batch(sessions: &mut [&mut Session], feeds: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let Some(model) = sessions.first().map(|s| s.model.clone()) else { return Ok(Vec::new()) };
+        if sessions.len() != feeds.len() || sessions.iter().any(|s| !Arc::ptr_eq(&s.model, &model)) {
+            return Err(EngineError::Batch { sessions: sessions.len(), feeds: feeds.len() });
+        }
+        let mut items: Vec<BatchSeq<'_>> = sessions
+            .iter_mut()
+            .zip(feeds)
+            .map(|(s, ids)| BatchSeq { ids, state: &mut s.state, wanted: LogitsWanted::All })
+            .collect();
+        let out = model.forward_batch(&mut items);
+        drop(items);
+        match out {
+            Ok(logits) => {
+                for (s, ids) in sessions.iter_mut().zip(feeds) {
+                    s.tokens.extend_from_slice(ids);
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                for s in sessions.iter_mut().filter(|s| s.state.has_fixed()) {
+                    s.reset();
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// Feeds one token and returns the next-token logits.
     pub fn step(&mut self, id: u32) -> Result<Vec<f32>> {
         let logits = self.forward(&[id], LogitsWanted::Last, None)?;
@@ -249,6 +290,48 @@ impl Session {
         }
         self.snapshots.retain(|(pos, _)| *pos <= common);
         common
+    }
+
+    /// Where a speculative verification forward starts: the length now and, for a recurrent
+    /// model, a copy of its fixed state (the one part of a state that cannot step back).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let fixed = match self.state.has_fixed() {
+            true => Some(self.state.snapshot_fixed(self.model.backend()).map_err(ollm_models::ModelError::from)?),
+            false => None,
+        };
+        Ok(Checkpoint { len: self.tokens.len(), fixed })
+    }
+
+    /// A checkpoint for a forward whose every token will be kept (no drafts): no state copy.
+    pub fn checkpoint_keeping_all(&self) -> Checkpoint {
+        Checkpoint { len: self.tokens.len(), fixed: None }
+    }
+
+    /// Keeps the first `keep` tokens fed since `cp` and forgets the rest (rejected draft
+    /// tokens). Returns how many of the kept tokens the state still holds: all of them when the
+    /// state is KV only (a truncation, wherever the KV lives). A recurrent state cannot step
+    /// back, so unless nothing is dropped it returns to `cp`'s fixed state and length and
+    /// returns 0: the caller feeds the kept tokens again with its next forward.
+    pub fn roll_back(&mut self, cp: &Checkpoint, keep: usize) -> Result<usize> {
+        let target = cp.len + keep;
+        if target >= self.tokens.len() {
+            return Ok(self.tokens.len() - cp.len);
+        }
+        let (len, held) = match &cp.fixed {
+            None => (target, keep),
+            Some(_) => (cp.len, 0),
+        };
+        if len < self.state.min_len() {
+            // Never the case for a verification forward: windows keep KEEP_BACK positions more.
+            return Err(EngineError::RollBack { to: len, min: self.state.min_len() });
+        }
+        self.state.truncate(len);
+        self.tokens.truncate(len);
+        self.snapshots.retain(|(pos, _)| *pos <= len);
+        if let Some(bytes) = &cp.fixed {
+            self.state.restore_fixed(self.model.backend(), bytes).map_err(ollm_models::ModelError::from)?;
+        }
+        Ok(held)
     }
 
     /// Drops every token; the cache memory is kept for reuse.

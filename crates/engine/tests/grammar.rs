@@ -30,6 +30,7 @@ fn params(spec: &GrammarSpec, tok: &Tokenizer, temperature: f32, seed: u64) -> G
         harmony: None,
         cancel: None,
         grammar: Some(compiler.compile(spec).expect("compiles")),
+        speculate: None,
     }
 }
 

@@ -49,6 +49,7 @@ fn requests() -> Vec<(Vec<u32>, GenerateParams)> {
                 harmony: None,
                 cancel: None,
                 grammar: None,
+                speculate: None,
             };
             (prompt, params)
         })
@@ -162,5 +163,63 @@ fn every_request_gets_what_it_gets_alone_at_any_batch_size() {
             "batch {max_batch}: {} steps, {} tokens fed ({} decode), at most {} sequences a step",
             stats.steps, stats.tokens_fed, stats.decode_tokens, stats.max_seqs_in_step
         );
+    }
+}
+
+#[test]
+fn speculating_requests_beside_plain_ones_give_plain_greedy_tokens() {
+    // Prompts that repeat themselves, so prompt lookup drafts; every other request speculates
+    // (its verification forwards run alone), the others share the batched steps.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, tok) = tiny(dir.path());
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|r| {
+            let phrase: Vec<u32> = (0..7).map(|i| (i * 331 + r * 977 + 5) % 4000 + 100).collect();
+            phrase.iter().cycle().take(40 + r as usize * 9).copied().collect()
+        })
+        .collect();
+    let plain = GenerateParams {
+        max_new_tokens: 24,
+        sampling: SamplingParams::greedy(),
+        eos_token_ids: Vec::new(),
+        stop: Vec::new(),
+        harmony: None,
+        cancel: None,
+        speculate: None,
+        grammar: None,
+    };
+    let want: Vec<Generation> = prompts
+        .iter()
+        .map(|p| {
+            let mut s = Session::new(model.clone()).expect("session");
+            generate(&mut s, &tok, p, &plain, &mut |_| ControlFlow::Continue(())).expect("alone")
+        })
+        .collect();
+    let m = model.clone();
+    let cfg = SchedulerConfig { max_batch: 4, step_tokens: 32 };
+    let mut sched = Scheduler::new(model.clone(), tok.clone(), cfg, Box::new(move || Session::new(m.clone())));
+    let out: Results = Arc::default();
+    for (key, prompt) in prompts.iter().enumerate() {
+        let speculate = (key % 2 == 0).then(|| ollm_engine::SpeculateParams {
+            method: ollm_engine::Speculate::Ngram,
+            draft_tokens: ollm_engine::DraftTokens::Fixed(4),
+        });
+        let params = GenerateParams { speculate, ..plain.clone() };
+        let sink = Collect { key, streamed: String::new(), cancel_after: None, tokens: 0, out: out.clone() };
+        sched.submit(Request { prompt: prompt.clone(), params, sink: Box::new(sink) });
+    }
+    sched.run_until_idle();
+    let got = std::mem::take(&mut *out.lock().expect("lock"));
+    for (i, w) in want.iter().enumerate() {
+        let (g, streamed) = &got[&i];
+        let g = g.as_ref().unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        assert_eq!(g.ids, w.ids, "request {i} (speculating: {}): tokens differ from plain greedy", i % 2 == 0);
+        assert_eq!(&g.text, streamed, "request {i}: streamed pieces join to the text");
+        if i % 2 == 0 {
+            let s = g.stats.speculation.expect("speculation stats");
+            assert!(s.tokens_per_pass() > 1.0, "request {i}: prompt lookup never drafted a kept token: {s:?}");
+        } else {
+            assert!(g.stats.speculation.is_none());
+        }
     }
 }

@@ -8,6 +8,7 @@
 pub mod common;
 pub mod config;
 pub mod error;
+pub mod gemma3;
 pub mod gpt_oss;
 pub mod llama3;
 pub mod qwen3_next;

@@ -141,10 +141,12 @@ fn qwen3_next_moves_each_expert_once_per_batched_decode_step() {
 #[test]
 fn batched_scratch_counts_a_logits_row_and_segment_buffers_per_sequence() {
     type Write<'a> = &'a dyn Fn(&std::path::Path);
-    let writers: [(&str, Write<'_>); 3] = [
+    let writers: [(&str, Write<'_>); 5] = [
         ("llama", &common::tiny_model),
         ("gpt-oss", &|d| common::tiny_gpt_oss(d, 32)),
         ("qwen3-next", &common::tiny_qwen3_next),
+        ("qwen3", &|d| common::tiny_qwen(d, "Qwen3ForCausalLM")),
+        ("gemma3", &|d| common::tiny_gemma3(d, 32)),
     ];
     for (name, write) in writers {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -157,4 +159,15 @@ fn batched_scratch_counts_a_logits_row_and_segment_buffers_per_sequence() {
         assert!(extra >= least, "{name}: 16 sequences add {extra} bytes, fewer than {least}");
         assert!(bytes(64, 64) > bytes(16, 16), "{name}");
     }
+}
+
+#[test]
+fn batched_logits_equal_alone_for_qwen2_and_qwen3() {
+    check_family("qwen2", |d| common::tiny_qwen(d, "Qwen2ForCausalLM"), cpu(), &script(), EXACT);
+    check_family("qwen3", |d| common::tiny_qwen(d, "Qwen3ForCausalLM"), cpu(), &script(), EXACT);
+}
+
+#[test]
+fn batched_logits_equal_alone_for_gemma3() {
+    check_family("gemma3", |d| common::tiny_gemma3(d, 32), cpu(), &script(), EXACT);
 }

@@ -121,7 +121,10 @@ fn take(sched: &mut Scheduler, job: Job, stats: &Arc<QueueStats>) {
     stats.waiting.fetch_sub(1, Ordering::SeqCst);
     if job.events.is_closed() {
         stats.cancelled.fetch_add(1, Ordering::SeqCst);
-        tracing::info!("skipped a queued request whose client went away");
+        eprintln!(
+            "[ollm] cancelled a prompt during prefill (0 of {} tokens fed): the client disconnected while it waited",
+            job.prompt.len()
+        );
         return;
     }
     // A client that goes away during prefill stops it at the next step.

@@ -56,6 +56,8 @@ pub struct RequestRules {
     /// The tokenizer's vocabulary made ready for constrained decoding, built by the first request
     /// with a `response_format` that needs it (an error says why it cannot be).
     pub grammars: std::sync::OnceLock<Result<GrammarCompiler, String>>,
+    /// Speculative decoding for every request (`--speculate`), if any.
+    pub speculate: Option<ollm_engine::SpeculateParams>,
 }
 
 impl RequestRules {
@@ -315,6 +317,7 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
             // The worker asks the job's channel.
             cancel: None,
             grammar,
+            speculate: rules.speculate.clone(),
         },
         stream: f.stream,
         include_usage,

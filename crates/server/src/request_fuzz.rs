@@ -69,6 +69,7 @@ fn rules() -> RequestRules {
         max_tokens_cap: 64,
         max_prompt_tokens: 200,
         grammars: std::sync::OnceLock::new(),
+        speculate: None,
     }
 }
 

@@ -44,6 +44,7 @@ impl AppState {
             max_tokens_cap: config.max_tokens_cap.min(context_tokens),
             max_prompt_tokens: config.max_prompt_tokens.map_or(context_tokens, |n| n.min(context_tokens)),
             grammars: std::sync::OnceLock::new(),
+            speculate: m.speculate,
         };
         Ok(Self {
             rules: Arc::new(rules),

@@ -8,12 +8,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ollm_batch::{JobLocks, JobOptions, Progress, Shard, merge, run_job};
 
 use super::ModelArgs;
-use crate::loaded::{BatchWanted, load_for_batch, load_text};
+use crate::loaded::{BatchWanted, load_text, load_with};
 
 #[derive(Debug, Args)]
 pub struct BatchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Input: one JSON object per line, {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]},
     /// with optional max_tokens, temperature, top_p, top_k, seed, stop.
     pub input: PathBuf,
@@ -108,12 +110,13 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
     // Before the model loads: a second batch on the same files refuses at once.
     let locks = JobLocks::acquire(&opts)?;
     let wanted = BatchWanted { max_batch: a.max_batch, step_tokens: a.step_tokens };
-    let loaded = load_for_batch(&a.model, Some(wanted))?;
+    let loaded = load_with(&a.model, Some(wanted), a.spec.draft_bytes()?)?;
     let text = load_text(&loaded.dir)?;
     let max_batch = a.max_batch.unwrap_or_else(|| loaded.default_max_batch());
     let opts = JobOptions { max_batch, ..opts };
     eprintln!("[ollm] batch: up to {max_batch} requests at a time");
-    let model = loaded.chat_model(text);
+    let speculate = a.spec.params(&loaded, &text.tokenizer)?;
+    let model = ollm_engine::ChatModel { speculate, ..loaded.chat_model(text) };
 
     let bar = ProgressBar::new(0);
     bar.set_style(

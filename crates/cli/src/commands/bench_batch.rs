@@ -21,8 +21,6 @@ use ollm_residency::plan::{Bandwidths, Tier, token_time};
 use super::ModelArgs;
 use crate::loaded::{BatchWanted, load_for_batch};
 
-/// Tokens a step of the bench feeds at most.
-const STEP_TOKENS: usize = 2048;
 use crate::resources::human_bytes;
 
 /// What the batch bench runs.
@@ -34,6 +32,8 @@ pub struct BatchBench {
     pub prompt_tokens: usize,
     pub tokens: usize,
     pub bandwidth_mib: usize,
+    /// Tokens a step feeds at most (decode tokens, then prompt chunks).
+    pub step_tokens: usize,
 }
 
 /// Counts a request's generated tokens.
@@ -85,15 +85,12 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
         "--batch takes sizes between 1 and {}",
         crate::loaded::MAX_BATCH
     );
-    anyhow::ensure!(
-        b.requests >= 1 && b.tokens >= 2 && b.prompt_tokens >= 1,
-        "--requests >= 1, --tokens >= 2 and --prompt-tokens >= 1"
-    );
+    anyhow::ensure!(b.tokens >= 2 && b.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
     let mut model = model.clone();
     let ctx = b.prompt_tokens + b.tokens + 1;
     model.max_context = Some(model.max_context.unwrap_or(0).max(ctx));
     let most = *b.sizes.iter().max().unwrap_or(&1);
-    let wanted = BatchWanted { max_batch: Some(most), step_tokens: STEP_TOKENS };
+    let wanted = BatchWanted { max_batch: Some(most), step_tokens: b.step_tokens };
     let loaded = load_for_batch(&model, Some(wanted))?;
     let be = loaded.backend.as_ref();
     let info = loaded.model.info().clone();
@@ -128,11 +125,12 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
     println!();
     println!("batch  decode tok/s  end-to-end tok/s  memory bound  compute bound  decode / min bound  vs batch 1");
     let mut first = None;
+    let mut experts = Vec::new();
     for &size in &b.sizes {
         let m = loaded.model.clone();
         let prefix = loaded.prefix.clone();
         let new_session = move || ollm_engine::session_with_prefix(m.clone(), prefix.as_ref());
-        let cfg = SchedulerConfig { max_batch: size, step_tokens: STEP_TOKENS };
+        let cfg = SchedulerConfig { max_batch: size, step_tokens: b.step_tokens };
         let tok = Arc::new(crate::loaded::load_text(&loaded.dir)?.tokenizer);
         let mut sched = Scheduler::new(loaded.model.clone(), tok, cfg, Box::new(new_session));
         let generated = Arc::new(AtomicU64::new(0));
@@ -147,9 +145,11 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
                 harmony: None,
                 cancel: None,
                 grammar: None,
+                speculate: None,
             };
             sched.submit(Request { prompt, params, sink: Box::new(Count(generated.clone())) });
         }
+        let experts_before = loaded.model.expert_stats();
         let t = Instant::now();
         sched.run_until_idle();
         let wall = t.elapsed().as_secs_f64();
@@ -166,11 +166,29 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
         let compute_bound = flops / info.weight_bytes_per_token as f64;
         let bound = mem_bound.min(compute_bound);
         let base = *first.get_or_insert(decode);
+        if let (Some(a), Some(z)) = (experts_before, loaded.model.expert_stats()) {
+            let uses = (z.hits + z.ram_loads + z.disk_loads) - (a.hits + a.ram_loads + a.disk_loads);
+            let n = generated.load(Ordering::SeqCst).max(1);
+            experts.push(format!(
+                "batch {size}: experts moved {} per generated token ({} from disk), hit rate {:.1}% over {uses} uses",
+                human_bytes((z.copy_bytes - a.copy_bytes) / n),
+                human_bytes((z.disk_bytes - a.disk_bytes) / n),
+                100.0 * (z.hits - a.hits) as f64 / uses.max(1) as f64
+            ));
+        }
         println!(
             "{size:>5}  {decode:>12.1}  {e2e:>16.1}  {mem_bound:>12.1}  {compute_bound:>13.1}  {:>17.1}%  {:>9.2}x",
             100.0 * decode / bound,
             decode / base
         );
+    }
+    for line in &experts {
+        println!("{line}");
+    }
+    println!("(decode tok/s: tokens of the steps where every sequence was decoding, over those steps' time;");
+    println!(" end-to-end: every generated token over the whole run, prefill included)");
+    if let Some(peak) = loaded.peak_vram_bytes() {
+        println!("peak VRAM       {} (driver, CUDA context included)", ollm_ops::bytes::gib(peak));
     }
     Ok(())
 }

@@ -16,6 +16,8 @@ use crate::resources::human_bytes;
 pub struct PlanArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Positions (prompt + generated tokens) the run must hold; overrides --max-context.
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
@@ -31,10 +33,12 @@ pub struct PlanArgs {
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let dir = model_dir(&a.model.model)?;
-    let chosen = backend(a.model.device, a.model.vram_budget)?;
+    let chosen = backend(a.model.device, a.model.vram_budget, a.model.cpu_activations.unwrap_or_default())?;
+    let draft = a.spec.draft_bytes()?;
     let budgets = Budgets {
         max_context: a.context.or(a.model.max_context),
         max_batch: a.max_batch.map(|n| n as usize),
+        draft,
         ..a.model.budgets()
     };
     // Fail on an impossible plan before spending time on calibration.
@@ -54,6 +58,14 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(input.ram_budget),
         input.context
     );
+    if let Some(d) = draft {
+        let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+        println!(
+            "draft        {} resident for speculative decoding ({} of weights + KV), taken off the VRAM budget",
+            human_bytes(d.device_bytes(input.context, kv_elem)),
+            human_bytes(d.weight_bytes)
+        );
+    }
     if p.batch > 1 {
         println!("batch        {} sequences decoded together (--max-batch)", p.batch);
     } else {

@@ -10,7 +10,7 @@ use ollm_engine::{GenerateParams, GrammarCompiler, GrammarSpec, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::load_text;
 use crate::prompt::read_prompt;
 use ollm_ops::bytes::gib;
 
@@ -20,6 +20,8 @@ use crate::resources::{human_bytes, peak_rss_bytes};
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// The prompt text.
     #[arg(long, short = 'p')]
     pub prompt: Option<String>,
@@ -54,7 +56,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Print a line per generated token on stderr: time, and for streamed layers the bytes read
-    /// from disk and copied, their rates, and the time compute waited for weights.
+    /// from disk and copied, their rates, and the time compute waited for weights; with
+    /// --speculate, the target passes so far, tokens per pass and drafts kept.
     #[arg(long)]
     pub stats: bool,
     /// Constrain the output to JSON valid against the JSON schema in FILE.
@@ -93,7 +96,7 @@ fn grammar_arg(
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let prompt = read_prompt(a.prompt.clone(), a.prompt_file.clone())?;
-    let loaded = load(&a.model)?;
+    let loaded = a.spec.load(&a.model)?;
     let text = load_text(&loaded.dir)?;
     let ids = if a.chat {
         let Some(template) = &text.template else {
@@ -139,6 +142,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
         cancel: None,
         grammar,
+        speculate: a.spec.params(&loaded, &text.tokenizer)?,
     };
 
     let mut session = loaded.session()?;
@@ -148,7 +152,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut per_token = TokenStats::new(a.stats, loaded.model.as_ref());
     let mut thinking = Reasoning::new();
     let generation = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
-        per_token.token(loaded.model.as_ref());
+        per_token.token(loaded.model.as_ref(), ev.speculation.as_ref());
         thinking.show(ev.reasoning, ev.text);
         if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
             write_err = Some(e);
@@ -169,8 +173,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let vram = loaded.peak_vram_bytes().map_or(String::new(), |b| format!(" | peak VRAM {} (driver)", gib(b)));
     let seed =
         if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
+    let spec = s.speculation.as_ref().map_or(String::new(), crate::speculation::describe);
     eprintln!(
-        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}{}",
+        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s{spec} | finish {} | load {:.2} s | peak RSS {}{}{}",
         s.prompt_tokens,
         s.prefill_tok_per_s(),
         s.generated_tokens,
@@ -249,7 +254,7 @@ impl TokenStats {
         Self { on, n: 0, last: std::time::Instant::now(), prev: model.stream_stats() }
     }
 
-    fn token(&mut self, model: &dyn ollm_models::CausalLm) {
+    fn token(&mut self, model: &dyn ollm_models::CausalLm, spec: Option<&ollm_engine::SpecStats>) {
         if !self.on {
             return;
         }
@@ -257,6 +262,9 @@ impl TokenStats {
         self.last = std::time::Instant::now();
         self.n += 1;
         let mut line = format!("[ollm] token {}: {:.3} s", self.n, secs);
+        if let Some(s) = spec {
+            line += &format!(" | after {} target passes{}", s.passes, crate::speculation::describe(s));
+        }
         if let (Some(now), Some(prev)) = (model.stream_stats(), self.prev) {
             let (disk, copy) = (now.disk_bytes - prev.disk_bytes, now.copy_bytes - prev.copy_bytes);
             let disk_s = now.disk_secs - prev.disk_secs;

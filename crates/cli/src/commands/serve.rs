@@ -8,12 +8,14 @@ use clap::Args;
 use ollm_server::{ServedModel, ServerConfig, serve};
 
 use super::ModelArgs;
-use crate::loaded::{BatchWanted, load_for_batch, load_text};
+use crate::loaded::{BatchWanted, load_text, load_with};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Address to listen on. The default serves this machine only; 0.0.0.0 opens it to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -63,13 +65,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     super::batch::check_batch_flags(a.max_batch, a.prefill_chunk)?;
     let addr = resolve(&a.host, a.port)?;
     let wanted = BatchWanted { max_batch: a.max_batch, step_tokens: a.prefill_chunk };
-    let loaded = load_for_batch(&a.model, Some(wanted))?;
+    let loaded = load_with(&a.model, Some(wanted), a.spec.draft_bytes()?)?;
     let text = load_text(&loaded.dir)?;
+    let speculate = a.spec.params(&loaded, &text.tokenizer)?;
     let id = served_id(&a.model.model);
     eprintln!("[ollm] serving {id} ({}, loaded in {:.2} s)", loaded.dir.display(), loaded.load_time.as_secs_f64());
     let max_batch = a.max_batch.unwrap_or_else(|| loaded.default_max_batch());
     eprintln!("[ollm] up to {max_batch} requests generate together (--max-batch)");
-    let model = ServedModel { id, chat: loaded.chat_model(text) };
+    let model = ServedModel { id, chat: ollm_engine::ChatModel { speculate, ..loaded.chat_model(text) } };
     let config = ServerConfig {
         addr,
         api_key: a.api_key.filter(|k| !k.is_empty()),

@@ -2,7 +2,7 @@
 //! attention (optional window and sinks), output projection.
 
 use ollm_kv::LayerKv;
-use ollm_ops::{AttnParams, Backend, RopeTable, Tensor};
+use ollm_ops::{AttnParams, Backend, NormKind, RopeTable, Tensor};
 
 use crate::common::forward::{SegSets, Segment};
 use crate::trace::TraceSink;
@@ -76,6 +76,43 @@ pub struct AttnCall<'a> {
     pub sinks: Option<&'a Tensor>,
 }
 
+/// RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3): weights `[head_dim]`,
+/// shared by every head.
+#[derive(Debug, Clone, Copy)]
+pub struct QkNorm<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub eps: f32,
+    pub kind: NormKind,
+}
+
+/// The projections of a `[T, hidden]`: q `[T, nh, d]`, k and v `[T, nkv, d]` into `s`, q and k
+/// normed per head when `qk` says so. The norms read the raw projections from buffers the call
+/// does not need yet (q from ctx, k from v), so no extra scratch is allocated.
+fn project_qkv(
+    backend: &dyn Backend,
+    w: &AttnWeights,
+    a: &Tensor,
+    s: &mut AttnScratch,
+    qk: Option<&QkNorm<'_>>,
+) -> Result<()> {
+    match qk {
+        None => {
+            backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
+            backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
+        }
+        Some(n) => {
+            // ctx has q's shape and v has k's: both are written later in the call.
+            backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.ctx)?;
+            backend.rms_norm(&s.ctx, n.q, n.eps, n.kind, &mut s.q)?;
+            backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.v)?;
+            backend.rms_norm(&s.v, n.k, n.eps, n.kind, &mut s.k)?;
+        }
+    }
+    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    Ok(())
+}
+
 /// `s.out = Attn(a)`; a `[T, hidden]` (already normed). Appends this call's K/V to `kv`
 /// at positions `pos0..pos0+T` (rows from `kv.base`).
 pub fn self_attention(
@@ -87,10 +124,21 @@ pub fn self_attention(
     s: &mut AttnScratch,
     trace: Option<&dyn TraceSink>,
 ) -> Result<()> {
+    self_attention_qk(backend, (w, None), a, kv, call, s, trace)
+}
+
+/// [`self_attention`] with q and k normed per head before RoPE when `qk` is Some.
+pub fn self_attention_qk(
+    backend: &dyn Backend,
+    (w, qk): (&AttnWeights, Option<&QkNorm<'_>>),
+    a: &Tensor,
+    kv: &mut LayerKv,
+    call: &AttnCall<'_>,
+    s: &mut AttnScratch,
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
     // [T, H] -> q [T, nh, d], k/v [T, nkv, d]
-    backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
-    backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
-    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    project_qkv(backend, w, a, s, qk)?;
     backend.rope(&mut s.q, call.rope, call.pos0)?;
     backend.rope(&mut s.k, call.rope, call.pos0)?;
     if let Some(t) = trace {
@@ -183,14 +231,26 @@ pub fn batched_self_attention(
     (s, bufs, dims): (&mut AttnScratch, &mut SegBufs, &AttnDims),
     trace: Option<&dyn TraceSink>,
 ) -> Result<()> {
+    batched_self_attention_qk(backend, (w, None), a, (segs, items, kv_idx), call, (s, bufs, dims), trace)
+}
+
+/// [`batched_self_attention`] with q and k normed per head before RoPE when `qk` is Some.
+pub fn batched_self_attention_qk(
+    backend: &dyn Backend,
+    (w, qk): (&AttnWeights, Option<&QkNorm<'_>>),
+    a: &Tensor,
+    (segs, items, kv_idx): (&[Segment], &mut [BatchSeq<'_>], usize),
+    call: &AttnCall<'_>,
+    (s, bufs, dims): (&mut AttnScratch, &mut SegBufs, &AttnDims),
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
     if let [seg] = segs {
         let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
         let call = AttnCall { pos0: seg.pos0, ..*call };
-        return self_attention(backend, w, a, kv, &call, s, trace);
+        return self_attention_qk(backend, (w, qk), a, kv, &call, s, trace);
     }
-    backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
-    backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
-    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    // The per-head norms act on each row alone, so they run over the whole tile.
+    project_qkv(backend, w, a, s, qk)?;
     let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
     for seg in segs {
         let [q, k, v, ctx] = bufs.get(backend, seg.n, dims)?;

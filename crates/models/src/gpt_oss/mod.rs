@@ -25,6 +25,9 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &layers, c.n_experts, hi)
     },
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, Some(tensors::EXPERTS.prefix), suffix),
+    uses: |name| {
+        crate::common::tensors::is_used(&tensors::GLOBAL, &tensors::LAYER, Some(tensors::EXPERTS.prefix), name)
+    },
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {

@@ -8,7 +8,9 @@ use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
 use super::tensors::*;
-use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, SegBufs, batched_self_attention};
+use crate::common::attention::{
+    AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
+};
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
@@ -28,6 +30,8 @@ pub struct Layer {
     attn: AttnWeights,
     post_attn_norm: Tensor,
     mlp: MlpWeights,
+    /// Qwen3's per-head q and k norms, `[head_dim]` each.
+    qk_norm: Option<(Tensor, Tensor)>,
     /// The names of its tensors (what a streamed copy refills).
     names: Vec<&'static str>,
 }
@@ -58,6 +62,10 @@ impl Layer {
                 up_bias: opt(UP_BIAS)?,
                 down_bias: opt(DOWN_BIAS)?,
             },
+            qk_norm: match (opt(Q_NORM)?, opt(K_NORM)?) {
+                (Some(q), Some(k)) => Some((q, k)),
+                _ => None,
+            },
             names: streamed(&LAYER, ld.cfg, l),
         })
     }
@@ -86,6 +94,8 @@ impl LayerTensors for Layer {
             GATE_BIAS => self.mlp.gate_bias.as_mut(),
             UP_BIAS => self.mlp.up_bias.as_mut(),
             DOWN_BIAS => self.mlp.down_bias.as_mut(),
+            Q_NORM => self.qk_norm.as_mut().map(|(q, _)| q),
+            K_NORM => self.qk_norm.as_mut().map(|(_, k)| k),
             _ => None,
         }
     }
@@ -212,9 +222,10 @@ impl Llama {
         let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
         let rope = self.rope.covering(be, end)?;
         let call = AttnCall { layer: l, pos0: 0, rope: &rope, scale, window: None, sinks: None };
-        batched_self_attention(
+        let qk = layer.qk_norm.as_ref().map(|(q, k)| QkNorm { q, k, eps, kind: NormKind::Llama });
+        batched_self_attention_qk(
             be,
-            &layer.attn,
+            (&layer.attn, qk.as_ref()),
             &s.normed,
             (segs, items, l),
             &call,
