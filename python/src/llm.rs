@@ -191,6 +191,7 @@ impl Llm {
             kv_cache_dir,
             prefix_cache,
             prefix_cache_max: size(prefix_cache_max, "prefix_cache_max", false)?.unwrap_or(32 << 30),
+            cpu_activations: None,
         };
         let budgets = args.budgets();
         let shared = detached(py, |_| {

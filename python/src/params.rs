@@ -55,6 +55,8 @@ impl Knobs {
             stop: self.stop.clone(),
             harmony,
             cancel: None,
+            speculate: None,
+            grammar: None,
         })
     }
 }

@@ -1,12 +1,15 @@
 //! Running a batch: skip the ids already in the results file, report bad and duplicate lines to
-//! the errors file, then generate each remaining request in input order on one session and
-//! append its result as soon as it is done.
+//! the errors file, then generate the remaining requests, up to `max_batch` at a time through
+//! the engine's scheduler (started in input order), and append each result as soon as it is
+//! done.
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use ollm_engine::{ChatModel, GenerateParams, Session, generate_reusing};
+use std::sync::mpsc;
+
+use ollm_engine::{ChatModel, GenerateParams, Generation, GrammarCompiler, Request, Scheduler, SchedulerConfig, Sink};
 use serde_json::{Value, json};
 
 use crate::BatchError;
@@ -26,6 +29,10 @@ pub struct JobOptions {
     /// Run only this shard's ids ([`Shard::owns`]); `output` and `errors` are then the shard's
     /// own files.
     pub shard: Option<Shard>,
+    /// Requests generated together (one pass over the weights per step for all of them).
+    pub max_batch: usize,
+    /// Tokens one step feeds at most (decode tokens, then prompt chunks).
+    pub step_tokens: usize,
 }
 
 /// What the caller hears while the job runs (to draw a progress bar).
@@ -112,32 +119,84 @@ pub fn run_job(
         torn_bytes: recovered.torn_bytes,
     });
 
-    let mut session = m.session().map_err(|e| BatchError::Engine(e.to_string()))?;
-    for (key, r) in &pending {
-        match run_one(m, &mut session, r, opts.default_max_tokens) {
-            Ok((line, completion_tokens)) => {
-                out.append(&line)?;
-                summary.completed += 1;
-                on(Progress::Finished { id: key, completion_tokens });
-            }
+    // Every pending request goes to the scheduler at once (prompts are token ids: small); up to
+    // max_batch run together, and each result is appended (with an fsync) as soon as it ends.
+    let (tx, rx) = mpsc::channel::<(usize, Result<Generation, String>)>();
+    let mut sched = scheduler(m, opts)?;
+    let grammars = std::sync::OnceLock::new();
+    for (index, (_, r)) in pending.iter().enumerate() {
+        let tx = tx.clone();
+        match prepare(m, r, opts.default_max_tokens, &grammars) {
+            Ok((prompt, params)) => sched.submit(Request { prompt, params, sink: Box::new(Ended { index, tx }) }),
             Err(message) => {
-                summary.failed += 1;
-                let e =
-                    LineError { line: r.line, id: Some(r.id.clone()), message: format!("line {}: {message}", r.line) };
-                report(&mut errors, &e, on)?;
+                let _ = tx.send((index, Err(message)));
             }
         }
+    }
+    drop(tx);
+    loop {
+        for (index, result) in rx.try_iter() {
+            let (key, r) = &pending[index];
+            match result {
+                Ok(g) => {
+                    out.append(&result_line(r, &g))?;
+                    summary.completed += 1;
+                    on(Progress::Finished { id: key, completion_tokens: g.stats.generated_tokens });
+                }
+                Err(message) => {
+                    summary.failed += 1;
+                    let e = LineError {
+                        line: r.line,
+                        id: Some(r.id.clone()),
+                        message: format!("line {}: {message}", r.line),
+                    };
+                    report(&mut errors, &e, on)?;
+                }
+            }
+        }
+        if sched.is_idle() {
+            break;
+        }
+        sched.step();
     }
     Ok(summary)
 }
 
-/// Generates one request; the result line and its completion-token count, or why it failed.
-fn run_one(
+/// The scheduler a job runs on: `opts.max_batch` sequences at once, each with its own session.
+fn scheduler(m: &ChatModel, opts: &JobOptions) -> Result<Scheduler, BatchError> {
+    let model = m.model.clone();
+    let prefix = m.prefix.clone();
+    let cfg = SchedulerConfig { max_batch: opts.max_batch.max(1), step_tokens: opts.step_tokens };
+    let tokenizer = std::sync::Arc::new(m.tokenizer.clone());
+    let new_session = move || ollm_engine::session_with_prefix(model.clone(), prefix.as_ref());
+    Ok(Scheduler::new(m.model.clone(), tokenizer, cfg, Box::new(new_session)))
+}
+
+/// Hands a finished request back to the job's loop.
+struct Ended {
+    index: usize,
+    tx: mpsc::Sender<(usize, Result<Generation, String>)>,
+}
+
+impl Sink for Ended {
+    fn token(&mut self, _: ollm_engine::TokenEvent<'_>) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn done(&mut self, result: ollm_engine::Result<Generation>) {
+        let _ = self.tx.send((self.index, result.map_err(|e| e.to_string())));
+    }
+}
+
+/// A request's prompt ids and parameters, or why it cannot run.
+/// `grammars`: the vocabulary made ready for constrained decoding, built by the first request
+/// with a `response_format`.
+fn prepare(
     m: &ChatModel,
-    session: &mut Session,
     r: &BatchRequest,
     default_max: usize,
-) -> Result<(Value, usize), String> {
+    grammars: &std::sync::OnceLock<Result<GrammarCompiler, String>>,
+) -> Result<(Vec<u32>, GenerateParams), String> {
     let prompt = match &r.input {
         Input::Prompt(p) => m.tokenizer.encode_prompt(p).map_err(|e| e.to_string())?,
         Input::Messages(msgs) => {
@@ -156,6 +215,19 @@ fn run_one(
     if r.top_k.is_some() {
         sampling.top_k = r.top_k;
     }
+    let grammar = match &r.response_format {
+        None => None,
+        Some(spec) => {
+            let compiler = grammars
+                .get_or_init(|| {
+                    GrammarCompiler::new(&m.tokenizer, &m.eos_token_ids, m.model.info().vocab_size)
+                        .map_err(|e| e.to_string())
+                })
+                .as_ref()
+                .map_err(|e| format!("line {}: 'response_format': {e}", r.line))?;
+            Some(compiler.compile(spec).map_err(|e| format!("line {}: 'response_format': {e}", r.line))?)
+        }
+    };
     // The same id gets the same seed on every run, so a resumed job gives the same text.
     sampling.seed = r.seed.unwrap_or_else(|| fnv1a(id_key(&r.id).unwrap_or_default().as_bytes()));
     let params = GenerateParams {
@@ -167,10 +239,14 @@ fn run_one(
             .then(|| ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer))
             .flatten(),
         cancel: None,
+        grammar,
+        speculate: m.speculate.clone(),
     };
-    // Consecutive requests that share a prefix (a document, a system prompt) compute it once.
-    let g = generate_reusing(session, &m.tokenizer, &prompt, &params, &mut |_| ControlFlow::Continue(()))
-        .map_err(|e| e.to_string())?;
+    Ok((prompt, params))
+}
+
+/// The result line of a finished request.
+fn result_line(r: &BatchRequest, g: &Generation) -> Value {
     let usage = json!({
         "prompt_tokens": g.stats.prompt_tokens,
         "completion_tokens": g.stats.generated_tokens,
@@ -180,5 +256,5 @@ fn run_one(
     if !g.reasoning.is_empty() {
         line["reasoning"] = json!(g.reasoning);
     }
-    Ok((line, g.stats.generated_tokens))
+    line
 }

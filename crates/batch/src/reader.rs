@@ -32,6 +32,8 @@ pub struct BatchRequest {
     pub top_k: Option<usize>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// `response_format` (as the OpenAI API spells it): the output is constrained to JSON.
+    pub response_format: Option<ollm_engine::GrammarSpec>,
 }
 
 /// A line that could not be used, or a request that failed.
@@ -67,6 +69,7 @@ struct RawRequest {
     top_k: Option<usize>,
     seed: Option<u64>,
     stop: Option<Stop>,
+    response_format: Option<Value>,
 }
 
 /// The key an id is known by: the string itself, or an integer's digits.
@@ -114,6 +117,10 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
+    let response_format = match raw.response_format.as_ref().filter(|v| !v.is_null()) {
+        None => None,
+        Some(f) => response_format(f).map_err(|m| err(Some(raw.id.clone()), format!("line {line}: {m}")))?,
+    };
     Ok(Some(BatchRequest {
         line,
         id: raw.id,
@@ -124,7 +131,23 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
         top_k: raw.top_k,
         seed: raw.seed,
         stop,
+        response_format,
     }))
+}
+
+/// The grammar an OpenAI `response_format` asks for: none for `text`, any JSON object for
+/// `json_object`, the schema of `json_schema`.
+fn response_format(f: &Value) -> Result<Option<ollm_engine::GrammarSpec>, String> {
+    use ollm_engine::GrammarSpec;
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(GrammarSpec::JsonObject)),
+        Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(s) if s.is_object() || s.is_boolean() => Ok(Some(GrammarSpec::JsonSchema(s.clone()))),
+            _ => Err("'response_format.json_schema.schema' is missing or not a JSON schema object; give {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}".into()),
+        },
+        _ => Err("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"".into()),
+    }
 }
 
 /// Reads every line of `path`: the valid requests in order, and the bad lines.
@@ -166,5 +189,29 @@ mod tests {
         assert!(e.message.contains("prompt"), "{}", e.message);
         let e = parse_line(7, r#"{"id": 1.5, "prompt": "x"}"#).expect_err("bad id");
         assert!(e.message.contains("'id'"), "{}", e.message);
+    }
+
+    #[test]
+    fn response_format_is_read_per_line_and_a_wrong_form_names_it() {
+        let r = parse_line(1, r#"{"id": 1, "prompt": "x", "response_format": {"type": "json_object"}}"#)
+            .expect("valid")
+            .expect("a request");
+        assert_eq!(r.response_format, Some(ollm_engine::GrammarSpec::JsonObject));
+        let schema = serde_json::json!({"type": "integer"});
+        let line = serde_json::json!({"id": 2, "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}});
+        let r = parse_line(2, &line.to_string()).expect("valid").expect("a request");
+        assert_eq!(r.response_format, Some(ollm_engine::GrammarSpec::JsonSchema(schema)));
+        let r = parse_line(3, r#"{"id": 3, "prompt": "x", "response_format": {"type": "text"}}"#).expect("valid");
+        assert_eq!(r.expect("a request").response_format, None);
+        for (bad, names) in [
+            (r#"{"id": 4, "prompt": "x", "response_format": {"type": "yaml"}}"#, "response_format.type"),
+            (
+                r#"{"id": 4, "prompt": "x", "response_format": {"type": "json_schema"}}"#,
+                "response_format.json_schema.schema",
+            ),
+        ] {
+            let e = parse_line(4, bad).expect_err(bad);
+            assert!(e.message.starts_with("line 4: ") && e.message.contains(names), "{}", e.message);
+        }
     }
 }

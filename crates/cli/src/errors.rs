@@ -15,7 +15,7 @@ use ollm_weights::WeightsError;
 /// `--model` names nothing: not a directory, not the demo model, not a hub id.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m for the demo model)"
+    "model directory {spec} does not exist (give a Hugging Face model directory with config.json and *.safetensors, a hub id ORG/NAME, or smollm2-135m or gemma3-270m for a demo model)"
 )]
 pub struct ModelNotFound {
     pub spec: String,

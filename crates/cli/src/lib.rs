@@ -2,9 +2,11 @@
 //! (demo provisioning in particular).
 
 pub mod bench_ops;
+pub mod bench_spec;
 pub mod commands;
 pub mod demo;
 pub mod errors;
+pub mod gemma3_demo;
 pub mod hub;
 pub mod loaded;
 pub mod npy;
@@ -12,4 +14,5 @@ pub mod planning;
 pub mod progress;
 pub mod prompt;
 pub mod resources;
+pub mod speculation;
 pub mod units;

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use ollm_engine::{ChatModel, GenerationConfig, PrefixReport, Session};
 use ollm_models::{CausalLm, load_model_placed};
 use ollm_ops::bytes::gib;
-use ollm_ops::cpu::CpuBackend;
+use ollm_ops::cpu::{CpuBackend, Precision};
 use ollm_ops::cuda::{CudaBackend, CudaDevice};
 use ollm_ops::{Backend, MemoryKind};
 use ollm_residency::plan::{Plan, Tier};
@@ -47,6 +47,9 @@ pub fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
     if !dir.exists() {
         if crate::demo::is_demo_name(spec) {
             return crate::demo::ensure_demo();
+        }
+        if crate::gemma3_demo::is_name(spec) {
+            return crate::gemma3_demo::ensure();
         }
         if crate::hub::is_hub_id(spec) {
             return crate::hub::ensure_model(spec, None);
@@ -93,7 +96,7 @@ fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<
 /// The compute backend for `--device`: `cuda[:N]` must find a usable GPU; `auto` takes GPU 0
 /// when it can and says in one line on stderr which device it chose. `--vram-budget` bounds
 /// the GPU's memory (ignored on the CPU).
-pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Chosen> {
+pub fn backend(device: DeviceArg, vram_budget: Option<u64>, cpu: Precision) -> anyhow::Result<Chosen> {
     let cuda = |b: Arc<CudaBackend>| -> anyhow::Result<Chosen> {
         // Every kernel compiled and loaded now: a first run pays it here, not in its prompt.
         let (compiled, secs) = b.device().warm_kernels()?;
@@ -103,7 +106,7 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
         Ok(Chosen { backend: b })
     };
     match device {
-        DeviceArg::Cpu => Ok(Chosen { backend: Arc::new(CpuBackend::new()) }),
+        DeviceArg::Cpu => Ok(Chosen { backend: cpu_backend(cpu)? }),
         DeviceArg::Cuda(n) => {
             let dev = ollm_ops::cuda::probe(n).with_context(|| format!("--device cuda:{n}"))?;
             cuda(with_budget(dev, vram_budget)?)
@@ -118,10 +121,18 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>) -> anyhow::Result<Ch
             }
             Err(_) => {
                 note("[ollm] device: cpu (no usable GPU; --device cuda says why)");
-                Ok(Chosen { backend: Arc::new(CpuBackend::new()) })
+                Ok(Chosen { backend: cpu_backend(cpu)? })
             }
         },
     }
+}
+
+/// The CPU backend `ollm` runs: the best kernels the CPU has (or the tier `OLLM_CPU_KERNELS`
+/// names; an unknown name is an error here) at the precision `--cpu-activations` chose (bf16
+/// activations are like the GPU's bf16 math and llama.cpp's BF16 path).
+fn cpu_backend(precision: Precision) -> anyhow::Result<Arc<CpuBackend>> {
+    ollm_ops::cpu::tier_from_env()?;
+    Ok(Arc::new(CpuBackend::with_precision(precision)))
 }
 
 pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
@@ -133,28 +144,78 @@ pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
 /// Loads the model (config first, so a bad config fails before any weight is read). A temporary
 /// KV spill directory is also removed on Ctrl-C, which then ends the process.
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
-    load_with(args, true)
+    load_with(args, None, None)
 }
 
 /// [`load`] for a host process that owns Ctrl-C (the Python package): no signal handler is
 /// installed; a temporary KV spill directory is removed when the [`Loaded`] drops.
 pub fn load_embedded(args: &ModelArgs) -> anyhow::Result<Loaded> {
-    load_with(args, false)
+    load_inner(args, None, None, false)
 }
 
-fn load_with(args: &ModelArgs, cleanup_on_interrupt: bool) -> anyhow::Result<Loaded> {
+/// How a command that runs many sequences together (`batch`, `serve`, `bench --batch`) wants
+/// its plan: `max_batch` sequences (None: the largest that fits the budgets, at most
+/// [`MAX_BATCH`]) and steps of at most `step_tokens` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchWanted {
+    pub max_batch: Option<usize>,
+    pub step_tokens: usize,
+}
+
+/// [`load`] planned for a batch: the plan reserves the KV of every sequence and the
+/// activations of a step ([`Loaded::default_max_batch`] then says how many).
+pub fn load_for_batch(args: &ModelArgs, batch: Option<BatchWanted>) -> anyhow::Result<Loaded> {
+    load_with(args, batch, None)
+}
+
+/// Loads the model leaving room on the device for a draft model of `draft` bytes
+/// (`--speculate draft:MODEL`, which [`SpecArgs::params`](crate::speculation::SpecArgs::params)
+/// loads next).
+pub fn load_with_draft(args: &ModelArgs, draft: Option<crate::planning::DraftBytes>) -> anyhow::Result<Loaded> {
+    load_with(args, None, draft)
+}
+
+/// [`load`] with a batch plan ([`load_for_batch`]) and room for a draft model
+/// ([`load_with_draft`]).
+pub fn load_with(
+    args: &ModelArgs,
+    batch: Option<BatchWanted>,
+    draft: Option<crate::planning::DraftBytes>,
+) -> anyhow::Result<Loaded> {
+    load_inner(args, batch, draft, true)
+}
+
+fn load_inner(
+    args: &ModelArgs,
+    batch: Option<BatchWanted>,
+    draft: Option<crate::planning::DraftBytes>,
+    cleanup_on_interrupt: bool,
+) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
-    let chosen = backend(args.device, args.vram_budget)?;
+    let chosen = backend(args.device, args.vram_budget, args.cpu_activations.unwrap_or(Precision::Bf16Activations))?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.
-    let budgets = args.budgets();
+    let mut budgets = crate::planning::Budgets { draft, ..args.budgets() };
+    if let Some(b) = batch {
+        budgets.max_batch = b.max_batch;
+        budgets.step_tokens = Some(b.step_tokens);
+    }
     let wants_plan = chosen.is_device()
         || budgets.vram.is_some()
         || budgets.ram.is_some()
         || budgets.offload_layers_to_cpu.is_some()
         || budgets.expert_slots.is_some();
-    let plan = if wants_plan { Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0) } else { None };
+    let plan = match (wants_plan, batch) {
+        (false, _) => None,
+        // A batch of a size the user chose must fit (the planner says so, naming --max-batch).
+        (true, None) | (true, Some(BatchWanted { max_batch: Some(_), .. })) => {
+            Some(crate::planning::make_plan(&dir, &chosen, &budgets, None)?.0)
+        }
+        (true, Some(BatchWanted { max_batch: None, .. })) => {
+            Some(crate::planning::choose_batch(&dir, &chosen, &budgets, None)?.1)
+        }
+    };
     let spill = match plan.as_ref().and_then(|p| p.kv) {
         Some(_) => Some(crate::planning::kv_spill_dir(args.kv_cache_dir.as_deref(), cleanup_on_interrupt)?),
         None => None,
@@ -185,7 +246,17 @@ fn load_with(args: &ModelArgs, cleanup_on_interrupt: bool) -> anyhow::Result<Loa
     })
 }
 
+/// The most sequences `--max-batch` takes.
+pub const MAX_BATCH: usize = 64;
+
 impl Loaded {
+    /// Sequences generated together when `--max-batch` is not given: what the plan sized
+    /// ([`load_for_batch`]), or 16 where nothing plans memory (the CPU without budgets: each
+    /// sequence's KV grows as it is used).
+    pub fn default_max_batch(&self) -> usize {
+        self.plan.as_ref().map_or(16, |p| p.batch.max(1))
+    }
+
     /// A fresh session over the model, with the prefix cache when one is configured.
     pub fn session(&self) -> anyhow::Result<Session> {
         Ok(ollm_engine::session_with_prefix(self.model.clone(), self.prefix.as_ref())?)
@@ -250,6 +321,7 @@ impl Loaded {
             tokenizer: text.tokenizer,
             template: text.template,
             prefix: self.prefix.clone(),
+            speculate: None,
         }
     }
 

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ollm_models::registry::{ModelBytes, model_bytes};
-use ollm_ops::Backend;
-use ollm_residency::plan::{Bandwidths, Plan, PlanInput, Tier, plan};
+use ollm_ops::{Backend, MemoryKind};
+use ollm_residency::plan::{Bandwidths, MAX_BATCH, Plan, PlanInput, Tier, plan};
 
 use crate::loaded::Chosen;
 
@@ -31,6 +31,41 @@ pub struct Budgets {
     /// A prefix cache is on: sliding-window layers keep a prompt's positions until it stores
     /// them, so they are planned like the other layers.
     pub prefix_cache: bool,
+    /// A draft model for speculative decoding (`--speculate draft:MODEL`): resident beside the
+    /// target, so its weights and KV cache come off the VRAM budget.
+    pub draft: Option<DraftBytes>,
+    /// `--max-batch N`: sequences decoded together (None: one).
+    pub max_batch: Option<usize>,
+    /// Tokens one batched step feeds at most (the scheduler's step budget). None: a prefill
+    /// chunk beside a decode token of each other sequence.
+    pub step_tokens: Option<usize>,
+}
+
+/// A draft model's device memory: every weight, and a KV cache for the planned context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftBytes {
+    pub weight_bytes: u64,
+    pub kv_elems_per_position: u64,
+    pub max_positions: usize,
+}
+
+impl DraftBytes {
+    /// From the draft's config.json and safetensors headers.
+    pub fn of(dir: &Path) -> anyhow::Result<Self> {
+        let m = model_bytes(dir)?;
+        let experts = m.experts.as_ref().map_or(0, |e| e.unit * e.count as u64);
+        Ok(Self {
+            weight_bytes: m.layer_bytes.iter().sum::<u64>() + m.resident_bytes + experts,
+            kv_elems_per_position: m.kv_elems_per_position,
+            max_positions: m.max_positions,
+        })
+    }
+
+    /// Device bytes for a context of `context` positions and KV elements of `kv_elem` bytes.
+    pub fn device_bytes(&self, context: usize, kv_elem: u64) -> u64 {
+        let positions = ollm_kv::kv_capacity(context.min(self.max_positions), self.max_positions) as u64;
+        self.weight_bytes + self.kv_elems_per_position.saturating_mul(kv_elem).saturating_mul(positions)
+    }
 }
 
 /// Device bytes of the backend's own scratch in a forward: the cuBLAS path narrows a matmul's
@@ -52,17 +87,64 @@ pub fn default_ram_budget() -> u64 {
         .map_or(0, |kb| kb * 1024 / 2)
 }
 
+/// Device bytes of the activations of the largest step of a batch of `batch` sequences of
+/// `context` positions: `step_tokens` rows when given (the scheduler's budget), else a prefill
+/// chunk (PREFILL_CHUNK rows at most) beside one decode row of each other sequence; each
+/// sequence's last logits wanted (the activations its forward allocates, as the family counts
+/// them from the shapes it allocates), and the backend's narrowing scratch. One sequence
+/// without `step_tokens`: a prefill call alone.
+pub fn activation_bytes(
+    m: &ModelBytes,
+    context: usize,
+    batch: usize,
+    step_tokens: Option<usize>,
+) -> anyhow::Result<u64> {
+    let batch = batch.max(1);
+    let rows = step_tokens.unwrap_or(PREFILL_CHUNK.min(context) + batch - 1).max(batch);
+    Ok(m.batch_scratch_bytes(rows, batch)? + backend_scratch_bytes(m, PREFILL_TILE.min(rows)))
+}
+
 /// The planner's input for `dir` on the chosen backend (bandwidths left at 1 B/s when unknown).
 pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidths>) -> anyhow::Result<PlanInput> {
-    let m = model_bytes(dir)?;
+    plan_input_of(&model_bytes(dir)?, chosen, b, bw)
+}
+
+/// Positions per sequence the plan holds: `--max-context`, else the model's context, at most
+/// 8192.
+fn planned_context(m: &ModelBytes, b: &Budgets) -> usize {
+    b.max_context.unwrap_or(m.max_positions.min(8192)).clamp(1, m.max_positions)
+}
+
+/// [`plan_input`] from the model's sizes.
+fn plan_input_of(m: &ModelBytes, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidths>) -> anyhow::Result<PlanInput> {
     let n = m.layer_bytes.len();
     let stats = chosen.backend.memory_stats();
     let (vram, context_overhead) = match stats.budget_bytes {
         Some(budget) => (budget, stats.overhead_bytes),
         None => (b.vram.unwrap_or(u64::MAX), 0),
     };
-    let context = b.max_context.unwrap_or(m.max_positions.min(8192)).clamp(1, m.max_positions);
+    // On the CPU the "device" is RAM, so a pinned tier would only copy RAM into RAM. A dense
+    // model given only --ram-budget keeps the decoder layers that fit in it (in order) and reads
+    // the rest from disk every pass through the streamer's slots (which come on top, like the
+    // GPU's staging buffers); --offload-layers-to-cpu and --vram-budget keep their meaning.
+    let host = chosen.backend.memory_kind() == MemoryKind::Host;
+    let cpu_layer_budget = match (host, b.ram) {
+        (true, Some(ram)) if b.vram.is_none() && b.offload_layers_to_cpu.is_none() && m.experts.is_none() => Some(ram),
+        _ => None,
+    };
+    let fitting = |budget: u64| {
+        let mut sum = 0u64;
+        m.layer_bytes
+            .iter()
+            .take_while(|&&bytes| {
+                sum = sum.saturating_add(bytes);
+                sum <= budget
+            })
+            .count()
+    };
+    let context = planned_context(m, b);
     let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+    let vram = vram.saturating_sub(b.draft.map_or(0, |d| d.device_bytes(context, kv_elem)));
     // Sliding-window layers hold a window and a prefill tile (unless a prefix cache pins more).
     let (mut kv_full_elems, mut n_sliding, mut sliding_elems) = (m.kv_elems_per_position, 0, 0);
     if let Some((per_pos, layers, w)) = m.sliding_kv.filter(|_| !b.prefix_cache) {
@@ -71,10 +153,8 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         let held = ollm_kv::window_positions(w, PREFILL_TILE).min(context);
         sliding_elems = per_pos.saturating_mul(held as u64);
     }
-    // A prefill call of PREFILL_CHUNK rows at most: the activations its forward allocates (the
-    // family counts them from the shapes it allocates) and the backend's narrowing scratch.
-    let rows = PREFILL_CHUNK.min(context);
-    let act = m.scratch_bytes(rows)? + backend_scratch_bytes(&m, PREFILL_TILE.min(context));
+    let max_batch = b.max_batch.unwrap_or(1).max(1);
+    let act = activation_bytes(m, context, max_batch, b.step_tokens)?;
     Ok(PlanInput {
         layer_bytes: m.layer_bytes.clone(),
         resident_bytes: m.resident_bytes,
@@ -82,11 +162,15 @@ pub fn plan_input(dir: &Path, chosen: &Chosen, b: &Budgets, bw: Option<Bandwidth
         kv_full_layers: m.kv_layers - n_sliding,
         kv_sliding_bytes: sliding_elems.saturating_mul(kv_elem),
         context: ollm_kv::kv_capacity(context, m.max_positions),
+        max_batch,
         activation_bytes: act,
         context_overhead_bytes: context_overhead,
         vram_budget: vram,
-        ram_budget: b.ram.unwrap_or_else(default_ram_budget),
-        max_resident_layers: b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
+        ram_budget: if cpu_layer_budget.is_some() { 0 } else { b.ram.unwrap_or_else(default_ram_budget) },
+        max_resident_layers: match cpu_layer_budget {
+            Some(ram) => Some(fitting(ram)),
+            None => b.offload_layers_to_cpu.map(|k| n.saturating_sub(k)),
+        },
         slots: SLOTS,
         slot_groups: m.layer_groups,
         bandwidth: bw.unwrap_or(Bandwidths { device: 1.0, host_to_device: 1.0, disk: 1.0 }),
@@ -106,6 +190,27 @@ pub fn make_plan(
     let input = plan_input(dir, chosen, b, bw)?;
     let p = plan(&input).with_context(|| format!("planning {}", dir.display()))?;
     Ok((p, input))
+}
+
+/// The largest batch (at most `--max-batch` when given, else [`MAX_BATCH`]) of sequences of the
+/// planned context that fits the budgets (`ollm_residency::plan::choose_batch`: every
+/// sequence's KV cache on the device or in pinned RAM), its plan and the planner's input for it.
+pub fn choose_batch(
+    dir: &Path,
+    chosen: &Chosen,
+    b: &Budgets,
+    bw: Option<Bandwidths>,
+) -> anyhow::Result<(usize, Plan, PlanInput)> {
+    let m = model_bytes(dir)?;
+    let limit = b.max_batch.unwrap_or(MAX_BATCH).max(1);
+    let input = plan_input_of(&m, chosen, &Budgets { max_batch: Some(1), ..*b }, bw)?;
+    let context = planned_context(&m, b);
+    let acts =
+        (1..=limit).map(|n| activation_bytes(&m, context, n, b.step_tokens)).collect::<anyhow::Result<Vec<u64>>>()?;
+    let act = |n: usize| acts.get(n.saturating_sub(1)).copied().unwrap_or(u64::MAX);
+    let (n, p) = ollm_residency::plan::choose_batch(&input, limit, &act)
+        .with_context(|| format!("planning {}", dir.display()))?;
+    Ok((n, p, PlanInput { max_batch: n, activation_bytes: act(n), ..input }))
 }
 
 /// `8 in VRAM, 24 in pinned RAM, 0 from disk (2 slots of 416.0 MiB)`, and where the KV goes

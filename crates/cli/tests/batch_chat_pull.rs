@@ -147,6 +147,46 @@ fn batch_results_match_a_single_uninterrupted_run() {
 }
 
 #[test]
+fn batch_texts_do_not_depend_on_max_batch() {
+    // Greedy requests of mixed prompt lengths give the same text run one at a time and 8 at a
+    // time (continuous batching: steps hold several sequences, prompts are read in chunks of
+    // --step-tokens beside the others' decode tokens).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..12)
+        .map(|i| {
+            let prompt = format!("Question {i}: {}", "tell me more. ".repeat(i));
+            format!(
+                "{{\"id\": {i}, \"prompt\": {}, \"max_tokens\": {}, \"temperature\": 0}}\n",
+                Value::from(prompt),
+                4 + i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).expect("write");
+    let model = fixture("llama3_tied");
+    let run = |max_batch: &str| {
+        let out = dir.path().join(format!("out-{max_batch}.jsonl"));
+        let o = ollm()
+            .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8")])
+            .args(["--out", out.to_str().expect("utf8"), "--max-batch", max_batch, "--step-tokens", "16"])
+            .output()
+            .expect("batch");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("up to {max_batch} requests at a time")), "{}", stderr(&o));
+        let mut v: Vec<(u64, String)> = lines_of(&out)
+            .iter()
+            .map(|l| (l["id"].as_u64().expect("id"), l["text"].as_str().expect("text").to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let one = run("1");
+    assert_eq!(one.len(), 12);
+    assert_eq!(run("8"), one, "texts differ between --max-batch 1 and 8");
+}
+
+#[test]
 fn chat_keeps_history_resets_and_exits() {
     let model = fixture("llama3_tied");
     let mut child = ollm()
@@ -274,6 +314,8 @@ fn a_second_batch_on_the_same_output_refuses_naming_the_first() {
         errors: dir.path().join("errors.jsonl"),
         default_max_tokens: 1,
         shard: None,
+        max_batch: 4,
+        step_tokens: 2048,
     };
     ollm_batch::JobLocks::acquire(&opts).expect("free once the first batch is gone");
 }
@@ -352,8 +394,11 @@ fn three_shards_cover_every_id_exactly_once_and_merge() {
     let merged_lines = lines_of(&merged);
     let got: Vec<&str> = merged_lines.iter().map(|l| l["id"].as_str().expect("id")).collect();
     assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "every id once, in input order");
+    // Results are appended as requests finish (several run together), so match them by id.
     let whole_lines = lines_of(&whole);
-    for (m, w) in merged_lines.iter().zip(&whole_lines) {
+    assert_eq!(whole_lines.len(), ids.len());
+    for m in &merged_lines {
+        let w = whole_lines.iter().find(|w| w["id"] == m["id"]).expect("the unsharded run has every id");
         assert_eq!(m["text"], w["text"], "{}: sharded text differs from the unsharded run", m["id"]);
     }
 
@@ -420,4 +465,62 @@ fn the_documented_shard_recipes_run() {
         let got: Vec<String> = lines_of(&merged).iter().map(|l| l["id"].as_str().expect("id").to_string()).collect();
         assert_eq!(got, ids, "recipe {recipe}");
     }
+}
+
+#[test]
+fn batch_honours_response_format_per_line() {
+    // Lines with a JSON schema give JSON valid against it (the fixture's weights are random, so
+    // only the grammar makes it so), batched 4 at a time beside a plain line; a schema that
+    // cannot be compiled fails its line only, naming response_format.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "verdict": {"enum": ["ok", "bad"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3}
+        },
+        "required": ["verdict", "n", "tags"],
+        "additionalProperties": false
+    });
+    let fmt = serde_json::json!({"type": "json_schema", "json_schema": {"name": "v", "schema": schema}});
+    let mut lines = String::new();
+    for i in 0..6 {
+        let line = serde_json::json!({"id": i, "prompt": format!("Log file {i}: verdict?"), "max_tokens": 64,
+            "temperature": if i % 2 == 0 { 0.0 } else { 1.0 }, "response_format": fmt});
+        lines.push_str(&format!("{line}\n"));
+    }
+    lines.push_str("{\"id\": \"plain\", \"prompt\": \"Hello\", \"max_tokens\": 4}\n");
+    lines.push_str(
+        "{\"id\": \"bad\", \"prompt\": \"x\", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {\"$ref\": \"#/nope\"}}}}\n",
+    );
+    std::fs::write(&input, lines).expect("write");
+    let out = dir.path().join("out.jsonl");
+    let errors = dir.path().join("err.jsonl");
+    let model = fixture("llama3_tied");
+    let o = ollm()
+        .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8")])
+        .args(["--out", out.to_str().expect("utf8"), "--errors", errors.to_str().expect("utf8"), "--max-batch", "4"])
+        .output()
+        .expect("batch");
+    let results = lines_of(&out);
+    assert_eq!(results.len(), 7, "{}", stderr(&o));
+    for r in &results {
+        if r["id"] == "plain" {
+            continue;
+        }
+        let text = r["text"].as_str().expect("text");
+        assert_eq!(r["finish_reason"], "stop", "{r}");
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(["ok", "bad"].contains(&v["verdict"].as_str().expect("verdict")), "{v}");
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
+        let tags = v["tags"].as_array().expect("tags");
+        assert!(tags.len() <= 3 && tags.iter().all(|t| t == "x" || t == "y"), "{v}");
+        assert_eq!(v.as_object().expect("object").len(), 3, "{v}");
+    }
+    let errs = lines_of(&errors);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0]["id"], "bad");
+    assert!(errs[0]["error"].as_str().expect("error").contains("response_format"), "{}", errs[0]);
 }

@@ -11,6 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 
+import jsonschema
 import openai
 
 BASE, MODEL, KEY = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -127,6 +128,94 @@ status, body = raw_post(b'{"model": "x", "messages": [')
 check(status == 400 and body["error"]["type"] == "invalid_request_error", f"malformed JSON: {status} {body}")
 status, body = raw_post(b'{"model": "' + MODEL.encode() + b'", "messages": "' + b"x" * 100_000 + b'"}')
 check(status == 413 and "message" in body["error"], f"oversized body: {status} {body}")
+
+# Structured output: response_format json_schema constrains what any model writes (this one has
+# random weights), so each answer parses and validates; several schemas and prompts, greedy and
+# sampled. Strings, arrays and integers are bounded so an answer ends within max_tokens.
+SCHEMAS = [
+    {  # nested objects, an enum, bounded integers, an optional field
+        "type": "object",
+        "properties": {
+            "verdict": {"enum": ["ok", "suspicious", "bad"]},
+            "score": {"type": "integer", "minimum": 0, "maximum": 10},
+            "who": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 6}, "admin": {"type": "boolean"}},
+                "required": ["name", "admin"],
+                "additionalProperties": False,
+            },
+            "note": {"type": "string", "maxLength": 5},
+        },
+        "required": ["verdict", "score", "who"],
+        "additionalProperties": False,
+    },
+    {  # an array with bounds, of objects with enums
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {"kind": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": -5, "maximum": 5}},
+                    "required": ["kind", "n"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"enum": [1, 2, 3, "x", None, True]}, "minItems": 2, "maxItems": 4},
+]
+for i, schema in enumerate(SCHEMAS):
+    for prompt, temperature in [("Review this log file.", 0), ("Give me the answer as JSON.", 1.0)]:
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=temperature,
+            seed=11,
+            max_tokens=128,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}},
+        )
+        out = r.choices[0].message.content
+        check(r.choices[0].finish_reason == "stop", f"schema {i}: finish {r.choices[0].finish_reason} for {out!r}")
+        try:
+            jsonschema.validate(json.loads(out), schema)
+        except (ValueError, jsonschema.ValidationError) as e:
+            check(False, f"schema {i}, {prompt!r}: {out!r} is not valid: {e}")
+        # Streamed, the same request gives the same text.
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=temperature,
+                seed=11,
+                max_tokens=128,
+                stream=True,
+                response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}},
+            )
+            if c.choices
+        )
+        check(streamed == out, f"schema {i}: streamed {streamed!r} != {out!r}")
+
+# json_object: any JSON object, which parses (bounded by max_tokens: the answer may be cut, so
+# only its opening is checked when it is).
+r = chat("Answer in JSON.", max_tokens=128, response_format={"type": "json_object"})
+out = r.choices[0].message.content
+check(out.startswith("{"), f"json_object: {out!r}")
+if r.choices[0].finish_reason == "stop":
+    check(isinstance(json.loads(out), dict), f"json_object: {out!r}")
+
+# A schema the library cannot compile is a 400 naming it.
+e = expect_error(
+    openai.BadRequestError,
+    lambda: chat("hi", response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"$ref": "#/nowhere"}}}),
+    status=400,
+)
+check("response_format.json_schema.schema" in str(e), f"invalid schema error: {e}")
 
 # Still serving after all that.
 check(chat("Hello there!", max_tokens=16).choices[0].message.content == text, "the server still answers the same")

@@ -137,24 +137,40 @@ fn stop_strings_cut_the_reply() {
 
 #[test]
 fn concurrent_requests_all_complete_unmixed() {
-    let s = Server::start(&fixture(MODEL), &[]);
-    let prompts: Vec<String> = (0..10).map(|i| format!("Request number {i} says")).collect();
-    let ask = |p: &str| {
+    // 16 streaming requests at once run as one batch; each stream's text equals the same
+    // request run alone (greedy).
+    let s = Server::start(&fixture(MODEL), &["--max-batch", "16"]);
+    let prompts: Vec<String> = (0..16).map(|i| format!("Request number {i} says {}", "more ".repeat(i))).collect();
+    let ask = |p: &str, stream: bool| {
         let (status, body) = post(
             &s.url("/v1/completions"),
-            &format!(r#"{{"model": "{MODEL}", "prompt": {}, "max_tokens": 24, "temperature": 0}}"#, Value::from(p)),
+            &format!(
+                r#"{{"model": "{MODEL}", "prompt": {}, "max_tokens": 24, "temperature": 0, "stream": {stream}}}"#,
+                Value::from(p)
+            ),
             None,
         );
         assert_eq!(status, 200, "{body}");
-        json(&body)["choices"][0]["text"].as_str().expect("text").to_string()
+        if !stream {
+            return json(&body)["choices"][0]["text"].as_str().expect("text").to_string();
+        }
+        let mut text = String::new();
+        for e in body.split("\n\n").filter(|e| !e.trim().is_empty() && *e != "data: [DONE]") {
+            let v = json(e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data line: {e:?}")));
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+        }
+        text
     };
-    let alone: Vec<String> = prompts.iter().map(|p| ask(p)).collect();
+    let alone: Vec<String> = prompts.iter().map(|p| ask(p, false)).collect();
+    assert_eq!(s.health()["most_in_step"], 1, "one request at a time ran alone");
     let together: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = prompts.iter().map(|p| scope.spawn(move || ask(p))).collect();
+        let handles: Vec<_> = prompts.iter().map(|p| scope.spawn(move || ask(p, true))).collect();
         handles.into_iter().map(|h| h.join().expect("thread")).collect()
     });
-    assert_eq!(alone, together, "a concurrent reply differs from the same request alone");
-    assert!(s.health()["completed"].as_u64().expect("completed") >= 20);
+    assert_eq!(alone, together, "a concurrent stream differs from the same request alone");
+    assert!(s.health()["completed"].as_u64().expect("completed") >= 32);
+    let most = s.health()["most_in_step"].as_u64().expect("most_in_step");
+    assert!(most > 1, "the concurrent requests never shared a step (most {most})");
 }
 
 #[test]
@@ -214,7 +230,8 @@ fn a_disconnected_stream_cancels_its_generation_and_a_full_queue_gets_503() {
     // The tiny fixture finishes any request in milliseconds, before a disconnect could be
     // seen; the demo model generates slowly enough on the CPU to cut it off mid-stream.
     let Some(model) = common::demo_model() else { return };
-    let s = Server::start(model, &["--max-tokens-cap", "4000", "--queue", "1"]);
+    // One request at a time, so a second one waits in the queue and a third is refused.
+    let s = Server::start(model, &["--max-tokens-cap", "4000", "--queue", "1", "--max-batch", "1"]);
     let id = json(&common::get(&s.url("/v1/models")).1)["data"][0]["id"].as_str().expect("id").to_string();
     let body = format!(
         r#"{{"model": "{id}", "messages": [{{"role": "user", "content": "Write a very long story about a dragon."}}], "max_tokens": 4000, "temperature": 0, "stream": true}}"#
@@ -330,7 +347,6 @@ fn prompts_over_max_prompt_tokens_unsupported_fields_and_loose_keys_are_refused(
     for (field, value) in [
         ("logprobs", "true"),
         ("tools", r#"[{"type": "function", "function": {"name": "f"}}]"#),
-        ("response_format", r#"{"type": "json_object"}"#),
         ("logit_bias", r#"{"1": 10}"#),
         ("presence_penalty", "0.7"),
         ("best_of", "2"),
@@ -342,6 +358,17 @@ fn prompts_over_max_prompt_tokens_unsupported_fields_and_loose_keys_are_refused(
         assert_error(st, &b, 400, None, "not supported");
         assert_eq!(json(&b)["error"]["param"], field, "{b}");
     }
+    // response_format is honoured: the text opens a JSON object; a schema the library cannot
+    // compile is a 400 naming it.
+    let (st, b) = completion(r#", "response_format": {"type": "json_object"}"#);
+    assert_eq!(st, 200, "{b}");
+    let text = json(&b)["choices"][0]["text"].as_str().unwrap_or_default().to_string();
+    assert!(text.trim_start().starts_with('{'), "json_object output opens an object: {text:?}");
+    let (st, b) = completion(
+        r##", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}"##,
+    );
+    assert_error(st, &b, 400, None, "response_format.json_schema.schema");
+    assert_eq!(json(&b)["error"]["param"], "response_format", "{b}");
     // Explicit defaults ask for nothing and are accepted.
     let (st, b) = completion(r#", "logprobs": false, "presence_penalty": 0, "n": 1, "echo": false, "best_of": 1"#);
     assert_eq!(st, 200, "{b}");

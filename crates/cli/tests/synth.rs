@@ -145,6 +145,22 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
     assert!(text.contains("per token") && text.contains("disk"), "{text}");
     assert!(home.join("calibration.json").exists(), "calibration is cached");
 
+    // On the CPU, --ram-budget alone bounds the decoder layers kept in RAM: none fit in 0 bytes,
+    // so all four are read from disk every pass, with the resident text.
+    let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+        .args(["plan", "--model", m, "--device", "cpu", "--ram-budget", "0"])
+        .env("OLLM_HOME", &home)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("0 layers in VRAM, 0 in pinned RAM, 4 read from disk"), "{text}");
+    let o = run(&["--ram-budget", "0", "--stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(o.stdout, resident.stdout, "layers streamed on the CPU changed the text");
+    assert!(err.lines().any(|l| l.starts_with("[ollm] token ") && l.contains("disk ")), "{err}");
+
     // The streaming bench: a row per window against the bound measured after it.
     let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
         .args(["bench", "--model", m, "--device", "cpu", "--offload-layers-to-cpu", "4", "--ram-budget", "0"])
@@ -344,4 +360,42 @@ fn a_qwen3_next_model_runs_through_the_cli() {
     // "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n": 3 specials + 21 bytes.
     assert!(err.contains("prompt 24 tok"), "{err}");
     assert!(err.contains("8 tok generated"), "{err}");
+}
+
+/// `ollm plan` sizes the batch: without `--max-batch` it plans one sequence and names the
+/// largest batch whose KV caches fit the budgets (Llama-3.1-8B, 8 GiB of VRAM, 64 GiB of RAM,
+/// 8K positions: some 2 GiB of f32 KV per sequence on the CPU backend, so between 2 and 63;
+/// 512 positions: the limit, 64); with `--max-batch 16` it plans 16 caches and a step of 16
+/// tokens.
+#[test]
+fn plan_sizes_the_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("l8");
+    let m = model.to_str().expect("utf8");
+    let home = dir.path().join("home");
+    let synth = ollm(&["synth", "--like", "llama-3.1-8b", "--out", m, "--headers-only"]);
+    assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--model", m, "--device", "cpu", "--vram-budget", "8GiB", "--ram-budget", "64GiB"];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_ollm")).args(&args).env("OLLM_HOME", &home).output().expect("runs");
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let fit = |text: &str| -> usize {
+        let line = text.lines().find(|l| l.starts_with("max batch")).unwrap_or_else(|| panic!("{text}"));
+        line.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    let one = plan(&[]);
+    let n = fit(&one);
+    assert!((2..64).contains(&n), "{one}");
+    assert!(one.contains("sequences of 8192 positions fit") && one.contains("per token"), "{one}");
+    assert_eq!(fit(&plan(&["--context", "512"])), 64);
+
+    let sixteen = plan(&["--max-batch", "16"]);
+    assert!(sixteen.contains("batch        16 sequences decoded together"), "{sixteen}");
+    assert!(sixteen.contains("per step") && sixteen.contains("for 16 tokens"), "{sixteen}");
+    assert!(!sixteen.contains("max batch"), "{sixteen}");
+    // 16 caches of 8K do not fit beside the weights in 8 GiB: they live off the device.
+    assert!(sixteen.contains("KV cache off the device"), "{sixteen}");
 }

@@ -20,6 +20,8 @@ pub struct ChatModel {
     pub default_sampling: SamplingParams,
     /// The persistent prefix cache sessions use, if any.
     pub prefix: Option<ollm_kv::PrefixConfig>,
+    /// Speculative decoding for every generation (`--speculate`), if any.
+    pub speculate: Option<crate::SpeculateParams>,
 }
 
 impl ChatModel {

@@ -27,6 +27,27 @@ pub enum EngineError {
     )]
     NonFiniteLogits { position: usize, token: usize, value: f32 },
 
+    #[error(
+        "cannot roll the sequence back to position {to}: its sliding-window layers keep positions from {min} only; use fewer --draft-tokens"
+    )]
+    RollBack { to: usize, min: usize },
+
+    #[error(
+        "a batched verification needs one feed per session and one model for all: got {sessions} sessions and {feeds} feeds"
+    )]
+    Batch { sessions: usize, feeds: usize },
+
+    #[error(
+        "the draft model's vocabulary differs from the target's ({detail}); choose a draft with the target's tokenizer (the same family, e.g. Llama-3.2-1B for Llama-3.1-8B)"
+    )]
+    DraftVocabulary { detail: String },
+    /// A batched step failed for every sequence in it (the message of the model's error).
+    #[error("{0}")]
+    Step(String),
+
+    #[error(transparent)]
+    Grammar(#[from] crate::grammar::GrammarError),
+
     #[error("invalid sampling parameter {name} = {value}: {expected}")]
     Sampling { name: &'static str, value: String, expected: &'static str },
 }

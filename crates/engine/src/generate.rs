@@ -4,13 +4,15 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ollm_tokenizer::{StreamDecoder, Tokenizer};
+use ollm_tokenizer::Tokenizer;
 
 use ollm_kv::{Restored, Stored};
 
-use crate::harmony::{Channel, HarmonyMarkers, HarmonySplitter, Routed};
-use crate::stop::{StopMatcher, StopOutcome};
-use crate::{EngineError, Result, Sampler, SamplingParams, Session};
+use crate::decoding::{Decoding, Next};
+use crate::grammar::Grammar;
+use crate::harmony::HarmonyMarkers;
+use crate::speculative::{SpecStats, SpeculateParams, Speculator};
+use crate::{EngineError, Result, SamplingParams, Session};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -28,6 +30,13 @@ pub struct GenerateParams {
     /// generation ends as [`FinishReason::Cancelled`] without a token. (During decode,
     /// `on_token` returning `Break` cancels.)
     pub cancel: Option<CancelCheck>,
+    /// Some: the output is constrained to this grammar (a JSON schema, say): each step's logits
+    /// are masked to the tokens it allows and the sequence ends when it is complete. Cloned
+    /// fresh for each sequence.
+    pub grammar: Option<Grammar>,
+    /// Some: speculative decoding (drafts verified several per target forward); the output is
+    /// plain greedy decoding's under greedy sampling, and has its distribution otherwise.
+    pub speculate: Option<SpeculateParams>,
 }
 
 /// A question the caller answers between prefill chunks: true = stop (a server's client has
@@ -64,6 +73,8 @@ pub enum FinishReason {
     ContextFull,
     /// The caller asked to stop.
     Cancelled,
+    /// The grammar of [`GenerateParams::grammar`] is complete and allows nothing more.
+    GrammarComplete,
 }
 
 impl FinishReason {
@@ -71,7 +82,7 @@ impl FinishReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Length | FinishReason::ContextFull => "length",
-            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Eos | FinishReason::Stop | FinishReason::GrammarComplete => "stop",
             FinishReason::Cancelled => "cancelled",
         }
     }
@@ -85,6 +96,9 @@ pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
     pub reasoning: &'a str,
+    /// With speculative decoding, the counts so far (the token may come from a pass that
+    /// verified several).
+    pub speculation: Option<SpecStats>,
 }
 
 /// Timings and counts of one generation.
@@ -95,10 +109,17 @@ pub struct GenerationStats {
     /// ([`generate_reusing`]); neither computed nor loaded.
     pub reused_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens in the session when generation ended: all of them, unless it was cancelled
+    /// while the prompt was being read.
+    pub prompt_fed: usize,
     pub prefill: Duration,
     pub decode: Duration,
     /// What the prefix cache did, when the session has one.
     pub prefix: Option<PrefixReport>,
+    /// With a grammar: the time spent computing token masks (part of `decode`) and how many.
+    pub grammar_masks: Option<(Duration, usize)>,
+    /// Target passes and acceptance, with speculative decoding.
+    pub speculation: Option<SpecStats>,
 }
 
 /// The prefix cache's part in one generation.
@@ -139,7 +160,7 @@ pub struct Generation {
 
 /// Stores the prompt's blocks in the session's prefix cache, if it has one; a failure (a full
 /// disk) is reported in the stats, not raised. Returns the time it took.
-fn store_prefix(session: &mut Session, stats: &mut GenerationStats) -> Duration {
+pub(crate) fn store_prefix(session: &mut Session, stats: &mut GenerationStats) -> Duration {
     let Some(report) = stats.prefix.as_mut() else { return Duration::ZERO };
     let t = Instant::now();
     match session.store_prefix() {
@@ -170,6 +191,7 @@ pub fn generate_reusing(
     let mut g = generate(session, tokenizer, &prompt[kept..], params, on_token)?;
     g.stats.prompt_tokens = prompt.len();
     g.stats.reused_tokens = kept;
+    g.stats.prompt_fed += kept;
     Ok(g)
 }
 
@@ -189,7 +211,12 @@ pub fn generate(
     if session.len() + prompt.len() > context {
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
-    let mut sampler = Sampler::new(params.sampling.clone())?;
+    // A grammar masks each sampled token; a speculative round samples outside it, so the two
+    // do not combine yet: with a grammar, decoding is plain.
+    let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none());
+    let mut speculator = speculate.map(|s| Speculator::new(s, &params.sampling)).transpose()?;
+    // Tokens a speculative round verified, to emit before the next round.
+    let mut verified = std::collections::VecDeque::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
 
     let t0 = Instant::now();
@@ -198,92 +225,52 @@ pub fn generate(
     stats.prefill = t0.elapsed();
     let Some((mut logits, restored)) = prefilled else {
         let finish = FinishReason::Cancelled;
+        stats.prompt_fed = session.len();
         return Ok(Generation { ids: Vec::new(), text: String::new(), reasoning: String::new(), finish, stats });
     };
     if session.prefix_cache().is_some() {
         stats.prefix = Some(PrefixReport { restored, ..PrefixReport::default() });
     }
+    stats.prompt_fed = prompt.len();
     let mut store_time = Duration::ZERO;
 
     let t1 = Instant::now();
-    let mut decoder = StreamDecoder::new();
-    let mut thoughts = StreamDecoder::new();
-    let mut splitter = params.harmony.map(HarmonySplitter::new);
-    let mut stops = StopMatcher::new(params.stop.clone());
-    let (mut ids, mut text, mut reasoning) = (Vec::new(), String::new(), String::new());
+    // Positions before the first generated token: the context is full once `fed` and the
+    // tokens generated reach it (with speculation the session may hold drafts beyond them).
+    let fed = session.len();
+    let mut dec = Decoding::new(params)?;
+    let mut stored = false;
     let finish = loop {
-        if ids.len() >= params.max_new_tokens {
-            break FinishReason::Length;
-        }
-        let id = sampler.sample(&mut logits, session.tokens());
-        if params.eos_token_ids.contains(&id) {
-            break FinishReason::Eos;
-        }
-        ids.push(id);
-        let routed = match &mut splitter {
-            Some(s) => s.push(tokenizer, id)?,
-            None => Routed::Text(Channel::Final),
+        dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
+        let full = fed + dec.ids().len() + 1 > context;
+        let next = match verified.pop_front() {
+            Some(id) => dec.accept(tokenizer, id, full, on_token)?,
+            None => dec.advance(tokenizer, &mut logits, session.tokens(), full, on_token)?,
         };
-        let answer = |decoder: &mut StreamDecoder, ids: &[u32]| -> Result<String> {
-            let mut s = String::new();
-            for &id in ids {
-                s.push_str(&decoder.push(tokenizer, id)?.unwrap_or_default());
-            }
-            Ok(s)
-        };
-        let (emit, thought, stopped) = match routed {
-            Routed::Header => (String::new(), String::new(), false),
-            Routed::Replay(ids) => match stops.push(&answer(&mut decoder, &ids)?) {
-                StopOutcome::Continue(s) => (s, String::new(), false),
-                StopOutcome::Stopped(s) => (s, String::new(), true),
-            },
-            Routed::Text(Channel::Reasoning) => {
-                (String::new(), thoughts.push(tokenizer, id)?.unwrap_or_default(), false)
-            }
-            Routed::Text(Channel::Final) => match stops.push(&decoder.push(tokenizer, id)?.unwrap_or_default()) {
-                StopOutcome::Continue(s) => (s, String::new(), false),
-                StopOutcome::Stopped(s) => (s, String::new(), true),
-            },
-        };
-        text.push_str(&emit);
-        reasoning.push_str(&thought);
-        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought });
-        if ids.len() == 1 {
+        if !stored && !dec.ids().is_empty() {
             // The first token is out: now write the prompt's new blocks.
             store_time = store_prefix(session, &mut stats);
+            stored = true;
         }
-        if stopped {
-            break FinishReason::Stop;
+        match (next, &mut speculator) {
+            (Next::Finished(f), _) => break f,
+            (Next::Feed(id), None) => logits = session.step(id)?,
+            (Next::Feed(id), Some(s)) if verified.is_empty() => {
+                // Drafts beyond the tokens left would be wasted rows.
+                let limit = params.max_new_tokens.saturating_sub(dec.ids().len() + 1);
+                verified.extend(s.step(session, id, limit, dec.sampler_mut())?);
+            }
+            (Next::Feed(_), Some(_)) => {} // verified with the tokens after it
         }
-        if flow.is_break() {
-            break FinishReason::Cancelled;
-        }
-        if ids.len() >= params.max_new_tokens {
-            break FinishReason::Length;
-        }
-        if session.len() >= context {
-            break FinishReason::ContextFull;
-        }
-        logits = session.step(id)?;
     };
-    // Release text held back by the detokeniser or a partial stop-string match.
-    if finish != FinishReason::Stop {
-        let tail = decoder.flush(tokenizer)?.unwrap_or_default();
-        let mut rest = match stops.push(&tail) {
-            StopOutcome::Continue(s) | StopOutcome::Stopped(s) => s,
-        };
-        rest.push_str(&stops.finish());
-        let thought = thoughts.flush(tokenizer)?.unwrap_or_default();
-        if !rest.is_empty() || !thought.is_empty() {
-            text.push_str(&rest);
-            reasoning.push_str(&thought);
-            let _ = on_token(TokenEvent { id: *ids.last().unwrap_or(&0), text: &rest, reasoning: &thought });
-        }
-    }
+    stats.grammar_masks = dec.grammar().map(crate::grammar::Grammar::mask_stats);
+    dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
+    let (ids, text, reasoning) = dec.finish(tokenizer, finish, on_token)?;
     if ids.is_empty() {
         store_time = store_prefix(session, &mut stats);
     }
     stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
+    stats.speculation = speculator.as_ref().map(|s| *s.stats());
     Ok(Generation { ids, text, reasoning, finish, stats })
 }

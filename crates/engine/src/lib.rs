@@ -3,12 +3,16 @@
 
 pub mod chat_model;
 pub mod config;
+pub mod decoding;
 pub mod error;
 pub mod generate;
+pub mod grammar;
 pub mod harmony;
 
 pub mod sampling;
+pub mod scheduler;
 pub mod session;
+pub mod speculative;
 pub mod stop;
 
 pub use chat_model::{ChatModel, session_with_prefix};
@@ -18,7 +22,10 @@ pub use generate::{
     CancelCheck, FinishReason, GenerateParams, Generation, GenerationStats, PrefixReport, TokenEvent, generate,
     generate_reusing,
 };
+pub use grammar::{Grammar, GrammarCompiler, GrammarError, GrammarSpec};
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
 pub use sampling::{Sampler, SamplingParams};
-pub use session::Session;
+pub use scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats, Sink};
+pub use session::{Checkpoint, Session};
+pub use speculative::{DraftModel, DraftTokens, SpecStats, Speculate, SpeculateParams, Speculator};
 pub use stop::StopMatcher;

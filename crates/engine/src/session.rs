@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{PrefixCache, PrefixConfig, Restored, Stored};
-use ollm_models::{CausalLm, LogitsWanted, SeqState, TraceSink};
+use ollm_models::{BatchSeq, CausalLm, LogitsWanted, SeqState, TraceSink};
 
 use crate::{EngineError, Result};
 
@@ -11,6 +11,15 @@ use crate::{EngineError, Result};
 /// tiles, so a call bounds only the residual stream (tokens × hidden × 4 bytes); each call reads
 /// every weight once, so fewer calls mean fewer passes over streamed weights.
 pub const DEFAULT_PREFILL_CHUNK: usize = 16384;
+
+/// A point a session can return to after a speculative verification forward
+/// ([`Session::checkpoint`], [`Session::roll_back`]).
+#[derive(Debug)]
+pub struct Checkpoint {
+    len: usize,
+    /// A recurrent model's fixed state at `len` ([`SeqState::snapshot_fixed`]).
+    fixed: Option<Vec<u8>>,
+}
 
 /// Owns one sequence's state (KV cache) and its tokens; borrows the model through an `Arc`.
 #[derive(Debug)]
@@ -98,14 +107,7 @@ impl Session {
         ids: &[u32],
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Option<(Vec<f32>, Option<Restored>)>> {
-        let mut restored = None;
-        if self.tokens.is_empty()
-            && let Some(cache) = &self.prefix
-        {
-            let r = cache.restore(self.model.backend(), &mut self.state, ids)?;
-            self.tokens.extend_from_slice(&ids[..r.tokens]);
-            restored = Some(r);
-        }
+        let restored = self.restore_prefix(ids)?;
         let start = restored.as_ref().map_or(0, |r: &Restored| r.tokens);
         let mut logits = Vec::new();
         for (i, chunk) in ids[start..].chunks(self.prefill_chunk).enumerate() {
@@ -113,10 +115,66 @@ impl Session {
                 return Ok(None);
             }
             logits = self.forward(chunk, LogitsWanted::Last, None)?;
-            self.tokens.extend_from_slice(chunk);
-            self.snapshot_if_block_end()?;
+            self.commit(chunk)?;
         }
         Ok(Some((logits, restored)))
+    }
+
+    /// A fresh session with a prefix cache loads the longest stored prefix of `ids` (always
+    /// leaving one token to compute) and says what it loaded; otherwise None.
+    pub fn restore_prefix(&mut self, ids: &[u32]) -> Result<Option<Restored>> {
+        if !self.tokens.is_empty() {
+            return Ok(None);
+        }
+        let Some(cache) = &self.prefix else { return Ok(None) };
+        let r = cache.restore(self.model.backend(), &mut self.state, ids)?;
+        self.tokens.extend_from_slice(&ids[..r.tokens]);
+        Ok(Some(r))
+    }
+
+    /// Prompt tokens per forward during prefill.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// This sequence's share of a batched forward ([`CausalLm::forward_batch`]); after the
+    /// forward, [`commit`](Self::commit) the same ids and [`check_logits`](Self::check_logits)
+    /// what came back, or [`forward_failed`](Self::forward_failed) when it failed.
+    pub fn batch_item<'a>(&'a mut self, ids: &'a [u32], wanted: LogitsWanted) -> BatchSeq<'a> {
+        BatchSeq { ids, state: &mut self.state, wanted }
+    }
+
+    /// Records `ids` as fed (the state took them in a forward).
+    pub fn commit(&mut self, ids: &[u32]) -> Result<()> {
+        self.tokens.extend_from_slice(ids);
+        self.snapshot_if_block_end()
+    }
+
+    /// Whether the model keeps a recurrent state (which cannot step back).
+    pub fn has_recurrent_state(&self) -> bool {
+        self.state.has_fixed()
+    }
+
+    /// After a failed forward: a recurrent state may have taken part of it, so the sequence
+    /// starts over.
+    pub fn forward_failed(&mut self) {
+        if self.state.has_fixed() {
+            self.reset();
+        }
+    }
+
+    /// Next-token logits that are NaN or infinite are an error naming the position (the last
+    /// fed): a sampler would turn them into tokens that mean nothing. The sequence keeps its
+    /// tokens, but a recurrent state starts over.
+    pub fn check_logits(&mut self, logits: &[f32]) -> Result<()> {
+        if let Some((token, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let position = self.tokens.len().saturating_sub(1);
+            if self.state.has_fixed() {
+                self.reset();
+            }
+            return Err(EngineError::NonFiniteLogits { position, token, value });
+        }
+        Ok(())
     }
 
     /// A recurrent model's fixed state at a block end, kept for the prefix entry ending there.
@@ -173,6 +231,38 @@ impl Session {
         Ok(logits)
     }
 
+    /// Feeds each session its `feeds` ids in one batched forward of their shared model
+    /// ([`CausalLm::forward_batch`]) and returns every position's logits per session, as
+    /// [`score`](Self::score) would: a scheduler's speculative verification of many sequences
+    /// in one pass over the weights. On an error, recurrent states start over.
+    pub fn score_batch(sessions: &mut [&mut Session], feeds: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let Some(model) = sessions.first().map(|s| s.model.clone()) else { return Ok(Vec::new()) };
+        if sessions.len() != feeds.len() || sessions.iter().any(|s| !Arc::ptr_eq(&s.model, &model)) {
+            return Err(EngineError::Batch { sessions: sessions.len(), feeds: feeds.len() });
+        }
+        let mut items: Vec<BatchSeq<'_>> = sessions
+            .iter_mut()
+            .zip(feeds)
+            .map(|(s, ids)| BatchSeq { ids, state: &mut s.state, wanted: LogitsWanted::All })
+            .collect();
+        let out = model.forward_batch(&mut items);
+        drop(items);
+        match out {
+            Ok(logits) => {
+                for (s, ids) in sessions.iter_mut().zip(feeds) {
+                    s.tokens.extend_from_slice(ids);
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                for s in sessions.iter_mut().filter(|s| s.state.has_fixed()) {
+                    s.reset();
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// Feeds one token and returns the next-token logits.
     pub fn step(&mut self, id: u32) -> Result<Vec<f32>> {
         let logits = self.forward(&[id], LogitsWanted::Last, None)?;
@@ -200,6 +290,48 @@ impl Session {
         }
         self.snapshots.retain(|(pos, _)| *pos <= common);
         common
+    }
+
+    /// Where a speculative verification forward starts: the length now and, for a recurrent
+    /// model, a copy of its fixed state (the one part of a state that cannot step back).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let fixed = match self.state.has_fixed() {
+            true => Some(self.state.snapshot_fixed(self.model.backend()).map_err(ollm_models::ModelError::from)?),
+            false => None,
+        };
+        Ok(Checkpoint { len: self.tokens.len(), fixed })
+    }
+
+    /// A checkpoint for a forward whose every token will be kept (no drafts): no state copy.
+    pub fn checkpoint_keeping_all(&self) -> Checkpoint {
+        Checkpoint { len: self.tokens.len(), fixed: None }
+    }
+
+    /// Keeps the first `keep` tokens fed since `cp` and forgets the rest (rejected draft
+    /// tokens). Returns how many of the kept tokens the state still holds: all of them when the
+    /// state is KV only (a truncation, wherever the KV lives). A recurrent state cannot step
+    /// back, so unless nothing is dropped it returns to `cp`'s fixed state and length and
+    /// returns 0: the caller feeds the kept tokens again with its next forward.
+    pub fn roll_back(&mut self, cp: &Checkpoint, keep: usize) -> Result<usize> {
+        let target = cp.len + keep;
+        if target >= self.tokens.len() {
+            return Ok(self.tokens.len() - cp.len);
+        }
+        let (len, held) = match &cp.fixed {
+            None => (target, keep),
+            Some(_) => (cp.len, 0),
+        };
+        if len < self.state.min_len() {
+            // Never the case for a verification forward: windows keep KEEP_BACK positions more.
+            return Err(EngineError::RollBack { to: len, min: self.state.min_len() });
+        }
+        self.state.truncate(len);
+        self.tokens.truncate(len);
+        self.snapshots.retain(|(pos, _)| *pos <= len);
+        if let Some(bytes) = &cp.fixed {
+            self.state.restore_fixed(self.model.backend(), bytes).map_err(ollm_models::ModelError::from)?;
+        }
+        Ok(held)
     }
 
     /// Drops every token; the cache memory is kept for reuse.

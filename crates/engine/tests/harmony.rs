@@ -98,6 +98,8 @@ fn harmony_output_splits_into_answer_and_reasoning() {
             stop,
             harmony,
             cancel: None,
+            grammar: None,
+            speculate: None,
         };
         let (mut streamed, mut thought) = (String::new(), String::new());
         let prompt = tok.encode("<|start|>user<|message|>hi<|end|><|start|>assistant", false).expect("prompt");
@@ -128,6 +130,8 @@ fn harmony_output_splits_into_answer_and_reasoning() {
         stop: Vec::new(),
         harmony: Some(markers),
         cancel: None,
+        grammar: None,
+        speculate: None,
     };
     let prompt = tok.encode("<|start|>assistant", false).expect("prompt");
     let g = generate(&mut session, &tok, &prompt, &params, &mut |_| ControlFlow::Continue(())).expect("generate");

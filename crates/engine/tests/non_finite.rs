@@ -45,6 +45,8 @@ fn nan_logits_stop_generation_naming_the_position() {
         stop: Vec::new(),
         harmony: None,
         cancel: None,
+        grammar: None,
+        speculate: None,
     };
     let prompt: Vec<u32> = (0..5).map(|i| 100 + i).collect();
     let run = |model| {

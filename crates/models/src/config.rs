@@ -219,6 +219,7 @@ impl RawConfig {
             || -> Result<f64> { Ok(pos("original_max_position_embeddings")?.unwrap_or(max_positions as f64)) };
         let scaling = match rope_type {
             "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: need("factor")? },
             "llama3" => {
                 let (low_freq_factor, high_freq_factor) = (need("low_freq_factor")?, need("high_freq_factor")?);
                 if high_freq_factor <= low_freq_factor {
@@ -250,7 +251,7 @@ impl RawConfig {
                     path: self.path.clone(),
                     field: format!("{dict_key}.rope_type"),
                     value: other.to_string(),
-                    supported: "default, llama3, yarn".into(),
+                    supported: "default, linear, llama3, yarn".into(),
                 });
             }
         };

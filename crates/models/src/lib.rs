@@ -8,6 +8,7 @@
 pub mod common;
 pub mod config;
 pub mod error;
+pub mod gemma3;
 pub mod gpt_oss;
 pub mod llama3;
 pub mod qwen3_next;
@@ -118,6 +119,14 @@ pub enum LogitsWanted {
     All,
 }
 
+/// One sequence's share of a batched forward ([`CausalLm::forward_batch`]).
+#[derive(Debug)]
+pub struct BatchSeq<'a> {
+    pub ids: &'a [u32],
+    pub state: &'a mut SeqState,
+    pub wanted: LogitsWanted,
+}
+
 /// A causal language model. `forward` runs `ids` at positions `state.len()..` and appends them
 /// to `state`.
 pub trait CausalLm: Send + Sync + std::fmt::Debug {
@@ -137,6 +146,18 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>>;
+
+    /// Runs several sequences in one pass over the weights: each item's `ids` at its state's
+    /// positions, its logits rows per its `wanted`, one `Vec` per item in order. Every weight
+    /// matrix multiplies the rows of all items at once (a streamed layer is read once for the
+    /// whole batch); attention runs per item against its own KV cache. On an error the states
+    /// have not advanced (a recurrent state may have taken part of the step: start it over).
+    ///
+    /// The default runs the items one after another (correct, not faster); the families
+    /// override it.
+    fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        items.iter_mut().map(|it| self.forward(it.ids, it.state, it.wanted, None)).collect()
+    }
 
     /// Weight-streaming counters, when some decoder layers are streamed.
     fn stream_stats(&self) -> Option<ollm_residency::stream::StreamStats> {

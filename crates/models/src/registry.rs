@@ -28,17 +28,38 @@ pub struct Family {
     pub load: LoadFn,
     /// The config's sizes for the planner.
     pub dims: fn(&RawConfig) -> Result<Dims>,
-    /// Device bytes of the activations of a forward of `rows` rows (the family's `scratch_bytes`).
-    pub scratch_bytes: fn(&RawConfig, usize) -> Result<u64>,
+    /// Device bytes of the activations of a forward of `rows` rows in `seqs` sequences (the
+    /// family's `scratch_bytes`; one sequence: a plain forward).
+    pub scratch_bytes: fn(&RawConfig, usize, usize) -> Result<u64>,
     /// Device bytes of the expert cache's unpack buffers (0 without experts).
     pub expert_work_bytes: fn(&RawConfig, &Catalog) -> Result<u64>,
     /// The role of a layer tensor (its name after `model.layers.{l}.`) in the family's table:
     /// whether it streams with its layer, stays resident, or is an expert's.
     pub role: fn(&str) -> Role,
+    /// Whether a checkpoint tensor (its whole name) is one the family reads; the others are
+    /// dropped from the catalog before anything counts or reads them.
+    pub uses: fn(&str) -> bool,
+}
+
+/// `dir`'s checkpoint without the tensors `family` does not read.
+fn open_catalog(dir: &Path, family: &Family) -> Result<Catalog> {
+    let mut catalog = Catalog::open_dir(dir)?;
+    let dropped = catalog.retain(family.uses);
+    if !dropped.is_empty() {
+        tracing::debug!("{}: {} tensors the model does not use are skipped", dir.display(), dropped.len());
+    }
+    Ok(catalog)
 }
 
 /// The families this build can run.
-pub const FAMILIES: [&Family; 3] = [&crate::llama3::FAMILY, &crate::gpt_oss::FAMILY, &crate::qwen3_next::FAMILY];
+pub const FAMILIES: [&Family; 6] = [
+    &crate::llama3::FAMILY,
+    &crate::gpt_oss::FAMILY,
+    &crate::qwen3_next::FAMILY,
+    &crate::llama3::QWEN2_FAMILY,
+    &crate::llama3::QWEN3_FAMILY,
+    &crate::gemma3::FAMILY,
+];
 
 /// Architectures this build can run (each family's first spelling).
 pub fn supported() -> Vec<&'static str> {
@@ -78,7 +99,7 @@ pub fn load_model_placed(
     let (family, arch) = family(&raw)?;
     // The config is checked before the catalog is opened.
     let n_layers = (family.dims)(&raw)?.n_layers;
-    let catalog = Catalog::open_dir(dir)?;
+    let catalog = open_catalog(dir, family)?;
     let all = Placement::resident(n_layers);
     (family.load)(&raw, arch, &catalog, backend, placement.unwrap_or(&all))
 }
@@ -155,7 +176,7 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
     let (family, arch) = family(&raw)?;
     let d = (family.dims)(&raw)?;
     let (n_layers, moe) = (d.n_layers, d.moe);
-    let catalog = Catalog::open_dir(dir)?;
+    let catalog = open_catalog(dir, family)?;
     let mut layer_bytes = vec![0u64; n_layers];
     let mut resident_bytes = 0u64;
     let mut expert_bytes = 0u64;
@@ -205,12 +226,14 @@ pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
 }
 
 /// The checkpoint files of `dir` and, for each of `layers`, where its tensors are in them
-/// (every `model.layers.{l}.*` tensor, by suffix): what the streamer reads for those layers.
+/// (every `model.layers.{l}.*` tensor the family reads, by suffix): what the streamer reads for
+/// those layers.
 pub fn layer_parts(
     dir: &Path,
     layers: &[usize],
 ) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<ollm_residency::stream::Part>>)> {
-    let catalog = Catalog::open_dir(dir)?;
+    let (family, _) = family(&RawConfig::read(dir)?)?;
+    let catalog = open_catalog(dir, family)?;
     let parts = layers
         .iter()
         .map(|l| {
@@ -241,7 +264,14 @@ impl ModelBytes {
     /// family's forward counts them from the shapes it allocates, plus the expert cache's
     /// unpacked matrices for a MoE model.
     pub fn scratch_bytes(&self, rows: usize) -> Result<u64> {
-        Ok((self.family.scratch_bytes)(&self.raw, rows)? + self.expert_work_bytes)
+        self.batch_scratch_bytes(rows, 1)
+    }
+
+    /// [`scratch_bytes`](Self::scratch_bytes) of a batched forward of `rows` rows in `seqs`
+    /// sequences (each wanting its last row's logits): the segments' buffers and a logits row
+    /// per sequence besides.
+    pub fn batch_scratch_bytes(&self, rows: usize, seqs: usize) -> Result<u64> {
+        Ok((self.family.scratch_bytes)(&self.raw, rows, seqs)? + self.expert_work_bytes)
     }
 }
 

@@ -339,6 +339,15 @@ pub fn plan_llama(mut config: Value, layers: Option<usize>) -> Result<SynthPlan>
     Ok(SynthPlan { config, shards: into_shards(groups) })
 }
 
+/// Plans a Gemma 3 text model from `config`: the tensors of its table (`gemma3::tensors`).
+pub fn plan_gemma3(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {
+    use crate::gemma3::tensors::{GLOBAL, LAYER};
+    set_layers(&mut config, layers)?;
+    let cfg = crate::gemma3::Gemma3Config::from_raw(&RawConfig::parse("synth config".into(), &config.to_string())?)?;
+    let groups = synth_groups(&cfg, cfg.n_layers, (&GLOBAL[..1], &LAYER, &GLOBAL[1..]), None);
+    Ok(SynthPlan { config, shards: into_shards(groups) })
+}
+
 /// Plans a GPT-OSS model from `config`: the tensors of its table (`gpt_oss::tensors`): bf16
 /// attention, router, norms, sinks and biases; MXFP4 experts.
 pub fn plan_gpt_oss(mut config: Value, layers: Option<usize>) -> Result<SynthPlan> {

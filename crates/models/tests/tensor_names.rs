@@ -43,7 +43,7 @@ fn each_familys_tensor_names_live_in_its_table() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let files = rust_files(&src);
     let tables: Vec<&PathBuf> = files.iter().filter(|p| p.file_name().is_some_and(|n| n == "tensors.rs")).collect();
-    let families = ["llama3", "gpt_oss", "qwen3_next"];
+    let families = ["llama3", "gpt_oss", "qwen3_next", "gemma3"];
     for family in families {
         let table = src.join(family).join("tensors.rs");
         assert!(tables.contains(&&table), "{family} has no tensors.rs table");

@@ -34,6 +34,29 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
     }
 }
 
+// out = gelu_tanh(gate) * up, n elements: gelu_tanh(a) = a/2 (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))).
+extern "C" __global__ void gelu_tanh_mul_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                             float* __restrict__ out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = 0.5f * g * (1.f + tanhf(0.7978846f * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
+// x *= s, n elements.
+extern "C" __global__ void scale_f32(float* __restrict__ x, float s, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        x[i] *= s;
+    }
+}
+
+// x = cap * tanh(x / cap), n elements.
+extern "C" __global__ void softcap_f32(float* __restrict__ x, float cap, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        x[i] = cap * tanhf(x[i] / cap);
+    }
+}
+
 // x += y, n elements.
 extern "C" __global__ void add_assign_f32(float* __restrict__ x, const float* __restrict__ y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {

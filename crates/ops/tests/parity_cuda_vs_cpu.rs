@@ -115,6 +115,28 @@ fn elementwise_ops_match_cpu() {
     cuda::elementwise::silu_mul(&dev, &up(&dev, &g), &up(&dev, &u), &mut out).expect("silu_mul");
     let e = rel_err(&down(&dev, &out), &want);
     assert!(e < 1e-6, "silu_mul rel err {e:e}");
+    // gelu_tanh_mul (Gemma's MLP): tanhf vs Rust's tanh, a few ulp
+    let (g, u) = (random(5000, 6.0), random(5000, 2.0));
+    let mut want = vec![0.0; 5000];
+    cpu::gelu_tanh_mul(&g, &u, &mut want);
+    let mut out = poisoned(&dev, 5000);
+    cuda::elementwise::gelu_tanh_mul(&dev, &up(&dev, &g), &up(&dev, &u), &mut out).expect("gelu_tanh_mul");
+    let e = rel_err(&down(&dev, &out), &want);
+    assert!(e < 1e-6, "gelu_tanh_mul rel err {e:e}");
+    // scale (Gemma's embedding scale √hidden): one f32 multiply, exact
+    let x = random(1234, 3.0);
+    let want: Vec<f32> = x.iter().map(|v| v * 25.298_222).collect();
+    let mut xd = up(&dev, &x);
+    cuda::elementwise::scale(&dev, &mut xd, 25.298_222).expect("scale");
+    assert_eq!(down(&dev, &xd), want, "scale is exact");
+    // softcap (Gemma's logit softcapping at 30), inputs well past the cap
+    let x = random(4321, 120.0);
+    let mut want = x.clone();
+    cpu::softcap(&mut want, 30.0);
+    let mut xd = up(&dev, &x);
+    cuda::elementwise::softcap(&dev, &mut xd, 30.0).expect("softcap");
+    let e = rel_err(&down(&dev, &xd), &want);
+    assert!(e < 1e-6, "softcap rel err {e:e}");
     // add_assign
     let (x, y) = (random(777, 1.0), random(777, 1.0));
     let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();

@@ -50,9 +50,14 @@ pub struct PlanInput {
     pub kv_full_layers: usize,
     /// Sliding-window layers' caches, whatever the context (they keep about a window).
     pub kv_sliding_bytes: u64,
-    /// Positions the run must hold (prompt + generated tokens).
+    /// Positions the run must hold (prompt + generated tokens), per sequence.
     pub context: usize,
-    /// Peak activation scratch on the device (the prefill chunk decides it).
+    /// Sequences decoded together (`--max-batch`; 1: one at a time): the plan holds the KV
+    /// cache of this many sequences, each of `context` positions, and a step's time covers all
+    /// of them. [`choose_batch`] finds the largest that fits.
+    pub max_batch: usize,
+    /// Peak activation scratch on the device (the prefill chunk decides it, and the rows of
+    /// `max_batch` sequences that decode beside it).
     pub activation_bytes: u64,
     /// The CUDA context and library overhead, measured at start-up (or estimated before it).
     pub context_overhead_bytes: u64,
@@ -92,6 +97,19 @@ pub struct ExpertBytes {
 }
 
 impl ExpertBytes {
+    /// Experts a step of `batch` sequences (one token each) uses, each once for the step:
+    /// with uniform routing each of a layer's experts is chosen by some token with probability
+    /// 1 − (1 − k/E)^batch. One sequence: `per_token`.
+    pub fn per_step(&self, batch: usize) -> f64 {
+        if batch <= 1 {
+            return self.per_token as f64;
+        }
+        let layers = (self.count / self.per_layer.max(1)).max(1) as f64;
+        let e = self.per_layer.max(1) as f64;
+        let k = (self.per_token as f64 / layers).min(e);
+        layers * e * (1.0 - (1.0 - k / e).powi(batch as i32))
+    }
+
     /// Device slots a layer's compute needs at the least: its k experts, twice over, so copies
     /// of the next ones overlap the current one's compute.
     pub fn min_slots(&self) -> usize {
@@ -105,10 +123,17 @@ pub const EXPERT_MARGIN: u64 = 256 << 20;
 /// Positions per block of an offloaded KV cache.
 pub const KV_BLOCK: usize = 1024;
 
+/// The largest batch [`choose_batch`] considers.
+pub const MAX_BATCH: usize = 64;
+
 /// The placement and what it predicts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub tiers: Vec<Tier>,
+    /// Sequences it holds the KV cache and activations of ([`PlanInput::max_batch`]).
+    pub batch: usize,
+    /// The KV cache of all of them, wherever it lives.
+    pub kv_bytes: u64,
     /// Device slots streamed layers rotate through (0 when every layer is resident).
     pub slots: usize,
     pub slot_bytes: u64,
@@ -124,8 +149,9 @@ pub struct Plan {
     pub experts: Option<crate::experts::ExpertPlacement>,
 }
 
-/// An offloaded KV cache: two device windows of `window_bytes` each, blocks of `block`
-/// positions in up to `ram_bytes` of pinned RAM, the rest in a spill file.
+/// An offloaded KV cache, per sequence (a batch has one per sequence): two device windows of
+/// `window_bytes` each, blocks of `block` positions in up to `ram_bytes` of pinned RAM, the rest
+/// in a spill file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvPlan {
     pub block: usize,
@@ -172,7 +198,8 @@ impl Placement {
     }
 }
 
-/// Seconds per decoded token, by what bounds it.
+/// Seconds per decoded token (a step of the batch: one token of each sequence), by what bounds
+/// it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenTime {
     /// Reading every weight and the KV cache once from device memory.
@@ -194,7 +221,7 @@ impl TokenTime {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "the model does not fit in --vram-budget {budget}: the device needs at least {need} (CUDA context {context}, resident weights {resident}, KV cache {kv} for {positions} positions, activations {act}, {slots} layer slots of {slot}); raise --vram-budget to {need} or shorten --context"
+        "the model does not fit in --vram-budget {budget}: the device needs at least {need} (CUDA context {context}, resident weights {resident}, KV cache {kv} for {batch}{positions} positions, activations {act}, {slots} layer slots of {slot}); raise --vram-budget to {need}{batch:#}"
     )]
     Vram {
         budget: Bytes,
@@ -202,6 +229,7 @@ pub enum PlanError {
         context: Bytes,
         resident: Bytes,
         kv: Bytes,
+        batch: Batch,
         positions: usize,
         act: Bytes,
         slots: usize,
@@ -209,6 +237,22 @@ pub enum PlanError {
     },
     #[error("the model has no decoder layers to place")]
     NoLayers,
+}
+
+/// The sequences a failed plan held: `16 sequences of ` before the positions (nothing for one),
+/// and with `{:#}` the advice that goes with them (`, shorten --context or lower --max-batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch(pub usize);
+
+impl fmt::Display for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (f.alternate(), self.0 > 1) {
+            (false, true) => write!(f, "{} sequences of ", self.0),
+            (false, false) => Ok(()),
+            (true, true) => f.write_str(", shorten --context or lower --max-batch"),
+            (true, false) => f.write_str(" or shorten --context"),
+        }
+    }
 }
 
 /// A byte count printed in GiB (two decimals).
@@ -233,10 +277,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     }
     // Saturating here and below: byte counts derive from a config, and a figure too large for
     // u64 must fail the budget check, not wrap into a small one.
+    let batch = input.max_batch.max(1);
     let kv_full = input.kv_bytes_per_position.saturating_mul(input.context as u64);
-    let kv_all = kv_full.saturating_add(input.kv_sliding_bytes);
-    // Offloaded, the device holds two windows of one full layer's cache each.
-    let kv_windows = kv_full.div_ceil(input.kv_full_layers.max(1) as u64).saturating_mul(2);
+    let kv_all = kv_full.saturating_add(input.kv_sliding_bytes).saturating_mul(batch as u64);
+    // Offloaded, the device holds two windows of one full layer's cache each, per sequence.
+    let kv_windows = kv_full.div_ceil(input.kv_full_layers.max(1) as u64).saturating_mul(2 * batch as u64);
     let slot_bytes = input.layer_bytes.iter().copied().max().unwrap_or(0);
     // Every group streams through its own slots (sized, conservatively, for the largest layer):
     // one slot of each group together.
@@ -268,6 +313,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                 context: Bytes(input.context_overhead_bytes),
                 resident: Bytes(input.resident_bytes),
                 kv: Bytes(kv),
+                batch: Batch(batch),
                 positions: input.context,
                 act: Bytes(input.activation_bytes),
                 slots: groups * slots,
@@ -322,10 +368,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             }
             let in_ram = ram_layers.iter().filter(|r| **r).count();
             ram_bytes += in_ram as u64 * layer_experts;
-            // Per token: the routed experts' packed bytes are read on the device; those no slot
-            // holds (uniform routing: 1 − slots/count of them) are copied, and read from disk
-            // where their layer's experts are not in RAM.
-            let routed = e.per_token as f64 * e.unit as f64;
+            // Per step: the routed experts' packed bytes are read on the device, each expert
+            // once for the batch ([`ExpertBytes::per_step`]); those no slot holds (uniform
+            // routing: 1 − slots/count of them) are copied, and read from disk where their
+            // layer's experts are not in RAM.
+            let routed = e.per_step(batch) * e.unit as f64;
             let miss = 1.0 - slots_e as f64 / e.count.max(1) as f64;
             let disk_share = (layers_e - in_ram) as f64 / layers_e.max(1) as f64;
             per_token.compute_s += routed / input.bandwidth.device;
@@ -339,19 +386,22 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     };
     // An offloaded cache's blocks come over every token too: from RAM what the budget left
     // after the layers holds, from the spill file the rest.
+    // Each sequence's cache takes an equal share of that RAM.
     let kv_plan = kv_offloaded.then_some(KvPlan {
         block: KV_BLOCK,
-        ram_bytes: ram_left,
-        window_bytes: kv_windows / 2,
+        ram_bytes: ram_left / batch as u64,
+        window_bytes: kv_windows / 2 / batch as u64,
         window_positions: input.context,
     });
-    let kv_ram = kv_plan.map_or(0, |k| k.ram_bytes.min(kv_all));
+    let kv_ram = kv_plan.map_or(0, |k| k.ram_bytes.saturating_mul(batch as u64).min(kv_all));
     if kv_offloaded {
         per_token.copy_s += kv_all as f64 / input.bandwidth.host_to_device;
         per_token.disk_s += (kv_all - kv_ram) as f64 / input.bandwidth.disk;
     }
     Ok(Plan {
         tiers,
+        batch,
+        kv_bytes: kv_all,
         slots,
         slot_bytes,
         staging_buffers,
@@ -361,6 +411,29 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         kv: kv_plan,
         experts,
     })
+}
+
+/// The largest batch of at most `limit` sequences (each of `input.context` positions) that fits
+/// the budgets, and its plan: the plan succeeds (the device holds its KV share and activations)
+/// and every sequence's KV cache stays on the device or in pinned RAM (none spills to disk,
+/// which would make each step read it back). `activation(n)` gives the activation bytes of a
+/// step of `n` sequences. A single sequence that plans is always chosen; one that does not gives
+/// its error.
+pub fn choose_batch(
+    input: &PlanInput,
+    limit: usize,
+    activation: &dyn Fn(usize) -> u64,
+) -> Result<(usize, Plan), PlanError> {
+    let with = |n: usize| PlanInput { max_batch: n, activation_bytes: activation(n), ..input.clone() };
+    for n in (2..=limit.max(1)).rev() {
+        if let Ok(p) = plan(&with(n)) {
+            let held = p.kv.map_or(u64::MAX, |k| k.ram_bytes.saturating_mul(n as u64));
+            if held >= p.kv_bytes {
+                return Ok((n, p));
+            }
+        }
+    }
+    plan(&with(1)).map(|p| (1, p))
 }
 
 /// Bytes of the layers placed in `tier`.
@@ -422,6 +495,7 @@ mod tests {
             slots: 2,
             slot_groups: 1,
             bandwidth: Bandwidths { device: 2.9e12, host_to_device: 55e9, disk: 1.1e9 },
+            max_batch: 1,
             kv_offload: None,
             experts: None,
             max_expert_slots: None,
@@ -540,11 +614,99 @@ mod tests {
         let err = plan(&llama8b(3 * GIB, 0, 8192)).expect_err("3 GiB");
         let PlanError::Vram { need, .. } = err.clone() else { panic!("{err:?}") };
         assert!(err.to_string().contains("raise --vram-budget to"), "{err}");
+        assert!(err.to_string().contains(" GiB for 8192 positions, activations"), "{err}");
+        assert!(err.to_string().ends_with(" or shorten --context") && !err.to_string().contains("batch"), "{err}");
         // That budget does plan (every layer streamed).
         let p = plan(&llama8b(need.0, 0, 8192)).expect("the named budget fits");
         assert!(p.tiers.iter().all(|t| *t == Tier::Disk));
         assert!(p.vram_bytes <= need.0);
         assert_eq!(plan(&PlanInput { layer_bytes: vec![], ..llama8b(GIB, 0, 1) }), Err(PlanError::NoLayers));
+    }
+
+    /// A batch of N sequences holds N caches of the planned context: on the device when
+    /// they fit (N − 1 more caches than one sequence), else off it with two windows per sequence
+    /// on the device and each sequence's share of the pinned RAM; a step reads every cache.
+    #[test]
+    fn a_batch_holds_every_sequences_kv_cache() {
+        let one = plan(&llama8b(80 * GIB, 0, 8192)).expect("plan");
+        let four = plan(&PlanInput { max_batch: 4, ..llama8b(80 * GIB, 0, 8192) }).expect("plan");
+        let kv = 8192 * 128 * 1024;
+        assert_eq!((one.batch, one.kv_bytes), (1, kv));
+        assert_eq!((four.batch, four.kv_bytes), (4, 4 * kv));
+        assert_eq!(four.vram_bytes - one.vram_bytes, 3 * kv);
+        assert!(four.kv.is_none() && four.tiers.iter().all(|t| *t == Tier::Vram));
+        let read = |p: &Plan| p.per_token.compute_s * 2.9e12;
+        assert!((read(&four) - read(&one) - 3.0 * kv as f64).abs() < 1e3, "{} {}", read(&four), read(&one));
+
+        // 16 sequences of 8K do not fit 8 GiB beside the weights: the caches go off the device.
+        let p = plan(&PlanInput { max_batch: 16, ..llama8b(8 * GIB, 64 * GIB, 8192) }).expect("plan");
+        let k = p.kv.expect("offloaded");
+        assert_eq!(k.window_bytes, kv / 32, "a window holds one layer of one sequence");
+        let weights_ram = tier_bytes(&p.tiers, &[436_224_000; 32], Tier::Ram);
+        assert_eq!(k.ram_bytes, (64 * GIB - weights_ram) / 16, "each sequence's share");
+        assert!(p.vram_bytes <= 8 * GIB);
+        let single = plan(&PlanInput { kv_offload: Some(true), ..llama8b(8 * GIB, 64 * GIB, 8192) }).expect("plan");
+        // Beside the resident layers, the device holds 15 more sequences' two windows.
+        let beside = |q: &Plan| q.vram_bytes - tier_bytes(&q.tiers, &[436_224_000; 32], Tier::Vram);
+        assert_eq!(beside(&p) - beside(&single), 15 * 2 * kv / 32);
+        // The error names the batch.
+        let err = plan(&PlanInput { max_batch: 64, kv_offload: Some(false), ..llama8b(8 * GIB, 0, 8192) })
+            .expect_err("64 caches of 1 GiB on an 8 GiB device");
+        assert!(
+            err.to_string().contains("for 64 sequences of 8192 positions")
+                && err.to_string().contains("lower --max-batch"),
+            "{err}"
+        );
+    }
+
+    /// The largest batch whose caches stay on the device or in pinned RAM: one more would
+    /// spill to disk or not plan; a short context fits the limit; a budget that holds no
+    /// sequence gives the single sequence's error.
+    #[test]
+    fn choose_batch_takes_the_largest_batch_that_fits() {
+        // Activations: 200 MiB plus 2 MiB per sequence.
+        let act = |n: usize| 200 * MIB + 2 * MIB * n as u64;
+        let input = llama8b(8 * GIB, 64 * GIB, 8192);
+        let (n, p) = choose_batch(&input, MAX_BATCH, &act).expect("a batch");
+        assert!(n > 1 && n < MAX_BATCH, "{n}");
+        assert_eq!(p.batch, n);
+        assert_eq!(p, plan(&PlanInput { max_batch: n, activation_bytes: act(n), ..input.clone() }).expect("plan"));
+        let k = p.kv.expect("offloaded");
+        assert!(k.ram_bytes * n as u64 >= p.kv_bytes, "the caches fit the RAM: {k:?}");
+        let next = plan(&PlanInput { max_batch: n + 1, activation_bytes: act(n + 1), ..input.clone() });
+        assert!(!next.is_ok_and(|q| q.kv.is_none_or(|k| k.ram_bytes * (n as u64 + 1) >= q.kv_bytes)), "{n} + 1 fits");
+        // Some 50 GiB of RAM left after the streamed layers holds about 50 caches of 1 GiB.
+        assert!((40..=60).contains(&n), "{n}");
+
+        let short = llama8b(8 * GIB, 64 * GIB, 512);
+        assert_eq!(choose_batch(&short, MAX_BATCH, &act).expect("plan").0, MAX_BATCH);
+        assert_eq!(choose_batch(&short, 7, &act).expect("plan").0, 7);
+        // Everything on an 80 GiB card: the caches stay on the device, beside the weights.
+        let (big, bp) = choose_batch(&llama8b(80 * GIB, 0, 8192), MAX_BATCH, &act).expect("plan");
+        assert!(bp.kv.is_none() || bp.kv.is_some_and(|k| k.ram_bytes * big as u64 >= bp.kv_bytes));
+        assert!(big >= 50, "{big}");
+
+        let err = choose_batch(&llama8b(3 * GIB, 0, 8192), MAX_BATCH, &act).expect_err("3 GiB");
+        assert_eq!(Err(err), plan(&PlanInput { activation_bytes: act(1), ..llama8b(3 * GIB, 0, 8192) }));
+    }
+
+    /// A MoE step reads each routed expert once for the batch: 16 GPT-OSS-20B tokens use
+    /// about 677 of 768 experts (1 − (7/8)^16 of each layer's), not 16 × 96.
+    #[test]
+    fn a_moe_batch_reads_each_expert_once_per_step() {
+        let e = gpt_oss_20b(8 * GIB, 0).experts.expect("experts");
+        assert_eq!(e.per_step(1), 96.0);
+        let sixteen = e.per_step(16);
+        assert!((sixteen - 768.0 * (1.0 - 0.875f64.powi(16))).abs() < 1e-6, "{sixteen}");
+        assert!(e.per_step(64) <= 768.0 && e.per_step(64) > 767.0);
+        let one = plan(&gpt_oss_20b(8 * GIB, 64 * GIB)).expect("plan");
+        let batch = plan(&PlanInput { max_batch: 16, ..gpt_oss_20b(8 * GIB, 64 * GIB) }).expect("plan");
+        let miss = |p: &Plan| 1.0 - p.experts.as_ref().map_or(768, |x| x.slots) as f64 / 768.0;
+        let unit = e.unit as f64;
+        assert!((one.per_token.copy_s - 96.0 * unit * miss(&one) / 55e9).abs() < 1e-9);
+        let kv_copy = batch.kv.map_or(0.0, |_| batch.kv_bytes as f64 / 55e9);
+        let copy = sixteen * unit * miss(&batch) / 55e9 + kv_copy;
+        assert!((batch.per_token.copy_s - copy).abs() < 1e-9, "{:?} vs {copy}", batch.per_token);
     }
 
     /// Layer layouts that stream apart each take their own slots: a second group costs the

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     /// client is still there, so smaller chunks stop an abandoned prompt sooner; larger ones
     /// pass over streamed weights fewer times.
     pub prefill_chunk: usize,
+    /// Requests generated together: each step feeds a token to every running request (and
+    /// prompt chunks, at most `prefill_chunk` tokens a step) in one pass over the weights.
+    pub max_batch: usize,
 }
 
 /// The server's default prefill chunk: an abandoned prompt is dropped after at most this many
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             queue_capacity: 64,
             max_prompt_tokens: None,
             prefill_chunk: SERVER_PREFILL_CHUNK,
+            max_batch: 1,
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`; read by
+    /// [`crate::request`] (kept as JSON so that each wrong part is named).
+    pub response_format: Option<Value>,
 }
 
 /// POST /v1/completions.

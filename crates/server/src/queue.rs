@@ -1,13 +1,13 @@
-//! The engine worker: one thread that owns the model's session and runs queued jobs one at a
-//! time, first come first served, streaming each job's text back over its own channel.
+//! The engine worker: one thread that owns the engine's scheduler and runs queued jobs, up to
+//! `--max-batch` at once (first come first served), streaming each job's text back over its
+//! own channel.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use ollm_engine::{CancelCheck, FinishReason, GenerateParams, Session, generate_reusing};
-use ollm_tokenizer::Tokenizer;
+use ollm_engine::{CancelCheck, FinishReason, GenerateParams, Generation, Request, Scheduler, Sink, TokenEvent};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{ApiError, ServerError};
@@ -51,6 +51,8 @@ pub struct QueueStats {
     /// Jobs whose client went away (before or during generation).
     pub cancelled: AtomicUsize,
     pub failed: AtomicUsize,
+    /// The most requests one engine step has run together so far.
+    pub most_in_step: AtomicUsize,
 }
 
 /// The sending side of the FIFO; cheap to clone into every handler.
@@ -61,14 +63,14 @@ pub struct JobQueue {
 }
 
 impl JobQueue {
-    /// Starts the worker thread that owns `session` (one sequence at a time).
-    pub fn start(session: Session, tokenizer: Arc<Tokenizer>, capacity: usize) -> Result<Self, ServerError> {
+    /// Starts the worker thread that owns `scheduler` (up to its `max_batch` jobs at once).
+    pub fn start(scheduler: Scheduler, capacity: usize) -> Result<Self, ServerError> {
         let (sender, receiver) = sync_channel(capacity.max(1));
         let stats = Arc::new(QueueStats::default());
         let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name("ollm-engine".into())
-            .spawn(move || worker(session, &tokenizer, receiver, &worker_stats))
+            .spawn(move || worker(scheduler, receiver, &worker_stats))
             .map_err(|e| ServerError::Worker(e.to_string()))?;
         Ok(Self { sender, stats })
     }
@@ -90,39 +92,75 @@ impl JobQueue {
     }
 }
 
-/// Runs jobs until every sender is gone.
-fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stats: &QueueStats) {
-    while let Ok(job) = jobs.recv() {
-        stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        if job.events.is_closed() {
-            stats.cancelled.fetch_add(1, Ordering::SeqCst);
-            tracing::info!("skipped a queued request whose client went away");
-            continue;
+/// Runs jobs until every sender is gone: each job joins the scheduler's running sequences at
+/// the next step where a place is free.
+fn worker(mut sched: Scheduler, jobs: Receiver<Job>, stats: &Arc<QueueStats>) {
+    let max_batch = sched.config().max_batch;
+    loop {
+        // Block only while nothing runs; otherwise take what has arrived, as many as have a
+        // place (the rest stay queued, where --queue bounds them), and step.
+        if sched.is_idle() {
+            match jobs.recv() {
+                Ok(job) => take(&mut sched, job, stats),
+                Err(_) => return,
+            }
         }
-        let events = &job.events;
-        // A client that goes away during prefill stops it at the next chunk.
-        let watched = job.events.clone();
-        let params = GenerateParams { cancel: Some(CancelCheck::new(move || watched.is_closed())), ..job.params };
-        // The session keeps what this prompt shares with the last one (a document, a system
-        // prompt) and computes the rest.
-        let result = generate_reusing(&mut session, tokenizer, &job.prompt, &params, &mut |ev| {
-            let mut gone = events.is_closed();
-            if !ev.reasoning.is_empty() {
-                gone |= events.send(JobEvent::Reasoning(ev.reasoning.to_string())).is_err();
+        while sched.running() + sched.waiting() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => take(&mut sched, job, stats),
+                Err(_) => break,
             }
-            if !ev.text.is_empty() {
-                gone |= events.send(JobEvent::Text(ev.text.to_string())).is_err();
-            }
-            if gone { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
-        });
+        }
+        sched.step();
+        stats.most_in_step.store(sched.stats().max_seqs_in_step, Ordering::SeqCst);
+    }
+}
+
+/// Hands a received job to the scheduler, unless its client has already gone.
+fn take(sched: &mut Scheduler, job: Job, stats: &Arc<QueueStats>) {
+    stats.waiting.fetch_sub(1, Ordering::SeqCst);
+    if job.events.is_closed() {
+        stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        eprintln!(
+            "[ollm] cancelled a prompt during prefill (0 of {} tokens fed): the client disconnected while it waited",
+            job.prompt.len()
+        );
+        return;
+    }
+    // A client that goes away during prefill stops it at the next step.
+    let watched = job.events.clone();
+    let params = GenerateParams { cancel: Some(CancelCheck::new(move || watched.is_closed())), ..job.params };
+    let sink = Stream { events: job.events, stats: stats.clone() };
+    sched.submit(Request { prompt: job.prompt, params, sink: Box::new(sink) });
+}
+
+/// Streams a job's text to its handler and counts how it ended.
+struct Stream {
+    events: UnboundedSender<JobEvent>,
+    stats: Arc<QueueStats>,
+}
+
+impl Sink for Stream {
+    fn token(&mut self, ev: TokenEvent<'_>) -> ControlFlow<()> {
+        let mut gone = self.events.is_closed();
+        if !ev.reasoning.is_empty() {
+            gone |= self.events.send(JobEvent::Reasoning(ev.reasoning.to_string())).is_err();
+        }
+        if !ev.text.is_empty() {
+            gone |= self.events.send(JobEvent::Text(ev.text.to_string())).is_err();
+        }
+        if gone { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    }
+
+    fn done(&mut self, result: ollm_engine::Result<Generation>) {
+        let stats = &self.stats;
         match result {
             Ok(g) if g.finish == FinishReason::Cancelled => {
                 stats.cancelled.fetch_add(1, Ordering::SeqCst);
                 if g.stats.generated_tokens == 0 {
                     eprintln!(
                         "[ollm] cancelled a prompt during prefill ({} of {} tokens fed): the client disconnected",
-                        session.len(),
-                        g.stats.prompt_tokens
+                        g.stats.prompt_fed, g.stats.prompt_tokens
                     );
                 } else {
                     eprintln!(
@@ -138,11 +176,11 @@ fn worker(mut session: Session, tokenizer: &Tokenizer, jobs: Receiver<Job>, stat
                     prompt_tokens: g.stats.prompt_tokens,
                     completion_tokens: g.stats.generated_tokens,
                 };
-                let _ = events.send(JobEvent::Done(outcome));
+                let _ = self.events.send(JobEvent::Done(outcome));
             }
             Err(e) => {
                 stats.failed.fetch_add(1, Ordering::SeqCst);
-                let _ = events.send(JobEvent::Failed(e.to_string()));
+                let _ = self.events.send(JobEvent::Failed(e.to_string()));
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ollm_engine::{EngineError, GenerateParams, HarmonyMarkers, SamplingParams};
+use ollm_engine::{EngineError, GenerateParams, Grammar, GrammarCompiler, GrammarSpec, HarmonyMarkers, SamplingParams};
 use ollm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerError};
 use serde_json::Value;
 
@@ -19,7 +19,7 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 /// (the API's default), which is accepted: a client may send a default explicitly. Any other
 /// value, a wrong type included, is a 400 naming the field, so nothing a client asks for is
 /// silently ignored. `null` is always accepted.
-const UNSUPPORTED: [(&str, &str); 13] = [
+const UNSUPPORTED: [(&str, &str); 12] = [
     ("logprobs", "false"),
     ("top_logprobs", "0"),
     ("echo", "false"),
@@ -32,7 +32,6 @@ const UNSUPPORTED: [(&str, &str); 13] = [
     ("tool_choice", "\"none\""),
     ("functions", "[]"),
     ("function_call", "\"none\""),
-    ("response_format", "{\"type\": \"text\"}"),
 ];
 
 /// Everything a request is checked against: the served model's id, tokenizer and template, and
@@ -54,6 +53,24 @@ pub struct RequestRules {
     pub max_tokens_cap: usize,
     /// Most prompt tokens a request may bring (at most the context).
     pub max_prompt_tokens: usize,
+    /// The tokenizer's vocabulary made ready for constrained decoding, built by the first request
+    /// with a `response_format` that needs it (an error says why it cannot be).
+    pub grammars: std::sync::OnceLock<Result<GrammarCompiler, String>>,
+    /// Speculative decoding for every request (`--speculate`), if any.
+    pub speculate: Option<ollm_engine::SpeculateParams>,
+}
+
+impl RequestRules {
+    /// The grammar compiler, built on first use.
+    fn grammar_compiler(&self) -> Result<&GrammarCompiler, ApiError> {
+        let built = self.grammars.get_or_init(|| {
+            GrammarCompiler::new(&self.tokenizer, &self.eos_token_ids, self.tokenizer.vocab_size())
+                .map_err(|e| e.to_string())
+        });
+        built.as_ref().map_err(|e| {
+            ApiError::invalid(format!("'response_format' cannot be used with this model: {e}"), Some("response_format"))
+        })
+    }
 }
 
 /// A request ready for the queue.
@@ -288,6 +305,7 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
         ));
     }
     let include_usage = f.stream_options.is_some_and(|o| o.include_usage);
+    let grammar = response_grammar(rules, f.response_format.as_ref())?;
     Ok(Prepared {
         prompt,
         params: GenerateParams {
@@ -298,9 +316,46 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
             harmony: rules.harmony.filter(|_| chat),
             // The worker asks the job's channel.
             cancel: None,
+            grammar,
+            speculate: rules.speculate.clone(),
         },
         stream: f.stream,
         include_usage,
+    })
+}
+
+/// The grammar `response_format` asks for: none for `text`, any JSON object for
+/// `json_object`, the schema of `json_schema` (compiled now, so a schema the library cannot
+/// compile is a 400 naming it).
+fn response_grammar(rules: &RequestRules, format: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
+    const FIELD: &str = "response_format";
+    let bad = |msg: String| ApiError::invalid(msg, Some(FIELD));
+    let Some(format) = format.filter(|v| !v.is_null()) else { return Ok(None) };
+    let spec = match format.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => GrammarSpec::JsonObject,
+        Some("json_schema") => {
+            let Some(schema) = format.get("json_schema").and_then(|j| j.get("schema")) else {
+                return Err(bad(
+                    "'response_format.json_schema.schema' is missing; give {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}".into(),
+                ));
+            };
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad("'response_format.json_schema.schema' must be a JSON schema (an object)".into()));
+            }
+            GrammarSpec::JsonSchema(schema.clone())
+        }
+        _ => {
+            return Err(bad(format!(
+                "'response_format.type' is {}; use \"text\", \"json_object\" or \"json_schema\"",
+                format.get("type").map_or("missing".to_string(), Value::to_string)
+            )));
+        }
+    };
+    let compiler = rules.grammar_compiler()?;
+    compiler.compile(&spec).map(Some).map_err(|e| {
+        let at = if matches!(spec, GrammarSpec::JsonSchema(_)) { "response_format.json_schema.schema" } else { FIELD };
+        bad(format!("'{at}': {e}; simplify the schema or fix it").replace('\n', " "))
     })
 }
 

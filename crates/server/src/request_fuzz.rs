@@ -68,6 +68,8 @@ fn rules() -> RequestRules {
         context_tokens: 256,
         max_tokens_cap: 64,
         max_prompt_tokens: 200,
+        grammars: std::sync::OnceLock::new(),
+        speculate: None,
     }
 }
 
@@ -273,7 +275,9 @@ fn the_hostile_seeds_are_refused_naming_the_field() {
         (9, "echo"),
         (10, "seed"),
         (11, "stream"),
-        (12, "messages"),
+        // serde_json keeps a body's key order (llguidance turns on its preserve_order
+        // feature), so the first wrong field as written is named.
+        (12, "model"),
         (13, "messages[0].role"),
     ];
     for (i, param) in expect {
@@ -308,12 +312,37 @@ fn the_hostile_seeds_are_refused_naming_the_field() {
         ("presence_penalty", json!("high")),
         ("logit_bias", json!({"1": 5})),
         ("tools", json!([{"type": "function"}])),
-        ("response_format", json!({"type": "json_schema"})),
     ] {
         let mut v: Value = serde_json::from_str(SEEDS[0]).expect("json");
         v[field] = value.clone();
         let e = chat_request(&rules, v.to_string().as_bytes()).expect_err(field);
         assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{field} = {value}: {}", e.message);
         assert!(e.message.contains(field) && e.message.contains("not supported"), "{}", e.message);
+    }
+    // response_format is supported: a wrong form or a schema the library cannot compile is a
+    // 400 naming the part at fault; json_object and a good schema give the job a grammar.
+    for (value, names) in [
+        (json!({"type": "json_schema"}), "response_format.json_schema.schema"),
+        (json!({"type": "yaml"}), "response_format.type"),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}),
+            "response_format.json_schema.schema",
+        ),
+    ] {
+        let mut v: Value = serde_json::from_str(SEEDS[0]).expect("json");
+        v["response_format"] = value.clone();
+        let e = chat_request(&rules, v.to_string().as_bytes()).expect_err("bad response_format");
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("response_format")), "{value}: {}", e.message);
+        assert!(e.message.contains(names) && !e.message.contains('\n'), "{}", e.message);
+    }
+    for value in [
+        json!({"type": "json_object"}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}),
+    ] {
+        let mut v: Value = serde_json::from_str(SEEDS[0]).expect("json");
+        v["response_format"] = value.clone();
+        let (_, p) =
+            chat_request(&rules, v.to_string().as_bytes()).unwrap_or_else(|e| panic!("{value}: {}", e.message));
+        assert!(p.params.grammar.is_some(), "{value}");
     }
 }

@@ -74,6 +74,7 @@ async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
         "completed": st.completed.load(Ordering::SeqCst),
         "cancelled": st.cancelled.load(Ordering::SeqCst),
         "failed": st.failed.load(Ordering::SeqCst),
+        "most_in_step": st.most_in_step.load(Ordering::SeqCst),
     }))
 }
 

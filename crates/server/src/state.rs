@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use ollm_engine::{Scheduler, SchedulerConfig};
+
 use crate::error::ServerError;
 use crate::queue::JobQueue;
 use crate::request::RequestRules;
@@ -23,11 +25,14 @@ impl AppState {
     pub fn start(served: ServedModel, config: &ServerConfig) -> Result<Self, ServerError> {
         let m = served.chat;
         let context_tokens = m.model.info().max_positions;
-        let session = m.session().map_err(|e| ServerError::Worker(e.to_string()))?;
-        let session = session.with_prefill_chunk(config.prefill_chunk);
         let harmony = ollm_engine::HarmonyMarkers::from_tokenizer(&m.tokenizer);
         let tokenizer = Arc::new(m.tokenizer);
-        let queue = JobQueue::start(session, tokenizer.clone(), config.queue_capacity)?;
+        let (model, prefix, chunk) = (m.model.clone(), m.prefix.clone(), config.prefill_chunk);
+        let new_session =
+            move || Ok(ollm_engine::session_with_prefix(model.clone(), prefix.as_ref())?.with_prefill_chunk(chunk));
+        let sched_cfg = SchedulerConfig { max_batch: config.max_batch, step_tokens: config.prefill_chunk };
+        let sched = Scheduler::new(m.model.clone(), tokenizer.clone(), sched_cfg, Box::new(new_session));
+        let queue = JobQueue::start(sched, config.queue_capacity)?;
         let rules = RequestRules {
             model_id: served.id.into(),
             tokenizer,
@@ -38,6 +43,8 @@ impl AppState {
             context_tokens,
             max_tokens_cap: config.max_tokens_cap.min(context_tokens),
             max_prompt_tokens: config.max_prompt_tokens.map_or(context_tokens, |n| n.min(context_tokens)),
+            grammars: std::sync::OnceLock::new(),
+            speculate: m.speculate,
         };
         Ok(Self {
             rules: Arc::new(rules),

@@ -26,7 +26,7 @@ pub enum TokenizerError {
 pub type Result<T> = std::result::Result<T, TokenizerError>;
 
 /// A loaded tokenizer.json. Cheap to share by reference across threads.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// `inner` reading special tokens as plain text; made the first time a chat message spells one.

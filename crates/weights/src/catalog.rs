@@ -113,6 +113,17 @@ impl Catalog {
         Ok(Self { files, entries })
     }
 
+    /// Forgets every tensor for which `keep` is false (a checkpoint's tensors the model does not
+    /// use: multi-token-prediction heads, vision towers), so nothing after counts, reads or
+    /// fingerprints them. Returns their names.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let dropped: Vec<String> = self.entries.keys().filter(|n| !keep(n)).cloned().collect();
+        for name in &dropped {
+            self.entries.remove(name);
+        }
+        dropped
+    }
+
     /// All tensors, by name.
     pub fn entries(&self) -> impl Iterator<Item = &TensorEntry> {
         self.entries.values()

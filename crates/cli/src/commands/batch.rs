@@ -8,12 +8,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ollm_batch::{JobLocks, JobOptions, Progress, Shard, merge, run_job};
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::{BatchWanted, load_text, load_with};
 
 #[derive(Debug, Args)]
 pub struct BatchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Input: one JSON object per line, {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]},
     /// with optional max_tokens, temperature, top_p, top_k, seed, stop.
     pub input: PathBuf,
@@ -31,6 +33,14 @@ pub struct BatchArgs {
     /// Join the parts with `ollm merge-batch`.
     #[arg(long, value_name = "I/N", value_parser = Shard::parse)]
     pub shard: Option<Shard>,
+    /// Requests generated together: each step of the model feeds one token to each of up to N
+    /// sequences in one pass over the weights (default: what the memory budgets allow for the
+    /// planned context, at most 64; `ollm plan --max-batch` shows it).
+    #[arg(long, value_name = "N")]
+    pub max_batch: Option<usize>,
+    /// Tokens one step feeds at most: a decode token per running request, then prompt chunks.
+    #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
+    pub step_tokens: usize,
 }
 
 /// `ollm merge-batch OUT PART...`: join the results of a sharded batch.
@@ -93,12 +103,20 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         errors: errors.clone(),
         default_max_tokens: a.max_tokens,
         shard: a.shard,
+        max_batch: 1,
+        step_tokens: a.step_tokens,
     };
+    check_batch_flags(a.max_batch, a.step_tokens)?;
     // Before the model loads: a second batch on the same files refuses at once.
     let locks = JobLocks::acquire(&opts)?;
-    let loaded = load(&a.model)?;
+    let wanted = BatchWanted { max_batch: a.max_batch, step_tokens: a.step_tokens };
+    let loaded = load_with(&a.model, Some(wanted), a.spec.draft_bytes()?)?;
     let text = load_text(&loaded.dir)?;
-    let model = loaded.chat_model(text);
+    let max_batch = a.max_batch.unwrap_or_else(|| loaded.default_max_batch());
+    let opts = JobOptions { max_batch, ..opts };
+    eprintln!("[ollm] batch: up to {max_batch} requests at a time");
+    let speculate = a.spec.params(&loaded, &text.tokenizer)?;
+    let model = ollm_engine::ChatModel { speculate, ..loaded.chat_model(text) };
 
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -142,5 +160,21 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
             String::new()
         }
     );
+    Ok(())
+}
+
+/// `--max-batch` and `--step-tokens` within what the engine is sized for.
+pub fn check_batch_flags(max_batch: Option<usize>, step_tokens: usize) -> anyhow::Result<()> {
+    if let Some(n) = max_batch
+        && !(1..=crate::loaded::MAX_BATCH).contains(&n)
+    {
+        anyhow::bail!("--max-batch must be between 1 and {} (got {n})", crate::loaded::MAX_BATCH);
+    }
+    let most = ollm_engine::session::DEFAULT_PREFILL_CHUNK;
+    if step_tokens == 0 || step_tokens > most {
+        anyhow::bail!(
+            "--step-tokens/--prefill-chunk must be between 1 and {most} (the planner sizes activations for a step of at most that)"
+        );
+    }
     Ok(())
 }

@@ -20,6 +20,7 @@ use clap::{Args, Subcommand};
 use ollm_engine::Session;
 use ollm_engine::sampling::argmax;
 use ollm_ops::bytes::gib;
+use ollm_ops::cpu::CpuBackend;
 use ollm_ops::cuda::CudaBackend;
 
 use super::{DeviceArg, ModelArgs, parse_device};
@@ -100,17 +101,61 @@ pub struct DecodeBenchArgs {
     /// +1, ...): each later one keeps the prompt in memory and computes only its question.
     #[arg(long, default_value_t = 1)]
     pub questions: usize,
+    /// Speculative decoding against plain decoding, window by window in the same run
+    /// (`crate::bench_spec`): each window answers the prompt twice, greedy.
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
+    /// With --speculate: the prompt is this file's text (a document and a question about it)
+    /// instead of --prompt-tokens synthetic tokens.
+    #[arg(long, value_name = "PATH", requires = "speculate")]
+    pub prompt_file: Option<PathBuf>,
+    /// With --prompt-file: wrap the text as a user message in the model's chat template.
+    #[arg(long, requires = "prompt_file")]
+    pub chat: bool,
+    /// Batch sizes (e.g. 1,4,16,64): generate --requests requests through the batching scheduler
+    /// at each size, decode tok/s against the memory and compute bounds measured in the same run.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub batch: Vec<usize>,
+    /// Tokens one step of the --batch bench feeds at most (a decode token per sequence, then
+    /// prompt chunks).
+    #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
+    pub step_tokens: usize,
+    /// Requests of the --batch bench at each batch size (0: as many as the batch size).
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Verification pass cost: time one forward of k new tokens (k = 1,4,16,64,256 ...) after a
+    /// --prompt-tokens context, each against k = 1 (the cost of a speculative target pass).
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub pass_cost: Vec<usize>,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match (a.what, a.model) {
         (Some(BenchWhat::Ops(o)), _) => run_ops(o),
+        (None, Some(m)) if !a.decode.pass_cost.is_empty() => {
+            super::bench_batch::pass_cost(&m, &a.decode.pass_cost, a.decode.prompt_tokens, a.decode.repeats)
+        }
+        (None, Some(m)) if !a.decode.batch.is_empty() => {
+            let d = a.decode;
+            let b = super::bench_batch::BatchBench {
+                sizes: d.batch,
+                requests: d.requests,
+                prompt_tokens: d.prompt_tokens,
+                tokens: d.tokens,
+                bandwidth_mib: d.bandwidth_mib,
+                step_tokens: d.step_tokens,
+            };
+            super::bench_batch::run(&m, &b)
+        }
         (None, Some(m)) => run_decode(&m, a.decode),
         (None, None) => bail!("give --model DIR for the decode bench, or run `ollm bench ops` for the GPU ops"),
     }
 }
 
 fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
+    if a.spec.speculate.is_some() {
+        return crate::bench_spec::run(model, &a);
+    }
     anyhow::ensure!(a.tokens >= 2 && a.prompt_tokens >= 1, "--tokens must be >= 2 and --prompt-tokens >= 1");
     // The KV cache is planned for the whole run (prompt, warm-up step and every window).
     let mut model = model.clone();
@@ -189,11 +234,14 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
         windows.push(a.tokens as f64 / t.elapsed().as_secs_f64());
     }
     let tok_s = windows.iter().copied().fold(0.0, f64::max);
+    print_header(&loaded, &a, bandwidth);
+    if let Some(cpu) = loaded.backend.as_any().downcast_ref::<CpuBackend>() {
+        prefill_line_cpu(cpu, &info, prompt.len() - reused, prefill_s)?;
+    }
     // Bytes read per decoded token at the mean context of the timed steps.
     let mean_ctx = prompt.len() + 1 + a.tokens * a.repeats / 2;
     let bytes = info.weight_bytes_per_token + info.kv_read_bytes(mean_ctx);
     let bound = bandwidth / bytes as f64;
-    print_header(&loaded, &a, bandwidth);
     println!(
         "bytes/token     {} (weights {} + KV at context {mean_ctx})",
         human_bytes(bytes),
@@ -211,6 +259,37 @@ fn run_decode(model: &ModelArgs, a: DecodeBenchArgs) -> anyhow::Result<()> {
     if let Some(peak) = loaded.peak_vram_bytes() {
         println!("peak VRAM       {} (driver, CUDA context included)", gib(peak));
     }
+    Ok(())
+}
+
+/// The CPU's prefill against its matmul bound: the prompt's matmul FLOPs (2 per weight per
+/// token, the output head for one token; attention left out) at the rate this backend's matmul
+/// reaches on a Llama-shaped [512, 2048] · [2048, 2048]ᵀ bf16 problem, measured now.
+fn prefill_line_cpu(cpu: &CpuBackend, info: &ollm_models::ModelInfo, tokens: usize, secs: f64) -> anyhow::Result<()> {
+    use ollm_ops::{Compute, DType, Memory};
+    let (t, k, n) = (512usize, 2048usize, 2048usize);
+    let x = cpu.upload_f32(vec![t, k], &vec![0.01f32; t * k])?;
+    let w = cpu.alloc(vec![n, k], DType::BF16)?;
+    let mut out = cpu.zeros(vec![t, n])?;
+    cpu.matmul(&x, &w, None, &mut out)?;
+    let reps = 5;
+    let start = Instant::now();
+    for _ in 0..reps {
+        cpu.matmul(&x, &w, None, &mut out)?;
+    }
+    let rate = 2.0 * (t * k * n * reps) as f64 / start.elapsed().as_secs_f64();
+    // bf16 weights: 2 bytes each; the output head (vocab × hidden) runs for the last token only.
+    let head = (info.vocab_size * info.hidden_size) as f64;
+    let params = info.weight_bytes_per_token as f64 / 2.0;
+    let flops = 2.0 * ((params - head).max(0.0) * tokens as f64 + head);
+    let bound = flops / rate;
+    println!("cpu kernels     {}", cpu.describe());
+    println!("matmul rate     {:.1} GFLOP/s (bf16 weights, [512, 2048] · [2048, 2048]ᵀ, measured now)", rate / 1e9);
+    println!(
+        "prefill         {tokens} tokens in {secs:.3} s = {:.1} tok/s; bound {bound:.3} s at the matmul rate ({:.1}% of it; attention not counted)",
+        tokens as f64 / secs,
+        100.0 * bound / secs
+    );
     Ok(())
 }
 
@@ -519,7 +598,8 @@ fn run_ops(a: OpsArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(a.runs >= 1 && a.attn_tokens >= 1, "--runs and --attn-tokens must be >= 1");
     anyhow::ensure!(a.max_row_seconds > 0.0, "--max-row-seconds must be > 0");
-    let Chosen { backend } = backend(DeviceArg::Cuda(n), a.vram_budget).context("ollm bench ops needs a CUDA GPU")?;
+    let Chosen { backend } =
+        backend(DeviceArg::Cuda(n), a.vram_budget, Default::default()).context("ollm bench ops needs a CUDA GPU")?;
     let Some(be) = backend.as_any().downcast_ref::<CudaBackend>() else { bail!("ollm bench ops needs a CUDA GPU") };
     let cfg = OpsBenchConfig {
         runs: a.runs,
@@ -604,6 +684,13 @@ mod tests {
         assert!(e.to_string().contains("--model"), "{e}");
         assert!(parse(&["--model", "m", "ops"]).is_err(), "decode options and ops do not mix");
         assert!(parse(&["ops", "--model", "m"]).is_err());
+        let b = parse(&["--model", "m", "--speculate", "ngram", "--draft-tokens", "8", "--prompt-file", "d.txt"])
+            .expect("speculative bench");
+        let spec = &b.decode.spec;
+        assert_eq!(spec.speculate, Some(crate::speculation::Method::Ngram));
+        assert_eq!(spec.draft_tokens, Some(ollm_engine::DraftTokens::Fixed(8)));
+        assert!(parse(&["--model", "m", "--draft-tokens", "8"]).is_err(), "--draft-tokens needs --speculate");
+        assert!(parse(&["--model", "m", "--prompt-file", "d.txt"]).is_err(), "--prompt-file needs --speculate");
     }
 
     #[test]

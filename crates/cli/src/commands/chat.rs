@@ -11,12 +11,14 @@ use ollm_engine::{EngineError, GenerateParams, generate_reusing};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::load_text;
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// A system message that opens the conversation (kept across /reset).
     #[arg(long)]
     pub system: Option<String>,
@@ -34,7 +36,7 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
-    let loaded = load(&a.model)?;
+    let loaded = a.spec.load(&a.model)?;
     let text = load_text(&loaded.dir)?;
     let Some(template) = &text.template else {
         bail!(
@@ -57,6 +59,8 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
         harmony: ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer),
         cancel: None,
+        grammar: None,
+        speculate: a.spec.params(&loaded, &text.tokenizer)?,
     };
 
     let interactive = std::io::stdin().is_terminal();
@@ -105,6 +109,13 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
                 if let Some(report) = &g.stats.prefix {
                     let lines = loaded.prefix_lines(report, g.stats.prompt_tokens, g.stats.prefill);
                     lines.iter().filter(|l| l.starts_with("warning:")).for_each(|l| eprintln!("{l}"));
+                }
+                if let Some(s) = &g.stats.speculation {
+                    eprintln!(
+                        "[ollm] decode {:.1} tok/s{}",
+                        g.stats.decode_tok_per_s(),
+                        crate::speculation::describe(s)
+                    );
                 }
                 history.push(ChatMessage::new("assistant", g.text.trim()))
             }

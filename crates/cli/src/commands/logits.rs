@@ -40,7 +40,10 @@ pub fn run(a: LogitsArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.tokens_file)
         .with_context(|| format!("cannot read --tokens-file {}", a.tokens_file.display()))?;
     let ids = parse_token_ids(&text, &a.tokens_file.display().to_string())?;
-    let loaded = load(&a.model)?;
+    // Measurements: f32 activations on the CPU unless --cpu-activations says otherwise.
+    let mut model = a.model.clone();
+    model.cpu_activations = Some(model.cpu_activations.unwrap_or(ollm_ops::cpu::Precision::Exact));
+    let loaded = load(&model)?;
     let info = loaded.model.info();
     if ids.len() > info.max_positions {
         bail!("{} tokens exceed the model's context of {} positions", ids.len(), info.max_positions);

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_batch;
 pub mod chat;
 pub mod import_gguf;
 pub mod logits;
@@ -90,7 +91,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a hub id
-    /// ORG/NAME (downloaded on first use), or `smollm2-135m` for the demo model.
+    /// ORG/NAME (downloaded on first use), or `smollm2-135m` or `gemma3-270m` for a demo model.
     #[arg(long, short = 'm')]
     pub model: String,
     /// Compute device: auto (the GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
@@ -101,6 +102,11 @@ pub struct ModelArgs {
     /// Default: the whole device. Ignored on the CPU.
     #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
     pub vram_budget: Option<u64>,
+    /// CPU only: the activations bf16 weights meet in a matmul. bf16 (rounded once per matmul,
+    /// bf16 dot products where the CPU has AVX512-BF16) or f32 (exact). Default: bf16, except for
+    /// `ollm logits` and `ollm perplexity` (f32).
+    #[arg(long, value_name = "f32|bf16", value_parser = parse_cpu_activations)]
+    pub cpu_activations: Option<ollm_ops::cpu::Precision>,
     /// Pinned host memory for decoder layers that do not fit the VRAM budget; the rest are
     /// read from disk every token (0 = all of them), through two pinned staging buffers of one
     /// layer each that come on top. Default: half of the available RAM.
@@ -148,6 +154,9 @@ impl ModelArgs {
             max_context: self.max_context,
             kv_offload: self.kv_offload.then_some(true),
             prefix_cache: self.prefix_cache.is_some(),
+            draft: None,
+            max_batch: None,
+            step_tokens: None,
         }
     }
 
@@ -159,9 +168,27 @@ impl ModelArgs {
     }
 }
 
+/// `--cpu-activations`: f32 or bf16.
+fn parse_cpu_activations(s: &str) -> Result<ollm_ops::cpu::Precision, String> {
+    match s {
+        "f32" => Ok(ollm_ops::cpu::Precision::Exact),
+        "bf16" => Ok(ollm_ops::cpu::Precision::Bf16Activations),
+        _ => Err(format!("--cpu-activations {s}: give f32 or bf16")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{DeviceArg, parse_device};
+    use super::{DeviceArg, parse_cpu_activations, parse_device};
+    use ollm_ops::cpu::Precision;
+
+    #[test]
+    fn cpu_activation_spellings() {
+        assert_eq!(parse_cpu_activations("f32"), Ok(Precision::Exact));
+        assert_eq!(parse_cpu_activations("bf16"), Ok(Precision::Bf16Activations));
+        let e = parse_cpu_activations("fp8").expect_err("fp8");
+        assert!(e.contains("--cpu-activations fp8") && e.contains("f32 or bf16"), "{e}");
+    }
 
     #[test]
     fn device_spellings() {

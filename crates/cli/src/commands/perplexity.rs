@@ -30,7 +30,10 @@ pub fn nll(logits: &[f32], next: u32) -> f64 {
 
 pub fn run(a: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read --file {}", a.file.display()))?;
-    let loaded = load(&a.model)?;
+    // Measurements: f32 activations on the CPU unless --cpu-activations says otherwise.
+    let mut model = a.model.clone();
+    model.cpu_activations = Some(model.cpu_activations.unwrap_or(ollm_ops::cpu::Precision::Exact));
+    let loaded = load(&model)?;
     let tok = load_text(&loaded.dir)?.tokenizer;
     let ids = tok.encode(&text, true)?;
     let info = loaded.model.info();

@@ -1,32 +1,46 @@
 //! `ollm plan`: where each decoder layer would live under the given budgets, the predicted peak
-//! VRAM and pinned RAM, and the predicted time per token from measured tier bandwidths. Reads
-//! only config.json and the safetensors headers; a plan that cannot fit fails with the smallest
-//! VRAM budget that would.
+//! VRAM and pinned RAM, and the predicted time per token from measured tier bandwidths; the
+//! largest batch of sequences that fits the budgets, or the plan for `--max-batch N` sequences
+//! decoded together. Reads only config.json and the safetensors headers; a plan that cannot fit
+//! fails with the smallest VRAM budget that would.
 
 use clap::Args;
 use ollm_residency::plan::Tier;
 
 use crate::commands::ModelArgs;
 use crate::loaded::{backend, model_dir};
-use crate::planning::{Budgets, calibrate, describe, largest_weights_file, make_plan};
+use crate::planning::{Budgets, calibrate, choose_batch, describe, largest_weights_file, make_plan};
 use crate::resources::human_bytes;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Positions (prompt + generated tokens) the run must hold; overrides --max-context.
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
     /// Measure the tier bandwidths again instead of using the cached figures.
     #[arg(long)]
     pub recalibrate: bool,
+    /// Plan for N sequences decoded together (each with --context positions of KV cache, and
+    /// the activations of N rows per step). Default: plan for one, and print the largest batch
+    /// that fits the budgets.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_batch: Option<u64>,
 }
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let dir = model_dir(&a.model.model)?;
-    let chosen = backend(a.model.device, a.model.vram_budget)?;
-    let budgets = Budgets { max_context: a.context.or(a.model.max_context), ..a.model.budgets() };
+    let chosen = backend(a.model.device, a.model.vram_budget, a.model.cpu_activations.unwrap_or_default())?;
+    let draft = a.spec.draft_bytes()?;
+    let budgets = Budgets {
+        max_context: a.context.or(a.model.max_context),
+        max_batch: a.max_batch.map(|n| n as usize),
+        draft,
+        ..a.model.budgets()
+    };
     // Fail on an impossible plan before spending time on calibration.
     make_plan(&dir, &chosen, &budgets, None)?;
     let (bw, cached) = calibrate(chosen.backend.as_ref(), &largest_weights_file(&dir)?, a.recalibrate)?;
@@ -44,6 +58,24 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(input.ram_budget),
         input.context
     );
+    if let Some(d) = draft {
+        let kv_elem = chosen.backend.kv_dtype().size_bytes() as u64;
+        println!(
+            "draft        {} resident for speculative decoding ({} of weights + KV), taken off the VRAM budget",
+            human_bytes(d.device_bytes(input.context, kv_elem)),
+            human_bytes(d.weight_bytes)
+        );
+    }
+    if p.batch > 1 {
+        println!("batch        {} sequences decoded together (--max-batch)", p.batch);
+    } else {
+        let (fit, _, _) = choose_batch(&dir, &chosen, &budgets, Some(bw))?;
+        println!(
+            "max batch    {fit} sequences of {} positions fit these budgets (KV caches on the device or in pinned RAM; at most {}); --max-batch N plans for N",
+            input.context,
+            ollm_residency::plan::MAX_BATCH
+        );
+    }
     println!("placement    {}", describe(&p));
     for tier in [Tier::Vram, Tier::Ram, Tier::Disk] {
         let layers: Vec<String> =
@@ -57,7 +89,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         human_bytes(p.vram_bytes),
         human_bytes(input.context_overhead_bytes),
         human_bytes(input.resident_bytes + layer_bytes(&p.tiers, &input.layer_bytes, Tier::Vram)),
-        human_bytes(input.kv_bytes_per_position * input.context as u64 + input.kv_sliding_bytes),
+        human_bytes(p.kv_bytes),
         human_bytes(input.activation_bytes),
         human_bytes(p.slots as u64 * p.slot_bytes * input.slot_groups.max(1) as u64)
     );
@@ -83,6 +115,18 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         if cached { "cached calibration; --recalibrate measures again" } else { "measured now" }
     );
     let t = p.per_token;
+    if p.batch > 1 {
+        println!(
+            "per step     {:.3} s predicted for {} tokens, {:.1} tokens/s (bound by the slowest: compute {:.3} s, copies {:.3} s, disk {:.3} s)",
+            t.bound_s(),
+            p.batch,
+            p.batch as f64 / t.bound_s(),
+            t.compute_s,
+            t.copy_s,
+            t.disk_s
+        );
+        return Ok(());
+    }
     println!(
         "per token    {:.3} s predicted (bound by the slowest: compute {:.3} s, copies {:.3} s, disk {:.3} s)",
         t.bound_s(),

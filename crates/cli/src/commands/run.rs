@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use ollm_engine::{GenerateParams, generate};
+use ollm_engine::{GenerateParams, GrammarCompiler, GrammarSpec, generate};
 use ollm_tokenizer::ChatMessage;
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::load_text;
 use crate::prompt::read_prompt;
 use ollm_ops::bytes::gib;
 
@@ -20,6 +20,8 @@ use crate::resources::{human_bytes, peak_rss_bytes};
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// The prompt text.
     #[arg(long, short = 'p')]
     pub prompt: Option<String>,
@@ -54,14 +56,47 @@ pub struct RunArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Print a line per generated token on stderr: time, and for streamed layers the bytes read
-    /// from disk and copied, their rates, and the time compute waited for weights.
+    /// from disk and copied, their rates, and the time compute waited for weights; with
+    /// --speculate, the target passes so far, tokens per pass and drafts kept.
     #[arg(long)]
     pub stats: bool,
+    /// Constrain the output to JSON valid against the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the output to the grammar in FILE, in llguidance's Lark syntax
+    /// (`start: ...`; a JSON schema inside with `%json { ... }`).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+/// The grammar --json-schema or --grammar asks for, compiled for this tokenizer.
+fn grammar_arg(
+    a: &RunArgs,
+    tokenizer: &ollm_tokenizer::Tokenizer,
+    eos: &[u32],
+    vocab: usize,
+) -> anyhow::Result<Option<ollm_engine::Grammar>> {
+    let (path, flag) = match (&a.json_schema, &a.grammar) {
+        (Some(p), _) => (p, "--json-schema"),
+        (None, Some(p)) => (p, "--grammar"),
+        (None, None) => return Ok(None),
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("{flag} {}: cannot read", path.display()))?;
+    let spec = if a.json_schema.is_some() {
+        let schema = serde_json::from_str(&text)
+            .with_context(|| format!("{flag} {}: not JSON; give a JSON schema", path.display()))?;
+        GrammarSpec::JsonSchema(schema)
+    } else {
+        GrammarSpec::Lark(text)
+    };
+    let compiler = GrammarCompiler::new(tokenizer, eos, vocab)?;
+    let grammar = compiler.compile(&spec).with_context(|| format!("{flag} {}", path.display()))?;
+    Ok(Some(grammar))
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let prompt = read_prompt(a.prompt.clone(), a.prompt_file.clone())?;
-    let loaded = load(&a.model)?;
+    let loaded = a.spec.load(&a.model)?;
     let text = load_text(&loaded.dir)?;
     let ids = if a.chat {
         let Some(template) = &text.template else {
@@ -97,13 +132,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         sampling.repetition_penalty = p;
     }
     sampling.seed = a.seed.unwrap_or_else(random_seed);
+    let eos = loaded.eos_ids(&text);
+    let grammar = grammar_arg(&a, &text.tokenizer, &eos, loaded.model.info().vocab_size)?;
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling,
-        eos_token_ids: loaded.eos_ids(&text),
+        eos_token_ids: eos,
         stop: a.stop.clone(),
         harmony: if a.chat { ollm_engine::HarmonyMarkers::from_tokenizer(&text.tokenizer) } else { None },
         cancel: None,
+        grammar,
+        speculate: a.spec.params(&loaded, &text.tokenizer)?,
     };
 
     let mut session = loaded.session()?;
@@ -113,7 +152,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut per_token = TokenStats::new(a.stats, loaded.model.as_ref());
     let mut thinking = Reasoning::new();
     let generation = generate(&mut session, &text.tokenizer, &ids, &params, &mut |ev| {
-        per_token.token(loaded.model.as_ref());
+        per_token.token(loaded.model.as_ref(), ev.speculation.as_ref());
         thinking.show(ev.reasoning, ev.text);
         if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
             write_err = Some(e);
@@ -134,8 +173,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let vram = loaded.peak_vram_bytes().map_or(String::new(), |b| format!(" | peak VRAM {} (driver)", gib(b)));
     let seed =
         if params.sampling.temperature > 0.0 { format!(", seed {}", params.sampling.seed) } else { String::new() };
+    let spec = s.speculation.as_ref().map_or(String::new(), crate::speculation::describe);
     eprintln!(
-        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s | finish {} | load {:.2} s | peak RSS {}{}{}",
+        "[ollm] prompt {} tok, prefill {:.1} tok/s | {} tok generated, decode {:.1} tok/s{spec} | finish {} | load {:.2} s | peak RSS {}{}{}",
         s.prompt_tokens,
         s.prefill_tok_per_s(),
         s.generated_tokens,
@@ -146,6 +186,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         vram,
         seed
     );
+    if let Some((time, masks)) = s.grammar_masks {
+        eprintln!(
+            "[ollm] grammar: {masks} token masks, {:.3} ms each ({:.1}% of decode)",
+            time.as_secs_f64() * 1e3 / masks.max(1) as f64,
+            100.0 * time.as_secs_f64() / s.decode.as_secs_f64().max(1e-9)
+        );
+    }
     if let Some(report) = &s.prefix {
         for line in loaded.prefix_lines(report, s.prompt_tokens, s.prefill) {
             eprintln!("{line}");
@@ -207,7 +254,7 @@ impl TokenStats {
         Self { on, n: 0, last: std::time::Instant::now(), prev: model.stream_stats() }
     }
 
-    fn token(&mut self, model: &dyn ollm_models::CausalLm) {
+    fn token(&mut self, model: &dyn ollm_models::CausalLm, spec: Option<&ollm_engine::SpecStats>) {
         if !self.on {
             return;
         }
@@ -215,6 +262,9 @@ impl TokenStats {
         self.last = std::time::Instant::now();
         self.n += 1;
         let mut line = format!("[ollm] token {}: {:.3} s", self.n, secs);
+        if let Some(s) = spec {
+            line += &format!(" | after {} target passes{}", s.passes, crate::speculation::describe(s));
+        }
         if let (Some(now), Some(prev)) = (model.stream_stats(), self.prev) {
             let (disk, copy) = (now.disk_bytes - prev.disk_bytes, now.copy_bytes - prev.copy_bytes);
             let disk_s = now.disk_secs - prev.disk_secs;

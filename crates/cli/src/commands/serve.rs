@@ -8,12 +8,14 @@ use clap::Args;
 use ollm_server::{ServedModel, ServerConfig, serve};
 
 use super::ModelArgs;
-use crate::loaded::{load, load_text};
+use crate::loaded::{BatchWanted, load_text, load_with};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::speculation::SpecArgs,
     /// Address to listen on. The default serves this machine only; 0.0.0.0 opens it to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -40,6 +42,11 @@ pub struct ServeArgs {
     /// streamed weights fewer times.
     #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// Requests generated together: each step feeds one token to each of up to N running
+    /// requests in one pass over the weights; a new request joins at the next step (default: what
+    /// the memory budgets allow for the planned context, at most 64).
+    #[arg(long, value_name = "N")]
+    pub max_batch: Option<usize>,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -55,12 +62,17 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             ollm_engine::session::DEFAULT_PREFILL_CHUNK
         );
     }
+    super::batch::check_batch_flags(a.max_batch, a.prefill_chunk)?;
     let addr = resolve(&a.host, a.port)?;
-    let loaded = load(&a.model)?;
+    let wanted = BatchWanted { max_batch: a.max_batch, step_tokens: a.prefill_chunk };
+    let loaded = load_with(&a.model, Some(wanted), a.spec.draft_bytes()?)?;
     let text = load_text(&loaded.dir)?;
+    let speculate = a.spec.params(&loaded, &text.tokenizer)?;
     let id = served_id(&a.model.model);
     eprintln!("[ollm] serving {id} ({}, loaded in {:.2} s)", loaded.dir.display(), loaded.load_time.as_secs_f64());
-    let model = ServedModel { id, chat: loaded.chat_model(text) };
+    let max_batch = a.max_batch.unwrap_or_else(|| loaded.default_max_batch());
+    eprintln!("[ollm] up to {max_batch} requests generate together (--max-batch)");
+    let model = ServedModel { id, chat: ollm_engine::ChatModel { speculate, ..loaded.chat_model(text) } };
     let config = ServerConfig {
         addr,
         api_key: a.api_key.filter(|k| !k.is_empty()),
@@ -69,6 +81,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         queue_capacity: a.queue,
         max_prompt_tokens: a.max_prompt_tokens,
         prefill_chunk: a.prefill_chunk,
+        max_batch,
     };
     serve(model, config)?;
     Ok(())

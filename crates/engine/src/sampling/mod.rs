@@ -68,12 +68,66 @@ impl Sampler {
     /// Picks a token from `logits` (modified in place by the penalty); `history` holds the ids
     /// seen so far (prompt and generated), used by the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        if let Some(id) = self.fill_candidates(logits, history) {
+            return id;
+        }
+        let total: f32 = self.cands.iter().map(|c| c.1).sum();
+        let mut r = self.rng.next_f64() as f32 * total;
+        for c in &self.cands {
+            r -= c.1;
+            if r < 0.0 {
+                return c.0;
+            }
+        }
+        self.cands.last().map_or(0, |c| c.0)
+    }
+
+    /// The distribution [`sample`](Self::sample) draws from: (token, probability) pairs summing
+    /// to 1, most likely first, tokens outside them at probability 0 (greedy: the argmax at 1).
+    /// Speculative sampling compares it with a draft's.
+    pub fn distribution(&mut self, logits: &mut [f32], history: &[u32]) -> Vec<(u32, f32)> {
+        if let Some(id) = self.fill_candidates(logits, history) {
+            return vec![(id, 1.0)];
+        }
+        let total: f32 = self.cands.iter().map(|c| c.1).sum();
+        self.cands.iter().map(|&(id, w)| (id, w / total)).collect()
+    }
+
+    /// A draw from `dist` ((token, weight) pairs, weights summing to `total` > 0).
+    pub fn draw(&mut self, dist: &[(u32, f32)], total: f32) -> u32 {
+        let mut r = self.rng.next_f64() as f32 * total;
+        for &(id, w) in dist {
+            r -= w;
+            if r < 0.0 {
+                return id;
+            }
+        }
+        dist.iter().rev().find(|c| c.1 > 0.0).map_or(0, |c| c.0)
+    }
+
+    /// Uniform in [0, 1) from this sampler's stream.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
+    /// Whether this sampler always takes the argmax (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Applies the penalty, then leaves the kept candidates (unnormalised) in `self.cands`;
+    /// returns the token at once when greedy.
+    fn fill_candidates(&mut self, logits: &mut [f32], history: &[u32]) -> Option<u32> {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, history, p.repetition_penalty);
         }
         if p.temperature == 0.0 {
-            return argmax(logits);
+            return Some(argmax(logits));
         }
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -102,15 +156,7 @@ impl Sampler {
             let keep = self.cands.iter().take_while(|c| c.1 >= floor).count().max(1);
             self.cands.truncate(keep);
         }
-        let total: f32 = self.cands.iter().map(|c| c.1).sum();
-        let mut r = self.rng.next_f64() as f32 * total;
-        for c in &self.cands {
-            r -= c.1;
-            if r < 0.0 {
-                return c.0;
-            }
-        }
-        self.cands.last().map_or(0, |c| c.0)
+        None
     }
 }
 

@@ -2,10 +2,11 @@
 //! attention (optional window and sinks), output projection.
 
 use ollm_kv::LayerKv;
-use ollm_ops::{AttnParams, Backend, RopeTable, Tensor};
+use ollm_ops::{AttnParams, Backend, NormKind, RopeTable, Tensor};
 
-use crate::Result;
+use crate::common::forward::{SegSets, Segment};
 use crate::trace::TraceSink;
+use crate::{BatchSeq, Result};
 
 /// Head layout of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +65,7 @@ impl AttnScratch {
 }
 
 /// Per-call settings that differ between layers and families.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct AttnCall<'a> {
     pub layer: usize,
     pub pos0: usize,
@@ -73,6 +74,43 @@ pub struct AttnCall<'a> {
     pub window: Option<usize>,
     /// Per-query-head sink logits `[n_heads]` f32 (GPT-OSS).
     pub sinks: Option<&'a Tensor>,
+}
+
+/// RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3): weights `[head_dim]`,
+/// shared by every head.
+#[derive(Debug, Clone, Copy)]
+pub struct QkNorm<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub eps: f32,
+    pub kind: NormKind,
+}
+
+/// The projections of a `[T, hidden]`: q `[T, nh, d]`, k and v `[T, nkv, d]` into `s`, q and k
+/// normed per head when `qk` says so. The norms read the raw projections from buffers the call
+/// does not need yet (q from ctx, k from v), so no extra scratch is allocated.
+fn project_qkv(
+    backend: &dyn Backend,
+    w: &AttnWeights,
+    a: &Tensor,
+    s: &mut AttnScratch,
+    qk: Option<&QkNorm<'_>>,
+) -> Result<()> {
+    match qk {
+        None => {
+            backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
+            backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
+        }
+        Some(n) => {
+            // ctx has q's shape and v has k's: both are written later in the call.
+            backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.ctx)?;
+            backend.rms_norm(&s.ctx, n.q, n.eps, n.kind, &mut s.q)?;
+            backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.v)?;
+            backend.rms_norm(&s.v, n.k, n.eps, n.kind, &mut s.k)?;
+        }
+    }
+    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    Ok(())
 }
 
 /// `s.out = Attn(a)`; a `[T, hidden]` (already normed). Appends this call's K/V to `kv`
@@ -86,10 +124,21 @@ pub fn self_attention(
     s: &mut AttnScratch,
     trace: Option<&dyn TraceSink>,
 ) -> Result<()> {
+    self_attention_qk(backend, (w, None), a, kv, call, s, trace)
+}
+
+/// [`self_attention`] with q and k normed per head before RoPE when `qk` is Some.
+pub fn self_attention_qk(
+    backend: &dyn Backend,
+    (w, qk): (&AttnWeights, Option<&QkNorm<'_>>),
+    a: &Tensor,
+    kv: &mut LayerKv,
+    call: &AttnCall<'_>,
+    s: &mut AttnScratch,
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
     // [T, H] -> q [T, nh, d], k/v [T, nkv, d]
-    backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
-    backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
-    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
+    project_qkv(backend, w, a, s, qk)?;
     backend.rope(&mut s.q, call.rope, call.pos0)?;
     backend.rope(&mut s.k, call.rope, call.pos0)?;
     if let Some(t) = trace {
@@ -122,5 +171,98 @@ pub fn append_and_attend(
     backend.write_kv(&mut kv.k, k, row0)?;
     backend.write_kv(&mut kv.v, v, row0)?;
     backend.attention(q, &kv.k, &kv.v, row0, params, ctx)?;
+    Ok(())
+}
+
+/// Copies rows `row..row + n` (the first dimension) of `src` into `out`, whatever the trailing
+/// dimensions (the backend's row ops count rows of the last dimension).
+pub fn copy_outer_rows(backend: &dyn Backend, src: &Tensor, row: usize, n: usize, out: &mut Tensor) -> Result<()> {
+    let f = per_outer_row(src);
+    backend.copy_rows(src, row * f..(row + n) * f, out)?;
+    Ok(())
+}
+
+/// Writes `src` into rows `row..` (the first dimension) of `dst`.
+pub fn write_outer_rows(backend: &dyn Backend, src: &Tensor, dst: &mut Tensor, row: usize) -> Result<()> {
+    backend.write_rows(src, dst, row * per_outer_row(dst))?;
+    Ok(())
+}
+
+/// Last-dimension rows per first-dimension row.
+fn per_outer_row(t: &Tensor) -> usize {
+    let s = t.shape();
+    match (s.first(), s.last()) {
+        (Some(&outer), Some(&last)) if outer > 0 && last > 0 => t.numel() / outer / last,
+        _ => 1,
+    }
+}
+
+/// Buffers of one sequence's rows inside a tile that holds several: q, k, v and ctx of `n`
+/// rows, one set per row count, made when first needed and kept for the forward (see
+/// [`SegSets`] for the bound on what they hold).
+#[derive(Debug, Default)]
+pub struct SegBufs(SegSets);
+
+impl SegBufs {
+    /// The set for `n` rows of these dims.
+    pub fn get(&mut self, backend: &dyn Backend, n: usize, d: &AttnDims) -> Result<&mut [Tensor; 4]> {
+        let set = self.0.get(backend, n, |n| AttnScratch::shapes(n, d)[..4].to_vec())?;
+        <&mut [Tensor; 4]>::try_from(set)
+            .map_err(|_| ollm_ops::OpsError::Backend("internal: segment scratch".into()).into())
+    }
+
+    /// Shapes of the set for `n` rows (what the planner counts).
+    pub fn shapes(n: usize, d: &AttnDims) -> Vec<Vec<usize>> {
+        AttnScratch::shapes(n, d)[..4].to_vec()
+    }
+}
+
+/// [`self_attention`] over a tile that holds the rows of several sequences (`segs`, against
+/// `items`' caches of layer slot `kv_idx`): one matmul per projection over all rows; rotation,
+/// cache append and attention per segment, each at its own positions against its own cache.
+/// With one segment it is [`self_attention`] itself. `call.pos0` is ignored (each segment has its
+/// own); `call.rope` must cover every segment's positions.
+pub fn batched_self_attention(
+    backend: &dyn Backend,
+    w: &AttnWeights,
+    a: &Tensor,
+    (segs, items, kv_idx): (&[Segment], &mut [BatchSeq<'_>], usize),
+    call: &AttnCall<'_>,
+    (s, bufs, dims): (&mut AttnScratch, &mut SegBufs, &AttnDims),
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
+    batched_self_attention_qk(backend, (w, None), a, (segs, items, kv_idx), call, (s, bufs, dims), trace)
+}
+
+/// [`batched_self_attention`] with q and k normed per head before RoPE when `qk` is Some.
+pub fn batched_self_attention_qk(
+    backend: &dyn Backend,
+    (w, qk): (&AttnWeights, Option<&QkNorm<'_>>),
+    a: &Tensor,
+    (segs, items, kv_idx): (&[Segment], &mut [BatchSeq<'_>], usize),
+    call: &AttnCall<'_>,
+    (s, bufs, dims): (&mut AttnScratch, &mut SegBufs, &AttnDims),
+    trace: Option<&dyn TraceSink>,
+) -> Result<()> {
+    if let [seg] = segs {
+        let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
+        let call = AttnCall { pos0: seg.pos0, ..*call };
+        return self_attention_qk(backend, (w, qk), a, kv, &call, s, trace);
+    }
+    // The per-head norms act on each row alone, so they run over the whole tile.
+    project_qkv(backend, w, a, s, qk)?;
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
+    for seg in segs {
+        let [q, k, v, ctx] = bufs.get(backend, seg.n, dims)?;
+        copy_outer_rows(backend, &s.q, seg.row, seg.n, q)?;
+        copy_outer_rows(backend, &s.k, seg.row, seg.n, k)?;
+        copy_outer_rows(backend, &s.v, seg.row, seg.n, v)?;
+        backend.rope(q, call.rope, seg.pos0)?;
+        backend.rope(k, call.rope, seg.pos0)?;
+        let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
+        append_and_attend(backend, kv, (k, v), q, (call.layer, seg.pos0), &params, ctx)?;
+        write_outer_rows(backend, ctx, &mut s.ctx, seg.row)?;
+    }
+    backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
     Ok(())
 }

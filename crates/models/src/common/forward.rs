@@ -6,7 +6,7 @@ use ollm_kv::SeqState;
 use ollm_ops::{Backend, NormKind, Tensor};
 
 use crate::trace::TraceSink;
-use crate::{LogitsWanted, ModelError, Result};
+use crate::{BatchSeq, LogitsWanted, ModelError, Result};
 
 /// Checks `ids` (non-empty, inside the vocabulary, fitting the context after what `state` holds),
 /// readies `state` for them and returns `(pos0, x)`: the first position and `x = E[ids]` `[T, H]`.
@@ -37,6 +37,124 @@ pub fn begin(
         tr.record(None, "embed", &x);
     }
     Ok((pos0, x))
+}
+
+/// Where one sequence's rows sit in a batched forward's residual stream: rows `row..row + n`,
+/// at positions `pos0..pos0 + n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub row: usize,
+    pub n: usize,
+    pub pos0: usize,
+}
+
+/// The part of sequence `seq` inside one tile: the tile's rows `row..row + n`, at positions
+/// `pos0..pos0 + n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub seq: usize,
+    pub row: usize,
+    pub n: usize,
+    pub pos0: usize,
+}
+
+/// The segments of the tile of rows `start..start + n` of a stream laid out as `spans`.
+pub fn segments(spans: &[Span], start: usize, n: usize) -> Vec<Segment> {
+    let end = start + n;
+    spans
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.row < end && s.row + s.n > start)
+        .map(|(seq, s)| {
+            let a = s.row.max(start);
+            let b = (s.row + s.n).min(end);
+            Segment { seq, row: a - start, n: b - a, pos0: s.pos0 + (a - s.row) }
+        })
+        .collect()
+}
+
+/// [`begin`] for a batch: checks every item before touching any state, readies each state for
+/// its ids and returns the items' spans and `x = E[ids]` of all items' rows, in order `[R, H]`.
+pub fn begin_batch(
+    be: &dyn Backend,
+    items: &mut [BatchSeq<'_>],
+    embed: &Tensor,
+    (vocab, max_positions): (usize, usize),
+) -> Result<(Vec<Span>, Tensor)> {
+    if items.is_empty() {
+        return Err(ModelError::EmptyInput);
+    }
+    let mut spans = Vec::with_capacity(items.len());
+    let mut row = 0;
+    for it in items.iter() {
+        let t = it.ids.len();
+        if t == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        if let Some(&id) = it.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { id, vocab });
+        }
+        let pos0 = it.state.len();
+        if pos0 + t > max_positions {
+            return Err(ModelError::ContextOverflow { needed: pos0 + t, max: max_positions });
+        }
+        spans.push(Span { row, n: t, pos0 });
+        row += t;
+    }
+    for it in items.iter_mut() {
+        let pos0 = it.state.len();
+        it.state.reserve(be, pos0 + it.ids.len())?;
+        it.state.begin(be, it.ids.len())?;
+    }
+    let ids: Vec<u32> = items.iter().flat_map(|it| it.ids.iter().copied()).collect();
+    let mut x = be.zeros(vec![row, embed.shape()[1]])?;
+    be.embedding(embed, &ids, &mut x)?;
+    Ok((spans, x))
+}
+
+/// [`logits`] for a batch: each item's rows per its `wanted`, normed and projected in one
+/// matmul, returned per item.
+pub fn logits_batch(
+    be: &dyn Backend,
+    x: &Tensor,
+    parts: &[(Span, LogitsWanted)],
+    (norm, eps, kind): (&Tensor, f32, NormKind),
+    head: &Tensor,
+) -> Result<Vec<Vec<f32>>> {
+    let h = x.shape()[1];
+    let ranges: Vec<std::ops::Range<usize>> = parts
+        .iter()
+        .map(|(s, w)| match w {
+            LogitsWanted::Last => s.row + s.n - 1..s.row + s.n,
+            LogitsWanted::All => s.row..s.row + s.n,
+        })
+        .collect();
+    let rows: usize = ranges.iter().map(|r| r.len()).sum();
+    let mut picked = be.zeros(vec![rows, h])?;
+    if let [r] = ranges.as_slice() {
+        be.copy_rows(x, r.clone(), &mut picked)?;
+    } else {
+        let mut at = 0;
+        for r in &ranges {
+            let mut buf = be.zeros(vec![r.len(), h])?;
+            be.copy_rows(x, r.clone(), &mut buf)?;
+            be.write_rows(&buf, &mut picked, at)?;
+            at += r.len();
+        }
+    }
+    let mut normed = be.zeros(vec![rows, h])?;
+    be.rms_norm(&picked, norm, eps, kind, &mut normed)?;
+    let v = head.shape()[0];
+    let mut out = be.zeros(vec![rows, v])?;
+    be.matmul(&normed, head, None, &mut out)?;
+    let all = be.to_host_f32(&out)?;
+    let mut res = Vec::with_capacity(ranges.len());
+    let mut at = 0;
+    for r in &ranges {
+        res.push(all[at * v..(at + r.len()) * v].to_vec());
+        at += r.len();
+    }
+    Ok(res)
 }
 
 /// `logits = RMS(x[rows]) · headᵀ` as f32 `[rows, V]` on the host, rows per `wanted`.
@@ -158,6 +276,56 @@ impl<S> PerSize<S> {
             .map(|(_, s)| s)
             .ok_or_else(|| ollm_ops::OpsError::Backend(format!("internal: no scratch for a piece of {n} rows")).into())
     }
+}
+
+/// Buffers of one sequence's rows inside a tile that holds several (a batched forward copies a
+/// segment's rows out, runs what is per sequence on them, and writes them back): one set of
+/// shapes per row count, made when first needed and kept for the forward while the sets held
+/// total at most [`PREFILL_TILE`] rows (beyond, the others are dropped first), so they never
+/// hold more than [`seg_set_rows`] rows.
+#[derive(Debug, Default)]
+pub struct SegSets(Vec<(usize, Vec<Tensor>)>);
+
+impl SegSets {
+    /// The set for `n` rows, of the shapes `shapes(n)` gives (the same function every call).
+    pub fn get(
+        &mut self,
+        be: &dyn Backend,
+        n: usize,
+        shapes: impl FnOnce(usize) -> Vec<Vec<usize>>,
+    ) -> Result<&mut [Tensor]> {
+        let i = match self.0.iter().position(|(m, _)| *m == n) {
+            Some(i) => i,
+            None => {
+                let held: usize = self.0.iter().map(|(m, _)| m).sum();
+                if held + n > PREFILL_TILE {
+                    self.0.clear();
+                }
+                self.0.push((n, alloc_all(be, shapes(n))?));
+                self.0.len() - 1
+            }
+        };
+        Ok(&mut self.0[i].1)
+    }
+}
+
+/// Rows of segment sets ([`SegSets`]) a batched forward of `rows` rows in `seqs` sequences holds
+/// at most: none for one sequence (its tiles are worked on in place), else up to a tile's.
+pub fn seg_set_rows(rows: usize, seqs: usize) -> usize {
+    if seqs <= 1 { 0 } else { rows.min(PREFILL_TILE) }
+}
+
+/// Shapes of what [`begin_batch`] and [`logits_batch`] allocate for a forward of `rows` rows in
+/// `seqs` sequences, each wanting its last row's logits (vocabulary `v`): the residual stream,
+/// the picked rows (and a one-row buffer per sequence), their norm and their logits. For one
+/// sequence, [`stream_shapes`].
+pub fn batch_stream_shapes(rows: usize, seqs: usize, h: usize, v: usize) -> Vec<Vec<usize>> {
+    let seqs = seqs.clamp(1, rows.max(1));
+    let mut shapes = vec![vec![rows, h], vec![seqs, h], vec![seqs, h], vec![seqs, v]];
+    if seqs > 1 {
+        shapes.extend(std::iter::repeat_n(vec![1, h], seqs));
+    }
+    shapes
 }
 
 /// Shapes of what [`begin`] and [`logits`] allocate for a forward of `t` rows of width `h`

@@ -1,4 +1,4 @@
-//! RoPE frequency tables (docs/models.md §1.2): default, llama3 and yarn scaling.
+//! RoPE frequency tables (docs/models.md §1.2): default, linear, llama3 and yarn scaling.
 //!
 //! The cos/sin tables are not built for the model's whole context up front (a config may
 //! declare 16 Mi positions, 8 GiB of tables at head_dim 128): [`RopeTables`] starts small and
@@ -17,6 +17,10 @@ const FIRST_TABLE_POSITIONS: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     Default,
+    /// Every inverse frequency divided by `factor` (positions interpolated; Gemma 3's global layers).
+    Linear {
+        factor: f64,
+    },
     Llama3 {
         factor: f64,
         low_freq_factor: f64,
@@ -42,6 +46,7 @@ pub fn inv_freq(theta: f64, rotary_dims: usize, scaling: &RopeScaling) -> (Vec<f
     let base: Vec<f32> = (0..rotary_dims / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / r)).collect();
     match *scaling {
         RopeScaling::Default => (base, 1.0),
+        RopeScaling::Linear { factor } => (base.iter().map(|&inv| inv / factor as f32).collect(), 1.0),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
             let (f, lo, hi, l0) =
                 (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_positions as f32);

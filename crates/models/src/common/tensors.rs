@@ -118,6 +118,25 @@ pub fn role_of<C>(table: &[TensorSpec<C>], experts_prefix: Option<&str>, suffix:
     table.iter().find(|s| s.name == suffix).map_or(Role::Streamed, |s| s.role)
 }
 
+/// Whether the family whose tables are `globals` and `layer` (experts under `experts_prefix`)
+/// reads a checkpoint tensor named `name`: a global row's name, or `model.layers.{l}.{suffix}`
+/// with `suffix` a layer row's name or under the experts prefix. Anything else (`mtp.*`, a
+/// vision tower, a tensor of another variant) is not the model's.
+pub fn is_used<C>(
+    globals: &[TensorSpec<C>],
+    layer: &[TensorSpec<C>],
+    experts_prefix: Option<&str>,
+    name: &str,
+) -> bool {
+    if globals.iter().any(|s| s.name == name) {
+        return true;
+    }
+    let Some(suffix) = name.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')).map(|(_, s)| s) else {
+        return false;
+    };
+    experts_prefix.is_some_and(|p| suffix.starts_with(p)) || layer.iter().any(|s| s.name == suffix)
+}
+
 /// The `synth` dtype of a row: bf16, or bytes for packed tensors.
 pub fn synth_dtype<C>(s: &TensorSpec<C>) -> DType {
     if s.dtype == Dtype::U8 { DType::U8 } else { DType::BF16 }

@@ -10,15 +10,17 @@ use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
 use super::tensors::*;
-use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
+use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, SegBufs, batched_self_attention};
 use crate::common::experts::expert_sources;
-use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
+use crate::common::forward::{
+    PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
+};
 use crate::common::moe::Routed;
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
-use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
+use crate::{BatchSeq, CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
 use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
@@ -157,13 +159,14 @@ fn chunk_shapes(cfg: &GptOssConfig, c: usize) -> Vec<Vec<usize>> {
     v
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
-/// logits wanted): the residual stream, the tiles' and chunks' buffers, a scratch set per tile
-/// length and what a MoE chunk holds at once. The experts' unpacked matrices belong to the
-/// expert cache.
-pub fn scratch_bytes(cfg: &GptOssConfig, t: usize) -> u64 {
+/// Device bytes of the activations a forward of `t` rows in `seqs` sequences allocates at most
+/// (each sequence's last row's logits wanted): the residual stream, the tiles' and chunks'
+/// buffers, a scratch set per tile length, what a MoE chunk holds at once, and for several
+/// sequences their segments' buffers. The experts' unpacked matrices belong to the expert cache.
+pub fn scratch_bytes(cfg: &GptOssConfig, t: usize, seqs: usize) -> u64 {
     let h = cfg.hidden_size;
-    let mut shapes = stream_shapes(t, h, cfg.vocab_size);
+    let mut shapes = batch_stream_shapes(t, seqs, h, cfg.vocab_size);
+    shapes.extend(SegBufs::shapes(seg_set_rows(t, seqs), &dims(cfg)));
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
     shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
     for n in piece_sizes(t, PREFILL_TILE) {
@@ -230,24 +233,26 @@ impl GptOss {
         &self.cfg
     }
 
-    /// `x += Attn(RMS(x))` for the rows of one tile of layer `l` at positions `pos0..`.
+    /// `x += Attn(RMS(x))` for the rows of one tile of layer `l`, which holds the segments
+    /// `segs` of the batch's sequences (each attends over its own cache: its own window base,
+    /// the layer's sinks).
     fn attention_block(
         &self,
         (l, layer): (usize, &Layer),
         x: &mut Tensor,
-        pos0: usize,
-        state: &mut SeqState,
-        (normed, attn): (&mut Tensor, &mut AttnScratch),
+        (segs, items): (&[Segment], &mut [BatchSeq<'_>]),
+        (normed, attn, bufs): (&mut Tensor, &mut AttnScratch, &mut SegBufs),
         trace: Option<&dyn TraceSink>,
     ) -> Result<()> {
         let be = self.backend.as_ref();
         be.rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
-        let rope = self.rope.covering(be, pos0 + normed.shape()[0])?;
+        let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
+        let rope = self.rope.covering(be, end)?;
         let call =
-            AttnCall { layer: l, pos0, rope: &rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
-        let kv = state.layer_for(be, l, pos0, normed.shape()[0])?;
-        self_attention(be, &layer.attn, normed, kv, &call, attn, trace)?;
+            AttnCall { layer: l, pos0: 0, rope: &rope, scale, window: self.cfg.window(l), sinks: self.sinks.get(l) };
+        let seqs = (segs, items, l);
+        batched_self_attention(be, &layer.attn, normed, seqs, &call, (attn, bufs, &dims(&self.cfg)), trace)?;
         be.add_assign(x, &attn.out)?;
         Ok(())
     }
@@ -332,23 +337,47 @@ impl CausalLm for GptOss {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>> {
+        let mut items = [BatchSeq { ids, state, wanted }];
+        Ok(self.run(&mut items, trace)?.pop().unwrap_or_default())
+    }
+
+    fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.run(items, None)
+    }
+}
+
+impl GptOss {
+    /// The forward of every item's rows in one pass over the layers: attention per sequence
+    /// segment of each tile, the MoE routed over every row of a chunk (all items' rows), so a
+    /// chosen expert is moved and run once per chunk for the whole batch.
+    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
-        let (t, h, eps) = (ids.len(), self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);
-        let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
+        let (spans, mut x) = crate::common::forward::begin_batch(be, items, &self.embed, limits)?;
+        if let Some(tr) = trace {
+            tr.record(None, "embed", &x);
+        }
+        let t = x.shape()[0];
         let mut tiles = Pieces::new(be, t, PREFILL_TILE, h)?;
         let mut chunks = Pieces::new(be, t, MOE_CHUNK, h)?;
         let mut attn_bufs = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| TileScratch::new(be, &self.cfg, n))?;
         let n_e = self.cfg.n_experts;
         let mut moe_bufs =
             PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| Ok((be.zeros(vec![n, h])?, be.zeros(vec![n, n_e])?)))?;
+        let mut seg_bufs = SegBufs::default();
         let one = tiles.is_single();
         for l in 0..self.layers.len() {
-            state.acquire(be, l)?;
+            for it in items.iter_mut() {
+                it.state.acquire(be, l)?;
+            }
             let run = |layer: &Layer| -> Result<()> {
                 tiles.each(be, &mut x, &mut |xt, start| {
-                    let TileScratch { normed, attn } = attn_bufs.get(xt.shape()[0])?;
-                    self.attention_block((l, layer), xt, pos0 + start, state, (normed, attn), trace.filter(|_| one))
+                    let n = xt.shape()[0];
+                    let segs = segments(&spans, start, n);
+                    let TileScratch { normed, attn } = attn_bufs.get(n)?;
+                    let bufs = (normed, attn, &mut seg_bufs);
+                    self.attention_block((l, layer), xt, (&segs, items), bufs, trace.filter(|_| one))
                 })?;
                 chunks.each(be, &mut x, &mut |xc, _| {
                     let (normed, logits) = moe_bufs.get(xc.shape()[0])?;
@@ -360,11 +389,20 @@ impl CausalLm for GptOss {
                 Ok(())
             };
             self.layers.with_layer(l, run)?;
-            state.release(be, l)?;
+            for it in items.iter_mut() {
+                it.state.release(be, l)?;
+            }
         }
-        state.advance(t);
+        for it in items.iter_mut() {
+            it.state.advance(it.ids.len());
+        }
 
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        crate::common::forward::logits(be, &x, wanted, (&self.final_norm, eps, NormKind::Oss), head, trace)
+        let norm = (&self.final_norm, eps, NormKind::Oss);
+        if let (Some(tr), [it]) = (trace, &*items) {
+            return Ok(vec![crate::common::forward::logits(be, &x, it.wanted, norm, head, Some(tr))?]);
+        }
+        let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
+        crate::common::forward::logits_batch(be, &x, &parts, norm, head)
     }
 }

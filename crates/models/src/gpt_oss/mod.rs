@@ -17,7 +17,7 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(GptOss::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, rows| Ok(scratch_bytes(&GptOssConfig::from_raw(raw)?, rows)),
+    scratch_bytes: |raw, rows, seqs| Ok(scratch_bytes(&GptOssConfig::from_raw(raw)?, rows, seqs)),
     expert_work_bytes: |raw, catalog| {
         let c = GptOssConfig::from_raw(raw)?;
         let layers: Vec<usize> = (0..c.n_layers).collect();
@@ -25,6 +25,9 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &layers, c.n_experts, hi)
     },
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, Some(tensors::EXPERTS.prefix), suffix),
+    uses: |name| {
+        crate::common::tensors::is_used(&tensors::GLOBAL, &tensors::LAYER, Some(tensors::EXPERTS.prefix), name)
+    },
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {

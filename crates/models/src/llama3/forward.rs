@@ -8,14 +8,18 @@ use ollm_weights::Catalog;
 
 use super::config::LlamaConfig;
 use super::tensors::*;
-use crate::common::attention::{AttnCall, AttnDims, AttnScratch, AttnWeights, self_attention};
-use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, f32_bytes, piece_sizes, stream_shapes};
+use crate::common::attention::{
+    AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
+};
+use crate::common::forward::{
+    PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
+};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
-use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
+use crate::{BatchSeq, CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
@@ -26,6 +30,8 @@ pub struct Layer {
     attn: AttnWeights,
     post_attn_norm: Tensor,
     mlp: MlpWeights,
+    /// Qwen3's per-head q and k norms, `[head_dim]` each.
+    qk_norm: Option<(Tensor, Tensor)>,
     /// The names of its tensors (what a streamed copy refills).
     names: Vec<&'static str>,
 }
@@ -56,6 +62,10 @@ impl Layer {
                 up_bias: opt(UP_BIAS)?,
                 down_bias: opt(DOWN_BIAS)?,
             },
+            qk_norm: match (opt(Q_NORM)?, opt(K_NORM)?) {
+                (Some(q), Some(k)) => Some((q, k)),
+                _ => None,
+            },
             names: streamed(&LAYER, ld.cfg, l),
         })
     }
@@ -84,6 +94,8 @@ impl LayerTensors for Layer {
             GATE_BIAS => self.mlp.gate_bias.as_mut(),
             UP_BIAS => self.mlp.up_bias.as_mut(),
             DOWN_BIAS => self.mlp.down_bias.as_mut(),
+            Q_NORM => self.qk_norm.as_mut().map(|(q, _)| q),
+            K_NORM => self.qk_norm.as_mut().map(|(_, k)| k),
             _ => None,
         }
     }
@@ -118,14 +130,16 @@ fn dims(cfg: &LlamaConfig) -> AttnDims {
     AttnDims { hidden: cfg.hidden_size, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim }
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates (the last row's logits
-/// wanted): the residual stream, the tiles' buffers and one scratch set per tile length.
-pub fn scratch_bytes(cfg: &LlamaConfig, t: usize) -> u64 {
-    let mut shapes = stream_shapes(t, cfg.hidden_size, cfg.vocab_size);
+/// Device bytes of the activations a forward of `t` rows in `seqs` sequences allocates (each
+/// sequence's last row's logits wanted): the residual stream, the tiles' buffers, one scratch
+/// set per tile length, and for several sequences their segments' buffers.
+pub fn scratch_bytes(cfg: &LlamaConfig, t: usize, seqs: usize) -> u64 {
+    let mut shapes = batch_stream_shapes(t, seqs, cfg.hidden_size, cfg.vocab_size);
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, cfg.hidden_size));
     for n in piece_sizes(t, PREFILL_TILE) {
         shapes.extend(Scratch::shapes(cfg, n));
     }
+    shapes.extend(SegBufs::shapes(seg_set_rows(t, seqs), &dims(cfg)));
     f32_bytes(&shapes)
 }
 
@@ -192,24 +206,32 @@ impl Llama {
     }
 
     /// `x = x + Attn(RMS(x)); x = x + MLP(RMS(x))` for decoder layer `l`, x the rows of one
-    /// tile at positions `pos0..`.
+    /// tile, which holds the segments `segs` of the batch's sequences.
     fn layer_forward(
         &self,
         (l, layer): (usize, &Layer),
         x: &mut Tensor,
-        pos0: usize,
-        state: &mut SeqState,
-        s: &mut Scratch,
+        (segs, items): (&[Segment], &mut [BatchSeq<'_>]),
+        (s, bufs): (&mut Scratch, &mut SegBufs),
         trace: Option<&dyn TraceSink>,
     ) -> Result<()> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
         be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
-        let rope = self.rope.covering(be, pos0 + s.normed.shape()[0])?;
-        let call = AttnCall { layer: l, pos0, rope: &rope, scale, window: None, sinks: None };
-        let kv = state.layer_for(be, l, pos0, s.normed.shape()[0])?;
-        self_attention(be, &layer.attn, &s.normed, kv, &call, &mut s.attn, trace)?;
+        let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
+        let rope = self.rope.covering(be, end)?;
+        let call = AttnCall { layer: l, pos0: 0, rope: &rope, scale, window: None, sinks: None };
+        let qk = layer.qk_norm.as_ref().map(|(q, k)| QkNorm { q, k, eps, kind: NormKind::Llama });
+        batched_self_attention_qk(
+            be,
+            (&layer.attn, qk.as_ref()),
+            &s.normed,
+            (segs, items, l),
+            &call,
+            (&mut s.attn, bufs, &dims(&self.cfg)),
+            trace,
+        )?;
         be.add_assign(x, &s.attn.out)?;
         be.rms_norm(x, &layer.post_attn_norm, eps, NormKind::Llama, &mut s.normed)?;
         gated_mlp(be, &layer.mlp, &s.normed, &mut s.mlp)?;
@@ -247,22 +269,43 @@ impl CausalLm for Llama {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>> {
+        let mut items = [BatchSeq { ids, state, wanted }];
+        Ok(self.run(&mut items, trace)?.pop().unwrap_or_default())
+    }
+
+    fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.run(items, None)
+    }
+}
+
+impl Llama {
+    /// The forward of every item's rows in one pass over the layers.
+    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
-        let (t, eps) = (ids.len(), self.cfg.rms_norm_eps);
+        let eps = self.cfg.rms_norm_eps;
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);
-        let (pos0, mut x) = crate::common::forward::begin(be, ids, state, &self.embed, limits, trace)?;
-        // Layer-major: every layer sees the whole input (its weights are used once per call),
-        // in tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
-        // stream x holds all T rows.
+        let (spans, mut x) = crate::common::forward::begin_batch(be, items, &self.embed, limits)?;
+        if let Some(tr) = trace {
+            tr.record(None, "embed", &x);
+        }
+        let t = x.shape()[0];
+        // Layer-major: every layer sees every row of every item (its weights are used once per
+        // call), in tiles of at most PREFILL_TILE rows so activations stay bounded; the residual
+        // stream x holds all rows.
         let mut tiles = Pieces::new(be, t, PREFILL_TILE, self.cfg.hidden_size)?;
         let mut scratch = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| Scratch::new(be, &self.cfg, n))?;
+        let mut bufs = SegBufs::default();
         let one = tiles.is_single();
         for l in 0..self.layers.len() {
-            state.acquire(be, l)?;
+            for it in items.iter_mut() {
+                it.state.acquire(be, l)?;
+            }
             let run = |layer: &Layer| -> Result<()> {
                 tiles.each(be, &mut x, &mut |xt, start| {
-                    let s = scratch.get(xt.shape()[0])?;
-                    self.layer_forward((l, layer), xt, pos0 + start, state, s, trace.filter(|_| one))
+                    let n = xt.shape()[0];
+                    let segs = segments(&spans, start, n);
+                    let s = scratch.get(n)?;
+                    self.layer_forward((l, layer), xt, (&segs, items), (s, &mut bufs), trace.filter(|_| one))
                 })?;
                 if let Some(tr) = trace.filter(|_| !one) {
                     tr.record(Some(l), "layer_out", &x);
@@ -270,12 +313,22 @@ impl CausalLm for Llama {
                 Ok(())
             };
             self.layers.with_layer(l, run)?;
-            state.release(be, l)?;
+            for it in items.iter_mut() {
+                it.state.release(be, l)?;
+            }
         }
-        state.advance(t);
+        for it in items.iter_mut() {
+            it.state.advance(it.ids.len());
+        }
 
         // logits = RMS(x[rows]) · W_lmᵀ: [rows, V]
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        crate::common::forward::logits(be, &x, wanted, (&self.final_norm, eps, NormKind::Llama), head, trace)
+        let norm = (&self.final_norm, eps, NormKind::Llama);
+        if let (Some(tr), [it]) = (trace, &*items) {
+            let logits = crate::common::forward::logits(be, &x, it.wanted, norm, head, Some(tr))?;
+            return Ok(vec![logits]);
+        }
+        let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
+        crate::common::forward::logits_batch(be, &x, &parts, norm, head)
     }
 }

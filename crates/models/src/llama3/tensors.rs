@@ -26,6 +26,8 @@ pub const O_BIAS: &str = "self_attn.o_proj.bias";
 pub const GATE_BIAS: &str = "mlp.gate_proj.bias";
 pub const UP_BIAS: &str = "mlp.up_proj.bias";
 pub const DOWN_BIAS: &str = "mlp.down_proj.bias";
+pub const Q_NORM: &str = "self_attn.q_norm.weight";
+pub const K_NORM: &str = "self_attn.k_norm.weight";
 
 /// Uniform(a) has standard deviation a/√3; 0.02·√3 gives the usual 0.02 initialisation.
 const W: Init = Init::Uniform(0.02 * 1.732_050_8);
@@ -59,6 +61,12 @@ fn kvd(c: &LlamaConfig) -> usize {
 }
 fn attn_bias(c: &LlamaConfig, _: usize) -> bool {
     c.attention_bias
+}
+fn o_bias(c: &LlamaConfig, _: usize) -> bool {
+    c.o_bias
+}
+fn qk_norm(c: &LlamaConfig, _: usize) -> bool {
+    c.qk_norm
 }
 fn mlp_bias(c: &LlamaConfig, _: usize) -> bool {
     c.mlp_bias
@@ -102,7 +110,7 @@ pub const GLOBAL: [TensorSpec<LlamaConfig>; 3] = [
 
 /// The tensors of each decoder layer (after `model.layers.{l}.`), in file order; all stream
 /// with their layer.
-pub const LAYER: [TensorSpec<LlamaConfig>; 16] = [
+pub const LAYER: [TensorSpec<LlamaConfig>; 18] = [
     row(INPUT_NORM, |c| vec![h(c)], always, Init::Const(1.0)),
     row(Q, |c| vec![qd(c), h(c)], always, W),
     row(K, |c| vec![kvd(c), h(c)], always, W),
@@ -115,10 +123,12 @@ pub const LAYER: [TensorSpec<LlamaConfig>; 16] = [
     row(Q_BIAS, |c| vec![qd(c)], attn_bias, W),
     row(K_BIAS, |c| vec![kvd(c)], attn_bias, W),
     row(V_BIAS, |c| vec![kvd(c)], attn_bias, W),
-    row(O_BIAS, |c| vec![h(c)], attn_bias, W),
+    row(O_BIAS, |c| vec![h(c)], o_bias, W),
     row(GATE_BIAS, |c| vec![c.intermediate_size], mlp_bias, W),
     row(UP_BIAS, |c| vec![c.intermediate_size], mlp_bias, W),
     row(DOWN_BIAS, |c| vec![h(c)], mlp_bias, W),
+    row(Q_NORM, |c| vec![c.head_dim], qk_norm, Init::Const(1.0)),
+    row(K_NORM, |c| vec![c.head_dim], qk_norm, Init::Const(1.0)),
 ];
 
 #[cfg(test)]

@@ -17,16 +17,19 @@ use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
 use super::tensors::*;
-use crate::common::attention::append_and_attend;
+use crate::common::attention::{AttnDims, SegBufs, append_and_attend, copy_outer_rows, write_outer_rows};
 use crate::common::experts::expert_sources;
-use crate::common::forward::{PREFILL_TILE, PerSize, Pieces, alloc_all, f32_bytes, piece_sizes, stream_shapes};
+use crate::common::forward::{
+    PREFILL_TILE, PerSize, Pieces, SegSets, Segment, alloc_all, batch_stream_shapes, f32_bytes, piece_sizes,
+    seg_set_rows, segments,
+};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
 use crate::common::moe::Routed;
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
-use crate::{CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
+use crate::{BatchSeq, CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
 use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
@@ -195,6 +198,28 @@ fn delta_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
     ]
 }
 
+/// Shapes of one sequence's share of a DeltaNet tile that holds several (its `n` rows of what
+/// runs against its own state): the convolution's input and output, q, k, v, g, beta and the
+/// rule's output.
+fn delta_seg_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
+    let (nk, dk, nv, dv, ch) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_heads, c.linear_v_dim, c.conv_channels());
+    vec![
+        vec![n, ch],
+        vec![n, ch],
+        vec![n, nk, dk],
+        vec![n, nk, dk],
+        vec![n, nv, dv],
+        vec![n, nv],
+        vec![n, nv],
+        vec![n, nv, dv],
+    ]
+}
+
+/// The gated-attention layers' heads, for the segment buffers of a batched tile.
+fn attn_dims(c: &Qwen3NextConfig) -> AttnDims {
+    AttnDims { hidden: c.hidden_size, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim }
+}
+
 /// Shapes of a gated-attention tile of `n` rows (docs/models.md §4.4): q with its gate, q and the
 /// gate apart, k and v before their norms, q and k after, the attention's output, it gated, y.
 fn attn_shapes(c: &Qwen3NextConfig, n: usize) -> Vec<Vec<usize>> {
@@ -342,12 +367,21 @@ impl ChunkScratch {
     }
 }
 
-/// Device bytes of the activations a forward of `t` rows allocates at most (the last row's
-/// logits wanted): the residual stream, the tiles' and chunks' buffers, their scratch sets,
-/// and what a MoE layer holds at once besides. The experts' weights belong to the expert cache.
-pub fn scratch_bytes(c: &Qwen3NextConfig, t: usize) -> u64 {
+/// Device bytes of the activations a forward of `t` rows in `seqs` sequences allocates at most
+/// (each sequence's last row's logits wanted): the residual stream, the tiles' and chunks'
+/// buffers, their scratch sets, what a MoE layer holds at once besides, and for several
+/// sequences their segments' buffers (DeltaNet's and attention's). The experts' weights belong
+/// to the expert cache.
+pub fn scratch_bytes(c: &Qwen3NextConfig, t: usize, seqs: usize) -> u64 {
     let h = c.hidden_size;
-    let mut shapes = stream_shapes(t, h, c.vocab_size);
+    let mut shapes = batch_stream_shapes(t, seqs, h, c.vocab_size);
+    let seg = seg_set_rows(t, seqs);
+    if c.mixers.contains(&Mixer::Linear) {
+        shapes.extend(delta_seg_shapes(c, seg));
+    }
+    if c.mixers.contains(&Mixer::Full) {
+        shapes.extend(SegBufs::shapes(seg, &attn_dims(c)));
+    }
     shapes.extend(Pieces::shapes(t, PREFILL_TILE, h));
     shapes.extend(Pieces::shapes(t, MOE_CHUNK, h));
     for n in piece_sizes(t, PREFILL_TILE) {
@@ -472,19 +506,21 @@ impl Qwen3Next {
         &self.cfg
     }
 
-    /// `s.y = GatedDeltaNet(a)` for T rows, from and into the layer's fixed state
-    /// (docs/models.md §4.5); the chunked form for more than one row.
+    /// `s.y = GatedDeltaNet(a)` for the rows of a tile that holds the segments `segs` of the
+    /// batch's sequences (docs/models.md §4.5): projections, slices, norms and gates over every
+    /// row; the convolution and the delta rule per segment, from and into its sequence's fixed
+    /// state of DeltaNet slot `i` (the recurrent form for one row, the chunked form for more).
+    /// One segment runs on the tile's buffers themselves.
     fn deltanet(
         &self,
         (w, dc): (&LinearAttn, &DeltaConsts),
         a: &Tensor,
-        state: &mut [Tensor],
-        s: &mut DeltaScratch,
+        (segs, items, i): (&[Segment], &mut [BatchSeq<'_>], usize),
+        (s, bufs): (&mut DeltaScratch, &mut SegSets),
     ) -> Result<()> {
         let be = self.backend.as_ref();
         let dn = be.deltanet()?;
         let c = &self.cfg;
-        let t = a.shape()[0];
         let (nk, dk, dv, r) = (c.linear_k_heads, c.linear_k_dim, c.linear_v_dim, c.v_per_k());
         let nv = c.linear_v_heads;
         let ch = c.conv_channels();
@@ -501,9 +537,29 @@ impl Qwen3Next {
         let ba_cut = |offset| HeadSlice { heads: nk, stride: 2 * r, offset, width: r, out_offset: 0 };
         be.slice_heads(&s.ba, ba_cut(0), &mut s.b)?;
         be.slice_heads(&s.ba, ba_cut(r), &mut s.alpha)?;
-        let (conv_state, rest) =
-            state.split_first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no conv state".into()))?;
-        dn.causal_conv1d(&s.u, &dc.conv, conv_state, &mut s.conv)?;
+        let no_conv = || ollm_ops::OpsError::Backend("no conv state".into());
+        let no_rule = || ollm_ops::OpsError::Backend("no recurrent state".into());
+        let one = match segs {
+            [seg] => Some(seg.seq),
+            _ => None,
+        };
+        match one {
+            Some(q) => {
+                let conv_state = items[q].state.fixed_mut(i).first_mut().ok_or_else(no_conv)?;
+                dn.causal_conv1d(&s.u, &dc.conv, conv_state, &mut s.conv)?;
+            }
+            None => {
+                for seg in segs {
+                    let [u, out, ..] = bufs.get(be, seg.n, |n| delta_seg_shapes(c, n))? else {
+                        return Err(internal("DeltaNet segment scratch"));
+                    };
+                    copy_outer_rows(be, &s.u, seg.row, seg.n, u)?;
+                    let conv_state = items[seg.seq].state.fixed_mut(i).first_mut().ok_or_else(no_conv)?;
+                    dn.causal_conv1d(u, &dc.conv, conv_state, out)?;
+                    write_outer_rows(be, out, &mut s.conv, seg.row)?;
+                }
+            }
+        }
         let whole = |offset, width| HeadSlice { heads: 1, stride: ch, offset, width, out_offset: 0 };
         be.slice_heads(&s.conv, whole(0, nk * dk), &mut s.q)?;
         be.slice_heads(&s.conv, whole(nk * dk, nk * dk), &mut s.k)?;
@@ -511,23 +567,44 @@ impl Qwen3Next {
         dn.l2_norm(&mut s.q, L2_EPS, (dk as f32).powf(-0.5))?;
         dn.l2_norm(&mut s.k, L2_EPS, 1.0)?;
         dn.deltanet_gates(&s.alpha, &s.b, &dc.a_log, &dc.dt_bias, &mut s.g, &mut s.beta)?;
-        let form = if t == 1 { DeltaForm::Recurrent } else { DeltaForm::Chunked };
-        let st = rest.first_mut().ok_or_else(|| ollm_ops::OpsError::Backend("no recurrent state".into()))?;
-        let rule = DeltaRule { q: &s.q, k: &s.k, v: &s.v, g: &s.g, beta: &s.beta };
-        dn.delta_rule(rule, st, &mut s.o, form)?;
+        let form = |t: usize| if t == 1 { DeltaForm::Recurrent } else { DeltaForm::Chunked };
+        match one {
+            Some(q) => {
+                let st = items[q].state.fixed_mut(i).get_mut(1).ok_or_else(no_rule)?;
+                let rule = DeltaRule { q: &s.q, k: &s.k, v: &s.v, g: &s.g, beta: &s.beta };
+                dn.delta_rule(rule, st, &mut s.o, form(a.shape()[0]))?;
+            }
+            None => {
+                for seg in segs {
+                    let [_, _, q, k, v, g, beta, o] = bufs.get(be, seg.n, |n| delta_seg_shapes(c, n))? else {
+                        return Err(internal("DeltaNet segment scratch"));
+                    };
+                    for (from, to) in [(&s.q, &mut *q), (&s.k, &mut *k), (&s.v, &mut *v), (&s.g, &mut *g)] {
+                        copy_outer_rows(be, from, seg.row, seg.n, to)?;
+                    }
+                    copy_outer_rows(be, &s.beta, seg.row, seg.n, beta)?;
+                    let st = items[seg.seq].state.fixed_mut(i).get_mut(1).ok_or_else(no_rule)?;
+                    let rule = DeltaRule { q, k, v, g, beta };
+                    dn.delta_rule(rule, st, o, form(seg.n))?;
+                    write_outer_rows(be, o, &mut s.o, seg.row)?;
+                }
+            }
+        }
         dn.gated_rms_norm(&s.o, &s.z, &w.norm, c.rms_norm_eps, &mut s.normed)?;
         be.matmul(&s.normed, &w.out, None, &mut s.y)?;
         Ok(())
     }
 
-    /// `s.y = GatedAttention(a)` for T rows at positions `pos0..` (docs/models.md §4.4).
+    /// `s.y = GatedAttention(a)` for the rows of a tile that holds the segments `segs` of the
+    /// batch's sequences (docs/models.md §4.4): projections, slices, norms, the gate and the
+    /// output over every row; rotation, cache append and attention per segment, at its
+    /// positions against its sequence's cache of attention slot `i`.
     fn attention(
         &self,
         (l, w): (usize, &FullAttn),
         a: &Tensor,
-        kv: &mut ollm_kv::LayerKv,
-        pos0: usize,
-        s: &mut AttnScratch,
+        (segs, items, i): (&[Segment], &mut [BatchSeq<'_>], usize),
+        (s, bufs): (&mut AttnScratch, &mut SegBufs),
     ) -> Result<()> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
@@ -541,11 +618,27 @@ impl Qwen3Next {
         be.matmul(a, &w.v, None, &mut s.v)?;
         be.rms_norm(&s.q_raw, &w.q_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.q)?;
         be.rms_norm(&s.k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.k)?;
-        let rope = self.rope.covering(be, pos0 + a.shape()[0])?;
-        be.rope(&mut s.q, &rope, pos0)?;
-        be.rope(&mut s.k, &rope, pos0)?;
+        let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
+        let rope = self.rope.covering(be, end)?;
         let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
-        append_and_attend(be, kv, (&s.k, &s.v), &s.q, (l, pos0), &params, &mut s.ctx)?;
+        if let [seg] = segs {
+            be.rope(&mut s.q, &rope, seg.pos0)?;
+            be.rope(&mut s.k, &rope, seg.pos0)?;
+            let kv = items[seg.seq].state.layer_for(be, i, seg.pos0, seg.n)?;
+            append_and_attend(be, kv, (&s.k, &s.v), &s.q, (l, seg.pos0), &params, &mut s.ctx)?;
+        } else {
+            for seg in segs {
+                let [q, k, v, ctx] = bufs.get(be, seg.n, &attn_dims(c))?;
+                copy_outer_rows(be, &s.q, seg.row, seg.n, q)?;
+                copy_outer_rows(be, &s.k, seg.row, seg.n, k)?;
+                copy_outer_rows(be, &s.v, seg.row, seg.n, v)?;
+                be.rope(q, &rope, seg.pos0)?;
+                be.rope(k, &rope, seg.pos0)?;
+                let kv = items[seg.seq].state.layer_for(be, i, seg.pos0, seg.n)?;
+                append_and_attend(be, kv, (k, v), q, (l, seg.pos0), &params, ctx)?;
+                write_outer_rows(be, ctx, &mut s.ctx, seg.row)?;
+            }
+        }
         let all = HeadSlice { heads: 1, stride: nh * d, offset: 0, width: nh * d, out_offset: 0 };
         be.slice_heads(&s.ctx, all, &mut s.o)?;
         be.sigmoid_mul(&mut s.o, &s.gate)?;
@@ -643,34 +736,57 @@ impl CausalLm for Qwen3Next {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>> {
+        let mut items = [BatchSeq { ids, state, wanted }];
+        Ok(self.run(&mut items, trace)?.pop().unwrap_or_default())
+    }
+
+    fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.run(items, None)
+    }
+}
+
+impl Qwen3Next {
+    /// The forward of every item's rows in one pass over the layers: the mixers per sequence
+    /// segment of each tile where they hold state (DeltaNet's convolution and rule, attention's
+    /// cache), everything else and the MoE over every row (a routed expert is moved and run once
+    /// per chunk for the whole batch).
+    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
-        let (t, h, eps) = (ids.len(), c.hidden_size, c.rms_norm_eps);
-        let (pos0, mut x) =
-            crate::common::forward::begin(be, ids, state, &self.embed, (c.vocab_size, c.max_positions), trace)?;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let (spans, mut x) =
+            crate::common::forward::begin_batch(be, items, &self.embed, (c.vocab_size, c.max_positions))?;
+        if let Some(tr) = trace {
+            tr.record(None, "embed", &x);
+        }
+        let t = x.shape()[0];
         let mut tiles = Pieces::new(be, t, PREFILL_TILE, h)?;
         let mut chunks = Pieces::new(be, t, MOE_CHUNK, h)?;
         let mut tile_bufs = PerSize::new(&piece_sizes(t, PREFILL_TILE), |n| TileScratch::new(be, c, n))?;
         let mut chunk_bufs = PerSize::new(&piece_sizes(t, MOE_CHUNK), |n| ChunkScratch::new(be, c, n))?;
+        let (mut delta_segs, mut attn_segs) = (SegSets::default(), SegBufs::default());
         for l in 0..self.layers.len() {
             let full = self.cfg.mixers[l] == Mixer::Full;
             let i = self.slot[l];
             if full {
-                state.acquire(be, i)?;
+                for it in items.iter_mut() {
+                    it.state.acquire(be, i)?;
+                }
             }
             self.layers.with_layer(l, |layer| {
                 tiles.each(be, &mut x, &mut |xt, start| {
                     let n = xt.shape()[0];
+                    let segs = segments(&spans, start, n);
                     let s = tile_bufs.get(n)?;
                     be.rms_norm(xt, &layer.input_norm, eps, NormKind::ZeroCentered, &mut s.normed)?;
+                    let seqs = (&segs[..], &mut *items, i);
                     let y = match (&layer.mixer, &self.consts[l], &mut s.delta, &mut s.attn) {
                         (MixerWeights::Linear(w), Some(dc), Some(d), _) => {
-                            self.deltanet((w, dc), &s.normed, state.fixed_mut(i), d)?;
+                            self.deltanet((w, dc), &s.normed, seqs, (d, &mut delta_segs))?;
                             &d.y
                         }
                         (MixerWeights::Full(w), _, _, Some(a)) => {
-                            let kv = state.layer_for(be, i, pos0 + start, n)?;
-                            self.attention((l, w), &s.normed, kv, pos0 + start, a)?;
+                            self.attention((l, w), &s.normed, seqs, (a, &mut attn_segs))?;
                             &a.y
                         }
                         _ => return Err(internal(&format!("layer {l} has no DeltaNet constants or scratch"))),
@@ -695,14 +811,23 @@ impl CausalLm for Qwen3Next {
                 })
             })?;
             if full {
-                state.release(be, i)?;
+                for it in items.iter_mut() {
+                    it.state.release(be, i)?;
+                }
             }
             if let Some(tr) = trace {
                 tr.record(Some(l), "layer_out", &x);
             }
         }
-        state.advance(t);
+        for it in items.iter_mut() {
+            it.state.advance(it.ids.len());
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        crate::common::forward::logits(be, &x, wanted, (&self.final_norm, eps, NormKind::ZeroCentered), head, trace)
+        let norm = (&self.final_norm, eps, NormKind::ZeroCentered);
+        if let (Some(tr), [it]) = (trace, &*items) {
+            return Ok(vec![crate::common::forward::logits(be, &x, it.wanted, norm, head, Some(tr))?]);
+        }
+        let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
+        crate::common::forward::logits_batch(be, &x, &parts, norm, head)
     }
 }

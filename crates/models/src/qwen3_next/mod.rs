@@ -16,13 +16,16 @@ pub const FAMILY: crate::registry::Family = crate::registry::Family {
         Ok(std::sync::Arc::new(Qwen3Next::load_placed(cfg, arch, catalog, backend, placement)?))
     },
     dims,
-    scratch_bytes: |raw, rows| Ok(scratch_bytes(&Qwen3NextConfig::from_raw(raw)?, rows)),
+    scratch_bytes: |raw, rows, seqs| Ok(scratch_bytes(&Qwen3NextConfig::from_raw(raw)?, rows, seqs)),
     expert_work_bytes: |raw, catalog| {
         let c = Qwen3NextConfig::from_raw(raw)?;
         let hi = (c.hidden_size, c.moe_intermediate_size);
         crate::registry::expert_work_bytes(catalog, &tensors::EXPERTS, &c.moe_layers(), c.n_experts, hi)
     },
     role: |suffix| crate::common::tensors::role_of(&tensors::LAYER, Some(tensors::EXPERTS.prefix), suffix),
+    uses: |name| {
+        crate::common::tensors::is_used(&tensors::GLOBAL, &tensors::LAYER, Some(tensors::EXPERTS.prefix), name)
+    },
 };
 
 fn dims(raw: &crate::config::RawConfig) -> crate::Result<crate::registry::Dims> {

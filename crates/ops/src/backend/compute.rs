@@ -149,4 +149,14 @@ pub trait Compute: Send + Sync {
     /// The reverse of `copy_rows`: writes `src` `[r, n]` into rows `row0..row0 + r` of `dst`
     /// `[T, n]`.
     fn write_rows(&self, src: &Tensor, dst: &mut Tensor, row0: usize) -> Result<()>;
+
+    /// `out = gelu_tanh(gate) ⊙ up`, all `[T, n]` (Gemma's gated MLP, docs/models.md §8):
+    /// `gelu_tanh(a) = a/2 · (1 + tanh(√(2/π) · (a + 0.044715·a³)))`.
+    fn gelu_tanh_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `x ← s · x` (Gemma's embeddings scaled by √hidden).
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()>;
+
+    /// `x ← cap · tanh(x / cap)` (Gemma's logit softcapping); `cap` > 0.
+    fn softcap(&self, x: &mut Tensor, cap: f32) -> Result<()>;
 }

@@ -1,4 +1,4 @@
-//! Small element-wise ops: embedding gather, SiLU·mul.
+//! Small element-wise ops: embedding gather, SiLU·mul, GELU(tanh)·mul, scaling, softcapping.
 
 use half::{bf16, f16};
 
@@ -33,6 +33,31 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `gelu_tanh(a) = a/2 · (1 + tanh(√(2/π) · (a + 0.044715·a³)))` (PyTorch's
+/// `gelu(approximate="tanh")`).
+#[inline]
+pub fn gelu_tanh(a: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * a * (1.0 + (SQRT_2_OVER_PI * (a + 0.044_715 * a * a * a)).tanh())
+}
+
+/// `out = gelu_tanh(gate) ⊙ up`.
+pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = gelu_tanh(*g) * u;
+    }
+}
+
+/// `x ← s · x`.
+pub fn scale(x: &mut [f32], s: f32) {
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
+/// `x ← cap · tanh(x / cap)`.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+}
+
 /// Rows of a transpose tile: each parallel task writes this many output rows.
 const TRANSPOSE_ROWS: usize = 64;
 
@@ -47,4 +72,27 @@ pub fn transpose<T: Copy + Send + Sync>(src: &[T], a: usize, b: usize, out: &mut
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values of PyTorch's `gelu(approximate="tanh")` and of `30·tanh(x/30)` at a few points.
+    #[test]
+    fn gelu_tanh_and_softcap_match_their_formulas() {
+        for (a, want) in [(0.0, 0.0), (1.0, 0.841_192), (-1.0, -0.158_808), (3.0, 2.996_363), (-4.0, -7.1e-5)] {
+            assert!((gelu_tanh(a) - want).abs() < 2e-6, "gelu_tanh({a}) = {} (want {want})", gelu_tanh(a));
+        }
+        let mut out = [0.0; 2];
+        gelu_tanh_mul(&[1.0, -1.0], &[2.0, 3.0], &mut out);
+        assert_eq!(out, [2.0 * gelu_tanh(1.0), 3.0 * gelu_tanh(-1.0)]);
+        let mut x = [0.0, 30.0, -300.0, 1e-3];
+        softcap(&mut x, 30.0);
+        assert_eq!(x[0], 0.0);
+        assert!((x[1] - 30.0 * 1f32.tanh()).abs() < 1e-5 && (x[2] + 30.0).abs() < 1e-4 && (x[3] - 1e-3).abs() < 1e-9);
+        let mut y = [1.0, -2.0];
+        scale(&mut y, 25.298_222);
+        assert_eq!(y, [25.298_222, -50.596_443]);
+    }
 }

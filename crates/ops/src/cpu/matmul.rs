@@ -1,44 +1,153 @@
 //! `out[T, N] = x[T, K] · w[N, K]ᵀ (+ bias)`: f32 activations against weights stored in
-//! bf16, f16 or f32.
+//! bf16, f16 or f32, through the kernels of one tier ([`super::kernels`]).
 //!
-//! Two paths, both multithreaded over blocks of weight rows:
-//! * few tokens (decode): a dot product per weight row that widens bf16 on the fly, so each
-//!   weight byte is read once from memory (the decode bound is weight bytes / bandwidth);
-//! * many tokens (prefill): each block of rows is widened to f32 once and multiplied with all
-//!   tokens by the `gemm` crate, so the cost is FLOP-bound rather than conversion-bound.
+//! The work is split over rayon tasks of (a block of weight rows, a chunk of tokens), so that
+//! decode (one token) is split over output rows and prefill over both:
+//! * few tokens (decode, batched decode of up to [`WIDEN_MIN_TOKENS`]−1 sequences): bf16 rows are
+//!   widened on the fly, so each weight byte is read once from memory (the decode bound is
+//!   weight bytes / bandwidth);
+//! * more tokens: each task widens its block of rows to f32 once (kept while it moves on to the
+//!   next token chunk of the same block) and runs the f32 micro-kernels over it;
+//! * bf16 activations (`Precision::Bf16Activations` on a CPU with AVX512-BF16): the input is
+//!   rounded to bf16 once per matmul and every token count runs `vdpbf16ps` on the bf16 rows.
+//!
+//! The portable tier keeps the previous code: a dot product per row for few tokens, and the
+//! `gemm` crate on widened 64-row blocks for many.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::kernels::{Kernels, Tier, dot_portable};
 use crate::CpuStorage;
 
-/// Tokens at or above which the blocked GEMM path is used.
-const GEMM_MIN_TOKENS: usize = 4;
-/// Weight rows per parallel task in the GEMM path (`ROWS × K` f32 stays in L2 for K ≤ 4096).
-const GEMM_BLOCK_ROWS: usize = 64;
-/// Weight rows per parallel task in the dot-product path.
+/// Tokens at or above which weight blocks are widened to f32 once and reused (f32 tiers).
+const WIDEN_MIN_TOKENS: usize = 4;
+/// Weight rows per task when there are few tokens (decode): small tasks balance the threads.
 const DOT_BLOCK_ROWS: usize = 32;
+/// Weight rows per task for many tokens (`ROWS × K` f32 stays in L2 for K ≤ 4096).
+const GEMM_BLOCK_ROWS: usize = 64;
+/// Tokens per task for many tokens: the x chunk (`64 × K`) stays in L2 while the rows stream.
+const TOKEN_CHUNK: usize = 64;
 
-/// Computes `out = x · wᵀ (+ bias)`. x `[t, k]`, w `[n, k]`, out `[t, n]`; shapes checked by the caller.
+/// Whether a matmul may round its f32 activations to bf16 (for bf16 dot products).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations everywhere: the oracle, and what the golden tests hold to 1e-4.
+    #[default]
+    Exact,
+    /// bf16 weights meet bf16-rounded activations where the CPU has bf16 dot products
+    /// (AVX512-BF16); elsewhere as `Exact`. Each product is exact and sums are f32, so the only
+    /// error is the activation rounding: |Δ| ≤ 2⁻⁸ · Σ|xᵢ·wᵢ| per output.
+    Bf16Activations,
+}
+
+/// `t` tokens of `k` inputs against `n` weight rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub t: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Computes `out = x · wᵀ (+ bias)` with f32 activations on the process's kernels.
+/// x `[t, k]`, w `[n, k]`, out `[t, n]`; shapes checked by the caller.
 pub fn matmul(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, bias: Option<&[f32]>, out: &mut [f32]) {
-    if t >= GEMM_MIN_TOKENS {
-        matmul_gemm(x, t, k, w, n, out);
-    } else {
-        matmul_dot(x, t, k, w, n, out);
+    matmul_with(Kernels::active(), Precision::Exact, x, Dims { t, k, n }, w, bias, out);
+}
+
+/// [`matmul`] on the given kernels and precision.
+pub fn matmul_with(
+    kern: &Kernels,
+    precision: Precision,
+    x: &[f32],
+    d: Dims,
+    w: &CpuStorage,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(out.len() >= d.t * d.n && x.len() >= d.t * d.k, "matmul: shapes checked by the caller");
+    if d.t > 0 && d.n > 0 {
+        if kern.tier() == Tier::Portable {
+            if d.t >= WIDEN_MIN_TOKENS {
+                matmul_gemm(x, d.t, d.k, w, d.n, out);
+            } else {
+                matmul_dot(x, d.t, d.k, w, d.n, out);
+            }
+        } else {
+            matmul_tiled(kern, precision, x, d, w, out);
+        }
     }
     if let Some(b) = bias {
-        for row in out.chunks_exact_mut(n) {
+        for row in out[..d.t * d.n].chunks_exact_mut(d.n) {
             row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
         }
     }
 }
 
-/// Decode path: out is filled in blocks of weight rows; each block computes every token.
+/// SIMD tiers: tasks of (row block, token chunk); each calls one panel.
+fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], d: Dims, w: &CpuStorage, out: &mut [f32]) {
+    let Dims { t, k, n } = d;
+    // x rounded to bf16 once per matmul, when bf16 dot products will use it.
+    let xb: Option<Vec<bf16>> = match (w, kern.bf16_bf16, precision) {
+        (CpuStorage::BF16(_), Some(_), Precision::Bf16Activations) => {
+            // Rounded to nearest even, 16 tokens per task (a prefill's input is MBs).
+            let mut xb = vec![bf16::ZERO; t * k];
+            xb.par_chunks_mut(16 * k).zip(x[..t * k].par_chunks(16 * k)).for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, i)| *o = bf16::from_f32(*i));
+            });
+            Some(xb)
+        }
+        _ => None,
+    };
+    let widen = t >= WIDEN_MIN_TOKENS && xb.is_none();
+    let block_rows = if t >= WIDEN_MIN_TOKENS { GEMM_BLOCK_ROWS } else { DOT_BLOCK_ROWS };
+    let (n_blocks, n_chunks) = (n.div_ceil(block_rows), t.div_ceil(TOKEN_CHUNK));
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // State per worker: the widened rows of the block it last widened.
+    let init = || (Vec::<f32>::new(), usize::MAX);
+    (0..n_blocks * n_chunks).into_par_iter().for_each_init(init, |(buf, widened), task| {
+        let (blk, chunk) = (task / n_chunks, task % n_chunks);
+        let (r0, t0) = (blk * block_rows, chunk * TOKEN_CHUNK);
+        let (rows, tt) = (block_rows.min(n - r0), TOKEN_CHUNK.min(t - t0));
+        let src = r0 * k..(r0 + rows) * k;
+        let xs = &x[t0 * k..(t0 + tt) * k];
+        let o = out_ptr.get().wrapping_add(t0 * n + r0);
+        // SAFETY (every panel call): xs holds tt·k and the weight slices rows·k elements; this
+        // task alone writes out[(t0 + ti)·n + r0 + j] for ti < tt, j < rows, inside out (t·n);
+        // the kernels were built for a tier this CPU supports.
+        match (w, &xb, kern.bf16_bf16) {
+            (CpuStorage::BF16(v), Some(xb), Some(dot)) => unsafe {
+                dot(&xb[t0 * k..(t0 + tt) * k], tt, k, &v[src], rows, o, n)
+            },
+            (CpuStorage::F32(v), ..) => unsafe { (kern.f32_f32)(xs, tt, k, &v[src], rows, o, n) },
+            (CpuStorage::BF16(v), ..) if !widen => unsafe { (kern.f32_bf16)(xs, tt, k, &v[src], rows, o, n) },
+            _ => {
+                if *widened != blk {
+                    widen_into(w, src, buf);
+                    *widened = blk;
+                }
+                unsafe { (kern.f32_f32)(xs, tt, k, buf, rows, o, n) }
+            }
+        }
+    });
+}
+
+/// Widens `w[range]` into `buf` as f32 (packed bytes read as their values).
+fn widen_into(w: &CpuStorage, range: std::ops::Range<usize>, buf: &mut Vec<f32>) {
+    buf.clear();
+    match w {
+        CpuStorage::F32(v) => buf.extend_from_slice(&v[range]),
+        CpuStorage::BF16(v) => buf.extend(v[range].iter().map(|e| bf16::to_f32(*e))),
+        CpuStorage::F16(v) => buf.extend(v[range].iter().map(|e| f16::to_f32(*e))),
+        CpuStorage::U8(v) => buf.extend(v[range].iter().map(|&e| f32::from(e))),
+    }
+}
+
+/// Portable decode path: out is filled in blocks of weight rows; each block computes every token.
 fn matmul_dot(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mut [f32]) {
-    let dot = Dot::detect();
     let row_dot = |xv: &[f32], r: usize| match w {
-        CpuStorage::BF16(v) => dot.bf16(xv, &v[r * k..][..k]),
-        CpuStorage::F32(v) => dot.f32(xv, &v[r * k..][..k]),
+        CpuStorage::BF16(v) => dot_portable(xv, &v[r * k..][..k]),
+        CpuStorage::F32(v) => dot_portable(xv, &v[r * k..][..k]),
         CpuStorage::F16(v) => v[r * k..][..k].iter().zip(xv).map(|(a, b)| a.to_f32() * b).sum(),
         // Packed bytes are rejected by the backend before this; a byte reads as its value.
         CpuStorage::U8(v) => v[r * k..][..k].iter().zip(xv).map(|(a, b)| f32::from(*a) * b).sum(),
@@ -84,22 +193,14 @@ impl OutPtr {
     }
 }
 
-/// Prefill path: widen a block of rows to f32, then one GEMM per block.
+/// Portable prefill path: widen a block of rows to f32, then one GEMM per block.
 fn matmul_gemm(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mut [f32]) {
-    assert!(out.len() >= t * n && x.len() >= t * k, "matmul_gemm: shapes checked by the caller");
     let out_ptr = OutPtr(out.as_mut_ptr());
     let n_blocks = n.div_ceil(GEMM_BLOCK_ROWS);
     (0..n_blocks).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, blk| {
         let r0 = blk * GEMM_BLOCK_ROWS;
         let rows = GEMM_BLOCK_ROWS.min(n - r0);
-        buf.clear();
-        let src = r0 * k..(r0 + rows) * k;
-        match w {
-            CpuStorage::F32(v) => buf.extend_from_slice(&v[src]),
-            CpuStorage::BF16(v) => buf.extend(v[src].iter().map(|e| bf16::to_f32(*e))),
-            CpuStorage::F16(v) => buf.extend(v[src].iter().map(|e| f16::to_f32(*e))),
-            CpuStorage::U8(v) => buf.extend(v[src].iter().map(|&e| f32::from(e))),
-        }
+        widen_into(w, r0 * k..(r0 + rows) * k, buf);
         // dst[ti, j] = out[ti * n + r0 + j]; lhs = x [t, k] row-major; rhs[kk, j] = buf[j * k + kk].
         // SAFETY: the pointers cover t×k (x), rows×k (buf) and the t×rows window of out that this
         // task alone writes; strides describe those row-major layouts.
@@ -129,84 +230,6 @@ fn matmul_gemm(x: &[f32], t: usize, k: usize, w: &CpuStorage, n: usize, out: &mu
     });
 }
 
-/// Dot products with the best instruction set found at run time.
-#[derive(Clone, Copy)]
-struct Dot {
-    #[cfg(target_arch = "x86_64")]
-    avx2_fma: bool,
-}
-
-impl Dot {
-    fn detect() -> Self {
-        Self {
-            #[cfg(target_arch = "x86_64")]
-            avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-        }
-    }
-
-    #[inline]
-    fn bf16(self, x: &[f32], w: &[bf16]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2_fma {
-            // SAFETY: the CPU supports AVX2 and FMA (checked in `detect`).
-            return unsafe { dot_bf16_avx2(x, w) };
-        }
-        dot_bf16_lanes::<false>(x, w)
-    }
-
-    #[inline]
-    fn f32(self, x: &[f32], w: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2_fma {
-            // SAFETY: as above.
-            return unsafe { dot_f32_avx2(x, w) };
-        }
-        dot_f32_lanes::<false>(x, w)
-    }
-}
-
-const LANES: usize = 16;
-
-/// bf16 → f32 is a 16-bit shift, so the loop below vectorises into loads, shifts and FMAs.
-#[inline(always)]
-fn dot_bf16_lanes<const FMA: bool>(x: &[f32], w: &[bf16]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let body = x.len() / LANES * LANES;
-    for (xc, wc) in x[..body].chunks_exact(LANES).zip(w[..body].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            let wv = f32::from_bits((wc[i].to_bits() as u32) << 16);
-            acc[i] = if FMA { wv.mul_add(xc[i], acc[i]) } else { acc[i] + wv * xc[i] };
-        }
-    }
-    let tail: f32 = x[body..].iter().zip(&w[body..]).map(|(a, b)| a * b.to_f32()).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn dot_f32_lanes<const FMA: bool>(x: &[f32], w: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let body = x.len() / LANES * LANES;
-    for (xc, wc) in x[..body].chunks_exact(LANES).zip(w[..body].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] = if FMA { wc[i].mul_add(xc[i], acc[i]) } else { acc[i] + wc[i] * xc[i] };
-        }
-    }
-    let tail: f32 = x[body..].iter().zip(&w[body..]).map(|(a, b)| a * b).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
-    dot_bf16_lanes::<true>(x, w)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
-    dot_f32_lanes::<true>(x, w)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,29 +257,78 @@ mod tests {
         out
     }
 
-    /// Both paths, every weight dtype, odd sizes (tails, partial blocks) against an f64 loop.
+    /// Shapes that hit every path: one token, a few (batched decode), a widened block, several
+    /// token chunks; K with and without SIMD tails; row counts with partial tiles and blocks.
+    const SHAPES: [(usize, usize, usize); 8] =
+        [(1, 37, 70), (1, 576, 1000), (3, 64, 33), (4, 100, 129), (17, 96, 65), (5, 33, 7), (64, 40, 9), (130, 48, 70)];
+
+    /// Every path, every weight dtype, odd sizes (tails, partial blocks) against an f64 loop, on
+    /// the process's kernels and on each tier this CPU runs.
     #[test]
     fn matches_naive_for_every_path_and_dtype() {
-        for &(t, k, n) in &[(1, 37, 70), (1, 576, 1000), (3, 64, 33), (4, 100, 129), (17, 96, 65)] {
-            let x = noise(t * k, 1 + t as u64);
-            let wf = noise(n * k, 7 + n as u64);
-            let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
-            let wh: Vec<f16> = wf.iter().map(|v| f16::from_f32(*v)).collect();
-            let cases = [
-                (CpuStorage::F32(wf.clone()), wf.clone()),
-                (CpuStorage::BF16(wb.clone()), wb.iter().map(|v| v.to_f32()).collect()),
-                (CpuStorage::F16(wh.clone()), wh.iter().map(|v| v.to_f32()).collect()),
-            ];
-            for (storage, exact) in cases {
-                let want = naive(&x, t, k, &exact, n);
+        let tiers: Vec<Option<Tier>> = std::iter::once(None).chain(Tier::supported().into_iter().map(Some)).collect();
+        for tier in tiers {
+            for &(t, k, n) in &SHAPES {
+                let x = noise(t * k, 1 + t as u64);
+                let wf = noise(n * k, 7 + n as u64);
+                let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+                let wh: Vec<f16> = wf.iter().map(|v| f16::from_f32(*v)).collect();
+                let cases = [
+                    (CpuStorage::F32(wf.clone()), wf.clone()),
+                    (CpuStorage::BF16(wb.clone()), wb.iter().map(|v| v.to_f32()).collect()),
+                    (CpuStorage::F16(wh.clone()), wh.iter().map(|v| v.to_f32()).collect()),
+                ];
+                for (storage, exact) in cases {
+                    let want = naive(&x, t, k, &exact, n);
+                    let mut got = vec![f32::NAN; t * n];
+                    match tier.and_then(Kernels::for_tier) {
+                        None => matmul(&x, t, k, &storage, n, None, &mut got),
+                        Some(kern) => {
+                            matmul_with(&kern, Precision::Exact, &x, Dims { t, k, n }, &storage, None, &mut got)
+                        }
+                    }
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{tier:?} t={t} k={k} n={n} {:?} [{i}]: {g} vs {w}",
+                            storage.dtype()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// bf16 activations (bf16 dot products) against the f32 twin: rounding x to bf16 changes
+    /// each product by at most 2⁻⁹ relative, so |Δ| ≤ 2⁻⁸ · Σ|xᵢ·wᵢ| (2⁻⁸ leaves room for f32
+    /// summation). On a CPU without bf16 dot products the precision falls back to exact f32.
+    #[test]
+    fn bf16_activations_stay_within_the_stated_tolerance_of_the_f32_twin() {
+        for tier in Tier::supported() {
+            let Some(kern) = Kernels::for_tier(tier) else { continue };
+            for &(t, k, n) in &SHAPES {
+                let x = noise(t * k, 3 + t as u64);
+                let wb: Vec<bf16> = noise(n * k, 5 + k as u64).iter().map(|v| bf16::from_f32(*v)).collect();
+                let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
                 let mut got = vec![f32::NAN; t * n];
-                matmul(&x, t, k, &storage, n, None, &mut got);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "t={t} k={k} n={n} {:?} [{i}]: {g} vs {w}",
-                        storage.dtype()
-                    );
+                let storage = CpuStorage::BF16(wb);
+                matmul_with(&kern, Precision::Bf16Activations, &x, Dims { t, k, n }, &storage, None, &mut got);
+                let mut twin = vec![f32::NAN; t * n];
+                let portable = Kernels::portable();
+                matmul_with(&portable, Precision::Exact, &x, Dims { t, k, n }, &storage, None, &mut twin);
+                let mut worst = 0.0f32;
+                for ti in 0..t {
+                    for r in 0..n {
+                        let mag: f32 = (0..k).map(|i| (x[ti * k + i] * wf[r * k + i]).abs()).sum();
+                        let (g, w) = (got[ti * n + r], twin[ti * n + r]);
+                        let bound = if kern.has_bf16_dot() { mag / 256.0 + 1e-6 } else { 1e-4 * (1.0 + w.abs()) };
+                        assert!((g - w).abs() <= bound, "{tier} t={t} k={k} n={n} [{ti},{r}]: {g} vs {w}");
+                        worst = worst.max((g - w).abs() / mag.max(1e-6));
+                    }
+                }
+                if kern.has_bf16_dot() {
+                    // The rounding is really applied (the test would not notice an f32 path).
+                    assert!(worst > 0.0, "{tier}: bf16 activations gave f32-exact results");
                 }
             }
         }

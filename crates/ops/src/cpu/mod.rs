@@ -7,6 +7,7 @@
 mod attention;
 pub mod deltanet;
 mod elementwise;
+pub mod kernels;
 mod matmul;
 mod moe;
 mod norm;
@@ -14,8 +15,9 @@ mod rope;
 mod transfer;
 
 pub use attention::{Geometry as AttnGeometry, attention};
-pub use elementwise::{embedding, silu_mul};
-pub use matmul::matmul;
+pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
+pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
+pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
 pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
@@ -33,13 +35,33 @@ use crate::backend::{
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor};
 
-/// The CPU backend. Stateless: threads come from rayon's global pool.
+/// The CPU backend. Threads come from rayon's global pool; kernels from [`Kernels::active`].
+/// Its only setting is the matmul [`Precision`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    precision: Precision,
+}
 
 impl CpuBackend {
+    /// f32 activations everywhere ([`Precision::Exact`]): the oracle every backend is checked against.
     pub fn new() -> Self {
-        Self
+        Self { precision: Precision::Exact }
+    }
+
+    /// With the given matmul precision ([`Precision::Bf16Activations`] is what `ollm` runs with).
+    pub fn with_precision(precision: Precision) -> Self {
+        Self { precision }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The kernel tier and, where it changes anything, the precision (for logs and `ollm bench`).
+    pub fn describe(&self) -> String {
+        let kern = Kernels::active();
+        let bf16 = kern.has_bf16_dot() && self.precision == Precision::Bf16Activations;
+        format!("{} kernels{}", kern.tier(), if bf16 { ", bf16 activations" } else { ", f32 activations" })
     }
 }
 
@@ -116,7 +138,8 @@ impl Compute for CpuBackend {
             Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
             None => None,
         };
-        matmul(x.cpu_f32("matmul")?, t, k, w.cpu("matmul")?, n, bias.as_deref(), out.cpu_f32_mut("matmul")?);
+        let (x, w, out) = (x.cpu_f32("matmul")?, w.cpu("matmul")?, out.cpu_f32_mut("matmul")?);
+        matmul_with(Kernels::active(), self.precision, x, MatmulDims { t, k, n }, w, bias.as_deref(), out);
         Ok(())
     }
 
@@ -283,6 +306,31 @@ impl Compute for CpuBackend {
         }
         let s = src.cpu_f32("write_rows")?;
         dst.cpu_f32_mut("write_rows")?[row0 * n..(row0 + r) * n].copy_from_slice(s);
+        Ok(())
+    }
+
+    fn gelu_tanh_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        if gate.shape() != up.shape() || out.shape() != gate.shape() {
+            return shape_err(
+                "gelu_tanh_mul",
+                format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape()),
+            );
+        }
+        let op = "gelu_tanh_mul";
+        elementwise::gelu_tanh_mul(gate.cpu_f32(op)?, up.cpu_f32(op)?, out.cpu_f32_mut(op)?);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        elementwise::scale(x.cpu_f32_mut("scale")?, s);
+        Ok(())
+    }
+
+    fn softcap(&self, x: &mut Tensor, cap: f32) -> Result<()> {
+        if !(cap > 0.0 && cap.is_finite()) {
+            return shape_err("softcap", format!("cap {cap} must be a positive finite number"));
+        }
+        elementwise::softcap(x.cpu_f32_mut("softcap")?, cap);
         Ok(())
     }
 }

@@ -239,6 +239,28 @@ impl Compute for CudaBackend {
         let mut view = d.slice_mut(row0 * n..(row0 + r) * n);
         self.dev.stream.memcpy_dtod(s, &mut view).map_err(super::driver_err("write_rows"))
     }
+
+    fn gelu_tanh_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        if gate.shape() != up.shape() || out.shape() != gate.shape() {
+            return shape_err(
+                "gelu_tanh_mul",
+                format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape()),
+            );
+        }
+        let op = "gelu_tanh_mul";
+        elementwise::gelu_tanh_mul(&self.dev, f32s(gate, op)?, f32s(up, op)?, f32s_mut(out, op)?)
+    }
+
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        elementwise::scale(&self.dev, f32s_mut(x, "scale")?, s)
+    }
+
+    fn softcap(&self, x: &mut Tensor, cap: f32) -> Result<()> {
+        if !(cap > 0.0 && cap.is_finite()) {
+            return shape_err("softcap", format!("cap {cap} must be a positive finite number"));
+        }
+        elementwise::softcap(&self.dev, f32s_mut(x, "softcap")?, cap)
+    }
 }
 
 impl MoeOps for CudaBackend {

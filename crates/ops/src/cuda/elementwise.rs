@@ -1,5 +1,5 @@
-//! Launchers for `kernels/elementwise.cu`: embedding gather, SiLU·mul, residual add, bias add,
-//! KV write.
+//! Launchers for `kernels/elementwise.cu`: embedding gather, SiLU·mul, GELU(tanh)·mul, scaling,
+//! softcapping, residual add, bias add, KV write.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -47,6 +47,49 @@ pub fn silu_mul(dev: &CudaDevice, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, ou
     l.arg(gate).arg(up).arg(out).arg(&n);
     // SAFETY: all three buffers hold n elements.
     unsafe { l.launch(grid_stride(gate.len())) }.map_err(driver_err("silu_mul"))?;
+    Ok(())
+}
+
+/// `out = gelu_tanh(gate) ⊙ up` (CPU twin: `cpu::gelu_tanh_mul`).
+pub fn gelu_tanh_mul(
+    dev: &CudaDevice,
+    gate: &CudaSlice<f32>,
+    up: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if gate.len() != up.len() || out.len() != gate.len() {
+        return Err(shape("cuda gelu_tanh_mul", format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len())));
+    }
+    let func = dev.function("elementwise", SOURCE, "gelu_tanh_mul_f32")?;
+    let n = gate.len() as i64;
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(gate).arg(up).arg(out).arg(&n);
+    // SAFETY: all three buffers hold n elements.
+    unsafe { l.launch(grid_stride(gate.len())) }.map_err(driver_err("gelu_tanh_mul"))?;
+    Ok(())
+}
+
+/// `x ← s · x` (CPU twin: `cpu::elementwise::scale`).
+pub fn scale(dev: &CudaDevice, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+    let func = dev.function("elementwise", SOURCE, "scale_f32")?;
+    let n = x.len() as i64;
+    let cfg = grid_stride(x.len());
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(&mut *x).arg(&s).arg(&n);
+    // SAFETY: x holds n elements.
+    unsafe { l.launch(cfg) }.map_err(driver_err("scale"))?;
+    Ok(())
+}
+
+/// `x ← cap · tanh(x / cap)` (CPU twin: `cpu::softcap`).
+pub fn softcap(dev: &CudaDevice, x: &mut CudaSlice<f32>, cap: f32) -> Result<()> {
+    let func = dev.function("elementwise", SOURCE, "softcap_f32")?;
+    let n = x.len() as i64;
+    let cfg = grid_stride(x.len());
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(&mut *x).arg(&cap).arg(&n);
+    // SAFETY: x holds n elements.
+    unsafe { l.launch(cfg) }.map_err(driver_err("softcap"))?;
     Ok(())
 }
 

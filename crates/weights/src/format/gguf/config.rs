@@ -1,9 +1,11 @@
-//! The llama hyper-parameters of a GGUF file, checked, and the HF config.json they become
-//! (docs/models.md §2.1 keys; §7.1 GGUF keys, all under the `llama.` prefix).
+//! The hyper-parameters of a GGUF file, checked, and the HF config.json they become
+//! (docs/models.md §2.1 keys; §7.1 GGUF keys, under the architecture's prefix: `llama.`,
+//! `qwen2.`, `qwen3.` or `gemma3.`).
 
 use serde_json::{Map, Value, json};
 
 use super::metadata::Metadata;
+use super::names::Arch;
 use super::rope_scaling::Llama3Scaling;
 use super::tokenizer::SpecialIds;
 use crate::Result;
@@ -17,9 +19,16 @@ const DEFAULT_RMS_NORM_EPS: f64 = 1e-6;
 /// (RoPE angles come from the position as an f32, exact only up to 2^24).
 const MAX_CONTEXT_LENGTH: usize = 1 << 24;
 
-/// The shapes of a llama model, from metadata. Counts, not bytes.
+/// Gemma 3's local (sliding-window) RoPE base: llama.cpp and transformers both fix it at 10⁴
+/// (GGUF files do not record it).
+const GEMMA3_LOCAL_ROPE_THETA: f64 = 10000.0;
+/// Gemma 3's layer pattern: every sixth layer full, the others sliding (llama.cpp fixes it too).
+const GEMMA3_SLIDING_WINDOW_PATTERN: usize = 6;
+
+/// The shapes of a llama-like model, from metadata. Counts, not bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaDims {
+    pub arch: Arch,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub n_layers: usize,
@@ -30,13 +39,25 @@ pub struct LlamaDims {
     pub context_length: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// Gemma 3: `attention.sliding_window`.
+    pub sliding_window: Option<usize>,
+    /// Gemma 3: `rope.scaling.factor` when `rope.scaling.type` is linear (the global layers').
+    pub rope_linear_factor: Option<f64>,
+    /// Gemma 3: `final_logit_softcapping`, when the file has it.
+    pub final_logit_softcapping: Option<f64>,
 }
 
 impl LlamaDims {
     /// Reads `llama.*`; `n_tokens` (the tokenizer's vocabulary) stands in for a missing
     /// `llama.vocab_size`.
     pub fn from_metadata(meta: &Metadata, n_tokens: usize) -> Result<Self> {
-        let k = |name: &str| format!("llama.{name}");
+        Self::from_metadata_for(meta, Arch::Llama, n_tokens)
+    }
+
+    /// Reads `<arch>.*` (see [`LlamaDims::from_metadata`]).
+    pub fn from_metadata_for(meta: &Metadata, arch: Arch, n_tokens: usize) -> Result<Self> {
+        let prefix = arch.prefix();
+        let k = |name: &str| format!("{prefix}.{name}");
         let hidden_size = meta.count(&k("embedding_length"))?;
         let n_heads = meta.count(&k("attention.head_count"))?;
         let n_kv_heads = meta.opt_count(&k("attention.head_count_kv"))?.unwrap_or(n_heads);
@@ -45,7 +66,7 @@ impl LlamaDims {
                 meta.err(&k("attention.head_count_kv"), format!("{n_kv_heads} does not divide head_count {n_heads}"))
             );
         }
-        let head_dim = head_dim(meta, hidden_size, n_heads)?;
+        let head_dim = head_dim(meta, prefix, hidden_size, n_heads)?;
         let vocab_size = meta.opt_count(&k("vocab_size"))?.unwrap_or(n_tokens);
         if n_tokens > vocab_size {
             return Err(
@@ -68,7 +89,27 @@ impl LlamaDims {
                 Err(meta.err(&key, format!("{v} must be a positive finite number (corrupt file?)")))
             }
         };
+        let gemma = arch == Arch::Gemma3;
+        let sliding_window = match meta.opt_count(&k("attention.sliding_window"))? {
+            Some(0) => return Err(meta.err(&k("attention.sliding_window"), "must be positive (corrupt file?)")),
+            w => w.filter(|_| gemma),
+        };
+        let rope_linear_factor = match meta.opt_str(&k("rope.scaling.type"))? {
+            Some("linear") if gemma => Some(positive(k("rope.scaling.factor"), 1.0)?),
+            Some("none") | None => None,
+            Some(other) => {
+                return Err(meta.err(&k("rope.scaling.type"), format!("'{other}' cannot be imported for {prefix}")));
+            }
+        };
+        let final_logit_softcapping = match meta.opt_f64(&k("final_logit_softcapping"))? {
+            Some(_) if gemma => Some(positive(k("final_logit_softcapping"), 1.0)?),
+            _ => None,
+        };
         Ok(Self {
+            arch,
+            sliding_window,
+            rope_linear_factor,
+            final_logit_softcapping,
             hidden_size,
             intermediate_size: meta.count(&k("feed_forward_length"))?,
             n_layers: meta.count(&k("block_count"))?,
@@ -90,6 +131,10 @@ impl LlamaDims {
         let shape = match module {
             "embed_tokens" | "lm_head" => vec![v, h],
             "norm" | "input_layernorm" | "post_attention_layernorm" => vec![h],
+            "pre_feedforward_layernorm" | "post_feedforward_layernorm" if self.arch == Arch::Gemma3 => vec![h],
+            "self_attn.q_norm" | "self_attn.k_norm" if matches!(self.arch, Arch::Qwen3 | Arch::Gemma3) => {
+                vec![self.head_dim]
+            }
             "self_attn.q_proj" => vec![q, h],
             "self_attn.k_proj" | "self_attn.v_proj" => vec![kv, h],
             "self_attn.o_proj" => vec![h, q],
@@ -103,33 +148,33 @@ impl LlamaDims {
 
 /// `attention.key_length` if present, else `rope.dimension_count`, else H/nh. When both keys
 /// are present they must agree: a llama rotates every dimension of a head.
-fn head_dim(meta: &Metadata, hidden_size: usize, n_heads: usize) -> Result<usize> {
-    let key_length = meta.opt_count("llama.attention.key_length")?;
-    let rope_dims = meta.opt_count("llama.rope.dimension_count")?;
+fn head_dim(meta: &Metadata, prefix: &str, hidden_size: usize, n_heads: usize) -> Result<usize> {
+    let k = |name: &str| format!("{prefix}.{name}");
+    let key_length = meta.opt_count(&k("attention.key_length"))?;
+    let rope_dims = meta.opt_count(&k("rope.dimension_count"))?;
     let head_dim = match (key_length, rope_dims) {
-        (Some(k), Some(r)) if k != r => {
+        (Some(key), Some(r)) if key != r => {
             return Err(meta.err(
-                "llama.rope.dimension_count",
+                &k("rope.dimension_count"),
                 format!(
-                    "{r} differs from attention.key_length {k}; partial rotary embeddings are not llama (unsupported)"
+                    "{r} differs from attention.key_length {key}; partial rotary embeddings are not llama (unsupported)"
                 ),
             ));
         }
         (Some(d), _) | (None, Some(d)) => d,
         (None, None) if hidden_size.is_multiple_of(n_heads) => hidden_size / n_heads,
         (None, None) => {
-            return Err(meta.err(
-                "llama.attention.head_count",
-                format!("{n_heads} does not divide embedding_length {hidden_size}"),
-            ));
+            return Err(meta
+                .err(&k("attention.head_count"), format!("{n_heads} does not divide embedding_length {hidden_size}")));
         }
     };
-    if let Some(v) = meta.opt_count("llama.attention.value_length")?.filter(|&v| v != head_dim) {
-        return Err(meta
-            .err("llama.attention.value_length", format!("{v} differs from the head size {head_dim} (unsupported)")));
+    if let Some(v) = meta.opt_count(&k("attention.value_length"))?.filter(|&v| v != head_dim) {
+        return Err(
+            meta.err(&k("attention.value_length"), format!("{v} differs from the head size {head_dim} (unsupported)"))
+        );
     }
     if head_dim % 2 != 0 {
-        return Err(meta.err("llama.rope.dimension_count", format!("head size {head_dim} is odd; RoPE needs pairs")));
+        return Err(meta.err(&k("rope.dimension_count"), format!("head size {head_dim} is odd; RoPE needs pairs")));
     }
     Ok(head_dim)
 }
@@ -157,8 +202,14 @@ pub fn config_json(d: &LlamaDims, x: &ConfigExtras<'_>) -> Value {
         })
     });
     let mut c = Map::new();
-    c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    c.insert("model_type".into(), json!("llama"));
+    let (architecture, model_type) = match d.arch {
+        Arch::Llama => ("LlamaForCausalLM", "llama"),
+        Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Arch::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+    };
+    c.insert("architectures".into(), json!([architecture]));
+    c.insert("model_type".into(), json!(model_type));
     c.insert("vocab_size".into(), json!(d.vocab_size));
     c.insert("hidden_size".into(), json!(d.hidden_size));
     c.insert("intermediate_size".into(), json!(d.intermediate_size));
@@ -166,13 +217,35 @@ pub fn config_json(d: &LlamaDims, x: &ConfigExtras<'_>) -> Value {
     c.insert("num_attention_heads".into(), json!(d.n_heads));
     c.insert("num_key_value_heads".into(), json!(d.n_kv_heads));
     c.insert("head_dim".into(), json!(d.head_dim));
-    c.insert("hidden_act".into(), json!("silu"));
     c.insert("rms_norm_eps".into(), json!(d.rms_norm_eps));
     c.insert("rope_theta".into(), json!(d.rope_theta));
-    c.insert("rope_scaling".into(), rope_scaling);
     c.insert("max_position_embeddings".into(), json!(d.context_length));
-    c.insert("attention_bias".into(), json!(x.attention_bias));
-    c.insert("mlp_bias".into(), json!(x.mlp_bias));
+    match d.arch {
+        Arch::Gemma3 => {
+            c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            let linear = d.rope_linear_factor.map(|f| json!({"rope_type": "linear", "factor": f}));
+            c.insert("rope_scaling".into(), linear.unwrap_or(Value::Null));
+            c.insert("rope_local_base_freq".into(), json!(GEMMA3_LOCAL_ROPE_THETA));
+            c.insert("sliding_window".into(), json!(d.sliding_window));
+            c.insert("sliding_window_pattern".into(), json!(GEMMA3_SLIDING_WINDOW_PATTERN));
+            c.insert("query_pre_attn_scalar".into(), json!(gemma3_query_pre_attn_scalar(d)));
+            c.insert("final_logit_softcapping".into(), json!(d.final_logit_softcapping));
+            c.insert("attn_logit_softcapping".into(), Value::Null);
+            c.insert("attention_bias".into(), json!(x.attention_bias));
+        }
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
+            c.insert("hidden_act".into(), json!("silu"));
+            c.insert("rope_scaling".into(), rope_scaling);
+            if d.arch != Arch::Qwen2 {
+                c.insert("attention_bias".into(), json!(x.attention_bias));
+            }
+            if d.arch == Arch::Llama {
+                c.insert("mlp_bias".into(), json!(x.mlp_bias));
+            } else {
+                c.insert("use_sliding_window".into(), json!(false));
+            }
+        }
+    }
     c.insert("tie_word_embeddings".into(), json!(x.tie_word_embeddings));
     let ids = [("bos_token_id", x.special.bos), ("eos_token_id", x.special.eos), ("pad_token_id", x.special.pad)];
     for (key, id) in ids {
@@ -182,6 +255,13 @@ pub fn config_json(d: &LlamaDims, x: &ConfigExtras<'_>) -> Value {
     }
     c.insert("torch_dtype".into(), json!("bfloat16"));
     Value::Object(c)
+}
+
+/// Gemma 3 scales q·k by `query_pre_attn_scalar^-1/2`, which GGUF files do not record: the
+/// head size for every release but the 27B (62 layers of 5,376), whose scalar is hidden/heads
+/// (168), as llama.cpp decides.
+fn gemma3_query_pre_attn_scalar(d: &LlamaDims) -> usize {
+    if d.n_layers == 62 && d.hidden_size == 5376 { d.hidden_size / d.n_heads } else { d.head_dim }
 }
 
 #[cfg(test)]

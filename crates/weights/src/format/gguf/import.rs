@@ -1,4 +1,4 @@
-//! `import_gguf`: a llama GGUF file → a Hugging Face model directory (config.json,
+//! `import_gguf`: a llama, qwen2, qwen3 or gemma3 GGUF file → a Hugging Face model directory (config.json,
 //! generation_config.json, tokenizer.json, tokenizer_config.json, model.safetensors in bf16).
 //!
 //! Everything that can fail on the input (architecture, metadata, names, shapes, ggml types,
@@ -14,7 +14,7 @@ use ollm_ops::DType;
 use rayon::prelude::*;
 
 use super::config::{ConfigExtras, LlamaDims, config_json};
-use super::names::{Permute, hf_target, unpermute_rows};
+use super::names::{Arch, Permute, hf_target_for, unpermute_rows};
 use super::quant;
 use super::reader::{GgufFile, TensorInfo};
 use super::rope_scaling::{Llama3Scaling, fit_llama3};
@@ -52,24 +52,27 @@ struct PlanItem<'a> {
     out: PlannedTensor,
     /// Heads to un-permute the rows over (q: head_count, k: head_count_kv).
     unpermute_heads: Option<usize>,
+    /// Added to every weight before rounding: -1 for Gemma's norms, which llama.cpp's converter
+    /// stores as `1 + w` (the HF checkpoint holds w; the model scales by 1 + w).
+    shift: f32,
 }
 
 fn format_err(path: &Path, detail: impl Into<String>) -> WeightsError {
     WeightsError::Format { path: path.to_path_buf(), detail: detail.into() }
 }
 
-/// Imports the llama GGUF `gguf` into the new directory `out_dir` (which must not exist, or be
+/// Imports the GGUF `gguf` (architecture llama, qwen2, qwen3 or gemma3) into the new directory `out_dir` (which must not exist, or be
 /// empty). `progress(done, total)` is called with GGUF tensor bytes converted so far.
 pub fn import_gguf(gguf: &Path, out_dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<ImportSummary> {
     check_out_dir(out_dir)?;
     let file = GgufFile::open(gguf)?;
     let meta = file.metadata();
-    let arch = meta.str("general.architecture")?;
-    if arch != "llama" {
-        return Err(meta.err("general.architecture", format!("'{arch}' cannot be imported (supported: llama)")));
-    }
+    let arch_name = meta.str("general.architecture")?;
+    let arch = Arch::parse(arch_name).ok_or_else(|| {
+        meta.err("general.architecture", format!("'{arch_name}' cannot be imported (supported: {})", Arch::SUPPORTED))
+    })?;
     let n_tokens = meta.opt_str_array("tokenizer.ggml.tokens")?.map_or(0, |t| t.len());
-    let dims = LlamaDims::from_metadata(meta, n_tokens)?;
+    let dims = LlamaDims::from_metadata_for(meta, arch, n_tokens)?;
     let tok = tokenizer_files(meta, Some(dims.context_length as u64))?;
     let special = special_ids(meta, dims.vocab_size)?;
     let plan = plan_tensors(&file, &dims)?;
@@ -118,23 +121,25 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, progress: &mut dyn FnMut(u64, u6
 fn plan_tensors<'a>(file: &'a GgufFile, dims: &LlamaDims) -> Result<Vec<PlanItem<'a>>> {
     let path = file.path();
     let mut plan = Vec::new();
+    let arch = dims.arch;
     for t in file.tensors() {
-        if t.name == "rope_freqs.weight" {
+        if arch == Arch::Llama && t.name == "rope_freqs.weight" {
             continue;
         }
-        let target = hf_target(&t.name).ok_or_else(|| {
+        let target = hf_target_for(arch, &t.name).ok_or_else(|| {
             format_err(
                 path,
                 format!(
-                    "tensor '{}' has no place in a Hugging Face llama model (a llama variant ollm does not import?)",
-                    t.name
+                    "tensor '{}' has no place in a Hugging Face {} model (a variant ollm does not import?)",
+                    t.name,
+                    arch.prefix()
                 ),
             )
         })?;
         if let Some(l) = target.layer.filter(|&l| l >= dims.n_layers) {
             return Err(format_err(
                 path,
-                format!("tensor '{}' is for layer {l}, but llama.block_count is {}", t.name, dims.n_layers),
+                format!("tensor '{}' is for layer {l}, but {}.block_count is {}", t.name, arch.prefix(), dims.n_layers),
             ));
         }
         if !quant::is_supported(t.ggml_type) {
@@ -158,24 +163,37 @@ fn plan_tensors<'a>(file: &'a GgufFile, dims: &LlamaDims) -> Result<Vec<PlanItem
             Permute::Query => Some(dims.n_heads),
             Permute::Key => Some(dims.n_kv_heads),
         };
+        let shift = if arch == Arch::Gemma3 && target.name.ends_with("norm.weight") { -1.0 } else { 0.0 };
         let out = PlannedTensor { name: target.name, dtype: DType::BF16, shape: t.shape() };
-        plan.push(PlanItem { src: t, out, unpermute_heads });
+        plan.push(PlanItem { src: t, out, unpermute_heads, shift });
     }
     plan.sort_by(|a, b| a.out.name.cmp(&b.out.name));
     let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    let mut modules = vec![
+        "input_layernorm",
+        "post_attention_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
+        modules.extend(["self_attn.q_norm", "self_attn.k_norm"]);
+    }
+    if arch == Arch::Gemma3 {
+        modules.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+    }
     for l in 0..dims.n_layers {
-        for m in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
+        for m in &modules {
             required.push(format!("model.layers.{l}.{m}.weight"));
+        }
+        if arch == Arch::Qwen2 {
+            for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+                required.push(format!("model.layers.{l}.{m}.bias"));
+            }
         }
     }
     for name in required {
@@ -199,6 +217,9 @@ fn hf_module(hf_name: &str) -> (&str, bool) {
 
 /// llama3 rope scaling from `rope_freqs.weight`, if the file has that tensor.
 fn rope_scaling(file: &GgufFile, dims: &LlamaDims) -> Result<Option<Llama3Scaling>> {
+    if dims.arch != Arch::Llama {
+        return Ok(None);
+    }
     let Some(t) = file.tensor("rope_freqs.weight") else { return Ok(None) };
     let rho = file.read_f32(t)?;
     let original =
@@ -244,7 +265,7 @@ fn write_weights(
                 Some(all) => all[(first_row * row_bytes) as usize..((first_row + n) * row_bytes) as usize].to_vec(),
                 None => file.read_rows(t, first_row, n)?,
             };
-            writer.write(&rows_to_bf16(file, t, &raw)?)?;
+            writer.write(&rows_to_bf16(file, t, &raw, item.shift)?)?;
             first_row += n;
             done += n * row_bytes;
             progress(done, total);
@@ -254,8 +275,9 @@ fn write_weights(
     Ok(total)
 }
 
-/// Dequantises whole rows in parallel and rounds each weight to bf16 (nearest, ties to even).
-fn rows_to_bf16(file: &GgufFile, t: &TensorInfo, raw: &[u8]) -> Result<Vec<u8>> {
+/// Dequantises whole rows in parallel, adds `shift` and rounds each weight to bf16 (nearest,
+/// ties to even).
+fn rows_to_bf16(file: &GgufFile, t: &TensorInfo, raw: &[u8], shift: f32) -> Result<Vec<u8>> {
     let (row_len, row_bytes) = (t.row_len() as usize, t.row_bytes() as usize);
     let mut out = vec![0u8; raw.len() / row_bytes * row_len * 2];
     raw.par_chunks(row_bytes).zip(out.par_chunks_mut(row_len * 2)).try_for_each_init(
@@ -263,7 +285,8 @@ fn rows_to_bf16(file: &GgufFile, t: &TensorInfo, raw: &[u8]) -> Result<Vec<u8>> 
         |row_f32, (src, dst)| {
             file.dequantize(t, src, row_f32)?;
             for (v, o) in row_f32.iter().zip(dst.chunks_exact_mut(2)) {
-                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                let v = if shift == 0.0 { *v } else { *v + shift };
+                o.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
             }
             Ok::<(), WeightsError>(())
         },

@@ -1,5 +1,5 @@
-//! GGUF llama tensor names → Hugging Face names (docs/models.md §7.1), and the q/k row un-permutation
-//! (§7.2).
+//! GGUF tensor names → Hugging Face names (docs/models.md §7.1) for the llama, qwen2, qwen3 and
+//! gemma3 architectures, and the q/k row un-permutation of llama files (§7.2).
 
 /// Which output-row permutation llama.cpp's converter applied to a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,9 +20,49 @@ pub struct HfTarget {
     pub permute: Permute,
 }
 
+/// The GGUF architectures the importer reads (`general.architecture`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+impl Arch {
+    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, gemma3";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            "gemma3" => Some(Arch::Gemma3),
+            _ => None,
+        }
+    }
+
+    /// The metadata key prefix (`llama.`, `gemma3.` …).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
 /// The HF name of a llama GGUF tensor, or `None` for names with no HF counterpart (including
 /// `rope_freqs.weight`, which the importer turns into config.json's rope_scaling).
 pub fn hf_target(gguf_name: &str) -> Option<HfTarget> {
+    hf_target_for(Arch::Llama, gguf_name)
+}
+
+/// The HF name of a GGUF tensor of architecture `arch`, or `None` for names with no HF
+/// counterpart there. Only llama files have permuted q/k rows (llama.cpp's converter permutes
+/// for its llama architecture alone).
+pub fn hf_target_for(arch: Arch, gguf_name: &str) -> Option<HfTarget> {
     let top = |name: &str| Some(HfTarget { name: name.to_string(), layer: None, permute: Permute::None });
     match gguf_name {
         "token_embd.weight" => return top("model.embed_tokens.weight"),
@@ -41,11 +81,20 @@ pub fn hf_target(gguf_name: &str) -> Option<HfTarget> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
+    let llama = arch == Arch::Llama;
+    let weight = suffix == "weight";
     let (hf_module, permute) = match module {
-        "attn_norm" if suffix == "weight" => ("input_layernorm", Permute::None),
-        "ffn_norm" if suffix == "weight" => ("post_attention_layernorm", Permute::None),
-        "attn_q" => ("self_attn.q_proj", Permute::Query),
-        "attn_k" => ("self_attn.k_proj", Permute::Key),
+        "attn_norm" if weight => ("input_layernorm", Permute::None),
+        "ffn_norm" if weight && arch == Arch::Gemma3 => ("pre_feedforward_layernorm", Permute::None),
+        "ffn_norm" if weight => ("post_attention_layernorm", Permute::None),
+        "post_attention_norm" if weight && arch == Arch::Gemma3 => ("post_attention_layernorm", Permute::None),
+        "post_ffw_norm" if weight && arch == Arch::Gemma3 => ("post_feedforward_layernorm", Permute::None),
+        "attn_q_norm" if weight && matches!(arch, Arch::Qwen3 | Arch::Gemma3) => ("self_attn.q_norm", Permute::None),
+        "attn_k_norm" if weight && matches!(arch, Arch::Qwen3 | Arch::Gemma3) => ("self_attn.k_norm", Permute::None),
+        "attn_q" if llama => ("self_attn.q_proj", Permute::Query),
+        "attn_k" if llama => ("self_attn.k_proj", Permute::Key),
+        "attn_q" => ("self_attn.q_proj", Permute::None),
+        "attn_k" => ("self_attn.k_proj", Permute::None),
         "attn_v" => ("self_attn.v_proj", Permute::None),
         "attn_output" => ("self_attn.o_proj", Permute::None),
         "ffn_gate" => ("mlp.gate_proj", Permute::None),
@@ -108,6 +157,41 @@ mod tests {
             "blk.1.attn_q.scale",
         ] {
             assert_eq!(hf_target(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn maps_qwen_and_gemma_names() {
+        let q = hf_target_for(Arch::Qwen2, "blk.2.attn_q.bias").expect("q bias");
+        assert_eq!((q.name.as_str(), q.permute), ("model.layers.2.self_attn.q_proj.bias", Permute::None));
+        let n = |arch, name| hf_target_for(arch, name).map(|t| t.name);
+        assert_eq!(
+            n(Arch::Qwen3, "blk.0.attn_k_norm.weight").as_deref(),
+            Some("model.layers.0.self_attn.k_norm.weight")
+        );
+        assert_eq!(
+            n(Arch::Qwen3, "blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            n(Arch::Gemma3, "blk.1.ffn_norm.weight").as_deref(),
+            Some("model.layers.1.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            n(Arch::Gemma3, "blk.1.post_attention_norm.weight").as_deref(),
+            Some("model.layers.1.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            n(Arch::Gemma3, "blk.1.post_ffw_norm.weight").as_deref(),
+            Some("model.layers.1.post_feedforward_layernorm.weight")
+        );
+        assert_eq!(hf_target_for(Arch::Gemma3, "blk.1.attn_q.weight").expect("q").permute, Permute::None);
+        for (arch, bad) in [
+            (Arch::Llama, "blk.0.attn_q_norm.weight"),
+            (Arch::Qwen2, "blk.0.attn_q_norm.weight"),
+            (Arch::Qwen3, "blk.0.post_ffw_norm.weight"),
+        ] {
+            assert_eq!(hf_target_for(arch, bad), None, "{arch:?} {bad}");
         }
     }
 

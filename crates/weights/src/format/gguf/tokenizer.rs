@@ -1,4 +1,6 @@
-//! Hugging Face tokenizer files from GGUF `tokenizer.ggml.*` metadata (byte-level BPE only).
+//! Hugging Face tokenizer files from GGUF `tokenizer.ggml.*` metadata: byte-level BPE
+//! (`tokenizer.ggml.model` "gpt2"), and Gemma's SentencePiece vocabulary ("llama" in a `gemma3`
+//! file; see [`gemma_tokenizer_json`]).
 //!
 //! The pre-tokenizer is chosen by `tokenizer.ggml.pre` and spelled exactly as the model's own
 //! Hugging Face tokenizer.json spells it, so the `tokenizers` library splits text the same way:
@@ -8,6 +10,8 @@
 //!   `ByteLevel` without regex; the BPE model has `ignore_merges: true` (a pre-token that is
 //!   itself in the vocabulary is not merged piecewise; llama.cpp does the same for LLAMA3).
 //! * `gpt2`: `ByteLevel` with its built-in GPT-2 regex.
+//! * `qwen2` (Qwen2/2.5/3; alias `deepseek-r1-qwen`): `Split(Qwen2 regex, Isolated)` then
+//!   `ByteLevel` without regex, after an NFC normalizer, as Qwen's tokenizer.json.
 
 use serde_json::{Map, Value, json};
 
@@ -17,7 +21,11 @@ use crate::Result;
 /// Llama-3's split regex, as in Meta-Llama-3's tokenizer.json (and llama.cpp's LLAMA3 pre-type).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-const SUPPORTED_PRE: &str = "smollm, llama-bpe (also spelled llama3, llama-v3), gpt2";
+/// Qwen2's split regex (Qwen2/2.5/3's tokenizer.json): Llama-3's with single digits.
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+const SUPPORTED_PRE: &str = "smollm, llama-bpe (also spelled llama3, llama-v3), qwen2 (also deepseek-r1-qwen), gpt2";
 
 /// `tokenizer.ggml.token_type` values that become added tokens.
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -80,6 +88,7 @@ pub fn special_ids(meta: &Metadata, n_vocab: usize) -> Result<SpecialIds> {
 /// How one `tokenizer.ggml.pre` value is spelled in a tokenizer.json.
 struct PreTokenizer {
     json: Value,
+    normalizer: Value,
     ignore_merges: bool,
     /// llama.cpp's default for `add_bos_token` when the key is missing.
     default_add_bos: bool,
@@ -100,6 +109,7 @@ fn pre_tokenizer(meta: &Metadata) -> Result<PreTokenizer> {
                 {"type": "Digits", "individual_digits": true},
                 byte_level(true),
             ]}),
+            normalizer: Value::Null,
             ignore_merges: false,
             default_add_bos: false,
         },
@@ -108,25 +118,57 @@ fn pre_tokenizer(meta: &Metadata) -> Result<PreTokenizer> {
                 {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
                 byte_level(false),
             ]}),
+            normalizer: Value::Null,
             ignore_merges: true,
             default_add_bos: true,
         },
-        "gpt2" => PreTokenizer { json: byte_level(true), ignore_merges: false, default_add_bos: false },
+        "qwen2" | "deepseek-r1-qwen" => PreTokenizer {
+            json: json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": false},
+                byte_level(false),
+            ]}),
+            normalizer: json!({"type": "NFC"}),
+            ignore_merges: false,
+            default_add_bos: false,
+        },
+        "gpt2" => PreTokenizer {
+            json: byte_level(true),
+            normalizer: Value::Null,
+            ignore_merges: false,
+            default_add_bos: false,
+        },
         other => {
             return Err(meta.err(key, format!("pre-tokenizer '{other}' is not supported (supported: {SUPPORTED_PRE})")));
         }
     })
 }
 
-/// The vocabulary, checked: `tokenizer.ggml.model` must be "gpt2" (byte-level BPE).
-fn tokens(meta: &Metadata) -> Result<Vec<&str>> {
+/// Which tokenizer a file's `tokenizer.ggml.model` (and architecture) describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// "gpt2": byte-level BPE with merges.
+    ByteLevel,
+    /// "llama" in a `gemma3` file: Gemma's SentencePiece vocabulary, no merges.
+    Gemma,
+}
+
+fn kind(meta: &Metadata) -> Result<Kind> {
     let model = meta.str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(meta.err(
+    let arch = meta.opt_str("general.architecture")?.unwrap_or_default();
+    match (model, arch) {
+        ("gpt2", _) => Ok(Kind::ByteLevel),
+        ("llama", "gemma3") => Ok(Kind::Gemma),
+        _ => Err(meta.err(
             "tokenizer.ggml.model",
-            format!("tokenizer model '{model}' is not supported (supported: gpt2, i.e. byte-level BPE)"),
-        ));
+            format!(
+                "tokenizer model '{model}' is not supported for architecture '{arch}' (supported: gpt2, i.e. byte-level BPE; llama in gemma3 files)"
+            ),
+        )),
     }
+}
+
+/// The vocabulary, checked non-empty.
+fn tokens(meta: &Metadata) -> Result<Vec<&str>> {
     let key = "tokenizer.ggml.tokens";
     let tokens = meta.opt_str_array(key)?.ok_or_else(|| meta.err(key, "missing"))?;
     if tokens.is_empty() {
@@ -234,13 +276,107 @@ fn post_processor(tokens: &[&str], bos: Option<u32>, eos: Option<u32>) -> Value 
     ]})
 }
 
+/// Gemma's tokenizer.json from a SentencePiece vocabulary (`tokens`, `token_type`; the file
+/// has no merges), laid out as transformers builds it from the same file: a BPE model with byte
+/// fallback over the vocabulary, spaces normalised to '▁' (no prefix space), control tokens as
+/// special added tokens and user-defined ones as plain added tokens. The merges are every split
+/// of a token into two tokens, best first: earlier tokens first (Gemma's file order is its merge
+/// order, its scores are not), and within a token the longer left piece first. A token of
+/// spaces only is stored with real spaces and spelled with '▁' here, as the normaliser makes
+/// the text.
+fn gemma_tokenizer_json(meta: &Metadata, raw: &[&str], (bos, eos): (Option<u32>, Option<u32>)) -> Result<Value> {
+    let key = "tokenizer.ggml.token_type";
+    let types = meta.opt_i64_array(key)?.ok_or_else(|| meta.err(key, "missing (Gemma's vocabulary needs it)"))?;
+    if types.len() != raw.len() {
+        return Err(meta.err(key, format!("has {} entries for {} tokens", types.len(), raw.len())));
+    }
+    let spaces_only = |t: &str| !t.is_empty() && t.chars().all(|c| c == ' ');
+    let tokens: Vec<String> =
+        raw.iter().map(|t| if spaces_only(t) { "▁".repeat(t.chars().count()) } else { t.to_string() }).collect();
+    let mut ids: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(tokens.len());
+    let mut vocab = Map::with_capacity(tokens.len());
+    for (id, tok) in tokens.iter().enumerate() {
+        if let Some(first) = ids.insert(tok.as_str(), id) {
+            return Err(meta.err(
+                "tokenizer.ggml.tokens",
+                format!("token {tok:?} appears at ids {first} and {id}; a tokenizer.json vocabulary cannot hold both"),
+            ));
+        }
+        vocab.insert(tok.clone(), json!(id));
+    }
+    // Every split of each token into two tokens: tokens in file order, each one's splits with
+    // the longer left piece first.
+    let mut merges = Vec::new();
+    for tok in &tokens {
+        let cuts: Vec<usize> = tok.char_indices().map(|(i, _)| i).skip(1).collect();
+        for &cut in cuts.iter().rev() {
+            let (l, r) = tok.split_at(cut);
+            if ids.contains_key(l) && ids.contains_key(r) {
+                merges.push(json!([l, r]));
+            }
+        }
+    }
+    let entry = |id: usize, content: &str, special: bool| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": special})
+    };
+    let added: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .filter_map(|(id, &t)| match t {
+            TOKEN_TYPE_CONTROL => Some(entry(id, &tokens[id], true)),
+            // A user-defined token of spaces only is matched by the model as '▁'s, not as added text.
+            TOKEN_TYPE_USER_DEFINED if !spaces_only(raw[id]) => Some(entry(id, &tokens[id], false)),
+            _ => None,
+        })
+        .collect();
+    let unk = match meta.opt_u64("tokenizer.ggml.unknown_token_id")? {
+        Some(id) if (id as usize) < tokens.len() => json!(tokens[id as usize]),
+        _ => Value::Null,
+    };
+    let text: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let processors = post_processor(&text, bos, eos);
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        // The template part only: byte-level offsets mean nothing to this vocabulary.
+        "post_processor": processors["processors"][1],
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": unk,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
+}
+
 /// Builds tokenizer.json, tokenizer_config.json and generation_config.json.
 /// `model_max_length` is the context length (`<arch>.context_length`).
 pub fn tokenizer_files(meta: &Metadata, model_max_length: Option<u64>) -> Result<TokenizerFiles> {
+    let kind = kind(meta)?;
     let tokens = tokens(meta)?;
-    let pre = pre_tokenizer(meta)?;
     let special = special_ids(meta, tokens.len())?;
-    let add_bos = meta.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(pre.default_add_bos);
+    let default_add_bos = match kind {
+        Kind::ByteLevel => pre_tokenizer(meta)?.default_add_bos,
+        // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+        Kind::Gemma => true,
+    };
+    let add_bos = meta.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
     let add_eos = meta.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let need =
         |flag: bool, id: Option<u32>, what: &str| -> Result<Option<u32>> {
@@ -253,22 +389,29 @@ pub fn tokenizer_files(meta: &Metadata, model_max_length: Option<u64>) -> Result
         };
     let (bos_added, eos_added) = (need(add_bos, special.bos, "bos")?, need(add_eos, special.eos, "eos")?);
 
-    let model = bpe_model(meta, &tokens, pre.ignore_merges)?;
-    let tokenizer_json = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens(meta, &tokens, &special)?,
-        "normalizer": null,
-        "pre_tokenizer": pre.json,
-        "post_processor": post_processor(&tokens, bos_added, eos_added),
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": model,
-    });
+    let tokenizer_json = match kind {
+        Kind::ByteLevel => {
+            let pre = pre_tokenizer(meta)?;
+            let model = bpe_model(meta, &tokens, pre.ignore_merges)?;
+            json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added_tokens(meta, &tokens, &special)?,
+                "normalizer": pre.normalizer,
+                "pre_tokenizer": pre.json,
+                "post_processor": post_processor(&tokens, bos_added, eos_added),
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": model,
+            })
+        }
+        Kind::Gemma => gemma_tokenizer_json(meta, &tokens, (bos_added, eos_added))?,
+    };
 
     let text = |id: Option<u32>| id.map_or(Value::Null, |i| json!(tokens[i as usize]));
     let mut config = Map::new();
-    config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    let class = if kind == Kind::Gemma { "GemmaTokenizer" } else { "PreTrainedTokenizerFast" };
+    config.insert("tokenizer_class".into(), json!(class));
     config.insert("add_bos_token".into(), json!(add_bos));
     config.insert("add_eos_token".into(), json!(add_eos));
     config.insert("bos_token".into(), text(special.bos));
@@ -393,8 +536,8 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_named_with_the_supported_list() {
-        let err = tokenizer_files(&meta("qwen2", vec![]), None).expect_err("qwen2").to_string();
-        assert!(err.contains("'qwen2'") && err.contains("smollm"), "{err}");
+        let err = tokenizer_files(&meta("tekken", vec![]), None).expect_err("tekken").to_string();
+        assert!(err.contains("'tekken'") && err.contains("smollm"), "{err}");
         let err =
             tokenizer_files(&meta("gpt2", vec![("tokenizer.ggml.model", MetaValue::String("llama".into()))]), None)
                 .expect_err("spm")

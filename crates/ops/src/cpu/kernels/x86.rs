@@ -1,0 +1,340 @@
+//! x86-64 panels: AVX2+FMA, AVX-512F/BW and AVX512-BF16.
+//!
+//! Every panel walks its output in micro-tiles of `MR` tokens × `NR` weight rows. A micro-tile
+//! keeps `MR·NR` vector accumulators along K (the dot-product form: no packing of either
+//! operand, and each weight vector loaded once serves `MR` tokens), then reduces each
+//! accumulator horizontally once at the end. Tails along K are masked loads (AVX-512) or a
+//! scalar loop (AVX2); tails of tokens or rows take a smaller micro-tile.
+//!
+//! Register budget: AVX-512 has 32 vector registers, so 4×4 accumulators + 4 weight vectors + 1
+//! activation vector fit; AVX2 has 16, so its tile is 2×4.
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+
+/// Dispatches `(mr, nr)` (each 1..=4) to the const-generic micro-kernel `$micro`.
+macro_rules! dispatch {
+    ($micro:ident, $mr:expr, $nr:expr, $($arg:expr),*) => {
+        match ($mr, $nr) {
+            (1, 1) => $micro::<1, 1>($($arg),*),
+            (1, 2) => $micro::<1, 2>($($arg),*),
+            (1, 3) => $micro::<1, 3>($($arg),*),
+            (1, _) => $micro::<1, 4>($($arg),*),
+            (2, 1) => $micro::<2, 1>($($arg),*),
+            (2, 2) => $micro::<2, 2>($($arg),*),
+            (2, 3) => $micro::<2, 3>($($arg),*),
+            (2, _) => $micro::<2, 4>($($arg),*),
+            (3, 1) => $micro::<3, 1>($($arg),*),
+            (3, 2) => $micro::<3, 2>($($arg),*),
+            (3, 3) => $micro::<3, 3>($($arg),*),
+            (3, _) => $micro::<3, 4>($($arg),*),
+            (_, 1) => $micro::<4, 1>($($arg),*),
+            (_, 2) => $micro::<4, 2>($($arg),*),
+            (_, 3) => $micro::<4, 3>($($arg),*),
+            (_, _) => $micro::<4, 4>($($arg),*),
+        }
+    };
+}
+
+/// A safe-signature panel (see `super::Panel`) over the micro-kernel `$micro`, tiles of at most
+/// `$mr` tokens × 4 rows, compiled for `$feat`.
+macro_rules! panel {
+    ($name:ident, $feat:literal, $micro:ident, $x:ty, $w:ty, $mr:literal) => {
+        /// # Safety
+        /// As `super::Panel`; the CPU supports the panel's target features.
+        pub(super) unsafe fn $name(x: &[$x], t: usize, k: usize, w: &[$w], rows: usize, out: *mut f32, ldo: usize) {
+            assert!(x.len() >= t * k && w.len() >= rows * k, "panel: operands shorter than t·k / rows·k");
+            // SAFETY: the lengths are checked above; out and the CPU features are the caller's contract.
+            unsafe { inner(x.as_ptr(), t, k, w.as_ptr(), rows, out, ldo) }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn inner(x: *const $x, t: usize, k: usize, w: *const $w, rows: usize, out: *mut f32, ldo: usize) {
+                let mut j = 0;
+                while j < rows {
+                    let nr = (rows - j).min(4);
+                    let mut ti = 0;
+                    while ti < t {
+                        let mr = (t - ti).min($mr);
+                        // SAFETY: ti < t and j < rows, so the tile's operands and outputs are in range.
+                        unsafe {
+                            let (xp, wp, op) = (x.add(ti * k), w.add(j * k), out.add(ti * ldo + j));
+                            dispatch!($micro, mr, nr, xp, wp, k, op, ldo);
+                        }
+                        ti += mr;
+                    }
+                    j += nr;
+                }
+            }
+        }
+    };
+}
+
+panel!(avx512_f32, "avx512f,avx512bw", micro512_f32w, f32, f32, 4);
+panel!(avx512_bf16, "avx512f,avx512bw", micro512_bf16w, f32, bf16, 4);
+panel!(avx512bf16_bf16, "avx512f,avx512bw,avx512bf16", micro512_dpbf16, bf16, bf16, 4);
+panel!(avx2_f32, "avx2,fma", micro256_f32w, f32, f32, 2);
+panel!(avx2_bf16, "avx2,fma", micro256_bf16w, f32, bf16, 2);
+
+/// The mask of the first `n` (< 16) lanes.
+#[inline(always)]
+fn mask16(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// 16 bf16 at `p` (the first `n` of them when masked), widened to f32.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn load_bf16x16(p: *const bf16, mask: Option<__mmask16>) -> __m512 {
+    // SAFETY: the caller guarantees 16 readable elements, or `mask` lanes readable.
+    let raw = unsafe {
+        match mask {
+            None => _mm256_loadu_si256(p.cast()),
+            Some(m) => _mm256_maskz_loadu_epi16(m, p.cast()),
+        }
+    };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+}
+
+/// 16 f32 at `p` (the first lanes of `mask`).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn load_f32x16(p: *const f32, mask: Option<__mmask16>) -> __m512 {
+    // SAFETY: as `load_bf16x16`.
+    unsafe {
+        match mask {
+            None => _mm512_loadu_ps(p),
+            Some(m) => _mm512_maskz_loadu_ps(m, p),
+        }
+    }
+}
+
+/// The AVX-512 f32 micro-kernel over a weight loader; `$name` is generated per weight type.
+macro_rules! micro512 {
+    ($name:ident, $w:ty, $load:ident) => {
+        /// `MR` tokens × `NR` weight rows over all of K; see the module doc.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        #[inline]
+        unsafe fn $name<const MR: usize, const NR: usize>(
+            x: *const f32,
+            w: *const $w,
+            k: usize,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            let mut wv = [_mm512_setzero_ps(); NR];
+            let mut i = 0;
+            // SAFETY (whole body): rows of x and w hold k elements; loads stay below k (masked
+            // tail); out is valid at m·ldo + j (caller).
+            while i + 16 <= k {
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = unsafe { $load(w.add(j * k + i), None) };
+                }
+                for (m, row) in acc.iter_mut().enumerate() {
+                    let xv = unsafe { load_f32x16(x.add(m * k + i), None) };
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xv, *v, *a);
+                    }
+                }
+                i += 16;
+            }
+            if i < k {
+                let mask = Some(mask16(k - i));
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = unsafe { $load(w.add(j * k + i), mask) };
+                }
+                for (m, row) in acc.iter_mut().enumerate() {
+                    let xv = unsafe { load_f32x16(x.add(m * k + i), mask) };
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xv, *v, *a);
+                    }
+                }
+            }
+            for (m, row) in acc.iter().enumerate() {
+                for (j, a) in row.iter().enumerate() {
+                    unsafe { *out.add(m * ldo + j) = _mm512_reduce_add_ps(*a) };
+                }
+            }
+        }
+    };
+}
+
+micro512!(micro512_f32w, f32, load_f32x16);
+micro512!(micro512_bf16w, bf16, load_bf16x16);
+
+/// 32 bf16 at `p` (the first `n` < 32 of them when masked; the rest read as zero).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn load_bf16x32(p: *const bf16, mask: Option<__mmask32>) -> __m512bh {
+    // SAFETY: the caller guarantees 32 readable elements, or `mask` lanes readable.
+    let raw = unsafe {
+        match mask {
+            None => _mm512_loadu_epi16(p.cast()),
+            Some(m) => _mm512_maskz_loadu_epi16(m, p.cast()),
+        }
+    };
+    // SAFETY: __m512i and __m512bh are both 64 plain bytes.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(raw) }
+}
+
+/// `MR` bf16 tokens × `NR` bf16 weight rows: `vdpbf16ps` multiplies 32 pairs exactly and adds
+/// them into 16 f32 sums, so only the rounding of the activations to bf16 differs from f32 math.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn micro512_dpbf16<const MR: usize, const NR: usize>(
+    x: *const bf16,
+    w: *const bf16,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    // SAFETY: __m512bh is plain bytes; all-zero is a valid value.
+    let mut wv: [__m512bh; NR] = unsafe { std::mem::zeroed() };
+    let mut i = 0;
+    // SAFETY (whole body): as in `micro512!`.
+    while i + 32 <= k {
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = unsafe { load_bf16x32(w.add(j * k + i), None) };
+        }
+        for (m, row) in acc.iter_mut().enumerate() {
+            let xv = unsafe { load_bf16x32(x.add(m * k + i), None) };
+            for (a, v) in row.iter_mut().zip(&wv) {
+                *a = _mm512_dpbf16_ps(*a, xv, *v);
+            }
+        }
+        i += 32;
+    }
+    if i < k {
+        let mask = Some(((1u64 << (k - i)) - 1) as __mmask32);
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = unsafe { load_bf16x32(w.add(j * k + i), mask) };
+        }
+        for (m, row) in acc.iter_mut().enumerate() {
+            let xv = unsafe { load_bf16x32(x.add(m * k + i), mask) };
+            for (a, v) in row.iter_mut().zip(&wv) {
+                *a = _mm512_dpbf16_ps(*a, xv, *v);
+            }
+        }
+    }
+    for (m, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            unsafe { *out.add(m * ldo + j) = _mm512_reduce_add_ps(*a) };
+        }
+    }
+}
+
+/// Sum of the 8 lanes.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 8 bf16 at `p`, widened to f32.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn load_bf16x8(p: *const bf16) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable elements.
+    let raw = unsafe { _mm_loadu_si128(p.cast()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+}
+
+/// 8 f32 at `p`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn load_f32x8(p: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable elements.
+    unsafe { _mm256_loadu_ps(p) }
+}
+
+/// The AVX2 micro-kernel over a weight loader; K's tail (< 8) is a scalar loop.
+macro_rules! micro256 {
+    ($name:ident, $w:ty, $load:ident) => {
+        /// `MR` tokens × `NR` weight rows over all of K; see the module doc.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn $name<const MR: usize, const NR: usize>(
+            x: *const f32,
+            w: *const $w,
+            k: usize,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            use super::Widen;
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let mut wv = [_mm256_setzero_ps(); NR];
+            let body = k / 8 * 8;
+            let mut i = 0;
+            // SAFETY (whole body): as in `micro512!`, with the tail read element by element.
+            while i < body {
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = unsafe { $load(w.add(j * k + i)) };
+                }
+                for (m, row) in acc.iter_mut().enumerate() {
+                    let xv = unsafe { load_f32x8(x.add(m * k + i)) };
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, *v, *a);
+                    }
+                }
+                i += 8;
+            }
+            for (m, row) in acc.iter().enumerate() {
+                for (j, a) in row.iter().enumerate() {
+                    let mut s = hsum256(*a);
+                    for ii in body..k {
+                        s += unsafe { *x.add(m * k + ii) * (*w.add(j * k + ii)).widen() };
+                    }
+                    unsafe { *out.add(m * ldo + j) = s };
+                }
+            }
+        }
+    };
+}
+
+micro256!(micro256_f32w, f32, load_f32x8);
+micro256!(micro256_bf16w, bf16, load_bf16x8);
+
+/// `exp_sub` compiled for AVX-512 (the portable body vectorises to 16 lanes).
+pub(super) fn exp_sub_avx512(v: &mut [f32], m: f32) -> f32 {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn inner(v: &mut [f32], m: f32) -> f32 {
+        super::exp_sub_body(v, m)
+    }
+    // SAFETY: only reachable through a `Kernels` of an AVX-512 tier, built after detection.
+    unsafe { inner(v, m) }
+}
+
+/// `exp_sub` compiled for AVX2 + FMA.
+pub(super) fn exp_sub_avx2(v: &mut [f32], m: f32) -> f32 {
+    #[target_feature(enable = "avx2,fma")]
+    fn inner(v: &mut [f32], m: f32) -> f32 {
+        super::exp_sub_body(v, m)
+    }
+    // SAFETY: only reachable through a `Kernels` of the AVX2 tier or above, built after detection.
+    unsafe { inner(v, m) }
+}
+
+/// `pv_rows` compiled for AVX-512.
+pub(super) fn pv_rows_avx512(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn inner(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f32]) {
+        super::pv_rows_body(p, kb, v, d, o)
+    }
+    // SAFETY: as `exp_sub_avx512`.
+    unsafe { inner(p, kb, v, d, o) }
+}
+
+/// `pv_rows` compiled for AVX2 + FMA.
+pub(super) fn pv_rows_avx2(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma")]
+    fn inner(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f32]) {
+        super::pv_rows_body(p, kb, v, d, o)
+    }
+    // SAFETY: as `exp_sub_avx2`.
+    unsafe { inner(p, kb, v, d, o) }
+}
