@@ -20,11 +20,13 @@ a)
   echo "== RAM tier: verification pass cost"
   timeout 120 $ollm bench "${common[@]}" --ram-budget 64GiB --pass-cost 1,4,16,64,256 --repeats 3 2>&1 \
     | tee "$OUT/pass-ram.txt"
-  d=/tmp/d1
-  [ -f "$d/config.json" ] || $ollm synth --like llama-3.2-1b --out "$d" 2>&1 | tail -1
-  echo "== RAM tier: a resident draft model beside the streamed target"
-  timeout 120 $ollm bench "${common[@]}" --ram-budget 64GiB --speculate "draft:$d" --draft-tokens 8 --tokens 16 \
-    --repeats 1 2>&1 | tee "$OUT/draft-ram.txt"
+  if [ -n "${DRAFT:-}" ]; then
+    d=/tmp/d1
+    [ -f "$d/config.json" ] || $ollm synth --like llama-3.2-1b --out "$d" 2>&1 | tail -1
+    echo "== RAM tier: a resident draft model beside the streamed target"
+    timeout 120 $ollm bench "${common[@]}" --ram-budget 64GiB --speculate "draft:$d" --draft-tokens 8 --tokens 16 \
+      --repeats 1 2>&1 | tee "$OUT/draft-ram.txt"
+  fi
   ;;
 b)
   echo "== disk tier: batched decode"
