@@ -120,11 +120,12 @@ fn worker(mut sched: Scheduler, jobs: Receiver<Job>, stats: &Arc<QueueStats>) {
 fn take(sched: &mut Scheduler, job: Job, stats: &Arc<QueueStats>) {
     stats.waiting.fetch_sub(1, Ordering::SeqCst);
     if job.events.is_closed() {
-        stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        // The line first, then the count: a watcher of /health then finds the line written.
         eprintln!(
             "[ollm] cancelled a prompt during prefill (0 of {} tokens fed): the client disconnected while it waited",
             job.prompt.len()
         );
+        stats.cancelled.fetch_add(1, Ordering::SeqCst);
         return;
     }
     // A client that goes away during prefill stops it at the next step.
@@ -156,7 +157,7 @@ impl Sink for Stream {
         let stats = &self.stats;
         match result {
             Ok(g) if g.finish == FinishReason::Cancelled => {
-                stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                // The line first, then the count (see `take`).
                 if g.stats.generated_tokens == 0 {
                     eprintln!(
                         "[ollm] cancelled a prompt during prefill ({} of {} tokens fed): the client disconnected",
@@ -168,6 +169,7 @@ impl Sink for Stream {
                         g.stats.generated_tokens
                     );
                 }
+                stats.cancelled.fetch_add(1, Ordering::SeqCst);
             }
             Ok(g) => {
                 stats.completed.fetch_add(1, Ordering::SeqCst);
