@@ -16,7 +16,7 @@ def one_line(e):
 def test_a_missing_model_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         ollm_rs.LLM(str(tmp_path / "no-such-model"))
-    assert "does not exist" in one_line(e) and "smollm2-135m for the demo model" in one_line(e)
+    assert "does not exist" in one_line(e) and "smollm2-135m or gemma3-270m for a demo model" in one_line(e)
     # A directory without config.json.
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError) as e:
