@@ -157,6 +157,27 @@ pub fn logits_batch(
     Ok(res)
 }
 
+/// The end of every family's batched forward: each item's state takes its ids, then the logits
+/// of each item's rows per its `wanted` ([`logits_batch`]). A traced forward of one item goes
+/// through [`logits`], which records the final norm.
+pub fn finish_batch(
+    be: &dyn Backend,
+    x: &Tensor,
+    (spans, items): (&[Span], &mut [BatchSeq<'_>]),
+    norm: (&Tensor, f32, NormKind),
+    head: &Tensor,
+    trace: Option<&dyn TraceSink>,
+) -> Result<Vec<Vec<f32>>> {
+    for it in items.iter_mut() {
+        it.state.advance(it.ids.len());
+    }
+    if let (Some(tr), [it]) = (trace, &*items) {
+        return Ok(vec![logits(be, x, it.wanted, norm, head, Some(tr))?]);
+    }
+    let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
+    logits_batch(be, x, &parts, norm, head)
+}
+
 /// `logits = RMS(x[rows]) · headᵀ` as f32 `[rows, V]` on the host, rows per `wanted`.
 pub fn logits(
     be: &dyn Backend,

@@ -289,19 +289,10 @@ impl Gemma3 {
                 it.state.release(be, l)?;
             }
         }
-        for it in items.iter_mut() {
-            it.state.advance(it.ids.len());
-        }
-
         // logits = cap·tanh(N(x[rows]) · W_lmᵀ / cap): [rows, V]
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let norm = (&self.final_norm, eps, NORM);
-        let mut out = if let (Some(tr), [it]) = (trace, &*items) {
-            vec![crate::common::forward::logits(be, &x, it.wanted, norm, head, Some(tr))?]
-        } else {
-            let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
-            crate::common::forward::logits_batch(be, &x, &parts, norm, head)?
-        };
+        let mut out = crate::common::forward::finish_batch(be, &x, (&spans, items), norm, head, trace)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             // The logits are on the host by now: the CPU twin of the backend's softcap.
             for v in &mut out {

@@ -317,18 +317,9 @@ impl Llama {
                 it.state.release(be, l)?;
             }
         }
-        for it in items.iter_mut() {
-            it.state.advance(it.ids.len());
-        }
-
         // logits = RMS(x[rows]) · W_lmᵀ: [rows, V]
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let norm = (&self.final_norm, eps, NormKind::Llama);
-        if let (Some(tr), [it]) = (trace, &*items) {
-            let logits = crate::common::forward::logits(be, &x, it.wanted, norm, head, Some(tr))?;
-            return Ok(vec![logits]);
-        }
-        let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
-        crate::common::forward::logits_batch(be, &x, &parts, norm, head)
+        crate::common::forward::finish_batch(be, &x, (&spans, items), norm, head, trace)
     }
 }

@@ -819,15 +819,8 @@ impl Qwen3Next {
                 tr.record(Some(l), "layer_out", &x);
             }
         }
-        for it in items.iter_mut() {
-            it.state.advance(it.ids.len());
-        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let norm = (&self.final_norm, eps, NormKind::ZeroCentered);
-        if let (Some(tr), [it]) = (trace, &*items) {
-            return Ok(vec![crate::common::forward::logits(be, &x, it.wanted, norm, head, Some(tr))?]);
-        }
-        let parts: Vec<_> = spans.iter().zip(items.iter()).map(|(s, it)| (*s, it.wanted)).collect();
-        crate::common::forward::logits_batch(be, &x, &parts, norm, head)
+        crate::common::forward::finish_batch(be, &x, (&spans, items), norm, head, trace)
     }
 }
