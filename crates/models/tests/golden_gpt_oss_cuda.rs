@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use ollm_models::config::RawConfig;
@@ -31,11 +31,6 @@ const TOL_ABS: f32 = 0.1;
 /// Router margins below this are near-ties that bf16 rounding of the KV cache may flip.
 const NEAR_TIE: f64 = 2e-3;
 
-fn case_dir(case: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden").join(case);
-    if built.exists() { built } else { PathBuf::from("fixtures/golden").join(case) }
-}
-
 fn load(dir: &Path, backend: Arc<dyn Backend>, placement: &Placement) -> GptOss {
     let cfg = GptOssConfig::from_raw(&RawConfig::read(dir).expect("config")).expect("gpt-oss config");
     let catalog = Catalog::open_dir(dir).expect("catalog");
@@ -51,7 +46,7 @@ fn gpt_oss_fixtures_match_transformers_on_the_gpu() {
     let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let backend: Arc<dyn Backend> = Arc::new(CudaBackend::new(dev));
     for case in ["gpt_oss_dense", "gpt_oss_mxfp4"] {
-        let dir = case_dir(case);
+        let dir = common::golden_dir(case);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
                 .expect("json");

@@ -1,4 +1,5 @@
-//! The golden tests of golden_logits.rs on the CUDA backend: the Llama fixtures' prompt logits
+//! The golden tests of golden_logits.rs on the CUDA backend: the dense fixtures' (Llama, Qwen2,
+//! Qwen3, Gemma 3 in both config spellings) prompt logits
 //! and token-by-token decode against transformers' fp32 reference. Skips, saying why, without a
 //! usable GPU (fails under `OLLM_REQUIRE_GPU`: tests/common/mod.rs).
 //!
@@ -11,7 +12,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ollm_models::{LogitsWanted, load_model};
@@ -20,19 +20,12 @@ use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 5e-2;
 
-/// Fixtures next to the sources, or under the current directory when the test binary was
-/// built elsewhere (the GPU machine runs it from the repository root).
-fn case_dir(case: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden").join(case);
-    if built.exists() { built } else { PathBuf::from("fixtures/golden").join(case) }
-}
-
 #[test]
-fn llama_fixtures_match_transformers_on_the_gpu() {
+fn dense_fixtures_match_transformers_on_the_gpu() {
     let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let backend = Arc::new(CudaBackend::new(dev));
-    for case in ["llama3_tied", "headdim_untied"] {
-        let dir = case_dir(case);
+    for case in ["llama3_tied", "headdim_untied", "qwen2_biased", "qwen3_qknorm", "gemma3_v5", "gemma3_hub"] {
+        let dir = common::golden_dir(case);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
                 .expect("json");

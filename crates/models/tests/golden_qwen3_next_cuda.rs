@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ollm_models::{LogitsWanted, load_model};
@@ -15,10 +14,6 @@ use ollm_ops::cuda::CudaBackend;
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 0.1;
-
-fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden").join(case)
-}
 
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
@@ -37,7 +32,7 @@ fn qwen3_next_fixtures_match_transformers_on_the_gpu() {
     let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let backend: Arc<dyn Backend> = Arc::new(CudaBackend::new(dev));
     for case in ["qwen3_next", "qwen3_next_mlp_only"] {
-        let dir = case_dir(case);
+        let dir = common::golden_dir(case);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
                 .expect("json");

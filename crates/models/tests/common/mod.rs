@@ -1,6 +1,6 @@
 //! Helpers the model integration tests share.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ollm_models::synth::{Like, plan_gemma3, plan_llama, write_plan};
 
@@ -9,6 +9,14 @@ use ollm_models::synth::{Like, plan_gemma3, plan_llama, write_plan};
 #[allow(dead_code)]
 #[path = "../../../ops/tests/common/gpu.rs"]
 pub mod gpu;
+
+/// A golden fixture's directory: next to the sources, or under the current directory when the
+/// test binary was built elsewhere (the GPU machine runs it from the repository root).
+#[allow(dead_code)]
+pub fn golden_dir(case: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden").join(case);
+    if built.exists() { built } else { PathBuf::from("fixtures/golden").join(case) }
+}
 
 /// The batched-forward script (batched.rs, batched_cuda.rs).
 #[allow(dead_code)]
