@@ -1,12 +1,16 @@
 """Type stubs of ollm_rs (the extension module ollm_rs._ollm_rs)."""
 
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, TypedDict, Union
 
 __version__: str
 
 Size = Union[int, str]
 """A size in bytes: an int, or a string such as "8GiB", "512MiB" or "7.5G"."""
+
+Speculate = str
+"""Speculative decoding: "ngram" (prompt lookup) or "draft:MODEL" (a small model with the same
+tokenizer: a directory, a hub id ORG/NAME or "smollm2-135m")."""
 
 class Message(TypedDict):
     role: str
@@ -50,6 +54,18 @@ class Stats:
     @property
     def reused_tokens(self) -> int:
         """Prompt tokens kept from the previous generation on the same session."""
+    @property
+    def target_passes(self) -> Optional[int]:
+        """With speculate=: verification passes of the model; None without speculation."""
+    @property
+    def drafted_tokens(self) -> Optional[int]:
+        """With speculate=: tokens drafted."""
+    @property
+    def accepted_tokens(self) -> Optional[int]:
+        """With speculate=: drafted tokens the model kept."""
+    @property
+    def tokens_per_pass(self) -> Optional[float]:
+        """With speculate=: tokens each verification pass produced (1.0 = no gain)."""
 
 class RequestOutput:
     """The result of one prompt."""
@@ -139,6 +155,7 @@ class LLM:
         self,
         prompts: Union[str, Sequence[str]],
         max_new_tokens: int = 256,
+        *,
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         top_k: Optional[int] = None,
@@ -147,6 +164,11 @@ class LLM:
         seed: Optional[int] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
         ignore_eos: bool = False,
+        speculate: Optional[Speculate] = None,
+        draft_tokens: Optional[Union[int, Literal["auto"]]] = None,
+        json_schema: Optional[Union[Dict[str, Any], str]] = None,
+        grammar: Optional[str] = None,
+        response_format: Optional[Dict[str, Any]] = None,
     ) -> List[RequestOutput]:
         """Generates for each prompt; returns the outputs in the prompts' order.
 
@@ -154,11 +176,22 @@ class LLM:
         for sampling); temperature=0 is greedy. stop ends a generation where the text appears
         (not included); seed makes sampling repeatable. The GIL is released while the engine
         computes; Ctrl-C raises KeyboardInterrupt.
+
+        speculate="ngram" or "draft:MODEL" drafts tokens that one pass of the model verifies
+        (greedy text unchanged; stats.tokens_per_pass reports the gain); draft_tokens is a
+        number or "auto" (default). json_schema (a dict or a JSON string), grammar (llguidance's
+        Lark syntax; <|name|> names a special token) or response_format (OpenAI's
+        {"type": "json_object" | "json_schema", "json_schema": {"schema": ...}}) constrains the
+        output; one of the three at most, and with one decoding is plain (no speculation).
+        A list of prompts runs through the batching scheduler, which takes every option.
+        A bad value is a ValueError with the CLI's one-line message; an unknown keyword a
+        TypeError.
         """
     def stream(
         self,
         prompt: Union[str, Sequence[Message]],
         max_new_tokens: int = 256,
+        *,
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         top_k: Optional[int] = None,
@@ -167,12 +200,21 @@ class LLM:
         seed: Optional[int] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
         ignore_eos: bool = False,
+        speculate: Optional[Speculate] = None,
+        draft_tokens: Optional[Union[int, Literal["auto"]]] = None,
+        json_schema: Optional[Union[Dict[str, Any], str]] = None,
+        grammar: Optional[str] = None,
+        response_format: Optional[Dict[str, Any]] = None,
     ) -> TextStream:
-        """Yields text pieces as they are produced (a list of messages is chat-templated)."""
+        """Yields text pieces as they are produced (a list of messages is chat-templated).
+
+        Takes the keyword arguments of generate().
+        """
     def chat(
         self,
         messages: Sequence[Message],
         max_new_tokens: int = 256,
+        *,
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         top_k: Optional[int] = None,
@@ -181,8 +223,17 @@ class LLM:
         seed: Optional[int] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
         ignore_eos: bool = False,
+        speculate: Optional[Speculate] = None,
+        draft_tokens: Optional[Union[int, Literal["auto"]]] = None,
+        json_schema: Optional[Union[Dict[str, Any], str]] = None,
+        grammar: Optional[str] = None,
+        response_format: Optional[Dict[str, Any]] = None,
     ) -> RequestOutput:
-        """Answers a conversation through the chat template (reasoning apart for harmony models)."""
+        """Answers a conversation through the chat template (reasoning apart for harmony models).
+
+        Takes the keyword arguments of generate(); a grammar constrains a harmony model's whole
+        output, its channel markers included.
+        """
     @property
     def tokenizer(self) -> Tokenizer: ...
     @property

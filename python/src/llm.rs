@@ -1,12 +1,13 @@
 //! `ollm_rs.LLM`: a loaded model with its tokenizer, and the calls that generate from it.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ollm_cli::commands::{ModelArgs, parse_device};
 use ollm_cli::loaded::{Chosen, Loaded, load_embedded, load_text};
 use ollm_cli::planning::{Budgets, describe, make_plan};
-use ollm_engine::{ChatModel, HarmonyMarkers, Session};
+use ollm_cli::speculation::SpecArgs;
+use ollm_engine::{ChatModel, DraftTokens, GrammarCompiler, HarmonyMarkers, Session, SpeculateParams};
 use ollm_residency::plan::{Plan, Tier};
 use ollm_tokenizer::ChatMessage;
 use pyo3::exceptions::PyTypeError;
@@ -17,7 +18,7 @@ use crate::batch::generate_many;
 use crate::errors::{engine, to_py, value_error};
 use crate::interrupt::detached;
 use crate::output::RequestOutput;
-use crate::params::Knobs;
+use crate::params::{Options, draft_name};
 use crate::stream::TextStream;
 use crate::tokenizer::{PyTokenizer, messages};
 
@@ -32,6 +33,12 @@ pub struct Shared {
     pub chat: ChatModel,
     pub budgets: Budgets,
     idle: Mutex<Vec<Session>>,
+    /// The vocabulary made into llguidance's trie, built on the first `json_schema=`,
+    /// `grammar=` or `response_format=` (Err: why this tokenizer cannot have one).
+    grammars: OnceLock<Result<GrammarCompiler, String>>,
+    /// The last draft model `speculate="draft:MODEL"` loaded, by the name given, kept for the
+    /// next call that names it.
+    draft: Mutex<Option<(String, SpeculateParams)>>,
 }
 
 impl Shared {
@@ -85,6 +92,34 @@ impl Shared {
     pub fn harmony(&self) -> Option<HarmonyMarkers> {
         HarmonyMarkers::from_tokenizer(&self.chat.tokenizer)
     }
+
+    /// The grammar compiler of this model's tokenizer, built on first use.
+    pub fn grammar_compiler(&self) -> PyResult<&GrammarCompiler> {
+        let built = self.grammars.get_or_init(|| {
+            let vocab = self.chat.model.info().vocab_size;
+            GrammarCompiler::new(&self.chat.tokenizer, &self.chat.eos_token_ids, vocab).map_err(|e| e.to_string())
+        });
+        built.as_ref().map_err(|e| value_error(format!("structured output cannot be used with this model: {e}")))
+    }
+
+    /// The engine's speculation settings for `spec` (the CLI's `SpecArgs::params`): a draft
+    /// model is loaded on the model's backend the first time it is named and kept while the
+    /// following calls name it.
+    pub fn speculation(&self, spec: &SpecArgs) -> PyResult<Option<SpeculateParams>> {
+        let Some(name) = draft_name(spec) else {
+            return spec.params(&self.loaded, &self.chat.tokenizer).map_err(|e| to_py(&e));
+        };
+        let draft_tokens = spec.draft_tokens.unwrap_or(DraftTokens::Auto);
+        let mut kept = self.draft.lock().map_err(|_| value_error("the draft model cache is poisoned"))?;
+        if let Some((n, p)) = kept.as_ref()
+            && n == name
+        {
+            return Ok(Some(SpeculateParams { method: p.method.clone(), draft_tokens }));
+        }
+        let params = spec.params(&self.loaded, &self.chat.tokenizer).map_err(|e| to_py(&e))?;
+        *kept = params.clone().map(|p| (name.to_string(), p));
+        Ok(params)
+    }
 }
 
 /// A size in bytes: an int, or a string as the CLI takes it ("8GiB", "512MiB", "7.5G").
@@ -102,41 +137,6 @@ fn size(v: Option<&Bound<'_, PyAny>>, name: &str, zero_ok: bool) -> PyResult<Opt
         ))),
         Err(_) => Err(PyTypeError::new_err(format!("{name}: expected an int (bytes) or a string such as \"8GiB\""))),
     }
-}
-
-/// `stop=`: a string or a list of strings.
-fn stops(v: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
-    match v.filter(|v| !v.is_none()) {
-        None => Ok(Vec::new()),
-        Some(v) if v.is_instance_of::<PyString>() => Ok(vec![v.extract()?]),
-        Some(v) => v.extract().map_err(|_| PyTypeError::new_err("stop: expected a string or a list of strings")),
-    }
-}
-
-/// Run-time settings shared by generate, stream and chat.
-#[allow(clippy::too_many_arguments)]
-fn knobs(
-    max_new_tokens: i64,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    min_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<&Bound<'_, PyAny>>,
-    ignore_eos: bool,
-) -> PyResult<Knobs> {
-    Ok(Knobs {
-        max_new_tokens,
-        temperature,
-        top_p,
-        top_k,
-        min_p,
-        repetition_penalty,
-        seed,
-        stop: stops(stop)?,
-        ignore_eos,
-    })
 }
 
 /// A language model loaded for generation.
@@ -199,7 +199,14 @@ impl Llm {
                 let loaded = load_embedded(&args)?;
                 let text = load_text(&loaded.dir)?;
                 let chat = loaded.chat_model(text);
-                Ok(Shared { loaded, chat, budgets, idle: Mutex::new(Vec::new()) })
+                Ok(Shared {
+                    loaded,
+                    chat,
+                    budgets,
+                    idle: Mutex::new(Vec::new()),
+                    grammars: OnceLock::new(),
+                    draft: Mutex::new(None),
+                })
             };
             load().map_err(|e| to_py(&e))
         })?;
@@ -207,43 +214,47 @@ impl Llm {
     }
 
     /// Generates for each prompt (a string, or a list of strings) and returns a list of
-    /// outputs in the same order. Unset sampling settings take the model's defaults
-    /// (generation_config.json; greedy when it does not ask for sampling); temperature=0 is
-    /// greedy. `stop` ends a generation where the text appears (not included); `seed` makes
-    /// sampling repeatable (default: a random one).
-    #[pyo3(signature = (
-        prompts, max_new_tokens = 256, temperature = None, top_p = None, top_k = None, min_p = None,
-        repetition_penalty = None, seed = None, stop = None, ignore_eos = false
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    /// outputs in the same order. Keyword arguments (the same for stream() and chat()):
+    ///
+    /// - temperature, top_p, top_k, min_p, repetition_penalty: unset ones take the model's
+    ///   defaults (generation_config.json; greedy when it does not ask for sampling);
+    ///   temperature=0 is greedy.
+    /// - seed: makes sampling repeatable (default: a random one).
+    /// - stop: a string or a list; generation ends where one appears (not included).
+    /// - ignore_eos: generate max_new_tokens whatever the model says.
+    /// - speculate: "ngram" (continue text seen earlier in the prompt or the answer) or
+    ///   "draft:MODEL" (a small model with the same tokenizer, loaded on first use and kept);
+    ///   greedy text stays the same, sampled text keeps its distribution. draft_tokens: an int
+    ///   or "auto" (default). stats.tokens_per_pass reports the gain.
+    /// - json_schema (a dict or a JSON string), grammar (llguidance's Lark syntax) or
+    ///   response_format (OpenAI's {"type": "json_object" | "json_schema", ...}): the output
+    ///   is constrained to it; one of the three at most. With one of them decoding is plain
+    ///   (speculation is not used).
+    ///
+    /// A list of prompts runs through the engine's continuous-batching scheduler, which takes
+    /// all of these (speculating sequences take their own verification passes).
+    #[pyo3(signature = (prompts, max_new_tokens = 256, **options))]
     fn generate(
         &self,
         py: Python<'_>,
         prompts: &Bound<'_, PyAny>,
         max_new_tokens: i64,
-        temperature: Option<f32>,
-        top_p: Option<f32>,
-        top_k: Option<i64>,
-        min_p: Option<f32>,
-        repetition_penalty: Option<f32>,
-        seed: Option<u64>,
-        stop: Option<&Bound<'_, PyAny>>,
-        ignore_eos: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<RequestOutput>> {
         let texts: Vec<String> = if prompts.is_instance_of::<PyString>() {
             vec![prompts.extract()?]
         } else {
             prompts.extract().map_err(|_| PyTypeError::new_err("prompts: expected a string or a list of strings"))?
         };
-        let k = knobs(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, ignore_eos)?;
+        let o = Options::from_kwargs("generate", max_new_tokens, options)?;
         let shared = &self.shared;
-        let params = k.params(&shared.chat, None)?;
         let ids = texts
             .iter()
             .enumerate()
             .map(|(i, t)| shared.encode_prompt(t, &format!("prompts[{i}]")))
             .collect::<PyResult<Vec<_>>>()?;
         let outs = detached(py, |cancel| {
+            let params = o.params(shared, None)?;
             generate_many(shared, &ids, &params, cancel, &mut |_, _| std::ops::ControlFlow::Continue(()))
                 .map_err(|e| to_py(&e))
         })?;
@@ -253,26 +264,16 @@ impl Llm {
     /// Yields the text of one generation in pieces as they are produced. `prompt` is a string
     /// (a plain prompt) or a list of chat messages (the chat template is applied). The
     /// iterator's `output` holds the whole RequestOutput once it is exhausted. Takes the same
-    /// settings as generate().
-    #[pyo3(signature = (
-        prompt, max_new_tokens = 256, temperature = None, top_p = None, top_k = None, min_p = None,
-        repetition_penalty = None, seed = None, stop = None, ignore_eos = false
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    /// keyword arguments as generate().
+    #[pyo3(signature = (prompt, max_new_tokens = 256, **options))]
     fn stream(
         &self,
+        py: Python<'_>,
         prompt: &Bound<'_, PyAny>,
         max_new_tokens: i64,
-        temperature: Option<f32>,
-        top_p: Option<f32>,
-        top_k: Option<i64>,
-        min_p: Option<f32>,
-        repetition_penalty: Option<f32>,
-        seed: Option<u64>,
-        stop: Option<&Bound<'_, PyAny>>,
-        ignore_eos: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TextStream> {
-        let k = knobs(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, ignore_eos)?;
+        let o = Options::from_kwargs("stream", max_new_tokens, options)?;
         let shared = &self.shared;
         let (ids, harmony) = if prompt.is_instance_of::<PyString>() {
             (shared.encode_prompt(&prompt.extract::<String>()?, "the prompt")?, None)
@@ -281,38 +282,29 @@ impl Llm {
         } else {
             return Err(PyTypeError::new_err("prompt: expected a string or a list of chat messages"));
         };
-        let params = k.params(&shared.chat, harmony)?;
+        let params = detached(py, |_| o.params(shared, harmony))?;
         Ok(TextStream::start(self.shared.clone(), ids, params))
     }
 
     /// Answers a conversation: `messages` is a list of {"role": ..., "content": ...} dicts,
     /// rendered with the model's chat template and the assistant's turn opened. Returns one
     /// RequestOutput; for harmony models (GPT-OSS) `text` is the final answer and `reasoning`
-    /// the analysis. Takes the same settings as generate().
-    #[pyo3(signature = (
-        messages, max_new_tokens = 256, temperature = None, top_p = None, top_k = None, min_p = None,
-        repetition_penalty = None, seed = None, stop = None, ignore_eos = false
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    /// the analysis. Takes the same keyword arguments as generate() (a grammar constrains the
+    /// whole harmony output, its channel markers included).
+    #[pyo3(signature = (messages, max_new_tokens = 256, **options))]
     fn chat(
         &self,
         py: Python<'_>,
         messages: &Bound<'_, PyAny>,
         max_new_tokens: i64,
-        temperature: Option<f32>,
-        top_p: Option<f32>,
-        top_k: Option<i64>,
-        min_p: Option<f32>,
-        repetition_penalty: Option<f32>,
-        seed: Option<u64>,
-        stop: Option<&Bound<'_, PyAny>>,
-        ignore_eos: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<RequestOutput> {
-        let k = knobs(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, ignore_eos)?;
+        let o = Options::from_kwargs("chat", max_new_tokens, options)?;
         let shared = &self.shared;
         let ids = shared.encode_chat(&crate::tokenizer::messages(messages)?)?;
-        let params = k.params(&shared.chat, shared.harmony())?;
+        let harmony = shared.harmony();
         let mut outs = detached(py, |cancel| {
+            let params = o.params(shared, harmony)?;
             generate_many(shared, &[ids], &params, cancel, &mut |_, _| std::ops::ControlFlow::Continue(()))
                 .map_err(|e| to_py(&e))
         })?;

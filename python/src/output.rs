@@ -38,14 +38,26 @@ pub struct Stats {
     pub decode_tok_per_s: f64,
     /// Prompt tokens kept from the previous generation on the same session (not computed).
     pub reused_tokens: usize,
+    /// With `speculate=`: verification passes of the model (None without speculation).
+    pub target_passes: Option<usize>,
+    /// With `speculate=`: tokens drafted, and those the model kept.
+    pub drafted_tokens: Option<usize>,
+    pub accepted_tokens: Option<usize>,
+    /// With `speculate=`: tokens each verification pass produced (1.0 = no gain).
+    pub tokens_per_pass: Option<f64>,
 }
 
 #[pymethods]
 impl Stats {
     fn __repr__(&self) -> String {
         format!(
-            "Stats(prefill_s={:.3}, decode_s={:.3}, prefill_tok_per_s={:.1}, decode_tok_per_s={:.1}, reused_tokens={})",
-            self.prefill_s, self.decode_s, self.prefill_tok_per_s, self.decode_tok_per_s, self.reused_tokens
+            "Stats(prefill_s={:.3}, decode_s={:.3}, prefill_tok_per_s={:.1}, decode_tok_per_s={:.1}, reused_tokens={}{})",
+            self.prefill_s,
+            self.decode_s,
+            self.prefill_tok_per_s,
+            self.decode_tok_per_s,
+            self.reused_tokens,
+            self.tokens_per_pass.map_or(String::new(), |t| format!(", tokens_per_pass={t:.2}"))
         )
     }
 }
@@ -93,6 +105,10 @@ impl From<Generation> for RequestOutput {
             prefill_tok_per_s: s.prefill_tok_per_s(),
             decode_tok_per_s: s.decode_tok_per_s(),
             reused_tokens: s.reused_tokens,
+            target_passes: s.speculation.map(|x| x.passes),
+            drafted_tokens: s.speculation.map(|x| x.drafted),
+            accepted_tokens: s.speculation.map(|x| x.accepted),
+            tokens_per_pass: s.speculation.map(|x| x.tokens_per_pass()),
         };
         Self {
             text: g.text,

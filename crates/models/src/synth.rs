@@ -502,10 +502,16 @@ pub fn synth(
 
 /// The plan of a model shaped like `like` (with `layers` layers if given).
 pub fn plan_like(like: Like, layers: Option<usize>) -> Result<SynthPlan> {
+    plan_like_config(like, like.config(), layers)
+}
+
+/// The plan of a model of `like`'s family with `config` (its [`Like::config`], some fields
+/// changed: a real shape shrunk for tests).
+pub fn plan_like_config(like: Like, config: Value, layers: Option<usize>) -> Result<SynthPlan> {
     match like {
-        Like::GptOss20B => plan_gpt_oss(like.config(), layers),
-        Like::Qwen3Next80B => plan_qwen3_next(like.config(), layers),
-        _ => plan_llama(like.config(), layers),
+        Like::GptOss20B => plan_gpt_oss(config, layers),
+        Like::Qwen3Next80B => plan_qwen3_next(config, layers),
+        _ => plan_llama(config, layers),
     }
 }
 

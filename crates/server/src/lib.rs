@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use ollm_engine::ChatModel;
 
 pub use error::ServerError;
+pub use request::response_format_spec;
 
 /// Everything the server serves: the model, how to talk to it, and the id clients name.
 #[derive(Debug)]

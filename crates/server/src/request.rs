@@ -328,7 +328,20 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
 /// `json_object`, the schema of `json_schema` (compiled now, so a schema the library cannot
 /// compile is a 400 naming it).
 fn response_grammar(rules: &RequestRules, format: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
-    const FIELD: &str = "response_format";
+    let Some(spec) = response_spec(format)? else { return Ok(None) };
+    let compiler = rules.grammar_compiler()?;
+    compiler.compile(&spec).map(Some).map_err(|e| {
+        let at = if matches!(spec, GrammarSpec::JsonSchema(_)) { "response_format.json_schema.schema" } else { FIELD };
+        ApiError::invalid(format!("'{at}': {e}; simplify the schema or fix it").replace('\n', " "), Some(FIELD))
+    })
+}
+
+/// The field [`response_spec`] reads.
+const FIELD: &str = "response_format";
+
+/// What `response_format` asks for, before compiling: none for `text` (or null), any JSON
+/// object for `json_object`, the schema of `json_schema`; a wrong form is a 400 naming it.
+fn response_spec(format: Option<&Value>) -> Result<Option<GrammarSpec>, ApiError> {
     let bad = |msg: String| ApiError::invalid(msg, Some(FIELD));
     let Some(format) = format.filter(|v| !v.is_null()) else { return Ok(None) };
     let spec = match format.get("type").and_then(Value::as_str) {
@@ -352,11 +365,14 @@ fn response_grammar(rules: &RequestRules, format: Option<&Value>) -> Result<Opti
             )));
         }
     };
-    let compiler = rules.grammar_compiler()?;
-    compiler.compile(&spec).map(Some).map_err(|e| {
-        let at = if matches!(spec, GrammarSpec::JsonSchema(_)) { "response_format.json_schema.schema" } else { FIELD };
-        bad(format!("'{at}': {e}; simplify the schema or fix it").replace('\n', " "))
-    })
+    Ok(Some(spec))
+}
+
+/// The grammar an OpenAI-style `response_format` value asks for (None for `text`), as the
+/// server reads it; for other front ends (the Python package). Err: the server's one-line
+/// message saying what is wrong and the form to give.
+pub fn response_format_spec(format: &Value) -> Result<Option<GrammarSpec>, String> {
+    response_spec(Some(format)).map_err(|e| e.message)
 }
 
 fn random_seed() -> u64 {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ollm_models::synth::{Like, harmony_tokenizer_from_tiktoken, synth, synth_headers};
+use ollm_models::synth::{Like, harmony_tokenizer_from_tiktoken, plan_like_config, synth_headers, write_plan};
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
@@ -32,6 +32,20 @@ pub struct SynthArgs {
     /// small disk), which the other commands refuse to run.
     #[arg(long, conflicts_with = "tiktoken")]
     pub headers_only: bool,
+    /// For tests (hidden): change a field of the imitated config.json, KEY=VALUE with VALUE as
+    /// JSON (repeatable), e.g. `--set hidden_size=64` for a model of a few megabytes in the
+    /// real family's tensor names and tokenizer.
+    #[arg(long = "set", value_name = "KEY=VALUE", hide = true, conflicts_with = "headers_only")]
+    pub set: Vec<String>,
+}
+
+/// `--set KEY=VALUE`: VALUE read as JSON (a bare word is a string).
+fn config_change(kv: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let Some((key, value)) = kv.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+        anyhow::bail!("--set '{kv}': expected KEY=VALUE, e.g. hidden_size=64");
+    };
+    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    Ok((key.to_string(), value))
 }
 
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
@@ -59,7 +73,13 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
     );
     let started = std::time::Instant::now();
     let mut total_bytes = 0;
-    synth(a.like, a.layers, &a.out, a.seed, &mut |done, total| {
+    let mut config = a.like.config();
+    for kv in &a.set {
+        let (key, value) = config_change(kv)?;
+        config[key] = value;
+    }
+    let plan = plan_like_config(a.like, config, a.layers)?;
+    write_plan(&plan, &a.out, a.seed, &mut |done, total| {
         total_bytes = total;
         bar.set_length(total);
         bar.set_position(done);
@@ -79,4 +99,23 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
         total_bytes as f64 / 1e9 / secs.max(1e-9)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_changes_read_json_values_and_name_a_missing_key() {
+        let (k, v) = config_change("hidden_size=64").expect("a number");
+        assert_eq!((k.as_str(), v), ("hidden_size", serde_json::json!(64)));
+        let (_, v) = config_change("layer_types=[\"full_attention\"]").expect("a list");
+        assert_eq!(v, serde_json::json!(["full_attention"]));
+        let (_, v) = config_change("model_type=gpt_oss").expect("a bare word");
+        assert_eq!(v, serde_json::json!("gpt_oss"));
+        for bad in ["=3", "hidden_size"] {
+            let e = config_change(bad).expect_err(bad).to_string();
+            assert!(e.contains("KEY=VALUE") && !e.contains('\n'), "{e}");
+        }
+    }
 }
