@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ollm_models::registry::model_bytes;
-use ollm_models::{CausalLm, LogitsWanted, load_model};
+use ollm_models::{CausalLm, LogitsWanted, load_model, load_model_placed};
 use ollm_ops::cpu::CpuBackend;
+use ollm_residency::plan::{Placement, Tier};
 use ollm_weights::Catalog;
 use ollm_weights::format::safetensors_writer::{PlannedTensor, SafetensorsWriter};
 use serde_json::json;
@@ -136,4 +137,37 @@ fn both_spellings_of_one_tensor_are_refused() {
     let e = load_model(tmp.path(), Arc::new(CpuBackend::new())).expect_err("two spellings").to_string();
     assert!(e.contains("language_model.model.norm.weight") && e.contains("model.language_model.norm.weight"), "{e}");
     assert!(!e.contains('\n'), "{e}");
+}
+
+/// Every decoder layer streamed from disk: the streamer finds the renamed tensors in the file,
+/// reads the layers' own bytes (plus alignment) and gives the resident logits.
+#[test]
+fn text_layers_stream_from_a_multimodal_checkpoint() {
+    for case in ["gemma3_mm", "gemma3_mm_v452"] {
+        let be = Arc::new(CpuBackend::new());
+        let resident = load_model_placed(&fixture(case), be.clone(), None).expect("resident");
+        let n = resident.info().n_layers;
+        let placement = Placement { tiers: vec![Tier::Disk; n], slots: 1, staging_buffers: 2, kv: None, experts: None };
+        let streamed = load_model_placed(&fixture(case), be, Some(&placement)).expect("streamed");
+        let run = |m: &Arc<dyn CausalLm>| {
+            let mut st = m.new_state().expect("state");
+            let mut out =
+                m.forward(&[2, 40, 41, 42, 7, 9, 11, 13, 17, 19], &mut st, LogitsWanted::All, None).expect("prefill");
+            out.extend(m.forward(&[23], &mut st, LogitsWanted::Last, None).expect("decode"));
+            out
+        };
+        assert_eq!(run(&streamed), run(&resident), "{case}: streamed logits");
+        let s = streamed.stream_stats().expect("stats");
+        let smallest = model_bytes(&fixture(case)).expect("bytes").layer_bytes.into_iter().min().expect("layers");
+        assert!(s.disk_bytes >= n as u64 * smallest, "{case}: {s:?}");
+        // A layer's tensors lie together in these files (sorted by name): one read each, at most
+        // an alignment block (4 KiB) past each end.
+        let slack = s.disk_bytes.div_ceil(smallest) * 2 * 4096;
+        assert!(
+            s.read_bytes >= s.disk_bytes && s.read_bytes - s.disk_bytes <= slack,
+            "{case}: read {} bytes for {} tensor bytes: {s:?}",
+            s.read_bytes,
+            s.disk_bytes
+        );
+    }
 }
