@@ -12,6 +12,17 @@ Writes OUTDIR/<case>/ for each case of CASES:
                      final_logit_softcapping 3.0, untied head.
     gemma3_hub       Gemma3ForCausalLM, config rewritten into the hub spelling (rope_theta,
                      rope_local_base_freq, rope_scaling null, sliding_window_pattern 2), tied head.
+    gemma3_mm        Gemma3ForConditionalGeneration (tiny SigLIP tower + projector), tied head, tensors as
+                     transformers 5's save_pretrained writes them (language_model.model.*, vision_tower.*,
+                     multi_modal_projector.*); config.json rewritten into gemma-3-4b-it's spelling: a
+                     text_config giving only what differs from Gemma3TextConfig's defaults (8 query / 4
+                     KV heads, 131072 positions, query_pre_attn_scalar 256 ... all defaulted), hub RoPE
+                     keys, eos_token_id [1, 106] at the top level.
+    gemma3_mm_v452   Gemma3ForConditionalGeneration, untied head (top-level tie_word_embeddings false),
+                     the tensors renamed into transformers 4.52-4.57's spelling (model.language_model.*,
+                     lm_head.weight, model.vision_tower.*, model.multi_modal_projector.*) and written by
+                     the safetensors library (sorted by dtype, then name, as those versions wrote them).
+  The multimodal cases' references are the text-only forward (no pixel_values).
   Each: config.json, generation_config.json, model.safetensors (bf16, written by save_pretrained),
   reference.safetensors (F32: logits_f32 [T,V], decode_last_logits_f32 [V], greedy_ids [G]) and
   reference.json (input_ids, greedy_ids, versions, tolerance, note). Gemma cases use sliding_window 8
@@ -35,8 +46,8 @@ import torch
 import transformers
 import safetensors
 from safetensors.torch import save_file, load_file
-from transformers import (AutoModelForCausalLM, GenerationConfig, Gemma3ForCausalLM, Gemma3TextConfig,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (GenerationConfig, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
+                          Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 PINNED = {"torch": "2.15.0", "transformers": "5.25.0", "safetensors": "0.8.0"}
 VOCAB = 320
@@ -74,6 +85,31 @@ CASES = {
                  rope_parameters={
                      "full_attention": dict(rope_type="default", rope_theta=1000000.0),
                      "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})),
+}
+
+# A SigLIP tower as small as it goes: one 8-wide layer over a 2x2 grid of 4x4 patches.
+TINY_VISION = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                   patch_size=4)
+MM = dict(mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298, image_token_index=299)
+MM_CASES = {
+    "gemma3_mm": dict(
+        seed=2005, rename=None,
+        # The text settings as gemma-3-4b-it's config.json gives them: only what differs from the defaults.
+        hub_text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, head_dim=8, vocab_size=VOCAB,
+                      sliding_window=8, sliding_window_pattern=2, model_type="gemma3_text",
+                      rope_scaling=dict(rope_type="linear", factor=8.0)),
+        top=dict(eos_token_id=[1, 106], tie_word_embeddings=True)),
+    "gemma3_mm_v452": dict(
+        seed=2006,
+        rename=[(r"language_model.model.", "model.language_model."), (r"language_model.lm_head.", "lm_head."),
+                ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")],
+        text=dict(COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  sliding_window=8, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={
+                      "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=100000.0),
+                      "sliding_attention": dict(rope_type="default", rope_theta=1000.0)}),
+        top=dict(tie_word_embeddings=False)),
 }
 
 
@@ -190,6 +226,77 @@ def build_case(name, spec, outroot):
     dump_json(ref, os.path.join(d, "reference.json"))
 
 
+def rename_keys(d, pairs):
+    """Rewrites model.safetensors with each name's prefix replaced (the safetensors library's order)."""
+    p = os.path.join(d, "model.safetensors")
+    old = load_file(p)
+    new = {}
+    for k, v in old.items():
+        for a, b in pairs:
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        new[k] = v
+    save_file(new, p, metadata={"format": "pt"})
+    return sorted(new)
+
+
+def build_mm_case(name, spec, outroot):
+    """A Gemma3ForConditionalGeneration: save_pretrained, then the config or the names as another
+    writer spelled them; transformers must reload that to the same logits."""
+    d = os.path.join(outroot, name)
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    text = copy.deepcopy(spec.get("text") or spec["hub_text"])
+    text.pop("model_type", None)
+    cfg = Gemma3Config(text_config=text, vision_config=dict(TINY_VISION), **MM, **spec["top"])
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(cfg).to(torch.float32)
+    perturb_(model, torch.Generator().manual_seed(spec["seed"]), True)
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=1)
+    model.to(torch.bfloat16).save_pretrained(d)
+    ids = prompt_ids()
+    full, dec, gen = references(load_f32(d, Gemma3ForConditionalGeneration), ids)
+    keys = sorted(load_file(os.path.join(d, "model.safetensors")).keys())
+    assert all(k.startswith(("language_model.", "vision_tower.", "multi_modal_projector.")) for k in keys), keys
+    assert any(k.startswith("vision_tower.") for k in keys), keys
+    assert ("language_model.lm_head.weight" in keys) == (not spec["top"]["tie_word_embeddings"]), keys
+    note = ("f32 reference of the text-only forward (no pixel_values): bf16 weights loaded with dtype=float32, "
+            "attn_implementation='eager', CPU. logits_f32 = full forward on input_ids; decode_last_logits_f32 = "
+            f"prefill input_ids[:-1] then decode input_ids[-1]; greedy_ids = {G} argmax tokens (EOS disabled).")
+    if "hub_text" in spec:
+        p = os.path.join(d, "config.json")
+        with open(p) as f:
+            c = json.load(f)
+        c["text_config"] = dict(spec["hub_text"])
+        c["torch_dtype"] = c.pop("dtype")
+        c.update(spec["top"])
+        c.pop("tie_word_embeddings")      # the hub's 4b/12b configs leave it out (default true)
+        with open(p, "w") as f:
+            json.dump(c, f, indent=2, sort_keys=True)
+            f.write("\n")
+        note += " config.json rewritten into gemma-3-4b-it's spelling (text_config lists only non-defaults)."
+    if spec["rename"]:
+        keys = rename_keys(d, spec["rename"])
+        assert not any(k.startswith("language_model.") for k in keys), keys
+        note += " Tensors renamed into transformers 4.52-4.57's spelling, written by safetensors.save_file."
+    m2 = load_f32(d, Gemma3ForConditionalGeneration)
+    full2, dec2, gen2 = references(m2, ids)
+    diff = max((full2 - full).abs().max().item(), (dec2 - dec).abs().max().item())
+    dd = (dec - full[-1]).abs().max().item()
+    print(f"[{name}] logits std {full.std():.3f}  |decode-full| {dd:.2e}  reload max |Δ| {diff:.3e}  greedy {gen}")
+    assert diff == 0.0 and gen2 == gen and dd < 1e-4
+    save_file({"logits_f32": full.contiguous(), "decode_last_logits_f32": dec.contiguous(),
+               "greedy_ids": torch.tensor(gen, dtype=torch.float32)},
+              os.path.join(d, "reference.safetensors"),
+              metadata={"generator": "scripts/make_golden_dense.py (versions in reference.json)"})
+    ref = {"input_ids": ids, "generator": "scripts/make_golden_dense.py",
+           "transformers": transformers.__version__, "torch": torch.__version__,
+           "tolerance_abs": 1e-4, "greedy_ids": gen, "note": note}
+    dump_json(ref, os.path.join(d, "reference.json"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir", nargs="?", default=os.path.join(os.path.dirname(__file__), "..",
@@ -202,6 +309,9 @@ def main():
     for name, spec in CASES.items():
         if a.only in (None, name):
             build_case(name, spec, a.outdir)
+    for name, spec in MM_CASES.items():
+        if a.only in (None, name):
+            build_mm_case(name, spec, a.outdir)
 
 
 if __name__ == "__main__":

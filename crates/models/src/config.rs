@@ -27,6 +27,9 @@ const FIX: &str = "the file is corrupt or hand-edited; restore the checkpoint's 
 pub struct RawConfig {
     pub path: PathBuf,
     pub json: Map<String, Value>,
+    /// Where these keys sit in the file, for messages: "" at the top, "text_config." for the
+    /// text settings of a multimodal checkpoint ([`RawConfig::nested`]).
+    pub section: String,
 }
 
 impl RawConfig {
@@ -43,14 +46,41 @@ impl RawConfig {
 
     pub fn parse(path: PathBuf, text: &str) -> Result<Self> {
         match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(json)) => Ok(Self { path, json }),
+            Ok(Value::Object(json)) => Ok(Self { path, json, section: String::new() }),
             Ok(_) => Err(ModelError::Config { path, field: "(file)".into(), detail: "not a JSON object".into() }),
             Err(e) => Err(ModelError::Config { path, field: "(file)".into(), detail: format!("invalid JSON: {e}") }),
         }
     }
 
     pub fn err(&self, field: &str, detail: impl Into<String>) -> ModelError {
-        ModelError::Config { path: self.path.clone(), field: field.into(), detail: detail.into() }
+        ModelError::Config { path: self.path.clone(), field: self.field(field), detail: detail.into() }
+    }
+
+    /// `key` as the file spells its place (`text_config.rope_theta` in a nested section).
+    pub fn field(&self, key: &str) -> String {
+        format!("{}{key}", self.section)
+    }
+
+    /// The settings under `key` (a multimodal checkpoint's `text_config`) as a config of their
+    /// own: `defaults` (the nested config class's, for the fields it may omit), then the
+    /// section's own keys, then each of `from_top` that the whole model decides (its top-level
+    /// value, else the given default; none: left as it is). Its errors name `key.field`.
+    pub fn nested(&self, key: &str, defaults: Map<String, Value>, from_top: &[(&str, Option<Value>)]) -> Result<Self> {
+        let section = match self.json.get(key) {
+            Some(Value::Object(m)) => m,
+            None | Some(Value::Null) => return Err(self.err(key, "missing (required for this architecture)")),
+            Some(other) => return Err(self.err(key, format!("expected an object, found {other}"))),
+        };
+        let mut json = defaults;
+        for (k, v) in section {
+            json.insert(k.clone(), v.clone());
+        }
+        for (k, default) in from_top {
+            if let Some(v) = self.get(k).cloned().or_else(|| default.clone()) {
+                json.insert((*k).to_string(), v);
+            }
+        }
+        Ok(Self { path: self.path.clone(), json, section: format!("{}{key}.", self.section) })
     }
 
     /// The value of `key`, treating JSON null as absent.
@@ -249,7 +279,7 @@ impl RawConfig {
             other => {
                 return Err(ModelError::Unsupported {
                     path: self.path.clone(),
-                    field: format!("{dict_key}.rope_type"),
+                    field: self.field(&format!("{dict_key}.rope_type")),
                     value: other.to_string(),
                     supported: "default, linear, llama3, yarn".into(),
                 });

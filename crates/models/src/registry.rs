@@ -41,9 +41,59 @@ pub struct Family {
     pub uses: fn(&str) -> bool,
 }
 
-/// `dir`'s checkpoint without the tensors `family` does not read.
-fn open_catalog(dir: &Path, family: &Family) -> Result<Catalog> {
-    let mut catalog = Catalog::open_dir(dir)?;
+/// A checkpoint that keeps a family's language model beside other towers (a vision encoder and
+/// its projector): the text settings nested in a section of config.json, the text tensors under
+/// other names. The family runs the text part; the other towers are dropped by name.
+#[derive(Debug)]
+pub struct Wrapper {
+    /// `architectures[0]` of config.json (and the `model_type` spelling).
+    pub architectures: &'static [&'static str],
+    /// The family that runs the text part.
+    pub family: &'static Family,
+    /// The config.json key of the text settings (`text_config`).
+    pub section: &'static str,
+    /// The text config class's defaults for the fields the section may omit.
+    pub text_defaults: fn() -> serde_json::Map<String, serde_json::Value>,
+    /// Keys the top level decides over the section: (key, default when the top level lacks it).
+    pub from_top: fn() -> Vec<(&'static str, Option<serde_json::Value>)>,
+    /// Checkpoint name prefix → the family's (one pair per spelling a writer used).
+    pub renames: &'static [(&'static str, &'static str)],
+}
+
+/// The wrapped checkpoints this build runs the text part of.
+pub const WRAPPERS: [&Wrapper; 1] = [&crate::gemma3::WRAPPER];
+
+/// A model directory's config, read as the family that runs it sees it.
+#[derive(Debug)]
+struct Resolved {
+    family: &'static Family,
+    /// The architecture config.json names.
+    arch: String,
+    /// The family's config: the file's, or a wrapper's text section.
+    raw: RawConfig,
+    wrapper: Option<&'static Wrapper>,
+}
+
+/// Reads `dir`'s config.json and finds its family (through a wrapper for a multimodal
+/// checkpoint: its text section, with the defaults filled in).
+fn resolve(dir: &Path) -> Result<Resolved> {
+    let raw = RawConfig::read(dir)?;
+    let arch = raw.architecture()?;
+    if let Some(w) = WRAPPERS.iter().find(|w| w.architectures.contains(&arch.as_str())) {
+        let text = raw.nested(w.section, (w.text_defaults)(), &(w.from_top)())?;
+        return Ok(Resolved { family: w.family, arch, raw: text, wrapper: Some(w) });
+    }
+    let (family, arch) = family(&raw)?;
+    Ok(Resolved { family, arch, raw, wrapper: None })
+}
+
+/// `dir`'s checkpoint without the tensors the family does not read (a wrapper's text tensors
+/// renamed to the family's names first).
+fn open_catalog(dir: &Path, r: &Resolved) -> Result<Catalog> {
+    let (family, mut catalog) = (r.family, Catalog::open_dir(dir)?);
+    if let Some(w) = r.wrapper {
+        catalog.rename_prefixes(w.renames)?;
+    }
     let dropped = catalog.retain(family.uses);
     if !dropped.is_empty() {
         tracing::debug!("{}: {} tensors the model does not use are skipped", dir.display(), dropped.len());
@@ -61,9 +111,10 @@ pub const FAMILIES: [&Family; 6] = [
     &crate::gemma3::FAMILY,
 ];
 
-/// Architectures this build can run (each family's first spelling).
+/// Architectures this build can run (each family's and wrapper's first spelling).
 pub fn supported() -> Vec<&'static str> {
-    FAMILIES.iter().filter_map(|f| f.architectures.first().copied()).collect()
+    let wrapped = WRAPPERS.iter().filter_map(|w| w.architectures.first().copied());
+    FAMILIES.iter().filter_map(|f| f.architectures.first().copied()).chain(wrapped).collect()
 }
 
 /// The family of `raw`'s architecture.
@@ -87,7 +138,8 @@ pub fn load_model_placed(
     backend: Arc<dyn Backend>,
     placement: Option<&Placement>,
 ) -> Result<Arc<dyn CausalLm>> {
-    let raw = RawConfig::read(dir)?;
+    let r = resolve(dir)?;
+    let raw = &r.raw;
     // OLLM_ALLOW_HEADERS_ONLY=1 runs one anyway (every weight zero): to measure the device
     // memory of a shape larger than the disk, never its speed or its output.
     if raw.bool_or(crate::synth::HEADERS_ONLY_KEY, false)? && std::env::var_os("OLLM_ALLOW_HEADERS_ONLY").is_none() {
@@ -96,12 +148,11 @@ pub fn load_model_placed(
             "this model was written by `ollm synth --headers-only`: it has no weights; only `ollm plan` reads it (synth without --headers-only writes one that runs)",
         ));
     }
-    let (family, arch) = family(&raw)?;
     // The config is checked before the catalog is opened.
-    let n_layers = (family.dims)(&raw)?.n_layers;
-    let catalog = open_catalog(dir, family)?;
+    let n_layers = (r.family.dims)(raw)?.n_layers;
+    let catalog = open_catalog(dir, &r)?;
     let all = Placement::resident(n_layers);
-    (family.load)(&raw, arch, &catalog, backend, placement.unwrap_or(&all))
+    (r.family.load)(raw, r.arch.clone(), &catalog, backend, placement.unwrap_or(&all))
 }
 
 fn unsupported(raw: &RawConfig, arch: &str) -> ModelError {
@@ -172,11 +223,11 @@ pub struct Dims {
 
 /// Reads a model directory's sizes for planning.
 pub fn model_bytes(dir: &Path) -> Result<ModelBytes> {
-    let raw = RawConfig::read(dir)?;
-    let (family, arch) = family(&raw)?;
-    let d = (family.dims)(&raw)?;
+    let r = resolve(dir)?;
+    let d = (r.family.dims)(&r.raw)?;
     let (n_layers, moe) = (d.n_layers, d.moe);
-    let catalog = open_catalog(dir, family)?;
+    let catalog = open_catalog(dir, &r)?;
+    let Resolved { family, arch, raw, .. } = r;
     let mut layer_bytes = vec![0u64; n_layers];
     let mut resident_bytes = 0u64;
     let mut expert_bytes = 0u64;
@@ -232,8 +283,7 @@ pub fn layer_parts(
     dir: &Path,
     layers: &[usize],
 ) -> Result<(Vec<std::path::PathBuf>, Vec<Vec<ollm_residency::stream::Part>>)> {
-    let (family, _) = family(&RawConfig::read(dir)?)?;
-    let catalog = open_catalog(dir, family)?;
+    let catalog = open_catalog(dir, &resolve(dir)?)?;
     let parts = layers
         .iter()
         .map(|l| {

@@ -1,7 +1,8 @@
 //! Golden tests: the dense forwards on the CPU backend against transformers (fp32 math on the
 //! same bf16 weights): Llama recorded by scripts/make_golden_llama.py (transformers 5.17), Qwen2,
-//! Qwen3 and Gemma 3 by scripts/make_golden_dense.py (transformers 5.25; the Gemma prompts are
-//! longer than their sliding window), into fixtures/golden/.
+//! Qwen3, Gemma 3 and the text part of two Gemma3ForConditionalGeneration checkpoints (both
+//! tensor spellings, a vision tower beside) by scripts/make_golden_dense.py (transformers 5.25;
+//! the Gemma prompts are longer than their sliding window), into fixtures/golden/.
 //!
 //! Tolerance: 1e-4 absolute on logits (their std is ≈ 1). f32 math on bf16 weights agrees with
 //! torch's f32 path to ~2e-6 in practice; 1e-4 leaves room for summation order only.
@@ -14,7 +15,16 @@ use ollm_ops::cpu::CpuBackend;
 use ollm_weights::Catalog;
 
 const TOL_ABS: f32 = 1e-4;
-const CASES: [&str; 6] = ["llama3_tied", "headdim_untied", "qwen2_biased", "qwen3_qknorm", "gemma3_v5", "gemma3_hub"];
+const CASES: [&str; 8] = [
+    "llama3_tied",
+    "headdim_untied",
+    "qwen2_biased",
+    "qwen3_qknorm",
+    "gemma3_v5",
+    "gemma3_hub",
+    "gemma3_mm",
+    "gemma3_mm_v452",
+];
 
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden").join(case)

@@ -124,6 +124,38 @@ impl Catalog {
         dropped
     }
 
+    /// Gives tensors the names a model reads: a name that starts with the first prefix of a
+    /// pair takes the second instead (the first pair that matches; other names are kept). A
+    /// multimodal checkpoint keeps its language model under `language_model.model.` (or
+    /// `model.language_model.`); its text model reads `model.`. Two tensors that would take one
+    /// name are an error (the catalog is then left empty). Returns how many were renamed.
+    pub fn rename_prefixes(&mut self, pairs: &[(&str, &str)]) -> Result<usize> {
+        let mut renamed = 0;
+        let mut out = BTreeMap::new();
+        // New name -> the checkpoint's name, for the message on a clash.
+        let mut origin: BTreeMap<String, String> = BTreeMap::new();
+        for (name, mut entry) in std::mem::take(&mut self.entries) {
+            if let Some(new) =
+                pairs.iter().find_map(|(from, to)| name.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+            {
+                entry.name = new;
+                renamed += 1;
+            }
+            if let Some(first) = origin.insert(entry.name.clone(), name.clone()) {
+                return Err(WeightsError::Index {
+                    path: self.files[entry.file].path().to_path_buf(),
+                    detail: format!(
+                        "tensors '{first}' and '{name}' are both the model's '{}' (two spellings of one tensor; keep one)",
+                        entry.name
+                    ),
+                });
+            }
+            out.insert(entry.name.clone(), entry);
+        }
+        self.entries = out;
+        Ok(renamed)
+    }
+
     /// All tensors, by name.
     pub fn entries(&self) -> impl Iterator<Item = &TensorEntry> {
         self.entries.values()

@@ -170,7 +170,7 @@ fn ropes(c: &RawConfig, max_positions: usize) -> Result<((f64, RopeScaling), (f6
                 if let Some(d) = m.get(key) {
                     json.insert("rope_parameters".into(), d.clone());
                 }
-                let one = RawConfig { path: c.path.clone(), json };
+                let one = RawConfig { path: c.path.clone(), json, section: c.section.clone() };
                 let named = |field: String| field.replace("rope_parameters", &format!("rope_parameters.{key}"));
                 one.rope(theta, max_positions).map_err(|e| match e {
                     ModelError::Config { path, field, detail } => {

@@ -1,12 +1,15 @@
 //! Gemma 3 text (`Gemma3ForCausalLM`, docs/models.md §8.2): sliding-window layers with a local
 //! RoPE between full ones with a global (optionally linearly scaled) RoPE, per-head q/k norms,
 //! zero-centred pre- and post-norms around attention and MLP, a GELU(tanh) gated MLP, embeddings
-//! scaled by √hidden, `query_pre_attn_scalar`, optional final logit softcapping, a tied head.
+//! scaled by √hidden, `query_pre_attn_scalar`, optional final logit softcapping, a tied head; and
+//! the text part of `Gemma3ForConditionalGeneration` checkpoints ([`WRAPPER`]).
 
+mod conditional;
 mod config;
 mod forward;
 pub mod tensors;
 
+pub use conditional::WRAPPER;
 pub use config::{Gemma3Config, LayerKind};
 pub use forward::{Gemma3, scratch_bytes};
 
