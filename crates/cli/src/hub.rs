@@ -14,8 +14,13 @@ use crate::demo::cache_root;
 
 /// Files a model directory needs (besides the weights).
 const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
-const OPTIONAL: [&str; 4] =
-    ["generation_config.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
+const OPTIONAL: [&str; 5] = [
+    "generation_config.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+];
 const SINGLE_WEIGHTS: &str = "model.safetensors";
 const SHARD_INDEX: &str = "model.safetensors.index.json";
 

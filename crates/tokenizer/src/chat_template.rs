@@ -1,7 +1,8 @@
 //! Hugging Face chat templates rendered with minijinja.
 //!
 //! Templates come from `tokenizer_config.json` (`chat_template`: a string, or a list of named
-//! templates) or a `chat_template.jinja` file. They are Jinja written for Python, so string
+//! templates), a `chat_template.jinja` file or a `chat_template.json` (`{"chat_template": …}`, as
+//! multimodal checkpoints ship it). They are Jinja written for Python, so string
 //! methods (`.strip()`, `.startswith()` …) go through minijinja-contrib's pycompat layer, and the
 //! environment uses HF's settings (trim_blocks, lstrip_blocks, `raise_exception`).
 //!
@@ -77,10 +78,20 @@ impl ChatTemplate {
         };
         let (bos, eos) = (token_string(cfg.get("bos_token")), token_string(cfg.get("eos_token")));
         let jinja_path = dir.join("chat_template.jinja");
+        let json_path = dir.join("chat_template.json");
         let (source, name) = if jinja_path.exists() {
             let s = std::fs::read_to_string(&jinja_path)
                 .map_err(|e| TokenizerError::Load { path: jinja_path.clone(), detail: e.to_string() })?;
             (s, jinja_path.display().to_string())
+        } else if json_path.exists() {
+            // Multimodal checkpoints (gemma-3-*-it) keep the processor's template here.
+            let load = |detail: String| TokenizerError::Load { path: json_path.clone(), detail };
+            let text = std::fs::read_to_string(&json_path).map_err(|e| load(e.to_string()))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| load(format!("invalid JSON: {e}")))?;
+            match v.get("chat_template") {
+                Some(Value::String(s)) => (s.clone(), json_path.display().to_string()),
+                _ => return Err(load("no 'chat_template' string; fix or remove the file".into())),
+            }
         } else {
             match cfg.get("chat_template") {
                 Some(Value::String(s)) => (s.clone(), cfg_path.display().to_string()),
@@ -261,7 +272,16 @@ mod tests {
         std::fs::write(dir.join("tokenizer_config.json"), cfg).expect("write");
         let t = ChatTemplate::from_dir(&dir).expect("loads").expect("present");
         assert_eq!(t.render(&[], false).expect("renders"), "<s>D</s>");
-        // chat_template.jinja wins over tokenizer_config.json.
+        // chat_template.json (multimodal checkpoints) wins over tokenizer_config.json ...
+        std::fs::write(dir.join("chat_template.json"), r#"{"chat_template": "M{{ messages[0].content }}"}"#)
+            .expect("write");
+        let t = ChatTemplate::from_dir(&dir).expect("loads").expect("present");
+        assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).expect("renders"), "Mx");
+        // ... and a chat_template.json without the string is an error naming the file.
+        std::fs::write(dir.join("chat_template.json"), r#"{"template": "M"}"#).expect("write");
+        let e = ChatTemplate::from_dir(&dir).err().expect("refused").to_string();
+        assert!(e.contains("chat_template.json") && e.contains("'chat_template'"), "{e}");
+        // chat_template.jinja wins over both.
         std::fs::write(dir.join("chat_template.jinja"), "J{{ messages[0].content }}").expect("write");
         let t = ChatTemplate::from_dir(&dir).expect("loads").expect("present");
         assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).expect("renders"), "Jx");
