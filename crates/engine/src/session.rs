@@ -141,7 +141,7 @@ impl Session {
     /// forward, [`commit`](Self::commit) the same ids and [`check_logits`](Self::check_logits)
     /// what came back, or [`forward_failed`](Self::forward_failed) when it failed.
     pub fn batch_item<'a>(&'a mut self, ids: &'a [u32], wanted: LogitsWanted) -> BatchSeq<'a> {
-        BatchSeq { ids, state: &mut self.state, wanted }
+        BatchSeq::new(ids, &mut self.state, wanted)
     }
 
     /// Records `ids` as fed (the state took them in a forward).
@@ -243,7 +243,7 @@ impl Session {
         let mut items: Vec<BatchSeq<'_>> = sessions
             .iter_mut()
             .zip(feeds)
-            .map(|(s, ids)| BatchSeq { ids, state: &mut s.state, wanted: LogitsWanted::All })
+            .map(|(s, ids)| BatchSeq::new(ids, &mut s.state, LogitsWanted::All))
             .collect();
         let out = model.forward_batch(&mut items);
         drop(items);
