@@ -88,7 +88,7 @@ impl SpecArgs {
                 Speculate::Draft(Arc::new(draft))
             }
         };
-        Ok(Some(SpeculateParams { method, draft_tokens }))
+        Ok(Some(SpeculateParams::new(method, draft_tokens)))
     }
 }
 
