@@ -20,6 +20,14 @@
 //! acceptance, restored; the kept tokens then ride along in the next round's forward as a
 //! backlog (extra rows in a pass that happens anyway, not an extra pass over the weights).
 //! The prefix cache stores only at the first token, from the prompt, so never a drafted token.
+//!
+//! Trees: where the target takes them ([`CausalLm::supports_tree`](ollm_models::CausalLm::supports_tree)),
+//! the drafter proposes several candidate continuations ([`Drafter::draft_tree`]), the forward
+//! follows the tree ([`Proposal::tree`], [`Session::score_tree`]) and [`verify_tree`] walks it.
+//! Every node took a cache row in node order; nodes are numbered depth first with the first
+//! candidate first, so an accepted path that is the nodes `0..m` is kept by truncation. A path that
+//! turns into a later branch is truncated where it leaves the node order, and the rest of it rides
+//! along in the next round's forward, as a recurrent state's kept tokens do (docs/architecture.md).
 
 pub mod draft;
 pub mod ngram;
