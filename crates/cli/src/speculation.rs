@@ -88,14 +88,19 @@ impl SpecArgs {
                 Speculate::Draft(Arc::new(draft))
             }
         };
-        Ok(Some(SpeculateParams { method, draft_tokens }))
+        Ok(Some(SpeculateParams::new(method, draft_tokens)))
     }
 }
 
-/// ` | 3.42 tokens per target pass, 61% of 120 drafts kept` for the stats line.
+/// ` | 3.42 tokens per target pass, 61% of 120 drafts kept` for the stats line, and
+/// `, 9 passes verified a tree` when drafts branched (tree nodes count as drafts).
 pub fn describe(s: &SpecStats) -> String {
+    let trees = match s.tree_passes {
+        0 => String::new(),
+        n => format!(", {n} passes verified a tree"),
+    };
     format!(
-        " | {:.2} tokens per target pass, {:.0}% of {} drafts kept",
+        " | {:.2} tokens per target pass, {:.0}% of {} drafts kept{trees}",
         s.tokens_per_pass(),
         100.0 * s.acceptance(),
         s.drafted
@@ -114,5 +119,13 @@ mod tests {
             let e = parse_method(bad).expect_err(bad);
             assert!(e.contains("draft:MODEL") && !e.contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn the_stats_line_names_tree_passes_only_when_there_were_some() {
+        let chain = SpecStats { passes: 10, drafted: 40, accepted: 20, ..SpecStats::default() };
+        assert_eq!(describe(&chain), " | 3.00 tokens per target pass, 50% of 40 drafts kept");
+        let tree = SpecStats { tree_passes: 9, ..chain };
+        assert_eq!(describe(&tree), " | 3.00 tokens per target pass, 50% of 40 drafts kept, 9 passes verified a tree");
     }
 }

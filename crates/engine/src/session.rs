@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{PrefixCache, PrefixConfig, Restored, Stored};
-use ollm_models::{BatchSeq, CausalLm, LogitsWanted, SeqState, TraceSink};
+use ollm_models::{BatchSeq, CausalLm, LogitsWanted, SeqState, TraceSink, TreeMask};
 
 use crate::{EngineError, Result};
 
@@ -141,7 +141,7 @@ impl Session {
     /// forward, [`commit`](Self::commit) the same ids and [`check_logits`](Self::check_logits)
     /// what came back, or [`forward_failed`](Self::forward_failed) when it failed.
     pub fn batch_item<'a>(&'a mut self, ids: &'a [u32], wanted: LogitsWanted) -> BatchSeq<'a> {
-        BatchSeq { ids, state: &mut self.state, wanted }
+        BatchSeq::new(ids, &mut self.state, wanted)
     }
 
     /// Records `ids` as fed (the state took them in a forward).
@@ -236,14 +236,30 @@ impl Session {
     /// [`score`](Self::score) would: a scheduler's speculative verification of many sequences
     /// in one pass over the weights. On an error, recurrent states start over.
     pub fn score_batch(sessions: &mut [&mut Session], feeds: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        Self::score_batch_trees(sessions, feeds, &vec![None; feeds.len()])
+    }
+
+    /// [`score_batch`](Self::score_batch) where a feed may be the nodes of a tree (`trees[i]`
+    /// Some, one node per id; the model must [`support trees`](CausalLm::supports_tree)): each
+    /// node's row is the logits after its own path. Every fed id takes a cache position, in
+    /// order; keep a path by rolling back to where it stops being a prefix of the feed.
+    pub fn score_batch_trees(
+        sessions: &mut [&mut Session],
+        feeds: &[Vec<u32>],
+        trees: &[Option<&TreeMask>],
+    ) -> Result<Vec<Vec<f32>>> {
         let Some(model) = sessions.first().map(|s| s.model.clone()) else { return Ok(Vec::new()) };
-        if sessions.len() != feeds.len() || sessions.iter().any(|s| !Arc::ptr_eq(&s.model, &model)) {
+        if sessions.len() != feeds.len()
+            || trees.len() != feeds.len()
+            || sessions.iter().any(|s| !Arc::ptr_eq(&s.model, &model))
+        {
             return Err(EngineError::Batch { sessions: sessions.len(), feeds: feeds.len() });
         }
         let mut items: Vec<BatchSeq<'_>> = sessions
             .iter_mut()
             .zip(feeds)
-            .map(|(s, ids)| BatchSeq { ids, state: &mut s.state, wanted: LogitsWanted::All })
+            .zip(trees)
+            .map(|((s, ids), &tree)| BatchSeq { tree, ..BatchSeq::new(ids, &mut s.state, LogitsWanted::All) })
             .collect();
         let out = model.forward_batch(&mut items);
         drop(items);
@@ -261,6 +277,14 @@ impl Session {
                 Err(e.into())
             }
         }
+    }
+
+    /// Feeds the nodes of a tree in one forward ([`score_batch_trees`](Self::score_batch_trees)
+    /// for this session alone) and returns every node's logits, `[ids.len(), vocab]`.
+    pub fn score_tree(&mut self, ids: &[u32], tree: &TreeMask) -> Result<Vec<f32>> {
+        let feeds = [ids.to_vec()];
+        let mut out = Self::score_batch_trees(&mut [self], &feeds, &[Some(tree)])?;
+        Ok(out.pop().unwrap_or_default())
     }
 
     /// Feeds one token and returns the next-token logits.

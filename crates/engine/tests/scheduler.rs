@@ -200,9 +200,8 @@ fn speculating_requests_beside_plain_ones_give_plain_greedy_tokens() {
     let mut sched = Scheduler::new(model.clone(), tok.clone(), cfg, Box::new(move || Session::new(m.clone())));
     let out: Results = Arc::default();
     for (key, prompt) in prompts.iter().enumerate() {
-        let speculate = (key % 2 == 0).then(|| ollm_engine::SpeculateParams {
-            method: ollm_engine::Speculate::Ngram,
-            draft_tokens: ollm_engine::DraftTokens::Fixed(4),
+        let speculate = (key % 2 == 0).then(|| {
+            ollm_engine::SpeculateParams::new(ollm_engine::Speculate::Ngram, ollm_engine::DraftTokens::Fixed(4))
         });
         let params = GenerateParams { speculate, ..plain.clone() };
         let sink = Collect { key, streamed: String::new(), cancel_after: None, tokens: 0, out: out.clone() };

@@ -98,12 +98,17 @@ fn params(max_new_tokens: usize, speculate: Option<SpeculateParams>) -> Generate
 }
 
 fn ngram(k: DraftTokens) -> Option<SpeculateParams> {
-    Some(SpeculateParams { method: Speculate::Ngram, draft_tokens: k })
+    Some(SpeculateParams::new(Speculate::Ngram, k))
 }
 
 fn drafted_by(draft: &Arc<dyn CausalLm>, tok: &Tokenizer, k: DraftTokens) -> Option<SpeculateParams> {
     let model = DraftModel::new(draft.clone(), tok, tok).expect("same tokenizer");
-    Some(SpeculateParams { method: Speculate::Draft(Arc::new(model)), draft_tokens: k })
+    Some(SpeculateParams::new(Speculate::Draft(Arc::new(model)), k))
+}
+
+/// [`drafted_by`] drafting chains only (no sibling candidates).
+fn drafted_by_chain(draft: &Arc<dyn CausalLm>, tok: &Tokenizer, k: DraftTokens) -> Option<SpeculateParams> {
+    drafted_by(draft, tok, k).map(|p| SpeculateParams { trees: false, ..p })
 }
 
 fn run(session: &mut Session, tok: &Tokenizer, prompt: &[u32], p: &GenerateParams) -> Generation {
@@ -152,14 +157,142 @@ fn greedy_speculation_equals_plain_greedy_on_every_family() {
         ngram_accepted += s.accepted;
         let s = same_as_plain(&model, &tok, &p, 40, drafted_by(&draft, &tok, DraftTokens::Fixed(4)), name);
         assert!(s.drafted > 0 && s.accepted < s.drafted, "{name} random draft: {s:?}");
-        // The target as its own draft: every draft kept, a bonus token per pass.
-        let s = same_as_plain(&model, &tok, &p, 40, drafted_by(&model, &tok, DraftTokens::Fixed(4)), name);
+        // The target as its own draft, drafting chains: every draft kept, a bonus token per pass.
+        let s = same_as_plain(&model, &tok, &p, 40, drafted_by_chain(&model, &tok, DraftTokens::Fixed(4)), name);
         assert_eq!(s.accepted, s.drafted, "{name} self draft: {s:?}");
         assert!(s.tokens_per_pass() > 4.0, "{name} self draft: {s:?}");
         let s = same_as_plain(&model, &tok, &p, 60, ngram(DraftTokens::Auto), &format!("{name} auto"));
         assert!(s.drafted > 0, "{name} auto: {s:?}");
     }
     assert!(ngram_accepted > 0, "no family's output repeated itself: the n-gram drafts were never kept");
+}
+
+/// Drafts as trees (a draft model's chain with sibling candidates near the root, the n-gram
+/// lookup's several continuations): speculative greedy output equals plain greedy on every
+/// family; Llama and GPT-OSS verify trees in one forward (every pass with the draft model
+/// branches), Qwen3-Next falls back to chains. Some kept path runs through a later sibling, so
+/// its tail rides along in the next forward (`branch_refed`). Tokens per pass are counted
+/// right: the generation is the first token plus, per pass, the kept drafts and the target's.
+#[test]
+fn tree_speculation_equals_plain_greedy_and_counts_tokens_per_pass() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let families: [(&str, Write, bool); 3] =
+        [("llama", llama, true), ("gpt-oss", gpt_oss, true), ("qwen3-next", qwen3_next, false)];
+    let mut branch_refed = 0;
+    for (name, write, trees) in families {
+        let (target_dir, draft_dir) = (dir.path().join(name), dir.path().join(format!("{name}-draft")));
+        write(&target_dir, 4, 3);
+        // The draft: the target's first layer alone (the same seed writes the same tensors), so
+        // its runner-up candidates are sometimes the target's choice.
+        write(&draft_dir, 1, 3);
+        let (model, tok) = load(&target_dir);
+        let (draft, _) = load(&draft_dir);
+        assert_eq!(model.supports_tree(), trees, "{name}");
+        let p = prompt(300);
+        for (what, spec, n) in [
+            ("shallow draft", drafted_by(&draft, &tok, DraftTokens::Fixed(9)), 50),
+            ("self draft", drafted_by(&model, &tok, DraftTokens::Fixed(9)), 50),
+            ("ngram", ngram(DraftTokens::Fixed(12)), 60),
+        ] {
+            let what = format!("{name} {what}");
+            let plain = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &params(n, None));
+            let fast = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &params(n, spec));
+            assert_eq!(fast.ids, plain.ids, "{what}: speculative greedy differs from plain greedy");
+            let s = fast.stats.speculation.expect("speculation stats");
+            assert_eq!(fast.ids.len(), 1 + s.passes + s.accepted, "{what}: {s:?}");
+            assert!(s.passes < n, "{what}: {s:?}");
+            if what.ends_with("draft") {
+                // Every pass branches but the last few, drafting fewer than 3 (the tokens left).
+                let ok = if trees { s.tree_passes + 3 >= s.passes } else { s.tree_passes == 0 };
+                assert!(ok, "{what}: {s:?}");
+            }
+            if what.ends_with("self draft") {
+                // Alternates: 3 at the root beside a chain of 6, all of which is kept.
+                assert!(s.tokens_per_pass() > if trees { 6.0 } else { 9.0 }, "{what}: {s:?}");
+            }
+            branch_refed += s.branch_refed;
+            println!("{what}: {s:?}");
+        }
+    }
+    println!("kept paths through a later sibling: {branch_refed} tokens fed again");
+}
+
+/// A drafter that knows the greedy continuation (`truth`, the whole sequence) and hides it in
+/// a later branch: the root's first child is a wrong token with a wrong child, the second child
+/// starts the right `depth` tokens. Every pass keeps a path that left the verified rows' order.
+#[derive(Debug)]
+struct SecondBranch {
+    truth: Vec<u32>,
+    depth: usize,
+}
+
+impl ollm_engine::speculative::Drafter for SecondBranch {
+    fn draft(&mut self, _: &[u32], _: usize) -> ollm_engine::Result<ollm_engine::speculative::Draft> {
+        Ok(ollm_engine::speculative::Draft::default())
+    }
+
+    fn draft_tree(&mut self, context: &[u32], k: usize) -> ollm_engine::Result<ollm_engine::speculative::Draft> {
+        let right: Vec<u32> =
+            self.truth.iter().skip(context.len()).take(self.depth.min(k.saturating_sub(2))).copied().collect();
+        let Some(&first) = right.first() else { return Ok(ollm_engine::speculative::Draft::default()) };
+        let wrong = (first + 1) % VOCAB;
+        let mut tokens = vec![wrong, (wrong + 1) % VOCAB];
+        let mut parents = vec![None, Some(0)];
+        for (i, &t) in right.iter().enumerate() {
+            tokens.push(t);
+            parents.push(if i == 0 { None } else { Some(1 + i) });
+        }
+        Ok(ollm_engine::speculative::Draft { tokens, probs: Vec::new(), parents })
+    }
+}
+
+/// Kept paths that run through a later sibling: their rows are not where the path's positions
+/// are, so the cache is truncated to the pending token and the path is fed again with the next
+/// forward. The tokens equal plain greedy decoding on Llama with the KV spilled to disk in
+/// blocks of 16 and on GPT-OSS whose sliding windows dropped their front, and each pass keeps
+/// the whole hidden path.
+#[test]
+fn paths_through_a_later_branch_ride_along_in_the_next_forward() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill");
+    let kv = |layers| Placement {
+        kv: Some(KvOffload { block: 16, ram_bytes: 0, spill_dir: spill.clone(), window_positions: 0 }),
+        ..Placement::resident(layers)
+    };
+    let backend = || -> Arc<dyn ollm_ops::Backend> { Arc::new(CpuBackend::new()) };
+    let (ld, gd) = (dir.path().join("llama"), dir.path().join("gpt-oss"));
+    llama(&ld, 3, 3);
+    gpt_oss(&gd, 3, 5);
+    let tok = Tokenizer::from_dir(&ld).expect("tokenizer");
+    let cases = [
+        ("llama, KV spilled", load_model_placed(&ld, backend(), Some(&kv(3))).expect("llama"), prompt(100)),
+        ("gpt-oss, sliding windows", load_model_placed(&gd, backend(), None).expect("gpt-oss"), prompt(1200)),
+    ];
+    for (what, model, p) in cases {
+        let n = 40;
+        let plain = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &params(n, None));
+        let truth: Vec<u32> = p.iter().chain(&plain.ids).copied().collect();
+        let mut spec =
+            ollm_engine::Speculator::with_drafter(Box::new(SecondBranch { truth, depth: 3 }), DraftTokens::Fixed(5));
+        let mut session = Session::new(model.clone()).expect("session");
+        let logits = session.prefill(&p).expect("prefill");
+        let mut pending = ollm_engine::sampling::argmax(&logits);
+        let mut sampler = ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
+        let mut out = vec![pending];
+        while out.len() < n {
+            let got = spec.step(&mut session, pending, n - out.len(), &mut sampler).expect("round");
+            pending = *got.last().expect("a token");
+            out.extend(got);
+        }
+        out.truncate(n);
+        assert_eq!(out, plain.ids, "{what}");
+        let s = *spec.stats();
+        // Every kept draft was in the second branch (fed again); the hidden path was kept whole
+        // (3 tokens) but in the last rounds, where fewer tokens were left to draft.
+        assert!(s.tree_passes > 5 && s.branch_refed == s.accepted, "{what}: {s:?}");
+        assert!(s.accepted >= 3 * (s.tree_passes - 2), "{what}: {s:?}");
+        println!("{what}: {s:?}");
+    }
 }
 
 /// Rejected positions leave the KV cache when it lives in blocks of 16 positions, spilled to
@@ -419,13 +552,14 @@ fn speculative_sampling_keeps_the_targets_token_frequencies() {
 }
 
 /// A scheduler's round for two sequences: each proposes, one batched forward verifies both
-/// (`Session::score_batch`), each accepts; the tokens equal each sequence's own rounds.
+/// (`Session::score_batch_trees`: the n-gram drafts may branch), each accepts; the tokens equal
+/// each sequence's own rounds.
 #[test]
 fn a_batched_verification_of_two_sequences_gives_their_own_rounds() {
     let dir = tempfile::tempdir().expect("tempdir");
     llama(dir.path(), 3, 3);
     let (model, _) = load(dir.path());
-    let spec = SpeculateParams { method: Speculate::Ngram, draft_tokens: DraftTokens::Fixed(4) };
+    let spec = SpeculateParams::new(Speculate::Ngram, DraftTokens::Fixed(4));
     let prompts = [prompt(60), prompt(90)[7..].to_vec()];
     let start = |p: &[u32]| {
         let mut s = Session::new(model.clone()).expect("session");
@@ -461,7 +595,9 @@ fn a_batched_verification_of_two_sequences_gives_their_own_rounds() {
         let proposals =
             [specs[0].propose(&a, pending[0], 8).expect("a"), specs[1].propose(&b, pending[1], 8).expect("b")];
         let feeds: Vec<Vec<u32>> = proposals.iter().map(|p| p.feed.clone()).collect();
-        let mut logits = Session::score_batch(&mut [&mut a, &mut b], &feeds).expect("batched verification");
+        let trees: Vec<_> = proposals.iter().map(|p| p.tree.as_ref()).collect();
+        let mut logits =
+            Session::score_batch_trees(&mut [&mut a, &mut b], &feeds, &trees).expect("batched verification");
         let [pa, pb] = proposals;
         let ga = specs[0].accept(&mut a, pa, &mut logits[0], &mut samplers[0]).expect("accept a");
         let gb = specs[1].accept(&mut b, pb, &mut logits[1], &mut samplers[1]).expect("accept b");

@@ -42,6 +42,14 @@ pub enum ModelError {
 
     #[error("token id {id} is outside the vocabulary of {vocab} (wrong tokenizer for this model?)")]
     TokenOutOfRange { id: u32, vocab: usize },
+
+    #[error(
+        "{architecture} cannot verify a tree of tokens in one forward ({why}); feed a chain (speculation falls back to one)"
+    )]
+    TreeUnsupported { architecture: String, why: &'static str },
+
+    #[error("a tree of {nodes} nodes for {ids} token ids: give one parent per id")]
+    TreeShape { nodes: usize, ids: usize },
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -18,6 +18,7 @@ pub mod trace;
 
 pub use error::{ModelError, Result};
 pub use ollm_kv::SeqState;
+pub use ollm_ops::TreeMask;
 pub use registry::{load_model, load_model_placed};
 pub use trace::TraceSink;
 
@@ -125,6 +126,27 @@ pub struct BatchSeq<'a> {
     pub ids: &'a [u32],
     pub state: &'a mut SeqState,
     pub wanted: LogitsWanted,
+    /// Some: the ids are the nodes of a tree ([`TreeMask`], one node per id), not a chain —
+    /// each attends to the cached positions and its own ancestors, at position `len + depth`.
+    /// Their rows still take the cache positions `len..len + ids.len()` in order: keep a
+    /// path by truncating to where it stops being a prefix of the ids. Only where
+    /// [`CausalLm::supports_tree`].
+    pub tree: Option<&'a TreeMask>,
+}
+
+impl<'a> BatchSeq<'a> {
+    /// A chain of `ids` (no tree).
+    pub fn new(ids: &'a [u32], state: &'a mut SeqState, wanted: LogitsWanted) -> Self {
+        Self { ids, state, wanted, tree: None }
+    }
+}
+
+/// The error for a model that takes no trees, when an item has one.
+pub(crate) fn refuse_trees(items: &[BatchSeq<'_>], architecture: &str, why: &'static str) -> Result<()> {
+    match items.iter().any(|it| it.tree.is_some()) {
+        true => Err(ModelError::TreeUnsupported { architecture: architecture.to_string(), why }),
+        false => Ok(()),
+    }
 }
 
 /// A causal language model. `forward` runs `ids` at positions `state.len()..` and appends them
@@ -153,10 +175,18 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// whole batch); attention runs per item against its own KV cache. On an error the states
     /// have not advanced (a recurrent state may have taken part of the step: start it over).
     ///
-    /// The default runs the items one after another (correct, not faster); the families
-    /// override it.
+    /// The default runs the items one after another (correct, not faster) and takes no tree;
+    /// the families override it.
     fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        refuse_trees(items, &self.info().architecture, "it runs one sequence at a time")?;
         items.iter_mut().map(|it| self.forward(it.ids, it.state, it.wanted, None)).collect()
+    }
+
+    /// Whether [`forward_batch`](Self::forward_batch) takes items with a tree
+    /// ([`BatchSeq::tree`]): several candidate continuations verified in one forward. A model
+    /// whose state has one value per sequence (a recurrent layer) cannot.
+    fn supports_tree(&self) -> bool {
+        false
     }
 
     /// Weight-streaming counters, when some decoder layers are streamed.

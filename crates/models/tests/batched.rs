@@ -106,11 +106,8 @@ fn experts_move_once_per_step(name: &str, write: impl Fn(&std::path::Path), n_ex
 
     let before = expert_uses(&batched);
     let steps: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
-    let mut items: Vec<BatchSeq<'_>> = steps
-        .iter()
-        .zip(&mut batch_states)
-        .map(|(ids, state)| BatchSeq { ids, state, wanted: LogitsWanted::Last })
-        .collect();
+    let mut items: Vec<BatchSeq<'_>> =
+        steps.iter().zip(&mut batch_states).map(|(ids, state)| BatchSeq::new(ids, state, LogitsWanted::Last)).collect();
     let got = batched.forward_batch(&mut items).expect("decode batched");
     let after = expert_uses(&batched);
     let (batch_uses, batch_moves) = (after.0 - before.0, after.1 - before.1);

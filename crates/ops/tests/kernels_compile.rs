@@ -60,6 +60,7 @@ fn kernel_files() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             ],
         ),
         ("rope", cuda::rope::SOURCE, vec!["rope_f32"]),
+        ("tree_attention", cuda::tree_attention::SOURCE, vec!["tree_attention_bf16kv"]),
         (
             "gemv",
             cuda::gemv::SOURCE,

@@ -14,6 +14,7 @@
 //!   mantissa bits: about 2⁻⁹/√3 ≈ 1.1e-3 relative per element) and 1e-3 for f16 (11 bits);
 //! * flash prefill attention against the CPU on the same bf16-rounded q: 1e-2 — the kernel
 //!   also rounds the softmax probabilities to bf16 before P·V (measured ≈1.2e-3 on an H100);
+//! * tree attention (its own reference-form kernel): 1e-5, as attention;
 //! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs);
 //! * clamped SwiGLU: 1e-6 (f32 math, only `expf` against Rust's `exp` differs); gated RMSNorm:
 //!   1e-5 like rmsnorm;
@@ -332,6 +333,51 @@ fn attention_matches_cpu() {
         eprintln!(
             "attention t={t} nh={nh} nkv={nkv} d={d} pos0={pos0} window={window:?} sinks={with_sinks}: rel err {e:.2e}"
         );
+    }
+}
+
+/// Tree attention (speculative decoding's tree verification) against its CPU twin on random
+/// trees drawn from the printed seed: node i's parent is one of the nodes before it or none;
+/// more than 32 nodes take a second word of ancestor bits. 1e-5, as the reference attention.
+#[test]
+fn tree_attention_matches_cpu() {
+    let Some(dev) = device() else { return };
+    // (nodes, n_heads, n_kv, d, pos0, window, sinks)
+    let cases = [
+        (7usize, 4usize, 2usize, 64usize, 0usize, None, false),
+        (12, 8, 2, 128, 250, None, true),
+        (40, 4, 1, 64, 30, Some(6usize), true),
+        (5, 2, 2, 256, 9, Some(12), false),
+    ];
+    for (t, nh, nkv, d, pos0, window, with_sinks) in cases {
+        let draws = random(t, 1.0);
+        let parents: Vec<Option<usize>> = draws
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.abs() * (i + 1) as f32) as usize).min(i).checked_sub(1))
+            .collect();
+        let tree = ollm_ops::TreeMask::new(&parents).expect("parents come first");
+        let cap = pos0 + t + 3;
+        let q = random(t * nh * d, 1.0);
+        // The cache is bf16 on the GPU: the CPU twin gets the same (bf16-valued) numbers.
+        let k = rounded(&random(nkv * cap * d, 1.0), DType::BF16);
+        let v = rounded(&random(nkv * cap * d, 1.0), DType::BF16);
+        let sinks = random(nh, 2.0);
+        let scale = (d as f32).powf(-0.5);
+        let geo = cpu::AttnGeometry { n_heads: nh, n_kv: nkv, d, cap, pos0 };
+        let s_cpu = with_sinks.then_some(&sinks[..]);
+        let mut want = vec![0.0; q.len()];
+        cpu::tree_attention(&q, &k, &v, &geo, &tree, scale, window, s_cpu, &mut want);
+        let g = cuda::attention::AttnGeometry { n_heads: nh, n_kv: nkv, d, cap, pos0 };
+        let sinks_d = up(&dev, &sinks);
+        let mut out = poisoned(&dev, q.len());
+        let s = with_sinks.then_some(&sinks_d);
+        let (kd, vd) = (up(&dev, &bf16s(&k)), up(&dev, &bf16s(&v)));
+        cuda::tree_attention::tree_attention(&dev, &up(&dev, &q), &kd, &vd, g, &tree, scale, window, s, &mut out)
+            .expect("tree attention");
+        let e = rel_err(&down(&dev, &out), &want);
+        eprintln!("tree attention {parents:?} nh={nh} nkv={nkv} d={d} pos0={pos0} window={window:?}: rel err {e:.2e}");
+        assert!(e < 1e-5, "tree attention t={t} d={d} pos0={pos0} window={window:?}: rel err {e:e}");
     }
 }
 

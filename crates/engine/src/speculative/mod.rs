@@ -20,6 +20,14 @@
 //! acceptance, restored; the kept tokens then ride along in the next round's forward as a
 //! backlog (extra rows in a pass that happens anyway, not an extra pass over the weights).
 //! The prefix cache stores only at the first token, from the prompt, so never a drafted token.
+//!
+//! Trees: where the target takes them ([`CausalLm::supports_tree`](ollm_models::CausalLm::supports_tree)),
+//! the drafter proposes several candidate continuations ([`Drafter::draft_tree`]), the forward
+//! follows the tree ([`Proposal::tree`], [`Session::score_tree`]) and [`verify_tree`] walks it.
+//! Every node took a cache row in node order; nodes are numbered depth first with the first
+//! candidate first, so an accepted path that is the nodes `0..m` is kept by truncation. A path that
+//! turns into a later branch is truncated where it leaves the node order, and the rest of it rides
+//! along in the next round's forward, as a recurrent state's kept tokens do (docs/architecture.md).
 
 pub mod draft;
 pub mod ngram;
@@ -31,35 +39,94 @@ use std::time::Instant;
 
 pub use draft::{DraftModel, ModelDrafter};
 pub use ngram::NgramDrafter;
-pub use verify::{Verdict, verify};
+pub use verify::{TreeVerdict, Verdict, verify, verify_tree};
 
 use crate::session::Checkpoint;
 use crate::{EngineError, Result, Sampler, SamplingParams, Session};
 
-/// Drafted tokens and, when they were drawn from a distribution, that distribution.
+/// Drafted tokens — a chain, or the nodes of a tree of candidate continuations — and, when
+/// they were drawn from a distribution, that distribution.
 #[derive(Debug, Clone, Default)]
 pub struct Draft {
     pub tokens: Vec<u32>,
-    /// Per token, the draft's probabilities over its vocabulary (dense); empty when the tokens
-    /// were proposed without one (n-gram lookup, greedy drafting): a point mass on each.
+    /// Per token, the draft's probabilities over its vocabulary (dense) at the token's parent,
+    /// which the token was drawn from; empty when the tokens were proposed without one (n-gram
+    /// lookup, greedy drafting): a point mass on each.
     pub probs: Vec<Vec<f32>>,
+    /// Per token, its parent among the tokens (None: it follows the pending token, the tree's
+    /// root); a parent comes before its children, and siblings are tried in order. Empty: a
+    /// chain, each token following the one before.
+    pub parents: Vec<Option<usize>>,
 }
 
 impl Draft {
-    /// The probability the draft gave token `x` at position `i`.
+    /// A chain of tokens.
+    pub fn chain(tokens: Vec<u32>, probs: Vec<Vec<f32>>) -> Self {
+        Self { tokens, probs, parents: Vec::new() }
+    }
+
+    /// The probability the draft gave token `x` at node `i`'s place (among node i's siblings).
     pub fn q(&self, i: usize, x: u32) -> f32 {
         match self.probs.get(i) {
             Some(q) => q.get(x as usize).copied().unwrap_or(0.0),
             None => f32::from(u8::from(self.tokens.get(i) == Some(&x))),
         }
     }
+
+    /// Node `i`'s parent (None: the pending token).
+    pub fn parent(&self, i: usize) -> Option<usize> {
+        match self.parents.get(i) {
+            Some(&p) => p,
+            None => i.checked_sub(1),
+        }
+    }
+
+    /// Whether every token follows the one before (no branches).
+    pub fn is_chain(&self) -> bool {
+        (0..self.tokens.len()).all(|i| self.parent(i) == i.checked_sub(1))
+    }
+
+    /// The children of `parent` (None: the pending token), in the order they are tried.
+    pub fn children(&self, parent: Option<usize>) -> Vec<usize> {
+        (0..self.tokens.len()).filter(|&i| self.parent(i) == parent).collect()
+    }
+
+    /// The first candidate: from the root, each node's first child, as a chain (what a model
+    /// that cannot verify trees checks).
+    pub fn first_path(&self) -> Draft {
+        let mut out = Draft::default();
+        let mut at = None;
+        while let Some(&c) = self.children(at).first() {
+            out.tokens.push(self.tokens[c]);
+            if let Some(q) = self.probs.get(c) {
+                out.probs.push(q.clone());
+            }
+            at = Some(c);
+        }
+        out
+    }
+
+    /// The tree over a verification feed of `before` tokens (a backlog and the pending token,
+    /// a chain) and then these drafts, the pending token (`before - 1`) their root.
+    pub fn feed_tree(&self, before: usize) -> Result<ollm_models::TreeMask> {
+        let mut parents: Vec<Option<usize>> = (0..before).map(|i| i.checked_sub(1)).collect();
+        let pending = before.checked_sub(1);
+        parents.extend((0..self.tokens.len()).map(|i| self.parent(i).map_or(pending, |p| Some(before + p))));
+        Ok(ollm_models::TreeMask::new(&parents).map_err(ollm_models::ModelError::from)?)
+    }
 }
 
 /// Proposes tokens to follow a context.
 pub trait Drafter: Send + std::fmt::Debug {
     /// Up to `k` tokens to follow `context` (every token of the sequence; the target has not
-    /// seen the last one yet).
+    /// seen the last one yet), as a chain.
     fn draft(&mut self, context: &[u32], k: usize) -> Result<Draft>;
+
+    /// Up to `k` tokens as a tree of candidate continuations ([`Draft::parents`]), for a
+    /// target that verifies trees in one forward. The default drafts a chain.
+    fn draft_tree(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        self.draft(context, k)
+    }
 }
 
 /// Which drafter.
@@ -103,6 +170,17 @@ impl FromStr for DraftTokens {
 pub struct SpeculateParams {
     pub method: Speculate,
     pub draft_tokens: DraftTokens,
+    /// Whether drafts may branch into a tree of candidates where the target verifies trees
+    /// ([`CausalLm::supports_tree`](ollm_models::CausalLm::supports_tree)); false: chains only.
+    /// The default (`new`) is true.
+    pub trees: bool,
+}
+
+impl SpeculateParams {
+    /// `method` drafting `draft_tokens` per round, in trees where the target takes them.
+    pub fn new(method: Speculate, draft_tokens: DraftTokens) -> Self {
+        Self { method, draft_tokens, trees: true }
+    }
 }
 
 /// Counts of one generation's speculation.
@@ -113,10 +191,16 @@ pub struct SpecStats {
     /// Tokens drafted, and those the target kept.
     pub drafted: usize,
     pub accepted: usize,
-    /// Kept tokens fed to the target again after a recurrent state was restored.
+    /// Kept tokens fed to the target again: after a recurrent state was restored, or because
+    /// their tree path left the order of the verified rows.
     pub refed: usize,
-    /// Tokens drafted in the last round (with `auto`, its latest choice).
+    /// Tokens drafted in the last round (with `auto`, its latest choice; tree nodes).
     pub draft_tokens: usize,
+    /// Verification forwards whose drafts branched (a tree, not a chain).
+    pub tree_passes: usize,
+    /// Accepted tokens fed again because their path left the order of the verified rows (a
+    /// later branch of a tree); counted in `refed` too.
+    pub branch_refed: usize,
 }
 
 impl SpecStats {
@@ -138,6 +222,8 @@ impl SpecStats {
             accepted: self.accepted - earlier.accepted,
             refed: self.refed - earlier.refed,
             draft_tokens: self.draft_tokens,
+            tree_passes: self.tree_passes - earlier.tree_passes,
+            branch_refed: self.branch_refed - earlier.branch_refed,
         }
     }
 }
@@ -146,8 +232,11 @@ impl SpecStats {
 #[derive(Debug)]
 pub struct Proposal {
     /// What the verification forward feeds, in order: the backlog (tokens kept earlier that a
-    /// restored recurrent state lacks), the pending token, the drafts.
+    /// restored recurrent state lacks, or a tree's kept branch), the pending token, the drafts.
     pub feed: Vec<u32>,
+    /// Some when the drafts branch: the tree over `feed` the forward must follow
+    /// ([`Session::score_tree`], [`Session::score_batch_trees`]).
+    pub tree: Option<ollm_models::TreeMask>,
     draft: Draft,
     backlog: usize,
     checkpoint: Checkpoint,
@@ -160,6 +249,8 @@ pub struct Proposal {
 pub struct Speculator {
     drafter: Box<dyn Drafter>,
     draft_tokens: DraftTokens,
+    /// Whether the drafter is asked for trees (where the target verifies them).
+    trees: bool,
     auto: AutoDraft,
     /// Kept tokens the target's state does not hold yet (after a recurrent state's restore).
     backlog: Vec<u32>,
@@ -172,12 +263,19 @@ impl Speculator {
             Speculate::Ngram => Box::new(NgramDrafter),
             Speculate::Draft(model) => Box::new(ModelDrafter::new(model, sampling)?),
         };
-        Ok(Self::with_drafter(drafter, params.draft_tokens))
+        Ok(Self { trees: params.trees, ..Self::with_drafter(drafter, params.draft_tokens) })
     }
 
-    /// Speculation with any drafter.
+    /// Speculation with any drafter (trees where the target takes them).
     pub fn with_drafter(drafter: Box<dyn Drafter>, draft_tokens: DraftTokens) -> Self {
-        Self { drafter, draft_tokens, auto: AutoDraft::default(), backlog: Vec::new(), stats: SpecStats::default() }
+        Self {
+            drafter,
+            draft_tokens,
+            trees: true,
+            auto: AutoDraft::default(),
+            backlog: Vec::new(),
+            stats: SpecStats::default(),
+        }
     }
 
     pub fn stats(&self) -> &SpecStats {
@@ -201,11 +299,18 @@ impl Speculator {
         }
         .min(limit)
         .min(room);
+        // A model that verifies trees gets the drafter's tree; one that cannot (a recurrent
+        // state has one value per sequence) a chain.
         let draft = match k {
             0 => Draft::default(),
+            k if self.trees && session.model().supports_tree() => self.drafter.draft_tree(&context, k)?,
             k => self.drafter.draft(&context, k)?,
         };
         let backlog = self.backlog.len();
+        let tree = match draft.is_chain() {
+            true => None,
+            false => Some(draft.feed_tree(backlog + 1)?),
+        };
         let mut feed = std::mem::take(&mut self.backlog);
         feed.push(pending);
         feed.extend_from_slice(&draft.tokens);
@@ -215,7 +320,7 @@ impl Speculator {
             true => session.checkpoint_keeping_all(),
             false => session.checkpoint()?,
         };
-        Ok(Proposal { feed, draft, backlog, checkpoint, started })
+        Ok(Proposal { feed, tree, draft, backlog, checkpoint, started })
     }
 
     /// Verifies the proposal against `logits`, `[proposal.feed.len(), vocab]` from the forward
@@ -229,7 +334,7 @@ impl Speculator {
         logits: &mut [f32],
         sampler: &mut Sampler,
     ) -> Result<Vec<u32>> {
-        let Proposal { feed, draft, backlog, checkpoint, started } = proposal;
+        let Proposal { feed, tree, draft, backlog, checkpoint, started } = proposal;
         let vocab = logits.len() / feed.len().max(1);
         let k = draft.tokens.len();
         let history = session.tokens()[..session.len().saturating_sub(k)].to_vec();
@@ -241,16 +346,34 @@ impl Speculator {
             session.roll_back(&checkpoint, 0)?;
             return Err(EngineError::NonFiniteLogits { position, token: i % vocab, value });
         }
-        let verdict = verify(&mut logits[backlog * vocab..], vocab, &draft, &history, sampler);
-        let keep = backlog + 1 + verdict.accepted;
-        let held = session.roll_back(&checkpoint, keep)?;
-        self.backlog = feed[held..keep].to_vec();
+        let rows = &mut logits[backlog * vocab..];
+        let verdict = match tree {
+            None => {
+                let v = verify(rows, vocab, &draft, &history, sampler);
+                TreeVerdict { path: (0..v.accepted).collect(), next: v.next }
+            }
+            Some(_) => verify_tree(rows, vocab, &draft, &history, sampler),
+        };
+        // The kept tokens: the backlog, the pending token and the accepted path. The rows of
+        // those that are a prefix of the feed are in the cache at their positions already; a
+        // path that turned into a later branch is truncated where it left the feed's order, and
+        // the rest of it rides along in the next forward (rows in a pass that happens anyway).
+        let accepted = verdict.path.len();
+        let in_order = verdict.path.iter().enumerate().take_while(|&(i, &node)| i == node).count();
+        let mut kept = feed[..backlog + 1].to_vec();
+        kept.extend(verdict.path.iter().map(|&node| draft.tokens[node]));
+        let held = session.roll_back(&checkpoint, backlog + 1 + in_order)?;
+        self.backlog = kept[held..].to_vec();
         self.stats.passes += 1;
         self.stats.drafted += k;
-        self.stats.accepted += verdict.accepted;
+        self.stats.accepted += accepted;
         self.stats.refed += backlog;
-        self.auto.record(k, verdict.accepted, started.elapsed().as_secs_f64());
-        let mut out = draft.tokens[..verdict.accepted].to_vec();
+        if tree.is_some() {
+            self.stats.tree_passes += 1;
+            self.stats.branch_refed += accepted - in_order;
+        }
+        self.auto.record(k, accepted, started.elapsed().as_secs_f64());
+        let mut out = kept[backlog + 1..].to_vec();
         out.push(verdict.next);
         Ok(out)
     }
@@ -264,7 +387,10 @@ impl Speculator {
         sampler: &mut Sampler,
     ) -> Result<Vec<u32>> {
         let proposal = self.propose(session, pending, limit)?;
-        let mut logits = session.score(&proposal.feed, None)?;
+        let mut logits = match &proposal.tree {
+            Some(tree) => session.score_tree(&proposal.feed, tree)?,
+            None => session.score(&proposal.feed, None)?,
+        };
         self.accept(session, proposal, &mut logits, sampler)
     }
 }

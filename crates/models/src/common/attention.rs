@@ -1,8 +1,10 @@
 //! Self-attention with RoPE and a KV cache: projections, rotation, cache append, causal
-//! attention (optional window and sinks), output projection.
+//! attention (optional window and sinks), output projection. A sequence whose new tokens form
+//! a tree ([`BatchSeq::tree`]) is rotated at its nodes' positions (`pos0 + depth`) and attends
+//! through [`Compute::tree_attention`](ollm_ops::Compute::tree_attention) instead.
 
 use ollm_kv::LayerKv;
-use ollm_ops::{AttnParams, Backend, NormKind, RopeTable, Tensor};
+use ollm_ops::{AttnParams, Backend, NormKind, RopeTable, Tensor, TreeMask};
 
 use crate::common::forward::{SegSets, Segment};
 use crate::trace::TraceSink;
@@ -174,6 +176,56 @@ pub fn append_and_attend(
     Ok(())
 }
 
+/// Rotates x `[T, heads, d]` at positions `pos0..pos0 + T`, or, for the nodes of a tree, at
+/// `pos0 + depth(i)`: the table's rows for those positions gathered into one of T rows.
+pub fn rope_at(
+    backend: &dyn Backend,
+    x: &mut Tensor,
+    rope: &RopeTable,
+    pos0: usize,
+    tree: Option<&TreeMask>,
+) -> Result<()> {
+    let Some(tree) = tree else {
+        backend.rope(x, rope, pos0)?;
+        return Ok(());
+    };
+    // cos, sin [P, R/2] -> [T, R/2], row i = position pos0 + depth(i).
+    let rows: Vec<u32> = tree.depths().iter().map(|&d| (pos0 + d) as u32).collect();
+    let half = rope.cos.shape()[1];
+    let mut cos = backend.zeros(vec![rows.len(), half])?;
+    let mut sin = backend.zeros(vec![rows.len(), half])?;
+    backend.embedding(&rope.cos, &rows, &mut cos)?;
+    backend.embedding(&rope.sin, &rows, &mut sin)?;
+    backend.rope(x, &RopeTable { cos, sin, rotary_dims: rope.rotary_dims }, 0)?;
+    Ok(())
+}
+
+/// [`append_and_attend`] for the nodes of a tree (None: a chain, [`append_and_attend`]
+/// itself): their keys and values go to the rows of positions `pos0..pos0 + T` in node order,
+/// and each node attends to the cache before `pos0` and to its ancestors.
+#[allow(clippy::too_many_arguments)]
+pub fn append_and_attend_tree(
+    backend: &dyn Backend,
+    kv: &mut LayerKv,
+    (k, v): (&Tensor, &Tensor),
+    q: &Tensor,
+    (layer, pos0): (usize, usize),
+    params: &AttnParams<'_>,
+    tree: Option<&TreeMask>,
+    ctx: &mut Tensor,
+) -> Result<()> {
+    let Some(tree) = tree else {
+        return append_and_attend(backend, kv, (k, v), q, (layer, pos0), params, ctx);
+    };
+    let row0 = pos0.checked_sub(kv.base).ok_or_else(|| {
+        ollm_ops::OpsError::Backend(format!("layer {layer}: position {pos0} before its cache's base {}", kv.base))
+    })?;
+    backend.write_kv(&mut kv.k, k, row0)?;
+    backend.write_kv(&mut kv.v, v, row0)?;
+    backend.tree_attention(q, &kv.k, &kv.v, row0, tree, params, ctx)?;
+    Ok(())
+}
+
 /// Copies rows `row..row + n` (the first dimension) of `src` into `out`, whatever the trailing
 /// dimensions (the backend's row ops count rows of the last dimension).
 pub fn copy_outer_rows(backend: &dyn Backend, src: &Tensor, row: usize, n: usize, out: &mut Tensor) -> Result<()> {
@@ -234,6 +286,21 @@ pub fn batched_self_attention(
     batched_self_attention_qk(backend, (w, None), a, (segs, items, kv_idx), call, (s, bufs, dims), trace)
 }
 
+/// The tree of `seg`'s sequence, if it has one: a tree is never cut by a tile (its rows are one
+/// segment).
+fn tree_of<'a>(seg: &Segment, items: &[BatchSeq<'a>]) -> Result<Option<&'a TreeMask>> {
+    match items[seg.seq].tree {
+        Some(t) if t.len() != seg.n => Err(ollm_ops::OpsError::Backend(format!(
+            "a tree of {} nodes split across tiles ({} rows here); verify at most {} nodes",
+            t.len(),
+            seg.n,
+            crate::common::forward::PREFILL_TILE
+        ))
+        .into()),
+        t => Ok(t),
+    }
+}
+
 /// [`batched_self_attention`] with q and k normed per head before RoPE when `qk` is Some.
 pub fn batched_self_attention_qk(
     backend: &dyn Backend,
@@ -244,10 +311,28 @@ pub fn batched_self_attention_qk(
     (s, bufs, dims): (&mut AttnScratch, &mut SegBufs, &AttnDims),
     trace: Option<&dyn TraceSink>,
 ) -> Result<()> {
-    if let [seg] = segs {
+    if let [seg] = segs
+        && items[seg.seq].tree.is_none()
+    {
         let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
         let call = AttnCall { pos0: seg.pos0, ..*call };
         return self_attention_qk(backend, (w, qk), a, kv, &call, s, trace);
+    }
+    if let [seg] = segs {
+        // One sequence whose rows are a tree: the tile's buffers are its own.
+        let tree = tree_of(seg, items)?;
+        project_qkv(backend, w, a, s, qk)?;
+        rope_at(backend, &mut s.q, call.rope, seg.pos0, tree)?;
+        rope_at(backend, &mut s.k, call.rope, seg.pos0, tree)?;
+        if let Some(t) = trace {
+            t.record(Some(call.layer), "q_rope", &s.q);
+            t.record(Some(call.layer), "k_rope", &s.k);
+        }
+        let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
+        let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
+        append_and_attend_tree(backend, kv, (&s.k, &s.v), &s.q, (call.layer, seg.pos0), &params, tree, &mut s.ctx)?;
+        backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
+        return Ok(());
     }
     // The per-head norms act on each row alone, so they run over the whole tile.
     project_qkv(backend, w, a, s, qk)?;
@@ -257,10 +342,11 @@ pub fn batched_self_attention_qk(
         copy_outer_rows(backend, &s.q, seg.row, seg.n, q)?;
         copy_outer_rows(backend, &s.k, seg.row, seg.n, k)?;
         copy_outer_rows(backend, &s.v, seg.row, seg.n, v)?;
-        backend.rope(q, call.rope, seg.pos0)?;
-        backend.rope(k, call.rope, seg.pos0)?;
+        let tree = tree_of(seg, items)?;
+        rope_at(backend, q, call.rope, seg.pos0, tree)?;
+        rope_at(backend, k, call.rope, seg.pos0, tree)?;
         let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
-        append_and_attend(backend, kv, (k, v), q, (call.layer, seg.pos0), &params, ctx)?;
+        append_and_attend_tree(backend, kv, (k, v), q, (call.layer, seg.pos0), &params, tree, ctx)?;
         write_outer_rows(backend, ctx, &mut s.ctx, seg.row)?;
     }
     backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;

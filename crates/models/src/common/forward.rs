@@ -94,6 +94,9 @@ pub fn begin_batch(
         if let Some(&id) = it.ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::TokenOutOfRange { id, vocab });
         }
+        if let Some(tree) = it.tree.filter(|tr| tr.len() != t) {
+            return Err(ModelError::TreeShape { nodes: tree.len(), ids: t });
+        }
         let pos0 = it.state.len();
         if pos0 + t > max_positions {
             return Err(ModelError::ContextOverflow { needed: pos0 + t, max: max_positions });

@@ -269,12 +269,17 @@ impl CausalLm for Llama {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>> {
-        let mut items = [BatchSeq { ids, state, wanted }];
+        let mut items = [BatchSeq::new(ids, state, wanted)];
         Ok(self.run(&mut items, trace)?.pop().unwrap_or_default())
     }
 
     fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
         self.run(items, None)
+    }
+
+    /// Trees go through the shared attention ([`crate::common::attention`]).
+    fn supports_tree(&self) -> bool {
+        true
     }
 }
 

@@ -736,11 +736,13 @@ impl CausalLm for Qwen3Next {
         wanted: LogitsWanted,
         trace: Option<&dyn TraceSink>,
     ) -> Result<Vec<f32>> {
-        let mut items = [BatchSeq { ids, state, wanted }];
+        let mut items = [BatchSeq::new(ids, state, wanted)];
         Ok(self.run(&mut items, trace)?.pop().unwrap_or_default())
     }
 
     fn forward_batch(&self, items: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        let why = "its Gated DeltaNet layers keep one recurrent state per sequence, not one per branch";
+        crate::refuse_trees(items, &self.info.architecture, why)?;
         self.run(items, None)
     }
 }

@@ -72,10 +72,8 @@ pub fn together(model: &Arc<dyn CausalLm>, steps: &[Step]) -> Logits {
             .collect();
         let mut items: Vec<BatchSeq<'_>> = step
             .iter()
-            .map(|(seq, ids, wanted)| BatchSeq {
-                ids,
-                state: by_seq[*seq].take().expect("each sequence once per step"),
-                wanted: *wanted,
+            .map(|(seq, ids, wanted)| {
+                BatchSeq::new(ids, by_seq[*seq].take().expect("each sequence once per step"), *wanted)
             })
             .collect();
         out.push(model.forward_batch(&mut items).expect("forward batch"));

@@ -22,6 +22,9 @@ pub fn golden_dir(case: &str) -> PathBuf {
 #[allow(dead_code)]
 pub mod batch;
 
+#[allow(dead_code)]
+pub mod tree;
+
 /// A synthesised Llama (random weights) small enough for CPU tests: 6 layers, hidden 64,
 /// 4 query and 2 KV heads of 16 dims, a 300-token vocabulary.
 #[allow(dead_code)]

@@ -5,7 +5,7 @@
 //! weights keep the dtype they were stored in. Ops are queued on the compute queue in program
 //! order (a device backend returns before the work is done).
 
-use crate::{DType, OpsError, Result, Tensor};
+use crate::{DType, OpsError, Result, Tensor, TreeMask};
 
 /// Which RMSNorm formula (docs/models.md §1.1). In f32 mode Llama and Oss agree; they differ only in
 /// where a bf16 backend rounds.
@@ -80,6 +80,27 @@ impl AttnGeometry {
     }
 }
 
+impl AttnGeometry {
+    /// [`of`](Self::of) for a [`Compute::tree_attention`] call: q's rows are the tree's nodes.
+    pub fn of_tree(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        pos0: usize,
+        tree: &TreeMask,
+        sinks: Option<&Tensor>,
+    ) -> Result<Self> {
+        if q.shape().first() != Some(&tree.len()) {
+            return Err(OpsError::Shape {
+                op: "tree_attention",
+                detail: format!("q {:?} for a tree of {} nodes", q.shape(), tree.len()),
+            });
+        }
+        Self::of(q, k, v, out, pos0, sinks)
+    }
+}
+
 /// Per-layer attention settings.
 #[derive(Debug)]
 pub struct AttnParams<'a> {
@@ -121,6 +142,23 @@ pub trait Compute: Send + Sync {
         k: &Tensor,
         v: &Tensor,
         pos0: usize,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()>;
+
+    /// Attention of the nodes of a tree of new tokens (see [`TreeMask`]): q `[T, n_heads, d]`,
+    /// T = `tree.len()`, their keys and values already written at cache rows `pos0..pos0+T`.
+    /// Node i sits at position `pos0 + depth(i)` and sees the rows before `pos0` and its
+    /// ancestors' rows (itself included); a window W hides keys at positions `<= p - W`; sinks
+    /// as in [`attention`](Self::attention). out `[T, n_heads, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn tree_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        tree: &TreeMask,
         params: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()>;

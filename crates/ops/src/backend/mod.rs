@@ -16,6 +16,7 @@ mod copy_queue;
 mod deltanet;
 mod memory;
 mod moe;
+mod tree;
 
 use std::any::Any;
 use std::fmt;
@@ -30,6 +31,7 @@ pub use copy_queue::{CopyQueue, KvBlockSpan};
 pub use deltanet::{DeltaForm, DeltaNetOps, DeltaRule};
 pub use memory::{Memory, MemoryKind, MemoryStats};
 pub use moe::{MoeOps, RouterMode};
+pub use tree::TreeMask;
 
 use crate::{OpsError, Result};
 

@@ -13,6 +13,7 @@ mod moe;
 mod norm;
 mod rope;
 mod transfer;
+mod tree_attention;
 
 pub use attention::{Geometry as AttnGeometry, attention};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
@@ -22,6 +23,7 @@ pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
 pub use transfer::fill_from_le_bytes;
+pub use tree_attention::tree_attention;
 
 use std::ops::Range;
 
@@ -33,7 +35,7 @@ use crate::backend::{
     mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::{Result, shape_err};
-use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor};
+use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor, TreeMask};
 
 /// The CPU backend. Threads come from rayon's global pool; kernels from [`Kernels::active`].
 /// Its only setting is the matmul [`Precision`].
@@ -213,6 +215,32 @@ impl Compute for CpuBackend {
             params.window,
             sinks.as_deref(),
             out.cpu_f32_mut("attention")?,
+        );
+        Ok(())
+    }
+
+    fn tree_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        tree: &TreeMask,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let geo = AttnGeometry::of_tree(q, k, v, out, pos0, tree, params.sinks)?;
+        let sinks = params.sinks.map(|s| s.cpu("tree_attention").map(storage_to_f32)).transpose()?;
+        tree_attention(
+            q.cpu_f32("tree_attention")?,
+            k.cpu_f32("tree_attention")?,
+            v.cpu_f32("tree_attention")?,
+            &geo,
+            tree,
+            params.scale,
+            params.window,
+            sinks.as_deref(),
+            out.cpu_f32_mut("tree_attention")?,
         );
         Ok(())
     }

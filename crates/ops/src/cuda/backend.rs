@@ -14,6 +14,7 @@ use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
     CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, rmsnorm, rope, transfer,
+    tree_attention,
 };
 use crate::backend::{
     AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
@@ -21,7 +22,9 @@ use crate::backend::{
     mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
-use crate::{AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor};
+use crate::{
+    AttnGeometry, CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Result, Storage, Tensor, TreeMask,
+};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 /// Owns the open device; tensors it creates live on that device.
@@ -187,6 +190,23 @@ impl Compute for CudaBackend {
             return Ok(());
         }
         attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)
+    }
+
+    fn tree_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        tree: &TreeMask,
+        p: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let g = AttnGeometry::of_tree(q, k, v, out, pos0, tree, p.sinks)?;
+        let sinks = p.sinks.map(|s| f32s(s, "tree_attention")).transpose()?;
+        let (qd, kd, vd) = (f32s(q, "tree_attention")?, kv(k, "tree_attention")?, kv(v, "tree_attention")?);
+        let od = f32s_mut(out, "tree_attention")?;
+        tree_attention::tree_attention(&self.dev, qd, kd, vd, g, tree, p.scale, p.window, sinks, od)
     }
 
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {

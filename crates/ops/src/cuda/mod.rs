@@ -28,6 +28,7 @@ pub mod rope;
 mod storage;
 mod timer;
 pub(crate) mod transfer;
+pub mod tree_attention;
 pub mod vram;
 
 use cudarc::driver::LaunchConfig;
