@@ -338,14 +338,15 @@ impl SeqState {
         if needed <= self.capacity {
             return Ok(());
         }
-        let new_cap = grown_capacity(self.capacity, needed, self.max_positions);
+        // Attached to a shared prefix of P positions, the own rows double (not the positions).
+        let p = self.shared_len();
+        let new_cap = p + grown_capacity(self.capacity - p, needed - p, self.max_positions - p);
         if let Some(o) = &mut self.offload {
             o.reserve(backend, needed, new_cap)?;
             self.capacity = o.capacity();
             return Ok(());
         }
-        // Attached to a shared prefix of P positions, the own caches hold positions P.. .
-        let p = self.shared_len();
+        // The own caches hold positions P.. .
         for (layer, shape) in self.layers.iter_mut().zip(&self.shapes) {
             if shape.window.is_none() {
                 layer.k = backend.grow_kv(&layer.k, 0..self.len - p, new_cap - p)?;
