@@ -22,7 +22,7 @@ fn load(write: impl Fn(&std::path::Path)) -> (tempfile::TempDir, Arc<dyn CausalL
     let dir = tempfile::tempdir().expect("tempdir");
     write(dir.path());
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    let model: Arc<dyn CausalLm> = load_model(dir.path(), be).expect("load").into();
+    let model: Arc<dyn CausalLm> = load_model(dir.path(), be).expect("load");
     (dir, model)
 }
 

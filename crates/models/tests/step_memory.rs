@@ -75,7 +75,7 @@ fn a_mixed_steps_peak_stays_within_the_plans_reservation() {
         let dir = tempfile::tempdir().expect("tempdir");
         common::tiny_model(dir.path());
         let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-        let model: Arc<dyn CausalLm> = load_model_placed(dir.path(), be.clone(), None).expect("load").into();
+        let model: Arc<dyn CausalLm> = load_model_placed(dir.path(), be.clone(), None).expect("load");
         let m = ollm_models::registry::model_bytes(dir.path()).expect("sizes");
         let (budget, seqs) = (2048, 8);
         let reserved = m.step_scratch_bytes(budget, seqs).expect("reservation") as usize;
