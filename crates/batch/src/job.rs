@@ -33,6 +33,9 @@ pub struct JobOptions {
     pub max_batch: usize,
     /// Tokens one step feeds at most (decode tokens, then prompt chunks).
     pub step_tokens: usize,
+    /// Requests whose prompts start alike hold that prefix's KV once (the scheduler's
+    /// prefix sharing; `false` keeps a private copy per request).
+    pub share_prefixes: bool,
 }
 
 /// What the caller hears while the job runs (to draw a progress bar).
@@ -56,6 +59,12 @@ pub struct JobSummary {
     pub duplicate_ids: usize,
     /// Requests left to the other shards.
     pub other_shards: usize,
+    /// Requests that attached to a prefix another one computed, and the most KV-cache bytes
+    /// the job held at once (each shared prefix once) beside what it would have held with
+    /// every prefix copied per request.
+    pub shared_attached: u64,
+    pub peak_kv_bytes: u64,
+    pub peak_kv_unshared_bytes: u64,
 }
 
 /// Runs the job described by `opts`, whose files `locks` holds ([`JobLocks::acquire`], so no
@@ -158,6 +167,9 @@ pub fn run_job(
             break;
         }
         sched.step();
+        let st = sched.stats();
+        summary.shared_attached = st.shared_attached;
+        (summary.peak_kv_bytes, summary.peak_kv_unshared_bytes) = (st.peak_kv_bytes, st.peak_kv_unshared_bytes);
     }
     Ok(summary)
 }
@@ -169,7 +181,7 @@ fn scheduler(m: &ChatModel, opts: &JobOptions) -> Result<Scheduler, BatchError> 
     let cfg = SchedulerConfig { max_batch: opts.max_batch.max(1), step_tokens: opts.step_tokens };
     let tokenizer = std::sync::Arc::new(m.tokenizer.clone());
     let new_session = move || ollm_engine::session_with_prefix(model.clone(), prefix.as_ref());
-    Ok(Scheduler::new(m.model.clone(), tokenizer, cfg, Box::new(new_session)))
+    Ok(Scheduler::new(m.model.clone(), tokenizer, cfg, Box::new(new_session)).with_prefix_sharing(opts.share_prefixes))
 }
 
 /// Hands a finished request back to the job's loop.

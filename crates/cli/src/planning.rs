@@ -87,12 +87,20 @@ pub fn default_ram_budget() -> u64 {
         .map_or(0, |kb| kb * 1024 / 2)
 }
 
+/// Device bytes of the partials the split-context decode attention keeps (a step's rows of
+/// at most 4 queries, every query head, a split per 256 keys of the context, `d + 2` floats
+/// each, `d + 2 <= 2d`): a buffer the backend keeps between calls.
+pub fn decode_partials_bytes(m: &ModelBytes, context: usize) -> u64 {
+    4 * 4 * 2 * m.q_dim as u64 * context.div_ceil(256).max(1) as u64
+}
+
 /// Device bytes of the activations of the largest step of a batch of `batch` sequences of
-/// `context` positions: `step_tokens` rows when given (the scheduler's budget), else a prefill
-/// chunk (PREFILL_CHUNK rows at most) beside one decode row of each other sequence; each
-/// sequence's last logits wanted (the activations its forward allocates, as the family counts
-/// them from the shapes it allocates), and the backend's narrowing scratch. One sequence
-/// without `step_tokens`: a prefill call alone.
+/// `context` positions: any step of at most `step_tokens` rows when given (the scheduler's
+/// budget), else of a prefill chunk (PREFILL_CHUNK rows at most) beside one decode row of each
+/// other sequence; each sequence's last logits wanted (the activations its forward allocates, as
+/// the family counts them from the shapes it allocates, at the row count where they are
+/// largest: `ModelBytes::step_scratch_bytes`), the backend's narrowing scratch and its decode
+/// attention partials. One sequence without `step_tokens`: a prefill call alone.
 pub fn activation_bytes(
     m: &ModelBytes,
     context: usize,
@@ -101,7 +109,9 @@ pub fn activation_bytes(
 ) -> anyhow::Result<u64> {
     let batch = batch.max(1);
     let rows = step_tokens.unwrap_or(PREFILL_CHUNK.min(context) + batch - 1).max(batch);
-    Ok(m.batch_scratch_bytes(rows, batch)? + backend_scratch_bytes(m, PREFILL_TILE.min(rows)))
+    Ok(m.step_scratch_bytes(rows, batch)?
+        + backend_scratch_bytes(m, PREFILL_TILE.min(rows))
+        + decode_partials_bytes(m, context))
 }
 
 /// The planner's input for `dir` on the chosen backend (bandwidths left at 1 B/s when unknown).

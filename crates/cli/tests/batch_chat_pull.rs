@@ -316,6 +316,7 @@ fn a_second_batch_on_the_same_output_refuses_naming_the_first() {
         shard: None,
         max_batch: 4,
         step_tokens: 2048,
+        share_prefixes: true,
     };
     ollm_batch::JobLocks::acquire(&opts).expect("free once the first batch is gone");
 }

@@ -5,13 +5,22 @@
 //! state) and its own [`Decoding`] (sampler, stop strings), so its tokens and text are those it
 //! gets alone. One thread drives a scheduler; requests arrive through [`Scheduler::submit`] or
 //! a channel ([`Scheduler::serve`]).
+//!
+//! Sequences whose prompts begin with the same tokens (one document and many questions, one
+//! system prompt) hold that prefix's KV once ([`ollm_kv::SharedPrefix`]): a sequence admitted
+//! beside a running one whose prompt shares at least [`SHARE_BLOCK`] leading tokens waits (its
+//! prompt rows take no step budget) until that one has fed them, then attaches to the prefix,
+//! in whole blocks of [`SHARE_BLOCK`], and feeds only the rest; a prefix already shared is
+//! attached at once. States that cannot share (sliding windows, offloaded caches, recurrent
+//! state) prefill privately as before.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use ollm_kv::SharedPrefix;
 use ollm_models::{BatchSeq, CausalLm, LogitsWanted};
 use ollm_tokenizer::Tokenizer;
 
@@ -40,6 +49,10 @@ impl std::fmt::Debug for Request {
         f.debug_struct("Request").field("prompt_tokens", &self.prompt.len()).finish_non_exhaustive()
     }
 }
+
+/// Positions a shared prefix is cut to a multiple of (the device cache's prefix-store block, so
+/// a stored block never straddles a shared prefix's end); also the shortest prefix shared.
+pub const SHARE_BLOCK: usize = ollm_kv::DEVICE_PREFIX_BLOCK;
 
 /// How many sequences run together and how much a step feeds.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +83,15 @@ pub struct SchedulerStats {
     pub completed: u64,
     pub cancelled: u64,
     pub failed: u64,
+    /// Sequences that attached to a shared prefix, and the prompt positions they got from it
+    /// without computing or holding them.
+    pub shared_attached: u64,
+    pub shared_positions: u64,
+    /// The most KV-cache bytes the sessions held at once after a step (each shared prefix
+    /// once: [`ollm_kv::held_bytes`]), and at that point what they would hold with every
+    /// prefix copied into each attached sequence.
+    pub peak_kv_bytes: u64,
+    pub peak_kv_unshared_bytes: u64,
 }
 
 /// A sequence being generated.
@@ -90,6 +112,9 @@ struct Running {
     stored: bool,
     /// Speculative decoding for this sequence (its verification forwards run alone).
     speculator: Option<Speculator>,
+    /// Some(P): the prompt's first P tokens are another running sequence's too; this one
+    /// feeds nothing until that one holds them, then attaches to them shared.
+    share_wait: Option<usize>,
 }
 
 impl Running {
@@ -116,6 +141,10 @@ pub struct Scheduler {
     waiting: VecDeque<Request>,
     running: Vec<Running>,
     stats: SchedulerStats,
+    /// Whether sequences share the KV of common prompt prefixes (default on).
+    share: bool,
+    /// Prefixes shared so far, by their tokens (alive while a session holds them).
+    shared: Vec<(Vec<u32>, Weak<SharedPrefix>)>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -148,7 +177,24 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: SchedulerStats::default(),
+            share: true,
+            shared: Vec::new(),
         }
+    }
+
+    /// With `false`, every sequence keeps its whole prompt's KV privately (for comparison).
+    pub fn with_prefix_sharing(mut self, share: bool) -> Self {
+        self.share = share;
+        self
+    }
+
+    /// KV-cache bytes the sessions (running and idle) hold now, each shared prefix once; and
+    /// what they would hold with each attached sequence's prefix a private copy.
+    pub fn kv_bytes(&self) -> (u64, u64) {
+        let states = || self.running.iter().map(|r| r.session.state()).chain(self.idle.iter().map(|s| s.state()));
+        let held = ollm_kv::held_bytes(states()) as u64;
+        let unshared: usize = states().map(|s| s.size_bytes() + s.shared_prefix().map_or(0, |p| p.size_bytes())).sum();
+        (held, unshared as u64)
     }
 
     pub fn config(&self) -> SchedulerConfig {
@@ -212,6 +258,7 @@ impl Scheduler {
         if self.running.is_empty() {
             return false;
         }
+        self.attach_waiting();
         // Decode tokens first, then prompt chunks in arrival order, within the step's budget.
         let mut budget = self.cfg.step_tokens;
         let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
@@ -222,7 +269,7 @@ impl Scheduler {
             }
         }
         for (i, r) in self.running.iter().enumerate() {
-            if r.feed.is_none() && budget > 0 {
+            if r.feed.is_none() && r.share_wait.is_none() && budget > 0 {
                 let n = (r.prompt.len() - r.fed).min(r.session.prefill_chunk()).min(budget);
                 if n > 0 {
                     plan.push((i, r.fed..r.fed + n));
@@ -279,7 +326,96 @@ impl Scheduler {
             }
         }
         self.end_all(ended);
+        let (held, unshared) = self.kv_bytes();
+        if held > self.stats.peak_kv_bytes {
+            (self.stats.peak_kv_bytes, self.stats.peak_kv_unshared_bytes) = (held, unshared);
+        }
         true
+    }
+
+    /// The shared prefix already made whose tokens start `prompt` (leaving a token to feed),
+    /// the longest.
+    fn known_prefix(&mut self, prompt: &[u32]) -> Option<Arc<SharedPrefix>> {
+        self.shared.retain(|(_, w)| w.strong_count() > 0);
+        self.shared
+            .iter()
+            .filter(|(t, _)| t.len() < prompt.len() && prompt.starts_with(t))
+            .max_by_key(|(t, _)| t.len())
+            .and_then(|(_, w)| w.upgrade())
+    }
+
+    /// Positions of `prompt` a sequence could share with running sequence `j`'s prompt: their
+    /// common start, leaving a token of `prompt` to feed, in whole [`SHARE_BLOCK`]s (0 when
+    /// `j` waits itself or cannot share).
+    fn shareable_with(&self, prompt: &[u32], j: usize) -> usize {
+        let d = &self.running[j];
+        if d.share_wait.is_some() || !d.session.can_share() {
+            return 0;
+        }
+        let common = d.prompt.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        common / SHARE_BLOCK * SHARE_BLOCK
+    }
+
+    /// Attaches each waiting sequence to its prefix once a running sequence holds it (sharing
+    /// that sequence's first positions), or lets it prefill alone when none will.
+    fn attach_waiting(&mut self) {
+        for i in 0..self.running.len() {
+            let Some(p) = self.running[i].share_wait else { continue };
+            let prompt = self.running[i].prompt.clone();
+            let shared = match self.known_prefix(&prompt[..p + 1]).filter(|s| s.len() == p) {
+                Some(s) => Some(s),
+                None => {
+                    let donor = (0..self.running.len()).find(|&j| {
+                        j != i
+                            && self.shareable_with(&prompt, j) >= p
+                            && self.running[j].session.len() >= p
+                            && self.running[j].session.tokens()[..p] == prompt[..p]
+                    });
+                    let pending = (0..self.running.len()).any(|j| j != i && self.shareable_with(&prompt, j) >= p);
+                    match donor {
+                        Some(j) => {
+                            let d = &mut self.running[j].session;
+                            // A donor attached to a shorter prefix shares that one.
+                            let got = match d.state().shared_prefix() {
+                                Some(s) => Ok(s.clone()),
+                                None => d.share_prefix(p),
+                            };
+                            match got {
+                                Ok(s) => {
+                                    self.shared.push((prompt[..s.len()].to_vec(), Arc::downgrade(&s)));
+                                    Some(s)
+                                }
+                                Err(e) => {
+                                    tracing::warn!("sharing a prompt prefix failed ({e}); prefilling alone");
+                                    self.running[i].share_wait = None;
+                                    continue;
+                                }
+                            }
+                        }
+                        None if pending => continue,
+                        None => None,
+                    }
+                }
+            };
+            let r = &mut self.running[i];
+            r.share_wait = None;
+            if let Some(s) = shared {
+                Self::attach(r, s, &mut self.stats);
+            }
+        }
+    }
+
+    /// Attaches an empty running sequence to `shared` (its prompt starts with its tokens).
+    fn attach(r: &mut Running, shared: Arc<SharedPrefix>, stats: &mut SchedulerStats) {
+        let p = shared.len();
+        match r.session.attach_prefix(shared, &r.prompt) {
+            Ok(()) => {
+                r.fed = p;
+                stats.shared_attached += 1;
+                stats.shared_positions += p as u64;
+            }
+            Err(e) => tracing::warn!("attaching a shared prefix failed ({e}); prefilling alone"),
+        }
     }
 
     /// Ends the sequences at these indices (each once, any order).
@@ -437,8 +573,29 @@ impl Scheduler {
             Ok(s) => s,
             Err(e) => return Err((sink, e)),
         };
-        let kept = session.rewind(&prompt);
-        let restored = match session.restore_prefix(&prompt) {
+        let mut kept = session.rewind(&prompt);
+        // A prefix already shared is attached now; one a running sequence's prompt also starts
+        // with, once that sequence holds it (the prompt then waits; nothing is restored).
+        let mut share_wait = None;
+        let mut attach_now = None;
+        if self.share && session.can_share() {
+            match self.known_prefix(&prompt) {
+                Some(s) if s.len() > kept => attach_now = Some(s),
+                _ => {
+                    let best = (0..self.running.len()).map(|j| self.shareable_with(&prompt, j)).max().unwrap_or(0);
+                    if best >= SHARE_BLOCK && best > kept {
+                        share_wait = Some(best);
+                    }
+                }
+            }
+            if (attach_now.is_some() || share_wait.is_some()) && kept > 0 {
+                session.reset();
+                kept = 0;
+            }
+        }
+        let restored =
+            if attach_now.is_some() || share_wait.is_some() { Ok(None) } else { session.restore_prefix(&prompt) };
+        let restored = match restored {
             Ok(r) => r,
             Err(e) => {
                 self.idle.push(session);
@@ -466,7 +623,7 @@ impl Scheduler {
             stats.prefix = Some(PrefixReport { restored: restored.clone(), ..PrefixReport::default() });
         }
         let fed = kept + restored.map_or(0, |r| r.tokens);
-        Ok(Running {
+        let mut running = Running {
             session,
             prompt,
             params,
@@ -480,7 +637,12 @@ impl Scheduler {
             store_time: Duration::ZERO,
             stored: false,
             speculator,
-        })
+            share_wait,
+        };
+        if let Some(s) = attach_now {
+            Self::attach(&mut running, s, &mut self.stats);
+        }
+        Ok(running)
     }
 
     /// Ends sequences whose caller stopped waiting.

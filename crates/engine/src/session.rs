@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ollm_kv::{PrefixCache, PrefixConfig, Restored, Stored};
+use ollm_kv::{PrefixCache, PrefixConfig, Restored, SharedPrefix, Stored};
 use ollm_models::{BatchSeq, CausalLm, LogitsWanted, SeqState, TraceSink, TreeMask};
 
 use crate::{EngineError, Result};
@@ -356,6 +356,38 @@ impl Session {
             self.state.restore_fixed(self.model.backend(), bytes).map_err(ollm_models::ModelError::from)?;
         }
         Ok(held)
+    }
+
+    /// Whether this session's state can hold its first positions in a shared prefix
+    /// ([`SeqState::can_share`]).
+    pub fn can_share(&self) -> bool {
+        self.state.can_share()
+    }
+
+    /// The sequence's state (for memory figures: [`ollm_kv::held_bytes`]).
+    pub fn state(&self) -> &SeqState {
+        &self.state
+    }
+
+    /// Moves the first `p` positions this session holds into a shared prefix (it stays
+    /// attached to it) for other sessions starting with the same tokens to
+    /// [`attach_prefix`](Self::attach_prefix).
+    pub fn share_prefix(&mut self, p: usize) -> Result<Arc<SharedPrefix>> {
+        Ok(self.state.share_prefix(self.model.backend(), p).map_err(ollm_models::ModelError::from)?)
+    }
+
+    /// Points an empty session at `shared`, whose positions hold the first `shared.len()` of
+    /// `ids`: those count as fed, with no compute and no copy.
+    pub fn attach_prefix(&mut self, shared: Arc<SharedPrefix>, ids: &[u32]) -> Result<()> {
+        let p = shared.len();
+        if !self.tokens.is_empty() || ids.len() < p {
+            return Err(EngineError::Step(format!(
+                "a shared prefix of {p} positions attaches to an empty session of a prompt at least as long"
+            )));
+        }
+        self.state.attach(self.model.backend(), shared).map_err(ollm_models::ModelError::from)?;
+        self.tokens.extend_from_slice(&ids[..p]);
+        Ok(())
     }
 
     /// Drops every token; the cache memory is kept for reuse.

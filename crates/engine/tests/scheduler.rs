@@ -222,3 +222,55 @@ fn speculating_requests_beside_plain_ones_give_plain_greedy_tokens() {
         }
     }
 }
+
+/// Five requests over one 300-token document with different questions, admitted together:
+/// the first prefills the document, the others wait for it, attach to its first 256 positions
+/// (one shared block) and feed only the rest. Each gets the tokens it gets alone, and the
+/// sessions hold the prefix once: fewer KV bytes at the peak than with sharing off, whose
+/// sequences each hold it.
+#[test]
+fn sequences_over_one_document_share_its_prefix_and_get_what_they_get_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, tok) = tiny(dir.path());
+    let doc: Vec<u32> = (0..300u32).map(|i| (i * 31 + 7) % 4000 + 100).collect();
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|q| doc.iter().copied().chain((0..5 + 3 * q).map(|i| (i * 17 + q * 911) % 4000 + 100)).collect())
+        .collect();
+    let params = GenerateParams { max_new_tokens: 8, ..requests()[0].1.clone() };
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut s = Session::new(model.clone()).expect("session");
+            generate(&mut s, &tok, p, &params, &mut |_| ControlFlow::Continue(())).expect("alone").ids
+        })
+        .collect();
+    let run = |share: bool| {
+        let m = model.clone();
+        let cfg = SchedulerConfig { max_batch: 5, step_tokens: 64 };
+        let mut sched = Scheduler::new(model.clone(), tok.clone(), cfg, Box::new(move || Session::new(m.clone())))
+            .with_prefix_sharing(share);
+        let out: Results = Arc::default();
+        for (key, prompt) in prompts.iter().enumerate() {
+            let sink = Collect { key, streamed: String::new(), cancel_after: None, tokens: 0, out: out.clone() };
+            sched.submit(Request { prompt: prompt.clone(), params: params.clone(), sink: Box::new(sink) });
+        }
+        sched.run_until_idle();
+        let got = std::mem::take(&mut *out.lock().expect("lock"));
+        let ids: Vec<Vec<u32>> = (0..prompts.len())
+            .map(|k| got[&k].0.as_ref().map(|g| g.ids.clone()).unwrap_or_else(|e| panic!("request {k}: {e}")))
+            .collect();
+        (ids, sched.stats().clone())
+    };
+    let (shared_ids, on) = run(true);
+    let (private_ids, off) = run(false);
+    assert_eq!(shared_ids, want, "sharing changed the tokens");
+    assert_eq!(private_ids, want);
+    assert_eq!((on.shared_attached, on.shared_positions), (4, 4 * 256), "{on:?}");
+    assert_eq!(off.shared_attached, 0);
+    // 4 layers × K and V × 2 heads × 16 dims × 4 bytes per position: the 4 attached sequences'
+    // 256 shared positions are held once, not 4 more times.
+    let per_position = 4 * 2 * 2 * 16 * 4;
+    assert!(on.peak_kv_bytes + 3 * 256 * per_position <= off.peak_kv_bytes, "{on:?} vs {off:?}");
+    assert!(on.peak_kv_unshared_bytes > on.peak_kv_bytes, "{on:?}");
+    eprintln!("peak KV held: {} B shared, {} B private", on.peak_kv_bytes, off.peak_kv_bytes);
+}

@@ -21,11 +21,15 @@
 
 pub mod offload;
 pub mod prefix;
+pub mod shared;
 
 use ollm_ops::{Backend, HostBuffer, KvBlockSpan, OpsError, Result, Tensor};
 
 pub use offload::{KvOffload, OffloadStats};
 pub use prefix::{PrefixCache, PrefixConfig, Restored, Stored};
+pub use shared::{PrefixLayer, SharedPrefix, held_bytes};
+
+use std::sync::Arc;
 
 /// Positions per prefix-store block when the cache lives on the device (an offloaded cache uses
 /// its own block, so imported blocks drop straight into it).
@@ -96,18 +100,22 @@ pub fn window_positions(w: usize, tile: usize) -> usize {
 /// K and V of one attention layer, each `[n_kv_heads, capacity, head_dim]` in the backend's
 /// KV dtype (`Backend::kv_dtype`: f32 on the CPU, bf16 on CUDA). Row `r` holds position
 /// `base + r`; rows are valid up to the sequence's `SeqState::len`. `base` is 0 except in
-/// sliding-window layers, so write and attend at `pos - base`.
+/// sliding-window layers and in a state attached to a shared prefix, so write and attend at
+/// `pos - base`.
 #[derive(Debug)]
 pub struct LayerKv {
     pub k: Tensor,
     pub v: Tensor,
     pub base: usize,
+    /// Some: positions `0..base` sit in a shared prefix's caches (see [`shared`]); attention
+    /// runs over them and these rows (`Compute::attention_prefixed`).
+    pub prefix: Option<PrefixLayer>,
 }
 
 impl LayerKv {
     fn zeros(backend: &dyn Backend, s: &KvShape, capacity: usize) -> Result<Self> {
         let dims = vec![s.n_kv_heads, capacity, s.head_dim];
-        Ok(Self { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)?, base: 0 })
+        Ok(Self { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)?, base: 0, prefix: None })
     }
 
     fn capacity(&self) -> usize {
@@ -169,6 +177,8 @@ pub struct SeqState {
     /// The fixed state belongs to a sequence that was dropped ([`truncate`](Self::truncate) to
     /// 0): the next forward zeroes it first.
     fixed_stale: bool,
+    /// Some: positions `0..P` live in this shared prefix (every layer's rows start at `P`).
+    shared: Option<Arc<SharedPrefix>>,
 }
 
 /// Initial capacity in positions; the cache doubles as needed.
@@ -208,6 +218,7 @@ impl SeqState {
             fixed_shapes: Vec::new(),
             retain_from: usize::MAX,
             fixed_stale: false,
+            shared: None,
         })
     }
 
@@ -239,6 +250,7 @@ impl SeqState {
             fixed_shapes: Vec::new(),
             retain_from: usize::MAX,
             fixed_stale: false,
+            shared: None,
         })
     }
 
@@ -326,16 +338,19 @@ impl SeqState {
         if needed <= self.capacity {
             return Ok(());
         }
-        let new_cap = grown_capacity(self.capacity, needed, self.max_positions);
+        // Attached to a shared prefix of P positions, the own rows double (not the positions).
+        let p = self.shared_len();
+        let new_cap = p + grown_capacity(self.capacity - p, needed - p, self.max_positions - p);
         if let Some(o) = &mut self.offload {
             o.reserve(backend, needed, new_cap)?;
             self.capacity = o.capacity();
             return Ok(());
         }
+        // The own caches hold positions P.. .
         for (layer, shape) in self.layers.iter_mut().zip(&self.shapes) {
             if shape.window.is_none() {
-                layer.k = backend.grow_kv(&layer.k, 0..self.len, new_cap)?;
-                layer.v = backend.grow_kv(&layer.v, 0..self.len, new_cap)?;
+                layer.k = backend.grow_kv(&layer.k, 0..self.len - p, new_cap - p)?;
+                layer.v = backend.grow_kv(&layer.v, 0..self.len - p, new_cap - p)?;
             }
         }
         self.capacity = new_cap;
@@ -378,7 +393,8 @@ impl SeqState {
     }
 
     /// The shortest length [`truncate`](Self::truncate) can go back to: a sliding-window layer
-    /// that dropped its front needs a window's worth of positions before the end.
+    /// that dropped its front needs a window's worth of positions before the end; a state
+    /// attached to a shared prefix keeps the whole prefix (it never writes there).
     pub fn min_len(&self) -> usize {
         let first_kept: Vec<usize> = match &self.offload {
             Some(o) => (0..self.shapes.len()).map(|l| o.first_kept(l)).collect(),
@@ -390,6 +406,7 @@ impl SeqState {
             .filter_map(|(s, first)| s.window.filter(|_| first > 0).map(|w| first + w - 1))
             .max()
             .unwrap_or(0)
+            .max(self.shared_len())
     }
 
     /// Marks `n` more positions as written (after every layer has appended them).
@@ -399,11 +416,12 @@ impl SeqState {
 
     /// Forgets positions from `len` on (e.g. to drop a generated tail); the bytes stay allocated.
     /// A `len` below [`min_len`](Self::min_len) forgets everything (the windows lack what it
-    /// would need).
+    /// would need; a shared prefix is let go of, never written).
     pub fn truncate(&mut self, len: usize) {
         let len = if len < self.min_len() { 0 } else { len };
         self.len = self.len.min(len);
         if self.len == 0 {
+            self.detach();
             // A recurrent layer's state cannot step back: start the next sequence from zero.
             self.fixed_stale = self.has_fixed();
             for kv in &mut self.layers {
@@ -415,7 +433,9 @@ impl SeqState {
         }
     }
 
-    /// Device bytes held by the caches.
+    /// Device bytes held by the caches of this state alone: a shared prefix it is attached to
+    /// is not counted ([`held_bytes`] counts each prefix once over many states;
+    /// [`SharedPrefix::size_bytes`] gives its own).
     pub fn size_bytes(&self) -> usize {
         self.layers.iter().map(|l| l.k.size_bytes() + l.v.size_bytes()).sum::<usize>()
             + self.offload.as_ref().map_or(0, offload::Offload::device_bytes)
@@ -483,6 +503,99 @@ impl SeqState {
         self.fixed_shapes.iter().map(FixedShape::elems).sum::<usize>() * 4
     }
 
+    /// Positions held in a shared prefix (0 when not attached).
+    pub fn shared_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// The shared prefix this state is attached to.
+    pub fn shared_prefix(&self) -> Option<&Arc<SharedPrefix>> {
+        self.shared.as_ref()
+    }
+
+    /// Whether this state can hold its first positions in a shared prefix: every attention
+    /// layer keeps every position (no sliding window), on the device (not offloaded), and the
+    /// model keeps no recurrent state. Other states keep private copies.
+    pub fn can_share(&self) -> bool {
+        self.offload.is_none()
+            && self.fixed.is_empty()
+            && !self.layers.is_empty()
+            && self.shapes.iter().all(|s| s.window.is_none())
+    }
+
+    /// Moves positions `0..p` (already written) into a new [`SharedPrefix`] and attaches this
+    /// state to it: its own caches keep positions `p..` (same capacity in positions). Other
+    /// states that start with the same tokens [`attach`](Self::attach) to the result. Fails
+    /// when the state cannot share, holds fewer than `p` positions, or is already attached (to
+    /// a prefix of another length; of length `p`, that prefix is returned).
+    pub fn share_prefix(&mut self, backend: &dyn Backend, p: usize) -> Result<Arc<SharedPrefix>> {
+        if let Some(s) = &self.shared {
+            return match s.len == p {
+                true => Ok(s.clone()),
+                false => Err(OpsError::Backend(format!(
+                    "a state attached to a shared prefix of {} positions cannot share one of {p}",
+                    s.len
+                ))),
+            };
+        }
+        if !self.can_share() || p == 0 || p > self.len {
+            return Err(OpsError::Backend(format!(
+                "cannot share {p} positions of a state of {} (sliding windows, an offloaded cache or recurrent state keep private copies)",
+                self.len
+            )));
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for kv in &self.layers {
+            layers.push((backend.grow_kv(&kv.k, 0..p, p)?, backend.grow_kv(&kv.v, 0..p, p)?));
+        }
+        let shared = Arc::new(SharedPrefix { layers, len: p });
+        for (l, kv) in self.layers.iter_mut().enumerate() {
+            kv.k = backend.grow_kv(&kv.k, p..self.len, self.capacity - p)?;
+            kv.v = backend.grow_kv(&kv.v, p..self.len, self.capacity - p)?;
+            kv.base = p;
+            kv.prefix = Some(PrefixLayer { shared: shared.clone(), layer: l });
+        }
+        self.shared = Some(shared.clone());
+        Ok(shared)
+    }
+
+    /// Attaches an empty state to `shared`: it then holds positions `0..shared.len()` without
+    /// a copy, its own caches (made anew, [`INITIAL_CAPACITY`] rows) taking positions from
+    /// there. Fails unless the state is empty, [`can_share`](Self::can_share) and its layers
+    /// match the prefix's.
+    pub fn attach(&mut self, backend: &dyn Backend, shared: Arc<SharedPrefix>) -> Result<()> {
+        let p = shared.len;
+        let fits = shared.layers.len() == self.layers.len()
+            && shared.layers.iter().zip(&self.shapes).all(|((k, _), s)| k.shape() == [s.n_kv_heads, p, s.head_dim]);
+        if self.len != 0 || !self.can_share() || !fits || p == 0 || p >= self.max_positions {
+            return Err(OpsError::Backend(format!(
+                "cannot attach a shared prefix of {p} positions to a state of {} positions (it must be empty, of the same layers, without sliding windows, offloading or recurrent state)",
+                self.len
+            )));
+        }
+        let rows = INITIAL_CAPACITY.min(self.max_positions - p);
+        for (l, (kv, s)) in self.layers.iter_mut().zip(&self.shapes).enumerate() {
+            *kv = LayerKv::zeros(backend, s, rows)?;
+            kv.base = p;
+            kv.prefix = Some(PrefixLayer { shared: shared.clone(), layer: l });
+        }
+        self.capacity = p + rows;
+        self.len = p;
+        self.shared = Some(shared);
+        Ok(())
+    }
+
+    /// Lets go of a shared prefix (the state is empty): the own caches' rows start at 0 again.
+    fn detach(&mut self) {
+        if let Some(s) = self.shared.take() {
+            self.capacity -= s.len;
+            for kv in &mut self.layers {
+                kv.base = 0;
+                kv.prefix = None;
+            }
+        }
+    }
+
     /// How this state's positions are cut into prefix-store blocks.
     pub fn block_layout(&self, backend: &dyn Backend) -> Result<BlockLayout> {
         let shape = *self.shapes.first().ok_or_else(|| OpsError::Backend("a KV cache with no layers".into()))?;
@@ -522,7 +635,32 @@ impl SeqState {
         // The cache was written by compute; copy the block's rows out once it has run.
         backend.copy_wait(&backend.compute_marker()?)?;
         let mut staging = backend.host_alloc(lay.n_layers * lay.layer_bytes)?;
+        let p = self.shared_len();
+        if bi * lay.block < p && (bi + 1) * lay.block > p {
+            return Err(OpsError::Backend(format!(
+                "block {bi} straddles the end of the shared prefix at position {p}: share prefixes in whole blocks of {}",
+                lay.block
+            ))
+            .into());
+        }
         for (l, kv) in self.layers.iter().enumerate() {
+            // A block of the shared prefix comes from its caches (rows from position 0).
+            if let Some(pre) = kv.prefix.as_ref().filter(|_| bi * lay.block < p) {
+                let span = KvBlockSpan {
+                    offset: l * lay.layer_bytes,
+                    block: lay.block,
+                    row: 0,
+                    pos: bi * lay.block,
+                    n: lay.block,
+                };
+                backend.kv_to_host_async(pre.k(), &mut staging, span)?;
+                backend.kv_to_host_async(
+                    pre.v(),
+                    &mut staging,
+                    KvBlockSpan { offset: span.offset + lay.half_bytes, ..span },
+                )?;
+                continue;
+            }
             let Some(pos) = (bi * lay.block).checked_sub(kv.base) else {
                 return Err(OpsError::Backend(format!(
                     "block {bi} of sliding-window layer {l} was dropped (it keeps positions from {})",

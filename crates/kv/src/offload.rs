@@ -128,7 +128,7 @@ impl Offload {
         let spill_path = cfg.spill_dir.join(format!("kv-{}-{}.spill", std::process::id(), unique()));
         let window = || -> Result<LayerKv> {
             let dims = vec![shape.n_kv_heads, capacity, shape.head_dim];
-            Ok(LayerKv { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)?, base: 0 })
+            Ok(LayerKv { k: backend.kv_zeros(dims.clone())?, v: backend.kv_zeros(dims)?, base: 0, prefix: None })
         };
         Ok(Self {
             shape,

@@ -323,6 +323,20 @@ impl ModelBytes {
     pub fn batch_scratch_bytes(&self, rows: usize, seqs: usize) -> Result<u64> {
         Ok((self.family.scratch_bytes)(&self.raw, rows, seqs)? + self.expert_work_bytes)
     }
+
+    /// Device bytes of the activations of the largest step of at most `rows` rows over at most
+    /// `seqs` sequences: the most [`batch_scratch_bytes`](Self::batch_scratch_bytes) over every
+    /// row count a step can take (not only `rows`: a step a row short of two tiles holds a scratch
+    /// set per tile length, one of exactly two tiles only one; see
+    /// [`peak_row_counts`](crate::common::forward::peak_row_counts)). What the planner reserves.
+    pub fn step_scratch_bytes(&self, rows: usize, seqs: usize) -> Result<u64> {
+        let chunks = [crate::common::forward::PREFILL_TILE, crate::gpt_oss::MOE_CHUNK];
+        let mut most = 0;
+        for t in crate::common::forward::peak_row_counts(rows.max(1), &chunks) {
+            most = most.max(self.batch_scratch_bytes(t, seqs.clamp(1, t))?);
+        }
+        Ok(most)
+    }
 }
 
 /// The expert cache's unpack buffers for the experts of `layers` in `catalog` (0 without any).

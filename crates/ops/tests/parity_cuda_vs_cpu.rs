@@ -543,6 +543,71 @@ fn bf16_kv_cache_through_the_backend_matches_cpu() {
     assert!(err.to_string().contains("kv_zeros"), "{err}");
 }
 
+/// Attention over a shared prefix's cache and the sequence's own (`attention_prefixed`): the
+/// GPU joins the two caches and runs its kernels, the CPU merges the two sources' partials;
+/// both against the CPU's plain attention over one cache holding both. Decode (2 queries,
+/// split-context kernel, 1e-5) and a prefill across nothing but own rows (9 queries, flash,
+/// 1e-2 as above), with and without sinks.
+#[test]
+fn prefixed_attention_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let (nh, nkv, d, p, own) = (8, 2, 64, 300, 40);
+    let (pk, pv) = (rounded(&random(nkv * p * d, 1.0), DType::BF16), rounded(&random(nkv * p * d, 1.0), DType::BF16));
+    let (ok, ov) =
+        (rounded(&random(nkv * own * d, 1.0), DType::BF16), rounded(&random(nkv * own * d, 1.0), DType::BF16));
+    // The CPU's one cache: per head, the prefix's rows then the own rows.
+    let join = |a: &[f32], b: &[f32]| -> Vec<f32> {
+        (0..nkv)
+            .flat_map(|h| a[h * p * d..(h + 1) * p * d].iter().chain(&b[h * own * d..(h + 1) * own * d]).copied())
+            .collect()
+    };
+    let (jk, jv) = (join(&pk, &ok), join(&pv, &ov));
+    let cache = |be: &dyn Backend, x: &[f32], rows: usize| -> Tensor {
+        let mut c = be.kv_zeros(vec![nkv, rows, d]).expect("cache");
+        let t: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..nkv).flat_map(move |h| (h * rows + r) * d..(h * rows + r + 1) * d))
+            .map(|i| x[i])
+            .collect();
+        be.write_kv(&mut c, &be.upload_f32(vec![rows, nkv, d], &t).expect("rows"), 0).expect("write");
+        c
+    };
+    let sinks = random(nh, 2.0);
+    for (tq, tol) in [(2usize, 1e-5), (9, 1e-2)] {
+        for with_sinks in [false, true] {
+            let q = random(tq * nh * d, 1.0);
+            let pos0 = own - tq;
+            let run_prefixed = |be: &dyn Backend| -> Vec<f32> {
+                let (pkt, pvt) = (cache(be, &pk, p), cache(be, &pv, p));
+                let (okt, ovt) = (cache(be, &ok, own), cache(be, &ov, own));
+                let st = be.upload_f32(vec![nh], &sinks).expect("sinks");
+                let params = ollm_ops::AttnParams {
+                    scale: (d as f32).powf(-0.5),
+                    window: None,
+                    sinks: with_sinks.then_some(&st),
+                };
+                let qt = be.upload_f32(vec![tq, nh, d], &q).expect("q");
+                let mut out = be.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
+                be.attention_prefixed(&qt, (&pkt, &pvt, p), (&okt, &ovt), pos0, &params, &mut out).expect("prefixed");
+                be.to_host_f32(&out).expect("out")
+            };
+            let st = cpu.upload_f32(vec![nh], &sinks).expect("sinks");
+            let params =
+                ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: with_sinks.then_some(&st) };
+            let qt = cpu.upload_f32(vec![tq, nh, d], &q).expect("q");
+            let mut out = cpu.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
+            let (kt, vt) = (cache(&cpu, &jk, p + own), cache(&cpu, &jv, p + own));
+            cpu.attention(&qt, &kt, &vt, p + pos0, &params, &mut out).expect("attention");
+            let want = cpu.to_host_f32(&out).expect("want");
+            let on_cpu = rel_err(&run_prefixed(&cpu), &want);
+            let on_gpu = rel_err(&run_prefixed(&gpu), &want);
+            eprintln!("prefixed attention, {tq} queries, sinks {with_sinks}: cpu {on_cpu:.2e}, gpu {on_gpu:.2e}");
+            assert!(on_cpu < 1e-5, "CPU two-source merge: rel err {on_cpu:e}");
+            assert!(on_gpu < tol, "GPU joined caches, {tq} queries: rel err {on_gpu:e}");
+        }
+    }
+}
+
 #[test]
 fn rmsnorm_matches_cpu_for_every_weight_dtype() {
     let Some(dev) = device() else { return };

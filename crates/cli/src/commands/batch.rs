@@ -41,6 +41,10 @@ pub struct BatchArgs {
     /// Tokens one step feeds at most: a decode token per running request, then prompt chunks.
     #[arg(long, default_value_t = ollm_server::SERVER_PREFILL_CHUNK)]
     pub step_tokens: usize,
+    /// Keep each request's whole prompt KV private, even when requests start with the same
+    /// tokens (by default they hold a common prefix once: one document, many questions).
+    #[arg(long)]
+    pub no_share_prefix: bool,
 }
 
 /// `ollm merge-batch OUT PART...`: join the results of a sharded batch.
@@ -105,6 +109,7 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         shard: a.shard,
         max_batch: 1,
         step_tokens: a.step_tokens,
+        share_prefixes: !a.no_share_prefix,
     };
     check_batch_flags(a.max_batch, a.step_tokens)?;
     // Before the model loads: a second batch on the same files refuses at once.
@@ -142,6 +147,14 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         }
     })?;
     bar.finish_and_clear();
+    if summary.peak_kv_bytes > 0 {
+        eprintln!(
+            "[ollm] batch: KV cache peak {} held ({} without prefix sharing); {} requests attached to a shared prefix",
+            crate::resources::human_bytes(summary.peak_kv_bytes),
+            crate::resources::human_bytes(summary.peak_kv_unshared_bytes),
+            summary.shared_attached
+        );
+    }
     eprintln!(
         "[ollm] batch: {} completed, {} already done, {} failed, {} invalid lines, {} duplicate ids{}; results in {}{}",
         summary.completed,

@@ -300,10 +300,12 @@ impl Speculator {
         .min(limit)
         .min(room);
         // A model that verifies trees gets the drafter's tree; one that cannot (a recurrent
-        // state has one value per sequence) a chain.
+        // state has one value per sequence) a chain, as does a sequence attached to a shared
+        // prefix (tree attention reads the sequence's own cache only).
+        let trees = self.trees && session.model().supports_tree() && session.state().shared_len() == 0;
         let draft = match k {
             0 => Draft::default(),
-            k if self.trees && session.model().supports_tree() => self.drafter.draft_tree(&context, k)?,
+            k if trees => self.drafter.draft_tree(&context, k)?,
             k => self.drafter.draft(&context, k)?,
         };
         let backlog = self.backlog.len();

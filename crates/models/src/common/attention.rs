@@ -157,7 +157,8 @@ pub fn self_attention_qk(
 /// Appends post-RoPE keys and values `[T, nkv, d]` to `kv` at positions `pos0..` and attends q
 /// `[T, nh, d]` over the cache into ctx. Rows are shifted by the cache's base (a sliding-window
 /// layer's dropped front): scores of rotated keys depend only on the rows' order, so attention
-/// runs at the shifted positions too.
+/// runs at the shifted positions too. When the base is a shared prefix's end, attention also
+/// covers the prefix's positions.
 pub fn append_and_attend(
     backend: &dyn Backend,
     kv: &mut LayerKv,
@@ -172,7 +173,11 @@ pub fn append_and_attend(
     })?;
     backend.write_kv(&mut kv.k, k, row0)?;
     backend.write_kv(&mut kv.v, v, row0)?;
-    backend.attention(q, &kv.k, &kv.v, row0, params, ctx)?;
+    match &kv.prefix {
+        // Positions 0..base sit in a shared prefix: attend over it and the own rows.
+        Some(pre) => backend.attention_prefixed(q, (pre.k(), pre.v(), pre.len()), (&kv.k, &kv.v), row0, params, ctx)?,
+        None => backend.attention(q, &kv.k, &kv.v, row0, params, ctx)?,
+    }
     Ok(())
 }
 
@@ -217,6 +222,13 @@ pub fn append_and_attend_tree(
     let Some(tree) = tree else {
         return append_and_attend(backend, kv, (k, v), q, (layer, pos0), params, ctx);
     };
+    if kv.prefix.is_some() {
+        // Tree attention reads the own cache only; the speculator drafts chains for such states.
+        return Err(ollm_ops::OpsError::Backend(format!(
+            "layer {layer}: a tree of tokens over a shared prefix's cache is not supported; verify a chain"
+        ))
+        .into());
+    }
     let row0 = pos0.checked_sub(kv.base).ok_or_else(|| {
         ollm_ops::OpsError::Backend(format!("layer {layer}: position {pos0} before its cache's base {}", kv.base))
     })?;

@@ -273,6 +273,27 @@ impl Pieces {
     }
 }
 
+/// Row counts among `1..=rows` at which a forward's activations can be largest, for a forward cut
+/// in pieces of each size in `chunks` (a scratch set per distinct piece length): every quantity
+/// grows with the row count while the number of piece lengths stays the same, and changes only
+/// at multiples `m·c` of a chunk (`m·c` has one piece length, `m·c + 1` two). So the largest
+/// over `1..=rows` is at `rows` or at some `m·c − 1` or `m·c` below it. A step of at most `rows`
+/// rows can take any of these counts, and `m·c − 1` rows (a full tile and a tile less one row)
+/// hold more than `m·c` rows do: what the planner reserves is the largest.
+pub fn peak_row_counts(rows: usize, chunks: &[usize]) -> Vec<usize> {
+    let mut out = vec![rows];
+    for &c in chunks.iter().filter(|c| **c > 0) {
+        let mut m = c;
+        while m <= rows {
+            out.extend([m - 1, m].into_iter().filter(|&t| t > 0));
+            m += c;
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Bytes of f32 activations of these shapes (what [`alloc_all`] allocates for them).
 pub fn f32_bytes(shapes: &[Vec<usize>]) -> u64 {
     shapes.iter().map(|s| 4 * s.iter().product::<usize>() as u64).sum()
@@ -364,6 +385,29 @@ mod tests {
     use super::*;
     use ollm_ops::cpu::CpuBackend;
     use ollm_ops::{Compute, Memory};
+
+    /// A forward of 2,047 rows holds two scratch sets (1,024 and 1,023 rows), one of 2,048
+    /// holds one: the candidates include 2,047, and the largest over them is the largest over
+    /// every row count.
+    #[test]
+    fn peak_row_counts_find_the_largest_of_every_row_count() {
+        let c = peak_row_counts(2100, &[PREFILL_TILE]);
+        assert!(c.contains(&2047) && c.contains(&2100) && c.contains(&1023), "{c:?}");
+        let bytes = |t: usize| {
+            let mut shapes = vec![vec![t, 8]];
+            shapes.extend(Pieces::shapes(t, PREFILL_TILE, 8));
+            for n in piece_sizes(t, PREFILL_TILE) {
+                shapes.push(vec![n, 32]);
+            }
+            f32_bytes(&shapes)
+        };
+        assert!(bytes(2047) > bytes(2048), "the bug this guards: fewer rows, more scratch");
+        for rows in [1, 5, 1023, 1024, 1025, 2047, 2048, 3000] {
+            let every = (1..=rows).map(bytes).max().unwrap_or(0);
+            let cand = peak_row_counts(rows, &[PREFILL_TILE]).into_iter().map(bytes).max().unwrap_or(0);
+            assert_eq!(cand, every, "{rows} rows");
+        }
+    }
 
     #[test]
     fn pieces_cover_the_rows_with_one_buffer_per_length() {

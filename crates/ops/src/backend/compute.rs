@@ -99,6 +99,30 @@ impl AttnGeometry {
         }
         Self::of(q, k, v, out, pos0, sinks)
     }
+
+    /// Checks the shapes of an attention call over a shared prefix and the sequence's own rows
+    /// ([`Compute::attention_prefixed`]): the prefix caches hold at least `p` positions and
+    /// have the own caches' heads and width. Returns the prefix's geometry (its `pos0` 0) and
+    /// the own rows' (queries at own row `pos0`).
+    pub fn of_prefixed(
+        q: &Tensor,
+        (pk, pv, p): (&Tensor, &Tensor, usize),
+        (k, v): (&Tensor, &Tensor),
+        out: &Tensor,
+        pos0: usize,
+        sinks: Option<&Tensor>,
+    ) -> Result<(Self, Self)> {
+        let g = Self::of(q, k, v, out, pos0, sinks)?;
+        match pk.shape() {
+            &[n_kv, cap, d] if n_kv == g.n_kv && d == g.d && p <= cap && pv.shape() == pk.shape() => {
+                Ok((Self { cap, pos0: 0, ..g }, g))
+            }
+            _ => Err(OpsError::Shape {
+                op: "attention_prefixed",
+                detail: format!("prefix {:?} of {p} positions beside own rows {:?}", pk.shape(), k.shape()),
+            }),
+        }
+    }
 }
 
 /// Per-layer attention settings.
@@ -159,6 +183,23 @@ pub trait Compute: Send + Sync {
         v: &Tensor,
         pos0: usize,
         tree: &TreeMask,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()>;
+
+    /// [`attention`](Self::attention) of a sequence whose first `p` positions sit in a shared
+    /// prefix's caches `prefix = (k, v, p)` (`[n_kv, ≥ p, d]`, positions `0..p`, held once for
+    /// every sequence that starts with them) and the rest in its own caches k, v (row `r` holds
+    /// position `p + r`): queries at own rows `pos0..pos0 + T` (positions `p + pos0..`) see every
+    /// prefix position and own rows up to their own. Equal to attention over the two caches
+    /// joined (the CPU merges the two sources' online-softmax partials).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_prefixed(
+        &self,
+        q: &Tensor,
+        prefix: (&Tensor, &Tensor, usize),
+        own: (&Tensor, &Tensor),
+        pos0: usize,
         params: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()>;

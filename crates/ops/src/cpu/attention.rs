@@ -70,22 +70,67 @@ pub fn attention_with(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let (d, group) = (g.d, g.n_heads / g.n_kv);
-    let t = out.len() / (g.n_heads * d).max(1);
+    let (d, t) = (g.d, out.len() / (g.n_heads * g.d).max(1));
     if t == 0 || d == 0 {
         return;
     }
+    let parts = source_parts(kern, q, (k, v, g), usize::MAX, scale, window, t);
+    merge(&parts, g, sinks, t, out);
+}
+
+/// [`attention`] over two caches: a shared prefix `pk`, `pv` `[n_kv, pg.cap, d]` holding
+/// positions `0..p` (`p <= pg.cap`), then the sequence's own rows `k`, `v` `[n_kv, g.cap, d]`,
+/// row `r` holding position `p + r`. The queries sit at own rows `g.pos0..` (positions
+/// `p + g.pos0..`), so every prefix key is before each of them. Each source's keys go through
+/// tasks of their own; the partial `(m, l, O)` of both are merged as one call's splits are: the
+/// result is attention over the concatenation. A window counts positions the same in both.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefixed(
+    q: &[f32],
+    (pk, pv, p): (&[f32], &[f32], usize),
+    (k, v): (&[f32], &[f32]),
+    (pg, g): (&Geometry, &Geometry),
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let kern = Kernels::active();
+    let (d, t) = (g.d, out.len() / (g.n_heads * g.d).max(1));
+    if t == 0 || d == 0 {
+        return;
+    }
+    // The prefix seen from absolute positions: queries at p + pos0 + t, keys 0..p.
+    let pre = Geometry { pos0: p + g.pos0, ..*pg };
+    let mut parts = source_parts(kern, q, (pk, pv, &pre), p, scale, window, t);
+    parts.extend(source_parts(kern, q, (k, v, g), usize::MAX, scale, window, t));
+    merge(&parts, g, sinks, t, out);
+}
+
+/// The tasks of one cache's keys below `key_end`, run: each a partial over its keys.
+fn source_parts(
+    kern: &Kernels,
+    q: &[f32],
+    (k, v, g): (&[f32], &[f32], &Geometry),
+    key_end: usize,
+    scale: f32,
+    window: Option<usize>,
+    t: usize,
+) -> Vec<(Task, Partial)> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
-    let tasks = plan(g, t, window);
-    let parts: Vec<(Task, Partial)> = tasks
+    plan(g, t, window, key_end)
         .into_par_iter()
         .map(|task| {
             let part = run_task(kern, q, k, v, g, scale, &lo, &task);
             (task, part)
         })
-        .collect();
+        .collect()
+}
 
-    // Merge the partials per (token, head) into out, then normalise.
+/// Merges the partials per (token, head) into out, then normalises; a sink starts each row's
+/// `(m, l)`.
+fn merge(parts: &[(Task, Partial)], g: &Geometry, sinks: Option<&[f32]>, t: usize, out: &mut [f32]) {
+    let (d, group) = (g.d, g.n_heads / g.n_kv);
     let rows_all = t * g.n_heads;
     let mut m = vec![f32::NEG_INFINITY; rows_all];
     let mut l = vec![0.0f32; rows_all];
@@ -96,7 +141,7 @@ pub fn attention_with(
         }
     }
     out[..rows_all * d].fill(0.0);
-    for (task, part) in &parts {
+    for (task, part) in parts {
         for (r, (&pm, &pl)) in part.m.iter().zip(&part.l).enumerate() {
             let (ti, gi) = (r / group, r % group);
             let idx = (task.t0 + ti) * g.n_heads + task.kvh * group + gi;
@@ -120,20 +165,24 @@ pub fn attention_with(
 }
 
 /// Splits the call into tasks: (KV head, query block), and for few such tasks (decode) the keys
-/// too, so that every thread has work.
-fn plan(g: &Geometry, t: usize, window: Option<usize>) -> Vec<Task> {
+/// too, so that every thread has work. Keys at `key_end` and after are left out (a shared
+/// prefix's cache ends there).
+fn plan(g: &Geometry, t: usize, window: Option<usize>, key_end: usize) -> Vec<Task> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let n_qblocks = t.div_ceil(Q_BLOCK);
     let base = g.n_kv * n_qblocks;
     let want = 4 * rayon::current_num_threads();
-    let span = g.pos0 + t - lo(g.pos0);
+    let span = (g.pos0 + t).min(key_end).saturating_sub(lo(g.pos0)).max(1);
     let splits = if base >= want { 1 } else { want.div_ceil(base).min(span.div_ceil(MIN_SPLIT_KEYS)).max(1) };
     let split_len = span.div_ceil(splits).div_ceil(K_BLOCK) * K_BLOCK;
     let mut tasks = Vec::with_capacity(base * splits);
     for kvh in 0..g.n_kv {
         for qb in 0..n_qblocks {
             let (t0, tt) = (qb * Q_BLOCK, Q_BLOCK.min(t - qb * Q_BLOCK));
-            let (first, last) = (lo(g.pos0 + t0), g.pos0 + t0 + tt - 1);
+            let (first, last) = (lo(g.pos0 + t0), (g.pos0 + t0 + tt - 1).min(key_end.saturating_sub(1)));
+            if key_end == 0 {
+                continue;
+            }
             let mut s = lo(g.pos0);
             while s <= last {
                 let e = s + split_len;
@@ -334,11 +383,54 @@ mod tests {
         }
     }
 
+    /// The cache cut in two (a shared prefix of p positions, then the sequence's own rows, each
+    /// in a cache of its own capacity) attends as the whole cache: prefill across the cut and
+    /// decode (split keys), with GQA, a window and sinks. 2e-5 absolute, as above.
+    #[test]
+    fn a_prefix_and_own_rows_attend_as_one_cache() {
+        // (T, own pos0, p, n_heads, n_kv, d, window, sinks)
+        let cases = [
+            (1, 0, 1, 4, 2, 8, None, false),
+            (1, 1500, 512, 6, 2, 64, None, true),
+            (1, 900, 1024, 6, 2, 64, Some(700), false),
+            (40, 0, 256, 9, 3, 64, None, false),
+            (70, 33, 300, 8, 2, 48, None, true),
+        ];
+        for &(t, pos0, p, n_heads, n_kv, d, window, with_sinks) in &cases {
+            let (own_cap, pre_cap, cap) = (pos0 + t + 3, p + 2, p + pos0 + t);
+            let whole = Geometry { n_heads, n_kv, d, cap, pos0: p + pos0 };
+            let q = noise(t * n_heads * d, 23 + t as u64);
+            let k = noise(n_kv * cap * d, 29 + d as u64);
+            let v = noise(n_kv * cap * d, 31 + p as u64);
+            // Cut each head's rows at p into the two caches (padding rows hold junk).
+            let cut = |x: &[f32]| {
+                let (mut a, mut b) = (noise(n_kv * pre_cap * d, 37), noise(n_kv * own_cap * d, 41));
+                for h in 0..n_kv {
+                    let rows = &x[h * cap * d..(h + 1) * cap * d];
+                    a[h * pre_cap * d..][..p * d].copy_from_slice(&rows[..p * d]);
+                    b[h * own_cap * d..][..(cap - p) * d].copy_from_slice(&rows[p * d..]);
+                }
+                (a, b)
+            };
+            let ((pk, ok), (pv, ov)) = (cut(&k), cut(&v));
+            let sinks: Option<Vec<f32>> = with_sinks.then(|| noise(n_heads, 43));
+            let scale = 1.0 / (d as f32).sqrt() * 3.0;
+            let mut want = vec![f32::NAN; t * n_heads * d];
+            reference(&q, &k, &v, &whole, scale, window, sinks.as_deref(), &mut want);
+            let mut got = vec![f32::NAN; t * n_heads * d];
+            let pg = Geometry { cap: pre_cap, pos0: 0, ..whole };
+            let g = Geometry { cap: own_cap, pos0, ..whole };
+            attention_prefixed(&q, (&pk, &pv, p), (&ok, &ov), (&pg, &g), scale, window, sinks.as_deref(), &mut got);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 2e-5, "T={t} pos0={pos0} p={p} {window:?}: {worst}");
+        }
+    }
+
     /// Decode over a long cache is split over tasks and the parts merge to the same answer.
     #[test]
     fn decode_splits_keys_over_tasks() {
         let g = Geometry { n_heads: 2, n_kv: 1, d: 8, cap: 4096, pos0: 4095 };
-        let tasks = plan(&g, 1, None);
+        let tasks = plan(&g, 1, None, usize::MAX);
         assert!(tasks.len() > 1 || rayon::current_num_threads() == 0, "{tasks:?}");
         let covered: usize = tasks.iter().map(|t| t.keys.len()).sum();
         assert_eq!(covered, 4096);

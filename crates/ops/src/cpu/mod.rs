@@ -15,7 +15,7 @@ mod rope;
 mod transfer;
 mod tree_attention;
 
-pub use attention::{Geometry as AttnGeometry, attention};
+pub use attention::{Geometry as AttnGeometry, attention, attention_prefixed};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
 pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
@@ -241,6 +241,31 @@ impl Compute for CpuBackend {
             params.window,
             sinks.as_deref(),
             out.cpu_f32_mut("tree_attention")?,
+        );
+        Ok(())
+    }
+
+    fn attention_prefixed(
+        &self,
+        q: &Tensor,
+        prefix: (&Tensor, &Tensor, usize),
+        (k, v): (&Tensor, &Tensor),
+        pos0: usize,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let (pg, g) = AttnGeometry::of_prefixed(q, prefix, (k, v), out, pos0, params.sinks)?;
+        let sinks = params.sinks.map(|s| s.cpu("attention").map(storage_to_f32)).transpose()?;
+        let op = "attention_prefixed";
+        attention_prefixed(
+            q.cpu_f32(op)?,
+            (prefix.0.cpu_f32(op)?, prefix.1.cpu_f32(op)?, prefix.2),
+            (k.cpu_f32(op)?, v.cpu_f32(op)?),
+            (&pg, &g),
+            params.scale,
+            params.window,
+            sinks.as_deref(),
+            out.cpu_f32_mut(op)?,
         );
         Ok(())
     }

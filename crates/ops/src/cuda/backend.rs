@@ -209,6 +209,42 @@ impl Compute for CudaBackend {
         tree_attention::tree_attention(&self.dev, qd, kd, vd, g, tree, p.scale, p.window, sinks, od)
     }
 
+    /// The prefix's `p` rows and the own rows up to the last query's, joined per head into
+    /// one temporary cache `[n_kv, p + pos0 + T, d]` (device-to-device copies), then the usual
+    /// kernels at positions `p + pos0..`: the CPU's two-source merge gives the same result. The
+    /// copy costs one pass over the keys per call (a kernel reading both caches would not);
+    /// the memory it saves is the shared prefix held once, not once per sequence.
+    fn attention_prefixed(
+        &self,
+        q: &Tensor,
+        (pk, pv, p): (&Tensor, &Tensor, usize),
+        (k, v): (&Tensor, &Tensor),
+        pos0: usize,
+        params: &AttnParams<'_>,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let (pg, g) = AttnGeometry::of_prefixed(q, (pk, pv, p), (k, v), out, pos0, params.sinks)?;
+        let rows = pos0 + q.shape()[0];
+        let cap = p + rows;
+        let shape = vec![g.n_kv, cap, g.d];
+        let join = |pre: &Tensor, own: &Tensor| -> Result<Tensor> {
+            let (a, b) = (kv(pre, "attention_prefixed")?, kv(own, "attention_prefixed")?);
+            let what = format!("a joined KV cache {shape:?}");
+            let mut dst = self.dev.alloc_zeros::<bf16>(g.n_kv * cap * g.d, &what)?;
+            for h in 0..g.n_kv {
+                let from = a.slice(h * pg.cap * g.d..(h * pg.cap + p) * g.d);
+                let mut to = dst.slice_mut(h * cap * g.d..(h * cap + p) * g.d);
+                self.dev.stream.memcpy_dtod(&from, &mut to).map_err(super::driver_err("attention_prefixed"))?;
+                let from = b.slice(h * g.cap * g.d..(h * g.cap + rows) * g.d);
+                let mut to = dst.slice_mut((h * cap + p) * g.d..(h + 1) * cap * g.d);
+                self.dev.stream.memcpy_dtod(&from, &mut to).map_err(super::driver_err("attention_prefixed"))?;
+            }
+            self.tensor(shape.clone(), CudaStorage::BF16(dst))
+        };
+        let (jk, jv) = (join(pk, k)?, join(pv, v)?);
+        self.attention(q, &jk, &jv, p + pos0, params, out)
+    }
+
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         elementwise::silu_mul(&self.dev, f32s(gate, "silu_mul")?, f32s(up, "silu_mul")?, f32s_mut(out, "silu_mul")?)
     }
