@@ -642,6 +642,23 @@ mod tests {
         assert_eq!(kv_capacity(300, 300), 300);
     }
 
+    /// A bf16 cache (the CLI's CPU default) holds half the bytes of an f32 one, and the block
+    /// layout the prefix store and the offload use says so.
+    #[test]
+    fn size_bytes_and_block_layout_follow_the_kv_dtype() {
+        use ollm_ops::cpu::{CpuBackend, Precision};
+        let (f, b) = (CpuBackend::new(), CpuBackend::with_precision(Precision::Bf16Activations));
+        let shapes = vec![KvShape::full(2, 8); 3];
+        let sf = SeqState::new(&f, shapes.clone(), 4096).expect("f32 state");
+        let sb = SeqState::new(&b, shapes, 4096).expect("bf16 state");
+        // 3 layers × K and V × [2, 256, 8].
+        assert_eq!(sf.size_bytes(), 3 * 2 * 2 * 256 * 8 * 4);
+        assert_eq!(sb.size_bytes() * 2, sf.size_bytes());
+        let (lf, lb) = (sf.block_layout(&f).expect("layout"), sb.block_layout(&b).expect("layout"));
+        assert_eq!((lf.kv_dtype, lb.kv_dtype), (DType::F32, DType::BF16));
+        assert_eq!((lf.half_bytes, lb.half_bytes), (2 * 256 * 8 * 4, 2 * 256 * 8 * 2));
+    }
+
     /// The planner's figure is what the store allocates when a sequence grows a token at a time.
     #[test]
     fn a_cache_grown_token_by_token_reaches_kv_capacity() {
