@@ -192,6 +192,7 @@ impl Llm {
             prefix_cache,
             prefix_cache_max: size(prefix_cache_max, "prefix_cache_max", false)?.unwrap_or(32 << 30),
             cpu_activations: None,
+            cpu_kv: None,
         };
         let budgets = args.budgets();
         let shared = detached(py, |_| {

@@ -96,7 +96,7 @@ fn with_budget(dev: CudaDevice, vram_budget: Option<u64>) -> anyhow::Result<Arc<
 /// The compute backend for `--device`: `cuda[:N]` must find a usable GPU; `auto` takes GPU 0
 /// when it can and says in one line on stderr which device it chose. `--vram-budget` bounds
 /// the GPU's memory (ignored on the CPU).
-pub fn backend(device: DeviceArg, vram_budget: Option<u64>, cpu: Precision) -> anyhow::Result<Chosen> {
+pub fn backend(device: DeviceArg, vram_budget: Option<u64>, cpu: CpuChoice) -> anyhow::Result<Chosen> {
     let cuda = |b: Arc<CudaBackend>| -> anyhow::Result<Chosen> {
         // Every kernel compiled and loaded now: a first run pays it here, not in its prompt.
         let (compiled, secs) = b.device().warm_kernels()?;
@@ -127,12 +127,25 @@ pub fn backend(device: DeviceArg, vram_budget: Option<u64>, cpu: Precision) -> a
     }
 }
 
+/// How the CPU backend runs: `--cpu-activations` and `--cpu-kv` (None: the KV dtype that goes
+/// with the precision, see [`CpuBackend::with_precision`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuChoice {
+    pub precision: Precision,
+    pub kv: Option<ollm_ops::DType>,
+}
+
 /// The CPU backend `ollm` runs: the best kernels the CPU has (or the tier `OLLM_CPU_KERNELS`
 /// names; an unknown name is an error here) at the precision `--cpu-activations` chose (bf16
-/// activations are like the GPU's bf16 math and llama.cpp's BF16 path).
-fn cpu_backend(precision: Precision) -> anyhow::Result<Arc<CpuBackend>> {
+/// activations are like the GPU's bf16 math and llama.cpp's BF16 path), with its KV cache in
+/// the dtype `--cpu-kv` chose.
+fn cpu_backend(cpu: CpuChoice) -> anyhow::Result<Arc<CpuBackend>> {
     ollm_ops::cpu::tier_from_env()?;
-    Ok(Arc::new(CpuBackend::with_precision(precision)))
+    let be = CpuBackend::with_precision(cpu.precision);
+    Ok(Arc::new(match cpu.kv {
+        Some(dtype) => be.with_kv_dtype(dtype)?,
+        None => be,
+    }))
 }
 
 pub fn load_text(dir: &std::path::Path) -> anyhow::Result<Text> {
@@ -192,7 +205,7 @@ fn load_inner(
     cleanup_on_interrupt: bool,
 ) -> anyhow::Result<Loaded> {
     let dir = model_dir(&args.model)?;
-    let chosen = backend(args.device, args.vram_budget, args.cpu_activations.unwrap_or(Precision::Bf16Activations))?;
+    let chosen = backend(args.device, args.vram_budget, args.cpu_choice(Precision::Bf16Activations))?;
     let generation = GenerationConfig::from_dir(&dir)?;
     // On a GPU, or when a budget is given, the planner decides where each layer lives; it fails
     // here, before any weight is read, if the model cannot fit.

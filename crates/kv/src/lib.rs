@@ -23,7 +23,7 @@ pub mod offload;
 pub mod prefix;
 pub mod shared;
 
-use ollm_ops::{Backend, HostBuffer, KvBlockSpan, OpsError, Result, Tensor};
+use ollm_ops::{Backend, DType, HostBuffer, KvBlockSpan, OpsError, Result, Tensor};
 
 pub use offload::{KvOffload, OffloadStats};
 pub use prefix::{PrefixCache, PrefixConfig, Restored, Stored};
@@ -49,14 +49,16 @@ impl FixedShape {
 }
 
 /// How a state's positions are cut for the prefix store: blocks of `block` positions; per KV
-/// layer a block is `layer_bytes` (K's `[n_kv, block, d]` in the KV dtype, V's at `half_bytes`,
-/// zero padding to a multiple of 4096 so the bytes go to disk with O_DIRECT).
+/// layer a block is `layer_bytes` (K's `[n_kv, block, d]` in the KV dtype `kv_dtype`, V's at
+/// `half_bytes`, zero padding to a multiple of 4096 so the bytes go to disk with O_DIRECT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockLayout {
     pub block: usize,
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The KV cache's element type (`Backend::kv_dtype`), and its size.
+    pub kv_dtype: DType,
     pub elem_bytes: usize,
     pub half_bytes: usize,
     pub layer_bytes: usize,
@@ -98,7 +100,8 @@ pub fn window_positions(w: usize, tile: usize) -> usize {
 }
 
 /// K and V of one attention layer, each `[n_kv_heads, capacity, head_dim]` in the backend's
-/// KV dtype (`Backend::kv_dtype`: f32 on the CPU, bf16 on CUDA). Row `r` holds position
+/// KV dtype (`Backend::kv_dtype`: bf16 on CUDA; on the CPU bf16 with bf16 activations, f32 with
+/// exact ones). Row `r` holds position
 /// `base + r`; rows are valid up to the sequence's `SeqState::len`. `base` is 0 except in
 /// sliding-window layers and in a state attached to a shared prefix, so write and attend at
 /// `pos - base`.
@@ -603,13 +606,15 @@ impl SeqState {
             return Err(OpsError::Backend("the prefix store needs every attention layer of one shape".into()));
         }
         let block = self.offload.as_ref().map_or(DEVICE_PREFIX_BLOCK, offload::Offload::block);
-        let elem_bytes = backend.kv_dtype().size_bytes();
+        let kv_dtype = backend.kv_dtype();
+        let elem_bytes = kv_dtype.size_bytes();
         let half_bytes = shape.n_kv_heads * block * shape.head_dim * elem_bytes;
         Ok(BlockLayout {
             block,
             n_layers: self.shapes.len(),
             n_kv_heads: shape.n_kv_heads,
             head_dim: shape.head_dim,
+            kv_dtype,
             elem_bytes,
             half_bytes,
             layer_bytes: (2 * half_bytes).next_multiple_of(ollm_io::direct::ALIGN),
@@ -773,6 +778,23 @@ mod tests {
         assert_eq!(kv_capacity(8193, 131072), 16384);
         assert_eq!(kv_capacity(100_000, 131072), 131072);
         assert_eq!(kv_capacity(300, 300), 300);
+    }
+
+    /// A bf16 cache (the CLI's CPU default) holds half the bytes of an f32 one, and the block
+    /// layout the prefix store and the offload use says so.
+    #[test]
+    fn size_bytes_and_block_layout_follow_the_kv_dtype() {
+        use ollm_ops::cpu::{CpuBackend, Precision};
+        let (f, b) = (CpuBackend::new(), CpuBackend::with_precision(Precision::Bf16Activations));
+        let shapes = vec![KvShape::full(2, 8); 3];
+        let sf = SeqState::new(&f, shapes.clone(), 4096).expect("f32 state");
+        let sb = SeqState::new(&b, shapes, 4096).expect("bf16 state");
+        // 3 layers × K and V × [2, 256, 8].
+        assert_eq!(sf.size_bytes(), 3 * 2 * 2 * 256 * 8 * 4);
+        assert_eq!(sb.size_bytes() * 2, sf.size_bytes());
+        let (lf, lb) = (sf.block_layout(&f).expect("layout"), sb.block_layout(&b).expect("layout"));
+        assert_eq!((lf.kv_dtype, lb.kv_dtype), (DType::F32, DType::BF16));
+        assert_eq!((lf.half_bytes, lb.half_bytes), (2 * 256 * 8 * 4, 2 * 256 * 8 * 2));
     }
 
     /// The planner's figure is what the store allocates when a sequence grows a token at a time.

@@ -6,10 +6,12 @@
 //! xxh3-128(model key, key_{i-1}, the block's tokens)` with `key_{-1} = 0`, so a key names the
 //! whole prefix up to the block's end. The model key hashes the model's fingerprint (config and
 //! weights, computed by the caller) with the block layout (block size, layers, heads, KV dtype),
-//! so a CPU run (f32 KV) and a GPU run (bf16 KV) never share entries.
+//! so runs whose KV dtypes differ (a CPU run with f32 activations keeps an f32 cache, a GPU run
+//! or a CPU run with bf16 activations a bf16 one) never share entries. The header records the
+//! dtype too: an entry of another dtype found under this model's name is refused in one line.
 //!
 //! **Files.** `DIR/<model key>/<depth>-<key>.kvb`, one per block: a header (magic, format
-//! version, model key, key, parent key, depth, layout, the block's tokens, one xxh3-64 checksum
+//! version, model key, key, parent key, depth, layout with the KV dtype, the block's tokens, one xxh3-64 checksum
 //! per layer, one for the fixed-state snapshot, and a checksum of the header itself), then per
 //! attention layer the block as [`SeqState::export_block`] gives it, then the recurrent layers'
 //! fixed state at the block's end when the model has any. Everything is 4096-aligned and moved
@@ -28,17 +30,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use ollm_io::direct::{ALIGN, AlignedBuf, DirectFile};
-use ollm_ops::{Backend, OpsError};
+use ollm_ops::{Backend, DType, OpsError};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 use crate::offload::unique;
 use crate::{BlockLayout, SeqState};
 
 /// Version of the entry format; entries of another version are reported and recomputed.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 records the KV dtype (version 1 left those header bytes zero).
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: [u8; 8] = *b"OLLMKVPC";
 /// Bytes of the header before the tokens.
 const HEAD: usize = 128;
+/// Where the header keeps the KV dtype: after magic, version, header length, model key, key,
+/// parent key, depth and five layout numbers (8 + 4 + 4 + 3·16 + 8 + 5·4).
+const DTYPE_AT: usize = 92;
 const EXT: &str = "kvb";
 /// Threads that read, write and checksum an entry's layers.
 const THREADS: usize = 4;
@@ -158,6 +164,7 @@ impl PrefixCache {
         for x in [lay.block, lay.n_layers, lay.n_kv_heads, lay.head_dim, lay.elem_bytes, lay.fixed_bytes] {
             id.extend_from_slice(&(x as u64).to_le_bytes());
         }
+        id.extend_from_slice(&dtype_code(lay.kv_dtype).to_le_bytes());
         let model_key = xxh3_128(&id);
         let dir = cfg.dir.join(format!("{model_key:032x}"));
         std::fs::create_dir_all(&dir).map_err(|e| PrefixError::Io {
@@ -584,7 +591,8 @@ impl PrefixCache {
         for x in [lay.block, lay.n_layers, lay.n_kv_heads, lay.head_dim, lay.elem_bytes] {
             w.put(&(x as u32).to_le_bytes());
         }
-        w.put(&[0; 4]);
+        debug_assert_eq!(w.at, DTYPE_AT);
+        w.put(&dtype_code(lay.kv_dtype).to_le_bytes());
         w.put(&(lay.layer_bytes as u64).to_le_bytes());
         w.put(&h.fixed_bytes.to_le_bytes());
         w.put(&h.fixed_sum.to_le_bytes());
@@ -617,6 +625,15 @@ impl PrefixCache {
         let stored_sum = Reader { buf, at: sum_at }.u64();
         if xxh3_64(&buf[..sum_at]) != stored_sum {
             return Err("its header checksum does not match (corrupt)".into());
+        }
+        // The dtype before the model key (which it also changes): a mismatch says what differs.
+        let stored_dtype = Reader { buf, at: DTYPE_AT }.u32();
+        if stored_dtype != dtype_code(lay.kv_dtype) {
+            return Err(format!(
+                "its KV cache is {} and this run's is {} (on the CPU, --cpu-activations picks the KV dtype)",
+                dtype_name(stored_dtype),
+                dtype_name(dtype_code(lay.kv_dtype))
+            ));
         }
         if r.u128() != self.model_key {
             return Err("it was written for another model or KV layout".into());
@@ -697,6 +714,27 @@ impl PrefixCache {
 }
 
 /// The depth in an entry's file name (`000012-<key>.kvb`).
+/// The header's code for a KV dtype (0 is never written: version 1 left the bytes zero).
+fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+        DType::U8 => 4,
+    }
+}
+
+/// The name of a header's dtype code.
+fn dtype_name(code: u32) -> String {
+    match code {
+        1 => "f32".into(),
+        2 => "f16".into(),
+        3 => "bf16".into(),
+        4 => "u8".into(),
+        c => format!("of unknown dtype {c}"),
+    }
+}
+
 fn entry_depth(name: &str) -> Option<usize> {
     let stem = name.strip_suffix(&format!(".{EXT}"))?;
     let (depth, key) = stem.split_once('-')?;

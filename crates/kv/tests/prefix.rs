@@ -8,8 +8,8 @@ use std::path::Path;
 
 use ollm_kv::prefix::PrefixError;
 use ollm_kv::{FixedShape, KvOffload, KvShape, PrefixCache, PrefixConfig, SeqState};
-use ollm_ops::cpu::CpuBackend;
-use ollm_ops::{Backend, Memory};
+use ollm_ops::cpu::{CpuBackend, Precision};
+use ollm_ops::{Backend, DType, Memory};
 
 const SHAPE: KvShape = KvShape { n_kv_heads: 2, head_dim: 8, window: None };
 const LAYERS: usize = 3;
@@ -81,6 +81,11 @@ fn open(dir: &Path, fingerprint: u128, state: &SeqState, be: &dyn Backend, max_b
     PrefixCache::open(&cfg, fingerprint, state.block_layout(be).expect("layout")).expect("open")
 }
 
+/// The CPU backend with each KV dtype it keeps: f32 (exact activations), bf16 (bf16 ones).
+fn backends() -> [CpuBackend; 2] {
+    [CpuBackend::new(), CpuBackend::with_precision(Precision::Bf16Activations)]
+}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =
         std::fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
@@ -90,7 +95,13 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn stored_blocks_come_back_bit_for_bit_on_device() {
-    let be = CpuBackend::new();
+    for be in backends() {
+        stored_blocks_come_back_bit_for_bit_on_device_with(&be);
+    }
+}
+
+fn stored_blocks_come_back_bit_for_bit_on_device_with(be: &CpuBackend) {
+    let be = *be;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = Rng(7);
     let mut a = device_state(&be);
@@ -125,7 +136,14 @@ fn stored_blocks_come_back_bit_for_bit_on_device() {
 
 #[test]
 fn offloaded_blocks_spilled_or_in_ram_come_back_and_keep_working() {
-    let be = CpuBackend::new();
+    for be in backends() {
+        offloaded_blocks_come_back_with(&be);
+    }
+}
+
+fn offloaded_blocks_come_back_with(be: &CpuBackend) {
+    let be = *be;
+    let elem = be.kv_dtype().size_bytes();
     let dir = tempfile::tempdir().expect("tempdir");
     let spill = dir.path().join("spill");
     let mut rng = Rng(11);
@@ -159,9 +177,12 @@ fn offloaded_blocks_spilled_or_in_ram_come_back_and_keep_working() {
         let mut mine = blocks(&be, &mut b, 8);
         assert_eq!(mine.len(), 8 * LAYERS);
         // Layer 2's K of block 0, as the window holds it: [n_kv, capacity, d] vs [n_kv, 16, d].
-        let k0: Vec<f32> = mine.swap_remove(2)[..16 * 16 * 4]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        let k0: Vec<f32> = mine.swap_remove(2)[..16 * 16 * elem]
+            .chunks_exact(elem)
+            .map(|c| match c {
+                &[a, b] => f32::from_bits(u32::from(u16::from_le_bytes([a, b])) << 16),
+                c => f32::from_le_bytes(c.try_into().expect("4 bytes")),
+            })
             .collect();
         let cap = seen.len() / 16;
         for h in 0..2 {
@@ -234,6 +255,36 @@ fn corrupt_truncated_wrong_version_and_wrong_model_entries_are_rejected_and_reco
     assert_eq!(r.blocks, 0);
     assert!(r.rejected[0].contains("another model"), "{:?}", r.rejected);
     assert!(!other.entry_path(0, their).exists());
+}
+
+/// Entries of one KV dtype are never read by a run of the other: they live under another model
+/// key, and one copied to the name the other run looks for is refused in one line naming both.
+#[test]
+fn an_entry_of_another_kv_dtype_is_refused_in_one_line() {
+    let [f32_be, bf16_be] = backends();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng(21);
+    let mut a = device_state(&f32_be);
+    append(&f32_be, &mut a, 300, &mut rng);
+    let toks = tokens(300, 4);
+    let f32_cache = open(dir.path(), FINGERPRINT, &a, &f32_be, u64::MAX);
+    assert_eq!(f32_cache.store(&f32_be, &mut a, &toks, &[]).expect("store").blocks, 1);
+    let mut b = device_state(&bf16_be);
+    let bf16_cache = open(dir.path(), FINGERPRINT, &b, &bf16_be, u64::MAX);
+    assert_eq!(bf16_cache.layout().kv_dtype, DType::BF16);
+    assert_ne!(bf16_cache.dir(), f32_cache.dir(), "each KV dtype has its own entries");
+    let r = bf16_cache.restore(&bf16_be, &mut b, &toks).expect("restore");
+    assert_eq!((r.blocks, r.rejected.len()), (0, 0), "nothing of the f32 run's is found");
+    // The f32 entry under the name the bf16 run looks for (its length also differs: the check
+    // of the dtype comes first and says what to change).
+    let theirs = f32_cache.entry_path(0, f32_cache.chain(&toks)[0]);
+    let mine = bf16_cache.entry_path(0, bf16_cache.chain(&toks)[0]);
+    std::fs::copy(&theirs, &mine).expect("copy");
+    let r = bf16_cache.restore(&bf16_be, &mut b, &toks).expect("restore");
+    assert_eq!((r.blocks, b.len()), (0, 0));
+    let line = r.rejected.first().expect("a rejection");
+    assert!(line.contains("KV cache is f32 and this run's is bf16") && !line.contains('\n'), "{line}");
+    assert!(!mine.exists(), "the mismatched entry is deleted");
 }
 
 #[test]

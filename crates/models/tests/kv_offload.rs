@@ -85,6 +85,15 @@ fn offloaded_kv_equals_device_kv_on_the_cpu() {
     check(Arc::new(CpuBackend::new()));
 }
 
+/// The same with the CLI's CPU setting: bf16 activations and a bf16 KV cache (offloaded blocks
+/// and spill files at 2 bytes an element).
+#[test]
+fn offloaded_bf16_kv_equals_device_kv_on_the_cpu() {
+    let be = CpuBackend::with_precision(ollm_ops::cpu::Precision::Bf16Activations);
+    assert_eq!(ollm_ops::Memory::kv_dtype(&be), ollm_ops::DType::BF16);
+    check(Arc::new(be));
+}
+
 #[test]
 fn offloaded_kv_equals_device_kv_on_the_gpu() {
     if let Some(dev) = common::gpu::gpu_or_skip() {

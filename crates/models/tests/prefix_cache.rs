@@ -166,6 +166,12 @@ fn reused_prefix_gives_the_cold_logits_on_the_cpu() {
     check(Arc::new(CpuBackend::new()));
 }
 
+/// With a bf16 KV cache (the CLI's CPU setting): stored and restored at 2 bytes an element.
+#[test]
+fn reused_prefix_gives_the_cold_logits_with_a_bf16_cache_on_the_cpu() {
+    check(Arc::new(CpuBackend::with_precision(ollm_ops::cpu::Precision::Bf16Activations)));
+}
+
 #[test]
 fn reused_prefix_gives_the_cold_logits_on_the_gpu() {
     if let Some(dev) = common::gpu::gpu_or_skip() {

@@ -53,6 +53,12 @@ fn sliding_layers_keep_their_window_and_the_logits_of_a_whole_cache() {
     check(Arc::new(CpuBackend::new()), 0.0);
 }
 
+/// With a bf16 KV cache (the CLI's CPU setting).
+#[test]
+fn sliding_layers_keep_their_window_with_a_bf16_cache() {
+    check(Arc::new(CpuBackend::with_precision(ollm_ops::cpu::Precision::Bf16Activations)), 0.0);
+}
+
 #[test]
 fn sliding_layers_keep_their_window_on_the_gpu() {
     if let Some(dev) = common::gpu::gpu_or_skip() {

@@ -127,11 +127,30 @@ pub struct DecodeBenchArgs {
     /// --prompt-tokens context, each against k = 1 (the cost of a speculative target pass).
     #[arg(long, value_delimiter = ',', value_name = "K,...")]
     pub pass_cost: Vec<usize>,
+    /// Long context: prefill --long-prefill tokens (timed), fill the cache to N positions, then
+    /// time --tokens decode steps there and one layer's attention alone, with the KV in f32 and
+    /// in bf16 on the CPU (`--cpu-kv` picks one), each against the memory-bandwidth bound
+    /// measured in the same run. The model must hold N + --tokens + 1 positions.
+    #[arg(long, value_name = "N")]
+    pub long_context: Option<usize>,
+    /// Prompt tokens of the --long-context prefill.
+    #[arg(long, default_value_t = 8192, requires = "long_context")]
+    pub long_prefill: usize,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match (a.what, a.model) {
         (Some(BenchWhat::Ops(o)), _) => run_ops(o),
+        (None, Some(m)) if a.decode.long_context.is_some() => {
+            let d = &a.decode;
+            let b = super::bench_long::LongBench {
+                context: d.long_context.unwrap_or_default(),
+                prefill: d.long_prefill,
+                tokens: d.tokens,
+                bandwidth_mib: d.bandwidth_mib,
+            };
+            super::bench_long::run(&m, &b)
+        }
         (None, Some(m)) if !a.decode.pass_cost.is_empty() => {
             super::bench_batch::pass_cost(&m, &a.decode.pass_cost, a.decode.prompt_tokens, a.decode.repeats)
         }

@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod bench;
 pub mod bench_batch;
+pub mod bench_long;
 pub mod chat;
 pub mod import_gguf;
 pub mod logits;
@@ -107,6 +108,10 @@ pub struct ModelArgs {
     /// `ollm logits` and `ollm perplexity` (f32).
     #[arg(long, value_name = "f32|bf16", value_parser = parse_cpu_activations)]
     pub cpu_activations: Option<ollm_ops::cpu::Precision>,
+    /// CPU only: the KV cache's dtype, f32 or bf16. Default: bf16 with bf16 activations (half
+    /// the bytes attention reads per token), f32 with f32 activations.
+    #[arg(long, value_name = "f32|bf16", value_parser = parse_cpu_kv)]
+    pub cpu_kv: Option<ollm_ops::DType>,
     /// Pinned host memory for decoder layers that do not fit the VRAM budget; the rest are
     /// read from disk every token (0 = all of them), through two pinned staging buffers of one
     /// layer each that come on top. Default: half of the available RAM.
@@ -145,6 +150,12 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The CPU backend's settings: `--cpu-activations` (bf16 unless `default` says otherwise)
+    /// and `--cpu-kv`.
+    pub fn cpu_choice(&self, default: ollm_ops::cpu::Precision) -> crate::loaded::CpuChoice {
+        crate::loaded::CpuChoice { precision: self.cpu_activations.unwrap_or(default), kv: self.cpu_kv }
+    }
+
     pub fn budgets(&self) -> crate::planning::Budgets {
         crate::planning::Budgets {
             vram: self.vram_budget,
@@ -168,6 +179,15 @@ impl ModelArgs {
     }
 }
 
+/// `--cpu-kv`: f32 or bf16.
+fn parse_cpu_kv(s: &str) -> Result<ollm_ops::DType, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" => Ok(ollm_ops::DType::F32),
+        "bf16" => Ok(ollm_ops::DType::BF16),
+        _ => Err(format!("--cpu-kv {s}: give f32 or bf16")),
+    }
+}
+
 /// `--cpu-activations`: f32 or bf16.
 fn parse_cpu_activations(s: &str) -> Result<ollm_ops::cpu::Precision, String> {
     match s {
@@ -179,7 +199,7 @@ fn parse_cpu_activations(s: &str) -> Result<ollm_ops::cpu::Precision, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{DeviceArg, parse_cpu_activations, parse_device};
+    use super::{DeviceArg, parse_cpu_activations, parse_cpu_kv, parse_device};
     use ollm_ops::cpu::Precision;
 
     #[test]
@@ -188,6 +208,9 @@ mod tests {
         assert_eq!(parse_cpu_activations("bf16"), Ok(Precision::Bf16Activations));
         let e = parse_cpu_activations("fp8").expect_err("fp8");
         assert!(e.contains("--cpu-activations fp8") && e.contains("f32 or bf16"), "{e}");
+        assert_eq!(parse_cpu_kv("BF16"), Ok(ollm_ops::DType::BF16));
+        let e = parse_cpu_kv("f16").expect_err("f16");
+        assert!(e.contains("--cpu-kv f16") && e.contains("f32 or bf16"), "{e}");
     }
 
     #[test]

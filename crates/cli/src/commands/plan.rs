@@ -33,7 +33,9 @@ pub struct PlanArgs {
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let dir = model_dir(&a.model.model)?;
-    let chosen = backend(a.model.device, a.model.vram_budget, a.model.cpu_activations.unwrap_or_default())?;
+    // The CPU settings `ollm run` takes by default, so the plan counts the KV bytes it will hold.
+    let chosen =
+        backend(a.model.device, a.model.vram_budget, a.model.cpu_choice(ollm_ops::cpu::Precision::Bf16Activations))?;
     let draft = a.spec.draft_bytes()?;
     let budgets = Budgets {
         max_context: a.context.or(a.model.max_context),

@@ -55,8 +55,9 @@ pub trait Memory: Send + Sync {
     /// [`Compute::attention`](crate::Compute::attention) and [`Memory::grow_kv`] need to read it.
     fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor>;
 
-    /// Element type of the KV cache: f32 on the CPU (the oracle keeps full precision), bf16 on
-    /// GPUs (the model dtype, docs/models.md §2.4).
+    /// Element type of the KV cache: bf16 on GPUs (the model dtype, docs/models.md §2.4); on the
+    /// CPU bf16 with bf16 activations (half the bytes attention reads) and f32 with exact ones
+    /// (the oracle keeps full precision).
     fn kv_dtype(&self) -> DType;
 
     /// A zeroed tensor of any dtype, for weights that are filled on the backend: device slots

@@ -1,6 +1,10 @@
 //! Causal attention with GQA, an optional sliding window and optional per-head sinks, in f32,
 //! in the flash-attention form: no `T × T` score matrix, at any context.
 //!
+//! The KV cache is f32 (the oracle) or bf16 ([`KvElem`]): bf16 keys and values are widened to
+//! f32 in registers as they are loaded (the same panels as the bf16-weight matmul), so a bf16
+//! cache halves the bytes attention reads and changes nothing else.
+//!
 //! A task takes one KV head, a block of up to [`Q_BLOCK`] query tokens (all the query heads of
 //! that KV head, so each key is read once for the group) and a range of keys. It walks the keys
 //! in tiles of [`K_BLOCK`]: scores `S = Q·Kᵀ` through the matmul panel of the active kernel tier,
@@ -9,10 +13,43 @@
 //! keys are also split over tasks (flash-decoding) and the partial `(m, l, O)` are merged; a sink
 //! logit starts every row's `(m, l)` as one more key whose value is zero.
 
+use half::bf16;
 use rayon::prelude::*;
 
-use super::kernels::Kernels;
+use super::kernels::{Kernels, Panel, PvRows, Widen};
 pub use crate::backend::AttnGeometry as Geometry;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element of a KV cache attention reads: f32 or bf16, with the kernels that read it.
+pub trait KvElem: Widen + sealed::Sealed {
+    /// The panel for `S = Q·Kᵀ` (f32 queries against keys of this type).
+    fn qk_panel(kern: &Kernels) -> Panel<f32, Self>;
+    /// `O += P·V` row by row over values of this type.
+    fn pv_rows(kern: &Kernels) -> PvRows<Self>;
+}
+
+impl KvElem for f32 {
+    fn qk_panel(kern: &Kernels) -> Panel<f32, f32> {
+        kern.f32_f32
+    }
+    fn pv_rows(kern: &Kernels) -> PvRows<f32> {
+        kern.pv_rows
+    }
+}
+
+impl KvElem for bf16 {
+    fn qk_panel(kern: &Kernels) -> Panel<f32, bf16> {
+        kern.f32_bf16
+    }
+    fn pv_rows(kern: &Kernels) -> PvRows<bf16> {
+        kern.pv_rows_bf16
+    }
+}
 
 /// Query tokens per task.
 const Q_BLOCK: usize = 16;
@@ -27,10 +64,10 @@ const PANEL_PV_ROWS: usize = 16;
 /// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`. Query t sits at position `pos0 + t` and sees
 /// keys `j` with `j <= pos0 + t` and, with a window W, `j > pos0 + t - W`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<E: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     g: &Geometry,
     scale: f32,
     window: Option<usize>,
@@ -59,11 +96,11 @@ struct Partial {
 
 /// [`attention`] on the given kernels.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_with(
+pub fn attention_with<E: KvElem>(
     kern: &Kernels,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     g: &Geometry,
     scale: f32,
     window: Option<usize>,
@@ -85,10 +122,10 @@ pub fn attention_with(
 /// tasks of their own; the partial `(m, l, O)` of both are merged as one call's splits are: the
 /// result is attention over the concatenation. A window counts positions the same in both.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_prefixed(
+pub fn attention_prefixed<E: KvElem>(
     q: &[f32],
-    (pk, pv, p): (&[f32], &[f32], usize),
-    (k, v): (&[f32], &[f32]),
+    (pk, pv, p): (&[E], &[E], usize),
+    (k, v): (&[E], &[E]),
     (pg, g): (&Geometry, &Geometry),
     scale: f32,
     window: Option<usize>,
@@ -108,10 +145,10 @@ pub fn attention_prefixed(
 }
 
 /// The tasks of one cache's keys below `key_end`, run: each a partial over its keys.
-fn source_parts(
+fn source_parts<E: KvElem>(
     kern: &Kernels,
     q: &[f32],
-    (k, v, g): (&[f32], &[f32], &Geometry),
+    (k, v, g): (&[E], &[E], &Geometry),
     key_end: usize,
     scale: f32,
     window: Option<usize>,
@@ -199,11 +236,11 @@ fn plan(g: &Geometry, t: usize, window: Option<usize>, key_end: usize) -> Vec<Ta
 
 /// One task's tiles; see the module doc.
 #[allow(clippy::too_many_arguments)]
-fn run_task(
+fn run_task<E: KvElem>(
     kern: &Kernels,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     g: &Geometry,
     scale: f32,
     lo: &dyn Fn(usize) -> usize,
@@ -234,7 +271,7 @@ fn run_task(
         let s = &mut s[..rows * kb];
         // S [rows, kb] = Qbuf [rows, d] · K[kb0..kb0 + kb]ᵀ.
         // SAFETY: qbuf holds rows·d, the key tile kb·d, and s rows·kb elements.
-        unsafe { (kern.f32_f32)(&qbuf, rows, d, &kbase[kb0 * d..(kb0 + kb) * d], kb, s.as_mut_ptr(), kb) };
+        unsafe { (E::qk_panel(kern))(&qbuf, rows, d, &kbase[kb0 * d..(kb0 + kb) * d], kb, s.as_mut_ptr(), kb) };
         for (r, row) in s.chunks_exact_mut(kb).enumerate() {
             let p = g.pos0 + task.t0 + r / group;
             // Visible keys of this row inside the tile, as tile offsets a..b.
@@ -265,18 +302,18 @@ fn run_task(
             }
         }
         if use_panel {
-            // O += P [rows, kb] · V [kb, d], V transposed to [d, kb] for the panel.
+            // O += P [rows, kb] · V [kb, d], V transposed (and widened) to [d, kb] for the panel.
             let vt = &mut vt[..d * kb];
             for (j, vrow) in vtile.chunks_exact(d).enumerate() {
                 for (c, &x) in vrow.iter().enumerate() {
-                    vt[c * kb + j] = x;
+                    vt[c * kb + j] = x.widen();
                 }
             }
             // SAFETY: s holds rows·kb, vt d·kb and tmp rows·d elements.
             unsafe { (kern.f32_f32)(s, rows, kb, vt, d, tmp.as_mut_ptr(), d) };
             o.iter_mut().zip(&tmp).for_each(|(x, y)| *x += y);
         } else {
-            (kern.pv_rows)(s, kb, vtile, d, &mut o);
+            (E::pv_rows(kern))(s, kb, vtile, d, &mut o);
         }
         kb0 += kb;
     }
@@ -423,6 +460,55 @@ mod tests {
             attention_prefixed(&q, (&pk, &pv, p), (&ok, &ov), (&pg, &g), scale, window, sinks.as_deref(), &mut got);
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst <= 2e-5, "T={t} pos0={pos0} p={p} {window:?}: {worst}");
+        }
+    }
+
+    /// A bf16 KV cache on every tier: (1) against the twin over the same bf16 values widened,
+    /// 2e-5 as above (the kernels widen exactly); (2) against the f32 twin over the unrounded
+    /// values, within the bound the rounding allows: each key and value moves by ≤ 2⁻⁹ of
+    /// itself, so a score moves by δ ≤ scale · Σ|qᵢ·kᵢ| · 2⁻⁹, a softmax weight by a factor
+    /// ≤ e^(2δ), and the output by ≤ (e^(2δ) − 1 + 2⁻⁹) · max|v|.
+    #[test]
+    fn bf16_cache_matches_the_f32_twin_within_the_rounding_bound() {
+        // (T, pos0, n_heads, n_kv, d, window, sinks): decode with splits, chunked prefill with
+        // the panel path for P·V, a window and sinks.
+        let cases = [
+            (1, 2500, 9, 3, 64, None, false),
+            (1, 900, 8, 2, 128, Some(300), true),
+            (40, 0, 9, 3, 64, None, false),
+            (70, 600, 8, 2, 48, None, true),
+        ];
+        for tier in Tier::supported() {
+            let Some(kern) = Kernels::for_tier(tier) else { continue };
+            for &(t, pos0, n_heads, n_kv, d, window, with_sinks) in &cases {
+                let cap = pos0 + t + 3;
+                let g = Geometry { n_heads, n_kv, d, cap, pos0 };
+                let q = noise(t * n_heads * d, 23 + t as u64);
+                let k = noise(n_kv * cap * d, 29 + d as u64);
+                let v = noise(n_kv * cap * d, 31 + n_heads as u64);
+                let (kb, vb): (Vec<bf16>, Vec<bf16>) =
+                    (k.iter().map(|&x| bf16::from_f32(x)).collect(), v.iter().map(|&x| bf16::from_f32(x)).collect());
+                let (kw, vw): (Vec<f32>, Vec<f32>) =
+                    (kb.iter().map(|x| x.to_f32()).collect(), vb.iter().map(|x| x.to_f32()).collect());
+                let sinks: Option<Vec<f32>> = with_sinks.then(|| noise(n_heads, 37));
+                let scale = 1.0 / (d as f32).sqrt() * 3.0;
+                let n = t * n_heads * d;
+                let mut got = vec![f32::NAN; n];
+                attention_with(&kern, &q, &kb, &vb, &g, scale, window, sinks.as_deref(), &mut got);
+                let mut twin = vec![f32::NAN; n];
+                reference(&q, &kw, &vw, &g, scale, window, sinks.as_deref(), &mut twin);
+                let worst = got.iter().zip(&twin).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 2e-5, "{tier} T={t} pos0={pos0} d={d}: {worst} against the widened twin");
+                let mut exact = vec![f32::NAN; n];
+                reference(&q, &k, &v, &g, scale, window, sinks.as_deref(), &mut exact);
+                // δ from the largest Σ|qᵢ·kᵢ| (|k| ≤ 1, so Σ|qᵢ| bounds it).
+                let q_l1 = q.chunks_exact(d).map(|r| r.iter().map(|x| x.abs()).sum::<f32>()).fold(0.0, f32::max);
+                let delta = scale * q_l1 * 2f32.powi(-9);
+                let bound = (2.0 * delta).exp() - 1.0 + 2f32.powi(-9);
+                let worst = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= bound, "{tier} T={t} pos0={pos0} d={d}: {worst} > bound {bound}");
+                assert!(worst > 0.0, "{tier}: the bf16 cache should differ from f32 somewhere");
+            }
         }
     }
 

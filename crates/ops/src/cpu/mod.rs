@@ -8,6 +8,7 @@ mod attention;
 pub mod deltanet;
 mod elementwise;
 pub mod kernels;
+mod kv;
 mod matmul;
 mod moe;
 mod norm;
@@ -15,7 +16,7 @@ mod rope;
 mod transfer;
 mod tree_attention;
 
-pub use attention::{Geometry as AttnGeometry, attention, attention_prefixed};
+pub use attention::{Geometry as AttnGeometry, KvElem, attention, attention_prefixed};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
 pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
@@ -36,34 +37,66 @@ use crate::backend::{
 };
 use crate::error::{Result, shape_err};
 use crate::{CpuStorage, DType, HostBuffer, HostTensor, Marker, OpsError, Storage, Tensor, TreeMask};
+use kv::{kv_dtype_err, kv_rows_from_host, kv_rows_to_host, regrow, write_kv_rows};
 
 /// The CPU backend. Threads come from rayon's global pool; kernels from [`Kernels::active`].
-/// Its only setting is the matmul [`Precision`].
-#[derive(Debug, Default, Clone, Copy)]
+/// Its settings are the matmul [`Precision`] and the KV cache's dtype, which follows it: f32
+/// with exact activations (the oracle), bf16 with bf16 activations (half the bytes attention
+/// reads per token; [`with_kv_dtype`](Self::with_kv_dtype) sets it apart, for benchmarks).
+#[derive(Debug, Clone, Copy)]
 pub struct CpuBackend {
     precision: Precision,
+    kv_dtype: DType,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::with_precision(Precision::default())
+    }
 }
 
 impl CpuBackend {
-    /// f32 activations everywhere ([`Precision::Exact`]): the oracle every backend is checked against.
+    /// f32 activations and an f32 KV cache ([`Precision::Exact`]): the oracle every backend is
+    /// checked against.
     pub fn new() -> Self {
-        Self { precision: Precision::Exact }
+        Self::with_precision(Precision::Exact)
     }
 
-    /// With the given matmul precision ([`Precision::Bf16Activations`] is what `ollm` runs with).
+    /// With the given matmul precision ([`Precision::Bf16Activations`] is what `ollm` runs with)
+    /// and the KV dtype that goes with it (bf16 for bf16 activations, else f32).
     pub fn with_precision(precision: Precision) -> Self {
-        Self { precision }
+        let kv_dtype = match precision {
+            Precision::Bf16Activations => DType::BF16,
+            Precision::Exact => DType::F32,
+        };
+        Self { precision, kv_dtype }
+    }
+
+    /// The same backend with its KV cache in `dtype` (f32 or bf16; any other is refused).
+    pub fn with_kv_dtype(self, dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 | DType::BF16 => Ok(Self { kv_dtype: dtype, ..self }),
+            other => {
+                Err(OpsError::DType { op: "with_kv_dtype", dtype: other, detail: "the CPU KV cache is f32 or bf16" })
+            }
+        }
     }
 
     pub fn precision(&self) -> Precision {
         self.precision
     }
 
-    /// The kernel tier and, where it changes anything, the precision (for logs and `ollm bench`).
+    /// The kernel tier, the precision where it changes anything, and the KV dtype (for logs and
+    /// `ollm bench`).
     pub fn describe(&self) -> String {
         let kern = Kernels::active();
         let bf16 = kern.has_bf16_dot() && self.precision == Precision::Bf16Activations;
-        format!("{} kernels{}", kern.tier(), if bf16 { ", bf16 activations" } else { ", f32 activations" })
+        format!(
+            "{} kernels{}, {} KV",
+            kern.tier(),
+            if bf16 { ", bf16 activations" } else { ", f32 activations" },
+            self.kv_dtype.to_string().to_lowercase()
+        )
     }
 }
 
@@ -185,12 +218,10 @@ impl Compute for CpuBackend {
             );
         }
         let src = new.cpu_f32("write_kv")?;
-        let dst = cache.cpu_f32_mut("write_kv")?;
-        for ti in 0..t {
-            for h in 0..n_kv {
-                let s = &src[(ti * n_kv + h) * d..][..d];
-                dst[(h * cap + pos0 + ti) * d..][..d].copy_from_slice(s);
-            }
+        match cache.cpu_mut("write_kv")? {
+            CpuStorage::F32(dst) => write_kv_rows(src, dst, (t, n_kv, d), cap, pos0),
+            CpuStorage::BF16(dst) => write_kv_rows(src, dst, (t, n_kv, d), cap, pos0),
+            other => return Err(kv_dtype_err("write_kv", other.dtype())),
         }
         Ok(())
     }
@@ -206,16 +237,13 @@ impl Compute for CpuBackend {
     ) -> Result<()> {
         let geo = AttnGeometry::of(q, k, v, out, pos0, params.sinks)?;
         let sinks = params.sinks.map(|s| s.cpu("attention").map(storage_to_f32)).transpose()?;
-        attention(
-            q.cpu_f32("attention")?,
-            k.cpu_f32("attention")?,
-            v.cpu_f32("attention")?,
-            &geo,
-            params.scale,
-            params.window,
-            sinks.as_deref(),
-            out.cpu_f32_mut("attention")?,
-        );
+        let (q, out) = (q.cpu_f32("attention")?, out.cpu_f32_mut("attention")?);
+        let (scale, window, sinks) = (params.scale, params.window, sinks.as_deref());
+        match (k.cpu("attention")?, v.cpu("attention")?) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => attention(q, k, v, &geo, scale, window, sinks, out),
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => attention(q, k, v, &geo, scale, window, sinks, out),
+            (k, _) => return Err(kv_dtype_err("attention", k.dtype())),
+        }
         Ok(())
     }
 
@@ -230,18 +258,17 @@ impl Compute for CpuBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         let geo = AttnGeometry::of_tree(q, k, v, out, pos0, tree, params.sinks)?;
-        let sinks = params.sinks.map(|s| s.cpu("tree_attention").map(storage_to_f32)).transpose()?;
-        tree_attention(
-            q.cpu_f32("tree_attention")?,
-            k.cpu_f32("tree_attention")?,
-            v.cpu_f32("tree_attention")?,
-            &geo,
-            tree,
-            params.scale,
-            params.window,
-            sinks.as_deref(),
-            out.cpu_f32_mut("tree_attention")?,
-        );
+        let op = "tree_attention";
+        let sinks = params.sinks.map(|s| s.cpu(op).map(storage_to_f32)).transpose()?;
+        let (q, out) = (q.cpu_f32(op)?, out.cpu_f32_mut(op)?);
+        let (scale, window, sinks) = (params.scale, params.window, sinks.as_deref());
+        match (k.cpu(op)?, v.cpu(op)?) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => tree_attention(q, k, v, &geo, tree, scale, window, sinks, out),
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                tree_attention(q, k, v, &geo, tree, scale, window, sinks, out)
+            }
+            (k, _) => return Err(kv_dtype_err(op, k.dtype())),
+        }
         Ok(())
     }
 
@@ -255,18 +282,22 @@ impl Compute for CpuBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         let (pg, g) = AttnGeometry::of_prefixed(q, prefix, (k, v), out, pos0, params.sinks)?;
-        let sinks = params.sinks.map(|s| s.cpu("attention").map(storage_to_f32)).transpose()?;
         let op = "attention_prefixed";
-        attention_prefixed(
-            q.cpu_f32(op)?,
-            (prefix.0.cpu_f32(op)?, prefix.1.cpu_f32(op)?, prefix.2),
-            (k.cpu_f32(op)?, v.cpu_f32(op)?),
-            (&pg, &g),
-            params.scale,
-            params.window,
-            sinks.as_deref(),
-            out.cpu_f32_mut(op)?,
-        );
+        let sinks = params.sinks.map(|s| s.cpu(op).map(storage_to_f32)).transpose()?;
+        let (q, out) = (q.cpu_f32(op)?, out.cpu_f32_mut(op)?);
+        let (scale, window, sinks, geo) = (params.scale, params.window, sinks.as_deref(), (&pg, &g));
+        match (prefix.0.cpu(op)?, prefix.1.cpu(op)?, k.cpu(op)?, v.cpu(op)?) {
+            (CpuStorage::F32(pk), CpuStorage::F32(pv), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                attention_prefixed(q, (pk, pv, prefix.2), (k, v), geo, scale, window, sinks, out)
+            }
+            (CpuStorage::BF16(pk), CpuStorage::BF16(pv), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                attention_prefixed(q, (pk, pv, prefix.2), (k, v), geo, scale, window, sinks, out)
+            }
+            (pk, _, k, _) => {
+                let dtype = if matches!(pk, CpuStorage::F32(_) | CpuStorage::BF16(_)) { k.dtype() } else { pk.dtype() };
+                return Err(kv_dtype_err(op, dtype));
+            }
+        }
         Ok(())
     }
 
@@ -556,11 +587,11 @@ impl Memory for CpuBackend {
     }
 
     fn kv_zeros(&self, shape: Vec<usize>) -> Result<Tensor> {
-        self.zeros(shape)
+        self.alloc(shape, self.kv_dtype)
     }
 
     fn kv_dtype(&self) -> DType {
-        DType::F32
+        self.kv_dtype
     }
 
     fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
@@ -582,16 +613,16 @@ impl Memory for CpuBackend {
         let &[n_kv, cap, d] = cache.shape() else {
             return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
         };
-        let len = keep.len();
-        if keep.end > cap || len > new_cap {
+        if keep.end > cap || keep.len() > new_cap {
             return shape_err("grow_kv", format!("keep positions {keep:?} of {cap} in {new_cap}"));
         }
-        let src = cache.cpu_f32("grow_kv")?;
-        let mut dst = vec![0.0f32; n_kv * new_cap * d];
-        for h in 0..n_kv {
-            dst[h * new_cap * d..][..len * d].copy_from_slice(&src[(h * cap + keep.start) * d..][..len * d]);
-        }
-        Tensor::from_f32(vec![n_kv, new_cap, d], dst)
+        let dims = (n_kv, cap, d);
+        let storage = match cache.cpu("grow_kv")? {
+            CpuStorage::F32(src) => CpuStorage::F32(regrow(src, 0.0, dims, keep, new_cap)),
+            CpuStorage::BF16(src) => CpuStorage::BF16(regrow(src, bf16::ZERO, dims, keep, new_cap)),
+            other => return Err(kv_dtype_err("grow_kv", other.dtype())),
+        };
+        Tensor::new(vec![n_kv, new_cap, d], Storage::Cpu(storage))
     }
 
     fn host_alloc(&self, bytes: usize) -> Result<HostBuffer> {
@@ -617,29 +648,23 @@ impl CopyQueue for CpuBackend {
     }
 
     fn kv_to_host_async(&self, cache: &Tensor, dst: &mut HostBuffer, span: KvBlockSpan) -> Result<()> {
-        let (n_kv, cap, d) = span.check("kv_to_host_async", cache.shape(), 4, dst.len())?;
-        let src = cache.cpu_f32("kv_to_host_async")?;
-        let bytes = dst.as_mut_slice();
-        for h in 0..n_kv {
-            let from = &src[(h * cap + span.pos) * d..][..span.n * d];
-            let at = span.offset + (h * span.block + span.row) * d * 4;
-            for (chunk, v) in bytes[at..at + span.n * d * 4].chunks_exact_mut(4).zip(from) {
-                chunk.copy_from_slice(&v.to_le_bytes());
-            }
+        let op = "kv_to_host_async";
+        let dims = span.check(op, cache.shape(), cache.dtype().size_bytes(), dst.len())?;
+        match cache.cpu(op)? {
+            CpuStorage::F32(src) => kv_rows_to_host(src, dst.as_mut_slice(), dims, span),
+            CpuStorage::BF16(src) => kv_rows_to_host(src, dst.as_mut_slice(), dims, span),
+            other => return Err(kv_dtype_err(op, other.dtype())),
         }
         Ok(())
     }
 
     fn kv_from_host_async(&self, src: &HostBuffer, cache: &mut Tensor, span: KvBlockSpan) -> Result<()> {
-        let (n_kv, cap, d) = span.check("kv_from_host_async", cache.shape(), 4, src.len())?;
-        let bytes = src.as_slice();
-        let dst = cache.cpu_f32_mut("kv_from_host_async")?;
-        for h in 0..n_kv {
-            let at = span.offset + (h * span.block + span.row) * d * 4;
-            let to = &mut dst[(h * cap + span.pos) * d..][..span.n * d];
-            for (v, chunk) in to.iter_mut().zip(bytes[at..at + span.n * d * 4].chunks_exact(4)) {
-                *v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
+        let op = "kv_from_host_async";
+        let dims = span.check(op, cache.shape(), cache.dtype().size_bytes(), src.len())?;
+        match cache.cpu_mut(op)? {
+            CpuStorage::F32(dst) => kv_rows_from_host(src.as_slice(), dst, dims, span),
+            CpuStorage::BF16(dst) => kv_rows_from_host(src.as_slice(), dst, dims, span),
+            other => return Err(kv_dtype_err(op, other.dtype())),
         }
         Ok(())
     }

@@ -1,11 +1,12 @@
-//! Attention of a tree of new tokens over a KV cache ([`TreeMask`]), in f32: the CPU twin of
+//! Attention of a tree of new tokens over a KV cache ([`TreeMask`]) of f32 or bf16 (widened as
+//! read), computed in f32: the CPU twin of
 //! `kernels/tree_attention.cu`. One task per (node, head), scores of the visible keys, a
 //! softmax (with the head's sink logit as one more key whose value is zero), the weighted sum
 //! of values. A tree is small (tens of nodes): this is the plain form, not the flash one.
 
 use rayon::prelude::*;
 
-use super::attention::Geometry;
+use super::attention::{Geometry, KvElem};
 use crate::TreeMask;
 
 /// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`, the tree's rows at `pos0..pos0 + T`. Node t
@@ -13,10 +14,10 @@ use crate::TreeMask;
 /// window W) and tree rows `pos0 + a` for its ancestors `a` (itself included) with
 /// `depth(t) - depth(a) < W`.
 #[allow(clippy::too_many_arguments)]
-pub fn tree_attention(
+pub fn tree_attention<E: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     g: &Geometry,
     tree: &TreeMask,
     scale: f32,
@@ -52,14 +53,14 @@ pub fn tree_attention(
         for &(j, e) in scores.iter() {
             let w = e / denom;
             for (ov, vv) in o.iter_mut().zip(&vbase[j * d..][..d]) {
-                *ov += w * vv;
+                *ov += w * vv.widen();
             }
         }
     });
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.widen()).sum()
 }
 
 #[cfg(test)]

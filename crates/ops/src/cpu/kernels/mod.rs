@@ -100,7 +100,7 @@ pub fn tier_from_env() -> Result<Option<Tier>, OpsError> {
 /// # Safety
 /// `x` holds `t·k` and `w` `rows·k` elements; `out` is valid for writes at every `ti·ldo + j`;
 /// the function pointer came from a [`Kernels`] built for a tier this CPU supports.
-pub(crate) type Panel<X, W> = unsafe fn(x: &[X], t: usize, k: usize, w: &[W], rows: usize, out: *mut f32, ldo: usize);
+pub type Panel<X, W> = unsafe fn(x: &[X], t: usize, k: usize, w: &[W], rows: usize, out: *mut f32, ldo: usize);
 
 /// One tier's panel functions. Built once; shared by every matmul.
 #[derive(Clone, Copy)]
@@ -116,7 +116,9 @@ pub struct Kernels {
     pub(crate) exp_sub: fn(v: &mut [f32], m: f32) -> f32,
     /// `o[r] += Σⱼ p[r·kb + j] · v[j·d ..][..d]` for every row r of o `[rows, d]` (attention's
     /// probabilities times values, for few rows: no transposition of v).
-    pub(crate) pv_rows: fn(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f32]),
+    pub(crate) pv_rows: PvRows<f32>,
+    /// `pv_rows` over bf16 values (a bf16 KV cache), each widened in registers.
+    pub(crate) pv_rows_bf16: PvRows<bf16>,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -143,6 +145,7 @@ impl Kernels {
                     bf16_bf16: None,
                     exp_sub: x86::exp_sub_avx2,
                     pv_rows: x86::pv_rows_avx2,
+                    pv_rows_bf16: x86::pv_rows_bf16_avx2,
                 },
                 Tier::Avx512 => Kernels {
                     tier,
@@ -151,6 +154,7 @@ impl Kernels {
                     bf16_bf16: None,
                     exp_sub: x86::exp_sub_avx512,
                     pv_rows: x86::pv_rows_avx512,
+                    pv_rows_bf16: x86::pv_rows_bf16_avx512,
                 },
                 Tier::Avx512Bf16 => Kernels {
                     tier,
@@ -159,6 +163,7 @@ impl Kernels {
                     bf16_bf16: Some(x86::avx512bf16_bf16),
                     exp_sub: x86::exp_sub_avx512,
                     pv_rows: x86::pv_rows_avx512,
+                    pv_rows_bf16: x86::pv_rows_bf16_avx512,
                 },
             })
         }
@@ -186,7 +191,8 @@ impl Kernels {
             f32_bf16: panel_portable::<bf16>,
             bf16_bf16: None,
             exp_sub: exp_sub_portable,
-            pv_rows: pv_rows_body,
+            pv_rows: pv_rows_body::<f32>,
+            pv_rows_bf16: pv_rows_body::<bf16>,
         }
     }
 
@@ -200,8 +206,11 @@ impl Kernels {
     }
 }
 
-/// A weight element the portable panel widens to f32.
-pub(crate) trait Widen: Copy + Send + Sync {
+/// `o[r] += Σⱼ p[r·kb + j] · v[j·d ..][..d]` over values of type `V` (see [`Kernels`]).
+pub type PvRows<V> = fn(p: &[f32], kb: usize, v: &[V], d: usize, o: &mut [f32]);
+
+/// A weight (or KV) element the kernels widen to f32: f32 itself, or bf16 by a 16-bit shift.
+pub trait Widen: Copy + Send + Sync {
     fn widen(self) -> f32;
 }
 
@@ -278,14 +287,15 @@ pub(crate) fn exp_sub_body(v: &mut [f32], m: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The body of every `pv_rows` (see [`Kernels`]); a zero weight (a masked key) is skipped.
+/// The body of every `pv_rows` (see [`Kernels`]) over f32 or bf16 values (widened by a shift,
+/// which vectorises); a zero weight (a masked key) is skipped.
 #[inline(always)]
-pub(crate) fn pv_rows_body(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f32]) {
+pub(crate) fn pv_rows_body<V: Widen>(p: &[f32], kb: usize, v: &[V], d: usize, o: &mut [f32]) {
     for (prow, orow) in p.chunks_exact(kb).zip(o.chunks_exact_mut(d)) {
         for (&pj, vrow) in prow.iter().zip(v.chunks_exact(d)) {
             if pj != 0.0 {
                 for (ov, vv) in orow.iter_mut().zip(vrow) {
-                    *ov += pj * vv;
+                    *ov += pj * vv.widen();
                 }
             }
         }

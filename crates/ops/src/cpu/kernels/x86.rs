@@ -338,3 +338,23 @@ pub(super) fn pv_rows_avx2(p: &[f32], kb: usize, v: &[f32], d: usize, o: &mut [f
     // SAFETY: as `exp_sub_avx2`.
     unsafe { inner(p, kb, v, d, o) }
 }
+
+/// `pv_rows_bf16` compiled for AVX-512 (bf16 values widened in registers).
+pub(super) fn pv_rows_bf16_avx512(p: &[f32], kb: usize, v: &[bf16], d: usize, o: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn inner(p: &[f32], kb: usize, v: &[bf16], d: usize, o: &mut [f32]) {
+        super::pv_rows_body(p, kb, v, d, o)
+    }
+    // SAFETY: as `exp_sub_avx512`.
+    unsafe { inner(p, kb, v, d, o) }
+}
+
+/// `pv_rows_bf16` compiled for AVX2 + FMA.
+pub(super) fn pv_rows_bf16_avx2(p: &[f32], kb: usize, v: &[bf16], d: usize, o: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma")]
+    fn inner(p: &[f32], kb: usize, v: &[bf16], d: usize, o: &mut [f32]) {
+        super::pv_rows_body(p, kb, v, d, o)
+    }
+    // SAFETY: as `exp_sub_avx2`.
+    unsafe { inner(p, kb, v, d, o) }
+}

