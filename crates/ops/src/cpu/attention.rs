@@ -111,16 +111,18 @@ pub fn attention_with<E: KvElem>(
     if t == 0 || d == 0 {
         return;
     }
-    let parts = source_parts(kern, q, (k, v, g), usize::MAX, scale, window, t);
+    let parts = source_parts(kern, q, (k, v, g), scale, window, t);
     merge(&parts, g, sinks, t, out);
 }
 
 /// [`attention`] over two caches: a shared prefix `pk`, `pv` `[n_kv, pg.cap, d]` holding
 /// positions `0..p` (`p <= pg.cap`), then the sequence's own rows `k`, `v` `[n_kv, g.cap, d]`,
 /// row `r` holding position `p + r`. The queries sit at own rows `g.pos0..` (positions
-/// `p + g.pos0..`), so every prefix key is before each of them. Each source's keys go through
-/// tasks of their own; the partial `(m, l, O)` of both are merged as one call's splits are: the
-/// result is attention over the concatenation. A window counts positions the same in both.
+/// `p + g.pos0..`). The prefix's rows and the own rows up to the last query's are joined per head
+/// into one temporary cache and attended as one: the result is bit for bit what a private cache
+/// of the same positions gives (the same tasks, the same order of sums), so a sequence's text
+/// does not depend on whether its prefix is shared. The copy is transient, one layer's at a time;
+/// what sharing saves is the prefix held once.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_prefixed<E: KvElem>(
     q: &[f32],
@@ -132,30 +134,36 @@ pub fn attention_prefixed<E: KvElem>(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let kern = Kernels::active();
     let (d, t) = (g.d, out.len() / (g.n_heads * g.d).max(1));
     if t == 0 || d == 0 {
         return;
     }
-    // The prefix seen from absolute positions: queries at p + pos0 + t, keys 0..p.
-    let pre = Geometry { pos0: p + g.pos0, ..*pg };
-    let mut parts = source_parts(kern, q, (pk, pv, &pre), p, scale, window, t);
-    parts.extend(source_parts(kern, q, (k, v, g), usize::MAX, scale, window, t));
-    merge(&parts, g, sinks, t, out);
+    let rows = g.pos0 + t;
+    let cap = p + rows;
+    let join = |pre: &[E], own: &[E]| -> Vec<E> {
+        let mut all = Vec::with_capacity(g.n_kv * cap * d);
+        for h in 0..g.n_kv {
+            all.extend_from_slice(&pre[h * pg.cap * d..][..p * d]);
+            all.extend_from_slice(&own[h * g.cap * d..][..rows * d]);
+        }
+        all
+    };
+    let (jk, jv) = (join(pk, k), join(pv, v));
+    let whole = Geometry { cap, pos0: p + g.pos0, ..*g };
+    attention_with(Kernels::active(), q, &jk, &jv, &whole, scale, window, sinks, out);
 }
 
-/// The tasks of one cache's keys below `key_end`, run: each a partial over its keys.
+/// The call's tasks, run: each a partial over its keys.
 fn source_parts<E: KvElem>(
     kern: &Kernels,
     q: &[f32],
     (k, v, g): (&[E], &[E], &Geometry),
-    key_end: usize,
     scale: f32,
     window: Option<usize>,
     t: usize,
 ) -> Vec<(Task, Partial)> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
-    plan(g, t, window, key_end)
+    plan(g, t, window)
         .into_par_iter()
         .map(|task| {
             let part = run_task(kern, q, k, v, g, scale, &lo, &task);
@@ -202,24 +210,20 @@ fn merge(parts: &[(Task, Partial)], g: &Geometry, sinks: Option<&[f32]>, t: usiz
 }
 
 /// Splits the call into tasks: (KV head, query block), and for few such tasks (decode) the keys
-/// too, so that every thread has work. Keys at `key_end` and after are left out (a shared
-/// prefix's cache ends there).
-fn plan(g: &Geometry, t: usize, window: Option<usize>, key_end: usize) -> Vec<Task> {
+/// too, so that every thread has work.
+fn plan(g: &Geometry, t: usize, window: Option<usize>) -> Vec<Task> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let n_qblocks = t.div_ceil(Q_BLOCK);
     let base = g.n_kv * n_qblocks;
     let want = 4 * rayon::current_num_threads();
-    let span = (g.pos0 + t).min(key_end).saturating_sub(lo(g.pos0)).max(1);
+    let span = g.pos0 + t - lo(g.pos0);
     let splits = if base >= want { 1 } else { want.div_ceil(base).min(span.div_ceil(MIN_SPLIT_KEYS)).max(1) };
     let split_len = span.div_ceil(splits).div_ceil(K_BLOCK) * K_BLOCK;
     let mut tasks = Vec::with_capacity(base * splits);
     for kvh in 0..g.n_kv {
         for qb in 0..n_qblocks {
             let (t0, tt) = (qb * Q_BLOCK, Q_BLOCK.min(t - qb * Q_BLOCK));
-            let (first, last) = (lo(g.pos0 + t0), (g.pos0 + t0 + tt - 1).min(key_end.saturating_sub(1)));
-            if key_end == 0 {
-                continue;
-            }
+            let (first, last) = (lo(g.pos0 + t0), g.pos0 + t0 + tt - 1);
             let mut s = lo(g.pos0);
             while s <= last {
                 let e = s + split_len;
@@ -421,7 +425,7 @@ mod tests {
     }
 
     /// The cache cut in two (a shared prefix of p positions, then the sequence's own rows, each
-    /// in a cache of its own capacity) attends as the whole cache: prefill across the cut and
+    /// in a cache of its own capacity) attends exactly as the whole cache: prefill across the cut and
     /// decode (split keys), with GQA, a window and sinks. 2e-5 absolute, as above.
     #[test]
     fn a_prefix_and_own_rows_attend_as_one_cache() {
@@ -460,6 +464,10 @@ mod tests {
             attention_prefixed(&q, (&pk, &pv, p), (&ok, &ov), (&pg, &g), scale, window, sinks.as_deref(), &mut got);
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst <= 2e-5, "T={t} pos0={pos0} p={p} {window:?}: {worst}");
+            // Bit for bit the private cache's answer: sharing never changes a text.
+            let mut private = vec![f32::NAN; t * n_heads * d];
+            attention(&q, &k, &v, &whole, scale, window, sinks.as_deref(), &mut private);
+            assert_eq!(got, private, "T={t} pos0={pos0} p={p} {window:?}: differs from the private cache");
         }
     }
 
@@ -516,7 +524,7 @@ mod tests {
     #[test]
     fn decode_splits_keys_over_tasks() {
         let g = Geometry { n_heads: 2, n_kv: 1, d: 8, cap: 4096, pos0: 4095 };
-        let tasks = plan(&g, 1, None, usize::MAX);
+        let tasks = plan(&g, 1, None);
         assert!(tasks.len() > 1 || rayon::current_num_threads() == 0, "{tasks:?}");
         let covered: usize = tasks.iter().map(|t| t.keys.len()).sum();
         assert_eq!(covered, 4096);

@@ -132,4 +132,25 @@ mod tests {
             }
         }
     }
+
+    /// A bf16 cache (the CPU's with bf16 activations) gives what the f32 cache of the same
+    /// values widened gives, exactly: the kernel widens each element as it reads it.
+    #[test]
+    fn a_bf16_cache_reads_as_its_widened_values() {
+        let tree = TreeMask::new(&[None, Some(0), Some(0), Some(2)]).expect("tree");
+        let (t, n_heads, n_kv, d, pos0) = (tree.len(), 4, 2, 16, 30);
+        let cap = pos0 + t;
+        let g = Geometry { n_heads, n_kv, d, cap, pos0 };
+        let q = noise(t * n_heads * d, 9);
+        let kb: Vec<half::bf16> = noise(n_kv * cap * d, 10).into_iter().map(half::bf16::from_f32).collect();
+        let vb: Vec<half::bf16> = noise(n_kv * cap * d, 11).into_iter().map(half::bf16::from_f32).collect();
+        let (kw, vw): (Vec<f32>, Vec<f32>) =
+            (kb.iter().map(|x| x.to_f32()).collect(), vb.iter().map(|x| x.to_f32()).collect());
+        let mut want = vec![f32::NAN; q.len()];
+        tree_attention(&q, &kw, &vw, &g, &tree, 0.25, Some(5), None, &mut want);
+        let mut got = vec![f32::NAN; q.len()];
+        tree_attention(&q, &kb, &vb, &g, &tree, 0.25, Some(5), None, &mut got);
+        assert_eq!(got, want);
+        assert!(got.iter().all(|x| x.is_finite()));
+    }
 }
