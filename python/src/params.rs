@@ -56,6 +56,7 @@ impl Knobs {
             harmony,
             cancel: None,
             speculate: None,
+            logprobs: None,
             grammar: None,
         })
     }

@@ -93,6 +93,7 @@ fn params(max_new_tokens: usize, speculate: Option<SpeculateParams>) -> Generate
         harmony: None,
         cancel: None,
         speculate,
+        logprobs: None,
         grammar: None,
     }
 }
