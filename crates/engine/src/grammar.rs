@@ -117,6 +117,15 @@ impl GrammarCompiler {
         Ok(Self { factory: Arc::new(factory), eos: eos.to_vec(), vocab_size })
     }
 
+    /// The bytes token `id` stands for (a special token's text; empty for an id beyond the
+    /// vocabulary): exact even where a token holds part of a UTF-8 character.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if id as usize >= self.vocab_size {
+            return Vec::new();
+        }
+        self.factory.tok_env().tok_trie().decode(&[id])
+    }
+
     /// Compiles `spec`; an error names the kind of grammar and what the library said.
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Grammar, GrammarError> {
         let compile_err = |detail: String| GrammarError::Compile { kind: spec.kind(), detail };
