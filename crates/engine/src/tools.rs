@@ -82,10 +82,20 @@ pub fn parse_tools(v: &Value) -> Result<Vec<Tool>, ToolError> {
         if tools.iter().any(|t| t.name == name) {
             return Err(bad(format!("tools[{i}].function.name"), format!("repeats '{name}'; give each tool once")));
         }
+        let at = || format!("tools[{i}].function.parameters");
         let parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object"}),
-            Some(p) if p.is_object() => p.clone(),
-            Some(_) => return Err(bad(format!("tools[{i}].function.parameters"), "must be a JSON schema (an object)")),
+            // Arguments are an object: a schema that does not say so is read as saying it.
+            Some(Value::Object(p)) => match p.get("type") {
+                None => {
+                    let mut p = p.clone();
+                    p.insert("type".into(), json!("object"));
+                    Value::Object(p)
+                }
+                Some(t) if t == "object" => Value::Object(p.clone()),
+                Some(t) => return Err(bad(at(), format!("has type {t}; the arguments are an object (\"type\": \"object\")"))),
+            },
+            Some(_) => return Err(bad(at(), "must be a JSON schema (an object)")),
         };
         let description = f.get("description").and_then(Value::as_str).map(str::to_string);
         tools.push(Tool { name: name.to_string(), description, parameters });
@@ -300,6 +310,10 @@ mod tests {
         assert_eq!(e.field, "tools[0].type");
         let e = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": 3}}])).expect_err("p");
         assert_eq!(e.field, "tools[0].function.parameters");
+        let e = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]));
+        assert_eq!(e.expect_err("not an object").field, "tools[0].function.parameters");
+        let t = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {}}}}]));
+        assert_eq!(t.expect("typeless")[0].parameters, json!({"properties": {}, "type": "object"}));
     }
 
     #[test]
