@@ -113,6 +113,12 @@ impl Decoding {
         }
     }
 
+    /// The sampler and the grammar, for a speculative round (which samples with the one and
+    /// masks with a copy of the other).
+    pub fn speculation_parts(&mut self) -> (&mut Sampler, Option<&Grammar>) {
+        (&mut self.sampler, self.grammar.as_ref())
+    }
+
     /// The grammar, when the output is constrained (its mask statistics, say).
     pub fn grammar(&self) -> Option<&Grammar> {
         self.grammar.as_ref()

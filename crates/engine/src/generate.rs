@@ -223,9 +223,9 @@ pub fn generate(
     if session.len() + prompt.len() > context {
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
-    // A grammar masks each sampled token; a speculative round samples outside it, so the two
-    // do not combine yet: with a grammar, decoding is plain. So it is with logprobs.
-    let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none() && params.logprobs.is_none());
+    // A speculative round keeps the grammar (drafts cut at the first forbidden token, verified
+    // rows masked); it gives no logprobs, so a sequence that asks for them decodes plainly.
+    let speculate = params.speculate.as_ref().filter(|_| params.logprobs.is_none());
     let mut speculator = speculate.map(|s| Speculator::new(s, &params.sampling)).transpose()?;
     // Tokens a speculative round verified, to emit before the next round.
     let mut verified = std::collections::VecDeque::new();
@@ -277,7 +277,8 @@ pub fn generate(
             (Next::Feed(id), Some(s)) if verified.is_empty() => {
                 // Drafts beyond the tokens left would be wasted rows.
                 let limit = params.max_new_tokens.saturating_sub(dec.ids().len() + 1);
-                verified.extend(s.step(session, id, limit, dec.sampler_mut())?);
+                let (sampler, grammar) = dec.speculation_parts();
+                verified.extend(s.step(session, id, limit, sampler, grammar)?);
             }
             (Next::Feed(_), Some(_)) => {} // verified with the tokens after it
         }

@@ -223,6 +223,11 @@ impl Grammar {
         self.matcher.consume_token(token).map_err(|e| GrammarError::Advance { token, detail: e.to_string() })
     }
 
+    /// Whether `token` ends a sequence (it is never accepted into the grammar).
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.eos.contains(&token)
+    }
+
     /// The grammar is complete and allows nothing more: the sequence ends here.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()

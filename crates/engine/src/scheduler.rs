@@ -302,7 +302,8 @@ impl Scheduler {
             }
             let (Some(pending), Some(spec)) = (r.feed.take(), r.speculator.as_mut()) else { continue };
             let limit = r.params.max_new_tokens.saturating_sub(r.dec.ids().len() + 1);
-            let tokens = match spec.step(&mut r.session, pending, limit, r.dec.sampler_mut()) {
+            let (sampler, grammar) = r.dec.speculation_parts();
+            let tokens = match spec.step(&mut r.session, pending, limit, sampler, grammar) {
                 Ok(t) => t,
                 Err(e) => {
                     ended.push((i, Err(e)));
@@ -445,8 +446,8 @@ impl Scheduler {
                 return Err((sink, e));
             }
         };
-        // With a grammar or logprobs, decoding is plain (see `generate`).
-        let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none() && params.logprobs.is_none());
+        // With logprobs, decoding is plain (see `generate`).
+        let speculate = params.speculate.as_ref().filter(|_| params.logprobs.is_none());
         let speculator = match speculate.map(|p| Speculator::new(p, &params.sampling)).transpose() {
             Ok(s) => s,
             Err(e) => {
