@@ -272,8 +272,14 @@ fn result_line(m: &ChatModel, grammars: &Grammars, r: &BatchRequest, g: &Generat
     let call = r.tools.as_ref().and_then(|(tools, _)| ollm_engine::tools::parse_call(&g.text, tools));
     if let Some(call) = call {
         // As the chat API answers a call: the function and its arguments as a JSON string.
-        line["tool_calls"] = json!([{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]);
-        if matches!(g.finish, ollm_engine::FinishReason::Eos | ollm_engine::FinishReason::Stop | ollm_engine::FinishReason::GrammarComplete) {
+        line["tool_calls"] =
+            json!([{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]);
+        if matches!(
+            g.finish,
+            ollm_engine::FinishReason::Eos
+                | ollm_engine::FinishReason::Stop
+                | ollm_engine::FinishReason::GrammarComplete
+        ) {
             line["finish_reason"] = json!("tool_calls");
         }
     }

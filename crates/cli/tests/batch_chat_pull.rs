@@ -588,7 +588,9 @@ fn batch_honours_tools_per_line_on_the_demo_model() {
             "max_tokens": 64, "temperature": if i == 0 { 0.0 } else { 1.0 }, "tools": [tool], "tool_choice": "required"});
         lines.push_str(&format!("{line}\n"));
     }
-    lines.push_str("{\"id\": \"plain\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 8}\n");
+    lines.push_str(
+        "{\"id\": \"plain\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 8}\n",
+    );
     let (results, errs, log) = batch_of(model, &lines);
     assert_eq!((results.len(), errs.len()), (4, 0), "{log} {errs:?}");
     for r in &results {

@@ -93,7 +93,9 @@ pub fn parse_tools(v: &Value) -> Result<Vec<Tool>, ToolError> {
                     Value::Object(p)
                 }
                 Some(t) if t == "object" => Value::Object(p.clone()),
-                Some(t) => return Err(bad(at(), format!("has type {t}; the arguments are an object (\"type\": \"object\")"))),
+                Some(t) => {
+                    return Err(bad(at(), format!("has type {t}; the arguments are an object (\"type\": \"object\")")));
+                }
             },
             Some(_) => return Err(bad(at(), "must be a JSON schema (an object)")),
         };
@@ -310,9 +312,11 @@ mod tests {
         assert_eq!(e.field, "tools[0].type");
         let e = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": 3}}])).expect_err("p");
         assert_eq!(e.field, "tools[0].function.parameters");
-        let e = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]));
+        let e =
+            parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]));
         assert_eq!(e.expect_err("not an object").field, "tools[0].function.parameters");
-        let t = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {}}}}]));
+        let t =
+            parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {}}}}]));
         assert_eq!(t.expect("typeless")[0].parameters, json!({"properties": {}, "type": "object"}));
     }
 

@@ -506,7 +506,13 @@ fn constrained_greedy_speculation_equals_plain_constrained_greedy() {
                 let v: serde_json::Value = serde_json::from_str(&got.text).expect("JSON");
                 assert!(v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
             }
-            println!("{check} {k:?}: {} tokens in {} passes, {} of {} drafts kept", got.ids.len(), s.passes, s.accepted, s.drafted);
+            println!(
+                "{check} {k:?}: {} tokens in {} passes, {} of {} drafts kept",
+                got.ids.len(),
+                s.passes,
+                s.accepted,
+                s.drafted
+            );
         }
     }
 }

@@ -83,9 +83,9 @@ impl RequestRules {
 
     /// The grammar compiler; an error names `field`, the request field that needs it.
     fn grammar_compiler_for(&self, field: &str) -> Result<&GrammarCompiler, ApiError> {
-        self.built_compiler().as_ref().map_err(|e| {
-            ApiError::invalid(format!("'{field}' cannot be used with this model: {e}"), Some(field))
-        })
+        self.built_compiler()
+            .as_ref()
+            .map_err(|e| ApiError::invalid(format!("'{field}' cannot be used with this model: {e}"), Some(field)))
     }
 }
 
@@ -120,7 +120,7 @@ pub fn chat_request(rules: &RequestRules, bytes: &[u8]) -> Result<(String, Prepa
         Some(v) => tools::parse_tools(v).map_err(tool_err)?,
     };
     let choice = tools::parse_tool_choice(req.tool_choice.as_ref(), &tools).map_err(tool_err)?;
-    let asked = (!tools.is_empty()).then(|| (tools, choice));
+    let asked = (!tools.is_empty()).then_some((tools, choice));
     let prompt = chat_prompt(rules, &req.messages, asked.as_ref().map(|(t, c)| (&req.tools, &t[..], c)))?;
     let top = top_count(req.top_logprobs, "top_logprobs")?;
     let logprobs = match (req.logprobs, top) {

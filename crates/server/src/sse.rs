@@ -100,7 +100,11 @@ impl ChoiceState {
     }
 }
 
-async fn relay(meta: StreamMeta, jobs: Vec<UnboundedReceiver<JobEvent>>, out: UnboundedSender<Result<Event, Infallible>>) {
+async fn relay(
+    meta: StreamMeta,
+    jobs: Vec<UnboundedReceiver<JobEvent>>,
+    out: UnboundedSender<Result<Event, Infallible>>,
+) {
     let n = jobs.len();
     let mut job = merge(jobs);
     let mut choices: Vec<ChoiceState> = (0..n).map(|_| ChoiceState::default()).collect();
@@ -212,12 +216,17 @@ async fn relay(meta: StreamMeta, jobs: Vec<UnboundedReceiver<JobEvent>>, out: Un
         // The prompt once, the completions of every choice.
         let usage = Some(Usage::new(prompt_tokens, completion_tokens));
         match meta.kind {
-            ChunkKind::Chat => {
-                send(&out, &ChatCompletionChunk { choices: Vec::new(), ..chat_chunk(&meta, 0, Delta::default(), None, usage, None) })
-            }
-            ChunkKind::Text => {
-                send(&out, &TextCompletion { choices: Vec::new(), ..text_chunk(&meta, 0, String::new(), None, usage, None) })
-            }
+            ChunkKind::Chat => send(
+                &out,
+                &ChatCompletionChunk {
+                    choices: Vec::new(),
+                    ..chat_chunk(&meta, 0, Delta::default(), None, usage, None)
+                },
+            ),
+            ChunkKind::Text => send(
+                &out,
+                &TextCompletion { choices: Vec::new(), ..text_chunk(&meta, 0, String::new(), None, usage, None) },
+            ),
         };
     }
     send_raw(&out, "[DONE]");

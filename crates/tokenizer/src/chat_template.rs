@@ -124,7 +124,8 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template { source_name: source_name.to_string(), detail: e.to_string() })?;
-        let tmpl = env.get_template("chat")
+        let tmpl = env
+            .get_template("chat")
             .map_err(|e| TokenizerError::Template { source_name: source_name.to_string(), detail: e.to_string() })?;
         let tools = tmpl.undeclared_variables(false).contains("tools");
         Ok(Self { env, source_name: source_name.to_string(), tools, bos_token, eos_token })
