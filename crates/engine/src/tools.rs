@@ -196,34 +196,29 @@ pub fn fallback_system_prompt(tools: &[Tool], choice: &ToolChoice) -> String {
 /// the model is asked to write.
 pub fn with_fallback_prompt(messages: &[ChatMessage], tools: &[Tool], choice: &ToolChoice) -> Vec<ChatMessage> {
     let prompt = fallback_system_prompt(tools, choice);
-    let mut out = Vec::with_capacity(messages.len() + 1);
-    match messages.first() {
-        Some(m) if m.role == "system" || m.role == "developer" => {
-            out.push(ChatMessage::new(&m.role, &format!("{}\n\n{prompt}", m.content)));
-        }
-        first => {
-            out.push(ChatMessage::new("system", &prompt));
-            out.extend(first.cloned());
-        }
-    }
-    for m in messages.iter().skip(1) {
-        let mut m = m.clone();
-        if m.role == "tool" {
-            let id = m.tool_call_id.take().unwrap_or_default();
-            m = ChatMessage::new("user", &format!("Result of function call {id}: {}", m.content));
-        } else if let Some(calls) = m.tool_calls.take() {
-            let mut text = m.content.clone();
-            for c in calls.as_array().into_iter().flatten() {
-                let name = c.pointer("/function/name").cloned().unwrap_or_default();
-                let args = c.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("{}");
-                let args: Value = serde_json::from_str(args).unwrap_or(Value::String(args.to_string()));
-                text.push_str(&json!({"name": name, "arguments": args}).to_string());
-            }
-            m.content = text;
-        }
-        out.push(m);
+    let mut out: Vec<ChatMessage> = messages.iter().map(without_tool_fields).collect();
+    match out.first_mut() {
+        Some(m) if m.role == "system" || m.role == "developer" => m.content = format!("{}\n\n{prompt}", m.content),
+        _ => out.insert(0, ChatMessage::new("system", &prompt)),
     }
     out
+}
+
+/// A turn written as plain text: a `tool` turn as a user turn naming the call it answers, an
+/// assistant turn's calls appended to its content as the JSON the model is asked to write.
+fn without_tool_fields(m: &ChatMessage) -> ChatMessage {
+    if m.role == "tool" {
+        let id = m.tool_call_id.as_deref().unwrap_or_default();
+        return ChatMessage::new("user", &format!("Result of function call {id}: {}", m.content));
+    }
+    let mut text = m.content.clone();
+    for c in m.tool_calls.as_ref().and_then(Value::as_array).into_iter().flatten() {
+        let name = c.pointer("/function/name").cloned().unwrap_or_default();
+        let args = c.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("{}");
+        let args: Value = serde_json::from_str(args).unwrap_or(Value::String(args.to_string()));
+        text.push_str(&json!({"name": name, "arguments": args}).to_string());
+    }
+    ChatMessage::new(&m.role, &text)
 }
 
 /// The call in `text`, when it is one (a JSON object with a known `name` and object
@@ -337,6 +332,20 @@ mod tests {
             assert_eq!((name.as_deref(), args.as_str()), (Some("get_weather"), want.arguments.as_str()), "cut {cut}");
         }
         assert_eq!(parse_call("Hello", &tools()), None);
+        // A conversation for a template without tools: the description opens it as a system
+        // turn; an earlier call and its result are written as text.
+        let mut asked = ChatMessage::new("assistant", "");
+        asked.tool_calls = Some(json!([{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]));
+        let mut answer = ChatMessage::new("tool", "sunny");
+        answer.tool_call_id = Some("c1".into());
+        let turns =
+            with_fallback_prompt(&[ChatMessage::new("user", "Weather?"), asked, answer], &tools(), &ToolChoice::Auto);
+        assert_eq!(turns.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["system", "user", "assistant", "user"]);
+        assert!(turns[0].content.starts_with("Functions:\n{\"name\":\"get_weather\""), "{}", turns[0].content);
+        assert_eq!(turns[2].content, text);
+        assert_eq!(turns[3].content, "Result of function call c1: sunny");
+        assert!(turns.iter().all(|m| m.tool_calls.is_none() && m.tool_call_id.is_none()));
         assert_eq!(parse_call(r#"{"name":"other","arguments":{}}"#, &tools()), None);
     }
 }

@@ -337,7 +337,7 @@ fn the_hostile_seeds_are_refused_naming_the_field() {
     let mut v: Value = serde_json::from_str(SEEDS[0]).expect("json");
     v["logprobs"] = json!(true);
     v["top_logprobs"] = json!(2);
-    v["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "integer"}}}}}]);
+    v["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
     v["tool_choice"] = json!("required");
     let (_, p) = chat_request(&rules, v.to_string().as_bytes()).unwrap_or_else(|e| panic!("{}", e.message));
     assert_eq!(p.params.logprobs, Some(2));
