@@ -101,7 +101,8 @@ pub fn generate_many(
         for (i, e) in rx.try_iter() {
             match e {
                 Event::Token { id, text, reasoning, speculation } => {
-                    let ev = TokenEvent { id, text: &text, reasoning: &reasoning, speculation };
+                    // The Python API asks for no logprobs.
+                    let ev = TokenEvent { id, text: &text, reasoning: &reasoning, logprob: None, speculation };
                     if on_token(i, ev).is_break() {
                         stops[i].store(true, Ordering::SeqCst);
                     }

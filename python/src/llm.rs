@@ -114,7 +114,7 @@ impl Shared {
         if let Some((n, p)) = kept.as_ref()
             && n == name
         {
-            return Ok(Some(SpeculateParams { method: p.method.clone(), draft_tokens }));
+            return Ok(Some(SpeculateParams::new(p.method.clone(), draft_tokens)));
         }
         let params = spec.params(&self.loaded, &self.chat.tokenizer).map_err(|e| to_py(&e))?;
         *kept = params.clone().map(|p| (name.to_string(), p));

@@ -194,6 +194,7 @@ impl Options {
             harmony,
             cancel: None,
             speculate: shared.speculation(&self.spec)?,
+            logprobs: None,
             grammar: self.grammar(shared)?,
         })
     }

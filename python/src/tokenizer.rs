@@ -31,7 +31,7 @@ pub fn messages(v: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
                 None => Err(value_error(format!("messages[{i}] has no '{key}'"))),
             }
         };
-        out.push(ChatMessage { role: field("role")?, content: field("content")? });
+        out.push(ChatMessage::new(&field("role")?, &field("content")?));
     }
     if out.is_empty() {
         return Err(value_error("messages is empty: give at least one message"));

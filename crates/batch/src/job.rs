@@ -148,7 +148,7 @@ pub fn run_job(
             let (key, r) = &pending[index];
             match result {
                 Ok(g) => {
-                    out.append(&result_line(r, &g))?;
+                    out.append(&result_line(m, &grammars, r, &g))?;
                     summary.completed += 1;
                     on(Progress::Finished { id: key, completion_tokens: g.stats.generated_tokens });
                 }
@@ -214,7 +214,20 @@ fn prepare(
         Input::Messages(msgs) => {
             let template =
                 m.template.as_ref().ok_or("the model has no chat template; give 'prompt' instead of 'messages'")?;
-            m.tokenizer.encode_chat(template, msgs).map_err(|e| e.to_string())?
+            match &r.tools {
+                None => m.tokenizer.encode_chat(template, msgs),
+                Some((tools, _)) if template.supports_tools() => {
+                    let sent: Vec<Value> = tools
+                        .iter()
+                        .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+                        .collect();
+                    m.tokenizer.encode_chat_with_tools(template, msgs, Some(&Value::Array(sent)))
+                }
+                Some((tools, choice)) => {
+                    m.tokenizer.encode_chat(template, &ollm_engine::tools::with_fallback_prompt(msgs, tools, choice))
+                }
+            }
+            .map_err(|e| e.to_string())?
         }
     };
     let mut sampling = m.default_sampling.clone();
@@ -227,17 +240,19 @@ fn prepare(
     if r.top_k.is_some() {
         sampling.top_k = r.top_k;
     }
-    let grammar = match &r.response_format {
+    let tool_grammar = r.tools.as_ref().and_then(|(t, c)| ollm_engine::tools::call_grammar(t, c));
+    let (spec, field) = match (&tool_grammar, &r.response_format) {
+        (Some(g), _) => (Some(g), "tools"),
+        (None, f) => (f.as_ref(), "response_format"),
+    };
+    let grammar = match spec {
         None => None,
         Some(spec) => {
             let compiler = grammars
-                .get_or_init(|| {
-                    GrammarCompiler::new(&m.tokenizer, &m.eos_token_ids, m.model.info().vocab_size)
-                        .map_err(|e| e.to_string())
-                })
+                .get_or_init(|| compiler(m))
                 .as_ref()
-                .map_err(|e| format!("line {}: 'response_format': {e}", r.line))?;
-            Some(compiler.compile(spec).map_err(|e| format!("line {}: 'response_format': {e}", r.line))?)
+                .map_err(|e| format!("line {}: '{field}': {e}", r.line))?;
+            Some(compiler.compile(spec).map_err(|e| format!("line {}: '{field}': {e}", r.line))?)
         }
     };
     // The same id gets the same seed on every run, so a resumed job gives the same text.
@@ -253,20 +268,66 @@ fn prepare(
         cancel: None,
         grammar,
         speculate: m.speculate.clone(),
+        logprobs: r.logprobs,
     };
     Ok((prompt, params))
 }
 
 /// The result line of a finished request.
-fn result_line(r: &BatchRequest, g: &Generation) -> Value {
+fn result_line(m: &ChatModel, grammars: &Grammars, r: &BatchRequest, g: &Generation) -> Value {
     let usage = json!({
         "prompt_tokens": g.stats.prompt_tokens,
         "completion_tokens": g.stats.generated_tokens,
         "total_tokens": g.stats.prompt_tokens + g.stats.generated_tokens,
     });
     let mut line = json!({"id": r.id, "text": g.text, "finish_reason": g.finish.as_str(), "usage": usage});
+    let call = r.tools.as_ref().and_then(|(tools, _)| ollm_engine::tools::parse_call(&g.text, tools));
+    if let Some(call) = call {
+        // As the chat API answers a call: the function and its arguments as a JSON string.
+        line["tool_calls"] =
+            json!([{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]);
+        if matches!(
+            g.finish,
+            ollm_engine::FinishReason::Eos
+                | ollm_engine::FinishReason::Stop
+                | ollm_engine::FinishReason::GrammarComplete
+        ) {
+            line["finish_reason"] = json!("tool_calls");
+        }
+    }
     if !g.reasoning.is_empty() {
         line["reasoning"] = json!(g.reasoning);
     }
+    if r.logprobs.is_some() {
+        line["logprobs"] = logprobs_json(m, grammars, &g.logprobs);
+    }
     line
+}
+
+/// Each token's `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}` (the chat
+/// API's `logprobs.content`); -9999.0 stands for -inf, as in OpenAI's API.
+fn logprobs_json(m: &ChatModel, grammars: &Grammars, tokens: &[ollm_engine::TokenLogprob]) -> Value {
+    let vocab = grammars.get_or_init(|| compiler(m)).as_ref().ok();
+    let entry = |id: u32, lp: f32| {
+        let bytes = match vocab {
+            Some(c) => c.token_bytes(id),
+            None => m.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes(),
+        };
+        let lp = if lp.is_finite() { lp } else { -9999.0 };
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
+    };
+    tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.id, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect()
+}
+
+type Grammars = std::sync::OnceLock<Result<GrammarCompiler, String>>;
+
+fn compiler(m: &ChatModel) -> Result<GrammarCompiler, String> {
+    GrammarCompiler::new(&m.tokenizer, &m.eos_token_ids, m.model.info().vocab_size).map_err(|e| e.to_string())
 }

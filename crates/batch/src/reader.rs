@@ -34,6 +34,11 @@ pub struct BatchRequest {
     pub stop: Vec<String>,
     /// `response_format` (as the OpenAI API spells it): the output is constrained to JSON.
     pub response_format: Option<ollm_engine::GrammarSpec>,
+    /// Some(k): each token's log-probability with k alternatives (`"logprobs": true` with
+    /// `"top_logprobs": k`, or `"logprobs": k`).
+    pub logprobs: Option<usize>,
+    /// `tools` and `tool_choice` (as the OpenAI API spells them; with `messages` only).
+    pub tools: Option<(Vec<ollm_engine::Tool>, ollm_engine::ToolChoice)>,
 }
 
 /// A line that could not be used, or a request that failed.
@@ -49,6 +54,13 @@ pub struct LineError {
 enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Logprobs {
+    On(bool),
+    Top(usize),
 }
 
 #[derive(Deserialize)]
@@ -70,6 +82,10 @@ struct RawRequest {
     seed: Option<u64>,
     stop: Option<Stop>,
     response_format: Option<Value>,
+    logprobs: Option<Logprobs>,
+    top_logprobs: Option<usize>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
 }
 
 /// The key an id is known by: the string itself, or an integer's digits.
@@ -121,6 +137,42 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
         None => None,
         Some(f) => response_format(f).map_err(|m| err(Some(raw.id.clone()), format!("line {line}: {m}")))?,
     };
+    let logprobs = match (raw.logprobs, raw.top_logprobs) {
+        (Some(Logprobs::On(true)), top) => Some(top.unwrap_or(0)),
+        (Some(Logprobs::Top(k)), None) => Some(k),
+        (None | Some(Logprobs::On(false)), None | Some(0)) => None,
+        (_, Some(_)) => {
+            return Err(err(
+                Some(raw.id),
+                format!("line {line}: 'top_logprobs' needs 'logprobs': true (or give 'logprobs': k alone)"),
+            ));
+        }
+    };
+    if let Some(k) = logprobs.filter(|&k| k > ollm_engine::MAX_TOP_LOGPROBS) {
+        return Err(err(
+            Some(raw.id),
+            format!("line {line}: {k} alternatives per token asked; give at most {}", ollm_engine::MAX_TOP_LOGPROBS),
+        ));
+    }
+    let tools = match raw.tools.as_ref().filter(|v| !v.is_null()) {
+        None => None,
+        Some(_) if matches!(input, Input::Prompt(_)) => {
+            return Err(err(Some(raw.id), format!("line {line}: 'tools' needs 'messages' (a chat), not 'prompt'")));
+        }
+        Some(v) => {
+            let read = ollm_engine::tools::parse_tools(v).and_then(|t| {
+                let c = ollm_engine::tools::parse_tool_choice(raw.tool_choice.as_ref(), &t)?;
+                Ok((t, c))
+            });
+            Some(read.map_err(|e| err(Some(raw.id.clone()), format!("line {line}: {e}")))?)
+        }
+    };
+    if tools.as_ref().is_some_and(|(_, c)| *c != ollm_engine::ToolChoice::None) && response_format.is_some() {
+        return Err(err(
+            Some(raw.id),
+            format!("line {line}: 'response_format' cannot be combined with tools that may be called; leave one out"),
+        ));
+    }
     Ok(Some(BatchRequest {
         line,
         id: raw.id,
@@ -132,6 +184,8 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<BatchRequest>, LineE
         seed: raw.seed,
         stop,
         response_format,
+        logprobs,
+        tools,
     }))
 }
 

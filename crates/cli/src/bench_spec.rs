@@ -44,6 +44,7 @@ pub fn run(model: &ModelArgs, a: &DecodeBenchArgs) -> anyhow::Result<()> {
         harmony: None,
         cancel: None,
         speculate: None,
+        logprobs: None,
         grammar: None,
     };
     let spec = GenerateParams { speculate: a.spec.params(&loaded, &text.tokenizer)?, ..plain.clone() };

@@ -525,3 +525,86 @@ fn batch_honours_response_format_per_line() {
     assert_eq!(errs[0]["id"], "bad");
     assert!(errs[0]["error"].as_str().expect("error").contains("response_format"), "{}", errs[0]);
 }
+
+/// Runs `ollm batch` on `model` over `lines`; the result and error lines.
+fn batch_of(model: &std::path::Path, lines: &str) -> (Vec<Value>, Vec<Value>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, lines).expect("write");
+    let out = dir.path().join("out.jsonl");
+    let errors = dir.path().join("err.jsonl");
+    let o = ollm()
+        .args(["batch", "-m", model.to_str().expect("utf8"), input.to_str().expect("utf8")])
+        .args(["--out", out.to_str().expect("utf8"), "--errors", errors.to_str().expect("utf8"), "--max-batch", "4"])
+        .output()
+        .expect("batch");
+    (lines_of(&out), lines_of(&errors), stderr(&o))
+}
+
+#[test]
+fn batch_honours_logprobs_per_line_and_refuses_a_bad_tool() {
+    // A line asking for logprobs gets one entry per token, each <= 0 with its alternatives
+    // sorted (a line without gets none); a bad tool fails its line only, naming the field.
+    let lines = concat!(
+        "{\"id\": \"lp\", \"prompt\": \"Hello\", \"max_tokens\": 5, \"logprobs\": true, \"top_logprobs\": 2}\n",
+        "{\"id\": \"lp3\", \"prompt\": \"Hello\", \"max_tokens\": 5, \"logprobs\": 3}\n",
+        "{\"id\": \"plain\", \"prompt\": \"Hello\", \"max_tokens\": 5}\n",
+        "{\"id\": \"bad\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"a b\"}}]}\n",
+    );
+    let (results, errs, log) = batch_of(&fixture("llama3_tied"), lines);
+    assert_eq!(results.len(), 3, "{log}");
+    for r in &results {
+        let Some(lps) = r["logprobs"].as_array() else {
+            assert_eq!(r["id"], "plain", "{r}");
+            continue;
+        };
+        let k = if r["id"] == "lp" { 2 } else { 3 };
+        assert_eq!(lps.len() as u64, r["usage"]["completion_tokens"].as_u64().expect("usage"), "{r}");
+        for t in lps {
+            let top: Vec<f64> =
+                t["top_logprobs"].as_array().expect("top").iter().map(|x| x["logprob"].as_f64().expect("f")).collect();
+            assert!(t["logprob"].as_f64().is_some_and(|l| l <= 0.0), "{t}");
+            assert!(top.len() == k && top.windows(2).all(|w| w[0] >= w[1]), "{t}");
+        }
+    }
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0]["error"].as_str().expect("error").contains("tools[0].function.name"), "{}", errs[0]);
+}
+
+#[test]
+fn batch_honours_tools_per_line_on_the_demo_model() {
+    // Lines forcing a tool call (greedy and sampled) answer with a call whose arguments validate
+    // against the tool's parameters, beside a plain chat line. (The fixture's 256-token context
+    // has no room for tool definitions in its 320-token vocabulary, so this runs on the demo.)
+    let Some(model) = common::demo_model() else { return };
+    let tool = serde_json::json!({"type": "function", "function": {"name": "open_ticket",
+        "description": "Files an incident",
+        "parameters": {"type": "object", "properties": {"severity": {"enum": ["low", "high"]},
+            "minutes": {"type": "integer", "minimum": 0, "maximum": 600}},
+            "required": ["severity", "minutes"], "additionalProperties": false}}});
+    let mut lines = String::new();
+    for i in 0..3 {
+        let line = serde_json::json!({"id": format!("call{i}"),
+            "messages": [{"role": "user", "content": format!("Log {i}: the database has been down for {} minutes.", 10 * i + 5)}],
+            "max_tokens": 64, "temperature": if i == 0 { 0.0 } else { 1.0 }, "tools": [tool], "tool_choice": "required"});
+        lines.push_str(&format!("{line}\n"));
+    }
+    lines.push_str(
+        "{\"id\": \"plain\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 8}\n",
+    );
+    let (results, errs, log) = batch_of(model, &lines);
+    assert_eq!((results.len(), errs.len()), (4, 0), "{log} {errs:?}");
+    for r in &results {
+        if r["id"] == "plain" {
+            assert!(r.get("tool_calls").is_none(), "{r}");
+            continue;
+        }
+        assert_eq!(r["finish_reason"], "tool_calls", "{r}");
+        let call = &r["tool_calls"][0]["function"];
+        assert_eq!(call["name"], "open_ticket", "{r}");
+        let args: Value = serde_json::from_str(call["arguments"].as_str().expect("arguments")).expect("JSON arguments");
+        assert!(["low", "high"].contains(&args["severity"].as_str().expect("severity")), "{args}");
+        assert!(args["minutes"].as_u64().is_some_and(|m| m <= 600), "{args}");
+        assert_eq!(args.as_object().expect("object").len(), 2, "{args}");
+    }
+}

@@ -25,9 +25,8 @@ def check(cond, what):
 
 
 def chat(content, **kw):
-    return client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0, **kw
-    )
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
 
 
 def expect_error(exc_type, fn, code=None, status=None):
@@ -216,6 +215,82 @@ e = expect_error(
     status=400,
 )
 check("response_format.json_schema.schema" in str(e), f"invalid schema error: {e}")
+
+# Logprobs (chat): one entry per generated token, each <= 0 with its top list sorted (most likely
+# first); under greedy decoding the token is the top one. Streamed, the same entries arrive.
+r = chat("Hello there!", max_tokens=8, logprobs=True, top_logprobs=3)
+lp = r.choices[0].logprobs.content
+check(len(lp) == r.usage.completion_tokens, f"{len(lp)} logprobs for {r.usage.completion_tokens} tokens")
+for t in lp:
+    check(t.logprob <= 0, f"logprob {t.logprob} > 0")
+    check(len(t.top_logprobs) == 3, f"top_logprobs {t.top_logprobs}")
+    tops = [x.logprob for x in t.top_logprobs]
+    check(tops == sorted(tops, reverse=True), f"top list not sorted: {tops}")
+    check(t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob, f"greedy token not the top: {t}")
+    check(isinstance(t.bytes, list) and all(0 <= b < 256 for b in t.bytes), f"bytes {t.bytes}")
+streamed_lp = []
+for chunk in chat("Hello there!", max_tokens=8, logprobs=True, top_logprobs=3, stream=True):
+    if chunk.choices and chunk.choices[0].logprobs is not None:
+        streamed_lp.extend(chunk.choices[0].logprobs.content)
+check([(t.token, t.logprob) for t in streamed_lp] == [(t.token, t.logprob) for t in lp], "streamed logprobs differ")
+check(chat("Hello there!", max_tokens=4).choices[0].logprobs is None, "logprobs nobody asked for")
+
+# Logprobs (completions): the legacy shape, with text_offset counting characters.
+r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2)
+l = r.choices[0].logprobs
+check(len(l.tokens) == len(l.token_logprobs) == len(l.top_logprobs) == len(l.text_offset) == r.usage.completion_tokens, f"{l}")
+check(all(v <= 0 for v in l.token_logprobs), f"{l.token_logprobs}")
+check(all(1 <= len(d) <= 2 and all(v <= 0 for v in d.values()) for d in l.top_logprobs), f"{l.top_logprobs}")
+check(l.text_offset == sorted(l.text_offset) and l.text_offset[0] == 0, f"{l.text_offset}")
+expect_error(openai.BadRequestError, lambda: chat("hi", top_logprobs=3), status=400)
+e = expect_error(openai.BadRequestError, lambda: chat("hi", logprobs=True, top_logprobs=21), status=400)
+check("top_logprobs" in str(e), f"{e}")
+
+# n = 3 with sampling: three choices, the prompt counted once in usage; the same seed gives the
+# same three; greedy gives three equal ones; streamed, each index reassembles to its choice.
+one = chat("Tell me a story.", max_tokens=8)
+r = chat("Tell me a story.", max_tokens=8, n=3, temperature=1.0, seed=5)
+check([c.index for c in r.choices] == [0, 1, 2], f"indexes {[c.index for c in r.choices]}")
+check(r.usage.prompt_tokens == one.usage.prompt_tokens, f"prompt counted {r.usage.prompt_tokens} vs {one.usage.prompt_tokens}")
+texts = [c.message.content for c in r.choices]
+check(len(set(texts)) > 1, f"three sampled choices are all equal: {texts}")
+again = chat("Tell me a story.", max_tokens=8, n=3, temperature=1.0, seed=5)
+check([c.message.content for c in again.choices] == texts, "the same seed gives other choices")
+check(r.usage.completion_tokens == again.usage.completion_tokens, "usage differs between equal runs")
+lens = chat("Tell me a story.", max_tokens=8, n=3, temperature=1.0, seed=5, logprobs=True)
+check(r.usage.completion_tokens == sum(len(c.logprobs.content) for c in lens.choices), "completion tokens are the sum of the choices'")
+g = chat("Tell me a story.", max_tokens=8, n=3)
+check(len({c.message.content for c in g.choices}) == 1 and g.choices[0].message.content == one.choices[0].message.content, "greedy choices differ")
+parts = {0: "", 1: "", 2: ""}
+usage = None
+for chunk in chat("Tell me a story.", max_tokens=8, n=3, temperature=1.0, seed=5, stream=True, stream_options={"include_usage": True}):
+    for c in chunk.choices:
+        parts[c.index] += c.delta.content or ""
+    if chunk.usage is not None:
+        usage = chunk.usage
+check([parts[i] for i in range(3)] == texts, f"streamed choices {parts} != {texts}")
+check(usage is not None and usage.prompt_tokens == one.usage.prompt_tokens and usage.completion_tokens == r.usage.completion_tokens, f"streamed usage {usage}")
+expect_error(openai.BadRequestError, lambda: chat("hi", n=0), status=400)
+
+# A bad tool, a tool_choice naming no tool and tool parameters the library cannot compile are
+# 400s naming the field; /v1/completions has no tools. (Tool calls themselves are checked on the
+# demo model by openai_demo_test.py: this fixture's 320-token vocabulary leaves no room in its
+# 256-token context for tool definitions.)
+for tools, choice, field in [
+    ([{"type": "function", "function": {"name": "bad name"}}], None, "tools[0].function.name"),
+    ([{"type": "function", "function": {"name": "f"}}], {"type": "function", "function": {"name": "g"}}, "tool_choice.function.name"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}], "required", "tools"),
+    ([], "required", "tool_choice"),
+]:
+    kw = {"tools": tools} if choice is None else {"tools": tools, "tool_choice": choice}
+    e = expect_error(openai.BadRequestError, lambda: chat("x", max_tokens=4, **kw), status=400)
+    check(e.body.get("param") == field, f"bad tools: param {e.body.get('param')!r} != {field!r}: {e}")
+e = expect_error(
+    openai.BadRequestError,
+    lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    status=400,
+)
+check("chat/completions" in str(e), f"{e}")
 
 # Still serving after all that.
 check(chat("Hello there!", max_tokens=16).choices[0].message.content == text, "the server still answers the same")

@@ -196,8 +196,8 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(json(&b)["error"]["param"], "max_tokens");
     let (st, b) = post(&chat, &chat_body("hi", r#", "top_p": 1.5"#), None);
     assert_error(st, &b, 400, None, "top_p");
-    let (st, b) = post(&chat, &chat_body("hi", r#", "n": 3"#), None);
-    assert_error(st, &b, 400, None, "n = 3");
+    let (st, b) = post(&chat, &chat_body("hi", r#", "n": 17"#), None);
+    assert_error(st, &b, 400, None, "n = 17");
     let (st, b) = post(&chat, &chat_body(&"x".repeat(100_000), ""), None);
     assert_error(st, &b, 413, None, "too large");
     let (st, b) = post(&chat, &chat_body(&"x".repeat(2_000_000), ""), None);
@@ -344,8 +344,10 @@ fn prompts_over_max_prompt_tokens_unsupported_fields_and_loose_keys_are_refused(
     let (st, b) = completion("");
     assert_eq!(st, 200, "a 4-token prompt is within the limit: {b}");
 
+    let (st, b) = completion(r#", "logprobs": 21"#);
+    assert_error(st, &b, 400, None, "at most 20");
+    assert_eq!(json(&b)["error"]["param"], "logprobs", "{b}");
     for (field, value) in [
-        ("logprobs", "true"),
         ("tools", r#"[{"type": "function", "function": {"name": "f"}}]"#),
         ("logit_bias", r#"{"1": 10}"#),
         ("presence_penalty", "0.7"),

@@ -9,6 +9,7 @@ use ollm_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::grammar::Grammar;
 use crate::harmony::{Channel, HarmonySplitter, Routed};
+use crate::logprobs::TokenLogprob;
 use crate::speculative::SpecStats;
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{FinishReason, GenerateParams, Result, Sampler, TokenEvent};
@@ -39,6 +40,22 @@ pub struct Decoding {
     reasoning: String,
     /// Speculative decoding's counts so far, passed on with each token.
     speculation: Option<SpecStats>,
+    /// Some(k): each sampled token's log-probability and its k most likely alternatives are
+    /// kept (and streamed).
+    want_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
+    /// Scratch: the raw logits row, kept before the penalty and the mask change it.
+    raw: Vec<f32>,
+}
+
+/// What a finished sequence produced.
+#[derive(Debug)]
+pub struct Output {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub reasoning: String,
+    /// One per id when asked for ([`GenerateParams::logprobs`]), empty otherwise.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 impl Decoding {
@@ -56,6 +73,9 @@ impl Decoding {
             text: String::new(),
             reasoning: String::new(),
             speculation: None,
+            want_logprobs: params.logprobs,
+            logprobs: Vec::new(),
+            raw: Vec::new(),
         })
     }
 
@@ -93,6 +113,12 @@ impl Decoding {
         }
     }
 
+    /// The sampler and the grammar, for a speculative round (which samples with the one and
+    /// masks with a copy of the other).
+    pub fn speculation_parts(&mut self) -> (&mut Sampler, Option<&Grammar>) {
+        (&mut self.sampler, self.grammar.as_ref())
+    }
+
     /// The grammar, when the output is constrained (its mask statistics, say).
     pub fn grammar(&self) -> Option<&Grammar> {
         self.grammar.as_ref()
@@ -112,11 +138,22 @@ impl Decoding {
         if self.ids.len() >= self.max_new_tokens {
             return Ok(Next::Finished(FinishReason::Length));
         }
+        if self.want_logprobs.is_some() {
+            self.raw.clear();
+            self.raw.extend_from_slice(logits);
+        }
         if let Some(g) = &mut self.grammar {
             g.apply(logits)?;
         }
         let id = self.sampler.sample(logits, history);
-        self.take(tok, id, context_full, on_token)
+        let logprob = self.want_logprobs.map(|k| TokenLogprob::from_logits(&self.raw, id, k));
+        self.take(tok, id, logprob, context_full, on_token)
+    }
+
+    /// Whether each token's log-probability is asked for (speculative rounds do not give them,
+    /// so a sequence that wants them decodes plainly).
+    pub fn wants_logprobs(&self) -> bool {
+        self.want_logprobs.is_some()
     }
 
     /// Takes `id` as the next token without sampling (a speculative round verified it): the
@@ -131,13 +168,14 @@ impl Decoding {
         if self.ids.len() >= self.max_new_tokens {
             return Ok(Next::Finished(FinishReason::Length));
         }
-        self.take(tok, id, context_full, on_token)
+        self.take(tok, id, None, context_full, on_token)
     }
 
     fn take(
         &mut self,
         tok: &Tokenizer,
         id: u32,
+        logprob: Option<TokenLogprob>,
         context_full: bool,
         on_token: &mut dyn FnMut(TokenEvent<'_>) -> ControlFlow<()>,
     ) -> Result<Next> {
@@ -171,7 +209,15 @@ impl Decoding {
         };
         self.text.push_str(&emit);
         self.reasoning.push_str(&thought);
-        let flow = on_token(TokenEvent { id, text: &emit, reasoning: &thought, speculation: self.speculation });
+        let has_logprob = logprob.is_some();
+        self.logprobs.extend(logprob);
+        let flow = on_token(TokenEvent {
+            id,
+            text: &emit,
+            reasoning: &thought,
+            logprob: if has_logprob { self.logprobs.last() } else { None },
+            speculation: self.speculation,
+        });
         Ok(if stopped {
             Next::Finished(FinishReason::Stop)
         } else if flow.is_break() {
@@ -195,13 +241,13 @@ impl Decoding {
     }
 
     /// Ends the sequence: releases text held back by the detokeniser or a partial stop-string
-    /// match (except after a stop) to `on_token`, and returns `(ids, text, reasoning)`.
+    /// match (except after a stop) to `on_token`, and returns what the sequence produced.
     pub fn finish(
         mut self,
         tok: &Tokenizer,
         finish: FinishReason,
         on_token: &mut dyn FnMut(TokenEvent<'_>) -> ControlFlow<()>,
-    ) -> Result<(Vec<u32>, String, String)> {
+    ) -> Result<Output> {
         if finish != FinishReason::Stop {
             let tail = self.decoder.flush(tok)?.unwrap_or_default();
             let mut rest = match self.stops.push(&tail) {
@@ -217,10 +263,11 @@ impl Decoding {
                     id: *self.ids.last().unwrap_or(&0),
                     text: &rest,
                     reasoning: &thought,
+                    logprob: None,
                     speculation,
                 });
             }
         }
-        Ok((self.ids, self.text, self.reasoning))
+        Ok(Output { ids: self.ids, text: self.text, reasoning: self.reasoning, logprobs: self.logprobs })
     }
 }

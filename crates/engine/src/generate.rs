@@ -11,6 +11,7 @@ use ollm_kv::{Restored, Stored};
 use crate::decoding::{Decoding, Next};
 use crate::grammar::Grammar;
 use crate::harmony::HarmonyMarkers;
+use crate::logprobs::TokenLogprob;
 use crate::speculative::{SpecStats, SpeculateParams, Speculator};
 use crate::{EngineError, Result, SamplingParams, Session};
 
@@ -37,6 +38,12 @@ pub struct GenerateParams {
     /// Some: speculative decoding (drafts verified several per target forward); the output is
     /// plain greedy decoding's under greedy sampling, and has its distribution otherwise.
     pub speculate: Option<SpeculateParams>,
+    /// Some(k): each generated token carries its log-probability and its k most likely
+    /// alternatives (k ≤ [`MAX_TOP_LOGPROBS`](crate::logprobs::MAX_TOP_LOGPROBS)), streamed in
+    /// [`TokenEvent::logprob`] and kept in [`Generation::logprobs`]: the model's raw
+    /// distribution (see [`logprobs`](crate::logprobs)). Speculation is then off for the
+    /// sequence (a verified token has no row of its own here).
+    pub logprobs: Option<usize>,
 }
 
 /// A question the caller answers between prefill chunks: true = stop (a server's client has
@@ -96,6 +103,9 @@ pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
     pub reasoning: &'a str,
+    /// The token's log-probability, when [`GenerateParams::logprobs`] asks for it (None on the
+    /// last event, which only releases held-back text).
+    pub logprob: Option<&'a TokenLogprob>,
     /// With speculative decoding, the counts so far (the token may come from a pass that
     /// verified several).
     pub speculation: Option<SpecStats>,
@@ -154,6 +164,8 @@ pub struct Generation {
     pub text: String,
     /// Harmony's other channels (analysis, commentary), empty otherwise.
     pub reasoning: String,
+    /// One per id when [`GenerateParams::logprobs`] asks for them, empty otherwise.
+    pub logprobs: Vec<TokenLogprob>,
     pub finish: FinishReason,
     pub stats: GenerationStats,
 }
@@ -211,9 +223,9 @@ pub fn generate(
     if session.len() + prompt.len() > context {
         return Err(EngineError::PromptTooLong { prompt: session.len() + prompt.len(), context });
     }
-    // A grammar masks each sampled token; a speculative round samples outside it, so the two
-    // do not combine yet: with a grammar, decoding is plain.
-    let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none());
+    // A speculative round keeps the grammar (drafts cut at the first forbidden token, verified
+    // rows masked); it gives no logprobs, so a sequence that asks for them decodes plainly.
+    let speculate = params.speculate.as_ref().filter(|_| params.logprobs.is_none());
     let mut speculator = speculate.map(|s| Speculator::new(s, &params.sampling)).transpose()?;
     // Tokens a speculative round verified, to emit before the next round.
     let mut verified = std::collections::VecDeque::new();
@@ -226,7 +238,14 @@ pub fn generate(
     let Some((mut logits, restored)) = prefilled else {
         let finish = FinishReason::Cancelled;
         stats.prompt_fed = session.len();
-        return Ok(Generation { ids: Vec::new(), text: String::new(), reasoning: String::new(), finish, stats });
+        return Ok(Generation {
+            ids: Vec::new(),
+            text: String::new(),
+            reasoning: String::new(),
+            logprobs: Vec::new(),
+            finish,
+            stats,
+        });
     };
     if session.prefix_cache().is_some() {
         stats.prefix = Some(PrefixReport { restored, ..PrefixReport::default() });
@@ -258,19 +277,20 @@ pub fn generate(
             (Next::Feed(id), Some(s)) if verified.is_empty() => {
                 // Drafts beyond the tokens left would be wasted rows.
                 let limit = params.max_new_tokens.saturating_sub(dec.ids().len() + 1);
-                verified.extend(s.step(session, id, limit, dec.sampler_mut())?);
+                let (sampler, grammar) = dec.speculation_parts();
+                verified.extend(s.step(session, id, limit, sampler, grammar)?);
             }
             (Next::Feed(_), Some(_)) => {} // verified with the tokens after it
         }
     };
     stats.grammar_masks = dec.grammar().map(crate::grammar::Grammar::mask_stats);
     dec.set_speculation(speculator.as_ref().map(|s| *s.stats()));
-    let (ids, text, reasoning) = dec.finish(tokenizer, finish, on_token)?;
+    let crate::decoding::Output { ids, text, reasoning, logprobs } = dec.finish(tokenizer, finish, on_token)?;
     if ids.is_empty() {
         store_time = store_prefix(session, &mut stats);
     }
     stats.decode = t1.elapsed().saturating_sub(store_time);
     stats.generated_tokens = ids.len();
     stats.speculation = speculator.as_ref().map(|s| *s.stats());
-    Ok(Generation { ids, text, reasoning, finish, stats })
+    Ok(Generation { ids, text, reasoning, logprobs, finish, stats })
 }

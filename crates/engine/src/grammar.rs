@@ -117,6 +117,15 @@ impl GrammarCompiler {
         Ok(Self { factory: Arc::new(factory), eos: eos.to_vec(), vocab_size })
     }
 
+    /// The bytes token `id` stands for (a special token's text; empty for an id beyond the
+    /// vocabulary): exact even where a token holds part of a UTF-8 character.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if id as usize >= self.vocab_size {
+            return Vec::new();
+        }
+        self.factory.tok_env().tok_trie().decode(&[id])
+    }
+
     /// Compiles `spec`; an error names the kind of grammar and what the library said.
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Grammar, GrammarError> {
         let compile_err = |detail: String| GrammarError::Compile { kind: spec.kind(), detail };
@@ -212,6 +221,11 @@ impl Grammar {
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
         self.mask = None;
         self.matcher.consume_token(token).map_err(|e| GrammarError::Advance { token, detail: e.to_string() })
+    }
+
+    /// Whether `token` ends a sequence (it is never accepted into the grammar).
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.eos.contains(&token)
     }
 
     /// The grammar is complete and allows nothing more: the sequence ends here.

@@ -8,12 +8,14 @@ pub mod error;
 pub mod generate;
 pub mod grammar;
 pub mod harmony;
+pub mod logprobs;
 
 pub mod sampling;
 pub mod scheduler;
 pub mod session;
 pub mod speculative;
 pub mod stop;
+pub mod tools;
 
 pub use chat_model::{ChatModel, session_with_prefix};
 pub use config::GenerationConfig;
@@ -24,8 +26,10 @@ pub use generate::{
 };
 pub use grammar::{Grammar, GrammarCompiler, GrammarError, GrammarSpec};
 pub use harmony::{Channel, HarmonyMarkers, HarmonySplitter};
+pub use logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats, Sink};
 pub use session::{Checkpoint, Session};
 pub use speculative::{DraftModel, DraftTokens, SpecStats, Speculate, SpeculateParams, Speculator};
 pub use stop::StopMatcher;
+pub use tools::{CallPiece, CallStream, Tool, ToolCall, ToolChoice, ToolError};

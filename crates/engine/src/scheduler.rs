@@ -438,7 +438,8 @@ impl Scheduler {
             }
             let (Some(pending), Some(spec)) = (r.feed.take(), r.speculator.as_mut()) else { continue };
             let limit = r.params.max_new_tokens.saturating_sub(r.dec.ids().len() + 1);
-            let tokens = match spec.step(&mut r.session, pending, limit, r.dec.sampler_mut()) {
+            let (sampler, grammar) = r.dec.speculation_parts();
+            let tokens = match spec.step(&mut r.session, pending, limit, sampler, grammar) {
                 Ok(t) => t,
                 Err(e) => {
                     ended.push((i, Err(e)));
@@ -602,8 +603,8 @@ impl Scheduler {
                 return Err((sink, e));
             }
         };
-        // With a grammar, decoding is plain (see `generate`).
-        let speculate = params.speculate.as_ref().filter(|_| params.grammar.is_none());
+        // With logprobs, decoding is plain (see `generate`).
+        let speculate = params.speculate.as_ref().filter(|_| params.logprobs.is_none());
         let speculator = match speculate.map(|p| Speculator::new(p, &params.sampling)).transpose() {
             Ok(s) => s,
             Err(e) => {
@@ -668,14 +669,15 @@ impl Scheduler {
         stats.prompt_fed = fed;
         let mut sink = sink;
         let result = how.and_then(|finish| {
-            let (ids, text, reasoning) = dec.finish(&self.tokenizer, finish, &mut |ev| sink.token(ev))?;
+            let crate::decoding::Output { ids, text, reasoning, logprobs } =
+                dec.finish(&self.tokenizer, finish, &mut |ev| sink.token(ev))?;
             let mut store_time = store_time;
             if !stored && decode_start.is_some() {
                 store_time = store_prefix(&mut session, &mut stats);
             }
             stats.decode = decode_start.map_or(Duration::ZERO, |t| t.elapsed().saturating_sub(store_time));
             stats.generated_tokens = ids.len();
-            Ok(Generation { ids, text, reasoning, finish, stats })
+            Ok(Generation { ids, text, reasoning, logprobs, finish, stats })
         });
         match &result {
             Ok(g) if g.finish == FinishReason::Cancelled => self.stats.cancelled += 1,

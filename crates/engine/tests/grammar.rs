@@ -31,6 +31,7 @@ fn params(spec: &GrammarSpec, tok: &Tokenizer, temperature: f32, seed: u64) -> G
         cancel: None,
         grammar: Some(compiler.compile(spec).expect("compiles")),
         speculate: None,
+        logprobs: None,
     }
 }
 
@@ -51,7 +52,7 @@ fn run(tok: &Tokenizer, params: &GenerateParams, seed: u64) -> (String, FinishRe
             Next::Finished(f) => break f,
         }
     };
-    let (_, text, _) = dec.finish(tok, finish, &mut on).expect("finish");
+    let text = dec.finish(tok, finish, &mut on).expect("finish").text;
     assert_eq!(streamed, text, "the streamed text is the text");
     (text, finish)
 }

@@ -100,6 +100,7 @@ fn harmony_output_splits_into_answer_and_reasoning() {
             cancel: None,
             grammar: None,
             speculate: None,
+            logprobs: None,
         };
         let (mut streamed, mut thought) = (String::new(), String::new());
         let prompt = tok.encode("<|start|>user<|message|>hi<|end|><|start|>assistant", false).expect("prompt");
@@ -132,6 +133,7 @@ fn harmony_output_splits_into_answer_and_reasoning() {
         cancel: None,
         grammar: None,
         speculate: None,
+        logprobs: None,
     };
     let prompt = tok.encode("<|start|>assistant", false).expect("prompt");
     let g = generate(&mut session, &tok, &prompt, &params, &mut |_| ControlFlow::Continue(())).expect("generate");

@@ -47,6 +47,7 @@ fn nan_logits_stop_generation_naming_the_position() {
         cancel: None,
         grammar: None,
         speculate: None,
+        logprobs: None,
     };
     let prompt: Vec<u32> = (0..5).map(|i| 100 + i).collect();
     let run = |model| {

@@ -36,6 +36,7 @@ fn a_session_keeps_the_shared_prefix_and_answers_like_a_fresh_one() {
         cancel: None,
         grammar: None,
         speculate: None,
+        logprobs: None,
     };
     let doc: Vec<u32> = (0..700u32).map(|i| (i * 7919 + 13) % 120_000).collect();
     let ask = |q: u32| [doc.clone(), (0..20).map(|i| 500 + q * 40 + i).collect()].concat();
@@ -115,6 +116,7 @@ fn a_cancelled_prefill_stops_between_chunks_without_a_token() {
         cancel: Some(cancel),
         grammar: None,
         speculate: None,
+        logprobs: None,
     };
     let prompt: Vec<u32> = (0..100u32).map(|i| 300 + i).collect();
     let mut session = Session::new(model.clone()).expect("session").with_prefill_chunk(16);

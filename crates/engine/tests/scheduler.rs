@@ -50,6 +50,8 @@ fn requests() -> Vec<(Vec<u32>, GenerateParams)> {
                 cancel: None,
                 grammar: None,
                 speculate: None,
+                // Every fourth request asks for logprobs (one greedy, one sampled, one greedy).
+                logprobs: (r % 4 == 0).then_some(3),
             };
             (prompt, params)
         })
@@ -121,6 +123,31 @@ fn scheduled(
     (got, stats)
 }
 
+/// Logprobs, when asked for: one per token, ≤ 0, top lists sorted; a greedy token is the top
+/// one, and the values match those of the request run alone (to float noise of batching).
+fn check_logprobs(g: &Generation, alone: &Generation, greedy: bool, what: &str) {
+    if alone.logprobs.is_empty() {
+        assert!(g.logprobs.is_empty(), "{what}: logprobs nobody asked for");
+        return;
+    }
+    assert_eq!(g.logprobs.len(), g.ids.len(), "{what}: one logprob per token");
+    for (t, &id) in g.logprobs.iter().zip(&g.ids) {
+        assert_eq!(t.id, id);
+        assert!(t.logprob <= 0.0, "{what}: logprob {} > 0", t.logprob);
+        assert_eq!(t.top.len(), 3, "{what}: three alternatives");
+        assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1), "{what}: top list not sorted: {:?}", t.top);
+        assert!(t.logprob <= t.top[0].1 + 1e-6, "{what}: the token beats the top of the list");
+        if greedy {
+            assert_eq!(t.top[0].0, id, "{what}: a greedy token is the most likely one");
+        }
+    }
+    if greedy {
+        for (a, b) in g.logprobs.iter().zip(&alone.logprobs) {
+            assert!((a.logprob - b.logprob).abs() < 1e-3, "{what}: {} vs {} alone", a.logprob, b.logprob);
+        }
+    }
+}
+
 #[test]
 fn every_request_gets_what_it_gets_alone_at_any_batch_size() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -144,6 +171,7 @@ fn every_request_gets_what_it_gets_alone_at_any_batch_size() {
                 assert_eq!(g.ids.len(), w.ids.len(), "batch {max_batch}, request {i}: length differs");
             }
             assert_eq!(g.finish, w.finish, "batch {max_batch}, request {i}: finish differs");
+            check_logprobs(g, w, i % 3 != 1, &format!("batch {max_batch}, request {i}"));
             assert_eq!(streamed, &g.text, "batch {max_batch}, request {i}: streamed pieces join to the text");
             assert_eq!(g.stats.prompt_tokens, requests()[i].0.len());
         }
@@ -186,6 +214,7 @@ fn speculating_requests_beside_plain_ones_give_plain_greedy_tokens() {
         harmony: None,
         cancel: None,
         speculate: None,
+        logprobs: None,
         grammar: None,
     };
     let want: Vec<Generation> = prompts

@@ -93,6 +93,7 @@ fn params(max_new_tokens: usize, speculate: Option<SpeculateParams>) -> Generate
         harmony: None,
         cancel: None,
         speculate,
+        logprobs: None,
         grammar: None,
     }
 }
@@ -280,7 +281,7 @@ fn paths_through_a_later_branch_ride_along_in_the_next_forward() {
         let mut sampler = ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
         let mut out = vec![pending];
         while out.len() < n {
-            let got = spec.step(&mut session, pending, n - out.len(), &mut sampler).expect("round");
+            let got = spec.step(&mut session, pending, n - out.len(), &mut sampler, None).expect("round");
             pending = *got.last().expect("a token");
             out.extend(got);
         }
@@ -576,7 +577,7 @@ fn a_batched_verification_of_two_sequences_gives_their_own_rounds() {
                 (ollm_engine::Speculator::new(&spec, &SamplingParams::greedy()).expect("spec"), sampler());
             let mut out = Vec::new();
             for _ in 0..12 {
-                let got = sp.step(&mut s, pending, 8, &mut sm).expect("round");
+                let got = sp.step(&mut s, pending, 8, &mut sm, None).expect("round");
                 pending = *got.last().expect("a token");
                 out.extend(got);
             }
@@ -607,4 +608,47 @@ fn a_batched_verification_of_two_sequences_gives_their_own_rounds() {
     }
     assert_eq!(together, alone);
     assert!(specs.iter().any(|s| s.stats().accepted > 0), "no draft was kept: the rounds did not speculate");
+}
+
+#[test]
+fn constrained_greedy_speculation_equals_plain_constrained_greedy() {
+    // A grammar the prompt's own text satisfies (drafts pass the cut and are verified against
+    // masked rows) and a JSON schema (most drafts are cut): either way the tokens are those of
+    // plain constrained greedy decoding, and the output matches the grammar.
+    let dir = tempfile::tempdir().expect("tempdir");
+    llama(dir.path(), 2, 21);
+    let (model, tok) = load(dir.path());
+    let compiler = ollm_engine::GrammarCompiler::new(&tok, &[], VOCAB as usize).expect("vocabulary");
+    let text_prompt = tok.encode(&"the cat sat on the mat and ".repeat(6), false).expect("encode");
+    let schema = serde_json::json!({"type": "object", "properties": {"a": {"enum": ["the cat", "sat"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "n"], "additionalProperties": false});
+    for (spec, check) in [
+        (ollm_engine::GrammarSpec::Regex("[a-z ]{0,60}".into()), "letters"),
+        (ollm_engine::GrammarSpec::JsonSchema(schema), "json"),
+    ] {
+        let grammar = Some(compiler.compile(&spec).expect("compiles"));
+        let plain = GenerateParams { grammar: grammar.clone(), ..params(48, None) };
+        let want = run(&mut Session::new(model.clone()).expect("session"), &tok, &text_prompt, &plain);
+        for k in [DraftTokens::Fixed(4), DraftTokens::Fixed(8)] {
+            let spec_params = GenerateParams { grammar: grammar.clone(), ..params(48, ngram(k)) };
+            let got = run(&mut Session::new(model.clone()).expect("session"), &tok, &text_prompt, &spec_params);
+            assert_eq!(got.ids, want.ids, "{check}, {k:?}: speculation changed constrained greedy output");
+            assert_eq!((got.text.as_str(), got.finish), (want.text.as_str(), want.finish), "{check}");
+            let s = got.stats.speculation.expect("speculation ran");
+            if check == "letters" {
+                assert!(s.drafted > 0, "{check}: every draft was cut ({s:?})");
+                assert!(got.text.chars().all(|c| c.is_ascii_lowercase() || c == ' '), "{:?}", got.text);
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&got.text).expect("JSON");
+                assert!(v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
+            }
+            println!(
+                "{check} {k:?}: {} tokens in {} passes, {} of {} drafts kept",
+                got.ids.len(),
+                s.passes,
+                s.accepted,
+                s.drafted
+            );
+        }
+    }
 }

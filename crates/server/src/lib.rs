@@ -6,6 +6,7 @@
 //! and the worker cancels that generation at its next token.
 
 mod error;
+mod logprobs;
 mod openai_types;
 mod queue;
 mod request;

@@ -54,6 +54,30 @@ pub struct CompletionRequest {
     pub model: String,
     /// A string, or a list holding exactly one string.
     pub prompt: Value,
+    /// Each token's log-probability with this many alternatives (0 = the token's alone);
+    /// `false` (what some clients send for "none") is accepted too.
+    pub logprobs: Option<CountOrFlag>,
+    /// The other fields (to refuse the chat-only ones by name).
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
+}
+
+/// A number, or a boolean where clients send one (`true` = 0 alternatives, `false` = off).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum CountOrFlag {
+    Count(u64),
+    Flag(bool),
+}
+
+impl CountOrFlag {
+    pub fn count(self) -> Option<u64> {
+        match self {
+            CountOrFlag::Count(k) => Some(k),
+            CountOrFlag::Flag(true) => Some(0),
+            CountOrFlag::Flag(false) => None,
+        }
+    }
 }
 
 /// One message of POST /v1/chat/completions.
@@ -63,6 +87,10 @@ pub struct ChatMessageIn {
     /// A string, a list of `{"type": "text", "text": ...}` parts, or null.
     #[serde(default)]
     pub content: Value,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// POST /v1/chat/completions.
@@ -70,6 +98,15 @@ pub struct ChatMessageIn {
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessageIn>,
+    /// true: each token's log-probability in `choices[].logprobs.content`.
+    pub logprobs: Option<bool>,
+    /// Alternatives listed per token (needs `logprobs`).
+    pub top_logprobs: Option<u64>,
+    /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`; read by
+    /// [`crate::request`] (kept as JSON so that each wrong part is named).
+    pub tools: Option<Value>,
+    /// `"auto" | "none" | "required" | {"type": "function", "function": {"name"}}`.
+    pub tool_choice: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -88,7 +125,11 @@ impl Usage {
 #[derive(Debug, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// null when the answer is a tool call.
+    pub content: Option<String>,
+    /// `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
     /// A harmony model's analysis (the name vLLM and llama.cpp use).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -121,6 +162,9 @@ pub struct Delta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// Pieces of a tool call: `[{"index", "id", "type", "function": {"name", "arguments"}}]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]

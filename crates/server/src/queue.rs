@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use ollm_engine::{CancelCheck, FinishReason, GenerateParams, Generation, Request, Scheduler, Sink, TokenEvent};
+use ollm_engine::{
+    CancelCheck, FinishReason, GenerateParams, Generation, Request, Scheduler, Sink, TokenEvent, TokenLogprob,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{ApiError, ServerError};
@@ -28,6 +30,8 @@ pub enum JobEvent {
     Text(String),
     /// More reasoning (a harmony model's analysis or commentary channel; never empty).
     Reasoning(String),
+    /// A generated token's log-probability (when asked for), sent before the text it completed.
+    Logprob(TokenLogprob),
     /// The job ended.
     Done(JobOutcome),
     /// The engine failed on this job.
@@ -144,6 +148,9 @@ struct Stream {
 impl Sink for Stream {
     fn token(&mut self, ev: TokenEvent<'_>) -> ControlFlow<()> {
         let mut gone = self.events.is_closed();
+        if let Some(lp) = ev.logprob {
+            gone |= self.events.send(JobEvent::Logprob(lp.clone())).is_err();
+        }
         if !ev.reasoning.is_empty() {
             gone |= self.events.send(JobEvent::Reasoning(ev.reasoning.to_string())).is_err();
         }

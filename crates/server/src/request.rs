@@ -4,13 +4,19 @@
 
 use std::sync::Arc;
 
-use ollm_engine::{EngineError, GenerateParams, Grammar, GrammarCompiler, GrammarSpec, HarmonyMarkers, SamplingParams};
+use ollm_engine::tools::{self, Tool, ToolChoice, ToolError};
+use ollm_engine::{
+    EngineError, GenerateParams, Grammar, GrammarCompiler, GrammarSpec, HarmonyMarkers, MAX_TOP_LOGPROBS,
+    SamplingParams,
+};
 use ollm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerError};
 use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::openai_types::{ChatMessageIn, ChatRequest, CompletionRequest, SamplingFields};
 
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: usize = 16;
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOPS: usize = 4;
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -19,17 +25,13 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 /// (the API's default), which is accepted: a client may send a default explicitly. Any other
 /// value, a wrong type included, is a 400 naming the field, so nothing a client asks for is
 /// silently ignored. `null` is always accepted.
-const UNSUPPORTED: [(&str, &str); 12] = [
-    ("logprobs", "false"),
-    ("top_logprobs", "0"),
+const UNSUPPORTED: [(&str, &str); 8] = [
     ("echo", "false"),
     ("suffix", "\"\""),
     ("best_of", "1"),
     ("presence_penalty", "0"),
     ("frequency_penalty", "0"),
     ("logit_bias", "{}"),
-    ("tools", "[]"),
-    ("tool_choice", "\"none\""),
     ("functions", "[]"),
     ("function_call", "\"none\""),
 ];
@@ -61,16 +63,38 @@ pub struct RequestRules {
 }
 
 impl RequestRules {
-    /// The grammar compiler, built on first use.
-    fn grammar_compiler(&self) -> Result<&GrammarCompiler, ApiError> {
-        let built = self.grammars.get_or_init(|| {
+    fn built_compiler(&self) -> &Result<GrammarCompiler, String> {
+        self.grammars.get_or_init(|| {
             GrammarCompiler::new(&self.tokenizer, &self.eos_token_ids, self.tokenizer.vocab_size())
                 .map_err(|e| e.to_string())
-        });
-        built.as_ref().map_err(|e| {
-            ApiError::invalid(format!("'response_format' cannot be used with this model: {e}"), Some("response_format"))
         })
     }
+
+    /// The grammar compiler (built on first use), when this tokenizer has one: it also knows
+    /// each token's exact bytes.
+    pub(crate) fn grammar_compiler_if_available(&self) -> Option<&GrammarCompiler> {
+        self.built_compiler().as_ref().ok()
+    }
+
+    /// The grammar compiler, built on first use.
+    fn grammar_compiler(&self) -> Result<&GrammarCompiler, ApiError> {
+        self.grammar_compiler_for("response_format")
+    }
+
+    /// The grammar compiler; an error names `field`, the request field that needs it.
+    fn grammar_compiler_for(&self, field: &str) -> Result<&GrammarCompiler, ApiError> {
+        self.built_compiler()
+            .as_ref()
+            .map_err(|e| ApiError::invalid(format!("'{field}' cannot be used with this model: {e}"), Some(field)))
+    }
+}
+
+/// The tools a request's answer may call.
+#[derive(Debug, Clone)]
+pub struct ToolsAsked {
+    pub tools: Arc<Vec<Tool>>,
+    /// `required` or a named function: the answer is a call (otherwise it may be text).
+    pub forced: bool,
 }
 
 /// A request ready for the queue.
@@ -78,6 +102,10 @@ impl RequestRules {
 pub struct Prepared {
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
+    /// Choices to generate (`n`), each its own sequence with its own seed.
+    pub n: usize,
+    /// Tools the answer may call (chat, `tool_choice` not `none`).
+    pub tools: Option<ToolsAsked>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -86,16 +114,61 @@ pub struct Prepared {
 pub fn chat_request(rules: &RequestRules, bytes: &[u8]) -> Result<(String, Prepared), ApiError> {
     let (req, sampling): (ChatRequest, _) = parse_body(bytes)?;
     check_model(rules, &req.model)?;
-    let prompt = chat_prompt(rules, &req.messages)?;
-    Ok((req.model, prepare(rules, prompt, sampling, true)?))
+    let tool_err = |e: ToolError| ApiError::invalid(format!("{e}"), Some(&e.field));
+    let tools = match req.tools.as_ref().filter(|v| !v.is_null()) {
+        None => Vec::new(),
+        Some(v) => tools::parse_tools(v).map_err(tool_err)?,
+    };
+    let choice = tools::parse_tool_choice(req.tool_choice.as_ref(), &tools).map_err(tool_err)?;
+    let asked = (!tools.is_empty()).then_some((tools, choice));
+    let prompt = chat_prompt(rules, &req.messages, asked.as_ref().map(|(t, c)| (&req.tools, &t[..], c)))?;
+    let top = top_count(req.top_logprobs, "top_logprobs")?;
+    let logprobs = match (req.logprobs, top) {
+        (Some(true), top) => Some(top.unwrap_or(0)),
+        (_, None | Some(0)) => None,
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "'top_logprobs' needs 'logprobs': true; send both or neither",
+                Some("top_logprobs"),
+            ));
+        }
+    };
+    let tool_grammar = asked.as_ref().and_then(|(t, c)| tools::call_grammar(t, c));
+    let mut prepared = prepare(rules, prompt, sampling, true, logprobs, tool_grammar)?;
+    prepared.tools = asked.filter(|(_, c)| *c != ToolChoice::None).map(|(tools, choice)| ToolsAsked {
+        tools: Arc::new(tools),
+        forced: matches!(choice, ToolChoice::Required | ToolChoice::Named(_)),
+    });
+    Ok((req.model, prepared))
 }
 
 /// A POST /v1/completions body, checked and tokenized: the model it names and the job.
 pub fn completion_request(rules: &RequestRules, bytes: &[u8]) -> Result<(String, Prepared), ApiError> {
     let (req, sampling): (CompletionRequest, _) = parse_body(bytes)?;
     check_model(rules, &req.model)?;
+    for field in ["tools", "tool_choice"] {
+        if req.rest.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(
+                format!("'{field}' is not supported by /v1/completions; use /v1/chat/completions"),
+                Some(field),
+            ));
+        }
+    }
     let prompt = completion_prompt(rules, &req.prompt)?;
-    Ok((req.model, prepare(rules, prompt, sampling, false)?))
+    let logprobs = top_count(req.logprobs.and_then(|l| l.count()), "logprobs")?;
+    Ok((req.model, prepare(rules, prompt, sampling, false, logprobs, None)?))
+}
+
+/// A count of alternatives per token (`top_logprobs` of chat, `logprobs` of completions):
+/// at most [`MAX_TOP_LOGPROBS`].
+fn top_count(asked: Option<u64>, field: &str) -> Result<Option<usize>, ApiError> {
+    match asked {
+        Some(k) if k > MAX_TOP_LOGPROBS as u64 => Err(ApiError::invalid(
+            format!("'{field}' = {k} is too large; give at most {MAX_TOP_LOGPROBS}"),
+            Some(field),
+        )),
+        k => Ok(k.map(|k| k as usize)),
+    }
 }
 
 /// Parses a JSON body into the endpoint's fields and the shared sampling fields; a 400 names
@@ -149,7 +222,13 @@ fn check_model(rules: &RequestRules, model: &str) -> Result<(), ApiError> {
 }
 
 /// The chat prompt: messages rendered by the model's chat template, opening the assistant turn.
-fn chat_prompt(rules: &RequestRules, messages: &[ChatMessageIn]) -> Result<Vec<u32>, ApiError> {
+/// `tools`: the request's `tools` as sent, read, and its `tool_choice`: given to a template that
+/// renders tools, otherwise described in the system message ([`tools::with_fallback_prompt`]).
+fn chat_prompt(
+    rules: &RequestRules,
+    messages: &[ChatMessageIn],
+    tools: Option<(&Option<Value>, &[Tool], &ToolChoice)>,
+) -> Result<Vec<u32>, ApiError> {
     let Some(template) = &rules.template else {
         return Err(ApiError::invalid(
             "This model has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); use /v1/completions",
@@ -167,11 +246,30 @@ fn chat_prompt(rules: &RequestRules, messages: &[ChatMessageIn]) -> Result<Vec<u
                 Some(&format!("messages[{i}].role")),
             ));
         }
-        turns.push(ChatMessage::new(&m.role, &message_text(&m.content, i)?));
+        let mut turn = ChatMessage::new(&m.role, &message_text(&m.content, i)?);
+        if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+            if m.role != "assistant" || !calls.is_array() {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls belongs to an assistant message and is a list of calls"),
+                    Some(&format!("messages[{i}].tool_calls")),
+                ));
+            }
+            turn.tool_calls = Some(calls.clone());
+        }
+        turn.tool_call_id.clone_from(&m.tool_call_id);
+        turns.push(turn);
     }
-    let ids = rules.tokenizer.encode_chat(template, &turns).map_err(|e| match e {
+    let (native, at) = match tools {
+        Some((sent, _, _)) if template.supports_tools() => (sent.as_ref(), "tools"),
+        Some((_, list, choice)) => {
+            turns = tools::with_fallback_prompt(&turns, list, choice);
+            (None, "messages")
+        }
+        None => (None, "messages"),
+    };
+    let ids = rules.tokenizer.encode_chat_with_tools(template, &turns, native).map_err(|e| match e {
         TokenizerError::Template { .. } => {
-            ApiError::invalid(format!("The chat template rejected the messages: {e}"), Some("messages"))
+            ApiError::invalid(format!("The chat template rejected the {at}: {e}"), Some(at))
         }
         other => ApiError::invalid(format!("cannot tokenize the messages: {other}"), Some("messages")),
     })?;
@@ -256,10 +354,22 @@ fn check_length(rules: &RequestRules, ids: Vec<u32>, param: &str) -> Result<Vec<
 /// Validates the sampling fields against the server's limits and the room left in the context.
 /// The generation a request asks for; `chat`: its prompt came through the chat template (a
 /// harmony model's answer is then split into content and reasoning).
-fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool) -> Result<Prepared, ApiError> {
-    if let Some(n) = f.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid(format!("n = {n}: only n = 1 is supported; send several requests"), Some("n")));
-    }
+/// `logprobs`: Some(k) = each token's log-probability with k alternatives.
+fn prepare(
+    rules: &RequestRules,
+    prompt: Vec<u32>,
+    f: SamplingFields,
+    chat: bool,
+    logprobs: Option<usize>,
+    tool_grammar: Option<GrammarSpec>,
+) -> Result<Prepared, ApiError> {
+    let n = match f.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as u64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(format!("n = {n} is invalid: give 1 to {MAX_CHOICES} choices"), Some("n")));
+        }
+    };
     let (max_name, asked) = match (f.max_tokens, f.max_completion_tokens) {
         (Some(m), _) => ("max_tokens", Some(m)),
         (None, Some(m)) => ("max_completion_tokens", Some(m)),
@@ -305,7 +415,25 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
         ));
     }
     let include_usage = f.stream_options.is_some_and(|o| o.include_usage);
-    let grammar = response_grammar(rules, f.response_format.as_ref())?;
+    let grammar = match tool_grammar {
+        None => response_grammar(rules, f.response_format.as_ref())?,
+        Some(spec) => {
+            if response_grammar(rules, f.response_format.as_ref())?.is_some() {
+                return Err(ApiError::invalid(
+                    "'response_format' cannot be combined with tools that may be called; leave one out (or send tool_choice \"none\")",
+                    Some("response_format"),
+                ));
+            }
+            let compiled = rules.grammar_compiler_for("tools")?.compile(&spec);
+            Some(compiled.map_err(|e| {
+                ApiError::invalid(
+                    format!("'tools': a tool's parameters cannot be compiled: {e}; simplify or fix the schema")
+                        .replace('\n', " "),
+                    Some("tools"),
+                )
+            })?)
+        }
+    };
     Ok(Prepared {
         prompt,
         params: GenerateParams {
@@ -318,7 +446,10 @@ fn prepare(rules: &RequestRules, prompt: Vec<u32>, f: SamplingFields, chat: bool
             cancel: None,
             grammar,
             speculate: rules.speculate.clone(),
+            logprobs,
         },
+        n,
+        tools: None,
         stream: f.stream,
         include_usage,
     })

@@ -11,11 +11,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ollm_engine::{FinishReason, TokenLogprob, tools};
 use serde_json::json;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
+use crate::logprobs;
 use crate::openai_types::{
     ChatChoice, ChatCompletion, ChatMessageOut, ModelList, ModelObject, TextChoice, TextCompletion, Usage, now_secs,
 };
@@ -127,39 +129,68 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(kept))
 }
 
-/// Queues the job, then answers with one JSON body or an SSE stream.
+/// Queues the jobs (one per choice: `n` sequences the scheduler runs together), then answers
+/// with one JSON body or an SSE stream.
 async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Result<Response, ApiError> {
-    let (tx, mut rx) = unbounded_channel();
-    s.queue.submit(Job { prompt: p.prompt, params: p.params, events: tx })?;
+    let mut jobs = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let (tx, rx) = unbounded_channel();
+        let mut params = p.params.clone();
+        params.sampling.seed = choice_seed(p.params.sampling.seed, i);
+        // A refusal (a full queue) drops the receivers of the choices already queued: they cancel.
+        s.queue.submit(Job { prompt: p.prompt.clone(), params, events: tx })?;
+        jobs.push(rx);
+    }
     let meta = StreamMeta {
         kind,
         id: response_id(kind),
         created: now_secs(),
         model: model.to_string(),
         include_usage: p.include_usage,
+        rules: s.rules.clone(),
+        tools: p.tools.clone(),
     };
     if p.stream {
-        return Ok(stream_response(meta, rx).into_response());
+        return Ok(stream_response(meta, jobs).into_response());
     }
-    let (text, reasoning, outcome) = collect(&mut rx).await?;
-    let usage = Usage::new(outcome.prompt_tokens, outcome.completion_tokens);
-    let finish_reason = outcome.finish.as_str();
+    let mut done = Vec::with_capacity(jobs.len());
+    for rx in &mut jobs {
+        done.push(collect(rx).await?);
+    }
+    // The prompt is counted once, whatever n.
+    let prompt_tokens = done.first().map_or(0, |c| c.outcome.prompt_tokens);
+    let usage = Usage::new(prompt_tokens, done.iter().map(|c| c.outcome.completion_tokens).sum());
     let response = match kind {
         ChunkKind::Chat => Json(ChatCompletion {
             id: meta.id,
             object: "chat.completion",
             created: meta.created,
             model: meta.model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: text,
-                    reasoning_content: (!reasoning.is_empty()).then_some(reasoning),
-                },
-                finish_reason,
-                logprobs: None,
-            }],
+            choices: done
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let call = p.tools.as_ref().and_then(|t| tools::parse_call(&c.text, &t.tools));
+                    let finish_reason = match &call {
+                        Some(_) if ended_naturally(c.outcome.finish) => "tool_calls",
+                        _ => c.outcome.finish.as_str(),
+                    };
+                    ChatChoice {
+                        index: i as u32,
+                        logprobs: p.params.logprobs.map(|_| logprobs::chat(&s.rules, &c.logprobs)),
+                        message: ChatMessageOut {
+                            role: "assistant",
+                            tool_calls: call.as_ref().map(|call| {
+                                json!([{"id": call_id(), "type": "function",
+                                        "function": {"name": call.name, "arguments": call.arguments}}])
+                            }),
+                            content: if call.is_some() { None } else { Some(c.text) },
+                            reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
+                        },
+                        finish_reason,
+                    }
+                })
+                .collect(),
             usage,
         })
         .into_response(),
@@ -168,7 +199,16 @@ async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Res
             object: "text_completion",
             created: meta.created,
             model: meta.model,
-            choices: vec![TextChoice { index: 0, text, finish_reason: Some(finish_reason), logprobs: None }],
+            choices: done
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| TextChoice {
+                    index: i as u32,
+                    logprobs: p.params.logprobs.map(|_| logprobs::text(&s.rules, &c.logprobs, &mut 0)),
+                    text: c.text,
+                    finish_reason: Some(c.outcome.finish.as_str()),
+                })
+                .collect(),
             usage: Some(usage),
         })
         .into_response(),
@@ -176,15 +216,48 @@ async fn respond(s: &AppState, p: Prepared, kind: ChunkKind, model: &str) -> Res
     Ok(response)
 }
 
-/// Waits for the whole generation. If the client disconnects, this future is dropped with `rx`,
+/// The generation ended by itself (not cut by a limit or a cancel): a call in it is whole.
+pub(crate) fn ended_naturally(f: FinishReason) -> bool {
+    matches!(f, FinishReason::Eos | FinishReason::Stop | FinishReason::GrammarComplete)
+}
+
+/// A fresh tool-call id (`call_` and 24 hex digits).
+pub(crate) fn call_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("call_{:016x}{:08x}", choice_seed(now_secs() ^ 0x5eed, n as usize), n as u32)
+}
+
+/// The seed of choice `i`: the request's seed for the first, a value mixed from it and `i`
+/// (splitmix64) for the others, so every choice is reproducible and they differ.
+pub(crate) fn choice_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return seed;
+    }
+    let mut z = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One choice's whole answer.
+struct Collected {
+    text: String,
+    reasoning: String,
+    logprobs: Vec<TokenLogprob>,
+    outcome: JobOutcome,
+}
+
+/// Waits for a whole generation. If the client disconnects, this future is dropped with `rx`,
 /// which cancels the job.
-async fn collect(rx: &mut UnboundedReceiver<JobEvent>) -> Result<(String, String, JobOutcome), ApiError> {
-    let (mut text, mut reasoning) = (String::new(), String::new());
+async fn collect(rx: &mut UnboundedReceiver<JobEvent>) -> Result<Collected, ApiError> {
+    let (mut text, mut reasoning, mut logprobs) = (String::new(), String::new(), Vec::new());
     while let Some(event) = rx.recv().await {
         match event {
             JobEvent::Text(t) => text.push_str(&t),
             JobEvent::Reasoning(t) => reasoning.push_str(&t),
-            JobEvent::Done(outcome) => return Ok((text, reasoning, outcome)),
+            JobEvent::Logprob(lp) => logprobs.push(lp),
+            JobEvent::Done(outcome) => return Ok(Collected { text, reasoning, logprobs, outcome }),
             JobEvent::Failed(message) => return Err(ApiError::internal(message)),
         }
     }

@@ -38,11 +38,18 @@ pub const MAX_RENDER_BYTES: usize = 64 << 20;
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, as OpenAI's API writes them (`[{"id", "type": "function",
+    /// "function": {"name", "arguments"}}]`), for templates that render tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn's answer to this call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self { role: role.to_string(), content: content.to_string(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -51,6 +58,8 @@ impl ChatMessage {
 pub struct ChatTemplate {
     env: Environment<'static>,
     source_name: String,
+    /// The template reads a `tools` variable (renders tool definitions itself).
+    tools: bool,
     pub bos_token: String,
     pub eos_token: String,
 }
@@ -126,18 +135,43 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template { source_name: source_name.to_string(), detail: e.to_string() })?;
-        Ok(Self { env, source_name: source_name.to_string(), bos_token, eos_token })
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| TokenizerError::Template { source_name: source_name.to_string(), detail: e.to_string() })?;
+        let tools = tmpl.undeclared_variables(false).contains("tools");
+        Ok(Self { env, source_name: source_name.to_string(), tools, bos_token, eos_token })
+    }
+
+    /// Whether the template renders tool definitions (reads a `tools` variable); when it does not,
+    /// a caller describes the tools in a message of its own.
+    pub fn supports_tools(&self) -> bool {
+        self.tools
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders the conversation with `tools` (OpenAI's `tools` list) given to the template as
+    /// `tools`; None leaves the variable undefined, as transformers does.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| self.err(e))?;
         let mut out = Bounded { bytes: Vec::new(), limit: MAX_RENDER_BYTES, overflowed: false };
-        let ctx = context! {
+        let base = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+        };
+        let ctx = match tools {
+            Some(t) => context! { tools => t, ..base },
+            None => base,
         };
         match tmpl.render_captured_to(ctx, &mut out) {
             Ok(_) => {}

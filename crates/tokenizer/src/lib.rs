@@ -83,15 +83,26 @@ impl Tokenizer {
     /// the control token, so a message cannot forge a turn of another role. A raw prompt
     /// ([`encode_prompt`](Self::encode_prompt)) still reads special tokens, as llama.cpp does.
     pub fn encode_chat(&self, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode_chat_with_tools(template, messages, None)
+    }
+
+    /// [`encode_chat`](Self::encode_chat) with OpenAI's `tools` list given to the template
+    /// ([`ChatTemplate::render_with_tools`]).
+    pub fn encode_chat_with_tools(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
         if !messages.iter().any(|m| self.specials.iter().any(|s| m.content.contains(s.as_str()))) {
-            return self.encode(&template.render(messages, true)?, false);
+            return self.encode(&template.render_with_tools(messages, tools, true)?, false);
         }
         let mut masks = ContentSpecials::new();
         let masked: Vec<ChatMessage> = messages
             .iter()
-            .map(|m| ChatMessage { role: m.role.clone(), content: masks.mask(&m.content, &self.specials) })
+            .map(|m| ChatMessage { content: masks.mask(&m.content, &self.specials), ..m.clone() })
             .collect();
-        let (text, spans) = masks.unmask(&template.render(&masked, true)?)?;
+        let (text, spans) = masks.unmask(&template.render_with_tools(&masked, tools, true)?)?;
         let enc = self.inner.encode(text.as_str(), false).map_err(|e| TokenizerError::Codec(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len());
         for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {

@@ -146,6 +146,7 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
                 cancel: None,
                 grammar: None,
                 speculate: None,
+                logprobs: None,
             };
             sched.submit(Request { prompt, params, sink: Box::new(Count(generated.clone())) });
         }

@@ -61,6 +61,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         cancel: None,
         grammar: None,
         speculate: a.spec.params(&loaded, &text.tokenizer)?,
+        logprobs: None,
     };
 
     let interactive = std::io::stdin().is_terminal();

@@ -143,6 +143,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         cancel: None,
         grammar,
         speculate: a.spec.params(&loaded, &text.tokenizer)?,
+        logprobs: None,
     };
 
     let mut session = loaded.session()?;

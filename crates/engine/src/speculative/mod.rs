@@ -41,6 +41,7 @@ pub use draft::{DraftModel, ModelDrafter};
 pub use ngram::NgramDrafter;
 pub use verify::{TreeVerdict, Verdict, verify, verify_tree};
 
+use crate::grammar::Grammar;
 use crate::session::Checkpoint;
 use crate::{EngineError, Result, Sampler, SamplingParams, Session};
 
@@ -287,6 +288,18 @@ impl Speculator {
     /// position's logits go to [`accept`](Self::accept), with the fed ids appended to the
     /// session's tokens ([`Session::score`] does both).
     pub fn propose(&mut self, session: &Session, pending: u32, limit: usize) -> Result<Proposal> {
+        self.propose_within(session, pending, limit, None)
+    }
+
+    /// [`propose`](Self::propose), the draft cut at its first token `grammar` forbids (the
+    /// grammar as it stands after `pending`; it does not move), so that no such token is verified.
+    pub fn propose_within(
+        &mut self,
+        session: &Session,
+        pending: u32,
+        limit: usize,
+        grammar: Option<&Grammar>,
+    ) -> Result<Proposal> {
         let started = Instant::now();
         let mut context = Vec::with_capacity(session.len() + self.backlog.len() + 1);
         context.extend_from_slice(session.tokens());
@@ -301,13 +314,20 @@ impl Speculator {
         .min(room);
         // A model that verifies trees gets the drafter's tree; one that cannot (a recurrent
         // state has one value per sequence) a chain, as does a sequence attached to a shared
-        // prefix (tree attention reads the sequence's own cache only).
-        let trees = self.trees && session.model().supports_tree() && session.state().shared_len() == 0;
-        let draft = match k {
+        // prefix (tree attention reads the sequence's own cache only) and one under a grammar
+        // (its rows are masked along one path).
+        let trees =
+            self.trees && grammar.is_none() && session.model().supports_tree() && session.state().shared_len() == 0;
+        let mut draft = match k {
             0 => Draft::default(),
             k if trees => self.drafter.draft_tree(&context, k)?,
             k => self.drafter.draft(&context, k)?,
         };
+        if let Some(g) = grammar.filter(|_| !draft.tokens.is_empty()) {
+            let allowed = g.clone().allowed_prefix(&draft.tokens)?;
+            draft.tokens.truncate(allowed);
+            draft.probs.truncate(allowed);
+        }
         let backlog = self.backlog.len();
         let tree = match draft.is_chain() {
             true => None,
@@ -336,6 +356,20 @@ impl Speculator {
         logits: &mut [f32],
         sampler: &mut Sampler,
     ) -> Result<Vec<u32>> {
+        self.accept_within(session, proposal, logits, sampler, None)
+    }
+
+    /// [`accept`](Self::accept) under `grammar` (as it stands after the pending token): each
+    /// verified row is first masked as plain constrained decoding masks it (a proposal under a
+    /// grammar is a chain: [`propose_within`](Self::propose_within)).
+    pub fn accept_within(
+        &mut self,
+        session: &mut Session,
+        proposal: Proposal,
+        logits: &mut [f32],
+        sampler: &mut Sampler,
+        grammar: Option<&Grammar>,
+    ) -> Result<Vec<u32>> {
         let Proposal { feed, tree, draft, backlog, checkpoint, started } = proposal;
         let vocab = logits.len() / feed.len().max(1);
         let k = draft.tokens.len();
@@ -347,6 +381,12 @@ impl Speculator {
             let position = session.len() - feed.len() + backlog + i / vocab;
             session.roll_back(&checkpoint, 0)?;
             return Err(EngineError::NonFiniteLogits { position, token: i % vocab, value });
+        }
+        if let Some(g) = grammar
+            && let Err(e) = mask_rows(g.clone(), &draft.tokens, &mut logits[backlog * vocab..], vocab)
+        {
+            session.roll_back(&checkpoint, 0)?;
+            return Err(e);
         }
         let rows = &mut logits[backlog * vocab..];
         let verdict = match tree {
@@ -380,21 +420,44 @@ impl Speculator {
         Ok(out)
     }
 
-    /// One round for one sequence: propose, one target forward, accept.
+    /// One round for one sequence: propose, one target forward, accept. With a `grammar` (as it
+    /// stands after `pending`), the draft is cut at its first forbidden token and each verified
+    /// row is masked as plain constrained decoding masks it (the grammar advanced through the
+    /// drafts before it), so the tokens kept are those plain constrained decoding gives (greedy)
+    /// or have its distribution (sampled). The grammar itself does not move: the caller accepts
+    /// the returned tokens into it.
     pub fn step(
         &mut self,
         session: &mut Session,
         pending: u32,
         limit: usize,
         sampler: &mut Sampler,
+        grammar: Option<&Grammar>,
     ) -> Result<Vec<u32>> {
-        let proposal = self.propose(session, pending, limit)?;
+        let proposal = self.propose_within(session, pending, limit, grammar)?;
         let mut logits = match &proposal.tree {
             Some(tree) => session.score_tree(&proposal.feed, tree)?,
             None => session.score(&proposal.feed, None)?,
         };
-        self.accept(session, proposal, &mut logits, sampler)
+        self.accept_within(session, proposal, &mut logits, sampler, grammar)
     }
+}
+
+/// Masks row j of `rows` (the distribution after the j-th draft) to what `g` allows once it has
+/// accepted the drafts before it; stops at an eos or a complete grammar (the sequence ends there,
+/// so later rows are never used).
+fn mask_rows(mut g: Grammar, draft: &[u32], rows: &mut [f32], vocab: usize) -> Result<()> {
+    for (j, row) in rows.chunks_mut(vocab).enumerate() {
+        g.apply(row)?;
+        match draft.get(j) {
+            Some(&d) if !g.is_eos(d) => g.accept(d)?,
+            _ => break,
+        }
+        if g.is_finished() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// `--draft-tokens auto`: running estimates (decayed by [`AutoDraft::DECAY`] per round) of the
