@@ -20,8 +20,9 @@
 use half::bf16;
 use ollm_ops::cuda::cublas::gemm_xwt;
 use ollm_ops::cuda::{ComputeTimer, CudaBackend};
-use ollm_ops::{AttnParams, Backend, Compute, DType, DeltaNetOps, HostTensor, Memory, Result, Tensor};
+use ollm_ops::{AttnParams, Backend, Compute, CopyQueue, DType, DeltaNetOps, HostTensor, Memory, Result, Tensor};
 use rayon::prelude::*;
+use std::time::Instant;
 
 /// Sizes and run counts of the bench; [`Default`] is the issue's configuration.
 #[derive(Debug, Clone)]
@@ -255,6 +256,7 @@ pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn 
     rows.push(prefill_matmul(be, cfg, &bounds, progress));
     rows.extend(attention_rows(be, cfg, &bounds, progress));
     rows.extend(delta_rule_rows(be, cfg, &bounds, progress));
+    rows.extend(offloaded_attention_rows(be, cfg, progress));
     Ok(OpsBenchReport {
         device: be.name(),
         date: utc_date(),
@@ -410,6 +412,102 @@ fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
     vec![prefill, decode]
 }
 
+/// Wall-clock median (ms) of `call` after two warm-up calls, over `runs` calls (at least 3);
+/// `call` must return only once its work is done (it waits on the device itself).
+fn wall_ms(runs: usize, mut call: impl FnMut() -> Result<()>) -> Result<Timing> {
+    call()?;
+    call()?;
+    let mut ms = Vec::with_capacity(runs.max(3));
+    for _ in 0..runs.max(3) {
+        let t0 = Instant::now();
+        call()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Timing { runs: ms.len(), calls_per_run: 1, median_ms: median(&mut ms) })
+}
+
+/// (e) Where attention over an offloaded KV cache should run (issue 19, FlexGen's question):
+/// one token of one layer at context T with the sequence's K and V (bf16) in host RAM, either
+/// copied to the device over the copy queue from pinned memory and attended there, or attended
+/// on the host by the CPU kernels (all cores) with only q and the output crossing the bus.
+/// Bound: the pinned host→device copy of the same bytes, measured here. The engine's offloaded
+/// path is the first (its copies overlap other layers' compute, so it costs at least the copy).
+fn offloaded_attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn FnMut(&str)) -> Vec<BenchRow> {
+    let (t, nh, nkv, d) = (cfg.attn_tokens, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let half = nkv * t * d * 2;
+    let kv_bytes = (2 * half) as f64;
+    let shape = format!("1 token at context {t}, {nh} q heads / {nkv} kv heads, d {d}, K+V {}", mb(kv_bytes));
+    let runs = cfg.runs.min(10);
+    let threads = rayon::current_num_threads();
+    let names = [
+        "host→device copy of the KV (bound)".to_string(),
+        "offloaded KV: copied, attended on the device".to_string(),
+        format!("offloaded KV: attended on the CPU ({threads} threads)"),
+    ];
+    let result = (|| -> Result<Vec<Timing>> {
+        let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+        let (kh, vh) = (random_bf16_vec(nkv * t * d, 60), random_bf16_vec(nkv * t * d, 61));
+        let mut pinned = be.host_alloc(2 * half)?;
+        for (dst, x) in pinned.as_mut_slice().chunks_exact_mut(2).zip(kh.iter().chain(&vh)) {
+            dst.copy_from_slice(&x.to_le_bytes());
+        }
+        let mut k = be.alloc(vec![nkv, t, d], DType::BF16)?;
+        let mut v = be.alloc(vec![nkv, t, d], DType::BF16)?;
+        let qv = random_f32(nh * d, 62, 1.0);
+        let q = be.upload_f32(vec![1, nh, d], &qv)?;
+        let mut out = be.zeros(vec![1, nh, d])?;
+        progress(&format!("offloaded attention {shape}"));
+        let copy = wall_ms(runs, || {
+            be.copy_to_device_async(&pinned, 0, &mut k)?;
+            be.copy_to_device_async(&pinned, half, &mut v)?;
+            be.host_wait(&be.copy_marker()?)
+        })?;
+        let device = wall_ms(runs, || {
+            be.copy_to_device_async(&pinned, 0, &mut k)?;
+            be.copy_to_device_async(&pinned, half, &mut v)?;
+            be.compute_wait(&be.copy_marker()?)?;
+            be.attention(&q, &k, &v, t - 1, &params, &mut out)?;
+            be.host_wait(&be.compute_marker()?)
+        })?;
+        let geo = ollm_ops::cpu::AttnGeometry { n_heads: nh, n_kv: nkv, d, cap: t, pos0: t - 1 };
+        let mut host_out = vec![0.0f32; nh * d];
+        let cpu = wall_ms(runs, || {
+            let qh = be.to_host_f32(&q)?;
+            ollm_ops::cpu::attention(&qh, &kh, &vh, &geo, params.scale, None, None, &mut host_out);
+            out = be.upload_f32(vec![1, nh, d], &host_out)?;
+            Ok(())
+        })?;
+        Ok(vec![copy, device, cpu])
+    })();
+    match result {
+        Ok(timings) => {
+            let bound = kv_bytes / (timings[0].median_ms * 1e-3) / 1e9;
+            names
+                .iter()
+                .zip(&timings)
+                .map(|(n, t)| {
+                    row(n, shape.clone(), t, kv_bytes / (t.median_ms * 1e-3) / 1e9, bound, "GB/s", "H2D copy")
+                })
+                .collect()
+        }
+        Err(e) => names
+            .iter()
+            .map(|n| BenchRow {
+                op: n.clone(),
+                shape: shape.clone(),
+                runs: 0,
+                calls_per_run: 0,
+                median_ms: 0.0,
+                achieved: 0.0,
+                bound: 0.0,
+                unit: "GB/s",
+                bound_name: "H2D copy",
+                error: Some(e.to_string()),
+            })
+            .collect(),
+    }
+}
+
 /// (d) Qwen3-Next-80B's gated delta rule over a prompt of `prefill_matmul_t` steps (16 key and
 /// 32 value heads of 128), chunked and step by step, the state carried between calls. Work: the
 /// recurrence's 6·T·Nv·dk·dv flops, the same for both forms.
@@ -489,7 +587,8 @@ impl OpsBenchReport {
             "\nruns: timed runs × back-to-back calls per run (CUDA events); median: per call.\n\
              HBM bound: device-to-device copy, bytes read + written; GEMM bound: cuBLAS bf16, 2·M·N·K flops.\n\
              matmul bytes = weight + x + out; decode attention bytes = K + V read (bf16);\n\
-             prefill attention flops = 4·T²·d·H/2 (QKᵀ and PV over the causal half).\n\
+             prefill attention flops = 4·T²·d·H/2 (QKᵀ and PV over the causal half);\n\
+             offloaded KV rows: K + V bytes per call against the pinned host→device copy of them.\n\
              peak VRAM {:.2} GiB (driver, CUDA context included)\n",
             self.peak_vram_bytes as f64 / (1u64 << 30) as f64
         ));
