@@ -296,6 +296,51 @@ fn paths_through_a_later_branch_ride_along_in_the_next_forward() {
     }
 }
 
+/// Drafts a token that is never the target's (the truth's next token plus one).
+#[derive(Debug)]
+struct AlwaysWrong {
+    truth: Vec<u32>,
+}
+
+impl ollm_engine::speculative::Drafter for AlwaysWrong {
+    fn draft(&mut self, context: &[u32], k: usize) -> ollm_engine::Result<ollm_engine::speculative::Draft> {
+        let next = self.truth.get(context.len()).map_or(0, |t| (t + 1) % VOCAB);
+        Ok(ollm_engine::speculative::Draft::chain(vec![next; k.min(4)], Vec::new()))
+    }
+}
+
+/// A recurrent model whose every draft is rejected is restored to each round's start, so the
+/// kept tokens ride along again; the backlog stays bounded (a round past the bound drafts nothing
+/// and feeds it all) and the tokens are plain greedy's.
+#[test]
+fn a_recurrent_models_backlog_stays_bounded_when_every_draft_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    qwen3_next(dir.path(), 2, 11);
+    let (model, tok) = load(dir.path());
+    let p = prompt(30);
+    let n = 80;
+    let plain = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &params(n, None));
+    let truth: Vec<u32> = p.iter().chain(&plain.ids).copied().collect();
+    let mut spec = ollm_engine::Speculator::with_drafter(Box::new(AlwaysWrong { truth }), DraftTokens::Fixed(4));
+    let mut session = Session::new(model).expect("session");
+    let logits = session.prefill(&p).expect("prefill");
+    let mut pending = ollm_engine::sampling::argmax(&logits);
+    let mut sampler = ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
+    let mut out = vec![pending];
+    while out.len() < n {
+        let got = spec.step(&mut session, pending, n - out.len(), &mut sampler, None).expect("round");
+        pending = *got.last().expect("a token");
+        out.extend(got);
+    }
+    out.truncate(n);
+    assert_eq!(out, plain.ids);
+    let s = *spec.stats();
+    assert_eq!(s.accepted, 0, "{s:?}");
+    // Unbounded, round r re-feeds r tokens (about n²/2 in all); bounded, at most 32 a round.
+    assert!(s.refed <= 32 * s.passes, "{s:?}");
+    assert!(s.refed < n * n / 4, "the backlog grew without bound: {s:?}");
+}
+
 /// Rejected positions leave the KV cache when it lives in blocks of 16 positions, spilled to
 /// disk (RAM budget 0): verification forwards cross block ends and rollbacks reach back into
 /// spilled blocks. Sliding-window layers (GPT-OSS, window 16) roll back after a 1,200-token

@@ -130,6 +130,12 @@ pub trait Drafter: Send + std::fmt::Debug {
     }
 }
 
+/// Kept tokens waiting to be fed again (a recurrent state restored past them, or a path through
+/// a later branch) past which a round drafts nothing: it feeds them with the pending token, all
+/// kept, and the backlog empties. A recurrent state is restored to the round's start on every
+/// rejection, so without this bound a run of rejected rounds re-feeds an ever longer backlog.
+const MAX_BACKLOG: usize = 32;
+
 /// Which drafter.
 #[derive(Debug, Clone)]
 pub enum Speculate {
@@ -311,7 +317,8 @@ impl Speculator {
             DraftTokens::Auto => self.auto.choose(),
         }
         .min(limit)
-        .min(room);
+        .min(room)
+        .min(if self.backlog.len() >= MAX_BACKLOG { 0 } else { usize::MAX });
         // A model that verifies trees gets the drafter's tree; one that cannot (a recurrent
         // state has one value per sequence) a chain, as does a sequence attached to a shared
         // prefix (tree attention reads the sequence's own cache only) and one under a grammar
