@@ -17,6 +17,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::kernels::{Kernels, Panel, PvRows, Widen};
+use crate::TreeMask;
 pub use crate::backend::AttnGeometry as Geometry;
 
 mod sealed {
@@ -60,6 +61,14 @@ const MIN_SPLIT_KEYS: usize = 512;
 /// Rows (query tokens × heads of a group) from which `P·V` goes through the matmul panel on a
 /// transposed V tile rather than row by row.
 const PANEL_PV_ROWS: usize = 16;
+/// Calls of at most this many query tokens (decode steps, speculative verifications, batched
+/// segments, trees) compute every row the same way whatever the call's other rows: keys split on a
+/// fixed grid of [`MIN_SPLIT_KEYS`] positions, tiles starting at multiples of [`K_BLOCK`], `P·V`
+/// row by row. So a row's result is bit for bit the same alone or beside others, and a
+/// verification forward gives the logits one-row decoding gives (exact speculative greedy also with
+/// bf16 activations, whose rounding would turn a last-bit difference into a flipped near tie).
+/// Longer calls (prefill chunks) split keys only to feed idle threads and use the `P·V` panel.
+const GRID_ROWS: usize = 256;
 
 /// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`. Query t sits at position `pos0 + t` and sees
 /// keys `j` with `j <= pos0 + t` and, with a window W, `j > pos0 + t - W`.
@@ -84,6 +93,8 @@ struct Task {
     t0: usize,
     tt: usize,
     keys: std::ops::Range<usize>,
+    /// `P·V` through the matmul panel (long calls only; see [`GRID_ROWS`]).
+    panel: bool,
 }
 
 /// A task's unnormalised result: per row (token-major, then head of the group) the running max,
@@ -107,11 +118,29 @@ pub fn attention_with<E: KvElem>(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    attention_masked(kern, q, (k, v, g), scale, window, sinks, None, out);
+}
+
+/// [`attention_with`], the rows optionally the nodes of a tree ([`TreeMask`]): node i sits at
+/// position `pos0 + depth(i)` (its cache row is `pos0 + i`) and sees the rows before `pos0` and its
+/// ancestors' rows. A node whose ancestors are the rows just before it (a path kept in order) is
+/// computed exactly as the row of a chain.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_masked<E: KvElem>(
+    kern: &Kernels,
+    q: &[f32],
+    (k, v, g): (&[E], &[E], &Geometry),
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    tree: Option<&TreeMask>,
+    out: &mut [f32],
+) {
     let (d, t) = (g.d, out.len() / (g.n_heads * g.d).max(1));
     if t == 0 || d == 0 {
         return;
     }
-    let parts = source_parts(kern, q, (k, v, g), scale, window, t);
+    let parts = source_parts(kern, q, (k, v, g), scale, window, tree, t);
     merge(&parts, g, sinks, t, out);
 }
 
@@ -160,13 +189,14 @@ fn source_parts<E: KvElem>(
     (k, v, g): (&[E], &[E], &Geometry),
     scale: f32,
     window: Option<usize>,
+    tree: Option<&TreeMask>,
     t: usize,
 ) -> Vec<(Task, Partial)> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
-    plan(g, t, window)
+    plan(g, t, window, t <= GRID_ROWS || tree.is_some())
         .into_par_iter()
         .map(|task| {
-            let part = run_task(kern, q, k, v, g, scale, &lo, &task);
+            let part = run_task(kern, q, (k, v, g), scale, (window, &lo), tree, &task);
             (task, part)
         })
         .collect()
@@ -209,27 +239,36 @@ fn merge(parts: &[(Task, Partial)], g: &Geometry, sinks: Option<&[f32]>, t: usiz
     }
 }
 
-/// Splits the call into tasks: (KV head, query block), and for few such tasks (decode) the keys
-/// too, so that every thread has work.
-fn plan(g: &Geometry, t: usize, window: Option<usize>) -> Vec<Task> {
+/// Splits the call into tasks: (KV head, query block), and keys. On the `grid` (short calls,
+/// [`GRID_ROWS`]) keys split at multiples of [`MIN_SPLIT_KEYS`] and tiles start at multiples of
+/// [`K_BLOCK`], whatever the call's rows; otherwise keys split only when there are few tasks, so
+/// that every thread has work.
+fn plan(g: &Geometry, t: usize, window: Option<usize>, grid: bool) -> Vec<Task> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let n_qblocks = t.div_ceil(Q_BLOCK);
     let base = g.n_kv * n_qblocks;
     let want = 4 * rayon::current_num_threads();
     let span = g.pos0 + t - lo(g.pos0);
-    let splits = if base >= want { 1 } else { want.div_ceil(base).min(span.div_ceil(MIN_SPLIT_KEYS)).max(1) };
-    let split_len = span.div_ceil(splits).div_ceil(K_BLOCK) * K_BLOCK;
-    let mut tasks = Vec::with_capacity(base * splits);
+    let (split_len, start) = if grid {
+        (MIN_SPLIT_KEYS, lo(g.pos0) / MIN_SPLIT_KEYS * MIN_SPLIT_KEYS)
+    } else {
+        let splits = if base >= want { 1 } else { want.div_ceil(base).min(span.div_ceil(MIN_SPLIT_KEYS)).max(1) };
+        (span.div_ceil(splits).div_ceil(K_BLOCK) * K_BLOCK, lo(g.pos0))
+    };
+    let mut tasks = Vec::with_capacity(base * span.div_ceil(split_len).max(1));
     for kvh in 0..g.n_kv {
         for qb in 0..n_qblocks {
             let (t0, tt) = (qb * Q_BLOCK, Q_BLOCK.min(t - qb * Q_BLOCK));
-            let (first, last) = (lo(g.pos0 + t0), g.pos0 + t0 + tt - 1);
-            let mut s = lo(g.pos0);
+            let (mut first, last) = (lo(g.pos0 + t0), g.pos0 + t0 + tt - 1);
+            if grid {
+                first = first / K_BLOCK * K_BLOCK;
+            }
+            let mut s = start;
             while s <= last {
                 let e = s + split_len;
                 let keys = s.max(first)..e.min(last + 1);
                 if !keys.is_empty() {
-                    tasks.push(Task { kvh, t0, tt, keys });
+                    tasks.push(Task { kvh, t0, tt, keys, panel: !grid });
                 }
                 s = e;
             }
@@ -243,11 +282,10 @@ fn plan(g: &Geometry, t: usize, window: Option<usize>) -> Vec<Task> {
 fn run_task<E: KvElem>(
     kern: &Kernels,
     q: &[f32],
-    k: &[E],
-    v: &[E],
-    g: &Geometry,
+    (k, v, g): (&[E], &[E], &Geometry),
     scale: f32,
-    lo: &dyn Fn(usize) -> usize,
+    (window, lo): (Option<usize>, &dyn Fn(usize) -> usize),
+    tree: Option<&TreeMask>,
     task: &Task,
 ) -> Partial {
     let (d, group) = (g.d, g.n_heads / g.n_kv);
@@ -265,7 +303,7 @@ fn run_task<E: KvElem>(
     let mut o = vec![0.0f32; rows * d];
     let mut s = vec![0.0f32; rows * K_BLOCK];
     let mut corr = vec![1.0f32; rows];
-    let use_panel = rows >= PANEL_PV_ROWS;
+    let use_panel = task.panel && rows >= PANEL_PV_ROWS;
     let (mut vt, mut tmp) =
         if use_panel { (vec![0.0f32; d * K_BLOCK], vec![0.0f32; rows * d]) } else { (vec![], vec![]) };
 
@@ -277,10 +315,13 @@ fn run_task<E: KvElem>(
         // SAFETY: qbuf holds rows·d, the key tile kb·d, and s rows·kb elements.
         unsafe { (E::qk_panel(kern))(&qbuf, rows, d, &kbase[kb0 * d..(kb0 + kb) * d], kb, s.as_mut_ptr(), kb) };
         for (r, row) in s.chunks_exact_mut(kb).enumerate() {
-            let p = g.pos0 + task.t0 + r / group;
+            let ti = task.t0 + r / group;
+            // The row's cache row, and its position (a tree node's: pos0 + its depth).
+            let at = g.pos0 + ti;
+            let p = tree.map_or(at, |tr| g.pos0 + tr.depths()[ti]);
             // Visible keys of this row inside the tile, as tile offsets a..b.
             let a = lo(p).max(kb0) - kb0;
-            let b = (p + 1).min(kb0 + kb).saturating_sub(kb0);
+            let b = (at + 1).min(kb0 + kb).saturating_sub(kb0);
             corr[r] = 1.0;
             if a >= b {
                 row.fill(0.0);
@@ -289,10 +330,22 @@ fn run_task<E: KvElem>(
             row[..a].fill(0.0);
             row[b..].fill(0.0);
             let vis = &mut row[a..b];
-            let mut mx = f32::NEG_INFINITY;
-            for x in vis.iter_mut() {
-                *x *= scale;
-                mx = mx.max(*x);
+            vis.iter_mut().for_each(|x| *x *= scale);
+            if let Some(tr) = tree {
+                // Tree rows in the tile that are not this node's ancestors (or are past its window).
+                let depth = tr.depths();
+                for (j, x) in vis.iter_mut().enumerate() {
+                    let Some(node) = (kb0 + a + j).checked_sub(g.pos0) else { continue };
+                    let seen = tr.sees(ti, node) && window.is_none_or(|w| depth[ti] - depth[node] < w);
+                    if !seen {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let mx = vis.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            if mx == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
             }
             let m_new = m[r].max(mx);
             corr[r] = (m[r] - m_new).exp();
@@ -524,11 +577,49 @@ mod tests {
     #[test]
     fn decode_splits_keys_over_tasks() {
         let g = Geometry { n_heads: 2, n_kv: 1, d: 8, cap: 4096, pos0: 4095 };
-        let tasks = plan(&g, 1, None);
-        assert!(tasks.len() > 1 || rayon::current_num_threads() == 0, "{tasks:?}");
-        let covered: usize = tasks.iter().map(|t| t.keys.len()).sum();
-        assert_eq!(covered, 4096);
-        assert!(tasks.windows(2).all(|w| w[0].keys.end == w[1].keys.start), "{tasks:?}");
+        for grid in [false, true] {
+            let tasks = plan(&g, 1, None, grid);
+            assert!(tasks.len() > 1 || rayon::current_num_threads() == 0, "{tasks:?}");
+            let covered: usize = tasks.iter().map(|t| t.keys.len()).sum();
+            assert_eq!(covered, 4096);
+            assert!(tasks.windows(2).all(|w| w[0].keys.end == w[1].keys.start), "{tasks:?}");
+        }
+        // On the grid the splits sit at multiples of MIN_SPLIT_KEYS.
+        assert!(plan(&g, 1, None, true).iter().all(|t| t.keys.start % MIN_SPLIT_KEYS == 0));
+    }
+
+    /// A row of a short call is bit for bit the row computed alone (a decode step) whatever the
+    /// call's other rows, on every tier, f32 and bf16 caches, with and without a window: what makes
+    /// a speculative verification give one-row decoding's logits.
+    #[test]
+    fn a_short_calls_rows_equal_each_row_alone() {
+        for tier in Tier::supported() {
+            let Some(kern) = Kernels::for_tier(tier) else { continue };
+            for &(t, pos0, window) in &[(9, 1500, None), (33, 700, Some(300)), (65, 2100, None), (5, 90, Some(40))] {
+                let (n_heads, n_kv, d) = (6, 2, 64);
+                let cap = pos0 + t;
+                let q = noise(t * n_heads * d, 3 + t as u64);
+                let k = noise(n_kv * cap * d, 5);
+                let v = noise(n_kv * cap * d, 7);
+                let kb: Vec<bf16> = k.iter().map(|&x| bf16::from_f32(x)).collect();
+                let vb: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                let g = Geometry { n_heads, n_kv, d, cap, pos0 };
+                let (mut all, mut all_b) = (vec![f32::NAN; t * n_heads * d], vec![f32::NAN; t * n_heads * d]);
+                attention_with(&kern, &q, &k, &v, &g, 0.125, window, None, &mut all);
+                attention_with(&kern, &q, &kb, &vb, &g, 0.125, window, None, &mut all_b);
+                for i in 0..t {
+                    let gi = Geometry { pos0: pos0 + i, ..g };
+                    let qi = &q[i * n_heads * d..(i + 1) * n_heads * d];
+                    let (mut one, mut one_b) = (vec![f32::NAN; n_heads * d], vec![f32::NAN; n_heads * d]);
+                    attention_with(&kern, qi, &k, &v, &gi, 0.125, window, None, &mut one);
+                    attention_with(&kern, qi, &kb, &vb, &gi, 0.125, window, None, &mut one_b);
+                    let (got, got_b) =
+                        (&all[i * n_heads * d..][..n_heads * d], &all_b[i * n_heads * d..][..n_heads * d]);
+                    assert_eq!(got, &one[..], "{tier} T={t} row {i} {window:?} (f32 cache)");
+                    assert_eq!(got_b, &one_b[..], "{tier} T={t} row {i} {window:?} (bf16 cache)");
+                }
+            }
+        }
     }
 
     /// With one visible key the output is that key's value; a sink only shrinks it.

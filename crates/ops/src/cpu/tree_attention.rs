@@ -1,12 +1,10 @@
-//! Attention of a tree of new tokens over a KV cache ([`TreeMask`]) of f32 or bf16 (widened as
-//! read), computed in f32: the CPU twin of
-//! `kernels/tree_attention.cu`. One task per (node, head), scores of the visible keys, a
-//! softmax (with the head's sink logit as one more key whose value is zero), the weighted sum
-//! of values. A tree is small (tens of nodes): this is the plain form, not the flash one.
+//! Attention of a tree of new tokens over a KV cache ([`TreeMask`]) of f32 or bf16: the CPU twin
+//! of `kernels/tree_attention.cu`. It runs the flash form of [`attention`](super::attention) with
+//! the tree's mask, so a node on a path kept in order (its ancestors the rows just before it) gets
+//! bit for bit what one-row decoding of that path gives.
 
-use rayon::prelude::*;
-
-use super::attention::{Geometry, KvElem};
+use super::attention::{Geometry, KvElem, attention_masked};
+use super::kernels::Kernels;
 use crate::TreeMask;
 
 /// q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`, the tree's rows at `pos0..pos0 + T`. Node t
@@ -25,42 +23,7 @@ pub fn tree_attention<E: KvElem>(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let (d, group) = (g.d, g.n_heads / g.n_kv.max(1));
-    if d == 0 {
-        return;
-    }
-    let depth = tree.depths();
-    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<(usize, f32)>, (idx, o)| {
-        let (t, h) = (idx / g.n_heads, idx % g.n_heads);
-        let kvh = h / group;
-        let p = g.pos0 + depth[t];
-        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-        let qv = &q[idx * d..][..d];
-        let kbase = &k[kvh * g.cap * d..];
-        let vbase = &v[kvh * g.cap * d..];
-        let in_window = |a: usize| window.is_none_or(|w| depth[t] - depth[a] < w);
-        let rows = (lo..g.pos0).chain((0..tree.len()).filter(|&a| tree.sees(t, a) && in_window(a)).map(|a| g.pos0 + a));
-        scores.clear();
-        scores.extend(rows.map(|j| (j, dot(qv, &kbase[j * d..][..d]) * scale)));
-        let sink = sinks.map(|s| s[h]);
-        let max = scores.iter().map(|s| s.1).fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
-        let mut denom = sink.map_or(0.0, |z| (z - max).exp());
-        for s in scores.iter_mut() {
-            s.1 = (s.1 - max).exp();
-            denom += s.1;
-        }
-        o.fill(0.0);
-        for &(j, e) in scores.iter() {
-            let w = e / denom;
-            for (ov, vv) in o.iter_mut().zip(&vbase[j * d..][..d]) {
-                *ov += w * vv.widen();
-            }
-        }
-    });
-}
-
-fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y.widen()).sum()
+    attention_masked(Kernels::active(), q, (k, v, g), scale, window, sinks, Some(tree), out);
 }
 
 #[cfg(test)]
@@ -81,7 +44,7 @@ mod tests {
             .collect()
     }
 
-    /// A chain is causal attention (the flash kernel), with windows and sinks: 2e-5 absolute.
+    /// A chain is causal attention (the flash kernel), with windows and sinks, bit for bit.
     #[test]
     fn a_chain_is_causal_attention() {
         for &(t, pos0, window, sinks) in &[(5, 0, None, false), (9, 300, Some(7), true), (33, 40, Some(50), false)] {
@@ -94,8 +57,7 @@ mod tests {
             attention(&q, &k, &v, &g, 0.3, window, sinks.as_deref(), &mut want);
             let mut got = vec![f32::NAN; q.len()];
             tree_attention(&q, &k, &v, &g, &TreeMask::chain(t), 0.3, window, sinks.as_deref(), &mut got);
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(worst <= 2e-5, "T={t} pos0={pos0} {window:?}: {worst}");
+            assert_eq!(got, want, "T={t} pos0={pos0} {window:?}: a chain is bit for bit causal attention");
         }
     }
 
