@@ -361,7 +361,7 @@ fn prefill_matmul(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
 /// decode row rotates over two cache pairs so that L2 cannot hold them.
 fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: &mut dyn FnMut(&str)) -> Vec<BenchRow> {
     let (t, nh, nkv, d) = (cfg.attn_tokens, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+    let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None, origin: 0 };
     let caches = (0..2u64)
         .map(|p| -> Result<(Tensor, Tensor)> {
             let mut k = be.kv_zeros(vec![nkv, t, d])?;
@@ -445,7 +445,7 @@ fn offloaded_attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &m
         format!("offloaded KV: attended on the CPU ({threads} threads)"),
     ];
     let result = (|| -> Result<Vec<Timing>> {
-        let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+        let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None, origin: 0 };
         let (kh, vh) = (random_bf16_vec(nkv * t * d, 60), random_bf16_vec(nkv * t * d, 61));
         let mut pinned = be.host_alloc(2 * half)?;
         for (dst, x) in pinned.as_mut_slice().chunks_exact_mut(2).zip(kh.iter().chain(&vh)) {

@@ -514,7 +514,7 @@ fn bf16_kv_cache_through_the_backend_matches_cpu() {
         let tq = q.len() / (nh * d);
         let qt = be.upload_f32(vec![tq, nh, d], q).expect("q");
         let mut out = be.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
-        let p = ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window, sinks: None };
+        let p = ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window, sinks: None, origin: 0 };
         be.attention(&qt, &k, &v, pos - drop - tq, &p, &mut out).expect("attention");
         be.to_host_f32(&out).expect("out")
     };
@@ -585,6 +585,7 @@ fn prefixed_attention_matches_cpu() {
                     scale: (d as f32).powf(-0.5),
                     window: None,
                     sinks: with_sinks.then_some(&st),
+                    origin: 0,
                 };
                 let qt = be.upload_f32(vec![tq, nh, d], &q).expect("q");
                 let mut out = be.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
@@ -592,8 +593,12 @@ fn prefixed_attention_matches_cpu() {
                 be.to_host_f32(&out).expect("out")
             };
             let st = cpu.upload_f32(vec![nh], &sinks).expect("sinks");
-            let params =
-                ollm_ops::AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: with_sinks.then_some(&st) };
+            let params = ollm_ops::AttnParams {
+                scale: (d as f32).powf(-0.5),
+                window: None,
+                sinks: with_sinks.then_some(&st),
+                origin: 0,
+            };
             let qt = cpu.upload_f32(vec![tq, nh, d], &q).expect("q");
             let mut out = cpu.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
             let (kt, vt) = (cache(&cpu, &jk, p + own), cache(&cpu, &jv, p + own));

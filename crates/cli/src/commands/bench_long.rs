@@ -164,7 +164,7 @@ fn attention_line(be: &dyn Backend, (nh, nkv, d): (usize, usize, usize), ctx: us
     be.write_kv(&mut v, &new, 0)?;
     let q = be.upload_f32(vec![1, nh, d], &rows[..nh * d])?;
     let mut out = be.zeros(vec![1, nh, d])?;
-    let params = AttnParams { scale: 1.0 / (d as f32).sqrt(), window: None, sinks: None };
+    let params = AttnParams { scale: 1.0 / (d as f32).sqrt(), window: None, sinks: None, origin: 0 };
     let mut times = Vec::with_capacity(9);
     for i in 0..10 {
         let t = Instant::now();

@@ -147,7 +147,7 @@ pub fn self_attention_qk(
         t.record(Some(call.layer), "q_rope", &s.q);
         t.record(Some(call.layer), "k_rope", &s.k);
     }
-    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks, origin: 0 };
     append_and_attend(backend, kv, (&s.k, &s.v), &s.q, (call.layer, call.pos0), &params, &mut s.ctx)?;
     // [T, nh, d] -> [T, H]
     backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
@@ -173,6 +173,7 @@ pub fn append_and_attend(
     })?;
     backend.write_kv(&mut kv.k, k, row0)?;
     backend.write_kv(&mut kv.v, v, row0)?;
+    let params = &AttnParams { scale: params.scale, window: params.window, sinks: params.sinks, origin: kv.base };
     match &kv.prefix {
         // Positions 0..base sit in a shared prefix: attend over it and the own rows.
         Some(pre) => backend.attention_prefixed(q, (pre.k(), pre.v(), pre.len()), (&kv.k, &kv.v), row0, params, ctx)?,
@@ -234,6 +235,7 @@ pub fn append_and_attend_tree(
     })?;
     backend.write_kv(&mut kv.k, k, row0)?;
     backend.write_kv(&mut kv.v, v, row0)?;
+    let params = &AttnParams { scale: params.scale, window: params.window, sinks: params.sinks, origin: kv.base };
     backend.tree_attention(q, &kv.k, &kv.v, row0, tree, params, ctx)?;
     Ok(())
 }
@@ -340,7 +342,7 @@ pub fn batched_self_attention_qk(
             t.record(Some(call.layer), "q_rope", &s.q);
             t.record(Some(call.layer), "k_rope", &s.k);
         }
-        let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
+        let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks, origin: 0 };
         let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
         append_and_attend_tree(backend, kv, (&s.k, &s.v), &s.q, (call.layer, seg.pos0), &params, tree, &mut s.ctx)?;
         backend.matmul(&s.ctx, &w.o, w.o_bias.as_ref(), &mut s.out)?;
@@ -348,7 +350,7 @@ pub fn batched_self_attention_qk(
     }
     // The per-head norms act on each row alone, so they run over the whole tile.
     project_qkv(backend, w, a, s, qk)?;
-    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks };
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks, origin: 0 };
     for seg in segs {
         let [q, k, v, ctx] = bufs.get(backend, seg.n, dims)?;
         copy_outer_rows(backend, &s.q, seg.row, seg.n, q)?;

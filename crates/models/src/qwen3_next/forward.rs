@@ -620,7 +620,7 @@ impl Qwen3Next {
         be.rms_norm(&s.k_raw, &w.k_norm, c.rms_norm_eps, NormKind::ZeroCentered, &mut s.k)?;
         let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
         let rope = self.rope.covering(be, end)?;
-        let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None };
+        let params = AttnParams { scale: (d as f32).powf(-0.5), window: None, sinks: None, origin: 0 };
         if let [seg] = segs {
             be.rope(&mut s.q, &rope, seg.pos0)?;
             be.rope(&mut s.k, &rope, seg.pos0)?;

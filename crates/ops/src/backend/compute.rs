@@ -135,6 +135,10 @@ pub struct AttnParams<'a> {
     /// One logit per query head that joins the softmax normalisation only (GPT-OSS), `[n_heads]`
     /// f32 (from [`Memory::upload_f32`](crate::Memory::upload_f32)) on every backend.
     pub sinks: Option<&'a Tensor>,
+    /// The position of the cache's row 0 (a sliding-window or offloaded cache's base; 0 for a
+    /// whole cache). The CPU backend aligns a short call's key splits and tiles to positions, so a
+    /// row's result does not depend on where its cache starts; other backends may ignore it.
+    pub origin: usize,
 }
 
 /// The math every family needs: embedding, matmuls, norms, RoPE, KV writes, attention,

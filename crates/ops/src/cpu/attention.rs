@@ -93,8 +93,10 @@ struct Task {
     t0: usize,
     tt: usize,
     keys: std::ops::Range<usize>,
-    /// `P·V` through the matmul panel (long calls only; see [`GRID_ROWS`]).
-    panel: bool,
+    /// On the grid (short calls, [`GRID_ROWS`]): the position of cache row 0, tiles then end at
+    /// positions that are multiples of [`K_BLOCK`] and `P·V` runs row by row. None: tiles of
+    /// [`K_BLOCK`] from the first key, `P·V` through the matmul panel for many rows.
+    tiles: Option<usize>,
 }
 
 /// A task's unnormalised result: per row (token-major, then head of the group) the running max,
@@ -118,29 +120,28 @@ pub fn attention_with<E: KvElem>(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    attention_masked(kern, q, (k, v, g), scale, window, sinks, None, out);
+    attention_masked(kern, q, (k, v, g), (scale, window, sinks), None, 0, out);
 }
 
 /// [`attention_with`], the rows optionally the nodes of a tree ([`TreeMask`]): node i sits at
 /// position `pos0 + depth(i)` (its cache row is `pos0 + i`) and sees the rows before `pos0` and its
 /// ancestors' rows. A node whose ancestors are the rows just before it (a path kept in order) is
-/// computed exactly as the row of a chain.
-#[allow(clippy::too_many_arguments)]
+/// computed exactly as the row of a chain. `origin` is the position of cache row 0 (a sliding or
+/// offloaded cache's base): a short call's grid is laid on positions, not rows.
 pub(crate) fn attention_masked<E: KvElem>(
     kern: &Kernels,
     q: &[f32],
     (k, v, g): (&[E], &[E], &Geometry),
-    scale: f32,
-    window: Option<usize>,
-    sinks: Option<&[f32]>,
+    (scale, window, sinks): (f32, Option<usize>, Option<&[f32]>),
     tree: Option<&TreeMask>,
+    origin: usize,
     out: &mut [f32],
 ) {
     let (d, t) = (g.d, out.len() / (g.n_heads * g.d).max(1));
     if t == 0 || d == 0 {
         return;
     }
-    let parts = source_parts(kern, q, (k, v, g), scale, window, tree, t);
+    let parts = source_parts(kern, q, (k, v, g), scale, window, (tree, origin), t);
     merge(&parts, g, sinks, t, out);
 }
 
@@ -189,11 +190,12 @@ fn source_parts<E: KvElem>(
     (k, v, g): (&[E], &[E], &Geometry),
     scale: f32,
     window: Option<usize>,
-    tree: Option<&TreeMask>,
+    (tree, origin): (Option<&TreeMask>, usize),
     t: usize,
 ) -> Vec<(Task, Partial)> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
-    plan(g, t, window, t <= GRID_ROWS || tree.is_some())
+    let grid = (t <= GRID_ROWS || tree.is_some()).then_some(origin);
+    plan(g, t, window, grid)
         .into_par_iter()
         .map(|task| {
             let part = run_task(kern, q, (k, v, g), scale, (window, &lo), tree, &task);
@@ -239,36 +241,55 @@ fn merge(parts: &[(Task, Partial)], g: &Geometry, sinks: Option<&[f32]>, t: usiz
     }
 }
 
-/// Splits the call into tasks: (KV head, query block), and keys. On the `grid` (short calls,
-/// [`GRID_ROWS`]) keys split at multiples of [`MIN_SPLIT_KEYS`] and tiles start at multiples of
-/// [`K_BLOCK`], whatever the call's rows; otherwise keys split only when there are few tasks, so
-/// that every thread has work.
-fn plan(g: &Geometry, t: usize, window: Option<usize>, grid: bool) -> Vec<Task> {
+/// The first row at or after `row` whose position (`row + origin`) is a multiple of `step`.
+fn next_boundary(row: usize, origin: usize, step: usize) -> usize {
+    ((row + origin) / step + 1) * step - origin
+}
+
+/// The last row at or before `row` whose position is a multiple of `step` (row 0 if none).
+fn boundary_at_or_before(row: usize, origin: usize, step: usize) -> usize {
+    ((row + origin) / step * step).saturating_sub(origin)
+}
+
+/// Splits the call into tasks: (KV head, query block), and keys. On the grid (short calls,
+/// [`GRID_ROWS`]; `grid` is the position of cache row 0) keys split at positions that are
+/// multiples of [`MIN_SPLIT_KEYS`] and tiles start at multiples of [`K_BLOCK`], whatever the
+/// call's rows and wherever its cache starts; otherwise keys split only when there are few tasks,
+/// so that every thread has work.
+fn plan(g: &Geometry, t: usize, window: Option<usize>, grid: Option<usize>) -> Vec<Task> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let n_qblocks = t.div_ceil(Q_BLOCK);
     let base = g.n_kv * n_qblocks;
     let want = 4 * rayon::current_num_threads();
     let span = g.pos0 + t - lo(g.pos0);
-    let (split_len, start) = if grid {
-        (MIN_SPLIT_KEYS, lo(g.pos0) / MIN_SPLIT_KEYS * MIN_SPLIT_KEYS)
-    } else {
-        let splits = if base >= want { 1 } else { want.div_ceil(base).min(span.div_ceil(MIN_SPLIT_KEYS)).max(1) };
-        (span.div_ceil(splits).div_ceil(K_BLOCK) * K_BLOCK, lo(g.pos0))
+    let split_len = match grid {
+        Some(_) => MIN_SPLIT_KEYS,
+        None => {
+            let splits = if base >= want { 1 } else { want.div_ceil(base).min(span.div_ceil(MIN_SPLIT_KEYS)).max(1) };
+            span.div_ceil(splits).div_ceil(K_BLOCK) * K_BLOCK
+        }
+    };
+    let start = match grid {
+        Some(origin) => boundary_at_or_before(lo(g.pos0), origin, MIN_SPLIT_KEYS),
+        None => lo(g.pos0),
     };
     let mut tasks = Vec::with_capacity(base * span.div_ceil(split_len).max(1));
     for kvh in 0..g.n_kv {
         for qb in 0..n_qblocks {
             let (t0, tt) = (qb * Q_BLOCK, Q_BLOCK.min(t - qb * Q_BLOCK));
             let (mut first, last) = (lo(g.pos0 + t0), g.pos0 + t0 + tt - 1);
-            if grid {
-                first = first / K_BLOCK * K_BLOCK;
+            if let Some(origin) = grid {
+                first = boundary_at_or_before(first, origin, K_BLOCK);
             }
             let mut s = start;
             while s <= last {
-                let e = s + split_len;
+                let e = match grid {
+                    Some(origin) => next_boundary(s, origin, split_len),
+                    None => s + split_len,
+                };
                 let keys = s.max(first)..e.min(last + 1);
                 if !keys.is_empty() {
-                    tasks.push(Task { kvh, t0, tt, keys, panel: !grid });
+                    tasks.push(Task { kvh, t0, tt, keys, tiles: grid });
                 }
                 s = e;
             }
@@ -303,13 +324,14 @@ fn run_task<E: KvElem>(
     let mut o = vec![0.0f32; rows * d];
     let mut s = vec![0.0f32; rows * K_BLOCK];
     let mut corr = vec![1.0f32; rows];
-    let use_panel = task.panel && rows >= PANEL_PV_ROWS;
+    let use_panel = task.tiles.is_none() && rows >= PANEL_PV_ROWS;
     let (mut vt, mut tmp) =
         if use_panel { (vec![0.0f32; d * K_BLOCK], vec![0.0f32; rows * d]) } else { (vec![], vec![]) };
 
     let mut kb0 = task.keys.start;
     while kb0 < task.keys.end {
-        let kb = K_BLOCK.min(task.keys.end - kb0);
+        let tile_end = task.tiles.map_or(kb0 + K_BLOCK, |origin| next_boundary(kb0, origin, K_BLOCK));
+        let kb = tile_end.min(task.keys.end) - kb0;
         let s = &mut s[..rows * kb];
         // S [rows, kb] = Qbuf [rows, d] · K[kb0..kb0 + kb]ᵀ.
         // SAFETY: qbuf holds rows·d, the key tile kb·d, and s rows·kb elements.
@@ -578,14 +600,14 @@ mod tests {
     fn decode_splits_keys_over_tasks() {
         let g = Geometry { n_heads: 2, n_kv: 1, d: 8, cap: 4096, pos0: 4095 };
         for grid in [false, true] {
-            let tasks = plan(&g, 1, None, grid);
+            let tasks = plan(&g, 1, None, grid.then_some(0));
             assert!(tasks.len() > 1 || rayon::current_num_threads() == 0, "{tasks:?}");
             let covered: usize = tasks.iter().map(|t| t.keys.len()).sum();
             assert_eq!(covered, 4096);
             assert!(tasks.windows(2).all(|w| w[0].keys.end == w[1].keys.start), "{tasks:?}");
         }
         // On the grid the splits sit at multiples of MIN_SPLIT_KEYS.
-        assert!(plan(&g, 1, None, true).iter().all(|t| t.keys.start % MIN_SPLIT_KEYS == 0));
+        assert!(plan(&g, 1, None, Some(0)).iter().all(|t| t.keys.start % MIN_SPLIT_KEYS == 0));
     }
 
     /// A row of a short call is bit for bit the row computed alone (a decode step) whatever the

@@ -163,7 +163,7 @@ mod tests {
         let mut v = be.kv_zeros(vec![n_kv, 4, d]).expect("v");
         be.write_kv(&mut v, &new, 1).expect("write v");
         let f32_cache = Tensor::from_f32(vec![n_kv, 4, d], host.clone()).expect("f32 cache");
-        let params = AttnParams { scale: 0.5, window: None, sinks: None };
+        let params = AttnParams { scale: 0.5, window: None, sinks: None, origin: 0 };
         let (mut a, mut b) = (be.zeros(vec![1, 2, d]).expect("a"), be.zeros(vec![1, 2, d]).expect("b"));
         be.attention(&q, &k, &v, 3, &params, &mut a).expect("bf16 attention");
         be.attention(&q, &f32_cache, &f32_cache, 3, &params, &mut b).expect("f32 attention");

@@ -240,8 +240,24 @@ impl Compute for CpuBackend {
         let (q, out) = (q.cpu_f32("attention")?, out.cpu_f32_mut("attention")?);
         let (scale, window, sinks) = (params.scale, params.window, sinks.as_deref());
         match (k.cpu("attention")?, v.cpu("attention")?) {
-            (CpuStorage::F32(k), CpuStorage::F32(v)) => attention(q, k, v, &geo, scale, window, sinks, out),
-            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => attention(q, k, v, &geo, scale, window, sinks, out),
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => attention::attention_masked(
+                Kernels::active(),
+                q,
+                (k, v, &geo),
+                (scale, window, sinks),
+                None,
+                params.origin,
+                out,
+            ),
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => attention::attention_masked(
+                Kernels::active(),
+                q,
+                (k, v, &geo),
+                (scale, window, sinks),
+                None,
+                params.origin,
+                out,
+            ),
             (k, _) => return Err(kv_dtype_err("attention", k.dtype())),
         }
         Ok(())
@@ -263,9 +279,11 @@ impl Compute for CpuBackend {
         let (q, out) = (q.cpu_f32(op)?, out.cpu_f32_mut(op)?);
         let (scale, window, sinks) = (params.scale, params.window, sinks.as_deref());
         match (k.cpu(op)?, v.cpu(op)?) {
-            (CpuStorage::F32(k), CpuStorage::F32(v)) => tree_attention(q, k, v, &geo, tree, scale, window, sinks, out),
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                tree_attention::tree_attention_at(q, (k, v, &geo), tree, (scale, window, sinks), params.origin, out)
+            }
             (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                tree_attention(q, k, v, &geo, tree, scale, window, sinks, out)
+                tree_attention::tree_attention_at(q, (k, v, &geo), tree, (scale, window, sinks), params.origin, out)
             }
             (k, _) => return Err(kv_dtype_err(op, k.dtype())),
         }

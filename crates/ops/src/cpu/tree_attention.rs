@@ -23,7 +23,20 @@ pub fn tree_attention<E: KvElem>(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    attention_masked(Kernels::active(), q, (k, v, g), scale, window, sinks, Some(tree), out);
+    tree_attention_at(q, (k, v, g), tree, (scale, window, sinks), 0, out);
+}
+
+/// [`tree_attention`] over a cache whose row 0 holds position `origin` (a sliding or offloaded
+/// cache's base).
+pub(crate) fn tree_attention_at<E: KvElem>(
+    q: &[f32],
+    (k, v, g): (&[E], &[E], &Geometry),
+    tree: &TreeMask,
+    settings: (f32, Option<usize>, Option<&[f32]>),
+    origin: usize,
+    out: &mut [f32],
+) {
+    attention_masked(Kernels::active(), q, (k, v, g), settings, Some(tree), origin, out);
 }
 
 #[cfg(test)]
