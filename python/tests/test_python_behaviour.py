@@ -40,6 +40,16 @@ def interrupt_after(seconds):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="SKIPPED: needs POSIX signals")
 def test_ctrl_c_raises_keyboard_interrupt_and_stops_cleanly(llm):
+    # Python's own Ctrl-C handler, as an interactive Python has it: a process started in the
+    # background by a non-interactive shell inherits SIGINT ignored, and Python keeps it so.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ctrl_c_raises_and_stops_cleanly(llm)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c_raises_and_stops_cleanly(llm):
     t0 = time.monotonic()
     interrupt_after(0.5)
     with pytest.raises(KeyboardInterrupt):
