@@ -247,6 +247,22 @@ impl ollm_engine::speculative::Drafter for SecondBranch {
     }
 }
 
+/// `n` greedy tokens after `prompt`, the first from the prefill, the rest from `spec`'s rounds.
+fn greedy_rounds(spec: &mut ollm_engine::Speculator, model: Arc<dyn CausalLm>, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut session = Session::new(model).expect("session");
+    let logits = session.prefill(prompt).expect("prefill");
+    let mut pending = ollm_engine::sampling::argmax(&logits);
+    let mut sampler = ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
+    let mut out = vec![pending];
+    while out.len() < n {
+        let got = spec.step(&mut session, pending, n - out.len(), &mut sampler, None).expect("round");
+        pending = *got.last().expect("a token");
+        out.extend(got);
+    }
+    out.truncate(n);
+    out
+}
+
 /// Kept paths that run through a later sibling: their rows are not where the path's positions
 /// are, so the cache is truncated to the pending token and the path is fed again with the next
 /// forward. The tokens equal plain greedy decoding on Llama with the KV spilled to disk in
@@ -275,17 +291,7 @@ fn paths_through_a_later_branch_ride_along_in_the_next_forward() {
         let truth: Vec<u32> = p.iter().chain(&plain.ids).copied().collect();
         let mut spec =
             ollm_engine::Speculator::with_drafter(Box::new(SecondBranch { truth, depth: 3 }), DraftTokens::Fixed(5));
-        let mut session = Session::new(model.clone()).expect("session");
-        let logits = session.prefill(&p).expect("prefill");
-        let mut pending = ollm_engine::sampling::argmax(&logits);
-        let mut sampler = ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
-        let mut out = vec![pending];
-        while out.len() < n {
-            let got = spec.step(&mut session, pending, n - out.len(), &mut sampler, None).expect("round");
-            pending = *got.last().expect("a token");
-            out.extend(got);
-        }
-        out.truncate(n);
+        let out = greedy_rounds(&mut spec, model.clone(), &p, n);
         assert_eq!(out, plain.ids, "{what}");
         let s = *spec.stats();
         // Every kept draft was in the second branch (fed again); the hidden path was kept whole
@@ -322,17 +328,7 @@ fn a_recurrent_models_backlog_stays_bounded_when_every_draft_is_rejected() {
     let plain = run(&mut Session::new(model.clone()).expect("session"), &tok, &p, &params(n, None));
     let truth: Vec<u32> = p.iter().chain(&plain.ids).copied().collect();
     let mut spec = ollm_engine::Speculator::with_drafter(Box::new(AlwaysWrong { truth }), DraftTokens::Fixed(4));
-    let mut session = Session::new(model).expect("session");
-    let logits = session.prefill(&p).expect("prefill");
-    let mut pending = ollm_engine::sampling::argmax(&logits);
-    let mut sampler = ollm_engine::Sampler::new(SamplingParams::greedy()).expect("greedy");
-    let mut out = vec![pending];
-    while out.len() < n {
-        let got = spec.step(&mut session, pending, n - out.len(), &mut sampler, None).expect("round");
-        pending = *got.last().expect("a token");
-        out.extend(got);
-    }
-    out.truncate(n);
+    let out = greedy_rounds(&mut spec, model, &p, n);
     assert_eq!(out, plain.ids);
     let s = *spec.stats();
     assert_eq!(s.accepted, 0, "{s:?}");
