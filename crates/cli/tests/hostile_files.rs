@@ -356,24 +356,32 @@ fn tiny_gguf(extra: &[(&str, MetaValue)]) -> Vec<u8> {
         elem_type: ValueType::I32,
         items: (0..V).map(|i| MetaValue::I32(if i < 2 { 3 } else { 1 })).collect(),
     };
+    // The tiny llama's metadata; an `extra` key replaces its default (a key may appear once).
+    let defaults = [
+        ("general.architecture", MetaValue::String("llama".into())),
+        ("llama.context_length", MetaValue::U32(256)),
+        ("llama.embedding_length", MetaValue::U32(H as u32)),
+        ("llama.feed_forward_length", MetaValue::U32(I as u32)),
+        ("llama.block_count", MetaValue::U32(1)),
+        ("llama.attention.head_count", MetaValue::U32(2)),
+        ("llama.attention.head_count_kv", MetaValue::U32(2)),
+        ("llama.rope.freq_base", MetaValue::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5)),
+        ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
+        ("tokenizer.ggml.pre", MetaValue::String("smollm".into())),
+        ("tokenizer.ggml.tokens", strs(&tokens)),
+        ("tokenizer.ggml.token_type", types),
+        ("tokenizer.ggml.merges", strs(&["a b", "Ġ a"])),
+        ("tokenizer.ggml.bos_token_id", MetaValue::U32(0)),
+        ("tokenizer.ggml.eos_token_id", MetaValue::U32(1)),
+        ("tokenizer.chat_template", MetaValue::String("{{ messages }}".into())),
+    ];
     let mut w = GgufWriter::new();
-    w.kv("general.architecture", MetaValue::String("llama".into()))
-        .kv("llama.context_length", MetaValue::U32(256))
-        .kv("llama.embedding_length", MetaValue::U32(H as u32))
-        .kv("llama.feed_forward_length", MetaValue::U32(I as u32))
-        .kv("llama.block_count", MetaValue::U32(1))
-        .kv("llama.attention.head_count", MetaValue::U32(2))
-        .kv("llama.attention.head_count_kv", MetaValue::U32(2))
-        .kv("llama.rope.freq_base", MetaValue::F32(10000.0))
-        .kv("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
-        .kv("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
-        .kv("tokenizer.ggml.pre", MetaValue::String("smollm".into()))
-        .kv("tokenizer.ggml.tokens", strs(&tokens))
-        .kv("tokenizer.ggml.token_type", types)
-        .kv("tokenizer.ggml.merges", strs(&["a b", "Ġ a"]))
-        .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(0))
-        .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(1))
-        .kv("tokenizer.chat_template", MetaValue::String("{{ messages }}".into()));
+    for (k, v) in defaults {
+        if !extra.iter().any(|(e, _)| *e == k) {
+            w.kv(k, v);
+        }
+    }
     for (k, v) in extra {
         w.kv(k, v.clone());
     }
@@ -456,6 +464,20 @@ fn mutate_template(rng: &mut Rng, seed: &str) -> String {
 fn scaled(n: usize) -> usize {
     let scale: f64 = std::env::var("OLLM_HOSTILE_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     ((n as f64 * scale).round() as usize).max(1)
+}
+
+/// A GGUF claiming 4 billion layers over one layer's tensors: the import names the first
+/// missing tensor without first listing every layer's names (a 2026-12-05 find of the fuzz
+/// above: 17 GB of names before the first check).
+#[test]
+fn a_gguf_claiming_billions_of_layers_fails_on_its_first_missing_tensor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, tiny_gguf(&[("llama.block_count", MetaValue::U32(u32::MAX))])).expect("write");
+    let (out, peak) = measured(|| import_gguf(&path, &dir.path().join("out"), &mut |_, _| {}));
+    let msg = out.expect_err("4 billion layers over one layer's tensors").to_string();
+    assert!(msg.contains("model.layers.1.input_layernorm.weight"), "{msg}");
+    assert!(peak < 16 << 20, "{peak} bytes live at peak for a 4 KB file");
 }
 
 #[test]

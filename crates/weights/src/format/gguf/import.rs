@@ -168,7 +168,16 @@ fn plan_tensors<'a>(file: &'a GgufFile, dims: &LlamaDims) -> Result<Vec<PlanItem
         plan.push(PlanItem { src: t, out, unpermute_heads, shift });
     }
     plan.sort_by(|a, b| a.out.name.cmp(&b.out.name));
-    let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    // Names are checked as they are made: a hostile block count must not build a list of
+    // billions of names first (the first missing one ends the check).
+    let present = |name: &str| -> Result<()> {
+        match plan.binary_search_by(|p| p.out.name.as_str().cmp(name)) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(WeightsError::Missing { name: name.to_string(), location: path.display().to_string() }),
+        }
+    };
+    present("model.embed_tokens.weight")?;
+    present("model.norm.weight")?;
     let mut modules = vec![
         "input_layernorm",
         "post_attention_layernorm",
@@ -188,17 +197,12 @@ fn plan_tensors<'a>(file: &'a GgufFile, dims: &LlamaDims) -> Result<Vec<PlanItem
     }
     for l in 0..dims.n_layers {
         for m in &modules {
-            required.push(format!("model.layers.{l}.{m}.weight"));
+            present(&format!("model.layers.{l}.{m}.weight"))?;
         }
         if arch == Arch::Qwen2 {
             for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
-                required.push(format!("model.layers.{l}.{m}.bias"));
+                present(&format!("model.layers.{l}.{m}.bias"))?;
             }
-        }
-    }
-    for name in required {
-        if plan.binary_search_by(|p| p.out.name.as_str().cmp(&name)).is_err() {
-            return Err(WeightsError::Missing { name, location: path.display().to_string() });
         }
     }
     Ok(plan)
