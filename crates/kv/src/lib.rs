@@ -534,6 +534,20 @@ impl SeqState {
         !self.shapes.is_empty()
     }
 
+    /// What a shared prefix's length is a multiple of for this state: the offloaded cache's
+    /// block (it shares whole blocks), else [`DEVICE_PREFIX_BLOCK`] (a prefix-store block never
+    /// straddles the prefix's end).
+    pub fn share_block(&self) -> usize {
+        self.offload.as_ref().map_or(DEVICE_PREFIX_BLOCK, offload::Offload::block)
+    }
+
+    /// Whether [`share_prefix`](Self::share_prefix) of `p` positions needs the state to stop at
+    /// `p` (or near it): recurrent state is only at `len`, and a sliding-window layer drops
+    /// positions a window at `p` sees once it has gone [`KEEP_BACK`] past.
+    pub fn shares_only_near_the_end(&self) -> bool {
+        self.has_fixed() || self.shapes.iter().any(|s| s.window.is_some())
+    }
+
     /// Moves positions `0..p` (already written) into a new [`SharedPrefix`] and attaches this
     /// state to it: its own caches keep positions `p..` (same capacity in positions). Other
     /// states that start with the same tokens [`attach`](Self::attach) to the result.
