@@ -356,3 +356,82 @@ fn a_shared_prefix_holds_window_tails_and_offloaded_blocks_once() {
     assert_eq!(host, own_host + pre.host_bytes(), "the prefix's blocks counted once");
     assert_eq!(device, held_bytes(&states));
 }
+
+/// The README's figure: KV bytes held by 16 sequences over one 1,536-token document, each then
+/// a 20-token question and 16 decoded tokens, with private caches and with the document shared,
+/// for two synthesised models whose attention layers have real shapes (tiny hidden and MLP
+/// sizes; KV bytes depend only on the attention layers): Gemma 3 1B's (26 layers, 1 KV head of
+/// 256, window 512 on 5 layers of 6) and GPT-OSS 20B's (24 layers, 8 KV heads of 64, window 128
+/// on every other layer). f32 KV (the CPU backend's exact mode; bf16 halves every figure).
+/// Every private sequence has the same length, so one is run and counted 16 times. A
+/// measurement (minutes on two cores), run with `cargo test -p ollm-models --test shared_prefix
+/// -- --ignored --nocapture`; the held-once accounting itself is checked by the tests above.
+#[test]
+#[ignore = "measurement for the README: minutes on a small CPU"]
+fn kv_bytes_for_16_sequences_over_one_document_private_and_shared() {
+    const DOC: usize = 1536;
+    let gemma = |d: &std::path::Path| {
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "vocab_size": 300, "max_position_embeddings": 4096, "sliding_window": 512,
+            "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0, "eos_token_id": 1,
+        });
+        let plan = ollm_models::synth::plan_gemma3(config, None).expect("plan");
+        ollm_models::synth::write_plan(&plan, d, 13, &mut |_, _| {}).expect("write");
+    };
+    let gpt_oss = |d: &std::path::Path| {
+        let mut config = ollm_models::synth::Like::GptOss20B.config();
+        for (k, v) in [
+            ("hidden_size", 64),
+            ("intermediate_size", 64),
+            ("num_local_experts", 4),
+            ("num_experts_per_tok", 2),
+            ("vocab_size", 300),
+            ("max_position_embeddings", 4096),
+        ] {
+            config[k] = v.into();
+        }
+        let plan = ollm_models::synth::plan_gpt_oss(config, None).expect("plan");
+        ollm_models::synth::write_plan(&plan, d, 5, &mut |_, _| {}).expect("write");
+    };
+    type Write<'a> = &'a dyn Fn(&std::path::Path);
+    let models: [(&str, Write<'_>); 2] = [("Gemma 3 1B shape", &gemma), ("GPT-OSS 20B shape", &gpt_oss)];
+    for (name, write) in models {
+        let (_dir, model) = load(write);
+        let be = model.backend();
+        let doc = ids(DOC, 1);
+        let question = |i: u32| ids(20, 10 + i);
+        let decode = |st: &mut SeqState| {
+            for t in 0..16 {
+                model.forward(&[t + 5], st, LogitsWanted::Last, None).expect("decode");
+            }
+        };
+        let mut private = model.new_state().expect("state");
+        let prompt: Vec<u32> = doc.iter().copied().chain(question(0)).collect();
+        model.forward(&prompt, &mut private, LogitsWanted::Last, None).expect("private prompt");
+        decode(&mut private);
+        let private_bytes = 16 * private.size_bytes();
+        let mut states: Vec<SeqState> = (0..16).map(|_| model.new_state().expect("state")).collect();
+        model.forward(&doc, &mut states[0], LogitsWanted::Last, None).expect("document");
+        let pre = states[0].share_prefix(be, DOC).expect("share");
+        for st in &mut states[1..] {
+            st.attach(be, pre.clone()).expect("attach");
+        }
+        for (i, st) in states.iter_mut().enumerate() {
+            model.forward(&question(i as u32), st, LogitsWanted::Last, None).expect("question");
+            decode(st);
+        }
+        let shared_bytes = held_bytes(&states);
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        println!(
+            "{name}: 16 sequences over a {DOC}-token document: private {:.1} MiB, shared {:.1} MiB (prefix {:.1} MiB held once), {:.1}x less",
+            mib(private_bytes),
+            mib(shared_bytes),
+            mib(pre.size_bytes()),
+            private_bytes as f64 / shared_bytes as f64
+        );
+        assert!(shared_bytes * 4 < private_bytes, "{name}: {shared_bytes} vs {private_bytes}");
+    }
+}
