@@ -651,9 +651,6 @@ impl SeqState {
                 self.len
             )));
         }
-        if self.has_fixed() {
-            self.restore_fixed(backend, &shared.fixed)?;
-        }
         match (&mut self.offload, &shared.host) {
             (Some(o), Some(host)) => o.attach(backend, host)?,
             _ => {
@@ -667,7 +664,15 @@ impl SeqState {
             }
         }
         self.len = p;
+        let fixed = self.has_fixed().then(|| shared.clone());
         self.shared = Some(shared);
+        if let Some(shared) = fixed
+            && let Err(e) = self.restore_fixed(backend, &shared.fixed)
+        {
+            // Not attached after all: the next sequence starts from nothing.
+            self.truncate(0);
+            return Err(e);
+        }
         Ok(())
     }
 
