@@ -10,9 +10,11 @@
 //! system prompt) hold that prefix's KV once ([`ollm_kv::SharedPrefix`]): a sequence admitted
 //! beside a running one whose prompt shares at least [`SHARE_BLOCK`] leading tokens waits (its
 //! prompt rows take no step budget) until that one has fed them, then attaches to the prefix,
-//! in whole blocks of [`SHARE_BLOCK`], and feeds only the rest; a prefix already shared is
-//! attached at once. States that cannot share (sliding windows, offloaded caches, recurrent
-//! state) prefill privately as before.
+//! in whole blocks of [`SHARE_BLOCK`] (of the offloaded cache's block when the KV is
+//! offloaded), and feeds only the rest; a prefix already shared is attached at once. A running
+//! sequence with recurrent state or sliding windows that others wait on stops a prompt chunk at
+//! the shared prefix's end (its state must be there when it shares); one already past it is not
+//! waited on.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -54,6 +56,19 @@ impl std::fmt::Debug for Request {
 /// a stored block never straddles a shared prefix's end); also the shortest prefix shared.
 pub const SHARE_BLOCK: usize = ollm_kv::DEVICE_PREFIX_BLOCK;
 
+/// The least length a multiple of both [`SHARE_BLOCK`] and a state's
+/// [`share_block`](ollm_kv::SeqState::share_block) (an offloaded cache's block).
+fn share_unit(block: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let block = block.max(1);
+    block / gcd(block, SHARE_BLOCK) * SHARE_BLOCK
+}
+
 /// How many sequences run together and how much a step feeds.
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -87,9 +102,9 @@ pub struct SchedulerStats {
     /// without computing or holding them.
     pub shared_attached: u64,
     pub shared_positions: u64,
-    /// The most KV-cache bytes the sessions held at once after a step (each shared prefix
-    /// once: [`ollm_kv::held_bytes`]), and at that point what they would hold with every
-    /// prefix copied into each attached sequence.
+    /// The most KV-cache bytes the sessions held at once after a step, on the device and in
+    /// pinned host RAM (each shared prefix once: [`ollm_kv::held_bytes_split`]), and at that
+    /// point what they would hold with every prefix copied into each attached sequence.
     pub peak_kv_bytes: u64,
     pub peak_kv_unshared_bytes: u64,
 }
@@ -188,13 +203,19 @@ impl Scheduler {
         self
     }
 
-    /// KV-cache bytes the sessions (running and idle) hold now, each shared prefix once; and
-    /// what they would hold with each attached sequence's prefix a private copy.
+    /// KV-cache bytes (device and pinned host) the sessions (running and idle) hold now, each
+    /// shared prefix once; and what they would hold with each attached sequence's prefix a
+    /// private copy.
     pub fn kv_bytes(&self) -> (u64, u64) {
         let states = || self.running.iter().map(|r| r.session.state()).chain(self.idle.iter().map(|s| s.state()));
-        let held = ollm_kv::held_bytes(states()) as u64;
-        let unshared: usize = states().map(|s| s.size_bytes() + s.shared_prefix().map_or(0, |p| p.size_bytes())).sum();
-        (held, unshared as u64)
+        let (device, host) = ollm_kv::held_bytes_split(states());
+        let unshared: usize = states()
+            .map(|s| {
+                let prefix = s.shared_prefix().map_or(0, |p| p.size_bytes() + p.host_bytes());
+                s.size_bytes() + s.host_bytes() + prefix
+            })
+            .sum();
+        ((device + host) as u64, unshared as u64)
     }
 
     pub fn config(&self) -> SchedulerConfig {
@@ -268,9 +289,11 @@ impl Scheduler {
                 budget = budget.saturating_sub(1);
             }
         }
+        let stops = self.share_stops();
         for (i, r) in self.running.iter().enumerate() {
             if r.feed.is_none() && r.share_wait.is_none() && budget > 0 {
                 let n = (r.prompt.len() - r.fed).min(r.session.prefill_chunk()).min(budget);
+                let n = stops[i].map_or(n, |stop| n.min(stop - r.fed));
                 if n > 0 {
                     plan.push((i, r.fed..r.fed + n));
                     budget -= n;
@@ -345,15 +368,44 @@ impl Scheduler {
     }
 
     /// Positions of `prompt` a sequence could share with running sequence `j`'s prompt: their
-    /// common start, leaving a token of `prompt` to feed, in whole [`SHARE_BLOCK`]s (0 when
-    /// `j` waits itself or cannot share).
+    /// common start, leaving a token of `prompt` to feed, in whole [`SHARE_BLOCK`]s (or
+    /// offloaded blocks: [`SeqState::share_block`](ollm_kv::SeqState::share_block)); 0 when
+    /// `j` waits itself or cannot share, or when its recurrent state or sliding windows have
+    /// gone past that point unshared.
     fn shareable_with(&self, prompt: &[u32], j: usize) -> usize {
         let d = &self.running[j];
         if d.share_wait.is_some() || !d.session.can_share() {
             return 0;
         }
+        let unit = share_unit(d.session.state().share_block());
         let common = d.prompt.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-        common / SHARE_BLOCK * SHARE_BLOCK
+        let p = common / unit * unit;
+        let state = d.session.state();
+        if state.shares_only_near_the_end() && state.shared_prefix().is_none() && d.session.len() > p {
+            return 0;
+        }
+        p
+    }
+
+    /// Per running sequence, where its next prompt chunk must stop: the end of the prefix a
+    /// waiting sequence will share with it, when its recurrent state or sliding windows must
+    /// be there when it shares.
+    fn share_stops(&self) -> Vec<Option<usize>> {
+        (0..self.running.len())
+            .map(|j| {
+                let d = &self.running[j];
+                if !d.session.state().shares_only_near_the_end() || d.session.state().shared_prefix().is_some() {
+                    return None;
+                }
+                self.running
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.share_wait.filter(|&p| i != j && p > d.fed).map(|p| (p, &r.prompt)))
+                    .filter(|&(p, prompt)| self.shareable_with(prompt, j) >= p)
+                    .map(|(p, _)| p)
+                    .min()
+            })
+            .collect()
     }
 
     /// Attaches each waiting sequence to its prefix once a running sequence holds it (sharing

@@ -11,10 +11,10 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use ollm_engine::{
-    FinishReason, GenerateParams, Generation, Request, SamplingParams, Scheduler, SchedulerConfig, Session, Sink,
-    TokenEvent, generate,
+    FinishReason, GenerateParams, Generation, Request, SamplingParams, Scheduler, SchedulerConfig, SchedulerStats,
+    Session, Sink, TokenEvent, generate,
 };
-use ollm_models::synth::{Like, plan_llama, write_plan};
+use ollm_models::synth::{Like, plan_gemma3, plan_llama, plan_qwen3_next, write_plan};
 use ollm_models::{CausalLm, load_model};
 use ollm_ops::cpu::CpuBackend;
 use ollm_tokenizer::Tokenizer;
@@ -261,7 +261,70 @@ fn speculating_requests_beside_plain_ones_give_plain_greedy_tokens() {
 fn sequences_over_one_document_share_its_prefix_and_get_what_they_get_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (model, tok) = tiny(dir.path());
-    let doc: Vec<u32> = (0..300u32).map(|i| (i * 31 + 7) % 4000 + 100).collect();
+    let (on, off) = share_one_document(&model, &tok, 300, 64);
+    // 4 layers × K and V × 2 heads × 16 dims × 4 bytes per position: the 4 attached sequences'
+    // 256 shared positions are held once, not 4 more times.
+    let per_position = 4 * 2 * 2 * 16 * 4;
+    assert!(on.peak_kv_bytes + 3 * 256 * per_position <= off.peak_kv_bytes, "{on:?} vs {off:?}");
+}
+
+/// The same over a Gemma 3 with a 64-position sliding window (3 layers of 4 slide) and over a
+/// Qwen3-Next (DeltaNet state; 2 attention layers of 8): the donor's prompt chunks stop at the
+/// shared prefix's end (its windows and state must be there when it shares), each attached
+/// sequence gets its copy of the state there, and every sequence's tokens are those it gets
+/// alone.
+#[test]
+fn windowed_and_recurrent_models_share_a_document_prefix_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gemma = dir.path().join("gemma3");
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+        "vocab_size": 128256, "max_position_embeddings": 4096, "sliding_window": 64,
+        "sliding_window_pattern": 4, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": 32, "final_logit_softcapping": 30.0, "eos_token_id": 1,
+    });
+    write_plan(&plan_gemma3(config, None).expect("plan"), &gemma, 13, &mut |_, _| {}).expect("write");
+    let next = dir.path().join("qwen3-next");
+    let mut config = Like::Qwen3Next80B.config();
+    for (k, v) in [
+        ("hidden_size", 64),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 32),
+        ("linear_num_key_heads", 2),
+        ("linear_num_value_heads", 4),
+        ("linear_key_head_dim", 16),
+        ("linear_value_head_dim", 16),
+        ("num_experts", 4),
+        ("num_experts_per_tok", 2),
+        ("moe_intermediate_size", 32),
+        ("shared_expert_intermediate_size", 32),
+        ("max_position_embeddings", 4096),
+    ] {
+        config[k] = v.into();
+    }
+    write_plan(&plan_qwen3_next(config, Some(8)).expect("plan"), &next, 9, &mut |_, _| {}).expect("write");
+    for d in [gemma, next] {
+        let model = load_model(&d, Arc::new(CpuBackend::new())).expect("load");
+        let tok = Arc::new(Tokenizer::from_dir(&d).expect("tokenizer"));
+        // The donor's 96-token chunks would pass 256 at 288 unless stopped there.
+        let (on, off) = share_one_document(&model, &tok, 300, 96);
+        assert!(on.peak_kv_bytes < off.peak_kv_bytes, "{}: {on:?} vs {off:?}", d.display());
+    }
+}
+
+/// Runs five requests over one document of `doc_len` tokens (then 5, 8, .. question tokens)
+/// through the scheduler with sharing on and off (batch 5, `step_tokens` a step); asserts each
+/// gets the tokens it gets alone and that four attached to the first 256 positions. Returns
+/// the stats with sharing on and off.
+fn share_one_document(
+    model: &Arc<dyn CausalLm>,
+    tok: &Arc<Tokenizer>,
+    doc_len: u32,
+    step_tokens: usize,
+) -> (SchedulerStats, SchedulerStats) {
+    let doc: Vec<u32> = (0..doc_len).map(|i| (i * 31 + 7) % 4000 + 100).collect();
     let prompts: Vec<Vec<u32>> = (0..5u32)
         .map(|q| doc.iter().copied().chain((0..5 + 3 * q).map(|i| (i * 17 + q * 911) % 4000 + 100)).collect())
         .collect();
@@ -270,12 +333,12 @@ fn sequences_over_one_document_share_its_prefix_and_get_what_they_get_alone() {
         .iter()
         .map(|p| {
             let mut s = Session::new(model.clone()).expect("session");
-            generate(&mut s, &tok, p, &params, &mut |_| ControlFlow::Continue(())).expect("alone").ids
+            generate(&mut s, tok, p, &params, &mut |_| ControlFlow::Continue(())).expect("alone").ids
         })
         .collect();
     let run = |share: bool| {
         let m = model.clone();
-        let cfg = SchedulerConfig { max_batch: 5, step_tokens: 64 };
+        let cfg = SchedulerConfig { max_batch: 5, step_tokens };
         let mut sched = Scheduler::new(model.clone(), tok.clone(), cfg, Box::new(move || Session::new(m.clone())))
             .with_prefix_sharing(share);
         let out: Results = Arc::default();
@@ -296,10 +359,7 @@ fn sequences_over_one_document_share_its_prefix_and_get_what_they_get_alone() {
     assert_eq!(private_ids, want);
     assert_eq!((on.shared_attached, on.shared_positions), (4, 4 * 256), "{on:?}");
     assert_eq!(off.shared_attached, 0);
-    // 4 layers × K and V × 2 heads × 16 dims × 4 bytes per position: the 4 attached sequences'
-    // 256 shared positions are held once, not 4 more times.
-    let per_position = 4 * 2 * 2 * 16 * 4;
-    assert!(on.peak_kv_bytes + 3 * 256 * per_position <= off.peak_kv_bytes, "{on:?} vs {off:?}");
     assert!(on.peak_kv_unshared_bytes > on.peak_kv_bytes, "{on:?}");
     eprintln!("peak KV held: {} B shared, {} B private", on.peak_kv_bytes, off.peak_kv_bytes);
+    (on, off)
 }

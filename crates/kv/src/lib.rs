@@ -27,7 +27,7 @@ use ollm_ops::{Backend, DType, HostBuffer, KvBlockSpan, OpsError, Result, Tensor
 
 pub use offload::{KvOffload, OffloadStats};
 pub use prefix::{PrefixCache, PrefixConfig, Restored, Stored};
-pub use shared::{PrefixLayer, SharedPrefix, held_bytes};
+pub use shared::{HostPrefix, PrefixLayer, PrefixRows, SharedPrefix, held_bytes, held_bytes_split};
 
 use std::sync::Arc;
 
@@ -153,8 +153,18 @@ impl LayerKv {
         let keep = base - self.base..pos - self.base;
         self.k = backend.grow_kv(&self.k, keep.clone(), new_cap)?;
         self.v = backend.grow_kv(&self.v, keep, new_cap)?;
+        if base > self.base {
+            // The window has moved past a shared prefix's end: no query sees its tail any more.
+            self.prefix = None;
+        }
         self.base = base;
         Ok(())
+    }
+
+    /// The first position this layer still holds: a shared prefix's first row when it is
+    /// attached to one, else its own rows' base.
+    fn first_position(&self) -> usize {
+        self.prefix.as_ref().map_or(self.base, PrefixLayer::start)
     }
 }
 
@@ -341,8 +351,9 @@ impl SeqState {
         if needed <= self.capacity {
             return Ok(());
         }
-        // Attached to a shared prefix of P positions, the own rows double (not the positions).
-        let p = self.shared_len();
+        // Attached to a shared prefix of P positions, the own rows double (not the positions);
+        // an offloaded cache's windows hold the prefix's positions too.
+        let p = if self.offload.is_some() { 0 } else { self.shared_len() };
         let new_cap = p + grown_capacity(self.capacity - p, needed - p, self.max_positions - p);
         if let Some(o) = &mut self.offload {
             o.reserve(backend, needed, new_cap)?;
@@ -401,7 +412,7 @@ impl SeqState {
     pub fn min_len(&self) -> usize {
         let first_kept: Vec<usize> = match &self.offload {
             Some(o) => (0..self.shapes.len()).map(|l| o.first_kept(l)).collect(),
-            None => self.layers.iter().map(|l| l.base).collect(),
+            None => self.layers.iter().map(LayerKv::first_position).collect(),
         };
         self.shapes
             .iter()
@@ -516,21 +527,40 @@ impl SeqState {
         self.shared.as_ref()
     }
 
-    /// Whether this state can hold its first positions in a shared prefix: every attention
-    /// layer keeps every position (no sliding window), on the device (not offloaded), and the
-    /// model keeps no recurrent state. Other states keep private copies.
+    /// Whether this state can hold its first positions in a shared prefix: any state with
+    /// attention layers (on the device or offloaded, full or sliding-window, with or without
+    /// recurrent state; see [`shared`]).
     pub fn can_share(&self) -> bool {
-        self.offload.is_none()
-            && self.fixed.is_empty()
-            && !self.layers.is_empty()
-            && self.shapes.iter().all(|s| s.window.is_none())
+        !self.shapes.is_empty()
+    }
+
+    /// What a shared prefix's length is a multiple of for this state: the offloaded cache's
+    /// block (it shares whole blocks), else [`DEVICE_PREFIX_BLOCK`] (a prefix-store block never
+    /// straddles the prefix's end).
+    pub fn share_block(&self) -> usize {
+        self.offload.as_ref().map_or(DEVICE_PREFIX_BLOCK, offload::Offload::block)
+    }
+
+    /// Whether [`share_prefix`](Self::share_prefix) of `p` positions needs the state to stop at
+    /// `p` (or near it): recurrent state is only at `len`, and a sliding-window layer drops
+    /// positions a window at `p` sees once it has gone [`KEEP_BACK`] past.
+    pub fn shares_only_near_the_end(&self) -> bool {
+        self.has_fixed() || self.shapes.iter().any(|s| s.window.is_some())
     }
 
     /// Moves positions `0..p` (already written) into a new [`SharedPrefix`] and attaches this
     /// state to it: its own caches keep positions `p..` (same capacity in positions). Other
-    /// states that start with the same tokens [`attach`](Self::attach) to the result. Fails
-    /// when the state cannot share, holds fewer than `p` positions, or is already attached (to
-    /// a prefix of another length; of length `p`, that prefix is returned).
+    /// states that start with the same tokens [`attach`](Self::attach) to the result.
+    ///
+    /// What the prefix holds: a full-attention layer's positions `0..p`; a sliding-window
+    /// layer's last `window - 1` of them (from the position the prefix store still wants, if
+    /// earlier: [`retain_from`](Self::retain_from)); an offloaded cache's first `p / block`
+    /// blocks (`p` a whole number of blocks); the recurrent layers' state, which must be at `p`
+    /// (the state is at `p`: [`len`](Self::len) is `p`).
+    ///
+    /// Fails when the state holds fewer than `p` positions, a sliding-window layer no longer
+    /// holds one its window sees from `p`, or the state is already attached (to a prefix of
+    /// another length; of length `p`, that prefix is returned).
     pub fn share_prefix(&mut self, backend: &dyn Backend, p: usize) -> Result<Arc<SharedPrefix>> {
         if let Some(s) = &self.shared {
             return match s.len == p {
@@ -542,19 +572,48 @@ impl SeqState {
             };
         }
         if !self.can_share() || p == 0 || p > self.len {
+            return Err(OpsError::Backend(format!("cannot share {p} positions of a state of {}", self.len)));
+        }
+        if self.has_fixed() && p != self.len {
             return Err(OpsError::Backend(format!(
-                "cannot share {p} positions of a state of {} (sliding windows, an offloaded cache or recurrent state keep private copies)",
+                "cannot share {p} positions of a state with recurrent layers at position {}: share them when the state is at {p}",
                 self.len
             )));
         }
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for kv in &self.layers {
-            layers.push((backend.grow_kv(&kv.k, 0..p, p)?, backend.grow_kv(&kv.v, 0..p, p)?));
+        let fixed = self.snapshot_fixed(backend)?;
+        if let Some(o) = &mut self.offload {
+            let host = o.share(backend, p)?;
+            let shared = Arc::new(SharedPrefix { layers: Vec::new(), host: Some(host), fixed, len: p });
+            self.shared = Some(shared.clone());
+            return Ok(shared);
         }
-        let shared = Arc::new(SharedPrefix { layers, len: p });
+        // The prefix's rows per layer: a sliding-window layer's from the first position its
+        // window sees from p on (or the store still wants).
+        let mut rows = Vec::with_capacity(self.layers.len());
+        for (l, (kv, shape)) in self.layers.iter().zip(&self.shapes).enumerate() {
+            let start = match shape.window {
+                None => 0,
+                Some(w) => {
+                    let seen = p.saturating_sub(w.saturating_sub(1));
+                    if kv.base > seen {
+                        return Err(OpsError::Backend(format!(
+                            "sliding-window layer {l} keeps positions from {} but position {p} still sees {seen}: share a prefix before the window moves past it",
+                            kv.base
+                        )));
+                    }
+                    seen.min(self.retain_from).max(kv.base)
+                }
+            };
+            let keep = start - kv.base..p - kv.base;
+            let (k, v) = (backend.grow_kv(&kv.k, keep.clone(), p - start)?, backend.grow_kv(&kv.v, keep, p - start)?);
+            rows.push(PrefixRows { k, v, start });
+        }
+        let shared = Arc::new(SharedPrefix { layers: rows, host: None, fixed, len: p });
         for (l, kv) in self.layers.iter_mut().enumerate() {
-            kv.k = backend.grow_kv(&kv.k, p..self.len, self.capacity - p)?;
-            kv.v = backend.grow_kv(&kv.v, p..self.len, self.capacity - p)?;
+            // Own rows keep the capacity in positions they had (a full layer's from position 0).
+            let cap = (kv.capacity() + kv.base).saturating_sub(p).max(self.len - p).max(1);
+            kv.k = backend.grow_kv(&kv.k, p - kv.base..self.len - kv.base, cap)?;
+            kv.v = backend.grow_kv(&kv.v, p - kv.base..self.len - kv.base, cap)?;
             kv.base = p;
             kv.prefix = Some(PrefixLayer { shared: shared.clone(), layer: l });
         }
@@ -563,35 +622,67 @@ impl SeqState {
     }
 
     /// Attaches an empty state to `shared`: it then holds positions `0..shared.len()` without
-    /// a copy, its own caches (made anew, [`INITIAL_CAPACITY`] rows) taking positions from
-    /// there. Fails unless the state is empty, [`can_share`](Self::can_share) and its layers
-    /// match the prefix's.
+    /// a copy of their KV, its own caches (made anew, [`INITIAL_CAPACITY`] rows) taking
+    /// positions from there; an offloaded cache's first blocks point at the prefix's; a
+    /// recurrent model's state is the prefix's snapshot, copied in. Fails unless the state is
+    /// empty and its layers, placement (device or offloaded) and recurrent state match the
+    /// prefix's.
     pub fn attach(&mut self, backend: &dyn Backend, shared: Arc<SharedPrefix>) -> Result<()> {
         let p = shared.len;
-        let fits = shared.layers.len() == self.layers.len()
-            && shared.layers.iter().zip(&self.shapes).all(|((k, _), s)| k.shape() == [s.n_kv_heads, p, s.head_dim]);
-        if self.len != 0 || !self.can_share() || !fits || p == 0 || p >= self.max_positions {
+        let fits = match (&self.offload, &shared.host) {
+            (Some(_), Some(_)) => true,
+            (None, None) => {
+                shared.layers.len() == self.layers.len()
+                    && shared.layers.iter().zip(&self.shapes).all(|(r, s)| {
+                        r.k.shape() == [s.n_kv_heads, p - r.start, s.head_dim] && (s.window.is_some() || r.start == 0)
+                    })
+            }
+            _ => false,
+        };
+        if self.len != 0
+            || !self.can_share()
+            || !fits
+            || shared.fixed.len() != self.fixed_bytes()
+            || p == 0
+            || p >= self.max_positions
+        {
             return Err(OpsError::Backend(format!(
-                "cannot attach a shared prefix of {p} positions to a state of {} positions (it must be empty, of the same layers, without sliding windows, offloading or recurrent state)",
+                "cannot attach a shared prefix of {p} positions to a state of {} positions (it must be empty, of the same layers and recurrent state, and placed alike: on the device or offloaded)",
                 self.len
             )));
         }
-        let rows = INITIAL_CAPACITY.min(self.max_positions - p);
-        for (l, (kv, s)) in self.layers.iter_mut().zip(&self.shapes).enumerate() {
-            *kv = LayerKv::zeros(backend, s, rows)?;
-            kv.base = p;
-            kv.prefix = Some(PrefixLayer { shared: shared.clone(), layer: l });
+        match (&mut self.offload, &shared.host) {
+            (Some(o), Some(host)) => o.attach(backend, host)?,
+            _ => {
+                let rows = INITIAL_CAPACITY.min(self.max_positions - p);
+                for (l, (kv, s)) in self.layers.iter_mut().zip(&self.shapes).enumerate() {
+                    *kv = LayerKv::zeros(backend, s, rows)?;
+                    kv.base = p;
+                    kv.prefix = Some(PrefixLayer { shared: shared.clone(), layer: l });
+                }
+                self.capacity = p + rows;
+            }
         }
-        self.capacity = p + rows;
         self.len = p;
+        let fixed = self.has_fixed().then(|| shared.clone());
         self.shared = Some(shared);
+        if let Some(shared) = fixed
+            && let Err(e) = self.restore_fixed(backend, &shared.fixed)
+        {
+            // Not attached after all: the next sequence starts from nothing.
+            self.truncate(0);
+            return Err(e);
+        }
         Ok(())
     }
 
-    /// Lets go of a shared prefix (the state is empty): the own caches' rows start at 0 again.
+    /// Lets go of a shared prefix (the state is empty): the own caches' rows start at 0 again
+    /// (an offloaded cache gives up the prefix's blocks in [`truncate`](Self::truncate)).
     fn detach(&mut self) {
         if let Some(s) = self.shared.take() {
-            self.capacity -= s.len;
+            if self.offload.is_none() {
+                self.capacity -= s.len;
+            }
             for kv in &mut self.layers {
                 kv.base = 0;
                 kv.prefix = None;
@@ -649,15 +740,16 @@ impl SeqState {
             .into());
         }
         for (l, kv) in self.layers.iter().enumerate() {
-            // A block of the shared prefix comes from its caches (rows from position 0).
+            // A block of the shared prefix comes from its caches (rows from its start).
             if let Some(pre) = kv.prefix.as_ref().filter(|_| bi * lay.block < p) {
-                let span = KvBlockSpan {
-                    offset: l * lay.layer_bytes,
-                    block: lay.block,
-                    row: 0,
-                    pos: bi * lay.block,
-                    n: lay.block,
+                let Some(pos) = (bi * lay.block).checked_sub(pre.start()) else {
+                    return Err(OpsError::Backend(format!(
+                        "block {bi} of sliding-window layer {l} is not in the shared prefix (it holds positions from {})",
+                        pre.start()
+                    ))
+                    .into());
                 };
+                let span = KvBlockSpan { offset: l * lay.layer_bytes, block: lay.block, row: 0, pos, n: lay.block };
                 backend.kv_to_host_async(pre.k(), &mut staging, span)?;
                 backend.kv_to_host_async(
                     pre.v(),

@@ -14,17 +14,23 @@
 //! 0 ([`LayerKv::base`] says which position that is), and frees blocks older than its window
 //! and [`KEEP_BACK`](crate::KEEP_BACK) (but none the prefix store has yet to take).
 //!
+//! A prefix shared by several sequences ([`SharedPrefix`](crate::SharedPrefix)) keeps its blocks
+//! once ([`HostPrefix`]): an attached sequence's first blocks are references to them
+//! (`Block::Shared`), loaded into its window like its own, never written, spilled or counted in
+//! its RAM budget.
+//!
 //! A block holds `block` positions of one layer, K then V, each laid out `[n_kv, block, d]` in
 //! the backend's KV dtype. Full blocks beyond the RAM budget move to the spill file (O_DIRECT,
 //! aligned); loading a spilled block reads it into a pinned staging buffer first, on the calling
 //! thread, while the device computes what was queued before.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ollm_io::direct::{ALIGN, DirectFile};
 use ollm_ops::{Backend, HostBuffer, KvBlockSpan, Marker, OpsError, Result};
 
-use crate::{KvShape, LayerKv};
+use crate::{HostPrefix, KvShape, LayerKv};
 
 /// Where the KV cache lives and how it is cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +51,9 @@ pub struct KvOffload {
 pub struct OffloadStats {
     pub ram_blocks: usize,
     pub disk_blocks: usize,
+    /// Blocks that are a shared prefix's (held once for every sequence attached to it; not in
+    /// `ram_blocks`).
+    pub shared_blocks: usize,
     pub block_bytes: usize,
     /// Bytes copied into the windows and out of them so far.
     pub loaded_bytes: u64,
@@ -60,6 +69,19 @@ enum Block {
     Disk(u64),
     /// Freed: older than a sliding-window layer's window.
     Dropped,
+    /// A shared prefix's block (read-only; held once for every sequence attached to it).
+    Shared(Arc<HostBuffer>),
+}
+
+impl Block {
+    /// The block's bytes when they are in RAM (its own or a shared prefix's).
+    fn in_ram(&self) -> Option<&HostBuffer> {
+        match self {
+            Block::Ram(buf) => Some(buf),
+            Block::Shared(buf) => Some(buf),
+            Block::Disk(_) | Block::Dropped => None,
+        }
+    }
 }
 
 struct Spill {
@@ -174,7 +196,7 @@ impl Offload {
         let mut read = Vec::new();
         for l in 0..self.n_layers {
             match self.blocks[l].get(bi) {
-                Some(Block::Ram(_)) => {}
+                Some(Block::Ram(_) | Block::Shared(_)) => {}
                 Some(Block::Disk(off)) => {
                     let mut buf = backend.host_alloc(self.block_bytes)?;
                     read_spilled(&self.spill, *off, self.block_bytes, &mut buf)?;
@@ -191,6 +213,7 @@ impl Offload {
         for l in 0..self.n_layers {
             let buf = match &self.blocks[l][bi] {
                 Block::Ram(buf) => buf,
+                Block::Shared(buf) => buf.as_ref(),
                 Block::Disk(_) | Block::Dropped => {
                     read.next().ok_or_else(|| err("internal: spilled block count".into()))?
                 }
@@ -323,15 +346,84 @@ impl Offload {
         Ok(())
     }
 
+    /// Makes every layer's blocks `0..p / block` (positions `0..p`, a whole number of blocks,
+    /// all written) a [`HostPrefix`] and points this cache's blocks at it: RAM blocks move into
+    /// it, spilled ones are read back first (a shared block stays in RAM), dropped ones stay
+    /// dropped.
+    pub(crate) fn share(&mut self, backend: &dyn Backend, p: usize) -> Result<HostPrefix> {
+        let b = self.cfg.block;
+        if !p.is_multiple_of(b) || self.blocks.iter().any(|bl| bl.len() < p / b) {
+            return Err(err(format!(
+                "an offloaded cache shares whole blocks of {b} positions it holds, not {p} positions"
+            )));
+        }
+        // The blocks' last copies out of the windows must have landed.
+        backend.host_wait(&backend.copy_marker()?)?;
+        let mut out = Vec::with_capacity(self.n_layers);
+        for l in 0..self.n_layers {
+            let mut layer = Vec::with_capacity(p / b);
+            for bi in 0..p / b {
+                let shared = match &self.blocks[l][bi] {
+                    Block::Shared(buf) => Some(buf.clone()),
+                    Block::Dropped => None,
+                    Block::Disk(off) => {
+                        let off = *off;
+                        let mut buf = backend.host_alloc(self.block_bytes)?;
+                        read_spilled(&self.spill, off, self.block_bytes, &mut buf)?;
+                        Some(Arc::new(buf))
+                    }
+                    Block::Ram(_) => match std::mem::replace(&mut self.blocks[l][bi], Block::Dropped) {
+                        Block::Ram(buf) => Some(Arc::new(buf)),
+                        _ => return Err(err("internal: a RAM block changed kind".into())),
+                    },
+                };
+                if let Some(buf) = &shared {
+                    self.blocks[l][bi] = Block::Shared(buf.clone());
+                }
+                layer.push(shared);
+            }
+            out.push(layer);
+        }
+        Ok(HostPrefix { block: b, block_bytes: self.block_bytes, blocks: out })
+    }
+
+    /// Points an empty cache's first blocks at a shared prefix's (its own blocks are given
+    /// up). Fails when the prefix was cut in other blocks or for other layers.
+    pub(crate) fn attach(&mut self, backend: &dyn Backend, host: &HostPrefix) -> Result<()> {
+        if host.block != self.cfg.block || host.block_bytes != self.block_bytes || host.blocks.len() != self.n_layers {
+            return Err(err(format!(
+                "a shared prefix of {} layers in blocks of {} positions ({} B) does not fit an offloaded cache of {} layers in blocks of {} ({} B)",
+                host.blocks.len(),
+                host.block,
+                host.block_bytes,
+                self.n_layers,
+                self.cfg.block,
+                self.block_bytes
+            )));
+        }
+        // A given-up buffer may still be the target of a queued copy.
+        backend.host_wait(&backend.copy_marker()?)?;
+        for (mine, theirs) in self.blocks.iter_mut().zip(&host.blocks) {
+            for blk in mine.drain(..) {
+                if let Block::Ram(buf) = blk {
+                    self.free.push(buf);
+                }
+            }
+            mine.extend(theirs.iter().map(|t| t.as_ref().map_or(Block::Dropped, |buf| Block::Shared(buf.clone()))));
+        }
+        Ok(())
+    }
+
     /// The first position layer `l` still holds (after its dropped blocks).
     pub(crate) fn first_kept(&self, l: usize) -> usize {
         self.blocks[l].iter().take_while(|b| matches!(b, Block::Dropped)).count() * self.cfg.block
     }
 
-    /// The sequence starts over: layers with dropped blocks give up all their blocks.
+    /// The sequence starts over: layers with dropped blocks or a shared prefix's give up all
+    /// their blocks (a shared one is let go of, never written).
     pub(crate) fn forget_dropped(&mut self) {
         for blocks in &mut self.blocks {
-            if blocks.iter().any(|b| matches!(b, Block::Dropped)) {
+            if blocks.iter().any(|b| matches!(b, Block::Dropped | Block::Shared(_))) {
                 for b in blocks.drain(..) {
                     if let Block::Ram(buf) = b {
                         self.free.push(buf);
@@ -360,7 +452,7 @@ impl Offload {
                 self.unspill(backend, l, bi, off)?;
             }
             let Block::Ram(buf) = &mut self.blocks[l][bi] else {
-                return Err(err(format!("internal: layer {l} block {bi} is not in RAM")));
+                return Err(err(format!("internal: layer {l} block {bi} is not in RAM or is a shared prefix's")));
             };
             let win = &self.windows[w];
             let span = KvBlockSpan { offset: 0, block: b, row, pos: pos - base, n };
@@ -404,7 +496,8 @@ impl Offload {
             let span = KvBlockSpan { offset: 0, block: b, row: 0, pos: (bi - first) * b, n };
             let v_span = KvBlockSpan { offset: self.half_bytes, ..span };
             match self.blocks[l].get(bi) {
-                Some(Block::Ram(buf)) => {
+                Some(blk @ (Block::Ram(_) | Block::Shared(_))) => {
+                    let buf = blk.in_ram().ok_or_else(|| err("internal: block kind".into()))?;
                     let win = &mut self.windows[w];
                     backend.kv_from_host_async(buf, &mut win.k, span)?;
                     backend.kv_from_host_async(buf, &mut win.v, v_span)?;
@@ -491,6 +584,7 @@ impl Offload {
         let mut s = self.stats;
         s.ram_blocks = self.blocks.iter().flatten().filter(|b| matches!(b, Block::Ram(_))).count();
         s.disk_blocks = self.blocks.iter().flatten().filter(|b| matches!(b, Block::Disk(_))).count();
+        s.shared_blocks = self.blocks.iter().flatten().filter(|b| matches!(b, Block::Shared(_))).count();
         s
     }
 

@@ -8,24 +8,57 @@
 //! runs over both (`Compute::attention_prefixed`). The prefix is read-only once made: a
 //! sequence that goes back before `P` lets go of it and never writes to it.
 //!
-//! Only states whose every attention layer keeps every position, on the device, without
-//! recurrent state, share ([`SeqState::can_share`](crate::SeqState::can_share)): a
-//! sliding-window layer drops its front per sequence, an offloaded cache moves in blocks of its
-//! own, and a recurrent layer's state at `P` would need its own copy; those states keep private
-//! copies, as before.
+//! Every kind of state shares:
+//! - a full-attention layer on the device holds positions `0..P` in the prefix;
+//! - a sliding-window layer on the device holds in the prefix only the positions its window can
+//!   still see from `P` on (the last `window - 1`, or more when the prefix store still wants
+//!   them: [`PrefixLayer::start`]); its own rows start at `P` and slide over [prefix tail + own
+//!   rows], and once its window has moved past the whole prefix it lets go of the tail;
+//! - an offloaded cache ([`KvOffload`](crate::KvOffload)) holds the prefix's blocks in pinned
+//!   RAM once ([`HostPrefix`]): each attached sequence's block list points at them, and its
+//!   device window loads them as it loads its own (so attention is the private path's, bit for
+//!   bit);
+//! - a recurrent layer's state after `P` is small and changes every token: the prefix keeps a
+//!   snapshot of it at `P`, copied into each sequence when it attaches.
 
 use std::sync::Arc;
 
-use ollm_ops::Tensor;
+use ollm_ops::{HostBuffer, Tensor};
 
-/// K and V of positions `0..len` of every attention layer, each `[n_kv, len, d]` in the KV
-/// dtype, on the backend the sequences compute on. Owned through an `Arc` by every state
-/// attached to it; nothing writes to it after [`SeqState::share_prefix`](crate::SeqState::share_prefix)
+/// K and V of the positions `0..len` every sequence attached to it starts with, held once, as
+/// the states that made it keep their caches: on the device per attention layer
+/// ([`PrefixRows`]), or in pinned host blocks for offloaded caches ([`HostPrefix`]); plus a
+/// recurrent model's fixed state at `len`. Owned through an `Arc` by every state attached to
+/// it; nothing writes to it after [`SeqState::share_prefix`](crate::SeqState::share_prefix)
 /// made it.
 #[derive(Debug)]
 pub struct SharedPrefix {
-    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    /// Per attention layer (empty when the prefix is held in host blocks).
+    pub(crate) layers: Vec<PrefixRows>,
+    pub(crate) host: Option<HostPrefix>,
+    /// The recurrent layers' fixed state at position `len`
+    /// ([`SeqState::snapshot_fixed`](crate::SeqState::snapshot_fixed) bytes; empty without).
+    pub(crate) fixed: Vec<u8>,
     pub(crate) len: usize,
+}
+
+/// One attention layer's rows of a prefix on the device: K and V `[n_kv, len - start, d]` in the
+/// KV dtype, row `r` holding position `start + r`. `start` is 0 for a full-attention layer.
+#[derive(Debug)]
+pub struct PrefixRows {
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) start: usize,
+}
+
+/// A prefix's blocks in pinned host RAM, as an offloaded cache cuts them (see
+/// [`offload`](crate::offload)): per layer, blocks `0..len / block` (None: a sliding-window
+/// layer had dropped it, no sequence attached at `len` can see it).
+#[derive(Debug)]
+pub struct HostPrefix {
+    pub(crate) block: usize,
+    pub(crate) block_bytes: usize,
+    pub(crate) blocks: Vec<Vec<Option<Arc<HostBuffer>>>>,
 }
 
 impl SharedPrefix {
@@ -40,11 +73,24 @@ impl SharedPrefix {
 
     /// Device bytes of its caches (held once, however many states are attached).
     pub fn size_bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| k.size_bytes() + v.size_bytes()).sum()
+        self.layers.iter().map(|r| r.k.size_bytes() + r.v.size_bytes()).sum()
+    }
+
+    /// Pinned host bytes of its blocks (an offloaded cache's prefix; held once) and of its
+    /// fixed-state snapshot.
+    pub fn host_bytes(&self) -> usize {
+        let blocks = self.host.as_ref().map_or(0, |h| h.blocks.iter().flatten().flatten().count() * h.block_bytes);
+        blocks + self.fixed.len()
+    }
+
+    /// Whether its KV is held in host blocks (made by an offloaded cache).
+    pub fn is_offloaded(&self) -> bool {
+        self.host.is_some()
     }
 }
 
-/// One attention layer's share of a [`SharedPrefix`], as a [`LayerKv`](crate::LayerKv) sees it.
+/// One attention layer's share of a [`SharedPrefix`] held on the device, as a
+/// [`LayerKv`](crate::LayerKv) sees it.
 #[derive(Debug, Clone)]
 pub struct PrefixLayer {
     pub(crate) shared: Arc<SharedPrefix>,
@@ -52,17 +98,21 @@ pub struct PrefixLayer {
 }
 
 impl PrefixLayer {
-    /// K `[n_kv, len, d]`.
+    fn rows_of(&self) -> &PrefixRows {
+        &self.shared.layers[self.layer]
+    }
+
+    /// K `[n_kv, rows, d]`.
     pub fn k(&self) -> &Tensor {
-        &self.shared.layers[self.layer].0
+        &self.rows_of().k
     }
 
-    /// V `[n_kv, len, d]`.
+    /// V `[n_kv, rows, d]`.
     pub fn v(&self) -> &Tensor {
-        &self.shared.layers[self.layer].1
+        &self.rows_of().v
     }
 
-    /// Positions `0..len` it holds.
+    /// The prefix's end: positions before it are the prefix's, the own rows start there.
     pub fn len(&self) -> usize {
         self.shared.len
     }
@@ -70,22 +120,43 @@ impl PrefixLayer {
     pub fn is_empty(&self) -> bool {
         self.shared.len == 0
     }
+
+    /// The first position it holds (0 but for a sliding-window layer, which holds only what
+    /// its window can still see from [`len`](Self::len) on).
+    pub fn start(&self) -> usize {
+        self.rows_of().start
+    }
+
+    /// Positions it holds: `start()..len()`, at rows `0..rows()` of [`k`](Self::k) and
+    /// [`v`](Self::v).
+    pub fn rows(&self) -> usize {
+        self.shared.len - self.rows_of().start
+    }
 }
 
-/// Device bytes the caches of these states hold together: each state's own caches, and each
-/// shared prefix once however many of them are attached to it.
-pub fn held_bytes<'a>(states: impl IntoIterator<Item = &'a crate::SeqState>) -> usize {
+/// Bytes the caches of these states hold together, on the device and in pinned host RAM: each
+/// state's own caches, and each shared prefix once however many of them are attached to it.
+/// Returns (device bytes, host bytes).
+pub fn held_bytes_split<'a>(states: impl IntoIterator<Item = &'a crate::SeqState>) -> (usize, usize) {
     let mut seen: Vec<*const SharedPrefix> = Vec::new();
-    let mut total = 0;
+    let (mut device, mut host) = (0, 0);
     for s in states {
-        total += s.size_bytes();
+        device += s.size_bytes();
+        host += s.host_bytes();
         if let Some(p) = s.shared_prefix() {
             let ptr = Arc::as_ptr(p);
             if !seen.contains(&ptr) {
                 seen.push(ptr);
-                total += p.size_bytes();
+                device += p.size_bytes();
+                host += p.host_bytes();
             }
         }
     }
-    total
+    (device, host)
+}
+
+/// Device bytes the caches of these states hold together: each state's own caches, and each
+/// shared prefix once however many of them are attached to it ([`held_bytes_split`]'s first).
+pub fn held_bytes<'a>(states: impl IntoIterator<Item = &'a crate::SeqState>) -> usize {
+    held_bytes_split(states).0
 }

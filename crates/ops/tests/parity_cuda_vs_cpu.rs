@@ -613,6 +613,69 @@ fn prefixed_attention_matches_cpu() {
     }
 }
 
+/// A sliding-window layer's shared prefix tail (`attention_prefixed` with `origin` the own
+/// rows' first position; the prefix holds only the `window - 1` positions before them): the GPU
+/// joins tail and own rows and runs its kernels, against the CPU's attention over a private
+/// window cache holding the same positions. Decode (2 queries, 1e-5) and a 9-query prefill
+/// (1e-2), with and without sinks.
+#[test]
+fn prefixed_attention_over_a_window_tail_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let (nh, nkv, d, window, base, own) = (8, 2, 64, 100, 700, 40);
+    let tail = window - 1;
+    let kv = |n: usize| rounded(&random(n, 1.0), DType::BF16);
+    // Per head, positions base - tail .. base + own (the tail's rows, then the own rows).
+    let (k, v) = (kv(nkv * (tail + own) * d), kv(nkv * (tail + own) * d));
+    let rows_of = |x: &[f32], from: usize, rows: usize| -> Vec<f32> {
+        (0..nkv).flat_map(|h| x[(h * (tail + own) + from) * d..(h * (tail + own) + from + rows) * d].to_vec()).collect()
+    };
+    let cache = |be: &dyn Backend, x: &[f32], rows: usize| -> Tensor {
+        let mut c = be.kv_zeros(vec![nkv, rows, d]).expect("cache");
+        let t: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..nkv).flat_map(move |h| (h * rows + r) * d..(h * rows + r + 1) * d))
+            .map(|i| x[i])
+            .collect();
+        be.write_kv(&mut c, &be.upload_f32(vec![rows, nkv, d], &t).expect("rows"), 0).expect("write");
+        c
+    };
+    let sinks = random(nh, 2.0);
+    for (tq, tol) in [(2usize, 1e-5), (9, 1e-2)] {
+        for with_sinks in [false, true] {
+            let q = random(tq * nh * d, 1.0);
+            let run = |be: &dyn Backend, prefixed: bool| -> Vec<f32> {
+                let st = be.upload_f32(vec![nh], &sinks).expect("sinks");
+                let origin = if prefixed { base } else { base - tail };
+                let params = ollm_ops::AttnParams {
+                    scale: (d as f32).powf(-0.5),
+                    window: Some(window),
+                    sinks: with_sinks.then_some(&st),
+                    origin,
+                };
+                let qt = be.upload_f32(vec![tq, nh, d], &q).expect("q");
+                let mut out = be.upload_f32(vec![tq, nh, d], &vec![f32::NAN; q.len()]).expect("out");
+                if prefixed {
+                    let (pk, pv) = (cache(be, &rows_of(&k, 0, tail), tail), cache(be, &rows_of(&v, 0, tail), tail));
+                    let (ok, ov) = (cache(be, &rows_of(&k, tail, own), own), cache(be, &rows_of(&v, tail, own), own));
+                    be.attention_prefixed(&qt, (&pk, &pv, tail), (&ok, &ov), own - tq, &params, &mut out)
+                        .expect("prefixed");
+                } else {
+                    let (kc, vc) = (cache(be, &k, tail + own), cache(be, &v, tail + own));
+                    be.attention(&qt, &kc, &vc, tail + own - tq, &params, &mut out).expect("attention");
+                }
+                be.to_host_f32(&out).expect("out")
+            };
+            let want = run(&cpu, false);
+            let (on_cpu, on_gpu) = (rel_err(&run(&cpu, true), &want), rel_err(&run(&gpu, true), &want));
+            eprintln!(
+                "window-tail prefixed attention, {tq} queries, sinks {with_sinks}: cpu {on_cpu:.2e}, gpu {on_gpu:.2e}"
+            );
+            assert!(on_cpu == 0.0, "CPU: not bit for bit the private window cache (rel err {on_cpu:e})");
+            assert!(on_gpu < tol, "GPU joined tail and own rows, {tq} queries: rel err {on_gpu:e}");
+        }
+    }
+}
+
 #[test]
 fn rmsnorm_matches_cpu_for_every_weight_dtype() {
     let Some(dev) = device() else { return };

@@ -176,7 +176,10 @@ pub fn append_and_attend(
     let params = &AttnParams { scale: params.scale, window: params.window, sinks: params.sinks, origin: kv.base };
     match &kv.prefix {
         // Positions 0..base sit in a shared prefix: attend over it and the own rows.
-        Some(pre) => backend.attention_prefixed(q, (pre.k(), pre.v(), pre.len()), (&kv.k, &kv.v), row0, params, ctx)?,
+        // (a sliding-window layer's prefix holds only its tail: `rows()` positions before base).
+        Some(pre) => {
+            backend.attention_prefixed(q, (pre.k(), pre.v(), pre.rows()), (&kv.k, &kv.v), row0, params, ctx)?
+        }
         None => backend.attention(q, &kv.k, &kv.v, row0, params, ctx)?,
     }
     Ok(())

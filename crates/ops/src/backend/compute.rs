@@ -196,7 +196,10 @@ pub trait Compute: Send + Sync {
     /// every sequence that starts with them) and the rest in its own caches k, v (row `r` holds
     /// position `p + r`): queries at own rows `pos0..pos0 + T` (positions `p + pos0..`) see every
     /// prefix position and own rows up to their own. Equal to attention over the two caches
-    /// joined (the CPU merges the two sources' online-softmax partials).
+    /// joined (the CPU merges the two sources' online-softmax partials). With `params.origin`
+    /// the position of the own rows' first (`b`), the prefix's `p` rows are positions
+    /// `b - p..b`: a sliding-window layer's prefix holds only the tail its window still sees,
+    /// and the joined cache's row 0 is position `b - p` (the CPU lays a short call's grid there).
     #[allow(clippy::too_many_arguments)]
     fn attention_prefixed(
         &self,

@@ -164,6 +164,22 @@ pub fn attention_prefixed<E: KvElem>(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    attention_prefixed_at(q, (pk, pv, p), (k, v), (pg, g), (scale, window, sinks), 0, out);
+}
+
+/// [`attention_prefixed`] whose prefix rows start at position `origin` (a sliding-window
+/// layer's shared prefix holds only the tail its window still sees): the joined cache's row 0
+/// is position `origin`, and a short call's key grid is laid on positions from there, so each
+/// row is bit for bit the row of a private cache holding the same positions.
+pub fn attention_prefixed_at<E: KvElem>(
+    q: &[f32],
+    (pk, pv, p): (&[E], &[E], usize),
+    (k, v): (&[E], &[E]),
+    (pg, g): (&Geometry, &Geometry),
+    (scale, window, sinks): (f32, Option<usize>, Option<&[f32]>),
+    origin: usize,
+    out: &mut [f32],
+) {
     let (d, t) = (g.d, out.len() / (g.n_heads * g.d).max(1));
     if t == 0 || d == 0 {
         return;
@@ -180,7 +196,7 @@ pub fn attention_prefixed<E: KvElem>(
     };
     let (jk, jv) = (join(pk, k), join(pv, v));
     let whole = Geometry { cap, pos0: p + g.pos0, ..*g };
-    attention_with(Kernels::active(), q, &jk, &jv, &whole, scale, window, sinks, out);
+    attention_masked(Kernels::active(), q, (&jk, &jv, &whole), (scale, window, sinks), None, origin, out);
 }
 
 /// The call's tasks, run: each a partial over its keys.

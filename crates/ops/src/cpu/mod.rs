@@ -16,7 +16,7 @@ mod rope;
 mod transfer;
 mod tree_attention;
 
-pub use attention::{Geometry as AttnGeometry, KvElem, attention, attention_prefixed};
+pub use attention::{Geometry as AttnGeometry, KvElem, attention, attention_prefixed, attention_prefixed_at};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
 pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
@@ -303,13 +303,15 @@ impl Compute for CpuBackend {
         let op = "attention_prefixed";
         let sinks = params.sinks.map(|s| s.cpu(op).map(storage_to_f32)).transpose()?;
         let (q, out) = (q.cpu_f32(op)?, out.cpu_f32_mut(op)?);
-        let (scale, window, sinks, geo) = (params.scale, params.window, sinks.as_deref(), (&pg, &g));
+        let (ps, geo) = ((params.scale, params.window, sinks.as_deref()), (&pg, &g));
+        // The prefix's rows are the positions just before the own rows' first (params.origin).
+        let origin = params.origin.saturating_sub(prefix.2);
         match (prefix.0.cpu(op)?, prefix.1.cpu(op)?, k.cpu(op)?, v.cpu(op)?) {
             (CpuStorage::F32(pk), CpuStorage::F32(pv), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                attention_prefixed(q, (pk, pv, prefix.2), (k, v), geo, scale, window, sinks, out)
+                attention_prefixed_at(q, (pk, pv, prefix.2), (k, v), geo, ps, origin, out)
             }
             (CpuStorage::BF16(pk), CpuStorage::BF16(pv), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                attention_prefixed(q, (pk, pv, prefix.2), (k, v), geo, scale, window, sinks, out)
+                attention_prefixed_at(q, (pk, pv, prefix.2), (k, v), geo, ps, origin, out)
             }
             (pk, _, k, _) => {
                 let dtype = if matches!(pk, CpuStorage::F32(_) | CpuStorage::BF16(_)) { k.dtype() } else { pk.dtype() };
