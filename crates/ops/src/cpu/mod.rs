@@ -136,6 +136,15 @@ impl Backend for CpuBackend {
 }
 
 impl Compute for CpuBackend {
+    /// On a thread of rayon's pool (in place when already on one).
+    fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
+        if rayon::current_thread_index().is_some() {
+            step();
+        } else {
+            rayon::scope(|_| step());
+        }
+    }
+
     fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()> {
         let (&[vocab, hidden], &[t, h2]) = (table.shape(), out.shape()) else {
             return shape_err("embedding", format!("table {:?}, out {:?}", table.shape(), out.shape()));
