@@ -240,8 +240,7 @@ impl Gemma3 {
         be.rms_norm(x, &layer.pre_mlp_norm, eps, NORM, &mut s.normed)?;
         // down(gelu_tanh(gate(x)) ⊙ up(x))
         let (w, m) = (&layer.mlp, &mut s.mlp);
-        be.matmul(&s.normed, &w.gate, None, &mut m.gate)?;
-        be.matmul(&s.normed, &w.up, None, &mut m.up)?;
+        be.matmul_many(&s.normed, &[(&w.gate, None), (&w.up, None)], &mut [&mut m.gate, &mut m.up])?;
         be.gelu_tanh_mul(&m.gate, &m.up, &mut m.act)?;
         be.matmul(&m.act, &w.down, None, &mut m.out)?;
         be.rms_norm(&m.out, &layer.post_mlp_norm, eps, NORM, &mut s.post)?;

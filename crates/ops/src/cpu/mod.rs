@@ -19,7 +19,7 @@ mod tree_attention;
 pub use attention::{Geometry as AttnGeometry, KvElem, attention, attention_prefixed};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
-pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
+pub use matmul::{Dims as MatmulDims, Job as MatmulJob, Precision, matmul, matmul_many_with, matmul_with};
 pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
@@ -163,27 +163,45 @@ impl Compute for CpuBackend {
     }
 
     fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
-        // x and out may carry any shape whose trailing elements form rows of `in` and `out`
-        // (e.g. attention output [T, heads, d] against o_proj [H, heads·d]).
-        let &[n, k] = w.shape() else {
-            return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
-        };
-        if w.dtype() == DType::U8 {
-            return Err(OpsError::DType { op: "matmul", dtype: DType::U8, detail: PACKED });
+        self.matmul_many(x, &[(w, bias)], &mut [out])
+    }
+
+    fn matmul_many(&self, x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], outs: &mut [&mut Tensor]) -> Result<()> {
+        if ws.len() != outs.len() {
+            return shape_err("matmul_many", format!("{} weights for {} outputs", ws.len(), outs.len()));
         }
+        let Some(&(w0, _)) = ws.first() else { return Ok(()) };
+        // Every weight has the same `in` (k): x and out may carry any shape whose trailing
+        // elements form rows of `in` and `out` (e.g. attention output [T, heads, d] against
+        // o_proj [H, heads·d]).
+        let k = w0.shape().last().copied().unwrap_or(0);
         let t = x.numel() / k.max(1);
-        if k == 0 || x.numel() != t * k || out.numel() != t * n {
-            return shape_err("matmul", format!("x {:?} · w{:?}ᵀ -> out {:?}", x.shape(), w.shape(), out.shape()));
-        }
-        let bias = match bias {
-            Some(b) if b.numel() != n => {
-                return shape_err("matmul", format!("bias {:?} for {n} outputs", b.shape()));
+        let mut biases = Vec::with_capacity(ws.len());
+        for ((w, bias), out) in ws.iter().zip(outs.iter()) {
+            let &[n, wk] = w.shape() else {
+                return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
+            };
+            if w.dtype() == DType::U8 {
+                return Err(OpsError::DType { op: "matmul", dtype: DType::U8, detail: PACKED });
             }
-            Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
-            None => None,
-        };
-        let (x, w, out) = (x.cpu_f32("matmul")?, w.cpu("matmul")?, out.cpu_f32_mut("matmul")?);
-        matmul_with(Kernels::active(), self.precision, x, MatmulDims { t, k, n }, w, bias.as_deref(), out);
+            if k == 0 || wk != k || x.numel() != t * k || out.numel() != t * n {
+                return shape_err("matmul", format!("x {:?} · w{:?}ᵀ -> out {:?}", x.shape(), w.shape(), out.shape()));
+            }
+            biases.push(match bias {
+                Some(b) if b.numel() != n => {
+                    return shape_err("matmul", format!("bias {:?} for {n} outputs", b.shape()));
+                }
+                Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
+                None => None,
+            });
+        }
+        let x = x.cpu_f32("matmul")?;
+        let mut jobs = Vec::with_capacity(ws.len());
+        for (((w, _), out), bias) in ws.iter().zip(outs.iter_mut()).zip(&biases) {
+            let n = w.shape()[0];
+            jobs.push(MatmulJob { w: w.cpu("matmul")?, n, bias: bias.as_deref(), out: out.cpu_f32_mut("matmul")? });
+        }
+        matmul_many_with(Kernels::active(), self.precision, x, (t, k), &mut jobs);
         Ok(())
     }
 
