@@ -361,10 +361,7 @@ impl Compute for CpuBackend {
         if x.shape() != y.shape() {
             return shape_err("add_assign", format!("x {:?}, y {:?}", x.shape(), y.shape()));
         }
-        let y = y.cpu_f32("add_assign")?;
-        for (a, b) in x.cpu_f32_mut("add_assign")?.iter_mut().zip(y) {
-            *a += b;
-        }
+        elementwise::add_assign(x.cpu_f32_mut("add_assign")?, y.cpu_f32("add_assign")?);
         Ok(())
     }
 
