@@ -7,6 +7,7 @@
 mod attention;
 pub mod deltanet;
 mod elementwise;
+mod hugepages;
 pub mod kernels;
 mod kv;
 mod matmul;
@@ -615,8 +616,26 @@ impl DeltaNetOps for CpuBackend {
 }
 
 impl Memory for CpuBackend {
+    /// Into memory advised for huge pages ([`hugepages`]): decode streams it every token.
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
-        Tensor::new(host.shape.clone(), Storage::Cpu(host.to_cpu_storage()?))
+        host.validate()?;
+        fn decode<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+            let mut v = hugepages::with_capacity(bytes.len() / N);
+            v.extend(bytes.chunks_exact(N).map(|c| {
+                let mut raw = [0u8; N];
+                raw.copy_from_slice(c);
+                f(raw)
+            }));
+            v
+        }
+        let b = &host.bytes;
+        let storage = match host.dtype {
+            DType::F32 => CpuStorage::F32(decode(b, f32::from_le_bytes)),
+            DType::F16 => CpuStorage::F16(decode(b, |r| f16::from_bits(u16::from_le_bytes(r)))),
+            DType::BF16 => CpuStorage::BF16(decode(b, |r| bf16::from_bits(u16::from_le_bytes(r)))),
+            DType::U8 => CpuStorage::U8(decode(b, |[r]: [u8; 1]| r)),
+        };
+        Tensor::new(host.shape.clone(), Storage::Cpu(storage))
     }
 
     fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
@@ -638,11 +657,12 @@ impl Memory for CpuBackend {
 
     fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
         let n = shape.iter().product();
+        // Huge pages where large (KV caches, streamed layers' slots): see `hugepages`.
         let s = match dtype {
-            DType::F32 => CpuStorage::F32(vec![0.0; n]),
-            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
-            DType::U8 => CpuStorage::U8(vec![0; n]),
+            DType::F32 => CpuStorage::F32(hugepages::filled(n, 0.0)),
+            DType::F16 => CpuStorage::F16(hugepages::filled(n, f16::ZERO)),
+            DType::BF16 => CpuStorage::BF16(hugepages::filled(n, bf16::ZERO)),
+            DType::U8 => CpuStorage::U8(hugepages::filled(n, 0)),
         };
         Tensor::new(shape, Storage::Cpu(s))
     }
