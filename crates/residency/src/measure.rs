@@ -1,7 +1,9 @@
 //! The bandwidths `ollm plan` and `ollm bench` compare against, measured through a backend's
 //! roles: memory bandwidth (the bound of decoding) and host-to-device copies (the bound of
 //! streaming from the RAM tier). Each is the best of 5 timed runs (the copies after one
-//! untimed warm-up; the host read's buffer has just been written).
+//! untimed warm-up; the host read's buffer has just been written), the host read the best of
+//! [`HOST_READ_RUNS`]: on a shared 2-core machine one run in a few is disturbed by the neighbours
+//! (best of 5 moved between 37 and 63 GB/s across rounds), and the best is the machine's rate.
 //!
 //! * Memory bandwidth: on the host ([`MemoryKind::Host`]) a multithreaded streaming read of a
 //!   buffer far larger than the caches; on a device a device-to-device copy on the compute
@@ -21,8 +23,18 @@ use rayon::prelude::*;
 
 /// Timed runs after the warm-up; the best is reported.
 const RUNS: usize = 5;
+/// Timed runs of the host read (see the module doc).
+pub const HOST_READ_RUNS: usize = 12;
 
-/// Best-of-5 memory bandwidth in bytes/s over a buffer of about `bytes`.
+/// How many runs [`memory_bandwidth`] takes the best of on `be`.
+pub fn bandwidth_runs(be: &dyn Backend) -> usize {
+    match be.memory_kind() {
+        MemoryKind::Host => HOST_READ_RUNS,
+        MemoryKind::Device => RUNS,
+    }
+}
+
+/// Best-of-[`bandwidth_runs`] memory bandwidth in bytes/s over a buffer of about `bytes`.
 pub fn memory_bandwidth(be: &dyn Backend, bytes: usize) -> ollm_ops::Result<f64> {
     match be.memory_kind() {
         MemoryKind::Host => Ok(host_read_bandwidth(bytes)),
@@ -30,13 +42,13 @@ pub fn memory_bandwidth(be: &dyn Backend, bytes: usize) -> ollm_ops::Result<f64>
     }
 }
 
-/// Best-of-5 read bandwidth in bytes/s: every thread sums its share of a buffer of about
-/// `bytes` (at least 256 KiB).
+/// Best-of-[`HOST_READ_RUNS`] read bandwidth in bytes/s: every thread of the pool decode runs on
+/// sums its share of a buffer of about `bytes` (at least 256 KiB).
 fn host_read_bandwidth(bytes: usize) -> f64 {
     let n = (bytes / 4).max(1 << 16);
     let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
     let mut best = 0.0f64;
-    for _ in 0..RUNS {
+    for _ in 0..HOST_READ_RUNS {
         let t = Instant::now();
         let s: f32 = buf.par_chunks(1 << 16).map(lane_sum).sum();
         let secs = t.elapsed().as_secs_f64();

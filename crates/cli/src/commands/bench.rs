@@ -400,8 +400,9 @@ fn print_header(loaded: &crate::loaded::Loaded, a: &DecodeBenchArgs, bandwidth: 
     println!("device          {}", loaded.model_backend_name);
     println!("threads         {}", rayon::current_num_threads());
     println!(
-        "memory bw       {:.2} GB/s (measured on the device, best of 5 over {} MiB)",
+        "memory bw       {:.2} GB/s (measured on the device, best of {} over {} MiB)",
         bandwidth / 1e9,
+        ollm_residency::measure::bandwidth_runs(loaded.backend.as_ref()),
         a.bandwidth_mib
     );
 }

@@ -109,7 +109,8 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
     if let Some(p) = &loaded.plan {
         println!("plan            {} (planned for batch {})", crate::planning::describe(p), p.batch);
     }
-    println!("memory bw       {:.2} GB/s (measured, best of 5 over {} MiB)", bw.device / 1e9, b.bandwidth_mib);
+    let runs = ollm_residency::measure::bandwidth_runs(loaded.backend.as_ref());
+    println!("memory bw       {:.2} GB/s (measured, best of {runs} over {} MiB)", bw.device / 1e9, b.bandwidth_mib);
     if loaded.plan.as_ref().is_some_and(streams) {
         println!("host→device     {:.2} GB/s (pinned, measured)", bw.host_to_device / 1e9);
         println!("disk            {:.2} GB/s (O_DIRECT read of the largest weights file, measured)", bw.disk / 1e9);

@@ -79,7 +79,8 @@ fn one(model: &ModelArgs, b: &LongBench) -> anyhow::Result<()> {
     let kv_name = be.kv_dtype().to_string().to_lowercase();
     println!("KV dtype        {kv_name} ({} per position)", human_bytes(info.kv_bytes_per_position));
     println!("threads         {}", rayon::current_num_threads());
-    println!("memory bw       {:.2} GB/s (best of 5 over {} MiB, measured now)", bw / 1e9, b.bandwidth_mib);
+    let runs = ollm_residency::measure::bandwidth_runs(be);
+    println!("memory bw       {:.2} GB/s (best of {runs} over {} MiB, measured now)", bw / 1e9, b.bandwidth_mib);
 
     // Prefill, timed.
     let prompt: Vec<u32> = (0..b.prefill).map(|i| ((7 * i * i + 3 * i + 1) % info.vocab_size) as u32).collect();

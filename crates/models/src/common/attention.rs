@@ -98,20 +98,18 @@ fn project_qkv(
     s: &mut AttnScratch,
     qk: Option<&QkNorm<'_>>,
 ) -> Result<()> {
+    let (q, k, v) = ((&w.q, w.q_bias.as_ref()), (&w.k, w.k_bias.as_ref()), (&w.v, w.v_bias.as_ref()));
     match qk {
-        None => {
-            backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.q)?;
-            backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.k)?;
-        }
+        // One call for the three (one parallel region on the CPU).
+        None => backend.matmul_many(a, &[q, k, v], &mut [&mut s.q, &mut s.k, &mut s.v])?,
         Some(n) => {
             // ctx has q's shape and v has k's: both are written later in the call.
-            backend.matmul(a, &w.q, w.q_bias.as_ref(), &mut s.ctx)?;
+            backend.matmul_many(a, &[q, k], &mut [&mut s.ctx, &mut s.v])?;
             backend.rms_norm(&s.ctx, n.q, n.eps, n.kind, &mut s.q)?;
-            backend.matmul(a, &w.k, w.k_bias.as_ref(), &mut s.v)?;
             backend.rms_norm(&s.v, n.k, n.eps, n.kind, &mut s.k)?;
+            backend.matmul(a, v.0, v.1, &mut s.v)?;
         }
     }
-    backend.matmul(a, &w.v, w.v_bias.as_ref(), &mut s.v)?;
     Ok(())
 }
 

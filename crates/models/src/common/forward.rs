@@ -8,6 +8,27 @@ use ollm_ops::{Backend, NormKind, Tensor};
 use crate::trace::TraceSink;
 use crate::{BatchSeq, LogitsWanted, ModelError, Result};
 
+/// Runs one forward `f` through [`Compute::run_step`](ollm_ops::Compute::run_step) (on the CPU:
+/// on its pool's threads, so the ops' parallel regions do not each wake the pool), or in place
+/// when some of the model's layers stream: a streamed layer's copy into its slot runs on the
+/// CPU's pool while the forward waits for it.
+pub fn on_compute_threads<R: Send>(
+    be: &dyn Backend,
+    streamed: bool,
+    f: impl FnOnce() -> Result<R> + Send,
+) -> Result<R> {
+    if streamed {
+        return f();
+    }
+    let (mut f, mut out) = (Some(f), None);
+    be.run_step(&mut || {
+        if let Some(f) = f.take() {
+            out = Some(f());
+        }
+    });
+    out.unwrap_or_else(|| Err(ModelError::Stream(format!("backend {} did not run the forward step", be.name()))))
+}
+
 /// Checks `ids` (non-empty, inside the vocabulary, fitting the context after what `state` holds),
 /// readies `state` for them and returns `(pos0, x)`: the first position and `x = E[ids]` `[T, H]`.
 pub fn begin(

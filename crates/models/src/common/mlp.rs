@@ -42,8 +42,8 @@ impl MlpScratch {
 
 /// `s.out = MLP(x)`, x `[T, H]`.
 pub fn gated_mlp(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpScratch) -> Result<()> {
-    backend.matmul(x, &w.gate, w.gate_bias.as_ref(), &mut s.gate)?;
-    backend.matmul(x, &w.up, w.up_bias.as_ref(), &mut s.up)?;
+    let (gate, up) = ((&w.gate, w.gate_bias.as_ref()), (&w.up, w.up_bias.as_ref()));
+    backend.matmul_many(x, &[gate, up], &mut [&mut s.gate, &mut s.up])?;
     backend.silu_mul(&s.gate, &s.up, &mut s.act)?;
     backend.matmul(&s.act, &w.down, w.down_bias.as_ref(), &mut s.out)?;
     Ok(())

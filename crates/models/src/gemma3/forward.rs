@@ -240,8 +240,7 @@ impl Gemma3 {
         be.rms_norm(x, &layer.pre_mlp_norm, eps, NORM, &mut s.normed)?;
         // down(gelu_tanh(gate(x)) ⊙ up(x))
         let (w, m) = (&layer.mlp, &mut s.mlp);
-        be.matmul(&s.normed, &w.gate, None, &mut m.gate)?;
-        be.matmul(&s.normed, &w.up, None, &mut m.up)?;
+        be.matmul_many(&s.normed, &[(&w.gate, None), (&w.up, None)], &mut [&mut m.gate, &mut m.up])?;
         be.gelu_tanh_mul(&m.gate, &m.up, &mut m.act)?;
         be.matmul(&m.act, &w.down, None, &mut m.out)?;
         be.rms_norm(&m.out, &layer.post_mlp_norm, eps, NORM, &mut s.post)?;
@@ -252,8 +251,15 @@ impl Gemma3 {
         Ok(())
     }
 
-    /// The forward of every item's rows in one pass over the layers.
+    /// [`Self::run_layers`] on the backend's compute threads
+    /// ([`on_compute_threads`](crate::common::forward::on_compute_threads)).
     fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+        let streamed = self.layers.stream_stats().is_some();
+        crate::common::forward::on_compute_threads(self.backend.as_ref(), streamed, || self.run_layers(items, trace))
+    }
+
+    /// The forward of every item's rows in one pass over the layers.
+    fn run_layers(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);

@@ -352,10 +352,17 @@ impl CausalLm for GptOss {
 }
 
 impl GptOss {
+    /// [`Self::run_layers`] on the backend's compute threads
+    /// ([`on_compute_threads`](crate::common::forward::on_compute_threads)).
+    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+        let streamed = self.layers.stream_stats().is_some();
+        crate::common::forward::on_compute_threads(self.backend.as_ref(), streamed, || self.run_layers(items, trace))
+    }
+
     /// The forward of every item's rows in one pass over the layers: attention per sequence
     /// segment of each tile, the MoE routed over every row of a chunk (all items' rows), so a
     /// chosen expert is moved and run once per chunk for the whole batch.
-    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+    fn run_layers(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);

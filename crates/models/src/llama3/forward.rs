@@ -284,8 +284,15 @@ impl CausalLm for Llama {
 }
 
 impl Llama {
-    /// The forward of every item's rows in one pass over the layers.
+    /// [`Self::run_layers`] on the backend's compute threads
+    /// ([`on_compute_threads`](crate::common::forward::on_compute_threads)).
     fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+        let streamed = self.layers.stream_stats().is_some();
+        crate::common::forward::on_compute_threads(self.backend.as_ref(), streamed, || self.run_layers(items, trace))
+    }
+
+    /// The forward of every item's rows in one pass over the layers.
+    fn run_layers(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);

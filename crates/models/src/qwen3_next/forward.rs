@@ -748,11 +748,18 @@ impl CausalLm for Qwen3Next {
 }
 
 impl Qwen3Next {
+    /// [`Self::run_layers`] on the backend's compute threads
+    /// ([`on_compute_threads`](crate::common::forward::on_compute_threads)).
+    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+        let streamed = self.layers.stream_stats().is_some();
+        crate::common::forward::on_compute_threads(self.backend.as_ref(), streamed, || self.run_layers(items, trace))
+    }
+
     /// The forward of every item's rows in one pass over the layers: the mixers per sequence
     /// segment of each tile where they hold state (DeltaNet's convolution and rule, attention's
     /// cache), everything else and the MoE over every row (a routed expert is moved and run once
     /// per chunk for the whole batch).
-    fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+    fn run_layers(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let c = &self.cfg;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);

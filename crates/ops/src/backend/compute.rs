@@ -151,6 +151,32 @@ pub trait Compute: Send + Sync {
     /// `out = x · wᵀ (+ bias)`; x `[T, in]`, w `[out, in]` (nn.Linear layout), out `[T, out]`.
     fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()>;
 
+    /// `outs[i] = x · ws[i].0ᵀ (+ ws[i].1)` for every i: several weights against one input (q, k
+    /// and v; gate and up), each as [`matmul`](Self::matmul) computes it. The CPU runs them in one
+    /// parallel region; a device backend (the default) calls `matmul` for each.
+    fn matmul_many(&self, x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], outs: &mut [&mut Tensor]) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(OpsError::Shape {
+                op: "matmul_many",
+                detail: format!("{} weights for {} outputs", ws.len(), outs.len()),
+            });
+        }
+        for ((w, bias), out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(x, w, *bias, out)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `step` (the ops of one forward) where this backend's ops run best; a device backend
+    /// (the default) runs it in place. The CPU runs it on a thread of its pool: each op's parallel
+    /// region then forks and joins among threads that are awake, where from outside the pool every
+    /// region wakes a worker and then the caller (15–50 µs a region on a 2-core VM, against about
+    /// 1 µs inside; a decode step has hundreds). A step that waits for work queued on the pool
+    /// (a streamer's copies into its slots) must stay outside it, or it waits for itself.
+    fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
+        step()
+    }
+
     /// RMSNorm over the last axis of x `[.., n]` with weight `[n]`.
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, kind: NormKind, out: &mut Tensor) -> Result<()>;
 

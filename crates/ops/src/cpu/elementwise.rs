@@ -1,8 +1,22 @@
 //! Small element-wise ops: embedding gather, SiLU·mul, GELU(tanh)·mul, scaling, softcapping.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::CpuStorage;
+
+/// Elements per parallel task of the element-wise ops: a decode step's rows are one task (run in
+/// place), a prefill's are spread over the threads.
+const PAR_ELEMS: usize = 1 << 14;
+
+/// `out[i] = f(a[i], b[i])`, in tasks of [`PAR_ELEMS`].
+fn zip_map(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    out.par_chunks_mut(PAR_ELEMS).zip(a.par_chunks(PAR_ELEMS)).zip(b.par_chunks(PAR_ELEMS)).for_each(|((o, a), b)| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(*a, *b);
+        }
+    });
+}
 
 /// `out[t, :] = table[ids[t], :]`, widened to f32. Ids are checked by the caller.
 pub fn embedding(table: &CpuStorage, hidden: usize, ids: &[u32], out: &mut [f32]) {
@@ -28,9 +42,7 @@ pub fn silu(a: f32) -> f32 {
 
 /// `out = silu(gate) ⊙ up`.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = silu(*g) * u;
-    }
+    zip_map(gate, up, out, |g, u| silu(g) * u);
 }
 
 /// `gelu_tanh(a) = a/2 · (1 + tanh(√(2/π) · (a + 0.044715·a³)))` (PyTorch's
@@ -43,9 +55,14 @@ pub fn gelu_tanh(a: f32) -> f32 {
 
 /// `out = gelu_tanh(gate) ⊙ up`.
 pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = gelu_tanh(*g) * u;
-    }
+    zip_map(gate, up, out, |g, u| gelu_tanh(g) * u);
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(PAR_ELEMS).zip(y.par_chunks(PAR_ELEMS)).for_each(|(x, y)| {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    });
 }
 
 /// `x ← s · x`.

@@ -72,7 +72,7 @@ pub(super) fn regrow<E: Copy>(
     new_cap: usize,
 ) -> Vec<E> {
     let len = keep.len();
-    let mut dst = vec![zero; n_kv * new_cap * d];
+    let mut dst = super::hugepages::filled(n_kv * new_cap * d, zero);
     for h in 0..n_kv {
         dst[h * new_cap * d..][..len * d].copy_from_slice(&src[(h * cap + keep.start) * d..][..len * d]);
     }

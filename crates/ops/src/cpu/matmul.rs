@@ -65,31 +65,53 @@ pub fn matmul_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert!(out.len() >= d.t * d.n && x.len() >= d.t * d.k, "matmul: shapes checked by the caller");
-    if d.t > 0 && d.n > 0 {
+    matmul_many_with(kern, precision, x, (d.t, d.k), &mut [Job { w, n: d.n, bias, out }]);
+}
+
+/// One weight of [`matmul_many_with`]: `out[t, n] = x · wᵀ (+ bias)`, w `[n, k]`.
+pub struct Job<'a> {
+    pub w: &'a CpuStorage,
+    pub n: usize,
+    pub bias: Option<&'a [f32]>,
+    pub out: &'a mut [f32],
+}
+
+/// Several weights against one input `x [t, k]` (q, k and v; gate and up): on the SIMD tiers in
+/// one parallel region (a decode step's regions are short, so each one saved is a fork and a join
+/// saved), with x rounded to bf16 once for all of them. Every output element is computed exactly
+/// as [`matmul_with`] computes it for its weight alone.
+pub fn matmul_many_with(kern: &Kernels, precision: Precision, x: &[f32], (t, k): (usize, usize), jobs: &mut [Job<'_>]) {
+    for j in jobs.iter() {
+        assert!(j.out.len() >= t * j.n && x.len() >= t * k, "matmul: shapes checked by the caller");
+    }
+    if t > 0 {
         if kern.tier() == Tier::Portable {
-            if d.t >= WIDEN_MIN_TOKENS {
-                matmul_gemm(x, d.t, d.k, w, d.n, out);
-            } else {
-                matmul_dot(x, d.t, d.k, w, d.n, out);
+            for j in jobs.iter_mut().filter(|j| j.n > 0) {
+                if t >= WIDEN_MIN_TOKENS {
+                    matmul_gemm(x, t, k, j.w, j.n, j.out);
+                } else {
+                    matmul_dot(x, t, k, j.w, j.n, j.out);
+                }
             }
         } else {
-            matmul_tiled(kern, precision, x, d, w, out);
+            matmul_tiled(kern, precision, x, (t, k), jobs);
         }
     }
-    if let Some(b) = bias {
-        for row in out[..d.t * d.n].chunks_exact_mut(d.n) {
-            row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+    for j in jobs.iter_mut() {
+        if let Some(b) = j.bias {
+            for row in j.out[..t * j.n].chunks_exact_mut(j.n) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
         }
     }
 }
 
-/// SIMD tiers: tasks of (row block, token chunk); each calls one panel.
-fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], d: Dims, w: &CpuStorage, out: &mut [f32]) {
-    let Dims { t, k, n } = d;
-    // x rounded to bf16 once per matmul, when bf16 dot products will use it.
-    let xb: Option<Vec<bf16>> = match (w, kern.bf16_bf16, precision) {
-        (CpuStorage::BF16(_), Some(_), Precision::Bf16Activations) => {
+/// SIMD tiers: tasks of (weight, row block, token chunk) over every job; each calls one panel.
+fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], (t, k): (usize, usize), jobs: &mut [Job<'_>]) {
+    // x rounded to bf16 once, when bf16 dot products will use it.
+    let bf16_dot = kern.bf16_bf16.is_some() && precision == Precision::Bf16Activations;
+    let xb: Option<Vec<bf16>> = match jobs.iter().any(|j| matches!(j.w, CpuStorage::BF16(_))) && bf16_dot {
+        true => {
             // Rounded to nearest even, 16 tokens per task (a prefill's input is MBs).
             let mut xb = vec![bf16::ZERO; t * k];
             xb.par_chunks_mut(16 * k).zip(x[..t * k].par_chunks(16 * k)).for_each(|(o, i)| {
@@ -97,34 +119,47 @@ fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], d: Dims, w: &Cp
             });
             Some(xb)
         }
-        _ => None,
+        false => None,
     };
-    let widen = t >= WIDEN_MIN_TOKENS && xb.is_none();
     let block_rows = if t >= WIDEN_MIN_TOKENS { GEMM_BLOCK_ROWS } else { DOT_BLOCK_ROWS };
-    let (n_blocks, n_chunks) = (n.div_ceil(block_rows), t.div_ceil(TOKEN_CHUNK));
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    // State per worker: the widened rows of the block it last widened.
-    let init = || (Vec::<f32>::new(), usize::MAX);
-    (0..n_blocks * n_chunks).into_par_iter().for_each_init(init, |(buf, widened), task| {
+    let n_chunks = t.div_ceil(TOKEN_CHUNK);
+    // Each job's tasks follow the previous job's: `first[i]` is job i's first task.
+    let mut first = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0;
+    for j in jobs.iter() {
+        first.push(total);
+        total += j.n.div_ceil(block_rows) * n_chunks;
+    }
+    first.push(total);
+    let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.out.as_mut_ptr())).collect();
+    let jobs: &[Job<'_>] = jobs;
+    // State per worker: the widened rows of the (job, block) it last widened.
+    let init = || (Vec::<f32>::new(), (usize::MAX, usize::MAX));
+    (0..total).into_par_iter().for_each_init(init, |(buf, widened), task| {
+        let ji = first.partition_point(|&f| f <= task) - 1;
+        let (job, task) = (&jobs[ji], task - first[ji]);
+        let (w, n) = (job.w, job.n);
         let (blk, chunk) = (task / n_chunks, task % n_chunks);
         let (r0, t0) = (blk * block_rows, chunk * TOKEN_CHUNK);
         let (rows, tt) = (block_rows.min(n - r0), TOKEN_CHUNK.min(t - t0));
         let src = r0 * k..(r0 + rows) * k;
         let xs = &x[t0 * k..(t0 + tt) * k];
-        let o = out_ptr.get().wrapping_add(t0 * n + r0);
+        let o = outs[ji].get().wrapping_add(t0 * n + r0);
         // SAFETY (every panel call): xs holds tt·k and the weight slices rows·k elements; this
-        // task alone writes out[(t0 + ti)·n + r0 + j] for ti < tt, j < rows, inside out (t·n);
-        // the kernels were built for a tier this CPU supports.
+        // task alone writes out[(t0 + ti)·n + r0 + j] for ti < tt, j < rows, inside its job's out
+        // (t·n); the kernels were built for a tier this CPU supports.
         match (w, &xb, kern.bf16_bf16) {
             (CpuStorage::BF16(v), Some(xb), Some(dot)) => unsafe {
                 dot(&xb[t0 * k..(t0 + tt) * k], tt, k, &v[src], rows, o, n)
             },
             (CpuStorage::F32(v), ..) => unsafe { (kern.f32_f32)(xs, tt, k, &v[src], rows, o, n) },
-            (CpuStorage::BF16(v), ..) if !widen => unsafe { (kern.f32_bf16)(xs, tt, k, &v[src], rows, o, n) },
+            (CpuStorage::BF16(v), ..) if t < WIDEN_MIN_TOKENS => unsafe {
+                (kern.f32_bf16)(xs, tt, k, &v[src], rows, o, n)
+            },
             _ => {
-                if *widened != blk {
+                if *widened != (ji, blk) {
                     widen_into(w, src, buf);
-                    *widened = blk;
+                    *widened = (ji, blk);
                 }
                 unsafe { (kern.f32_f32)(xs, tt, k, buf, rows, o, n) }
             }
@@ -329,6 +364,47 @@ mod tests {
                 if kern.has_bf16_dot() {
                     // The rounding is really applied (the test would not notice an f32 path).
                     assert!(worst > 0.0, "{tier}: bf16 activations gave f32-exact results");
+                }
+            }
+        }
+    }
+
+    /// Several weights in one call give, bit for bit, what each gives alone: on every tier, both
+    /// precisions, weights of different dtypes and row counts, decode and prefill token counts.
+    #[test]
+    fn many_weights_in_one_call_equal_each_weight_alone() {
+        for tier in Tier::supported() {
+            let Some(kern) = Kernels::for_tier(tier) else { continue };
+            for precision in [Precision::Exact, Precision::Bf16Activations] {
+                for (t, k) in [(1, 96), (3, 33), (4, 64), (70, 48)] {
+                    let x = noise(t * k, 11 + t as u64);
+                    let bf = |n: usize, seed| {
+                        CpuStorage::BF16(noise(n * k, seed).iter().map(|v| bf16::from_f32(*v)).collect())
+                    };
+                    let ws = [bf(70, 1), CpuStorage::F32(noise(9 * k, 2)), bf(33, 3), bf(1, 4)];
+                    let ns = [70, 9, 33, 1];
+                    let biases: Vec<Vec<f32>> = ns.iter().map(|&n| noise(n, 5 + n as u64)).collect();
+                    let alone: Vec<Vec<f32>> = (0..ws.len())
+                        .map(|i| {
+                            let mut out = vec![f32::NAN; t * ns[i]];
+                            let d = Dims { t, k, n: ns[i] };
+                            matmul_with(&kern, precision, &x, d, &ws[i], Some(&biases[i]), &mut out);
+                            out
+                        })
+                        .collect();
+                    let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; t * n]).collect();
+                    let mut jobs: Vec<Job<'_>> = ws
+                        .iter()
+                        .zip(outs.iter_mut())
+                        .zip(&biases)
+                        .zip(ns)
+                        .map(|(((w, out), b), n)| Job { w, n, bias: Some(b), out })
+                        .collect();
+                    matmul_many_with(&kern, precision, &x, (t, k), &mut jobs);
+                    for (i, (got, want)) in outs.iter().zip(&alone).enumerate() {
+                        let same = got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits());
+                        assert!(same, "{tier} {precision:?} t={t} k={k} weight {i}: {got:?} vs {want:?}");
+                    }
                 }
             }
         }

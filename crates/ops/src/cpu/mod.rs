@@ -7,6 +7,7 @@
 mod attention;
 pub mod deltanet;
 mod elementwise;
+mod hugepages;
 pub mod kernels;
 mod kv;
 mod matmul;
@@ -19,7 +20,7 @@ mod tree_attention;
 pub use attention::{Geometry as AttnGeometry, KvElem, attention, attention_prefixed, attention_prefixed_at};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
-pub use matmul::{Dims as MatmulDims, Precision, matmul, matmul_with};
+pub use matmul::{Dims as MatmulDims, Job as MatmulJob, Precision, matmul, matmul_many_with, matmul_with};
 pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
@@ -136,6 +137,15 @@ impl Backend for CpuBackend {
 }
 
 impl Compute for CpuBackend {
+    /// On a thread of rayon's pool (in place when already on one).
+    fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
+        if rayon::current_thread_index().is_some() {
+            step();
+        } else {
+            rayon::scope(|_| step());
+        }
+    }
+
     fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()> {
         let (&[vocab, hidden], &[t, h2]) = (table.shape(), out.shape()) else {
             return shape_err("embedding", format!("table {:?}, out {:?}", table.shape(), out.shape()));
@@ -154,27 +164,45 @@ impl Compute for CpuBackend {
     }
 
     fn matmul(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
-        // x and out may carry any shape whose trailing elements form rows of `in` and `out`
-        // (e.g. attention output [T, heads, d] against o_proj [H, heads·d]).
-        let &[n, k] = w.shape() else {
-            return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
-        };
-        if w.dtype() == DType::U8 {
-            return Err(OpsError::DType { op: "matmul", dtype: DType::U8, detail: PACKED });
+        self.matmul_many(x, &[(w, bias)], &mut [out])
+    }
+
+    fn matmul_many(&self, x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], outs: &mut [&mut Tensor]) -> Result<()> {
+        if ws.len() != outs.len() {
+            return shape_err("matmul_many", format!("{} weights for {} outputs", ws.len(), outs.len()));
         }
+        let Some(&(w0, _)) = ws.first() else { return Ok(()) };
+        // Every weight has the same `in` (k): x and out may carry any shape whose trailing
+        // elements form rows of `in` and `out` (e.g. attention output [T, heads, d] against
+        // o_proj [H, heads·d]).
+        let k = w0.shape().last().copied().unwrap_or(0);
         let t = x.numel() / k.max(1);
-        if k == 0 || x.numel() != t * k || out.numel() != t * n {
-            return shape_err("matmul", format!("x {:?} · w{:?}ᵀ -> out {:?}", x.shape(), w.shape(), out.shape()));
-        }
-        let bias = match bias {
-            Some(b) if b.numel() != n => {
-                return shape_err("matmul", format!("bias {:?} for {n} outputs", b.shape()));
+        let mut biases = Vec::with_capacity(ws.len());
+        for ((w, bias), out) in ws.iter().zip(outs.iter()) {
+            let &[n, wk] = w.shape() else {
+                return shape_err("matmul", format!("weight must be 2-D [out, in], got {:?}", w.shape()));
+            };
+            if w.dtype() == DType::U8 {
+                return Err(OpsError::DType { op: "matmul", dtype: DType::U8, detail: PACKED });
             }
-            Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
-            None => None,
-        };
-        let (x, w, out) = (x.cpu_f32("matmul")?, w.cpu("matmul")?, out.cpu_f32_mut("matmul")?);
-        matmul_with(Kernels::active(), self.precision, x, MatmulDims { t, k, n }, w, bias.as_deref(), out);
+            if k == 0 || wk != k || x.numel() != t * k || out.numel() != t * n {
+                return shape_err("matmul", format!("x {:?} · w{:?}ᵀ -> out {:?}", x.shape(), w.shape(), out.shape()));
+            }
+            biases.push(match bias {
+                Some(b) if b.numel() != n => {
+                    return shape_err("matmul", format!("bias {:?} for {n} outputs", b.shape()));
+                }
+                Some(b) => Some(storage_to_f32(b.cpu("matmul")?)),
+                None => None,
+            });
+        }
+        let x = x.cpu_f32("matmul")?;
+        let mut jobs = Vec::with_capacity(ws.len());
+        for (((w, _), out), bias) in ws.iter().zip(outs.iter_mut()).zip(&biases) {
+            let n = w.shape()[0];
+            jobs.push(MatmulJob { w: w.cpu("matmul")?, n, bias: bias.as_deref(), out: out.cpu_f32_mut("matmul")? });
+        }
+        matmul_many_with(Kernels::active(), self.precision, x, (t, k), &mut jobs);
         Ok(())
     }
 
@@ -336,10 +364,7 @@ impl Compute for CpuBackend {
         if x.shape() != y.shape() {
             return shape_err("add_assign", format!("x {:?}, y {:?}", x.shape(), y.shape()));
         }
-        let y = y.cpu_f32("add_assign")?;
-        for (a, b) in x.cpu_f32_mut("add_assign")?.iter_mut().zip(y) {
-            *a += b;
-        }
+        elementwise::add_assign(x.cpu_f32_mut("add_assign")?, y.cpu_f32("add_assign")?);
         Ok(())
     }
 
@@ -593,8 +618,26 @@ impl DeltaNetOps for CpuBackend {
 }
 
 impl Memory for CpuBackend {
+    /// Into memory advised for huge pages ([`hugepages`]): decode streams it every token.
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
-        Tensor::new(host.shape.clone(), Storage::Cpu(host.to_cpu_storage()?))
+        host.validate()?;
+        fn decode<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+            let mut v = hugepages::with_capacity(bytes.len() / N);
+            v.extend(bytes.chunks_exact(N).map(|c| {
+                let mut raw = [0u8; N];
+                raw.copy_from_slice(c);
+                f(raw)
+            }));
+            v
+        }
+        let b = &host.bytes;
+        let storage = match host.dtype {
+            DType::F32 => CpuStorage::F32(decode(b, f32::from_le_bytes)),
+            DType::F16 => CpuStorage::F16(decode(b, |r| f16::from_bits(u16::from_le_bytes(r)))),
+            DType::BF16 => CpuStorage::BF16(decode(b, |r| bf16::from_bits(u16::from_le_bytes(r)))),
+            DType::U8 => CpuStorage::U8(decode(b, |[r]: [u8; 1]| r)),
+        };
+        Tensor::new(host.shape.clone(), Storage::Cpu(storage))
     }
 
     fn upload_f32(&self, shape: Vec<usize>, data: &[f32]) -> Result<Tensor> {
@@ -616,11 +659,12 @@ impl Memory for CpuBackend {
 
     fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<Tensor> {
         let n = shape.iter().product();
+        // Huge pages where large (KV caches, streamed layers' slots): see `hugepages`.
         let s = match dtype {
-            DType::F32 => CpuStorage::F32(vec![0.0; n]),
-            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
-            DType::U8 => CpuStorage::U8(vec![0; n]),
+            DType::F32 => CpuStorage::F32(hugepages::filled(n, 0.0)),
+            DType::F16 => CpuStorage::F16(hugepages::filled(n, f16::ZERO)),
+            DType::BF16 => CpuStorage::BF16(hugepages::filled(n, bf16::ZERO)),
+            DType::U8 => CpuStorage::U8(hugepages::filled(n, 0)),
         };
         Tensor::new(shape, Storage::Cpu(s))
     }
