@@ -313,7 +313,8 @@ mod tests {
         assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).expect("renders"), "Mx");
         // ... and a chat_template.json without the string is an error naming the file.
         std::fs::write(dir.join("chat_template.json"), r#"{"template": "M"}"#).expect("write");
-        let e = ChatTemplate::from_dir(&dir).err().expect("refused").to_string();
+        let Err(e) = ChatTemplate::from_dir(&dir) else { panic!("a chat_template.json without the string is refused") };
+        let e = e.to_string();
         assert!(e.contains("chat_template.json") && e.contains("'chat_template'"), "{e}");
         // chat_template.jinja wins over both.
         std::fs::write(dir.join("chat_template.jinja"), "J{{ messages[0].content }}").expect("write");
