@@ -165,8 +165,22 @@ __device__ __forceinline__ void split_body(const float* __restrict__ q, const __
 // d=128, 4 heads a block: 76% of copy bandwidth against 71% with four).
 #define SPLIT_ENTRY(D, GB) SPLIT_ENTRY_U(D, GB, ((GB) <= 4 ? 8 : 4), decode_split_d##D##_g##GB)
 
-#define SPLIT_ENTRIES(D) \
-    SPLIT_ENTRY(D, 1) SPLIT_ENTRY(D, 2) SPLIT_ENTRY(D, 3) SPLIT_ENTRY(D, 4) SPLIT_ENTRY(D, 6) SPLIT_ENTRY(D, 8)
+// The same inside a captured decode step (src/cuda/graph.rs): queries at pos0 + step[0]. The grid
+// is sized for the longest context the graph serves; slices past the keys write empty partials
+// (m = -inf, l = 0), which the combine adds as exact zeros.
+#define SPLIT_STEP_ENTRY_U(D, GB, U, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32) NAME(                                         \
+        const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, float* part, int n_heads, int n_kv, \
+        int cap, int pos0, float scale, int window, int chunk, const int* step) {                            \
+        split_body<D, GB, U>(q, k, v, part, n_heads, n_kv, cap, pos0 + step[0], scale, window, chunk);       \
+    }
+
+#define SPLIT_STEP_ENTRY(D, GB) SPLIT_STEP_ENTRY_U(D, GB, ((GB) <= 4 ? 8 : 4), decode_split_step_d##D##_g##GB)
+
+#define SPLIT_ENTRIES(D)                                                                                    \
+    SPLIT_ENTRY(D, 1) SPLIT_ENTRY(D, 2) SPLIT_ENTRY(D, 3) SPLIT_ENTRY(D, 4) SPLIT_ENTRY(D, 6) SPLIT_ENTRY(D, 8) \
+    SPLIT_STEP_ENTRY(D, 1) SPLIT_STEP_ENTRY(D, 2) SPLIT_STEP_ENTRY(D, 3) SPLIT_STEP_ENTRY(D, 4)            \
+    SPLIT_STEP_ENTRY(D, 6) SPLIT_STEP_ENTRY(D, 8)
 
 SPLIT_ENTRIES(16)
 SPLIT_ENTRIES(32)

@@ -1,7 +1,7 @@
 // RoPE, halves layout (docs/models.md §1.2), in place on x [T, heads, d]; the first r dims rotate.
 // cos/sin [positions, r/2] f32 (already times the attention factor). One thread per pair.
-extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ cos_t,
-                                    const float* __restrict__ sin_t, int t, int heads, int d, int r, int pos0) {
+__device__ __forceinline__ void rope_body(float* __restrict__ x, const float* __restrict__ cos_t,
+                                          const float* __restrict__ sin_t, int t, int heads, int d, int r, int pos0) {
     int half = r / 2;
     long long total = (long long)t * heads * half;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
@@ -16,4 +16,17 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restri
         head[i] = a * c - b * s;
         head[i + half] = b * c + a * s;
     }
+}
+
+extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ cos_t,
+                                    const float* __restrict__ sin_t, int t, int heads, int d, int r, int pos0) {
+    rope_body(x, cos_t, sin_t, t, heads, d, r, pos0);
+}
+
+// The same inside a captured decode step (src/cuda/graph.rs): the positions are pos0 + step[0],
+// step[0] the replay's shift from the position the step was captured at.
+extern "C" __global__ void rope_f32_step(float* __restrict__ x, const float* __restrict__ cos_t,
+                                         const float* __restrict__ sin_t, int t, int heads, int d, int r, int pos0,
+                                         const int* __restrict__ step) {
+    rope_body(x, cos_t, sin_t, t, heads, d, r, pos0 + step[0]);
 }

@@ -11,6 +11,7 @@ use super::tensors::*;
 use crate::common::attention::{
     AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
 };
+use crate::common::graphed::{self, StepKey};
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
@@ -158,6 +159,8 @@ pub struct Llama {
     rope: RopeTables,
     /// Some: each sequence's KV cache lives off the device.
     kv_offload: Option<ollm_kv::KvOffload>,
+    /// This load's identity in decode-graph keys ([`graphed::model_id`]).
+    graph_id: u64,
 }
 
 impl Llama {
@@ -198,7 +201,8 @@ impl Llama {
             },
         )?;
         let kv_offload = placement.kv.clone();
-        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload })
+        let graph_id = graphed::model_id();
+        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload, graph_id })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -284,8 +288,29 @@ impl CausalLm for Llama {
 }
 
 impl Llama {
-    /// The forward of every item's rows in one pass over the layers.
+    /// The forward of every item's rows: a one-token decode step of a resident model as a
+    /// replayed device graph where the backend has them ([`graphed`]), else [`run_plain`](Self::run_plain).
     fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+        let be = self.backend.as_ref();
+        let resident = self.layers.stream_stats().is_none() && self.kv_offload.is_none();
+        let Some(g) = graphed::eligible(be, items, resident, trace.is_some()) else {
+            return self.run_plain(items, trace);
+        };
+        // Room for the step first, so that the captured launches see the caches and the RoPE
+        // table they will keep using.
+        let pos = items[0].state.len();
+        items[0].state.reserve(be, pos + 1)?;
+        let rope = self.rope.covering(be, pos + 1)?;
+        let key = StepKey::new(g, self.graph_id, 1)
+            .tensor(&rope.cos)
+            .tensor(&rope.sin)
+            .caches(items[0].state, self.cfg.n_layers)
+            .finish();
+        graphed::decode_step(g, key, items, &mut |items| self.run_plain(items, None))
+    }
+
+    /// The forward of every item's rows in one pass over the layers.
+    fn run_plain(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);

@@ -3,6 +3,8 @@
 //! * [`Compute`]: the math every family's forward needs;
 //! * [`MoeOps`] and [`DeltaNetOps`]: extension traits for the ops of one kind of layer, which a
 //!   backend may implement (models reach them with [`Backend::moe`] and [`Backend::deltanet`]);
+//! * [`StepGraphs`]: decode steps captured once and replayed, which a device backend may offer
+//!   ([`Backend::step_graphs`]);
 //! * [`Memory`]: allocations, uploads, read-back and the memory figures ([`MemoryStats`]);
 //! * [`CopyQueue`]: copies on a second queue and the markers that order them against compute.
 //!
@@ -14,6 +16,7 @@ mod checks;
 mod compute;
 mod copy_queue;
 mod deltanet;
+mod graphs;
 mod memory;
 mod moe;
 mod tree;
@@ -29,6 +32,7 @@ pub use compute::{AttnGeometry, AttnParams, Compute, HeadSlice, NormKind, RopeTa
 pub(crate) use copy_queue::foreign_marker;
 pub use copy_queue::{CopyQueue, KvBlockSpan};
 pub use deltanet::{DeltaForm, DeltaNetOps, DeltaRule};
+pub use graphs::StepGraphs;
 pub use memory::{Memory, MemoryKind, MemoryStats};
 pub use moe::{MoeOps, RouterMode};
 pub use tree::TreeMask;
@@ -48,6 +52,11 @@ pub trait Backend: Compute + Memory + CopyQueue + fmt::Debug {
 
     /// The Gated DeltaNet ops, when this backend implements them.
     fn deltanet_ops(&self) -> Option<&dyn DeltaNetOps> {
+        None
+    }
+
+    /// Decode-step graphs, when this backend offers them and they are on.
+    fn step_graphs(&self) -> Option<&dyn StepGraphs> {
         None
     }
 

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::backend::{
     AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
-    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, delta_dims, gated_norm_dims, mxfp4_dims,
+    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims, gated_norm_dims, mxfp4_dims,
     mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
@@ -31,6 +31,9 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 #[derive(Debug)]
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
+    /// Whether models may run one-token decode steps as CUDA graphs ([`StepGraphs`]): on
+    /// unless `OLLM_CUDA_GRAPHS=0` when the backend was made; [`set_step_graphs`](Self::set_step_graphs).
+    graphs: std::sync::atomic::AtomicBool,
 }
 
 fn cuda<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
@@ -79,7 +82,17 @@ fn kv_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<b
 
 impl CudaBackend {
     pub fn new(dev: CudaDevice) -> Self {
-        Self { dev: Arc::new(dev) }
+        let graphs = std::env::var("OLLM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0");
+        Self { dev: Arc::new(dev), graphs: std::sync::atomic::AtomicBool::new(graphs) }
+    }
+
+    /// Turns decode-step graphs on or off (the `OLLM_CUDA_GRAPHS` default, for tests that run
+    /// both ways); off drops the graphs kept.
+    pub fn set_step_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            self.dev.clear_step_graphs();
+        }
     }
 
     pub fn device(&self) -> &CudaDevice {
@@ -94,6 +107,10 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.dev.info.ordinal, self.dev.info.name)
+    }
+
+    fn step_graphs(&self) -> Option<&dyn StepGraphs> {
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed).then_some(self as &dyn StepGraphs)
     }
 
     fn moe_ops(&self) -> Option<&dyn MoeOps> {
@@ -116,6 +133,11 @@ impl Compute for CudaBackend {
         };
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return shape_err("embedding", format!("token id {bad} is outside the vocabulary of {vocab}"));
+        }
+        if let Some(step) = self.dev.graphs.capturing_step() {
+            // A captured decode step reads its ids from the step buffer (graph.rs).
+            let out = f32s_mut(out, "embedding")?;
+            return elementwise::embedding_step(&self.dev, cuda(table, "embedding")?, step, ids.len(), hidden, out);
         }
         let ids_d = self.dev.upload(ids, "token ids")?;
         elementwise::embedding(&self.dev, cuda(table, "embedding")?, &ids_d, hidden, f32s_mut(out, "embedding")?)
@@ -319,6 +341,31 @@ impl Compute for CudaBackend {
     }
 }
 
+impl StepGraphs for CudaBackend {
+    fn buffer_addr(&self, t: &Tensor) -> Option<u64> {
+        let Storage::Cuda(s) = t.storage() else { return None };
+        let st = &self.dev.stream;
+        Some(match s {
+            CudaStorage::F32(b) => b.device_ptr(st).0,
+            CudaStorage::F16(b) => b.device_ptr(st).0,
+            CudaStorage::BF16(b) => b.device_ptr(st).0,
+            CudaStorage::U8(b) => b.device_ptr(st).0,
+        })
+    }
+
+    fn replay_step(&self, key: u64, ids: &[u32], pos: usize) -> Result<Option<Vec<f32>>> {
+        self.dev.replay_step(key, ids, pos)
+    }
+
+    fn begin_step_capture(&self, key: u64, ids: &[u32], pos: usize) -> Result<()> {
+        self.dev.begin_step_capture(key, ids, pos)
+    }
+
+    fn end_step_capture(&self) -> bool {
+        self.dev.end_step_capture()
+    }
+}
+
 impl MoeOps for CudaBackend {
     fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
         let (t, e) = router_dims(logits, k)?;
@@ -510,6 +557,13 @@ impl Memory for CudaBackend {
     fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
         let st = &self.dev.stream;
         let err = super::driver_err("to_host_f32");
+        if self.dev.graphs.capturing_step().is_some() {
+            // A captured decode step ends at its read-back (graph.rs): the graph runs once here.
+            let CudaStorage::F32(s) = cuda(t, "to_host_f32")? else {
+                return Err(OpsError::Backend("cuda step graph: a captured step reads back f32 only".into()));
+            };
+            self.dev.finish_step_capture((s.device_ptr(st).0, s.len()))?;
+        }
         Ok(match cuda(t, "to_host_f32")? {
             CudaStorage::F32(s) => st.clone_dtoh(&**s).map_err(err)?,
             CudaStorage::F16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),

@@ -20,6 +20,7 @@ mod device;
 pub mod elementwise;
 pub mod flash;
 pub mod gemv;
+pub mod graph;
 pub mod matmul;
 pub mod moe;
 mod nvrtc_cache;

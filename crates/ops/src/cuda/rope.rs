@@ -2,6 +2,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
+use super::graph::Limit;
 use super::{CudaDevice, driver_err, grid_stride, shape};
 use crate::Result;
 
@@ -36,12 +37,19 @@ pub fn rope(
             format!("x {}, heads {heads}, d {d}, r {r}, table {}, pos0 {pos0}", x.len(), cos.len()),
         ));
     }
-    let func = dev.function("rope", SOURCE, "rope_f32")?;
+    // Inside a captured decode step the positions are read from the step buffer (graph.rs).
+    let step = dev.graphs.capturing_step();
+    let func = dev.function("rope", SOURCE, if step.is_some() { "rope_f32_step" } else { "rope_f32" })?;
     let (ti, hi, di, ri, pi) = (t as i32, heads as i32, d as i32, r as i32, pos0 as i32);
     let cfg = grid_stride(t * heads * half);
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x).arg(cos).arg(sin).arg(&ti).arg(&hi).arg(&di).arg(&ri).arg(&pi);
-    // SAFETY: sizes checked above; the kernel touches t*heads*d elements of x and table rows < pos0+t.
+    if let Some(step) = &step {
+        l.arg(step);
+        dev.graphs.note_limit(Limit::Rows(cos.len() / half.max(1)));
+    }
+    // SAFETY: sizes checked above (a replayed step's rows are kept inside the table by its
+    // Limit); the kernel touches t*heads*d elements of x and table rows < pos0+t.
     unsafe { l.launch(cfg) }.map_err(driver_err("rope"))?;
     Ok(())
 }
