@@ -22,6 +22,7 @@
 //! memory comes from the driver's graph pool, which the VRAM account does not see (a decode
 //! step's activations: a few MB at most).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -93,6 +94,9 @@ struct Inner {
 #[derive(Default)]
 pub struct StepGraphCache {
     inner: Mutex<Inner>,
+    /// Steps captured and replays run, since the device was opened.
+    captures: AtomicU64,
+    replays: AtomicU64,
 }
 
 // SAFETY: the CUDA graph handles inside are only touched with the mutex held, and the context
@@ -184,6 +188,7 @@ impl CudaDevice {
             g.steps.remove(0);
         }
         g.steps.push(Step { key: c.key, pos: c.pos, t: c.t, limits: c.limits, graph, escaped, out });
+        self.graphs.captures.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -227,7 +232,13 @@ impl CudaDevice {
             // once, in stream order after the read-back, before the next launch makes it again.
             unsafe { result::free_async(a, self.stream.cu_stream()) }.map_err(driver_err("graph free"))?;
         }
+        self.graphs.replays.fetch_add(1, Ordering::Relaxed);
         Ok(Some(host))
+    }
+
+    /// Decode steps captured and replayed so far on this device: `(captures, replays)`.
+    pub fn step_graph_counts(&self) -> (u64, u64) {
+        (self.graphs.captures.load(Ordering::Relaxed), self.graphs.replays.load(Ordering::Relaxed))
     }
 
     /// Drops every captured step (their caches or weights are about to go).
