@@ -6,7 +6,10 @@
 // H100); each thread reads 16 bytes (8 weights) per step and has UNROLL steps' loads in flight
 // before it uses any; the four warps' partial sums meet in shared memory. x (f32, small) comes
 // through L1. Needs K % 8 == 0 (the launcher falls back to matmul.cu otherwise).
-// Launch: grid N, block 128; entry gemv_{bf16,f16}_t{TT} for T ≤ TT.
+// Launch: grid N, block 128; entry gemv_{bf16,f16}_t{TT} for T ≤ TT, and the fused forms of a
+// decode step: gemv_add_* (out += x·wᵀ, the residual add as the epilogue) and gemv_swiglu_*
+// (out = silu(x·gateᵀ) ⊙ (x·upᵀ), both weights read in one launch). CPU twins: the plain ops
+// composed (src/backend/fused.rs).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,12 +34,12 @@ __device__ __forceinline__ void widen(uint4 raw, float* f, const __half*) {
     }
 }
 
+// The dot products of x's rows with weight row n, summed over the block: acc[t] for t < T.
+// Every entry (plain, add, swiglu) sums in this one order, so their products are equal bits.
 template <typename W, int TT>
-__device__ __forceinline__ void gemv_body(const float* __restrict__ x, const W* __restrict__ w,
-                                           float* __restrict__ out, int T, int n_out, int k) {
-    __shared__ float part[4][TT];
+__device__ __forceinline__ void gemv_row(const float* __restrict__ x, const W* __restrict__ w, int T, int k,
+                                         int n, float (&part)[4][TT], float* sums) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int n = blockIdx.x;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * k);
     const int chunks = k / 8;
     float acc[TT];
@@ -80,7 +83,33 @@ __device__ __forceinline__ void gemv_body(const float* __restrict__ x, const W* 
 #pragma unroll
         for (int tt = 0; tt < TT; tt++)
             if (tt == t) sum = part[0][tt] + part[1][tt] + part[2][tt] + part[3][tt];
-        out[(size_t)t * n_out + n] = sum;
+        sums[t] = sum;
+    }
+}
+
+// Epilogues: MODE 0 stores, 1 adds into out (a residual add), 2 is SwiGLU with w2 the up
+// weights: out = silu(x·w) ⊙ (x·w2), silu written as silu_mul_f32 writes it (elementwise.cu).
+template <typename W, int TT, int MODE>
+__device__ __forceinline__ void gemv_body(const float* __restrict__ x, const W* __restrict__ w,
+                                          const W* __restrict__ w2, float* __restrict__ out, int T, int n_out,
+                                          int k) {
+    __shared__ float part[4][TT];
+    __shared__ float sums[TT], sums2[TT];
+    const int n = blockIdx.x;
+    gemv_row<W, TT>(x, w, T, k, n, part, sums);
+    if (MODE == 2) {
+        __syncthreads();  // part is reused
+        gemv_row<W, TT>(x, w2, T, k, n, part, sums2);
+    }
+    if (threadIdx.x < T) {
+        int t = threadIdx.x;
+        float* o = out + (size_t)t * n_out + n;
+        if (MODE == 0) *o = sums[t];
+        if (MODE == 1) *o += sums[t];
+        if (MODE == 2) {
+            float g = sums[t];
+            *o = g / (1.f + expf(-g)) * sums2[t];
+        }
     }
 }
 
@@ -88,7 +117,15 @@ __device__ __forceinline__ void gemv_body(const float* __restrict__ x, const W* 
     extern "C" __global__ void __launch_bounds__(128) gemv_##NAME##_t##TT(const float* x, const W* w,    \
                                                                             float* out, int T, int n_out, \
                                                                             int k) {                      \
-        gemv_body<W, TT>(x, w, out, T, n_out, k);                                                         \
+        gemv_body<W, TT, 0>(x, w, w, out, T, n_out, k);                                                   \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) gemv_add_##NAME##_t##TT(                            \
+        const float* x, const W* w, float* out, int T, int n_out, int k) {                                \
+        gemv_body<W, TT, 1>(x, w, w, out, T, n_out, k);                                                   \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) gemv_swiglu_##NAME##_t##TT(                         \
+        const float* x, const W* w, const W* w2, float* out, int T, int n_out, int k) {                   \
+        gemv_body<W, TT, 2>(x, w, w2, out, T, n_out, k);                                                  \
     }
 
 GEMV_ENTRY(bf16, __nv_bfloat16, 1)

@@ -17,7 +17,8 @@ pub mod mxfp4;
 pub mod tensor;
 
 pub use backend::{
-    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan,
+    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice,
+    KvBlockSpan,
     Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, TreeMask,
 };
 pub use dtype::DType;

@@ -16,6 +16,9 @@
 //!   also rounds the softmax probabilities to bf16 before P·V (measured ≈1.2e-3 on an H100);
 //! * tree attention (its own reference-form kernel): 1e-5, as attention;
 //! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs);
+//! * the fused decode ops (GEMV + residual add, gate/up GEMV + SiLU·mul) against the CPU's
+//!   composed ops: 1e-5 as the GEMV; against the CUDA backend's own composed ops: exact (the
+//!   fused kernels sum as the GEMV does);
 //! * clamped SwiGLU: 1e-6 (f32 math, only `expf` against Rust's `exp` differs); gated RMSNorm:
 //!   1e-5 like rmsnorm;
 //! * router top-k: expert ids exact (both backends compare the same f32 logits), weights within
@@ -32,7 +35,9 @@ use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ollm_ops::cpu::{self, CpuBackend};
 use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage};
-use ollm_ops::{Backend, Compute, CpuStorage, DType, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor};
+use ollm_ops::{
+    Backend, Compute, CpuStorage, DType, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor,
+};
 
 /// ‖a − b‖ / ‖b‖
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -1146,6 +1151,56 @@ fn gated_deltanet_ops_match_cpu() {
                     1e-4,
                 );
             }
+        }
+    }
+}
+
+/// The fused decode ops (`FusedOps`: the residual add as the GEMV's epilogue, gate/up with
+/// SiLU·mul in one launch) against the CPU backend's composed ops, and bit for bit against the
+/// CUDA backend's own composed ops; shapes the GEMV does not cover (16 rows, a bias) fall back
+/// to the composed form.
+#[test]
+fn fused_decode_ops_match_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    for wt in [DType::BF16, DType::F16] {
+        for &(t, k, n, biased) in &[(1usize, 576usize, 1536usize, false), (3, 64, 40, false), (8, 256, 72, false), (16, 64, 24, false), (2, 64, 24, true)] {
+            let (x, acc0) = (random(t * k, 1.0), random(t * n, 1.0));
+            let (wg, wu) = (host(wt, vec![n, k], &random(n * k, 0.2)), host(wt, vec![n, k], &random(n * k, 0.2)));
+            let bias = host(DType::F32, vec![n], &random(n, 1.0));
+            // The same calls on either backend.
+            let run = |be: &dyn Backend| -> (Vec<f32>, Vec<f32>) {
+                let xt = be.upload_f32(vec![t, k], &x).expect("x");
+                let (g, u, b) = (be.upload(&wg).expect("gate"), be.upload(&wu).expect("up"), be.upload(&bias).expect("bias"));
+                let b = biased.then_some(&b);
+                let (mut s1, mut s2) = (be.zeros(vec![t, n]).expect("g"), be.zeros(vec![t, n]).expect("u"));
+                let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
+                be.matmul_swiglu(&xt, ((&g, b), (&u, None)), (&mut s1, &mut s2), &mut out).expect("swiglu");
+                // acc [T, n] += x · gateᵀ
+                let mut acc = be.upload_f32(vec![t, n], &acc0).expect("acc");
+                be.matmul_add(&xt, (&g, b), &mut s1, &mut acc).expect("matmul_add");
+                (be.to_host_f32(&out).expect("out"), be.to_host_f32(&acc).expect("acc"))
+            };
+            let (want_sw, want_add) = run(&cpu);
+            let (got_sw, got_add) = run(&gpu);
+            let case = format!("{wt} t={t} k={k} n={n} bias={biased}");
+            assert!(got_sw.iter().chain(&got_add).all(|v| v.is_finite()), "{case}: unwritten outputs");
+            let (e_sw, e_add) = (rel_err(&got_sw, &want_sw), rel_err(&got_add, &want_add));
+            eprintln!("fused {case}: swiglu rel err {e_sw:.2e}, matmul_add rel err {e_add:.2e}");
+            assert!(e_sw < 1e-5 && e_add < 1e-5, "fused {case}: swiglu {e_sw:e}, matmul_add {e_add:e}");
+            // The CUDA backend's composed ops give the same bits.
+            let xt = gpu.upload_f32(vec![t, k], &x).expect("x");
+            let (g, u, b) = (gpu.upload(&wg).expect("gate"), gpu.upload(&wu).expect("up"), gpu.upload(&bias).expect("bias"));
+            let b = biased.then_some(&b);
+            let (mut s1, mut s2, mut out) =
+                (gpu.zeros(vec![t, n]).expect("g"), gpu.zeros(vec![t, n]).expect("u"), gpu.zeros(vec![t, n]).expect("o"));
+            ollm_ops::backend::matmul_swiglu_composed(&gpu, &xt, ((&g, b), (&u, None)), (&mut s1, &mut s2), &mut out)
+                .expect("composed swiglu");
+            let mut acc = gpu.upload_f32(vec![t, n], &acc0).expect("acc");
+            ollm_ops::backend::matmul_add_composed(&gpu, &xt, (&g, b), &mut s1, &mut acc).expect("composed add");
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&gpu.to_host_f32(&out).expect("o"), &got_sw), "{case}: fused swiglu differs from composed");
+            assert!(same(&gpu.to_host_f32(&acc).expect("a"), &got_add), "{case}: fused add differs from composed");
         }
     }
 }

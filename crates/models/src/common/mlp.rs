@@ -40,11 +40,30 @@ impl MlpScratch {
     }
 }
 
+/// `s.act = silu(gate(x)) ⊙ up(x)`, one launch where the backend fuses it.
+fn swiglu(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpScratch) -> Result<()> {
+    let weights = ((&w.gate, w.gate_bias.as_ref()), (&w.up, w.up_bias.as_ref()));
+    backend.matmul_swiglu(x, weights, (&mut s.gate, &mut s.up), &mut s.act)?;
+    Ok(())
+}
+
 /// `s.out = MLP(x)`, x `[T, H]`.
 pub fn gated_mlp(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpScratch) -> Result<()> {
-    backend.matmul(x, &w.gate, w.gate_bias.as_ref(), &mut s.gate)?;
-    backend.matmul(x, &w.up, w.up_bias.as_ref(), &mut s.up)?;
-    backend.silu_mul(&s.gate, &s.up, &mut s.act)?;
+    swiglu(backend, w, x, s)?;
     backend.matmul(&s.act, &w.down, w.down_bias.as_ref(), &mut s.out)?;
+    Ok(())
+}
+
+/// `residual += MLP(x)`, x and residual `[T, H]`: the add is the down projection's epilogue
+/// where the backend fuses it (s.out is then left as it was).
+pub fn gated_mlp_add(
+    backend: &dyn Backend,
+    w: &MlpWeights,
+    x: &Tensor,
+    s: &mut MlpScratch,
+    residual: &mut Tensor,
+) -> Result<()> {
+    swiglu(backend, w, x, s)?;
+    backend.matmul_add(&s.act, (&w.down, w.down_bias.as_ref()), &mut s.out, residual)?;
     Ok(())
 }

@@ -13,13 +13,15 @@ use half::bf16;
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
-    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, rmsnorm, rope, transfer,
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, rmsnorm, rope,
+    transfer,
     tree_attention,
 };
 use crate::backend::{
-    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan, Memory,
     MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims, gated_norm_dims, mxfp4_dims,
-    mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
+    mxfp4_matmul_dims, matmul_add_composed, matmul_swiglu_composed, router_dims, rows_dims, slice_dims, swiglu_dims,
+    transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -338,6 +340,59 @@ impl Compute for CudaBackend {
             return shape_err("softcap", format!("cap {cap} must be a positive finite number"));
         }
         elementwise::softcap(&self.dev, f32s_mut(x, "softcap")?, cap)
+    }
+}
+
+/// One-launch forms for decode-shaped calls (a few rows, 16-bit weights, no bias: the GEMV's
+/// shapes); everything else runs composed.
+impl FusedOps for CudaBackend {
+    fn matmul_add(
+        &self,
+        x: &Tensor,
+        (w, bias): (&Tensor, Option<&Tensor>),
+        tmp: &mut Tensor,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        let op = "matmul_add";
+        let (&[n, k], None) = (w.shape(), bias) else {
+            return matmul_add_composed(self, x, (w, bias), tmp, acc);
+        };
+        let t = x.numel() / k.max(1);
+        if !gemv::covers(t, k) || acc.numel() != t * n {
+            return matmul_add_composed(self, x, (w, bias), tmp, acc);
+        }
+        match cuda(w, op)? {
+            CudaStorage::BF16(w) => gemv::gemv_add(&self.dev, f32s(x, op)?, w, n, k, f32s_mut(acc, op)?),
+            CudaStorage::F16(w) => gemv::gemv_add(&self.dev, f32s(x, op)?, w, n, k, f32s_mut(acc, op)?),
+            _ => matmul_add_composed(self, x, (w, bias), tmp, acc),
+        }
+    }
+
+    fn matmul_swiglu(
+        &self,
+        x: &Tensor,
+        ((gate, gb), (up, ub)): ((&Tensor, Option<&Tensor>), (&Tensor, Option<&Tensor>)),
+        scratch: (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let op = "matmul_swiglu";
+        let weights = ((gate, gb), (up, ub));
+        let (&[n, k], None, None) = (gate.shape(), gb, ub) else {
+            return matmul_swiglu_composed(self, x, weights, scratch, out);
+        };
+        let t = x.numel() / k.max(1);
+        if !gemv::covers(t, k) || up.shape() != gate.shape() || out.numel() != t * n {
+            return matmul_swiglu_composed(self, x, weights, scratch, out);
+        }
+        match (cuda(gate, op)?, cuda(up, op)?) {
+            (CudaStorage::BF16(g), CudaStorage::BF16(u)) => {
+                gemv::gemv_swiglu(&self.dev, f32s(x, op)?, (g, u), n, k, f32s_mut(out, op)?)
+            }
+            (CudaStorage::F16(g), CudaStorage::F16(u)) => {
+                gemv::gemv_swiglu(&self.dev, f32s(x, op)?, (g, u), n, k, f32s_mut(out, op)?)
+            }
+            _ => matmul_swiglu_composed(self, x, weights, scratch, out),
+        }
     }
 }
 

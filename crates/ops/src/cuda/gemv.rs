@@ -54,3 +54,57 @@ pub fn gemv<W: GemvWeight>(
     unsafe { l.launch(cfg) }.map_err(driver_err("gemv"))?;
     Ok(())
 }
+
+/// `out += x · wᵀ` (a residual add as the GEMV's epilogue); shapes as [`gemv`]'s. The product
+/// is summed as [`gemv`] sums it, so the result equals `gemv` then `add_assign` bit for bit.
+pub fn gemv_add<W: GemvWeight>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<W>,
+    n: usize,
+    k: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let t = x.len().checked_div(k).unwrap_or(0);
+    if !covers(t, k) || x.len() != t * k || w.len() != n * k || out.len() != t * n || n == 0 {
+        return Err(shape("cuda gemv_add", format!("x {}, w {} ([{n}, {k}]), out {}", x.len(), w.len(), out.len())));
+    }
+    let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MAX_T);
+    let func = dev.function("gemv", SOURCE, &format!("gemv_add_{}_t{tt}", W::NAME))?;
+    let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x).arg(w).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
+    // SAFETY: as in `gemv`; each output element is read and written by one thread.
+    unsafe { l.launch(cfg) }.map_err(driver_err("gemv_add"))?;
+    Ok(())
+}
+
+/// `out = silu(x · gateᵀ) ⊙ (x · upᵀ)`; x `[t, k]`, gate and up `[n, k]`, out `[t, n]`: both
+/// GEMVs in one launch, equal to `gemv`, `gemv`, `silu_mul` bit for bit.
+pub fn gemv_swiglu<W: GemvWeight>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    (gate, up): (&CudaSlice<W>, &CudaSlice<W>),
+    n: usize,
+    k: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let t = x.len().checked_div(k).unwrap_or(0);
+    if !covers(t, k) || x.len() != t * k || gate.len() != n * k || up.len() != n * k || out.len() != t * n || n == 0
+    {
+        return Err(shape(
+            "cuda gemv_swiglu",
+            format!("x {}, gate {}, up {} ([{n}, {k}]), out {}", x.len(), gate.len(), up.len(), out.len()),
+        ));
+    }
+    let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MAX_T);
+    let func = dev.function("gemv", SOURCE, &format!("gemv_swiglu_{}_t{tt}", W::NAME))?;
+    let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x).arg(gate).arg(up).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
+    // SAFETY: as in `gemv`, for both weight matrices (same shape, checked above).
+    unsafe { l.launch(cfg) }.map_err(driver_err("gemv_swiglu"))?;
+    Ok(())
+}
