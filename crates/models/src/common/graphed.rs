@@ -20,17 +20,18 @@ pub fn model_id() -> u64 {
 }
 
 /// The step graphs for a forward of `items`, when it can run as one: the backend offers them,
-/// one sequence of one token whose last logits are wanted, no tree and no trace, every layer
-/// resident (`resident`), and the KV cache on the device, the sequence's own (no shared
-/// prefix) and with no recurrent state. Everything else runs plainly.
+/// one sequence of one token inside the vocabulary (`vocab`: a replay checks no id) whose last
+/// logits are wanted, no tree and no trace, every layer resident (`resident`), and the KV cache
+/// on the device, the sequence's own (no shared prefix) and with no recurrent state. Everything
+/// else runs plainly.
 pub fn eligible<'b>(
     be: &'b dyn Backend,
     items: &[BatchSeq<'_>],
-    resident: bool,
-    traced: bool,
+    (vocab, resident, traced): (usize, bool, bool),
 ) -> Option<&'b dyn StepGraphs> {
     let [it] = items else { return None };
     let plain = it.ids.len() != 1
+        || it.ids.iter().any(|&id| id as usize >= vocab)
         || it.wanted != LogitsWanted::Last
         || it.tree.is_some()
         || traced

@@ -292,7 +292,7 @@ impl Llama {
     fn run(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let resident = self.layers.stream_stats().is_none() && self.kv_offload.is_none();
-        let Some(g) = graphed::eligible(be, items, resident, trace.is_some()) else {
+        let Some(g) = graphed::eligible(be, items, (self.cfg.vocab_size, resident, trace.is_some())) else {
             return self.run_plain(items, trace);
         };
         // Room for the step first, so that the captured launches see the caches and the RoPE
