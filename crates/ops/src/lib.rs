@@ -18,8 +18,7 @@ pub mod tensor;
 
 pub use backend::{
     AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice,
-    KvBlockSpan,
-    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, TreeMask,
+    KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, TreeMask,
 };
 pub use dtype::DType;
 pub use error::{MemoryLimit, OpsError, Result};

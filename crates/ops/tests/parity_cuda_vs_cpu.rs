@@ -35,9 +35,7 @@ use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ollm_ops::cpu::{self, CpuBackend};
 use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage};
-use ollm_ops::{
-    Backend, Compute, CpuStorage, DType, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor,
-};
+use ollm_ops::{Backend, Compute, CpuStorage, DType, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor};
 
 /// ‖a − b‖ / ‖b‖
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -1164,14 +1162,21 @@ fn fused_decode_ops_match_cpu() {
     let Some(gpu) = backend() else { return };
     let cpu = CpuBackend::new();
     for wt in [DType::BF16, DType::F16] {
-        for &(t, k, n, biased) in &[(1usize, 576usize, 1536usize, false), (3, 64, 40, false), (8, 256, 72, false), (16, 64, 24, false), (2, 64, 24, true)] {
+        for &(t, k, n, biased) in &[
+            (1usize, 576usize, 1536usize, false),
+            (3, 64, 40, false),
+            (8, 256, 72, false),
+            (16, 64, 24, false),
+            (2, 64, 24, true),
+        ] {
             let (x, acc0) = (random(t * k, 1.0), random(t * n, 1.0));
             let (wg, wu) = (host(wt, vec![n, k], &random(n * k, 0.2)), host(wt, vec![n, k], &random(n * k, 0.2)));
             let bias = host(DType::F32, vec![n], &random(n, 1.0));
             // The same calls on either backend.
             let run = |be: &dyn Backend| -> (Vec<f32>, Vec<f32>) {
                 let xt = be.upload_f32(vec![t, k], &x).expect("x");
-                let (g, u, b) = (be.upload(&wg).expect("gate"), be.upload(&wu).expect("up"), be.upload(&bias).expect("bias"));
+                let (g, u, b) =
+                    (be.upload(&wg).expect("gate"), be.upload(&wu).expect("up"), be.upload(&bias).expect("bias"));
                 let b = biased.then_some(&b);
                 let (mut s1, mut s2) = (be.zeros(vec![t, n]).expect("g"), be.zeros(vec![t, n]).expect("u"));
                 let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
@@ -1190,10 +1195,14 @@ fn fused_decode_ops_match_cpu() {
             assert!(e_sw < 1e-5 && e_add < 1e-5, "fused {case}: swiglu {e_sw:e}, matmul_add {e_add:e}");
             // The CUDA backend's composed ops give the same bits.
             let xt = gpu.upload_f32(vec![t, k], &x).expect("x");
-            let (g, u, b) = (gpu.upload(&wg).expect("gate"), gpu.upload(&wu).expect("up"), gpu.upload(&bias).expect("bias"));
+            let (g, u, b) =
+                (gpu.upload(&wg).expect("gate"), gpu.upload(&wu).expect("up"), gpu.upload(&bias).expect("bias"));
             let b = biased.then_some(&b);
-            let (mut s1, mut s2, mut out) =
-                (gpu.zeros(vec![t, n]).expect("g"), gpu.zeros(vec![t, n]).expect("u"), gpu.zeros(vec![t, n]).expect("o"));
+            let (mut s1, mut s2, mut out) = (
+                gpu.zeros(vec![t, n]).expect("g"),
+                gpu.zeros(vec![t, n]).expect("u"),
+                gpu.zeros(vec![t, n]).expect("o"),
+            );
             ollm_ops::backend::matmul_swiglu_composed(&gpu, &xt, ((&g, b), (&u, None)), (&mut s1, &mut s2), &mut out)
                 .expect("composed swiglu");
             let mut acc = gpu.upload_f32(vec![t, n], &acc0).expect("acc");

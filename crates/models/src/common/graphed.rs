@@ -83,6 +83,9 @@ impl<'g> StepKey<'g> {
     }
 }
 
+/// A family's ordinary forward of a batch (one item here): logits per item.
+pub type StepForward<'f> = dyn FnMut(&mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> + 'f;
+
 /// Runs `forward` (the family's ordinary forward of the one item of `items`) as the step kept
 /// under `key`: replayed when the backend has it for this position, else captured (and run)
 /// now. The caller has already made room for the step (the KV cache reserved, the RoPE table
@@ -92,7 +95,7 @@ pub fn decode_step(
     g: &dyn StepGraphs,
     key: u64,
     items: &mut [BatchSeq<'_>],
-    forward: &mut dyn FnMut(&mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>>,
+    forward: &mut StepForward<'_>,
 ) -> Result<Vec<Vec<f32>>> {
     let (ids, pos) = match items {
         [it] => (it.ids.to_vec(), it.state.len()),

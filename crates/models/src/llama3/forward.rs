@@ -11,10 +11,10 @@ use super::tensors::*;
 use crate::common::attention::{
     AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
 };
-use crate::common::graphed::{self, StepKey};
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
+use crate::common::graphed::{self, StepKey};
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp_add};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};

@@ -6,6 +6,9 @@
 
 use crate::{Compute, Result, Tensor};
 
+/// A weight `[out, in]` and its optional bias `[out]`.
+pub type Linear<'a> = (&'a Tensor, Option<&'a Tensor>);
+
 /// `acc += x · wᵀ (+ bias)` as `matmul` into `tmp`, then `add_assign`.
 pub fn matmul_add_composed<C: Compute + ?Sized>(
     be: &C,
@@ -23,7 +26,7 @@ pub fn matmul_add_composed<C: Compute + ?Sized>(
 pub fn matmul_swiglu_composed<C: Compute + ?Sized>(
     be: &C,
     x: &Tensor,
-    (gate, up): ((&Tensor, Option<&Tensor>), (&Tensor, Option<&Tensor>)),
+    (gate, up): (Linear<'_>, Linear<'_>),
     (g, u): (&mut Tensor, &mut Tensor),
     out: &mut Tensor,
 ) -> Result<()> {
@@ -38,13 +41,7 @@ pub fn matmul_swiglu_composed<C: Compute + ?Sized>(
 pub trait FusedOps: Compute {
     /// `acc += x · wᵀ (+ bias)`: the residual add as the matmul's epilogue. x `[T, in]`,
     /// w `[out, in]`, tmp and acc `[T, out]`.
-    fn matmul_add(
-        &self,
-        x: &Tensor,
-        w: (&Tensor, Option<&Tensor>),
-        tmp: &mut Tensor,
-        acc: &mut Tensor,
-    ) -> Result<()> {
+    fn matmul_add(&self, x: &Tensor, w: (&Tensor, Option<&Tensor>), tmp: &mut Tensor, acc: &mut Tensor) -> Result<()> {
         matmul_add_composed(self, x, w, tmp, acc)
     }
 
@@ -53,7 +50,7 @@ pub trait FusedOps: Compute {
     fn matmul_swiglu(
         &self,
         x: &Tensor,
-        weights: ((&Tensor, Option<&Tensor>), (&Tensor, Option<&Tensor>)),
+        weights: (Linear<'_>, Linear<'_>),
         scratch: (&mut Tensor, &mut Tensor),
         out: &mut Tensor,
     ) -> Result<()> {

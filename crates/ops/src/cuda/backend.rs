@@ -14,14 +14,14 @@ use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
     CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, rmsnorm, rope,
-    transfer,
-    tree_attention,
+    transfer, tree_attention,
 };
+use crate::backend::Linear;
 use crate::backend::{
-    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan, Memory,
-    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims, gated_norm_dims, mxfp4_dims,
-    mxfp4_matmul_dims, matmul_add_composed, matmul_swiglu_composed, router_dims, rows_dims, slice_dims, swiglu_dims,
-    transpose_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan,
+    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims, gated_norm_dims,
+    matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims,
+    swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -371,7 +371,7 @@ impl FusedOps for CudaBackend {
     fn matmul_swiglu(
         &self,
         x: &Tensor,
-        ((gate, gb), (up, ub)): ((&Tensor, Option<&Tensor>), (&Tensor, Option<&Tensor>)),
+        ((gate, gb), (up, ub)): (Linear<'_>, Linear<'_>),
         scratch: (&mut Tensor, &mut Tensor),
         out: &mut Tensor,
     ) -> Result<()> {

@@ -48,7 +48,10 @@ pub(crate) fn embedding_step(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     if hidden == 0 || !table.len().is_multiple_of(hidden) || out.len() != t * hidden || t == 0 {
-        return Err(shape("cuda embedding", format!("table {}, {t} ids, hidden {hidden}, out {}", table.len(), out.len())));
+        return Err(shape(
+            "cuda embedding",
+            format!("table {}, {t} ids, hidden {hidden}, out {}", table.len(), out.len()),
+        ));
     }
     let func = dev.function("elementwise", SOURCE, &format!("embedding_{}", table.kernel_suffix()))?;
     let (hidden_i32, ids) = (hidden as i32, step + 4);
@@ -178,7 +181,8 @@ pub fn write_kv(
     }
     // Inside a captured decode step the positions are read from the step buffer (graph.rs).
     let step = dev.graphs.capturing_step();
-    let func = dev.function("elementwise", SOURCE, if step.is_some() { "write_kv_bf16_step" } else { "write_kv_bf16" })?;
+    let func =
+        dev.function("elementwise", SOURCE, if step.is_some() { "write_kv_bf16_step" } else { "write_kv_bf16" })?;
     let (t, n_kv, cap, d, p) = ((src.len() / row) as i32, g.n_kv as i32, g.cap as i32, g.d as i32, pos0 as i32);
     let cfg = grid_stride(src.len());
     let mut l = dev.stream.launch_builder(&func);

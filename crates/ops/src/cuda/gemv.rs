@@ -91,8 +91,7 @@ pub fn gemv_swiglu<W: GemvWeight>(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let t = x.len().checked_div(k).unwrap_or(0);
-    if !covers(t, k) || x.len() != t * k || gate.len() != n * k || up.len() != n * k || out.len() != t * n || n == 0
-    {
+    if !covers(t, k) || x.len() != t * k || gate.len() != n * k || up.len() != n * k || out.len() != t * n || n == 0 {
         return Err(shape(
             "cuda gemv_swiglu",
             format!("x {}, gate {}, up {} ([{n}, {k}]), out {}", x.len(), gate.len(), up.len(), out.len()),

@@ -179,9 +179,8 @@ impl CudaDevice {
         let Some(c) = g.capture.take() else { return Ok(()) };
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
         let escaped = self.vram().set_capture(None).unwrap_or_default();
-        let graph = ended
-            .map_err(driver_err("end capture"))?
-            .ok_or_else(|| graph_err("the captured step is empty".into()))?;
+        let graph =
+            ended.map_err(driver_err("end capture"))?.ok_or_else(|| graph_err("the captured step is empty".into()))?;
         graph.launch().map_err(driver_err("graph launch"))?;
         g.steps.retain(|s| s.key != c.key);
         if g.steps.len() >= MAX_GRAPHS {
