@@ -101,6 +101,15 @@ impl CudaBackend {
         &self.dev
     }
 
+    /// An error when a decode step is being captured: `op` takes its positions (or reads the
+    /// host) in a way a replay could not change, so the step runs plainly instead (graph.rs).
+    fn not_captured(&self, op: &str) -> Result<()> {
+        match self.dev.graphs.capturing_step() {
+            Some(_) => Err(OpsError::Backend(format!("cuda step graph: {op} cannot be captured"))),
+            None => Ok(()),
+        }
+    }
+
     fn tensor(&self, shape: Vec<usize>, s: CudaStorage) -> Result<Tensor> {
         Tensor::new(shape, Storage::Cuda(s))
     }
@@ -208,11 +217,14 @@ impl Compute for CudaBackend {
         let fast = if q.shape()[0] <= flash::DECODE_MAX_T {
             flash::decode_attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)?
         } else {
+            // Only the split decode kernel reads its positions from a captured step's buffer.
+            self.not_captured("prefill attention")?;
             flash::flash_prefill(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)?
         };
         if fast {
             return Ok(());
         }
+        self.not_captured("the reference attention kernel")?;
         attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)
     }
 
@@ -226,6 +238,7 @@ impl Compute for CudaBackend {
         p: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()> {
+        self.not_captured("tree attention")?;
         let g = AttnGeometry::of_tree(q, k, v, out, pos0, tree, p.sinks)?;
         let sinks = p.sinks.map(|s| f32s(s, "tree_attention")).transpose()?;
         let (qd, kd, vd) = (f32s(q, "tree_attention")?, kv(k, "tree_attention")?, kv(v, "tree_attention")?);
@@ -247,6 +260,7 @@ impl Compute for CudaBackend {
         params: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()> {
+        self.not_captured("attention over a shared prefix")?;
         let (pg, g) = AttnGeometry::of_prefixed(q, (pk, pv, p), (k, v), out, pos0, params.sinks)?;
         let rows = pos0 + q.shape()[0];
         let cap = p + rows;
@@ -423,6 +437,7 @@ impl StepGraphs for CudaBackend {
 
 impl MoeOps for CudaBackend {
     fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.not_captured("router top-k (read back to the host)")?;
         let (t, e) = router_dims(logits, k)?;
         if t == 0 {
             return Ok((Vec::new(), Vec::new()));
@@ -628,6 +643,7 @@ impl Memory for CudaBackend {
     }
 
     fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor> {
+        self.not_captured("growing a KV cache")?;
         let &[n_kv, cap, d] = cache.shape() else {
             return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
         };

@@ -86,9 +86,14 @@ pub fn decode_attention(
     let gb = heads_per_block(group);
     // Inside a captured decode step (graph.rs) the query positions come from the step buffer.
     let step = dev.graphs.capturing_step();
-    let entry = if step.is_some() { "decode_split_step" } else { "decode_split" };
-    let func = dev.function("decode_attn", DECODE_SOURCE, &format!("{entry}_d{}_g{gb}", g.d))?;
-    let blocks_per_sm = func
+    let plain = dev.function("decode_attn", DECODE_SOURCE, &format!("decode_split_d{}_g{gb}", g.d))?;
+    let func = match step {
+        Some(_) => dev.function("decode_attn", DECODE_SOURCE, &format!("decode_split_step_d{}_g{gb}", g.d))?,
+        None => plain.clone(),
+    };
+    // The plain entry's occupancy sizes the split in both modes, so that a captured step cuts
+    // the context as the plain launches do (its registers may differ by the extra argument).
+    let blocks_per_sm = plain
         .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
         .map_err(driver_err("decode attention occupancy"))?
         .max(1) as usize;
