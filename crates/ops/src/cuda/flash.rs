@@ -157,15 +157,16 @@ pub fn decode_attention(
         unsafe { l.launch(combine_cfg) }.map_err(driver_err("decode attention combine"))?;
         Ok(())
     };
-    // SAFETY: pass 1 writes every partial (blocks with no keys write m = -inf, l = 0) before
-    // pass 2 reads them; the buffer is reused across calls in stream order.
     if step.is_some() {
         // Not the shared scratch: growing it inside a capture would make it a graph allocation.
-        // SAFETY: as below, pass 1 writes every partial before pass 2 reads it.
+        // SAFETY: pass 1 writes every partial (blocks with no keys write m = -inf, l = 0)
+        // before pass 2 reads them.
         let mut part = unsafe { dev.alloc_uninit::<f32>(rows * (g.d + 2), "decode attention partials") }?;
         run(&mut part)?;
         return Ok(true);
     }
+    // SAFETY: pass 1 writes every partial (blocks with no keys write m = -inf, l = 0) before
+    // pass 2 reads them; the buffer is reused across calls in stream order.
     unsafe { dev.with_scratch32(rows * (g.d + 2), "decode attention partials", run) }?;
     Ok(true)
 }
