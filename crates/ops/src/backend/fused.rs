@@ -2,12 +2,46 @@
 //! Each method's default is the plain ops composed: the CPU backend's form, and the twin every
 //! fused kernel is checked against (tests/parity_cuda_vs_cpu.rs). A backend overrides the
 //! shapes it fuses and calls the composed form ([`matmul_add_composed`],
-//! [`matmul_swiglu_composed`]) for the rest.
+//! [`matmul_swiglu_composed`], [`norm_qkv_composed`], [`rope_write_kv_composed`]) for the rest.
 
-use crate::{Compute, Result, Tensor};
+use crate::{Compute, NormKind, Result, RopeTable, Tensor};
 
 /// A weight `[out, in]` and its optional bias `[out]`.
 pub type Linear<'a> = (&'a Tensor, Option<&'a Tensor>);
+
+/// An RMSNorm's weight, epsilon and kind.
+pub type Norm<'a> = (&'a Tensor, f32, NormKind);
+
+/// `normed = RMSNorm(x)`, then `q, k, v = normed · wᵀ (+ bias)` for the three projections, as
+/// `rms_norm` and three `matmul`s.
+pub fn norm_qkv_composed<C: Compute + ?Sized>(
+    be: &C,
+    x: &Tensor,
+    (nw, eps, kind): Norm<'_>,
+    [wq, wk, wv]: [Linear<'_>; 3],
+    normed: &mut Tensor,
+    [q, k, v]: [&mut Tensor; 3],
+) -> Result<()> {
+    be.rms_norm(x, nw, eps, kind, normed)?;
+    be.matmul(normed, wq.0, wq.1, q)?;
+    be.matmul(normed, wk.0, wk.1, k)?;
+    be.matmul(normed, wv.0, wv.1, v)
+}
+
+/// `rope(q)`, `rope(k)` at positions `pos0..`, then `write_kv` of k and v into the caches at
+/// row `row0`.
+pub fn rope_write_kv_composed<C: Compute + ?Sized>(
+    be: &C,
+    (q, k, v): (&mut Tensor, &mut Tensor, &Tensor),
+    (table, pos0): (&RopeTable, usize),
+    (kc, vc): (&mut Tensor, &mut Tensor),
+    row0: usize,
+) -> Result<()> {
+    be.rope(q, table, pos0)?;
+    be.rope(k, table, pos0)?;
+    be.write_kv(kc, k, row0)?;
+    be.write_kv(vc, v, row0)
+}
 
 /// `acc += x · wᵀ (+ bias)` as `matmul` into `tmp`, then `add_assign`.
 pub fn matmul_add_composed<C: Compute + ?Sized>(
@@ -55,6 +89,33 @@ pub trait FusedOps: Compute {
         out: &mut Tensor,
     ) -> Result<()> {
         matmul_swiglu_composed(self, x, weights, scratch, out)
+    }
+
+    /// `q, k, v = RMSNorm(x) · w{q,k,v}ᵀ (+ bias)`: the attention block's norm and projections
+    /// in one launch. x `[T, H]`, q `[T, nq]`, k `[T, nk]`, v `[T, nv]` (head axes may follow);
+    /// `normed` `[T, H]` holds the norm where the sequence runs composed.
+    fn norm_matmul_qkv(
+        &self,
+        x: &Tensor,
+        norm: Norm<'_>,
+        weights: [Linear<'_>; 3],
+        normed: &mut Tensor,
+        out: [&mut Tensor; 3],
+    ) -> Result<()> {
+        norm_qkv_composed(self, x, norm, weights, normed, out)
+    }
+
+    /// Rotates q `[T, nh, d]` and k `[T, nkv, d]` in place at positions `pos0..pos0 + T` and
+    /// writes k and v `[T, nkv, d]` into the caches `[nkv, cap, d]` at rows `row0..`: RoPE and
+    /// the KV append in one launch.
+    fn rope_write_kv(
+        &self,
+        qkv: (&mut Tensor, &mut Tensor, &Tensor),
+        rope: (&RopeTable, usize),
+        caches: (&mut Tensor, &mut Tensor),
+        row0: usize,
+    ) -> Result<()> {
+        rope_write_kv_composed(self, qkv, rope, caches, row0)
     }
 }
 

@@ -19,9 +19,9 @@ use super::{
 use crate::backend::Linear;
 use crate::backend::{
     AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan,
-    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims, gated_norm_dims,
-    matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims,
-    swiglu_dims, transpose_dims,
+    Memory, MemoryKind, MemoryStats, MoeOps, Norm, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims,
+    gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims, norm_qkv_composed,
+    rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -407,6 +407,77 @@ impl FusedOps for CudaBackend {
             }
             _ => matmul_swiglu_composed(self, x, weights, scratch, out),
         }
+    }
+
+    fn norm_matmul_qkv(
+        &self,
+        x: &Tensor,
+        (nw, eps, kind): Norm<'_>,
+        weights: [Linear<'_>; 3],
+        normed: &mut Tensor,
+        [qo, ko, vo]: [&mut Tensor; 3],
+    ) -> Result<()> {
+        let op = "norm_matmul_qkv";
+        let [(wq, None), (wk, None), (wv, None)] = weights else {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        };
+        let (&[nq, k], &[nk, k2], &[nv, k3]) = (wq.shape(), wk.shape(), wv.shape()) else {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        };
+        let t = x.numel() / k.max(1);
+        let shapes_fit = k2 == k
+            && k3 == k
+            && gemv::covers(t, k)
+            && x.numel() == t * k
+            && nw.numel() == k
+            && qo.numel() == t * nq
+            && ko.numel() == t * nk
+            && vo.numel() == t * nv;
+        let nws = cuda(nw, op)?;
+        if !shapes_fit || matches!(nws, CudaStorage::U8(_)) {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        }
+        let offset = if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 };
+        let norm = (nws, eps, offset);
+        let xd = f32s(x, op)?;
+        match (cuda(wq, op)?, cuda(wk, op)?, cuda(wv, op)?) {
+            (CudaStorage::BF16(a), CudaStorage::BF16(b), CudaStorage::BF16(c)) => {
+                let outs =
+                    [(&**a, nq, f32s_mut(qo, op)?), (&**b, nk, f32s_mut(ko, op)?), (&**c, nv, f32s_mut(vo, op)?)];
+                gemv::gemv_norm_qkv(&self.dev, xd, norm, k, outs)
+            }
+            (CudaStorage::F16(a), CudaStorage::F16(b), CudaStorage::F16(c)) => {
+                let outs =
+                    [(&**a, nq, f32s_mut(qo, op)?), (&**b, nk, f32s_mut(ko, op)?), (&**c, nv, f32s_mut(vo, op)?)];
+                gemv::gemv_norm_qkv(&self.dev, xd, norm, k, outs)
+            }
+            _ => norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]),
+        }
+    }
+
+    fn rope_write_kv(
+        &self,
+        (q, k, v): (&mut Tensor, &mut Tensor, &Tensor),
+        (table, pos0): (&RopeTable, usize),
+        (kc, vc): (&mut Tensor, &mut Tensor),
+        row0: usize,
+    ) -> Result<()> {
+        let op = "rope_write_kv";
+        let (&[t, nh, d], &[tk, nkv, dk], &[nkv_c, cap, dc]) = (q.shape(), k.shape(), kc.shape()) else {
+            return rope_write_kv_composed(self, (q, k, v), (table, pos0), (kc, vc), row0);
+        };
+        if tk != t || dk != d || nkv_c != nkv || dc != d || v.shape() != k.shape() || vc.shape() != kc.shape() {
+            return rope_write_kv_composed(self, (q, k, v), (table, pos0), (kc, vc), row0);
+        }
+        let (cos, sin) = (f32s(&table.cos, op)?, f32s(&table.sin, op)?);
+        let bufs = rope::RopeKv {
+            q: f32s_mut(q, op)?,
+            k: f32s_mut(k, op)?,
+            v: f32s(v, op)?,
+            k_cache: kv_mut(kc, op)?,
+            v_cache: kv_mut(vc, op)?,
+        };
+        rope::rope_write_kv(&self.dev, bufs, (nh, nkv, d, table.rotary_dims, cap), (cos, sin), (pos0, row0))
     }
 }
 

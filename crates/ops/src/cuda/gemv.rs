@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{CudaDevice, driver_err, shape};
+use super::{CudaDevice, CudaStorage, driver_err, shape};
 use crate::Result;
 
 /// The kernel file's source text.
@@ -105,5 +105,52 @@ pub fn gemv_swiglu<W: GemvWeight>(
     l.arg(x).arg(gate).arg(up).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
     // SAFETY: as in `gemv`, for both weight matrices (same shape, checked above).
     unsafe { l.launch(cfg) }.map_err(driver_err("gemv_swiglu"))?;
+    Ok(())
+}
+
+/// The weights and outputs of [`gemv_norm_qkv`]: `(w, n, out)` for Q, K and V, w `[n, k]`,
+/// out `[t, n]`.
+pub type QkvOut<'a, W> = [(&'a CudaSlice<W>, usize, &'a mut CudaSlice<f32>); 3];
+
+/// `q, k, v = RMSNorm(x) · wqᵀ, · wkᵀ, · wvᵀ` in one launch: x `[t, k]`, norm weight `[k]`
+/// (bf16, f16 or f32), `offset` 1 for zero-centred norms. Each block recomputes the rows' rms as
+/// `rmsnorm.rs` does, so the outputs equal `rms_norm` then three `gemv`s bit for bit.
+pub fn gemv_norm_qkv<W: GemvWeight>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    (nw, eps, offset): (&CudaStorage, f32, f32),
+    k: usize,
+    [(wq, nq, q), (wk, nk, ko), (wv, nv, vo)]: QkvOut<'_, W>,
+) -> Result<()> {
+    let t = x.len().checked_div(k).unwrap_or(0);
+    let fits = |w: &CudaSlice<W>, n: usize, o: &CudaSlice<f32>| n > 0 && w.len() == n * k && o.len() == t * n;
+    if !covers(t, k)
+        || x.len() != t * k
+        || nw.len() != k
+        || matches!(nw, CudaStorage::U8(_))
+        || !fits(wq, nq, q)
+        || !fits(wk, nk, ko)
+        || !fits(wv, nv, vo)
+        || u32::try_from(nq + nk + nv).is_err()
+    {
+        return Err(shape(
+            "cuda gemv_norm_qkv",
+            format!("x {}, norm {}, q/k/v rows {nq}/{nk}/{nv} of {k}", x.len(), nw.len()),
+        ));
+    }
+    let tt = if t == 1 { 1 } else { GEMV_MAX_T };
+    let name = format!("gemv_norm_qkv_{}_{}w_t{tt}", W::NAME, nw.kernel_suffix());
+    let func = dev.function("gemv", SOURCE, &name)?;
+    let [t_i32, nq_i32, nk_i32, nv_i32, k_i32] = [t, nq, nk, nv, k].map(|v| v as i32);
+    let blocks = (nq + nk + nv) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x);
+    nw.push_arg(&mut l);
+    l.arg(&eps).arg(&offset).arg(wq).arg(wk).arg(wv).arg(q).arg(ko).arg(vo);
+    l.arg(&t_i32).arg(&nq_i32).arg(&nk_i32).arg(&nv_i32).arg(&k_i32);
+    // SAFETY: sizes checked above (k % 8 == 0 keeps the 16-byte weight and norm loads inside
+    // their rows); one block per output row of the three projections.
+    unsafe { l.launch(cfg) }.map_err(driver_err("gemv_norm_qkv"))?;
     Ok(())
 }

@@ -235,6 +235,25 @@ impl CudaDevice {
         Ok(Some(host))
     }
 
+    /// Runs `f`'s ops as a captured step launches them — the `_step` kernels, reading the
+    /// position shift `shift` and `ids` from the step buffer — but eagerly, with no graph:
+    /// the direct check that each `_step` kernel at position p equals its plain form at
+    /// p + shift (tests/parity_cuda_vs_cpu.rs). `f` must not read back to the host.
+    #[doc(hidden)]
+    pub fn run_as_step<R>(&self, shift: i64, ids: &[u32], f: impl FnOnce() -> Result<R>) -> Result<R> {
+        {
+            let mut g = self.graphs.lock();
+            if g.capture.is_some() {
+                return Err(graph_err("a capture is already under way".into()));
+            }
+            StepGraphCache::write_step(self, &mut g, shift, ids)?;
+            g.capture = Some(Capture { key: 0, pos: 0, t: ids.len(), limits: Vec::new() });
+        }
+        let r = f();
+        self.graphs.lock().capture = None;
+        r
+    }
+
     /// Decode steps captured and replayed so far on this device: `(captures, replays)`.
     pub fn step_graph_counts(&self) -> (u64, u64) {
         (self.graphs.captures.load(Ordering::Relaxed), self.graphs.replays.load(Ordering::Relaxed))
