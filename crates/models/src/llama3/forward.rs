@@ -9,7 +9,7 @@ use ollm_weights::Catalog;
 use super::config::LlamaConfig;
 use super::tensors::*;
 use crate::common::attention::{
-    AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
+    AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk, fused_self_attention_add,
 };
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
@@ -222,21 +222,26 @@ impl Llama {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
-        be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
         let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
         let rope = self.rope.covering(be, end)?;
         let call = AttnCall { layer: l, pos0: 0, rope: &rope, scale, window: None, sinks: None };
         let qk = layer.qk_norm.as_ref().map(|(q, k)| QkNorm { q, k, eps, kind: NormKind::Llama });
-        batched_self_attention_qk(
-            be,
-            (&layer.attn, qk.as_ref()),
-            &s.normed,
-            (segs, items, l),
-            &call,
-            (&mut s.attn, bufs, &dims(&self.cfg)),
-            trace,
-        )?;
-        be.add_assign(x, &s.attn.out)?;
+        let norm = (&layer.input_norm, eps, NormKind::Llama);
+        let attn = (&layer.attn, qk.as_ref());
+        // One sequence's rows: the fused launches (the same ops); else norm, attention, add.
+        if !fused_self_attention_add(be, attn, norm, x, (segs, items, l), &call, (&mut s.attn, &mut s.normed), trace)? {
+            be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
+            batched_self_attention_qk(
+                be,
+                attn,
+                &s.normed,
+                (segs, items, l),
+                &call,
+                (&mut s.attn, bufs, &dims(&self.cfg)),
+                trace,
+            )?;
+            be.add_assign(x, &s.attn.out)?;
+        }
         be.rms_norm(x, &layer.post_attn_norm, eps, NormKind::Llama, &mut s.normed)?;
         gated_mlp_add(be, &layer.mlp, &s.normed, &mut s.mlp, x)?;
         if let Some(tr) = trace {
