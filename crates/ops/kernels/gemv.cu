@@ -11,7 +11,8 @@
 // (out = silu(x·gateᵀ) ⊙ (x·upᵀ), both weights read in one launch), and gemv_norm_qkv_* (the
 // RMSNorm of x folded into the Q, K and V projections: one launch, grid nq + nk + nv, each block
 // recomputes the rows' rms and norms x as it reads it). CPU twins: the plain ops composed
-// (src/backend/fused.rs).
+// (src/backend/fused.rs). gemv_norm_swiglu_* folds the MLP's RMSNorm into gemv_swiglu the same
+// way.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -241,11 +242,40 @@ __device__ __forceinline__ void norm_qkv_body(const float* __restrict__ x, const
     if (threadIdx.x < T) out[(size_t)threadIdx.x * n_out + n] = sums[threadIdx.x];
 }
 
+// out = silu(RMSNorm(x)·gateᵀ) ⊙ (RMSNorm(x)·upᵀ): the MLP's norm folded into gemv_swiglu.
+template <typename W, typename NW, int TT>
+__device__ __forceinline__ void norm_swiglu_body(const float* __restrict__ x, const NW* __restrict__ nw, float eps,
+                                                 float offset, const W* __restrict__ wg, const W* __restrict__ wu,
+                                                 float* __restrict__ out, int T, int n_out, int kd) {
+    __shared__ float part[4][TT];
+    __shared__ float sums[TT], sums2[TT], rinv[TT], red[8];
+    for (int t = 0; t < T; t++) {
+        float r = inv_rms_256(x + (size_t)t * kd, kd, eps, red);
+        if (threadIdx.x == 0) rinv[t] = r;
+    }
+    __syncthreads();
+    const int n = blockIdx.x;
+    RowNorm<NW> nm{nw, rinv, offset};
+    gemv_row<W, TT, RowNorm<NW>>(x, wg, T, kd, n, part, sums, nm);
+    __syncthreads();  // part is reused
+    gemv_row<W, TT, RowNorm<NW>>(x, wu, T, kd, n, part, sums2, nm);
+    if (threadIdx.x < T) {
+        int t = threadIdx.x;
+        float g = sums[t];
+        out[(size_t)t * n_out + n] = g / (1.f + expf(-g)) * sums2[t];
+    }
+}
+
 #define NORM_QKV_ENTRY(NAME, W, NWNAME, NW, TT)                                                                \
     extern "C" __global__ void __launch_bounds__(128) gemv_norm_qkv_##NAME##_##NWNAME##w_t##TT(                 \
         const float* x, const NW* nw, float eps, float offset, const W* wq, const W* wk, const W* wv, float* q, \
         float* k, float* v, int T, int nq, int nk, int nv, int kd) {                                           \
         norm_qkv_body<W, NW, TT>(x, nw, eps, offset, wq, wk, wv, q, k, v, T, nq, nk, nv, kd);                  \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) gemv_norm_swiglu_##NAME##_##NWNAME##w_t##TT(              \
+        const float* x, const NW* nw, float eps, float offset, const W* wg, const W* wu, float* out, int T,     \
+        int n_out, int kd) {                                                                                   \
+        norm_swiglu_body<W, NW, TT>(x, nw, eps, offset, wg, wu, out, T, n_out, kd);                            \
     }
 #define NORM_QKV_ENTRIES(NAME, W, TT)                          \
     NORM_QKV_ENTRY(NAME, W, bf16, __nv_bfloat16, TT)           \

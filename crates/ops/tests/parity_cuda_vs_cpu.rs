@@ -1426,3 +1426,60 @@ fn step_kernels_match_plain_forms_with_the_shift() {
         eprintln!("step kernels {case}: equal to the plain forms");
     }
 }
+
+/// The MLP's norm folded into the gate/up launch (`norm_matmul_swiglu`) against the CPU's
+/// composed ops (rms_norm, two matmuls, silu_mul) and bit for bit against CUDA's composed ops;
+/// a bias or 16 rows fall back to the composed form.
+#[test]
+fn fused_norm_swiglu_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let cases = [
+        (1usize, 576usize, 1536usize, false),
+        (3, 64, 40, false),
+        (8, 256, 72, false),
+        (16, 64, 24, false),
+        (2, 64, 24, true),
+    ];
+    for wt in [DType::BF16, DType::F16] {
+        for nt in [DType::F32, DType::BF16] {
+            for kind in [NormKind::Llama, NormKind::ZeroCentered] {
+                for &(t, h, n, biased) in &cases {
+                    let x = random(t * h, 2.0);
+                    let nw = host(nt, vec![h], &random(h, 1.0));
+                    let (wg, wu) =
+                        (host(wt, vec![n, h], &random(n * h, 0.2)), host(wt, vec![n, h], &random(n * h, 0.2)));
+                    let bias = host(DType::F32, vec![n], &random(n, 1.0));
+                    let run = |be: &dyn Backend, fused: bool| -> Vec<f32> {
+                        let xt = be.upload_f32(vec![t, h], &x).expect("x");
+                        let nwt = be.upload(&nw).expect("norm");
+                        let (g, u, b) =
+                            (be.upload(&wg).expect("g"), be.upload(&wu).expect("u"), be.upload(&bias).expect("b"));
+                        let b = biased.then_some(&b);
+                        let mut normed = be.zeros(vec![t, h]).expect("normed");
+                        let (mut s1, mut s2) = (be.zeros(vec![t, n]).expect("g"), be.zeros(vec![t, n]).expect("u"));
+                        let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
+                        let (norm, weights) = ((&nwt, 1e-5, kind), ((&g, None), (&u, b)));
+                        let scratch = (&mut normed, &mut s1, &mut s2);
+                        if fused {
+                            be.norm_matmul_swiglu(&xt, norm, weights, scratch, &mut out).expect("fused");
+                        } else {
+                            ollm_ops::backend::norm_swiglu_composed(be, &xt, norm, weights, scratch, &mut out)
+                                .expect("composed");
+                        }
+                        be.to_host_f32(&out).expect("down")
+                    };
+                    let (want, got, composed) = (run(&cpu, true), run(&gpu, true), run(&gpu, false));
+                    let case = format!("{wt} norm {nt} {kind:?} t={t} h={h} n={n} bias={biased}");
+                    assert!(got.iter().all(|v| v.is_finite()), "{case}: unwritten");
+                    let e = rel_err(&got, &want);
+                    assert!(e < 1e-5, "norm_swiglu {case}: rel err {e:e}");
+                    assert!(
+                        got.iter().zip(&composed).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "norm_swiglu {case}: differs from CUDA's composed ops"
+                    );
+                }
+            }
+        }
+    }
+}

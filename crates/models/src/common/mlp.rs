@@ -54,16 +54,18 @@ pub fn gated_mlp(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpS
     Ok(())
 }
 
-/// `residual += MLP(x)`, x and residual `[T, H]`: the add is the down projection's epilogue
-/// where the backend fuses it (s.out is then left as it was).
-pub fn gated_mlp_add(
+/// `x += MLP(RMSNorm(x))`, x `[T, H]`: the norm folded into the gate/up launch and the add into
+/// the down projection's where the backend fuses them (the same ops in the same order as
+/// `rms_norm`, [`gated_mlp`] and `add_assign`); `normed` `[T, H]` is scratch.
+pub fn norm_gated_mlp_add(
     backend: &dyn Backend,
     w: &MlpWeights,
-    x: &Tensor,
-    s: &mut MlpScratch,
-    residual: &mut Tensor,
+    norm: ollm_ops::backend::Norm<'_>,
+    (normed, s): (&mut Tensor, &mut MlpScratch),
+    x: &mut Tensor,
 ) -> Result<()> {
-    swiglu(backend, w, x, s)?;
-    backend.matmul_add(&s.act, (&w.down, w.down_bias.as_ref()), &mut s.out, residual)?;
+    let weights = ((&w.gate, w.gate_bias.as_ref()), (&w.up, w.up_bias.as_ref()));
+    backend.norm_matmul_swiglu(x, norm, weights, (normed, &mut s.gate, &mut s.up), &mut s.act)?;
+    backend.matmul_add(&s.act, (&w.down, w.down_bias.as_ref()), &mut s.out, x)?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
 use crate::common::graphed::{self, StepKey};
-use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp_add};
+use crate::common::mlp::{MlpScratch, MlpWeights, norm_gated_mlp_add};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
@@ -242,8 +242,8 @@ impl Llama {
             )?;
             be.add_assign(x, &s.attn.out)?;
         }
-        be.rms_norm(x, &layer.post_attn_norm, eps, NormKind::Llama, &mut s.normed)?;
-        gated_mlp_add(be, &layer.mlp, &s.normed, &mut s.mlp, x)?;
+        let norm = (&layer.post_attn_norm, eps, NormKind::Llama);
+        norm_gated_mlp_add(be, &layer.mlp, norm, (&mut s.normed, &mut s.mlp), x)?;
         if let Some(tr) = trace {
             tr.record(Some(l), "layer_out", x);
         }

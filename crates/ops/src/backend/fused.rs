@@ -2,7 +2,8 @@
 //! Each method's default is the plain ops composed: the CPU backend's form, and the twin every
 //! fused kernel is checked against (tests/parity_cuda_vs_cpu.rs). A backend overrides the
 //! shapes it fuses and calls the composed form ([`matmul_add_composed`],
-//! [`matmul_swiglu_composed`], [`norm_qkv_composed`], [`rope_write_kv_composed`]) for the rest.
+//! [`matmul_swiglu_composed`], [`norm_qkv_composed`], [`norm_swiglu_composed`], [`rope_write_kv_composed`]) for the
+//! rest.
 
 use crate::{Compute, NormKind, Result, RopeTable, Tensor};
 
@@ -26,6 +27,19 @@ pub fn norm_qkv_composed<C: Compute + ?Sized>(
     be.matmul(normed, wq.0, wq.1, q)?;
     be.matmul(normed, wk.0, wk.1, k)?;
     be.matmul(normed, wv.0, wv.1, v)
+}
+
+/// `normed = RMSNorm(x)`, then [`matmul_swiglu_composed`] on it.
+pub fn norm_swiglu_composed<C: Compute + ?Sized>(
+    be: &C,
+    x: &Tensor,
+    (nw, eps, kind): Norm<'_>,
+    weights: (Linear<'_>, Linear<'_>),
+    (normed, g, u): (&mut Tensor, &mut Tensor, &mut Tensor),
+    out: &mut Tensor,
+) -> Result<()> {
+    be.rms_norm(x, nw, eps, kind, normed)?;
+    matmul_swiglu_composed(be, normed, weights, (g, u), out)
 }
 
 /// `rope(q)`, `rope(k)` at positions `pos0..`, then `write_kv` of k and v into the caches at
@@ -103,6 +117,19 @@ pub trait FusedOps: Compute {
         out: [&mut Tensor; 3],
     ) -> Result<()> {
         norm_qkv_composed(self, x, norm, weights, normed, out)
+    }
+
+    /// `out = silu(RMSNorm(x) · gateᵀ) ⊙ (RMSNorm(x) · upᵀ)`: the MLP's norm and first half in
+    /// one launch. x `[T, H]`; scratch `normed` `[T, H]`, g and u `[T, I]`; out `[T, I]`.
+    fn norm_matmul_swiglu(
+        &self,
+        x: &Tensor,
+        norm: Norm<'_>,
+        weights: (Linear<'_>, Linear<'_>),
+        scratch: (&mut Tensor, &mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        norm_swiglu_composed(self, x, norm, weights, scratch, out)
     }
 
     /// Rotates q `[T, nh, d]` and k `[T, nkv, d]` in place at positions `pos0..pos0 + T` and

@@ -36,7 +36,8 @@ pub(crate) use copy_queue::foreign_marker;
 pub use copy_queue::{CopyQueue, KvBlockSpan};
 pub use deltanet::{DeltaForm, DeltaNetOps, DeltaRule};
 pub use fused::{
-    FusedOps, Linear, Norm, matmul_add_composed, matmul_swiglu_composed, norm_qkv_composed, rope_write_kv_composed,
+    FusedOps, Linear, Norm, matmul_add_composed, matmul_swiglu_composed, norm_qkv_composed, norm_swiglu_composed,
+    rope_write_kv_composed,
 };
 pub use graphs::StepGraphs;
 pub use memory::{Memory, MemoryKind, MemoryStats};

@@ -21,7 +21,7 @@ use crate::backend::{
     AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan,
     Memory, MemoryKind, MemoryStats, MoeOps, Norm, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims,
     gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims, norm_qkv_composed,
-    rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
+    norm_swiglu_composed, rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -452,6 +452,42 @@ impl FusedOps for CudaBackend {
                 gemv::gemv_norm_qkv(&self.dev, xd, norm, k, outs)
             }
             _ => norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]),
+        }
+    }
+
+    fn norm_matmul_swiglu(
+        &self,
+        x: &Tensor,
+        (nw, eps, kind): Norm<'_>,
+        ((gate, gb), (up, ub)): (Linear<'_>, Linear<'_>),
+        scratch: (&mut Tensor, &mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let op = "norm_matmul_swiglu";
+        let weights = ((gate, gb), (up, ub));
+        let (&[n, k], None, None) = (gate.shape(), gb, ub) else {
+            return norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out);
+        };
+        let t = x.numel() / k.max(1);
+        let nws = cuda(nw, op)?;
+        if !gemv::covers(t, k)
+            || x.numel() != t * k
+            || nw.numel() != k
+            || up.shape() != gate.shape()
+            || out.numel() != t * n
+            || matches!(nws, CudaStorage::U8(_))
+        {
+            return norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out);
+        }
+        let norm = (nws, eps, if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 });
+        match (cuda(gate, op)?, cuda(up, op)?) {
+            (CudaStorage::BF16(g), CudaStorage::BF16(u)) => {
+                gemv::gemv_norm_swiglu(&self.dev, f32s(x, op)?, norm, (g, u), (n, k), f32s_mut(out, op)?)
+            }
+            (CudaStorage::F16(g), CudaStorage::F16(u)) => {
+                gemv::gemv_norm_swiglu(&self.dev, f32s(x, op)?, norm, (g, u), (n, k), f32s_mut(out, op)?)
+            }
+            _ => norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out),
         }
     }
 

@@ -154,3 +154,51 @@ pub fn gemv_norm_qkv<W: GemvWeight>(
     unsafe { l.launch(cfg) }.map_err(driver_err("gemv_norm_qkv"))?;
     Ok(())
 }
+
+/// `out = silu(RMSNorm(x) · gateᵀ) ⊙ (RMSNorm(x) · upᵀ)` in one launch: [`gemv_swiglu`] with the
+/// norm folded in as [`gemv_norm_qkv`] folds it; equal to `rms_norm`, `gemv`, `gemv`,
+/// `silu_mul` bit for bit.
+pub fn gemv_norm_swiglu<W: GemvWeight>(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    (nw, eps, offset): (&CudaStorage, f32, f32),
+    (gate, up): (&CudaSlice<W>, &CudaSlice<W>),
+    (n, k): (usize, usize),
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let t = x.len().checked_div(k).unwrap_or(0);
+    if !covers(t, k)
+        || x.len() != t * k
+        || nw.len() != k
+        || matches!(nw, CudaStorage::U8(_))
+        || gate.len() != n * k
+        || up.len() != n * k
+        || out.len() != t * n
+        || n == 0
+        || u32::try_from(n).is_err()
+    {
+        return Err(shape(
+            "cuda gemv_norm_swiglu",
+            format!(
+                "x {}, norm {}, gate {}, up {} ([{n}, {k}]), out {}",
+                x.len(),
+                nw.len(),
+                gate.len(),
+                up.len(),
+                out.len()
+            ),
+        ));
+    }
+    let tt = if t == 1 { 1 } else { GEMV_MAX_T };
+    let name = format!("gemv_norm_swiglu_{}_{}w_t{tt}", W::NAME, nw.kernel_suffix());
+    let func = dev.function("gemv", SOURCE, &name)?;
+    let [t_i32, n_i32, k_i32] = [t, n, k].map(|v| v as i32);
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(x);
+    nw.push_arg(&mut l);
+    l.arg(&eps).arg(&offset).arg(gate).arg(up).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
+    // SAFETY: sizes checked above, as in `gemv_norm_qkv`; one block per output column.
+    unsafe { l.launch(cfg) }.map_err(driver_err("gemv_norm_swiglu"))?;
+    Ok(())
+}
