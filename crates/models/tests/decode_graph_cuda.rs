@@ -53,3 +53,27 @@ fn graph_replayed_decode_equals_plain_launches_bit_for_bit() {
         assert_eq!(differ, 0, "step {i} (position {}): {differ} logits differ from the plain launches", PROMPT + i);
     }
 }
+
+/// Programmatic dependent launches (`OLLM_CUDA_PDL=1`, ops `cuda/pdl.rs`) change only when the
+/// decode kernels may start, not what they compute: with them on, the logits of plain launches
+/// and of replayed graphs equal those of plain launches without them, bit for bit. (Before
+/// sm_90 they cannot be turned on, and the test compares plain launches with themselves.)
+#[test]
+fn programmatic_dependent_launches_keep_the_logits() {
+    let Some(dev) = common::gpu::gpu_or_skip() else { return };
+    let be = Arc::new(CudaBackend::new(dev));
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::tiny_model(dir.path());
+
+    be.device().set_programmatic_launch(false);
+    let want = decode(&be, dir.path(), false);
+    let on = be.device().set_programmatic_launch(true);
+    eprintln!("programmatic dependent launches: {}", if on { "on" } else { "not available (before sm_90)" });
+    for graphs in [false, true] {
+        let got = decode(&be, dir.path(), graphs);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(differ, 0, "graphs {graphs}, step {i}: {differ} logits differ without programmatic launches");
+        }
+    }
+}

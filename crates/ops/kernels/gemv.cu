@@ -18,6 +18,16 @@
 
 #define UNROLL 4
 
+// Programmatic dependent launch (src/cuda/pdl.rs, OLLM_CUDA_PDL=1): wait for the kernel before
+// this one to finish and its writes to show, then let the next one start launching. No-ops for
+// a plain launch and before sm_90.
+__device__ __forceinline__ void pdl_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void widen(uint4 raw, float* f, const __nv_bfloat16*) {
     unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
@@ -144,6 +154,7 @@ __device__ __forceinline__ void gemv_body(const float* __restrict__ x, const W* 
                                           int k) {
     __shared__ float part[4][TT];
     __shared__ float sums[TT], sums2[TT];
+    pdl_sync();
     const int n = blockIdx.x;
     gemv_row<W, TT>(x, w, T, k, n, part, sums);
     if (MODE == 2) {
@@ -223,6 +234,7 @@ __device__ __forceinline__ void norm_qkv_body(const float* __restrict__ x, const
                                               const W* __restrict__ wv, float* __restrict__ q, float* __restrict__ k,
                                               float* __restrict__ v, int T, int nq, int nk, int nv, int kd) {
     __shared__ float part[4][TT];
+    pdl_sync();
     __shared__ float sums[TT], rinv[TT], red[8];
     for (int t = 0; t < T; t++) {
         float r = inv_rms_256(x + (size_t)t * kd, kd, eps, red);
@@ -248,6 +260,7 @@ __device__ __forceinline__ void norm_swiglu_body(const float* __restrict__ x, co
                                                  float offset, const W* __restrict__ wg, const W* __restrict__ wu,
                                                  float* __restrict__ out, int T, int n_out, int kd) {
     __shared__ float part[4][TT];
+    pdl_sync();
     __shared__ float sums[TT], sums2[TT], rinv[TT], red[8];
     for (int t = 0; t < T; t++) {
         float r = inv_rms_256(x + (size_t)t * kd, kd, eps, red);

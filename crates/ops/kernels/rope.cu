@@ -39,11 +39,22 @@ extern "C" __global__ void rope_f32_step(float* __restrict__ x, const float* __r
 // ops composed (src/backend/fused.rs).
 #include <cuda_bf16.h>
 
+// Programmatic dependent launch (src/cuda/pdl.rs, OLLM_CUDA_PDL=1): wait for the kernel before
+// this one to finish and its writes to show, then let the next one start launching. No-ops for
+// a plain launch and before sm_90.
+__device__ __forceinline__ void pdl_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void rope_write_kv_body(float* __restrict__ q, float* __restrict__ k,
                                                    const float* __restrict__ v, const float* __restrict__ cos_t,
                                                    const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ kc,
                                                    __nv_bfloat16* __restrict__ vc, int t, int nh, int nkv, int d,
                                                    int r, int cap, int pos0, int row0) {
+    pdl_sync();
     const int half = r / 2, kper = d - half;
     const long long nq = (long long)t * nh * half, nk = (long long)t * nkv * kper, nv = (long long)t * nkv * d;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < nq + nk + nv;

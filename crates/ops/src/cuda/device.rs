@@ -55,6 +55,9 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Captured decode steps and the step buffer their kernels read (`graph.rs`).
     pub(crate) graphs: super::graph::StepGraphCache,
+    /// Programmatic dependent launches for the decode kernels (`OLLM_CUDA_PDL=1` on sm_90+,
+    /// `pdl.rs`); [`CudaDevice::set_programmatic_launch`].
+    pdl: std::sync::atomic::AtomicBool,
 }
 
 /// Reserves `len` elements of `T` for `what` in `account`, then allocates them with `alloc`,
@@ -154,6 +157,19 @@ impl CudaDevice {
     }
 
     /// The VRAM account: budget, context overhead, tracked and peak bytes.
+    /// Turns programmatic dependent launches of the decode kernels on or off (the
+    /// `OLLM_CUDA_PDL` default; on only takes on sm_90 and later). Returns whether they are on.
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        let on = on && self.info.compute_capability.0 >= 9;
+        self.pdl.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// Whether the decode kernels are launched programmatically dependent (`pdl.rs`).
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn vram(&self) -> &VramAccount {
         &self.vram
     }
@@ -358,5 +374,6 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
         scratch32: Mutex::new(None),
         modules: Mutex::new(HashMap::new()),
         graphs: super::graph::StepGraphCache::default(),
+        pdl: std::sync::atomic::AtomicBool::new(super::pdl::wanted(compute_capability)),
     })
 }

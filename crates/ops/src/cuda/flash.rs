@@ -9,6 +9,7 @@ use half::bf16;
 
 use super::attention::{check_shapes, launch};
 use super::graph::Limit;
+use super::pdl::{self, Arg};
 use super::{CudaDevice, DeviceBuf, driver_err};
 use crate::{AttnGeometry, Result};
 
@@ -134,6 +135,26 @@ pub fn decode_attention(
     let combine_cfg =
         LaunchConfig { grid_dim: ((t * g.n_heads) as u32, 1, 1), block_dim: (g.d as u32, 1, 1), shared_mem_bytes: 0 };
     let mut run = |part: &mut DeviceBuf<f32>| -> Result<()> {
+        if dev.pdl() {
+            let mut args = vec![Arg::buf(dev, q), Arg::buf(dev, k), Arg::buf(dev, v), Arg::buf(dev, &**part)];
+            args.extend(ints.map(Arg::I32));
+            args.extend([Arg::F32(scale), Arg::I32(window_i32), Arg::I32(chunk_i32)]);
+            args.extend(step.map(Arg::Ptr));
+            // SAFETY: as the plain launches below; both kernels open with pdl_sync (pdl.rs).
+            unsafe { pdl::launch(dev, &func, cfg, &args) }?;
+            let sinks_arg = sinks.map_or_else(|| Arg::buf(dev, q), |s| Arg::buf(dev, s));
+            let args = [
+                Arg::buf(dev, &**part),
+                Arg::buf(dev, &*out),
+                Arg::I32(n_heads_i32),
+                Arg::I32(d_i32),
+                Arg::I32(splits_i32),
+                sinks_arg,
+                Arg::I32(has_sinks),
+            ];
+            // SAFETY: as above.
+            return unsafe { pdl::launch(dev, &combine, combine_cfg, &args) };
+        }
         let mut l = dev.stream.launch_builder(&func);
         l.arg(q).arg(k).arg(v).arg(&mut **part);
         for i in &ints {

@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::pdl::{self, Arg};
 use super::{CudaDevice, CudaStorage, driver_err, shape};
 use crate::Result;
 
@@ -47,6 +48,12 @@ pub fn gemv<W: GemvWeight>(
     let func = dev.function("gemv", SOURCE, &format!("gemv_{}_t{tt}", W::NAME))?;
     let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    if dev.pdl() {
+        let args =
+            [Arg::buf(dev, x), Arg::buf(dev, w), Arg::buf(dev, out), Arg::I32(t_i32), Arg::I32(n_i32), Arg::I32(k_i32)];
+        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
+        return unsafe { pdl::launch(dev, &func, cfg, &args) };
+    }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x).arg(w).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
     // SAFETY: sizes checked above (k % 8 == 0 keeps every 16-byte load inside its row); one
@@ -73,6 +80,12 @@ pub fn gemv_add<W: GemvWeight>(
     let func = dev.function("gemv", SOURCE, &format!("gemv_add_{}_t{tt}", W::NAME))?;
     let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    if dev.pdl() {
+        let args =
+            [Arg::buf(dev, x), Arg::buf(dev, w), Arg::buf(dev, out), Arg::I32(t_i32), Arg::I32(n_i32), Arg::I32(k_i32)];
+        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
+        return unsafe { pdl::launch(dev, &func, cfg, &args) };
+    }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x).arg(w).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
     // SAFETY: as in `gemv`; each output element is read and written by one thread.
@@ -101,6 +114,19 @@ pub fn gemv_swiglu<W: GemvWeight>(
     let func = dev.function("gemv", SOURCE, &format!("gemv_swiglu_{}_t{tt}", W::NAME))?;
     let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    if dev.pdl() {
+        let args = [
+            Arg::buf(dev, x),
+            Arg::buf(dev, gate),
+            Arg::buf(dev, up),
+            Arg::buf(dev, out),
+            Arg::I32(t_i32),
+            Arg::I32(n_i32),
+            Arg::I32(k_i32),
+        ];
+        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
+        return unsafe { pdl::launch(dev, &func, cfg, &args) };
+    }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x).arg(gate).arg(up).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
     // SAFETY: as in `gemv`, for both weight matrices (same shape, checked above).
@@ -144,6 +170,14 @@ pub fn gemv_norm_qkv<W: GemvWeight>(
     let [t_i32, nq_i32, nk_i32, nv_i32, k_i32] = [t, nq, nk, nv, k].map(|v| v as i32);
     let blocks = (nq + nk + nv) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    if dev.pdl() {
+        let mut args = vec![Arg::buf(dev, x), norm_arg(dev, nw), Arg::F32(eps), Arg::F32(offset)];
+        args.extend([Arg::buf(dev, wq), Arg::buf(dev, wk), Arg::buf(dev, wv)]);
+        args.extend([Arg::buf(dev, q), Arg::buf(dev, ko), Arg::buf(dev, vo)]);
+        args.extend([t_i32, nq_i32, nk_i32, nv_i32, k_i32].map(Arg::I32));
+        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
+        return unsafe { pdl::launch(dev, &func, cfg, &args) };
+    }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x);
     nw.push_arg(&mut l);
@@ -194,6 +228,13 @@ pub fn gemv_norm_swiglu<W: GemvWeight>(
     let func = dev.function("gemv", SOURCE, &name)?;
     let [t_i32, n_i32, k_i32] = [t, n, k].map(|v| v as i32);
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    if dev.pdl() {
+        let mut args = vec![Arg::buf(dev, x), norm_arg(dev, nw), Arg::F32(eps), Arg::F32(offset)];
+        args.extend([Arg::buf(dev, gate), Arg::buf(dev, up), Arg::buf(dev, out)]);
+        args.extend([t_i32, n_i32, k_i32].map(Arg::I32));
+        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
+        return unsafe { pdl::launch(dev, &func, cfg, &args) };
+    }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x);
     nw.push_arg(&mut l);
@@ -201,4 +242,14 @@ pub fn gemv_norm_swiglu<W: GemvWeight>(
     // SAFETY: sizes checked above, as in `gemv_norm_qkv`; one block per output column.
     unsafe { l.launch(cfg) }.map_err(driver_err("gemv_norm_swiglu"))?;
     Ok(())
+}
+
+/// A norm weight's address as a raw launch argument.
+fn norm_arg(dev: &CudaDevice, nw: &CudaStorage) -> Arg {
+    match nw {
+        CudaStorage::F32(b) => Arg::buf(dev, b),
+        CudaStorage::F16(b) => Arg::buf(dev, b),
+        CudaStorage::BF16(b) => Arg::buf(dev, b),
+        CudaStorage::U8(b) => Arg::buf(dev, b),
+    }
 }

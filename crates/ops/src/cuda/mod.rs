@@ -24,6 +24,7 @@ pub mod graph;
 pub mod matmul;
 pub mod moe;
 mod nvrtc_cache;
+mod pdl;
 pub mod rmsnorm;
 pub mod rope;
 mod storage;

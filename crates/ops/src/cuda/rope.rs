@@ -3,6 +3,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::graph::Limit;
+use super::pdl::{self, Arg};
 use super::{CudaDevice, driver_err, grid_stride, shape};
 use crate::Result;
 
@@ -108,6 +109,18 @@ pub fn rope_write_kv(
         dev.function("rope", SOURCE, if step.is_some() { "rope_write_kv_f32_step" } else { "rope_write_kv_f32" })?;
     let [ti, nhi, nkvi, di, ri, capi, pi, r0i] = [t, nh, nkv, d, r, cap, pos0, row0].map(|v| v as i32);
     let cfg = grid_stride(t * (nh * half + nkv * (d - half) + nkv * d));
+    if dev.pdl() {
+        let mut args = vec![Arg::buf(dev, b.q), Arg::buf(dev, b.k), Arg::buf(dev, b.v), Arg::buf(dev, cos)];
+        args.extend([Arg::buf(dev, sin), Arg::buf(dev, b.k_cache), Arg::buf(dev, b.v_cache)]);
+        args.extend([ti, nhi, nkvi, di, ri, capi, pi, r0i].map(Arg::I32));
+        if let Some(step) = step {
+            args.push(Arg::Ptr(step));
+            dev.graphs.note_limit(Limit::Rows(cos.len() / half.max(1)));
+            dev.graphs.note_limit(Limit::Rows(cap));
+        }
+        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
+        return unsafe { pdl::launch(dev, &func, cfg, &args) };
+    }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(b.q).arg(b.k).arg(b.v).arg(cos).arg(sin).arg(b.k_cache).arg(b.v_cache);
     l.arg(&ti).arg(&nhi).arg(&nkvi).arg(&di).arg(&ri).arg(&capi).arg(&pi).arg(&r0i);
