@@ -16,9 +16,11 @@
 //!   also rounds the softmax probabilities to bf16 before P·V (measured ≈1.2e-3 on an H100);
 //! * tree attention (its own reference-form kernel): 1e-5, as attention;
 //! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs);
-//! * the fused decode ops (GEMV + residual add, gate/up GEMV + SiLU·mul) against the CPU's
-//!   composed ops: 1e-5 as the GEMV; against the CUDA backend's own composed ops: exact (the
-//!   fused kernels sum as the GEMV does);
+//! * the fused decode ops (GEMV + residual add, gate/up GEMV + SiLU·mul, RMSNorm + Q/K/V,
+//!   RMSNorm + gate/up, RoPE + KV append) against the CPU's composed ops: 1e-5 as the GEMV
+//!   (bf16 caches: 4e-3, bf16 rounding); against the CUDA backend's own composed ops: exact
+//!   (the fused kernels sum as the plain kernels do); the `_step` kernels against their plain
+//!   forms at the shifted position: exact;
 //! * clamped SwiGLU: 1e-6 (f32 math, only `expf` against Rust's `exp` differs); gated RMSNorm:
 //!   1e-5 like rmsnorm;
 //! * router top-k: expert ids exact (both backends compare the same f32 logits), weights within
