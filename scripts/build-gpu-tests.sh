@@ -13,7 +13,7 @@ cargo test --release -p ollm-ops -p ollm-models -p ollm-residency --lib --tests 
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("parity_cuda_vs_cpu", "streaming_cuda", "streaming", "kv_offload", "prefix_cache", "golden_logits_cuda", "golden_gpt_oss_cuda", "golden_qwen3_next_cuda", "batched_cuda", "tree_cuda", "qwen3_next_placed", "sliding_window", "kernels_compile", "test_helpers", "ollm_residency"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("parity_cuda_vs_cpu", "streaming_cuda", "streaming", "kv_offload", "prefix_cache", "golden_logits_cuda", "golden_gpt_oss_cuda", "golden_qwen3_next_cuda", "batched_cuda", "decode_graph_cuda", "tree_cuda", "qwen3_next_placed", "sliding_window", "kernels_compile", "test_helpers", "ollm_residency"):
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
 cargo build --release -p ollm-cli --bin ollm

@@ -14,6 +14,16 @@
 //   optional sink logit, and writes out [T, n_heads, D] f32.
 #include <cuda_bf16.h>
 
+// Programmatic dependent launch (src/cuda/pdl.rs, OLLM_CUDA_PDL=1): wait for the kernel before
+// this one to finish and its writes to show, then let the next one start launching. No-ops for
+// a plain launch and before sm_90.
+__device__ __forceinline__ void pdl_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 #define LOG2E 1.4426950408889634f
 #define NWARPS 4
@@ -33,6 +43,7 @@ __device__ __forceinline__ void split_body(const float* __restrict__ q, const __
                                            const __nv_bfloat16* __restrict__ v, float* __restrict__ partials,
                                            int n_heads, int n_kv, int cap,
                                            int pos0, float scale, int window, int chunk) {
+    pdl_sync();
     constexpr int LPK = D / 8;        // lanes per key
     constexpr int KPW = 32 / LPK;     // keys per warp step
     constexpr int GROUPS = NWARPS * KPW;
@@ -165,8 +176,22 @@ __device__ __forceinline__ void split_body(const float* __restrict__ q, const __
 // d=128, 4 heads a block: 76% of copy bandwidth against 71% with four).
 #define SPLIT_ENTRY(D, GB) SPLIT_ENTRY_U(D, GB, ((GB) <= 4 ? 8 : 4), decode_split_d##D##_g##GB)
 
-#define SPLIT_ENTRIES(D) \
-    SPLIT_ENTRY(D, 1) SPLIT_ENTRY(D, 2) SPLIT_ENTRY(D, 3) SPLIT_ENTRY(D, 4) SPLIT_ENTRY(D, 6) SPLIT_ENTRY(D, 8)
+// The same inside a captured decode step (src/cuda/graph.rs): queries at pos0 + step[0]. The grid
+// is sized for the longest context the graph serves; slices past the keys write empty partials
+// (m = -inf, l = 0), which the combine adds as exact zeros.
+#define SPLIT_STEP_ENTRY_U(D, GB, U, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32) NAME(                                         \
+        const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, float* part, int n_heads, int n_kv, \
+        int cap, int pos0, float scale, int window, int chunk, const int* step) {                            \
+        split_body<D, GB, U>(q, k, v, part, n_heads, n_kv, cap, pos0 + step[0], scale, window, chunk);       \
+    }
+
+#define SPLIT_STEP_ENTRY(D, GB) SPLIT_STEP_ENTRY_U(D, GB, ((GB) <= 4 ? 8 : 4), decode_split_step_d##D##_g##GB)
+
+#define SPLIT_ENTRIES(D)                                                                                    \
+    SPLIT_ENTRY(D, 1) SPLIT_ENTRY(D, 2) SPLIT_ENTRY(D, 3) SPLIT_ENTRY(D, 4) SPLIT_ENTRY(D, 6) SPLIT_ENTRY(D, 8) \
+    SPLIT_STEP_ENTRY(D, 1) SPLIT_STEP_ENTRY(D, 2) SPLIT_STEP_ENTRY(D, 3) SPLIT_STEP_ENTRY(D, 4)            \
+    SPLIT_STEP_ENTRY(D, 6) SPLIT_STEP_ENTRY(D, 8)
 
 SPLIT_ENTRIES(16)
 SPLIT_ENTRIES(32)
@@ -177,6 +202,7 @@ SPLIT_ENTRIES(256)
 // Pass 2: one block per (token, head), one thread per dim.
 extern "C" __global__ void decode_combine(const float* __restrict__ part, float* __restrict__ out, int n_heads,
                                           int d, int n_splits, const float* __restrict__ sinks, int has_sinks) {
+    pdl_sync();
     const int row = blockIdx.x, h = row % n_heads, dim = threadIdx.x;
     const float* part_o = part;
     const float* part_ml = part + (size_t)gridDim.x * n_splits * d;

@@ -87,8 +87,8 @@ extern "C" __global__ void add_bias_f16(float* __restrict__ out, const __half* _
 
 // cache [n_kv, cap, d] bf16 at positions pos0..pos0+T  <-  src [T, n_kv, d] f32, rounded to
 // nearest even (the KV cache is in the model dtype, docs/models.md §2.4).
-extern "C" __global__ void write_kv_bf16(__nv_bfloat16* __restrict__ cache, const float* __restrict__ src,
-                                         int t, int n_kv, int cap, int d, int pos0) {
+__device__ __forceinline__ void write_kv_body(__nv_bfloat16* __restrict__ cache, const float* __restrict__ src,
+                                              int t, int n_kv, int cap, int d, int pos0) {
     long long total = (long long)t * n_kv * d;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         int c = (int)(i % d);
@@ -96,4 +96,16 @@ extern "C" __global__ void write_kv_bf16(__nv_bfloat16* __restrict__ cache, cons
         int ti = (int)(i / ((long long)d * n_kv));
         cache[((size_t)h * cap + pos0 + ti) * d + c] = __float2bfloat16_rn(src[i]);
     }
+}
+
+extern "C" __global__ void write_kv_bf16(__nv_bfloat16* __restrict__ cache, const float* __restrict__ src,
+                                         int t, int n_kv, int cap, int d, int pos0) {
+    write_kv_body(cache, src, t, n_kv, cap, d, pos0);
+}
+
+// The same inside a captured decode step (src/cuda/graph.rs): at positions pos0 + step[0].
+extern "C" __global__ void write_kv_bf16_step(__nv_bfloat16* __restrict__ cache, const float* __restrict__ src,
+                                              int t, int n_kv, int cap, int d, int pos0,
+                                              const int* __restrict__ step) {
+    write_kv_body(cache, src, t, n_kv, cap, d, pos0 + step[0]);
 }

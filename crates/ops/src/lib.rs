@@ -17,8 +17,8 @@ pub mod mxfp4;
 pub mod tensor;
 
 pub use backend::{
-    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan,
-    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, TreeMask,
+    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice,
+    KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, TreeMask,
 };
 pub use dtype::DType;
 pub use error::{MemoryLimit, OpsError, Result};

@@ -16,6 +16,11 @@
 //!   also rounds the softmax probabilities to bf16 before P·V (measured ≈1.2e-3 on an H100);
 //! * tree attention (its own reference-form kernel): 1e-5, as attention;
 //! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs);
+//! * the fused decode ops (GEMV + residual add, gate/up GEMV + SiLU·mul, RMSNorm + Q/K/V,
+//!   RMSNorm + gate/up, RoPE + KV append) against the CPU's composed ops: 1e-5 as the GEMV
+//!   (bf16 caches: 4e-3, bf16 rounding); against the CUDA backend's own composed ops: exact
+//!   (the fused kernels sum as the plain kernels do); the `_step` kernels against their plain
+//!   forms at the shifted position: exact;
 //! * clamped SwiGLU: 1e-6 (f32 math, only `expf` against Rust's `exp` differs); gated RMSNorm:
 //!   1e-5 like rmsnorm;
 //! * router top-k: expert ids exact (both backends compare the same f32 logits), weights within
@@ -32,7 +37,9 @@ use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ollm_ops::cpu::{self, CpuBackend};
 use ollm_ops::cuda::{self, CudaBackend, CudaDevice, CudaStorage};
-use ollm_ops::{Backend, Compute, CpuStorage, DType, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor};
+use ollm_ops::{
+    Backend, Compute, CpuStorage, DType, FusedOps, HostTensor, Memory, MoeOps, NormKind, RouterMode, Tensor,
+};
 
 /// ‖a − b‖ / ‖b‖
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -1208,6 +1215,335 @@ fn gated_deltanet_ops_match_cpu() {
                     (run(&cpu, cpu_form), run(&gpu, gpu_form)),
                     1e-4,
                 );
+            }
+        }
+    }
+}
+
+/// The fused decode ops (`FusedOps`: the residual add as the GEMV's epilogue, gate/up with
+/// SiLU·mul in one launch) against the CPU backend's composed ops, and bit for bit against the
+/// CUDA backend's own composed ops; shapes the GEMV does not cover (16 rows, a bias) fall back
+/// to the composed form.
+#[test]
+fn fused_decode_ops_match_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    for wt in [DType::BF16, DType::F16] {
+        for &(t, k, n, biased) in &[
+            (1usize, 576usize, 1536usize, false),
+            (3, 64, 40, false),
+            (8, 256, 72, false),
+            (16, 64, 24, false),
+            (2, 64, 24, true),
+        ] {
+            let (x, acc0) = (random(t * k, 1.0), random(t * n, 1.0));
+            let (wg, wu) = (host(wt, vec![n, k], &random(n * k, 0.2)), host(wt, vec![n, k], &random(n * k, 0.2)));
+            let bias = host(DType::F32, vec![n], &random(n, 1.0));
+            // The same calls on either backend.
+            let run = |be: &dyn Backend| -> (Vec<f32>, Vec<f32>) {
+                let xt = be.upload_f32(vec![t, k], &x).expect("x");
+                let (g, u, b) =
+                    (be.upload(&wg).expect("gate"), be.upload(&wu).expect("up"), be.upload(&bias).expect("bias"));
+                let b = biased.then_some(&b);
+                let (mut s1, mut s2) = (be.zeros(vec![t, n]).expect("g"), be.zeros(vec![t, n]).expect("u"));
+                let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
+                be.matmul_swiglu(&xt, ((&g, b), (&u, None)), (&mut s1, &mut s2), &mut out).expect("swiglu");
+                // acc [T, n] += x · gateᵀ
+                let mut acc = be.upload_f32(vec![t, n], &acc0).expect("acc");
+                be.matmul_add(&xt, (&g, b), &mut s1, &mut acc).expect("matmul_add");
+                (be.to_host_f32(&out).expect("out"), be.to_host_f32(&acc).expect("acc"))
+            };
+            let (want_sw, want_add) = run(&cpu);
+            let (got_sw, got_add) = run(&gpu);
+            let case = format!("{wt} t={t} k={k} n={n} bias={biased}");
+            assert!(got_sw.iter().chain(&got_add).all(|v| v.is_finite()), "{case}: unwritten outputs");
+            let (e_sw, e_add) = (rel_err(&got_sw, &want_sw), rel_err(&got_add, &want_add));
+            eprintln!("fused {case}: swiglu rel err {e_sw:.2e}, matmul_add rel err {e_add:.2e}");
+            assert!(e_sw < 1e-5 && e_add < 1e-5, "fused {case}: swiglu {e_sw:e}, matmul_add {e_add:e}");
+            // The CUDA backend's composed ops give the same bits.
+            let xt = gpu.upload_f32(vec![t, k], &x).expect("x");
+            let (g, u, b) =
+                (gpu.upload(&wg).expect("gate"), gpu.upload(&wu).expect("up"), gpu.upload(&bias).expect("bias"));
+            let b = biased.then_some(&b);
+            let (mut s1, mut s2, mut out) = (
+                gpu.zeros(vec![t, n]).expect("g"),
+                gpu.zeros(vec![t, n]).expect("u"),
+                gpu.zeros(vec![t, n]).expect("o"),
+            );
+            ollm_ops::backend::matmul_swiglu_composed(&gpu, &xt, ((&g, b), (&u, None)), (&mut s1, &mut s2), &mut out)
+                .expect("composed swiglu");
+            let mut acc = gpu.upload_f32(vec![t, n], &acc0).expect("acc");
+            ollm_ops::backend::matmul_add_composed(&gpu, &xt, (&g, b), &mut s1, &mut acc).expect("composed add");
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&gpu.to_host_f32(&out).expect("o"), &got_sw), "{case}: fused swiglu differs from composed");
+            assert!(same(&gpu.to_host_f32(&acc).expect("a"), &got_add), "{case}: fused add differs from composed");
+        }
+    }
+}
+
+/// The attention block's norm and projections in one launch (`norm_matmul_qkv`) against the
+/// CPU's composed ops (rms_norm, three matmuls), and bit for bit against the CUDA backend's own
+/// composed ops (its rms over 256 threads is recomputed in the same order by the GEMV's 128);
+/// a bias or 16 rows fall back to the composed form.
+#[test]
+fn fused_norm_qkv_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let cases = [
+        // (t, hidden, nq, nk, nv, bias)
+        (1usize, 576usize, 576usize, 192usize, 192usize, false),
+        (3, 64, 64, 32, 32, false),
+        (8, 1000, 128, 64, 64, false),
+        (16, 64, 64, 32, 32, false),
+        (2, 64, 64, 32, 32, true),
+    ];
+    for wt in [DType::BF16, DType::F16] {
+        for nt in [DType::F32, DType::BF16, DType::F16] {
+            for kind in [NormKind::Llama, NormKind::ZeroCentered] {
+                for &(t, h, nq, nk, nv, biased) in &cases {
+                    let x = random(t * h, 2.0);
+                    let nw = host(nt, vec![h], &random(h, 1.0));
+                    let ws: Vec<HostTensor> =
+                        [nq, nk, nv].iter().map(|&n| host(wt, vec![n, h], &random(n * h, 0.2))).collect();
+                    let bias = host(DType::F32, vec![nk], &random(nk, 1.0));
+                    // fused: whether to call the fused op or the composed one.
+                    let run = |be: &dyn Backend, fused: bool| -> Vec<Vec<f32>> {
+                        let xt = be.upload_f32(vec![t, h], &x).expect("x");
+                        let nwt = be.upload(&nw).expect("norm");
+                        let w: Vec<Tensor> = ws.iter().map(|w| be.upload(w).expect("w")).collect();
+                        let b = be.upload(&bias).expect("bias");
+                        let b = biased.then_some(&b);
+                        let mut normed = be.zeros(vec![t, h]).expect("normed");
+                        let mut outs: Vec<Tensor> = [nq, nk, nv]
+                            .iter()
+                            .map(|&n| be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out"))
+                            .collect();
+                        let [qo, ko, vo] = &mut outs[..] else { unreachable!() };
+                        let weights = [(&w[0], None), (&w[1], b), (&w[2], None)];
+                        let norm = (&nwt, 1e-5, kind);
+                        if fused {
+                            be.norm_matmul_qkv(&xt, norm, weights, &mut normed, [qo, ko, vo]).expect("fused");
+                        } else {
+                            ollm_ops::backend::norm_qkv_composed(be, &xt, norm, weights, &mut normed, [qo, ko, vo])
+                                .expect("composed");
+                        }
+                        outs.iter().map(|o| be.to_host_f32(o).expect("down")).collect()
+                    };
+                    let want = run(&cpu, true);
+                    let got = run(&gpu, true);
+                    let composed = run(&gpu, false);
+                    let case = format!("{wt} norm {nt} {kind:?} t={t} h={h} q/k/v={nq}/{nk}/{nv} bias={biased}");
+                    for (i, name) in ["q", "k", "v"].iter().enumerate() {
+                        assert!(got[i].iter().all(|v| v.is_finite()), "{case}: {name} unwritten");
+                        let e = rel_err(&got[i], &want[i]);
+                        assert!(e < 1e-5, "norm_qkv {case}: {name} rel err {e:e}");
+                        let same = got[i].iter().zip(&composed[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "norm_qkv {case}: {name} differs from CUDA's composed ops");
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("norm_qkv: {} cases within 1e-5 of the CPU, bit-equal to the composed ops", 2 * 3 * 2 * cases.len());
+}
+
+/// A RoPE table `[positions, r/2]` of angles `p · θᵢ` on `be`.
+fn rope_table(be: &dyn Backend, positions: usize, r: usize) -> ollm_ops::RopeTable {
+    let half = r / 2;
+    let ang = |p: usize, i: usize| p as f32 * 10000f32.powf(-(2.0 * i as f32) / r as f32);
+    let cos: Vec<f32> = (0..positions * half).map(|j| ang(j / half, j % half).cos()).collect();
+    let sin: Vec<f32> = (0..positions * half).map(|j| ang(j / half, j % half).sin()).collect();
+    ollm_ops::RopeTable {
+        cos: be.upload_f32(vec![positions, half], &cos).expect("cos"),
+        sin: be.upload_f32(vec![positions, half], &sin).expect("sin"),
+        rotary_dims: r,
+    }
+}
+
+/// RoPE of q and k and the KV append in one launch (`rope_write_kv`) against the CPU's
+/// composed ops (q and k within 1e-5; the bf16 caches within bf16 rounding of the CPU's f32
+/// cache), and bit for bit against the CUDA backend's composed ops (rope, rope, write_kv ×2).
+#[test]
+fn fused_rope_write_kv_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    // (t, nh, nkv, d, r, cap, pos0, row0)
+    let cases = [
+        (1usize, 9usize, 3usize, 64usize, 64usize, 40usize, 17usize, 17usize),
+        (3, 4, 2, 128, 64, 16, 5, 2),
+        (1, 32, 8, 128, 128, 300, 260, 260),
+        (2, 2, 2, 32, 16, 8, 0, 6),
+    ];
+    for &(t, nh, nkv, d, r, cap, pos0, row0) in &cases {
+        let (q0, k0, v0) = (random(t * nh * d, 1.0), random(t * nkv * d, 1.0), random(t * nkv * d, 1.0));
+        let (kc0, vc0) = (random(nkv * cap * d, 1.0), random(nkv * cap * d, 1.0));
+        let run = |be: &dyn Backend, fused: bool| -> Vec<Vec<f32>> {
+            let table = rope_table(be, pos0 + t + 3, r);
+            let mut q = be.upload_f32(vec![t, nh, d], &q0).expect("q");
+            let mut k = be.upload_f32(vec![t, nkv, d], &k0).expect("k");
+            let v = be.upload_f32(vec![t, nkv, d], &v0).expect("v");
+            let mut kc = be.kv_zeros(vec![nkv, cap, d]).expect("kc");
+            let mut vc = be.kv_zeros(vec![nkv, cap, d]).expect("vc");
+            // Fill the caches with old rows, which the call must leave alone.
+            be.write_kv(&mut kc, &be.upload_f32(vec![cap, nkv, d], &kc0).expect("kc0"), 0).expect("fill k");
+            be.write_kv(&mut vc, &be.upload_f32(vec![cap, nkv, d], &vc0).expect("vc0"), 0).expect("fill v");
+            if fused {
+                be.rope_write_kv((&mut q, &mut k, &v), (&table, pos0), (&mut kc, &mut vc), row0).expect("fused");
+            } else {
+                ollm_ops::backend::rope_write_kv_composed(
+                    be,
+                    (&mut q, &mut k, &v),
+                    (&table, pos0),
+                    (&mut kc, &mut vc),
+                    row0,
+                )
+                .expect("composed");
+            }
+            [&q, &k, &kc, &vc].iter().map(|x| be.to_host_f32(x).expect("down")).collect()
+        };
+        let want = run(&cpu, true);
+        let got = run(&gpu, true);
+        let composed = run(&gpu, false);
+        let case = format!("t={t} heads {nh}/{nkv} d={d} r={r} cap={cap} pos0={pos0} row0={row0}");
+        for (i, (name, tol)) in [("q", 1e-5), ("k", 1e-5), ("k cache", 4e-3), ("v cache", 4e-3)].iter().enumerate() {
+            let e = rel_err(&got[i], &want[i]);
+            assert!(e < *tol, "rope_write_kv {case}: {name} rel err {e:e}");
+            let same = got[i].iter().zip(&composed[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "rope_write_kv {case}: {name} differs from CUDA's composed ops");
+        }
+        eprintln!("rope_write_kv {case}: ok");
+    }
+}
+
+/// The `_step` kernels a captured decode step launches (RoPE, the KV write, split decode
+/// attention, the fused RoPE + KV write, the embedding), run eagerly through
+/// `CudaDevice::run_as_step` with a position shift s: each at position p must equal its plain
+/// form at p + s bit for bit. Shifts stay inside what a graph captured at p serves (its rows
+/// and its decode attention's split plan).
+#[test]
+fn step_kernels_match_plain_forms_with_the_shift() {
+    let Some(gpu) = backend() else { return };
+    let (nh, nkv, d, r, cap, vocab) = (8usize, 2usize, 64usize, 64usize, 512usize, 50usize);
+    let table = rope_table(&gpu, cap, r);
+    let keys = random(cap * nkv * d, 1.0);
+    let vals = random(cap * nkv * d, 1.0);
+    let emb = host(DType::BF16, vec![vocab, 16], &random(vocab * 16, 1.0));
+    let emb = gpu.upload(&emb).expect("embedding table");
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    // (t, p, shift): p + t and p + s + t in one power-of-two bucket of 256-key slices.
+    for &(t, p, s) in &[(1usize, 20usize, 100usize), (1, 300, 0), (1, 300, 150), (3, 260, 200), (2, 40, 7)] {
+        let case = format!("t={t} p={p} shift={s}");
+        let q0 = random(t * nh * d, 1.0);
+        let (k0, v0) = (random(t * nkv * d, 1.0), random(t * nkv * d, 1.0));
+        let ids: Vec<u32> = (0..t as u32).map(|i| (7 * i + 3) % vocab as u32).collect();
+        // Both ways: `step` runs the ops at p through run_as_step, else plainly at p + s.
+        let run = |step: bool| -> Vec<Vec<f32>> {
+            let at = if step { p } else { p + s };
+            let mut q = gpu.upload_f32(vec![t, nh, d], &q0).expect("q");
+            let mut q2 = gpu.upload_f32(vec![t, nh, d], &q0).expect("q2");
+            let mut k = gpu.upload_f32(vec![t, nkv, d], &k0).expect("k");
+            let v = gpu.upload_f32(vec![t, nkv, d], &v0).expect("v");
+            let mut kc = gpu.kv_zeros(vec![nkv, cap, d]).expect("kc");
+            let mut vc = gpu.kv_zeros(vec![nkv, cap, d]).expect("vc");
+            gpu.write_kv(&mut kc, &gpu.upload_f32(vec![cap, nkv, d], &keys).expect("keys"), 0).expect("fill k");
+            gpu.write_kv(&mut vc, &gpu.upload_f32(vec![cap, nkv, d], &vals).expect("vals"), 0).expect("fill v");
+            let (mut kc2, mut vc2) =
+                (gpu.kv_zeros(vec![nkv, cap, d]).expect("kc2"), gpu.kv_zeros(vec![nkv, cap, d]).expect("vc2"));
+            let mut ctx = gpu.upload_f32(vec![t, nh, d], &vec![f32::NAN; t * nh * d]).expect("ctx");
+            let mut x = gpu.upload_f32(vec![t, 16], &vec![f32::NAN; t * 16]).expect("x");
+            let plain_ids: Vec<u32> = ids.iter().map(|i| (i + 1) % vocab as u32).collect();
+            let mut ops = || -> ollm_ops::Result<()> {
+                // In step mode the ids come from the step buffer, not from this argument.
+                gpu.embedding(&emb, if step { &plain_ids } else { &ids }, &mut x)?;
+                gpu.rope(&mut q, &table, at)?;
+                gpu.write_kv(&mut kc, &k, at)?;
+                gpu.write_kv(&mut vc, &v, at)?;
+                let params = ollm_ops::AttnParams { scale: 0.125, window: None, sinks: None, origin: 0 };
+                gpu.attention(&q, &kc, &vc, at, &params, &mut ctx)?;
+                gpu.rope_write_kv((&mut q2, &mut k, &v), (&table, at), (&mut kc2, &mut vc2), at)
+            };
+            if step {
+                gpu.device().run_as_step(s as i64, &ids, ops).expect("step kernels");
+            } else {
+                ops().expect("plain kernels");
+            }
+            [&x, &q, &kc, &vc, &ctx, &q2, &k, &kc2, &vc2].iter().map(|x| gpu.to_host_f32(x).expect("down")).collect()
+        };
+        let (stepped, plain) = (run(true), run(false));
+        let names = [
+            "embedding",
+            "rope",
+            "write_kv k",
+            "write_kv v",
+            "decode attention",
+            "rope_write_kv q",
+            "rope_write_kv k",
+            "rope_write_kv k cache",
+            "rope_write_kv v cache",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            assert!(plain[i].iter().all(|v| v.is_finite()), "{case}: {name} unwritten");
+            assert!(
+                same(&stepped[i], &plain[i]),
+                "{case}: the _step form of {name} differs from the plain one at p + shift"
+            );
+        }
+        eprintln!("step kernels {case}: equal to the plain forms");
+    }
+}
+
+/// The MLP's norm folded into the gate/up launch (`norm_matmul_swiglu`) against the CPU's
+/// composed ops (rms_norm, two matmuls, silu_mul) and bit for bit against CUDA's composed ops;
+/// a bias or 16 rows fall back to the composed form.
+#[test]
+fn fused_norm_swiglu_matches_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let cases = [
+        (1usize, 576usize, 1536usize, false),
+        (3, 64, 40, false),
+        (8, 256, 72, false),
+        (16, 64, 24, false),
+        (2, 64, 24, true),
+    ];
+    for wt in [DType::BF16, DType::F16] {
+        for nt in [DType::F32, DType::BF16] {
+            for kind in [NormKind::Llama, NormKind::ZeroCentered] {
+                for &(t, h, n, biased) in &cases {
+                    let x = random(t * h, 2.0);
+                    let nw = host(nt, vec![h], &random(h, 1.0));
+                    let (wg, wu) =
+                        (host(wt, vec![n, h], &random(n * h, 0.2)), host(wt, vec![n, h], &random(n * h, 0.2)));
+                    let bias = host(DType::F32, vec![n], &random(n, 1.0));
+                    let run = |be: &dyn Backend, fused: bool| -> Vec<f32> {
+                        let xt = be.upload_f32(vec![t, h], &x).expect("x");
+                        let nwt = be.upload(&nw).expect("norm");
+                        let (g, u, b) =
+                            (be.upload(&wg).expect("g"), be.upload(&wu).expect("u"), be.upload(&bias).expect("b"));
+                        let b = biased.then_some(&b);
+                        let mut normed = be.zeros(vec![t, h]).expect("normed");
+                        let (mut s1, mut s2) = (be.zeros(vec![t, n]).expect("g"), be.zeros(vec![t, n]).expect("u"));
+                        let mut out = be.upload_f32(vec![t, n], &vec![f32::NAN; t * n]).expect("out");
+                        let (norm, weights) = ((&nwt, 1e-5, kind), ((&g, None), (&u, b)));
+                        let scratch = (&mut normed, &mut s1, &mut s2);
+                        if fused {
+                            be.norm_matmul_swiglu(&xt, norm, weights, scratch, &mut out).expect("fused");
+                        } else {
+                            ollm_ops::backend::norm_swiglu_composed(be, &xt, norm, weights, scratch, &mut out)
+                                .expect("composed");
+                        }
+                        be.to_host_f32(&out).expect("down")
+                    };
+                    let (want, got, composed) = (run(&cpu, true), run(&gpu, true), run(&gpu, false));
+                    let case = format!("{wt} norm {nt} {kind:?} t={t} h={h} n={n} bias={biased}");
+                    assert!(got.iter().all(|v| v.is_finite()), "{case}: unwritten");
+                    let e = rel_err(&got, &want);
+                    assert!(e < 1e-5, "norm_swiglu {case}: rel err {e:e}");
+                    assert!(
+                        got.iter().zip(&composed).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "norm_swiglu {case}: differs from CUDA's composed ops"
+                    );
+                }
             }
         }
     }

@@ -316,6 +316,59 @@ fn tree_of<'a>(seg: &Segment, items: &[BatchSeq<'a>]) -> Result<Option<&'a TreeM
     }
 }
 
+/// `x += Attn(RMSNorm(x))` with the launches a decode step needs fused
+/// ([`ollm_ops::FusedOps`]): the norm and the three projections, RoPE and the KV append, the
+/// attention, and the output projection with the residual add as its epilogue. The ops are
+/// the plain path's (`rms_norm`, [`batched_self_attention_qk`], `add_assign`) in the same
+/// order, so every backend's result is the same bits either way. Only for a tile of one
+/// sequence's rows that are not a tree, without per-head q/k norms: returns false without
+/// doing anything for other tiles (the caller runs the plain path). `s.out` and `normed` are
+/// scratch (a fused launch may leave them as they were).
+#[allow(clippy::too_many_arguments)]
+pub fn fused_self_attention_add(
+    backend: &dyn Backend,
+    (w, qk): (&AttnWeights, Option<&QkNorm<'_>>),
+    norm: ollm_ops::backend::Norm<'_>,
+    x: &mut Tensor,
+    (segs, items, kv_idx): (&[Segment], &mut [BatchSeq<'_>], usize),
+    call: &AttnCall<'_>,
+    (s, normed): (&mut AttnScratch, &mut Tensor),
+    trace: Option<&dyn TraceSink>,
+) -> Result<bool> {
+    let ([seg], None) = (segs, qk) else { return Ok(false) };
+    if items[seg.seq].tree.is_some() {
+        return Ok(false);
+    }
+    let weights = [(&w.q, w.q_bias.as_ref()), (&w.k, w.k_bias.as_ref()), (&w.v, w.v_bias.as_ref())];
+    backend.norm_matmul_qkv(x, norm, weights, normed, [&mut s.q, &mut s.k, &mut s.v])?;
+    let kv = items[seg.seq].state.layer_for(backend, kv_idx, seg.pos0, seg.n)?;
+    let row0 = seg.pos0.checked_sub(kv.base).ok_or_else(|| {
+        ollm_ops::OpsError::Backend(format!(
+            "layer {}: position {} before its cache's base {}",
+            call.layer, seg.pos0, kv.base
+        ))
+    })?;
+    backend.rope_write_kv((&mut s.q, &mut s.k, &s.v), (call.rope, seg.pos0), (&mut kv.k, &mut kv.v), row0)?;
+    if let Some(t) = trace {
+        t.record(Some(call.layer), "q_rope", &s.q);
+        t.record(Some(call.layer), "k_rope", &s.k);
+    }
+    let params = AttnParams { scale: call.scale, window: call.window, sinks: call.sinks, origin: kv.base };
+    match &kv.prefix {
+        Some(pre) => backend.attention_prefixed(
+            &s.q,
+            (pre.k(), pre.v(), pre.len()),
+            (&kv.k, &kv.v),
+            row0,
+            &params,
+            &mut s.ctx,
+        )?,
+        None => backend.attention(&s.q, &kv.k, &kv.v, row0, &params, &mut s.ctx)?,
+    }
+    backend.matmul_add(&s.ctx, (&w.o, w.o_bias.as_ref()), &mut s.out, x)?;
+    Ok(true)
+}
+
 /// [`batched_self_attention`] with q and k normed per head before RoPE when `qk` is Some.
 pub fn batched_self_attention_qk(
     backend: &dyn Backend,

@@ -40,11 +40,32 @@ impl MlpScratch {
     }
 }
 
+/// `s.act = silu(gate(x)) ⊙ up(x)`, one launch where the backend fuses it.
+fn swiglu(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpScratch) -> Result<()> {
+    let weights = ((&w.gate, w.gate_bias.as_ref()), (&w.up, w.up_bias.as_ref()));
+    backend.matmul_swiglu(x, weights, (&mut s.gate, &mut s.up), &mut s.act)?;
+    Ok(())
+}
+
 /// `s.out = MLP(x)`, x `[T, H]`.
 pub fn gated_mlp(backend: &dyn Backend, w: &MlpWeights, x: &Tensor, s: &mut MlpScratch) -> Result<()> {
-    let (gate, up) = ((&w.gate, w.gate_bias.as_ref()), (&w.up, w.up_bias.as_ref()));
-    backend.matmul_many(x, &[gate, up], &mut [&mut s.gate, &mut s.up])?;
-    backend.silu_mul(&s.gate, &s.up, &mut s.act)?;
+    swiglu(backend, w, x, s)?;
     backend.matmul(&s.act, &w.down, w.down_bias.as_ref(), &mut s.out)?;
+    Ok(())
+}
+
+/// `x += MLP(RMSNorm(x))`, x `[T, H]`: the norm folded into the gate/up launch and the add into
+/// the down projection's where the backend fuses them (the same ops in the same order as
+/// `rms_norm`, [`gated_mlp`] and `add_assign`); `normed` `[T, H]` is scratch.
+pub fn norm_gated_mlp_add(
+    backend: &dyn Backend,
+    w: &MlpWeights,
+    norm: ollm_ops::backend::Norm<'_>,
+    (normed, s): (&mut Tensor, &mut MlpScratch),
+    x: &mut Tensor,
+) -> Result<()> {
+    let weights = ((&w.gate, w.gate_bias.as_ref()), (&w.up, w.up_bias.as_ref()));
+    backend.norm_matmul_swiglu(x, norm, weights, (normed, &mut s.gate, &mut s.up), &mut s.act)?;
+    backend.matmul_add(&s.act, (&w.down, w.down_bias.as_ref()), &mut s.out, x)?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod experts;
 pub mod forward;
+pub mod graphed;
 pub mod mlp;
 pub mod moe;
 pub mod rope;

@@ -9,12 +9,13 @@ use ollm_weights::Catalog;
 use super::config::LlamaConfig;
 use super::tensors::*;
 use crate::common::attention::{
-    AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk,
+    AttnCall, AttnDims, AttnScratch, AttnWeights, QkNorm, SegBufs, batched_self_attention_qk, fused_self_attention_add,
 };
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
-use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
+use crate::common::graphed::{self, StepKey};
+use crate::common::mlp::{MlpScratch, MlpWeights, norm_gated_mlp_add};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
@@ -158,6 +159,8 @@ pub struct Llama {
     rope: RopeTables,
     /// Some: each sequence's KV cache lives off the device.
     kv_offload: Option<ollm_kv::KvOffload>,
+    /// This load's identity in decode-graph keys ([`graphed::model_id`]).
+    graph_id: u64,
 }
 
 impl Llama {
@@ -198,7 +201,8 @@ impl Llama {
             },
         )?;
         let kv_offload = placement.kv.clone();
-        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload })
+        let graph_id = graphed::model_id();
+        Ok(Self { cfg, info, backend, embed, layers, final_norm, lm_head, rope, kv_offload, graph_id })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -218,24 +222,28 @@ impl Llama {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let scale = (self.cfg.head_dim as f32).powf(-0.5);
-        be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
         let end = segs.iter().map(|g| g.pos0 + g.n).max().unwrap_or(0);
         let rope = self.rope.covering(be, end)?;
         let call = AttnCall { layer: l, pos0: 0, rope: &rope, scale, window: None, sinks: None };
         let qk = layer.qk_norm.as_ref().map(|(q, k)| QkNorm { q, k, eps, kind: NormKind::Llama });
-        batched_self_attention_qk(
-            be,
-            (&layer.attn, qk.as_ref()),
-            &s.normed,
-            (segs, items, l),
-            &call,
-            (&mut s.attn, bufs, &dims(&self.cfg)),
-            trace,
-        )?;
-        be.add_assign(x, &s.attn.out)?;
-        be.rms_norm(x, &layer.post_attn_norm, eps, NormKind::Llama, &mut s.normed)?;
-        gated_mlp(be, &layer.mlp, &s.normed, &mut s.mlp)?;
-        be.add_assign(x, &s.mlp.out)?;
+        let norm = (&layer.input_norm, eps, NormKind::Llama);
+        let attn = (&layer.attn, qk.as_ref());
+        // One sequence's rows: the fused launches (the same ops); else norm, attention, add.
+        if !fused_self_attention_add(be, attn, norm, x, (segs, items, l), &call, (&mut s.attn, &mut s.normed), trace)? {
+            be.rms_norm(x, &layer.input_norm, eps, NormKind::Llama, &mut s.normed)?;
+            batched_self_attention_qk(
+                be,
+                attn,
+                &s.normed,
+                (segs, items, l),
+                &call,
+                (&mut s.attn, bufs, &dims(&self.cfg)),
+                trace,
+            )?;
+            be.add_assign(x, &s.attn.out)?;
+        }
+        let norm = (&layer.post_attn_norm, eps, NormKind::Llama);
+        norm_gated_mlp_add(be, &layer.mlp, norm, (&mut s.normed, &mut s.mlp), x)?;
         if let Some(tr) = trace {
             tr.record(Some(l), "layer_out", x);
         }
@@ -291,8 +299,29 @@ impl Llama {
         crate::common::forward::on_compute_threads(self.backend.as_ref(), streamed, || self.run_layers(items, trace))
     }
 
-    /// The forward of every item's rows in one pass over the layers.
+    /// The forward of every item's rows: a one-token decode step of a resident model as a
+    /// replayed device graph where the backend has them ([`graphed`]), else [`run_plain`](Self::run_plain).
     fn run_layers(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
+        let be = self.backend.as_ref();
+        let resident = self.layers.stream_stats().is_none() && self.kv_offload.is_none();
+        let Some(g) = graphed::eligible(be, items, (self.cfg.vocab_size, resident, trace.is_some())) else {
+            return self.run_plain(items, trace);
+        };
+        // Room for the step first, so that the captured launches see the caches and the RoPE
+        // table they will keep using.
+        let pos = items[0].state.len();
+        items[0].state.reserve(be, pos + 1)?;
+        let rope = self.rope.covering(be, pos + 1)?;
+        let key = StepKey::new(g, self.graph_id, 1)
+            .tensor(&rope.cos)
+            .tensor(&rope.sin)
+            .caches(items[0].state, self.cfg.n_layers)
+            .finish();
+        graphed::decode_step(g, key, items, &mut |items| self.run_plain(items, None))
+    }
+
+    /// The forward of every item's rows in one pass over the layers.
+    fn run_plain(&self, items: &mut [BatchSeq<'_>], trace: Option<&dyn TraceSink>) -> Result<Vec<Vec<f32>>> {
         let be = self.backend.as_ref();
         let eps = self.cfg.rms_norm_eps;
         let limits = (self.cfg.vocab_size, self.cfg.max_positions);

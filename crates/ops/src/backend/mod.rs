@@ -3,6 +3,10 @@
 //! * [`Compute`]: the math every family's forward needs;
 //! * [`MoeOps`] and [`DeltaNetOps`]: extension traits for the ops of one kind of layer, which a
 //!   backend may implement (models reach them with [`Backend::moe`] and [`Backend::deltanet`]);
+//! * [`FusedOps`]: op sequences of a decode step as one kernel where a backend fuses them (the
+//!   composed ops otherwise);
+//! * [`StepGraphs`]: decode steps captured once and replayed, which a device backend may offer
+//!   ([`Backend::step_graphs`]);
 //! * [`Memory`]: allocations, uploads, read-back and the memory figures ([`MemoryStats`]);
 //! * [`CopyQueue`]: copies on a second queue and the markers that order them against compute.
 //!
@@ -14,6 +18,8 @@ mod checks;
 mod compute;
 mod copy_queue;
 mod deltanet;
+mod fused;
+mod graphs;
 mod memory;
 mod moe;
 mod tree;
@@ -29,6 +35,11 @@ pub use compute::{AttnGeometry, AttnParams, Compute, HeadSlice, NormKind, RopeTa
 pub(crate) use copy_queue::foreign_marker;
 pub use copy_queue::{CopyQueue, KvBlockSpan};
 pub use deltanet::{DeltaForm, DeltaNetOps, DeltaRule};
+pub use fused::{
+    FusedOps, Linear, Norm, matmul_add_composed, matmul_swiglu_composed, norm_qkv_composed, norm_swiglu_composed,
+    rope_write_kv_composed,
+};
+pub use graphs::StepGraphs;
 pub use memory::{Memory, MemoryKind, MemoryStats};
 pub use moe::{MoeOps, RouterMode};
 pub use tree::TreeMask;
@@ -37,7 +48,7 @@ use crate::{OpsError, Result};
 
 /// A whole backend: every role, a name, and the extension traits it implements. Implemented by
 /// the CPU backend (the reference) and device backends.
-pub trait Backend: Compute + Memory + CopyQueue + fmt::Debug {
+pub trait Backend: Compute + FusedOps + Memory + CopyQueue + fmt::Debug {
     /// Short name for messages ("cpu", "cuda:0").
     fn name(&self) -> String;
 
@@ -48,6 +59,11 @@ pub trait Backend: Compute + Memory + CopyQueue + fmt::Debug {
 
     /// The Gated DeltaNet ops, when this backend implements them.
     fn deltanet_ops(&self) -> Option<&dyn DeltaNetOps> {
+        None
+    }
+
+    /// Decode-step graphs, when this backend offers them and they are on.
+    fn step_graphs(&self) -> Option<&dyn StepGraphs> {
         None
     }
 

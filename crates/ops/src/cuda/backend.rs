@@ -13,13 +13,15 @@ use half::bf16;
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
-    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, rmsnorm, rope, transfer,
-    tree_attention,
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, rmsnorm, rope,
+    transfer, tree_attention,
 };
+use crate::backend::Linear;
 use crate::backend::{
-    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
-    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, delta_dims, gated_norm_dims, mxfp4_dims,
-    mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan,
+    Memory, MemoryKind, MemoryStats, MoeOps, Norm, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims,
+    gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims, norm_qkv_composed,
+    norm_swiglu_composed, rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -31,6 +33,9 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 #[derive(Debug)]
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
+    /// Whether models may run one-token decode steps as CUDA graphs ([`StepGraphs`]): on
+    /// unless `OLLM_CUDA_GRAPHS=0` when the backend was made; [`set_step_graphs`](Self::set_step_graphs).
+    graphs: std::sync::atomic::AtomicBool,
 }
 
 fn cuda<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
@@ -79,11 +84,30 @@ fn kv_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<b
 
 impl CudaBackend {
     pub fn new(dev: CudaDevice) -> Self {
-        Self { dev: Arc::new(dev) }
+        let graphs = std::env::var("OLLM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0");
+        Self { dev: Arc::new(dev), graphs: std::sync::atomic::AtomicBool::new(graphs) }
+    }
+
+    /// Turns decode-step graphs on or off (the `OLLM_CUDA_GRAPHS` default, for tests that run
+    /// both ways); off drops the graphs kept.
+    pub fn set_step_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            self.dev.clear_step_graphs();
+        }
     }
 
     pub fn device(&self) -> &CudaDevice {
         &self.dev
+    }
+
+    /// An error when a decode step is being captured: `op` takes its positions (or reads the
+    /// host) in a way a replay could not change, so the step runs plainly instead (graph.rs).
+    fn not_captured(&self, op: &str) -> Result<()> {
+        match self.dev.graphs.capturing_step() {
+            Some(_) => Err(OpsError::Backend(format!("cuda step graph: {op} cannot be captured"))),
+            None => Ok(()),
+        }
     }
 
     fn tensor(&self, shape: Vec<usize>, s: CudaStorage) -> Result<Tensor> {
@@ -94,6 +118,10 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.dev.info.ordinal, self.dev.info.name)
+    }
+
+    fn step_graphs(&self) -> Option<&dyn StepGraphs> {
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed).then_some(self as &dyn StepGraphs)
     }
 
     fn moe_ops(&self) -> Option<&dyn MoeOps> {
@@ -116,6 +144,11 @@ impl Compute for CudaBackend {
         };
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return shape_err("embedding", format!("token id {bad} is outside the vocabulary of {vocab}"));
+        }
+        if let Some(step) = self.dev.graphs.capturing_step() {
+            // A captured decode step reads its ids from the step buffer (graph.rs).
+            let out = f32s_mut(out, "embedding")?;
+            return elementwise::embedding_step(&self.dev, cuda(table, "embedding")?, step, ids.len(), hidden, out);
         }
         let ids_d = self.dev.upload(ids, "token ids")?;
         elementwise::embedding(&self.dev, cuda(table, "embedding")?, &ids_d, hidden, f32s_mut(out, "embedding")?)
@@ -184,11 +217,14 @@ impl Compute for CudaBackend {
         let fast = if q.shape()[0] <= flash::DECODE_MAX_T {
             flash::decode_attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)?
         } else {
+            // Only the split decode kernel reads its positions from a captured step's buffer.
+            self.not_captured("prefill attention")?;
             flash::flash_prefill(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)?
         };
         if fast {
             return Ok(());
         }
+        self.not_captured("the reference attention kernel")?;
         attention::attention(&self.dev, qd, kd, vd, g, p.scale, p.window, sinks, od)
     }
 
@@ -202,6 +238,7 @@ impl Compute for CudaBackend {
         p: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()> {
+        self.not_captured("tree attention")?;
         let g = AttnGeometry::of_tree(q, k, v, out, pos0, tree, p.sinks)?;
         let sinks = p.sinks.map(|s| f32s(s, "tree_attention")).transpose()?;
         let (qd, kd, vd) = (f32s(q, "tree_attention")?, kv(k, "tree_attention")?, kv(v, "tree_attention")?);
@@ -223,6 +260,7 @@ impl Compute for CudaBackend {
         params: &AttnParams<'_>,
         out: &mut Tensor,
     ) -> Result<()> {
+        self.not_captured("attention over a shared prefix")?;
         let (pg, g) = AttnGeometry::of_prefixed(q, (pk, pv, p), (k, v), out, pos0, params.sinks)?;
         let rows = pos0 + q.shape()[0];
         let cap = p + rows;
@@ -319,8 +357,194 @@ impl Compute for CudaBackend {
     }
 }
 
+/// One-launch forms for decode-shaped calls (a few rows, 16-bit weights, no bias: the GEMV's
+/// shapes); everything else runs composed.
+impl FusedOps for CudaBackend {
+    fn matmul_add(
+        &self,
+        x: &Tensor,
+        (w, bias): (&Tensor, Option<&Tensor>),
+        tmp: &mut Tensor,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        let op = "matmul_add";
+        let (&[n, k], None) = (w.shape(), bias) else {
+            return matmul_add_composed(self, x, (w, bias), tmp, acc);
+        };
+        let t = x.numel() / k.max(1);
+        if !gemv::covers(t, k) || acc.numel() != t * n {
+            return matmul_add_composed(self, x, (w, bias), tmp, acc);
+        }
+        match cuda(w, op)? {
+            CudaStorage::BF16(w) => gemv::gemv_add(&self.dev, f32s(x, op)?, w, n, k, f32s_mut(acc, op)?),
+            CudaStorage::F16(w) => gemv::gemv_add(&self.dev, f32s(x, op)?, w, n, k, f32s_mut(acc, op)?),
+            _ => matmul_add_composed(self, x, (w, bias), tmp, acc),
+        }
+    }
+
+    fn matmul_swiglu(
+        &self,
+        x: &Tensor,
+        ((gate, gb), (up, ub)): (Linear<'_>, Linear<'_>),
+        scratch: (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let op = "matmul_swiglu";
+        let weights = ((gate, gb), (up, ub));
+        let (&[n, k], None, None) = (gate.shape(), gb, ub) else {
+            return matmul_swiglu_composed(self, x, weights, scratch, out);
+        };
+        let t = x.numel() / k.max(1);
+        if !gemv::covers(t, k) || up.shape() != gate.shape() || out.numel() != t * n {
+            return matmul_swiglu_composed(self, x, weights, scratch, out);
+        }
+        match (cuda(gate, op)?, cuda(up, op)?) {
+            (CudaStorage::BF16(g), CudaStorage::BF16(u)) => {
+                gemv::gemv_swiglu(&self.dev, f32s(x, op)?, (g, u), n, k, f32s_mut(out, op)?)
+            }
+            (CudaStorage::F16(g), CudaStorage::F16(u)) => {
+                gemv::gemv_swiglu(&self.dev, f32s(x, op)?, (g, u), n, k, f32s_mut(out, op)?)
+            }
+            _ => matmul_swiglu_composed(self, x, weights, scratch, out),
+        }
+    }
+
+    fn norm_matmul_qkv(
+        &self,
+        x: &Tensor,
+        (nw, eps, kind): Norm<'_>,
+        weights: [Linear<'_>; 3],
+        normed: &mut Tensor,
+        [qo, ko, vo]: [&mut Tensor; 3],
+    ) -> Result<()> {
+        let op = "norm_matmul_qkv";
+        let [(wq, None), (wk, None), (wv, None)] = weights else {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        };
+        let (&[nq, k], &[nk, k2], &[nv, k3]) = (wq.shape(), wk.shape(), wv.shape()) else {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        };
+        let t = x.numel() / k.max(1);
+        let shapes_fit = k2 == k
+            && k3 == k
+            && gemv::covers(t, k)
+            && x.numel() == t * k
+            && nw.numel() == k
+            && qo.numel() == t * nq
+            && ko.numel() == t * nk
+            && vo.numel() == t * nv;
+        let nws = cuda(nw, op)?;
+        if !shapes_fit || matches!(nws, CudaStorage::U8(_)) {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        }
+        let offset = if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 };
+        let norm = (nws, eps, offset);
+        let xd = f32s(x, op)?;
+        match (cuda(wq, op)?, cuda(wk, op)?, cuda(wv, op)?) {
+            (CudaStorage::BF16(a), CudaStorage::BF16(b), CudaStorage::BF16(c)) => {
+                let outs =
+                    [(&**a, nq, f32s_mut(qo, op)?), (&**b, nk, f32s_mut(ko, op)?), (&**c, nv, f32s_mut(vo, op)?)];
+                gemv::gemv_norm_qkv(&self.dev, xd, norm, k, outs)
+            }
+            (CudaStorage::F16(a), CudaStorage::F16(b), CudaStorage::F16(c)) => {
+                let outs =
+                    [(&**a, nq, f32s_mut(qo, op)?), (&**b, nk, f32s_mut(ko, op)?), (&**c, nv, f32s_mut(vo, op)?)];
+                gemv::gemv_norm_qkv(&self.dev, xd, norm, k, outs)
+            }
+            _ => norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]),
+        }
+    }
+
+    fn norm_matmul_swiglu(
+        &self,
+        x: &Tensor,
+        (nw, eps, kind): Norm<'_>,
+        ((gate, gb), (up, ub)): (Linear<'_>, Linear<'_>),
+        scratch: (&mut Tensor, &mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let op = "norm_matmul_swiglu";
+        let weights = ((gate, gb), (up, ub));
+        let (&[n, k], None, None) = (gate.shape(), gb, ub) else {
+            return norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out);
+        };
+        let t = x.numel() / k.max(1);
+        let nws = cuda(nw, op)?;
+        if !gemv::covers(t, k)
+            || x.numel() != t * k
+            || nw.numel() != k
+            || up.shape() != gate.shape()
+            || out.numel() != t * n
+            || matches!(nws, CudaStorage::U8(_))
+        {
+            return norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out);
+        }
+        let norm = (nws, eps, if kind == NormKind::ZeroCentered { 1.0f32 } else { 0.0 });
+        match (cuda(gate, op)?, cuda(up, op)?) {
+            (CudaStorage::BF16(g), CudaStorage::BF16(u)) => {
+                gemv::gemv_norm_swiglu(&self.dev, f32s(x, op)?, norm, (g, u), (n, k), f32s_mut(out, op)?)
+            }
+            (CudaStorage::F16(g), CudaStorage::F16(u)) => {
+                gemv::gemv_norm_swiglu(&self.dev, f32s(x, op)?, norm, (g, u), (n, k), f32s_mut(out, op)?)
+            }
+            _ => norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out),
+        }
+    }
+
+    fn rope_write_kv(
+        &self,
+        (q, k, v): (&mut Tensor, &mut Tensor, &Tensor),
+        (table, pos0): (&RopeTable, usize),
+        (kc, vc): (&mut Tensor, &mut Tensor),
+        row0: usize,
+    ) -> Result<()> {
+        let op = "rope_write_kv";
+        let (&[t, nh, d], &[tk, nkv, dk], &[nkv_c, cap, dc]) = (q.shape(), k.shape(), kc.shape()) else {
+            return rope_write_kv_composed(self, (q, k, v), (table, pos0), (kc, vc), row0);
+        };
+        if tk != t || dk != d || nkv_c != nkv || dc != d || v.shape() != k.shape() || vc.shape() != kc.shape() {
+            return rope_write_kv_composed(self, (q, k, v), (table, pos0), (kc, vc), row0);
+        }
+        let (cos, sin) = (f32s(&table.cos, op)?, f32s(&table.sin, op)?);
+        let bufs = rope::RopeKv {
+            q: f32s_mut(q, op)?,
+            k: f32s_mut(k, op)?,
+            v: f32s(v, op)?,
+            k_cache: kv_mut(kc, op)?,
+            v_cache: kv_mut(vc, op)?,
+        };
+        rope::rope_write_kv(&self.dev, bufs, (nh, nkv, d, table.rotary_dims, cap), (cos, sin), (pos0, row0))
+    }
+}
+
+impl StepGraphs for CudaBackend {
+    fn buffer_addr(&self, t: &Tensor) -> Option<u64> {
+        let Storage::Cuda(s) = t.storage() else { return None };
+        let st = &self.dev.stream;
+        Some(match s {
+            CudaStorage::F32(b) => b.device_ptr(st).0,
+            CudaStorage::F16(b) => b.device_ptr(st).0,
+            CudaStorage::BF16(b) => b.device_ptr(st).0,
+            CudaStorage::U8(b) => b.device_ptr(st).0,
+        })
+    }
+
+    fn replay_step(&self, key: u64, ids: &[u32], pos: usize) -> Result<Option<Vec<f32>>> {
+        self.dev.replay_step(key, ids, pos)
+    }
+
+    fn begin_step_capture(&self, key: u64, ids: &[u32], pos: usize) -> Result<()> {
+        self.dev.begin_step_capture(key, ids, pos)
+    }
+
+    fn end_step_capture(&self) -> bool {
+        self.dev.end_step_capture()
+    }
+}
+
 impl MoeOps for CudaBackend {
     fn router_topk(&self, logits: &Tensor, k: usize, mode: RouterMode) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.not_captured("router top-k (read back to the host)")?;
         let (t, e) = router_dims(logits, k)?;
         if t == 0 {
             return Ok((Vec::new(), Vec::new()));
@@ -510,6 +734,13 @@ impl Memory for CudaBackend {
     fn to_host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
         let st = &self.dev.stream;
         let err = super::driver_err("to_host_f32");
+        if self.dev.graphs.capturing_step().is_some() {
+            // A captured decode step ends at its read-back (graph.rs): the graph runs once here.
+            let CudaStorage::F32(s) = cuda(t, "to_host_f32")? else {
+                return Err(OpsError::Backend("cuda step graph: a captured step reads back f32 only".into()));
+            };
+            self.dev.finish_step_capture((s.device_ptr(st).0, s.len()))?;
+        }
         Ok(match cuda(t, "to_host_f32")? {
             CudaStorage::F32(s) => st.clone_dtoh(&**s).map_err(err)?,
             CudaStorage::F16(s) => st.clone_dtoh(&**s).map_err(err)?.iter().map(|v| v.to_f32()).collect(),
@@ -519,6 +750,7 @@ impl Memory for CudaBackend {
     }
 
     fn grow_kv(&self, cache: &Tensor, keep: std::ops::Range<usize>, new_cap: usize) -> Result<Tensor> {
+        self.not_captured("growing a KV cache")?;
         let &[n_kv, cap, d] = cache.shape() else {
             return shape_err("grow_kv", format!("cache {:?}", cache.shape()));
         };

@@ -53,6 +53,11 @@ pub struct CudaDevice {
     /// f32 partial results (split-context attention), grown on demand, kept for reuse.
     scratch32: Mutex<Option<DeviceBuf<f32>>>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Captured decode steps and the step buffer their kernels read (`graph.rs`).
+    pub(crate) graphs: super::graph::StepGraphCache,
+    /// Programmatic dependent launches for the decode kernels (`OLLM_CUDA_PDL=1` on sm_90+,
+    /// `pdl.rs`); [`CudaDevice::set_programmatic_launch`].
+    pdl: std::sync::atomic::AtomicBool,
 }
 
 /// Reserves `len` elements of `T` for `what` in `account`, then allocates them with `alloc`,
@@ -70,7 +75,12 @@ fn tracked<T>(
     account.reserve(bytes, what)?;
     match alloc() {
         Ok(slice) => {
-            if let Ok((free, _)) = ctx.mem_get_info() {
+            if account.is_capturing() {
+                // A graph memory node: no driver reading now (the graph's pool is not the
+                // device's free memory), but the graph must know to free it after a replay.
+                use cudarc::driver::DevicePtr;
+                account.note_capture_alloc(slice.device_ptr(slice.stream()).0);
+            } else if let Ok((free, _)) = ctx.mem_get_info() {
                 account.note_free(free);
             }
             Ok(DeviceBuf::new(slice, bytes, account.clone()))
@@ -130,6 +140,10 @@ impl CudaDevice {
 
     /// A copy of `host` on the device.
     pub fn upload<T: DeviceRepr>(&self, host: &[T], what: &str) -> Result<DeviceBuf<T>> {
+        if self.vram.is_capturing() {
+            // A copy from pageable host memory cannot be replayed: the step is not capturable.
+            return Err(unavailable(format!("cuda upload of {what} inside a captured decode step")));
+        }
         tracked(&self.ctx, &self.vram, host.len(), what, || self.stream.clone_htod(host))
     }
 
@@ -143,6 +157,19 @@ impl CudaDevice {
     }
 
     /// The VRAM account: budget, context overhead, tracked and peak bytes.
+    /// Turns programmatic dependent launches of the decode kernels on or off (the
+    /// `OLLM_CUDA_PDL` default; on only takes on sm_90 and later). Returns whether they are on.
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        let on = on && self.info.compute_capability.0 >= 9;
+        self.pdl.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// Whether the decode kernels are launched programmatically dependent (`pdl.rs`).
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn vram(&self) -> &VramAccount {
         &self.vram
     }
@@ -317,7 +344,10 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
     let name = ctx.name().map_err(|e| err("name", e))?;
     let compute_capability = ctx.compute_capability().map_err(|e| err("compute capability", e))?;
     let kernels = KernelCache::new(compute_capability)?;
-    let stream = ctx.default_stream();
+    // A stream of its own, not the legacy default stream: only such a stream can be captured
+    // into a CUDA graph (graph.rs). Like the copy stream it is non-blocking, so the two are
+    // ordered by the markers alone, as before.
+    let stream = ctx.new_stream().map_err(|e| err("compute stream", e))?;
     // A non-blocking stream: it does not synchronise with the legacy default `stream`.
     let copy_stream = ctx.new_stream().map_err(|e| err("copy stream", e))?;
     // The cuBLAS handle first, without its workspace, so that what it takes for itself counts
@@ -343,5 +373,7 @@ pub fn probe(ordinal: usize) -> Result<CudaDevice> {
         scratch16: Mutex::new(None),
         scratch32: Mutex::new(None),
         modules: Mutex::new(HashMap::new()),
+        graphs: super::graph::StepGraphCache::default(),
+        pdl: std::sync::atomic::AtomicBool::new(super::pdl::wanted(compute_capability)),
     })
 }

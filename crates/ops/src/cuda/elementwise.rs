@@ -4,6 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::graph::Limit;
 use super::{CudaDevice, CudaStorage, driver_err, grid_stride, shape};
 use crate::Result;
 
@@ -32,6 +33,34 @@ pub fn embedding(
     table.push_arg(&mut l);
     l.arg(ids).arg(out).arg(&hidden_i32);
     // SAFETY: matches the kernel signature; out holds ids.len() rows of `hidden`.
+    unsafe { l.launch(cfg) }.map_err(driver_err("embedding"))?;
+    Ok(())
+}
+
+/// [`embedding`] inside a captured decode step: the ids are the `t` u32 at `step + 4` (the
+/// step buffer of graph.rs, written before each replay; the caller checked them < V).
+pub(crate) fn embedding_step(
+    dev: &CudaDevice,
+    table: &CudaStorage,
+    step: u64,
+    t: usize,
+    hidden: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if hidden == 0 || !table.len().is_multiple_of(hidden) || out.len() != t * hidden || t == 0 {
+        return Err(shape(
+            "cuda embedding",
+            format!("table {}, {t} ids, hidden {hidden}, out {}", table.len(), out.len()),
+        ));
+    }
+    let func = dev.function("elementwise", SOURCE, &format!("embedding_{}", table.kernel_suffix()))?;
+    let (hidden_i32, ids) = (hidden as i32, step + 4);
+    let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut l = dev.stream.launch_builder(&func);
+    table.push_arg(&mut l);
+    l.arg(&ids).arg(out).arg(&hidden_i32);
+    // SAFETY: the ids pointer addresses t u32 of the step buffer (t ≤ MAX_STEP_ROWS, checked
+    // when the buffer was written); out holds t rows of `hidden`.
     unsafe { l.launch(cfg) }.map_err(driver_err("embedding"))?;
     Ok(())
 }
@@ -150,12 +179,19 @@ pub fn write_kv(
     {
         return Err(shape("cuda write_kv", format!("cache {} ({g:?}), src {}, pos0 {pos0}", cache.len(), src.len())));
     }
-    let func = dev.function("elementwise", SOURCE, "write_kv_bf16")?;
+    // Inside a captured decode step the positions are read from the step buffer (graph.rs).
+    let step = dev.graphs.capturing_step();
+    let func =
+        dev.function("elementwise", SOURCE, if step.is_some() { "write_kv_bf16_step" } else { "write_kv_bf16" })?;
     let (t, n_kv, cap, d, p) = ((src.len() / row) as i32, g.n_kv as i32, g.cap as i32, g.d as i32, pos0 as i32);
     let cfg = grid_stride(src.len());
     let mut l = dev.stream.launch_builder(&func);
     l.arg(cache).arg(src).arg(&t).arg(&n_kv).arg(&cap).arg(&d).arg(&p);
-    // SAFETY: positions pos0..pos0+t fit the cache (checked above).
+    if let Some(step) = &step {
+        l.arg(step);
+        dev.graphs.note_limit(Limit::Rows(g.cap));
+    }
+    // SAFETY: positions pos0..pos0+t fit the cache (checked above; a replayed step's by its Limit).
     unsafe { l.launch(cfg) }.map_err(driver_err("write_kv"))?;
     Ok(())
 }

@@ -8,6 +8,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::attention::{check_shapes, launch};
+use super::graph::Limit;
+use super::pdl::{self, Arg};
 use super::{CudaDevice, DeviceBuf, driver_err};
 use crate::{AttnGeometry, Result};
 
@@ -83,8 +85,16 @@ pub fn decode_attention(
     }
     let group = g.n_heads / g.n_kv;
     let gb = heads_per_block(group);
-    let func = dev.function("decode_attn", DECODE_SOURCE, &format!("decode_split_d{}_g{gb}", g.d))?;
-    let blocks_per_sm = func
+    // Inside a captured decode step (graph.rs) the query positions come from the step buffer.
+    let step = dev.graphs.capturing_step();
+    let plain = dev.function("decode_attn", DECODE_SOURCE, &format!("decode_split_d{}_g{gb}", g.d))?;
+    let func = match step {
+        Some(_) => dev.function("decode_attn", DECODE_SOURCE, &format!("decode_split_step_d{}_g{gb}", g.d))?,
+        None => plain.clone(),
+    };
+    // The plain entry's occupancy sizes the split in both modes, so that a captured step cuts
+    // the context as the plain launches do (its registers may differ by the extra argument).
+    let blocks_per_sm = plain
         .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
         .map_err(driver_err("decode attention occupancy"))?
         .max(1) as usize;
@@ -96,7 +106,19 @@ pub fn decode_attention(
     let blocks_y = g.n_kv * (group / gb);
     let span = g.pos0 + t; // the longest key range of any query in this call
     let span = window.map_or(span, |w| span.min(w));
-    let plan = split_plan(span, sms * blocks_per_sm, blocks_y * t);
+    let (slots, other_blocks) = (sms * blocks_per_sm, blocks_y * t);
+    let mut plan = split_plan(span, slots, other_blocks);
+    if step.is_some() {
+        // A graph serves the spans up to the next power of two (at most the cache, or the
+        // window) with this chunk: the slices past a replay's keys add exact zeros, so its
+        // result equals the plain path's at that span bit for bit.
+        let most = window.map_or(g.cap, |w| w.min(g.cap)).max(span);
+        let bucket = span.next_power_of_two().min(most);
+        plan.splits = plan.splits.max(bucket.div_ceil(plan.chunk));
+        let limit = Limit::Split { chunk: plan.chunk, splits: plan.splits, window, slots, other_blocks };
+        dev.graphs.note_limit(limit);
+        dev.graphs.note_limit(Limit::Rows(g.cap));
+    }
 
     let rows = t * g.n_heads * plan.splits;
     let ints = [g.n_heads as i32, g.n_kv as i32, g.cap as i32, g.pos0 as i32];
@@ -112,13 +134,36 @@ pub fn decode_attention(
     let has_sinks = i32::from(sinks.is_some());
     let combine_cfg =
         LaunchConfig { grid_dim: ((t * g.n_heads) as u32, 1, 1), block_dim: (g.d as u32, 1, 1), shared_mem_bytes: 0 };
-    let run = |part: &mut DeviceBuf<f32>| -> Result<()> {
+    let mut run = |part: &mut DeviceBuf<f32>| -> Result<()> {
+        if dev.pdl() {
+            let mut args = vec![Arg::buf(dev, q), Arg::buf(dev, k), Arg::buf(dev, v), Arg::buf(dev, &**part)];
+            args.extend(ints.map(Arg::I32));
+            args.extend([Arg::F32(scale), Arg::I32(window_i32), Arg::I32(chunk_i32)]);
+            args.extend(step.map(Arg::Ptr));
+            // SAFETY: as the plain launches below; both kernels open with pdl_sync (pdl.rs).
+            unsafe { pdl::launch(dev, &func, cfg, &args) }?;
+            let sinks_arg = sinks.map_or_else(|| Arg::buf(dev, q), |s| Arg::buf(dev, s));
+            let args = [
+                Arg::buf(dev, &**part),
+                Arg::buf(dev, &*out),
+                Arg::I32(n_heads_i32),
+                Arg::I32(d_i32),
+                Arg::I32(splits_i32),
+                sinks_arg,
+                Arg::I32(has_sinks),
+            ];
+            // SAFETY: as above.
+            return unsafe { pdl::launch(dev, &combine, combine_cfg, &args) };
+        }
         let mut l = dev.stream.launch_builder(&func);
         l.arg(q).arg(k).arg(v).arg(&mut **part);
         for i in &ints {
             l.arg(i);
         }
         l.arg(&scale).arg(&window_i32).arg(&chunk_i32);
+        if let Some(step) = &step {
+            l.arg(step);
+        }
         // SAFETY: argument order and types match decode_split_*; shapes checked above; the
         // grid covers exactly `splits` partials per (token, head), inside `part`.
         unsafe { l.launch(cfg) }.map_err(driver_err("decode attention"))?;
@@ -133,6 +178,14 @@ pub fn decode_attention(
         unsafe { l.launch(combine_cfg) }.map_err(driver_err("decode attention combine"))?;
         Ok(())
     };
+    if step.is_some() {
+        // Not the shared scratch: growing it inside a capture would make it a graph allocation.
+        // SAFETY: pass 1 writes every partial (blocks with no keys write m = -inf, l = 0)
+        // before pass 2 reads them.
+        let mut part = unsafe { dev.alloc_uninit::<f32>(rows * (g.d + 2), "decode attention partials") }?;
+        run(&mut part)?;
+        return Ok(true);
+    }
     // SAFETY: pass 1 writes every partial (blocks with no keys write m = -inf, l = 0) before
     // pass 2 reads them; the buffer is reused across calls in stream order.
     unsafe { dev.with_scratch32(rows * (g.d + 2), "decode attention partials", run) }?;
@@ -141,15 +194,15 @@ pub fn decode_attention(
 
 /// How the context is cut: `splits` slices of `chunk` keys each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SplitPlan {
-    splits: usize,
-    chunk: usize,
+pub(crate) struct SplitPlan {
+    pub splits: usize,
+    pub chunk: usize,
 }
 
 /// Slices sized so that the grid (`other_blocks` × splits) is about one wave of `slots`
 /// resident blocks (measured best on an H100: 76% of copy bandwidth against 51% at twice as
 /// many), at least 256 keys each, in multiples of 64.
-fn split_plan(span: usize, slots: usize, other_blocks: usize) -> SplitPlan {
+pub(crate) fn split_plan(span: usize, slots: usize, other_blocks: usize) -> SplitPlan {
     let want = slots.div_ceil(other_blocks.max(1)).max(1);
     let chunk = span.div_ceil(want).max(256).next_multiple_of(64);
     SplitPlan { splits: span.div_ceil(chunk).max(1), chunk }

@@ -19,8 +19,8 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaSlice;
 
@@ -60,6 +60,10 @@ pub struct VramAccount {
     used_bytes: AtomicUsize,
     /// Lowest free-memory reading seen (starts at the reading after context creation).
     min_free_bytes: AtomicUsize,
+    /// While a decode step is captured into a graph (`graph.rs`): the device addresses of the
+    /// buffers allocated during the capture and not freed inside it. Those allocations belong to
+    /// the graph, which makes them again at each replay, so a replay frees them after use.
+    capture: Mutex<Option<Vec<u64>>>,
 }
 
 impl VramAccount {
@@ -73,6 +77,38 @@ impl VramAccount {
             budget_bytes: AtomicUsize::new(total_bytes),
             used_bytes: AtomicUsize::new(0),
             min_free_bytes: AtomicUsize::new(free_bytes),
+            capture: Mutex::new(None),
+        }
+    }
+
+    /// Whether a step graph is being captured (allocations then become graph memory nodes).
+    pub fn is_capturing(&self) -> bool {
+        self.capture.lock().is_ok_and(|c| c.is_some())
+    }
+
+    /// Starts (Some) or ends (None) the list of a capture's allocations; returns the list ended.
+    pub(crate) fn set_capture(&self, list: Option<Vec<u64>>) -> Option<Vec<u64>> {
+        match self.capture.lock() {
+            Ok(mut c) => std::mem::replace(&mut *c, list),
+            Err(_) => None,
+        }
+    }
+
+    /// Notes an allocation at `addr` made during a capture.
+    pub(crate) fn note_capture_alloc(&self, addr: u64) {
+        if let Ok(mut c) = self.capture.lock()
+            && let Some(list) = c.as_mut()
+        {
+            list.push(addr);
+        }
+    }
+
+    /// Notes that the buffer at `addr` was freed inside the capture (the graph frees it itself).
+    fn note_capture_free(&self, addr: u64) {
+        if let Ok(mut c) = self.capture.lock()
+            && let Some(list) = c.as_mut()
+        {
+            list.retain(|&a| a != addr);
         }
     }
 
@@ -174,6 +210,12 @@ impl<T> DerefMut for DeviceBuf<T> {
 
 impl<T> Drop for DeviceBuf<T> {
     fn drop(&mut self) {
+        if self.account.is_capturing() {
+            use cudarc::driver::DevicePtr;
+            // With event tracking off (device.rs) this records nothing on the stream.
+            let (addr, _sync) = self.slice.device_ptr(self.slice.stream());
+            self.account.note_capture_free(addr);
+        }
         self.account.release(self.bytes);
     }
 }
