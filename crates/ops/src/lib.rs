@@ -17,8 +17,9 @@ pub mod mxfp4;
 pub mod tensor;
 
 pub use backend::{
-    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan,
-    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, TreeMask,
+    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct,
+    ExpertMatrixRef, HeadSlice, KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable,
+    RoutedExpert, RouterMode, TreeMask, experts_by_expert, run_experts,
 };
 pub use dtype::DType;
 pub use error::{MemoryLimit, OpsError, Result};

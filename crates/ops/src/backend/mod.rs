@@ -30,7 +30,7 @@ pub(crate) use copy_queue::foreign_marker;
 pub use copy_queue::{CopyQueue, KvBlockSpan};
 pub use deltanet::{DeltaForm, DeltaNetOps, DeltaRule};
 pub use memory::{Memory, MemoryKind, MemoryStats};
-pub use moe::{MoeOps, RouterMode};
+pub use moe::{ExpertAct, ExpertMatrixRef, MoeOps, RoutedExpert, RouterMode, experts_by_expert, run_experts};
 pub use tree::TreeMask;
 
 use crate::{OpsError, Result};

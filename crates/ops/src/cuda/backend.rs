@@ -13,12 +13,12 @@ use half::bf16;
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
-    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, rmsnorm, rope, transfer,
-    tree_attention,
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, moe_grouped, rmsnorm, rope,
+    transfer, tree_attention,
 };
 use crate::backend::{
-    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, HeadSlice, KvBlockSpan, Memory,
-    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, delta_dims, gated_norm_dims, mxfp4_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct, HeadSlice, KvBlockSpan, Memory,
+    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RoutedExpert, RouterMode, delta_dims, gated_norm_dims, mxfp4_dims,
     mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
@@ -400,6 +400,21 @@ impl MoeOps for CudaBackend {
             Some(bias) => elementwise::add_bias(&self.dev, y, cuda(bias, op)?, n),
             None => Ok(()),
         }
+    }
+
+    fn grouped_experts(
+        &self,
+        x: &Tensor,
+        experts: &[RoutedExpert<'_>],
+        act: ExpertAct,
+        acc: &mut Tensor,
+    ) -> Result<bool> {
+        let op = "grouped_experts";
+        let h = x.shape().last().copied().unwrap_or(0);
+        if acc.shape() != x.shape() {
+            return shape_err(op, format!("x {:?}, acc {:?}", x.shape(), acc.shape()));
+        }
+        moe_grouped::grouped_experts(&self.dev, f32s(x, op)?, h, experts, act, f32s_mut(acc, op)?)
     }
 }
 

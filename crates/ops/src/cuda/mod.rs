@@ -22,6 +22,7 @@ pub mod flash;
 pub mod gemv;
 pub mod matmul;
 pub mod moe;
+pub mod moe_grouped;
 mod nvrtc_cache;
 pub mod rmsnorm;
 pub mod rope;
