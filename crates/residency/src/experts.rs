@@ -73,7 +73,15 @@ pub enum ExpertMatrix<'a> {
     Mxfp4 { blocks: &'a Tensor, scales: &'a Tensor },
 }
 
-impl ExpertMatrix<'_> {
+impl<'a> ExpertMatrix<'a> {
+    /// The same matrix as the ops' grouped expert calls take it.
+    pub fn as_ops(&self) -> ollm_ops::ExpertMatrixRef<'a> {
+        match *self {
+            ExpertMatrix::Dense(w) => ollm_ops::ExpertMatrixRef::Dense(w),
+            ExpertMatrix::Mxfp4 { blocks, scales } => ollm_ops::ExpertMatrixRef::Mxfp4 { blocks, scales },
+        }
+    }
+
     /// `out = x · Wᵀ (+ bias)`.
     pub fn matmul(
         &self,
@@ -458,6 +466,113 @@ impl ExpertCache {
             done?;
         }
         Ok(())
+    }
+
+    /// Whether [`ExpertCache::run_layer_grouped`] can hand these experts over as stored (MXFP4
+    /// or per-expert bf16); dense `[E, H, 2I]` checkpoints need a transpose per expert first.
+    pub fn groups_as_stored(&self) -> bool {
+        self.format != ExpertFormat::Dense
+    }
+
+    /// Runs `f` over groups of `experts` (distinct ids of layer `l`, in the given order), each
+    /// group's experts all on the device together, as stored (MXFP4 packed, never unpacked):
+    /// for a grouped kernel that takes a whole group in one launch. A group is every expert
+    /// when the slots hold all of them, else at most half the slots, and the next group's copies
+    /// are queued before `f` runs on this one, so they overlap its compute. Errors on dense
+    /// checkpoints ([`ExpertCache::groups_as_stored`]).
+    pub fn run_layer_grouped<E: From<ResidencyError> + From<OpsError>>(
+        &self,
+        l: usize,
+        experts: &[u32],
+        f: &mut dyn FnMut(&[(u32, ExpertWeights<'_>)]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let be = self.backend.as_ref();
+        if !self.groups_as_stored() {
+            return Err(ResidencyError::Stream("expert cache: dense experts are not grouped".into()).into());
+        }
+        let Some(l) = self.layer_ids.iter().position(|&x| x == l) else {
+            return Err(ResidencyError::Stream(format!("expert cache: layer {l} has no experts here")).into());
+        };
+        if let Some(&e) = experts.iter().find(|&&e| e as usize >= self.n_experts) {
+            return Err(ResidencyError::Stream(format!("expert cache: expert {e} of {}", self.n_experts)).into());
+        }
+        let mut st = lock(&self.state)?;
+        let total = self.sources.len() * self.n_experts;
+        let group = if st.slots.len() >= total { experts.len() } else { (st.slots.len() / 2).max(1) };
+        let keys: Vec<usize> = experts.iter().map(|&e| l * self.n_experts + e as usize).collect();
+        let mut needed = vec![false; st.slots.len()];
+        for k in &keys {
+            if let Some(&s) = st.owner_of.get(k) {
+                needed[s] = true;
+            }
+        }
+        let groups: Vec<&[usize]> = keys.chunks(group.max(1)).collect();
+        // Slots of the group about to run (and their copies' markers), then of the next one.
+        let mut current: Vec<(usize, Option<Marker>)> = Vec::new();
+        for &key in groups.first().copied().unwrap_or(&[]) {
+            let p = self.place(&mut st, &mut needed, key, true)?;
+            current.push(p.ok_or_else(|| ResidencyError::Stream("expert cache: no slot for an expert".into()))?);
+        }
+        for (gi, ids) in experts.chunks(group.max(1)).enumerate() {
+            // Queue what the next group needs where a slot is free now; the rest after this
+            // group's compute frees its slots.
+            let next_keys = groups.get(gi + 1).copied().unwrap_or(&[]);
+            let mut next: Vec<(usize, Option<Marker>)> = Vec::with_capacity(next_keys.len());
+            for &key in next_keys {
+                match self.place(&mut st, &mut needed, key, false)? {
+                    Some(p) => next.push(p),
+                    None => break,
+                }
+            }
+            for (slot, ready) in &current {
+                if let Some(m) = ready {
+                    be.compute_wait(m)?;
+                }
+                st.tick += 1;
+                let tick = st.tick;
+                st.slots[*slot].last_use = tick;
+            }
+            let done = {
+                let ws: Vec<(u32, ExpertWeights<'_>)> = ids
+                    .iter()
+                    .zip(&current)
+                    .map(|(&e, &(slot, _))| (e, self.stored_weights(&st.slots[slot].parts)))
+                    .collect();
+                f(&ws)
+            };
+            // The group's slots have been read once the compute queued so far has run.
+            for &(slot, _) in &current {
+                st.slots[slot].free = Some(be.compute_marker()?);
+                needed[slot] = false;
+            }
+            done?;
+            for &key in &next_keys[next.len()..] {
+                let p = self.place(&mut st, &mut needed, key, true)?;
+                next.push(p.ok_or_else(|| ResidencyError::Stream("expert cache: no slot for an expert".into()))?);
+            }
+            current = next;
+        }
+        Ok(())
+    }
+
+    /// An expert's weights as its slot holds them (MXFP4 packed, or per-expert bf16).
+    fn stored_weights<'a>(&self, p: &'a [Tensor]) -> ExpertWeights<'a> {
+        match self.format {
+            ExpertFormat::PerExpert => ExpertWeights {
+                gate_up: ExpertMatrix::Dense(&p[0]),
+                up: Some(ExpertMatrix::Dense(&p[1])),
+                down: ExpertMatrix::Dense(&p[2]),
+                gate_up_bias: None,
+                down_bias: None,
+            },
+            _ => ExpertWeights {
+                gate_up: ExpertMatrix::Mxfp4 { blocks: &p[0], scales: &p[1] },
+                up: None,
+                down: ExpertMatrix::Mxfp4 { blocks: &p[2], scales: &p[3] },
+                gate_up_bias: Some(&p[4]),
+                down_bias: Some(&p[5]),
+            },
+        }
     }
 
     /// A slot holding expert `key` and the marker its copy passes (None on a hit). Without a

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{KvShape, SeqState};
-use ollm_ops::{Backend, NormKind, RouterMode, Tensor};
+use ollm_ops::{Backend, ExpertAct, NormKind, RouterMode, Tensor, run_experts};
 use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
@@ -15,13 +15,13 @@ use crate::common::experts::expert_sources;
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
-use crate::common::moe::Routed;
+use crate::common::moe::{Routed, routed_refs};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
 use crate::{BatchSeq, CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
-use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights, PACKED_MAX_ROWS};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
@@ -175,7 +175,8 @@ pub fn scratch_bytes(cfg: &GptOssConfig, t: usize, seqs: usize) -> u64 {
     for c in piece_sizes(t, MOE_CHUNK) {
         shapes.extend(chunk_shapes(cfg, c));
     }
-    f32_bytes(&shapes)
+    // A grouped expert call's scratch (backends with grouped kernels; counted for all).
+    f32_bytes(&shapes) + ollm_ops::grouped_scratch_bytes(h, cfg.intermediate_size)
 }
 
 impl GptOss {
@@ -277,9 +278,20 @@ impl GptOss {
         let routed = Routed::new(&ids, &weights, k, n_e);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![c, h])?;
-        let mut scratch: Option<ExpertScratch> = None;
         let inter = self.cfg.intermediate_size;
         let limit = self.cfg.swiglu_limit;
+        if c > PACKED_MAX_ROWS && moe.has_grouped_experts() && self.experts.groups_as_stored() {
+            // A prompt: each group of resident experts in a few grouped launches.
+            let act = ExpertAct::ClampedSwiglu { limit, alpha: SWIGLU_ALPHA };
+            self.experts.run_layer_grouped::<crate::ModelError>(l, &routed.used, &mut |group| {
+                let refs = routed_refs(group, rows);
+                run_experts(be, normed, &refs, act, &mut acc, EXPERT_ROWS)?;
+                Ok(())
+            })?;
+            be.add_assign(x, &acc)?;
+            return Ok(());
+        }
+        let mut scratch: Option<ExpertScratch> = None;
         let rows_of = |e: u32| routed.count(e);
         self.experts.run_layer::<crate::ModelError>(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, wv) = &rows[e as usize];

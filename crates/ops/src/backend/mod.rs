@@ -30,7 +30,10 @@ pub(crate) use copy_queue::foreign_marker;
 pub use copy_queue::{CopyQueue, KvBlockSpan};
 pub use deltanet::{DeltaForm, DeltaNetOps, DeltaRule};
 pub use memory::{Memory, MemoryKind, MemoryStats};
-pub use moe::{ExpertAct, ExpertMatrixRef, MoeOps, RoutedExpert, RouterMode, experts_by_expert, run_experts};
+pub use moe::{
+    ExpertAct, ExpertMatrixRef, GROUPED_PIECE_ROUTES, MoeOps, RoutedExpert, RouterMode, experts_by_expert,
+    grouped_scratch_bytes, run_experts,
+};
 pub use tree::TreeMask;
 
 use crate::{OpsError, Result};

@@ -69,6 +69,23 @@ pub trait MoeOps: Send + Sync {
         let _ = (x, experts, act, acc);
         Ok(false)
     }
+
+    /// Whether a model hands a prompt's experts to [`run_experts`] in groups, as stored (MXFP4
+    /// packed), rather than one at a time unpacked: where [`MoeOps::grouped_experts`] has
+    /// kernels, or where the per-expert loop gives the same numbers either way (the CPU).
+    fn has_grouped_experts(&self) -> bool {
+        false
+    }
+}
+
+/// Routes (token, expert pairs) one grouped launch covers at most; bounds its scratch
+/// ([`grouped_scratch_bytes`]).
+pub const GROUPED_PIECE_ROUTES: usize = 4096;
+
+/// Device bytes [`MoeOps::grouped_experts`] allocates for one call (bf16 activations and f32
+/// outputs of one piece of routes), for hidden size `h` and expert width `i`.
+pub fn grouped_scratch_bytes(h: usize, i: usize) -> u64 {
+    (GROUPED_PIECE_ROUTES * (2 * i + 4 * h)) as u64
 }
 
 /// One expert matrix in nn.Linear layout `[out, in]`: dense (any float dtype) or MXFP4 blocks

@@ -416,6 +416,10 @@ impl MoeOps for CudaBackend {
         }
         moe_grouped::grouped_experts(&self.dev, f32s(x, op)?, h, experts, act, f32s_mut(acc, op)?)
     }
+
+    fn has_grouped_experts(&self) -> bool {
+        true
+    }
 }
 
 impl DeltaNetOps for CudaBackend {

@@ -24,14 +24,8 @@ pub const TILE_COLS: usize = 128;
 /// K step of the kernel (one MXFP4 group): both projections need K divisible by it.
 pub const TILE_K: usize = 32;
 /// Routes (token, expert pairs) per piece: bounds the scratch, `PIECE_ROUTES · (2·I + 4·H)`
-/// bytes ([`scratch_bytes`]).
-pub const PIECE_ROUTES: usize = 4096;
-
-/// Device bytes one grouped call allocates for its scratch (the bf16 activations and f32
-/// outputs of a piece), for hidden size `h` and expert width `i`.
-pub fn scratch_bytes(h: usize, i: usize) -> u64 {
-    (PIECE_ROUTES * (2 * i + 4 * h)) as u64
-}
+/// bytes ([`crate::grouped_scratch_bytes`]).
+pub const PIECE_ROUTES: usize = crate::backend::GROUPED_PIECE_ROUTES;
 
 /// The weight formats of a call's experts, as the kernels' names and flags take them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
