@@ -110,6 +110,9 @@ pub struct ExpertWeights<'a> {
     pub down_bias: Option<&'a Tensor>,
 }
 
+/// The experts of one group that [`ExpertCache::run_layer_grouped`] hands over: ids and weights.
+pub type ExpertGroup<'a> = [(u32, ExpertWeights<'a>)];
+
 /// Counters of the cache (expert loads are per layer per forward).
 #[derive(Debug, Default)]
 struct Counters {
@@ -119,6 +122,8 @@ struct Counters {
     copy_bytes: AtomicU64,
     disk_bytes: AtomicU64,
     disk_nanos: AtomicU64,
+    prefetched: AtomicU64,
+    prefetch_used: AtomicU64,
 }
 
 /// A snapshot of the cache's counters and sizes.
@@ -139,6 +144,10 @@ pub struct ExpertStats {
     pub expert_bytes: u64,
     /// Pinned host bytes: experts kept in RAM plus disk staging.
     pub pinned_bytes: u64,
+    /// Experts copied ahead by [`ExpertCache::prefetch`] (counted in the loads too), and how many
+    /// of them a forward then used (counted as hits).
+    pub prefetched: u64,
+    pub prefetch_used: u64,
 }
 
 impl ExpertStats {
@@ -166,6 +175,10 @@ struct Slot {
     owner: Option<usize>,
     last_use: u64,
     free: Option<Marker>,
+    /// The marker a prefetched copy into this slot passes, until a compute has waited for it.
+    ready: Option<Marker>,
+    /// Filled by a prefetch and not used since.
+    prefetched: bool,
 }
 
 /// A pinned buffer for disk reads and the marker after the copies that read it.
@@ -234,6 +247,8 @@ pub struct ExpertCache {
     state: Mutex<State>,
     work: Mutex<Work>,
     counters: Counters,
+    /// Whether the model prefetches the next layer's likely experts in decode (off by default).
+    prefetch_on: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ExpertCache {
@@ -281,7 +296,7 @@ impl ExpertCache {
                 .zip(&dtypes)
                 .map(|(s, &d)| backend.alloc(s.clone(), d))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok(Slot { parts, owner, last_use: 0, free: None })
+            Ok(Slot { parts, owner, last_use: 0, free: None, ready: None, prefetched: false })
         };
         let mut slots = Vec::with_capacity(slot_count);
         let mut owner_of = HashMap::new();
@@ -377,6 +392,7 @@ impl ExpertCache {
             state: Mutex::new(State { slots, owner_of, tick: 0, staging, next_staging: 0 }),
             work: Mutex::new(work),
             counters: Counters::default(),
+            prefetch_on: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -468,6 +484,61 @@ impl ExpertCache {
         Ok(())
     }
 
+    /// Whether a model should call [`ExpertCache::prefetch`] in decode (off until
+    /// [`ExpertCache::set_prefetch`]: on random-weight models the guesses are mostly wrong).
+    pub fn prefetch_enabled(&self) -> bool {
+        self.prefetch_on.load(Ordering::Relaxed)
+    }
+
+    pub fn set_prefetch(&self, on: bool) {
+        self.prefetch_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Queues copies of those of `experts` (ids of layer `l`, likeliest first, distinct) that no
+    /// slot holds, each into the least recently used slot, without waiting: a guess at the
+    /// next layer's experts made before its attention runs, so their copies overlap it. The
+    /// forward that then routes exactly finds the right guesses resident (waiting for their
+    /// copies on the device) and copies the rest; a wrong guess only costs bus time and an
+    /// eviction, never a different result. Does nothing when every expert is resident. Returns
+    /// how many copies it queued.
+    pub fn prefetch(&self, l: usize, experts: &[u32]) -> Result<usize> {
+        let Some(l) = self.layer_ids.iter().position(|&x| x == l) else {
+            return Err(ResidencyError::Stream(format!("expert cache: layer {l} has no experts here")));
+        };
+        let mut st = lock(&self.state)?;
+        if st.slots.len() >= self.sources.len() * self.n_experts {
+            return Ok(0);
+        }
+        let keys: Vec<usize> = experts
+            .iter()
+            .filter(|&&e| (e as usize) < self.n_experts)
+            .map(|&e| l * self.n_experts + e as usize)
+            .collect();
+        // The guesses already resident are kept; the others take the least recently used slots.
+        let mut needed = vec![false; st.slots.len()];
+        for k in &keys {
+            if let Some(&s) = st.owner_of.get(k) {
+                needed[s] = true;
+            }
+        }
+        let mut queued = 0;
+        for &key in &keys {
+            if st.owner_of.contains_key(&key) {
+                continue;
+            }
+            let Some((slot, ready)) = self.place(&mut st, &mut needed, key, false)? else { break };
+            st.tick += 1;
+            let tick = st.tick;
+            let s = &mut st.slots[slot];
+            s.last_use = tick;
+            s.ready = ready;
+            s.prefetched = true;
+            queued += 1;
+        }
+        self.counters.prefetched.fetch_add(queued as u64, Ordering::Relaxed);
+        Ok(queued)
+    }
+
     /// Whether [`ExpertCache::run_layer_grouped`] can hand these experts over as stored (MXFP4
     /// or per-expert bf16); dense `[E, H, 2I]` checkpoints need a transpose per expert first.
     pub fn groups_as_stored(&self) -> bool {
@@ -484,7 +555,7 @@ impl ExpertCache {
         &self,
         l: usize,
         experts: &[u32],
-        f: &mut dyn FnMut(&[(u32, ExpertWeights<'_>)]) -> std::result::Result<(), E>,
+        f: &mut dyn FnMut(&ExpertGroup<'_>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         let be = self.backend.as_ref();
         if !self.groups_as_stored() {
@@ -587,7 +658,11 @@ impl ExpertCache {
     ) -> Result<Option<(usize, Option<Marker>)>> {
         if let Some(&s) = st.owner_of.get(&key) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some((s, None)));
+            let slot = &mut st.slots[s];
+            if std::mem::take(&mut slot.prefetched) {
+                self.counters.prefetch_used.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(Some((s, slot.ready.take())));
         }
         let victim = (0..st.slots.len())
             .filter(|&s| !needed[s] || force)
@@ -596,6 +671,9 @@ impl ExpertCache {
         if let Some(old) = st.slots[victim].owner.take() {
             st.owner_of.remove(&old);
         }
+        // A prefetch nobody used: the new copy follows its copy on the copy queue.
+        st.slots[victim].ready = None;
+        st.slots[victim].prefetched = false;
         let be = self.backend.as_ref();
         if let Some(m) = st.slots[victim].free.take() {
             be.copy_wait(&m)?;
@@ -692,6 +770,8 @@ impl ExpertCache {
             experts: self.sources.len() * self.n_experts,
             expert_bytes: self.expert_bytes,
             pinned_bytes: self.pinned_bytes,
+            prefetched: c.prefetched.load(Ordering::Relaxed),
+            prefetch_used: c.prefetch_used.load(Ordering::Relaxed),
         }
     }
 }

@@ -312,6 +312,31 @@ impl GptOss {
         Ok(())
     }
 
+    /// Decode: guesses layer `l + 1`'s experts from this layer's output (normed with this
+    /// layer's post-attention norm, then the next layer's router) and queues their copies, so
+    /// they run during the next layer's attention. The next layer routes exactly as ever; a
+    /// wrong guess costs only bus time.
+    fn prefetch_next(
+        &self,
+        (l, layer): (usize, &Layer),
+        x: &Tensor,
+        (normed, logits): (&mut Tensor, &mut Tensor),
+    ) -> Result<()> {
+        let Some((router, router_bias)) = self.routers.get(l + 1) else { return Ok(()) };
+        let be = self.backend.as_ref();
+        be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
+        be.matmul(normed, router, Some(router_bias), logits)?;
+        let (ids, _) = be.moe()?.router_topk(logits, self.cfg.experts_per_token, RouterMode::SoftmaxOfTopK)?;
+        let mut guess: Vec<u32> = Vec::with_capacity(ids.len());
+        for e in ids {
+            if !guess.contains(&e) {
+                guess.push(e);
+            }
+        }
+        self.experts.prefetch(l + 1, &guess)?;
+        Ok(())
+    }
+
     /// The experts' counters.
     pub fn expert_stats(&self) -> ExpertStats {
         self.experts.stats()
@@ -333,6 +358,11 @@ impl CausalLm for GptOss {
 
     fn expert_stats(&self) -> Option<ExpertStats> {
         Some(self.experts.stats())
+    }
+
+    fn set_expert_prefetch(&self, on: bool) -> bool {
+        self.experts.set_prefetch(on);
+        true
     }
 
     fn new_state(&self) -> Result<SeqState> {
@@ -398,7 +428,11 @@ impl GptOss {
                 })?;
                 chunks.each(be, &mut x, &mut |xc, _| {
                     let (normed, logits) = moe_bufs.get(xc.shape()[0])?;
-                    self.moe_block((l, layer), xc, (normed, logits))
+                    self.moe_block((l, layer), xc, (normed, logits))?;
+                    if xc.shape()[0] <= PACKED_MAX_ROWS && self.experts.prefetch_enabled() {
+                        self.prefetch_next((l, layer), xc, (normed, logits))?;
+                    }
+                    Ok(())
                 })?;
                 if let Some(tr) = trace {
                     tr.record(Some(l), "layer_out", &x);

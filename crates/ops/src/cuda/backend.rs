@@ -13,13 +13,13 @@ use half::bf16;
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
-    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, moe_grouped, rmsnorm, rope,
-    transfer, tree_attention,
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, matmul, moe, moe_grouped, rmsnorm,
+    rope, transfer, tree_attention,
 };
 use crate::backend::{
-    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct, HeadSlice, KvBlockSpan, Memory,
-    MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RoutedExpert, RouterMode, delta_dims, gated_norm_dims, mxfp4_dims,
-    mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct, HeadSlice, KvBlockSpan,
+    Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RoutedExpert, RouterMode, delta_dims,
+    gated_norm_dims, mxfp4_dims, mxfp4_matmul_dims, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
