@@ -18,8 +18,8 @@ pub mod tensor;
 
 pub use backend::{
     AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct,
-    ExpertMatrixRef, HeadSlice, KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable,
-    RoutedExpert, RouterMode, TreeMask, experts_by_expert, grouped_scratch_bytes, run_experts,
+    ExpertMatrixRef, GROUPED_PIECE_ROUTES, HeadSlice, KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, NormKind,
+    RopeTable, RoutedExpert, RouterMode, TreeMask, experts_by_expert, grouped_scratch_bytes, run_experts,
 };
 pub use dtype::DType;
 pub use error::{MemoryLimit, OpsError, Result};

@@ -1161,12 +1161,14 @@ enum Routing {
     AllToOne,
 }
 
-/// Per expert, its rows (ascending) and weights, for `t` tokens choosing `k` of `e` experts.
+/// Per expert, its rows (ascending) and weights, for `t` tokens choosing `k` of `e` experts;
+/// every seventh token (3, 10, ...) is routed nowhere (as if its experts ran in another group),
+/// so its acc row must stay as it was.
 fn route_for_test(t: usize, e: usize, k: usize, routing: Routing) -> Vec<(Vec<u32>, Vec<f32>)> {
     let mut per: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); e];
     let scores = random(t * e, 1.0);
     let ws = random(t * k, 0.5);
-    for tok in 0..t {
+    for tok in (0..t).filter(|tok| tok % 7 != 3) {
         let mut order: Vec<usize> = (0..e).collect();
         let score = |x: usize| match routing {
             Routing::Uniform => scores[tok * e + x],
@@ -1271,8 +1273,9 @@ fn matrix_ref(parts: &[Tensor]) -> ollm_ops::ExpertMatrixRef<'_> {
 /// activation, scatter-add), on fresh random weights and inputs from the printed seed: MXFP4 and
 /// bf16 GPT-OSS experts (clamped SwiGLU, f32 and bf16 biases) and bf16 Qwen3-Next experts
 /// (SiLU, separate gate and up); uniform and skewed routing, experts with 0 rows, one expert
-/// with all rows, tiles cut at 64 rows and partial output tiles (H = 160, 2I = 192), and 2,100
-/// tokens × 2 = 4,200 routes, more than one piece (4,096).
+/// with all routed rows, rows routed nowhere left unchanged, tiles cut at 64 rows and partial
+/// output tiles (H = 160, 2I = 192), and 2,500 tokens (2,143 routed) × 2 = 4,286 routes, more
+/// than one piece of at most 4,096.
 #[test]
 fn grouped_experts_match_cpu() {
     let Some(gpu) = backend() else { return };
@@ -1282,13 +1285,15 @@ fn grouped_experts_match_cpu() {
         (ExpertFormat::Mxfp4(DType::BF16), Routing::Uniform, 150, 2),
         (ExpertFormat::Mxfp4(DType::F32), Routing::Skewed, 300, 3),
         (ExpertFormat::Mxfp4(DType::BF16), Routing::AllToOne, 130, 1),
-        (ExpertFormat::Mxfp4(DType::BF16), Routing::Uniform, 2100, 2),
+        (ExpertFormat::Mxfp4(DType::BF16), Routing::Uniform, 2500, 2),
         (ExpertFormat::Bf16(DType::BF16), Routing::Skewed, 200, 2),
         (ExpertFormat::Bf16Pair, Routing::Uniform, 180, 4),
         (ExpertFormat::Bf16Pair, Routing::AllToOne, 70, 1),
     ];
+    let mut several_pieces = false;
     for (format, routing, t, k) in cases {
         let routes = route_for_test(t, e, k, routing);
+        several_pieces |= routes.iter().map(|(r, _)| r.len()).sum::<usize>() > ollm_ops::GROUPED_PIECE_ROUTES;
         let weights = random_experts(e, h, inter, format);
         let x = random(t * h, 1.0);
         let acc0 = random(t * h, 1.0);
@@ -1336,11 +1341,13 @@ fn grouped_experts_match_cpu() {
         assert!(vs_loop < 1e-3, "{format:?} {routing:?}: rel err {vs_loop:e} against the GPU loop (tolerance 1e-3)");
         // Only the routed rows changed.
         let touched: std::collections::HashSet<u32> = routes.iter().flat_map(|(r, _)| r.iter().copied()).collect();
+        assert!(touched.len() < t, "some rows are left unrouted");
         for row in (0..t as u32).filter(|r| !touched.contains(r)) {
             let r = row as usize;
             assert_eq!(&outs[2][r * h..(r + 1) * h], &acc0[r * h..(r + 1) * h], "row {row} was not routed");
         }
     }
+    assert!(several_pieces, "one case spans more than one piece of routes");
     // f32 expert weights have no grouped kernel: the call says so and leaves acc alone.
     let w = gpu.upload_f32(vec![2 * 32, 32], &random(2 * 32 * 32, 1.0)).expect("w");
     let d = gpu.upload_f32(vec![32, 32], &random(32 * 32, 1.0)).expect("d");
