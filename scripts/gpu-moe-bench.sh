@@ -15,7 +15,8 @@ m=${MOE_MODEL:-/tmp/oss20}
 if [ ! -f "$m/config.json" ]; then
   /usr/bin/time -f "synth %e s" $ollm synth --like gpt-oss-20b --out "$m" 2>&1 | tail -2
 fi
-args=(--model "$m" --device cuda --vram-budget 8GiB --prompt-tokens ${PROMPT:-10240})
+# MOE_EXTRA_ARGS: more bench flags, e.g. MOE_EXTRA_ARGS=--expert-prefetch (issue 27 point 4).
+args=(--model "$m" --device cuda --vram-budget 8GiB --prompt-tokens ${PROMPT:-10240} ${MOE_EXTRA_ARGS:-})
 if [ -z "${MOE_DISK_ONLY:-}" ]; then
   echo "== experts in pinned RAM"
   timeout ${MOE_TIMEOUT:-300} $ollm bench "${args[@]}" --ram-budget 64GiB --tokens ${TOKENS:-16} \

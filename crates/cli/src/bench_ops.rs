@@ -7,7 +7,8 @@
 //!   uses is what gets measured: decode matmul (1 × 4096 · 14336×4096ᵀ bf16, rotating over
 //!   several weight buffers so that L2 cannot serve it), a prefill matmul (cuBLAS with x
 //!   narrowed to bf16), prefill attention at 32K tokens (causal: 4·T²·d·H/2 flops) and decode
-//!   attention at 32K context (bytes = K + V read).
+//!   attention at 32K context (bytes = K + V read), and a GPT-OSS-shaped MoE prefill chunk through
+//!   the grouped expert kernels and through the per-expert loop (`bench_ops/moe.rs`).
 //! * Timing: CUDA events around each run; a run is enough back-to-back calls to last about
 //!   1 ms, so launch gaps do not count; the median per call over the runs (≥ 20 unless a row
 //!   would take longer than [`OpsBenchConfig::max_row_seconds`], then fewer, at least 3, and
@@ -16,6 +17,8 @@
 //! Entry points: [`run_ops_bench`] returns an [`OpsBenchReport`]; [`OpsBenchReport::table`]
 //! formats it. The device is reached through the public API of `ollm_ops::cuda` only: the
 //! backend's traits, [`ComputeTimer`] for event timing and `cublas::gemm_xwt` for the bound.
+
+mod moe;
 
 use half::bf16;
 use ollm_ops::cuda::cublas::gemm_xwt;
@@ -256,6 +259,7 @@ pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn 
     rows.push(prefill_matmul(be, cfg, &bounds, progress));
     rows.extend(attention_rows(be, cfg, &bounds, progress));
     rows.extend(delta_rule_rows(be, cfg, &bounds, progress));
+    rows.extend(moe::grouped_moe_rows(be, cfg, &bounds, progress));
     rows.extend(offloaded_attention_rows(be, cfg, progress));
     Ok(OpsBenchReport {
         device: be.name(),

@@ -245,6 +245,9 @@ fn load_inner(
     let model_backend_name = backend.name();
     let model = load_model_placed(&dir, backend.clone(), placement.as_ref())
         .with_context(|| format!("loading {}", dir.display()))?;
+    if args.expert_prefetch && !model.set_expert_prefetch(true) {
+        note("[ollm] --expert-prefetch: this model has no expert prefetch; ignored");
+    }
     let kv_temp_dir = spill.and_then(|(_, guard)| guard);
     Ok(Loaded {
         dir,

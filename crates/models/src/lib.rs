@@ -198,4 +198,12 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn expert_stats(&self) -> Option<ollm_residency::experts::ExpertStats> {
         None
     }
+
+    /// Turns on (or off) the decode prefetch of the next MoE layer's likely experts
+    /// ([`ollm_residency::experts::ExpertCache::prefetch`]); false when the model has none.
+    /// Never changes the results, only which experts are resident when.
+    fn set_expert_prefetch(&self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
 }

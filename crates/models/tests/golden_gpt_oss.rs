@@ -149,3 +149,46 @@ fn streamed_experts_and_layers_match_resident() {
         assert!(rs.hits > 0 && rs.hit_rate() == 1.0);
     }
 }
+
+/// Decode with the next layer's likely experts prefetched (issue 27 point 4) gives the logits of
+/// decode without, bit for bit, with experts through 3 slots from RAM and disk: the prefetch only
+/// changes what is resident when. The cache counts the prefetches; every use is still counted
+/// once (a prefetched copy counts as a load, its use as a hit).
+#[test]
+fn prefetched_experts_leave_decode_unchanged() {
+    use Tier::{Disk, Ram, Vram};
+    for case in CASES {
+        let r = reference(case);
+        let placement = Placement {
+            tiers: vec![Vram, Disk, Ram, Disk],
+            slots: 1,
+            staging_buffers: 2,
+            kv: None,
+            experts: Some(ExpertPlacement { slots: 3, ram_layers: vec![true, false, true, false] }),
+        };
+        let mut runs = Vec::new();
+        for on in [false, true] {
+            let model = load_placed(case, &placement);
+            assert!(model.set_expert_prefetch(on), "GPT-OSS prefetches");
+            let mut state = model.new_state().expect("state");
+            let mut logits = vec![model.forward(&r.input_ids[..12], &mut state, LogitsWanted::Last, None).expect("p")];
+            for &id in &r.input_ids[12..] {
+                logits.push(model.forward(&[id], &mut state, LogitsWanted::Last, None).expect("decode"));
+            }
+            runs.push((logits, model.expert_stats()));
+        }
+        assert_eq!(runs[0].0, runs[1].0, "{case}: the prefetch changed the decode logits");
+        let (off, on) = (runs[0].1, runs[1].1);
+        assert_eq!((off.prefetched, off.prefetch_used), (0, 0));
+        assert!(on.prefetched > 0 && on.prefetch_used <= on.prefetched, "{on:?}");
+        let uses = |s: &ollm_residency::experts::ExpertStats| s.hits + s.ram_loads + s.disk_loads;
+        assert_eq!(uses(&on) - on.prefetched, uses(&off), "{on:?} against {off:?}");
+        eprintln!(
+            "{case}: {} prefetched, {} used; hit rate {:.2} against {:.2}",
+            on.prefetched,
+            on.prefetch_used,
+            on.hit_rate(),
+            off.hit_rate()
+        );
+    }
+}

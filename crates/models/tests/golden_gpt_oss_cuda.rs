@@ -121,5 +121,20 @@ fn gpt_oss_fixtures_match_transformers_on_the_gpu() {
         let s = streamed.expert_stats();
         eprintln!("{case}: streamed experts {s:?}");
         assert!(s.ram_loads > 0 && s.disk_loads > 0);
+
+        // Decode with the next layer's experts prefetched (issue 27 point 4): the same logits
+        // bit for bit; the prefetches are counted.
+        let pre = load(&dir, backend.clone(), &placement);
+        assert!(pre.set_expert_prefetch(true), "GPT-OSS prefetches");
+        let mut c = pre.new_state().expect("state");
+        let mut b = model.new_state().expect("state");
+        for &id in &ids {
+            let x = pre.forward(&[id], &mut c, LogitsWanted::Last, None).expect("prefetched decode");
+            let y = model.forward(&[id], &mut b, LogitsWanted::Last, None).expect("decode");
+            assert_eq!(x, y, "{case}: prefetched decode differs");
+        }
+        let p = pre.expert_stats();
+        eprintln!("{case}: prefetch {} copies, {} used", p.prefetched, p.prefetch_used);
+        assert!(p.prefetched > 0 && p.prefetch_used <= p.prefetched, "{p:?}");
     }
 }

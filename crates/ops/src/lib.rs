@@ -17,8 +17,10 @@ pub mod mxfp4;
 pub mod tensor;
 
 pub use backend::{
-    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice,
-    KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, NormKind, RopeTable, RouterMode, StepGraphs, TreeMask,
+    AttnGeometry, AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct,
+    ExpertMatrixRef, FusedOps, GROUPED_PIECE_ROUTES, HeadSlice, KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps,
+    NormKind, RopeTable, RoutedExpert, RouterMode, StepGraphs, TreeMask, experts_by_expert, grouped_scratch_bytes,
+    run_experts,
 };
 pub use dtype::DType;
 pub use error::{MemoryLimit, OpsError, Result};

@@ -60,6 +60,18 @@ fn kernel_files() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
                 "scatter_add_rows_f32",
             ],
         ),
+        (
+            "moe_grouped",
+            cuda::moe_grouped::SOURCE,
+            vec![
+                "grouped_gate_up_mxfp4",
+                "grouped_gate_up_bf16",
+                "grouped_gate_up_bf16x2",
+                "grouped_down_mxfp4",
+                "grouped_down_bf16",
+                "grouped_combine",
+            ],
+        ),
         ("rope", cuda::rope::SOURCE, vec!["rope_f32", "rope_f32_step", "rope_write_kv_f32", "rope_write_kv_f32_step"]),
         ("tree_attention", cuda::tree_attention::SOURCE, vec!["tree_attention_bf16kv"]),
         (

@@ -73,7 +73,15 @@ pub enum ExpertMatrix<'a> {
     Mxfp4 { blocks: &'a Tensor, scales: &'a Tensor },
 }
 
-impl ExpertMatrix<'_> {
+impl<'a> ExpertMatrix<'a> {
+    /// The same matrix as the ops' grouped expert calls take it.
+    pub fn as_ops(&self) -> ollm_ops::ExpertMatrixRef<'a> {
+        match *self {
+            ExpertMatrix::Dense(w) => ollm_ops::ExpertMatrixRef::Dense(w),
+            ExpertMatrix::Mxfp4 { blocks, scales } => ollm_ops::ExpertMatrixRef::Mxfp4 { blocks, scales },
+        }
+    }
+
     /// `out = x · Wᵀ (+ bias)`.
     pub fn matmul(
         &self,
@@ -102,6 +110,9 @@ pub struct ExpertWeights<'a> {
     pub down_bias: Option<&'a Tensor>,
 }
 
+/// The experts of one group that [`ExpertCache::run_layer_grouped`] hands over: ids and weights.
+pub type ExpertGroup<'a> = [(u32, ExpertWeights<'a>)];
+
 /// Counters of the cache (expert loads are per layer per forward).
 #[derive(Debug, Default)]
 struct Counters {
@@ -111,6 +122,8 @@ struct Counters {
     copy_bytes: AtomicU64,
     disk_bytes: AtomicU64,
     disk_nanos: AtomicU64,
+    prefetched: AtomicU64,
+    prefetch_used: AtomicU64,
 }
 
 /// A snapshot of the cache's counters and sizes.
@@ -131,6 +144,10 @@ pub struct ExpertStats {
     pub expert_bytes: u64,
     /// Pinned host bytes: experts kept in RAM plus disk staging.
     pub pinned_bytes: u64,
+    /// Experts copied ahead by [`ExpertCache::prefetch`] (counted in the loads too), and how many
+    /// of them a forward then used (counted as hits).
+    pub prefetched: u64,
+    pub prefetch_used: u64,
 }
 
 impl ExpertStats {
@@ -158,6 +175,10 @@ struct Slot {
     owner: Option<usize>,
     last_use: u64,
     free: Option<Marker>,
+    /// The marker a prefetched copy into this slot passes, until a compute has waited for it.
+    ready: Option<Marker>,
+    /// Filled by a prefetch and not used since.
+    prefetched: bool,
 }
 
 /// A pinned buffer for disk reads and the marker after the copies that read it.
@@ -226,6 +247,8 @@ pub struct ExpertCache {
     state: Mutex<State>,
     work: Mutex<Work>,
     counters: Counters,
+    /// Whether the model prefetches the next layer's likely experts in decode (off by default).
+    prefetch_on: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ExpertCache {
@@ -273,7 +296,7 @@ impl ExpertCache {
                 .zip(&dtypes)
                 .map(|(s, &d)| backend.alloc(s.clone(), d))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok(Slot { parts, owner, last_use: 0, free: None })
+            Ok(Slot { parts, owner, last_use: 0, free: None, ready: None, prefetched: false })
         };
         let mut slots = Vec::with_capacity(slot_count);
         let mut owner_of = HashMap::new();
@@ -369,6 +392,7 @@ impl ExpertCache {
             state: Mutex::new(State { slots, owner_of, tick: 0, staging, next_staging: 0 }),
             work: Mutex::new(work),
             counters: Counters::default(),
+            prefetch_on: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -460,6 +484,168 @@ impl ExpertCache {
         Ok(())
     }
 
+    /// Whether a model should call [`ExpertCache::prefetch`] in decode (off until
+    /// [`ExpertCache::set_prefetch`]: on random-weight models the guesses are mostly wrong).
+    pub fn prefetch_enabled(&self) -> bool {
+        self.prefetch_on.load(Ordering::Relaxed)
+    }
+
+    pub fn set_prefetch(&self, on: bool) {
+        self.prefetch_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Queues copies of those of `experts` (ids of layer `l`, likeliest first, distinct) that no
+    /// slot holds, each into the least recently used slot, without waiting: a guess at the
+    /// next layer's experts made before its attention runs, so their copies overlap it. The
+    /// forward that then routes exactly finds the right guesses resident (waiting for their
+    /// copies on the device) and copies the rest; a wrong guess only costs bus time and an
+    /// eviction, never a different result. Does nothing when every expert is resident. Returns
+    /// how many copies it queued.
+    pub fn prefetch(&self, l: usize, experts: &[u32]) -> Result<usize> {
+        let Some(l) = self.layer_ids.iter().position(|&x| x == l) else {
+            return Err(ResidencyError::Stream(format!("expert cache: layer {l} has no experts here")));
+        };
+        let mut st = lock(&self.state)?;
+        if st.slots.len() >= self.sources.len() * self.n_experts {
+            return Ok(0);
+        }
+        let keys: Vec<usize> = experts
+            .iter()
+            .filter(|&&e| (e as usize) < self.n_experts)
+            .map(|&e| l * self.n_experts + e as usize)
+            .collect();
+        // The guesses already resident are kept; the others take the least recently used slots.
+        let mut needed = vec![false; st.slots.len()];
+        for k in &keys {
+            if let Some(&s) = st.owner_of.get(k) {
+                needed[s] = true;
+            }
+        }
+        let mut queued = 0;
+        for &key in &keys {
+            if st.owner_of.contains_key(&key) {
+                continue;
+            }
+            let Some((slot, ready)) = self.place(&mut st, &mut needed, key, false)? else { break };
+            st.tick += 1;
+            let tick = st.tick;
+            let s = &mut st.slots[slot];
+            s.last_use = tick;
+            s.ready = ready;
+            s.prefetched = true;
+            queued += 1;
+        }
+        self.counters.prefetched.fetch_add(queued as u64, Ordering::Relaxed);
+        Ok(queued)
+    }
+
+    /// Whether [`ExpertCache::run_layer_grouped`] can hand these experts over as stored (MXFP4
+    /// or per-expert bf16); dense `[E, H, 2I]` checkpoints need a transpose per expert first.
+    pub fn groups_as_stored(&self) -> bool {
+        self.format != ExpertFormat::Dense
+    }
+
+    /// Runs `f` over groups of `experts` (distinct ids of layer `l`, in the given order), each
+    /// group's experts all on the device together, as stored (MXFP4 packed, never unpacked):
+    /// for a grouped kernel that takes a whole group in one launch. A group is every expert
+    /// when the slots hold all of them, else at most half the slots, and the next group's copies
+    /// are queued before `f` runs on this one, so they overlap its compute. Errors on dense
+    /// checkpoints ([`ExpertCache::groups_as_stored`]).
+    pub fn run_layer_grouped<E: From<ResidencyError> + From<OpsError>>(
+        &self,
+        l: usize,
+        experts: &[u32],
+        f: &mut dyn FnMut(&ExpertGroup<'_>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let be = self.backend.as_ref();
+        if !self.groups_as_stored() {
+            return Err(ResidencyError::Stream("expert cache: dense experts are not grouped".into()).into());
+        }
+        let Some(l) = self.layer_ids.iter().position(|&x| x == l) else {
+            return Err(ResidencyError::Stream(format!("expert cache: layer {l} has no experts here")).into());
+        };
+        if let Some(&e) = experts.iter().find(|&&e| e as usize >= self.n_experts) {
+            return Err(ResidencyError::Stream(format!("expert cache: expert {e} of {}", self.n_experts)).into());
+        }
+        let mut st = lock(&self.state)?;
+        let total = self.sources.len() * self.n_experts;
+        let group = if st.slots.len() >= total { experts.len() } else { (st.slots.len() / 2).max(1) };
+        let keys: Vec<usize> = experts.iter().map(|&e| l * self.n_experts + e as usize).collect();
+        let mut needed = vec![false; st.slots.len()];
+        for k in &keys {
+            if let Some(&s) = st.owner_of.get(k) {
+                needed[s] = true;
+            }
+        }
+        let groups: Vec<&[usize]> = keys.chunks(group.max(1)).collect();
+        // Slots of the group about to run (and their copies' markers), then of the next one.
+        let mut current: Vec<(usize, Option<Marker>)> = Vec::new();
+        for &key in groups.first().copied().unwrap_or(&[]) {
+            let p = self.place(&mut st, &mut needed, key, true)?;
+            current.push(p.ok_or_else(|| ResidencyError::Stream("expert cache: no slot for an expert".into()))?);
+        }
+        for (gi, ids) in experts.chunks(group.max(1)).enumerate() {
+            // Queue what the next group needs where a slot is free now; the rest after this
+            // group's compute frees its slots.
+            let next_keys = groups.get(gi + 1).copied().unwrap_or(&[]);
+            let mut next: Vec<(usize, Option<Marker>)> = Vec::with_capacity(next_keys.len());
+            for &key in next_keys {
+                match self.place(&mut st, &mut needed, key, false)? {
+                    Some(p) => next.push(p),
+                    None => break,
+                }
+            }
+            for (slot, ready) in &current {
+                if let Some(m) = ready {
+                    be.compute_wait(m)?;
+                }
+                st.tick += 1;
+                let tick = st.tick;
+                st.slots[*slot].last_use = tick;
+            }
+            let done = {
+                let ws: Vec<(u32, ExpertWeights<'_>)> = ids
+                    .iter()
+                    .zip(&current)
+                    .map(|(&e, &(slot, _))| (e, self.stored_weights(&st.slots[slot].parts)))
+                    .collect();
+                f(&ws)
+            };
+            // The group's slots have been read once the compute queued so far has run.
+            for &(slot, _) in &current {
+                st.slots[slot].free = Some(be.compute_marker()?);
+                needed[slot] = false;
+            }
+            done?;
+            for &key in &next_keys[next.len()..] {
+                let p = self.place(&mut st, &mut needed, key, true)?;
+                next.push(p.ok_or_else(|| ResidencyError::Stream("expert cache: no slot for an expert".into()))?);
+            }
+            current = next;
+        }
+        Ok(())
+    }
+
+    /// An expert's weights as its slot holds them (MXFP4 packed, or per-expert bf16).
+    fn stored_weights<'a>(&self, p: &'a [Tensor]) -> ExpertWeights<'a> {
+        match self.format {
+            ExpertFormat::PerExpert => ExpertWeights {
+                gate_up: ExpertMatrix::Dense(&p[0]),
+                up: Some(ExpertMatrix::Dense(&p[1])),
+                down: ExpertMatrix::Dense(&p[2]),
+                gate_up_bias: None,
+                down_bias: None,
+            },
+            _ => ExpertWeights {
+                gate_up: ExpertMatrix::Mxfp4 { blocks: &p[0], scales: &p[1] },
+                up: None,
+                down: ExpertMatrix::Mxfp4 { blocks: &p[2], scales: &p[3] },
+                gate_up_bias: Some(&p[4]),
+                down_bias: Some(&p[5]),
+            },
+        }
+    }
+
     /// A slot holding expert `key` and the marker its copy passes (None on a hit). Without a
     /// free slot, None unless `force`, which then evicts the least recently used slot even if
     /// this call needs it later.
@@ -472,7 +658,11 @@ impl ExpertCache {
     ) -> Result<Option<(usize, Option<Marker>)>> {
         if let Some(&s) = st.owner_of.get(&key) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some((s, None)));
+            let slot = &mut st.slots[s];
+            if std::mem::take(&mut slot.prefetched) {
+                self.counters.prefetch_used.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(Some((s, slot.ready.take())));
         }
         let victim = (0..st.slots.len())
             .filter(|&s| !needed[s] || force)
@@ -481,6 +671,9 @@ impl ExpertCache {
         if let Some(old) = st.slots[victim].owner.take() {
             st.owner_of.remove(&old);
         }
+        // A prefetch nobody used: the new copy follows its copy on the copy queue.
+        st.slots[victim].ready = None;
+        st.slots[victim].prefetched = false;
         let be = self.backend.as_ref();
         if let Some(m) = st.slots[victim].free.take() {
             be.copy_wait(&m)?;
@@ -577,6 +770,8 @@ impl ExpertCache {
             experts: self.sources.len() * self.n_experts,
             expert_bytes: self.expert_bytes,
             pinned_bytes: self.pinned_bytes,
+            prefetched: c.prefetched.load(Ordering::Relaxed),
+            prefetch_used: c.prefetch_used.load(Ordering::Relaxed),
         }
     }
 }

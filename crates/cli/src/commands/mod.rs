@@ -125,6 +125,11 @@ pub struct ModelArgs {
     /// wait in pinned RAM or on disk). Default: as many as the VRAM budget leaves room for.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub expert_slots: Option<u64>,
+    /// MoE models (GPT-OSS): in decode, guess the next layer's experts from this layer's output
+    /// and copy them ahead, during the next layer's attention. Never changes the results; a
+    /// wrong guess costs bus time (`bench` reports how many guesses were used).
+    #[arg(long)]
+    pub expert_prefetch: bool,
     /// Positions (prompt + generated) to reserve the KV cache for when planning what fits.
     /// Default: the model's context, at most 8192.
     #[arg(long, value_name = "N")]

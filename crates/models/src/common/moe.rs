@@ -1,5 +1,8 @@
 //! Turning a router's choices into per-expert work, shared by the MoE families.
 
+use ollm_ops::RoutedExpert;
+use ollm_residency::experts::ExpertWeights;
+
 /// For each of `n_experts`: the rows that chose it and their weights, in row order, from the
 /// router's `ids` and `weights` (`k` per row, as `Backend::router_topk` returns them); and the
 /// experts some row chose, ascending.
@@ -26,4 +29,27 @@ impl Routed {
     pub fn count(&self, e: u32) -> usize {
         self.rows[e as usize].0.len()
     }
+}
+
+/// A group of experts on the device (as the expert cache hands them over) with their routed
+/// rows and weights, as the ops' grouped expert call takes them.
+pub fn routed_refs<'a>(
+    group: &'a [(u32, ExpertWeights<'a>)],
+    rows: &'a [(Vec<u32>, Vec<f32>)],
+) -> Vec<RoutedExpert<'a>> {
+    group
+        .iter()
+        .map(|(e, w)| {
+            let (rs, ws) = &rows[*e as usize];
+            RoutedExpert {
+                gate_up: w.gate_up.as_ops(),
+                up: w.up.map(|u| u.as_ops()),
+                down: w.down.as_ops(),
+                gate_up_bias: w.gate_up_bias,
+                down_bias: w.down_bias,
+                rows: rs,
+                weights: ws,
+            }
+        })
+        .collect()
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ollm_kv::{KvShape, SeqState};
-use ollm_ops::{Backend, NormKind, RouterMode, Tensor};
+use ollm_ops::{Backend, ExpertAct, NormKind, RouterMode, Tensor, run_experts};
 use ollm_weights::Catalog;
 
 use super::config::{GptOssConfig, SWIGLU_ALPHA};
@@ -15,13 +15,13 @@ use crate::common::experts::expert_sources;
 use crate::common::forward::{
     PREFILL_TILE, PerSize, Pieces, Segment, batch_stream_shapes, f32_bytes, piece_sizes, seg_set_rows, segments,
 };
-use crate::common::moe::Routed;
+use crate::common::moe::{Routed, routed_refs};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
 use crate::{BatchSeq, CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
-use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights, PACKED_MAX_ROWS};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
@@ -175,7 +175,8 @@ pub fn scratch_bytes(cfg: &GptOssConfig, t: usize, seqs: usize) -> u64 {
     for c in piece_sizes(t, MOE_CHUNK) {
         shapes.extend(chunk_shapes(cfg, c));
     }
-    f32_bytes(&shapes)
+    // A grouped expert call's scratch (backends with grouped kernels; counted for all).
+    f32_bytes(&shapes) + ollm_ops::grouped_scratch_bytes(h, cfg.intermediate_size)
 }
 
 impl GptOss {
@@ -277,9 +278,20 @@ impl GptOss {
         let routed = Routed::new(&ids, &weights, k, n_e);
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![c, h])?;
-        let mut scratch: Option<ExpertScratch> = None;
         let inter = self.cfg.intermediate_size;
         let limit = self.cfg.swiglu_limit;
+        if c > PACKED_MAX_ROWS && moe.has_grouped_experts() && self.experts.groups_as_stored() {
+            // A prompt: each group of resident experts in a few grouped launches.
+            let act = ExpertAct::ClampedSwiglu { limit, alpha: SWIGLU_ALPHA };
+            self.experts.run_layer_grouped::<crate::ModelError>(l, &routed.used, &mut |group| {
+                let refs = routed_refs(group, rows);
+                run_experts(be, normed, &refs, act, &mut acc, EXPERT_ROWS)?;
+                Ok(())
+            })?;
+            be.add_assign(x, &acc)?;
+            return Ok(());
+        }
+        let mut scratch: Option<ExpertScratch> = None;
         let rows_of = |e: u32| routed.count(e);
         self.experts.run_layer::<crate::ModelError>(l, &routed.used, &rows_of, &mut |e, w: &ExpertWeights<'_>| {
             let (rs, wv) = &rows[e as usize];
@@ -297,6 +309,31 @@ impl GptOss {
             Ok(())
         })?;
         be.add_assign(x, &acc)?;
+        Ok(())
+    }
+
+    /// Decode: guesses layer `l + 1`'s experts from this layer's output (normed with this
+    /// layer's post-attention norm, then the next layer's router) and queues their copies, so
+    /// they run during the next layer's attention. The next layer routes exactly as ever; a
+    /// wrong guess costs only bus time.
+    fn prefetch_next(
+        &self,
+        (l, layer): (usize, &Layer),
+        x: &Tensor,
+        (normed, logits): (&mut Tensor, &mut Tensor),
+    ) -> Result<()> {
+        let Some((router, router_bias)) = self.routers.get(l + 1) else { return Ok(()) };
+        let be = self.backend.as_ref();
+        be.rms_norm(x, &layer.post_attn_norm, self.cfg.rms_norm_eps, NormKind::Oss, normed)?;
+        be.matmul(normed, router, Some(router_bias), logits)?;
+        let (ids, _) = be.moe()?.router_topk(logits, self.cfg.experts_per_token, RouterMode::SoftmaxOfTopK)?;
+        let mut guess: Vec<u32> = Vec::with_capacity(ids.len());
+        for e in ids {
+            if !guess.contains(&e) {
+                guess.push(e);
+            }
+        }
+        self.experts.prefetch(l + 1, &guess)?;
         Ok(())
     }
 
@@ -321,6 +358,11 @@ impl CausalLm for GptOss {
 
     fn expert_stats(&self) -> Option<ExpertStats> {
         Some(self.experts.stats())
+    }
+
+    fn set_expert_prefetch(&self, on: bool) -> bool {
+        self.experts.set_prefetch(on);
+        true
     }
 
     fn new_state(&self) -> Result<SeqState> {
@@ -393,7 +435,11 @@ impl GptOss {
                 })?;
                 chunks.each(be, &mut x, &mut |xc, _| {
                     let (normed, logits) = moe_bufs.get(xc.shape()[0])?;
-                    self.moe_block((l, layer), xc, (normed, logits))
+                    self.moe_block((l, layer), xc, (normed, logits))?;
+                    if xc.shape()[0] <= PACKED_MAX_ROWS && self.experts.prefetch_enabled() {
+                        self.prefetch_next((l, layer), xc, (normed, logits))?;
+                    }
+                    Ok(())
                 })?;
                 if let Some(tr) = trace {
                     tr.record(Some(l), "layer_out", &x);

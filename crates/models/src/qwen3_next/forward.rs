@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use ollm_kv::{FixedShape, KvShape, SeqState};
-use ollm_ops::{AttnParams, Backend, DeltaForm, DeltaRule, HeadSlice, NormKind, RouterMode, Tensor};
+use ollm_ops::{
+    AttnParams, Backend, DeltaForm, DeltaRule, ExpertAct, HeadSlice, NormKind, RouterMode, Tensor, run_experts,
+};
 use ollm_weights::Catalog;
 
 use super::config::{Mixer, Qwen3NextConfig};
@@ -24,13 +26,13 @@ use crate::common::forward::{
     seg_set_rows, segments,
 };
 use crate::common::mlp::{MlpScratch, MlpWeights, gated_mlp};
-use crate::common::moe::Routed;
+use crate::common::moe::{Routed, routed_refs};
 use crate::common::rope::RopeTables;
 use crate::common::tensors::{TableLoader, streamed};
 use crate::common::weights::Loader;
 use crate::trace::TraceSink;
 use crate::{BatchSeq, CausalLm, InfoParts, LogitsWanted, ModelInfo, Result};
-use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights};
+use ollm_residency::experts::{ExpertCache, ExpertStats, ExpertWeights, PACKED_MAX_ROWS};
 use ollm_residency::plan::Placement;
 use ollm_residency::stream::{LayerTensors, PlacedLayers, StreamStats};
 
@@ -390,7 +392,8 @@ pub fn scratch_bytes(c: &Qwen3NextConfig, t: usize, seqs: usize) -> u64 {
     for n in piece_sizes(t, MOE_CHUNK) {
         shapes.extend(ChunkScratch::shapes(c, n));
     }
-    f32_bytes(&shapes)
+    // A grouped expert call's scratch (backends with grouped kernels; counted for all).
+    f32_bytes(&shapes) + ollm_ops::grouped_scratch_bytes(h, c.moe_intermediate_size)
 }
 
 /// A loaded Qwen3-Next model. Owns its weights; holds no per-sequence state.
@@ -669,6 +672,37 @@ impl Qwen3Next {
         let rows = &routed.rows;
         let mut acc = be.zeros(vec![t, h])?;
         let cache = self.experts.as_ref().ok_or_else(|| internal("no experts"))?;
+        if t > PACKED_MAX_ROWS && moe.has_grouped_experts() && cache.groups_as_stored() {
+            // A prompt: each group of resident experts in a few grouped launches.
+            cache.run_layer_grouped::<crate::ModelError>(l, &routed.used, &mut |group| {
+                let refs = routed_refs(group, rows);
+                run_experts(be, b, &refs, ExpertAct::SiluMul, &mut acc, t)?;
+                Ok(())
+            })?;
+        } else {
+            self.experts_one_by_one(l, (b, &routed), cache, &mut acc)?;
+        }
+        gated_mlp(be, &m.shared, b, shared)?;
+        be.matmul(b, &m.shared_gate, None, sg)?;
+        be.sigmoid_mul(&mut shared.out, sg)?;
+        be.add_assign(&mut acc, &shared.out)?;
+        Ok(acc)
+    }
+
+    /// `acc += Σ_e w · expert_e(b)` one expert at a time (decode; backends without grouped
+    /// kernels).
+    fn experts_one_by_one(
+        &self,
+        l: usize,
+        (b, routed): (&Tensor, &Routed),
+        cache: &ExpertCache,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        let be = self.backend.as_ref();
+        let moe = be.moe()?;
+        let c = &self.cfg;
+        let h = c.hidden_size;
+        let rows = &routed.rows;
         let rows_of = |e: u32| routed.count(e);
         // One expert call's rows and activations, kept while the next call has as many rows.
         let mut scratch: Option<(Tensor, MlpScratch)> = None;
@@ -685,14 +719,10 @@ impl Qwen3Next {
             up.matmul(be, x, None, &mut s.up)?;
             be.silu_mul(&s.gate, &s.up, &mut s.act)?;
             w.down.matmul(be, &s.act, None, &mut s.out)?;
-            moe.scatter_add_rows(&s.out, rs, ws, &mut acc)?;
+            moe.scatter_add_rows(&s.out, rs, ws, acc)?;
             Ok(())
         })?;
-        gated_mlp(be, &m.shared, b, shared)?;
-        be.matmul(b, &m.shared_gate, None, sg)?;
-        be.sigmoid_mul(&mut shared.out, sg)?;
-        be.add_assign(&mut acc, &shared.out)?;
-        Ok(acc)
+        Ok(())
     }
 }
 

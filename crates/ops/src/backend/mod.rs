@@ -41,7 +41,10 @@ pub use fused::{
 };
 pub use graphs::StepGraphs;
 pub use memory::{Memory, MemoryKind, MemoryStats};
-pub use moe::{MoeOps, RouterMode};
+pub use moe::{
+    ExpertAct, ExpertMatrixRef, GROUPED_PIECE_ROUTES, MoeOps, RoutedExpert, RouterMode, experts_by_expert,
+    grouped_scratch_bytes, run_experts,
+};
 pub use tree::TreeMask;
 
 use crate::{OpsError, Result};

@@ -525,6 +525,14 @@ impl MoeOps for CpuBackend {
         self.dequant_mxfp4(blocks, scales, &mut w)?;
         self.matmul(x, &w, bias, out)
     }
+
+    /// The CPU has no grouped kernel ([`MoeOps::grouped_experts`] says `Ok(false)`, and
+    /// `run_experts` runs the per-expert loop), but takes experts in groups as stored: the loop
+    /// computes the same numbers from packed MXFP4 (`matmul_mxfp4` unpacks to bf16 first, as the
+    /// expert cache's unpack does), so the grouped expert-cache path runs, and is tested, here.
+    fn has_grouped_experts(&self) -> bool {
+        true
+    }
 }
 
 impl DeltaNetOps for CpuBackend {

@@ -13,15 +13,16 @@ use half::bf16;
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
-    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, rmsnorm, rope,
-    transfer, tree_attention,
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, moe_grouped, rmsnorm,
+    rope, transfer, tree_attention,
 };
 use crate::backend::Linear;
 use crate::backend::{
-    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, FusedOps, HeadSlice, KvBlockSpan,
-    Memory, MemoryKind, MemoryStats, MoeOps, Norm, NormKind, RopeTable, RouterMode, StepGraphs, delta_dims,
-    gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims, norm_qkv_composed,
-    norm_swiglu_composed, rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims, transpose_dims,
+    AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct, FusedOps, HeadSlice,
+    KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, Norm, NormKind, RopeTable, RoutedExpert, RouterMode,
+    StepGraphs, delta_dims, gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims,
+    norm_qkv_composed, norm_swiglu_composed, rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims,
+    transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -624,6 +625,25 @@ impl MoeOps for CudaBackend {
             Some(bias) => elementwise::add_bias(&self.dev, y, cuda(bias, op)?, n),
             None => Ok(()),
         }
+    }
+
+    fn grouped_experts(
+        &self,
+        x: &Tensor,
+        experts: &[RoutedExpert<'_>],
+        act: ExpertAct,
+        acc: &mut Tensor,
+    ) -> Result<bool> {
+        let op = "grouped_experts";
+        let h = x.shape().last().copied().unwrap_or(0);
+        if acc.shape() != x.shape() {
+            return shape_err(op, format!("x {:?}, acc {:?}", x.shape(), acc.shape()));
+        }
+        moe_grouped::grouped_experts(&self.dev, f32s(x, op)?, h, experts, act, f32s_mut(acc, op)?)
+    }
+
+    fn has_grouped_experts(&self) -> bool {
+        true
     }
 }
 

@@ -23,6 +23,7 @@ pub mod gemv;
 pub mod graph;
 pub mod matmul;
 pub mod moe;
+pub mod moe_grouped;
 mod nvrtc_cache;
 mod pdl;
 pub mod rmsnorm;
