@@ -53,17 +53,27 @@ __device__ __forceinline__ void mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Spins until the phase with this parity of barrier `bar` has completed.
+// Spins until the phase with this parity of barrier `bar` has completed. With WATCHDOG it
+// traps after 2^28 tries (each try_wait may suspend the thread a while: seconds to minutes in
+// all), so a protocol bug fails the launch instead of hanging it. Only the producer watches
+// (the check costs the consumers registers): it also waits for the consumers' last releases,
+// so a consumer stuck on any barrier leaves the producer a release that never comes.
+template <bool WATCHDOG>
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n"
-        "}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
+    for (unsigned tries = 0;; tries++) {
+        unsigned done;
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+        if (done) return;
+        if (WATCHDOG && tries > (1u << 28)) __trap();
+    }
 }
 
 // Makes this thread's generic-proxy shared-memory writes visible to wgmma (the async proxy).
@@ -178,7 +188,7 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
         const __nv_bfloat16* vb = v + (size_t)kvh * cap * D;
         for (int it = 0; it < n_tiles; it++) {
             const int stage = it % STAGES;
-            if (it >= STAGES) mbar_wait(smem_u32(&empty_bar[stage]), ((it / STAGES) & 1) ^ 1);
+            if (it >= STAGES) mbar_wait<true>(smem_u32(&empty_bar[stage]), ((it / STAGES) & 1) ^ 1);
             const int n0 = (t_lo + it) * BN;
             const unsigned kd = ks + stage * KV_BYTES, vd = vs + stage * KV_BYTES;
             for (int i = wtid; i < BN * CH; i += 128) {
@@ -194,6 +204,9 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
             fence_async_smem();
             mbar_arrive(smem_u32(&full_bar[stage]));
         }
+        // Drain: the consumers' releases of the last tiles (the watchdog's view of them).
+        for (int it = max(0, n_tiles - STAGES); it < n_tiles; it++)
+            mbar_wait<true>(smem_u32(&empty_bar[it % STAGES]), (it / STAGES) & 1);
         return;
     }
 
@@ -232,7 +245,7 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
     for (int it = 0; it < n_tiles; it++) {
         const int stage = it % STAGES;
         const int n0 = (t_lo + it) * BN;
-        mbar_wait(smem_u32(&full_bar[stage]), (it / STAGES) & 1);
+        mbar_wait<false>(smem_u32(&full_bar[stage]), (it / STAGES) & 1);
         const unsigned kst = ks + stage * KV_BYTES, vst = vs + stage * KV_BYTES;
 
         // S = Q · Kᵀ: K-major A (Q, 64 rows) and B (K, BN rows); a k-step of 16 moves 32 bytes
@@ -343,6 +356,96 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
         }
     }
 }
+
+// Diagnostic: the two wgmma products alone, one warpgroup, no softmax, so a wrong descriptor or
+// fragment layout shows in the product it breaks. q [64, D] f32 (rounded to bf16), k, v
+// [BN, D] bf16; writes s_out [64, BN] = Q·Kᵀ (f32) and o_out [64, D] = bf16(S)·V.
+// Launch: grid 1, block 128, dynamic shared memory (64·D + 2·BN·D)·2 + 1024 bytes.
+// Entry points flash90_probe_d{D}_n{BN}.
+template <int D, int BN>
+__device__ __forceinline__ void probe_body(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                           const __nv_bfloat16* __restrict__ v, float* __restrict__ s_out,
+                                           float* __restrict__ o_out) {
+    extern __shared__ unsigned char smem_raw[];
+    const unsigned base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    unsigned char* gen = smem_raw + (base - smem_u32(smem_raw));
+    const unsigned qd = base, kd = qd + 64 * D * 2, vd = kd + BN * D * 2;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, cq = lane % 4;
+    for (int i = tid; i < 64 * D / 8; i += 128) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        const float* src = q + r * D + c;
+        *reinterpret_cast<uint4*>(gen + swz128(64, r, c)) =
+            make_uint4(pack_bf16(src[0], src[1]), pack_bf16(src[2], src[3]), pack_bf16(src[4], src[5]),
+                       pack_bf16(src[6], src[7]));
+    }
+    for (int i = tid; i < BN * D / 8; i += 128) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        *reinterpret_cast<uint4*>(gen + (kd - base) + swz128(BN, r, c)) = *reinterpret_cast<const uint4*>(k + r * D + c);
+        *reinterpret_cast<uint4*>(gen + (vd - base) + swz128(BN, r, c)) = *reinterpret_cast<const uint4*>(v + r * D + c);
+    }
+    fence_async_smem();
+    __syncthreads();
+    float s[BN / 2];
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const unsigned long long da = gmma_desc(qd + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        const unsigned long long db = gmma_desc(kd + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+        if constexpr (BN == 128)
+            wgmma_ss_n128(s, da, db, kk > 0);
+        else
+            wgmma_ss_n64(s, da, db, kk > 0);
+    }
+    wg_commit();
+    wg_wait0();
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; nt++)
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+            const int r = 16 * warp + g + 8 * rh;
+            *reinterpret_cast<float2*>(s_out + r * BN + nt * 8 + cq * 2) = make_float2(s[nt * 4 + rh * 2], s[nt * 4 + rh * 2 + 1]);
+        }
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    unsigned pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        pa[kk][0] = pack_bf16(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+        pa[kk][1] = pack_bf16(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+        pa[kk][2] = pack_bf16(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+        pa[kk][3] = pack_bf16(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+    }
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        const unsigned long long db = gmma_desc(vd + kk * 16 * 128, BN * 128, 1024);
+        if constexpr (D == 128)
+            wgmma_rs_n128(o, pa[kk], db);
+        else
+            wgmma_rs_n64(o, pa[kk], db);
+    }
+    wg_commit();
+    wg_wait0();
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++)
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+            const int r = 16 * warp + g + 8 * rh;
+            *reinterpret_cast<float2*>(o_out + r * D + dt * 8 + cq * 2) = make_float2(o[dt * 4 + rh * 2], o[dt * 4 + rh * 2 + 1]);
+        }
+}
+
+#define PROBE_ENTRY(D, BN)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 1) flash90_probe_d##D##_n##BN(                          \
+        const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, float* s_out, float* o_out) {        \
+        probe_body<D, BN>(q, k, v, s_out, o_out);                                                             \
+    }
+
+PROBE_ENTRY(128, 128)
+PROBE_ENTRY(128, 64)
+PROBE_ENTRY(64, 128)
+PROBE_ENTRY(64, 64)
 
 #define FLASH90_ENTRY(D, BN, ST, R)                                                                           \
     extern "C" __global__ void __launch_bounds__(384, 1) flash90_d##D##_n##BN##_s##ST##_r##R(                  \

@@ -511,6 +511,60 @@ fn flash_prefill_sm90_matches_cpu_and_the_mma_kernel() {
     }
 }
 
+/// The wgmma products alone (the kernel's diagnostic entry points): S = bf16(Q)·Kᵀ against an
+/// f64 CPU product (1e-5: f32 accumulation of exact bf16 products), O = bf16(S)·V against the
+/// CPU fed the GPU's own S rounded to bf16 (1e-5). The first wrong element is printed, so a
+/// broken descriptor shows which operand and which rows or columns it scrambles.
+#[test]
+fn flash_sm90_wgmma_products_match_cpu() {
+    let Some(dev) = device() else { return };
+    if dev.info.compute_capability != (9, 0) {
+        eprintln!("SKIPPED: {}: wgmma needs compute capability 9.0", common::gpu::test_name());
+        return;
+    }
+    for (d, bn) in [(128, 128), (128, 64), (64, 128), (64, 64)] {
+        let q = rounded(&random(64 * d, 1.0), DType::BF16);
+        let k = rounded(&random(bn * d, 1.0), DType::BF16);
+        let v = rounded(&random(bn * d, 1.0), DType::BF16);
+        let (mut s_d, mut o_d) = (poisoned(&dev, 64 * bn), poisoned(&dev, 64 * d));
+        cuda::flash_sm90::wgmma_probe(
+            &dev,
+            d,
+            bn,
+            &up(&dev, &q),
+            &up(&dev, &bf16s(&k)),
+            &up(&dev, &bf16s(&v)),
+            &mut s_d,
+            &mut o_d,
+        )
+        .expect("wgmma probe");
+        let (s, o) = (down(&dev, &s_d), down(&dev, &o_d));
+        let s_want: Vec<f32> = (0..64 * bn)
+            .map(|i| {
+                (0..d).map(|c| f64::from(q[(i / bn) * d + c]) * f64::from(k[(i % bn) * d + c])).sum::<f64>() as f32
+            })
+            .collect();
+        let p = rounded(&s, DType::BF16);
+        let o_want: Vec<f32> = (0..64 * d)
+            .map(|i| (0..bn).map(|j| f64::from(p[(i / d) * bn + j]) * f64::from(v[j * d + i % d])).sum::<f64>() as f32)
+            .collect();
+        let first_bad = |got: &[f32], want: &[f32], cols: usize| {
+            got.iter()
+                .zip(want)
+                .position(|(a, b)| (a - b).abs() > 1e-3 * (1.0 + b.abs()))
+                .map(|i| (i / cols, i % cols, got[i], want[i]))
+        };
+        let (es, eo) = (rel_err(&s, &s_want), rel_err(&o, &o_want));
+        eprintln!(
+            "wgmma d {d} bn {bn}: S rel err {es:.2e} (first bad (row, col, got, want) {:?}); O rel err {eo:.2e} (first bad {:?})",
+            first_bad(&s, &s_want, bn),
+            first_bad(&o, &o_want, d)
+        );
+        assert!(es < 1e-5, "wgmma Q·Kᵀ d {d} bn {bn}: rel err {es:e}");
+        assert!(eo < 1e-5, "wgmma P·V d {d} bn {bn}: rel err {eo:e}");
+    }
+}
+
 /// Runs `launch` and the mma.sync kernel on the same fresh random inputs (q rounded to bf16 for
 /// the CPU, as both kernels round it); returns (relative error, max abs error) of `launch`'s
 /// output against the CPU twin and against the mma kernel.

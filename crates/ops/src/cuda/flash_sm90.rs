@@ -5,7 +5,7 @@
 //! reference; `OLLM_FLASH_SM90=0` turns it off.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::attention::{check_shapes, launch};
@@ -106,6 +106,44 @@ pub fn flash_prefill_sm90(
     // was raised to what the launch asks for; the grid covers every query row once.
     unsafe { launch(dev, &func, cfg, q, [k, v], out, &ints, scale, window, sinks, "sm90 flash attention") }?;
     Ok(true)
+}
+
+/// Diagnostic for the kernel's two wgmma products alone (no softmax, one warpgroup):
+/// `s_out [64, bn] = bf16(q [64, d]) · k [bn, d]ᵀ` and `o_out [64, d] = bf16(S) · v [bn, d]`,
+/// for (d, bn) in {64, 128}². A wrong shared-memory descriptor or fragment layout shows in the
+/// product it breaks, which the full kernel's output would not say.
+#[allow(clippy::too_many_arguments)]
+pub fn wgmma_probe(
+    dev: &CudaDevice,
+    d: usize,
+    bn: usize,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    s_out: &mut CudaSlice<f32>,
+    o_out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let sizes =
+        [(q.len(), 64 * d), (k.len(), bn * d), (v.len(), bn * d), (s_out.len(), 64 * bn), (o_out.len(), 64 * d)];
+    if !matches!((d, bn), (64 | 128, 64 | 128)) || sizes.iter().any(|(got, want)| got != want) {
+        return Err(crate::OpsError::Backend(format!(
+            "wgmma probe: d {d}, bn {bn} with buffer lengths {sizes:?} (got, want): give d and bn in {{64, 128}} and buffers of those sizes"
+        )));
+    }
+    if dev.info.compute_capability != (9, 0) {
+        return Err(crate::OpsError::Backend("wgmma probe: needs compute capability 9.0 (an H100 or H200)".into()));
+    }
+    let func =
+        dev.function_for_arch("flash_attn_sm90", SM90_SOURCE, &format!("flash90_probe_d{d}_n{bn}"), SM90_ARCH)?;
+    let smem = (64 * d + 2 * bn * d) * 2 + 1024;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(driver_err("wgmma probe shared memory"))?;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut l = dev.stream.launch_builder(&func);
+    l.arg(q).arg(k).arg(v).arg(s_out).arg(o_out);
+    // SAFETY: flash90_probe_* takes (q, k, v, s_out, o_out), sizes checked above; one block.
+    unsafe { l.launch(cfg) }.map_err(driver_err("wgmma probe"))?;
+    Ok(())
 }
 
 #[cfg(test)]
