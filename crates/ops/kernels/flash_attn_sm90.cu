@@ -18,14 +18,15 @@
 // into one multiply), rounds P to bf16 in registers and accumulates O += P·V with wgmma
 // m64nDk16 (P from registers as the A operand, V through a transposed descriptor), then frees
 // the slot on a second mbarrier. With REGS the producer gives registers back (setmaxnreg) so
-// the consumers can hold S, P and O without spilling.
+// the consumers can hold S, P and O without spilling; with PINGPONG the two consumers take
+// turns at the tensor cores (FlashAttention-3's schedule).
 //
 // Shared memory holds every tile as column blocks of 64 elements (128 bytes a row), rows in
 // order, the 16-byte chunk c of row r stored at chunk c ^ (r & 7): the 128-byte swizzle that
 // wgmma's descriptors name (layout type 1); each tile starts on a 1024-byte boundary.
 // Launch: grid (n_heads, ceil(T / 128)), block 384, dynamic shared memory
 // (2·64·D + 2·STAGES·BN·D)·2 + 1024 bytes (the 1024 aligns the base).
-// Entry points flash90_d{D}_n{BN}_s{STAGES}_r{REGS}.
+// Entry points flash90_d{D}_n{BN}_s{STAGES}_r{REGS}_p{PINGPONG}.
 #include <cuda_bf16.h>
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -85,6 +86,8 @@ __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync
 
 // Named barrier `id` over the `n` threads that reach it.
 __device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+// Counts this thread in on named barrier `id` (of `n` threads) without waiting.
+__device__ __forceinline__ void bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
 // wgmma matrix descriptor of a 128-byte-swizzled tile at shared address `addr`: `lbo` and `sbo`
 // are the leading and stride byte offsets (see the layout note above each use).
@@ -142,7 +145,7 @@ __device__ __forceinline__ void wgmma_rs_n128(float* d, const unsigned* a, unsig
 }
 
 
-template <int D, int BN, int STAGES, bool REGS>
+template <int D, int BN, int STAGES, bool REGS, bool PINGPONG>
 __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                                              const __nv_bfloat16* __restrict__ v, float* __restrict__ out, int T,
                                              int n_heads, int n_kv, int cap, int pos0, float scale, int window,
@@ -232,6 +235,10 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
     }
     fence_async_smem();
     bar_sync(1 + cw, 128);
+    // PINGPONG: the consumers take turns issuing S = Q·Kᵀ (named barriers 3 + cw, each met by
+    // one consumer's sync and the other's arrive), so one's softmax runs while the other's
+    // products hold the tensor cores. Consumer 1 lets consumer 0 go first.
+    if (PINGPONG && cw == 1) bar_arrive(3, 256);
 
     float o[D / 2];  // O accumulator fragment: D/8 column groups × 4
 #pragma unroll
@@ -251,6 +258,7 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
         // S = Q · Kᵀ: K-major A (Q, 64 rows) and B (K, BN rows); a k-step of 16 moves 32 bytes
         // inside a 128-byte row, every 4 steps the next column block. SBO = 8 rows = 1024 bytes.
         float s[BN / 2];
+        if (PINGPONG) bar_sync(3 + cw, 256);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
@@ -263,6 +271,8 @@ __device__ __forceinline__ void flash90_body(const float* __restrict__ q, const 
                 wgmma_ss_n64(s, da, db, kk > 0);
         }
         wg_commit();
+        // The other consumer's turn (consumer 1 skips its last: consumer 0 syncs n_tiles times).
+        if (PINGPONG && (cw == 0 || it + 1 < n_tiles)) bar_arrive(4 - cw, 256);
         wg_wait0();
 
         // Mask where some (row, key) of this tile may be invisible to this consumer's rows.
@@ -447,16 +457,19 @@ PROBE_ENTRY(128, 64)
 PROBE_ENTRY(64, 128)
 PROBE_ENTRY(64, 64)
 
-#define FLASH90_ENTRY(D, BN, ST, R)                                                                           \
-    extern "C" __global__ void __launch_bounds__(384, 1) flash90_d##D##_n##BN##_s##ST##_r##R(                  \
+#define FLASH90_ENTRY(D, BN, ST, R, P)                                                                        \
+    extern "C" __global__ void __launch_bounds__(384, 1) flash90_d##D##_n##BN##_s##ST##_r##R##_p##P(          \
         const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, float* out, int T, int n_heads,       \
         int n_kv, int cap, int pos0, float scale, int window, const float* sinks, int has_sinks) {             \
-        flash90_body<D, BN, ST, R>(q, k, v, out, T, n_heads, n_kv, cap, pos0, scale, window, sinks, has_sinks); \
+        flash90_body<D, BN, ST, R, P>(q, k, v, out, T, n_heads, n_kv, cap, pos0, scale, window, sinks, has_sinks); \
     }
 
-FLASH90_ENTRY(128, 128, 2, 1)
-FLASH90_ENTRY(128, 128, 2, 0)
-FLASH90_ENTRY(128, 64, 3, 1)
-FLASH90_ENTRY(64, 128, 3, 1)
-FLASH90_ENTRY(64, 128, 2, 1)
-FLASH90_ENTRY(64, 64, 3, 1)
+FLASH90_ENTRY(128, 128, 2, 1, 0)
+FLASH90_ENTRY(128, 128, 2, 1, 1)
+FLASH90_ENTRY(128, 128, 2, 0, 0)
+FLASH90_ENTRY(128, 64, 3, 1, 0)
+FLASH90_ENTRY(128, 64, 3, 1, 1)
+FLASH90_ENTRY(64, 128, 3, 1, 0)
+FLASH90_ENTRY(64, 128, 3, 1, 1)
+FLASH90_ENTRY(64, 128, 2, 1, 0)
+FLASH90_ENTRY(64, 64, 3, 1, 0)

@@ -24,7 +24,7 @@ pub const SM90_ENV: &str = "OLLM_FLASH_SM90";
 /// Query rows of one block (two consumer warpgroups of 64).
 const BLOCK_ROWS: usize = 128;
 
-/// One compiled configuration of the kernel: key tile, ring depth, register split.
+/// One compiled configuration of the kernel: key tile, ring depth, register split, schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sm90Variant {
     /// Head dim (64 or 128).
@@ -35,16 +35,25 @@ pub struct Sm90Variant {
     pub stages: usize,
     /// Whether the producer hands registers to the consumers (setmaxnreg 40 / 232).
     pub regs: bool,
+    /// Whether the two consumers take turns issuing their products (named-barrier ping-pong).
+    pub pingpong: bool,
+}
+
+const fn var(d: usize, bn: usize, stages: usize, regs: bool, pingpong: bool) -> Sm90Variant {
+    Sm90Variant { d, bn, stages, regs, pingpong }
 }
 
 /// Every compiled variant, the default of each head dim first.
 pub const SM90_VARIANTS: &[Sm90Variant] = &[
-    Sm90Variant { d: 128, bn: 128, stages: 2, regs: true },
-    Sm90Variant { d: 128, bn: 128, stages: 2, regs: false },
-    Sm90Variant { d: 128, bn: 64, stages: 3, regs: true },
-    Sm90Variant { d: 64, bn: 128, stages: 3, regs: true },
-    Sm90Variant { d: 64, bn: 128, stages: 2, regs: true },
-    Sm90Variant { d: 64, bn: 64, stages: 3, regs: true },
+    var(128, 128, 2, true, false),
+    var(128, 128, 2, true, true),
+    var(128, 128, 2, false, false),
+    var(128, 64, 3, true, false),
+    var(128, 64, 3, true, true),
+    var(64, 128, 3, true, false),
+    var(64, 128, 3, true, true),
+    var(64, 128, 2, true, false),
+    var(64, 64, 3, true, false),
 ];
 
 impl Sm90Variant {
@@ -55,7 +64,8 @@ impl Sm90Variant {
 
     /// Entry point name in the kernel file.
     pub fn entry(&self) -> String {
-        format!("flash90_d{}_n{}_s{}_r{}", self.d, self.bn, self.stages, u8::from(self.regs))
+        let (r, p) = (u8::from(self.regs), u8::from(self.pingpong));
+        format!("flash90_d{}_n{}_s{}_r{r}_p{p}", self.d, self.bn, self.stages)
     }
 
     /// Dynamic shared memory, bytes: two Q tiles, the K and V rings, 1024 to align the base.
@@ -157,8 +167,8 @@ mod tests {
             assert!(v.smem_bytes() <= 227 * 1024, "{v:?}: {} bytes", v.smem_bytes());
             assert_eq!(SM90_VARIANTS.iter().filter(|w| w.entry() == v.entry()).count(), 1, "{v:?}");
         }
-        assert_eq!(Sm90Variant::default_for(128).map(|v| v.entry()), Some("flash90_d128_n128_s2_r1".into()));
-        assert_eq!(Sm90Variant::default_for(64).map(|v| v.entry()), Some("flash90_d64_n128_s3_r1".into()));
+        assert_eq!(Sm90Variant::default_for(128).map(|v| v.entry()), Some("flash90_d128_n128_s2_r1_p0".into()));
+        assert_eq!(Sm90Variant::default_for(64).map(|v| v.entry()), Some("flash90_d64_n128_s3_r1_p0".into()));
         assert_eq!(Sm90Variant::default_for(96), None);
     }
 }
