@@ -258,6 +258,7 @@ pub fn run_ops_bench(be: &CudaBackend, cfg: &OpsBenchConfig, progress: &mut dyn 
     rows.push(decode_matmul(be, cfg, &bounds, progress));
     rows.push(prefill_matmul(be, cfg, &bounds, progress));
     rows.extend(attention_rows(be, cfg, &bounds, progress));
+    rows.extend(prefill_kernel_rows(be, cfg, &bounds, progress));
     rows.extend(delta_rule_rows(be, cfg, &bounds, progress));
     rows.extend(moe::grouped_moe_rows(be, cfg, &bounds, progress));
     rows.extend(offloaded_attention_rows(be, cfg, progress));
@@ -414,6 +415,120 @@ fn attention_rows(be: &CudaBackend, cfg: &OpsBenchConfig, b: &Bounds, progress: 
     .map_err(|e| e.to_string());
     let decode = measured("decode attention (backend)", decode_shape, decode, Work::Bytes(kv_bytes), b);
     vec![prefill, decode]
+}
+
+/// (b') The prefill attention kernels one by one, launched directly on the 32K shape: the
+/// mma.sync kernel (the reference), then each compiled variant of the wgmma kernel for the
+/// head dim (compute capability 9.0 only), causal, then a 4096-key sliding window with sinks.
+/// Each wgmma row's shape ends with its max |Δ| and relative error against the mma.sync output
+/// on the same inputs, so one run shows both speed and agreement of every variant.
+fn prefill_kernel_rows(
+    be: &CudaBackend,
+    cfg: &OpsBenchConfig,
+    b: &Bounds,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<BenchRow> {
+    use ollm_ops::cuda::attention::AttnGeometry;
+    use ollm_ops::cuda::flash::flash_prefill_mma;
+    use ollm_ops::cuda::flash_sm90::{SM90_VARIANTS, Sm90Variant, flash_prefill_sm90};
+    let dev = be.device();
+    let (t, nh, nkv, d) = (cfg.attn_tokens, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let heads = format!("{nh} q heads / {nkv} kv heads, d {d}");
+    let scale = (d as f32).powf(-0.5);
+    let g = AttnGeometry { n_heads: nh, n_kv: nkv, d, cap: t, pos0: 0 };
+    let window = 4096.min(t);
+    // Visible (query, key) pairs: causal T(T+1)/2; windowed, each query sees min(p + 1, W) keys.
+    let causal_flops = 4.0 * (t as f64).powi(2) * d as f64 * nh as f64 / 2.0;
+    let pairs_w = (window * (window + 1) / 2 + (t - window) * window) as f64;
+    let window_flops = 4.0 * pairs_w * d as f64 * nh as f64;
+    let inputs = (|| -> Result<_> {
+        let q = dev.upload(&random_f32(t * nh * d, 60, 1.0), "bench: prefill q")?;
+        let k = dev.upload(&random_bf16_vec(nkv * t * d, 61), "bench: prefill k")?;
+        let v = dev.upload(&random_bf16_vec(nkv * t * d, 62), "bench: prefill v")?;
+        let sinks = dev.upload(&random_f32(nh, 63, 2.0), "bench: prefill sinks")?;
+        let out = dev.alloc_zeros::<f32>(t * nh * d, "bench: prefill out")?;
+        Ok((q, k, v, sinks, out))
+    })();
+    let (q, k, v, sinks, mut out) = match inputs {
+        Ok(x) => x,
+        Err(e) => {
+            return vec![measured(
+                "prefill attention (mma.sync)",
+                format!("T {t}, {heads}"),
+                Err(e.to_string()),
+                Work::Flops(causal_flops),
+                b,
+            )];
+        }
+    };
+    let mut rows = Vec::new();
+    for (win, flops, what) in
+        [(None, causal_flops, "causal".to_string()), (Some(window), window_flops, format!("window {window}, sinks"))]
+    {
+        let s = win.map(|_| &*sinks);
+        let shape = format!("T {t}, {heads}, {what}");
+        progress(&format!("prefill attention (mma.sync) {shape}"));
+        let mma = time_op(be, cfg, |_| flash_prefill_mma(dev, &q, &k, &v, g, scale, win, s, &mut out).map(|_| ()))
+            .map_err(|e| e.to_string());
+        let reference = dev.stream.clone_dtoh(&*out).map_err(|e| format!("downloading the mma output: {e}"));
+        rows.push(measured("prefill attention (mma.sync)", shape.clone(), mma, Work::Flops(flops), b));
+        // Every variant causal; the head dim's default one with the window and sinks.
+        for var in
+            SM90_VARIANTS.iter().filter(|v| v.d == d && (win.is_none() || Some(**v) == Sm90Variant::default_for(d)))
+        {
+            let op = format!("prefill attention ({})", var.entry());
+            if dev.info.compute_capability != (9, 0) {
+                rows.push(measured(
+                    &op,
+                    shape.clone(),
+                    Err("needs compute capability 9.0".into()),
+                    Work::Flops(flops),
+                    b,
+                ));
+                continue;
+            }
+            progress(&format!("{op} {shape}"));
+            let run = (|| -> std::result::Result<(Timing, String), String> {
+                let reference = reference.as_ref().map_err(Clone::clone)?;
+                // One call on a zeroed output, checked against the mma kernel, then the timing.
+                dev.stream.memset_zeros(&mut *out).map_err(|e| e.to_string())?;
+                flash_prefill_sm90(dev, &q, &k, &v, g, scale, win, s, &mut out, Some(*var))
+                    .map_err(|e| e.to_string())?;
+                let got = dev.stream.clone_dtoh(&*out).map_err(|e| e.to_string())?;
+                let (max_abs, rel) = max_and_rel_diff(&got, reference);
+                let timing = time_op(be, cfg, |_| {
+                    flash_prefill_sm90(dev, &q, &k, &v, g, scale, win, s, &mut out, Some(*var)).map(|_| ())
+                })
+                .map_err(|e| e.to_string())?;
+                Ok((timing, format!("vs mma.sync max |Δ| {max_abs:.1e}, rel {rel:.1e}")))
+            })();
+            rows.push(match run {
+                Ok((timing, diff)) => measured(&op, format!("{shape}; {diff}"), Ok(timing), Work::Flops(flops), b),
+                Err(e) => measured(&op, shape.clone(), Err(e), Work::Flops(flops), b),
+            });
+        }
+    }
+    rows
+}
+
+/// (max |a − b|, ‖a − b‖ / ‖b‖); NaN in `a` gives NaN.
+fn max_and_rel_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let (max, num, den) = a
+        .par_iter()
+        .zip(b)
+        .fold(
+            || (0.0f64, 0.0f64, 0.0f64),
+            |(m, n, d), (x, y)| {
+                let diff = f64::from(x - y);
+                (
+                    if diff.abs() > m || diff.is_nan() { diff.abs() } else { m },
+                    n + diff * diff,
+                    d + f64::from(*y).powi(2),
+                )
+            },
+        )
+        .reduce(|| (0.0, 0.0, 0.0), |p, q| (if q.0 > p.0 || q.0.is_nan() { q.0 } else { p.0 }, p.1 + q.1, p.2 + q.2));
+    (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
 }
 
 /// Wall-clock median (ms) of `call` after two warm-up calls, over `runs` calls (at least 3);

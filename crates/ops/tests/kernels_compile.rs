@@ -240,4 +240,18 @@ fn every_kernel_file_compiles_with_its_entry_points() {
         }
         eprintln!("all kernel files compile for sm_{}{}", cc.0, cc.1);
     }
+    // The Hopper file compiles for its own architecture only (wgmma, setmaxnreg: sm_90a).
+    let cache = KernelCache::new((9, 0)).expect("NVRTC compiled the other files just above");
+    let arch = cuda::flash_sm90::SM90_ARCH;
+    let ptx = cache
+        .compile_for_arch("flash_attn_sm90", cuda::flash_sm90::SM90_SOURCE, arch)
+        .unwrap_or_else(|e| panic!("{arch}: {e}"))
+        .to_src();
+    let probes =
+        ["flash90_probe_d128_n128", "flash90_probe_d128_n64", "flash90_probe_d64_n128", "flash90_probe_d64_n64"];
+    for entry in cuda::flash_sm90::SM90_VARIANTS.iter().map(|v| v.entry()).chain(probes.map(String::from)) {
+        assert!(ptx.contains(&format!(".entry {entry}(")), "flash_attn_sm90.cu ({arch}) has no entry point {entry}");
+    }
+    assert!(ptx.contains("wgmma.mma_async"), "flash_attn_sm90.cu ({arch}) issues no wgmma");
+    eprintln!("flash_attn_sm90 compiles for {arch} with {} entry points", cuda::flash_sm90::SM90_VARIANTS.len());
 }

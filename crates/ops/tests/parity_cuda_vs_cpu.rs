@@ -14,6 +14,8 @@
 //!   mantissa bits: about 2⁻⁹/√3 ≈ 1.1e-3 relative per element) and 1e-3 for f16 (11 bits);
 //! * flash prefill attention against the CPU on the same bf16-rounded q: 1e-2 — the kernel
 //!   also rounds the softmax probabilities to bf16 before P·V (measured ≈1.2e-3 on an H100);
+//!   the same for the wgmma kernel (compute capability 9.0), against the CPU and against the
+//!   mma.sync kernel (both round P, at different points of the online softmax);
 //! * tree attention (its own reference-form kernel): 1e-5, as attention;
 //! * split-context decode attention and the GEMV: 1e-5 (f32 math, only the order differs);
 //! * the fused decode ops (GEMV + residual add, gate/up GEMV + SiLU·mul, RMSNorm + Q/K/V,
@@ -463,7 +465,141 @@ fn flash_prefill_matches_cpu() {
         });
         eprintln!("flash {case:?}: rel err {e:.2e}");
         assert!(e < 1e-2, "flash {case:?}: rel err {e:e}");
+        let e = fast_attention_err(&dev, case, true, &|q, k, v, g, scale, s, out| {
+            cuda::flash::flash_prefill_mma(&dev, q, k, v, g, scale, case.5, s, out).expect("mma flash")
+        });
+        eprintln!("flash (mma.sync) {case:?}: rel err {e:.2e}");
+        assert!(e < 1e-2, "flash (mma.sync) {case:?}: rel err {e:e}");
     }
+}
+
+/// The wgmma kernel (compute capability 9.0 only), every compiled variant, against the CPU twin
+/// and against the mma.sync kernel on the same inputs: T not a multiple of the 128-row block or
+/// of the key tile, a prefix (pos0 > 0), windows narrower and wider than a tile, sinks, GQA
+/// groups of 1 to 4, rings that wrap many times (T = 1100: 9 to 18 key tiles).
+#[test]
+fn flash_prefill_sm90_matches_cpu_and_the_mma_kernel() {
+    let Some(dev) = device() else { return };
+    if dev.info.compute_capability != (9, 0) {
+        eprintln!(
+            "SKIPPED: {}: the wgmma kernel needs compute capability 9.0 (this device: {}.{})",
+            common::gpu::test_name(),
+            dev.info.compute_capability.0,
+            dev.info.compute_capability.1
+        );
+        return;
+    }
+    let cases: [AttnCase; 10] = [
+        (300, 8, 2, 128, 0, None, false),
+        (200, 4, 4, 128, 77, None, true),
+        (333, 6, 2, 128, 21, Some(37), true),
+        (1100, 4, 1, 128, 200, None, false),
+        (1100, 4, 2, 128, 0, Some(300), true),
+        (5, 4, 2, 128, 0, None, false),
+        (64, 2, 1, 64, 0, None, false),
+        (129, 9, 3, 64, 5, None, false),
+        (257, 4, 2, 64, 300, Some(100), true),
+        (1100, 8, 2, 64, 3, None, true),
+    ];
+    for case in cases {
+        for var in cuda::flash_sm90::SM90_VARIANTS.iter().filter(|v| v.d == case.3) {
+            let [(cpu_rel, cpu_max), (mma_rel, mma_max)] =
+                attention_vs_cpu_and_mma(&dev, case, &|q, k, v, g, scale, s, out| {
+                    cuda::flash_sm90::flash_prefill_sm90(&dev, q, k, v, g, scale, case.5, s, out, Some(*var))
+                        .expect("sm90 flash")
+                });
+            eprintln!(
+                "sm90 {} {case:?}: vs cpu rel {cpu_rel:.2e} max {cpu_max:.2e}; vs mma rel {mma_rel:.2e} max {mma_max:.2e}",
+                var.entry()
+            );
+            assert!(cpu_rel < 1e-2, "sm90 {} {case:?}: rel err {cpu_rel:e} against the CPU", var.entry());
+            assert!(mma_rel < 1e-2, "sm90 {} {case:?}: rel err {mma_rel:e} against the mma kernel", var.entry());
+        }
+    }
+}
+
+/// The wgmma products alone (the kernel's diagnostic entry points): S = bf16(Q)·Kᵀ against an
+/// f64 CPU product (1e-5: f32 accumulation of exact bf16 products), O = bf16(S)·V against the
+/// CPU fed the GPU's own S rounded to bf16 (1e-5). The first wrong element is printed, so a
+/// broken descriptor shows which operand and which rows or columns it scrambles.
+#[test]
+fn flash_sm90_wgmma_products_match_cpu() {
+    let Some(dev) = device() else { return };
+    if dev.info.compute_capability != (9, 0) {
+        eprintln!("SKIPPED: {}: wgmma needs compute capability 9.0", common::gpu::test_name());
+        return;
+    }
+    for (d, bn) in [(128, 128), (128, 64), (64, 128), (64, 64)] {
+        let q = rounded(&random(64 * d, 1.0), DType::BF16);
+        let k = rounded(&random(bn * d, 1.0), DType::BF16);
+        let v = rounded(&random(bn * d, 1.0), DType::BF16);
+        let (mut s_d, mut o_d) = (poisoned(&dev, 64 * bn), poisoned(&dev, 64 * d));
+        cuda::flash_sm90::wgmma_probe(
+            &dev,
+            d,
+            bn,
+            &up(&dev, &q),
+            &up(&dev, &bf16s(&k)),
+            &up(&dev, &bf16s(&v)),
+            &mut s_d,
+            &mut o_d,
+        )
+        .expect("wgmma probe");
+        let (s, o) = (down(&dev, &s_d), down(&dev, &o_d));
+        let s_want: Vec<f32> = (0..64 * bn)
+            .map(|i| {
+                (0..d).map(|c| f64::from(q[(i / bn) * d + c]) * f64::from(k[(i % bn) * d + c])).sum::<f64>() as f32
+            })
+            .collect();
+        let p = rounded(&s, DType::BF16);
+        let o_want: Vec<f32> = (0..64 * d)
+            .map(|i| (0..bn).map(|j| f64::from(p[(i / d) * bn + j]) * f64::from(v[j * d + i % d])).sum::<f64>() as f32)
+            .collect();
+        let first_bad = |got: &[f32], want: &[f32], cols: usize| {
+            got.iter()
+                .zip(want)
+                .position(|(a, b)| (a - b).abs() > 1e-3 * (1.0 + b.abs()))
+                .map(|i| (i / cols, i % cols, got[i], want[i]))
+        };
+        let (es, eo) = (rel_err(&s, &s_want), rel_err(&o, &o_want));
+        eprintln!(
+            "wgmma d {d} bn {bn}: S rel err {es:.2e} (first bad (row, col, got, want) {:?}); O rel err {eo:.2e} (first bad {:?})",
+            first_bad(&s, &s_want, bn),
+            first_bad(&o, &o_want, d)
+        );
+        assert!(es < 1e-5, "wgmma Q·Kᵀ d {d} bn {bn}: rel err {es:e}");
+        assert!(eo < 1e-5, "wgmma P·V d {d} bn {bn}: rel err {eo:e}");
+    }
+}
+
+/// Runs `launch` and the mma.sync kernel on the same fresh random inputs (q rounded to bf16 for
+/// the CPU, as both kernels round it); returns (relative error, max abs error) of `launch`'s
+/// output against the CPU twin and against the mma kernel.
+fn attention_vs_cpu_and_mma(dev: &CudaDevice, case: AttnCase, launch: AttnLaunch<'_>) -> [(f64, f64); 2] {
+    let (t, nh, nkv, d, pos0, window, with_sinks) = case;
+    let cap = pos0 + t + 3;
+    let q = random(t * nh * d, 1.0);
+    let k = rounded(&random(nkv * cap * d, 1.0), DType::BF16);
+    let v = rounded(&random(nkv * cap * d, 1.0), DType::BF16);
+    let sinks = random(nh, 2.0);
+    let scale = (d as f32).powf(-0.5);
+    let geo = cpu::AttnGeometry { n_heads: nh, n_kv: nkv, d, cap, pos0 };
+    let mut want = vec![0.0; q.len()];
+    cpu::attention(&rounded(&q, DType::BF16), &k, &v, &geo, scale, window, with_sinks.then_some(&sinks[..]), &mut want);
+    let g = cuda::attention::AttnGeometry { n_heads: nh, n_kv: nkv, d, cap, pos0 };
+    let sinks_d = up(dev, &sinks);
+    let s = with_sinks.then_some(&sinks_d);
+    let (qd, kd, vd) = (up(dev, &q), up(dev, &bf16s(&k)), up(dev, &bf16s(&v)));
+    let mut out = poisoned(dev, q.len());
+    assert!(launch(&qd, &kd, &vd, g, scale, s, &mut out), "{case:?} not covered");
+    let got = down(dev, &out);
+    let mut mma_out = poisoned(dev, q.len());
+    let covered =
+        cuda::flash::flash_prefill_mma(dev, &qd, &kd, &vd, g, scale, window, s, &mut mma_out).expect("mma flash");
+    assert!(covered, "{case:?} not covered by the mma kernel");
+    let mma = down(dev, &mma_out);
+    let max_abs = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+    [(rel_err(&got, &want), max_abs(&got, &want)), (rel_err(&got, &mma), max_abs(&got, &mma))]
 }
 
 #[test]

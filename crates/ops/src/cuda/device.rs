@@ -227,8 +227,21 @@ impl CudaDevice {
     /// Kernel `func` of the kernel file `file` (its source text `source`), compiling and loading
     /// the file on first use.
     pub fn function(&self, file: &'static str, source: &str, func: &str) -> Result<CudaFunction> {
-        let module = self.module(file, source)?;
+        let module = self.module(file, source, None)?;
         module.load_function(func).map_err(|e| unavailable(format!("{file}.cu: {func}: {e}")))
+    }
+
+    /// As [`CudaDevice::function`] for a file compiled for `arch` (e.g. `sm_90a`) instead of the
+    /// device's own architecture; `file` must always be asked for with the same `arch`.
+    pub fn function_for_arch(
+        &self,
+        file: &'static str,
+        source: &str,
+        func: &str,
+        arch: &'static str,
+    ) -> Result<CudaFunction> {
+        let module = self.module(file, source, Some(arch))?;
+        module.load_function(func).map_err(|e| unavailable(format!("{file}.cu ({arch}): {func}: {e}")))
     }
 }
 
@@ -254,16 +267,26 @@ impl CudaDevice {
     pub fn warm_kernels(&self) -> Result<(usize, f64)> {
         let started = std::time::Instant::now();
         let results: Vec<Result<bool>> = std::thread::scope(|s| {
-            let handles: Vec<_> = KERNEL_FILES
+            let mut handles: Vec<_> = KERNEL_FILES
                 .iter()
                 .map(|&(file, source)| {
                     s.spawn(move || -> Result<bool> {
                         let cached = self.kernels.is_cached(file, source);
-                        self.module(file, source)?;
+                        self.module(file, source, None)?;
                         Ok(!cached)
                     })
                 })
                 .collect();
+            // The Hopper-only file, compiled for its own architecture where it will run.
+            if super::flash_sm90::sm90_available(self) {
+                handles.push(s.spawn(move || -> Result<bool> {
+                    let (file, source, arch) =
+                        ("flash_attn_sm90", super::flash_sm90::SM90_SOURCE, super::flash_sm90::SM90_ARCH);
+                    let cached = self.kernels.is_cached_for_arch(file, source, arch);
+                    self.module(file, source, Some(arch))?;
+                    Ok(!cached)
+                }));
+            }
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|_| Err(unavailable("a kernel compile thread panicked"))))
@@ -276,8 +299,9 @@ impl CudaDevice {
         Ok((compiled, started.elapsed().as_secs_f64()))
     }
 
-    /// The loaded module of kernel file `file`, compiling and loading it on first use.
-    fn module(&self, file: &'static str, source: &str) -> Result<Arc<cudarc::driver::CudaModule>> {
+    /// The loaded module of kernel file `file` (for `arch`, else the device's architecture),
+    /// compiling and loading it on first use.
+    fn module(&self, file: &'static str, source: &str, arch: Option<&str>) -> Result<Arc<cudarc::driver::CudaModule>> {
         if let Some(m) = self.modules.lock().map_err(|_| unavailable("kernel module cache poisoned"))?.get(file) {
             return Ok(m.clone());
         }
@@ -285,7 +309,10 @@ impl CudaDevice {
         // loses nothing but the time.
         let m = self
             .ctx
-            .load_module(self.kernels.ptx(file, source)?)
+            .load_module(match arch {
+                Some(a) => self.kernels.ptx_for_arch(file, source, a)?,
+                None => self.kernels.ptx(file, source)?,
+            })
             .map_err(|e| unavailable(format!("{file}.cu: loading the module: {e}")))?;
         let mut modules = self.modules.lock().map_err(|_| unavailable("kernel module cache poisoned"))?;
         Ok(modules.entry(file).or_insert(m).clone())

@@ -1,5 +1,6 @@
-//! Launchers for the fast attention kernels: `kernels/flash_attn.cu` (prefill, tensor cores)
-//! and `kernels/decode_attn.cu` (split over the context). Both take the same arguments as the
+//! Launchers for the fast attention kernels: `kernels/flash_attn.cu` (prefill, tensor cores;
+//! on compute capability 9.0 `flash_sm90.rs` goes first) and `kernels/decode_attn.cu` (split
+//! over the context). Both take the same arguments as the
 //! reference kernel in `attention.rs` and return `Ok(false)` for a shape they do not cover, so
 //! the caller falls back to it.
 
@@ -21,9 +22,33 @@ pub const DECODE_SOURCE: &str = include_str!("../../kernels/decode_attn.cu");
 /// Queries per call up to which the split-context kernel is used; longer calls take flash.
 pub const DECODE_MAX_T: usize = 4;
 
-/// Flash prefill for head dims 64 and 128 (other dims: `Ok(false)`).
+/// Flash prefill for head dims 64 and 128 (other dims: `Ok(false)`): the wgmma kernel of
+/// `flash_sm90.rs` where the device has it (compute capability 9.0, `OLLM_FLASH_SM90` not `0`),
+/// else [`flash_prefill_mma`].
 #[allow(clippy::too_many_arguments)]
 pub fn flash_prefill(
+    dev: &CudaDevice,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    g: AttnGeometry,
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+) -> Result<bool> {
+    if super::flash_sm90::sm90_available(dev)
+        && super::flash_sm90::flash_prefill_sm90(dev, q, k, v, g, scale, window, sinks, out, None)?
+    {
+        return Ok(true);
+    }
+    flash_prefill_mma(dev, q, k, v, g, scale, window, sinks, out)
+}
+
+/// The mma.sync flash prefill (any compute capability ≥ 8.0) for head dims 64 and 128 (other
+/// dims: `Ok(false)`).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_prefill_mma(
     dev: &CudaDevice,
     q: &CudaSlice<f32>,
     k: &CudaSlice<bf16>,

@@ -19,6 +19,7 @@ pub mod deltanet;
 mod device;
 pub mod elementwise;
 pub mod flash;
+pub mod flash_sm90;
 pub mod gemv;
 pub mod graph;
 pub mod matmul;

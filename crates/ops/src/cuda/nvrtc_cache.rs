@@ -95,26 +95,42 @@ impl KernelCache {
         })
     }
 
-    /// Where the PTX of `source` is (or would be) kept.
-    fn cached_path(&self, name: &str, source: &str) -> Option<PathBuf> {
+    /// The architecture every file compiles for unless it names its own (`sm_90` on an H100).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Where the PTX of `source` compiled for `arch` is (or would be) kept.
+    fn cached_path(&self, name: &str, source: &str, arch: &str) -> Option<PathBuf> {
         let spliced = splice_headers(source);
         let version = nvrtc_version();
-        let key = fnv1a(&[spliced.as_bytes(), self.arch.as_bytes(), version.as_bytes()]);
+        let key = fnv1a(&[spliced.as_bytes(), arch.as_bytes(), version.as_bytes()]);
         self.dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")))
     }
 
     /// Whether the disk cache holds the PTX of `source`.
     pub fn is_cached(&self, name: &str, source: &str) -> bool {
-        self.cached_path(name, source).is_some_and(|p| p.exists())
+        self.cached_path(name, source, &self.arch).is_some_and(|p| p.exists())
+    }
+
+    /// Whether the disk cache holds the PTX of `source` compiled for `arch`.
+    pub fn is_cached_for_arch(&self, name: &str, source: &str, arch: &str) -> bool {
+        self.cached_path(name, source, arch).is_some_and(|p| p.exists())
     }
 
     /// PTX for `source` (named `name` in messages), from the disk cache or freshly compiled.
     pub fn ptx(&self, name: &str, source: &str) -> Result<Ptx> {
-        let path = self.cached_path(name, source);
+        self.ptx_for_arch(name, source, &self.arch)
+    }
+
+    /// As [`KernelCache::ptx`], for `arch` instead of the device's own (`sm_90a` for a file
+    /// that uses Hopper's architecture-specific instructions such as wgmma).
+    pub fn ptx_for_arch(&self, name: &str, source: &str, arch: &str) -> Result<Ptx> {
+        let path = self.cached_path(name, source, arch);
         if let Some(text) = path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()) {
             return Ok(Ptx::from_src(text));
         }
-        let ptx = self.compile(name, source)?;
+        let ptx = self.compile_for_arch(name, source, arch)?;
         if let Some(p) = path {
             write_atomically(&p, &ptx.to_src());
         }
@@ -124,15 +140,20 @@ impl KernelCache {
     /// Compiles `source` (named `name` in messages) with NVRTC, bypassing the disk cache. Needs
     /// NVRTC and the CUDA headers, not a GPU.
     pub fn compile(&self, name: &str, source: &str) -> Result<Ptx> {
+        self.compile_for_arch(name, source, &self.arch)
+    }
+
+    /// As [`KernelCache::compile`], for `arch` (e.g. `sm_90a`) instead of the device's own.
+    pub fn compile_for_arch(&self, name: &str, source: &str, arch: &str) -> Result<Ptx> {
         let source = splice_headers(source);
         let opts = CompileOptions {
             include_paths: vec![self.include_dir.display().to_string()],
-            options: vec![format!("--gpu-architecture={}", self.arch), "-std=c++17".into()],
+            options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
             name: Some(format!("{name}.cu")),
             ..Default::default()
         };
         compile_ptx_with_opts(source.as_ref(), opts)
-            .map_err(|e| OpsError::Backend(format!("NVRTC could not compile {name}.cu: {e}")))
+            .map_err(|e| OpsError::Backend(format!("NVRTC could not compile {name}.cu for {arch}: {e}")))
     }
 }
 
