@@ -36,6 +36,7 @@ fn decode(be: &Arc<CudaBackend>, dir: &std::path::Path, graphs: bool) -> Vec<Vec
 fn graph_replayed_decode_equals_plain_launches_bit_for_bit() {
     let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let be = Arc::new(CudaBackend::new(dev));
+    be.set_fused_ops(true); // the layer the engine runs with OLLM_CUDA_FUSED=1
     let dir = tempfile::tempdir().expect("tempdir");
     common::tiny_model(dir.path());
 
@@ -62,6 +63,7 @@ fn graph_replayed_decode_equals_plain_launches_bit_for_bit() {
 fn programmatic_dependent_launches_keep_the_logits() {
     let Some(dev) = common::gpu::gpu_or_skip() else { return };
     let be = Arc::new(CudaBackend::new(dev));
+    be.set_fused_ops(true); // the layer the engine runs with OLLM_CUDA_FUSED=1
     let dir = tempfile::tempdir().expect("tempdir");
     common::tiny_model(dir.path());
 

@@ -52,7 +52,12 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn backend() -> Option<CudaBackend> {
-    device().map(CudaBackend::new)
+    // The fused decode and grouped MoE kernels are opt-in in the engine; their parity is tested
+    // always.
+    device().map(CudaBackend::new).inspect(|b| {
+        b.set_fused_ops(true);
+        b.set_grouped_experts(true);
+    })
 }
 
 fn up<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, v: &[T]) -> CudaSlice<T> {

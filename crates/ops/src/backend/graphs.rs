@@ -1,6 +1,6 @@
 //! [`StepGraphs`]: one-token decode steps captured once and replayed (CUDA graphs), an
 //! extension a backend may offer. Models reach it with [`Backend::step_graphs`](crate::Backend),
-//! None where the backend has none or they are turned off (`OLLM_CUDA_GRAPHS=0`).
+//! None where the backend has none or they are not turned on (`OLLM_CUDA_GRAPHS=1`).
 
 use crate::{Result, Tensor};
 

@@ -13,16 +13,16 @@ use half::bf16;
 use super::elementwise::KvGeometry;
 use super::transfer::KvDirection;
 use super::{
-    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, moe_grouped, rmsnorm,
-    rope, transfer, tree_attention,
+    CudaDevice, CudaStorage, DeviceBuf, attention, deltanet, elementwise, flash, gemv, matmul, moe, moe_grouped,
+    rmsnorm, rope, transfer, tree_attention,
 };
 use crate::backend::Linear;
 use crate::backend::{
     AttnParams, Backend, Compute, CopyQueue, DeltaForm, DeltaNetOps, DeltaRule, ExpertAct, FusedOps, HeadSlice,
     KvBlockSpan, Memory, MemoryKind, MemoryStats, MoeOps, Norm, NormKind, RopeTable, RoutedExpert, RouterMode,
-    StepGraphs, delta_dims, gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims, mxfp4_matmul_dims,
-    norm_qkv_composed, norm_swiglu_composed, rope_write_kv_composed, router_dims, rows_dims, slice_dims, swiglu_dims,
-    transpose_dims,
+    StepGraphs, delta_dims, gated_norm_dims, matmul_add_composed, matmul_swiglu_composed, mxfp4_dims,
+    mxfp4_matmul_dims, norm_qkv_composed, norm_swiglu_composed, rope_write_kv_composed, router_dims, rows_dims,
+    slice_dims, swiglu_dims, transpose_dims,
 };
 use crate::error::shape_err;
 use crate::{
@@ -35,8 +35,21 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
     /// Whether models may run one-token decode steps as CUDA graphs ([`StepGraphs`]): on
-    /// unless `OLLM_CUDA_GRAPHS=0` when the backend was made; [`set_step_graphs`](Self::set_step_graphs).
+    /// when `OLLM_CUDA_GRAPHS=1` at the backend's making (opt-in until measured on a GPU: written
+    /// 2026-12-05 without one); [`set_step_graphs`](Self::set_step_graphs).
     graphs: std::sync::atomic::AtomicBool,
+    /// Whether the fused decode kernels of [`FusedOps`] run (`OLLM_CUDA_FUSED=1`); off, each
+    /// method runs its composed form. Opt-in until the kernels have run on a GPU (written
+    /// 2026-12-05 without one); [`set_fused_ops`](Self::set_fused_ops).
+    fused: std::sync::atomic::AtomicBool,
+    /// Whether MoE prompts run through the grouped expert kernels (`OLLM_MOE_GROUPED=1`); opt-in
+    /// for the same reason; [`set_grouped_experts`](Self::set_grouped_experts).
+    grouped: std::sync::atomic::AtomicBool,
+}
+
+/// Whether the environment variable `name` is `1`.
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.trim() == "1")
 }
 
 fn cuda<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
@@ -85,8 +98,29 @@ fn kv_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<b
 
 impl CudaBackend {
     pub fn new(dev: CudaDevice) -> Self {
-        let graphs = std::env::var("OLLM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0");
-        Self { dev: Arc::new(dev), graphs: std::sync::atomic::AtomicBool::new(graphs) }
+        use std::sync::atomic::AtomicBool;
+        Self {
+            dev: Arc::new(dev),
+            graphs: AtomicBool::new(env_on("OLLM_CUDA_GRAPHS")),
+            fused: AtomicBool::new(env_on("OLLM_CUDA_FUSED")),
+            grouped: AtomicBool::new(env_on("OLLM_MOE_GROUPED")),
+        }
+    }
+
+    /// Turns the fused decode kernels on or off (the `OLLM_CUDA_FUSED` default; parity tests
+    /// turn them on).
+    pub fn set_fused_ops(&self, on: bool) {
+        self.fused.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn fused_on(&self) -> bool {
+        self.fused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the grouped MoE kernels on or off (the `OLLM_MOE_GROUPED` default; parity tests
+    /// turn them on).
+    pub fn set_grouped_experts(&self, on: bool) {
+        self.grouped.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns decode-step graphs on or off (the `OLLM_CUDA_GRAPHS` default, for tests that run
@@ -369,6 +403,9 @@ impl FusedOps for CudaBackend {
         acc: &mut Tensor,
     ) -> Result<()> {
         let op = "matmul_add";
+        if !self.fused_on() {
+            return matmul_add_composed(self, x, (w, bias), tmp, acc);
+        }
         let (&[n, k], None) = (w.shape(), bias) else {
             return matmul_add_composed(self, x, (w, bias), tmp, acc);
         };
@@ -392,6 +429,9 @@ impl FusedOps for CudaBackend {
     ) -> Result<()> {
         let op = "matmul_swiglu";
         let weights = ((gate, gb), (up, ub));
+        if !self.fused_on() {
+            return matmul_swiglu_composed(self, x, weights, scratch, out);
+        }
         let (&[n, k], None, None) = (gate.shape(), gb, ub) else {
             return matmul_swiglu_composed(self, x, weights, scratch, out);
         };
@@ -419,6 +459,9 @@ impl FusedOps for CudaBackend {
         [qo, ko, vo]: [&mut Tensor; 3],
     ) -> Result<()> {
         let op = "norm_matmul_qkv";
+        if !self.fused_on() {
+            return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
+        }
         let [(wq, None), (wk, None), (wv, None)] = weights else {
             return norm_qkv_composed(self, x, (nw, eps, kind), weights, normed, [qo, ko, vo]);
         };
@@ -466,6 +509,9 @@ impl FusedOps for CudaBackend {
     ) -> Result<()> {
         let op = "norm_matmul_swiglu";
         let weights = ((gate, gb), (up, ub));
+        if !self.fused_on() {
+            return norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out);
+        }
         let (&[n, k], None, None) = (gate.shape(), gb, ub) else {
             return norm_swiglu_composed(self, x, (nw, eps, kind), weights, scratch, out);
         };
@@ -500,6 +546,9 @@ impl FusedOps for CudaBackend {
         row0: usize,
     ) -> Result<()> {
         let op = "rope_write_kv";
+        if !self.fused_on() {
+            return rope_write_kv_composed(self, (q, k, v), (table, pos0), (kc, vc), row0);
+        }
         let (&[t, nh, d], &[tk, nkv, dk], &[nkv_c, cap, dc]) = (q.shape(), k.shape(), kc.shape()) else {
             return rope_write_kv_composed(self, (q, k, v), (table, pos0), (kc, vc), row0);
         };
@@ -643,7 +692,7 @@ impl MoeOps for CudaBackend {
     }
 
     fn has_grouped_experts(&self) -> bool {
-        true
+        self.grouped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -2,7 +2,7 @@
 //! instructions, a producer warpgroup filling a shared-memory ring and two consumer
 //! warpgroups (compiled by NVRTC for `sm_90a`, so it runs only on compute capability 9.0).
 //! Same arguments and results as [`super::flash::flash_prefill_mma`], its fallback and parity
-//! reference; `OLLM_FLASH_SM90=0` turns it off.
+//! reference; `OLLM_FLASH_SM90=1` turns it on (opt-in until it has run on a GPU).
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -74,10 +74,10 @@ impl Sm90Variant {
     }
 }
 
-/// Whether the device can run the kernel (compute capability 9.0) and `OLLM_FLASH_SM90` does
-/// not turn it off.
+/// Whether the device can run the kernel (compute capability 9.0) and `OLLM_FLASH_SM90=1` turns
+/// it on (opt-in until it has run on a GPU: written 2026-12-05 without one).
 pub fn sm90_available(dev: &CudaDevice) -> bool {
-    dev.info.compute_capability == (9, 0) && std::env::var(SM90_ENV).map_or(true, |v| v.trim() != "0")
+    dev.info.compute_capability == (9, 0) && std::env::var(SM90_ENV).is_ok_and(|v| v.trim() == "1")
 }
 
 /// Prefill attention with variant `variant` (None: the default of the head dim). `Ok(false)`
