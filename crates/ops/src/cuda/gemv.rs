@@ -40,26 +40,7 @@ pub fn gemv<W: GemvWeight>(
     k: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let t = x.len().checked_div(k).unwrap_or(0);
-    if !covers(t, k) || x.len() != t * k || w.len() != n * k || out.len() != t * n || n == 0 {
-        return Err(shape("cuda gemv", format!("x {}, w {} ([{n}, {k}]), out {}", x.len(), w.len(), out.len())));
-    }
-    let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MAX_T);
-    let func = dev.function("gemv", SOURCE, &format!("gemv_{}_t{tt}", W::NAME))?;
-    let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
-    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    if dev.pdl() {
-        let args =
-            [Arg::buf(dev, x), Arg::buf(dev, w), Arg::buf(dev, out), Arg::I32(t_i32), Arg::I32(n_i32), Arg::I32(k_i32)];
-        // SAFETY: as below; the kernel opens with pdl_sync (pdl.rs).
-        return unsafe { pdl::launch(dev, &func, cfg, &args) };
-    }
-    let mut l = dev.stream.launch_builder(&func);
-    l.arg(x).arg(w).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
-    // SAFETY: sizes checked above (k % 8 == 0 keeps every 16-byte load inside its row); one
-    // block per output row.
-    unsafe { l.launch(cfg) }.map_err(driver_err("gemv"))?;
-    Ok(())
+    launch_rows(dev, "gemv", (x, w), (n, k), out)
 }
 
 /// `out += x · wᵀ` (a residual add as the GEMV's epilogue); shapes as [`gemv`]'s. The product
@@ -72,12 +53,23 @@ pub fn gemv_add<W: GemvWeight>(
     k: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    launch_rows(dev, "gemv_add", (x, w), (n, k), out)
+}
+
+/// Launches the `{entry}_{dtype}_t{T}` kernel of [`gemv`]'s arguments (`gemv` or `gemv_add`).
+fn launch_rows<W: GemvWeight>(
+    dev: &CudaDevice,
+    entry: &'static str,
+    (x, w): (&CudaSlice<f32>, &CudaSlice<W>),
+    (n, k): (usize, usize),
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
     let t = x.len().checked_div(k).unwrap_or(0);
     if !covers(t, k) || x.len() != t * k || w.len() != n * k || out.len() != t * n || n == 0 {
-        return Err(shape("cuda gemv_add", format!("x {}, w {} ([{n}, {k}]), out {}", x.len(), w.len(), out.len())));
+        return Err(shape(entry, format!("x {}, w {} ([{n}, {k}]), out {}", x.len(), w.len(), out.len())));
     }
     let tt = [1, 2, 4, 8].into_iter().find(|&c| c >= t).unwrap_or(GEMV_MAX_T);
-    let func = dev.function("gemv", SOURCE, &format!("gemv_add_{}_t{tt}", W::NAME))?;
+    let func = dev.function("gemv", SOURCE, &format!("{entry}_{}_t{tt}", W::NAME))?;
     let (t_i32, n_i32, k_i32) = (t as i32, n as i32, k as i32);
     let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     if dev.pdl() {
@@ -88,8 +80,9 @@ pub fn gemv_add<W: GemvWeight>(
     }
     let mut l = dev.stream.launch_builder(&func);
     l.arg(x).arg(w).arg(out).arg(&t_i32).arg(&n_i32).arg(&k_i32);
-    // SAFETY: as in `gemv`; each output element is read and written by one thread.
-    unsafe { l.launch(cfg) }.map_err(driver_err("gemv_add"))?;
+    // SAFETY: sizes checked above (k % 8 == 0 keeps every 16-byte load inside its row); one
+    // block per output row, each output element read and written by one thread.
+    unsafe { l.launch(cfg) }.map_err(driver_err(entry))?;
     Ok(())
 }
 
