@@ -27,10 +27,10 @@ step 300 "$t/kernels_compile" --nocapture
 step 120 "$t/parity_cuda_vs_cpu" --nocapture --test-threads=1 --exact flash_sm90_wgmma_products_match_cpu
 # 3. Every variant against the CPU twin and the mma.sync kernel (prints each one's errors).
 step 300 "$t/parity_cuda_vs_cpu" --nocapture --test-threads=1 --exact flash_prefill_sm90_matches_cpu_and_the_mma_kernel
-# 4. The whole parity suite with the wgmma kernel off (the fallback), then on (the dispatch).
-step 600 env OLLM_FLASH_SM90=0 "$t/parity_cuda_vs_cpu" --nocapture --test-threads=1
+# 4. The whole parity suite with the wgmma kernel off (the default), then on (OLLM_FLASH_SM90=1).
 step 600 "$t/parity_cuda_vs_cpu" --nocapture --test-threads=1
+step 600 env OLLM_FLASH_SM90=1 "$t/parity_cuda_vs_cpu" --nocapture --test-threads=1
 # 5. Speed: the backend row, then the mma.sync kernel and each wgmma variant at 32K (causal, and
 #    window 4096 + sinks), each wgmma row with its difference from the mma.sync output.
-step 600 "$t/ollm" bench ops
+step 600 env OLLM_FLASH_SM90=1 "$t/ollm" bench ops
 exit "$status"

@@ -23,7 +23,7 @@ pub const DECODE_SOURCE: &str = include_str!("../../kernels/decode_attn.cu");
 pub const DECODE_MAX_T: usize = 4;
 
 /// Flash prefill for head dims 64 and 128 (other dims: `Ok(false)`): the wgmma kernel of
-/// `flash_sm90.rs` where the device has it (compute capability 9.0, `OLLM_FLASH_SM90` not `0`),
+/// `flash_sm90.rs` where the device has it (compute capability 9.0 and `OLLM_FLASH_SM90=1`),
 /// else [`flash_prefill_mma`].
 #[allow(clippy::too_many_arguments)]
 pub fn flash_prefill(
