@@ -193,6 +193,7 @@ impl Llm {
             prefix_cache_max: size(prefix_cache_max, "prefix_cache_max", false)?.unwrap_or(32 << 30),
             cpu_activations: None,
             cpu_kv: None,
+            expert_prefetch: false,
         };
         let budgets = args.budgets();
         let shared = detached(py, |_| {
