@@ -44,6 +44,18 @@ use ollm_ops::{
 };
 
 /// ‖a − b‖ / ‖b‖
+/// The tolerance of the backend's matmul against the CPU twin for `t` rows of 16-bit weights
+/// `wt`: the GEMV and small-T kernels keep x in f32 (1e-5); from `CUBLAS_MIN_ROWS` rows, x is
+/// narrowed to the weight dtype before cuBLAS (see `cuda::matmul`), so the error is that
+/// rounding's: about 2^-9 relative for bf16, 2^-12 for f16.
+fn matmul_tolerance(wt: DType, t: usize) -> f64 {
+    match (t >= cuda::matmul::CUBLAS_MIN_ROWS, wt) {
+        (false, _) => 1e-5,
+        (true, DType::BF16) => 5e-3,
+        (true, _) => 1e-3,
+    }
+}
+
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -1400,7 +1412,11 @@ fn fused_decode_ops_match_cpu() {
             assert!(got_sw.iter().chain(&got_add).all(|v| v.is_finite()), "{case}: unwritten outputs");
             let (e_sw, e_add) = (rel_err(&got_sw, &want_sw), rel_err(&got_add, &want_add));
             eprintln!("fused {case}: swiglu rel err {e_sw:.2e}, matmul_add rel err {e_add:.2e}");
-            assert!(e_sw < 1e-5 && e_add < 1e-5, "fused {case}: swiglu {e_sw:e}, matmul_add {e_add:e}");
+            let tol = matmul_tolerance(wt, t);
+            assert!(
+                e_sw < tol && e_add < tol,
+                "fused {case}: swiglu {e_sw:e}, matmul_add {e_add:e} (tolerance {tol:e})"
+            );
             // The CUDA backend's composed ops give the same bits.
             let xt = gpu.upload_f32(vec![t, k], &x).expect("x");
             let (g, u, b) =
@@ -1477,7 +1493,8 @@ fn fused_norm_qkv_matches_cpu() {
                     for (i, name) in ["q", "k", "v"].iter().enumerate() {
                         assert!(got[i].iter().all(|v| v.is_finite()), "{case}: {name} unwritten");
                         let e = rel_err(&got[i], &want[i]);
-                        assert!(e < 1e-5, "norm_qkv {case}: {name} rel err {e:e}");
+                        let tol = matmul_tolerance(wt, t);
+                        assert!(e < tol, "norm_qkv {case}: {name} rel err {e:e} (tolerance {tol:e})");
                         let same = got[i].iter().zip(&composed[i]).all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "norm_qkv {case}: {name} differs from CUDA's composed ops");
                     }
@@ -1679,7 +1696,8 @@ fn fused_norm_swiglu_matches_cpu() {
                     let case = format!("{wt} norm {nt} {kind:?} t={t} h={h} n={n} bias={biased}");
                     assert!(got.iter().all(|v| v.is_finite()), "{case}: unwritten");
                     let e = rel_err(&got, &want);
-                    assert!(e < 1e-5, "norm_swiglu {case}: rel err {e:e}");
+                    let tol = matmul_tolerance(wt, t);
+                    assert!(e < tol, "norm_swiglu {case}: rel err {e:e} (tolerance {tol:e})");
                     assert!(
                         got.iter().zip(&composed).all(|(a, b)| a.to_bits() == b.to_bits()),
                         "norm_swiglu {case}: differs from CUDA's composed ops"

@@ -55,7 +55,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Captured decode steps and the step buffer their kernels read (`graph.rs`).
     pub(crate) graphs: super::graph::StepGraphCache,
-    /// Programmatic dependent launches for the decode kernels (`OLLM_CUDA_PDL=1` on sm_90+,
+    /// Programmatic dependent launches for the decode kernels (on by default on sm_90+, off with `OLLM_CUDA_PDL=0`;
     /// `pdl.rs`); [`CudaDevice::set_programmatic_launch`].
     pdl: std::sync::atomic::AtomicBool,
 }

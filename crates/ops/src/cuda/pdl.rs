@@ -1,4 +1,4 @@
-//! Programmatic dependent launch (Hopper and later), behind `OLLM_CUDA_PDL=1`: a decode
+//! Programmatic dependent launch (Hopper and later), on by default on sm_90+ (`OLLM_CUDA_PDL=0` turns it off): a decode
 //! step's hot kernels (the GEMV family, the fused RoPE + KV append, split decode attention and
 //! its combine) are launched with the programmatic-stream-serialization attribute, so the GPU
 //! may start launching one while the kernel before it finishes its last wave. Each of those
@@ -30,10 +30,10 @@ impl Arg {
     }
 }
 
-/// Whether `OLLM_CUDA_PDL=1` asks for programmatic dependent launches on a device of compute
-/// capability `cc` (they need 9.0 or later; elsewhere the plain launches run).
+/// Whether programmatic dependent launches run on a device of compute capability `cc`: they need
+/// 9.0 or later (elsewhere the plain launches run); on by default, `OLLM_CUDA_PDL=0` turns them off.
 pub(crate) fn wanted(cc: (i32, i32)) -> bool {
-    cc.0 >= 9 && std::env::var("OLLM_CUDA_PDL").is_ok_and(|v| v.trim() == "1")
+    cc.0 >= 9 && super::env_switch("OLLM_CUDA_PDL", true)
 }
 
 /// Launches `func` on the compute stream with the programmatic-stream-serialization attribute.
