@@ -22,7 +22,7 @@
 #   SMOL_DIR      SmolLM2-135M safetensors [ollm's demo: ~/.cache/ollm/models/smollm2-135m-instruct]
 #   SMOL_GGUF     its BF16 GGUF [/tmp/llcpu/smollm2-bf16.gguf]
 #   WORK          scratch folder for the synthetic model, its GGUF and the logs [/tmp/ollm-bench-cpu]
-#   THREADS [2]  PROMPT [512]  GEN [128]  ROUNDS [3]  LAYERS_1B [16, the real model's]
+#   THREADS [2]  PROMPT [512]  GEN [128]  ROUNDS [3]  WINDOWS [3]  LAYERS_1B [16, the real model's]
 #   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]
 # A quick check of the script itself: ROUNDS=1 PROMPT=64 GEN=16 LAYERS_1B=2 LONG_CONTEXT=2048
 #   LONG_PREFILL=512 LONG_TOKENS=4 STREAM_TOKENS=4 OLLM=target/debug/ollm scripts/bench_cpu_llama.sh
@@ -38,6 +38,7 @@ THREADS=${THREADS:-2}
 PROMPT=${PROMPT:-512}
 GEN=${GEN:-128}
 ROUNDS=${ROUNDS:-3}
+WINDOWS=${WINDOWS:-3}  # decode windows per ollm run (best reported), repetitions per llama-bench run (mean reported)
 LAYERS_1B=${LAYERS_1B:-16}
 LONG_CONTEXT=${LONG_CONTEXT:-32768}
 LONG_PREFILL=${LONG_PREFILL:-8192}
@@ -87,11 +88,20 @@ echo "threads $THREADS, prompt $PROMPT, generated $GEN, rounds $ROUNDS"
 
 ollm_bench() { # model dir, then extra flags
   local m=$1; shift
-  "$OLLM" bench -m "$m" --device cpu --prompt-tokens "$PROMPT" --tokens "$GEN" --repeats 1 "$@" 2>/dev/null |
-    grep -E '^(model|cpu kernels|memory bw|matmul rate|prefill|bytes/token|decode|bound|ratio)'
+  "$OLLM" bench -m "$m" --device cpu --prompt-tokens "$PROMPT" --tokens "$GEN" --repeats "$WINDOWS" "$@" 2>/dev/null |
+    grep -E '^(model|cpu kernels|memory bw|matmul rate|prefill|bytes/token|decode|windows|bound|ratio)'
 }
 llama_bench() { # gguf
-  "$LLAMA_BENCH" -m "$1" -t "$THREADS" -fa 0 -p "$PROMPT" -n "$GEN" -r 1 -o md 2>/dev/null | grep -E '^\| (llama|model)'
+  # Each repetition's rate, so the best of llama.cpp's runs meets the best of ollm's windows.
+  "$LLAMA_BENCH" -m "$1" -t "$THREADS" -fa 0 -p "$PROMPT" -n "$GEN" -r "$WINDOWS" -o jsonl 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    n_prompt, n_gen, runs, mean = r["n_prompt"], r["n_gen"], r["samples_ts"], r["avg_ts"]
+    test = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+    listed = ", ".join(f"{x:.1f}" for x in runs)
+    print(f"llama.cpp {test}: best {max(runs):.2f} t/s, mean {mean:.2f} (runs {listed})")
+'
 }
 
 for r in $(seq 1 "$ROUNDS"); do

@@ -16,6 +16,11 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
+/// Tensors on 2 MiB boundaries, so huge pages back all of each (`ollm_ops::cpu::HugePageAlloc`).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOC: ollm_ops::cpu::HugePageAlloc = ollm_ops::cpu::HugePageAlloc;
+
 /// Where provisioning's progress goes when standard error is not a terminal (Jupyter, a log):
 /// Python's `sys.stderr`, which a notebook shows under the cell.
 fn progress_to_python() {

@@ -6,6 +6,11 @@ use clap::Parser;
 
 use ollm_cli::commands::{self, Command};
 
+/// Tensors on 2 MiB boundaries, so huge pages back all of each (`ollm_ops::cpu::HugePageAlloc`).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOC: ollm_ops::cpu::HugePageAlloc = ollm_ops::cpu::HugePageAlloc;
+
 /// Run large-context LLMs in full precision on little memory.
 #[derive(Debug, Parser)]
 #[command(name = "ollm", version, about)]

@@ -37,25 +37,66 @@ pub fn bandwidth_runs(be: &dyn Backend) -> usize {
 /// Best-of-[`bandwidth_runs`] memory bandwidth in bytes/s over a buffer of about `bytes`.
 pub fn memory_bandwidth(be: &dyn Backend, bytes: usize) -> ollm_ops::Result<f64> {
     match be.memory_kind() {
-        MemoryKind::Host => Ok(host_read_bandwidth(bytes)),
+        MemoryKind::Host => host_read_bandwidth(be, bytes),
         MemoryKind::Device => device_copy_bandwidth(be, bytes),
     }
 }
 
-/// Best-of-[`HOST_READ_RUNS`] read bandwidth in bytes/s: every thread of the pool decode runs on
-/// sums its share of a buffer of about `bytes` (at least 256 KiB).
-fn host_read_bandwidth(bytes: usize) -> f64 {
-    let n = (bytes / 4).max(1 << 16);
-    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
-    let mut best = 0.0f64;
-    for _ in 0..HOST_READ_RUNS {
+/// Best-of-[`HOST_READ_RUNS`] read bandwidth in bytes/s over a [`HostReader`] of about `bytes`.
+fn host_read_bandwidth(be: &dyn Backend, bytes: usize) -> ollm_ops::Result<f64> {
+    let reader = HostReader::new(be, bytes)?;
+    Ok((0..HOST_READ_RUNS).map(|_| reader.read().rate()).fold(0.0, f64::max))
+}
+
+/// A streaming read of host memory, repeatable: every thread of the pool decode runs on sums one
+/// contiguous share of a buffer of about `bytes` (at least 256 KiB), allocated as the backend
+/// allocates tensors (on the CPU: huge pages, as the weights decode streams). `ollm bench`
+/// interleaves reads with decode steps, so both see the same moments of a shared machine.
+pub struct HostReader {
+    buf: Vec<f32>,
+}
+
+/// What one [`HostReader::read`] moved and how long it took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Read {
+    pub bytes: usize,
+    pub secs: f64,
+}
+
+impl Read {
+    /// Bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.bytes as f64 / self.secs.max(1e-9)
+    }
+}
+
+impl HostReader {
+    /// A written buffer of about `bytes` on a host backend.
+    pub fn new(be: &dyn Backend, bytes: usize) -> ollm_ops::Result<HostReader> {
+        let n = (bytes / 4).max(1 << 16);
+        let mut t = be.alloc(vec![n], DType::F32)?;
+        let mut buf = match t.storage_mut() {
+            ollm_ops::Storage::Cpu(ollm_ops::CpuStorage::F32(v)) => std::mem::take(v),
+            _ => {
+                return Err(ollm_ops::OpsError::Backend(
+                    "host read bandwidth: the backend gave no host f32 buffer".into(),
+                ));
+            }
+        };
+        buf.par_iter_mut().enumerate().for_each(|(i, x)| *x = (i % 7) as f32);
+        Ok(HostReader { buf })
+    }
+
+    /// One timed read of the whole buffer.
+    pub fn read(&self) -> Read {
+        let buf = &self.buf;
+        let share = buf.len().div_ceil(rayon::current_num_threads());
         let t = Instant::now();
-        let s: f32 = buf.par_chunks(1 << 16).map(lane_sum).sum();
+        let s: f32 = buf.par_chunks(share).map(lane_sum).sum();
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(s);
-        best = best.max((n * 4) as f64 / secs);
+        Read { bytes: buf.len() * 4, secs }
     }
-    best
 }
 
 /// Sum with 16 independent accumulators, so the loop vectorises and memory, not the adder

@@ -8,6 +8,8 @@ mod attention;
 pub mod deltanet;
 mod elementwise;
 mod hugepages;
+#[cfg(unix)]
+pub use hugepages::HugePageAlloc;
 pub mod kernels;
 mod kv;
 mod matmul;

@@ -1,0 +1,120 @@
+//! Kernel lab for the CPU decode bound: one token through Llama-3.2-1B-shaped weights (16 layers
+//! of q, k, v, o, gate, up, down in bf16, 1.95 GB, far past the caches), one matmul per weight as
+//! a forward calls them, against a streaming read of a buffer as large — interleaved round by
+//! round, so a noisy neighbour hits all alike. Two copies of the weights: as the backend allocates
+//! them (`Memory::alloc` under [`HugePageAlloc`]: 2 MiB-aligned, advised huge) and advised huge at
+//! wherever the C allocator put them (the placement before the aligned allocator). Prints GB/s.
+//!
+//! `cargo run --release -p ollm-ops --example cpu_decode_bandwidth [ROUNDS]`; threads: rayon's pool
+//! (`RAYON_NUM_THREADS`).
+
+use std::time::Instant;
+
+use half::bf16;
+use ollm_ops::cpu::{CpuBackend, HugePageAlloc, Kernels, MatmulJob, Precision, matmul_many_with};
+use ollm_ops::{CpuStorage, DType, Memory, Storage};
+use rayon::prelude::*;
+
+#[global_allocator]
+static ALLOC: HugePageAlloc = HugePageAlloc;
+
+const HUGE: usize = 2 << 20;
+
+/// `n` zeroes whose whole 2 MiB pages are advised huge before the first write, wherever malloc
+/// placed them.
+fn advised_unaligned(n: usize) -> Vec<bf16> {
+    let mut v: Vec<bf16> = Vec::with_capacity(n);
+    let (start, len) = (v.as_mut_ptr() as usize, n * 2);
+    let (first, end) = (start.next_multiple_of(HUGE), (start + len) / HUGE * HUGE);
+    if end > first {
+        // SAFETY: advice on whole pages inside this vector's own allocation; contents unchanged.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
+    }
+    v.resize(n, bf16::ZERO);
+    v
+}
+
+fn lane_sum(c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for w in c.chunks_exact(16) {
+        for i in 0..16 {
+            acc[i] += w[i];
+        }
+    }
+    acc.iter().sum()
+}
+
+/// GB/s of one streaming read of `buf`, one contiguous range per thread.
+fn read_gbs(buf: &[f32]) -> f64 {
+    let t = Instant::now();
+    let s: f32 = buf.par_chunks(buf.len().div_ceil(rayon::current_num_threads())).map(lane_sum).sum();
+    std::hint::black_box(s);
+    (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn main() {
+    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let (h, kv, inter, layers) = (2048usize, 512usize, 8192usize, 16usize);
+    let shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)];
+    let kern = Kernels::active();
+    let be = CpuBackend::new();
+    let fill = |w: &mut [bf16], l: usize| {
+        w.par_iter_mut().enumerate().for_each(|(i, v)| *v = bf16::from_f32(((i + l) % 13) as f32 * 0.01))
+    };
+    let aligned: Vec<Vec<CpuStorage>> = (0..layers)
+        .map(|l| {
+            shapes
+                .iter()
+                .map(|&(n, k)| {
+                    let mut t = be.alloc(vec![n, k], DType::BF16).expect("alloc");
+                    let Storage::Cpu(CpuStorage::BF16(w)) = t.storage_mut() else { unreachable!() };
+                    let mut w = std::mem::take(w);
+                    fill(&mut w, l);
+                    CpuStorage::BF16(w)
+                })
+                .collect()
+        })
+        .collect();
+    let unaligned: Vec<Vec<CpuStorage>> = (0..layers)
+        .map(|l| {
+            shapes
+                .iter()
+                .map(|&(n, k)| {
+                    let mut w = advised_unaligned(n * k);
+                    fill(&mut w, l);
+                    CpuStorage::BF16(w)
+                })
+                .collect()
+        })
+        .collect();
+    let bytes: usize = layers * shapes.iter().map(|(n, k)| n * k * 2).sum::<usize>();
+    let mut read = be.alloc(vec![bytes / 4], DType::F32).expect("alloc");
+    let Storage::Cpu(CpuStorage::F32(read)) = read.storage_mut() else { unreachable!() };
+    let mut read = std::mem::take(read);
+    read.par_iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32);
+    println!("threads {}, kernels {}, weights {:.2} GB", rayon::current_num_threads(), kern.tier(), bytes as f64 / 1e9);
+    let x: Vec<f32> = (0..inter).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
+    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.0; n]).collect();
+    let mut forward = |weights: &[Vec<CpuStorage>]| {
+        let t = Instant::now();
+        for layer in weights {
+            for (i, w) in layer.iter().enumerate() {
+                let (n, k) = shapes[i];
+                let mut jobs = [MatmulJob { w, n, bias: None, out: &mut outs[i] }];
+                matmul_many_with(kern, Precision::Bf16Activations, &x[..k], (1, k), &mut jobs);
+            }
+        }
+        bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    let best = |v: Vec<f64>| v.into_iter().fold(0.0, f64::max);
+    for r in 0..rounds {
+        let a = best((0..3).map(|_| forward(&aligned)).collect());
+        let u = best((0..3).map(|_| forward(&unaligned)).collect());
+        let m = best((0..3).map(|_| read_gbs(&read)).collect());
+        println!(
+            "round {r}: decode matmuls {a:.1} GB/s aligned ({:.0}% of the read), {u:.1} GB/s unaligned ({:.0}%) | read {m:.1} GB/s",
+            100.0 * a / m,
+            100.0 * u / m
+        );
+    }
+}
