@@ -161,13 +161,13 @@ mod tests {
                 // SAFETY: a non-zero size; the block is written within size, then freed once.
                 unsafe {
                     let p = if zeroed { a.alloc_zeroed(l) } else { a.alloc(l) };
-                    assert!(!p.is_null() && p as usize % align == 0, "{size}/{align}");
+                    assert!(!p.is_null() && (p as usize).is_multiple_of(align), "{size}/{align}");
                     if zeroed {
                         assert!(std::slice::from_raw_parts(p, size).iter().all(|&b| b == 0));
                     }
                     std::ptr::write_bytes(p, 0xab, size);
                     let q = a.realloc(p, l, size * 3);
-                    assert!(!q.is_null() && q as usize % align == 0);
+                    assert!(!q.is_null() && (q as usize).is_multiple_of(align));
                     assert!(std::slice::from_raw_parts(q, size).iter().all(|&b| b == 0xab));
                     let r = a.realloc(q, Layout::from_size_align(size * 3, align).expect("l"), size.div_ceil(2));
                     assert!(std::slice::from_raw_parts(r, size.div_ceil(2)).iter().all(|&b| b == 0xab));
@@ -181,7 +181,7 @@ mod tests {
         // SAFETY: as above.
         let p = unsafe { a.alloc(l) };
         ALIGN_NEXT.with(|f| f.set(false));
-        assert!(!p.is_null() && p as usize % HUGE_PAGE_BYTES == 0, "{p:?}");
+        assert!(!p.is_null() && (p as usize).is_multiple_of(HUGE_PAGE_BYTES), "{p:?}");
         // SAFETY: p came from a.alloc(l).
         unsafe { a.dealloc(p, l) };
     }
