@@ -15,7 +15,7 @@
 //! three of its four. [`HugePageAlloc`], a process's global allocator (the `ollm` binary and the
 //! Python module set it), places the blocks that [`with_capacity`] asks for on a 2 MiB boundary,
 //! so every whole 2 MiB of a tensor is backed huge. Measured on the 2-core CI VM (2026-12-05,
-//! `examples/cpu_decode_bandwidth.rs`, 16 Llama-3.2-1B-shaped layers, 2 threads, runs where the VM
+//! `ollm-residency/examples/cpu_decode_bandwidth.rs`, 16 Llama-3.2-1B-shaped layers, 2 threads, runs where the VM
 //! read 64–65 GB/s): one decode token's matmuls 46.6–46.8 → 54.9–55.4 GB/s. Where the process
 //! keeps the system allocator (tests), tensors are placed as before.
 

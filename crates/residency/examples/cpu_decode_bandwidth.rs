@@ -5,7 +5,7 @@
 //! them (`Memory::alloc` under [`HugePageAlloc`]: 2 MiB-aligned, advised huge) and advised huge at
 //! wherever the C allocator put them (the placement before the aligned allocator). Prints GB/s.
 //!
-//! `cargo run --release -p ollm-ops --example cpu_decode_bandwidth [ROUNDS]`; threads: rayon's pool
+//! `cargo run --release -p ollm-residency --example cpu_decode_bandwidth [ROUNDS]`; threads: rayon's pool
 //! (`RAYON_NUM_THREADS`).
 
 use std::time::Instant;
@@ -13,6 +13,7 @@ use std::time::Instant;
 use half::bf16;
 use ollm_ops::cpu::{CpuBackend, HugePageAlloc, Kernels, MatmulJob, Precision, matmul_many_with};
 use ollm_ops::{CpuStorage, DType, Memory, Storage};
+use ollm_residency::measure::HostReader;
 use rayon::prelude::*;
 
 #[global_allocator]
@@ -32,24 +33,6 @@ fn advised_unaligned(n: usize) -> Vec<bf16> {
     }
     v.resize(n, bf16::ZERO);
     v
-}
-
-fn lane_sum(c: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    for w in c.chunks_exact(16) {
-        for i in 0..16 {
-            acc[i] += w[i];
-        }
-    }
-    acc.iter().sum()
-}
-
-/// GB/s of one streaming read of `buf`, one contiguous range per thread.
-fn read_gbs(buf: &[f32]) -> f64 {
-    let t = Instant::now();
-    let s: f32 = buf.par_chunks(buf.len().div_ceil(rayon::current_num_threads())).map(lane_sum).sum();
-    std::hint::black_box(s);
-    (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
 fn main() {
@@ -88,10 +71,8 @@ fn main() {
         })
         .collect();
     let bytes: usize = layers * shapes.iter().map(|(n, k)| n * k * 2).sum::<usize>();
-    let mut read = be.alloc(vec![bytes / 4], DType::F32).expect("alloc");
-    let Storage::Cpu(CpuStorage::F32(read)) = read.storage_mut() else { unreachable!() };
-    let mut read = std::mem::take(read);
-    read.par_iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32);
+    // The read `ollm bench` rates decode windows against (one contiguous share a thread).
+    let reader = HostReader::new(&be, bytes).expect("read buffer");
     println!("threads {}, kernels {}, weights {:.2} GB", rayon::current_num_threads(), kern.tier(), bytes as f64 / 1e9);
     let x: Vec<f32> = (0..inter).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
     let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.0; n]).collect();
@@ -110,7 +91,7 @@ fn main() {
     for r in 0..rounds {
         let a = best((0..3).map(|_| forward(&aligned)).collect());
         let u = best((0..3).map(|_| forward(&unaligned)).collect());
-        let m = best((0..3).map(|_| read_gbs(&read)).collect());
+        let m = best((0..3).map(|_| reader.read().rate() / 1e9).collect());
         println!(
             "round {r}: decode matmuls {a:.1} GB/s aligned ({:.0}% of the read), {u:.1} GB/s unaligned ({:.0}%) | read {m:.1} GB/s",
             100.0 * a / m,
