@@ -47,7 +47,6 @@ pub struct CudaBackend {
     grouped: std::sync::atomic::AtomicBool,
 }
 
-/// Whether the environment variable `name` is `1`.
 fn cuda<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
     match t.storage() {
         Storage::Cuda(s) => Ok(s),

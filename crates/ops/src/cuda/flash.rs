@@ -5,7 +5,7 @@
 //! the caller falls back to it.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::attention::{check_shapes, launch};
@@ -69,19 +69,47 @@ pub fn flash_prefill_mma(
     let bm = 64 * mt;
     let func = dev.function("flash_attn", FLASH_SOURCE, &format!("flash_prefill_d{}_m{mt}_n{bn}", g.d))?;
     let smem = (bm + 4 * bn) * g.d * 2;
+    // SAFETY: flash_prefill_* takes the attention layout and covers bm query rows a block of
+    // 128 threads; t came from check_shapes above.
+    unsafe {
+        launch_flash(dev, &func, (bm, 128, smem), t, q, [k, v], g, scale, window, sinks, out, "flash attention")
+    }?;
+    Ok(true)
+}
+
+/// The launch both flash prefill kernels share: a grid of (query heads, blocks of `rows` query
+/// rows), `threads` a block, `smem` bytes of dynamic shared memory (the function's limit is
+/// raised to it first), and the attention parameters of [`launch`].
+///
+/// # Safety
+/// `func` takes (q, k, v, out, T, n_heads, n_kv, cap, pos0, scale, window, sinks, has_sinks)
+/// and covers `rows` query rows a block; `t` came from `check_shapes` on these buffers.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn launch_flash(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    (rows, threads, smem): (usize, u32, usize),
+    t: usize,
+    q: &CudaSlice<f32>,
+    [k, v]: [&CudaSlice<bf16>; 2],
+    g: AttnGeometry,
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    what: &'static str,
+) -> Result<()> {
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(driver_err("flash attention shared memory"))?;
+        .map_err(|e| crate::OpsError::Backend(format!("cuda {what} shared memory: {e}")))?;
     let cfg = LaunchConfig {
-        grid_dim: (g.n_heads as u32, t.div_ceil(bm) as u32, 1),
-        block_dim: (128, 1, 1),
+        grid_dim: (g.n_heads as u32, t.div_ceil(rows) as u32, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let ints = [t as i32, g.n_heads as i32, g.n_kv as i32, g.cap as i32, g.pos0 as i32];
-    // SAFETY: flash_prefill_* takes (q, k, v, out, T, n_heads, n_kv, cap, pos0, scale, window,
-    // sinks, has_sinks); shapes checked above; the dynamic shared memory limit was raised to
-    // what the launch asks for.
-    unsafe { launch(dev, &func, cfg, q, [k, v], out, &ints, scale, window, sinks, "flash attention") }?;
-    Ok(true)
+    // SAFETY: the caller's contract: the parameter layout of `launch`, shapes checked, and the
+    // dynamic shared memory limit was raised to what the launch asks for just above.
+    unsafe { launch(dev, func, cfg, q, [k, v], out, &ints, scale, window, sinks, what) }
 }
 
 /// Query heads a decode block takes together: the largest divisor of the GQA group ≤ 8 that

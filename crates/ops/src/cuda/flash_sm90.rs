@@ -8,7 +8,8 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::attention::{check_shapes, launch};
+use super::attention::check_shapes;
+use super::flash::launch_flash;
 use super::{CudaDevice, driver_err};
 use crate::{AttnGeometry, Result};
 
@@ -102,19 +103,10 @@ pub fn flash_prefill_sm90(
         return Ok(false);
     }
     let func = dev.function_for_arch("flash_attn_sm90", SM90_SOURCE, &var.entry(), SM90_ARCH)?;
-    let smem = var.smem_bytes();
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(driver_err("sm90 flash attention shared memory"))?;
-    let cfg = LaunchConfig {
-        grid_dim: (g.n_heads as u32, t.div_ceil(BLOCK_ROWS) as u32, 1),
-        block_dim: (384, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let ints = [t as i32, g.n_heads as i32, g.n_kv as i32, g.cap as i32, g.pos0 as i32];
-    // SAFETY: flash90_* takes (q, k, v, out, T, n_heads, n_kv, cap, pos0, scale, window, sinks,
-    // has_sinks) like flash_prefill_*; shapes checked above; the dynamic shared memory limit
-    // was raised to what the launch asks for; the grid covers every query row once.
-    unsafe { launch(dev, &func, cfg, q, [k, v], out, &ints, scale, window, sinks, "sm90 flash attention") }?;
+    let shape = (BLOCK_ROWS, 384, var.smem_bytes());
+    // SAFETY: flash90_* takes the attention layout like flash_prefill_* and covers BLOCK_ROWS
+    // query rows a block of 384 threads; t came from check_shapes above.
+    unsafe { launch_flash(dev, &func, shape, t, q, [k, v], g, scale, window, sinks, out, "sm90 flash attention") }?;
     Ok(true)
 }
 
