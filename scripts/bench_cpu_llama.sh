@@ -23,7 +23,9 @@
 #   SMOL_GGUF     its BF16 GGUF [/tmp/llcpu/smollm2-bf16.gguf]
 #   WORK          scratch folder for the synthetic model, its GGUF and the logs [/tmp/ollm-bench-cpu]
 #   THREADS [2]  PROMPT [512]  GEN [128]  ROUNDS [3]  WINDOWS [3]  LAYERS_1B [16, the real model's]
-#   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]
+#   READER        the memory read next to each llama.cpp run [target/release/examples/cpu_decode_bandwidth]
+#                 (cargo build --release -p ollm-residency --example cpu_decode_bandwidth)
+#   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]  PAIRS [8]
 # A quick check of the script itself: ROUNDS=1 PROMPT=64 GEN=16 LAYERS_1B=2 LONG_CONTEXT=2048
 #   LONG_PREFILL=512 LONG_TOKENS=4 STREAM_TOKENS=4 OLLM=target/debug/ollm scripts/bench_cpu_llama.sh
 set -euo pipefail
@@ -44,9 +46,11 @@ LONG_CONTEXT=${LONG_CONTEXT:-32768}
 LONG_PREFILL=${LONG_PREFILL:-8192}
 LONG_TOKENS=${LONG_TOKENS:-16}
 STREAM_TOKENS=${STREAM_TOKENS:-16}
+PAIRS=${PAIRS:-8}
+READER=${READER:-target/release/examples/cpu_decode_bandwidth}
 export RAYON_NUM_THREADS=$THREADS
 
-for f in "$OLLM" "$LLAMA_BENCH"; do
+for f in "$OLLM" "$LLAMA_BENCH" "$READER"; do
   [ -x "$f" ] || { echo "$f: not an executable (see the usage at the top of $0)" >&2; exit 1; }
 done
 [ -f "$SMOL_GGUF" ] || { echo "$SMOL_GGUF: no such GGUF (set SMOL_GGUF)" >&2; exit 1; }
@@ -116,6 +120,40 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "### Llama-3.2-1B-shaped ($LAYERS_1B layers): llama.cpp (BF16 GGUF, -fa 0)"
   llama_bench "$llama1b.gguf"
 done
+
+# The 1B decode in pairs, each run with the memory read next to it: this VM's bandwidth moves
+# (32-38 or 56-67 GB/s) within seconds, so a few runs of each engine compare moments, not engines.
+# ollm rates its window against the reads between its own steps; llama.cpp against the mean of the
+# reads just before and just after its run (READER: `cpu_decode_bandwidth read`).
+echo
+echo "## Llama-3.2-1B-shaped decode at context $PROMPT, $PAIRS pairs (ollm, then llama.cpp), each against the memory read next to it (load $(cut -d' ' -f1 /proc/loadavg))"
+pairs_log="$WORK/pairs-$(date -u +%Y%m%dT%H%M%S).txt"
+: > "$pairs_log"
+for p in $(seq 1 "$PAIRS"); do
+  o=$("$OLLM" bench -m "$llama1b" --device cpu --prompt-tokens "$PROMPT" --tokens "$GEN" --repeats 1 2>/dev/null |
+    sed -n 's/^windows *\([0-9.]*\) tok\/s at \([0-9.]*\) GB\/s.*/\1 \2/p')
+  r1=$("$READER" read | awk '{print $2}')
+  l=$("$LLAMA_BENCH" -m "$llama1b.gguf" -t "$THREADS" -fa 0 -p 0 -n "$GEN" -d "$PROMPT" -r 1 -o jsonl 2>/dev/null |
+    python3 -c 'import json, sys; print(*[json.loads(x)["avg_ts"] for x in sys.stdin if x.strip()])')
+  r2=$("$READER" read | awk '{print $2}')
+  echo "$p $o $l $r1 $r2" | tee -a "$pairs_log"
+done
+python3 - "$pairs_log" "$weights_1b" <<'EOF'
+import statistics as st, sys
+rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 6]
+if not rows:
+    sys.exit("no complete pair (an engine printed nothing)")
+b = int(sys.argv[2])
+ollm = [float(r[1]) for r in rows]
+ollm_share = [float(r[1]) * b / 1e9 / float(r[2]) for r in rows]
+llama = [float(r[3]) for r in rows]
+llama_share = [float(r[3]) * b / 1e9 / ((float(r[4]) + float(r[5])) / 2) for r in rows]
+print("columns: pair, ollm tok/s, GB/s read between its steps, llama.cpp tok/s, GB/s read before and after it")
+print(f"ollm      median {st.median(ollm):.2f} tok/s (best {max(ollm):.2f}), {100 * st.median(ollm_share):.1f}% of the read (median)")
+print(f"llama.cpp median {st.median(llama):.2f} tok/s (best {max(llama):.2f}), {100 * st.median(llama_share):.1f}% of the read (median)")
+print(f"ollm / llama.cpp: {st.median(ollm) / st.median(llama):.2f}x of medians, {max(ollm) / max(llama):.2f}x of bests, "
+      f"{st.median(ollm_share) / st.median(llama_share):.2f}x of shares; ollm ahead in {sum(o > l for o, l in zip(ollm, llama))} of {len(rows)} pairs")
+EOF
 
 echo
 echo "## Llama-3.2-1B-shaped with --ram-budget $half_1b B (half its weights): decode against the disk bound (load $(cut -d' ' -f1 /proc/loadavg))"

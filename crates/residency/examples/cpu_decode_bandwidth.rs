@@ -5,8 +5,8 @@
 //! them (`Memory::alloc` under [`HugePageAlloc`]: 2 MiB-aligned, advised huge) and advised huge at
 //! wherever the C allocator put them (the placement before the aligned allocator). Prints GB/s.
 //!
-//! `cargo run --release -p ollm-residency --example cpu_decode_bandwidth [ROUNDS]`; threads: rayon's pool
-//! (`RAYON_NUM_THREADS`).
+//! `cargo run --release -p ollm-residency --example cpu_decode_bandwidth [ROUNDS | read]`; threads:
+//! rayon's pool (`RAYON_NUM_THREADS`). `read` prints only the memory read (best of 3 over 1 GiB).
 
 use std::time::Instant;
 
@@ -36,7 +36,16 @@ fn advised_unaligned(n: usize) -> Vec<bf16> {
 }
 
 fn main() {
-    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let arg = std::env::args().nth(1);
+    if arg.as_deref() == Some("read") {
+        // Only the read, best of 3 over 1 GiB: what scripts/bench_cpu_llama.sh takes around each
+        // llama.cpp run, which cannot read memory between its own steps as `ollm bench` does.
+        let reader = HostReader::new(&CpuBackend::new(), 1 << 30).expect("read buffer");
+        let best = (0..3).map(|_| reader.read().rate() / 1e9).fold(0.0, f64::max);
+        println!("read {best:.1} GB/s");
+        return;
+    }
+    let rounds: usize = arg.and_then(|a| a.parse().ok()).unwrap_or(5);
     let (h, kv, inter, layers) = (2048usize, 512usize, 8192usize, 16usize);
     let shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)];
     let kern = Kernels::active();

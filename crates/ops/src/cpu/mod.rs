@@ -5,6 +5,7 @@
 //! file only unpacks tensors and checks shapes.
 
 mod attention;
+mod busy;
 pub mod deltanet;
 mod elementwise;
 mod hugepages;
@@ -139,12 +140,13 @@ impl Backend for CpuBackend {
 }
 
 impl Compute for CpuBackend {
-    /// On a thread of rayon's pool (in place when already on one).
+    /// On a thread of rayon's pool (in place when already on one), the pool's other threads
+    /// spinning through the step ([`busy::run`]).
     fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
         if rayon::current_thread_index().is_some() {
-            step();
+            busy::run(step);
         } else {
-            rayon::scope(|_| step());
+            rayon::scope(|_| busy::run(step));
         }
     }
 
