@@ -25,7 +25,7 @@
 #   THREADS [2]  PROMPT [512]  GEN [128]  ROUNDS [3]  WINDOWS [3]  LAYERS_1B [16, the real model's]
 #   READER        the memory read next to each llama.cpp run [target/release/examples/cpu_decode_bandwidth]
 #                 (cargo build --release -p ollm-residency --example cpu_decode_bandwidth)
-#   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]  PAIRS [8]
+#   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]  PAIRS [8]  EXTRAS [1]
 # A quick check of the script itself: ROUNDS=1 PROMPT=64 GEN=16 LAYERS_1B=2 LONG_CONTEXT=2048
 #   LONG_PREFILL=512 LONG_TOKENS=4 STREAM_TOKENS=4 OLLM=target/debug/ollm scripts/bench_cpu_llama.sh
 set -euo pipefail
@@ -47,6 +47,7 @@ LONG_PREFILL=${LONG_PREFILL:-8192}
 LONG_TOKENS=${LONG_TOKENS:-16}
 STREAM_TOKENS=${STREAM_TOKENS:-16}
 PAIRS=${PAIRS:-8}
+EXTRAS=${EXTRAS:-1}  # 0: skip the --ram-budget and long-context parts
 READER=${READER:-target/release/examples/cpu_decode_bandwidth}
 export RAYON_NUM_THREADS=$THREADS
 
@@ -121,24 +122,27 @@ for r in $(seq 1 "$ROUNDS"); do
   llama_bench "$llama1b.gguf"
 done
 
-# The 1B decode in pairs, each run with the memory read next to it: this VM's bandwidth moves
-# (32-38 or 56-67 GB/s) within seconds, so a few runs of each engine compare moments, not engines.
-# ollm rates its window against the reads between its own steps; llama.cpp against the mean of the
+# Decode in pairs, each run with the memory read next to it: this VM's bandwidth moves (32-38 or
+# 56-67 GB/s) within seconds, so a few runs of each engine compare moments, not engines. ollm
+# rates its window against the reads between its own steps; llama.cpp against the mean of the
 # reads just before and just after its run (READER: `cpu_decode_bandwidth read`).
-echo
-echo "## Llama-3.2-1B-shaped decode at context $PROMPT, $PAIRS pairs (ollm, then llama.cpp), each against the memory read next to it (load $(cut -d' ' -f1 /proc/loadavg))"
-pairs_log="$WORK/pairs-$(date -u +%Y%m%dT%H%M%S).txt"
-: > "$pairs_log"
-for p in $(seq 1 "$PAIRS"); do
-  o=$("$OLLM" bench -m "$llama1b" --device cpu --prompt-tokens "$PROMPT" --tokens "$GEN" --repeats 1 2>/dev/null |
-    sed -n 's/^windows *\([0-9.]*\) tok\/s at \([0-9.]*\) GB\/s.*/\1 \2/p')
-  r1=$("$READER" read | awk '{print $2}')
-  l=$("$LLAMA_BENCH" -m "$llama1b.gguf" -t "$THREADS" -fa 0 -p 0 -n "$GEN" -d "$PROMPT" -r 1 -o jsonl 2>/dev/null |
-    python3 -c 'import json, sys; print(*[json.loads(x)["avg_ts"] for x in sys.stdin if x.strip()])')
-  r2=$("$READER" read | awk '{print $2}')
-  echo "$p $o $l $r1 $r2" | tee -a "$pairs_log"
-done
-python3 - "$pairs_log" "$weights_1b" <<'EOF'
+decode_pairs() { # name, model dir, gguf, bytes read per token (the weights)
+  local name=$1 dir=$2 gguf=$3 bytes=$4 p o l r1 r2
+  echo
+  echo "## $name decode at context $PROMPT, $PAIRS pairs (ollm, then llama.cpp), each against the memory read next to it (load $(cut -d' ' -f1 /proc/loadavg))"
+  local pairs_log
+  pairs_log="$WORK/pairs-$(basename "$dir")-$(date -u +%Y%m%dT%H%M%S).txt"
+  : > "$pairs_log"
+  for p in $(seq 1 "$PAIRS"); do
+    o=$("$OLLM" bench -m "$dir" --device cpu --prompt-tokens "$PROMPT" --tokens "$GEN" --repeats 1 2>/dev/null |
+      sed -n 's/^windows *\([0-9.]*\) tok\/s at \([0-9.]*\) GB\/s.*/\1 \2/p')
+    r1=$("$READER" read | awk '{print $2}')
+    l=$("$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -fa 0 -p 0 -n "$GEN" -d "$PROMPT" -r 1 -o jsonl 2>/dev/null |
+      python3 -c 'import json, sys; print(*[json.loads(x)["avg_ts"] for x in sys.stdin if x.strip()])')
+    r2=$("$READER" read | awk '{print $2}')
+    echo "$p $o $l $r1 $r2" | tee -a "$pairs_log"
+  done
+  python3 - "$pairs_log" "$bytes" <<'EOF'
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 6]
 if not rows:
@@ -154,7 +158,11 @@ print(f"llama.cpp median {st.median(llama):.2f} tok/s (best {max(llama):.2f}), {
 print(f"ollm / llama.cpp: {st.median(ollm) / st.median(llama):.2f}x of medians, {max(ollm) / max(llama):.2f}x of bests, "
       f"{st.median(ollm_share) / st.median(llama_share):.2f}x of shares; ollm ahead in {sum(o > l for o, l in zip(ollm, llama))} of {len(rows)} pairs")
 EOF
+}
+decode_pairs "SmolLM2-135M" "$SMOL_DIR" "$SMOL_GGUF" "$(stat -L -c %s "$SMOL_DIR/model.safetensors")"
+decode_pairs "Llama-3.2-1B-shaped" "$llama1b" "$llama1b.gguf" "$weights_1b"
 
+if [ "$EXTRAS" = 1 ]; then
 echo
 echo "## Llama-3.2-1B-shaped with --ram-budget $half_1b B (half its weights): decode against the disk bound (load $(cut -d' ' -f1 /proc/loadavg))"
 "$OLLM" bench -m "$llama1b" --device cpu --ram-budget "$half_1b" --prompt-tokens 16 --tokens "$STREAM_TOKENS" \
@@ -164,6 +172,7 @@ echo
 echo "## Long context: SmolLM2-135M weights, context $LONG_CONTEXT, prefill $LONG_PREFILL, f32 then bf16 KV (load $(cut -d' ' -f1 /proc/loadavg))"
 "$OLLM" bench -m "$smol_long" --device cpu --long-context "$LONG_CONTEXT" --long-prefill "$LONG_PREFILL" \
   --tokens "$LONG_TOKENS" 2>/dev/null
+fi
 
 echo
 echo "load:     $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min) at the end"
