@@ -133,23 +133,25 @@ impl Sampler {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.cands.clear();
         self.cands.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())));
-        // Most likely first; ties keep the lower id first.
-        self.cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if let Some(k) = p.top_k {
-            self.cands.truncate(k.max(1));
+        if let Some(k) = p.top_k.map(|k| k.max(1)).filter(|&k| k < self.cands.len()) {
+            // The k most likely, found without sorting the vocabulary; only they get sorted.
+            self.cands.select_nth_unstable_by(k - 1, most_likely_first);
+            self.cands.truncate(k);
         }
-        let total: f32 = self.cands.iter().map(|c| c.1).sum();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = self.cands.len();
-            for (i, c) in self.cands.iter().enumerate() {
-                acc += c.1 / total;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
+        if p.top_p < 1.0 && p.top_k.is_none() {
+            // The whole vocabulary is in play: sort only as far as the nucleus reaches. Its sum is
+            // taken in f64 (in f32, 128K terms drift by ~1e-4, enough to move a flat nucleus'
+            // edge by a dozen tokens).
+            let total = vocabulary_sum(&self.cands);
+            let keep = sorted_nucleus(&mut self.cands, total, p.top_p);
             self.cands.truncate(keep);
+        } else {
+            self.cands.sort_unstable_by(most_likely_first);
+            let total: f32 = self.cands.iter().map(|c| c.1).sum();
+            if p.top_p < 1.0 {
+                let keep = nucleus_len(&self.cands, total, p.top_p).unwrap_or(self.cands.len());
+                self.cands.truncate(keep);
+            }
         }
         if p.min_p > 0.0 {
             let floor = self.cands[0].1 * p.min_p;
@@ -157,6 +159,53 @@ impl Sampler {
             self.cands.truncate(keep);
         }
         None
+    }
+}
+
+/// Candidates are ordered most likely first; ties keep the lower id first.
+fn most_likely_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The weights' sum, in f64 and in vocabulary order, rounded once to f32.
+fn vocabulary_sum(cands: &[(u32, f32)]) -> f32 {
+    cands.iter().map(|c| f64::from(c.1)).sum::<f64>() as f32
+}
+
+/// Candidates sorted first when top-p meets a whole vocabulary (more when the nucleus is wider).
+const NUCLEUS_FIRST_GUESS: usize = 64;
+
+/// The length of the shortest prefix of `sorted` whose weights reach `top_p` of `total`; None
+/// when the whole list does not.
+fn nucleus_len(sorted: &[(u32, f32)], total: f32, top_p: f32) -> Option<usize> {
+    let mut acc = 0.0;
+    for (i, c) in sorted.iter().enumerate() {
+        acc += c.1 / total;
+        if acc >= top_p {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Sorts the head of `cands` (most likely first) until it holds the top-p nucleus and returns
+/// the nucleus' length: the 64 most likely first, then 8 times as many while the nucleus is
+/// wider, the whole list at worst. Sorting all of a 128K vocabulary for every sampled token costs
+/// milliseconds; a nucleus is usually a few dozen tokens. The prefix and its order are exactly
+/// those of a full sort.
+fn sorted_nucleus(cands: &mut [(u32, f32)], total: f32, top_p: f32) -> usize {
+    let mut head = NUCLEUS_FIRST_GUESS;
+    loop {
+        if head >= cands.len() {
+            cands.sort_unstable_by(most_likely_first);
+            return nucleus_len(cands, total, top_p).unwrap_or(cands.len());
+        }
+        cands.select_nth_unstable_by(head - 1, most_likely_first);
+        cands[..head].sort_unstable_by(most_likely_first);
+        if let Some(n) = nucleus_len(&cands[..head], total, top_p) {
+            return n;
+        }
+        head *= 8;
     }
 }
 
@@ -226,6 +275,59 @@ mod tests {
         assert_eq!(draw(SamplingParams { top_p: 0.5, ..params(1.0) }), [0].into());
         assert_eq!(draw(SamplingParams { min_p: 0.5, ..params(1.0) }), [0, 1].into());
         assert!(draw(params(1.0)).is_superset(&[0, 1, 2].into()), "unrestricted sampling reaches the third token");
+    }
+
+    /// The candidates by a full sort: the whole vocabulary sorted, then top-k, then top-p (over
+    /// the vocabulary's f64 sum without top-k, else the f32 sum of the k in order), then min-p.
+    fn candidates_by_full_sort(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv_t = 1.0 / p.temperature;
+        let mut c: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+        let vocabulary = vocabulary_sum(&c);
+        c.sort_unstable_by(most_likely_first);
+        if let Some(k) = p.top_k {
+            c.truncate(k.max(1));
+        }
+        let total: f32 = if p.top_k.is_some() { c.iter().map(|x| x.1).sum() } else { vocabulary };
+        if p.top_p < 1.0 {
+            let keep = nucleus_len(&c, total, p.top_p).unwrap_or(c.len());
+            c.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = c[0].1 * p.min_p;
+            let keep = c.iter().take_while(|x| x.1 >= floor).count().max(1);
+            c.truncate(keep);
+        }
+        c
+    }
+
+    /// Partial sorts keep the candidates a full sort keeps, in its order, on vocabularies of
+    /// 128K random logits (with ties) for narrow and wide nuclei, top-k, both, and min-p.
+    #[test]
+    fn partial_sorts_keep_what_a_full_sort_keeps() {
+        let seed = std::env::var("OLLM_TEST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_u64);
+        println!("OLLM_TEST_SEED={seed}");
+        let mut rng = SeededRng::new(seed);
+        for case in 0..24 {
+            let n = 128_256;
+            // Peaked (a few large logits) or flat (wide nuclei); rounding to 1/8 makes ties.
+            let spread = if case % 2 == 0 { 12.0 } else { 2.0 };
+            let logits: Vec<f32> = (0..n).map(|_| ((rng.next_f64() as f32 * spread) * 8.0).round() / 8.0).collect();
+            let p = SamplingParams {
+                temperature: [0.6, 1.0, 1.5][case % 3],
+                top_k: [None, Some(40), Some(5000), None][case % 4],
+                top_p: [0.9, 0.5, 0.999, 1.0, 0.95, 0.7][case % 6],
+                min_p: if case % 5 == 0 { 0.05 } else { 0.0 },
+                seed: 1,
+                ..SamplingParams::greedy()
+            };
+            let mut s = Sampler::new(p.clone()).expect("valid");
+            assert!(s.fill_candidates(&mut logits.clone(), &[]).is_none());
+            let want = candidates_by_full_sort(&logits, &p);
+            let ids = |c: &[(u32, f32)]| c.iter().map(|x| x.0).collect::<Vec<_>>();
+            assert_eq!(ids(&s.cands), ids(&want), "case {case} {p:?}: {} kept against {}", s.cands.len(), want.len());
+        }
     }
 
     #[test]
