@@ -26,3 +26,14 @@ pub use dtype::DType;
 pub use error::{MemoryLimit, OpsError, Result};
 pub use host::{HostBuffer, Marker};
 pub use tensor::{CpuStorage, HostTensor, Storage, Tensor};
+
+/// A switch read from the environment: `name=1` turns it on, `name=0` off, anything else (or
+/// nothing) leaves `default`. The measured paths default on (the GPU's fused kernels, graphs and
+/// PDL, the CPU's spinning threads), the slower ones off.
+pub(crate) fn env_switch(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref().map(str::trim) {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => default,
+    }
+}

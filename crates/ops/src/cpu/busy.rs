@@ -24,7 +24,7 @@ const MAX_IDLE: Duration = Duration::from_micros(500);
 
 fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var(SPIN_ENV).map(|v| v.trim() != "0").unwrap_or(true))
+    *ON.get_or_init(|| crate::env_switch(SPIN_ENV, true))
 }
 
 /// Runs `step` on the current thread (a worker of rayon's pool) while the pool's other workers

@@ -99,9 +99,9 @@ impl CudaBackend {
             // Measured on an H100, 2026-12-05: fused kernels and decode graphs lift 8B-shaped
             // decode from 65.8% to 82.6% of its bound (on by default); grouped MoE prefill is
             // slower than the per-expert loop on the GPT-OSS shape (off by default).
-            graphs: AtomicBool::new(super::env_switch("OLLM_CUDA_GRAPHS", true)),
-            fused: AtomicBool::new(super::env_switch("OLLM_CUDA_FUSED", true)),
-            grouped: AtomicBool::new(super::env_switch("OLLM_MOE_GROUPED", false)),
+            graphs: AtomicBool::new(crate::env_switch("OLLM_CUDA_GRAPHS", true)),
+            fused: AtomicBool::new(crate::env_switch("OLLM_CUDA_FUSED", true)),
+            grouped: AtomicBool::new(crate::env_switch("OLLM_MOE_GROUPED", false)),
         }
     }
 

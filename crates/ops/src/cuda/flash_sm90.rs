@@ -78,7 +78,7 @@ impl Sm90Variant {
 /// Whether the device can run the kernel (compute capability 9.0), unless `OLLM_FLASH_SM90=0`
 /// turns it off (on an H100, 2026-12-05: 500.7 TFLOP/s against the mma.sync kernel's 312.6).
 pub fn sm90_available(dev: &CudaDevice) -> bool {
-    dev.info.compute_capability == (9, 0) && super::env_switch(SM90_ENV, true)
+    dev.info.compute_capability == (9, 0) && crate::env_switch(SM90_ENV, true)
 }
 
 /// Prefill attention with variant `variant` (None: the default of the head dim). `Ok(false)`

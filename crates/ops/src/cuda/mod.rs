@@ -37,16 +37,6 @@ pub mod vram;
 
 use cudarc::driver::LaunchConfig;
 
-/// A switch read from the environment: `name=1` turns it on, `name=0` off, anything else (or
-/// nothing) leaves `default`. The measured GPU paths default on, the slower ones off.
-pub(crate) fn env_switch(name: &str, default: bool) -> bool {
-    match std::env::var(name).as_deref().map(str::trim) {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => default,
-    }
-}
-
 pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo, probe};
 pub use nvrtc_cache::KernelCache;

@@ -33,7 +33,7 @@ impl Arg {
 /// Whether programmatic dependent launches run on a device of compute capability `cc`: they need
 /// 9.0 or later (elsewhere the plain launches run); on by default, `OLLM_CUDA_PDL=0` turns them off.
 pub(crate) fn wanted(cc: (i32, i32)) -> bool {
-    cc.0 >= 9 && super::env_switch("OLLM_CUDA_PDL", true)
+    cc.0 >= 9 && crate::env_switch("OLLM_CUDA_PDL", true)
 }
 
 /// Launches `func` on the compute stream with the programmatic-stream-serialization attribute.
