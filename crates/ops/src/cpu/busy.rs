@@ -106,13 +106,22 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a pool of 3");
         let sum = AtomicUsize::new(0);
         let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+        let t0 = Instant::now();
         pool.install(|| {
             run(&mut || {
                 use rayon::prelude::*;
                 (0..10_000usize).into_par_iter().for_each(|i| {
                     sum.fetch_add(i, Ordering::Relaxed);
                     threads.lock().expect("not poisoned").insert(rayon::current_thread_index());
-                    std::hint::black_box((0..200).sum::<usize>());
+                    // Items wait (5 s at most) until a second thread has taken one, so a busy
+                    // machine that is slow to schedule the other workers cannot finish the step on
+                    // one thread first.
+                    while enabled()
+                        && threads.lock().expect("not poisoned").len() < 2
+                        && t0.elapsed() < Duration::from_secs(5)
+                    {
+                        spin_loop();
+                    }
                 });
             })
         });
