@@ -26,6 +26,7 @@
 #   READER        the memory read next to each llama.cpp run [target/release/examples/cpu_decode_bandwidth]
 #                 (cargo build --release -p ollm-residency --example cpu_decode_bandwidth)
 #   LONG_CONTEXT [32768]  LONG_PREFILL [8192]  LONG_TOKENS [16]  STREAM_TOKENS [16]  PAIRS [8]  EXTRAS [1]
+#   PAIRS_SMOL [PAIRS; 0 skips SmolLM2's pairs]
 # A quick check of the script itself: ROUNDS=1 PROMPT=64 GEN=16 LAYERS_1B=2 LONG_CONTEXT=2048
 #   LONG_PREFILL=512 LONG_TOKENS=4 STREAM_TOKENS=4 OLLM=target/debug/ollm scripts/bench_cpu_llama.sh
 set -euo pipefail
@@ -47,6 +48,7 @@ LONG_PREFILL=${LONG_PREFILL:-8192}
 LONG_TOKENS=${LONG_TOKENS:-16}
 STREAM_TOKENS=${STREAM_TOKENS:-16}
 PAIRS=${PAIRS:-8}
+PAIRS_SMOL=${PAIRS_SMOL:-$PAIRS}  # 0: the 1B model's pairs only
 EXTRAS=${EXTRAS:-1}  # 0: skip the --ram-budget and long-context parts
 READER=${READER:-target/release/examples/cpu_decode_bandwidth}
 export RAYON_NUM_THREADS=$THREADS
@@ -159,7 +161,7 @@ print(f"ollm / llama.cpp: {st.median(ollm) / st.median(llama):.2f}x of medians, 
       f"{st.median(ollm_share) / st.median(llama_share):.2f}x of shares; ollm ahead in {sum(o > l for o, l in zip(ollm, llama))} of {len(rows)} pairs")
 EOF
 }
-decode_pairs "SmolLM2-135M" "$SMOL_DIR" "$SMOL_GGUF" "$(stat -L -c %s "$SMOL_DIR/model.safetensors")"
+[ "$PAIRS_SMOL" -gt 0 ] && PAIRS=$PAIRS_SMOL decode_pairs "SmolLM2-135M" "$SMOL_DIR" "$SMOL_GGUF" "$(stat -L -c %s "$SMOL_DIR/model.safetensors")"
 decode_pairs "Llama-3.2-1B-shaped" "$llama1b" "$llama1b.gguf" "$weights_1b"
 
 if [ "$EXTRAS" = 1 ]; then

@@ -45,6 +45,9 @@ fn main() {
         println!("read {best:.1} GB/s");
         return;
     }
+    if arg.as_deref() == Some("sched") {
+        return sched(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(12));
+    }
     let rounds: usize = arg.and_then(|a| a.parse().ok()).unwrap_or(5);
     let (h, kv, inter, layers) = (2048usize, 512usize, 8192usize, 16usize);
     let shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)];
@@ -106,5 +109,66 @@ fn main() {
             100.0 * a / m,
             100.0 * u / m
         );
+    }
+}
+
+/// A decode step as the llama forward issues it (q/k/v in one region, o, gate/up in one, down;
+/// then the tied head, 128,256 rows), inside `run_step`, alternating the two schedules of
+/// few-token matmuls round by round: contiguous runs of rows per thread, and 32-row tasks.
+fn sched(rounds: usize) {
+    use ollm_ops::Compute;
+    let (h, kv, inter, layers, vocab) = (2048usize, 512usize, 8192usize, 16usize, 128_256usize);
+    let be = CpuBackend::new();
+    let kern = Kernels::active();
+    let mk = |n: usize, k: usize, l: usize| {
+        let mut t = be.alloc(vec![n, k], DType::BF16).expect("alloc");
+        let Storage::Cpu(CpuStorage::BF16(w)) = t.storage_mut() else { unreachable!() };
+        let mut w = std::mem::take(w);
+        w.par_iter_mut().enumerate().for_each(|(i, v)| *v = bf16::from_f32(((i + l) % 13) as f32 * 0.01));
+        CpuStorage::BF16(w)
+    };
+    let shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)];
+    let ws: Vec<Vec<CpuStorage>> = (0..layers).map(|l| shapes.iter().map(|&(n, k)| mk(n, k, l)).collect()).collect();
+    let head = mk(vocab, h, 99);
+    let bytes = (layers * shapes.iter().map(|(n, k)| n * k * 2).sum::<usize>() + vocab * h * 2) as f64;
+    let reader = HostReader::new(&be, 1 << 30).expect("read buffer");
+    let x: Vec<f32> = (0..inter).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
+    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.0; n]).collect();
+    let mut logits = vec![0.0f32; vocab];
+    let groups: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
+    let p = Precision::Bf16Activations;
+    println!(
+        "threads {}, kernels {}, weights {:.2} GB a token",
+        rayon::current_num_threads(),
+        kern.tier(),
+        bytes / 1e9
+    );
+    for r in 0..rounds {
+        let mut line = format!("round {r}:");
+        for parts in [true, false] {
+            ollm_ops::cpu::set_decode_runs(parts);
+            let mut best = 0.0f64;
+            for _ in 0..3 {
+                let t = Instant::now();
+                be.run_step(&mut || {
+                    for layer in &ws {
+                        for g in groups {
+                            let k = shapes[g[0]].1;
+                            let mut jobs: Vec<MatmulJob> = Vec::new();
+                            for (i, o) in outs.iter_mut().enumerate().filter(|(i, _)| g.contains(i)) {
+                                jobs.push(MatmulJob { w: &layer[i], n: shapes[i].0, bias: None, out: o });
+                            }
+                            matmul_many_with(kern, p, &x[..k], (1, k), &mut jobs);
+                        }
+                    }
+                    let mut jobs = [MatmulJob { w: &head, n: vocab, bias: None, out: &mut logits }];
+                    matmul_many_with(kern, p, &x[..h], (1, h), &mut jobs);
+                });
+                best = best.max(bytes / t.elapsed().as_secs_f64() / 1e9);
+            }
+            line += &format!(" {} {best:.1} GB/s", if parts { "runs" } else { "tasks" });
+        }
+        let m = (0..3).map(|_| reader.read().rate() / 1e9).fold(0.0, f64::max);
+        println!("{line} | read {m:.1} GB/s");
     }
 }

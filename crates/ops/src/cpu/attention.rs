@@ -14,7 +14,6 @@
 //! logit starts every row's `(m, l)` as one more key whose value is zero.
 
 use half::bf16;
-use rayon::prelude::*;
 
 use super::kernels::{Kernels, Panel, PvRows, Widen};
 use crate::TreeMask;
@@ -211,12 +210,18 @@ fn source_parts<E: KvElem>(
 ) -> Vec<(Task, Partial)> {
     let lo = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let grid = (t <= GRID_ROWS || tree.is_some()).then_some(origin);
-    plan(g, t, window, grid)
-        .into_par_iter()
-        .map(|task| {
-            let part = run_task(kern, q, (k, v, g), scale, (window, &lo), tree, &task);
-            (task, part)
-        })
+    let tasks = plan(g, t, window, grid);
+    // Through the step's spinning helpers where there is a step (a decode step's attention is
+    // one short region per layer); each task fills its own slot.
+    let slots: Vec<std::sync::Mutex<Option<Partial>>> = tasks.iter().map(|_| Default::default()).collect();
+    super::busy::parallel_parts(tasks.len(), |i| {
+        let part = run_task(kern, q, (k, v, g), scale, (window, &lo), tree, &tasks[i]);
+        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(part);
+    });
+    tasks
+        .into_iter()
+        .zip(slots)
+        .map(|(task, slot)| (task, slot.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every task ran")))
         .collect()
 }
 
@@ -419,6 +424,7 @@ fn run_task<E: KvElem>(
 mod tests {
     use super::super::kernels::Tier;
     use super::*;
+    use rayon::prelude::*;
 
     /// The one-task-per-(token, head) loop this module replaced, kept as the twin.
     // q, out `[T, n_heads, d]`; k, v `[n_kv, cap, d]`. Query t sits at position `pos0 + t` and sees

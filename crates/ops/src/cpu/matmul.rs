@@ -5,7 +5,9 @@
 //! decode (one token) is split over output rows and prefill over both:
 //! * few tokens (decode, batched decode of up to [`WIDEN_MIN_TOKENS`]−1 sequences): bf16 rows are
 //!   widened on the fly, so each weight byte is read once from memory (the decode bound is
-//!   weight bytes / bandwidth);
+//!   weight bytes / bandwidth); the rows of all the call's weights go out in guided runs (long,
+//!   then shorter) through [`super::busy::parallel_parts`], so each thread reads long sequential
+//!   stretches and no thread sleeps between a step's regions;
 //! * more tokens: each task widens its block of rows to f32 once (kept while it moves on to the
 //!   next token chunk of the same block) and runs the f32 micro-kernels over it;
 //! * bf16 activations (`Precision::Bf16Activations` on a CPU with AVX512-BF16): the input is
@@ -13,6 +15,8 @@
 //!
 //! The portable tier keeps the previous code: a dot product per row for few tokens, and the
 //! `gemm` crate on widened 64-row blocks for many.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -121,6 +125,29 @@ fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], (t, k): (usize,
         }
         false => None,
     };
+    let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.out.as_mut_ptr())).collect();
+    let jobs: &[Job<'_>] = jobs;
+    let tiles = Tiles { kern, x, xb: xb.as_deref(), t, k, jobs, outs: &outs };
+    if t < WIDEN_MIN_TOKENS && decode_runs() {
+        // Few tokens (decode): the weights stream once, so the jobs' rows (one after another) go
+        // out in runs, long first and shorter towards the end (guided): few jumps in each
+        // thread's stream, and an even finish.
+        let total: usize = jobs.iter().map(|j| j.n).sum();
+        let bounds = guided_bounds(total, rayon::current_num_threads());
+        super::busy::parallel_parts(bounds.len() - 1, |p| {
+            let (mut buf, mut widened) = init();
+            let (r0, r1) = (bounds[p], bounds[p + 1]);
+            let mut base = 0;
+            for (ji, job) in jobs.iter().enumerate() {
+                let (a, b) = (r0.max(base), r1.min(base + job.n));
+                if a < b {
+                    tiles.run(ji, a - base, b - a, 0, t, (&mut buf, &mut widened));
+                }
+                base += job.n;
+            }
+        });
+        return;
+    }
     let block_rows = if t >= WIDEN_MIN_TOKENS { GEMM_BLOCK_ROWS } else { DOT_BLOCK_ROWS };
     let n_chunks = t.div_ceil(TOKEN_CHUNK);
     // Each job's tasks follow the previous job's: `first[i]` is job i's first task.
@@ -131,40 +158,99 @@ fn matmul_tiled(kern: &Kernels, precision: Precision, x: &[f32], (t, k): (usize,
         total += j.n.div_ceil(block_rows) * n_chunks;
     }
     first.push(total);
-    let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.out.as_mut_ptr())).collect();
-    let jobs: &[Job<'_>] = jobs;
-    // State per worker: the widened rows of the (job, block) it last widened.
-    let init = || (Vec::<f32>::new(), (usize::MAX, usize::MAX));
     (0..total).into_par_iter().for_each_init(init, |(buf, widened), task| {
         let ji = first.partition_point(|&f| f <= task) - 1;
-        let (job, task) = (&jobs[ji], task - first[ji]);
-        let (w, n) = (job.w, job.n);
+        let (n, task) = (jobs[ji].n, task - first[ji]);
         let (blk, chunk) = (task / n_chunks, task % n_chunks);
         let (r0, t0) = (blk * block_rows, chunk * TOKEN_CHUNK);
-        let (rows, tt) = (block_rows.min(n - r0), TOKEN_CHUNK.min(t - t0));
+        tiles.run(ji, r0, block_rows.min(n - r0), t0, TOKEN_CHUNK.min(t - t0), (buf, widened));
+    });
+}
+
+/// State per worker: the widened rows of the (job, block) it last widened.
+fn init() -> (Vec<f32>, (usize, usize)) {
+    (Vec::new(), (usize::MAX, usize::MAX))
+}
+
+/// Runs of rows start at multiples of this many rows, and are no shorter.
+const PART_ALIGN_ROWS: usize = 16;
+
+/// Boundaries of guided runs over `total` rows for `threads` threads: each run is the rows
+/// left over twice the threads, at least [`PART_ALIGN_ROWS`].
+fn guided_bounds(total: usize, threads: usize) -> Vec<usize> {
+    let mut bounds = vec![0];
+    let mut at = 0;
+    while at < total {
+        let run = ((total - at) / (2 * threads.max(1))).next_multiple_of(PART_ALIGN_ROWS).max(PART_ALIGN_ROWS);
+        at = (at + run).min(total);
+        bounds.push(at);
+    }
+    bounds
+}
+
+/// Whether few-token matmuls take guided runs (the default) or the many-token tasks of
+/// [`DOT_BLOCK_ROWS`] rows; the kernel lab flips it to compare the two in one process.
+static DECODE_RUNS: AtomicBool = AtomicBool::new(true);
+
+fn decode_runs() -> bool {
+    DECODE_RUNS.load(Ordering::Relaxed)
+}
+
+/// Sets how few-token matmuls split their rows (see [`DECODE_RUNS`]); for the kernel lab's A/B.
+#[doc(hidden)]
+pub fn set_decode_runs(on: bool) {
+    DECODE_RUNS.store(on, Ordering::Relaxed)
+}
+
+/// One matmul region's operands, shared by its tasks.
+struct Tiles<'a> {
+    kern: &'a Kernels,
+    x: &'a [f32],
+    /// x rounded to bf16, when bf16 dot products take it.
+    xb: Option<&'a [bf16]>,
+    t: usize,
+    k: usize,
+    jobs: &'a [Job<'a>],
+    outs: &'a [OutPtr],
+}
+
+impl Tiles<'_> {
+    /// Rows `r0..r0 + rows` of job `ji` against tokens `t0..t0 + tt`: one panel call.
+    fn run(
+        &self,
+        ji: usize,
+        r0: usize,
+        rows: usize,
+        t0: usize,
+        tt: usize,
+        (buf, widened): (&mut Vec<f32>, &mut (usize, usize)),
+    ) {
+        let (job, k, kern) = (&self.jobs[ji], self.k, self.kern);
+        let (w, n) = (job.w, job.n);
         let src = r0 * k..(r0 + rows) * k;
-        let xs = &x[t0 * k..(t0 + tt) * k];
-        let o = outs[ji].get().wrapping_add(t0 * n + r0);
+        let xs = &self.x[t0 * k..(t0 + tt) * k];
+        let o = self.outs[ji].get().wrapping_add(t0 * n + r0);
         // SAFETY (every panel call): xs holds tt·k and the weight slices rows·k elements; this
         // task alone writes out[(t0 + ti)·n + r0 + j] for ti < tt, j < rows, inside its job's out
         // (t·n); the kernels were built for a tier this CPU supports.
-        match (w, &xb, kern.bf16_bf16) {
+        match (w, self.xb, kern.bf16_bf16) {
             (CpuStorage::BF16(v), Some(xb), Some(dot)) => unsafe {
                 dot(&xb[t0 * k..(t0 + tt) * k], tt, k, &v[src], rows, o, n)
             },
             (CpuStorage::F32(v), ..) => unsafe { (kern.f32_f32)(xs, tt, k, &v[src], rows, o, n) },
-            (CpuStorage::BF16(v), ..) if t < WIDEN_MIN_TOKENS => unsafe {
+            (CpuStorage::BF16(v), ..) if self.t < WIDEN_MIN_TOKENS => unsafe {
                 (kern.f32_bf16)(xs, tt, k, &v[src], rows, o, n)
             },
             _ => {
-                if *widened != (ji, blk) {
-                    widen_into(w, src, buf);
-                    *widened = (ji, blk);
+                // Widened once per (job, row block) and reused across token chunks.
+                if *widened != (ji, r0) {
+                    widen_into(w, src.clone(), buf);
+                    *widened = (ji, r0);
                 }
                 unsafe { (kern.f32_f32)(xs, tt, k, buf, rows, o, n) }
             }
         }
-    });
+    }
 }
 
 /// Widens `w[range]` into `buf` as f32 (packed bytes read as their values).
@@ -369,10 +455,12 @@ mod tests {
         }
     }
 
-    /// Several weights in one call give, bit for bit, what each gives alone: on every tier, both
-    /// precisions, weights of different dtypes and row counts, decode and prefill token counts.
+    /// Several weights in one call (inside a step) give, bit for bit, what each gives alone
+    /// (outside one): on every tier, both precisions, weights of different dtypes and row counts,
+    /// decode and prefill token counts.
     #[test]
     fn many_weights_in_one_call_equal_each_weight_alone() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool of 2");
         for tier in Tier::supported() {
             let Some(kern) = Kernels::for_tier(tier) else { continue };
             for precision in [Precision::Exact, Precision::Bf16Activations] {
@@ -381,8 +469,8 @@ mod tests {
                     let bf = |n: usize, seed| {
                         CpuStorage::BF16(noise(n * k, seed).iter().map(|v| bf16::from_f32(*v)).collect())
                     };
-                    let ws = [bf(70, 1), CpuStorage::F32(noise(9 * k, 2)), bf(33, 3), bf(1, 4)];
-                    let ns = [70, 9, 33, 1];
+                    let ws = [bf(70, 1), CpuStorage::F32(noise(9 * k, 2)), bf(33, 3), bf(1, 4), bf(300, 6)];
+                    let ns = [70, 9, 33, 1, 300];
                     let biases: Vec<Vec<f32>> = ns.iter().map(|&n| noise(n, 5 + n as u64)).collect();
                     let alone: Vec<Vec<f32>> = (0..ws.len())
                         .map(|i| {
@@ -400,7 +488,10 @@ mod tests {
                         .zip(ns)
                         .map(|(((w, out), b), n)| Job { w, n, bias: Some(b), out })
                         .collect();
-                    matmul_many_with(&kern, precision, &x, (t, k), &mut jobs);
+                    // Inside a step, where few tokens go through the spinning helpers.
+                    pool.install(|| {
+                        super::super::busy::run(&mut || matmul_many_with(&kern, precision, &x, (t, k), &mut jobs))
+                    });
                     for (i, (got, want)) in outs.iter().zip(&alone).enumerate() {
                         let same = got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits());
                         assert!(same, "{tier} {precision:?} t={t} k={k} weight {i}: {got:?} vs {want:?}");

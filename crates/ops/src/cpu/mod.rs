@@ -23,7 +23,9 @@ mod tree_attention;
 pub use attention::{Geometry as AttnGeometry, KvElem, attention, attention_prefixed, attention_prefixed_at};
 pub use elementwise::{embedding, gelu_tanh_mul, silu_mul, softcap};
 pub use kernels::{KERNELS_ENV, Kernels, Tier, tier_from_env};
-pub use matmul::{Dims as MatmulDims, Job as MatmulJob, Precision, matmul, matmul_many_with, matmul_with};
+pub use matmul::{
+    Dims as MatmulDims, Job as MatmulJob, Precision, matmul, matmul_many_with, matmul_with, set_decode_runs,
+};
 pub use moe::{clamped_swiglu, router_topk};
 pub use norm::{gated_rms_norm, rms_norm};
 pub use rope::rope;
