@@ -8,6 +8,7 @@ use ollm_cli::loaded::{Chosen, Loaded, load_embedded, load_text};
 use ollm_cli::planning::{Budgets, describe, make_plan};
 use ollm_cli::speculation::SpecArgs;
 use ollm_engine::{ChatModel, DraftTokens, GrammarCompiler, HarmonyMarkers, Session, SpeculateParams};
+use ollm_ops::MemoryKind;
 use ollm_residency::plan::{Plan, Tier};
 use ollm_tokenizer::ChatMessage;
 use pyo3::exceptions::PyTypeError;
@@ -344,7 +345,7 @@ impl Llm {
     /// layer; on the CPU "vram" means the backend's own memory), "layers" (the layer indices of
     /// each tier), the slots streamed layers rotate through, predicted peak "vram_bytes" and
     /// pinned "ram_bytes", an offloaded KV cache ("kv_offload"), MoE "experts", and
-    /// "description", the CLI's one-line summary. "streamed" says whether the model was loaded
+    /// "description", the CLI's one-line summary (which says RAM for the CPU's own memory). "streamed" says whether the model was loaded
     /// by this plan (a GPU, or budgets given) or sits whole in memory.
     fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.shared;
@@ -355,7 +356,7 @@ impl Llm {
                 make_plan(&s.loaded.dir, &chosen, &s.budgets, None).map_err(|e| to_py(&e))?.0
             }
         };
-        plan_dict(py, &p, s.loaded.plan.is_some())
+        plan_dict(py, &p, s.loaded.plan.is_some(), s.loaded.backend.memory_kind())
     }
 
     fn __repr__(&self) -> String {
@@ -369,7 +370,7 @@ impl Llm {
     }
 }
 
-fn plan_dict<'py>(py: Python<'py>, p: &Plan, streamed: bool) -> PyResult<Bound<'py, PyDict>> {
+fn plan_dict<'py>(py: Python<'py>, p: &Plan, streamed: bool, memory: MemoryKind) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let tiers: Vec<String> = p.tiers.iter().map(Tier::to_string).collect();
     let layers = PyDict::new(py);
@@ -405,6 +406,6 @@ fn plan_dict<'py>(py: Python<'py>, p: &Plan, streamed: bool) -> PyResult<Bound<'
         }
         None => d.set_item("experts", py.None())?,
     }
-    d.set_item("description", describe(p))?;
+    d.set_item("description", describe(p, memory))?;
     Ok(d)
 }

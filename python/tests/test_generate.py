@@ -89,7 +89,7 @@ def test_info_plan_and_tokenizer(llm):
     plan = llm.plan()
     assert plan["tiers"] == ["vram"] * 30 and plan["layers"]["vram"] == list(range(30))
     assert plan["layers"]["disk"] == [] and plan["kv_offload"] is None and not plan["streamed"]
-    assert "30 layers in VRAM" in plan["description"]
+    assert "30 layers in RAM, 0 in pinned RAM" in plan["description"]
     tok = llm.tokenizer
     ids = tok.encode("Hello, world!")
     assert tok.decode(ids) == "Hello, world!"

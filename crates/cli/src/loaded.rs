@@ -238,7 +238,7 @@ fn load_inner(
         .filter(|p| p.kv.is_some() || p.experts.is_some() || p.tiers.iter().any(|t| *t != Tier::Vram))
         .map(|p| p.placement(spill.as_ref().map_or(Path::new("."), |(d, _)| d.as_path())));
     if let (Some(p), Some(_)) = (&plan, &placement) {
-        note(&format!("[ollm] streaming: {}", crate::planning::describe(p)));
+        note(&format!("[ollm] streaming: {}", crate::planning::describe(p, chosen.backend.memory_kind())));
     }
     let Chosen { backend } = chosen;
     let t0 = Instant::now();

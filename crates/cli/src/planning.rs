@@ -224,8 +224,9 @@ pub fn choose_batch(
 }
 
 /// `8 in VRAM, 24 in pinned RAM, 0 from disk (2 slots of 416.0 MiB)`, and where the KV goes
-/// when it is off the device.
-pub fn describe(p: &Plan) -> String {
+/// when it is off the device. On the CPU (`memory` Host) the device's memory is RAM, and the
+/// layers there are said to be in RAM.
+pub fn describe(p: &Plan, memory: MemoryKind) -> String {
     let count = |t: Tier| p.tiers.iter().filter(|x| **x == t).count();
     let kv = p.kv.map_or(String::new(), |k| {
         format!(
@@ -244,8 +245,9 @@ pub fn describe(p: &Plan) -> String {
             e.ram_layers.len() - ram
         )
     });
+    let resident = if memory == MemoryKind::Host { "RAM" } else { "VRAM" };
     format!(
-        "{} layers in VRAM, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}{experts}",
+        "{} layers in {resident}, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}{experts}",
         count(Tier::Vram),
         count(Tier::Ram),
         count(Tier::Disk),

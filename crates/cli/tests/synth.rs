@@ -141,7 +141,7 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
         .expect("runs");
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(text.contains("0 layers in VRAM, 0 in pinned RAM, 4 read from disk"), "{text}");
+    assert!(text.contains("0 layers in RAM, 0 in pinned RAM, 4 read from disk"), "{text}");
     assert!(text.contains("per token") && text.contains("disk"), "{text}");
     assert!(home.join("calibration.json").exists(), "calibration is cached");
 
@@ -154,7 +154,7 @@ fn streamed_runs_match_resident_runs_and_plans_explain_themselves() {
         .expect("runs");
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(text.contains("0 layers in VRAM, 0 in pinned RAM, 4 read from disk"), "{text}");
+    assert!(text.contains("0 layers in RAM, 0 in pinned RAM, 4 read from disk"), "{text}");
     let o = run(&["--ram-budget", "0", "--stats"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");

@@ -486,7 +486,7 @@ fn streaming_bench(
     // Small enough to fit beside the model in a tight budget, large enough to amortise.
     let h2d_test = (a.bandwidth_mib * 1024 * 1024).min(256 << 20);
     print_header(loaded, a, device_bw);
-    println!("placement       {}", describe(plan));
+    println!("placement       {}", describe(plan, loaded.backend.memory_kind()));
     if plan.kv.is_some() {
         println!(
             "KV cache        off the device: {} per position copied in every token (counted in the copies below)",

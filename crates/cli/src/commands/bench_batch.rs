@@ -107,7 +107,11 @@ pub fn run(model: &ModelArgs, b: &BatchBench) -> anyhow::Result<()> {
     println!("device          {}", loaded.model_backend_name);
     println!("threads         {}", rayon::current_num_threads());
     if let Some(p) = &loaded.plan {
-        println!("plan            {} (planned for batch {})", crate::planning::describe(p), p.batch);
+        println!(
+            "plan            {} (planned for batch {})",
+            crate::planning::describe(p, loaded.backend.memory_kind()),
+            p.batch
+        );
     }
     let runs = ollm_residency::measure::bandwidth_runs(loaded.backend.as_ref());
     println!("memory bw       {:.2} GB/s (measured, best of {runs} over {} MiB)", bw.device / 1e9, b.bandwidth_mib);
@@ -242,7 +246,7 @@ pub fn pass_cost(model: &ModelArgs, ks: &[usize], prompt_tokens: usize, repeats:
     println!("model           {} ({} layers)", loaded.dir.display(), info.n_layers);
     println!("device          {}", loaded.model_backend_name);
     if let Some(p) = &loaded.plan {
-        println!("plan            {}", crate::planning::describe(p));
+        println!("plan            {}", crate::planning::describe(p, loaded.backend.memory_kind()));
     }
     let prompt: Vec<u32> = (0..prompt_tokens).map(|i| ((7 * i * i + 3 * i + 1) % info.vocab_size) as u32).collect();
     let mut session = loaded.session()?;

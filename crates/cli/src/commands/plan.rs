@@ -54,9 +54,13 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     println!("device       {}", chosen.backend.name());
     let vram_budget =
         if input.vram_budget == u64::MAX { "unlimited".to_string() } else { human_bytes(input.vram_budget) };
+    let device_budget = if chosen.backend.memory_kind() == ollm_ops::MemoryKind::Host {
+        format!("memory {vram_budget}")
+    } else {
+        format!("VRAM {vram_budget} (CUDA context {} measured)", human_bytes(input.context_overhead_bytes))
+    };
     println!(
-        "budgets      VRAM {vram_budget} (CUDA context {} measured), pinned RAM {}, context {} positions",
-        human_bytes(input.context_overhead_bytes),
+        "budgets      {device_budget}, pinned RAM {}, context {} positions",
         human_bytes(input.ram_budget),
         input.context
     );
@@ -78,16 +82,19 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             ollm_residency::plan::MAX_BATCH
         );
     }
-    println!("placement    {}", describe(&p));
+    let host = chosen.backend.memory_kind() == ollm_ops::MemoryKind::Host;
+    println!("placement    {}", describe(&p, chosen.backend.memory_kind()));
     for tier in [Tier::Vram, Tier::Ram, Tier::Disk] {
         let layers: Vec<String> =
             p.tiers.iter().enumerate().filter(|(_, t)| **t == tier).map(|(i, _)| i.to_string()).collect();
         if !layers.is_empty() {
-            println!("  {:<10} {}", tier.to_string(), layers.join(" "));
+            let name = if host && tier == Tier::Vram { "ram".to_string() } else { tier.to_string() };
+            println!("  {:<10} {}", name, layers.join(" "));
         }
     }
     println!(
-        "peak VRAM    {} predicted (context {}, resident weights {}, KV {}, activations {}, slots {})",
+        "peak {}    {} predicted (context {}, resident weights {}, KV {}, activations {}, slots {})",
+        if host { "RAM " } else { "VRAM" },
         human_bytes(p.vram_bytes),
         human_bytes(input.context_overhead_bytes),
         human_bytes(input.resident_bytes + layer_bytes(&p.tiers, &input.layer_bytes, Tier::Vram)),

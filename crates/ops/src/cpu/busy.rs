@@ -6,7 +6,14 @@
 //! another virtual CPU per region, and an idle core's slower clocks between them. llama.cpp's
 //! threads spin through a whole graph instead. [`run`] does the same inside rayon: while the
 //! step runs, every other worker of the pool runs a spinner that takes the step's work as it
-//! appears ([`rayon::yield_now`]) and otherwise spins; the spinners end with the step.
+//! appears and otherwise spins; the spinners end with the step.
+//!
+//! The step's work reaches a spinner two ways: rayon's (a spinner calls [`rayon::yield_now`],
+//! which runs a job it can steal), and [`parallel_parts`], where the step's thread publishes a
+//! region of numbered parts that the spinners claim from a shared counter, and then spins to the
+//! region's end. The second is what a decode step's matmuls and attention use: a rayon join's
+//! waiting side sleeps after a few microseconds and is woken by an interrupt, and with one
+//! thread asleep at the end of each region the memory is read by the other alone.
 
 use std::cell::Cell;
 use std::hint::spin_loop;
