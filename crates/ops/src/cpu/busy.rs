@@ -30,6 +30,11 @@ pub const SPIN_ENV: &str = "OLLM_CPU_SPIN";
 /// where it would otherwise hold that worker's stack until the step ends.
 const MAX_IDLE: Duration = Duration::from_micros(500);
 
+/// The same before a spinner's first work: it may start while the step's thread is still on its
+/// way to the first region (or descheduled), and a spinner gone before then leaves the whole
+/// step to rayon's sleeping joins.
+const FIRST_IDLE: Duration = Duration::from_millis(5);
+
 fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| crate::env_switch(SPIN_ENV, true))
@@ -139,7 +144,8 @@ impl Shared {
     }
 }
 
-/// Runs `f(0) .. f(parts - 1)` in parallel and returns when all have run. On the owner of a
+/// Runs `f(0) .. f(parts - 1)` in parallel and returns when all have run; when parts panic, the
+/// others still run and then this call panics. On the owner of a
 /// step ([`run`]) with spinners waiting, the parts go to them through a shared counter and the
 /// owner spins until the last one ends — no rayon join, whose waiting side sleeps after a few
 /// microseconds and is woken by an interrupt on a VM (tens of µs, with no thread reading
@@ -151,8 +157,18 @@ pub fn parallel_parts<F: Fn(usize) + Sync>(parts: usize, f: F) {
     let Some(shared) =
         shared.filter(|s| parts > 1 && parts < PART_MASK as usize && s.helpers.load(Ordering::SeqCst) > 0)
     else {
+        // Every part runs even when one panics, as on the spinners' path, then the region panics.
         use rayon::prelude::*;
-        return (0..parts).into_par_iter().for_each(&f);
+        let panicked = AtomicBool::new(false);
+        (0..parts).into_par_iter().for_each(|i| {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))).is_err() {
+                panicked.store(true, Ordering::Relaxed);
+            }
+        });
+        if panicked.into_inner() {
+            panic!("a part of a parallel region panicked (its message is above)");
+        }
+        return;
     };
     // Nested calls (inside `f` on this thread) take the rayon path.
     STEP.set(std::ptr::null());
@@ -174,7 +190,7 @@ pub fn parallel_parts<F: Fn(usize) + Sync>(parts: usize, f: F) {
 
 /// Takes pending work or spins until the step is done; returns at once on the step's own thread
 /// (a spinner popped there would wait for the step beneath it), and after [`MAX_IDLE`] without
-/// work.
+/// work ([`FIRST_IDLE`] before its first).
 fn spin_until(shared: &Shared, owner: Option<usize>) {
     if rayon::current_thread_index() == owner {
         return;
@@ -182,16 +198,16 @@ fn spin_until(shared: &Shared, owner: Option<usize>) {
     #[cfg(test)]
     tests::SPINNERS_STARTED.fetch_add(1, Ordering::Relaxed);
     shared.helpers.fetch_add(1, Ordering::SeqCst);
-    let mut idle_since: Option<Instant> = None;
+    let (mut idle_since, mut limit): (Option<Instant>, _) = (None, FIRST_IDLE);
     while !shared.done.load(Ordering::Acquire) {
         if shared.help() {
-            idle_since = None;
+            (idle_since, limit) = (None, MAX_IDLE);
             continue;
         }
         match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => idle_since = None,
+            Some(rayon::Yield::Executed) => (idle_since, limit) = (None, MAX_IDLE),
             _ => {
-                if idle_since.get_or_insert_with(Instant::now).elapsed() > MAX_IDLE {
+                if idle_since.get_or_insert_with(Instant::now).elapsed() > limit {
                     break;
                 }
                 spin_loop();
@@ -354,33 +370,38 @@ mod tests {
     }
 
     /// A part that panics makes its region panic on the owner (on whichever thread the part
-    /// ran), after every other part has ended; the step goes on with later regions.
+    /// ran), after every other part has ended; the step goes on with later regions. The same
+    /// outside a step (rayon's path).
     #[test]
     fn a_panicking_part_panics_its_region_and_the_step_goes_on() {
         let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool of 2");
+        let regions = || {
+            for bad in [0usize, 7, 15] {
+                let ran = AtomicUsize::new(0);
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    parallel_parts(16, |i| {
+                        if i == bad {
+                            panic!("part {i} fails on purpose");
+                        }
+                        ran.fetch_add(1, Ordering::Relaxed);
+                    })
+                }));
+                assert!(caught.is_err(), "the region of part {bad} did not panic");
+                assert_eq!(ran.load(Ordering::Relaxed), 15, "the other parts of region {bad}");
+            }
+            let sum = AtomicUsize::new(0);
+            parallel_parts(10, |i| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 45);
+        };
         pool.install(|| {
             run(&mut || {
                 wait_for_a_helper();
-                for bad in [0usize, 7, 15] {
-                    let ran = AtomicUsize::new(0);
-                    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        parallel_parts(16, |i| {
-                            if i == bad {
-                                panic!("part {i} fails on purpose");
-                            }
-                            ran.fetch_add(1, Ordering::Relaxed);
-                        })
-                    }));
-                    assert!(caught.is_err(), "the region of part {bad} did not panic");
-                    assert_eq!(ran.load(Ordering::Relaxed), 15, "the other parts of region {bad}");
-                }
-                let sum = AtomicUsize::new(0);
-                parallel_parts(10, |i| {
-                    sum.fetch_add(i, Ordering::Relaxed);
-                });
-                assert_eq!(sum.load(Ordering::Relaxed), 45);
+                regions()
             })
         });
+        pool.install(regions);
     }
 }
