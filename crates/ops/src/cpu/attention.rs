@@ -213,16 +213,11 @@ fn source_parts<E: KvElem>(
     let tasks = plan(g, t, window, grid);
     // Through the step's spinning helpers where there is a step (a decode step's attention is
     // one short region per layer); each task fills its own slot.
-    let slots: Vec<std::sync::Mutex<Option<Partial>>> = tasks.iter().map(|_| Default::default()).collect();
+    let slots: Vec<std::sync::OnceLock<Partial>> = tasks.iter().map(|_| Default::default()).collect();
     super::busy::parallel_parts(tasks.len(), |i| {
-        let part = run_task(kern, q, (k, v, g), scale, (window, &lo), tree, &tasks[i]);
-        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(part);
+        let _ = slots[i].set(run_task(kern, q, (k, v, g), scale, (window, &lo), tree, &tasks[i]));
     });
-    tasks
-        .into_iter()
-        .zip(slots)
-        .map(|(task, slot)| (task, slot.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every task ran")))
-        .collect()
+    tasks.into_iter().zip(slots).map(|(task, slot)| (task, slot.into_inner().expect("every task ran"))).collect()
 }
 
 /// Merges the partials per (token, head) into out, then normalises; a sink starts each row's

@@ -95,8 +95,6 @@ struct Shared {
     /// The region's function: a monomorphic trampoline and the closure it calls.
     call: AtomicPtr<()>,
     data: AtomicPtr<()>,
-    /// The last generation handed out (the owner's counter).
-    generation: AtomicU64,
 }
 
 const PART_BITS: u32 = 16;
@@ -134,10 +132,7 @@ impl Shared {
             // were published (Release on `claim`) before the word just claimed from.
             // SAFETY: `call` is `trampoline::<F>` for the `F` that `data` points at.
             let call: unsafe fn(*const (), usize) = unsafe { std::mem::transmute(call) };
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { call(data, next) }));
-            if result.is_err() {
-                self.panicked.store(true, Ordering::Relaxed);
-            }
+            run_part(&self.panicked, || unsafe { call(data, next) });
             self.finished.fetch_add(1, Ordering::AcqRel);
             ran = true;
         }
@@ -160,19 +155,13 @@ pub fn parallel_parts<F: Fn(usize) + Sync>(parts: usize, f: F) {
         // Every part runs even when one panics, as on the spinners' path, then the region panics.
         use rayon::prelude::*;
         let panicked = AtomicBool::new(false);
-        (0..parts).into_par_iter().for_each(|i| {
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))).is_err() {
-                panicked.store(true, Ordering::Relaxed);
-            }
-        });
-        if panicked.into_inner() {
-            panic!("a part of a parallel region panicked (its message is above)");
-        }
-        return;
+        (0..parts).into_par_iter().for_each(|i| run_part(&panicked, || f(i)));
+        return raise_if(&panicked);
     };
     // Nested calls (inside `f` on this thread) take the rayon path.
     STEP.set(std::ptr::null());
-    let generation = shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    // Only this thread publishes regions, so the word's generation is the last one handed out.
+    let generation = (shared.claim.load(Ordering::Relaxed) >> (2 * PART_BITS)) + 1;
     shared.finished.store(0, Ordering::Relaxed);
     shared.panicked.store(false, Ordering::Relaxed);
     shared.call.store(trampoline::<F> as *mut (), Ordering::Release);
@@ -183,7 +172,21 @@ pub fn parallel_parts<F: Fn(usize) + Sync>(parts: usize, f: F) {
         spin_loop();
     }
     STEP.set(sh);
-    if shared.panicked.load(Ordering::Relaxed) {
+    raise_if(&shared.panicked);
+}
+
+/// Runs one part of a region, noting a panic in `panicked` instead of unwinding, so that the
+/// region's other parts still run and its owner still sees every part end.
+fn run_part(panicked: &AtomicBool, part: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(part)).is_err() {
+        panicked.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The region's panic, on its owner, once every part has ended (the part's own message was
+/// printed where it panicked).
+fn raise_if(panicked: &AtomicBool) {
+    if panicked.load(Ordering::Relaxed) {
         panic!("a part of a parallel region panicked (its message is above)");
     }
 }
