@@ -345,8 +345,9 @@ impl Llm {
     /// layer; on the CPU "vram" means the backend's own memory), "layers" (the layer indices of
     /// each tier), the slots streamed layers rotate through, predicted peak "vram_bytes" and
     /// pinned "ram_bytes", an offloaded KV cache ("kv_offload"), MoE "experts", and
-    /// "description", the CLI's one-line summary (which says RAM for the CPU's own memory). "streamed" says whether the model was loaded
-    /// by this plan (a GPU, or budgets given) or sits whole in memory.
+    /// "description", the CLI's one-line summary (which says RAM for the CPU's own memory).
+    /// "streamed" says whether the model was loaded by this plan (a GPU, or budgets given) or
+    /// sits whole in memory.
     fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.shared;
         let p: Plan = match &s.loaded.plan {

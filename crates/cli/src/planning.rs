@@ -223,6 +223,11 @@ pub fn choose_batch(
     Ok((n, p, PlanInput { max_batch: n, activation_bytes: act(n), ..input }))
 }
 
+/// What the plan's output calls the device's memory: RAM on the CPU, VRAM on a GPU.
+pub fn device_memory(memory: MemoryKind) -> &'static str {
+    if memory == MemoryKind::Host { "RAM" } else { "VRAM" }
+}
+
 /// `8 in VRAM, 24 in pinned RAM, 0 from disk (2 slots of 416.0 MiB)`, and where the KV goes
 /// when it is off the device. On the CPU (`memory` Host) the device's memory is RAM, and the
 /// layers there are said to be in RAM.
@@ -245,10 +250,10 @@ pub fn describe(p: &Plan, memory: MemoryKind) -> String {
             e.ram_layers.len() - ram
         )
     });
-    let resident = if memory == MemoryKind::Host { "RAM" } else { "VRAM" };
     format!(
-        "{} layers in {resident}, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}{experts}",
+        "{} layers in {}, {} in pinned RAM, {} read from disk per pass ({} slots of {}){kv}{experts}",
         count(Tier::Vram),
+        device_memory(memory),
         count(Tier::Ram),
         count(Tier::Disk),
         p.slots,

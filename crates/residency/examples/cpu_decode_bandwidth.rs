@@ -35,6 +35,29 @@ fn advised_unaligned(n: usize) -> Vec<bf16> {
     v
 }
 
+/// Llama-3.2-1B's hidden size, KV width, MLP width, layers and vocabulary.
+const H: usize = 2048;
+const KV: usize = 512;
+const INTER: usize = 8192;
+const LAYERS: usize = 16;
+const VOCAB: usize = 128_256;
+/// A layer's weights (rows, columns): q, k, v, o, gate, up, down.
+const SHAPES: [(usize, usize); 7] = [(H, H), (KV, H), (KV, H), (H, H), (INTER, H), (INTER, H), (H, INTER)];
+
+/// Deterministic values, different per layer `l`.
+fn fill(w: &mut [bf16], l: usize) {
+    w.par_iter_mut().enumerate().for_each(|(i, v)| *v = bf16::from_f32(((i + l) % 13) as f32 * 0.01))
+}
+
+/// An `[n, k]` bf16 weight as the backend allocates it (`Memory::alloc` under [`HugePageAlloc`]).
+fn backend_weight(be: &CpuBackend, n: usize, k: usize, l: usize) -> CpuStorage {
+    let mut t = be.alloc(vec![n, k], DType::BF16).expect("alloc");
+    let Storage::Cpu(CpuStorage::BF16(w)) = t.storage_mut() else { unreachable!() };
+    let mut w = std::mem::take(w);
+    fill(&mut w, l);
+    CpuStorage::BF16(w)
+}
+
 fn main() {
     let arg = std::env::args().nth(1);
     if arg.as_deref() == Some("read") {
@@ -49,27 +72,11 @@ fn main() {
         return sched(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(12));
     }
     let rounds: usize = arg.and_then(|a| a.parse().ok()).unwrap_or(5);
-    let (h, kv, inter, layers) = (2048usize, 512usize, 8192usize, 16usize);
-    let shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)];
+    let (shapes, layers, inter) = (SHAPES, LAYERS, INTER);
     let kern = Kernels::active();
     let be = CpuBackend::new();
-    let fill = |w: &mut [bf16], l: usize| {
-        w.par_iter_mut().enumerate().for_each(|(i, v)| *v = bf16::from_f32(((i + l) % 13) as f32 * 0.01))
-    };
-    let aligned: Vec<Vec<CpuStorage>> = (0..layers)
-        .map(|l| {
-            shapes
-                .iter()
-                .map(|&(n, k)| {
-                    let mut t = be.alloc(vec![n, k], DType::BF16).expect("alloc");
-                    let Storage::Cpu(CpuStorage::BF16(w)) = t.storage_mut() else { unreachable!() };
-                    let mut w = std::mem::take(w);
-                    fill(&mut w, l);
-                    CpuStorage::BF16(w)
-                })
-                .collect()
-        })
-        .collect();
+    let aligned: Vec<Vec<CpuStorage>> =
+        (0..layers).map(|l| shapes.iter().map(|&(n, k)| backend_weight(&be, n, k, l)).collect()).collect();
     let unaligned: Vec<Vec<CpuStorage>> = (0..layers)
         .map(|l| {
             shapes
@@ -117,19 +124,12 @@ fn main() {
 /// few-token matmuls round by round: contiguous runs of rows per thread, and 32-row tasks.
 fn sched(rounds: usize) {
     use ollm_ops::Compute;
-    let (h, kv, inter, layers, vocab) = (2048usize, 512usize, 8192usize, 16usize, 128_256usize);
+    let (shapes, h, inter, layers, vocab) = (SHAPES, H, INTER, LAYERS, VOCAB);
     let be = CpuBackend::new();
     let kern = Kernels::active();
-    let mk = |n: usize, k: usize, l: usize| {
-        let mut t = be.alloc(vec![n, k], DType::BF16).expect("alloc");
-        let Storage::Cpu(CpuStorage::BF16(w)) = t.storage_mut() else { unreachable!() };
-        let mut w = std::mem::take(w);
-        w.par_iter_mut().enumerate().for_each(|(i, v)| *v = bf16::from_f32(((i + l) % 13) as f32 * 0.01));
-        CpuStorage::BF16(w)
-    };
-    let shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)];
-    let ws: Vec<Vec<CpuStorage>> = (0..layers).map(|l| shapes.iter().map(|&(n, k)| mk(n, k, l)).collect()).collect();
-    let head = mk(vocab, h, 99);
+    let ws: Vec<Vec<CpuStorage>> =
+        (0..layers).map(|l| shapes.iter().map(|&(n, k)| backend_weight(&be, n, k, l)).collect()).collect();
+    let head = backend_weight(&be, vocab, h, 99);
     let bytes = (layers * shapes.iter().map(|(n, k)| n * k * 2).sum::<usize>() + vocab * h * 2) as f64;
     let reader = HostReader::new(&be, 1 << 30).expect("read buffer");
     let x: Vec<f32> = (0..inter).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();

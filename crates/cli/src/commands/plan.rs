@@ -9,7 +9,7 @@ use ollm_residency::plan::Tier;
 
 use crate::commands::ModelArgs;
 use crate::loaded::{backend, model_dir};
-use crate::planning::{Budgets, calibrate, choose_batch, describe, largest_weights_file, make_plan};
+use crate::planning::{Budgets, calibrate, choose_batch, describe, device_memory, largest_weights_file, make_plan};
 use crate::resources::human_bytes;
 
 #[derive(Debug, Args)]
@@ -54,7 +54,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     println!("device       {}", chosen.backend.name());
     let vram_budget =
         if input.vram_budget == u64::MAX { "unlimited".to_string() } else { human_bytes(input.vram_budget) };
-    let device_budget = if chosen.backend.memory_kind() == ollm_ops::MemoryKind::Host {
+    let memory = chosen.backend.memory_kind();
+    let host = memory == ollm_ops::MemoryKind::Host;
+    let device_budget = if host {
         format!("memory {vram_budget}")
     } else {
         format!("VRAM {vram_budget} (CUDA context {} measured)", human_bytes(input.context_overhead_bytes))
@@ -82,19 +84,23 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             ollm_residency::plan::MAX_BATCH
         );
     }
-    let host = chosen.backend.memory_kind() == ollm_ops::MemoryKind::Host;
-    println!("placement    {}", describe(&p, chosen.backend.memory_kind()));
+    println!("placement    {}", describe(&p, memory));
     for tier in [Tier::Vram, Tier::Ram, Tier::Disk] {
         let layers: Vec<String> =
             p.tiers.iter().enumerate().filter(|(_, t)| **t == tier).map(|(i, _)| i.to_string()).collect();
         if !layers.is_empty() {
-            let name = if host && tier == Tier::Vram { "ram".to_string() } else { tier.to_string() };
+            // On the CPU the device's memory is RAM, so the pinned tier needs its own name.
+            let name = match (host, tier) {
+                (true, Tier::Vram) => "ram".to_string(),
+                (true, Tier::Ram) => "pinned ram".to_string(),
+                _ => tier.to_string(),
+            };
             println!("  {:<10} {}", name, layers.join(" "));
         }
     }
     println!(
-        "peak {}    {} predicted (context {}, resident weights {}, KV {}, activations {}, slots {})",
-        if host { "RAM " } else { "VRAM" },
+        "peak {:<7} {} predicted (context {}, resident weights {}, KV {}, activations {}, slots {})",
+        device_memory(memory),
         human_bytes(p.vram_bytes),
         human_bytes(input.context_overhead_bytes),
         human_bytes(input.resident_bytes + layer_bytes(&p.tiers, &input.layer_bytes, Tier::Vram)),
